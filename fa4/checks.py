@@ -1,0 +1,188 @@
+"""Argument validation for the public API.
+
+Every check raises a ValueError or TypeError that names the argument, what was expected and what came,
+before anything is computed or written. Checks that need tensor *values* (cu_seqlens monotone, lengths within
+max_seqlen, page indices in range) read them back to the host; they are skipped while torch.compile traces
+or a CUDA graph is being captured, where a host read is impossible (the caller vouches for the values there).
+"""
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = (None, "triton", "reference", "sm90")
+MAX_HEAD_DIM = 256
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def can_read_values(*tensors):
+    """True when tensor values may be read on the host (not tracing, not capturing a CUDA graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(t is not None and t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+
+
+def check_qkv(q, k, v, *, varlen, paged=False):
+    """Types, devices, dtypes, ranks, head counts and head dims of q, k, v."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}; it must be on q's device {q.device}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q is on {q.device}; fa4 runs on CUDA devices (and on the CPU via the reference)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; expected torch.float16, torch.bfloat16 or torch.float32")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; it must match q's dtype {q.dtype}")
+    q_rank = 3 if varlen else 4
+    kv_rank = 4 if paged else q_rank
+    layout = "(total_q, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    kv_layout = ("(num_pages, page_size, heads, head_dim)" if paged
+                 else "(total_k, heads, head_dim)" if varlen else "(batch, seqlen_k, heads, head_dim)")
+    if q.dim() != q_rank:
+        raise ValueError(f"q must have {q_rank} dimensions {layout}; got shape {_shape(q)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != kv_rank:
+            raise ValueError(f"{name} must have {kv_rank} dimensions {kv_layout}; got shape {_shape(t)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch size {k.shape[0]}; it must equal q's batch size {q.shape[0]}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"v has shape {_shape(v)}; its dimensions other than the last must equal k's "
+                         f"{_shape(k)[:-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"k has {hkv} heads; it must divide q's {hq} heads")
+    d, dv = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"k has head dim {k.shape[-1]}; it must equal q's head dim {d}")
+    for name, dim in (("q", d), ("v", dv)):
+        if dim % 8 != 0 or not 8 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} has head dim {dim}; expected a multiple of 8 from 8 to {MAX_HEAD_DIM}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dimension must be contiguous (stride 1); got stride {t.stride(-1)}")
+
+
+def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_heads, device, backend):
+    """Scalars and the sink; returns (window_left, window_right) as ints."""
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None; got {type(softmax_scale).__name__}")
+        if not softmax_scale == softmax_scale or softmax_scale in (float("inf"), float("-inf")):
+            raise ValueError(f"softmax_scale must be finite; got {softmax_scale}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right); got {window_size!r}")
+    left, right = (-1 if w is None else w for w in window_size)
+    for side, w in (("left", left), ("right", right)):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window_size {side} must be an int (-1 = unbounded); got {w!r}")
+        if w < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded); got {w}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float; got {type(softcap).__name__}")
+    if not softcap >= 0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be >= 0 and finite (0 = off); got {softcap}")
+    if learnable_sink is not None:
+        check_tensor("learnable_sink", learnable_sink)
+        if tuple(learnable_sink.shape) != (num_heads,):
+            raise ValueError(f"learnable_sink must have shape ({num_heads},), one logit per query head; "
+                             f"got {_shape(learnable_sink)}")
+        if learnable_sink.dtype != torch.float32:
+            raise TypeError(f"learnable_sink must be torch.float32; got {learnable_sink.dtype}")
+        if learnable_sink.device != device:
+            raise ValueError(f"learnable_sink is on {learnable_sink.device}; it must be on q's device {device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    return int(left), int(right)
+
+
+def _check_index_vector(name, t, length, device):
+    check_tensor(name, t)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be torch.int32; got {t.dtype}")
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = f"({length},)" if length is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}; got {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}; it must be on q's device {device}")
+
+
+def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):
+    """The packed-sequence description; returns the batch size."""
+    _check_index_vector("cu_seqlens_q", cu_seqlens_q, None, q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 1:
+        raise ValueError(f"cu_seqlens_q must have batch + 1 >= 2 entries; got shape {_shape(cu_seqlens_q)}")
+    if page_table is None:
+        if cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_k is required unless page_table is given")
+        _check_index_vector("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
+    elif cu_seqlens_k is not None:
+        _check_index_vector("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
+    if seqused_k is not None:
+        _check_index_vector("seqused_k", seqused_k, batch, q.device)
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name} must be an int; got {type(m).__name__}")
+        if m < 0:
+            raise ValueError(f"{name} must be >= 0; got {m}")
+    if page_table is not None:
+        check_tensor("page_table", page_table)
+        if page_table.dtype != torch.int32:
+            raise TypeError(f"page_table must be torch.int32; got {page_table.dtype}")
+        if page_table.dim() != 2 or page_table.shape[0] != batch:
+            raise ValueError(f"page_table must have shape ({batch}, max_pages); got {_shape(page_table)}")
+        if page_table.device != q.device:
+            raise ValueError(f"page_table is on {page_table.device}; it must be on q's device {q.device}")
+        if seqused_k is None and cu_seqlens_k is None:
+            raise ValueError("seqused_k (keys per sequence) is required with page_table")
+    if not can_read_values(cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):
+        return batch
+    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    if page_table is None:
+        lens_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0],
+                                max_seqlen_k if seqused_k is None else None, "max_seqlen_k")
+    else:
+        capacity = page_table.shape[1] * k.shape[1]
+        lens_k = [capacity] * batch
+        if cu_seqlens_k is not None:
+            lens_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, None, None, None)
+        if page_table.numel():
+            lo, hi = int(page_table.min()), int(page_table.max())
+            if lo < 0 or hi >= k.shape[0]:
+                raise ValueError(f"page_table entries must lie in [0, {k.shape[0]}) (k has {k.shape[0]} pages); "
+                                 f"got values from {lo} to {hi}")
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        for b, (u, n) in enumerate(zip(used, lens_k)):
+            if u < 0 or u > n:
+                raise ValueError(f"seqused_k[{b}] = {u}; it must lie in [0, {n}] (the keys sequence {b} has)")
+            if u > max_seqlen_k:
+                raise ValueError(f"max_seqlen_k = {max_seqlen_k} is smaller than seqused_k[{b}] = {u}")
+    return batch
+
+
+def _check_offsets(name, cu, total, max_len, max_name):
+    vals = cu.tolist()
+    if vals[0] < 0:
+        raise ValueError(f"{name}[0] must be >= 0; got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    for i, n in enumerate(lens):
+        if n < 0:
+            raise ValueError(f"{name} must be non-decreasing; got {name}[{i}] = {vals[i]} > "
+                             f"{name}[{i + 1}] = {vals[i + 1]}")
+    if total is not None and vals[-1] > total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} exceeds the {total} packed rows of the tensor it indexes")
+    if max_len is not None and lens and max(lens) > max_len:
+        raise ValueError(f"{max_name} = {max_len} is smaller than the longest sequence in {name} ({max(lens)})")
+    return lens

@@ -1,0 +1,129 @@
+"""torch.library custom ops for attention: forward, backward, their fake implementations and autograd.
+
+The ops take canonical arguments (docs/INTERNALS.md) and a backend name chosen by `dispatch`, so that
+torch.compile sees one opaque node per call (no graph break, no recompilation for the same shapes) and
+`torch.library.opcheck` can test the registration. Backends are imported lazily: a CPU-only install never
+imports a kernel module it does not use.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _forward_impl(backend):
+    if backend == "reference":
+        from . import reference
+        return reference.forward
+    if backend == "triton":
+        from .kernels.triton import forward
+        return forward.forward
+    if backend == "sm90":
+        from .kernels import sm90
+        return sm90.forward
+    raise ValueError(f"unknown forward backend {backend!r}")
+
+
+def _backward_impl(backend):
+    if backend == "reference":
+        from . import reference
+        return reference.backward
+    if backend == "triton":
+        from .kernels.triton import backward
+        return backward.backward
+    raise ValueError(f"unknown backward backend {backend!r}")
+
+
+def _lse_shape(q, varlen):
+    # batched q (B, Sq, Hq, D) -> (B, Hq, Sq); varlen q (Tq, Hq, D) -> (Hq, Tq)
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _new_outputs(q, v, varlen):
+    out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+@torch.library.custom_op("fa4::attn_fwd", mutates_args=())
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+             cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], page_table: Optional[Tensor],
+             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+             softcap: float, backend: str, bwd_backend: str, deterministic: bool,
+             lse_has_grad: bool) -> tuple[Tensor, Tensor]:
+    """Attention forward -> (out, lse). bwd_backend, deterministic and lse_has_grad are for autograd."""
+    varlen = cu_seqlens_q is not None
+    if q.numel() == 0:
+        out, lse = _new_outputs(q, v, varlen)
+        return out.zero_(), lse.fill_(float("-inf"))
+    # The kernels pick their own precision; an enclosing autocast must not re-cast the reference's products.
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse = _forward_impl(backend)(
+            q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+            softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
+    return out, lse
+
+
+@attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q,
+                   max_seqlen_k, softmax_scale, window_left, window_right, softcap, backend, bwd_backend,
+                   deterministic, lse_has_grad):
+    return _new_outputs(q, v, cu_seqlens_q is not None)
+
+
+@torch.library.custom_op("fa4::attn_bwd", mutates_args=())
+def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+             sink: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+             seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+             window_left: int, window_right: int, softcap: float, deterministic: bool,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Attention backward -> (dq, dk, dv, dsink); dsink is an empty tensor when there is no sink."""
+    if q.numel() == 0 or (k.numel() == 0 and sink is None):
+        dsink = torch.zeros(0 if sink is None else sink.shape[0], dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), \
+            torch.zeros_like(k, memory_format=torch.contiguous_format), \
+            torch.zeros_like(v, memory_format=torch.contiguous_format), dsink
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv, dsink = _backward_impl(backend)(
+            dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
+            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+    if dsink is None:
+        dsink = torch.zeros(0, dtype=torch.float32, device=q.device)
+    return dq, dk, dv, dsink
+
+
+@attn_bwd.register_fake
+def _attn_bwd_fake(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                   max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic, backend):
+    def new(t):
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    n_sink = 0 if sink is None else sink.shape[0]
+    return new(q), new(k), new(v), torch.empty(n_sink, dtype=torch.float32, device=q.device)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, sink, cu_q, cu_k, seqused_k, page_table, max_q, max_k, scale, left, right, softcap, _backend,
+     bwd_backend, deterministic, lse_has_grad) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, seqused_k)
+    ctx.options = (max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend)
+    ctx.lse_has_grad = lse_has_grad
+    ctx.paged = page_table is not None
+
+
+def _backward(ctx, dout, dlse):
+    if ctx.paged:
+        raise RuntimeError("fa4: gradients through a paged KV cache are not supported (inference only)")
+    q, k, v, out, lse, sink, cu_q, cu_k, seqused_k = ctx.saved_tensors
+    max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend = ctx.options
+    dlse = dlse if ctx.lse_has_grad else None
+    dq, dk, dv, dsink = attn_bwd(dout, q, k, v, out, lse, dlse, sink, cu_q, cu_k, seqused_k, max_q, max_k,
+                                 scale, left, right, softcap, deterministic, bwd_backend)
+    dsink = dsink if sink is not None else None
+    return dq, dk, dv, dsink, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
