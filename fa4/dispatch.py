@@ -75,7 +75,7 @@ def choose(q, k, v, backend, **features):
             raise ValueError(f"backend='sm90' cannot serve this call: {reason}")
         return "sm90", "triton"
     # backend=None: fastest available.
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu":
         _note("fa4: CPU tensors -> reference backend")
         return "reference", "reference"
     reason = _triton_reason(q)

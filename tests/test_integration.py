@@ -1,0 +1,108 @@
+"""PyTorch integration: torch.compile without graph breaks or recompiles, opcheck, strides, autocast."""
+import pytest
+import torch
+import torch._dynamo.testing
+
+import fa4
+from fa4 import ops
+from naive import naive_attention
+
+
+def _qkv(b=2, s=24, hq=4, hkv=2, d=16, grad=False):
+    return [torch.randn(b, s, h, d, requires_grad=grad) for h in (hq, hkv, hkv)]
+
+
+def test_compile_fullgraph_no_recompile():
+    """A model step (forward + backward) compiles to one graph and is not recompiled for new inputs."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, sink):
+        out, lse = fa4.flash_attn_func(q, k, v, causal=True, learnable_sink=sink, return_lse=True)
+        return (out.square().sum() + lse.sum())
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for _ in range(3):
+        q, k, v = _qkv(grad=True)
+        sink = torch.randn(4, requires_grad=True)
+        loss = compiled(q, k, v, sink)
+        loss.backward()
+        ref_q, ref_k, ref_v = (t.detach().requires_grad_() for t in (q, k, v))
+        ref_sink = sink.detach().requires_grad_()
+        ro, rl = naive_attention(ref_q, ref_k, ref_v, causal=True, sink=ref_sink)
+        (ro.square().sum() + rl.sum()).backward()
+        assert torch.allclose(loss, ro.square().sum() + rl.sum(), rtol=1e-4)
+        for t, r in ((q, ref_q), (k, ref_k), (v, ref_v), (sink, ref_sink)):
+            assert torch.allclose(t.grad, r.grad, atol=1e-4)
+    assert counter.frame_count == 1
+
+
+def test_compile_inductor_varlen():
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, h, 16) for h in (4, 2, 2))
+
+    def f(q, k, v):
+        return fa4.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True) * 2
+
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    assert torch.allclose(got, f(q, k, v), atol=1e-5)
+
+
+def _op_args(q, k, v, sink=None, backend="reference"):
+    return (q, k, v, sink, None, None, None, None, q.shape[1], k.shape[1], 0.25, -1, 0, 0.0, backend, backend,
+            False, True)
+
+
+def test_opcheck_forward():
+    q, k, v = _qkv(grad=True)
+    torch.library.opcheck(ops.attn_fwd, _op_args(q, k, v, torch.randn(4, requires_grad=True)))
+    torch.library.opcheck(ops.attn_fwd, _op_args(*_qkv(grad=False)))
+
+
+def test_opcheck_varlen_and_backward():
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, h, 16) for h in (4, 2, 2))
+    args = (q, k, v, None, cu, cu, None, None, 7, 7, 0.25, 3, 0, 0.0, "reference", "reference", False, False)
+    torch.library.opcheck(ops.attn_fwd, args)
+    out, lse = ops.attn_fwd(*args)
+    torch.library.opcheck(ops.attn_bwd, (torch.randn_like(out), q, k, v, out, lse, None, None, cu, cu, None, 7, 7,
+                                         0.25, 3, 0, 0.0, False, "reference"))
+
+
+def test_strided_inputs_match_contiguous():
+    """Views of a packed qkv tensor and a transposed (B, H, S, D) tensor give the same result, no copies."""
+    b, s, h, d = 2, 20, 4, 16
+    qkv = torch.randn(b, s, 3, h, d)
+    q, k, v = qkv.unbind(2)
+    bhsd = torch.randn(b, h, s, d).transpose(1, 2)
+    for qq, kk, vv in ((q, k, v), (bhsd, k, v)):
+        assert not qq.is_contiguous()
+        got = fa4.flash_attn_func(qq, kk, vv, causal=True)
+        want = fa4.flash_attn_func(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
+        assert torch.equal(got, want)
+
+
+def test_autocast_casts_fp32_inputs():
+    q, k, v = _qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fa4.flash_attn_func(q, k, v)
+    assert out.dtype == torch.bfloat16
+    want = fa4.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert torch.equal(out, want)
+
+
+def test_return_lse_gradient_flows():
+    q, k, v = _qkv(grad=True)
+    out, lse = fa4.flash_attn_func(q, k, v, return_lse=True)
+    (gq,) = torch.autograd.grad(lse.sum(), [q])
+    rq = q.detach().requires_grad_()
+    _, rl = naive_attention(rq, k.detach(), v.detach())
+    (want,) = torch.autograd.grad(rl.sum(), [rq])
+    assert torch.allclose(gq, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4, 16), (0, 8, 4, 16)])
+def test_empty_inputs(shape):
+    q = torch.randn(*shape)
+    k = torch.randn(shape[0], 8, 2, 16)
+    out, lse = fa4.flash_attn_func(q, k, k, return_lse=True)
+    assert out.shape == shape and lse.shape == (shape[0], 4, shape[1])
