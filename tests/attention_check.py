@@ -1,0 +1,76 @@
+"""One call that runs fa4 forward + backward and judges every output by DESIGN.md's numerics rule.
+
+ref = fa4.reference in fp32 on the same (low-precision) inputs; x_lowp = the reference with its products in the
+input dtype. The memory the outputs will land in is poisoned with NaN first (through the caching allocator), so
+an element a kernel forgets to write fails the check.
+"""
+import torch
+
+import fa4
+from fa4 import reference
+from numerics import assert_close_rule
+
+
+def poison_allocator(device, nbytes=256 << 20):
+    """Fill free cached blocks with NaN so that unwritten outputs show up as NaN."""
+    if torch.device(device).type != "cuda":
+        return
+    blob = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(float("nan"))
+    del blob
+
+
+def make_inputs(b, sq, sk, hq, hkv, d, dv, dtype, device, varlen_lens=None):
+    """Batched (B, S, H, D) tensors, or packed varlen ones when varlen_lens = (lens_q, lens_k)."""
+    gen = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    if varlen_lens is None:
+        return gen(b, sq, hq, d), gen(b, sk, hkv, d), gen(b, sk, hkv, dv), {}
+    lens_q, lens_k = varlen_lens
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
+                                   device=device)
+    extra = dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_q=max(lens_q),
+                 max_seqlen_k=max(lens_k))
+    return gen(sum(lens_q), hq, d), gen(sum(lens_k), hkv, d), gen(sum(lens_k), hkv, dv), extra
+
+
+def check_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, sink=None, backend=None,
+                    grad=True, lse_grad=True, deterministic=False, varlen=None, softmax_scale=None):
+    """Run fa4 and the two references; assert the numerics rule on out, lse and all gradients."""
+    varlen = varlen or {}
+    left, right = window_size
+    if causal:
+        right = 0
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    opts = dict(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
+                sink=sink, **{key: varlen[key] for key in varlen if key != "seqused_k"},
+                seqused_k=varlen.get("seqused_k"))
+    leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+    sink_leaf = sink.detach().requires_grad_(grad) if sink is not None else None
+    poison_allocator(q.device)
+    kw = dict(causal=causal, window_size=window_size, softcap=softcap, learnable_sink=sink_leaf,
+              return_lse=True, backend=backend, deterministic=deterministic, softmax_scale=softmax_scale)
+    if varlen:
+        out, lse = fa4.flash_attn_varlen_func(*leaves, **varlen, **kw)
+    else:
+        out, lse = fa4.flash_attn_func(*leaves, **kw)
+
+    f32 = [t.float() for t in (q, k, v)]
+    ref_out, ref_lse = reference.forward(*f32, **opts)  # fp32 inputs: out stays fp32, unrounded
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out, softcap=softcap > 0)
+    assert_close_rule("lse", lse, ref_lse, low_lse, softcap=softcap > 0)
+    if not grad:
+        return out, lse
+    dout = torch.randn_like(out)
+    finite = torch.isfinite(ref_lse)
+    dlse = torch.where(finite, torch.randn_like(ref_lse), torch.zeros_like(ref_lse)) if lse_grad else None
+    loss = (out.float() * dout.float()).sum()
+    if lse_grad:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * dlse).sum()
+    targets = leaves + ([sink_leaf] if sink is not None else [])
+    poison_allocator(q.device)
+    grads = torch.autograd.grad(loss, targets)
+    ref_grads = reference.backward(dout.float(), *f32, ref_out, ref_lse, dlse, **opts)
+    low_grads = reference.backward(dout, q, k, v, low_out, low_lse, dlse, compute_dtype=q.dtype, **opts)
+    for name, g, rg, lg in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, low_grads):
+        assert_close_rule(name, g, rg, lg, softcap=softcap > 0)
+    return out, lse, grads

@@ -1,0 +1,127 @@
+"""The public API on a real GPU: the numerics rule over the feature matrix at real sizes, bf16 and fp16.
+
+Runs through backend=None (what users get: sm90 forward where it serves, Triton otherwise) and through
+backend="triton" explicitly. Skipped without CUDA.
+"""
+import pytest
+import torch
+
+import fa4
+from attention_check import check_attention, make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda"
+
+# (b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink)
+MATRIX = [
+    (2, 1000, 1000, 8, 8, 64, 64, False, (-1, -1), 0.0, False),
+    (2, 1000, 1000, 8, 2, 128, 128, True, (-1, -1), 0.0, False),
+    (1, 2049, 2049, 4, 4, 256, 256, True, (-1, -1), 0.0, False),
+    (1, 777, 1543, 8, 1, 128, 128, True, (-1, -1), 0.0, True),     # Sq < Sk, MQA, sink
+    (1, 1543, 777, 4, 2, 64, 64, True, (-1, -1), 0.0, False),      # Sq > Sk: leading rows empty
+    (2, 1, 3001, 8, 2, 128, 128, True, (-1, -1), 0.0, False),      # Sq = 1
+    (1, 1500, 1500, 4, 4, 96, 96, False, (256, 0), 0.0, False),   # sliding window
+    (1, 1200, 1200, 4, 2, 64, 64, False, (100, 50), 30.0, False),  # window both sides + softcap
+    (1, 1000, 1000, 6, 3, 192, 128, True, (-1, -1), 0.0, False),   # Dv != D (192/128)
+    (1, 513, 513, 2, 2, 40, 24, False, (-1, -1), 0.0, True),       # small odd head dims
+    (1, 3000, 3000, 4, 1, 128, 128, False, (-1, -1), 50.0, True),
+]
+
+
+def _ids(case):
+    b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = case
+    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-c{int(causal)}-w{window[0]}_{window[1]}-cap{softcap}-s{int(sink)}"
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", MATRIX, ids=[_ids(c) for c in MATRIX])
+def test_feature_matrix(case, dtype, backend):
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = case
+    q, k, v, _ = make_inputs(b, sq, sk, hq, hkv, d, dv, dtype, DEV)
+    s = torch.randn(hq, device=DEV) if sink else None
+    check_attention(q, k, v, causal=causal, window_size=window, softcap=softcap, sink=s, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(dtype, causal):
+    torch.manual_seed(3)
+    lens_q, lens_k = [513, 0, 1000, 1, 257], [700, 128, 1000, 65, 0]
+    q, k, v, vl = make_inputs(0, 0, 0, 8, 2, 128, 128, dtype, DEV, varlen_lens=(lens_q, lens_k))
+    check_attention(q, k, v, causal=causal, varlen=vl)
+    vl["seqused_k"] = torch.tensor([650, 100, 999, 1, 0], dtype=torch.int32, device=DEV)
+    check_attention(q, k, v, causal=causal, varlen=vl, sink=torch.randn(8, device=DEV))
+
+
+def test_strided_views_gpu():
+    b, s, h, d = 2, 1031, 8, 128
+    qkv = torch.randn(b, s, 3, h, d, device=DEV, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    check_attention(q, k, v, causal=True)
+    bhsd = torch.randn(b, h, s, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2)
+    check_attention(bhsd, k, v)
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_deterministic_backward_is_bitwise_reproducible(backend):
+    torch.manual_seed(5)
+    q, k, v, _ = make_inputs(2, 1500, 1500, 8, 2, 128, 128, torch.bfloat16, DEV)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    sink = torch.randn(8, device=DEV, requires_grad=True)
+    dout = torch.randn(2, 1500, 8, 128, device=DEV, dtype=torch.bfloat16)
+    first = None
+    for _ in range(20):
+        out = fa4.flash_attn_func(*leaves, causal=True, learnable_sink=sink, deterministic=True, backend=backend)
+        grads = torch.autograd.grad(out, leaves + [sink], dout)
+        if first is None:
+            first = grads
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
+def test_offsets_past_2_31_elements():
+    """B·S·H·D > 2^31: 64-bit offsets. Checks the last batch element (highest offsets) against the reference."""
+    b, s, h, d = 1040, 1024, 16, 128  # 2.18e9 elements per tensor
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(b, s, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    assert q.numel() > 2**31
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = fa4.flash_attn_func(*leaves, causal=True)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+    tail = [t[-2:].detach() for t in (q, k, v)]
+    want_out = fa4.flash_attn_func(*tail, causal=True, backend="reference")
+    assert (out[-2:].float() - want_out.float()).abs().max() < 0.05
+    rl = [t.clone().requires_grad_() for t in tail]
+    ro = fa4.flash_attn_func(*rl, causal=True, backend="reference")
+    for g, r in zip((dq, dk, dv), torch.autograd.grad(ro, rl, dout[-2:])):
+        assert (g[-2:].float() - r.float()).abs().max() < 0.1
+    del q, k, v, leaves, out, dout, dq, dk, dv
+    torch.cuda.empty_cache()
+
+
+def test_compile_fullgraph_cuda():
+    import torch._dynamo.testing
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(q, k, v):
+        return fa4.flash_attn_func(q, k, v, causal=True).float().square().mean()
+
+    for _ in range(3):
+        q, k, v, _ = make_inputs(2, 512, 512, 8, 2, 64, 64, torch.bfloat16, DEV)
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        step(*leaves).backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    assert counter.frame_count == 1
+
+
+def test_autocast_cuda():
+    q, k, v, _ = make_inputs(2, 300, 300, 4, 4, 64, 64, torch.float32, DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fa4.flash_attn_func(q, k, v, causal=True)
+    assert out.dtype == torch.bfloat16
+    want = fa4.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert torch.equal(out, want)
