@@ -1,0 +1,383 @@
+"""`fa4 bench` on the CPU: its help, suites and filters, the JSON schema, ratios and tables on fake rows, the
+runner's failure handling, the plot, and the no-GPU mode (with a stand-in fa4, then with the real one)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from fa4.bench import check, cli, cpu, gpu, machine, peers, report, runner, suites
+from fa4.bench.timing import Reps
+from naive import naive_attention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_cli(*args, timeout=600, interpret=None):
+    """`python -m fa4.bench.cli ARGS` in a fresh process; interpret=False drops TRITON_INTERPRET, as a user's
+    shell would not have it (the command must then set it itself)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    if interpret is False:
+        env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "fa4.bench.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def test_help_explains_every_option():
+    res = _run_cli("--help")
+    assert res.returncode == 0, res.stderr
+    for option in ("--suite", "--out", "--json", "--peers", "--dtype", "--rows", "--fwd-only", "--backend",
+                   "--quick", "max_memory_allocated", "do_bench", "retain_graph", "TRITON_INTERPRET"):
+        assert option in res.stdout, option
+
+
+@pytest.mark.skipif(shutil.which("fa4") is None, reason="the fa4 console script is not installed (pip install -e .)")
+def test_console_script_help():
+    res = subprocess.run(["fa4", "bench", "--help"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "--suite" in res.stdout, res.stderr
+
+
+def test_bench_word_is_accepted(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--suite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "D=128,Q=3"], "KEY one of D, S, B, H, causal"),
+    (["--suite", "decode", "--rows", "D=128"], "KEY one of B, L, paged"),
+    (["--rows", "causal=maybe"], "true/false"),
+    (["--peers", "sdpa_flash,fa3"], "unknown peer(s) fa3"),
+    (["--suite", "decode", "--fwd-only"], "training suite only"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_peer_selection():
+    assert cli.parse_args([]).peer_names == list(peers.PEER_NAMES)
+    assert cli.parse_args(["--suite", "decode"]).peer_names == ["sdpa_flash", "sdpa_cudnn", "flashattn4"]
+    assert cli.parse_args(["--peers", "none"]).peer_names == []
+    assert cli.parse_args(["--peers", "flex, sdpa_cudnn"]).peer_names == ["flex", "sdpa_cudnn"]
+
+
+# ---- suites ----------------------------------------------------------------------------------------------------
+
+def test_training_suite_matches_design():
+    cases = suites.training_cases()
+    assert len(cases) == 14
+    for c in cases:
+        assert c.B * c.S == 16384 and c.H * c.D == 2048
+        assert c.S != 1024 or c.D == 128
+    c = suites.TrainingCase(D=128, S=4096, B=4, H=16, causal=False)
+    assert c.fwd_flops == 4 * 4 * 16 * 4096 ** 2 * 128
+    assert suites.TrainingCase(D=128, S=4096, B=4, H=16, causal=True).fwd_flops * 2 == c.fwd_flops
+    assert c.bwd_flops == 2.5 * c.fwd_flops
+
+
+def test_decode_suite_matches_design():
+    cases = suites.decode_cases()
+    assert len(cases) == 12 and {c.paged for c in cases} == {False, True}
+    c = suites.DecodeCase(B=1, L=8192, paged=False)
+    assert c.kv_bytes == 2 * 8192 * 8 * 128 * 2 == 32 << 20
+    assert runner.rotation_count(c) == 3                      # 32 MiB: rotate to pass 100 MB
+    assert runner.rotation_count(suites.DecodeCase(B=64, L=8192, paged=True)) == 1
+
+
+def test_row_filters():
+    cases = suites.training_cases()
+    picked = suites.select(cases, [suites.parse_row_filter("D=128,S=16384", "training")])
+    assert [(c.D, c.S, c.causal) for c in picked] == [(128, 16384, False), (128, 16384, True)]
+    union = suites.select(cases, [suites.parse_row_filter("D=128,S=16384", "training"),
+                                  suites.parse_row_filter("D=64, causal=yes", "training")])
+    assert len(union) == 4
+    decode = suites.select(suites.decode_cases(), [suites.parse_row_filter("B=1,paged=0", "decode")])
+    assert [(c.B, c.L, c.paged) for c in decode] == [(1, 8192, False), (1, 65536, False)]
+    assert suites.select(cases, []) == cases
+
+
+# ---- fake rows: JSON, ratios, tables, plot -------------------------------------------------------------------
+
+def _training_rows():
+    def row(backend, causal, fwd, bwd, fmem=1.0, bmem=2.0):
+        return {"backend": backend, "D": 128, "S": 4096, "B": 4, "H": 16, "causal": causal, "fwd_tflops": fwd,
+                "bwd_tflops": bwd, "fwd_extra_mib": fmem, "bwd_extra_mib": bmem}
+    return [row("fa4", False, 600.0, 500.0), row("sdpa_cudnn", False, 604.0, 511.0),
+            row("flex", False, 458.0, 393.0), row("flashattn4", False, 661.0, None, 4.0, None),
+            row("fa4", True, 560.0, None, 1.0, None), row("sdpa_cudnn", True, 532.0, 433.0),
+            row("flex", True, None, None, None, None)]
+
+
+def _decode_rows():
+    def row(backend, b, paged, gbps):
+        return {"backend": backend, "B": b, "L": 8192, "paged": paged, "gbps": gbps}
+    return [row("fa4", 1, False, 1500.0), row("sdpa_flash", 1, False, 979.0), row("sdpa_cudnn", 1, False, 671.0),
+            row("flashattn4", 1, False, 217.0), row("fa4", 1, True, 1400.0), row("flashattn4", 1, True, 179.0),
+            row("fa4", 8, False, None), row("sdpa_cudnn", 8, False, 2506.0)]
+
+
+INFO = {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-25T17:50:00Z"}
+
+
+@pytest.mark.parametrize("suite, rows, fields", [
+    ("training", _training_rows(), ["backend", "D", "S", "B", "H", "causal", "fwd_tflops", "bwd_tflops",
+                                    "fwd_extra_mib", "bwd_extra_mib"]),
+    ("decode", _decode_rows(), ["backend", "B", "L", "paged", "gbps"]),
+])
+def test_json_document_schema(tmp_path, suite, rows, fields):
+    noisy = [{**r, "fwd_ms": 1.0} for r in rows]  # anything outside the schema must not leak into the file
+    doc = report.document(INFO, suite, 791.234, 2999.9, noisy)
+    path = tmp_path / "sub" / "r.json"
+    report.write_json(str(path), doc)
+    back = json.loads(path.read_text())
+    assert list(back) == ["card", "torch", "triton", "date", "suite", "matmul_tflops", "copy_gbps", "rows"]
+    assert back["suite"] == suite and back["matmul_tflops"] == 791.2 and back["card"] == INFO["card"]
+    assert len(back["rows"]) == len(rows)
+    for row in back["rows"]:
+        assert sorted(row) == sorted(fields)
+    assert None in [v for r in back["rows"] for v in r.values()]  # a failed figure is a JSON null
+
+
+def test_training_ratios_and_table():
+    rows = _training_rows()
+    ratios = report.training_ratios(rows)
+    full, causal = (128, 4096, 4, 16, False), (128, 4096, 4, 16, True)
+    assert ratios[full]["fwd"] == (pytest.approx(600 / 661), "flashattn4")
+    assert ratios[full]["bwd"] == (pytest.approx(500 / 511), "sdpa_cudnn")   # flashattn4's bwd failed
+    assert ratios[causal]["fwd"] == (pytest.approx(560 / 532), "sdpa_cudnn")  # flex failed: not a candidate
+    assert ratios[causal]["bwd"] == (None, "sdpa_cudnn")                      # fa4 has no figure
+    text = report.training_table(rows)
+    header = text.splitlines()[1]
+    assert header.index("fa4") < header.index("sdpa_cudnn") < header.index("fa4/best fwd")
+    assert "0.91 (flashattn4)" in text and "1.05 (sdpa_cudnn)" in text
+    assert "661 / --" in text and "-- / --" in text
+    assert "Extra memory" in text and "4.0 / --" in text
+
+
+def test_decode_ratios_compare_any_layout():
+    rows = _decode_rows()
+    ratios = report.decode_ratios(rows)
+    assert ratios[(1, 8192, False)] == (pytest.approx(1500 / 979), "sdpa_flash")
+    # paged fa4 is held to the best peer at (B, L) whatever its layout, not only to the paged peer
+    assert ratios[(1, 8192, True)] == (pytest.approx(1400 / 979), "sdpa_flash")
+    assert ratios[(8, 8192, False)] == (None, "sdpa_cudnn")
+    text = report.decode_table(rows)
+    line = next(l for l in text.splitlines() if "paged" in l and l.startswith("| 1 |"))
+    assert "n/a" in line  # SDPA has no paged row
+    assert "1.43 (sdpa_flash)" in text
+
+
+def test_plot_written_or_skipped_with_reason(tmp_path, monkeypatch):
+    path = tmp_path / "plot.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib" in report.plot(str(path), "training", _training_rows(), "t")
+    else:
+        assert report.plot(str(path), "training", _training_rows(), "t") is None
+        assert path.read_bytes()[:4] == b"\x89PNG"
+        assert report.plot(str(tmp_path / "d.png"), "decode", _decode_rows(), "t") is None
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as when it is not installed
+    assert "matplotlib is not importable" in report.plot(str(tmp_path / "x.png"), "decode", _decode_rows(), "t")
+
+
+# ---- runner on the CPU, with the CUDA timing stubbed -------------------------------------------------------
+
+class _FakeBackend:
+    def __init__(self, name, fail_bwd=False, fail=False):
+        self.name, self.fail_bwd, self.fail = name, fail_bwd, fail
+
+    def training(self, causal):
+        def f(q, k, v):
+            if self.fail:
+                raise RuntimeError("no kernel for this shape")
+            out = (q * k).sum(-1, keepdim=True) * v
+            if self.fail_bwd:
+                out = out.detach().requires_grad_()  # a graph that does not reach q, k, v
+            return out
+        return f
+
+    def decode(self, case):
+        if self.name == "broken":
+            raise RuntimeError("fa4.flash_attn_with_kvcache is not available")
+        if case.paged and self.name == "sdpa_flash":
+            raise peers.NotApplicable("SDPA has no paged KV cache")
+        if self.fail:
+            return lambda x: 1 / 0
+        return lambda x: x.q * 1
+
+
+@pytest.fixture
+def no_cuda_timing(monkeypatch):
+    monkeypatch.setattr(runner, "bench_ms", lambda fn, reps: (fn(), 2.0)[1])
+    monkeypatch.setattr(runner, "call_with_extra_memory", lambda fn: (fn(), 3.0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
+
+
+def test_runner_records_failures_and_keeps_going(no_cuda_timing):
+    case = suites.TrainingCase(D=8, S=16, B=1, H=2, causal=True)
+    lines = []
+    backends = [_FakeBackend("fa4"), _FakeBackend("flex", fail=True), _FakeBackend("sdpa_flash", fail_bwd=True)]
+    res = runner.run_training([case], backends, dtype=torch.float32, reps=Reps(1, 1), log=lines.append,
+                              device="cpu")
+    by = {r["backend"]: r for r in res.rows}
+    assert by["fa4"]["fwd_tflops"] == pytest.approx(case.fwd_flops / 2.0 / 1e9)
+    assert by["fa4"]["bwd_tflops"] == pytest.approx(case.bwd_flops / 2.0 / 1e9)
+    assert by["fa4"]["fwd_extra_mib"] == 3.0 and by["fa4"]["bwd_extra_mib"] == 3.0
+    assert by["flex"]["fwd_tflops"] is None and by["flex"]["bwd_tflops"] is None
+    assert by["sdpa_flash"]["fwd_tflops"] is not None and by["sdpa_flash"]["bwd_tflops"] is None
+    assert len(lines) == 3 and "FAILED forward: RuntimeError: no kernel" in lines[1]
+    assert any("flex" in f and "no kernel" in f for f in res.failures)
+    assert any(f.startswith("sdpa_flash") and "backward" in f for f in res.failures)
+    fwd_only = runner.run_training([case], backends[:1], dtype=torch.float32, reps=Reps(1, 1),
+                                   fwd_only=True, log=lines.append, device="cpu")
+    assert fwd_only.rows[0]["bwd_tflops"] is None and fwd_only.rows[0]["fwd_tflops"] is not None
+
+
+def test_decode_runner_not_applicable_and_failures(no_cuda_timing):
+    cases = [suites.DecodeCase(B=2, L=256, paged=p, Hq=4, Hkv=2, D=16, page_size=64) for p in (False, True)]
+    res = runner.run_decode(cases, [_FakeBackend("fa4"), _FakeBackend("sdpa_flash"),
+                                    _FakeBackend("flashattn4", fail=True), _FakeBackend("broken")],
+                            dtype=torch.float32, reps=Reps(1, 1), log=lambda m: None, device="cpu")
+    assert [(r["backend"], r["paged"]) for r in res.rows] == [
+        ("fa4", False), ("sdpa_flash", False), ("flashattn4", False), ("broken", False),
+        ("fa4", True), ("flashattn4", True), ("broken", True)]
+    assert "setup: RuntimeError: fa4.flash_attn_with_kvcache is not available" in res.failures[1]
+    assert res.rows[0]["gbps"] == pytest.approx(cases[0].kv_bytes / 2.0 / 1e6)
+    assert res.rows[2]["gbps"] is None and "ZeroDivisionError" in res.failures[0]
+    assert res.not_applicable == ["sdpa_flash B=2 L=256 paged: SDPA has no paged KV cache"]
+
+
+def test_decode_inputs_page_table_is_a_permutation():
+    case = suites.DecodeCase(B=2, L=256, paged=True, Hq=4, Hkv=2, D=16, page_size=64)
+    x = peers.make_decode_inputs(case, torch.float32, device="cpu", generator=torch.Generator().manual_seed(1))
+    assert x.page_table.dtype == torch.int32 and x.page_table.shape == (2, 4)
+    assert sorted(x.page_table.flatten().tolist()) == list(range(8))
+    assert x.k_pages.data_ptr() == x.k.data_ptr() and x.k_pages.shape == (8, 64, 2, 16)
+
+
+# ---- the no-GPU mode ---------------------------------------------------------------------------------------
+
+def _stand_in_fa4(error=1.0):
+    """fa4's two entry points computed by the naive oracle in fp32 (then scaled by `error`)."""
+    def flash_attn_func(q, k, v, causal=False, backend=None, **kw):
+        return naive_attention(q.float(), k.float(), v.float(), causal=causal)[0].to(q.dtype) * error
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, page_table=None, **kw):
+        outs = []
+        for b, n in enumerate(cache_seqlens.tolist()):
+            if page_table is None:
+                k, v = k_cache[b:b + 1, :n], v_cache[b:b + 1, :n]
+            else:  # the sequence's pages, in page-table order, as one (1, pages·page_size, Hkv, D) run
+                k, v = (c[page_table[b].long()].flatten(0, 1)[None, :n] for c in (k_cache, v_cache))
+            outs.append(naive_attention(q[b:b + 1].float(), k.float(), v.float())[0])
+        return torch.cat(outs).to(q.dtype) * error
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
+
+
+@pytest.mark.parametrize("suite", ["training", "decode"])
+def test_cpu_mode_with_a_stand_in_fa4(monkeypatch, suite):
+    monkeypatch.setattr(peers, "load_fa4", lambda: _stand_in_fa4())
+    lines = []
+    assert cpu.run_cpu(cli.parse_args(["--suite", suite]), out=lines.append) == 0
+    assert any(l.startswith("PASS") for l in lines) and "Timing needs a CUDA GPU" in lines[-1]
+    monkeypatch.setattr(peers, "load_fa4", lambda: _stand_in_fa4(error=1.05))
+    lines = []
+    assert cpu.run_cpu(cli.parse_args(["--suite", suite]), out=lines.append) == 1
+    assert any("FAIL" in l for l in lines)
+
+
+SMALL_SUITES = {
+    "training": lambda: [suites.TrainingCase(D=d, S=64, B=2, H=2, causal=c) for d in (32, 64) for c in (0, 1)],
+    "decode": lambda: [suites.DecodeCase(B=b, L=128, paged=p, Hq=4, Hkv=2, D=32, page_size=32)
+                       for b in (1, 2) for p in (False, True)],
+}
+
+
+@pytest.mark.parametrize("suite, argv", [
+    ("training", ["--rows", "D=64", "--peers", "flex,flashattn4"]),
+    ("decode", ["--rows", "B=1", "--peers", "sdpa_flash,flashattn4"]),
+])
+def test_gpu_flow_end_to_end_on_the_cpu(monkeypatch, no_cuda_timing, tmp_path, suite, argv):
+    """The GPU command's whole flow (check, ceilings, peers, runner, table, --json, --out) with CUDA stubbed:
+    CPU tensors, small rows, a stand-in fa4, fake peers (one missing), constant timings."""
+    monkeypatch.setattr(gpu, "DEVICE", "cpu")
+    monkeypatch.setitem(suites.SUITES, suite, SMALL_SUITES[suite])
+    monkeypatch.setattr(peers, "load_fa4", lambda: _stand_in_fa4())
+    monkeypatch.setattr(machine, "describe", lambda: {**INFO, "driver": "580", "cuda": "13.0", "cudnn": 91900,
+                                                      "capability": "9.0", "sms": 132, "fa4": "0.1.0"})
+    monkeypatch.setattr(machine, "matmul_tflops", lambda: 790.0)
+    monkeypatch.setattr(machine, "copy_gbps", lambda: 3000.0)
+    first, second = argv[-1].split(",")
+    monkeypatch.setattr(gpu, "resolve", lambda names: ([_FakeBackend(first)], {second: "ImportError: no cute"}))
+    json_path = tmp_path / "r.json"
+    args = cli.parse_args(["--suite", suite, "--json", str(json_path), "--out", str(tmp_path / "out"), *argv])
+    lines, progress = [], []
+    assert gpu.run_gpu(args, out=lines.append, log=progress.append) == 0
+    text = "\n".join(lines)
+    assert "PASS" in text and "FAIL" not in text and "not available: " + second in text
+    assert "fa4/best" in text and len(progress) >= 2
+    doc = json.loads(json_path.read_text())
+    assert doc["suite"] == suite and doc["matmul_tflops"] == 790.0
+    assert {r["backend"] for r in doc["rows"]} == {"fa4", first}
+    assert len(doc["rows"]) == (4 if suite == "training" else 3)  # SDPA has no paged row: n/a, not a row
+    written = sorted(os.listdir(tmp_path / "out"))
+    stem = "nvidia-h100-80gb-hbm3-" + suite + "-2026-11-25-1750"
+    assert [w for w in written if not w.endswith(".png")] == [stem + ".json", stem + ".md"]
+    full = json.loads((tmp_path / "out" / (stem + ".json")).read_text())
+    assert full["rows"] == doc["rows"] and full["details"]["missing_peers"] == {second: "ImportError: no cute"}
+
+
+def test_gpu_flow_stops_when_fa4_is_wrong(monkeypatch, no_cuda_timing):
+    monkeypatch.setattr(gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(peers, "load_fa4", lambda: _stand_in_fa4(error=1.1))
+    monkeypatch.setitem(suites.SUITES, "training", SMALL_SUITES["training"])
+    monkeypatch.setattr(machine, "describe", lambda: {**INFO, "driver": None, "cuda": None, "cudnn": None,
+                                                      "capability": None, "sms": None, "fa4": None})
+    timed = []
+    monkeypatch.setattr(machine, "matmul_tflops", lambda: timed.append(1))
+    lines = []
+    args = cli.parse_args(["--rows", "D=64,causal=0", "--fwd-only"])
+    assert gpu.run_gpu(args, out=lines.append, log=lambda m: None) == 2
+    assert "WRONG" in lines[-1] and not timed
+
+
+def test_rule_rejects_nan_and_shape():
+    ref = torch.zeros(4)
+    assert not check.rule("x", torch.full((4,), float("nan")), ref, ref).ok
+    assert not check.rule("x", torch.zeros(5), ref, ref).ok
+    assert check.rule("x", ref, ref, ref).ok
+
+
+def _real_fa4_missing(entry):
+    try:
+        import fa4
+        getattr(fa4, entry)
+    except Exception as exc:
+        return f"fa4.{entry} does not import yet ({type(exc).__name__}: {exc})"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite, entry", [("training", "flash_attn_func"), ("decode", "flash_attn_with_kvcache")])
+def test_cpu_mode_runs_the_real_kernels(suite, entry):
+    """The command a user types without a GPU: fa4's Triton kernels under the interpreter, PASS, exit 0."""
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU mode needs a machine without CUDA")
+    reason = _real_fa4_missing(entry)
+    if reason:
+        pytest.skip(reason)
+    res = _run_cli("--suite", suite, interpret=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "PASS" in res.stdout and "Timing needs a CUDA GPU" in res.stdout
