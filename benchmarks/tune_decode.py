@@ -1,0 +1,232 @@
+"""Tune fa4's split-KV decode kernel on the GPU: GB/s of K+V read per decode step over the decode suite.
+
+    python benchmarks/tune_decode.py            # everything below (about 5 minutes on an H100)
+    python benchmarks/tune_decode.py --quick    # fewer tile configs and split counts
+    python benchmarks/tune_decode.py --json out.json
+
+Decode suite: bf16, one query token, Hq 32, Hkv 8, D 128, (B, L) in {(1, 8192), (1, 65536), (8, 8192),
+(32, 4096), (64, 8192), (128, 2048)}, every sequence full; bytes = 2·B·L·Hkv·D·2. Paged rows use pages of 128
+in shuffled order. Timing: triton.testing.do_bench medians (it clears L2 before every call).
+
+Sections printed:
+ 1. peers in the same run (SDPA's FlashAttention-2 and cuDNN kernels) and fa4's public call as it stands;
+ 2. tile configs (BLOCK_N, num_warps, num_stages) at the split count the heuristic picks;
+ 3. split counts at each row's best config, with the heuristic's pick marked;
+ 4. host overhead: wall time per call of back-to-back eager calls against CUDA-graph replay of the same call.
+Each config's output is compared with the public call's; a mismatch is printed as MISMATCH.
+"""
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fa4 import inference  # noqa: E402
+from fa4.kernels.triton import decode  # noqa: E402
+
+SUITE = [(1, 8192), (1, 65536), (8, 8192), (32, 4096), (64, 8192), (128, 2048)]
+HQ, HKV, D, PAGE = 32, 8, 128, 128
+
+
+def bench_ms(fn, quick):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=5 if quick else 20, rep=25 if quick else 100, return_mode="median")
+
+
+def gbps(batch, length, ms):
+    return 2 * batch * length * HKV * D * 2 / ms / 1e6
+
+
+def make_inputs(batch, length, paged):
+    q = torch.randn(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+    table = None
+    if paged:
+        n_pages = batch * length // PAGE
+        k, v = k.view(n_pages, PAGE, HKV, D), v.view(n_pages, PAGE, HKV, D)
+        table = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, length // PAGE)
+    return q, k, v, lens, table
+
+
+def kernel_call(q, k, v, lens, table, out, num_splits, cfg):
+    return lambda: decode.decode(
+        q, k, v, out, None, cache_seqlens=lens, seqlen_new=0, cache_batch_idx=None, page_table=table,
+        rotary_cos=None, rotary_sin=None, rotary_interleaved=True, rotary_per_token=False,
+        softmax_scale=D ** -0.5, window_left=-1, window_right=-1, softcap=0.0, sink=None,
+        num_splits=num_splits, config=cfg)
+
+
+def heuristic_splits(batch, length, cfg):
+    return inference.choose_num_splits(batch * HKV, length, cfg.block_n,
+                                       torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+def peers(q, k, v):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    res = {}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def call(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      enable_gqa=True)
+        try:
+            call()
+            res[name] = call
+        except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
+            res[name] = f"{type(exc).__name__}"
+    return res
+
+
+def host_overhead(fn, iters=200):
+    """(eager ms per call back to back, graph-replay ms per call) of fn."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    eager = (time.perf_counter() - t0) / iters * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    torch.cuda.synchronize()
+    return eager, (time.perf_counter() - t0) / iters * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--layouts", default="paged,contiguous")
+    ap.add_argument("--skip-overhead", action="store_true")
+    args = ap.parse_args()
+    layouts = [x == "paged" for x in args.layouts.split(",")]
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    if args.quick:
+        configs = [decode.Config(bn, 4, st) for bn, st in itertools.product((64, 128), (2, 3, 4))]
+        split_list = (1, 2, 4, 8, 16, 24, 32, 48)
+    else:
+        configs = [decode.Config(bn, w, st) for bn, w, st in itertools.product((32, 64, 128), (4, 8), (2, 3, 4, 5))]
+        split_list = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96)
+    records = []
+    best = {}
+
+    print("\n## 1. peers and fa4's public call (GB/s)", flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts):
+        q, k, v, lens, table = make_inputs(batch, length, paged)
+        row = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}"
+        fa4_call = lambda: inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table)  # noqa
+        ms = bench_ms(fa4_call, args.quick)
+        cfg = decode.default_config(q.device, q.dtype, D, D)
+        line = f"{row}  fa4 {gbps(batch, length, ms):7.0f} (splits {heuristic_splits(batch, length, cfg)})"
+        records.append(dict(section="public", B=batch, L=length, paged=paged, gbps=gbps(batch, length, ms)))
+        if not paged:
+            for name, fn in peers(q, k, v).items():
+                if callable(fn):
+                    p_gbps = gbps(batch, length, bench_ms(fn, args.quick))
+                    records.append(dict(section="peer", backend=name, B=batch, L=length, gbps=p_gbps))
+                    line += f"  {name} {p_gbps:7.0f}"
+                else:
+                    line += f"  {name} {fn}"
+        print(line, flush=True)
+        del q, k, v, table
+        torch.cuda.empty_cache()
+
+    print("\n## 2. tile configs (BLOCK_N, warps, stages) at the heuristic's splits (GB/s)", flush=True)
+    print("row".ljust(26) + "".join(f"{c.block_n:>4}/{c.num_warps}/{c.num_stages}" for c in configs), flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts):
+        q, k, v, lens, table = make_inputs(batch, length, paged)
+        expect = inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table)
+        line = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}".ljust(26)
+        for cfg in configs:
+            out = torch.empty_like(expect)
+            splits = heuristic_splits(batch, length, cfg)
+            fn = kernel_call(q, k, v, lens, table, out, splits, cfg)
+            try:
+                fn()
+                torch.cuda.synchronize()
+            except Exception as exc:  # out of shared memory or registers: that config does not exist here
+                line += f"{'-':>11}"
+                records.append(dict(section="config", B=batch, L=length, paged=paged, config=list(cfg),
+                                    splits=splits, error=type(exc).__name__))
+                continue
+            ok = torch.allclose(out.float(), expect.float(), atol=2e-2, rtol=2e-2)
+            value = gbps(batch, length, bench_ms(fn, args.quick))
+            records.append(dict(section="config", B=batch, L=length, paged=paged, config=list(cfg), splits=splits,
+                                gbps=value, match=ok))
+            line += f"{value:>11.0f}" if ok else f"{'MISMATCH':>11}"
+            if ok and value > best.get((batch, length, paged), (None, 0))[1]:
+                best[(batch, length, paged)] = (cfg, value)
+        print(line, flush=True)
+        del q, k, v, table
+        torch.cuda.empty_cache()
+    print("best: " + "; ".join(f"B={b} L={n} {'paged' if p else 'contig'}: {tuple(c)} {g:.0f}"
+                               for (b, n, p), (c, g) in best.items()), flush=True)
+
+    print("\n## 3. split counts at each row's best config (GB/s; * = heuristic's pick)", flush=True)
+    print("row".ljust(40) + "".join(f"{n:>7}" for n in split_list), flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts):
+        if (batch, length, paged) not in best:
+            continue
+        cfg = best[(batch, length, paged)][0]
+        q, k, v, lens, table = make_inputs(batch, length, paged)
+        out = torch.empty(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+        pick = heuristic_splits(batch, length, cfg)
+        line = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'} {tuple(cfg)}".ljust(40)
+        tiles = math.ceil(length / cfg.block_n)
+        for n in split_list:
+            if n > tiles:
+                line += f"{'':>7}"
+                continue
+            value = gbps(batch, length, bench_ms(kernel_call(q, k, v, lens, table, out, n, cfg), args.quick))
+            records.append(dict(section="splits", B=batch, L=length, paged=paged, config=list(cfg), splits=n,
+                                gbps=value, heuristic=n == pick))
+            line += f"{value:>6.0f}{'*' if n == pick else ' '}"
+        print(line, flush=True)
+        del q, k, v, table
+        torch.cuda.empty_cache()
+
+    if not args.skip_overhead:
+        print("\n## 4. host overhead: ms per call, eager back-to-back vs CUDA-graph replay (public call)", flush=True)
+        for (batch, length), paged in itertools.product(SUITE[:3], layouts):
+            q, k, v, lens, table = make_inputs(batch, length, paged)
+            out = torch.empty(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+            fn = lambda: inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table,  # noqa
+                                                           out=out)
+            eager, graph = host_overhead(fn)
+            records.append(dict(section="overhead", B=batch, L=length, paged=paged, eager_ms=eager, graph_ms=graph))
+            print(f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}  eager {eager * 1e3:7.1f} us  "
+                  f"graph {graph * 1e3:7.1f} us  (graph {gbps(batch, length, graph):5.0f} GB/s)", flush=True)
+            del q, k, v, table
+            torch.cuda.empty_cache()
+
+    if args.json:
+        args.json.write_text(json.dumps(dict(card=props.name, torch=torch.__version__, triton=triton.__version__,
+                                             date=time.strftime("%Y-%m-%d %H:%M"), records=records), indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Merging attention results computed over disjoint key sets (split-KV, cascade attention, context parallelism).
+
+Split s holds o_s = Σ_{j in s} exp(x_j - lse_s) v_j and lse_s = log Σ_{j in s} exp(x_j). Over all keys (and an
+optional sink logit per head, which has no value row):
+
+    lse = log( Σ_s exp(lse_s) [+ exp(sink)] ),      out = Σ_s exp(lse_s - lse) o_s
+
+computed around the largest term so nothing overflows. A split with lse_s = -inf (no visible key) has weight 0
+and its o_s is never read; a row where every split is empty and there is no sink gives out = 0, lse = -inf.
+
+One program merges one (sequence, token, head) row: first the lse of all splits (one vector load), then the
+partial outputs in chunks of CHUNK splits, each a (CHUNK, Dv) tile reduced over its splits.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine_kernel(OutPartial, LsePartial, Out, Lse, Sink,
+                    num_splits, seqlen, num_heads,
+                    stride_pn, stride_pb, stride_ps, stride_ph,
+                    stride_ln, stride_lb, stride_ls, stride_lh,
+                    stride_ob, stride_os, stride_oh,
+                    stride_fb, stride_fs, stride_fh,
+                    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                    CHUNK: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % num_heads
+    bs = pid // num_heads
+    s = bs % seqlen
+    b = bs // seqlen
+    lse_row = LsePartial + b.to(tl.int64) * stride_lb + s.to(tl.int64) * stride_ls + h.to(tl.int64) * stride_lh
+    o_row = OutPartial + b.to(tl.int64) * stride_pb + s.to(tl.int64) * stride_ps + h.to(tl.int64) * stride_ph
+
+    # lse = m + log Σ exp(lse_s - m), m the largest term (0 when every term is -inf, to avoid inf - inf).
+    splits = tl.arange(0, BLOCK_SPLITS)
+    lse_s = tl.load(lse_row + splits.to(tl.int64) * stride_ln, mask=splits < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    if HAS_SINK:
+        sink = tl.load(Sink + h).to(tl.float32)
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(lse_s - m), 0)
+    if HAS_SINK:
+        total += tl.exp(sink - m)
+    lse = tl.where(total > 0.0, m + tl.log(total), float("-inf"))
+    lse_sub = tl.where(total > 0.0, lse, 0.0)
+
+    offs_d = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for c in range(0, num_splits, CHUNK):
+        sp = c + tl.arange(0, CHUNK)
+        l_c = tl.load(lse_row + sp.to(tl.int64) * stride_ln, mask=sp < num_splits, other=float("-inf"))
+        live = l_c > float("-inf")
+        w = tl.where(live, tl.exp(l_c - lse_sub), 0.0)
+        o = tl.load(o_row + sp.to(tl.int64)[:, None] * stride_pn + offs_d[None, :],
+                    mask=live[:, None] & (offs_d[None, :] < HEAD_DV), other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+
+    o_ptr = Out + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
+    tl.store(o_ptr + offs_d, acc.to(Out.dtype.element_ty), mask=offs_d < HEAD_DV)
+    if WRITE_LSE:
+        tl.store(Lse + b.to(tl.int64) * stride_fb + s.to(tl.int64) * stride_fs + h.to(tl.int64) * stride_fh, lse)
+
+
+def combine_into(out_partial, lse_partial, out, lse, sink, *, num_splits, batch, seqlen, num_heads, head_dv,
+                 partial_strides, lse_partial_strides, lse_strides=None):
+    """Merges partials into out (B, S, H, Dv) and, when lse is given, lse.
+
+    Strides are element strides in (split, b, s, h) order for the partials, and in (b, s, h) for lse; out's come
+    from the tensor (last dimension contiguous). `sink` is None or an fp32 (H,) tensor.
+    """
+    rows = batch * seqlen * num_heads
+    if rows == 0:
+        return
+    block_splits = max(2, triton.next_power_of_2(num_splits))
+    block_dv = max(16, triton.next_power_of_2(head_dv))
+    chunk = min(block_splits, max(2, 4096 // block_dv))  # a (CHUNK, Dv) tile of 4096 fp32: 32 per thread
+    dummy = lse_partial
+    _combine_kernel[(rows,)](
+        out_partial, lse_partial, out, lse if lse is not None else dummy, sink if sink is not None else dummy,
+        num_splits, seqlen, num_heads, *partial_strides, *lse_partial_strides,
+        out.stride(0), out.stride(1), out.stride(2), *(lse_strides or (0, 0, 0)),
+        HEAD_DV=head_dv, BLOCK_DV=block_dv, BLOCK_SPLITS=block_splits, CHUNK=chunk,
+        HAS_SINK=sink is not None, WRITE_LSE=lse is not None, num_warps=4, num_stages=1)

@@ -1,0 +1,534 @@
+"""fa4.flash_attn_with_kvcache and fa4.flash_attn_combine on the CPU.
+
+The reference backend against the naive materialised softmax (append, rotary and paging done by hand here);
+the Triton kernels (append + rotary, split-KV decode, combine) under TRITON_INTERPRET=1 against the reference
+backend at tiny sizes; argument errors, raised before the cache is touched.
+"""
+import math
+
+import pytest
+import torch
+
+from fa4 import inference
+from fa4.inference import flash_attn_combine, flash_attn_with_kvcache
+from naive import naive_attention
+from numerics import assert_close_rule
+
+
+def _rotary_tables(seqlen, rotary_dim, dtype=torch.float32):
+    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    ang = torch.arange(seqlen, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def _rotate_by_hand(x, cos, sin, positions, interleaved):
+    """x (S, H, D) rotated at integer positions (S,), one pair at a time (the definition, no vectorisation)."""
+    x = x.double().clone()
+    half = cos.shape[1]
+    out = x.clone()
+    for s, p in enumerate(positions):
+        for c in range(half):
+            a, b = (2 * c, 2 * c + 1) if interleaved else (c, c + half)
+            co, si = float(cos[p, c]), float(sin[p, c])
+            out[s, :, a] = x[s, :, a] * co - x[s, :, b] * si
+            out[s, :, b] = x[s, :, b] * co + x[s, :, a] * si
+    return out
+
+
+def _make(batch=2, seqlen_q=1, hq=4, hkv=2, d=32, dv=None, capacity=48, seqlen_new=0, page_size=None,
+          cache_rows=None, dtype=torch.float32, lens=None, seed=0):
+    """Random q, cache (contiguous or paged with shuffled pages), new k/v and per-sequence cached lengths."""
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    q = torch.randn(batch, seqlen_q, hq, d, generator=g).to(dtype)
+    if lens is None:
+        lens = torch.randint(0, capacity - seqlen_new + 1, (batch,), generator=g)
+    lens = torch.as_tensor(lens, dtype=torch.int32)
+    kw = {}
+    if page_size is None:
+        rows = cache_rows or batch
+        k_cache = torch.randn(rows, capacity, hkv, d, generator=g).to(dtype)
+        v_cache = torch.randn(rows, capacity, hkv, dv, generator=g).to(dtype)
+        if cache_rows is not None:
+            kw["cache_batch_idx"] = torch.randperm(rows, generator=g)[:batch].to(torch.int32)
+    else:
+        pages = capacity // page_size
+        n_pages = batch * pages + 3  # pages no sequence uses, as in a serving pool
+        k_cache = torch.randn(n_pages, page_size, hkv, d, generator=g).to(dtype)
+        v_cache = torch.randn(n_pages, page_size, hkv, dv, generator=g).to(dtype)
+        table = torch.randperm(n_pages, generator=g)[:batch * pages].view(batch, pages).to(torch.int32)
+        kw["page_table"] = table
+    if seqlen_new:
+        kw["k"] = torch.randn(batch, seqlen_new, hkv, d, generator=g).to(dtype)
+        kw["v"] = torch.randn(batch, seqlen_new, hkv, dv, generator=g).to(dtype)
+    return q, k_cache, v_cache, lens, kw
+
+
+def _sequence_keys(k_cache, b, n, kw):
+    """The first n keys of sequence b, gathered through the page table or cache_batch_idx."""
+    if "page_table" in kw:
+        ps = k_cache.shape[1]
+        pos = torch.arange(n)
+        return k_cache[kw["page_table"][b, pos // ps].long(), pos % ps]
+    row = int(kw["cache_batch_idx"][b]) if "cache_batch_idx" in kw else b
+    return k_cache[row, :n]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference backend against the naive softmax, append and rotary done by hand
+# ---------------------------------------------------------------------------------------------------------------
+
+REFERENCE_CASES = [
+    dict(),
+    dict(seqlen_q=3, causal=True, seqlen_new=3),
+    dict(page_size=4, seqlen_new=2, window_size=(5, 0)),
+    dict(cache_rows=5, seqlen_new=1, softcap=5.0, sink=True),
+    dict(page_size=3, seqlen_q=2, seqlen_new=2, rotary=True, interleaved=False, causal=True),
+    dict(cache_rows=3, seqlen_q=2, seqlen_new=1, rotary=True, interleaved=True),
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_reference_backend_matches_naive(case):
+    case = dict(case)
+    causal = case.pop("causal", False)
+    window = case.pop("window_size", (-1, -1))
+    softcap = case.pop("softcap", 0.0)
+    use_sink = case.pop("sink", False)
+    rotary = case.pop("rotary", False)
+    interleaved = case.pop("interleaved", True)
+    q, k_cache, v_cache, lens, kw = _make(**case)
+    batch, seqlen_q, hq, d = q.shape
+    sink = torch.randn(hq) if use_sink else None
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    cos = sin = None
+    if rotary:
+        cos, sin = _rotary_tables(64, 16)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens,
+                                       causal=causal, window_size=window, softcap=softcap, learnable_sink=sink,
+                                       rotary_interleaved=interleaved, return_lse=True, backend="reference", **kw)
+    sn = kw["k"].shape[1] if "k" in kw else 0
+    per_token = causal or window != (-1, -1)
+    for b in range(batch):
+        n = int(lens[b])
+        new_pos = list(range(n, n + sn))
+        k_new = kw["k"][b] if sn else None
+        if sn and rotary:
+            k_new = _rotate_by_hand(k_new, cos, sin, new_pos, interleaved).float()
+        # The append: exactly the new rows changed, to the (rotated) new keys and values.
+        keys = _sequence_keys(k_cache, b, n + sn, kw)
+        vals = _sequence_keys(v_cache, b, n + sn, kw)
+        torch.testing.assert_close(keys[:n], _sequence_keys(k0, b, n, kw))
+        if sn:
+            torch.testing.assert_close(keys[n:], k_new, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(vals[n:], kw["v"][b])
+        qb = q[b]
+        if rotary:
+            qpos = [n + i for i in range(seqlen_q)] if per_token else [n] * seqlen_q
+            qb = _rotate_by_hand(qb, cos, sin, qpos, interleaved).float()
+        ref_o, ref_l = naive_attention(qb[None].double(), keys[None].double(), vals[None].double(),
+                                       softmax_scale=1 / math.sqrt(d), causal=causal, window_size=window,
+                                       softcap=softcap, sink=sink.double() if sink is not None else None)
+        torch.testing.assert_close(out[b:b + 1].double(), ref_o, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), ref_l, atol=2e-5, rtol=1e-5)
+    # Untouched: caches of the pages/rows no sequence writes.
+    changed = (k_cache != k0).flatten(1).any(1).nonzero().flatten().tolist()
+    assert len(changed) <= batch * max(sn, 1) * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter) against the reference backend
+# ---------------------------------------------------------------------------------------------------------------
+
+TRITON_CASES = [
+    # (name, _make kwargs, call kwargs)
+    ("decode", dict(batch=3), dict()),
+    ("decode-splits", dict(batch=1, capacity=80), dict(num_splits=3)),
+    ("decode-heuristic-split", dict(batch=1, hkv=1, hq=4, capacity=160), dict()),
+    ("gqa8-sq2-causal", dict(hq=8, hkv=1, seqlen_q=2, seqlen_new=2), dict(causal=True, num_splits=2)),
+    ("paged-1", dict(page_size=1, capacity=24, seqlen_new=1), dict(num_splits=2)),
+    ("paged-3", dict(page_size=3, capacity=45, seqlen_q=3, seqlen_new=3), dict(causal=True)),
+    ("paged-16-aligned", dict(page_size=16, capacity=64, seqlen_new=1), dict(num_splits=2)),
+    ("batch-idx", dict(cache_rows=5, seqlen_new=2, seqlen_q=2), dict(causal=True)),
+    ("window", dict(seqlen_q=4, capacity=64), dict(window_size=(7, 1), num_splits=2)),
+    ("softcap-sink", dict(seqlen_new=1), dict(softcap=3.0, sink=True, num_splits=3)),
+    ("sink-unsplit", dict(seqlen_q=2), dict(sink=True, causal=True, num_splits=1)),
+    ("rotary-interleaved", dict(seqlen_new=2, seqlen_q=2, page_size=3, capacity=24),
+     dict(rotary=True, interleaved=True, causal=True)),
+    ("rotary-neox-partial", dict(seqlen_new=1, d=48), dict(rotary=True, interleaved=False)),
+    ("dv-differs", dict(d=32, dv=16, seqlen_new=1), dict(num_splits=2)),
+    ("int-seqlens", dict(batch=2, seqlen_new=1), dict(int_lens=20)),
+    ("full-cache", dict(batch=2, capacity=24), dict(no_lens=True, num_splits=2)),
+    ("empty-sequence", dict(batch=2, lens=[0, 5]), dict(num_splits=2)),
+    ("prefill-chunk-2-row-blocks", dict(batch=1, seqlen_q=9, seqlen_new=9, hq=16, hkv=2, capacity=40),
+     dict(causal=True)),
+]
+
+
+def _run_both(make_kw, call_kw, dtype):
+    call_kw = dict(call_kw)
+    rotary = call_kw.pop("rotary", False)
+    interleaved = call_kw.pop("interleaved", True)
+    use_sink = call_kw.pop("sink", False)
+    int_lens = call_kw.pop("int_lens", None)
+    no_lens = call_kw.pop("no_lens", False)
+    q, k_cache, v_cache, lens, kw = _make(dtype=dtype, **make_kw)
+    if rotary:
+        call_kw["rotary_cos"], call_kw["rotary_sin"] = _rotary_tables(make_kw.get("capacity", 48) + q.shape[1], 16)
+        call_kw["rotary_interleaved"] = interleaved
+    if use_sink:
+        call_kw["learnable_sink"] = torch.randn(q.shape[2])
+    call_kw["cache_seqlens"] = None if no_lens else (int_lens if int_lens is not None else lens)
+    results = {}
+    for backend in ("reference", "triton"):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = torch.full((*q.shape[:3], v_cache.shape[-1]), float("nan"), dtype=dtype)  # poisoned
+        res, lse = flash_attn_with_kvcache(q, kc, vc, return_lse=True, out=out, backend=backend,
+                                           **kw, **call_kw)
+        assert res is out
+        results[backend] = (res, lse, kc, vc)
+    return q, k_cache, v_cache, kw, call_kw, results
+
+
+@pytest.mark.parametrize("name,make_kw,call_kw", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_matches_reference_fp32(name, make_kw, call_kw):
+    *_, results = _run_both(make_kw, call_kw, torch.float32)
+    (o_r, l_r, kc_r, vc_r), (o_t, l_t, kc_t, vc_t) = results["reference"], results["triton"]
+    torch.testing.assert_close(kc_t, kc_r, atol=1e-6, rtol=1e-6)  # append + rotary, in place
+    torch.testing.assert_close(vc_t, vc_r, atol=0, rtol=0)
+    torch.testing.assert_close(o_t, o_r, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(l_t, l_r, atol=2e-5, rtol=2e-5)
+
+
+def reference_on_cache(q, k_cache, v_cache, kw, call_kw, low_dtype):
+    """fp32 reference and the low-precision reference of the attention alone over an already appended cache.
+
+    q is rotated as flash_attn_with_kvcache rotates it. Returns (ref_out, ref_lse, low_out, low_lse), out as
+    (B * Sq, Hq, Dv) and lse as (B, Hq, Sq).
+    """
+    from fa4 import reference
+    b, sq, hq, d = q.shape
+    lens = call_kw.get("cache_seqlens")
+    if lens is None:
+        lens = k_cache.shape[1] * (kw["page_table"].shape[1] if "page_table" in kw else 1)
+    sn = kw["k"].shape[1] if kw.get("k") is not None else 0
+    lens = torch.as_tensor(lens, dtype=torch.int32, device=q.device).expand(b).contiguous()
+    window = call_kw.get("window_size", (-1, -1))
+    left, right = window[0], 0 if call_kw.get("causal") else window[1]
+    if call_kw.get("rotary_cos") is not None:
+        steps = torch.arange(sq, device=q.device)[None, :]
+        per_token = left >= 0 or right >= 0
+        pos = lens.long()[:, None] + (steps if per_token else 0 * steps)
+        q = inference.apply_rotary(q, call_kw["rotary_cos"], call_kw["rotary_sin"], pos,
+                                   call_kw.get("rotary_interleaved", True))
+    table = kw.get("page_table")
+    if table is None:
+        rows = kw.get("cache_batch_idx")
+        rows = torch.arange(b, device=q.device) if rows is None else rows
+        table = rows.to(torch.int32)[:, None]
+    common = dict(softmax_scale=call_kw.get("softmax_scale") or d ** -0.5, window_left=left, window_right=right,
+                  softcap=call_kw.get("softcap", 0.0), sink=call_kw.get("learnable_sink"),
+                  cu_seqlens_q=torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device),
+                  max_seqlen_q=sq, seqused_k=lens + sn, max_seqlen_k=0, page_table=table)
+    q2 = q.reshape(b * sq, hq, d)
+    ref_o, ref_l = reference.forward(q2.float(), k_cache.float(), v_cache.float(), **common)
+    low_o, low_l = reference.forward(q2, k_cache, v_cache, compute_dtype=low_dtype, **common)
+    return ref_o, ref_l.view(hq, b, sq).permute(1, 0, 2), low_o, low_l.view(hq, b, sq).permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("name,make_kw,call_kw", [TRITON_CASES[i] for i in (1, 5, 9, 11)],
+                         ids=[TRITON_CASES[i][0] for i in (1, 5, 9, 11)])
+def test_triton_fp16_numerics_rule(name, make_kw, call_kw):
+    """fp16 kernels against the fp32 reference under DESIGN's rule, over the cache the Triton append wrote."""
+    q, k_cache, v_cache, kw, call_kw, results = _run_both(make_kw, call_kw, torch.float16)
+    o_t, l_t, kc_t, vc_t = results["triton"]
+    ref_o, ref_l, low_o, low_l = reference_on_cache(q, kc_t, vc_t, kw, call_kw, torch.float16)
+    softcap = call_kw.get("softcap", 0.0) > 0
+    assert_close_rule("out", o_t.reshape(ref_o.shape), ref_o, low_o, softcap=softcap)
+    assert_close_rule("lse", l_t, ref_l, low_l, softcap=softcap)
+
+
+def test_triton_without_out_or_lse():
+    q, k_cache, v_cache, lens, kw = _make(batch=1, capacity=64)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=2, backend="triton", **kw)
+    ref = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend="reference", **kw)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Combine
+# ---------------------------------------------------------------------------------------------------------------
+
+def _combine_by_hand(out_partial, lse_partial):
+    lse = torch.logsumexp(lse_partial.double(), dim=0)
+    w = torch.exp(lse_partial.double() - lse).nan_to_num(0.0)
+    return (w[..., None] * out_partial.double().nan_to_num(0.0)).sum(0), lse
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_combine(backend, monkeypatch):
+    if backend == "torch":
+        monkeypatch.setattr(inference.dispatch, "_triton_reason", lambda t: "forced off")
+    g = torch.Generator().manual_seed(1)
+    n, b, s, h, d = 5, 2, 3, 4, 24
+    out_partial = torch.randn(n, b, s, h, d, generator=g)
+    lse_partial = torch.randn(n, b, h, s, generator=g).transpose(2, 3)  # FlashAttention's strides
+    lse_partial[1] = float("-inf")  # an empty split: its partial output must not be read
+    out_partial[1] = float("nan")
+    lse_partial[:, 1, 2, 3] = float("-inf")  # a row where every split is empty
+    out, lse = flash_attn_combine(out_partial, lse_partial)
+    ref_o, ref_l = _combine_by_hand(out_partial, lse_partial)
+    assert out.shape == (b, s, h, d) and out.dtype == torch.float32
+    assert lse.shape == (b, s, h) and lse.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out.double(), ref_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, atol=1e-5, rtol=1e-5)
+    assert lse[1, 2, 3] == float("-inf") and (out[1, 2, 3] == 0).all()
+    # Into a given output, in another dtype; and packed sequences without the batch dimension.
+    dst = torch.empty(b, s, h, d, dtype=torch.float16)
+    res, _ = flash_attn_combine(out_partial, lse_partial, out=dst)
+    assert res is dst
+    torch.testing.assert_close(dst.double(), ref_o, atol=2e-3, rtol=2e-3)
+    out_p, lse_p = flash_attn_combine(out_partial[:, 0], lse_partial[:, 0], out_dtype=torch.float16)
+    assert out_p.shape == (s, h, d) and out_p.dtype == torch.float16 and lse_p.shape == (s, h)
+    torch.testing.assert_close(out_p.double(), ref_o[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse_p.double(), ref_l[0], atol=1e-5, rtol=1e-5)
+
+
+def test_combine_of_two_halves_is_attention_over_all_keys():
+    """Cascade attention: attention over two key sets, merged by their lse, equals attention over both."""
+    q, k_cache, v_cache, _, _ = _make(batch=2, capacity=32)
+    halves = [flash_attn_with_kvcache(q, kc, vc, return_lse=True, backend="reference")
+              for kc, vc in ((k_cache[:, :13], v_cache[:, :13]), (k_cache[:, 13:], v_cache[:, 13:]))]
+    out_partial = torch.stack([o.float() for o, _ in halves])
+    lse_partial = torch.stack([lse.transpose(1, 2) for _, lse in halves])
+    out, lse = flash_attn_combine(out_partial, lse_partial)
+    full_o, full_l = flash_attn_with_kvcache(q, k_cache, v_cache, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, full_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_l.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split heuristic, workspace
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch,length,expect", [
+    (1, 8192, "many"), (1, 65536, "many"), (8, 8192, "some"), (32, 4096, 1), (64, 8192, 1), (128, 2048, 1)])
+def test_split_heuristic_on_decode_suite(batch, length, expect):
+    n = inference.choose_num_splits(batch * 8, length, 64, 132)  # Hkv 8, one row block, H100's 132 SMs
+    if expect == "many":
+        assert 16 <= n <= inference.MAX_SPLITS
+    elif expect == "some":
+        assert 2 <= n <= 8
+    else:
+        assert n == expect
+    assert inference.choose_num_splits(1, 100, 64, 132) == 1  # too few key tiles to share
+
+
+def test_workspace_is_reused_and_never_released():
+    from fa4.kernels.triton import decode
+    dev = torch.device("cpu")
+    a = decode._workspace(dev, 1000)
+    assert decode._workspace(dev, 10) is a
+    b = decode._workspace(dev, a.numel() + 1)
+    assert b.numel() >= 2 * a.numel() and any(r is a for r in decode._retired)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: raised before anything is written
+# ---------------------------------------------------------------------------------------------------------------
+
+def _bad(mutate):
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, seqlen_new=1, page_size=4)
+    kw = dict(kw, cache_seqlens=lens)
+    q, k_cache, v_cache, kw = mutate(q, k_cache, v_cache, kw)
+    return q, k_cache, v_cache, kw
+
+
+ERROR_CASES = [
+    ("page index too large", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, page_table=kw["page_table"] + 100)),
+     ValueError, r"^page_table\[0, 0\] = \d+ is out of range: k_cache has 11 pages"),
+    ("page index negative", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, page_table=-kw["page_table"] - 1)),
+     ValueError, r"^page_table\[0, 0\] = -\d+ is out of range"),
+    ("seqlens beyond cache", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=torch.tensor(
+        [3, 17], dtype=torch.int32))), ValueError, r"^cache_seqlens\[1\] = 17 is beyond the cache: it holds 16"),
+    ("append past capacity", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=torch.tensor(
+        [16, 2], dtype=torch.int32))), ValueError, r"^k: appending 1 keys after cache_seqlens\[0\] = 16"),
+    ("append past capacity (int)", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=16)), ValueError,
+     r"^k: appending 1 keys after cache_seqlens = 16 needs 17 slots; the cache holds 16"),
+    ("negative seqlens (int)", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=-2)), ValueError,
+     r"^cache_seqlens = -2; it must be >= 0"),
+    ("negative seqlens", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=torch.tensor(
+        [2, -1], dtype=torch.int32))), ValueError, r"^cache_seqlens\[1\] = -1; it must be >= 0"),
+    ("seqlens dtype", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=kw["cache_seqlens"].float())),
+     TypeError, r"^cache_seqlens must be torch\.int32; got torch\.float32"),
+    ("seqlens shape", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=kw["cache_seqlens"][:1])),
+     ValueError, r"^cache_seqlens must have shape \(2,\); got \(1,\)"),
+    ("page table batch", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, page_table=kw["page_table"][:1])),
+     ValueError, r"^page_table has 1 rows; it must have one per sequence of q \(2\)"),
+    ("page table dtype", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, page_table=kw["page_table"].long())),
+     TypeError, r"^page_table must be torch\.int32; got torch\.int64"),
+    ("rotary too short", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=torch.tensor(
+        [12, 3], dtype=torch.int32), rotary_cos=torch.ones(12, 8), rotary_sin=torch.zeros(12, 8))),
+     ValueError, r"^rotary_cos has 12 positions; positions up to 12 are needed"),
+    ("rotary dim too wide", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, rotary_cos=torch.ones(32, 20),
+                                                                   rotary_sin=torch.zeros(32, 20))),
+     ValueError, r"^rotary_cos has 20 columns \(rotary_dim / 2\); rotary_dim must lie in \[2, 32\]"),
+    ("rotary without sin", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, rotary_cos=torch.ones(32, 8))),
+     ValueError, r"^rotary_cos and rotary_sin must be given together"),
+    ("rotary without new keys", lambda q, kc, vc, kw: (q, kc, vc, {
+        **{x: y for x, y in kw.items() if x not in ("k", "v")}, "rotary_cos": torch.ones(32, 8),
+        "rotary_sin": torch.zeros(32, 8)}), ValueError, r"^rotary_cos/rotary_sin need the new keys"),
+    ("k without v", lambda q, kc, vc, kw: (q, kc, vc, {x: y for x, y in kw.items() if x != "v"}), ValueError,
+     r"^k and v must be given together"),
+    ("k wrong heads", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, k=kw["k"][:, :, :1])), ValueError,
+     r"^k must have shape \(2, 1, 2, 32\)"),
+    ("k wrong dtype", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, k=kw["k"].half())), TypeError,
+     r"^k has dtype torch\.float16; it must match k_cache's dtype torch\.float32"),
+    ("cache heads", lambda q, kc, vc, kw: (q[:, :, :3], kc, vc, kw), ValueError,
+     r"^k_cache has 2 heads; it must divide q's 3 heads"),
+    ("v_cache shape", lambda q, kc, vc, kw: (q, kc, vc[:, :2], kw), ValueError, r"^v_cache has shape"),
+    ("cache dtype", lambda q, kc, vc, kw: (q, kc.half(), vc, kw), TypeError,
+     r"^k_cache has dtype torch\.float16; it must match q's dtype"),
+    ("batch idx with pages", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_batch_idx=torch.zeros(
+        2, dtype=torch.int32))), ValueError, r"^cache_batch_idx must be None with page_table"),
+    ("out shape", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, out=torch.empty(2, 1, 4, 16))), ValueError,
+     r"^out must have shape \(2, 1, 4, 32\)"),
+    ("num_splits negative", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, num_splits=-1)), ValueError,
+     r"^num_splits must be an int >= 0"),
+    ("no seqlens with append", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=None)), ValueError,
+     r"^cache_seqlens is required when k and v are appended"),
+    ("sm90 backend", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, backend="sm90")), ValueError,
+     r"^backend='sm90' has no KV-cache kernel"),
+    ("window", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, window_size=(-3, 0))), ValueError,
+     r"^window_size left must be >= -1"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,pattern", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_errors_leave_the_cache_untouched(name, mutate, exc, pattern):
+    q, k_cache, v_cache, kw = _bad(mutate)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    with pytest.raises(exc, match=pattern):
+        flash_attn_with_kvcache(q, k_cache, v_cache, **{"backend": "reference", **kw})
+    assert torch.equal(k_cache, k0) and torch.equal(v_cache, v0)
+
+
+def test_contiguous_cache_errors():
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, cache_rows=3)
+    with pytest.raises(ValueError, match=r"^cache_batch_idx\[\d\] = 3; it must be < 3"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                cache_batch_idx=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^k_cache holds 1 sequences; q has 2"):
+        flash_attn_with_kvcache(q, k_cache[:1], v_cache[:1], cache_seqlens=lens)
+
+
+def test_value_checks_see_in_place_changes():
+    """A page table that passed is re-read once it is modified in place (the version counter moves)."""
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, page_size=4)
+    table = kw["page_table"]
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table, backend="reference")
+    table[0, 0] = 1000
+    full = torch.full_like(lens, 16)
+    with pytest.raises(ValueError, match=r"^page_table\[0, 0\] = 1000"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=full, page_table=table, backend="reference")
+    with pytest.raises(ValueError, match=r"^page_table\[0, 0\] = 1000"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=full, page_table=table, backend="reference")
+
+
+def test_unused_page_entries_may_hold_anything():
+    """Serving systems leave the tail of a page-table row unset: only pages a sequence uses are checked."""
+    q, k_cache, v_cache, _, kw = _make(batch=2, capacity=16, page_size=4)
+    table = kw["page_table"].clone()
+    table[:, 2:] = -1
+    lens = torch.tensor([8, 5], dtype=torch.int32)
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table, backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode kernel compiled for the H100 (sm_90) without a GPU: no spills, K/V loads pipelined through cp.async
+# ---------------------------------------------------------------------------------------------------------------
+
+def _aot_report(paged, block_n, num_warps, num_stages, splits):
+    """Compile the decode kernel for sm_90 as a bf16 decode-suite launch would; returns resource counts."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+
+    from fa4.kernels.triton import decode
+    batch, length, dt = 2, 1024, torch.bfloat16
+    q = torch.zeros(batch, 1, 32, 128, dtype=dt)
+    if paged:
+        k_cache = torch.zeros(batch * length // paged, paged, 8, 128, dtype=dt)
+        table = torch.zeros(batch, length // paged, dtype=torch.int32)
+    else:
+        k_cache, table = torch.zeros(batch, length, 8, 128, dtype=dt), None
+    grid, args, consts, cfg, _ = decode.plan(
+        q, k_cache, k_cache, torch.zeros_like(q), None, cache_seqlens=torch.zeros(batch, dtype=torch.int32),
+        seqlen_new=0, cache_batch_idx=None, page_table=table, rotary_cos=None, rotary_sin=None,
+        rotary_interleaved=True, rotary_per_token=False, softmax_scale=0.1, window_left=-1, window_right=-1,
+        softcap=0.0, sink=None, num_splits=splits, config=decode.Config(block_n, num_warps, num_stages))
+    fn = decode._decode_kernel
+    signature, attrs, constexprs = {}, {}, dict(consts)
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
+        # The runtime's own specialisation: pointer alignment and ints divisible by 16 (vectorised loads).
+        ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = attr
+        elif attr == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in consts})
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return dict(regs=int(re.search(r"REG:(\d+)", res).group(1)), local=int(re.search(r"LOCAL:(\d+)", res).group(1)),
+                ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared)
+
+
+AOT_CASES = [(None, 16), (128, 1), (16, 4)]  # contiguous split; paged, one tile per page; paged 16, per-row gather
+
+
+@pytest.fixture(scope="module")
+def aot_reports():
+    """All AOT cases compiled in one subprocess (without the interpreter), torch imported once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; "
+            "cfg = t.decode_config_h100(); "
+            f"print(json.dumps([t._aot_report(p, *cfg, s) for p, s in {AOT_CASES!r}]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(AOT_CASES)), ids=["contiguous-split", "paged128", "paged16-gather-split"])
+def test_decode_kernel_compiles_for_sm90(case, aot_reports):
+    """Two K and two V tiles in flight (16-byte cp.async into shared memory), no local-memory spills."""
+    rep = aot_reports[case]
+    assert rep["local"] == 0, rep
+    tile_bytes = decode_config_h100()[0] * 128 * 2
+    assert rep["smem"] >= 4 * tile_bytes, rep  # (stages - 1) = 2 buffers each of K and V
+    assert rep["ldgsts128"] > 0, rep
+
+
+def decode_config_h100():
+    """The bf16, D = 128 config that decode.default_config gives on a CUDA device."""
+    from fa4.kernels.triton import decode
+    return tuple(decode._CUDA[128])
