@@ -1,0 +1,98 @@
+"""The Hopper (sm_90a) forward in Gluon: `forward` with the backend signature of docs/INTERNALS.md, and
+`unsupported_reason`, which says why a request cannot be served here (None when it can).
+
+Importing this package never compiles anything; the Gluon modules load on the first call, so an
+incompatible Triton shows up as a reason, not as an import error of fa4.
+"""
+import os
+
+import torch
+
+from . import configs
+
+# Gluon's API changes every release; the kernel is enabled only where it was compiled and checked.
+TESTED_TRITON = ("3.6.0", )
+# Until tests/gpu/test_sm90_forward.py has passed on an H100 the path is opt-in: FA4_SM90=1 enables it,
+# FA4_SM90=0 disables it, unset means ENABLED_BY_DEFAULT.
+ENABLED_BY_DEFAULT = False
+
+
+def _triton_reason():
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed"
+    if triton.__version__ not in TESTED_TRITON:
+        return f"triton version {triton.__version__} not tested (tested: {', '.join(TESTED_TRITON)})"
+    try:
+        from . import attention_fwd  # noqa: F401  (import-time Gluon API check)
+    except Exception as exc:  # an API drift in Gluon: fall back rather than fail
+        return f"Gluon kernel failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _tma_reason(name, t):
+    """TMA reads a tensor through a descriptor: 16-byte aligned base and strides, unit last stride."""
+    if t.stride(-1) != 1:
+        return f"{name} has last-dim stride {t.stride(-1)} (TMA needs 1)"
+    elem = t.element_size()
+    if t.data_ptr() % 16:
+        return f"{name} is not 16-byte aligned"
+    for s in t.stride()[:-1]:
+        if (s * elem) % 16:
+            return f"{name} has a stride of {s * elem} bytes (TMA needs multiples of 16)"
+    if any(dim >= 2**31 for dim in t.shape):
+        return f"{name} has a dimension of 2^31 or more"
+    return None
+
+
+def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
+                       page_table=None, seqused_k=None, **_):
+    """None if this path serves the request, else a short reason (logged at debug level by dispatch)."""
+    switch = os.environ.get("FA4_SM90")
+    if switch == "0" or (switch is None and not ENABLED_BY_DEFAULT):
+        return "the sm90 path is off (FA4_SM90=1 enables it)"
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if (major, minor) != (9, 0):
+        return f"not sm_90 (compute capability {major}.{minor})"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (the sm90 kernel takes bf16 and fp16)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return "q, k, v dtypes differ"
+    if page_table is not None:
+        return "paged KV cache is not supported by the sm90 kernel"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % 8 or dv % 8 or d > 256 or dv > 256:
+        return f"head dims ({d}, {dv}) (the sm90 kernel takes multiples of 8 up to 256)"
+    if configs.get_config(configs.tile_dim(d), configs.tile_dim(dv)) is None:
+        return f"no sm90 tile for head dims ({d}, {dv})"
+    seq_dim = 0 if cu_seqlens_q is not None else 1
+    if q.shape[seq_dim] == 0 or k.shape[seq_dim] == 0:
+        return "empty sequence"
+    if q.shape[-2] * q.shape[0] * (1 if cu_seqlens_q is not None else q.shape[1]) >= 2**31:
+        return "lse would have 2^31 elements or more"
+    if sink is not None and sink.dtype != torch.float32:
+        return "sink must be fp32"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        reason = _tma_reason(name, t)
+        if reason is not None:
+            return reason
+    return _triton_reason()
+
+
+def forward(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, sink=None,
+            cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
+            page_table=None, variant=None):
+    """(out, lse) per docs/INTERNALS.md. `variant` (tests and benchmarks only) overrides softmax switches
+    (PINGPONG, LAZY, POLY) and tile fields (block_n, num_wg, stages, consumer_regs)."""
+    reason = unsupported_reason(q, k, v, window_left=window_left, window_right=window_right, softcap=softcap,
+                                sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
+    if reason is not None:
+        raise ValueError(f"the sm90 kernel cannot serve this call: {reason}")
+    from .attention_fwd import attention_forward
+    return attention_forward(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
+                             window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+                             max_seqlen_k=max_seqlen_k, variant=variant)

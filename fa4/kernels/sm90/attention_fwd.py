@@ -1,0 +1,629 @@
+"""Attention forward for Hopper (sm_90a) in Gluon: the kernel, its partitions, and the host wrapper.
+
+One persistent CTA per SM walks a list of tiles (query block, head, sequence). Inside a CTA:
+
+  loader (1 warp, few registers)   TMA: Q tile, then K_j and V_j for the tile's key blocks, newest first,
+                                   into a ring of STAGES shared-memory slots guarded by mbarriers.
+  consumer warpgroups (NWG x 4 warps, 64 query rows each, the registers the loader gave up)
+        S_j  = Q·K_jᵀ               async wgmma, Q and K from shared memory
+        O   += P_{j-1}·V_{j-1}      async wgmma, P from registers; issued together with S_j (intra-warpgroup
+                                    overlap: the softmax of block j runs while P_{j-1}·V_{j-1} is in flight)
+        softmax(S_j) -> P_j, alpha_j, O *= alpha_j
+    The consumers take turns issuing their matrix products (ping-pong through one mbarrier per warpgroup), so
+    one warpgroup's softmax runs under the other's wgmma.
+  epilogue  O / l, lse = (m + log2 l)·ln 2; O through shared memory and a TMA store.
+
+Key blocks are walked from the last to the first, so the blocks that need masking (the sequence end, the
+causal diagonal) come first and the rest run unmasked.
+
+Barrier protocol (every barrier's phase parity is tracked by a counter in each partition):
+  q_ready   (1 arrival + tx)     loader -> consumers: the tile's Q is in shared memory
+  q_empty   (NWG arrivals)       consumers -> loader: done with Q (after the last QKᵀ, or after the O store
+                                 when O is staged in Q's buffer)
+  k_ready/v_ready[s] (1 + tx)    loader -> consumers
+  k_empty/v_empty[s] (NWG)       consumers -> loader, after the wgmma reading the slot has completed
+  turn[w]   (1 arrival)          consumer w-1 -> consumer w: "your turn to issue"; consumer 0 starts.
+Every consumer walks the same tiles and key blocks (the key range is the CTA's, not the warpgroup's), so the
+turn counts match and no partition waits for an arrival that never comes.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.core import _aggregate as aggregate
+
+from . import configs
+from .softmax import online_softmax, rescale_o, tanh_approx
+
+LOG2E = 1.4426950408889634
+LN2 = gl.constexpr(0.6931471805599453)
+LOG2E_C = gl.constexpr(LOG2E)
+WG_ROWS = 64  # one m64 wgmma slab per consumer warpgroup
+ROWS_PER_WG = gl.constexpr(WG_ROWS)
+
+
+@aggregate
+class Problem:
+    """What every partition needs to walk the same tiles: descriptors, pointers, sizes and switches."""
+    q_desc: tma.tensor_descriptor
+    k_desc: tma.tensor_descriptor
+    v_desc: tma.tensor_descriptor
+    o_desc: tma.tensor_descriptor
+    o_ptr: gl.tensor
+    lse_ptr: gl.tensor
+    sink_ptr: gl.tensor
+    cu_q: gl.tensor
+    cu_k: gl.tensor
+    seqused: gl.tensor
+    stride_ot: gl.tensor
+    stride_oh: gl.tensor
+    dv: gl.tensor
+    seqlen_q: gl.tensor
+    seqlen_k: gl.tensor
+    num_heads: gl.tensor
+    group: gl.tensor
+    num_m: gl.tensor
+    num_tiles: gl.tensor
+    lse_len: gl.tensor
+    qk_scale: gl.tensor
+    cap_scale: gl.tensor
+    window_left: gl.tensor
+    window_right: gl.tensor
+    BN: gl.constexpr
+    NWG: gl.constexpr
+    STAGES: gl.constexpr
+    VARLEN: gl.constexpr
+    HAS_SEQUSED: gl.constexpr
+    HAS_WL: gl.constexpr
+    HAS_WR: gl.constexpr
+    SOFTCAP: gl.constexpr
+    HAS_SINK: gl.constexpr
+    LAZY: gl.constexpr
+    POLY: gl.constexpr
+    PINGPONG: gl.constexpr
+    O_ALIAS: gl.constexpr
+    REVERSE_M: gl.constexpr
+    BIG_O: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
+                 stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_tiles, lse_len,
+                 qk_scale, cap_scale, window_left, window_right, BN, NWG, STAGES, VARLEN, HAS_SEQUSED,
+                 HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, REVERSE_M, BIG_O):
+        self.q_desc = q_desc
+        self.k_desc = k_desc
+        self.v_desc = v_desc
+        self.o_desc = o_desc
+        self.o_ptr = o_ptr
+        self.lse_ptr = lse_ptr
+        self.sink_ptr = sink_ptr
+        self.cu_q = cu_q
+        self.cu_k = cu_k
+        self.seqused = seqused
+        self.stride_ot = stride_ot
+        self.stride_oh = stride_oh
+        self.dv = dv
+        self.seqlen_q = seqlen_q
+        self.seqlen_k = seqlen_k
+        self.num_heads = num_heads
+        self.group = group
+        self.num_m = num_m
+        self.num_tiles = num_tiles
+        self.lse_len = lse_len
+        self.qk_scale = qk_scale
+        self.cap_scale = cap_scale
+        self.window_left = window_left
+        self.window_right = window_right
+        self.BN = gl.constexpr(BN)
+        self.NWG = gl.constexpr(NWG)
+        self.STAGES = gl.constexpr(STAGES)
+        self.VARLEN = gl.constexpr(VARLEN)
+        self.HAS_SEQUSED = gl.constexpr(HAS_SEQUSED)
+        self.HAS_WL = gl.constexpr(HAS_WL)
+        self.HAS_WR = gl.constexpr(HAS_WR)
+        self.SOFTCAP = gl.constexpr(SOFTCAP)
+        self.HAS_SINK = gl.constexpr(HAS_SINK)
+        self.LAZY = gl.constexpr(LAZY)
+        self.POLY = gl.constexpr(POLY)
+        self.PINGPONG = gl.constexpr(PINGPONG)
+        self.O_ALIAS = gl.constexpr(O_ALIAS)
+        self.REVERSE_M = gl.constexpr(REVERSE_M)
+        self.BIG_O = gl.constexpr(BIG_O)
+
+
+@aggregate
+class Buffers:
+    """Shared-memory tiles and the mbarriers that hand them between partitions."""
+    q: gl.shared_memory_descriptor        # [NWG, *q block]
+    k: gl.shared_memory_descriptor        # [STAGES, *k block]
+    v: gl.shared_memory_descriptor        # [STAGES, *v block]
+    o: gl.shared_memory_descriptor        # [NWG, *o block] (Q's buffer when O_ALIAS)
+    q_ready: gl.shared_memory_descriptor
+    q_empty: gl.shared_memory_descriptor
+    k_ready: gl.shared_memory_descriptor  # [STAGES, 1]
+    k_empty: gl.shared_memory_descriptor
+    v_ready: gl.shared_memory_descriptor
+    v_empty: gl.shared_memory_descriptor
+    turn: gl.shared_memory_descriptor     # [NWG, 1]
+
+    @gluon.constexpr_function
+    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn):
+        self.q = q
+        self.k = k
+        self.v = v
+        self.o = o
+        self.q_ready = q_ready
+        self.q_empty = q_empty
+        self.k_ready = k_ready
+        self.k_empty = k_empty
+        self.v_ready = v_ready
+        self.v_empty = v_empty
+        self.turn = turn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tile bookkeeping, computed identically by the loader and every consumer.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _tile(p, t):
+    """Tile t -> (b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi): key blocks [n_lo, n_hi)."""
+    BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    bh = t // p.num_m
+    mi = t - bh * p.num_m
+    if p.REVERSE_M:
+        # Causal: the last query blocks see the most keys; start them first so the tail of the
+        # persistent schedule holds the short tiles.
+        mb = p.num_m - 1 - mi
+    else:
+        mb = mi
+    b = bh // p.num_heads
+    h = bh - b * p.num_heads
+    m0 = mb * BM
+    if p.VARLEN:
+        q_start = gl.load(p.cu_q + b)
+        seq_q = gl.load(p.cu_q + b + 1) - q_start
+        k_start = gl.load(p.cu_k + b)
+        if p.HAS_SEQUSED:
+            seq_k = gl.load(p.seqused + b)
+        else:
+            seq_k = gl.load(p.cu_k + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seq_q = p.seqlen_q
+        if p.HAS_SEQUSED:
+            seq_k = gl.load(p.seqused + b)
+        else:
+            seq_k = p.seqlen_k
+    # Visible keys of rows [m0, last]: j <= i + off + wr and j >= i + off - wl (bottom-right aligned).
+    off = seq_k - seq_q
+    last = gl.minimum(m0 + BM, seq_q) - 1
+    hi = seq_k
+    if p.HAS_WR:
+        hi = gl.minimum(hi, last + off + p.window_right + 1)
+    lo = 0
+    if p.HAS_WL:
+        lo = gl.maximum(m0 + off - p.window_left, 0)
+    n_hi = (gl.maximum(hi, 0) + p.BN - 1) // p.BN
+    n_lo = lo // p.BN
+    return b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi
+
+
+@gluon.jit
+def _cta_id():
+    # Read %ctaid in each partition (an opaque asm, not the shared program_id value): LLVM would hoist a
+    # common read into the kernel prologue, and keeping it live across the partitions' register
+    # reallocation spills it in the 24-register loader.
+    return gl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _next_slot(idx, phase, STAGES: gl.constexpr):
+    nxt = idx + 1
+    wrap = nxt == STAGES
+    return gl.where(wrap, 0, nxt), gl.where(wrap, phase ^ 1, phase)
+
+
+@gluon.jit
+def _q_coord(p, b, h, q_start, row):
+    if p.VARLEN:
+        return [q_start + row, h, 0]
+    else:
+        return [b, row, h, 0]
+
+
+@gluon.jit
+def _kv_coord(p, b, hk, k_start, key):
+    if p.VARLEN:
+        return [k_start + key, hk, 0]
+    else:
+        return [b, key, hk, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loader partition: one warp issuing TMA loads.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _loader(p, bufs):
+    NWG: gl.constexpr = p.NWG
+    pid = _cta_id()
+    nprog = gl.num_programs(0)
+    kv_idx = 0
+    kv_phase = 0
+    tcount = 0
+    for t in range(pid, p.num_tiles, nprog):
+        b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi = _tile(p, t)
+        if m0 < seq_q:
+            hk = h // p.group
+            # Q: wait until every consumer is done with the previous tile's Q (a fresh barrier passes
+            # parity 1 at once).
+            mbarrier.wait(bufs.q_empty, (tcount & 1) ^ 1)
+            tcount += 1
+            mbarrier.expect(bufs.q_ready, NWG * p.q_desc.block_type.nbytes)
+            for w in gl.static_range(NWG):
+                tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, m0 + w * ROWS_PER_WG),
+                                                bufs.q_ready, bufs.q.index(w))
+            for it in range(n_hi - n_lo):
+                key = (n_hi - 1 - it) * p.BN
+                mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
+                mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
+                                                bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
+                mbarrier.wait(bufs.v_empty.index(kv_idx), kv_phase ^ 1)
+                mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
+                                                bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
+                kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consumer partitions: one warpgroup each, 64 query rows.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _scores(p, s, j, rows, m0, seq_q, seq_k):
+    """Softcap, then -inf where a key is not visible; blocks wholly inside the visible band skip the mask."""
+    BN: gl.constexpr = p.BN
+    BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    if p.SOFTCAP:
+        s = tanh_approx(s * p.cap_scale)
+    off = seq_k - seq_q
+    need = (j + 1) * BN > seq_k
+    if p.HAS_WR:
+        need = need | ((j + 1) * BN - 1 > m0 + off + p.window_right)
+    if p.HAS_WL:
+        need = need | (j * BN < m0 + BM - 1 + off - p.window_left)
+    if need:
+        cols = j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout))
+        c2 = gl.expand_dims(cols, 0)
+        r2 = gl.expand_dims(rows, 1)
+        ok = c2 < seq_k
+        if p.HAS_WR:
+            ok = ok & (c2 <= r2 + (off + p.window_right))
+        if p.HAS_WL:
+            ok = ok & (c2 >= r2 + (off - p.window_left))
+        s = gl.where(ok, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _consumer(p, bufs, WG: gl.constexpr):
+    BN: gl.constexpr = p.BN
+    NWG: gl.constexpr = p.NWG
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    M: gl.constexpr = ROWS_PER_WG
+    dtype: gl.constexpr = p.q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    # Turn parity: consumer 0 goes first, so its k-th wait needs k arrivals, the others' k + 1.
+    TURN0: gl.constexpr = 1 if WG == 0 else 0
+    NEXT_WG: gl.constexpr = (WG + 1) % NWG
+
+    pid = _cta_id()
+    nprog = gl.num_programs(0)
+    kv_idx = 0
+    kv_phase = 0
+    turn = 0
+    tcount = 0
+    for t in range(pid, p.num_tiles, nprog):
+        b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi = _tile(p, t)
+        if m0 < seq_q:
+            row0 = m0 + WG * M
+            rows = row0 + gl.arange(0, M, row_s)
+            mbarrier.wait(bufs.q_ready, tcount & 1)
+            tcount += 1
+            q_s = bufs.q.index(WG).reshape([M, D])
+            m_i = gl.full([M], float("-inf"), gl.float32, row_s)
+            l_i = gl.zeros([M], gl.float32, row_s)
+            acc = gl.zeros([M, DV], gl.float32, o_layout)
+            if n_hi > n_lo:
+                # First (highest) key block: S only; its P·V goes out with the next block's QKᵀ.
+                j = n_hi - 1
+                mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
+                k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
+                s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+                mbarrier.arrive(bufs.k_empty.index(kv_idx))
+                s = _scores(p, s, j, rows, m0, seq_q, seq_k)
+                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY)
+                pv = gl.convert_layout(pr.to(dtype), p_layout)
+                v_idx = kv_idx
+                v_phase = kv_phase
+                kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+                for it in range(1, n_hi - n_lo):
+                    jj = n_hi - 1 - it
+                    mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
+                    if p.PINGPONG:
+                        mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
+                    k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
+                    s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False,
+                                      is_async=True)
+                    mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
+                    acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
+                    if p.PINGPONG:
+                        mbarrier.arrive(bufs.turn.index(NEXT_WG))
+                        turn += 1
+                    # S_j is ready once at most one group (P·V) is outstanding.
+                    s = warpgroup_mma_wait(1, deps=(s, ))
+                    mbarrier.arrive(bufs.k_empty.index(kv_idx))
+                    s = _scores(p, s, jj, rows, m0, seq_q, seq_k)
+                    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY)
+                    acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
+                    mbarrier.arrive(bufs.v_empty.index(v_idx))
+                    acc = rescale_o(acc, alpha, p.LAZY)
+                    pv = gl.convert_layout(pr.to(dtype), p_layout)
+                    v_idx = kv_idx
+                    v_phase = kv_phase
+                    kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+                if not p.O_ALIAS:
+                    mbarrier.arrive(bufs.q_empty)
+                mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
+                acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
+                acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
+                mbarrier.arrive(bufs.v_empty.index(v_idx))
+            else:
+                if not p.O_ALIAS:
+                    mbarrier.arrive(bufs.q_empty)
+            _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG: gl.constexpr):
+    """O / l and lse; O through shared memory and TMA (pointer stores for a ragged varlen tail)."""
+    M: gl.constexpr = ROWS_PER_WG
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    dtype: gl.constexpr = p.q_desc.dtype
+    o_layout: gl.constexpr = acc.type.layout
+    if p.HAS_SINK:
+        # The sink is one more logit in the normaliser with no value row.
+        sink2 = gl.load(p.sink_ptr + h) * LOG2E_C
+        m_fin = gl.maximum(m_i, sink2)
+        corr = gl.exp2(m_i - m_fin)
+        l_fin = l_i * corr + gl.exp2(sink2 - m_fin)
+        o_scale = corr / l_fin
+        lse2 = m_fin + gl.log2(l_fin)
+    else:
+        ok = l_i > 0.0
+        o_scale = gl.where(ok, 1.0 / l_i, 0.0)
+        lse2 = gl.where(ok, m_i + gl.log2(l_i), float("-inf"))
+    acc = acc * gl.expand_dims(gl.convert_layout(o_scale, gl.SliceLayout(1, o_layout)), 1)
+    # lse has fewer than 2^31 elements (checked by the host): 32-bit offsets.
+    if p.VARLEN:
+        lse_ptrs = p.lse_ptr + h * p.lse_len + q_start + rows
+    else:
+        lse_ptrs = p.lse_ptr + (b * p.num_heads + h) * p.lse_len + rows
+    gl.store(lse_ptrs, lse2 * LN2, mask=rows < seq_q)
+
+    out = acc.to(dtype)
+    if p.VARLEN:
+        # A TMA box past the sequence end would write into the next sequence's rows.
+        if row0 + M <= seq_q:
+            _store_o_tma(p, bufs, out, b, h, q_start, row0, WG)
+        else:
+            cols = gl.arange(0, DV, gl.SliceLayout(0, o_layout))
+            rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
+            tok = q_start + rows_o
+            if p.BIG_O:
+                tok = tok.to(gl.int64)
+            offs = gl.expand_dims(tok * p.stride_ot, 1) + h * p.stride_oh + gl.expand_dims(cols, 0)
+            mask = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols < p.dv, 0)
+            gl.store(p.o_ptr + offs, out, mask=mask)
+    else:
+        _store_o_tma(p, bufs, out, b, h, q_start, row0, WG)
+    if p.O_ALIAS:
+        tma.store_wait(0)
+        # Q's buffer is free again (order our generic reads/writes before the next TMA write).
+        fence_async_shared()
+        mbarrier.arrive(bufs.q_empty)
+
+
+@gluon.jit
+def _store_o_tma(p, bufs, out, b, h, q_start, row0, WG: gl.constexpr):
+    M: gl.constexpr = ROWS_PER_WG
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    if p.O_ALIAS:
+        o_buf = bufs.q.index(WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape, p.o_desc.layout)
+    else:
+        o_buf = bufs.o.index(WG)
+        tma.store_wait(0)  # this warpgroup's previous O store has left the buffer
+    o_buf.reshape([M, DV]).store(out)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(p.o_desc, _q_coord(p, b, h, q_start, row0), o_buf)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel: shared memory, barriers, partitions.
+# ---------------------------------------------------------------------------------------------------------
+
+# Sizes are not specialised (no recompile per sequence length or head count; TMA needs no divisibility).
+_RUNTIME_INTS = ["stride_ot", "stride_oh", "dv", "seqlen_q", "seqlen_k", "num_heads", "group", "num_m", "num_tiles",
+                 "lse_len", "window_left", "window_right"]
+
+
+@gluon.jit(do_not_specialize=_RUNTIME_INTS)
+def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
+                    stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_tiles, lse_len,
+                    qk_scale, cap_scale, window_left, window_right,
+                    BN: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
+                    HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                    SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, LAZY: gl.constexpr, POLY: gl.constexpr,
+                    PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, REVERSE_M: gl.constexpr, BIG_O: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [NWG] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if O_ALIAS:
+        o_smem = q_smem
+    else:
+        o_smem = gl.allocate_shared_memory(dtype, [NWG] + o_desc.block_type.shape, o_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_empty, count=NWG)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=NWG)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(v_empty.index(s), count=NWG)
+    for w in gl.static_range(NWG):
+        mbarrier.init(turn.index(w), count=1)
+
+    p = Problem(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
+                gl.to_tensor(stride_ot), gl.to_tensor(stride_oh), gl.to_tensor(dv), gl.to_tensor(seqlen_q),
+                gl.to_tensor(seqlen_k), gl.to_tensor(num_heads), gl.to_tensor(group), gl.to_tensor(num_m),
+                gl.to_tensor(num_tiles), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
+                gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right),
+                BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY,
+                PINGPONG, O_ALIAS, REVERSE_M, BIG_O)
+    bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
+    if NWG == 2:
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_consumer, (p, bufs, gl.constexpr(2))),
+                            (_loader, (p, bufs))], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side: descriptors, launch arguments, launch.
+# ---------------------------------------------------------------------------------------------------------
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+# Softmax variants; the defaults are what ships. benchmarks/sm90_probe.py times the alternatives.
+DEFAULT_VARIANT = dict(PINGPONG=True, LAZY=False, POLY=0)
+
+
+def _descriptor(t, rows, varlen):
+    """TMA descriptor over t's own shape and strides: boxes of `rows` tokens of one head.
+
+    Batched tensors are rank 4 (B, S, H, D), varlen ones rank 3 (T, H, D); the box is (1, rows, 1, Dt) or
+    (rows, 1, Dt) with Dt the power-of-two tile width, which the kernel views as a (rows, Dt) tile.
+    Out-of-range elements (rows past a sequence end, columns past D) read as zero and are never written.
+    """
+    d = configs.tile_dim(t.shape[-1])
+    block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
+
+
+def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, softcap, sink,
+                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, variant=None):
+    """(number of tiles, kernel arguments by name, constexprs by name) for one forward call."""
+    variant = dict(DEFAULT_VARIANT, **(variant or {}))
+    tile_overrides = {key: variant.pop(key) for key in ("block_n", "num_wg", "stages", "consumer_regs", "loader_regs")
+                      if key in variant}
+    d, dv = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
+    cfg = configs.get_config(d, dv, **tile_overrides)
+    if cfg is None:
+        raise ValueError(f"no sm90 tile for head dims ({d}, {dv}) with {tile_overrides}")
+    varlen = cu_seqlens_q is not None
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        seqlen_q, seqlen_k = int(max_seqlen_q), 0
+        lse_len = q.shape[0]
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        lse_len = seqlen_q
+    num_m = triton.cdiv(seqlen_q, cfg.block_m)
+    num_tiles = num_m * hq * batch
+    soft = softcap > 0
+    dummy_i32 = cu_seqlens_q if varlen else torch.empty(0, dtype=torch.int32, device=q.device)
+    args = dict(
+        q_desc=_descriptor(q, WG_ROWS, varlen), k_desc=_descriptor(k, cfg.block_n, varlen),
+        v_desc=_descriptor(v, cfg.block_n, varlen), o_desc=_descriptor(out, WG_ROWS, varlen),
+        o_ptr=out, lse_ptr=lse, sink_ptr=sink if sink is not None else lse,
+        cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
+        seqused=seqused_k if seqused_k is not None else dummy_i32,
+        stride_ot=out.stride(-3), stride_oh=out.stride(-2), dv=v.shape[-1], seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        num_heads=hq, group=hq // hkv, num_m=num_m, num_tiles=num_tiles, lse_len=lse_len,
+        # With softcap the exponent is softcap·tanh(scale·qk/softcap)·log2(e): tanh's argument is
+        # scaled by cap_scale, its result by qk_scale.
+        qk_scale=(softcap if soft else softmax_scale) * LOG2E,
+        cap_scale=softmax_scale / softcap if soft else 1.0,
+        window_left=window_left, window_right=window_right)
+    constexprs = dict(
+        BN=cfg.block_n, NWG=cfg.num_wg, STAGES=cfg.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
+        HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, HAS_SINK=sink is not None,
+        LAZY=bool(variant["LAZY"]), POLY=int(variant["POLY"]), PINGPONG=bool(variant["PINGPONG"]),
+        O_ALIAS=configs.needs_o_alias(cfg, d, dv), REVERSE_M=window_right >= 0,
+        # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
+        # of a kernel argument otherwise costs registers in every partition).
+        BIG_O=out.numel() >= 2**31,
+        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
+    return num_tiles, args, constexprs
+
+
+_NUM_SMS = {}
+
+
+def _num_sms(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
+                      cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
+                      max_seqlen_k=None, variant=None):
+    """The backend `forward` (docs/INTERNALS.md) on the Gluon kernel; the caller has checked support."""
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    if varlen:
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    num_tiles, args, constexprs = launch_plan(
+        q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+        softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+        max_seqlen_q=max_seqlen_q, variant=variant)
+    if num_tiles > 0:
+        grid = (min(num_tiles, _num_sms(q.device)), )
+        attn_fwd_kernel[grid](**args, **constexprs, num_warps=4)
+    return out, lse

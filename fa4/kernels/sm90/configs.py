@@ -1,0 +1,90 @@
+"""Tile table of the Hopper forward: one entry per (head dim, value head dim).
+
+Each consumer warpgroup owns 64 query rows (one m64 wgmma slab), so a CTA's query tile is 64 · num_wg rows;
+every consumer reads the same K/V stage, which is released once all of them have arrived. The numbers are
+limited by two budgets of the SM:
+
+  shared memory (227 KiB per CTA): Q tile + stages · (K block + V block) [+ O staging tile]
+  registers (64 Ki per SM):        per consumer thread the fp32 S block (BN/2), the fp32 O tile (Dv/2) and
+                                   P in bf16 (BN/4), plus the next S while the current one is in softmax.
+
+Where O staging does not fit beside Q, O is written through Q's buffer (`o_alias_q`): the next tile's Q then
+waits for the store. The defaults follow FlashAttention-3's shapes and are to be re-measured by
+`benchmarks/sm90_probe.py`.
+"""
+from dataclasses import dataclass, replace
+
+SMEM_LIMIT = 232448  # bytes of dynamic shared memory one CTA may use on sm_90
+SMEM_RESERVE = 1024  # barriers and the compiler's own scratch
+TILE_DIMS = (64, 128, 256)  # Triton tiles are powers of two; other head dims are zero-padded by TMA
+
+
+def tile_dim(d):
+    """The power-of-two tile width serving head dim d (TMA reads the columns past d as zeros)."""
+    for t in TILE_DIMS:
+        if d <= t:
+            return t
+    return None
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int          # keys per K/V stage
+    num_wg: int           # consumer warpgroups (64 query rows each)
+    stages: int           # depth of the K/V ring
+    consumer_regs: int    # setmaxnreg of the worker consumer warpgroups
+    loader_regs: int = 24  # the TMA warp needs only addresses, coordinates and phases
+
+    @property
+    def block_m(self):
+        return 64 * self.num_wg
+
+
+# Keyed by tile widths (D, Dv). Two consumer warpgroups everywhere: FlashAttention-3 uses three at D = 64
+# (192 rows), but at 160 registers a thread the Gluon kernel spills tile state (probe variant "wg3").
+# The key block halves at D = 256 to stay in shared memory (FA3's 80 is not a power of two).
+_TABLE = {
+    (64, 64): TileConfig(block_n=128, num_wg=2, stages=2, consumer_regs=240),
+    (128, 128): TileConfig(block_n=128, num_wg=2, stages=2, consumer_regs=240),
+    (256, 128): TileConfig(block_n=64, num_wg=2, stages=2, consumer_regs=240),
+    (256, 256): TileConfig(block_n=64, num_wg=2, stages=2, consumer_regs=240),
+}
+
+
+def smem_bytes(cfg, d, dv, elem=2, o_alias_q=False):
+    q = cfg.block_m * d * elem
+    kv = cfg.stages * cfg.block_n * (d + dv) * elem
+    o = 0 if o_alias_q else cfg.block_m * dv * elem
+    return q + kv + o + SMEM_RESERVE
+
+
+def needs_o_alias(cfg, d, dv, elem=2):
+    """O staging through Q's buffer when a separate O tile would not fit (needs Dv <= D)."""
+    return smem_bytes(cfg, d, dv, elem) > SMEM_LIMIT
+
+
+def fits(cfg, d, dv, elem=2):
+    if smem_bytes(cfg, d, dv, elem) <= SMEM_LIMIT:
+        return True
+    return dv <= d and smem_bytes(cfg, d, dv, elem, o_alias_q=True) <= SMEM_LIMIT
+
+
+def get_config(d, dv, **overrides):
+    """The tile for tile widths (d, dv) (see tile_dim), or None. overrides: fields of TileConfig."""
+    cfg = _TABLE.get((d, dv))
+    if cfg is None and d in TILE_DIMS and dv in TILE_DIMS:
+        # Any other pair: two warpgroups and the largest key block that fits.
+        for bn in (128, 64):
+            cand = TileConfig(block_n=bn, num_wg=2, stages=2, consumer_regs=240)
+            if fits(cand, d, dv):
+                cfg = cand
+                break
+    if cfg is None:
+        return None
+    cfg = replace(cfg, **overrides) if overrides else cfg
+    return cfg if fits(cfg, d, dv) else None
+
+
+def shipped_configs():
+    """(d, dv) pairs of the table: what the ahead-of-time test compiles."""
+    return sorted(_TABLE)

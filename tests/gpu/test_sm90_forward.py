@@ -1,0 +1,175 @@
+"""The Gluon Hopper forward (fa4.kernels.sm90) against fa4.reference, by DESIGN.md's numerics rule.
+
+Calls the backend directly, so every feature and every softmax variant of this path is exercised whatever
+dispatch would pick. Skipped without an sm_90 GPU. The path is opt-in until this file passes (see
+fa4/kernels/sm90/__init__.py), so it sets FA4_SM90=1 for itself.
+"""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FA4_SM90", "1")
+
+from fa4 import reference  # noqa: E402
+from numerics import assert_close_rule  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+DEV = "cuda"
+
+
+def _poison():
+    blob = torch.empty(256 << 18, dtype=torch.float32, device=DEV).fill_(float("nan"))
+    del blob
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+
+
+def _run(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, sink=None, varlen=None, variant=None,
+         scale=None):
+    from fa4.kernels import sm90
+    left, right = window
+    if causal:
+        right = 0
+    opts = dict(softmax_scale=scale if scale is not None else q.shape[-1] ** -0.5, window_left=left,
+                window_right=right, softcap=softcap, sink=sink, **(varlen or {}))
+    reason = sm90.unsupported_reason(q, k, v, **opts)
+    assert reason is None, reason
+    _poison()
+    out, lse = sm90.forward(q, k, v, variant=variant, **opts)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert_close_rule("out", out, ref_out, low_out, softcap=softcap > 0)
+    assert_close_rule("lse", lse, ref_lse, low_lse, softcap=softcap > 0)
+    return out, lse
+
+
+# (b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink)
+BATCHED = [
+    (2, 1024, 1024, 4, 4, 64, 64, False, (-1, -1), 0.0, False),
+    (2, 1000, 1000, 4, 2, 128, 128, True, (-1, -1), 0.0, False),
+    (1, 2049, 2049, 2, 2, 256, 256, True, (-1, -1), 0.0, False),
+    (1, 1000, 1000, 2, 1, 256, 256, False, (-1, -1), 0.0, True),
+    (1, 777, 1543, 4, 1, 128, 128, True, (-1, -1), 0.0, True),      # Sq < Sk, MQA, sink
+    (1, 1543, 777, 4, 2, 64, 64, True, (-1, -1), 0.0, False),       # Sq > Sk: leading rows see nothing
+    (2, 1, 3001, 8, 2, 128, 128, True, (-1, -1), 0.0, False),       # one query
+    (1, 1500, 1500, 4, 4, 96, 96, False, (256, 0), 0.0, False),     # sliding window, padded head dim
+    (1, 1200, 1200, 4, 2, 64, 64, False, (100, 50), 30.0, False),   # window both sides + softcap
+    (1, 1000, 1000, 6, 3, 192, 128, True, (-1, -1), 0.0, False),    # Dv != D
+    (1, 513, 513, 2, 2, 40, 24, False, (-1, -1), 0.0, True),        # small odd head dims
+    (1, 3000, 3000, 4, 1, 128, 128, False, (-1, -1), 50.0, True),
+    (1, 300, 300, 2, 2, 128, 128, False, (0, 0), 0.0, False),       # each query sees one key
+]
+
+
+def _ids(c):
+    b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = c
+    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-c{int(causal)}-w{window[0]}_{window[1]}-cap{softcap}-s{int(sink)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", BATCHED, ids=[_ids(c) for c in BATCHED])
+def test_batched(case, dtype):
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = case
+    q = torch.randn(b, sq, hq, d, dtype=dtype, device=DEV)
+    k = torch.randn(b, sk, hkv, d, dtype=dtype, device=DEV)
+    v = torch.randn(b, sk, hkv, dv, dtype=dtype, device=DEV)
+    s = torch.randn(hq, dtype=torch.float32, device=DEV) if sink else None
+    _run(q, k, v, causal=causal, window=window, softcap=softcap, sink=s)
+
+
+# Every softmax/schedule variant the probe times, on shapes that reach the rescale and masking paths.
+VARIANTS = [
+    dict(PINGPONG=False), dict(LAZY=True), dict(POLY=1), dict(POLY=2), dict(POLY=4),
+    dict(LAZY=True, POLY=1), dict(stages=3), dict(num_wg=3, consumer_regs=160),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) for v in VARIANTS])
+@pytest.mark.parametrize("d,causal", [(64, False), (128, True), (256, False)])
+def test_variants(variant, d, causal):
+    if variant.get("num_wg") == 3 and d != 64:
+        pytest.skip("three consumer warpgroups only fit registers at D = 64")
+    if variant.get("stages") == 3 and d == 256:
+        pytest.skip("three K/V stages do not fit shared memory at D = 256")
+    torch.manual_seed(d)
+    q = torch.randn(2, 1500, 4, d, dtype=torch.bfloat16, device=DEV)
+    # Keys are visited last block first; a key scale falling from 6 to 0.1 along the sequence makes the row
+    # max climb by more than 8 (log2 units) as the walk proceeds, so the lazy rescale must fire too.
+    k = torch.randn(2, 1500, 2, d, dtype=torch.bfloat16, device=DEV)
+    k = (k * torch.linspace(6.0, 0.1, 1500, device=DEV)[None, :, None, None]).to(torch.bfloat16)
+    v = torch.randn(2, 1500, 2, d, dtype=torch.bfloat16, device=DEV)
+    _run(q, k, v, causal=causal, variant=variant)
+
+
+VARLEN = [
+    # (lens_q, lens_k, hq, hkv, d, dv, causal, window, use_seqused)
+    ([1, 200, 777, 64, 1000, 0, 129], None, 4, 2, 128, 128, False, (-1, -1), False),
+    ([1, 200, 777, 64, 1000, 0, 129], None, 4, 2, 128, 128, True, (-1, -1), False),
+    ([300, 5, 1024], [1000, 3, 70], 4, 4, 64, 64, True, (-1, -1), False),      # Sq != Sk per sequence
+    ([513, 257], [513, 257], 2, 1, 256, 256, False, (64, 64), False),
+    ([700, 129, 64], [900, 300, 64], 4, 2, 128, 128, True, (-1, -1), True),   # seqused_k < allocated keys
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", VARLEN, ids=[f"varlen{i}" for i in range(len(VARLEN))])
+def test_varlen(case, dtype):
+    torch.manual_seed(len(case[0]))
+    lens_q, lens_k, hq, hkv, d, dv, causal, window, use_seqused = case
+    lens_k = lens_k or lens_q
+    q = torch.randn(sum(lens_q), hq, d, dtype=dtype, device=DEV)
+    k = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=DEV)
+    v = torch.randn(sum(lens_k), hkv, dv, dtype=dtype, device=DEV)
+    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    if use_seqused:
+        varlen["seqused_k"] = torch.tensor([max(n - 37, 0) for n in lens_k], dtype=torch.int32, device=DEV)
+    _run(q, k, v, causal=causal, window=window, varlen=varlen)
+
+
+def test_strided_inputs():
+    """q, k, v as views of one packed qkv tensor (non-contiguous heads): descriptors take the strides."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 1000, 3, 8, 128, dtype=torch.bfloat16, device=DEV)
+    q, k, v = qkv.unbind(2)
+    _run(q, k, v, causal=True)
+
+
+def test_offsets_past_2_31():
+    """B·S·H·D > 2^31 elements: coordinates stay per-dimension, lse offsets are 64-bit."""
+    b, s, h, d = 1025, 1024, 16, 128  # 2^31 + 2^21 elements per tensor
+    try:
+        q = torch.randn(b, s, h, d, dtype=torch.bfloat16, device=DEV)
+        k = torch.randn(b, s, h, d, dtype=torch.bfloat16, device=DEV)
+        v = torch.randn(b, s, h, d, dtype=torch.bfloat16, device=DEV)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    from fa4.kernels import sm90
+    out, lse = sm90.forward(q, k, v, softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0,
+                            sink=None)
+    tail = slice(b - 2, b)
+    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0)
+    qt, kt, vt = q[tail], k[tail], v[tail]
+    ref_out, ref_lse = reference.forward(qt.float(), kt.float(), vt.float(), **opts)
+    low_out, low_lse = reference.forward(qt, kt, vt, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out[tail], ref_out, low_out)
+    assert_close_rule("lse", lse[tail], ref_lse, low_lse)
+
+
+def test_dispatch_reasons():
+    """What this path declines, with a reason (dispatch then falls back; backend='sm90' raises)."""
+    from fa4.kernels import sm90
+    q = torch.randn(1, 64, 2, 128, dtype=torch.bfloat16, device=DEV)
+    kw = dict(window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None, page_table=None)
+    assert sm90.unsupported_reason(q, q, q, **kw) is None
+    assert "dtype" in sm90.unsupported_reason(q.float(), q.float(), q.float(), **kw)
+    assert "paged" in sm90.unsupported_reason(q, q, q, **dict(kw, page_table=torch.zeros(1, 1, device=DEV)))
+    q_odd = torch.randn(1, 64, 2, 130, dtype=torch.bfloat16, device=DEV)[..., :124]
+    assert sm90.unsupported_reason(q_odd, q_odd, q_odd, **kw) is not None

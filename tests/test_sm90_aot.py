@@ -1,0 +1,367 @@
+"""The Gluon Hopper forward, checked without a GPU.
+
+1. Every shipped configuration compiles for sm_90a (in a child process each: a failing Gluon compile can
+   abort the process), and its SASS has wgmma (HGMMA), TMA loads (UTMALDG) and no local memory (spills).
+2. The exp2 polynomial of softmax.py, emulated in float32 numpy, is accurate and exact at -inf.
+3. The tile bookkeeping of the kernel (key-block range, which blocks skip the mask), mirrored in Python,
+   covers every visible (query, key) pair and never skips a mask it needs.
+"""
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from fa4.kernels.sm90 import configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+try:
+    import triton
+    from triton.experimental import gluon  # noqa: F401  (Gluon must import)
+    _HAVE_GLUON = triton.__version__ == "3.6.0"
+except Exception:  # pragma: no cover
+    _HAVE_GLUON = False
+
+
+def _shipped():
+    """(name, compile_config kwargs): each tile of the table, each feature flag, each probed variant."""
+    cases = []
+    for d, dv in configs.shipped_configs():
+        real_d = {(256, 128): 192}.get((d, dv), d)  # (256, 128) is the D = 192 / Dv = 128 tile
+        cases.append((f"d{real_d}-{dv}-causal", dict(d=real_d, dv=dv, causal=True)))
+    cases += [
+        ("d128-plain", dict(d=128, dv=128)),
+        ("d128-window-softcap-sink-fp16-gqa", dict(d=128, dv=128, window=(100, 50), softcap=30.0, sink=True,
+                                                   dtype="float16", gqa=4)),
+        ("d128-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True)),
+        ("d64-varlen-window", dict(d=64, dv=64, varlen=True, window=(256, 0))),
+        ("d256-varlen-causal", dict(d=256, dv=256, varlen=True, causal=True)),
+        ("d40-24-sink", dict(d=40, dv=24, sink=True)),
+        ("d128-lazy-poly25", dict(d=128, dv=128, causal=True, variant=dict(LAZY=True, POLY=1))),
+        ("d64-poly50", dict(d=64, dv=64, variant=dict(POLY=2))),
+        ("d128-nopingpong-stages3", dict(d=128, dv=128, variant=dict(PINGPONG=False, stages=3))),
+    ]
+    return cases
+
+
+# One child compiles a list of configurations and prints a REPORT line after each.
+_CHILD = r"""
+import json, sys, torch
+from fa4.kernels.sm90 import aot
+for name, kw in json.loads(sys.argv[1]):
+    if "dtype" in kw:
+        kw["dtype"] = getattr(torch, kw["dtype"])
+    if "window" in kw:
+        kw["window"] = tuple(kw["window"])
+    rep = aot.sass_report(aot.compile_config(**kw))
+    print("REPORT " + json.dumps([name, rep]), flush=True)
+"""
+
+
+def _compile_in_child(cases):
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"))
+    reports = dict(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT "))
+    log = (proc.stdout + proc.stderr)[-3000:]
+    return {name: (reports.get(name), log) for name, _ in cases}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    cases = _shipped()
+    workers = max(2, min(8, os.cpu_count() or 2))
+    chunks = [cases[i::workers] for i in range(workers)]
+    out = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for part in pool.map(_compile_in_child, chunks):
+            out.update(part)
+    return out
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+@pytest.mark.parametrize("name", [c[0] for c in _shipped()])
+def test_sass(reports, name):
+    rep, log = reports[name]
+    assert rep is not None, f"{name} failed to compile for sm_90a:\n{log}"
+    assert rep["hgmma"] > 0, f"{name}: no HGMMA (wgmma) in the SASS"
+    assert rep["utmaldg"] > 0, f"{name}: no UTMALDG (TMA load) in the SASS"
+    assert rep["spill_bytes"] == 0 and rep["ldl_stl"] == 0, f"{name}: local-memory spills: {rep}"
+    assert rep["smem"] <= configs.SMEM_LIMIT, f"{name}: {rep['smem']} bytes of shared memory"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The exp2 polynomial, emulated.
+# ---------------------------------------------------------------------------------------------------------
+
+def _f32(hexstr):
+    return np.frombuffer(bytes.fromhex(hexstr[2:])[::-1], dtype=np.float32)[0]
+
+
+def _poly_exp2(x):
+    from fa4.kernels.sm90 import softmax as sm
+    c1, c2, c3 = (_f32(c) for c in (sm._POLY_C1, sm._POLY_C2, sm._POLY_C3))
+    x = np.maximum(x.astype(np.float32), np.float32(-127.0))
+    j = np.floor(x).astype(np.float32)          # add.rm with 1.5·2^23, then subtract it back
+    f = (x - j).astype(np.float32)
+    p = ((c3 * f + c2) * f + c1).astype(np.float32) * f + np.float32(1.0)
+    bits = p.astype(np.float32).view(np.int32) + (j.astype(np.int32) << 23)
+    return bits.view(np.float32)
+
+
+def test_poly_exp2_accuracy():
+    x = np.concatenate([np.linspace(-30, 8, 200001), -np.random.rand(10000) * 120]).astype(np.float32)
+    rel = np.abs(_poly_exp2(x) / np.exp2(x.astype(np.float64)) - 1)
+    assert rel.max() < 1e-4  # bf16 and fp16 round P by 4e-3 and 5e-4
+    assert _poly_exp2(np.array([-np.inf, -127.0], dtype=np.float32)).tolist() == [0.0, 0.0]
+
+
+def test_poly_ptx_shape():
+    from fa4.kernels.sm90 import softmax as sm
+    asm = sm._exp2_pack4_ptx(1)
+    assert asm.count("ex2.approx") == 3 and asm.count("fma.rn") == 3
+    assert sm._exp2_pack4_ptx(4).count("ex2.approx") == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tile bookkeeping: a Python mirror of attention_fwd._tile and _scores' mask-skip test.
+# ---------------------------------------------------------------------------------------------------------
+
+def _kv_range(m0, bm, bn, seq_q, seq_k, wl, wr):
+    off = seq_k - seq_q
+    last = min(m0 + bm, seq_q) - 1
+    hi = seq_k
+    if wr >= 0:
+        hi = min(hi, last + off + wr + 1)
+    lo = max(m0 + off - wl, 0) if wl >= 0 else 0
+    return lo // bn, (max(hi, 0) + bn - 1) // bn
+
+
+def _needs_mask(j, m0, bm, bn, seq_q, seq_k, wl, wr):
+    off = seq_k - seq_q
+    need = (j + 1) * bn > seq_k
+    if wr >= 0:
+        need |= (j + 1) * bn - 1 > m0 + off + wr
+    if wl >= 0:
+        need |= j * bn < m0 + bm - 1 + off - wl
+    return need
+
+
+@pytest.mark.parametrize("bm,bn", [(128, 128), (128, 64), (192, 128)])
+def test_tile_ranges_cover_and_masks(bm, bn):
+    rng = np.random.default_rng(bm + bn)
+    for _ in range(300):
+        seq_q, seq_k = int(rng.integers(1, 700)), int(rng.integers(1, 700))
+        wl = int(rng.choice([-1, 0, 5, 100, 1000]))
+        wr = int(rng.choice([-1, 0, 3, 200]))
+        i = np.arange(seq_q)[:, None]
+        jj = np.arange(seq_k)[None, :]
+        off = seq_k - seq_q
+        vis = np.ones((seq_q, seq_k), bool)
+        if wl >= 0:
+            vis &= jj >= i + off - wl
+        if wr >= 0:
+            vis &= jj <= i + off + wr
+        for m0 in range(0, seq_q, bm):
+            lo, hi = _kv_range(m0, bm, bn, seq_q, seq_k, wl, wr)
+            rows = vis[m0:m0 + bm]
+            cols = np.nonzero(rows.any(0))[0]
+            if len(cols):
+                assert lo * bn <= cols.min() and cols.max() < hi * bn, (seq_q, seq_k, wl, wr, m0)
+            for j in range(max(lo, 0), hi):
+                block = np.zeros((rows.shape[0], bn), bool)
+                width = max(0, min(bn, seq_k - j * bn))
+                block[:, :width] = rows[:, j * bn:j * bn + width]
+                if not _needs_mask(j, m0, bm, bn, seq_q, seq_k, wl, wr):
+                    assert block.all(), (seq_q, seq_k, wl, wr, m0, j)
+
+
+def test_configs_fit():
+    for d, dv in configs.shipped_configs():
+        cfg = configs.get_config(d, dv)
+        assert cfg is not None and configs.fits(cfg, d, dv)
+        alias = configs.needs_o_alias(cfg, d, dv)
+        assert configs.smem_bytes(cfg, d, dv, o_alias_q=alias) <= configs.SMEM_LIMIT
+        # Registers: consumers hold S (BN/2), O (Dv/2) and P (BN/4) fp32-equivalents per thread.
+        assert cfg.block_n // 2 * 2 + dv // 2 + cfg.block_n // 4 < cfg.consumer_regs
+    assert configs.tile_dim(40) == 64 and configs.tile_dim(192) == 256 and configs.tile_dim(300) is None
+
+
+def test_cpu_tensors_are_declined():
+    import torch
+    from fa4.kernels import sm90
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    reason = sm90.unsupported_reason(q, q, q, window_left=-1, window_right=-1, softcap=0.0, sink=None,
+                                     cu_seqlens_q=None, page_table=None)
+    assert reason is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The mbarrier protocol, simulated: the loader and the consumer warpgroups as threads running the kernel's
+# loops (mirrored), with barriers that have mbarrier semantics (arrival count, transaction bytes, phase
+# parity). A lost arrival or a wrong parity shows up as a deadlock; a slot overwritten before its reader
+# is done shows up as a wrong tag; the ping-pong order is checked on the log of matrix-product issues.
+# ---------------------------------------------------------------------------------------------------------
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+class _MBarrier:
+    def __init__(self, count):
+        self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+        self.lock = threading.Lock()
+
+    def _maybe_flip(self):
+        if self.pending == 0 and self.tx == 0:
+            self.phase += 1
+            self.pending = self.count
+
+    def arrive(self):
+        with self.lock:
+            self.pending -= 1
+            assert self.pending >= 0
+            self._maybe_flip()
+
+    def expect(self, nbytes):  # arrive.expect_tx
+        with self.lock:
+            self.tx += nbytes
+            self.pending -= 1
+            self._maybe_flip()
+
+    def complete_tx(self, nbytes):
+        with self.lock:
+            self.tx -= nbytes
+            self._maybe_flip()
+
+    def wait(self, parity, deadline):
+        # try_wait.parity P succeeds once the phase of parity P has completed: current phase parity != P.
+        while True:
+            with self.lock:
+                if self.phase % 2 != parity:
+                    return
+            if time.time() > deadline:
+                raise TimeoutError("deadlock")
+            time.sleep(0)
+
+
+def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
+    """tiles: per-tile number of key blocks (None = skipped tile). Runs one CTA's partitions."""
+    rng = np.random.default_rng(seed)
+    deadline = time.time() + 20
+    q_ready, q_empty = _MBarrier(1), _MBarrier(nwg)
+    k_ready = [_MBarrier(1) for _ in range(stages)]
+    k_empty = [_MBarrier(nwg) for _ in range(stages)]
+    v_ready = [_MBarrier(1) for _ in range(stages)]
+    v_empty = [_MBarrier(nwg) for _ in range(stages)]
+    turn = [_MBarrier(1) for _ in range(nwg)]
+    q_tag, k_tag, v_tag = [None], [None] * stages, [None] * stages
+    issues, errors = [], []
+    jitter = rng.random(10000) * 1e-4
+
+    def tma(bar, slot_tags, idx, tag, nbytes, n):
+        # The copy lands later (another thread), then completes its bytes on the barrier.
+        def land():
+            time.sleep(jitter[n % len(jitter)])
+            slot_tags[idx] = tag
+            bar.complete_tx(nbytes)
+        threading.Thread(target=land).start()
+
+    def loader():
+        kv_idx = kv_phase = tcount = n = 0
+        for t, nblocks in enumerate(tiles):
+            if nblocks is None:
+                continue
+            q_empty.wait((tcount & 1) ^ 1, deadline)
+            tcount += 1
+            q_ready.expect(nwg)
+            for w in range(nwg):
+                tma(q_ready, q_tag, 0, t, 1, n)
+                n += 1
+            for it in range(nblocks):
+                k_empty[kv_idx].wait(kv_phase ^ 1, deadline)
+                k_ready[kv_idx].expect(1)
+                tma(k_ready[kv_idx], k_tag, kv_idx, (t, it), 1, n)
+                v_empty[kv_idx].wait(kv_phase ^ 1, deadline)
+                v_ready[kv_idx].expect(1)
+                tma(v_ready[kv_idx], v_tag, kv_idx, (t, it), 1, n + 1)
+                n += 2
+                kv_idx, kv_phase = (0, kv_phase ^ 1) if kv_idx + 1 == stages else (kv_idx + 1, kv_phase)
+
+    def consumer(wg):
+        turn0 = 1 if wg == 0 else 0
+        kv_idx = kv_phase = turn_count = tcount = 0
+
+        def check(tags, idx, want, what):
+            if tags[idx] != want:
+                errors.append(f"wg{wg} read {what} {tags[idx]} where {want} was due")
+
+        for t, nblocks in enumerate(tiles):
+            if nblocks is None:
+                continue
+            q_ready.wait(tcount & 1, deadline)
+            tcount += 1
+            check(q_tag, 0, t, "Q")
+            if nblocks > 0:
+                k_ready[kv_idx].wait(kv_phase, deadline)
+                check(k_tag, kv_idx, (t, 0), "K")
+                k_empty[kv_idx].arrive()
+                v_idx, v_phase = kv_idx, kv_phase
+                kv_idx, kv_phase = (0, kv_phase ^ 1) if kv_idx + 1 == stages else (kv_idx + 1, kv_phase)
+                for it in range(1, nblocks):
+                    k_ready[kv_idx].wait(kv_phase, deadline)
+                    if pingpong:
+                        turn[wg].wait((turn_count + turn0) & 1, deadline)
+                    check(k_tag, kv_idx, (t, it), "K")
+                    v_ready[v_idx].wait(v_phase, deadline)
+                    check(v_tag, v_idx, (t, it - 1), "V")
+                    issues.append(wg)
+                    if pingpong:
+                        turn[(wg + 1) % nwg].arrive()
+                        turn_count += 1
+                    time.sleep(jitter[(t * 7 + it) % len(jitter)])
+                    k_empty[kv_idx].arrive()
+                    v_empty[v_idx].arrive()
+                    v_idx, v_phase = kv_idx, kv_phase
+                    kv_idx, kv_phase = (0, kv_phase ^ 1) if kv_idx + 1 == stages else (kv_idx + 1, kv_phase)
+                if not o_alias:
+                    q_empty.arrive()
+                v_ready[v_idx].wait(v_phase, deadline)
+                check(v_tag, v_idx, (t, nblocks - 1), "V")
+                v_empty[v_idx].arrive()
+            elif not o_alias:
+                q_empty.arrive()
+            if o_alias:
+                check(q_tag, 0, t, "Q (as O staging)")
+                q_empty.arrive()
+
+    threads = [threading.Thread(target=loader)] + [threading.Thread(target=consumer, args=(w, ))
+                                                    for w in range(nwg)]
+    failures = []
+
+    def guard(th):
+        try:
+            th._target(*th._args)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(repr(exc))
+    runners = [threading.Thread(target=guard, args=(th, )) for th in threads]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join(30)
+    assert not failures, failures
+    assert not errors, errors[:5]
+    if pingpong:
+        # Each turn goes to the next warpgroup in order.
+        assert all(b == (a + 1) % nwg for a, b in zip(issues, issues[1:])), issues[:20]
+
+
+@pytest.mark.parametrize("nwg,stages,o_alias,pingpong", [(2, 2, False, True), (2, 1, True, True),
+                                                         (3, 2, False, True), (2, 3, False, False)])
+def test_barrier_protocol(nwg, stages, o_alias, pingpong):
+    rng = np.random.default_rng(nwg * 10 + stages)
+    tiles = [None if rng.random() < 0.1 else int(rng.choice([0, 1, 2, 3, 7])) for _ in range(25)]
+    _simulate(tiles, nwg, stages, o_alias, pingpong, seed=stages)
