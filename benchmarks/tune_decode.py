@@ -1,18 +1,21 @@
 """Tune fa4's split-KV decode kernel on the GPU: GB/s of K+V read per decode step over the decode suite.
 
-    python benchmarks/tune_decode.py            # everything below (about 5 minutes on an H100)
-    python benchmarks/tune_decode.py --quick    # fewer tile configs and split counts
-    python benchmarks/tune_decode.py --json out.json
+    python benchmarks/tune_decode.py            # all 48 configs and 15 split counts (over 10 minutes: use --sections)
+    python benchmarks/tune_decode.py --quick    # fewer tile configs and split counts (about 4 minutes)
+    python benchmarks/tune_decode.py --quick --sections 1,4 --json out.json
 
 Decode suite: bf16, one query token, Hq 32, Hkv 8, D 128, (B, L) in {(1, 8192), (1, 65536), (8, 8192),
 (32, 4096), (64, 8192), (128, 2048)}, every sequence full; bytes = 2·B·L·Hkv·D·2. Paged rows use pages of 128
-in shuffled order. Timing: triton.testing.do_bench medians (it clears L2 before every call).
+in shuffled order. Timing: triton.testing.do_bench medians (it clears L2 before every call), as `fa4 bench`.
 
 Sections printed:
- 1. peers in the same run (SDPA's FlashAttention-2 and cuDNN kernels) and fa4's public call as it stands;
- 2. tile configs (BLOCK_N, num_warps, num_stages) at the split count the heuristic picks;
- 3. split counts at each row's best config, with the heuristic's pick marked;
- 4. host overhead: wall time per call of back-to-back eager calls against CUDA-graph replay of the same call.
+ 1. peers in the same run (SDPA's FlashAttention-2 and cuDNN kernels) and fa4's public call as it stands, with
+    the (BLOCK_N, warps, stages) config and split count it picked;
+ 2. tile configs at the split count the heuristic picks (through decode.Step: the public call's launch path);
+ 3. split counts for each row's best config of section 2 and for the config the public call picks;
+ 4. host path: per call, back-to-back eager calls against CUDA-graph replay of the same call (eager ≈ max(host,
+    GPU) time: equal columns mean the host is hidden), and do_bench of the public call against do_bench of its
+    graph replay (equal GB/s mean `fa4 bench` sees only GPU time).
 Each config's output is compared with the public call's; a mismatch is printed as MISMATCH.
 """
 import argparse
@@ -57,11 +60,18 @@ def make_inputs(batch, length, paged):
 
 
 def kernel_call(q, k, v, lens, table, out, num_splits, cfg):
-    return lambda: decode.decode(
-        q, k, v, out, None, cache_seqlens=lens, seqlen_new=0, cache_batch_idx=None, page_table=table,
-        rotary_cos=None, rotary_sin=None, rotary_interleaved=True, rotary_per_token=False,
-        softmax_scale=D ** -0.5, window_left=-1, window_right=-1, softcap=0.0, sink=None,
-        num_splits=num_splits, config=cfg)
+    """One decode step with a forced config and split count, launched as the public call launches it."""
+    step = decode.Step(q, k, v, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
+                       page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+                       rotary_per_token=False, softmax_scale=D ** -0.5, window_left=-1, window_right=-1,
+                       softcap=0.0, sink=None, num_splits=num_splits, config=cfg)
+    return lambda: step(q, k, v, None, None, None, None, lens, None, table, None, out, 0)
+
+
+def public_choice():
+    """(config, splits) of the Step the last public call used."""
+    _, step = next(reversed(inference._steps.values()))
+    return tuple(step.config), step.attend.grid[1]
 
 
 def heuristic_splits(batch, length, cfg):
@@ -86,15 +96,8 @@ def peers(q, k, v):
     return res
 
 
-def host_overhead(fn, iters=200):
-    """(eager ms per call back to back, graph-replay ms per call) of fn."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    eager = (time.perf_counter() - t0) / iters * 1e3
+def capture(fn):
+    """A CUDA graph of one call of fn (warmed up on a side stream first, as torch.cuda.graph asks)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -105,11 +108,17 @@ def host_overhead(fn, iters=200):
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def per_call_ms(fn, iters=200):
+    fn()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        graph.replay()
+        fn()
     torch.cuda.synchronize()
-    return eager, (time.perf_counter() - t0) / iters * 1e3
+    return (time.perf_counter() - t0) / iters * 1e3
 
 
 def main():
@@ -117,7 +126,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--layouts", default="paged,contiguous")
-    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4")
     args = ap.parse_args()
     layouts = [x == "paged" for x in args.layouts.split(",")]
     import triton
@@ -125,23 +134,27 @@ def main():
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     if args.quick:
-        configs = [decode.Config(bn, 4, st) for bn, st in itertools.product((64, 128), (2, 3, 4))]
-        split_list = (1, 2, 4, 8, 16, 24, 32, 48)
+        configs = [decode.Config(*c) for c in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3),
+                                               (128, 8, 3))]
+        split_list = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     else:
         configs = [decode.Config(bn, w, st) for bn, w, st in itertools.product((32, 64, 128), (4, 8), (2, 3, 4, 5))]
         split_list = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96)
+    sections = {int(x) for x in args.sections.split(",")}
     records = []
     best = {}
 
-    print("\n## 1. peers and fa4's public call (GB/s)", flush=True)
-    for (batch, length), paged in itertools.product(SUITE, layouts):
+    if 1 in sections:
+        print("\n## 1. peers and fa4's public call (GB/s)", flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts if 1 in sections else ()):
         q, k, v, lens, table = make_inputs(batch, length, paged)
         row = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}"
         fa4_call = lambda: inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table)  # noqa
         ms = bench_ms(fa4_call, args.quick)
-        cfg = decode.default_config(q.device, q.dtype, D, D)
-        line = f"{row}  fa4 {gbps(batch, length, ms):7.0f} (splits {heuristic_splits(batch, length, cfg)})"
-        records.append(dict(section="public", B=batch, L=length, paged=paged, gbps=gbps(batch, length, ms)))
+        cfg, splits = public_choice()
+        line = f"{row}  fa4 {gbps(batch, length, ms):7.0f} ({cfg}, splits {splits})"
+        records.append(dict(section="public", B=batch, L=length, paged=paged, gbps=gbps(batch, length, ms),
+                            config=list(cfg), splits=splits))
         if not paged:
             for name, fn in peers(q, k, v).items():
                 if callable(fn):
@@ -151,12 +164,13 @@ def main():
                 else:
                     line += f"  {name} {fn}"
         print(line, flush=True)
-        del q, k, v, table
+        q = k = v = table = None  # free this row's cache before the next row's
         torch.cuda.empty_cache()
 
-    print("\n## 2. tile configs (BLOCK_N, warps, stages) at the heuristic's splits (GB/s)", flush=True)
-    print("row".ljust(26) + "".join(f"{c.block_n:>4}/{c.num_warps}/{c.num_stages}" for c in configs), flush=True)
-    for (batch, length), paged in itertools.product(SUITE, layouts):
+    if 2 in sections:
+        print("\n## 2. tile configs (BLOCK_N, warps, stages) at the heuristic's splits (GB/s)", flush=True)
+        print("row".ljust(26) + "".join(f"{c.block_n:>4}/{c.num_warps}/{c.num_stages}" for c in configs), flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts if 2 in sections else ()):
         q, k, v, lens, table = make_inputs(batch, length, paged)
         expect = inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table)
         line = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}".ljust(26)
@@ -180,47 +194,54 @@ def main():
             if ok and value > best.get((batch, length, paged), (None, 0))[1]:
                 best[(batch, length, paged)] = (cfg, value)
         print(line, flush=True)
-        del q, k, v, table
+        q = k = v = table = None  # free this row's cache before the next row's
         torch.cuda.empty_cache()
-    print("best: " + "; ".join(f"B={b} L={n} {'paged' if p else 'contig'}: {tuple(c)} {g:.0f}"
-                               for (b, n, p), (c, g) in best.items()), flush=True)
+    if best:
+        print("best: " + "; ".join(f"B={b} L={n} {'paged' if p else 'contig'}: {tuple(c)} {g:.0f}"
+                                   for (b, n, p), (c, g) in best.items()), flush=True)
 
-    print("\n## 3. split counts at each row's best config (GB/s; * = heuristic's pick)", flush=True)
-    print("row".ljust(40) + "".join(f"{n:>7}" for n in split_list), flush=True)
-    for (batch, length), paged in itertools.product(SUITE, layouts):
-        if (batch, length, paged) not in best:
-            continue
-        cfg = best[(batch, length, paged)][0]
+    if 3 in sections:
+        print("\n## 3. split counts per config (GB/s; * = heuristic's pick for that config)", flush=True)
+        print("row".ljust(40) + "".join(f"{n:>7}" for n in split_list), flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts if 3 in sections else ()):
         q, k, v, lens, table = make_inputs(batch, length, paged)
         out = torch.empty(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-        pick = heuristic_splits(batch, length, cfg)
-        line = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'} {tuple(cfg)}".ljust(40)
-        tiles = math.ceil(length / cfg.block_n)
-        for n in split_list:
-            if n > tiles:
-                line += f"{'':>7}"
-                continue
-            value = gbps(batch, length, bench_ms(kernel_call(q, k, v, lens, table, out, n, cfg), args.quick))
-            records.append(dict(section="splits", B=batch, L=length, paged=paged, config=list(cfg), splits=n,
-                                gbps=value, heuristic=n == pick))
-            line += f"{value:>6.0f}{'*' if n == pick else ' '}"
-        print(line, flush=True)
-        del q, k, v, table
+        inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table)
+        public_cfg = decode.Config(*public_choice()[0])
+        cfgs = [public_cfg] + [c for c in [best.get((batch, length, paged), (None,))[0]] if c and c != public_cfg]
+        for cfg in cfgs:
+            pick = heuristic_splits(batch, length, cfg)
+            tag = "public" if cfg == public_cfg else "best"
+            line = f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'} {tuple(cfg)} {tag}".ljust(40)
+            tiles = math.ceil(length / cfg.block_n)
+            for n in split_list:
+                if n > tiles:
+                    line += f"{'':>7}"
+                    continue
+                value = gbps(batch, length, bench_ms(kernel_call(q, k, v, lens, table, out, n, cfg), args.quick))
+                records.append(dict(section="splits", B=batch, L=length, paged=paged, config=list(cfg), splits=n,
+                                    gbps=value, heuristic=n == pick))
+                line += f"{value:>6.0f}{'*' if n == pick else ' '}"
+            print(line, flush=True)
+        q = k = v = table = None  # free this row's cache before the next row's
         torch.cuda.empty_cache()
 
-    if not args.skip_overhead:
-        print("\n## 4. host overhead: ms per call, eager back-to-back vs CUDA-graph replay (public call)", flush=True)
-        for (batch, length), paged in itertools.product(SUITE[:3], layouts):
-            q, k, v, lens, table = make_inputs(batch, length, paged)
-            out = torch.empty(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-            fn = lambda: inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table,  # noqa
-                                                           out=out)
-            eager, graph = host_overhead(fn)
-            records.append(dict(section="overhead", B=batch, L=length, paged=paged, eager_ms=eager, graph_ms=graph))
-            print(f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}  eager {eager * 1e3:7.1f} us  "
-                  f"graph {graph * 1e3:7.1f} us  (graph {gbps(batch, length, graph):5.0f} GB/s)", flush=True)
-            del q, k, v, table
-            torch.cuda.empty_cache()
+    if 4 in sections:
+        print("\n## 4. host path: per call back to back (eager vs graph replay), do_bench (public vs its graph)",
+              flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts if 4 in sections else ()):
+        q, k, v, lens, table = make_inputs(batch, length, paged)
+        fn = lambda: inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table)  # noqa
+        graph = capture(fn)
+        eager, replay = per_call_ms(fn), per_call_ms(graph.replay)
+        bench_eager, bench_graph = bench_ms(fn, args.quick), bench_ms(graph.replay, args.quick)
+        pub, gra = gbps(batch, length, bench_eager), gbps(batch, length, bench_graph)
+        records.append(dict(section="host", B=batch, L=length, paged=paged, eager_ms=eager, graph_ms=replay,
+                            bench_gbps=pub, bench_graph_gbps=gra))
+        print(f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}  back to back: eager {eager * 1e3:6.1f} us"
+              f"  graph {replay * 1e3:6.1f} us   do_bench: public {pub:5.0f} GB/s  graph {gra:5.0f} GB/s", flush=True)
+        q = k = v = table = graph = None  # free this row's cache before the next row's
+        torch.cuda.empty_cache()
 
     if args.json:
         args.json.write_text(json.dumps(dict(card=props.name, torch=torch.__version__, triton=triton.__version__,

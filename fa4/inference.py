@@ -15,7 +15,16 @@ no allocation (split partials live in a per-stream workspace that is never freed
 values (cache_seqlens and cache_batch_idx in range, the page-table entries a sequence uses) read them back
 to the host, so they run only outside graph capture and torch.compile tracing, once per argument set: a set
 whose tensors are unchanged since they last passed (same objects, same in-place version counter) is not
-read again. FA4_KVCACHE_VALUE_CHECKS=0 turns these value checks off entirely (the caller vouches).
+read again. A decode loop that advances cache_seqlens in place therefore pays one small host read per step;
+FA4_KVCACHE_VALUE_CHECKS=0 (or inference.CHECK_VALUES = False) turns these value checks off entirely (the
+caller vouches), and a captured CUDA graph never runs them.
+
+Host cost: a decode step takes ~10-100 µs on the GPU, so the Python around it matters. The first call with a
+given signature (dtypes, devices, shapes and strides of the tensors, the Python arguments) runs every check
+and builds a decode.Step (config, splits, launch arguments); it is cached under that signature, and later
+calls with the same signature skip straight to the value checks (a dictionary lookup when nothing changed) and
+the Step, which launches the compiled kernels without Triton's per-call binding (decode.Launch). Launches per
+call: the append only when k/v are given, the attention, the combine only when split.
 """
 import collections
 import math
@@ -28,8 +37,8 @@ from . import checks, dispatch, interface
 
 CHECK_VALUES = os.environ.get("FA4_KVCACHE_VALUE_CHECKS", "1") != "0"
 
-# Split heuristic (see choose_num_splits); to be refined from benchmarks/tune_decode.py on the H100.
-SPLIT_TARGET_WAVES = 2  # aim for this many programs per SM (two decode programs fit on an H100 SM)
+# Split heuristic (see choose_num_splits; numbers in benchmarks/NOTES.md, "Decode (Triton split-KV)").
+SPLIT_PROGRAMS_PER_SM = 2  # split until about this many programs per SM (H100: 2 beat 1 by 15-40% at B=1)
 SPLIT_OFF_FRACTION = 0.8  # no split once the unsplit programs cover this share of the SMs
 MIN_TILES_PER_SPLIT = 4  # each split streams at least this many key tiles (amortises prologue and combine)
 MAX_SPLITS = 128
@@ -59,7 +68,8 @@ def _check_like(name, t, ref_name, ref, rank, layout):
 class _Call:
     """The validated shape of one call."""
     __slots__ = ("batch", "seqlen_q", "num_heads", "num_heads_kv", "head_d", "head_dv", "seqlen_new", "paged",
-                 "page_size", "num_pages", "cache_batch", "capacity", "scale", "left", "right", "rotary_per_token")
+                 "page_size", "num_pages", "cache_batch", "capacity", "scale", "left", "right", "rotary_per_token",
+                 "rotary_rows", "value_params")
 
 
 def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, page_table,
@@ -107,6 +117,9 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         if page_table.shape[0] != c.batch:
             raise ValueError(f"page_table has {page_table.shape[0]} rows; it must have one per sequence of q "
                              f"({c.batch})")
+        if page_table.stride(1) != 1 and page_table.shape[1] > 1:
+            raise ValueError(f"page_table's last dimension must be contiguous (stride 1); got stride "
+                             f"{page_table.stride(1)}")
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx must be None with page_table (the page table already maps each "
                              "sequence to its pages)")
@@ -120,6 +133,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         c.cache_batch, c.capacity = k_cache.shape[0], k_cache.shape[1]
         if cache_batch_idx is not None:
             checks._check_index_vector("cache_batch_idx", cache_batch_idx, c.batch, q.device)
+            _check_unit_stride("cache_batch_idx", cache_batch_idx)
         elif c.cache_batch < c.batch:
             raise ValueError(f"k_cache holds {c.cache_batch} sequences; q has {c.batch} (pass cache_batch_idx to "
                              f"map q's sequences to cache rows)")
@@ -147,13 +161,12 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
             raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
     elif isinstance(cache_seqlens, torch.Tensor):
         checks._check_index_vector("cache_seqlens", cache_seqlens, c.batch, q.device)
+        _check_unit_stride("cache_seqlens", cache_seqlens)
     elif isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
         raise TypeError(f"cache_seqlens must be an int, a torch.int32 tensor of shape ({c.batch},) or None; "
                         f"got {type(cache_seqlens).__name__}")
     else:
-        if cache_seqlens < 0:
-            raise ValueError(f"cache_seqlens = {cache_seqlens}; it must be >= 0")
-        _check_lengths(c, cache_seqlens, None)
+        _check_int_lengths(c, cache_seqlens, None)
 
     # Options.
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("rotary_interleaved", rotary_interleaved)):
@@ -195,6 +208,9 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                              f"in [2, {c.head_d}] (q's head dim)")
         if isinstance(cache_seqlens, int):
             _check_rotary_length(c, rotary_cos, cache_seqlens)
+    c.rotary_rows = rotary_cos.shape[0] if rotary_cos is not None else -1
+    c.value_params = (c.seqlen_new, c.capacity, c.cache_batch, c.num_pages, c.page_size, c.seqlen_q,
+                      c.rotary_per_token, c.rotary_rows)
 
     if out is not None:
         want = (c.batch, c.seqlen_q, c.num_heads, c.head_dv)
@@ -222,6 +238,20 @@ def _check_rotary_length(c, rotary_cos, max_len):
                          f"(cache_seqlens up to {max_len} plus the new tokens)")
 
 
+def _check_int_lengths(c, cache_seqlens, rotary_cos):
+    """An int cache_seqlens (the same for every sequence); rotary_cos None: the rotary table is checked apart."""
+    if cache_seqlens < 0:
+        raise ValueError(f"cache_seqlens = {cache_seqlens}; it must be >= 0")
+    _check_lengths(c, cache_seqlens, None)
+    if rotary_cos is not None:
+        _check_rotary_length(c, rotary_cos, cache_seqlens)
+
+
+def _check_unit_stride(name, t):
+    if t.stride(0) != 1 and t.shape[0] > 1:
+        raise ValueError(f"{name} must be contiguous (stride 1); got stride {t.stride(0)}")
+
+
 def _check_negative(name, lo, at):
     if lo < 0:
         raise ValueError(f"{name}[{at}] = {lo}; it must be >= 0")
@@ -232,24 +262,28 @@ _values_ok = collections.OrderedDict()
 _VALUES_OK_SIZE = 32
 
 
-def _values_known_good(tensors, params):
-    key = tuple((id(t), t._version) for t in tensors) + params
-    refs = _values_ok.get(key)
-    if refs is not None and all(r() is t for r, t in zip(refs, tensors)):
-        _values_ok.move_to_end(key)
-        return None
-    return key
+def _no_tensor():
+    return None
 
 
 def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
-    """Checks that read tensor values: one host read for all of them (skipped as the module docstring says)."""
-    tensors = tuple(t for t in (cache_seqlens, cache_batch_idx, page_table) if isinstance(t, torch.Tensor))
-    if not tensors or c.batch == 0 or not CHECK_VALUES or not checks.can_read_values(*tensors):
+    """Checks that read tensor values: one host read for all of them (skipped as the module docstring says).
+
+    An argument set passes once per (tensor objects, their in-place version counters, shapes): the hit path
+    is one dictionary lookup and no device work.
+    """
+    lens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    if (lens_t is None and cache_batch_idx is None and page_table is None) or not CHECK_VALUES or c.batch == 0:
         return
-    params = (c.seqlen_new, c.capacity, c.cache_batch, c.num_pages, c.page_size, c.seqlen_q, c.rotary_per_token,
-              rotary_cos.shape[0] if rotary_cos is not None else -1)
-    key = _values_known_good(tensors, params)
-    if key is None:
+    key = (c.value_params,
+           id(lens_t), lens_t._version if lens_t is not None else 0,
+           id(cache_batch_idx), cache_batch_idx._version if cache_batch_idx is not None else 0,
+           id(page_table), page_table._version if page_table is not None else 0)
+    refs = _values_ok.get(key)
+    if refs is not None and refs[0]() is lens_t and refs[1]() is cache_batch_idx and refs[2]() is page_table:
+        _values_ok.move_to_end(key)
+        return
+    if not checks.can_read_values(lens_t, cache_batch_idx, page_table):
         return
     stats = []
     lens = cache_seqlens
@@ -290,7 +324,7 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
             b, j = divmod(first, page_table.shape[1])
             raise ValueError(f"page_table[{b}, {j}] = {value} is out of range: k_cache has {c.num_pages} pages "
                              f"(entries a sequence uses must lie in [0, {c.num_pages}))")
-    _values_ok[key] = tuple(weakref.ref(t) for t in tensors)
+    _values_ok[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in (lens_t, cache_batch_idx, page_table))
     if len(_values_ok) > _VALUES_OK_SIZE:
         _values_ok.popitem(last=False)
 
@@ -323,19 +357,30 @@ def _sm_count(device):
     return count
 
 
+def splits_wanted(programs, num_sms):
+    """True when `programs` unsplit programs leave enough of the GPU idle that splitting the keys pays."""
+    return programs < SPLIT_OFF_FRACTION * num_sms
+
+
 def choose_num_splits(programs, max_keys, block_n, num_sms):
     """Key splits per (sequence, kv head, row block) so the launch covers the GPU.
 
     `programs` unsplit programs already run side by side. Once they cover most SMs, splitting only adds
-    partial traffic and a combine. Below that, split each key range so about SPLIT_TARGET_WAVES programs run per
-    SM, keeping at least MIN_TILES_PER_SPLIT key tiles per split. Uses the cache capacity (an upper bound),
-    never device values, so the choice is fixed under a CUDA graph.
+    partial traffic and a combine. Below that, cut each key range so that about SPLIT_PROGRAMS_PER_SM programs
+    run per SM in a single wave (floor: a second, partial wave would leave the tail of the launch on a few
+    SMs), keeping at least MIN_TILES_PER_SPLIT key tiles per split. The kernel hands every split
+    ceil(tiles / splits) tiles, so the count is rounded to one that leaves no split empty. Uses the cache
+    capacity (an upper bound), never device values, so the choice is fixed under a CUDA graph.
+
+    Decode suite on an H100 (132 SMs, Hkv 8, 64-key tiles): B=1 -> 32 splits (256 programs, 4 tiles each at
+    L=8192, 32 at L=65536), B=8 -> 4 (256 programs), B >= 32 -> 1.
     """
     tiles = -(-max_keys // block_n)
-    if programs >= SPLIT_OFF_FRACTION * num_sms or tiles < 2 * MIN_TILES_PER_SPLIT:
+    if not splits_wanted(programs, num_sms) or tiles < 2 * MIN_TILES_PER_SPLIT:
         return 1
-    want = -(-SPLIT_TARGET_WAVES * num_sms // programs)
-    return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    want = max(1, SPLIT_PROGRAMS_PER_SM * num_sms // programs)
+    splits = max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    return -(-tiles // -(-tiles // splits))
 
 
 def _max_keys(c):
@@ -427,13 +472,49 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_splits: key splits per sequence and kv head (0 = heuristic). out: optional (B, Sq, Hq, Dv) output.
     Returns out, and lse (B, Hq, Sq) fp32 (natural log) when return_lse=True. Forward only.
     """
+    key = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = (_signature(q), _signature(k_cache), _signature(v_cache), _signature(k), _signature(v),
+                   _signature(rotary_cos), _signature(rotary_sin), _lens_signature(cache_seqlens),
+                   _signature(cache_batch_idx), _signature(page_table), _signature(learnable_sink), _signature(out),
+                   softmax_scale, type(softmax_scale), causal, type(causal), window_size,
+                   type(window_size[0]), type(window_size[1]), softcap, type(softcap), rotary_interleaved,
+                   type(rotary_interleaved), num_splits, type(num_splits), return_lse, type(return_lse), backend)
+            known = _steps.get(key)
+        except Exception:  # an argument that is not what it should be: the full checks name it
+            key = known = None
+        if known is not None:
+            c, step = known
+            lens = None
+            if cache_seqlens is None:
+                fixed = c.capacity
+            elif type(cache_seqlens) is int:
+                _check_int_lengths(c, cache_seqlens, rotary_cos)
+                fixed = cache_seqlens
+            else:
+                lens, fixed = cache_seqlens, 0
+            _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos)
+            res, lse = step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens, cache_batch_idx, page_table,
+                            learnable_sink, out, fixed)
+            return (res, lse) if return_lse else res
+
     c = _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                       page_table, softmax_scale, causal, window_size, softcap, learnable_sink, rotary_interleaved,
                       num_splits, return_lse, out, backend)
     _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos)
     if _backend(q, backend) == "triton":
-        return _triton(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                       page_table, softcap, learnable_sink, rotary_interleaved, num_splits, return_lse, out)
+        step = make_step(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                         page_table, softcap, learnable_sink, rotary_interleaved, num_splits, return_lse, out)
+        if key is not None:
+            if len(_steps) >= _STEPS_SIZE:
+                _steps.pop(next(iter(_steps)))
+            _steps[key] = (c, step)
+        lens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+        fixed = 0 if lens is not None else c.capacity if cache_seqlens is None else cache_seqlens
+        res, lse = step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens, cache_batch_idx, page_table,
+                        learnable_sink, out, fixed)
+        return (res, lse) if return_lse else res
     with torch.no_grad():  # the in-place append must not be recorded by autograd
         res, lse = _reference(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                               cache_batch_idx, page_table, softcap, learnable_sink, rotary_interleaved)
@@ -443,31 +524,46 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (res, lse.contiguous()) if return_lse else res
 
 
-def _triton(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, page_table,
-            softcap, sink, rotary_interleaved, num_splits, return_lse, out):
-    from .kernels.triton import decode, rotary
+# Steps of the call signatures seen (Triton backend), oldest first: signature -> (_Call, decode.Step).
+_steps = {}
+_STEPS_SIZE = 256
 
-    if out is None:
-        out = torch.empty((c.batch, c.seqlen_q, c.num_heads, c.head_dv), dtype=q.dtype, device=q.device)
-    lse = (torch.empty((c.batch, c.num_heads, c.seqlen_q), dtype=torch.float32, device=q.device)
-           if return_lse else None)
-    if c.seqlen_new:
-        rotary.append_kv(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, rotary_cos,
-                         rotary_sin, rotary_interleaved)
-    if c.batch * c.seqlen_q * c.num_heads:
-        cfg = decode.default_config(q.device, q.dtype, c.head_d, c.head_dv)
-        if num_splits == 0:
-            group = c.num_heads // c.num_heads_kv
-            row_blocks = -(-c.seqlen_q * group // decode.block_m_for(c.seqlen_q * group))
-            num_splits = choose_num_splits(c.batch * c.num_heads_kv * row_blocks, _max_keys(c), cfg.block_n,
-                                           _sm_count(q.device))
-        decode.decode(q, k_cache, v_cache, out, lse,
-                      cache_seqlens=c.capacity if cache_seqlens is None else cache_seqlens,
-                      seqlen_new=c.seqlen_new, cache_batch_idx=cache_batch_idx, page_table=page_table,
-                      rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-                      rotary_per_token=c.rotary_per_token, softmax_scale=c.scale, window_left=c.left,
-                      window_right=c.right, softcap=float(softcap), sink=sink, num_splits=num_splits, config=cfg)
-    return (out, lse) if return_lse else out
+
+def _signature(t):
+    """What the checks and the launch arguments depend on in a tensor argument (None stays None)."""
+    return None if t is None else (t.dtype, t.device, t.shape, t.stride())
+
+
+def _lens_signature(lens):
+    """An int cache_seqlens is checked and passed per call: its signature is its type, not its value."""
+    if lens is None:
+        return None
+    if type(lens) is int:
+        return int
+    return _signature(lens)
+
+
+def make_step(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, page_table,
+              softcap, sink, rotary_interleaved, num_splits, return_lse, out, config=None):
+    """The decode.Step of a validated call: tile config and split count, then the launches' fixed arguments."""
+    from .kernels.triton import decode
+
+    num_sms = _sm_count(q.device)
+    group = c.num_heads // c.num_heads_kv
+    rows = c.seqlen_q * group
+    block_m = decode.block_m_for(rows)
+    programs = c.batch * c.num_heads_kv * -(-rows // block_m)
+    if config is None:
+        config = decode.default_config(q.device, q.dtype, c.head_d, c.head_dv, block_m=block_m,
+                                       wide=not splits_wanted(programs, num_sms), page_size=c.page_size)
+    if num_splits == 0:
+        num_splits = choose_num_splits(programs, _max_keys(c), config.block_n, num_sms)
+    return decode.Step(q, k_cache, v_cache, out, want_lse=return_lse, k=k, v=v, cache_seqlens=cache_seqlens,
+                       cache_batch_idx=cache_batch_idx, page_table=page_table, rotary_cos=rotary_cos,
+                       rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                       rotary_per_token=c.rotary_per_token, softmax_scale=c.scale, window_left=c.left,
+                       window_right=c.right, softcap=float(softcap), sink=sink, num_splits=num_splits,
+                       config=config)
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
@@ -522,7 +618,7 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=out_partial.device)
     if dispatch._triton_reason(out_partial) is None:
         from .kernels.triton.combine import combine_into
-        combine_into(op, lp, res4, lse, None, num_splits=n, batch=batch, seqlen=seqlen, num_heads=heads,
+        combine_into(op, lp, res4, lse, num_splits=n, batch=batch, seqlen=seqlen, num_heads=heads,
                      head_dv=dim, partial_strides=op.stride()[:4], lse_partial_strides=lp.stride(),
                      lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)))
     else:

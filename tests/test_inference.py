@@ -335,6 +335,183 @@ def test_workspace_is_reused_and_never_released():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Host path: one cached Step per call signature, launches per call, direct launches of the compiled kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+def _count_launches(monkeypatch):
+    """Patches decode.Launch so every launch (JITFunction path or direct) is recorded by kernel name."""
+    from fa4.kernels.triton import decode
+    seen = []
+    jit, fast = decode.Launch.jit, decode.Launch.fast
+
+    def name(launch):
+        return getattr(launch.fn, "__name__", None) or launch.fn.fn.__name__
+
+    monkeypatch.setattr(decode.Launch, "jit", lambda self, head, keep: (seen.append(name(self)), jit(self, head, keep)))
+    monkeypatch.setattr(decode.Launch, "fast", lambda self, head, stream: (seen.append(name(self)),
+                                                                            fast(self, head, stream)))
+    return seen
+
+
+@pytest.mark.parametrize("splits,new,expect", [
+    (1, 0, ["_decode_kernel"]),
+    (3, 0, ["_decode_kernel", "_combine_kernel"]),
+    (1, 1, ["_append_kv_kernel", "_decode_kernel"]),
+    (2, 2, ["_append_kv_kernel", "_decode_kernel", "_combine_kernel"]),
+], ids=["unsplit", "split", "append-unsplit", "append-split"])
+def test_launches_per_call(splits, new, expect, monkeypatch):
+    """The combine runs only when split, the append only with new keys; a repeated signature skips the checks."""
+    q, k_cache, v_cache, lens, kw = _make(batch=1, capacity=64, seqlen_new=new, page_size=16)
+    seen = _count_launches(monkeypatch)
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=splits, **kw)
+    assert seen == expect
+    seen.clear()
+    static = []
+    check = inference._check_static
+    monkeypatch.setattr(inference, "_check_static", lambda *a: (static.append(1), check(*a))[1])
+    back = (lens - new).clamp(min=0)  # another tensor, same signature
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=back, num_splits=splits, **kw)
+    assert seen == expect and not static  # the cached Step, no static checks
+    ref = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=back, num_splits=splits,
+                                  backend="reference", **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_cached_step_still_checks_values_and_ints():
+    """The cached path keeps the checks that depend on values: tensor contents and an int cache_seqlens."""
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, seqlen_new=1, page_size=4)
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, **kw)
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, **kw)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=0, **kw)  # cached; 0 is a length, not a tensor
+    kc, vc = k_cache.clone(), v_cache.clone()
+    ref = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=0, backend="reference", **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    k0 = k_cache.clone()
+    with pytest.raises(ValueError, match=r"^k: appending 1 keys after cache_seqlens = 16 needs 17 slots"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=16, **kw)
+    with pytest.raises(ValueError, match=r"^k: appending 1 keys after cache_seqlens\[1\] = 16 needs 17"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([2, 16], dtype=torch.int32), **kw)
+    with pytest.raises(TypeError, match=r"^causal must be"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, causal=0, **kw)  # not the causal=False step
+    assert torch.equal(k_cache, k0)
+
+
+class _FakeLauncher:
+    """Stands in for a CompiledKernel's launcher: records (grid, stream, function, args)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        assert launch_metadata is None and enter_hook is None and exit_hook is None
+        self.log.append(((gx, gy, gz), stream, function, args))
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_direct_launch_arguments(splits, monkeypatch):
+    """Once compiled, a Step launches the kept kernels with raw pointers, the per-call int and its fixed tail;
+    an unaligned pointer sends the call back through JITFunction. CUDA is simulated (device index 0)."""
+    from fa4.kernels.triton import decode
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=64, page_size=16)
+    out = torch.empty(*q.shape[:3], v_cache.shape[-1])
+    step = inference.make_step(inference._check_static(
+        q, k_cache, v_cache, None, None, None, None, lens, None, kw["page_table"], None, False, (-1, -1), 0.0, None,
+        True, splits, False, out, None), q, k_cache, v_cache, None, None, None, None, lens, None, kw["page_table"],
+        0.0, None, True, splits, False, out)
+    log = []
+    for i, launch in enumerate(step.launches):
+        launch.compiled = (_FakeLauncher(log), f"function{i}", None)
+    step.device_index, step.ready = 0, True
+    monkeypatch.setattr(decode, "_current_device", lambda: 0)
+    monkeypatch.setattr(decode, "_raw_stream", lambda index: 77)
+    res, lse = step(q, k_cache, v_cache, None, None, None, None, lens, None, kw["page_table"], None, out, 0)
+    assert res is out and lse is None and len(log) == splits
+    grid, stream, function, args = log[0]
+    ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), None)
+    assert grid == step.attend.grid and stream == 77 and function == "function0"
+    assert args[:5] == ptrs and args[7:14] == (None, lens.data_ptr(), None, kw["page_table"].data_ptr(), None, None, 0)
+    assert args[14:] == step.attend.tail_all
+    if splits > 1:
+        ws = decode._workspaces[(q.device, 77)]
+        assert args[5] == ws.data_ptr() and args[6] == ws.data_ptr() + 4 * step.ws_lse_offset
+        assert log[1][3] == (args[5], args[6], out.data_ptr(), None, None) + step.combine.tail_all
+    else:
+        assert args[5:7] == (None, None)
+    # A q whose address is not 16-byte aligned (same shape and strides) must not reach the kept kernel.
+    log.clear()
+    jit = []
+    monkeypatch.setattr(decode.Launch, "jit", lambda self, head, keep: jit.append(keep))
+    q_off = torch.empty(q.numel() + 1)[1:].view(q.shape).copy_(q)
+    step(q_off, k_cache, v_cache, None, None, None, None, lens, None, kw["page_table"], None, out, 0)
+    assert not log and jit == [False] * splits
+
+
+def _binding_report():
+    """Steps covering every launch kind, bound by JITFunction's own binder (as JITFunction.run does) for the
+    sm_90 backend: each direct launch's fixed argument list must equal the binder's, and the per-call head
+    (pointers of aligned tensors, seqlen_fixed) must not change Triton's specialisation. Returns the problems."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from fa4.kernels.triton import decode
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    problems = []
+    dt = torch.bfloat16
+    for paged, splits, new, rotary, lse in [(16, 3, 2, True, True), (None, 1, 1, False, False),
+                                            (128, 4, 0, False, True), (None, 1, 0, True, False)]:
+        batch, cap, hkv, d = 2, 256, 2, 128
+        q = torch.zeros(batch, max(new, 1), 8, d, dtype=dt)
+        if paged:
+            k_cache = torch.zeros(batch * cap // paged, paged, hkv, d, dtype=dt)
+            table = torch.zeros(batch, cap // paged, dtype=torch.int32)
+        else:
+            k_cache, table = torch.zeros(batch, cap, hkv, d, dtype=dt), None
+        k = torch.zeros(batch, new, hkv, d, dtype=dt) if new else None
+        cos = torch.zeros(cap + 4, 32) if rotary else None
+        lens, out = torch.zeros(batch, dtype=torch.int32), torch.zeros_like(q)
+        step = decode.Step(q, k_cache, k_cache, out, want_lse=lse, k=k, v=k, cache_seqlens=lens, cache_batch_idx=None,
+                           page_table=table, rotary_cos=cos, rotary_sin=cos, rotary_interleaved=True,
+                           rotary_per_token=True, softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0,
+                           sink=None, num_splits=splits, config=decode.Config(64, 4, 3))
+        part = torch.zeros(16, dtype=torch.float32)
+        lse_t = torch.zeros(batch, 8, q.shape[1]) if lse else None
+        heads = {step.append: lambda n: (k, k, k_cache, k_cache, lens, None, table, cos, cos, n),
+                 step.attend: lambda n: (q, k_cache, k_cache, out, lse_t, part if splits > 1 else None,
+                                         part if splits > 1 else None, None, lens, None, table, cos, cos, n),
+                 step.combine: lambda n: (part, part, out, lse_t, None)}
+        for launch in step.launches:
+            fn = launch.fn
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            specs = []
+            for n in (0, 1, 16, 17):
+                head = heads[launch](n)
+                params, spec, _ = binder(*launch.args(head), **launch.constexprs, num_warps=launch.num_warps,
+                                         num_stages=launch.num_stages)
+                if list(params.values()) != [*head, *launch.tail_all]:
+                    problems.append(f"{fn.__name__}: direct arguments differ from the binder's")
+                specs.append(spec)
+            if any(s != specs[0] for s in specs):
+                problems.append(f"{fn.__name__}: the per-call int changes the specialisation")
+    return problems
+
+
+def test_direct_launch_matches_triton_binding():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; "
+            "print(json.dumps(t._binding_report()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Errors: raised before anything is written
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -368,6 +545,12 @@ ERROR_CASES = [
      ValueError, r"^page_table has 1 rows; it must have one per sequence of q \(2\)"),
     ("page table dtype", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, page_table=kw["page_table"].long())),
      TypeError, r"^page_table must be torch\.int32; got torch\.int64"),
+    ("page table strided", lambda q, kc, vc, kw: (q, kc, vc, dict(
+        kw, page_table=kw["page_table"].t().contiguous().t())),
+     ValueError, r"^page_table's last dimension must be contiguous \(stride 1\); got stride 2"),
+    ("seqlens strided", lambda q, kc, vc, kw: (q, kc, vc, dict(
+        kw, cache_seqlens=torch.zeros(4, dtype=torch.int32)[::2])),
+     ValueError, r"^cache_seqlens must be contiguous \(stride 1\); got stride 2"),
     ("rotary too short", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=torch.tensor(
         [12, 3], dtype=torch.int32), rotary_cos=torch.ones(12, 8), rotary_sin=torch.zeros(12, 8))),
      ValueError, r"^rotary_cos has 12 positions; positions up to 12 are needed"),
@@ -468,11 +651,16 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits):
         table = torch.zeros(batch, length // paged, dtype=torch.int32)
     else:
         k_cache, table = torch.zeros(batch, length, 8, 128, dtype=dt), None
-    grid, args, consts, cfg, _ = decode.plan(
-        q, k_cache, k_cache, torch.zeros_like(q), None, cache_seqlens=torch.zeros(batch, dtype=torch.int32),
-        seqlen_new=0, cache_batch_idx=None, page_table=table, rotary_cos=None, rotary_sin=None,
-        rotary_interleaved=True, rotary_per_token=False, softmax_scale=0.1, window_left=-1, window_right=-1,
-        softcap=0.0, sink=None, num_splits=splits, config=decode.Config(block_n, num_warps, num_stages))
+    out, lens = torch.zeros_like(q), torch.zeros(batch, dtype=torch.int32)
+    step = decode.Step(
+        q, k_cache, k_cache, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
+        page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True, rotary_per_token=False,
+        softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, sink=None, num_splits=splits,
+        config=decode.Config(block_n, num_warps, num_stages))
+    part = torch.zeros(step.ws_numel if splits > 1 else 16, dtype=torch.float32)
+    launch, cfg = step.attend, step.config
+    args = launch.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
+    consts = launch.constexprs
     fn = decode._decode_kernel
     signature, attrs, constexprs = {}, {}, dict(consts)
     for i, (name, value) in enumerate(zip(fn.arg_names, args)):
@@ -497,7 +685,9 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits):
                 ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared)
 
 
-AOT_CASES = [(None, 16), (128, 1), (16, 4)]  # contiguous split; paged, one tile per page; paged 16, per-row gather
+# (page size, splits, regime): contiguous split; paged 128 unsplit (one tile per page); paged 16 split (per-key
+# page gather); contiguous unsplit. The config is the one default_config gives that regime on a CUDA device.
+AOT_CASES = [(None, 16, "split"), (128, 1, "wide"), (16, 4, "split"), (None, 1, "wide")]
 
 
 @pytest.fixture(scope="module")
@@ -509,8 +699,7 @@ def aot_reports():
     import sys
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; "
-            "cfg = t.decode_config_h100(); "
-            f"print(json.dumps([t._aot_report(p, *cfg, s) for p, s in {AOT_CASES!r}]))")
+            f"print(json.dumps([t._aot_report(p, *t.decode_config_h100(r), s) for p, s, r in {AOT_CASES!r}]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
                           timeout=600)
@@ -518,17 +707,22 @@ def aot_reports():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", range(len(AOT_CASES)), ids=["contiguous-split", "paged128", "paged16-gather-split"])
+@pytest.mark.parametrize("case", range(len(AOT_CASES)),
+                         ids=["contiguous-split", "paged128-wide", "paged16-gather-split", "contiguous-wide"])
 def test_decode_kernel_compiles_for_sm90(case, aot_reports):
-    """Two K and two V tiles in flight (16-byte cp.async into shared memory), no local-memory spills."""
+    """(stages - 1) K and V tiles in flight (16-byte cp.async into shared memory), no local-memory spills, and
+    the shared memory that lets the split config run two programs per SM (choose_num_splits counts on it)."""
     rep = aot_reports[case]
+    block_n, _, stages = decode_config_h100(AOT_CASES[case][2])
     assert rep["local"] == 0, rep
-    tile_bytes = decode_config_h100()[0] * 128 * 2
-    assert rep["smem"] >= 4 * tile_bytes, rep  # (stages - 1) = 2 buffers each of K and V
+    tile_bytes = block_n * 128 * 2
+    assert rep["smem"] >= 2 * (stages - 1) * tile_bytes, rep
     assert rep["ldgsts128"] > 0, rep
+    if AOT_CASES[case][2] == "split":
+        assert 2 * (rep["smem"] + 1024) <= 228 * 1024, rep
 
 
-def decode_config_h100():
-    """The bf16, D = 128 config that decode.default_config gives on a CUDA device."""
+def decode_config_h100(regime):
+    """The bf16, D = 128 config that decode.default_config gives on a CUDA device ("split" or "wide")."""
     from fa4.kernels.triton import decode
-    return tuple(decode._CUDA[128])
+    return tuple(decode.default_config(torch.device("cuda"), torch.bfloat16, 128, 128, wide=regime == "wide"))

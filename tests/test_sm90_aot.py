@@ -35,6 +35,7 @@ def _shipped():
         cases.append((f"d{real_d}-{dv}-causal", dict(d=real_d, dv=dv, causal=True)))
     cases += [
         ("d128-plain", dict(d=128, dv=128)),
+        ("d64-plain", dict(d=64, dv=64)),
         ("d128-window-softcap-sink-fp16-gqa", dict(d=128, dv=128, window=(100, 50), softcap=30.0, sink=True,
                                                    dtype="float16", gqa=4)),
         ("d128-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True)),
@@ -43,7 +44,13 @@ def _shipped():
         ("d40-24-sink", dict(d=40, dv=24, sink=True)),
         ("d128-lazy-poly25", dict(d=128, dv=128, causal=True, variant=dict(LAZY=True, POLY=1))),
         ("d64-poly50", dict(d=64, dv=64, variant=dict(POLY=2))),
-        ("d128-nopingpong-stages3", dict(d=128, dv=128, variant=dict(PINGPONG=False, stages=3))),
+        # The runners-up that benchmarks/sm90_probe.py times beside the shipped tiles.
+        ("d128-stages3", dict(d=128, dv=128, variant=dict(stages=3))),
+        ("d128-pingpong-causal", dict(d=128, dv=128, causal=True, variant=dict(PINGPONG=True))),
+        ("d128-stagger", dict(d=128, dv=128, variant=dict(STAGGER=True))),
+        ("d128-reversed-causal", dict(d=128, dv=128, causal=True, variant=dict(SCHED="reversed"))),
+        ("d64-wg2-causal", dict(d=64, dv=64, causal=True, variant=dict(num_wg=2, consumer_regs=240))),
+        ("d256-nopingpong", dict(d=256, dv=256, variant=dict(PINGPONG=False))),
     ]
     return cases
 
@@ -127,7 +134,7 @@ def test_poly_ptx_shape():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tile bookkeeping: a Python mirror of attention_fwd._tile and _scores' mask-skip test.
+# Tile bookkeeping: Python mirrors of attention_fwd._kv_range, _scores' mask-skip test, _work, _block.
 # ---------------------------------------------------------------------------------------------------------
 
 def _kv_range(m0, bm, bn, seq_q, seq_k, wl, wr):
@@ -179,14 +186,94 @@ def test_tile_ranges_cover_and_masks(bm, bn):
                     assert block.all(), (seq_q, seq_k, wl, wr, m0, j)
 
 
+# Work units: a mirror of attention_fwd._work and _block.
+_SCHED = {"flat": 0, "reversed": 1, "paired": 2}
+
+
+def _work(t, sched, num_m, num_heads, n_m_of_b, wr_bounded=True):
+    per_head = (num_m + 1) // 2 if sched == "paired" else num_m
+    bh, u = divmod(t, per_head)
+    b = bh // num_heads
+    n_m = n_m_of_b(b)
+    if sched == "paired":
+        mirror = n_m - 1 - u
+        count = int(u < mirror) + int(u <= mirror)
+        first, second = (mirror, u) if wr_bounded else (u, mirror)
+    else:
+        first = n_m - 1 - u if sched == "reversed" else u
+        second, count = first, int(u < n_m)
+    return [(bh, first), (bh, second)][:count]
+
+
+def _walk(rot, n_lo, n_hi, stagger):
+    out = []
+    for it in range(n_hi - n_lo):
+        k = it + (rot % max(n_hi - n_lo, 1) if stagger else 0)
+        k = k - (n_hi - n_lo) if k >= n_hi - n_lo else k
+        out.append(n_hi - 1 - k)
+    return out
+
+
+@pytest.mark.parametrize("sched", list(_SCHED))
+def test_units_cover_each_tile_once(sched):
+    rng = np.random.default_rng(_SCHED[sched])
+    for _ in range(50):
+        batch, heads = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        n_m_b = [int(rng.integers(0, 12)) for _ in range(batch)]  # varlen: each sequence its own count
+        num_m = max(n_m_b + [1])
+        per_head = (num_m + 1) // 2 if sched == "paired" else num_m
+        seen = [tile for t in range(per_head * heads * batch)
+                for tile in _work(t, sched, num_m, heads, lambda b: n_m_b[b])]
+        want = [(b * heads + h, mb) for b in range(batch) for h in range(heads) for mb in range(n_m_b[b])]
+        assert sorted(seen) == sorted(want), (sched, n_m_b)
+    for rot in range(7):
+        for n_lo, n_hi in [(0, 1), (0, 5), (3, 9)]:
+            assert sorted(_walk(rot, n_lo, n_hi, True)) == list(range(n_lo, n_hi))
+            assert _walk(rot, n_lo, n_hi, False) == list(range(n_hi - 1, n_lo - 1, -1))
+
+
+def _makespan(sched, s, heads, batch, bm, bn, nsm=132, per_tile=1.0):
+    """Static round robin of units over nsm CTAs, causal, a tile costing its key blocks + per_tile."""
+    num_m = -(-s // bm)
+    per_head = (num_m + 1) // 2 if sched == "paired" else num_m
+    load = [0.0] * nsm
+    for t in range(per_head * heads * batch):
+        for _, mb in _work(t, sched, num_m, heads, lambda b: num_m):
+            load[t % nsm] += _kv_range(mb * bm, bm, bn, s, s, -1, 0)[1] + per_tile
+    return max(load) / (sum(load) / nsm)
+
+
+def test_causal_schedule_balance():
+    """The training suite's causal rows (132 SMs): paired units keep every CTA within a few percent of the
+    mean, where the reversed round robin left CTAs with up to 1.8x the mean (H100 r1: causal at 0.6-0.75x
+    of non-causal at S = 16384, D = 128 and 256)."""
+    rows = [(4096, 32, 4, 128), (16384, 32, 1, 128), (1024, 16, 16, 128), (4096, 16, 4, 128),
+            (16384, 16, 1, 128), (4096, 8, 4, 64), (16384, 8, 1, 64)]
+    for s, heads, batch, bn in rows:
+        paired = _makespan("paired", s, heads, batch, 128, bn)
+        assert paired < 1.04, (s, heads, bn, paired)
+        assert paired <= _makespan("reversed", s, heads, batch, 128, bn)
+    assert _makespan("reversed", 16384, 8, 1, 128, 64) > 1.7
+    # Three warpgroups (192 rows) at D = 64: 22 query blocks, and 132 = 6 x 22 gave every CTA one block index.
+    assert _makespan("reversed", 4096, 32, 4, 192, 128) > 1.8
+    assert _makespan("paired", 4096, 32, 4, 192, 128) < 1.05
+
+
 def test_configs_fit():
     for d, dv in configs.shipped_configs():
         cfg = configs.get_config(d, dv)
         assert cfg is not None and configs.fits(cfg, d, dv)
         alias = configs.needs_o_alias(cfg, d, dv)
         assert configs.smem_bytes(cfg, d, dv, o_alias_q=alias) <= configs.SMEM_LIMIT
-        # Registers: consumers hold S (BN/2), O (Dv/2) and P (BN/4) fp32-equivalents per thread.
-        assert cfg.block_n // 2 * 2 + dv // 2 + cfg.block_n // 4 < cfg.consumer_regs
+        # Registers: while S_j is in flight a consumer thread holds S (BN/2 fp32), P_{j-1} (BN/4: bf16 pairs)
+        # and O (Dv/2), plus row statistics and addresses.
+        assert cfg.block_n // 2 + cfg.block_n // 4 + dv // 2 + 16 <= cfg.consumer_regs
+        # setmaxnreg moves registers within the pool the CTA launched with: 4·(NWG + 1) warps (the loader warp
+        # padded to a warpgroup) at the largest multiple of 8 that fits 64 Ki. Asking for more than the pool
+        # holds hangs the kernel (the increase waits forever).
+        threads = 128 * (cfg.num_wg + 1)
+        pool = min(65536 // threads // 8 * 8, 255) * threads
+        assert 128 * (cfg.num_wg * cfg.consumer_regs + cfg.loader_regs) <= pool
     assert configs.tile_dim(40) == 64 and configs.tile_dim(192) == 256 and configs.tile_dim(300) is None
 
 

@@ -6,7 +6,8 @@
 - the decode suite's shapes (bf16, Hq 32, Hkv 8, D 128), paged (page 128) and contiguous;
 - a decode step (append + rotary + attention) captured in a CUDA graph and replayed, with no allocation and
   no host synchronisation once `out` is given;
-- caches whose offsets pass 2^31 elements.
+- caches whose offsets pass 2^31 elements;
+- the direct launch path (decode.Launch) after a signature's first call, and its fallbacks.
 """
 import pytest
 import torch
@@ -191,6 +192,39 @@ def test_cuda_graph_capture_and_replay(batch):
         assert torch.equal(static["out"], eager)
         assert torch.equal(k_cache, k_mirror) and torch.equal(v_cache, v_mirror)
         static["cache_seqlens"] += 1  # the next step appends one slot further, as a server would
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The host path: direct launches of the compiled kernels once a signature has run
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged128"])
+def test_direct_launches_after_first_call(paged, monkeypatch):
+    """The second call of a signature launches the kept kernels without JITFunction (same output, bitwise); a q
+    whose address loses the 16-byte alignment goes back through JITFunction and is still right; so does a call
+    made while another stream is current."""
+    from fa4.kernels.triton import decode
+    q, k, v, lens, kw = _suite_inputs(1, 8192, paged)  # split: attention + combine
+    first = kvcache(q, k, v, cache_seqlens=lens, **kw)
+    _, step = next(reversed(inference._steps.values()))
+    assert step.ready and step.combine is not None
+    jit = []
+    launch_jit = decode.Launch.jit
+    monkeypatch.setattr(decode.Launch, "jit", lambda self, head, keep: (jit.append(keep), launch_jit(self, head, keep)))
+    again = kvcache(q, k, v, cache_seqlens=lens, **kw)
+    torch.cuda.synchronize()
+    assert jit == [] and torch.equal(again, first)
+    q_off = torch.empty(q.numel() + 1, device=DEV, dtype=q.dtype)[1:].view(q.shape).copy_(q)
+    shifted = kvcache(q_off, k, v, cache_seqlens=lens, **kw)
+    assert jit == [False, False]
+    torch.testing.assert_close(shifted, first, atol=1e-2, rtol=0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = kvcache(q, k, v, cache_seqlens=lens, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(other, first)
 
 
 # ---------------------------------------------------------------------------------------------------------------

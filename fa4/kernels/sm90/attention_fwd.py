@@ -1,20 +1,22 @@
 """Attention forward for Hopper (sm_90a) in Gluon: the kernel, its partitions, and the host wrapper.
 
-One persistent CTA per SM walks a list of tiles (query block, head, sequence). Inside a CTA:
+One persistent CTA per SM takes work units round robin: a unit is one query tile, or for causal/windowed
+problems two tiles of one (sequence, head) whose costs add up to the same for every unit (see SCHED_PAIRED).
+Inside a CTA:
 
-  loader (1 warp, few registers)   TMA: Q tile, then K_j and V_j for the tile's key blocks, newest first,
+  loader (1 warp, few registers)   TMA: Q tile, then K_j and V_j for the tile's key blocks, last first,
                                    into a ring of STAGES shared-memory slots guarded by mbarriers.
   consumer warpgroups (NWG x 4 warps, 64 query rows each, the registers the loader gave up)
         S_j  = Q·K_jᵀ               async wgmma, Q and K from shared memory
         O   += P_{j-1}·V_{j-1}      async wgmma, P from registers; issued together with S_j (intra-warpgroup
                                     overlap: the softmax of block j runs while P_{j-1}·V_{j-1} is in flight)
         softmax(S_j) -> P_j, alpha_j, O *= alpha_j
-    The consumers take turns issuing their matrix products (ping-pong through one mbarrier per warpgroup), so
+    With PINGPONG the consumers take turns issuing their matrix products (one mbarrier per warpgroup), so
     one warpgroup's softmax runs under the other's wgmma.
   epilogue  O / l, lse = (m + log2 l)·ln 2; O through shared memory and a TMA store.
 
 Key blocks are walked from the last to the first, so the blocks that need masking (the sequence end, the
-causal diagonal) come first and the rest run unmasked.
+causal diagonal) come first and the rest run unmasked (STAGGER, a probe variant, rotates the walk per CTA).
 
 Barrier protocol (every barrier's phase parity is tracked by a counter in each partition):
   q_ready   (1 arrival + tx)     loader -> consumers: the tile's Q is in shared memory
@@ -66,7 +68,8 @@ class Problem:
     num_heads: gl.tensor
     group: gl.tensor
     num_m: gl.tensor
-    num_tiles: gl.tensor
+    num_units: gl.tensor
+    units_per_head: gl.tensor
     lse_len: gl.tensor
     qk_scale: gl.tensor
     cap_scale: gl.tensor
@@ -85,14 +88,15 @@ class Problem:
     POLY: gl.constexpr
     PINGPONG: gl.constexpr
     O_ALIAS: gl.constexpr
-    REVERSE_M: gl.constexpr
+    SCHED: gl.constexpr
+    STAGGER: gl.constexpr
     BIG_O: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
-                 stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_tiles, lse_len,
-                 qk_scale, cap_scale, window_left, window_right, BN, NWG, STAGES, VARLEN, HAS_SEQUSED,
-                 HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, REVERSE_M, BIG_O):
+                 stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
+                 lse_len, qk_scale, cap_scale, window_left, window_right, BN, NWG, STAGES, VARLEN, HAS_SEQUSED,
+                 HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -111,7 +115,8 @@ class Problem:
         self.num_heads = num_heads
         self.group = group
         self.num_m = num_m
-        self.num_tiles = num_tiles
+        self.num_units = num_units
+        self.units_per_head = units_per_head
         self.lse_len = lse_len
         self.qk_scale = qk_scale
         self.cap_scale = cap_scale
@@ -130,7 +135,8 @@ class Problem:
         self.POLY = gl.constexpr(POLY)
         self.PINGPONG = gl.constexpr(PINGPONG)
         self.O_ALIAS = gl.constexpr(O_ALIAS)
-        self.REVERSE_M = gl.constexpr(REVERSE_M)
+        self.SCHED = gl.constexpr(SCHED)
+        self.STAGGER = gl.constexpr(STAGGER)
         self.BIG_O = gl.constexpr(BIG_O)
 
 
@@ -168,21 +174,35 @@ class Buffers:
 # Tile bookkeeping, computed identically by the loader and every consumer.
 # ---------------------------------------------------------------------------------------------------------
 
+# Work order (SCHED). A persistent CTA takes work units pid, pid + nprog, ... (static round robin), so the
+# balance depends on every CTA's units summing to about the same number of key blocks:
+#   SCHED_FLAT (0)     one unit = one query tile, (sequence, head)-major, query blocks ascending. Every tile
+#                      of a non-windowed problem costs the same, and consecutive units share K/V in L2.
+#   SCHED_REVERSED (1) the same with query blocks descending (the first causal schedule; kept for the probe).
+#                      Causal tiles cost mb + 1 blocks: the units of a CTA land on a fixed residue of mb
+#                      (nprog mod num_m), so some CTAs draw only long tiles (makespan up to 1.8x the mean).
+#   SCHED_PAIRED (2)   one unit = query blocks u and n_m - 1 - u of one (sequence, head), the long one first.
+#                      Causal costs (u + 1) + (n_m - u) = n_m + 1: every unit costs the same, so round robin is
+#                      balanced up to the last partial round, and the CTAs that run together stay on one or two
+#                      heads and walk the same key blocks within a few blocks of each other (L2 reuse).
+SCHED_FLAT = gl.constexpr(0)
+SCHED_REVERSED = gl.constexpr(1)
+SCHED_PAIRED = gl.constexpr(2)
+SCHED_NAMES = {"flat": 0, "reversed": 1, "paired": 2}
+
+
 @gluon.jit
-def _tile(p, t):
-    """Tile t -> (b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi): key blocks [n_lo, n_hi)."""
+def _work(p, t, sub):
+    """Query block `sub` (0 or 1) of unit t -> (b, h, seq_q, seq_k, q_start, k_start, mb, count), `count`
+    (0, 1 or 2) being the unit's number of query blocks. Called for sub = 0 and 1 at the unit's start
+    (all but mb is common, so the second call costs only its last lines)."""
     BM: gl.constexpr = ROWS_PER_WG * p.NWG
-    bh = t // p.num_m
-    mi = t - bh * p.num_m
-    if p.REVERSE_M:
-        # Causal: the last query blocks see the most keys; start them first so the tail of the
-        # persistent schedule holds the short tiles.
-        mb = p.num_m - 1 - mi
-    else:
-        mb = mi
+    # Units per (sequence, head) comes from the host: arithmetic on kernel arguments here would be hoisted
+    # above the partitions by LLVM and spilled around the register reallocation (see _cta_id).
+    bh = t // p.units_per_head
+    u = t - bh * p.units_per_head
     b = bh // p.num_heads
     h = bh - b * p.num_heads
-    m0 = mb * BM
     if p.VARLEN:
         q_start = gl.load(p.cu_q + b)
         seq_q = gl.load(p.cu_q + b + 1) - q_start
@@ -191,6 +211,7 @@ def _tile(p, t):
             seq_k = gl.load(p.seqused + b)
         else:
             seq_k = gl.load(p.cu_k + b + 1) - k_start
+        n_m = (seq_q + BM - 1) // BM  # this sequence's own query blocks (num_m is the longest's)
     else:
         q_start = 0
         k_start = 0
@@ -199,7 +220,34 @@ def _tile(p, t):
             seq_k = gl.load(p.seqused + b)
         else:
             seq_k = p.seqlen_k
-    # Visible keys of rows [m0, last]: j <= i + off + wr and j >= i + off - wl (bottom-right aligned).
+        n_m = p.num_m
+    if p.SCHED == SCHED_PAIRED:
+        mirror = n_m - 1 - u
+        # Two blocks while u < mirror, the middle one alone when they meet, none past it.
+        count = (u < mirror).to(gl.int32) + (u <= mirror).to(gl.int32)
+        if p.HAS_WR:
+            # Bounded on the right (causal): later query blocks see more keys.
+            first = mirror
+            second = u
+        else:
+            # Bounded on the left only: earlier query blocks see more keys.
+            first = u
+            second = mirror
+    else:
+        if p.SCHED == SCHED_REVERSED:
+            first = n_m - 1 - u
+        else:
+            first = u
+        second = first
+        count = (u < n_m).to(gl.int32)
+    return b, h, seq_q, seq_k, q_start, k_start, first + (second - first) * sub, count
+
+
+@gluon.jit
+def _kv_range(p, m0, seq_q, seq_k):
+    """Key blocks [n_lo, n_hi) visible to query rows [m0, m0 + BM)."""
+    BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    # Visible keys of row i: j <= i + off + wr and j >= i + off - wl (bottom-right aligned).
     off = seq_k - seq_q
     last = gl.minimum(m0 + BM, seq_q) - 1
     hi = seq_k
@@ -210,7 +258,31 @@ def _tile(p, t):
         lo = gl.maximum(m0 + off - p.window_left, 0)
     n_hi = (gl.maximum(hi, 0) + p.BN - 1) // p.BN
     n_lo = lo // p.BN
-    return b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi
+    return n_lo, n_hi
+
+
+@gluon.jit
+def _rotation(p, pid, n_lo, n_hi):
+    """Where this CTA starts its walk over the tile's key blocks (STAGGER), else 0.
+
+    Without it every CTA of a head reads the same K/V block at the same moment (all start at the last
+    block); rotating the start by the CTA index spreads those reads over different blocks. Any order is
+    exact: masking is decided per block, and the online softmax does not depend on the order."""
+    if p.STAGGER:
+        return pid % gl.maximum(n_hi - n_lo, 1)
+    else:
+        return 0
+
+
+@gluon.jit
+def _block(p, it, rot, n_lo, n_hi):
+    """Key block of step `it` of the walk: the last block first, then downwards (rotated by `rot`)."""
+    if p.STAGGER:
+        k = it + rot
+        k = gl.where(k >= n_hi - n_lo, k - (n_hi - n_lo), k)
+        return n_hi - 1 - k
+    else:
+        return n_hi - 1 - it
 
 
 @gluon.jit
@@ -223,10 +295,32 @@ def _cta_id():
 
 
 @gluon.jit
+def _num_ctas():
+    # Same reason as _cta_id: gl.num_programs would be hoisted above the partitions, and a loop step kept
+    # live through a partition's whole loop was spilled (ptxas reads %nctaid from the constant bank at each
+    # use instead).
+    return gl.inline_asm_elementwise("mov.u32 $0, %nctaid.x;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
 def _next_slot(idx, phase, STAGES: gl.constexpr):
     nxt = idx + 1
     wrap = nxt == STAGES
     return gl.where(wrap, 0, nxt), gl.where(wrap, phase ^ 1, phase)
+
+
+@gluon.jit
+def _opaque(x):
+    # An int32 the compiler cannot see through (a non-pure move): blocks common-subexpression elimination
+    # and hoisting of what is computed from it.
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _slot(count, STAGES: gl.constexpr):
+    """Ring slot and phase parity of the count-th K/V block (a consumer carries one counter, not four)."""
+    return count % STAGES, (count // STAGES) & 1
 
 
 @gluon.jit
@@ -252,15 +346,20 @@ def _kv_coord(p, b, hk, k_start, key):
 @gluon.jit
 def _loader(p, bufs):
     NWG: gl.constexpr = p.NWG
+    BM: gl.constexpr = ROWS_PER_WG * NWG
     pid = _cta_id()
-    nprog = gl.num_programs(0)
     kv_idx = 0
     kv_phase = 0
     tcount = 0
-    for t in range(pid, p.num_tiles, nprog):
-        b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi = _tile(p, t)
-        if m0 < seq_q:
-            hk = h // p.group
+    t = pid
+    while t < p.num_units:
+        b, h, seq_q, seq_k, q_start, k_start, mb_first, count = _work(p, t, 0)
+        mb_second = _work(p, t, 1)[6]
+        hk = h // p.group
+        for sub in range(count):
+            m0 = (mb_first + (mb_second - mb_first) * sub) * BM
+            n_lo, n_hi = _kv_range(p, m0, seq_q, seq_k)
+            rot = _rotation(p, pid, n_lo, n_hi)
             # Q: wait until every consumer is done with the previous tile's Q (a fresh barrier passes
             # parity 1 at once).
             mbarrier.wait(bufs.q_empty, (tcount & 1) ^ 1)
@@ -270,7 +369,7 @@ def _loader(p, bufs):
                 tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, m0 + w * ROWS_PER_WG),
                                                 bufs.q_ready, bufs.q.index(w))
             for it in range(n_hi - n_lo):
-                key = (n_hi - 1 - it) * p.BN
+                key = _block(p, it, rot, n_lo, n_hi) * p.BN
                 mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
                 mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
@@ -280,6 +379,7 @@ def _loader(p, bufs):
                 tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
                                                 bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
                 kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+        t += _num_ctas()  # re-read, not kept live (see _num_ctas)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,28 +387,34 @@ def _loader(p, bufs):
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _scores(p, s, j, rows, m0, seq_q, seq_k):
-    """Softcap, then -inf where a key is not visible; blocks wholly inside the visible band skip the mask."""
+def _scores(p, s, j, rows, m0, seq_q, seq_k, FIRST: gl.constexpr):
+    """Softcap, then -inf where a key is not visible; blocks wholly inside the visible band skip the mask.
+
+    Without a window only the sequence end needs a mask, and the walk takes that block first (FIRST): the
+    loop then carries no mask code (and none of the per-thread column constants LLVM would keep live for it;
+    at 160 registers a thread they were spilled)."""
     BN: gl.constexpr = p.BN
     BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    MASKS: gl.constexpr = FIRST or p.HAS_WR or p.HAS_WL or p.STAGGER
     if p.SOFTCAP:
         s = tanh_approx(s * p.cap_scale)
-    off = seq_k - seq_q
-    need = (j + 1) * BN > seq_k
-    if p.HAS_WR:
-        need = need | ((j + 1) * BN - 1 > m0 + off + p.window_right)
-    if p.HAS_WL:
-        need = need | (j * BN < m0 + BM - 1 + off - p.window_left)
-    if need:
-        cols = j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout))
-        c2 = gl.expand_dims(cols, 0)
-        r2 = gl.expand_dims(rows, 1)
-        ok = c2 < seq_k
+    if MASKS:
+        off = seq_k - seq_q
+        need = (j + 1) * BN > seq_k
         if p.HAS_WR:
-            ok = ok & (c2 <= r2 + (off + p.window_right))
+            need = need | ((j + 1) * BN - 1 > m0 + off + p.window_right)
         if p.HAS_WL:
-            ok = ok & (c2 >= r2 + (off - p.window_left))
-        s = gl.where(ok, s, float("-inf"))
+            need = need | (j * BN < m0 + BM - 1 + off - p.window_left)
+        if need:
+            cols = j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout))
+            c2 = gl.expand_dims(cols, 0)
+            r2 = gl.expand_dims(rows, 1)
+            ok = c2 < seq_k
+            if p.HAS_WR:
+                ok = ok & (c2 <= r2 + (off + p.window_right))
+            if p.HAS_WL:
+                ok = ok & (c2 >= r2 + (off - p.window_left))
+            s = gl.where(ok, s, float("-inf"))
     return s
 
 
@@ -316,6 +422,7 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k):
 def _consumer(p, bufs, WG: gl.constexpr):
     BN: gl.constexpr = p.BN
     NWG: gl.constexpr = p.NWG
+    BM: gl.constexpr = ROWS_PER_WG * NWG
     D: gl.constexpr = p.q_desc.block_type.shape[-1]
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
     M: gl.constexpr = ROWS_PER_WG
@@ -331,14 +438,17 @@ def _consumer(p, bufs, WG: gl.constexpr):
     NEXT_WG: gl.constexpr = (WG + 1) % NWG
 
     pid = _cta_id()
-    nprog = gl.num_programs(0)
-    kv_idx = 0
-    kv_phase = 0
+    kv_count = 0  # K/V blocks taken from the ring so far
     turn = 0
     tcount = 0
-    for t in range(pid, p.num_tiles, nprog):
-        b, h, m0, seq_q, seq_k, q_start, k_start, n_lo, n_hi = _tile(p, t)
-        if m0 < seq_q:
+    t = pid
+    while t < p.num_units:
+        b, h, seq_q, seq_k, q_start, k_start, mb_first, count = _work(p, t, 0)
+        mb_second = _work(p, t, 1)[6]
+        for sub in range(count):
+            m0 = (mb_first + (mb_second - mb_first) * sub) * BM
+            n_lo, n_hi = _kv_range(p, m0, seq_q, seq_k)
+            rot = _rotation(p, pid, n_lo, n_hi)
             row0 = m0 + WG * M
             rows = row0 + gl.arange(0, M, row_s)
             mbarrier.wait(bufs.q_ready, tcount & 1)
@@ -348,22 +458,26 @@ def _consumer(p, bufs, WG: gl.constexpr):
             l_i = gl.zeros([M], gl.float32, row_s)
             acc = gl.zeros([M, DV], gl.float32, o_layout)
             if n_hi > n_lo:
-                # First (highest) key block: S only; its P·V goes out with the next block's QKᵀ.
-                j = n_hi - 1
+                # First key block of the walk: S only; its P·V goes out with the next block's QKᵀ.
+                # Opaque: without a window this block index, hence its whole sequence-end mask, is the
+                # same every tile, and LLVM hoisted the mask out of the tile loop as bit masks kept in
+                # registers through the key loop (spilled at 160 registers a thread).
+                j = _opaque(_block(p, 0, rot, n_lo, n_hi))
+                kv_idx, kv_phase = _slot(kv_count, p.STAGES)
                 mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
                 k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
                 s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False,
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(bufs.k_empty.index(kv_idx))
-                s = _scores(p, s, j, rows, m0, seq_q, seq_k)
-                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY)
+                s = _scores(p, s, j, rows, m0, seq_q, seq_k, True)
+                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                 pv = gl.convert_layout(pr.to(dtype), p_layout)
-                v_idx = kv_idx
-                v_phase = kv_phase
-                kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+                kv_count += 1
                 for it in range(1, n_hi - n_lo):
-                    jj = n_hi - 1 - it
+                    jj = _block(p, it, rot, n_lo, n_hi)
+                    kv_idx, kv_phase = _slot(kv_count, p.STAGES)
+                    v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                     mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
                     if p.PINGPONG:
                         mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
@@ -378,17 +492,16 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     # S_j is ready once at most one group (P·V) is outstanding.
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(bufs.k_empty.index(kv_idx))
-                    s = _scores(p, s, jj, rows, m0, seq_q, seq_k)
-                    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY)
+                    s = _scores(p, s, jj, rows, m0, seq_q, seq_k, False)
+                    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
                     mbarrier.arrive(bufs.v_empty.index(v_idx))
-                    acc = rescale_o(acc, alpha, p.LAZY)
+                    acc = rescale_o(acc, alpha)
                     pv = gl.convert_layout(pr.to(dtype), p_layout)
-                    v_idx = kv_idx
-                    v_phase = kv_phase
-                    kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+                    kv_count += 1
                 if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty)
+                v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                 mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
                 acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
                 acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
@@ -397,6 +510,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty)
             _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG)
+        t += _num_ctas()
     tma.store_wait(0)
 
 
@@ -457,7 +571,9 @@ def _store_o_tma(p, bufs, out, b, h, q_start, row0, WG: gl.constexpr):
     if p.O_ALIAS:
         o_buf = bufs.q.index(WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape, p.o_desc.layout)
     else:
-        o_buf = bufs.o.index(WG)
+        # Opaque index: LLVM otherwise hoists this thread's swizzled staging addresses above the tile loop
+        # and keeps them live through the key loop (spilled at 160 registers a thread).
+        o_buf = bufs.o.index(_opaque(gl.to_tensor(WG)))
         tma.store_wait(0)  # this warpgroup's previous O store has left the buffer
     o_buf.reshape([M, DV]).store(out)
     fence_async_shared()
@@ -469,18 +585,19 @@ def _store_o_tma(p, bufs, out, b, h, q_start, row0, WG: gl.constexpr):
 # ---------------------------------------------------------------------------------------------------------
 
 # Sizes are not specialised (no recompile per sequence length or head count; TMA needs no divisibility).
-_RUNTIME_INTS = ["stride_ot", "stride_oh", "dv", "seqlen_q", "seqlen_k", "num_heads", "group", "num_m", "num_tiles",
-                 "lse_len", "window_left", "window_right"]
+_RUNTIME_INTS = ["stride_ot", "stride_oh", "dv", "seqlen_q", "seqlen_k", "num_heads", "group", "num_m", "num_units",
+                 "units_per_head", "lse_len", "window_left", "window_right"]
 
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
 def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
-                    stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_tiles, lse_len,
-                    qk_scale, cap_scale, window_left, window_right,
+                    stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units,
+                    units_per_head, lse_len, qk_scale, cap_scale, window_left, window_right,
                     BN: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                     SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, LAZY: gl.constexpr, POLY: gl.constexpr,
-                    PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, REVERSE_M: gl.constexpr, BIG_O: gl.constexpr,
+                    PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
+                    BIG_O: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NWG] + q_desc.block_type.shape, q_desc.layout)
@@ -510,10 +627,10 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
     p = Problem(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                 gl.to_tensor(stride_ot), gl.to_tensor(stride_oh), gl.to_tensor(dv), gl.to_tensor(seqlen_q),
                 gl.to_tensor(seqlen_k), gl.to_tensor(num_heads), gl.to_tensor(group), gl.to_tensor(num_m),
-                gl.to_tensor(num_tiles), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
+                gl.to_tensor(num_units), gl.to_tensor(units_per_head), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right),
                 BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY,
-                PINGPONG, O_ALIAS, REVERSE_M, BIG_O)
+                PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -532,8 +649,13 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
-# Softmax variants; the defaults are what ships. benchmarks/sm90_probe.py times the alternatives.
-DEFAULT_VARIANT = dict(PINGPONG=True, LAZY=False, POLY=0)
+# Kernel switches; the defaults are what ships (the tile, ping-pong included, comes from configs.py).
+# benchmarks/sm90_probe.py times the alternatives. SCHED None: paired units where a window (causal) makes
+# tile costs differ, flat otherwise.
+DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False)
+# Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
+_TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
+              "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong"}
 
 
 def _descriptor(t, rows, varlen):
@@ -551,10 +673,12 @@ def _descriptor(t, rows, varlen):
 
 def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, softcap, sink,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, variant=None):
-    """(number of tiles, kernel arguments by name, constexprs by name) for one forward call."""
+    """(number of work units, kernel arguments by name, constexprs by name) for one forward call."""
     variant = dict(DEFAULT_VARIANT, **(variant or {}))
-    tile_overrides = {key: variant.pop(key) for key in ("block_n", "num_wg", "stages", "consumer_regs", "loader_regs")
-                      if key in variant}
+    tile_overrides = {_TILE_KEYS[key]: variant.pop(key) for key in list(variant) if key in _TILE_KEYS}
+    unknown = set(variant) - set(DEFAULT_VARIANT)
+    if unknown:
+        raise ValueError(f"unknown sm90 variant keys {sorted(unknown)}")
     d, dv = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     cfg = configs.get_config(d, dv, **tile_overrides)
     if cfg is None:
@@ -569,7 +693,13 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         lse_len = seqlen_q
     num_m = triton.cdiv(seqlen_q, cfg.block_m)
-    num_tiles = num_m * hq * batch
+    windowed = window_left >= 0 or window_right >= 0
+    sched = variant["SCHED"]
+    if sched is None:
+        sched = "paired" if windowed else "flat"
+    sched = SCHED_NAMES[sched] if isinstance(sched, str) else int(sched)
+    per_head = triton.cdiv(num_m, 2) if sched == SCHED_PAIRED.value else num_m
+    num_units = per_head * hq * batch
     soft = softcap > 0
     dummy_i32 = cu_seqlens_q if varlen else torch.empty(0, dtype=torch.int32, device=q.device)
     args = dict(
@@ -579,7 +709,8 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
         stride_ot=out.stride(-3), stride_oh=out.stride(-2), dv=v.shape[-1], seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        num_heads=hq, group=hq // hkv, num_m=num_m, num_tiles=num_tiles, lse_len=lse_len,
+        num_heads=hq, group=hq // hkv, num_m=num_m, num_units=num_units,
+        units_per_head=per_head, lse_len=lse_len,
         # With softcap the exponent is softcap·tanh(scale·qk/softcap)·log2(e): tanh's argument is
         # scaled by cap_scale, its result by qk_scale.
         qk_scale=(softcap if soft else softmax_scale) * LOG2E,
@@ -588,13 +719,13 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     constexprs = dict(
         BN=cfg.block_n, NWG=cfg.num_wg, STAGES=cfg.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, HAS_SINK=sink is not None,
-        LAZY=bool(variant["LAZY"]), POLY=int(variant["POLY"]), PINGPONG=bool(variant["PINGPONG"]),
-        O_ALIAS=configs.needs_o_alias(cfg, d, dv), REVERSE_M=window_right >= 0,
+        LAZY=bool(variant["LAZY"]), POLY=int(variant["POLY"]), PINGPONG=bool(cfg.pingpong),
+        O_ALIAS=configs.needs_o_alias(cfg, d, dv), SCHED=int(sched), STAGGER=bool(variant["STAGGER"]),
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31,
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
-    return num_tiles, args, constexprs
+    return num_units, args, constexprs
 
 
 _NUM_SMS = {}
@@ -619,11 +750,11 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    num_tiles, args, constexprs = launch_plan(
+    num_units, args, constexprs = launch_plan(
         q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
         softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
         max_seqlen_q=max_seqlen_q, variant=variant)
-    if num_tiles > 0:
-        grid = (min(num_tiles, _num_sms(q.device)), )
+    if num_units > 0:
+        grid = (min(num_units, _num_sms(q.device)), )
         attn_fwd_kernel[grid](**args, **constexprs, num_warps=4)
     return out, lse

@@ -9,8 +9,8 @@ limited by two budgets of the SM:
                                    P in bf16 (BN/4), plus the next S while the current one is in softmax.
 
 Where O staging does not fit beside Q, O is written through Q's buffer (`o_alias_q`): the next tile's Q then
-waits for the store. The defaults follow FlashAttention-3's shapes and are to be re-measured by
-`benchmarks/sm90_probe.py`.
+waits for the store. The entries are the winners of `benchmarks/sm90_probe.py` on an H100 (run r1,
+2026-11-25, see benchmarks/NOTES.md "Hopper forward (Gluon)"); the probe times the runners-up beside them.
 """
 from dataclasses import dataclass, replace
 
@@ -34,18 +34,26 @@ class TileConfig:
     stages: int           # depth of the K/V ring
     consumer_regs: int    # setmaxnreg of the worker consumer warpgroups
     loader_regs: int = 24  # the TMA warp needs only addresses, coordinates and phases
+    # Consumer warpgroups take turns issuing their products (softmax of one under the other's wgmma).
+    # Off, they issue as soon as their operands are ready and the tensor core interleaves them.
+    pingpong: bool = True
 
     @property
     def block_m(self):
         return 64 * self.num_wg
 
 
-# Keyed by tile widths (D, Dv). Two consumer warpgroups everywhere: FlashAttention-3 uses three at D = 64
-# (192 rows), but at 160 registers a thread the Gluon kernel spills tile state (probe variant "wg3").
-# The key block halves at D = 256 to stay in shared memory (FA3's 80 is not a power of two).
+# Keyed by tile widths (D, Dv). r1 (H100, bf16, TFLOP/s at S = 4096 / 16384, non-causal):
+#   D = 64:  three consumer warpgroups (192 query rows, 160 registers a thread; 3 x 128 x 160 + the loader
+#            warpgroup's 128 x 24 fill the 64 Ki register file) 532 / 530 against two 465 / 469: more warps
+#            to hide the softmax latency where the exponentials weigh most. (Causal r1 numbers of this tile
+#            were hit by the old schedule: with 22 query blocks and 132 CTAs every CTA drew one block index.)
+#   D = 128: no ping-pong 642 / 627 against 601 / 549 (causal 535 / 443 against 526 / 415).
+#   D = 256: ping-pong or not within noise (629 / 679 against 616 / 675); the key block halves to stay in
+#            shared memory (FA3's 80 is not a power of two).
 _TABLE = {
-    (64, 64): TileConfig(block_n=128, num_wg=2, stages=2, consumer_regs=240),
-    (128, 128): TileConfig(block_n=128, num_wg=2, stages=2, consumer_regs=240),
+    (64, 64): TileConfig(block_n=128, num_wg=3, stages=2, consumer_regs=160),
+    (128, 128): TileConfig(block_n=128, num_wg=2, stages=2, consumer_regs=240, pingpong=False),
     (256, 128): TileConfig(block_n=64, num_wg=2, stages=2, consumer_regs=240),
     (256, 256): TileConfig(block_n=64, num_wg=2, stages=2, consumer_regs=240),
 }

@@ -6,8 +6,11 @@ m (running max, base-2 logits) and l (running sum of exp2(s - m)).
 
 FlashAttention-4's two ideas, each a compile-time switch:
 - lazy rescale (LAZY): the max used for P only moves when a row's true max grew by more than
-  RESCALE_THRESHOLD (log2 units), so P <= 2^8 and most blocks skip the O *= alpha pass. The sum and O share
-  the stale max, so the final O / l is exact.
+  RESCALE_THRESHOLD (log2 units), so P <= 2^8. The sum and O share the stale max, so the final O / l is
+  exact, provided the sum adds up the same rounded P that feeds P·V (see online_softmax). On Hopper O lives
+  in registers and O *= alpha is Dv/2 FMUL a thread per key block; skipping it for a whole warpgroup needs a
+  cross-warp vote (a shared-memory reduction and a barrier), which cost more than it saved (r1 probe: lazy
+  5-10% slower). So O is always multiplied (by exactly 1 where the max stayed) and LAZY is off by default.
 - exp2 on the FMA pipe (POLY = k of every 4 elements): 2^x = 2^floor(x) · 2^frac(x); the fraction through a
   degree-3 polynomial (3 FMA), the integer added straight into the exponent bits. The MUFU unit does 16
   exp2/clk/SM against 4096 MMA FLOP/clk/SM, so at D = 64 it is as busy as the tensor cores.
@@ -82,11 +85,19 @@ def tanh_approx(x):
 
 
 @gluon.jit
-def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr):
-    """One key block: returns (m, l, P in fp32, alpha) with O to be multiplied by alpha row-wise.
+def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr, dtype: gl.constexpr):
+    """One key block: returns (m, l, P, alpha) with O to be multiplied by alpha row-wise; P in fp32, or
+    already rounded to `dtype` with LAZY.
 
     Masked scores are -inf. A row with nothing visible so far keeps m = -inf and gets P = 0, alpha = 0:
     the guarded max m_safe = 0 avoids (-inf) - (-inf).
+
+    Rounding of P: O = sum(rnd(P)·V) / l. With the exact max the largest P of a row is exactly 1 (exp2(0)),
+    so a row dominated by one key has no rounding in its dominant weight and l may add the fp32 P. With the
+    stale max (LAZY) the dominant P is some 2^x, x in (0, 8], rounded by up to 2^-9 (bf16) in the numerator
+    but not in an fp32 l: the output is off by that factor (r1 probe: 1.8e-2 against 0.9e-2 at D = 128).
+    l then adds the rounded P, so numerator and denominator carry the same weights and a dominant key's
+    rounding cancels.
     """
     m_blk = gl.max(s, axis=1) * qk_scale
     m_new = gl.maximum(m_i, m_blk)
@@ -98,17 +109,17 @@ def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr
     # x = s·scale - m: one FFMA per score; x <= 0 (<= 8 with the lazy max).
     x = s * qk_scale - gl.expand_dims(m_safe, 1)
     p = exp2_mixed(x, POLY)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    if LAZY:
+        p = p.to(dtype)
+        l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
+    else:
+        # P stays fp32 here: the caller rounds it once the previous P·V has released its registers.
+        l_i = l_i * alpha + gl.sum(p, axis=1)
     return m_new, l_i, p, alpha
 
 
 @gluon.jit
-def rescale_o(acc, alpha, LAZY: gl.constexpr):
-    """O *= alpha row-wise; with LAZY the whole warpgroup skips it when no row's max moved."""
+def rescale_o(acc, alpha):
+    """O *= alpha row-wise (the S and O accumulators give each thread the same rows: no data movement)."""
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
-    if LAZY:
-        if gl.min(alpha, axis=0) < 1.0:
-            acc = acc * gl.expand_dims(alpha_o, 1)
-    else:
-        acc = acc * gl.expand_dims(alpha_o, 1)
-    return acc
+    return acc * gl.expand_dims(alpha_o, 1)

@@ -9,7 +9,8 @@ computed around the largest term so nothing overflows. A split with lse_s = -inf
 and its o_s is never read; a row where every split is empty and there is no sink gives out = 0, lse = -inf.
 
 One program merges one (sequence, token, head) row: first the lse of all splits (one vector load), then the
-partial outputs in chunks of CHUNK splits, each a (CHUNK, Dv) tile reduced over its splits.
+partial outputs in chunks of CHUNK splits, each a (CHUNK, Dv) tile reduced over its splits. Split-KV decoding
+launches it through decode.Step (`combine_launch`); flash_attn_combine through `combine_into`.
 """
 import triton
 import triton.language as tl
@@ -63,23 +64,37 @@ def _combine_kernel(OutPartial, LsePartial, Out, Lse, Sink,
         tl.store(Lse + b.to(tl.int64) * stride_fb + s.to(tl.int64) * stride_fs + h.to(tl.int64) * stride_fh, lse)
 
 
-def combine_into(out_partial, lse_partial, out, lse, sink, *, num_splits, batch, seqlen, num_heads, head_dv,
-                 partial_strides, lse_partial_strides, lse_strides=None):
-    """Merges partials into out (B, S, H, Dv) and, when lse is given, lse.
+def _pow2(n):
+    return 1 << (n - 1).bit_length()
 
-    Strides are element strides in (split, b, s, h) order for the partials, and in (b, s, h) for lse; out's come
-    from the tensor (last dimension contiguous). `sink` is None or an fp32 (H,) tensor.
+
+def combine_launch(*, num_splits, batch, seqlen, num_heads, head_dv, partial_strides, lse_partial_strides,
+                   out_strides, lse_strides, has_sink, write_lse):
+    """(grid, tail, constexprs, num_warps, num_stages) of the merge; the launch's arguments are
+    (out_partial, lse_partial, out, lse, sink) + tail, absent tensors as None.
+
+    Strides are element strides in (split, b, s, h) order for the partials, and in (b, s, h) for out and lse
+    (out's last dimension contiguous). `sink` is an fp32 (H,) tensor.
     """
-    rows = batch * seqlen * num_heads
-    if rows == 0:
-        return
-    block_splits = max(2, triton.next_power_of_2(num_splits))
-    block_dv = max(16, triton.next_power_of_2(head_dv))
+    block_splits = max(2, _pow2(num_splits))
+    block_dv = max(16, _pow2(head_dv))
     chunk = min(block_splits, max(2, 4096 // block_dv))  # a (CHUNK, Dv) tile of 4096 fp32: 32 per thread
-    dummy = lse_partial
-    _combine_kernel[(rows,)](
-        out_partial, lse_partial, out, lse if lse is not None else dummy, sink if sink is not None else dummy,
-        num_splits, seqlen, num_heads, *partial_strides, *lse_partial_strides,
-        out.stride(0), out.stride(1), out.stride(2), *(lse_strides or (0, 0, 0)),
-        HEAD_DV=head_dv, BLOCK_DV=block_dv, BLOCK_SPLITS=block_splits, CHUNK=chunk,
-        HAS_SINK=sink is not None, WRITE_LSE=lse is not None, num_warps=4, num_stages=1)
+    tail = (num_splits, seqlen, num_heads, *partial_strides, *lse_partial_strides, *out_strides,
+            *(lse_strides or (0, 0, 0)))
+    constexprs = dict(HEAD_DV=head_dv, BLOCK_DV=block_dv, BLOCK_SPLITS=block_splits, CHUNK=chunk,
+                      HAS_SINK=has_sink, WRITE_LSE=write_lse)
+    return (batch * seqlen * num_heads, 1, 1), tail, constexprs, 4, 1
+
+
+def combine_into(out_partial, lse_partial, out, lse, *, num_splits, batch, seqlen, num_heads, head_dv,
+                 partial_strides, lse_partial_strides, lse_strides):
+    """Merges partials into out (B, S, H, Dv) and lse (strides in (b, s, h) order): flash_attn_combine's launch."""
+    grid, tail, constexprs, num_warps, num_stages = combine_launch(
+        num_splits=num_splits, batch=batch, seqlen=seqlen, num_heads=num_heads, head_dv=head_dv,
+        partial_strides=partial_strides, lse_partial_strides=lse_partial_strides,
+        out_strides=(out.stride(0), out.stride(1), out.stride(2)), lse_strides=lse_strides, has_sink=False,
+        write_lse=True)
+    if grid[0] == 0:
+        return
+    _combine_kernel[grid](out_partial, lse_partial, out, lse, None, *tail, **constexprs, num_warps=num_warps,
+                          num_stages=num_stages)

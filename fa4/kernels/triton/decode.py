@@ -22,6 +22,9 @@ page page_table[b, j // page_size]. Sequence b has cache_seqlens[b] + seqlen_new
 are aligned to the end of the cache (bottom-right). q can be rotated in the prologue (rotary.rotated_rows) at
 positions cache_seqlens[b] + token (causal/local) or cache_seqlens[b].
 """
+import inspect
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -42,16 +45,19 @@ def _tile_pages(pt_row, start_n, end, offs_n, page_size, PAGE_ALIGNED: tl.conste
 
 
 # Sizes that change from call to call without changing the code: no recompilation for their value (Triton would
-# otherwise specialise ints equal to 1 or divisible by 16).
+# otherwise specialise ints equal to 1 or divisible by 16). Absent optional tensors are passed as None (a constexpr
+# for Triton): their code is never generated. seqlen_fixed follows the pointers so that a launch's per-call values
+# form its head (see Launch).
 @triton.jit(do_not_specialize=["batch", "seqlen_fixed", "seqlen_new"])
 def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    CacheSeqlens, CacheBatchIdx, PageTable, Cos, Sin,
+                   seqlen_fixed,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh,
                    stride_ob, stride_os, stride_oh,
                    stride_ptb, stride_rot,
-                   batch, seqlen_q, num_heads_kv, group, seqlen_fixed, seqlen_new, page_size, rot_half,
+                   batch, seqlen_q, num_heads_kv, group, seqlen_new, page_size, rot_half,
                    qk_scale, cap_scale, cap_log2, window_left, window_right,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -207,25 +213,40 @@ class Config(tuple):
     num_stages = property(lambda self: self[2])
 
 
-# fp16/bf16 on CUDA, by padded head dim. One K and one V tile per pipeline stage: 64 keys x 128 dims x 2 bytes
-# x 2 = 32 KiB, so 3 stages take 96 KiB of shared memory and two programs fit on an H100 SM (228 KiB).
-# To be refined from benchmarks/tune_decode.py on the H100.
-_CUDA = {16: Config(128, 4, 3), 32: Config(128, 4, 3), 64: Config(128, 4, 3), 128: Config(64, 4, 3),
-         256: Config(32, 4, 3)}
+# fp16/bf16 on CUDA, by padded head dim, for the two regimes of choose_num_splits. Shared memory per program on
+# sm_90 (D = 128, from the compiled kernel): (stages - 1) K and V tiles + ~6 KiB, so (64, 4, 3) takes 70 KiB
+# (3 programs fit an SM's 228 KiB) and (128, 4, 3) 136 KiB (1 per SM).
+# - Split (few sequence x kv-head programs, each key range cut so that about two programs run per SM): 64-key
+#   tiles, small programs that can share an SM.
+# - Wide (the unsplit programs already cover the SMs): 128-key tiles, 3 stages. H100 run 2026-11-25
+#   (tune_decode section 2, B >= 32 rows, GPU-bound): (128, 4, 3) 2764-3053 GB/s on every row, while 64-key
+#   configs dropped to 2117-2674 on some.
+_CUDA_SPLIT = {16: Config(128, 4, 3), 32: Config(128, 4, 3), 64: Config(128, 4, 3), 128: Config(64, 4, 3),
+               256: Config(32, 4, 3)}
+_CUDA_WIDE = {**_CUDA_SPLIT, 128: Config(128, 4, 3)}
 _CUDA_FP32 = {16: Config(64, 4, 2), 32: Config(64, 4, 2), 64: Config(32, 4, 2), 128: Config(32, 4, 2),
               256: Config(16, 4, 2)}
 _INTERPRETER = Config(16, 4, 1)  # CPU interpreter: small tiles exercise the split and page logic cheaply
 
 
 def padded_dim(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
 
 
-def default_config(device, dtype, head_dim, head_dim_v):
+def default_config(device, dtype, head_dim, head_dim_v, wide=False, page_size=0, block_m=16):
+    """Tile config of a launch; `wide` when the unsplit programs already cover the GPU. The wide tile is for
+    decode's 16-row blocks only (sm_90 compile, D = 128: (128, 4, 3) takes 209 registers at 32 rows and 255 at
+    64). A paged cache whose pages the wide tile does not divide takes the split tile when that one does (one
+    page per tile: no per-key gather)."""
     if device.type != "cuda":
         return _INTERPRETER
     dim = max(padded_dim(head_dim), padded_dim(head_dim_v))
-    return (_CUDA_FP32 if dtype == torch.float32 else _CUDA)[dim]
+    if dtype == torch.float32:
+        return _CUDA_FP32[dim]
+    cfg = (_CUDA_WIDE if wide and block_m <= 16 else _CUDA_SPLIT)[dim]
+    if page_size and page_size % cfg.block_n and page_size % _CUDA_SPLIT[dim].block_n == 0:
+        cfg = _CUDA_SPLIT[dim]
+    return cfg
 
 
 def block_m_for(rows):
@@ -243,8 +264,7 @@ _workspaces = {}
 _retired = []
 
 
-def _workspace(device, numel):
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+def _workspace_on(device, stream, numel):
     key = (device, stream)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
@@ -256,89 +276,261 @@ def _workspace(device, numel):
     return buf
 
 
+def _workspace(device, numel):
+    return _workspace_on(device, _raw_stream(device.index) if device.type == "cuda" else 0, numel)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Host wrapper
+# Launching without JITFunction.run
 # ----------------------------------------------------------------------------------------------------------
 
-def plan(q, k_cache, v_cache, out, lse, *, cache_seqlens, seqlen_new, cache_batch_idx, page_table,
-         rotary_cos, rotary_sin, rotary_interleaved, rotary_per_token, softmax_scale, window_left, window_right,
-         softcap, sink, num_splits, config=None):
-    """(grid, positional args, constexprs, config, partials) of the decode launch; `decode` documents the args.
+try:  # the raw handle of a device's current stream, as Triton's own launch path reads it
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
 
-    `partials` is None unsplit, else the (out_partial, lse_partial) flat fp32 buffers of the workspace.
+try:
+    from torch._C import _cuda_getDevice as _current_device
+except ImportError:  # pragma: no cover
+    def _current_device():
+        return torch.cuda.current_device()
+
+try:
+    from triton import knobs as _knobs
+    from triton.compiler.compiler import CompiledKernel as _CompiledKernel
+except ImportError:  # pragma: no cover - another Triton: always launch through JITFunction
+    _knobs, _CompiledKernel = None, ()
+
+
+def _hooks_idle():
+    """No launch hook is installed (a profiler such as proton adds one; it needs Triton's own launch path)."""
+    if _knobs is None:
+        return False
+    rt = _knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def _param_names(fn):
+    names = getattr(fn, "arg_names", None)
+    if names is None:  # the interpreter's wrapper
+        names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+    return list(names)
+
+
+class Launch:
+    """One kernel launch whose arguments, except the first `n_head` (pointers and per-call ints), are fixed.
+
+    `kernel[grid](...)` (JITFunction.run) binds ~60 arguments, specialises each one, builds a cache key and looks
+    the compiled kernel up on every call: tens of µs of Python, more than a decode step takes on the GPU. A Launch
+    is built for one call signature (fa4.inference caches it by the arguments' dtypes, devices, shapes, strides
+    and Python values), so its tail and Triton's specialisation of it are fixed. The first launch goes through
+    JITFunction and keeps the CompiledKernel it returns; later ones call its launcher directly with the head's
+    raw pointers. That is exact only while the pointers keep the alignment the kernel was specialised for (16
+    bytes; Step checks every call) and the per-call ints are not specialised (do_not_specialize).
     """
-    batch, seqlen_q, num_heads, head_d = q.shape
-    head_dv = v_cache.shape[-1]
-    num_heads_kv = k_cache.shape[2]
-    group = num_heads // num_heads_kv
-    paged = page_table is not None
-    has_seqlens = isinstance(cache_seqlens, torch.Tensor)
-    rotary = rotary_cos is not None
-    cfg = config or default_config(q.device, q.dtype, head_d, head_dv)
-    block_m = block_m_for(seqlen_q * group)
-    split = num_splits > 1
-    grid = (batch * num_heads_kv, num_splits, triton.cdiv(seqlen_q * group, block_m))
-    partials = None
-    dummy = out  # stands in for absent optional tensors (never read: their constexpr flag is off)
-    out_partial = lse_partial = dummy
-    if split:
-        part_rows = num_splits * batch * seqlen_q * num_heads
-        ws = _workspace(q.device, part_rows * (head_dv + 1))
-        out_partial, lse_partial = ws, ws[part_rows * head_dv:]
-        partials = (out_partial, lse_partial)
-    has_softcap = softcap > 0.0
-    args = (
-        q, k_cache, v_cache, out, lse if lse is not None else dummy, out_partial, lse_partial,
-        sink if sink is not None else dummy,
-        cache_seqlens if has_seqlens else dummy,
-        cache_batch_idx if cache_batch_idx is not None else dummy,
-        page_table if paged else dummy,
-        rotary_cos if rotary else dummy, rotary_sin if rotary else dummy,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        page_table.stride(0) if paged else 0, rotary_cos.stride(0) if rotary else 0,
-        batch, seqlen_q, num_heads_kv, group, 0 if has_seqlens else int(cache_seqlens), seqlen_new,
-        k_cache.shape[1] if paged else 1, rotary_cos.shape[1] if rotary else 0,
-        softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
-        softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
-    constexprs = dict(
-        HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=lse is not None,
-        HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=paged,
-        PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
-        HAS_SINK=sink is not None, ROTARY=rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
-        ROTARY_PER_TOKEN=bool(rotary_per_token),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    return grid, args, constexprs, cfg, partials
+    __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "compiled")
+
+    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages):
+        self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, tuple(grid), tuple(tail), constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+        names = _param_names(fn)[n_head:]
+        if len(names) != len(self.tail) + len(constexprs):
+            raise RuntimeError(f"{names[0]}...: {len(names)} parameters after the head, got {len(self.tail)} values "
+                               f"and {len(constexprs)} constexprs")
+        # The compiled launcher takes every parameter in signature order, constexprs included (values ignored).
+        values = dict(zip(names, self.tail))
+        values.update(constexprs)
+        self.tail_all = tuple(values[name] for name in names)
+        self.compiled = None
+
+    def args(self, head):
+        """All positional arguments of a JITFunction launch (constexprs go by keyword: self.constexprs)."""
+        return (*head, *self.tail)
+
+    def jit(self, head, keep):
+        """Launch through JITFunction (head holds tensors); keep the compiled kernel when `keep`."""
+        ret = self.fn[self.grid](*head, *self.tail, **self.constexprs, num_warps=self.num_warps,
+                                 num_stages=self.num_stages)
+        if keep and self.compiled is None and isinstance(ret, _CompiledKernel):
+            self.compiled = (ret.run, ret.function, ret.packed_metadata)
+
+    def fast(self, head, stream):
+        """Launch the kept kernel on `stream` (head holds raw pointers / None and the per-call ints)."""
+        run, function, metadata = self.compiled
+        grid = self.grid
+        run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *head, *self.tail_all)
 
 
-def decode(q, k_cache, v_cache, out, lse, *, cache_seqlens, seqlen_new, cache_batch_idx, page_table,
-           rotary_cos, rotary_sin, rotary_interleaved, rotary_per_token, softmax_scale, window_left,
-           window_right, softcap, sink, num_splits, config=None):
-    """Attention of q (B, Sq, Hq, D) over the cache into `out` (B, Sq, Hq, Dv), and lse (B, Hq, Sq) if given.
+# ----------------------------------------------------------------------------------------------------------
+# One decode step: append, attention, combine
+# ----------------------------------------------------------------------------------------------------------
 
-    Arguments are validated by fa4.inference. cache_seqlens: int or (B,) int tensor of cached keys before the
-    seqlen_new appended ones. num_splits >= 1 programs share each (sequence, kv head) key range.
+class Step:
+    """The launches of one call signature of flash_attn_with_kvcache: the append of the new keys (when given),
+    the split-KV attention and the merge of the splits (when split).
+
+    Built from the call's tensors (their shapes, strides and dtypes; arguments validated by fa4.inference) and
+    called with the tensors of each call; cache_seqlens is a tensor, or None with its int as seqlen_fixed.
+    `out` None: each call allocates it (contiguous (B, Sq, Hq, Dv)). Split partials live in the per-stream
+    workspace, so with `out` given and want_lse False a call allocates nothing.
     """
-    from fa4.kernels.triton.combine import combine_into
 
-    grid, args, constexprs, cfg, partials = plan(
-        q, k_cache, v_cache, out, lse, cache_seqlens=cache_seqlens, seqlen_new=seqlen_new,
-        cache_batch_idx=cache_batch_idx, page_table=page_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        rotary_interleaved=rotary_interleaved, rotary_per_token=rotary_per_token, softmax_scale=softmax_scale,
-        window_left=window_left, window_right=window_right, softcap=softcap, sink=sink, num_splits=num_splits,
-        config=config)
-    _decode_kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if partials is not None:
-        # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, as flat buffers.
-        batch, seqlen_q, num_heads, _ = q.shape
+    def __init__(self, q, k_cache, v_cache, out, *, want_lse, k, v, cache_seqlens, cache_batch_idx, page_table,
+                 rotary_cos, rotary_sin, rotary_interleaved, rotary_per_token, softmax_scale, window_left,
+                 window_right, softcap, sink, num_splits, config=None):
+        from fa4.kernels.triton import combine, rotary
+
+        batch, seqlen_q, num_heads, head_d = q.shape
         head_dv = v_cache.shape[-1]
-        row = num_heads * head_dv
-        combine_into(*partials, out, lse, sink, num_splits=num_splits, batch=batch, seqlen=seqlen_q,
-                     num_heads=num_heads, head_dv=head_dv,
-                     partial_strides=(batch * seqlen_q * row, seqlen_q * row, row, head_dv),
-                     lse_partial_strides=(batch * seqlen_q * num_heads, seqlen_q * num_heads, num_heads, 1),
-                     lse_strides=(num_heads * seqlen_q, 1, seqlen_q) if lse is not None else None)
+        num_heads_kv = k_cache.shape[2]
+        group = num_heads // num_heads_kv
+        paged = page_table is not None
+        has_seqlens = isinstance(cache_seqlens, torch.Tensor)
+        has_rotary = rotary_cos is not None
+        self.device = q.device
+        self.device_index = q.device.index if q.device.type == "cuda" else None
+        self.dtype = q.dtype
+        self.out_shape = (batch, seqlen_q, num_heads, head_dv)
+        self.lse_shape = (batch, num_heads, seqlen_q) if want_lse else None
+        self.has_lens, self.has_batch_idx, self.paged = has_seqlens, cache_batch_idx is not None, paged
+        self.has_sink, self.has_rotary = sink is not None, has_rotary
+        if out is None:
+            row = num_heads * head_dv
+            out_strides = (seqlen_q * row, row, head_dv)
+        else:
+            out_strides = (out.stride(0), out.stride(1), out.stride(2))
+
+        self.append = None
+        if k is not None and k.shape[0] * k.shape[1] * k.shape[2]:
+            self.append = Launch(rotary._append_kv_kernel, 10, *rotary.append_launch(
+                k, v, k_cache, v_cache, has_seqlens=has_seqlens, has_batch_idx=self.has_batch_idx,
+                page_table=page_table, rotary_cos=rotary_cos, rotary_interleaved=rotary_interleaved))
+
+        self.attend = self.combine = None
+        self.split = False
+        rows = seqlen_q * group
+        if batch * rows * num_heads_kv:
+            cfg = config or default_config(q.device, q.dtype, head_d, head_dv)
+            self.config = cfg
+            block_m = block_m_for(rows)
+            self.split = split = num_splits > 1
+            grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
+            has_softcap = softcap > 0.0
+            tail = (q.stride(0), q.stride(1), q.stride(2),
+                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                    *out_strides,
+                    page_table.stride(0) if paged else 0, rotary_cos.stride(0) if has_rotary else 0,
+                    batch, seqlen_q, num_heads_kv, group, k.shape[1] if k is not None else 0,
+                    k_cache.shape[1] if paged else 1, rotary_cos.shape[1] if has_rotary else 0,
+                    softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+                    softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
+            constexprs = dict(
+                HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+                BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
+                HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
+                PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
+                HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+                HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
+                ROTARY_PER_TOKEN=bool(rotary_per_token),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+            self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
+            if split:
+                # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
+                part_rows = num_splits * batch * seqlen_q * num_heads
+                self.ws_numel = part_rows * (head_dv + 1)
+                self.ws_lse_offset = part_rows * head_dv  # elements; x 4 bytes keeps 16-byte alignment (Dv % 8 = 0)
+                row = num_heads * head_dv
+                self.combine = Launch(combine._combine_kernel, 5, *combine.combine_launch(
+                    num_splits=num_splits, batch=batch, seqlen=seqlen_q, num_heads=num_heads, head_dv=head_dv,
+                    partial_strides=(batch * seqlen_q * row, seqlen_q * row, row, head_dv),
+                    lse_partial_strides=(batch * seqlen_q * num_heads, seqlen_q * num_heads, num_heads, 1),
+                    out_strides=out_strides, lse_strides=(num_heads * seqlen_q, 1, seqlen_q) if want_lse else None,
+                    has_sink=sink is not None, write_lse=want_lse))
+        self.launches = tuple(x for x in (self.append, self.attend, self.combine) if x is not None)
+        self.ready = False  # every launch holds its compiled kernel
+
+    @property
+    def num_launches(self):
+        return len(self.launches)
+
+    def __call__(self, q, k_cache, v_cache, k, v, cos, sin, lens, batch_idx, table, sink, out, seqlen_fixed):
+        """Runs the step; returns (out, lse or None). lens: the cache_seqlens tensor or None (then seqlen_fixed)."""
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = None
+        if self.lse_shape is not None:
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        index = self.device_index
+        if not (self.ready and index is not None and _current_device() == index and _hooks_idle()
+                and self._fast(q, k_cache, v_cache, k, v, cos, sin, lens, batch_idx, table, sink, out, lse,
+                               seqlen_fixed)):
+            self._jit(q, k_cache, v_cache, k, v, cos, sin, lens, batch_idx, table, sink, out, lse, seqlen_fixed)
+        return out, lse
+
+    def _fast(self, q, k_cache, v_cache, k, v, cos, sin, lens, batch_idx, table, sink, out, lse, seqlen_fixed):
+        """Direct launches; False (nothing launched) when a pointer lost the 16-byte alignment."""
+        stream = _raw_stream(self.device_index)
+        p_q, p_k, p_v, p_o = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+        bits = p_q | p_k | p_v | p_o
+        p_lse = p_sink = p_lens = p_idx = p_table = p_cos = p_sin = p_op = p_lp = None
+        if lse is not None:
+            p_lse = lse.data_ptr()
+            bits |= p_lse
+        if self.has_sink:
+            p_sink = sink.data_ptr()
+            bits |= p_sink
+        if self.has_lens:
+            p_lens = lens.data_ptr()
+            bits |= p_lens
+        if self.has_batch_idx:
+            p_idx = batch_idx.data_ptr()
+            bits |= p_idx
+        if self.paged:
+            p_table = table.data_ptr()
+            bits |= p_table
+        if self.has_rotary:
+            p_cos, p_sin = cos.data_ptr(), sin.data_ptr()
+            bits |= p_cos | p_sin
+        if self.append is not None:
+            p_kn, p_vn = k.data_ptr(), v.data_ptr()
+            bits |= p_kn | p_vn
+        if self.split:
+            p_op = _workspace_on(self.device, stream, self.ws_numel).data_ptr()
+            p_lp = p_op + 4 * self.ws_lse_offset
+        if bits & 15:
+            return False
+        if self.append is not None:
+            self.append.fast((p_kn, p_vn, p_k, p_v, p_lens, p_idx, p_table, p_cos, p_sin, seqlen_fixed), stream)
+        if self.attend is not None:
+            self.attend.fast((p_q, p_k, p_v, p_o, p_lse, p_op, p_lp, p_sink, p_lens, p_idx, p_table, p_cos, p_sin,
+                              seqlen_fixed), stream)
+            if self.combine is not None:
+                self.combine.fast((p_op, p_lp, p_o, p_lse, p_sink), stream)
+        return True
+
+    def _jit(self, q, k_cache, v_cache, k, v, cos, sin, lens, batch_idx, table, sink, out, lse, seqlen_fixed):
+        """Launches through JITFunction (first call, CPU interpreter, torch.compile, launch hooks, unaligned
+        pointers, another current device), keeping the compiled kernels when every pointer is 16-byte aligned."""
+        index = self.device_index
+        op = lp = None
+        if self.split:
+            ws = _workspace_on(self.device, _raw_stream(index) if index is not None else 0, self.ws_numel)
+            op, lp = ws, ws[self.ws_lse_offset:]
+        tensors = (q, k_cache, v_cache, out, lse, op, lp, sink, lens, batch_idx, table, cos, sin, k, v)
+        keep = (index is not None and not torch.compiler.is_compiling()
+                and not any(t.data_ptr() & 15 for t in tensors if t is not None))
+        guard = torch.cuda.device(index) if index is not None and _current_device() != index else nullcontext()
+        with guard:
+            if self.append is not None:
+                self.append.jit((k, v, k_cache, v_cache, lens, batch_idx, table, cos, sin, seqlen_fixed), keep)
+            if self.attend is not None:
+                self.attend.jit((q, k_cache, v_cache, out, lse, op, lp, sink, lens, batch_idx, table, cos, sin,
+                                 seqlen_fixed), keep)
+                if self.combine is not None:
+                    self.combine.jit((op, lp, out, lse, sink), keep)
+        self.ready = all(x.compiled is not None for x in self.launches)

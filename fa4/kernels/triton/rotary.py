@@ -9,10 +9,10 @@ over the first `rotary_dim = 2 * cos.shape[1]` coordinates; the rest pass unchan
 rounded once to the tensor's dtype, as FlashAttention does.
 
 `rotated_rows` is the building block: it loads rows of x together with each coordinate's rotation partner,
-so one gather gives the rotated tile in registers. The decode kernel uses it for q; `append_kv` uses it for
-the new keys, which it writes into the cache at positions cache_seqlens[b] + t (contiguous or paged cache).
+so one gather gives the rotated tile in registers. The decode kernel uses it for q; the append kernel uses it
+for the new keys, which it writes into the cache at positions cache_seqlens[b] + t (contiguous or paged cache).
+`append_launch` describes the append's launch; decode.Step launches it.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -67,12 +67,14 @@ def cache_row(CacheBatchIdx, b, HAS_BATCH_IDX: tl.constexpr):
     return row
 
 
-@triton.jit
-def _append_kv_kernel(Knew, Vnew, Kc, Vc, CacheSeqlens, CacheBatchIdx, PageTable, Cos, Sin,
+# seqlen_fixed (the one cached length of every sequence when cache_seqlens is an int) changes from call to call:
+# no recompilation for its value. It follows the pointers: the per-call head of a launch (decode.Launch).
+@triton.jit(do_not_specialize=["seqlen_fixed"])
+def _append_kv_kernel(Knew, Vnew, Kc, Vc, CacheSeqlens, CacheBatchIdx, PageTable, Cos, Sin, seqlen_fixed,
                       stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
                       stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                       stride_ptb, stride_rot,
-                      seqlen_new, seqlen_fixed, page_size, num_heads_kv, rot_half,
+                      seqlen_new, page_size, num_heads_kv, rot_half,
                       HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
                       HAS_SEQLENS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
@@ -113,39 +115,31 @@ def _append_kv_kernel(Knew, Vnew, Kc, Vc, CacheSeqlens, CacheBatchIdx, PageTable
 
 
 def _padded(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
 
 
-def append_kv(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, rotary_cos, rotary_sin,
-              rotary_interleaved):
-    """Writes k (B, Sn, Hkv, D), v (B, Sn, Hkv, Dv) into the cache at cache_seqlens[b] + t, rotating k.
+def append_launch(k, v, k_cache, v_cache, *, has_seqlens, has_batch_idx, page_table, rotary_cos,
+                  rotary_interleaved):
+    """(grid, tail, constexprs, num_warps, num_stages) of the append of k (B, Sn, Hkv, D), v (B, Sn, Hkv, Dv).
 
-    Arguments are validated by the caller (fa4.inference); cache_seqlens is an int or a (B,) int tensor.
-    Contiguous cache (Bc, L, Hkv, D) indexed by cache_batch_idx[b] (or b); paged cache
-    (num_pages, page_size, Hkv, D) through page_table (B, max_pages).
+    The launch's arguments are (k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, rotary_cos,
+    rotary_sin, seqlen_fixed) + tail, absent tensors as None; arguments are validated by fa4.inference. New token t
+    of sequence b goes to cache position cache_seqlens[b] + t (or seqlen_fixed + t): a contiguous cache
+    (Bc, L, Hkv, D) indexed by cache_batch_idx[b] (or b), or a paged one (num_pages, page_size, Hkv, D) through
+    page_table (B, max_pages).
     """
     batch, seqlen_new, num_heads_kv, head_d = k.shape
     head_dv = v.shape[-1]
-    if batch * seqlen_new * num_heads_kv == 0:
-        return
-    has_seqlens = isinstance(cache_seqlens, torch.Tensor)
     paged = page_table is not None
     rotary = rotary_cos is not None
-    block_h = min(triton.next_power_of_2(num_heads_kv), 16)
-    grid = (batch * seqlen_new, triton.cdiv(num_heads_kv, block_h))
-    dummy = k_cache  # stands in for absent optional tensors (never read: their constexpr flag is off)
-    _append_kv_kernel[grid](
-        k, v, k_cache, v_cache,
-        cache_seqlens if has_seqlens else dummy,
-        cache_batch_idx if cache_batch_idx is not None else dummy,
-        page_table if paged else dummy,
-        rotary_cos if rotary else dummy, rotary_sin if rotary else dummy,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0) if paged else 0, rotary_cos.stride(0) if rotary else 0,
-        seqlen_new, 0 if has_seqlens else int(cache_seqlens), k_cache.shape[1] if paged else 1, num_heads_kv,
-        rotary_cos.shape[1] if rotary else 0,
-        HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_padded(head_d), BLOCK_DV=_padded(head_dv), BLOCK_H=block_h,
-        HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=paged,
-        ROTARY=rotary, INTERLEAVED=bool(rotary_interleaved), num_warps=4, num_stages=1)
+    block_h = min(_padded(num_heads_kv), 16)
+    grid = (batch * seqlen_new, -(-num_heads_kv // block_h), 1)
+    tail = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            page_table.stride(0) if paged else 0, rotary_cos.stride(0) if rotary else 0,
+            seqlen_new, k_cache.shape[1] if paged else 1, num_heads_kv, rotary_cos.shape[1] if rotary else 0)
+    constexprs = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_padded(head_d), BLOCK_DV=_padded(head_dv),
+                      BLOCK_H=block_h, HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=has_batch_idx, PAGED=paged,
+                      ROTARY=rotary, INTERLEAVED=bool(rotary_interleaved))
+    return grid, tail, constexprs, 4, 1

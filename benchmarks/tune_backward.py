@@ -1,0 +1,367 @@
+"""Launch configurations of the Triton backward (fa4/kernels/triton/backward.py): time on a GPU, inspect offline.
+
+    python benchmarks/tune_backward.py time [--d 64 128 256] [--causal 0 1] [--quick] [--jobs 16] [--json PATH]
+        On a GPU: DESIGN.md's training suite (bf16, B*S = 16384, H*D = 2048). Per row: FA2 (SDPA flash) backward,
+        every candidate config of the head dim, and deterministic=True with the table config, all timed with
+        triton.testing.do_bench (median, cold L2); each candidate's gradients are checked against FA2's first.
+        Prints TFLOP/s (backward FLOPs = 2.5 x forward), then the best config per head dim as _CONFIGS lines
+        to paste into backward.py. --jobs compiles every variant first in parallel worker processes.
+    python benchmarks/tune_backward.py sass [--cc 90 80] [--d 64 128 256] [--table | --candidates] [--check]
+        No GPU needed: compiles each config's kernels ahead of time for the given compute capabilities and
+        prints registers, spill bytes, shared memory, programs per SM and tensor-core instruction counts;
+        --check exits 1 on register spills inside the loops or shared memory past the card's limit
+        (tests/test_triton_backward.py runs `sass --table --check`).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fa4.kernels.triton import backward as bwd  # noqa: E402
+
+C = bwd.BwdConfig
+# Candidates per padded head dim for sm_90, the first QUICK of each are the most promising (offline: no spills).
+# C(block_m1, block_n1, warps1, stages1, block_m2, block_n2, warps2, stages2, dq_atomic, split_dkdv, dq_transposed)
+CANDIDATES = {
+    64: [C(64, 128, 8, 2, 128, 64, 8, 2, True), C(64, 128, 8, 3, 128, 64, 8, 3, True, False, True),
+         C(64, 128, 8, 3, 128, 64, 8, 3, False), C(32, 128, 8, 3, 128, 64, 8, 3, True, False, True),
+         C(64, 128, 8, 3, 128, 64, 8, 3, True), C(64, 128, 8, 2, 128, 128, 8, 2, False),
+         C(64, 64, 4, 3, 64, 64, 4, 3, True), C(32, 128, 8, 3, 128, 32, 8, 3, False)],
+    128: [C(32, 128, 8, 2, 128, 64, 8, 2, True, False, True), C(64, 128, 8, 2, 128, 64, 8, 2, False),
+          C(64, 128, 8, 2, 128, 64, 8, 2, True), C(32, 128, 8, 3, 128, 64, 8, 3, False),
+          C(32, 128, 8, 3, 128, 64, 8, 3, True, False, True), C(64, 128, 8, 3, 128, 64, 8, 3, False),
+          C(64, 64, 4, 2, 64, 64, 4, 2, True), C(128, 64, 8, 2, 128, 64, 8, 2, False)],
+    256: [C(32, 128, 8, 2, 64, 32, 8, 2, False, True), C(16, 64, 8, 2, 64, 32, 8, 2, False),
+          C(32, 128, 8, 2, 128, 32, 8, 2, False, True), C(16, 128, 8, 2, 64, 32, 8, 2, True, True, True),
+          C(32, 128, 8, 2, 64, 32, 8, 2, True, True, True), C(16, 64, 8, 3, 64, 32, 8, 3, False),
+          C(64, 64, 8, 2, 64, 64, 8, 2, False), C(32, 64, 4, 2, 64, 32, 4, 2, False, True)],
+}
+QUICK = 4
+
+# Shared memory per block (opt-in maximum) and registers per SM, by compute capability.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+REGS_PER_SM = 65536
+
+
+def _fmt(cfg):
+    dq = "dq-atomic" + ("-T" if cfg.dq_transposed else "") if cfg.dq_atomic else \
+        f"dq-kernel {cfg.block_m2}x{cfg.block_n2} w{cfg.warps2} s{cfg.stages2}"
+    return (f"{cfg.block_m1}x{cfg.block_n1} w{cfg.warps1} s{cfg.stages1}{' split' if cfg.split_dkdv else ''} "
+            f"{dq}")
+
+
+def _literal(cfg):
+    fields = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+    return "BwdConfig(" + ", ".join(str(x) for x in fields) + ")"
+
+
+def training_suite(dims, causals):
+    """(D, S, B, H, causal) rows of DESIGN.md's training suite."""
+    rows = []
+    for d in dims:
+        for s in ([1024] if d == 128 else []) + [4096, 16384]:
+            for causal in causals:
+                rows.append((d, s, 16384 // s, 2048 // d, causal))
+    return rows
+
+
+def _opts(d, causal):
+    return dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
+                sink=None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# time: on the GPU
+# ----------------------------------------------------------------------------------------------------------
+
+def _problem(b, s, h, d, causal, dev):
+    """q, k, v, dout (B, S, H, D) bf16 and the FA2 forward's out (a (B, S, H, D) view) and lse (B, H, S)."""
+    q, k, v, dout = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=d ** -0.5)
+    out, lse = res[0].transpose(1, 2), res[1][..., :s].contiguous()
+    return q, k, v, dout, out, lse
+
+
+def _warm_one(job):
+    """Worker process: compile one (row, config, deterministic) variant through a small call of the same
+    specialisation (integer arguments keep their divisibility by 16), filling Triton's on-disk cache."""
+    d, h, causal, cfg, det = job
+    q, k, v, dout, out, lse = _problem(1, 256, h, d, causal, torch.device("cuda"))
+    try:
+        bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **_opts(d, causal))
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001 (reported, then the timing pass reports it again)
+        return f"{_fmt(cfg)}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+
+def _precompile(rows, cands, jobs):
+    import concurrent.futures
+    import multiprocessing
+    work = set()
+    for d, _, _, h, causal in rows:
+        table = bwd._CONFIGS[(bwd.arch_class(torch.cuda.get_device_capability()), d)]
+        for cfg in cands[d] + [table]:
+            work.add((d, h, causal, cfg, False))
+        work.add((d, h, causal, table, True))
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+        for err in ex.map(_warm_one, sorted(work, key=str)):
+            if err:
+                print("  precompile:", err)
+    print(f"# precompiled {len(work)} variants with {jobs} workers in {time.time() - t0:.0f}s")
+    sys.stdout.flush()
+
+
+def _time(fn):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _rel_err(got, ref):
+    return max(((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+               for g, r in zip(got, ref))
+
+
+def _time_row(d, s, b, h, causal, cands, table, dev):
+    """One training-suite row: FA2's backward, then each candidate and deterministic=True with the table config."""
+    q, k, v, dout, out, lse = _problem(b, s, h, d, causal, dev)
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    leaves = [t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)
+    do_t = dout.transpose(1, 2)
+    ref = [g.transpose(1, 2) for g in torch.autograd.grad(o, leaves, do_t, retain_graph=True)]
+    ms = _time(lambda: torch.autograd.grad(o, leaves, do_t, retain_graph=True))
+    row = dict(D=d, S=s, B=b, H=h, causal=causal, fa2=flops / ms * 1e-9, configs={})
+    print(f"D={d:3d} S={s:5d} B={b:2d} H={h:2d} causal={int(causal)}  FA2 {row['fa2']:6.1f} TFLOP/s")
+    variants = [(cfg, False) for cfg in cands] + ([] if table in cands else [(table, False)]) + [(table, True)]
+    for cfg, det in variants:
+        name = _fmt(cfg) + (" [deterministic]" if det else "")
+
+        def fn(cfg=cfg, det=det):
+            return bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **_opts(d, causal))
+        t0 = time.time()
+        try:
+            err = _rel_err(fn()[:3], ref)
+            ok = err < 2e-2
+            tflops = flops / _time(fn) * 1e-9 if ok else float("nan")
+            note = f"rel err {err:.1e}" + ("" if ok else "  WRONG")
+        except Exception as exc:  # noqa: BLE001 (a config that cannot launch is a result too)
+            tflops, note = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+        row["configs"]["deterministic" if det else name] = tflops
+        if cfg == table and not det:
+            row["table"] = tflops
+        print(f"    {name:48s} {tflops:6.1f} TFLOP/s  {tflops / row['fa2']:5.2f}x FA2  {note}"
+              f"  ({time.time() - t0:.1f}s)")
+        sys.stdout.flush()
+    return row
+
+
+def cmd_time(args):
+    import triton
+    assert torch.cuda.is_available(), "`time` needs a CUDA GPU"
+    dev = torch.device("cuda")
+    major, minor = torch.cuda.get_device_capability(dev)
+    print(f"# {torch.cuda.get_device_name(dev)} (sm_{major}{minor}), torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    rows = training_suite(args.d, args.causal)
+    cands = {d: (CANDIDATES[d][:QUICK] if args.quick else CANDIDATES[d]) for d in args.d}
+    if args.jobs > 1:
+        _precompile(rows, cands, args.jobs)
+    results = []
+    for d, s, b, h, causal in rows:
+        table = bwd._CONFIGS[(bwd.arch_class((major, minor)), d)]
+        results.append(_time_row(d, s, b, h, causal, cands[d], table, dev))
+        torch.cuda.empty_cache()
+
+    print("\n# Summary (TFLOP/s): FA2, the table config, the best candidate, deterministic=True with the table")
+    print(f"{'D':>3} {'S':>5} {'causal':>6} {'FA2':>6} {'table':>6} {'best':>6} {'det':>6}  best config")
+    for row in results:
+        cfgs = {k: v for k, v in row["configs"].items() if k != "deterministic"}
+        best = max(cfgs.items(), key=lambda kv: -1 if kv[1] != kv[1] else kv[1])
+        print(f"{row['D']:3d} {row['S']:5d} {int(row['causal']):6d} {row['fa2']:6.1f} "
+              f"{row.get('table', float('nan')):6.1f} {best[1]:6.1f} {row['configs']['deterministic']:6.1f}  "
+              f"{best[0]}")
+    print("\n# Suggested _CONFIGS lines (best geometric mean of TFLOP/s over the head dim's rows)")
+    for d in args.d:
+        drows = [r for r in results if r["D"] == d]
+        if not drows:
+            continue
+
+        def score(cfg):
+            vals = [r["configs"].get(_fmt(cfg), float("nan")) for r in drows]
+            return float("-inf") if any(x != x for x in vals) else sum(math.log(x) for x in vals)
+        best = max(cands[d], key=score)
+        print(f'    ("sm90", {d}): {_literal(best)},')
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(dev), torch=torch.__version__,
+                           triton=triton.__version__, date=time.strftime("%Y-%m-%d"), rows=results), f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sass: ahead-of-time compile, no GPU
+# ----------------------------------------------------------------------------------------------------------
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+
+
+def aot_launches(cfg, d, causal, dtype=torch.bfloat16, deterministic=False):
+    """The backward's launches for a (B, S, H, D) training-suite-like problem, built on CPU tensors."""
+    h = max(2048 // d, 1)
+    q, k, v, dout, out = (torch.empty(2, 256, h, d, dtype=dtype) for _ in range(5))
+    lse = torch.empty(2, h, 256)
+    launches, _ = bwd.plan(dout, q, k, v, out, lse, None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                           max_seqlen_q=None, max_seqlen_k=None, page_table=None, deterministic=deterministic,
+                           config=cfg, **_opts(d, causal))
+    return launches
+
+
+def aot_compile(launch, cc):
+    """Compile one launch for compute capability cc as the launcher would specialise it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    kernel = launch.kernel
+    signature, attrs, consts = {}, {}, dict(launch.constexprs)
+    for i, (param, arg) in enumerate(zip(kernel.params, launch.args)):
+        # Pointers and ints divisible by 16 get the divisibility attribute, ints equal to 1 become constants.
+        if isinstance(arg, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[arg.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(arg, bool):
+            signature[param.name] = "i1"
+        elif isinstance(arg, int) and arg == 1:
+            signature[param.name], consts[param.name] = "constexpr", 1
+        elif isinstance(arg, int):
+            signature[param.name] = "i32"
+            if arg % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[param.name] = "fp32"
+    for name in launch.constexprs:
+        signature[name] = "constexpr"
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+
+
+def _loop_spills(sass):
+    """Local-memory loads/stores (LDL/STL) inside loops: between a backward branch's target and the branch.
+
+    Spills of loop-invariant values outside the loops cost a few instructions per program; these cost every
+    iteration."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, ins in code:
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return sum(1 for addr, ins in code if re.search(r"\b(?:LDL|STL)\b", ins)
+               and any(lo <= addr <= hi for lo, hi in loops))
+
+
+def resource_usage(compiled):
+    """Registers, spill (stack) bytes, spill instructions inside loops, shared memory and tensor-core
+    instruction counts, from the cubin."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), smem=compiled.metadata.shared,
+                hgmma=sass.count("HGMMA"), hmma=sass.count("HMMA"),
+                ldl_stl=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_spills=_loop_spills(sass))
+
+
+def _jobs(args, cc):
+    arch = bwd.arch_class(divmod(cc, 10))
+    jobs = []
+    for d in args.d:
+        cfgs = CANDIDATES[d] if args.candidates else [bwd._CONFIGS[(arch, d)]]
+        for cfg in cfgs:
+            for causal in args.causal:
+                jobs.append((d, causal, cfg, False))
+            if not args.candidates and cfg.dq_atomic:
+                jobs.append((d, True, cfg, True))  # the deterministic path's kernels
+    return jobs
+
+
+def cmd_sass(args):
+    bad = 0
+    for cc in args.cc:
+        for d, causal, cfg, det in _jobs(args, cc):
+            for launch in aot_launches(cfg, d, causal, deterministic=det):
+                name = launch.kernel.__name__
+                if name == "_bwd_preprocess" and (det or causal):
+                    continue  # the same kernel for every config
+                t0 = time.time()
+                u = resource_usage(aot_compile(launch, cc))
+                threads = 32 * launch.num_warps
+                per_sm = min(REGS_PER_SM // (threads * max(u["regs"], 1)),
+                             (SMEM_LIMIT.get(cc, 101376) + 1024) // max(u["smem"] + 1024, 1))
+                problems = []
+                if u["loop_spills"]:
+                    problems.append("SPILLS IN LOOPS")
+                if u["smem"] > SMEM_LIMIT.get(cc, 101376):
+                    problems.append("SMEM > limit")
+                bad += bool(problems)
+                part = name.replace("_bwd_", "")
+                if name == "_bwd_dkdv_kernel":
+                    part = {(True, True): "dkdv", (True, False): "dk", (False, True): "dv"}[
+                        (launch.constexprs["COMPUTE_DK"], launch.constexprs["COMPUTE_DV"])]
+                    part += "+dq" if launch.constexprs["DQ_ATOMIC"] else ""
+                print(f"sm_{cc} D={d:3d} causal={int(causal)}{' det' if det else '    '} {_fmt(cfg):44s} "
+                      f"{part:10s} regs {u['regs']:3d} stack {u['stack']:3d} loop spills: {u['loop_spills']} "
+                      f"smem {u['smem'] // 1024:3d} KiB programs/SM {per_sm} hgmma {u['hgmma']:3d} "
+                      f"hmma {u['hmma']:3d}  {' '.join(problems) or 'ok'} ({time.time() - t0:.1f}s)")
+                sys.stdout.flush()
+    if args.check and bad:
+        print(f"{bad} kernel(s) spill in their loops or overflow shared memory")
+        sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("time", help="time candidate configs on the GPU")
+    t.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
+    t.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    t.add_argument("--quick", action="store_true", help=f"only the first {QUICK} candidates per head dim")
+    t.add_argument("--jobs", type=int, default=16, help="parallel compile workers (1: compile while timing)")
+    t.add_argument("--json", help="also write the measurements here")
+    s = sub.add_parser("sass", help="compile ahead of time and report registers/spills (no GPU)")
+    s.add_argument("--cc", type=int, nargs="+", default=[90, 80])
+    s.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
+    s.add_argument("--causal", type=int, nargs="+", default=[0])
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--table", action="store_true", help="the configs of backward._CONFIGS (default)")
+    g.add_argument("--candidates", action="store_true", help="the tuning candidates")
+    s.add_argument("--check", action="store_true", help="exit 1 on spills or shared memory overflow")
+    args = parser.parse_args()
+    if args.cmd == "time":
+        args.causal = [bool(c) for c in args.causal]
+        cmd_time(args)
+    else:
+        args.causal = [bool(c) for c in args.causal]
+        cmd_sass(args)
+
+
+if __name__ == "__main__":
+    main()

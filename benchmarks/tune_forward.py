@@ -1,0 +1,303 @@
+"""Tile configurations of the Triton forward (fa4/kernels/triton/forward.py): inspect offline, time on a GPU.
+
+    python benchmarks/tune_forward.py time [--d 64 128 256] [--causal 0 1] [--quick] [--json out.json]
+        On a GPU: the training suite of DESIGN.md (bf16, B*S = 16384, H*D = 2048), every candidate config of
+        the head dim timed with triton.testing.do_bench (median), FA2 (SDPA flash) in the same run; prints
+        TFLOP/s per (shape, config), then the best config per (head dim, causal) as _TABLE lines.
+    python benchmarks/tune_forward.py sass [--cc 90 80 86] [--table | --candidates] [--check]
+        No GPU needed: compiles each config ahead of time for the given compute capabilities and prints
+        registers, spill bytes, shared memory and programs per SM; --check exits 1 on spills or on shared
+        memory past the card's limit (tests/test_triton_forward.py runs `sass --table --check`).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fa4.kernels.triton import forward as fwd  # noqa: E402
+
+C = fwd.Config
+L = dict(lazy_rescale=True)
+# Candidates per padded head dim (sm_90), the table's first. Axes: TMA descriptors or plain loads; maxnreg=128
+# with 8 warps (two programs per SM: one's softmax under the other's wgmma); key block 32/64/128; ring depth;
+# lazy rescaling of O.
+CANDIDATES = {
+    64: [C(128, 128, 8, 2, True, 128), C(128, 128, 8, 2, True, 128, **L), C(128, 128, 8, 3, True),
+         C(128, 64, 8, 2, True), C(128, 128, 8, 2), C(128, 64, 8, 3), C(128, 128, 4, 3, True), C(64, 64, 4, 3, True)],
+    128: [C(128, 64, 8, 2, True, 128), C(128, 64, 8, 2, True, 128, **L), C(128, 64, 8, 3, True),
+          C(128, 128, 8, 2, True), C(128, 128, 8, 2, True, **L), C(128, 64, 8, 3), C(128, 32, 8, 3, True),
+          C(64, 64, 4, 3, True)],
+    256: [C(128, 64, 8, 2, True), C(128, 64, 8, 2, True, **L), C(128, 32, 8, 3, True), C(128, 32, 8, 2, True),
+          C(64, 32, 4, 3, True), C(64, 64, 8, 2, True), C(128, 32, 8, 3)],
+}
+QUICK = 4  # --quick: the first QUICK candidates of each head dim
+
+# Shared memory per block (opt-in maximum) and registers per SM, by compute capability.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+REGS_PER_SM = 65536
+# Up to four registers parked in local memory (a few STL/LDL per loop iteration, L1-resident) are tolerated:
+# that is what the 128-register cap costs some feature mixes. Anything larger fails --check.
+MINOR_SPILL_BYTES = 16
+
+
+def training_suite(dims, causals):
+    """(D, S, B, H, causal) rows of DESIGN.md's training suite."""
+    rows = []
+    for d in dims:
+        for s in ([1024] if d == 128 else []) + [4096, 16384]:
+            for causal in causals:
+                rows.append((d, s, 16384 // s, 2048 // d, causal))
+    return rows
+
+
+def _opts(d, causal):
+    return dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
+                sink=None)
+
+
+def _fmt(cfg):
+    return "%dx%d w%d s%d%s%s%s" % (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                                    " tma" if cfg.tma else "", " r%d" % cfg.maxnreg if cfg.maxnreg else "",
+                                    " lazy" if cfg.lazy_rescale else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# time: on the GPU
+# ----------------------------------------------------------------------------------------------------------
+
+def _geomean(values):
+    if any(v is None or v != v for v in values):
+        return float("-inf")  # a config that failed (or was not run) on some row never wins
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _time(fn):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _time_row(d, s, b, h, causal, candidates):
+    """FA2 and every candidate on one training-suite shape -> {"fa2": TFLOP/s, "configs": {name: TFLOP/s}}."""
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA's (B, H, S, D) views
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref = sdpa(qt, kt, vt, is_causal=causal).transpose(1, 2)
+    row = dict(D=d, S=s, B=b, H=h, causal=causal, configs={})
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        row["fa2"] = flops / _time(lambda: sdpa(qt, kt, vt, is_causal=causal)) * 1e-9
+    print(f"D={d:3d} S={s:5d} B={b:2d} H={h:2d} causal={int(causal)}  FA2 {row['fa2']:6.1f} TFLOP/s")
+    for cfg in candidates:
+        def fn(cfg=cfg):
+            return fwd.forward_with_config(q, k, v, config=cfg, **_opts(d, causal))
+        t0 = time.time()
+        try:
+            out, _ = fn()
+            torch.cuda.synchronize()
+            err = (out.float() - ref.float()).abs().max().item()
+            tflops = flops / _time(fn) * 1e-9
+            ok = err < 0.05  # against SDPA in bf16: catches garbage, not rounding
+            note = f"max|err| vs SDPA {err:.1e}" + ("" if ok else "  WRONG (excluded)")
+        except Exception as exc:  # noqa: BLE001 (a config that cannot launch is a result too)
+            tflops, ok, note = float("nan"), False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        row["configs"][_fmt(cfg)] = tflops if ok else float("nan")
+        print(f"    {_fmt(cfg):30s} {tflops:6.1f} TFLOP/s  {tflops / row['fa2']:5.2f}x FA2  {note}"
+              f"  (first call {time.time() - t0:.1f}s)")
+        sys.stdout.flush()
+    return row
+
+
+def cmd_time(args):
+    import triton
+    assert torch.cuda.is_available(), "`time` needs a CUDA GPU"
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    results = []
+    for d, s, b, h, causal in training_suite(args.d, args.causal):
+        cands = CANDIDATES[d][:QUICK] if args.quick else CANDIDATES[d]
+        results.append(_time_row(d, s, b, h, causal, cands))
+        torch.cuda.empty_cache()
+
+    print("\n# Summary: TFLOP/s of the default (table) config and of the best candidate per row")
+    print(f"{'D':>3} {'S':>5} {'causal':>6} {'FA2':>6} {'table':>6} {'best':>6} {'best/FA2':>8}  best config")
+    for row in results:
+        table = _fmt(fwd.default_config(dev, torch.bfloat16, row["D"], row["D"], row["causal"]))
+        best = max(row["configs"].items(), key=lambda kv: -1 if kv[1] != kv[1] else kv[1])
+        print(f"{row['D']:3d} {row['S']:5d} {int(row['causal']):6d} {row['fa2']:6.1f} "
+              f"{row['configs'].get(table, float('nan')):6.1f} {best[1]:6.1f} {best[1] / row['fa2']:8.2f}  {best[0]}")
+    print("\n# Suggested _TABLE rows: per (head dim, causal), the config with the best geometric mean")
+    for d in args.d:
+        for causal in args.causal:
+            rows = [r for r in results if r["D"] == d and r["causal"] == causal]
+            if rows:
+                best = max(CANDIDATES[d], key=lambda cfg: _geomean([r["configs"].get(_fmt(cfg)) for r in rows]))
+                print(f'    ("sm90", {d}, {causal}): {best!r},')
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(dev), torch=torch.__version__,
+                           triton=triton.__version__, date=time.strftime("%Y-%m-%d"), rows=results), f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sass: ahead-of-time compile, no GPU
+# ----------------------------------------------------------------------------------------------------------
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+
+
+# Feature mixes compiled by `sass`: each flips constexpr flags that change the kernel's registers.
+FEATURES = {
+    "plain": dict(),
+    "causal": dict(window_right=0),
+    "window+softcap+sink": dict(window_left=100, window_right=0, softcap=30.0, sink=True),
+    "varlen causal": dict(window_right=0, varlen=True),
+    "paged causal": dict(window_right=0, varlen=True, page_size=16),
+}
+
+
+def _is_causal(feature):
+    """Whether forward.default_config files this feature mix under the causal table rows."""
+    return feature.get("window_right", -1) == 0 and feature.get("window_left", -1) < 0
+
+
+def aot_compile(cc, cfg, dtype=torch.bfloat16, d=128, dv=None, feature="plain"):
+    """Compile the forward kernel for compute capability `cc` as a launch of `cfg` would specialise it.
+
+    Returns (compiled kernel, config actually compiled: TMA configs lose TMA and their cap below sm_90)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    dv = dv or d
+    f = dict(FEATURES[feature])
+    varlen, sink, page_size = f.pop("varlen", False), f.pop("sink", False), f.pop("page_size", 0)
+    opts = dict(_opts(d, False), **f, sink=torch.zeros(4) if sink else None)
+    if varlen:
+        q, k = torch.empty(512, 4, d, dtype=dtype), torch.empty(512, 4, d, dtype=dtype)
+        v = torch.empty(512, 4, dv, dtype=dtype)
+        cu = torch.tensor([0, 256, 512], dtype=torch.int32)
+        opts.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=256, max_seqlen_k=256)
+        if page_size:  # page_size 16 < BLOCK_N: the per-row gather through the page table
+            k, v = k.view(-1, page_size, 4, d), v.view(-1, page_size, 4, dv)
+            opts.update(cu_seqlens_k=None, page_table=torch.zeros(2, 16, dtype=torch.int32),
+                        seqused_k=torch.tensor([256, 256], dtype=torch.int32))
+    else:
+        q, k = torch.empty(2, 256, 4, d, dtype=dtype), torch.empty(2, 256, 4, d, dtype=dtype)
+        v = torch.empty(2, 256, 4, dv, dtype=dtype)
+    _, _, launch = fwd.prepare(q, k, v, **opts)
+    launch["tma_ok"] = launch["tma_ok"] and cc >= 90  # CPU tensors stand in for aligned device tensors
+    _, args, constexprs, cfg = fwd.kernel_call(launch, cfg)
+    kernel = fwd._fwd_kernel
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    for i, (param, arg) in enumerate(zip(kernel.params, args)):
+        # As the launcher specialises: pointers and ints divisible by 16 get the divisibility attribute,
+        # ints equal to 1 become constants.
+        if isinstance(arg, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[arg.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(arg, int) and arg == 1:
+            signature[param.name], consts[param.name] = "constexpr", 1
+        elif isinstance(arg, int):
+            signature[param.name] = "i32"
+            if arg % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[param.name] = "fp32"
+    for name in constexprs:
+        signature[name] = "constexpr"
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg:
+        options["maxnreg"] = cfg.maxnreg
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options), cfg
+
+
+def resource_usage(compiled):
+    """Registers, spill (stack) bytes, shared memory and tensor-core instruction counts from the cubin."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), smem=compiled.metadata.shared,
+                hgmma=sass.count("HGMMA"), hmma=sass.count("HMMA"), ldl_stl=sass.count("LDL") + sass.count("STL"))
+
+
+def _table_configs(cc):
+    """(head dim, feature, config) for the table's rows of this architecture, each under every feature mix
+    that matches its causal flag."""
+    arch = {90: "sm90", 100: "sm90", 80: "sm80"}.get(cc, "small")
+    jobs = []
+    for (a, d, causal), cfg in fwd._TABLE.items():
+        if a == arch:
+            jobs += [(d, feat, cfg) for feat, f in FEATURES.items() if _is_causal(f) == causal]
+    return jobs
+
+
+def cmd_sass(args):
+    bad = 0
+    for cc in args.cc:
+        if args.candidates:
+            jobs = [(d, feat, cfg) for d, cfgs in CANDIDATES.items() for cfg in cfgs for feat in ("plain", "causal")]
+        else:
+            jobs = _table_configs(cc)
+        for d, feat, cfg in jobs:
+            t0 = time.time()
+            compiled, use = aot_compile(cc, cfg, d=d, feature=feat)
+            u = resource_usage(compiled)
+            threads = 32 * use.num_warps
+            per_sm = min(REGS_PER_SM // (threads * max(u["regs"], 1)),
+                         (SMEM_LIMIT.get(cc, 101376) + 1024) // max(u["smem"] + 1024, 1))
+            problems, notes = [], []
+            if u["stack"] > MINOR_SPILL_BYTES:
+                problems.append("SPILLS")
+            elif u["stack"] or u["ldl_stl"]:
+                notes.append(f"minor spill ({u['ldl_stl']} LDL/STL)")
+            if u["smem"] > SMEM_LIMIT.get(cc, 101376):
+                problems.append("SMEM > limit")
+            bad += bool(problems)
+            print(f"sm_{cc} D={d:3d} {feat:19s} {_fmt(use):26s} regs {u['regs']:3d} stack {u['stack']:4d} "
+                  f"smem {u['smem'] // 1024:3d} KiB  programs/SM {per_sm}  hgmma {u['hgmma']:3d} hmma {u['hmma']:4d}"
+                  f"  {' '.join(problems + notes) or 'ok'}  ({time.time() - t0:.1f}s)")
+            sys.stdout.flush()
+    if args.check and bad:
+        print(f"{bad} config(s) spill or overflow shared memory")
+        sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("time", help="time candidate configs on the GPU")
+    t.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
+    t.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    t.add_argument("--quick", action="store_true", help=f"only the first {QUICK} candidates per head dim")
+    t.add_argument("--json", help="also write the measurements here")
+    s = sub.add_parser("sass", help="compile ahead of time and report registers/spills (no GPU)")
+    s.add_argument("--cc", type=int, nargs="+", default=[90, 80])
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--table", action="store_true", help="the configs of forward._TABLE (default)")
+    g.add_argument("--candidates", action="store_true", help="the tuning candidates")
+    s.add_argument("--check", action="store_true", help="exit 1 on spills or shared memory overflow")
+    args = parser.parse_args()
+    if args.cmd == "time":
+        args.causal = [bool(c) for c in args.causal]
+        cmd_time(args)
+    else:
+        cmd_sass(args)
+
+
+if __name__ == "__main__":
+    main()

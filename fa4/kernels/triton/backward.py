@@ -1,0 +1,673 @@
+"""Attention backward in portable Triton (every NVIDIA GPU from compute capability 8.0).
+
+The math (docs/INTERNALS.md), per query row i and key j, with scores in base-2 units (s2 = s·log2 e):
+
+    P_ij   = exp2(s2_ij − lse2_i)                      recomputed from the forward's lse, never stored
+    Delta_i = rowsum(dO_i · O_i) − dlse_i              (preprocess kernel)
+    dV_j  += Σ_i P_ij dO_i                             dP_ij = dO_i · V_j
+    dS_ij  = P_ij (dP_ij − Delta_i)   [· (1 − tanh²) under softcap: d(c·tanh(x/c))/dx]
+    dK_j  += scale · Σ_i dS_ij Q_i,    dQ_i += scale · Σ_j dS_ij K_j
+
+Three kernels, in launch order:
+1. `_bwd_preprocess`: Delta, lse2 = lse·log2 e (+inf for empty rows, so that their P is exactly 0) and the
+   per-block partial sums of the sink gradient.
+2. `_bwd_dkdv_kernel`: one program per (batch, kv head, key block). K and V stay resident; the program walks
+   the query heads of its GQA group and the query blocks that can see its keys, so dK/dV are summed over the
+   group in registers and written once. By default it also adds its dQ share into an fp32 buffer with atomics.
+3. `_bwd_dq_kernel` (deterministic=True, or when a config says it is faster): one program per (batch, query
+   head, query block) walks its key blocks in a fixed order, so dQ is bitwise reproducible.
+
+Blocks are split into "full" blocks (every (row, key) pair visible: no mask arithmetic) and boundary blocks
+(causal diagonal, window edges, sequence tails), which are the only ones that evaluate the mask.
+"""
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, tanh_via_exp2, visible_key_range, visible_mask
+
+_LOG2E = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sequence(b, CU_Q, CU_K, SEQUSED_K, seqlen_q, seqlen_k,
+              VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(q_start, q_len, k_start, k_len, k_used) of sequence b.
+
+    k_len rows of dK/dV belong to the sequence (all are written); only the first k_used keys are visible.
+    """
+    if VARLEN_Q:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = b * 0  # a tensor, like the varlen branch's
+        q_len = seqlen_q
+    if VARLEN_K:
+        k_start = tl.load(CU_K + b)
+        k_len = tl.load(CU_K + b + 1) - k_start
+    else:
+        k_start = b * 0
+        k_len = seqlen_k
+    if HAS_SEQUSED:
+        k_used = tl.minimum(tl.load(SEQUSED_K + b), k_len)
+    else:
+        k_used = k_len
+    return q_start, q_len, k_start, k_len, k_used
+
+
+@triton.jit
+def _tile_mask(rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """(rows, cols) bool mask of [0, n_rows) x [0, n_cols), built only from the sides asked for (or None)."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        else:
+            mask = rows[:, None] < n_rows
+    else:
+        if MASK_COLS:
+            mask = cols[None, :] < n_cols
+        else:
+            mask = None
+    return mask
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a (rows, cols) tile with zeros outside [0, n_rows) x [0, n_cols); masks only where asked."""
+    if MASK_ROWS or MASK_COLS:
+        x = tl.load(ptrs, mask=_tile_mask(rows, n_rows, cols, n_cols, MASK_ROWS, MASK_COLS), other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _log2_scores(qk, score_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Scores in base-2 units from raw q·k, and tanh (for the softcap chain rule; unused without softcap).
+
+    No softcap: s2 = qk · (scale·log2 e). Softcap c: s2 = (c·log2 e) · tanh(qk · scale / c).
+    """
+    if SOFTCAP:
+        t = tanh_via_exp2(qk * score_scale)
+        s2 = t * cap_scale
+    else:
+        t = qk
+        s2 = qk * score_scale
+    return s2, t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Preprocess: Delta, lse in base 2, sink-gradient partial sums
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_preprocess(
+        O, DO, LSE, DLSE, SINK, DELTA, LSE2, DSINK_PART, CU_Q,
+        stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+        stride_lb, stride_lh, stride_ls, stride_dlb, stride_dlh, stride_dls, stride_tb, stride_th,
+        seqlen_q, n_heads, head_dim_v,
+        VARLEN_Q: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_SINK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # (batch, head) on axis 0: it may exceed the 65535 programs that axes 1 and 2 allow (many short sequences).
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    h64 = h.to(tl.int64)  # head offsets in 64 bits too: strides of transposed layouts reach H·S·D
+    if VARLEN_Q:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+    start_m = pid_m * BLOCK_M
+    if start_m < q_len:
+        rows = start_m + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_DV)
+        row_ok = rows < q_len
+        tok = (q_start + start_m).to(tl.int64)  # first token of the block, 64-bit: offsets may pass 2^31
+        b64 = b.to(tl.int64)
+        o_ptrs = (O + b64 * stride_ob + h64 * stride_oh + tok * stride_os
+                  + (rows - start_m)[:, None] * stride_os + cols[None, :])
+        do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + tok * stride_dos
+                   + (rows - start_m)[:, None] * stride_dos + cols[None, :])
+        o = _load_tile(o_ptrs, rows, q_len, cols, head_dim_v, True, True).to(tl.float32)
+        do = _load_tile(do_ptrs, rows, q_len, cols, head_dim_v, True, True).to(tl.float32)
+        # Delta_i = Σ_d dO_id O_id − dlse_i: the diagonal of the softmax Jacobian (plus lse's own gradient).
+        delta = tl.sum(o * do, axis=1)
+        lse_off = b64 * stride_lb + h64 * stride_lh + (q_start + rows).to(tl.int64) * stride_ls
+        lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0)
+        if HAS_DLSE:
+            dl_off = b64 * stride_dlb + h64 * stride_dlh + (q_start + rows).to(tl.int64) * stride_dls
+            delta -= tl.load(DLSE + dl_off, mask=row_ok, other=0.0)
+        # Empty rows (lse = -inf) get lse2 = +inf: exp2(s2 - inf) = 0 exactly, so they add no gradient.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        t_off = b64 * stride_tb + h64 * stride_th + (q_start + rows).to(tl.int64)
+        tl.store(DELTA + t_off, delta, mask=row_ok)
+        tl.store(LSE2 + t_off, lse2, mask=row_ok)
+        if HAS_SINK:
+            # dsink_h = −Σ_i exp(sink_h − lse_i) Delta_i; with a sink, lse_i >= sink_h is always finite.
+            sink = tl.load(SINK + h)
+            w = tl.exp(sink - lse) * delta
+            part = tl.sum(tl.where(row_ok, w, 0.0), axis=0)
+            tl.store(DSINK_PART + pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m, part)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. dK, dV (and dQ by atomics): a program per (batch, kv head, key block)
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _visible_query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query-block bounds for the key block [start_n, start_n + BLOCK_N), the transpose of visible_key_range.
+
+    Returns (lo, full_lo, full_hi, hi): rows outside [lo, hi) see none of the block's keys; query blocks in
+    [full_lo, full_hi) see all of them and lie inside [0, Sq) (no mask); the rest are boundary blocks. Unlike
+    the dQ direction, neither rows past Sq nor keys past Sk may leak into a full block here: both would add
+    to stored gradients (dK/dV rows, or dQ through the atomics).
+    Row i sees key j when j >= i + off - window_left and j <= i + off + window_right, off = Sk - Sq.
+    """
+    off = seqlen_k - seqlen_q
+    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    lo = 0
+    hi = seqlen_q
+    if HAS_RIGHT:  # the first row that sees key start_n
+        lo = tl.maximum(start_n - off - window_right, 0)
+    if HAS_LEFT:  # one past the last row that sees the block's last key
+        hi = tl.minimum(n_last - off + window_left + 1, seqlen_q)
+    hi = tl.where(start_n < seqlen_k, hi, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.maximum(hi, lo)
+    # Full: every row sees the block's last key (right edge) and its first key (left edge). Clamp before
+    # dividing: integer division of a negative number rounds toward zero on the GPU.
+    full_lo = lo
+    if HAS_RIGHT:
+        first_row = tl.maximum(start_n + BLOCK_N - 1 - off - window_right, 0)
+        full_lo = tl.maximum(((first_row + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    full_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_n - off + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    full_hi = tl.where(start_n + BLOCK_N <= seqlen_k, full_hi, 0)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base,
+                start_m, offs_m, offs_n, offs_d, offs_dv,
+                stride_qs, stride_dos, stride_dqs,
+                seqlen_q, seqlen_k, window_left, window_right, head_dim, head_dim_v,
+                score_scale, cap_scale, softmax_scale,
+                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
+                PRECISION: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+                DQ_TRANSPOSED: tl.constexpr):
+    """Add one query block's contribution to the resident key block's dK, dV (transposed: keys are rows)."""
+    rows = start_m + offs_m
+    tok = tl.cast(start_m, tl.int64)
+    q = _load_tile(q_base + tok * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
+                   rows, seqlen_q, offs_d, head_dim, MASK, not EVEN_D)
+    do = _load_tile(do_base + tok * stride_dos + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                    rows, seqlen_q, offs_dv, head_dim_v, MASK, not EVEN_D)
+    if MASK:
+        lse2 = tl.load(lse2_base + rows, mask=rows < seqlen_q, other=float("inf"))
+    else:
+        lse2 = tl.load(lse2_base + rows)
+    if COMPUTE_DK:
+        if MASK:
+            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+        else:
+            delta = tl.load(delta_base + rows)
+    # Sᵀ and Pᵀ = exp2(S2ᵀ − lse2), keys along rows.
+    qk = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    s2, t = _log2_scores(qk, score_scale, cap_scale, SOFTCAP)
+    p = tl.exp2(s2 - lse2[None, :])
+    if MASK:
+        off = seqlen_k - seqlen_q
+        vis = (offs_n[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
+        if HAS_LEFT:
+            vis = vis & (offs_n[:, None] >= rows[None, :] + off - window_left)
+        if HAS_RIGHT:
+            vis = vis & (offs_n[:, None] <= rows[None, :] + off + window_right)
+        p = tl.where(vis, p, 0.0)
+    if COMPUTE_DV:
+        # dV += Pᵀ dO, with P rounded to the input dtype as the forward's P·V product rounds it.
+        dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+    if COMPUTE_DK:
+        # dPᵀ = V dOᵀ; dSᵀ = Pᵀ (dPᵀ − Delta).
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds.to(q.dtype)
+        dk += tl.dot(ds, q, input_precision=PRECISION)
+        if DQ_ATOMIC:
+            # dQ (block) = scale · dS K, added into the fp32 accumulator; other key blocks add concurrently.
+            if DQ_TRANSPOSED:
+                # dQᵀ = Kᵀ dSᵀ puts D on the MMA's M side: a wgmma even when BLOCK_M < 64.
+                dq = tl.dot(tl.trans(k), ds, input_precision=PRECISION) * softmax_scale
+                dq_ptrs = dq_base + tok * stride_dqs + offs_m[None, :] * stride_dqs + offs_d[:, None]
+                dq_mask = _tile_mask(offs_d, head_dim, rows, seqlen_q, not EVEN_D, MASK)
+            else:
+                dq = tl.dot(tl.trans(ds), k, input_precision=PRECISION) * softmax_scale
+                dq_ptrs = dq_base + tok * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :]
+                dq_mask = _tile_mask(rows, seqlen_q, offs_d, head_dim, MASK, not EVEN_D)
+            if MASK or not EVEN_D:
+                tl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+        Q, K, V, DO, DQ_ACC, DK, DV, LSE2, DELTA, CU_Q, CU_K, SEQUSED_K,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+        stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_tb, stride_th,
+        seqlen_q, seqlen_k, n_kv_heads, head_dim, head_dim_v,
+        score_scale, cap_scale, softmax_scale, window_left, window_right,
+        GROUP: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+        EVEN_D: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+        DQ_TRANSPOSED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Heads on axis 0, key blocks on axis 1: all heads' first key blocks (the longest under causal) start first.
+    pid_bh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    hk64 = hk.to(tl.int64)
+    q_start, q_len, k_start, k_len, k_used = _sequence(b, CU_Q, CU_K, SEQUSED_K, seqlen_q, seqlen_k,
+                                                       VARLEN_Q, VARLEN_K, HAS_SEQUSED)
+    if start_n < k_len:
+        b64 = b.to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        k_tok = (k_start + start_n).to(tl.int64)
+        # K and V of this block stay in registers/shared memory for the whole program; keys past k_used are 0.
+        k_ptrs = (K + b64 * stride_kb + hk64 * stride_kh + k_tok * stride_ks
+                  + (offs_n - start_n)[:, None] * stride_ks + offs_d[None, :])
+        v_ptrs = (V + b64 * stride_vb + hk64 * stride_vh + k_tok * stride_vs
+                  + (offs_n - start_n)[:, None] * stride_vs + offs_dv[None, :])
+        k = _load_tile(k_ptrs, offs_n, k_used, offs_d, head_dim, True, not EVEN_D)
+        if COMPUTE_DK:
+            v = _load_tile(v_ptrs, offs_n, k_used, offs_dv, head_dim_v, True, not EVEN_D)
+        else:
+            v = k  # unused: the dV-only pass needs no V
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        lo, full_lo, full_hi, hi = _visible_query_range(start_n, q_len, k_used, window_left, window_right,
+                                                        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        q_tok = q_start.to(tl.int64)
+        # The query heads of this kv head's group, summed here: dK/dV are written once, never re-read.
+        for g in range(GROUP):
+            hq64 = (hk * GROUP + g).to(tl.int64)
+            q_base = Q + b64 * stride_qb + hq64 * stride_qh + q_tok * stride_qs
+            do_base = DO + b64 * stride_dob + hq64 * stride_doh + q_tok * stride_dos
+            dq_base = DQ_ACC + b64 * stride_dqb + hq64 * stride_dqh + q_tok * stride_dqs
+            lse2_base = LSE2 + b64 * stride_tb + hq64 * stride_th + q_tok
+            delta_base = DELTA + b64 * stride_tb + hq64 * stride_th + q_tok
+            for start_m in range(lo, full_lo, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base,
+                                     start_m, offs_m, offs_n, offs_d, offs_dv, stride_qs, stride_dos, stride_dqs,
+                                     q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                                     score_scale, cap_scale, softmax_scale, True, HAS_LEFT, HAS_RIGHT,
+                                     SOFTCAP, DQ_ATOMIC, EVEN_D, PRECISION,
+                                     COMPUTE_DK, COMPUTE_DV, DQ_TRANSPOSED)
+            for start_m in range(full_lo, full_hi, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base,
+                                     start_m, offs_m, offs_n, offs_d, offs_dv, stride_qs, stride_dos, stride_dqs,
+                                     q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                                     score_scale, cap_scale, softmax_scale, False, HAS_LEFT, HAS_RIGHT,
+                                     SOFTCAP, DQ_ATOMIC, EVEN_D, PRECISION,
+                                     COMPUTE_DK, COMPUTE_DV, DQ_TRANSPOSED)
+            for start_m in range(full_hi, hi, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base,
+                                     start_m, offs_m, offs_n, offs_d, offs_dv, stride_qs, stride_dos, stride_dqs,
+                                     q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                                     score_scale, cap_scale, softmax_scale, True, HAS_LEFT, HAS_RIGHT,
+                                     SOFTCAP, DQ_ATOMIC, EVEN_D, PRECISION,
+                                     COMPUTE_DK, COMPUTE_DV, DQ_TRANSPOSED)
+        dk *= softmax_scale  # dK = scale · Σ dS Q (the softmax scale itself, not the base-2 score scale)
+        dk_ptrs = (DK + b64 * stride_dkb + hk64 * stride_dkh + k_tok * stride_dks
+                   + (offs_n - start_n)[:, None] * stride_dks + offs_d[None, :])
+        dv_ptrs = (DV + b64 * stride_dvb + hk64 * stride_dvh + k_tok * stride_dvs
+                   + (offs_n - start_n)[:, None] * stride_dvs + offs_dv[None, :])
+        if COMPUTE_DK:
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty),
+                     mask=_tile_mask(offs_n, k_len, offs_d, head_dim, True, not EVEN_D))
+        if COMPUTE_DV:
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
+                     mask=_tile_mask(offs_n, k_len, offs_dv, head_dim_v, True, not EVEN_D))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. dQ without atomics: a program per (batch, query head, query block), key blocks in a fixed order
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+              stride_ks, stride_vs, seqlen_q, seqlen_k, window_left, window_right, head_dim, head_dim_v,
+              score_scale, cap_scale,
+              MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one key block's contribution to the resident query block's dQ (unscaled)."""
+    cols = start_n + offs_n
+    tok = tl.cast(start_n, tl.int64)
+    k = _load_tile(k_base + tok * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :],
+                   cols, seqlen_k, offs_d, head_dim, MASK, not EVEN_D)
+    v = _load_tile(v_base + tok * stride_vs + offs_n[:, None] * stride_vs + offs_dv[None, :],
+                   cols, seqlen_k, offs_dv, head_dim_v, MASK, not EVEN_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s2, t = _log2_scores(qk, score_scale, cap_scale, SOFTCAP)
+    p = tl.exp2(s2 - lse2[:, None])
+    if MASK:
+        vis = visible_mask(rows + (seqlen_k - seqlen_q), cols, seqlen_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K, SEQUSED_K,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_tb, stride_th,
+        seqlen_q, seqlen_k, n_heads, head_dim, head_dim_v,
+        score_scale, cap_scale, softmax_scale, window_left, window_right,
+        GROUP: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+        EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Last query blocks first: under causal they see the most keys.
+    pid_bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = pid_bh // n_heads
+    hq = pid_bh % n_heads
+    hk = hq // GROUP
+    hq64, hk64 = hq.to(tl.int64), hk.to(tl.int64)
+    q_start, q_len, k_start, k_len, k_used = _sequence(b, CU_Q, CU_K, SEQUSED_K, seqlen_q, seqlen_k,
+                                                       VARLEN_Q, VARLEN_K, HAS_SEQUSED)
+    if start_m < q_len:
+        b64 = b.to(tl.int64)
+        rows = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q_tok = (q_start + start_m).to(tl.int64)
+        q_ptrs = (Q + b64 * stride_qb + hq64 * stride_qh + q_tok * stride_qs
+                  + (rows - start_m)[:, None] * stride_qs + offs_d[None, :])
+        do_ptrs = (DO + b64 * stride_dob + hq64 * stride_doh + q_tok * stride_dos
+                   + (rows - start_m)[:, None] * stride_dos + offs_dv[None, :])
+        q = _load_tile(q_ptrs, rows, q_len, offs_d, head_dim, True, not EVEN_D)
+        do = _load_tile(do_ptrs, rows, q_len, offs_dv, head_dim_v, True, not EVEN_D)
+        t_off = b64 * stride_tb + hq64 * stride_th + q_start.to(tl.int64) + rows
+        lse2 = tl.load(LSE2 + t_off, mask=rows < q_len, other=float("inf"))
+        delta = tl.load(DELTA + t_off, mask=rows < q_len, other=0.0)
+        k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_ks
+        v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vs
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo, full_lo, full_hi, hi = visible_key_range(start_m, q_len, k_used, window_left, window_right,
+                                                     BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+                           stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                           score_scale, cap_scale, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, PRECISION)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+                           stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                           score_scale, cap_scale, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, PRECISION)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+                           stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                           score_scale, cap_scale, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, PRECISION)
+        dq *= softmax_scale
+        dq_ptrs = (DQ + b64 * stride_dqb + hq64 * stride_dqh + q_tok * stride_dqs
+                   + (rows - start_m)[:, None] * stride_dqs + offs_d[None, :])
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty),
+                 mask=_tile_mask(rows, q_len, offs_d, head_dim, True, not EVEN_D))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    """Tile sizes and launch options. *_1: the dK/dV kernel (BLOCK_N keys resident, BLOCK_M queries streamed);
+    *_2: the dQ kernel (BLOCK_M queries resident, BLOCK_N keys streamed). dq_atomic: dQ from the dK/dV kernel
+    through fp32 atomics (ignored when deterministic=True, which always runs the dQ kernel). split_dkdv: one
+    pass for dV, then one for dK (and dQ): 6 matrix products instead of 5, for head dims whose two fp32
+    accumulators would not fit in registers (D = 256). dq_transposed: the atomic dQ product computed as
+    dQᵀ = Kᵀ dSᵀ (keeps it on wgmma when block_m1 < 64)."""
+    block_m1: int
+    block_n1: int
+    warps1: int
+    stages1: int
+    block_m2: int
+    block_n2: int
+    warps2: int
+    stages2: int
+    dq_atomic: bool = True
+    split_dkdv: bool = False
+    dq_transposed: bool = False
+
+
+# Per (architecture class, padded head dim). Chosen offline so that no kernel spills registers or overflows shared
+# memory (benchmarks/tune_backward.py sass --check); benchmarks/tune_backward.py time picks among the sm90 ones
+# on an H100. "sm90": Hopper, wgmma, 227 KB of shared memory. "sm80": A100-class (164 KB; also Blackwell for
+# now). "sm86": consumer cards with ~99 KB.
+_CONFIGS = {
+    # sm90 rows: from benchmarks/results/raw/h100-2026-11-25-tune-backward-r1.log, the fastest configs that keep
+    # the loops spill-free. The separate dQ kernel beats fp32 atomics at every head dim measured (and is
+    # deterministic by construction); 64x128 at D=128 measured 6% faster but spills in the dK/dV loop.
+    ("sm90", 64): BwdConfig(64, 128, 8, 3, 128, 64, 8, 3, dq_atomic=False),
+    ("sm90", 128): BwdConfig(32, 128, 8, 3, 128, 64, 8, 3, dq_atomic=False),
+    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=False, split_dkdv=True),
+    ("sm80", 64): BwdConfig(32, 128, 8, 3, 128, 32, 8, 3, dq_atomic=True, dq_transposed=True),
+    ("sm80", 128): BwdConfig(32, 64, 4, 2, 64, 64, 4, 2, dq_atomic=False),
+    ("sm80", 256): BwdConfig(16, 128, 8, 2, 64, 32, 8, 2, dq_atomic=False, split_dkdv=True),
+    ("sm86", 64): BwdConfig(32, 128, 8, 3, 128, 32, 8, 3, dq_atomic=True, dq_transposed=True),
+    ("sm86", 128): BwdConfig(32, 64, 4, 1, 64, 32, 4, 2, dq_atomic=False),
+    ("sm86", 256): BwdConfig(16, 64, 4, 2, 32, 32, 4, 2, dq_atomic=False, split_dkdv=True),
+}
+# fp32 inputs (ieee products on the FMA units, no tensor cores): small tiles over 8 warps keep them in registers.
+_FP32_CONFIG = BwdConfig(16, 32, 8, 1, 32, 16, 8, 1, dq_atomic=False, split_dkdv=True)
+_INTERPRETER_CONFIG = BwdConfig(32, 32, 4, 1, 32, 32, 4, 1)
+
+
+def arch_class(capability):
+    """The _CONFIGS architecture class of a (major, minor) compute capability."""
+    major, minor = capability
+    if major == 9:
+        return "sm90"
+    if (major, minor) in ((8, 0), (8, 7)) or major in (10, 11):
+        return "sm80"
+    return "sm86"
+
+
+def default_config(q, head_dim_pad):
+    """The tuned config for q's device, dtype and padded head dim (max of D and Dv)."""
+    if q.device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    if q.dtype == torch.float32:
+        return _FP32_CONFIG
+    bucket = 64 if head_dim_pad <= 64 else 128 if head_dim_pad <= 128 else 256
+    return _CONFIGS[(arch_class(torch.cuda.get_device_capability(q.device)), bucket)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host function
+# ----------------------------------------------------------------------------------------------------------
+
+def _bsh_strides(t, varlen):
+    """(batch, token, head) strides of a (B, S, H, D) or packed (T, H, D) tensor; batch stride 0 when packed."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_strides(t, varlen):
+    """(batch, head, token) strides of lse-shaped tensors: (B, Hq, Sq) batched, (Hq, Tq) packed."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: the host function's plan, also what benchmarks/tune_backward.py compiles offline."""
+    kernel: object
+    grid: tuple
+    args: list
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
+             sink=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
+             max_seqlen_k=None, page_table=None, deterministic=False, config=None):
+    """Attention backward per docs/INTERNALS.md -> (dq, dk, dv, dsink).
+
+    config: a BwdConfig to override the tuned table (benchmarks and tests); None picks default_config.
+    """
+    launches, finish = plan(dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
+                            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k, page_table=page_table, deterministic=deterministic,
+                            config=config)
+    for launch in launches:
+        launch()
+    return finish()
+
+
+def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_right, softcap, sink,
+         cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, page_table, deterministic, config):
+    """Allocate the outputs and buffers; return (launches, finish): run the launches in order, then finish()
+    gives (dq, dk, dv, dsink)."""
+    if page_table is not None:
+        raise NotImplementedError("the Triton backward does not support a paged KV cache (inference only)")
+    varlen_q = cu_seqlens_q is not None
+    varlen_k = cu_seqlens_k is not None
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dimension; got {t.stride(-1)}")
+    dout, out = _unit_last_stride(dout), _unit_last_stride(out)
+    device = q.device
+    n_heads, head_dim = q.shape[-2], q.shape[-1]
+    n_kv_heads, head_dim_v = k.shape[-2], v.shape[-1]
+    group = n_heads // n_kv_heads
+    if varlen_q:
+        batch = cu_seqlens_q.numel() - 1
+        seqlen_q = int(max_seqlen_q)
+    else:
+        batch, seqlen_q = q.shape[0], q.shape[1]
+    seqlen_k = int(max_seqlen_k) if varlen_k else k.shape[1]
+
+    # dK/dV rows outside every packed sequence are never visited, so packed outputs start at 0.
+    alloc_k = torch.zeros if varlen_k else torch.empty
+    dk = alloc_k(k.shape, dtype=k.dtype, device=device)
+    dv = alloc_k(v.shape, dtype=v.dtype, device=device)
+    if q.numel() == 0 or batch == 0 or seqlen_q == 0:
+        dsink = torch.zeros(n_heads, dtype=torch.float32, device=device) if sink is not None else None
+        return [], lambda: (torch.zeros(q.shape, dtype=q.dtype, device=device), dk.zero_(), dv.zero_(), dsink)
+
+    d_pad = max(triton.next_power_of_2(head_dim), 16)
+    dv_pad = max(triton.next_power_of_2(head_dim_v), 16)
+    cfg = config or default_config(q, max(d_pad, dv_pad))
+    has_keys = k.numel() > 0 and seqlen_k > 0
+    dq_atomic = cfg.dq_atomic and not deterministic and has_keys
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    cu_q = cu_seqlens_q if varlen_q else dummy
+    cu_k = cu_seqlens_k if varlen_k else dummy
+    used = seqused_k if seqused_k is not None else dummy
+    launches = []
+
+    # 1. Preprocess: Delta and lse2 in lse's layout (contiguous), sink partial sums per (b, h, block).
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    prep_m = 64 if dv_pad <= 128 else 32
+    n_prep = triton.cdiv(seqlen_q, prep_m)
+    dsink_part = (torch.zeros(batch * n_heads, n_prep, dtype=torch.float32, device=device)
+                  if sink is not None else delta)
+    do_s = _bsh_strides(dout, varlen_q)
+    t_s = _lse_strides(delta, varlen_q)[:2]
+    launches.append(Launch(
+        _bwd_preprocess, (batch * n_heads, n_prep),
+        [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
+         delta, lse2, dsink_part, cu_q, *_bsh_strides(out, varlen_q), *do_s, *_lse_strides(lse, varlen_q),
+         *(_lse_strides(dlse, varlen_q) if dlse is not None else (0, 0, 0)), *t_s, seqlen_q, n_heads, head_dim_v],
+        dict(VARLEN_Q=varlen_q, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
+             BLOCK_DV=dv_pad), num_warps=4))
+
+    # dQ: an fp32 accumulator for the atomics, else written once in the input dtype by the dQ kernel.
+    if dq_atomic:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=device)
+    else:
+        dq = (torch.zeros if varlen_q or not has_keys else torch.empty)(q.shape, dtype=q.dtype, device=device)
+
+    def finish():
+        dsink = None
+        if sink is not None:
+            # fp64 for the last tiny reduction: the partials may cancel, and there are only B·Sq/64 of them.
+            dsink = -dsink_part.view(batch, n_heads, n_prep).double().sum(dim=(0, 2)).float()
+        if not has_keys:
+            dk.zero_()
+            dv.zero_()
+        return dq.to(q.dtype), dk, dv, dsink
+
+    if not has_keys:
+        return launches, finish
+
+    cap = float(softcap)
+    score_scale = softmax_scale / cap if cap > 0 else softmax_scale * LOG2E
+    seq_args = [seqlen_q, seqlen_k]
+    scalar_args = [score_scale, cap * LOG2E, softmax_scale, window_left, window_right]
+    qkv_strides = [*_bsh_strides(q, varlen_q), *_bsh_strides(k, varlen_k), *_bsh_strides(v, varlen_k), *do_s,
+                   *_bsh_strides(dq, varlen_q)]
+    common = dict(GROUP=group, VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None,
+                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0,
+                  EVEN_D=d_pad == head_dim and dv_pad == head_dim_v,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad)
+
+    # 2. dK, dV (+ dQ through atomics), in one pass or as a dV pass then a dK pass.
+    grid1 = (batch * n_kv_heads, triton.cdiv(seqlen_k, cfg.block_n1))
+    for compute_dk, compute_dv in ([(False, True), (True, False)] if cfg.split_dkdv else [(True, True)]):
+        launches.append(Launch(
+            _bwd_dkdv_kernel, grid1,
+            [q, k, v, dout, dq, dk, dv, lse2, delta, cu_q, cu_k, used, *qkv_strides,
+             *_bsh_strides(dk, varlen_k), *_bsh_strides(dv, varlen_k), *t_s,
+             *seq_args, n_kv_heads, head_dim, head_dim_v, *scalar_args],
+            dict(common, DQ_ATOMIC=dq_atomic and compute_dk, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+                 DQ_TRANSPOSED=cfg.dq_transposed, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1),
+            cfg.warps1, cfg.stages1))
+
+    # 3. dQ in a fixed key order.
+    if not dq_atomic:
+        launches.append(Launch(
+            _bwd_dq_kernel, (batch * n_heads, triton.cdiv(seqlen_q, cfg.block_m2)),
+            [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, used, *qkv_strides, *t_s,
+             *seq_args, n_heads, head_dim, head_dim_v, *scalar_args],
+            dict(common, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2), cfg.warps2, cfg.stages2))
+    return launches, finish

@@ -1,0 +1,142 @@
+"""The Triton backward kernels on a real GPU, by themselves: out and lse come from fa4.reference, so a failure
+here is the backward's. DESIGN.md's numerics rule at real sizes, bf16 and fp16, over the feature matrix;
+deterministic=True repeated and compared bitwise; offsets past 2^31 elements. Skipped without CUDA.
+"""
+import pytest
+import torch
+
+from attention_check import poison_allocator
+from fa4 import reference
+from fa4.kernels.triton import backward as bwd
+from numerics import assert_close_rule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda"
+
+
+def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, with_dlse=False, deterministic=False,
+         varlen=None, dout=None):
+    """Kernel backward vs the fp32 reference (ref) and the reference in the input dtype (lowp)."""
+    varlen = varlen or {}
+    opts = dict(softmax_scale=q.shape[-1] ** -0.5, window_left=left, window_right=right, softcap=softcap,
+                sink=sink, cu_seqlens_q=varlen.get("cu_seqlens_q"), cu_seqlens_k=varlen.get("cu_seqlens_k"),
+                seqused_k=varlen.get("seqused_k"), max_seqlen_q=varlen.get("max_seqlen_q"),
+                max_seqlen_k=varlen.get("max_seqlen_k"))
+    f32 = [t.float() for t in (q, k, v)]
+    ref_out, lse = reference.forward(*f32, **opts)
+    out = ref_out.to(q.dtype)
+    if dout is None:
+        dout = torch.randn_like(out)
+    dlse = None
+    if with_dlse:  # empty rows (lse = -inf) get a gradient too: the kernel must ignore it
+        dlse = torch.where(torch.isfinite(lse), torch.randn_like(lse), torch.full_like(lse, 3.0))
+    poison_allocator(q.device)
+    got = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=deterministic, **opts)
+    ref = reference.backward(dout.float(), *f32, ref_out, lse, dlse, **opts)
+    low = reference.backward(dout, q, k, v, out, lse, dlse, compute_dtype=q.dtype, **opts)
+    for name, g, r, lo, t in zip(("dq", "dk", "dv", "dsink"), got, ref, low, (q, k, v, sink)):
+        if t is None:
+            assert g is None
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous(), name
+        assert_close_rule(name, g, r, lo, softcap=softcap > 0)
+    return got
+
+
+# (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse)
+MATRIX = [
+    (2, 1000, 1000, 8, 8, 64, 64, -1, -1, 0.0, False, False),
+    (2, 1000, 1000, 8, 2, 128, 128, -1, 0, 0.0, False, True),      # GQA, causal, lse gradient
+    (1, 2049, 2049, 4, 4, 256, 256, -1, 0, 0.0, False, False),
+    (1, 1111, 1111, 2, 2, 256, 256, -1, -1, 0.0, True, False),
+    (1, 777, 1543, 8, 1, 128, 128, -1, 0, 0.0, True, True),        # Sq < Sk, MQA, sink
+    (1, 1543, 777, 4, 2, 64, 64, -1, 0, 0.0, False, True),         # Sq > Sk: leading rows empty
+    (2, 1, 3001, 8, 2, 128, 128, -1, 0, 0.0, False, False),        # Sq = 1
+    (1, 1500, 1500, 4, 4, 96, 96, 256, 0, 0.0, False, False),      # sliding window
+    (1, 1200, 1200, 4, 2, 64, 64, 100, 50, 30.0, False, True),     # window both sides + softcap
+    (1, 1000, 1000, 6, 3, 192, 128, -1, 0, 0.0, False, False),     # Dv != D
+    (1, 513, 513, 2, 2, 40, 24, -1, -1, 0.0, True, False),         # small odd head dims
+    (1, 3000, 3000, 4, 1, 128, 128, -1, -1, 50.0, True, True),
+]
+
+
+def _ids(case):
+    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
+    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-w{left}_{right}-cap{cap}-s{int(sink)}-dl{int(dlse)}"
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", MATRIX, ids=[_ids(c) for c in MATRIX])
+def test_feature_matrix(case, dtype, deterministic):
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
+    q = torch.randn(b, sq, hq, d, device=DEV, dtype=dtype)
+    k = torch.randn(b, sk, hkv, d, device=DEV, dtype=dtype)
+    v = torch.randn(b, sk, hkv, dv, device=DEV, dtype=dtype)
+    s = torch.randn(hq, device=DEV) if sink else None
+    _run(q, k, v, left=left, right=right, softcap=cap, sink=s, with_dlse=dlse, deterministic=deterministic)
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("seqused", [False, True], ids=["full", "seqused_k"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_varlen(dtype, seqused, deterministic):
+    torch.manual_seed(11)
+    lens_q, lens_k = [0, 17, 1000, 333, 2048, 129], [5, 0, 1200, 333, 2048, 700]
+    hq, hkv, d = 8, 2, 128
+    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=dtype)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=dtype)
+    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=dtype)
+    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    if seqused:
+        varlen["seqused_k"] = torch.tensor([5, 0, 1000, 1, 2000, 700], dtype=torch.int32, device=DEV)
+    sink = torch.randn(hq, device=DEV)
+    _run(q, k, v, right=0, sink=sink, with_dlse=True, varlen=varlen, deterministic=deterministic)
+
+
+def test_strided_inputs():
+    """q, k, v views of (B, H, S, 3D) storage; dout with heads outermost; nothing is copied by the wrapper."""
+    torch.manual_seed(12)
+    b, s, h, d = 2, 1031, 8, 64
+    big = torch.randn(b, h, s, 3 * d, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (big[..., i * d:(i + 1) * d].transpose(1, 2) for i in range(3))
+    dout = torch.randn(b, h, s, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2)
+    _run(q, k, v, right=0, with_dlse=True, dout=dout)
+
+
+def test_offsets_past_2_31():
+    """Batch strides past 2^31 elements: every offset in the kernels must be 64-bit."""
+    torch.manual_seed(13)
+    b, s, h, d = 2, 300, 4, 128
+    batch_stride = 2**31 + 4096
+    try:
+        buf = torch.randn(batch_stride + s * h * d * 4, device=DEV, dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("needs about 4.3 GB of free GPU memory")
+    q, k, v = (buf.as_strided((b, s, h, d), (batch_stride, h * d, d, 1), i * s * h * d) for i in range(3))
+    _run(q, k, v, right=0, with_dlse=True)
+    _run(q, k, v, with_dlse=True, deterministic=True)
+
+
+def test_deterministic_repeats_bitwise():
+    torch.manual_seed(14)
+    b, s, hq, hkv, d = 2, 2048, 16, 4, 128
+    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
+    sink = torch.randn(hq, device=DEV)
+    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0, sink=sink)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.bfloat16()
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    first = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=True, **opts)
+    for _ in range(20):
+        again = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=True, **opts)
+        for a, g in zip(first, again):
+            assert torch.equal(a, g)

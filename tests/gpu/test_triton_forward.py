@@ -1,0 +1,184 @@
+"""The Triton forward (fa4.kernels.triton.forward) on a GPU against fa4.reference, by DESIGN.md's numerics rule.
+
+Calls the backend directly at real sizes (S 1000-3000, D 64/128/256, bf16 and fp16) over the feature matrix,
+with the caching allocator poisoned by NaN before each call so an unwritten output fails. Also: every tuning
+candidate of benchmarks/tune_forward.py (so whichever config the table gets is known to be right), the plain
+load path next to the TMA one, and tensors past 2^31 elements. Skipped without CUDA.
+
+    pytest tests/gpu/test_triton_forward.py -q
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+from fa4 import reference
+from fa4.kernels.triton import forward as fwd
+from numerics import assert_close_rule
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda"
+IS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _poison():
+    blob = torch.empty(256 << 18, dtype=torch.float32, device=DEV).fill_(float("nan"))
+    del blob
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+
+
+def check(q, k, v, config=None, **opts):
+    """The kernel against the fp32 reference and the reference with input-dtype products."""
+    opts.setdefault("window_left", -1)
+    opts.setdefault("window_right", -1)
+    opts.setdefault("softcap", 0.0)
+    opts.setdefault("sink", None)
+    opts.setdefault("softmax_scale", q.shape[-1] ** -0.5)
+    _poison()
+    out, lse = fwd.forward_with_config(q, k, v, config=config, **opts)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out, softcap=opts["softcap"] > 0)
+    assert_close_rule("lse", lse, ref_lse, low_lse, softcap=opts["softcap"] > 0)
+    return out, lse
+
+
+def batched(b, sq, sk, hq, hkv, d, dv, dtype):
+    return (torch.randn(b, sq, hq, d, dtype=dtype, device=DEV), torch.randn(b, sk, hkv, d, dtype=dtype, device=DEV),
+            torch.randn(b, sk, hkv, dv, dtype=dtype, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1000, 1000), (1537, 2999), (2999, 1537), (1, 2048)])
+def test_batched(dtype, d, causal, sq, sk):
+    """Odd lengths, Sq != Sk both ways, one query; GQA 8 on 2."""
+    q, k, v = batched(2, sq, sk, 8, 2, d, d, dtype)
+    check(q, k, v, window_right=0 if causal else -1)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("window", [(256, 0), (100, 37), (0, 0), (511, -1), (-1, 300)])
+def test_windows(d, window):
+    q, k, v = batched(2, 1999, 2500, 4, 4, d, d, torch.bfloat16)
+    check(q, k, v, window_left=window[0], window_right=window[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mqa_softcap_sink(dtype, causal):
+    q, k, v = batched(2, 1200, 1800, 8, 1, 128, 128, dtype)
+    check(q, k, v, window_right=0 if causal else -1, softcap=30.0, sink=torch.randn(8, device=DEV))
+
+
+def test_sink_empty_rows():
+    """Sq > Sk, causal: the top rows see only the sink (out 0, lse = sink); without it, lse = -inf."""
+    q, k, v = batched(1, 1500, 1000, 4, 4, 128, 128, torch.bfloat16)
+    sink = torch.randn(4, device=DEV)
+    out, lse = check(q, k, v, window_right=0, sink=sink)
+    assert torch.equal(out[:, :500], torch.zeros_like(out[:, :500]))
+    torch.testing.assert_close(lse[:, :, :500], sink[None, :, None].expand(1, 4, 500))
+    out, lse = check(q, k, v, window_right=0)
+    assert torch.equal(out[:, :500], torch.zeros_like(out[:, :500])) and torch.isneginf(lse[:, :, :500]).all()
+
+
+@pytest.mark.parametrize("d,dv", [(40, 24), (192, 128), (128, 64), (96, 256), (8, 8)])
+def test_head_dims(d, dv):
+    q, k, v = batched(2, 1111, 1333, 4, 2, d, dv, torch.bfloat16)
+    check(q, k, v, window_right=0)
+    check(q, k, v)
+
+
+def test_strided_inputs():
+    """(B, H, S, D) storage seen as (B, S, H, D), and a K sliced out of a wider tensor: strides are honoured."""
+    q = torch.randn(2, 8, 1500, 128, dtype=torch.bfloat16, device=DEV).transpose(1, 2)
+    k = torch.randn(2, 1700, 4, 192, dtype=torch.bfloat16, device=DEV)[..., :128]
+    v = torch.randn(2, 4, 1700, 128, dtype=torch.bfloat16, device=DEV).transpose(1, 2)
+    check(q, k, v, window_right=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(dtype, causal):
+    lens_q, lens_k = [1000, 0, 2047, 1, 513], [1200, 300, 2047, 0, 3000]
+    q = torch.randn(sum(lens_q), 8, 128, dtype=dtype, device=DEV)
+    k = torch.randn(sum(lens_k), 2, 128, dtype=dtype, device=DEV)
+    v = torch.randn(sum(lens_k), 2, 128, dtype=dtype, device=DEV)
+    lay = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=2047, max_seqlen_k=3000)
+    check(q, k, v, window_right=0 if causal else -1, **lay)
+    lay["seqused_k"] = torch.tensor([700, 300, 2000, 0, 1], dtype=torch.int32, device=DEV)
+    check(q, k, v, window_right=0 if causal else -1, **lay)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16, 64, 128, 256])
+def test_paged(page_size):
+    lens_q, lens_k = [1, 700, 64], [3000, 1500, 777]
+    batch, max_pages = len(lens_q), max((n + page_size - 1) // page_size for n in lens_k)
+    num_pages = batch * max_pages + 5
+    q = torch.randn(sum(lens_q), 8, 128, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(num_pages, page_size, 2, 128, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(num_pages, page_size, 2, 128, dtype=torch.bfloat16, device=DEV)
+    table = torch.randperm(num_pages, device=DEV)[:batch * max_pages].view(batch, max_pages).to(torch.int32)
+    lay = dict(cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+               seqused_k=torch.tensor(lens_k, dtype=torch.int32, device=DEV), page_table=table)
+    check(q, k, v, window_right=0, **lay)
+    check(q, k, v, window_left=200, window_right=0, softcap=20.0, **lay)
+
+
+def _candidates():
+    from tune_forward import CANDIDATES
+    return [(d, cfg) for d, cfgs in CANDIDATES.items() for cfg in cfgs]
+
+
+@pytest.mark.parametrize("d,config", _candidates(), ids=lambda x: str(x))
+def test_tuning_candidates(d, config):
+    """Every config the tuning script may put in the table, at an odd length, causal (all three loops)."""
+    q, k, v = batched(2, 1234, 1234, 4, 4, d, d, torch.bfloat16)
+    check(q, k, v, config, window_right=0)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="TMA needs sm_90+")
+@pytest.mark.parametrize("tma", [False, True])
+def test_plain_and_tma_loads(tma):
+    """The same table tile with TMA descriptors and with plain loads (varlen exercises per-sequence bounds)."""
+    base = fwd.default_config(torch.device(DEV), torch.bfloat16, 128, 128, True)
+    config = base._replace(tma=tma, maxnreg=base.maxnreg if tma else 0)
+    lens = [777, 1500, 3]
+    q = torch.randn(sum(lens), 8, 128, dtype=torch.bfloat16, device=DEV)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    lay = dict(cu_seqlens_q=_cu(lens), cu_seqlens_k=_cu(lens), max_seqlen_q=1500, max_seqlen_k=1500)
+    check(q, k, v, config, window_right=0, **lay)
+
+
+def test_past_2_to_31_elements():
+    """q, k, v, out of 2.2e9 elements each: the batch / sequence base offsets must be 64-bit."""
+    b, s, h, d = 2100, 1040, 8, 128
+    assert b * s * h * d > 2 ** 31
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device=DEV) for _ in range(3))
+    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0, sink=None)
+    out, lse = fwd.forward(q, k, v, **opts)
+    tail = slice(b - 3, b)  # the sequences whose offsets pass 2^31
+    ref_out, ref_lse = reference.forward(q[tail].float(), k[tail].float(), v[tail].float(), **opts)
+    low_out, low_lse = reference.forward(q[tail], k[tail], v[tail], compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out[tail], ref_out, low_out)
+    assert_close_rule("lse", lse[tail], ref_lse, low_lse)
+    # The same tensors as one packed varlen batch.
+    cu = torch.arange(0, b + 1, dtype=torch.int32, device=DEV) * s
+    out_v, lse_v = fwd.forward(q.view(-1, h, d), k.view(-1, h, d), v.view(-1, h, d), cu_seqlens_q=cu,
+                               cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, **opts)
+    assert_close_rule("varlen out", out_v.view(b, s, h, d)[tail], ref_out, low_out)
+    assert_close_rule("varlen lse", lse_v.view(h, b, s).transpose(0, 1)[tail], ref_lse, low_lse)
+    del q, k, v, out, out_v
+    torch.cuda.empty_cache()

@@ -1,0 +1,255 @@
+"""The Triton forward kernel under Triton's interpreter (CPU), at tiny shapes, fp16 and fp32.
+
+Oracle: fa4.reference (fp32 products); fp16 results are judged by DESIGN.md's numerics rule against the
+reference run with fp16 products, fp32 results by a tight tolerance. The outputs the wrapper allocates are
+poisoned with NaN (torch.empty is patched for the call), so a row the kernel forgets to write fails.
+Tiles of 16-32 rows make every shape span several query and key blocks, so the masked-left / interior /
+masked-right split of the key loop, the partial last blocks and the reversed query-block order all run; the
+TMA-descriptor and lazy-rescale variants run too (the interpreter emulates descriptors).
+One test compiles the table's configs ahead of time for sm_80 and sm_90 (no GPU needed) and checks the SASS
+for spills (benchmarks/tune_forward.py sass --table --check).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fa4 import reference
+from fa4.kernels.triton import forward as fwd
+from numerics import assert_close_rule
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="interpreter tests (tests/gpu/test_triton_forward.py covers the GPU)"),
+    # numpy < 2.4 warns when the interpreter turns a loop bound into a Python int (triton#9171).
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+
+SMALL = fwd.Config(32, 16, 4, 1)
+TILES = [SMALL, fwd.Config(16, 32, 4, 1), fwd.Config(16, 16, 4, 1, tma=True)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _poisoned_empty(real_empty):
+    def empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    return empty
+
+
+def run_kernel(monkeypatch, q, k, v, config=SMALL, **opts):
+    """The kernel's (out, lse), with its output buffers pre-filled with NaN."""
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", _poisoned_empty(torch.empty))
+        return fwd.forward_with_config(q, k, v, config=config, **opts)
+
+
+def check(monkeypatch, q, k, v, config=SMALL, **opts):
+    """Run the kernel and judge out and lse against the reference; returns (out, lse, ref_lse)."""
+    opts.setdefault("window_left", -1)
+    opts.setdefault("window_right", -1)
+    opts.setdefault("softcap", 0.0)
+    opts.setdefault("sink", None)
+    opts.setdefault("softmax_scale", q.shape[-1] ** -0.5)
+    out, lse = run_kernel(monkeypatch, q, k, v, config, **opts)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    if q.dtype == torch.float32:
+        torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    else:
+        low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+        assert_close_rule("out", out, ref_out, low_out, softcap=opts["softcap"] > 0)
+        assert_close_rule("lse", lse, ref_lse, low_lse, softcap=opts["softcap"] > 0)
+    return out, lse, ref_lse
+
+
+def batched(b, sq, sk, hq, hkv, d, dv, dtype):
+    return (torch.randn(b, sq, hq, d, dtype=dtype), torch.randn(b, sk, hkv, d, dtype=dtype),
+            torch.randn(b, sk, hkv, dv, dtype=dtype))
+
+
+def cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched layout
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(37, 53), (53, 37), (1, 45), (64, 64)])
+def test_lengths(monkeypatch, dtype, causal, sq, sk):
+    """Odd lengths, Sq != Sk both ways, a single query; GQA (4 query heads on 2 kv heads)."""
+    q, k, v = batched(2, sq, sk, 4, 2, 32, 32, dtype)
+    check(monkeypatch, q, k, v, window_right=0 if causal else -1)
+
+
+@pytest.mark.parametrize("config", TILES, ids=["32x16", "16x32", "16x16-tma"])
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (0, 0), (20, -1), (-1, 4), (3, 40)])
+def test_windows(monkeypatch, config, window):
+    """Sliding windows (bottom-right aligned): left and right boundary blocks, rows with few keys."""
+    q, k, v = batched(1, 45, 61, 2, 1, 32, 32, torch.float16)
+    check(monkeypatch, q, k, v, config, window_left=window[0], window_right=window[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_mqa_softcap(monkeypatch, dtype):
+    q, k, v = batched(2, 40, 50, 3, 1, 32, 32, dtype)
+    check(monkeypatch, q, k, v, window_right=0, softcap=5.0, softmax_scale=0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (2, 0)])
+def test_sink(monkeypatch, dtype, window):
+    """The sink joins the normaliser only; with Sq > Sk and causal, the top rows see only the sink."""
+    q, k, v = batched(1, 50, 30, 4, 2, 32, 32, dtype)
+    sink = torch.randn(4) * 2
+    out, lse, _ = check(monkeypatch, q, k, v, window_left=window[0], window_right=window[1], sink=sink)
+    if window[1] == 0:
+        # Rows 0..19 see no key: out 0, lse = sink.
+        assert torch.equal(out[:, :20], torch.zeros_like(out[:, :20]))
+        torch.testing.assert_close(lse[:, :, :20], sink[None, :, None].expand(1, 4, 20))
+
+
+@pytest.mark.parametrize("d,dv", [(40, 24), (24, 40), (8, 8), (64, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_head_dims(monkeypatch, d, dv, dtype):
+    """Head dims padded to a power of two inside the kernel; Dv != D."""
+    q, k, v = batched(1, 33, 47, 2, 2, d, dv, dtype)
+    for config in (SMALL, fwd.Config(16, 16, 4, 1, tma=True)):
+        check(monkeypatch, q, k, v, config, window_right=0)
+
+
+def test_empty_rows(monkeypatch):
+    """Rows with no visible key: out exactly 0 and lse -inf (not NaN) through the poisoned buffers."""
+    q, k, v = batched(1, 50, 30, 2, 2, 32, 32, torch.float16)
+    out, lse, ref_lse = check(monkeypatch, q, k, v, window_right=0)
+    assert torch.equal(out[:, :20], torch.zeros_like(out[:, :20]))
+    assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
+    # Sk = 0: every row is empty.
+    q, k, v = batched(1, 20, 0, 2, 2, 32, 32, torch.float16)
+    out, lse, _ = check(monkeypatch, q, k, v)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_strided_inputs(monkeypatch):
+    """Strides come from the tensors: (B, H, S, D) storage seen as (B, S, H, D), and padded rows."""
+    q = torch.randn(2, 3, 37, 32, dtype=torch.float16).transpose(1, 2)
+    k = torch.randn(2, 64, 3, 48, dtype=torch.float16)[..., :32]
+    v = torch.randn(2, 3, 64, 32, dtype=torch.float16).transpose(1, 2)[:, 5:58]
+    k = k[:, 5:58]
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    out, lse, _ = check(monkeypatch, q, k, v, window_right=0)
+    assert out.is_contiguous() and lse.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("ramp", [0.25, -0.01])
+def test_lazy_rescale(monkeypatch, dtype, ramp):
+    """Lazy rescaling of O: key norms that grow along the sequence push row maxima up by more than 2^8
+    between blocks (the rescale branch), shrinking ones never do (the stale-maximum branch)."""
+    q, k, v = batched(2, 40, 97, 2, 2, 32, 32, dtype)
+    k = (k.float() * (1 + ramp * torch.arange(97)).clamp(min=0.05)[None, :, None, None]).to(dtype)
+    for config in (fwd.Config(16, 16, 4, 1, lazy_rescale=True), fwd.Config(32, 16, 4, 1, True, lazy_rescale=True)):
+        check(monkeypatch, q, k, v, config)
+        check(monkeypatch, q, k, v, config, window_right=0, sink=torch.randn(2))
+
+
+def test_default_config(monkeypatch):
+    q, k, v = batched(1, 70, 90, 2, 1, 64, 64, torch.float16)
+    check(monkeypatch, q, k, v, config=None, window_right=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Varlen and paged layouts
+# ----------------------------------------------------------------------------------------------------------
+
+def varlen_inputs(lens_q, lens_k, hq, hkv, d, dv, dtype):
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, hq, d, dtype=dtype)
+    k = torch.randn(tk, hkv, d, dtype=dtype)
+    v = torch.randn(tk, hkv, dv, dtype=dtype)
+    return q, k, v, dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_q=max(lens_q),
+                         max_seqlen_k=max(lens_k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("config", [SMALL, fwd.Config(16, 16, 4, 1, tma=True)], ids=["ptr", "tma"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (6, 2)])
+def test_varlen(monkeypatch, dtype, config, window):
+    """Packed sequences, one of zero length on each side (a sequence with queries but no key)."""
+    lens_q, lens_k = [17, 0, 40, 5, 1], [23, 9, 31, 0, 50]
+    q, k, v, lay = varlen_inputs(lens_q, lens_k, 4, 2, 32, 24, dtype)
+    out, lse, ref_lse = check(monkeypatch, q, k, v, config, window_left=window[0], window_right=window[1],
+                              **lay)
+    rows = slice(57, 62)  # the sequence with 5 queries and no key
+    assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isneginf(lse[:, rows]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_seqused(monkeypatch, dtype, causal):
+    lens_q, lens_k = [12, 30, 7], [40, 33, 20]
+    q, k, v, lay = varlen_inputs(lens_q, lens_k, 2, 2, 32, 32, dtype)
+    lay["seqused_k"] = torch.tensor([25, 33, 0], dtype=torch.int32)
+    check(monkeypatch, q, k, v, window_right=0 if causal else -1, **lay)
+
+
+def test_batched_seqused(monkeypatch):
+    q, k, v = batched(3, 20, 40, 2, 1, 32, 32, torch.float16)
+    check(monkeypatch, q, k, v, window_right=0, seqused_k=torch.tensor([40, 13, 0], dtype=torch.int32))
+
+
+def paged_inputs(lens_q, lens_k, page_size, hq, hkv, d, dv, dtype):
+    """Varlen queries over a paged cache whose pages are shuffled (and a few left unused)."""
+    batch = len(lens_q)
+    max_pages = max((n + page_size - 1) // page_size for n in lens_k) + 1
+    num_pages = batch * max_pages + 3
+    q = torch.randn(sum(lens_q), hq, d, dtype=dtype)
+    k = torch.randn(num_pages, page_size, hkv, d, dtype=dtype)
+    v = torch.randn(num_pages, page_size, hkv, dv, dtype=dtype)
+    page_table = torch.randperm(num_pages)[:batch * max_pages].view(batch, max_pages).to(torch.int32)
+    return q, k, v, dict(cu_seqlens_q=cu(lens_q), max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+                         seqused_k=torch.tensor(lens_k, dtype=torch.int32), page_table=page_table)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_paged(monkeypatch, page_size, dtype):
+    """Page sizes below, unaligned to and multiples of the key block (16): gathered and per-block pages."""
+    q, k, v, lay = paged_inputs([9, 1, 20], [37, 16, 0], page_size, 4, 1, 32, 32, dtype)
+    check(monkeypatch, q, k, v, window_right=0, **lay)
+
+
+def test_paged_window_softcap_sink(monkeypatch):
+    q, k, v, lay = paged_inputs([1, 13], [50, 29], 16, 2, 2, 40, 24, torch.float16)
+    check(monkeypatch, q, k, v, fwd.Config(16, 16, 4, 1), window_left=10, window_right=0, softcap=3.0,
+          sink=torch.randn(2), **lay)
+
+
+def test_paged_batched_queries(monkeypatch):
+    """Paged keys under batched (B, Sq, H, D) queries (the kvcache call's layout)."""
+    _, k, v, lay = paged_inputs([4, 4], [30, 45], 16, 2, 1, 32, 32, torch.float16)
+    q = torch.randn(2, 4, 2, 32, dtype=torch.float16)
+    check(monkeypatch, q, k, v, window_right=0, seqused_k=lay["seqused_k"], page_table=lay["page_table"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for real GPUs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_compiles_for_sm80_and_sm90():
+    """Every table config compiles for sm_80 and sm_90 without local-memory spills and fits shared memory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "tune_forward.py"), "sass",
+                           "--table", "--check"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
