@@ -2,8 +2,15 @@
 
 Backends: "reference" (eager PyTorch, any device, every feature), "triton" (portable kernels, CUDA compute
 capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward for Hopper; its backward is the
-Triton one). backend=None picks the fastest that can serve the request and says why at debug level on the
-"fa4" logger; an explicitly requested backend that cannot serve raises a ValueError with the reason.
+Triton one). An explicitly requested backend that cannot serve raises a ValueError with the reason; only
+backend=None falls back.
+
+backend=None on a CUDA device resolves in two steps. `choose` (called by the interface, traced by
+torch.compile) only decides "reference" or "auto" from facts that are constant for a graph (device type,
+Triton present, compute capability). The custom op then calls `resolve_auto` on the real tensors, outside
+any trace: the sm90 kernel's own requirements include run-time facts (16-byte aligned pointers for TMA), and
+a Python-side choice there costs no graph break. The reason for each choice is logged at debug level on the
+"fa4" logger.
 """
 import logging
 import os
@@ -55,13 +62,26 @@ def _sm90_reason(q, k, v, **features):
     return sm90.unsupported_reason(q, k, v, **features)
 
 
+def _sm90_measured_faster(max_seqlen_q, window_left, window_right):
+    """Where the H100 runs of 2026-11-25 measured the Gluon forward ahead of the Triton one.
+
+    benchmarks/results/h100-2026-11-25-training-*.md (sm90) against raw/h100-2026-11-25-tune-forward-r1.log
+    (Triton), TFLOP/s: unmasked S >= 4096: sm90 481-696 vs Triton 382-545; causal S = 16384: 478-589 vs
+    417-537; but causal S = 4096: 168-294 vs 341-462, and S = 1024: 155/77 vs 304/234 (the sm90 per-tile cost
+    and its paired causal schedule at few query blocks; see benchmarks/NOTES.md). Unmeasured lengths go to
+    the side of the nearest measurement below them.
+    """
+    masked = window_left >= 0 or window_right >= 0
+    return max_seqlen_q >= (16384 if masked else 4096)
+
+
 def _note(msg):
     if not torch.compiler.is_compiling():
         logger.debug(msg)
 
 
 def choose(q, k, v, backend, **features):
-    """Returns (forward_backend, backward_backend) names for this request."""
+    """(forward_backend, backward_backend) names for this request; "auto" is resolved by the op."""
     if backend == "reference":
         return "reference", "reference"
     if backend == "triton":
@@ -70,11 +90,13 @@ def choose(q, k, v, backend, **features):
             raise ValueError(f"backend='triton' cannot serve this call: {reason}")
         return "triton", "triton"
     if backend == "sm90":
-        reason = _sm90_reason(q, k, v, **features) or _triton_reason(q)
+        if q.device.type != "cuda":
+            raise ValueError("backend='sm90' cannot serve this call: the sm90 backend needs a CUDA device")
+        # Run-time requirements (alignment) are checked again by the kernel wrapper, which raises.
+        reason = _triton_reason(q) or (None if torch.compiler.is_compiling() else _sm90_reason(q, k, v, **features))
         if reason is not None:
             raise ValueError(f"backend='sm90' cannot serve this call: {reason}")
         return "sm90", "triton"
-    # backend=None: fastest available.
     if q.device.type == "cpu":
         _note("fa4: CPU tensors -> reference backend")
         return "reference", "reference"
@@ -82,8 +104,16 @@ def choose(q, k, v, backend, **features):
     if reason is not None:
         _note(f"fa4: reference backend ({reason})")
         return "reference", "reference"
-    sm90_reason = _sm90_reason(q, k, v, **features)
-    if sm90_reason is None:
-        return "sm90", "triton"
-    _note(f"fa4: triton backend (sm90 path not used: {sm90_reason})")
-    return "triton", "triton"
+    return "auto", "triton"
+
+
+def resolve_auto(q, k, v, *, max_seqlen_q, **features):
+    """The forward backend for backend=None on real CUDA tensors: "sm90" where it serves and is faster."""
+    reason = _sm90_reason(q, k, v, **features)
+    if reason is None and not _sm90_measured_faster(max_seqlen_q, features.get("window_left", -1),
+                                                     features.get("window_right", -1)):
+        reason = f"the Triton forward measured faster at max_seqlen_q={max_seqlen_q} with this mask"
+    if reason is None:
+        return "sm90"
+    logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")
+    return "triton"
