@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fa4.kernels.triton import backward as bwd  # noqa: E402
+from tuning_common import REGS_PER_SM, SMEM_LIMIT, suite_options, training_suite  # noqa: E402
 
 C = bwd.BwdConfig
 # Candidates per padded head dim for sm_90, the first QUICK of each are the most promising (offline: no spills).
@@ -49,9 +50,6 @@ CANDIDATES = {
 }
 QUICK = 4
 
-# Shared memory per block (opt-in maximum) and registers per SM, by compute capability.
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-REGS_PER_SM = 65536
 
 
 def _fmt(cfg):
@@ -64,21 +62,6 @@ def _fmt(cfg):
 def _literal(cfg):
     fields = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
     return "BwdConfig(" + ", ".join(str(x) for x in fields) + ")"
-
-
-def training_suite(dims, causals):
-    """(D, S, B, H, causal) rows of DESIGN.md's training suite."""
-    rows = []
-    for d in dims:
-        for s in ([1024] if d == 128 else []) + [4096, 16384]:
-            for causal in causals:
-                rows.append((d, s, 16384 // s, 2048 // d, causal))
-    return rows
-
-
-def _opts(d, causal):
-    return dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
-                sink=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,7 +83,7 @@ def _warm_one(job):
     d, h, causal, cfg, det = job
     q, k, v, dout, out, lse = _problem(1, 256, h, d, causal, torch.device("cuda"))
     try:
-        bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **_opts(d, causal))
+        bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **suite_options(d, causal))
         torch.cuda.synchronize()
         return None
     except Exception as exc:  # noqa: BLE001 (reported, then the timing pass reports it again)
@@ -153,7 +136,7 @@ def _time_row(d, s, b, h, causal, cands, table, dev):
         name = _fmt(cfg) + (" [deterministic]" if det else "")
 
         def fn(cfg=cfg, det=det):
-            return bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **_opts(d, causal))
+            return bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **suite_options(d, causal))
         t0 = time.time()
         try:
             err = _rel_err(fn()[:3], ref)
@@ -227,7 +210,7 @@ def aot_launches(cfg, d, causal, dtype=torch.bfloat16, deterministic=False):
     lse = torch.empty(2, h, 256)
     launches, _ = bwd.plan(dout, q, k, v, out, lse, None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
                            max_seqlen_q=None, max_seqlen_k=None, page_table=None, deterministic=deterministic,
-                           config=cfg, **_opts(d, causal))
+                           config=cfg, **suite_options(d, causal))
     return launches
 
 

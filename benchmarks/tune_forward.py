@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fa4.kernels.triton import forward as fwd  # noqa: E402
+from tuning_common import REGS_PER_SM, SMEM_LIMIT, suite_options, training_suite  # noqa: E402
 
 C = fwd.Config
 L = dict(lazy_rescale=True)
@@ -42,27 +43,9 @@ CANDIDATES = {
 }
 QUICK = 4  # --quick: the first QUICK candidates of each head dim
 
-# Shared memory per block (opt-in maximum) and registers per SM, by compute capability.
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-REGS_PER_SM = 65536
 # Up to four registers parked in local memory (a few STL/LDL per loop iteration, L1-resident) are tolerated:
 # that is what the 128-register cap costs some feature mixes. Anything larger fails --check.
 MINOR_SPILL_BYTES = 16
-
-
-def training_suite(dims, causals):
-    """(D, S, B, H, causal) rows of DESIGN.md's training suite."""
-    rows = []
-    for d in dims:
-        for s in ([1024] if d == 128 else []) + [4096, 16384]:
-            for causal in causals:
-                rows.append((d, s, 16384 // s, 2048 // d, causal))
-    return rows
-
-
-def _opts(d, causal):
-    return dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
-                sink=None)
 
 
 def _fmt(cfg):
@@ -100,7 +83,7 @@ def _time_row(d, s, b, h, causal, candidates):
     print(f"D={d:3d} S={s:5d} B={b:2d} H={h:2d} causal={int(causal)}  FA2 {row['fa2']:6.1f} TFLOP/s")
     for cfg in candidates:
         def fn(cfg=cfg):
-            return fwd.forward_with_config(q, k, v, config=cfg, **_opts(d, causal))
+            return fwd.forward_with_config(q, k, v, config=cfg, **suite_options(d, causal))
         t0 = time.time()
         try:
             out, _ = fn()
@@ -180,7 +163,7 @@ def aot_compile(cc, cfg, dtype=torch.bfloat16, d=128, dv=None, feature="plain"):
     dv = dv or d
     f = dict(FEATURES[feature])
     varlen, sink, page_size = f.pop("varlen", False), f.pop("sink", False), f.pop("page_size", 0)
-    opts = dict(_opts(d, False), **f, sink=torch.zeros(4) if sink else None)
+    opts = dict(suite_options(d, False), **f, sink=torch.zeros(4) if sink else None)
     if varlen:
         q, k = torch.empty(512, 4, d, dtype=dtype), torch.empty(512, 4, d, dtype=dtype)
         v = torch.empty(512, 4, dv, dtype=dtype)
