@@ -51,6 +51,17 @@ def _shipped():
         ("d128-reversed-causal", dict(d=128, dv=128, causal=True, variant=dict(SCHED="reversed"))),
         ("d64-wg2-causal", dict(d=64, dv=64, causal=True, variant=dict(num_wg=2, consumer_regs=240))),
         ("d256-nopingpong", dict(d=256, dv=256, variant=dict(PINGPONG=False))),
+        # r2 analysis variants (benchmarks/NOTES.md, "Hopper forward (Gluon), r2 analysis"): TAIL, two Q
+        # buffers (with TAIL), and the per-tile trace of the probe.
+        ("d64-tail", dict(d=64, dv=64, variant=dict(TAIL=True))),
+        ("d256-tail-causal", dict(d=256, dv=256, causal=True, variant=dict(TAIL=True))),
+        ("d64-q2-causal", dict(d=64, dv=64, causal=True, variant=dict(TAIL=True, q_buffers=2))),
+        ("d128-q2", dict(d=128, dv=128, variant=dict(TAIL=True, q_buffers=2))),
+        ("d128-q2-causal", dict(d=128, dv=128, causal=True, variant=dict(TAIL=True, q_buffers=2))),
+        ("d64-trace", dict(d=64, dv=64, variant=dict(TRACE=True))),
+        ("d128-trace-causal", dict(d=128, dv=128, causal=True, variant=dict(TRACE=True))),
+        ("d256-trace-causal", dict(d=256, dv=256, causal=True, variant=dict(TRACE=True))),
+        ("d128-q2-trace-causal", dict(d=128, dv=128, causal=True, variant=dict(TRACE=True, TAIL=True, q_buffers=2))),
     ]
     return cases
 
@@ -335,17 +346,19 @@ class _MBarrier:
             time.sleep(0)
 
 
-def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
-    """tiles: per-tile number of key blocks (None = skipped tile). Runs one CTA's partitions."""
+def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False):
+    """tiles: per-tile number of key blocks (None = skipped tile). Runs one CTA's partitions. qbuf: Q buffers
+    (QBUF); early_q: Q handed back right after the tile's last QKᵀ (TAIL without O staged in Q)."""
     rng = np.random.default_rng(seed)
     deadline = time.time() + 20
-    q_ready, q_empty = _MBarrier(1), _MBarrier(nwg)
+    early_q = early_q and not o_alias
+    q_ready, q_empty = [_MBarrier(1) for _ in range(qbuf)], [_MBarrier(nwg) for _ in range(qbuf)]
     k_ready = [_MBarrier(1) for _ in range(stages)]
     k_empty = [_MBarrier(nwg) for _ in range(stages)]
     v_ready = [_MBarrier(1) for _ in range(stages)]
     v_empty = [_MBarrier(nwg) for _ in range(stages)]
     turn = [_MBarrier(1) for _ in range(nwg)]
-    q_tag, k_tag, v_tag = [None], [None] * stages, [None] * stages
+    q_tag, k_tag, v_tag = [None] * qbuf, [None] * stages, [None] * stages
     issues, errors = [], []
     jitter = rng.random(10000) * 1e-4
 
@@ -362,11 +375,12 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
         for t, nblocks in enumerate(tiles):
             if nblocks is None:
                 continue
-            q_empty.wait((tcount & 1) ^ 1, deadline)
+            qb, q_phase = tcount % qbuf, (tcount // qbuf) & 1
+            q_empty[qb].wait(q_phase ^ 1, deadline)
             tcount += 1
-            q_ready.expect(nwg)
+            q_ready[qb].expect(nwg)
             for w in range(nwg):
-                tma(q_ready, q_tag, 0, t, 1, n)
+                tma(q_ready[qb], q_tag, qb, t, 1, n)
                 n += 1
             for it in range(nblocks):
                 k_empty[kv_idx].wait(kv_phase ^ 1, deadline)
@@ -389,13 +403,17 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
         for t, nblocks in enumerate(tiles):
             if nblocks is None:
                 continue
-            q_ready.wait(tcount & 1, deadline)
+            qb, q_phase = tcount % qbuf, (tcount // qbuf) & 1
+            q_ready[qb].wait(q_phase, deadline)
             tcount += 1
-            check(q_tag, 0, t, "Q")
+            check(q_tag, qb, t, "Q")
             if nblocks > 0:
                 k_ready[kv_idx].wait(kv_phase, deadline)
                 check(k_tag, kv_idx, (t, 0), "K")
+                check(q_tag, qb, t, "Q")  # QKᵀ reads Q
                 k_empty[kv_idx].arrive()
+                if early_q and nblocks == 1:
+                    q_empty[qb].arrive()
                 v_idx, v_phase = kv_idx, kv_phase
                 kv_idx, kv_phase = (0, kv_phase ^ 1) if kv_idx + 1 == stages else (kv_idx + 1, kv_phase)
                 for it in range(1, nblocks):
@@ -403,6 +421,7 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
                     if pingpong:
                         turn[wg].wait((turn_count + turn0) & 1, deadline)
                     check(k_tag, kv_idx, (t, it), "K")
+                    check(q_tag, qb, t, "Q")
                     v_ready[v_idx].wait(v_phase, deadline)
                     check(v_tag, v_idx, (t, it - 1), "V")
                     issues.append(wg)
@@ -411,19 +430,21 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
                         turn_count += 1
                     time.sleep(jitter[(t * 7 + it) % len(jitter)])
                     k_empty[kv_idx].arrive()
+                    if early_q and it == nblocks - 1:
+                        q_empty[qb].arrive()
                     v_empty[v_idx].arrive()
                     v_idx, v_phase = kv_idx, kv_phase
                     kv_idx, kv_phase = (0, kv_phase ^ 1) if kv_idx + 1 == stages else (kv_idx + 1, kv_phase)
-                if not o_alias:
-                    q_empty.arrive()
+                if not o_alias and not early_q:
+                    q_empty[qb].arrive()
                 v_ready[v_idx].wait(v_phase, deadline)
                 check(v_tag, v_idx, (t, nblocks - 1), "V")
                 v_empty[v_idx].arrive()
             elif not o_alias:
-                q_empty.arrive()
+                q_empty[qb].arrive()
             if o_alias:
-                check(q_tag, 0, t, "Q (as O staging)")
-                q_empty.arrive()
+                check(q_tag, qb, t, "Q (as O staging)")
+                q_empty[qb].arrive()
 
     threads = [threading.Thread(target=loader)] + [threading.Thread(target=consumer, args=(w, ))
                                                     for w in range(nwg)]
@@ -446,9 +467,85 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed):
         assert all(b == (a + 1) % nwg for a, b in zip(issues, issues[1:])), issues[:20]
 
 
-@pytest.mark.parametrize("nwg,stages,o_alias,pingpong", [(2, 2, False, True), (2, 1, True, True),
-                                                         (3, 2, False, True), (2, 3, False, False)])
-def test_barrier_protocol(nwg, stages, o_alias, pingpong):
-    rng = np.random.default_rng(nwg * 10 + stages)
+@pytest.mark.parametrize("nwg,stages,o_alias,pingpong,qbuf,early_q", [
+    (2, 2, False, True, 1, False), (2, 1, True, True, 1, False), (3, 2, False, True, 1, False),
+    (2, 3, False, False, 1, False),
+    # r2 variants: TAIL (early Q release; with O staged in Q it falls back to the epilogue's release) and
+    # two Q buffers (the loader runs into the next tile).
+    (2, 2, False, False, 1, True), (2, 1, True, True, 1, True), (2, 2, False, False, 2, True),
+    (3, 2, False, True, 2, True), (2, 2, False, True, 2, False)])
+def test_barrier_protocol(nwg, stages, o_alias, pingpong, qbuf, early_q):
+    rng = np.random.default_rng(nwg * 10 + stages + 100 * qbuf + 7 * early_q)
     tiles = [None if rng.random() < 0.1 else int(rng.choice([0, 1, 2, 3, 7])) for _ in range(25)]
-    _simulate(tiles, nwg, stages, o_alias, pingpong, seed=stages)
+    _simulate(tiles, nwg, stages, o_alias, pingpong, seed=stages, qbuf=qbuf, early_q=early_q)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The FAST host launch (launch.py): a Plan built from one call must give a later call with other tensors the
+# argument list, in parameter order, that JITFunction binds for that call, and Triton's specialisation of it
+# must be the same (the compiled kernel is reused without checking).
+# ---------------------------------------------------------------------------------------------------------
+
+def _fast_case(seed, d, dv, varlen, sink, gqa=1):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    b, s, hkv = 2, 200, 2
+    hq = hkv * gqa
+    dtype = torch.bfloat16
+    if varlen:
+        q, k = torch.zeros(b * s, hq, d, dtype=dtype), torch.zeros(b * s, hkv, d, dtype=dtype)
+        v = torch.zeros(b * s, hkv, dv, dtype=dtype)
+        cu = torch.tensor([0, 150, b * s], dtype=torch.int32)
+        cu_k = cu.clone()
+        lse = torch.zeros(hq, b * s)
+    else:
+        q, k = torch.zeros(b, s, hq, d, dtype=dtype), torch.zeros(b, s, hkv, d, dtype=dtype)
+        v = torch.zeros(b, s, hkv, dv, dtype=dtype)
+        cu = cu_k = None
+        lse = torch.zeros(b, hq, s)
+    out = torch.zeros(*q.shape[:-1], dv, dtype=dtype)
+    snk = torch.randn(hq, generator=g) if sink else None
+    return dict(q=q, k=k, v=v, out=out, lse=lse, sink=snk, cu_q=cu, cu_k=cu_k, seqused=None)
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+@pytest.mark.parametrize("d,dv,varlen,sink,window,softcap,variant", [
+    (128, 128, False, False, (-1, 0), 0.0, {}),
+    (64, 64, False, False, (-1, -1), 0.0, dict(TAIL=True, q_buffers=2)),
+    (128, 128, True, True, (100, 50), 30.0, {}),
+    (256, 256, False, True, (-1, 0), 0.0, dict(TAIL=True)),
+])
+def test_fast_launch_arguments(d, dv, varlen, sink, window, softcap, variant):
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    from fa4.kernels.sm90 import aot, attention_fwd as af, launch
+    kern = af.attn_fwd_kernel
+    binder = create_function_from_signature(kern.signature, kern.params, make_backend(aot.TARGET))
+    opts = dict(num_warps=4, debug=False, instrumentation_mode="")
+
+    def plan_args(t):
+        return af.launch_plan(t["q"], t["k"], t["v"], t["out"], t["lse"], softmax_scale=0.1,
+                              window_left=window[0], window_right=window[1], softcap=softcap, sink=t["sink"],
+                              cu_seqlens_q=t["cu_q"], cu_seqlens_k=t["cu_k"], max_seqlen_q=150 if varlen else None,
+                              variant=variant)
+
+    first, later = _fast_case(1, d, dv, varlen, sink), _fast_case(2, d, dv, varlen, sink)
+    _, args1, cx1 = plan_args(first)
+    plan = launch.Plan(kern.arg_names, args1, cx1, grid=132)
+    fast = plan.arguments(later["q"], later["k"], later["v"], later["out"], later["lse"], later["sink"],
+                          later["cu_q"], later["cu_k"], later["seqused"], af._dummy_i32(later["q"].device))
+    _, args2, cx2 = plan_args(later)
+    bound, spec, _ = binder(**args2, **cx2, **opts)
+    assert list(bound) == kern.arg_names and len(fast) == len(bound)
+    for name, got, want in zip(kern.arg_names, fast, bound.values()):
+        if hasattr(want, "block_shape"):  # a TensorDescriptor
+            assert got.base is want.base and got.shape == want.shape and got.strides == want.strides, name
+            assert got.block_shape == want.block_shape and got.layout == want.layout, name
+        elif hasattr(want, "data_ptr"):
+            assert got is want, name
+        else:
+            assert got == want, (name, got, want)
+    assert binder(*fast, **opts)[1] == spec
+    # The template keeps no tensor of the first call.
+    assert not any(hasattr(x, "data_ptr") for x in plan.values)
+    assert all(plan.values[i].base is None for i, _ in plan.desc_slots)

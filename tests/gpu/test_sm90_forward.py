@@ -89,6 +89,8 @@ VARIANTS = [
     dict(PINGPONG=False), dict(PINGPONG=True), dict(LAZY=True), dict(POLY=1), dict(POLY=2), dict(POLY=4),
     dict(LAZY=True, POLY=1), dict(stages=3), dict(num_wg=2, consumer_regs=240), dict(num_wg=3, consumer_regs=160),
     dict(SCHED="reversed"), dict(SCHED="flat"), dict(STAGGER=True),
+    # r2 analysis (benchmarks/NOTES.md): tile-end hand-offs, two Q buffers, the probe's trace.
+    dict(TAIL=True), dict(TAIL=True, q_buffers=2), dict(q_buffers=2), dict(TRACE=True),
 ]
 
 
@@ -97,8 +99,8 @@ VARIANTS = [
 def test_variants(variant, d, causal):
     if variant.get("num_wg") == 3 and d != 64:
         pytest.skip("three consumer warpgroups only fit registers at D = 64")
-    if variant.get("stages") == 3 and d == 256:
-        pytest.skip("three K/V stages do not fit shared memory at D = 256")
+    if (variant.get("stages") == 3 or variant.get("q_buffers") == 2) and d == 256:
+        pytest.skip("three K/V stages or two Q buffers do not fit shared memory at D = 256")
     if "SCHED" in variant and not causal:
         pytest.skip("the schedules differ only where a window makes tile costs differ")
     torch.manual_seed(d)
@@ -109,6 +111,35 @@ def test_variants(variant, d, causal):
     k = (k * torch.linspace(6.0, 0.1, 1500, device=DEV)[None, :, None, None]).to(torch.bfloat16)
     v = torch.randn(2, 1500, 2, d, dtype=torch.bfloat16, device=DEV)
     _run(q, k, v, causal=causal, variant=variant)
+
+
+@pytest.mark.parametrize("case", ["batched-causal-d128", "batched-d64-gqa", "varlen-sink-softcap-d128",
+                                  "batched-causal-d256-sink"])
+def test_fast_launch(case):
+    """FAST: the first call of a signature goes through JITFunction and keeps a Plan; the later calls (other
+    tensors, same signature) launch from it and must give the same results as the reference."""
+    from fa4.kernels.sm90 import launch
+    d = 256 if "d256" in case else 64 if "d64" in case else 128
+    causal = "causal" in case
+    for i in range(3):
+        torch.manual_seed(i)
+        if case.startswith("varlen"):
+            lens = [300, 1, 777]
+            q = torch.randn(sum(lens), 4, d, dtype=torch.bfloat16, device=DEV)
+            k = torch.randn(sum(lens), 2, d, dtype=torch.bfloat16, device=DEV)
+            v = torch.randn(sum(lens), 2, d, dtype=torch.bfloat16, device=DEV)
+            s = torch.randn(4, dtype=torch.float32, device=DEV)
+            varlen = dict(cu_seqlens_q=_cu(lens), cu_seqlens_k=_cu(lens), max_seqlen_q=max(lens),
+                          max_seqlen_k=max(lens))
+            _run(q, k, v, causal=causal, softcap=20.0, sink=s, varlen=varlen, variant=dict(FAST=True))
+        else:
+            hkv = 2 if "gqa" in case else 4
+            q = torch.randn(2, 1100, 4, d, dtype=torch.bfloat16, device=DEV)
+            k = torch.randn(2, 1100, hkv, d, dtype=torch.bfloat16, device=DEV)
+            v = torch.randn(2, 1100, hkv, d, dtype=torch.bfloat16, device=DEV)
+            s = torch.randn(4, dtype=torch.float32, device=DEV) if "sink" in case else None
+            _run(q, k, v, causal=causal, sink=s, variant=dict(FAST=True))
+    assert launch._PLANS, "the first call should have kept a launch plan"
 
 
 VARLEN = [

@@ -89,8 +89,9 @@ def forward(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=
             cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
             page_table=None, variant=None):
     """(out, lse) per docs/INTERNALS.md. `variant` (tests and benchmarks only) overrides kernel switches
-    (LAZY, POLY, SCHED, STAGGER) and tile fields (block_n, num_wg, stages, consumer_regs, pingpong or PINGPONG);
-    see attention_fwd.DEFAULT_VARIANT and configs.TileConfig."""
+    (LAZY, POLY, SCHED, STAGGER, TAIL, TRACE), the host launch path (FAST) and tile fields (block_n, num_wg,
+    stages, consumer_regs, pingpong or PINGPONG, q_buffers); see attention_fwd.DEFAULT_VARIANT and
+    configs.TileConfig."""
     reason = unsupported_reason(q, k, v, window_left=window_left, window_right=window_right, softcap=softcap,
                                 sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
     if reason is not None:

@@ -19,7 +19,8 @@ from triton.runtime.jit import mangle_type
 from . import attention_fwd
 
 TARGET = GPUTarget("cuda", 90, 32)
-_TORCH_TO_SIG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+_TORCH_TO_SIG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+                 torch.int64: "i64"}
 
 
 def _sig(value):

@@ -20,8 +20,9 @@ causal diagonal) come first and the rest run unmasked (STAGGER, a probe variant,
 
 Barrier protocol (every barrier's phase parity is tracked by a counter in each partition):
   q_ready   (1 arrival + tx)     loader -> consumers: the tile's Q is in shared memory
-  q_empty   (NWG arrivals)       consumers -> loader: done with Q (after the last QKᵀ, or after the O store
-                                 when O is staged in Q's buffer)
+  q_empty   (NWG arrivals)       consumers -> loader: done with Q (after the key loop, right after the last
+                                 QKᵀ with TAIL, or after the O store when O is staged in Q's buffer)
+            One pair per Q buffer (QBUF, 1 or 2); tile t uses buffer t % QBUF.
   k_ready/v_ready[s] (1 + tx)    loader -> consumers
   k_empty/v_empty[s] (NWG)       consumers -> loader, after the wgmma reading the slot has completed
   turn[w]   (1 arrival)          consumer w-1 -> consumer w: "your turn to issue"; consumer 0 starts.
@@ -37,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from . import configs
+from . import configs, launch
 from .softmax import online_softmax, rescale_o, tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -75,6 +76,8 @@ class Problem:
     cap_scale: gl.tensor
     window_left: gl.tensor
     window_right: gl.tensor
+    trace_ptr: gl.tensor
+    trace_tiles: gl.tensor
     BN: gl.constexpr
     NWG: gl.constexpr
     STAGES: gl.constexpr
@@ -91,12 +94,16 @@ class Problem:
     SCHED: gl.constexpr
     STAGGER: gl.constexpr
     BIG_O: gl.constexpr
+    QBUF: gl.constexpr
+    TAIL: gl.constexpr
+    TRACE: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
-                 lse_len, qk_scale, cap_scale, window_left, window_right, BN, NWG, STAGES, VARLEN, HAS_SEQUSED,
-                 HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O):
+                 lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
+                 VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -122,6 +129,8 @@ class Problem:
         self.cap_scale = cap_scale
         self.window_left = window_left
         self.window_right = window_right
+        self.trace_ptr = trace_ptr
+        self.trace_tiles = trace_tiles
         self.BN = gl.constexpr(BN)
         self.NWG = gl.constexpr(NWG)
         self.STAGES = gl.constexpr(STAGES)
@@ -138,16 +147,19 @@ class Problem:
         self.SCHED = gl.constexpr(SCHED)
         self.STAGGER = gl.constexpr(STAGGER)
         self.BIG_O = gl.constexpr(BIG_O)
+        self.QBUF = gl.constexpr(QBUF)
+        self.TAIL = gl.constexpr(TAIL)
+        self.TRACE = gl.constexpr(TRACE)
 
 
 @aggregate
 class Buffers:
     """Shared-memory tiles and the mbarriers that hand them between partitions."""
-    q: gl.shared_memory_descriptor        # [NWG, *q block]
+    q: gl.shared_memory_descriptor        # [QBUF * NWG, *q block]: buffer b of warpgroup w at b * NWG + w
     k: gl.shared_memory_descriptor        # [STAGES, *k block]
     v: gl.shared_memory_descriptor        # [STAGES, *v block]
     o: gl.shared_memory_descriptor        # [NWG, *o block] (Q's buffer when O_ALIAS)
-    q_ready: gl.shared_memory_descriptor
+    q_ready: gl.shared_memory_descriptor  # [QBUF, 1]
     q_empty: gl.shared_memory_descriptor
     k_ready: gl.shared_memory_descriptor  # [STAGES, 1]
     k_empty: gl.shared_memory_descriptor
@@ -324,6 +336,51 @@ def _slot(count, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _q_slot(p, tcount):
+    """Q buffer and phase parity of the tcount-th tile: with two buffers tile t uses buffer t % 2, whose
+    k-th use (k = t // 2) completes phase k."""
+    if p.QBUF == 2:
+        return tcount & 1, (tcount >> 1) & 1
+    else:
+        return 0, tcount & 1
+
+
+# Trace (TRACE, probe only): consumer warpgroup 0 of each CTA writes int64 time stamps to trace_ptr, per CTA
+# TRACE_HDR + TRACE_EV * trace_tiles slots: the header (globaltimer ns at start and end, %clock64 at start and
+# end), then per tile: clock at the tile start, after Q arrived, after the first S, before the epilogue,
+# after the epilogue (O store issued), and the tile's number of key blocks. benchmarks/sm90_probe.py reads it.
+TRACE_HDR = 4
+TRACE_EV = 6
+TRACE_HDR_C = gl.constexpr(TRACE_HDR)
+TRACE_EV_C = gl.constexpr(TRACE_EV)
+
+
+@gluon.jit
+def _clock():
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [gl.to_tensor(0)], dtype=gl.int64,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gtimer():
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [gl.to_tensor(0)], dtype=gl.int64,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _trace_put(p, pid, slot, value):
+    gl.store(p.trace_ptr + pid * (TRACE_HDR_C + TRACE_EV_C * p.trace_tiles) + slot, value.to(gl.int64))
+
+
+@gluon.jit
+def _trace_tile(p, pid, tile, event, WG: gl.constexpr):
+    if p.TRACE:
+        if WG == 0:
+            if tile < p.trace_tiles:
+                _trace_put(p, pid, TRACE_HDR_C + TRACE_EV_C * tile + event, _clock())
+
+
+@gluon.jit
 def _q_coord(p, b, h, q_start, row):
     if p.VARLEN:
         return [q_start + row, h, 0]
@@ -360,14 +417,17 @@ def _loader(p, bufs):
             m0 = (mb_first + (mb_second - mb_first) * sub) * BM
             n_lo, n_hi = _kv_range(p, m0, seq_q, seq_k)
             rot = _rotation(p, pid, n_lo, n_hi)
-            # Q: wait until every consumer is done with the previous tile's Q (a fresh barrier passes
-            # parity 1 at once).
-            mbarrier.wait(bufs.q_empty, (tcount & 1) ^ 1)
+            # Q: wait until every consumer is done with the Q this buffer held (a fresh barrier passes
+            # parity 1 at once). With one buffer that is the previous tile's, so the loads of this tile
+            # start only once the consumers are at the end of the previous one; with two (QBUF) it is the
+            # tile before, and this tile's Q and first K/V blocks load while the previous tile runs.
+            qb, q_phase = _q_slot(p, tcount)
+            mbarrier.wait(bufs.q_empty.index(qb), q_phase ^ 1)
             tcount += 1
-            mbarrier.expect(bufs.q_ready, NWG * p.q_desc.block_type.nbytes)
+            mbarrier.expect(bufs.q_ready.index(qb), NWG * p.q_desc.block_type.nbytes)
             for w in gl.static_range(NWG):
                 tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, m0 + w * ROWS_PER_WG),
-                                                bufs.q_ready, bufs.q.index(w))
+                                                bufs.q_ready.index(qb), bufs.q.index(qb * NWG + w))
             for it in range(n_hi - n_lo):
                 key = _block(p, it, rot, n_lo, n_hi) * p.BN
                 mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
@@ -436,12 +496,21 @@ def _consumer(p, bufs, WG: gl.constexpr):
     # Turn parity: consumer 0 goes first, so its k-th wait needs k arrivals, the others' k + 1.
     TURN0: gl.constexpr = 1 if WG == 0 else 0
     NEXT_WG: gl.constexpr = (WG + 1) % NWG
+    # TAIL: hand Q back right after the tile's last QKᵀ has completed (not after that block's softmax), so
+    # the loader's next Q load starts one softmax earlier. With O staged in Q's buffer Q is released by
+    # the epilogue instead.
+    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS
+    LATE_Q: gl.constexpr = not p.TAIL and not p.O_ALIAS
 
     pid = _cta_id()
     kv_count = 0  # K/V blocks taken from the ring so far
     turn = 0
     tcount = 0
     t = pid
+    if p.TRACE:
+        if WG == 0:
+            _trace_put(p, pid, 0, _gtimer())
+            _trace_put(p, pid, 2, _clock())
     while t < p.num_units:
         b, h, seq_q, seq_k, q_start, k_start, mb_first, count = _work(p, t, 0)
         mb_second = _work(p, t, 1)[6]
@@ -451,9 +520,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
             rot = _rotation(p, pid, n_lo, n_hi)
             row0 = m0 + WG * M
             rows = row0 + gl.arange(0, M, row_s)
-            mbarrier.wait(bufs.q_ready, tcount & 1)
+            qb, q_phase = _q_slot(p, tcount)
+            _trace_tile(p, pid, tcount, 0, WG)
+            mbarrier.wait(bufs.q_ready.index(qb), q_phase)
+            _trace_tile(p, pid, tcount, 1, WG)
             tcount += 1
-            q_s = bufs.q.index(WG).reshape([M, D])
+            q_s = bufs.q.index(qb * NWG + WG).reshape([M, D])
             m_i = gl.full([M], float("-inf"), gl.float32, row_s)
             l_i = gl.zeros([M], gl.float32, row_s)
             acc = gl.zeros([M, DV], gl.float32, o_layout)
@@ -470,6 +542,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(bufs.k_empty.index(kv_idx))
+                if EARLY_Q:
+                    if n_hi - n_lo == 1:
+                        mbarrier.arrive(bufs.q_empty.index(qb))
+                _trace_tile(p, pid, tcount - 1, 2, WG)
                 s = _scores(p, s, j, rows, m0, seq_q, seq_k, True)
                 m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                 pv = gl.convert_layout(pr.to(dtype), p_layout)
@@ -492,6 +568,9 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     # S_j is ready once at most one group (P·V) is outstanding.
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(bufs.k_empty.index(kv_idx))
+                    if EARLY_Q:
+                        if it == n_hi - n_lo - 1:
+                            mbarrier.arrive(bufs.q_empty.index(qb))
                     s = _scores(p, s, jj, rows, m0, seq_q, seq_k, False)
                     m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
@@ -499,8 +578,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     acc = rescale_o(acc, alpha)
                     pv = gl.convert_layout(pr.to(dtype), p_layout)
                     kv_count += 1
-                if not p.O_ALIAS:
-                    mbarrier.arrive(bufs.q_empty)
+                if LATE_Q:
+                    mbarrier.arrive(bufs.q_empty.index(qb))
                 v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                 mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
                 acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
@@ -508,15 +587,28 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 mbarrier.arrive(bufs.v_empty.index(v_idx))
             else:
                 if not p.O_ALIAS:
-                    mbarrier.arrive(bufs.q_empty)
-            _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG)
+                    mbarrier.arrive(bufs.q_empty.index(qb))
+            _trace_tile(p, pid, tcount - 1, 3, WG)
+            _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG)
+            if p.TRACE:
+                if WG == 0:
+                    if tcount - 1 < p.trace_tiles:
+                        _trace_tile(p, pid, tcount - 1, 4, WG)
+                        _trace_put(p, pid, TRACE_HDR_C + TRACE_EV_C * (tcount - 1) + 5, n_hi - n_lo)
         t += _num_ctas()
     tma.store_wait(0)
+    if p.TRACE:
+        if WG == 0:
+            _trace_put(p, pid, 3, _clock())
+            _trace_put(p, pid, 1, _gtimer())
 
 
 @gluon.jit
-def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG: gl.constexpr):
-    """O / l and lse; O through shared memory and TMA (pointer stores for a ragged varlen tail)."""
+def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: gl.constexpr):
+    """O / l and lse; O through shared memory and TMA (pointer stores for a ragged varlen tail).
+
+    The proxy fence before the TMA store (fence.proxy.async, MEMBAR.ALL.CTA in SASS) waits for this thread's
+    earlier memory operations, the lse store among them; TAIL stores lse after the O store is issued."""
     M: gl.constexpr = ROWS_PER_WG
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
     dtype: gl.constexpr = p.q_desc.dtype
@@ -539,13 +631,14 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG: gl.c
         lse_ptrs = p.lse_ptr + h * p.lse_len + q_start + rows
     else:
         lse_ptrs = p.lse_ptr + (b * p.num_heads + h) * p.lse_len + rows
-    gl.store(lse_ptrs, lse2 * LN2, mask=rows < seq_q)
+    if not p.TAIL:
+        gl.store(lse_ptrs, lse2 * LN2, mask=rows < seq_q)
 
     out = acc.to(dtype)
     if p.VARLEN:
         # A TMA box past the sequence end would write into the next sequence's rows.
         if row0 + M <= seq_q:
-            _store_o_tma(p, bufs, out, b, h, q_start, row0, WG)
+            _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG)
         else:
             cols = gl.arange(0, DV, gl.SliceLayout(0, o_layout))
             rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
@@ -556,20 +649,23 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, WG: gl.c
             mask = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols < p.dv, 0)
             gl.store(p.o_ptr + offs, out, mask=mask)
     else:
-        _store_o_tma(p, bufs, out, b, h, q_start, row0, WG)
+        _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG)
+    if p.TAIL:
+        gl.store(lse_ptrs, lse2 * LN2, mask=rows < seq_q)
     if p.O_ALIAS:
         tma.store_wait(0)
         # Q's buffer is free again (order our generic reads/writes before the next TMA write).
         fence_async_shared()
-        mbarrier.arrive(bufs.q_empty)
+        mbarrier.arrive(bufs.q_empty.index(qb))
 
 
 @gluon.jit
-def _store_o_tma(p, bufs, out, b, h, q_start, row0, WG: gl.constexpr):
+def _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG: gl.constexpr):
     M: gl.constexpr = ROWS_PER_WG
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
     if p.O_ALIAS:
-        o_buf = bufs.q.index(WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape, p.o_desc.layout)
+        o_buf = bufs.q.index(qb * p.NWG + WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape,
+                                                           p.o_desc.layout)
     else:
         # Opaque index: LLVM otherwise hoists this thread's swizzled staging addresses above the tile loop
         # and keeps them live through the key loop (spilled at 160 registers a thread).
@@ -586,36 +682,37 @@ def _store_o_tma(p, bufs, out, b, h, q_start, row0, WG: gl.constexpr):
 
 # Sizes are not specialised (no recompile per sequence length or head count; TMA needs no divisibility).
 _RUNTIME_INTS = ["stride_ot", "stride_oh", "dv", "seqlen_q", "seqlen_k", "num_heads", "group", "num_m", "num_units",
-                 "units_per_head", "lse_len", "window_left", "window_right"]
+                 "units_per_head", "lse_len", "window_left", "window_right", "trace_tiles"]
 
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
 def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                     stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units,
-                    units_per_head, lse_len, qk_scale, cap_scale, window_left, window_right,
+                    units_per_head, lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles,
                     BN: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                     SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, LAZY: gl.constexpr, POLY: gl.constexpr,
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
-                    BIG_O: gl.constexpr,
+                    BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [NWG] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     if O_ALIAS:
         o_smem = q_smem
     else:
         o_smem = gl.allocate_shared_memory(dtype, [NWG] + o_desc.block_type.shape, o_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)
-    mbarrier.init(q_empty, count=NWG)
+    for qb in gl.static_range(QBUF):
+        mbarrier.init(q_ready.index(qb), count=1)
+        mbarrier.init(q_empty.index(qb), count=NWG)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=NWG)
@@ -628,9 +725,9 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(stride_ot), gl.to_tensor(stride_oh), gl.to_tensor(dv), gl.to_tensor(seqlen_q),
                 gl.to_tensor(seqlen_k), gl.to_tensor(num_heads), gl.to_tensor(group), gl.to_tensor(num_m),
                 gl.to_tensor(num_units), gl.to_tensor(units_per_head), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
-                gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right),
-                BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY,
-                PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O)
+                gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
+                gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
+                HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -651,11 +748,16 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 # Kernel switches; the defaults are what ships (the tile, ping-pong included, comes from configs.py).
 # benchmarks/sm90_probe.py times the alternatives. SCHED None: paired units where a window (causal) makes
-# tile costs differ, flat otherwise.
-DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False)
+# tile costs differ, flat otherwise. TAIL: the tile-end hand-offs of r2 (Q released after the last QKᵀ, lse
+# stored after the O store is issued). TRACE: time stamps per tile into LAST_TRACE (probe only). FAST: the
+# host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
+DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=False, TRACE=False, FAST=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
-              "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong"}
+              "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
+              "q_buffers": "q_buffers"}
+# The trace buffer of the last TRACE launch: int64 (grid, TRACE_HDR + TRACE_EV * tiles), see _trace_put.
+LAST_TRACE = None
 
 
 def _descriptor(t, rows, varlen):
@@ -671,9 +773,22 @@ def _descriptor(t, rows, varlen):
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
 
 
+_DUMMIES = {}
+
+
+def _dummy_i32(device):
+    """An empty int32 tensor standing in for absent optional pointers (one per device, not one per call)."""
+    key = (device.type, device.index)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.empty(0, dtype=torch.int32, device=device)
+    return _DUMMIES[key]
+
+
 def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, softcap, sink,
-                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, variant=None):
-    """(number of work units, kernel arguments by name, constexprs by name) for one forward call."""
+                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, variant=None,
+                num_ctas=132):
+    """(number of work units, kernel arguments by name, constexprs by name) for one forward call.
+    num_ctas (the grid is min(units, num_ctas)) only sizes the TRACE buffer."""
     variant = dict(DEFAULT_VARIANT, **(variant or {}))
     tile_overrides = {_TILE_KEYS[key]: variant.pop(key) for key in list(variant) if key in _TILE_KEYS}
     unknown = set(variant) - set(DEFAULT_VARIANT)
@@ -701,7 +816,13 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     per_head = triton.cdiv(num_m, 2) if sched == SCHED_PAIRED.value else num_m
     num_units = per_head * hq * batch
     soft = softcap > 0
-    dummy_i32 = cu_seqlens_q if varlen else torch.empty(0, dtype=torch.int32, device=q.device)
+    dummy_i32 = _dummy_i32(q.device)
+    trace_tiles = 0
+    trace = dummy_i32
+    if variant["TRACE"]:
+        grid = max(1, min(num_units, num_ctas))
+        trace_tiles = triton.cdiv(num_units, grid) * (2 if sched == SCHED_PAIRED.value else 1)
+        trace = torch.zeros(grid, TRACE_HDR + TRACE_EV * trace_tiles, dtype=torch.int64, device=q.device)
     args = dict(
         q_desc=_descriptor(q, WG_ROWS, varlen), k_desc=_descriptor(k, cfg.block_n, varlen),
         v_desc=_descriptor(v, cfg.block_n, varlen), o_desc=_descriptor(out, WG_ROWS, varlen),
@@ -715,7 +836,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # scaled by cap_scale, its result by qk_scale.
         qk_scale=(softcap if soft else softmax_scale) * LOG2E,
         cap_scale=softmax_scale / softcap if soft else 1.0,
-        window_left=window_left, window_right=window_right)
+        window_left=window_left, window_right=window_right, trace_ptr=trace, trace_tiles=trace_tiles)
     constexprs = dict(
         BN=cfg.block_n, NWG=cfg.num_wg, STAGES=cfg.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, HAS_SINK=sink is not None,
@@ -723,7 +844,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         O_ALIAS=configs.needs_o_alias(cfg, d, dv), SCHED=int(sched), STAGGER=bool(variant["STAGGER"]),
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
-        BIG_O=out.numel() >= 2**31,
+        BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=bool(variant["TAIL"]), TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
     return num_units, args, constexprs
 
@@ -750,11 +871,30 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    variant = variant or {}
+    fast = launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and launch.usable()
+    if fast:
+        key = launch.signature(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
+                               window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                               cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+                               variant=variant)
+        plan = launch.lookup(key)
+        if plan is not None:
+            plan.launch(q.device.index if q.device.index is not None else torch.cuda.current_device(),
+                        plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                       _dummy_i32(q.device)))
+            return out, lse
+    num_ctas = _num_sms(q.device)
     num_units, args, constexprs = launch_plan(
         q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
         softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-        max_seqlen_q=max_seqlen_q, variant=variant)
+        max_seqlen_q=max_seqlen_q, variant=variant, num_ctas=num_ctas)
     if num_units > 0:
-        grid = (min(num_units, _num_sms(q.device)), )
-        attn_fwd_kernel[grid](**args, **constexprs, num_warps=4)
+        grid = (min(num_units, num_ctas), )
+        compiled = attn_fwd_kernel[grid](**args, **constexprs, num_warps=4)
+        if variant.get("TRACE"):
+            global LAST_TRACE
+            LAST_TRACE = args["trace_ptr"]
+        if fast and compiled is not None and hasattr(compiled, "packed_metadata"):
+            launch.store(key, launch.Plan(attn_fwd_kernel.arg_names, args, constexprs, grid[0], compiled))
     return out, lse

@@ -37,6 +37,10 @@ class TileConfig:
     # Consumer warpgroups take turns issuing their products (softmax of one under the other's wgmma).
     # Off, they issue as soon as their operands are ready and the tensor core interleaves them.
     pingpong: bool = True
+    # Query-tile buffers. 2: the loader fetches the next tile's Q (and then its K/V) while the consumers
+    # still work on the current tile, so a tile starts without waiting for a load (r2 analysis,
+    # benchmarks/NOTES.md; a probe variant, needs Q twice beside K/V and O: D <= 128).
+    q_buffers: int = 1
 
     @property
     def block_m(self):
@@ -60,7 +64,7 @@ _TABLE = {
 
 
 def smem_bytes(cfg, d, dv, elem=2, o_alias_q=False):
-    q = cfg.block_m * d * elem
+    q = cfg.q_buffers * cfg.block_m * d * elem
     kv = cfg.stages * cfg.block_n * (d + dv) * elem
     o = 0 if o_alias_q else cfg.block_m * dv * elem
     return q + kv + o + SMEM_RESERVE
@@ -74,7 +78,8 @@ def needs_o_alias(cfg, d, dv, elem=2):
 def fits(cfg, d, dv, elem=2):
     if smem_bytes(cfg, d, dv, elem) <= SMEM_LIMIT:
         return True
-    return dv <= d and smem_bytes(cfg, d, dv, elem, o_alias_q=True) <= SMEM_LIMIT
+    # O through Q's buffer: only with one Q buffer (the next tile's Q would overwrite a staged O).
+    return cfg.q_buffers == 1 and dv <= d and smem_bytes(cfg, d, dv, elem, o_alias_q=True) <= SMEM_LIMIT
 
 
 def get_config(d, dv, **overrides):

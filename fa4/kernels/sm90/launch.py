@@ -1,0 +1,104 @@
+"""A host launch path for the Hopper forward that skips Triton's per-call binding (the FAST variant).
+
+`attn_fwd_kernel[grid](...)` (JITFunction.run) builds four TMA descriptors and their shared layouts, binds and
+specialises ~50 arguments, stringifies the options for its cache key and looks the kernel up on every call:
+about 100 µs of Python on the dev VM, where the whole call's kernel at S = 1024 takes ~250 µs on the GPU.
+A `Plan` is built from one call's arguments (attention_fwd.launch_plan) and the CompiledKernel its JIT launch
+returned; later calls with the same signature copy the argument list, put in their own tensors (descriptor
+templates get a new base) and call the compiled launcher directly.
+
+Exact as long as everything Triton specialises on is in the signature: shapes, strides, dtypes, the scalar
+arguments, the variant, and the 16-byte alignment of the optional pointers (q, k, v are checked aligned by
+unsupported_reason; out and lse come fresh from the caching allocator). A launch hook (profilers) sends every
+call back through JITFunction.
+"""
+import copy
+import os
+
+from triton import knobs
+from triton.runtime import driver
+
+_MAX_PLANS = 64
+_PLANS = {}
+
+
+def enabled(variant_fast):
+    """The FAST switch: the variant's value, or the FA4_SM90_FAST environment variable when it is None."""
+    if variant_fast is None:
+        return os.environ.get("FA4_SM90_FAST") == "1"
+    return bool(variant_fast)
+
+
+def _aligned(t):
+    return None if t is None else t.data_ptr() % 16 == 0
+
+
+def signature(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink, cu_seqlens_q, cu_seqlens_k,
+              seqused_k, max_seqlen_q, variant):
+    """Everything besides the tensors' addresses that decides the launch arguments and the compiled kernel."""
+    var = tuple(sorted((key, val) for key, val in (variant or {}).items() if key != "FAST"))
+    return (q.device.index, q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape),
+            v.stride(), float(softmax_scale), int(window_left), int(window_right), float(softcap),
+            None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q)),
+            _aligned(sink), _aligned(cu_seqlens_q), _aligned(cu_seqlens_k), _aligned(seqused_k), var)
+
+
+class Plan:
+    """The launch of one signature: argument template in kernel-parameter order and the compiled kernel."""
+    __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata")
+
+    # Kernel parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
+    _DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
+    _TENSORS = (("o_ptr", "out"), ("lse_ptr", "lse"), ("sink_ptr", "sink"), ("cu_q", "cu_q"), ("cu_k", "cu_k"),
+                ("seqused", "seqused"), ("trace_ptr", "dummy"))
+
+    def __init__(self, arg_names, args, constexprs, grid, compiled=None):
+        values = dict(args)
+        values.update(constexprs)
+        index = {name: i for i, name in enumerate(arg_names)}
+        self.desc_slots = tuple((index[name], src) for name, src in self._DESCS)
+        self.tensor_slots = tuple((index[name], src) for name, src in self._TENSORS)
+        self.values = [values[name] for name in arg_names]
+        # The template keeps no tensor of the call it was built from (it would hold that call's memory).
+        for i, _ in self.desc_slots:
+            self.values[i] = copy.copy(self.values[i])
+            self.values[i].base = None
+        for i, _ in self.tensor_slots:
+            self.values[i] = None
+        self.grid = grid
+        self.run = self.function = self.metadata = None
+        if compiled is not None:
+            self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+
+    def arguments(self, q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy):
+        """The full argument list (constexprs included) for these tensors."""
+        tensors = dict(q=q, k=k, v=v, out=out, lse=lse, sink=sink if sink is not None else lse,
+                       cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_q is not None else dummy,
+                       seqused=seqused if seqused is not None else dummy, dummy=dummy)
+        vals = list(self.values)
+        for i, src in self.desc_slots:
+            desc = copy.copy(vals[i])
+            desc.base = tensors[src]
+            vals[i] = desc
+        for i, src in self.tensor_slots:
+            vals[i] = tensors[src]
+        return vals
+
+    def launch(self, device_index, vals):
+        stream = driver.active.get_current_stream(device_index)
+        self.run(self.grid, 1, 1, stream, self.function, self.metadata, None, None, None, *vals)
+
+
+def usable():
+    """False while a launch hook is installed (the JIT path calls it; this one would not)."""
+    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+
+
+def lookup(key):
+    return _PLANS.get(key)
+
+
+def store(key, plan):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
