@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import dispatch
+
 
 def _forward_impl(backend):
     if backend == "reference":
@@ -57,7 +59,6 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor], cu_seqlens
         out, lse = _new_outputs(q, v, varlen)
         return out.zero_(), lse.fill_(float("-inf"))
     if backend == "auto":  # backend=None on CUDA: decided here, on real tensors, outside any trace
-        from . import dispatch
         backend = dispatch.resolve_auto(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
                                         window_right=window_right, softcap=softcap, sink=sink,
                                         cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
