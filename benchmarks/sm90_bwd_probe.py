@@ -1,0 +1,216 @@
+"""Probe the Gluon Hopper backward (fa4/kernels/sm90/backward.py): correctness of every configuration, then
+TFLOP/s beside fa4's Triton backward, cuDNN (SDPA), FA2 (SDPA flash) and FlashAttention-4 (when
+`flash_attn.cute` imports) on the training suite's D = 64 and 128 rows.
+
+    python benchmarks/sm90_bwd_probe.py                 # both phases, about 4-6 minutes on an H100
+    python benchmarks/sm90_bwd_probe.py --check-only    # phase 1 only (about a minute)
+    python benchmarks/sm90_bwd_probe.py --json out.json
+
+Every kernel runs in a child process with a timeout: the kernel has never run before, and a wrong
+barrier phase hangs instead of failing. A child that times out or dies is printed as HANG / CRASH with
+its configuration, and the probe goes on.
+
+Phase 1 (check): per (D, causal) a child runs the backward (deterministic off and on, GQA off and on) at
+a small odd-length shape and applies DESIGN.md's numerics rule against fa4.reference.backward (fp32 and
+input-dtype runs), bf16 and fp16.
+Phase 2 (time): per training-suite row a child times the sm90 backward (atomic dQ and deterministic); one
+child times the peers on every row. Backward TFLOP/s = 2.5 x forward FLOP (4·B·H·S²·D, halved when
+causal). fa4's time is the whole backend `backward` call (preprocess, main kernel, dQ cast); the peers'
+is torch.autograd.grad of their forward output, as `fa4 bench` measures them.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHECKS = [  # (D, causal, deterministic, hq, hkv)
+    (d, causal, det, hq, hkv) for d in (128, 64) for causal in (False, True) for det in (False, True)
+    for hq, hkv in ((4, 4), (8, 2))
+]
+ROWS = [(128, 1024), (128, 4096), (128, 16384), (64, 4096), (64, 16384)]  # (D, S); B = 16384 / S, H = 2048 / D
+
+
+_CHECK_CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, "tests")
+from numerics import assert_close_rule
+from fa4 import reference
+from fa4.kernels.sm90 import backward as bwd
+for d, causal, det, hq, hkv in json.loads(sys.argv[1]):
+    res = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        b, s = 2, 1000
+        q = torch.randn(b, s, hq, d, device="cuda", dtype=dtype)
+        k = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype)
+        v = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype)
+        opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
+                    sink=None)
+        out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+        dout = torch.randn_like(out).to(dtype)
+        got = bwd.backward(dout, q, k, v, out.to(dtype), lse, None, deterministic=det, **opts)
+        torch.cuda.synchronize()
+        ref = reference.backward(dout.float(), q.float(), k.float(), v.float(), out, lse, None, **opts)
+        low = reference.backward(dout, q, k, v, out.to(dtype), lse, None, compute_dtype=dtype, **opts)
+        errs = {}
+        for name, g, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+            try:
+                assert_close_rule(name, g, r, lo)
+                errs[name] = "ok %.1e (lowp %.1e)" % ((g.float() - r).abs().max().item(),
+                                                     (lo.float() - r).abs().max().item())
+            except AssertionError as exc:
+                errs[name] = "FAIL " + str(exc)
+        res[str(dtype).split(".")[-1]] = errs
+    print("PART " + json.dumps({json.dumps([d, causal, det, hq, hkv]): res}), flush=True)
+"""
+
+_TIME_CHILD = r"""
+import json, sys, torch
+from triton.testing import do_bench
+which, rows = json.loads(sys.argv[1])
+for d, s, causal in rows:
+    b, h = 16384 // s, 2048 // d
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    torch.manual_seed(0)
+    shape = (b, s, h, d)
+    q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
+                sink=None)
+    key = json.dumps([d, s, causal])
+
+    def timed(name, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            val = round(flops / ms / 1e9, 1)
+        except Exception as exc:
+            val = "error: " + (type(exc).__name__ + ": " + str(exc))[:160]
+        print("PART " + json.dumps({key: {name: val}}), flush=True)
+
+    from fa4.kernels import sm90
+    out, lse = sm90.forward(q, k, v, **opts)
+    if which == "sm90":
+        from fa4.kernels.sm90 import backward as bwd
+        timed("sm90", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=False, **opts))
+        timed("sm90_det", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts))
+    else:
+        from fa4.kernels.triton import backward as tbwd
+        timed("triton", lambda: tbwd.backward(dout, q, k, v, out, lse, None, **opts))
+        from fa4.bench import peers
+        for name in ("sdpa_cudnn", "sdpa_flash", "flashattn4"):
+            peer = peers.make_peer(name)
+            why = peer.available()
+            if why is not None:
+                print("PART " + json.dumps({key: {name: "n/a: " + why[:100]}}), flush=True)
+                continue
+            qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+            try:
+                o = peer.training(causal)(qg, kg, vg)
+            except Exception as exc:
+                print("PART " + json.dumps({key: {name: "error: " + str(exc)[:160]}}), flush=True)
+                continue
+            timed(name, lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True))
+        del qg, kg, vg
+"""
+
+
+def _child(code, arg, timeout):
+    """(status, parsed RESULT or partial results, log tail) of one child; status ok / HANG / CRASH."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(arg)], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+        out, status = proc.stdout, "ok" if proc.returncode == 0 else f"CRASH rc={proc.returncode}"
+        log = (proc.stdout + proc.stderr)[-1500:]
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        status, log = f"HANG (> {timeout} s)", out[-1500:]
+    result = {}
+    for line in out.splitlines():
+        if line.startswith("PART "):
+            for key, val in json.loads(line[5:]).items():
+                result.setdefault(key, {}).update(val)
+    return status, result, log, round(time.time() - t0, 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    report = {"checks": [], "rows": []}
+
+    print("== phase 1: correctness (numerics rule vs fa4.reference), B=2 S=1000, bf16 and fp16")
+    groups = [[c for c in CHECKS if (c[0], c[1]) == key] for key in ((128, False), (128, True), (64, False),
+                                                                       (64, True))]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda g: _child(_CHECK_CHILD, g, timeout=180), groups))
+    for group, (status, res, log, secs) in zip(groups, outcomes):
+        for case in group:
+            d, causal, det, hq, hkv = case
+            got = res.get(json.dumps(list(case)))
+            tag = f"D={d} causal={int(causal)} det={int(det)} H={hq}/{hkv}"
+            print(f"{tag:38s} {json.dumps(got) if got else 'NO RESULT (' + status + ')'}", flush=True)
+            report["checks"].append(dict(case=case, status=status if got else "missing", result=got or {}))
+        if status != "ok":
+            print(f"   child {status} after {secs} s; log: " + log.replace("\n", "\n   "), flush=True)
+    hung = any(c["status"].startswith(("HANG", "CRASH")) for c in report["checks"])
+    if args.check_only:
+        return _finish(report, args)
+    if hung:
+        print("\nphase 1 had a hang or crash: the sm90 kernel is not timed (peers only).", flush=True)
+
+    print("\n== phase 2: backward TFLOP/s, bf16, B*S = 16384, H*D = 2048")
+    rows = [[d, s, causal] for d, s in ROWS for causal in (False, True)]
+    # Peers cannot hang: one child for all rows. The sm90 kernel gets a child per row.
+    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers", rows], timeout=300)
+    if st_peers != "ok":
+        print(f"   peers child {st_peers}; log: " + log_peers.replace("\n", "\n   "), flush=True)
+    print(f"{'D':>4} {'S':>6} {'causal':>6} | {'sm90':>7} {'sm90det':>7} {'triton':>7} {'cudnn':>7} {'fa2':>7} "
+          f"{'fa4cute':>7} | sm90 / best(cudnn, fa4cute)")
+    for d, s, causal in rows:
+        key = json.dumps([d, s, causal])
+        if hung:
+            st, mine, log = "skipped", {}, ""
+        else:
+            st, mine, log, _ = _child(_TIME_CHILD, ["sm90", [[d, s, causal]]], timeout=60)
+        row = dict(D=d, S=s, causal=causal, status_sm90=st, **mine.get(key, {}), **peers_res.get(key, {}))
+        report["rows"].append(row)
+
+        def num(name):
+            val = row.get(name)
+            return val if isinstance(val, (int, float)) else None
+
+        def cell(name):
+            val = num(name)
+            return f"{val:7.1f}" if val is not None else f"{'-':>7}"
+        best = max([x for x in (num("sdpa_cudnn"), num("flashattn4")) if x is not None], default=None)
+        ratio = f"{num('sm90') / best:.2f}x" if best and num("sm90") else "-"
+        print(f"{d:4d} {s:6d} {int(causal):6d} | {cell('sm90')} {cell('sm90_det')} {cell('triton')} "
+              f"{cell('sdpa_cudnn')} {cell('sdpa_flash')} {cell('flashattn4')} | {ratio}", flush=True)
+        if st not in ("ok", "skipped"):
+            print(f"   sm90 child {st}; log: " + log.replace("\n", "\n   "), flush=True)
+        errs = {k: v for k, v in row.items() if isinstance(v, str) and v.startswith(("error", "n/a"))}
+        if errs:
+            print("   " + json.dumps(errs), flush=True)
+    return _finish(report, args)
+
+
+def _finish(report, args):
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    failed = [c for c in report["checks"] if c["status"] != "ok" or not c["result"]
+              or any(str(v).startswith("FAIL") for r in c["result"].values() for v in r.values())]
+    print(f"\nchecks: {len(report['checks']) - len(failed)}/{len(report['checks'])} ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,870 @@
+"""Attention backward for Hopper (sm_90a) in Gluon: the main kernel, its partitions, and the host wrapper.
+
+NOT YET RUN ON A GPU and not wired into dispatch: compiled ahead of time (tests/test_sm90_backward_aot.py)
+and awaiting tests/gpu/test_sm90_backward.py and benchmarks/sm90_bwd_probe.py.
+
+The math (docs/INTERNALS.md), per query block i (rows) and resident key block j, in base 2:
+
+    S = Q·Kᵀ,    P = exp2(S·scale·log2 e − lse2)        recomputed from the forward's lse, never stored
+    dP = dO·Vᵀ,  dS = P ∘ (dP − Delta)   [∘ (1 − tanh²) under softcap]
+    dV += Pᵀ·dO,  dK += dSᵀ·Q,  dQ += dS·K   (dK and dQ times softmax_scale)
+
+Launches, in order:
+1. preprocess: Delta = rowsum(dO ∘ O) − dlse, lse2 = lse·log2 e (+inf for empty rows, so their P is 0) and
+   the sink-gradient partial sums. Memory-bound; the portable Triton kernel (kernels/triton/backward.py)
+   is used as is.
+2. `attn_bwd_kernel` (this file): one CTA per (key block of BN = 64·NWG keys, batch · kv head).
+     loader (1 warp)         TMA: the CTA's K and V once (resident), then Q_i and dO_i of every query block
+                             that can see the keys, for every query head of the GQA group, into a ring of
+                             STAGES slots.
+     consumers (NWG x 4 warps, 64 keys each; see _consumer)
+                             S and dP by async wgmma from shared memory; P, dS in registers, then in shared
+                             memory as the (transposed) A operand of dV += Pᵀ·dO and dK += dSᵀ·Q, and of
+                             this warpgroup's dQ share dS·K_wg, which is added to an fp32 accumulator by a
+                             TMA reduce-add (cp.reduce.async.bulk.tensor, one per 64 x D tile, done at L2),
+                             or skipped (deterministic).
+   dK and dV stay in registers, summed over the query heads of the GQA group, and are stored once.
+3. deterministic=True: the portable Triton dQ kernel (one program per query block, fixed key order); the
+   main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
+4. dQ: the fp32 accumulator (already scaled) cast to the input dtype.
+
+D = 256 has no tile (see _TABLE). The plan: dK and dV split by columns over the two warpgroups (each
+holds dK[:, half] and dV[:, half] for all 64 keys of a block: 128 fp32 registers), S and dP computed once
+per block and shared through shared memory, dQ by TMA reduce-add of [64, 256] tiles (a 64 KiB fp32 staging
+tile would not fit beside K, V, Q, dO: reduce in two 128-column halves through one 32 KiB tile).
+
+Barrier protocol (parity tracked by counters in each partition):
+  kv_ready (1 arrival + tx)        loader -> consumers: K and V of the CTA are in shared memory
+  q_ready/do_ready[s] (1 + tx)     loader -> consumers
+  q_empty/do_empty[s] (NWG)        consumers -> loader, once the wgmma reading the slot has completed
+Every consumer walks the same query blocks (the range is the CTA's), so the arrival counts match.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
+from triton.language.core import _aggregate as aggregate
+
+from . import configs
+from .attention_fwd import _descriptor, _opaque
+from .softmax import tanh_approx
+
+LOG2E = 1.4426950408889634
+WG_KEYS = 64  # one m64 wgmma slab of keys per consumer warpgroup
+KEYS_PER_WG = gl.constexpr(WG_KEYS)
+
+
+@builtin
+def async_reduce_add_shared_to_global(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add (cp.reduce.async.bulk.tensor .add) of a shared-memory tile into global memory.
+
+    Gluon 3.6 builds the operation (GluonOpBuilder.create_async_tma_reduce) but exposes no function for it.
+    The TMA unit adds at L2, element-wise atomic with respect to other reductions, clipped at the
+    descriptor's bounds like a store; completion is tracked like a store (`tma.store_wait` before the
+    source tile is overwritten)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@aggregate
+class BwdProblem:
+    """What every partition needs to walk the same blocks."""
+    q_desc: tma.tensor_descriptor
+    k_desc: tma.tensor_descriptor
+    v_desc: tma.tensor_descriptor
+    do_desc: tma.tensor_descriptor
+    dk_desc: tma.tensor_descriptor
+    dv_desc: tma.tensor_descriptor
+    dq_desc: tma.tensor_descriptor
+    dk_ptr: gl.tensor
+    dv_ptr: gl.tensor
+    lse2_ptr: gl.tensor
+    delta_ptr: gl.tensor
+    cu_q: gl.tensor
+    cu_k: gl.tensor
+    seqused: gl.tensor
+    stride_dkb: gl.tensor
+    stride_dks: gl.tensor
+    stride_dkh: gl.tensor
+    stride_dvb: gl.tensor
+    stride_dvs: gl.tensor
+    stride_dvh: gl.tensor
+    stride_tb: gl.tensor
+    stride_th: gl.tensor
+    d: gl.tensor
+    dv: gl.tensor
+    seqlen_q: gl.tensor
+    seqlen_k: gl.tensor
+    num_kv_heads: gl.tensor
+    group: gl.tensor
+    qk_scale: gl.tensor
+    cap_scale: gl.tensor
+    softmax_scale: gl.tensor
+    window_left: gl.tensor
+    window_right: gl.tensor
+    BM: gl.constexpr
+    NWG: gl.constexpr
+    STAGES: gl.constexpr
+    VARLEN: gl.constexpr
+    HAS_SEQUSED: gl.constexpr
+    HAS_WL: gl.constexpr
+    HAS_WR: gl.constexpr
+    SOFTCAP: gl.constexpr
+    DQ_ATOMIC: gl.constexpr
+    BIG: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
+                 delta_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                 stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
+                 qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
+                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, BIG):
+        self.q_desc = q_desc
+        self.k_desc = k_desc
+        self.v_desc = v_desc
+        self.do_desc = do_desc
+        self.dk_desc = dk_desc
+        self.dv_desc = dv_desc
+        self.dq_desc = dq_desc
+        self.dk_ptr = dk_ptr
+        self.dv_ptr = dv_ptr
+        self.lse2_ptr = lse2_ptr
+        self.delta_ptr = delta_ptr
+        self.cu_q = cu_q
+        self.cu_k = cu_k
+        self.seqused = seqused
+        self.stride_dkb = stride_dkb
+        self.stride_dks = stride_dks
+        self.stride_dkh = stride_dkh
+        self.stride_dvb = stride_dvb
+        self.stride_dvs = stride_dvs
+        self.stride_dvh = stride_dvh
+        self.stride_tb = stride_tb
+        self.stride_th = stride_th
+        self.d = d
+        self.dv = dv
+        self.seqlen_q = seqlen_q
+        self.seqlen_k = seqlen_k
+        self.num_kv_heads = num_kv_heads
+        self.group = group
+        self.qk_scale = qk_scale
+        self.cap_scale = cap_scale
+        self.softmax_scale = softmax_scale
+        self.window_left = window_left
+        self.window_right = window_right
+        self.BM = gl.constexpr(BM)
+        self.NWG = gl.constexpr(NWG)
+        self.STAGES = gl.constexpr(STAGES)
+        self.VARLEN = gl.constexpr(VARLEN)
+        self.HAS_SEQUSED = gl.constexpr(HAS_SEQUSED)
+        self.HAS_WL = gl.constexpr(HAS_WL)
+        self.HAS_WR = gl.constexpr(HAS_WR)
+        self.SOFTCAP = gl.constexpr(SOFTCAP)
+        self.DQ_ATOMIC = gl.constexpr(DQ_ATOMIC)
+        self.BIG = gl.constexpr(BIG)
+
+
+@aggregate
+class BwdBuffers:
+    k: gl.shared_memory_descriptor         # [NWG, *k box]: 64 resident keys per consumer
+    v: gl.shared_memory_descriptor         # [NWG, *v box]
+    q: gl.shared_memory_descriptor         # [STAGES, *q box]
+    do: gl.shared_memory_descriptor        # [STAGES, *do box]
+    p: gl.shared_memory_descriptor         # [NWG, BM, 64]: P of each consumer (16-bit), read transposed
+    ds: gl.shared_memory_descriptor        # [NWG, BM, 64]: dS of each consumer, read transposed
+    dq: gl.shared_memory_descriptor        # [NWG, *dq box] fp32: each consumer's dQ share for the TMA add
+    kv_ready: gl.shared_memory_descriptor
+    q_ready: gl.shared_memory_descriptor   # [STAGES, 1]
+    q_empty: gl.shared_memory_descriptor
+    do_ready: gl.shared_memory_descriptor
+    do_empty: gl.shared_memory_descriptor
+
+    @gluon.constexpr_function
+    def __init__(self, k, v, q, do, p, ds, dq, kv_ready, q_ready, q_empty, do_ready, do_empty):
+        self.k = k
+        self.v = v
+        self.q = q
+        self.do = do
+        self.p = p
+        self.ds = ds
+        self.dq = dq
+        self.kv_ready = kv_ready
+        self.q_ready = q_ready
+        self.q_empty = q_empty
+        self.do_ready = do_ready
+        self.do_empty = do_empty
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block bookkeeping, computed identically by the loader and every consumer.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _cta_block():
+    """(key block, batch · kv head) of this CTA (grid axis 0: key blocks, axis 1: (b, kv head))."""
+    nb = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                   is_pure=False, pack=1)
+    bh = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                   is_pure=False, pack=1)
+    return nb, bh
+
+
+@gluon.jit
+def _sequence(p, b):
+    """(seq_q, seq_k, q_start, k_start) of sequence b (seq_k counts only the visible keys)."""
+    if p.VARLEN:
+        q_start = gl.load(p.cu_q + b)
+        seq_q = gl.load(p.cu_q + b + 1) - q_start
+        k_start = gl.load(p.cu_k + b)
+        seq_k = gl.load(p.cu_k + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        # Opaque: arithmetic on kernel arguments (the mask's seq_k - seq_q ± window) is otherwise hoisted
+        # above the partitions and spilled around the register reallocation.
+        seq_q = _opaque(p.seqlen_q)
+        seq_k = _opaque(p.seqlen_k)
+    if p.HAS_SEQUSED:
+        seq_k = gl.minimum(gl.load(p.seqused + b), seq_k)
+    return seq_q, seq_k, q_start, k_start
+
+
+@gluon.jit
+def _q_range(p, n0, seq_q, seq_k):
+    """Query blocks [m_lo, m_hi) that see any key of [n0, n0 + BN): the transpose of the forward's key range.
+    Row i sees key j when j <= i + off + window_right and j >= i + off - window_left, off = seq_k - seq_q."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    off = seq_k - seq_q
+    n_last = gl.minimum(n0 + BN, seq_k) - 1
+    lo = 0
+    hi = seq_q
+    if p.HAS_WR:  # the first row that sees key n0
+        lo = gl.maximum(n0 - off - p.window_right, 0)
+    if p.HAS_WL:  # one past the last row that sees the block's last key
+        hi = gl.minimum(n_last - off + p.window_left + 1, seq_q)
+    hi = gl.where(n0 < seq_k, hi, 0)
+    m_lo = lo // p.BM
+    m_hi = gl.maximum((hi + p.BM - 1) // p.BM, m_lo)
+    return m_lo, m_hi
+
+
+@gluon.jit
+def _q_coord(p, b, h, q_start, row):
+    if p.VARLEN:
+        return [q_start + row, h, 0]
+    else:
+        return [b, row, h, 0]
+
+
+@gluon.jit
+def _kv_coord(p, b, hk, k_start, key):
+    if p.VARLEN:
+        return [k_start + key, hk, 0]
+    else:
+        return [b, key, hk, 0]
+
+
+@gluon.jit
+def _next_slot(idx, phase, STAGES: gl.constexpr):
+    nxt = idx + 1
+    wrap = nxt == STAGES
+    return gl.where(wrap, 0, nxt), gl.where(wrap, phase ^ 1, phase)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loader partition: one warp issuing TMA loads.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _loader(p, bufs):
+    NWG: gl.constexpr = p.NWG
+    BN: gl.constexpr = KEYS_PER_WG * NWG
+    nb, bhk = _cta_block()
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    n0 = nb * BN
+    if n0 < seq_k:
+        # K and V of the CTA, once: one 64-key box per consumer.
+        mbarrier.expect(bufs.kv_ready, NWG * (p.k_desc.block_type.nbytes + p.v_desc.block_type.nbytes))
+        for w in gl.static_range(NWG):
+            tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
+                                            bufs.kv_ready, bufs.k.index(w))
+            tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
+                                            bufs.kv_ready, bufs.v.index(w))
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        idx = 0
+        phase = 0
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            g = it // n_m
+            h = hk * p.group + g
+            row = (m_lo + it - g * n_m) * p.BM
+            # A fresh barrier passes parity 1 at once: the first STAGES waits do not block.
+            mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
+            mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row),
+                                            bufs.q_ready.index(idx), bufs.q.index(idx))
+            mbarrier.wait(bufs.do_empty.index(idx), phase ^ 1)
+            mbarrier.expect(bufs.do_ready.index(idx), p.do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(p.do_desc, _q_coord(p, b, h, q_start, row),
+                                            bufs.do_ready.index(idx), bufs.do.index(idx))
+            idx, phase = _next_slot(idx, phase, p.STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consumer partitions: one warpgroup each, 64 resident keys.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _mask(p, s, rows, kr0, m0, seq_q, seq_k):
+    """-inf where a key (column) is not visible to a query (row); only in blocks that need it.
+
+    Query rows past the sequence need no mask: their lse2 is +inf, so their P is exactly 0."""
+    off = seq_k - seq_q
+    need = kr0 + KEYS_PER_WG > seq_k
+    if p.HAS_WR:
+        need = need | (kr0 + KEYS_PER_WG - 1 > m0 + off + p.window_right)
+    if p.HAS_WL:
+        need = need | (kr0 < m0 + p.BM - 1 + off - p.window_left)
+    if need:
+        # Opaque key offsets: LLVM would otherwise hoist this thread's 16 column indices out of the loop
+        # and keep them live through it (spilled at 240 registers a thread).
+        keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(0, s.type.layout)))
+        r2 = gl.expand_dims(rows, 1)
+        c2 = gl.expand_dims(keys, 0)
+        ok = c2 < seq_k
+        if p.HAS_WR:
+            ok = ok & (c2 <= r2 + (off + p.window_right))
+        if p.HAS_WL:
+            ok = ok & (c2 >= r2 + (off - p.window_left))
+        s = gl.where(ok, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _consumer(p, bufs, WG: gl.constexpr):
+    """64 resident keys; per query block (queries as rows, so lse2 and Delta are two values a thread):
+
+        S = Q·K_wgᵀ, then dP = dO·V_wgᵀ     async wgmma, both operands in shared memory
+        P, dS                                registers; both go to shared memory (16-bit) because dV and dK
+                                             need them transposed as the A operand
+        dV += Pᵀ·dO, dK += dSᵀ·Q             A read transposed from shared memory
+        dQ share = dS·K_wg                   A from shared memory too (no registers held by an operand);
+                                             added to the fp32 accumulator by TMA reduce-add
+    """
+    NWG: gl.constexpr = p.NWG
+    BN: gl.constexpr = KEYS_PER_WG * NWG
+    BM: gl.constexpr = p.BM
+    N: gl.constexpr = KEYS_PER_WG
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    dtype: gl.constexpr = p.q_desc.dtype
+    # S, dP: [BM queries, 64 keys]; dK: [64, D]; dV: [64, DV]; dQ share: [BM, D].
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, N, 16])
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DV, 16])
+    DQ_PARTS: gl.constexpr = 2 if D > 64 else 1
+    DQW: gl.constexpr = D // DQ_PARTS
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQW, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    nb, bhk = _cta_block()
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    n0 = nb * BN
+    kr0 = n0 + WG * N
+    if n0 < seq_k:
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        # Opaque: the per-thread row offsets are the same in every partition, and LLVM hoisted
+        # lse2_ptr + rows above the partitions, to be spilled around the register reallocation.
+        row_ids = _opaque(gl.arange(0, BM, row_s))
+        k_s = bufs.k.index(WG).reshape([N, D])
+        v_s = bufs.v.index(WG).reshape([N, DV])
+        p_s = bufs.p.index(WG)
+        ds_s = bufs.ds.index(WG)
+        dq_s = bufs.dq.index(WG)
+        dk = gl.zeros([N, D], gl.float32, dk_layout)
+        dv = gl.zeros([N, DV], gl.float32, dv_layout)
+        mbarrier.wait(bufs.kv_ready, 0)
+        idx = 0
+        phase = 0
+        # One flat loop over (query head of the group, query block): fewer values live across it than
+        # two nested loops (at 240 registers a thread every scalar counts).
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            g = it // n_m
+            h = hk * p.group + g
+            m0 = (m_lo + it - g * n_m) * BM
+            if p.VARLEN:
+                t_base = h * p.stride_th + q_start
+            else:
+                t_base = b * p.stride_tb + h * p.stride_th
+            q_s = bufs.q.index(idx).reshape([BM, D])
+            do_s = bufs.do.index(idx).reshape([BM, DV])
+            # S in flight while lse2 and Delta arrive.
+            mbarrier.wait(bufs.q_ready.index(idx), phase)
+            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+            rows = m0 + row_ids
+            if p.VARLEN:
+                # Rows past the sequence are the next sequence's queries: lse2 = +inf makes their P
+                # and dS exactly 0, so they add nothing to dK, dV and only zeros to dQ.
+                row_ok = rows < seq_q
+                lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
+                delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+            else:
+                # Batched: lse2 and Delta are padded to whole query blocks (+inf and 0) and Q, dO rows
+                # past the sequence read as zeros: no mask.
+                lse2 = gl.load(p.lse2_ptr + t_base + rows)
+                delta = gl.load(p.delta_ptr + t_base + rows)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            # P = exp2(s·log2 e − lse2): one FFMA and one MUFU.EX2 per score.
+            if p.SOFTCAP:
+                th = tanh_approx(s * p.cap_scale)
+                s = th * p.qk_scale
+            else:
+                s = s * p.qk_scale
+            s = _mask(p, s, rows, kr0, m0, seq_q, seq_k)
+            pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+            # dP = dO·V_wgᵀ is issued only now: in flight beside S and the softmax it would hold 32 more
+            # registers a thread than D = 128 has. Then dV += Pᵀ·dO, P rounded to the input dtype as the
+            # forward's P·V rounds it.
+            mbarrier.wait(bufs.do_ready.index(idx), phase)
+            dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+            p_s.store(pr.to(dtype))
+            fence_async_shared()
+            dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
+            dp = warpgroup_mma_wait(1, deps=(dp, ))
+            ds = pr * (dp - gl.expand_dims(delta, 1))
+            if p.SOFTCAP:
+                # d(c·tanh(x/c))/dx = 1 − tanh².
+                ds = ds * (1.0 - th * th)
+            ds16 = ds.to(dtype)
+            # dK += dSᵀ·Q.
+            ds_s.store(ds16)
+            fence_async_shared()
+            dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
+            if p.DQ_ATOMIC:
+                # dQ share = dS·K_wg in DQ_PARTS column slices (one slice's fp32 accumulator live at a
+                # time: at D = 128 the whole [64, 128] one beside dK and dV would spill), then
+                # dQ += scale · share by TMA reduce-add (element-wise atomic at L2, clipped at the
+                # tensor's bounds). The previous step's add has had a whole step to read its tile.
+                for part in gl.static_range(DQ_PARTS):
+                    dq = warpgroup_mma(ds_s, k_s.slice(part * DQW, DQW, dim=1),
+                                       gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False,
+                                       is_async=True)
+                    if part == 0:
+                        dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                        mbarrier.arrive(bufs.q_empty.index(idx))
+                        mbarrier.arrive(bufs.do_empty.index(idx))
+                        tma.store_wait(0)
+                    else:
+                        dq = warpgroup_mma_wait(0, deps=(dq, ))
+                    dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq * p.softmax_scale)
+                fence_async_shared()
+                async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
+            idx, phase = _next_slot(idx, phase, p.STAGES)
+        # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
+        # through the loop, where they were spilled.
+        nb, bhk = _cta_block()
+        b = bhk // p.num_kv_heads
+        hk = bhk - b * p.num_kv_heads
+        seq_q, seq_k, q_start, k_start = _sequence(p, b)
+        kr0 = nb * BN + WG * N
+        # This warpgroup's K and V slots are free (only its own, now completed, wgmmas read them): they
+        # stage dV and dK for the TMA stores. Opaque slot index: LLVM otherwise computes this thread's
+        # swizzled staging addresses before the loop and keeps them (spilled) through it.
+        slot = _opaque(gl.to_tensor(WG))
+        _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
+                    p.stride_dvb, p.stride_dvs, p.stride_dvh)
+        _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
+                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _store_rows(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, stride_b, stride_s, stride_h):
+    """One consumer's 64 rows of dK or dV (already in the output dtype).
+
+    TMA from shared memory; the batched descriptor clips rows past the tensor. A varlen block that runs
+    past its sequence would write the next sequence's rows: those few blocks use masked pointer stores."""
+    W: gl.constexpr = val.type.shape[1]
+    if p.VARLEN and kr0 + KEYS_PER_WG > seq_k:
+        # Straight from the accumulator layout: a layout conversion would need a scratch tile of shared
+        # memory that D = 128 does not have left.
+        layout: gl.constexpr = val.type.layout
+        rows = kr0 + gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, layout))
+        cols = gl.arange(0, W, gl.SliceLayout(0, layout))
+        tok = k_start + rows
+        if p.BIG:
+            tok = tok.to(gl.int64)
+        offs = gl.expand_dims(tok * stride_s, 1) + hk * stride_h + gl.expand_dims(cols, 0)
+        mask = gl.expand_dims(rows < seq_k, 1) & gl.expand_dims(cols < width, 0)
+        gl.store(ptr + offs, val, mask=mask)
+    else:
+        stage.reshape([KEYS_PER_WG, W]).store(val)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc, _kv_coord(p, b, hk, k_start, kr0), stage)
+        tma.store_wait(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel: shared memory, barriers, partitions.
+# ---------------------------------------------------------------------------------------------------------
+
+_RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
+                 "stride_dvs", "stride_dvh", "stride_tb", "stride_th", "d", "dv", "seqlen_q", "seqlen_k",
+                 "num_kv_heads", "group", "window_left", "window_right"]
+
+
+@gluon.jit(do_not_specialize=_RUNTIME_INTS)
+def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+                    cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                    stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
+                    qk_scale, cap_scale, softmax_scale, window_left, window_right,
+                    BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
+                    HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                    SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, BIG: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, KEYS_PER_WG], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [NWG, BM, KEYS_PER_WG], ds_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [NWG, BM, KEYS_PER_WG], ds_layout)
+    if DQ_ATOMIC:
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NWG] + dq_desc.block_type.shape, dq_desc.layout)
+    else:
+        dq_smem = ds_smem
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(q_empty.index(s), count=NWG)
+        mbarrier.init(do_ready.index(s), count=1)
+        mbarrier.init(do_empty.index(s), count=NWG)
+
+    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+                   cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
+                   gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
+                   gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
+                   gl.to_tensor(seqlen_q), gl.to_tensor(seqlen_k), gl.to_tensor(num_kv_heads), gl.to_tensor(group),
+                   gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
+                   gl.to_tensor(window_left), gl.to_tensor(window_right),
+                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, BIG)
+    bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty, do_ready,
+                      do_empty)
+    if NWG == 1:
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_loader, (p, bufs))], [1], [LOADER_REGS])
+    elif NWG == 2:
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_consumer, (p, bufs, gl.constexpr(2))),
+                            (_loader, (p, bufs))], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiles: one entry per (D, Dv) tile width.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BwdTile:
+    block_m: int          # query rows per streamed Q / dO block (N of Sᵀ, K of the dK/dV products)
+    num_wg: int           # consumer warpgroups, 64 resident keys each (key block = 64 · num_wg)
+    stages: int           # depth of the Q / dO ring
+    consumer_regs: int    # setmaxnreg of the worker consumers
+    loader_regs: int = 24
+
+    @property
+    def block_n(self):
+        return WG_KEYS * self.num_wg
+
+
+# Registers per consumer thread at D = Dv = 128, BM = 64: dK and dV (64 + 64 fp32), S then dP (32 + 32),
+# P kept in fp32 for dS (32), then the dQ share in two 64-column halves (32). Shared memory at D = 128:
+# resident K, V 64 KiB, two Q + dO stages 64 KiB, P and dS 32 KiB, two fp32 dQ staging tiles 64 KiB
+# (224 KiB of the 227).
+# D = 256 has no tile: dK and dV alone would take 256 fp32 registers a thread (the plan is in the module
+# docstring).
+_TABLE = {
+    (64, 64): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240),
+    (128, 128): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240),
+}
+
+
+def smem_bytes(tile, d, dv, elem=2):
+    kv = tile.block_n * (d + dv) * elem
+    qdo = tile.stages * tile.block_m * (d + dv) * elem
+    pds = 2 * tile.num_wg * WG_KEYS * tile.block_m * elem
+    return kv + qdo + pds + configs.SMEM_RESERVE
+
+
+def get_tile(d, dv, **overrides):
+    """The tile for tile widths (d, dv), or None; overrides: fields of BwdTile."""
+    tile = _TABLE.get((d, dv))
+    if tile is None:
+        return None
+    tile = replace(tile, **overrides) if overrides else tile
+    return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
+
+
+def shipped_tiles():
+    return sorted(_TABLE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side.
+# ---------------------------------------------------------------------------------------------------------
+
+TESTED_TRITON = ("3.6.0", )
+
+
+def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
+                       page_table=None, seqused_k=None, dout=None, **_):
+    """None if this backward serves the request, else a short reason. Not consulted by dispatch yet."""
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not sm_90"
+    if triton.__version__ not in TESTED_TRITON:
+        return f"triton {triton.__version__} not tested"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (bf16 and fp16 only, q, k, v alike)"
+    if page_table is not None:
+        return "paged KV cache (inference only)"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % 8 or dv % 8:
+        return f"head dims ({d}, {dv}) are not multiples of 8"
+    td, tdv = configs.tile_dim(d), configs.tile_dim(dv)
+    if td is None or tdv is None or get_tile(td, tdv) is None:
+        return f"no sm90 backward tile for head dims ({d}, {dv}) (D = 256 is planned, not built)"
+    seq_dim = 0 if cu_seqlens_q is not None else 1
+    if q.shape[seq_dim] == 0 or k.shape[seq_dim] == 0:
+        return "empty sequence"
+    if sink is not None and sink.dtype != torch.float32:
+        return "sink must be fp32"
+    from . import _tma_reason
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        reason = _tma_reason(name, t)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _tma_ready(t):
+    """t itself if TMA can read it (unit last stride, 16-byte strides and base), else a contiguous copy."""
+    elem = t.element_size()
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * elem) % 16 == 0 for s in t.stride()[:-1])
+    return t if ok else t.contiguous()
+
+
+def _dq_descriptor(acc, rows, varlen):
+    """TMA descriptor of the fp32 dQ accumulator (q's shape): boxes of `rows` tokens of one head; the
+    reduce-add is clipped at the tensor's bounds like a store."""
+    d = configs.tile_dim(acc.shape[-1])
+    block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+    return TensorDescriptor(acc, shape=list(acc.shape), strides=list(acc.stride()), block_shape=block,
+                            layout=layout)
+
+
+def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
+                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                deterministic=False, tile=None):
+    """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_acc: fp32, q's shape
+    (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout."""
+    varlen = cu_seqlens_q is not None
+    d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
+    tile = tile or get_tile(d, dvw)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        seqlen_q, seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+        stride_t = (0, delta.stride(0))
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        stride_t = (delta.stride(0), delta.stride(1))
+
+    def bsh(t):
+        return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    soft = softcap > 0
+    dummy_i32 = torch.empty(0, dtype=torch.int32, device=q.device)
+    if dq_acc is None:  # deterministic: dQ comes from another kernel; a placeholder for the descriptor
+        dq_acc = torch.empty((tile.block_m, 1, d) if varlen else (1, tile.block_m, 1, d), dtype=torch.float32,
+                             device=q.device)
+    args = dict(
+        q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
+        v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
+        dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
+        dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen),
+        dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
+        cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
+        seqused=seqused_k if seqused_k is not None else dummy_i32,
+        stride_dkb=bsh(dk)[0], stride_dks=bsh(dk)[1], stride_dkh=bsh(dk)[2],
+        stride_dvb=bsh(dv)[0], stride_dvs=bsh(dv)[1], stride_dvh=bsh(dv)[2],
+        stride_tb=stride_t[0], stride_th=stride_t[1], d=q.shape[-1], dv=v.shape[-1],
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, num_kv_heads=hkv, group=hq // hkv,
+        # Base-2 logits: s2 = qk·scale·log2 e, or with softcap c: (c·log2 e)·tanh(qk·scale / c).
+        qk_scale=(softcap if soft else softmax_scale) * LOG2E,
+        cap_scale=softmax_scale / softcap if soft else 1.0,
+        softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
+    big = max(t.numel() for t in (q, k, v, dk, dv, dq_acc)) >= 2**31
+    constexprs = dict(
+        BM=tile.block_m, NWG=tile.num_wg, STAGES=tile.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
+        HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, BIG=big,
+        CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
+    grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
+    return grid, args, constexprs
+
+
+def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
+             sink=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
+             max_seqlen_k=None, page_table=None, deterministic=False, tile=None):
+    """(dq, dk, dv, dsink) per docs/INTERNALS.md on the Gluon kernel. tile: a BwdTile override (probe)."""
+    reason = unsupported_reason(q, k, v, window_left=window_left, window_right=window_right, softcap=softcap,
+                                sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
+    if reason is not None:
+        raise ValueError(f"the sm90 backward cannot serve this call: {reason}")
+    varlen = cu_seqlens_q is not None
+    device = q.device
+    dout = _tma_ready(dout)
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    d, dvh = q.shape[-1], v.shape[-1]
+    if varlen:
+        batch, seqlen_q = cu_seqlens_q.numel() - 1, int(max_seqlen_q)
+        seqlen_k = int(max_seqlen_k)
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    tile = tile or get_tile(configs.tile_dim(d), configs.tile_dim(dvh))
+    # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
+    alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
+    dk = alloc(k.shape, dtype=k.dtype, device=device)
+    dv = alloc(v.shape, dtype=v.dtype, device=device)
+
+    # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
+    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q,
+                                         None if varlen else tile.block_m)
+
+    # 2. Main kernel: dK, dV, and unless deterministic dQ, accumulated in fp32 by TMA reduce-add (clipped at
+    # the tensor's bounds: no padding needed).
+    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=device)
+    grid, args, constexprs = launch_plan(
+        dout, q, k, v, dq_acc, dk, dv, lse2, delta, softmax_scale=softmax_scale, window_left=window_left,
+        window_right=window_right, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic,
+        tile=tile)
+    if grid[0] > 0 and grid[1] > 0:
+        attn_bwd_kernel[grid](**args, **constexprs, num_warps=4)
+    elif not varlen:
+        dk.zero_()
+        dv.zero_()
+
+    # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
+    if deterministic:
+        dq = deterministic_dq(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
+                              window_left=window_left, window_right=window_right, softcap=softcap,
+                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                              seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    else:
+        dq = dq_acc.to(q.dtype)
+    return dq, dk, dv, sink_gradient(dsink_part, sink)
+
+
+def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to):
+    """(Delta, lse2, sink partial sums) by the portable preprocess kernel, in lse's layout.
+
+    pad_to (batched only): the query length is padded to a multiple of it, with lse2 = +inf and Delta = 0,
+    so that P and dS of the padding are exactly 0 and the main kernel loads both without masks."""
+    from ..triton import backward as tb
+    varlen = cu_seqlens_q is not None
+    device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
+    if pad_to is None:
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
+        lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    else:
+        padded = (batch, hq, triton.cdiv(seqlen_q, pad_to) * pad_to)
+        delta = torch.zeros(padded, dtype=torch.float32, device=device)
+        lse2 = torch.full(padded, float("inf"), dtype=torch.float32, device=device)
+    dv_pad = max(triton.next_power_of_2(dvh), 16)
+    prep_m = 64 if dv_pad <= 128 else 32
+    n_prep = triton.cdiv(seqlen_q, prep_m)
+    dsink_part = (torch.zeros(batch, hq, n_prep, dtype=torch.float32, device=device) if sink is not None
+                  else delta)
+    tb.Launch(tb._bwd_preprocess, (batch * hq, n_prep),
+              [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
+               delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, *tb._bsh_strides(out, varlen),
+               *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
+               *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
+               *tb._lse_strides(delta, varlen)[:2], seqlen_q, hq, dvh],
+              dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
+                   BLOCK_DV=dv_pad), num_warps=4)()
+    return delta, lse2, dsink_part
+
+
+def sink_gradient(dsink_part, sink):
+    """dsink_h = −Σ_{b,i} exp(sink_h − lse_i) Delta_i from the preprocess's per-block partial sums (fp64 for
+    the last reduction: the partials may cancel)."""
+    if sink is None:
+        return None
+    return -dsink_part.double().sum(dim=(0, 2)).float()
+
+
+def deterministic_dq(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
+                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k):
+    """dQ by the portable kernel: one program per query block, keys in a fixed order (bitwise repeatable)."""
+    from ..triton import backward as tb
+    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
+    t_s = tb._lse_strides(delta, varlen_q)[:2]
+    d_pad = max(triton.next_power_of_2(q.shape[-1]), 16)
+    dv_pad = max(triton.next_power_of_2(v.shape[-1]), 16)
+    cfg = tb.default_config(q, max(d_pad, dv_pad))
+    dq = (torch.zeros if varlen_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    cap = float(softcap)
+    batch = cu_seqlens_q.numel() - 1 if varlen_q else q.shape[0]
+    hq = q.shape[-2]
+    strides = [*tb._bsh_strides(q, varlen_q), *tb._bsh_strides(k, varlen_k), *tb._bsh_strides(v, varlen_k),
+               *tb._bsh_strides(dout, varlen_q), *tb._bsh_strides(dq, varlen_q)]
+    tb.Launch(tb._bwd_dq_kernel, (batch * hq, triton.cdiv(seqlen_q, cfg.block_m2)),
+              [q, k, v, dout, dq, lse2, delta, cu_seqlens_q if varlen_q else dummy,
+               cu_seqlens_k if varlen_k else dummy, seqused_k if seqused_k is not None else dummy, *strides,
+               *t_s, seqlen_q, seqlen_k, hq, q.shape[-1], v.shape[-1],
+               softmax_scale / cap if cap > 0 else softmax_scale * LOG2E, cap * LOG2E, softmax_scale,
+               window_left, window_right],
+              dict(GROUP=hq // k.shape[-2], VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None,
+                   HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0,
+                   EVEN_D=d_pad == q.shape[-1] and dv_pad == v.shape[-1],
+                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad,
+                   BLOCK_DV=dv_pad, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2),
+              cfg.warps2, cfg.stages2)()
+    return dq

@@ -1,0 +1,78 @@
+"""Ahead-of-time compilation of the Hopper backward for sm_90a, without a GPU (CPU CI and register checks).
+
+`compile_config` builds the main kernel's launch arguments as a real call would, on small CPU tensors, and
+compiles it for GPUTarget("cuda", 90, 32); `aot.sass_report` (the forward's) summarises the cubin. Run it in
+a subprocess: a failing Gluon compile can abort the whole process.
+"""
+import torch
+import triton
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from . import backward
+from .aot import TARGET, _sig
+
+
+def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, varlen=False,
+                   gqa=1, seqused=False, deterministic=False, tile=None):
+    """Compile one configuration of attn_bwd_kernel for sm_90a; returns triton's CompiledKernel."""
+    b, s, hkv = 2, 256, 2
+    hq = hkv * gqa
+    if varlen:
+        q = torch.zeros(b * s, hq, d, dtype=dtype)
+        k = torch.zeros(b * s, hkv, d, dtype=dtype)
+        v = torch.zeros(b * s, hkv, dv, dtype=dtype)
+        cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+        lse = torch.zeros(hq, b * s, dtype=torch.float32)
+    else:
+        q = torch.zeros(b, s, hq, d, dtype=dtype)
+        k = torch.zeros(b, s, hkv, d, dtype=dtype)
+        v = torch.zeros(b, s, hkv, dv, dtype=dtype)
+        cu = None
+        lse = torch.zeros(b, hq, s, dtype=torch.float32)
+    dout = torch.zeros(*q.shape[:-1], dv, dtype=dtype)
+    left, right = window
+    if causal:
+        right = 0
+    tile_obj = None
+    if tile:
+        tile_obj = backward.get_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
+                                     **tile)
+    _, args, constexprs = backward.launch_plan(
+        dout, q, k, v, None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
+        torch.zeros_like(k), torch.zeros_like(v), lse, lse.clone(), softmax_scale=d ** -0.5, window_left=left,
+        window_right=right, softcap=softcap, cu_seqlens_q=cu, cu_seqlens_k=cu,
+        seqused_k=torch.full((b, ), s, dtype=torch.int32) if seqused else None,
+        max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, deterministic=deterministic,
+        tile=tile_obj)
+    signature = {name: _sig(val) for name, val in args.items()}
+    signature.update({name: "constexpr" for name in constexprs})
+    src = GluonASTSource(fn=backward.attn_bwd_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=TARGET, options={"num_warps": 4})
+
+
+def sass_report(compiled):
+    """aot.sass_report plus 'utmaredg' (TMA reduce-adds) and 'loop_ldl_stl': local-memory instructions
+    between the first and the last wgmma / TMA reduce of a partition (its main loop). Spills outside that
+    span (a few values kept across the loop for the epilogue) cost a handful of instructions per CTA."""
+    import re
+    import subprocess
+    import tempfile
+
+    from .aot import _tool, sass_report as base_report
+    rep = base_report(compiled)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    rep["utmaredg"] = len(re.findall(r"\bUTMAREDG", sass))
+    loop = 0
+    # Partitions are separated by register reallocations (USETMAXREG).
+    for region in re.split(r"USETMAXREG", sass):
+        lines = region.splitlines()
+        marks = [i for i, line in enumerate(lines) if re.search(r"\b(HGMMA|UTMAREDG)", line)]
+        if marks:
+            span = lines[marks[0]:marks[-1] + 1]
+            loop += sum(1 for line in span if re.search(r"\b(LDL|STL)\b", line))
+    rep["loop_ldl_stl"] = loop
+    return rep

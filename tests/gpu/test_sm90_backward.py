@@ -1,0 +1,147 @@
+"""The Gluon Hopper backward (fa4.kernels.sm90.backward) on an H100, by itself: out and lse come from
+fa4.reference, so a failure here is the backward's. DESIGN.md's numerics rule against fa4.reference.backward
+(fp32, and the input dtype for the "lowp" bound), bf16 and fp16, over the feature matrix it claims; the
+deterministic mode repeated 100 times and compared bitwise. Skipped without an sm_90 GPU.
+
+This kernel had never run on a GPU when this file was written: run it under a timeout
+(`timeout 600 python -m pytest -x -q tests/gpu/test_sm90_backward.py`), since a barrier protocol bug hangs.
+"""
+import pytest
+import torch
+
+from attention_check import poison_allocator
+from fa4 import reference
+from numerics import assert_close_rule
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+DEV = "cuda"
+
+
+def _bwd():
+    from fa4.kernels.sm90 import backward
+    return backward
+
+
+def _opts(q, left, right, softcap, sink, varlen):
+    varlen = varlen or {}
+    return dict(softmax_scale=q.shape[-1] ** -0.5, window_left=left, window_right=right, softcap=softcap,
+                sink=sink, cu_seqlens_q=varlen.get("cu_seqlens_q"), cu_seqlens_k=varlen.get("cu_seqlens_k"),
+                seqused_k=varlen.get("seqused_k"), max_seqlen_q=varlen.get("max_seqlen_q"),
+                max_seqlen_k=varlen.get("max_seqlen_k"))
+
+
+def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, with_dlse=False, deterministic=False,
+         varlen=None):
+    """Kernel backward vs the fp32 reference (ref) and the reference in the input dtype (lowp)."""
+    bwd = _bwd()
+    opts = _opts(q, left, right, softcap, sink, varlen)
+    reason = bwd.unsupported_reason(q, k, v, **opts)
+    assert reason is None, reason
+    f32 = [t.float() for t in (q, k, v)]
+    ref_out, lse = reference.forward(*f32, **opts)
+    out = ref_out.to(q.dtype)
+    dout = torch.randn_like(out)
+    dlse = None
+    if with_dlse:  # empty rows (lse = -inf) get a gradient too: the kernel must ignore it
+        dlse = torch.where(torch.isfinite(lse), torch.randn_like(lse), torch.full_like(lse, 3.0))
+    poison_allocator(q.device)
+    got = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=deterministic, **opts)
+    torch.cuda.synchronize()
+    ref = reference.backward(dout.float(), *f32, ref_out, lse, dlse, **opts)
+    low = reference.backward(dout, q, k, v, out, lse, dlse, compute_dtype=q.dtype, **opts)
+    for name, g, r, lo, t in zip(("dq", "dk", "dv", "dsink"), got, ref, low, (q, k, v, sink)):
+        if t is None:
+            assert g is None
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous(), name
+        assert_close_rule(name, g, r, lo, softcap=softcap > 0)
+    return got
+
+
+# (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse); scope order: plain, causal, GQA first.
+MATRIX = [
+    (2, 1024, 1024, 4, 4, 128, 128, -1, -1, 0.0, False, False),
+    (2, 1024, 1024, 4, 4, 64, 64, -1, -1, 0.0, False, False),
+    (2, 1000, 1000, 8, 2, 128, 128, -1, 0, 0.0, False, True),      # GQA, causal, odd length, lse gradient
+    (2, 1000, 1000, 8, 8, 64, 64, -1, 0, 0.0, False, False),
+    (1, 777, 1543, 8, 1, 128, 128, -1, 0, 0.0, True, True),        # Sq < Sk, MQA, sink
+    (1, 1543, 777, 4, 2, 64, 64, -1, 0, 0.0, False, True),         # Sq > Sk: leading rows empty
+    (2, 1, 3001, 8, 2, 128, 128, -1, 0, 0.0, False, False),        # Sq = 1
+    (1, 1500, 1500, 4, 4, 96, 96, 256, 0, 0.0, False, False),      # sliding window, D padded to 128
+    (1, 1200, 1200, 4, 2, 64, 64, 100, 50, 30.0, False, True),     # window both sides + softcap
+    (1, 513, 513, 2, 2, 40, 24, -1, -1, 0.0, True, False),         # small odd head dims
+    (1, 3000, 3000, 4, 1, 128, 128, -1, -1, 50.0, True, True),
+]
+
+
+def _ids(case):
+    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
+    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-w{left}_{right}-cap{cap}-s{int(sink)}-dl{int(dlse)}"
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", MATRIX, ids=[_ids(c) for c in MATRIX])
+def test_feature_matrix(case, dtype, deterministic):
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
+    q = torch.randn(b, sq, hq, d, device=DEV, dtype=dtype)
+    k = torch.randn(b, sk, hkv, d, device=DEV, dtype=dtype)
+    v = torch.randn(b, sk, hkv, dv, device=DEV, dtype=dtype)
+    s = torch.randn(hq, device=DEV) if sink else None
+    _run(q, k, v, left=left, right=right, softcap=cap, sink=s, with_dlse=dlse, deterministic=deterministic)
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen(d, causal):
+    torch.manual_seed(d + causal)
+    lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
+    hq, hkv = 4, 2
+    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    _run(q, k, v, right=0 if causal else -1, varlen=varlen)
+
+
+def test_seqused_k():
+    torch.manual_seed(7)
+    q = torch.randn(2, 600, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 900, 4, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 900, 4, 128, device=DEV, dtype=torch.bfloat16)
+    used = torch.tensor([900, 333], dtype=torch.int32, device=DEV)
+    _run(q, k, v, varlen=dict(seqused_k=used))
+
+
+@pytest.mark.parametrize("d,causal", [(128, True), (64, False)])
+def test_deterministic_bitwise_100x(d, causal):
+    """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients."""
+    bwd = _bwd()
+    torch.manual_seed(11)
+    q = torch.randn(2, 2048, 8, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
+    opts = _opts(q, -1, 0 if causal else -1, 0.0, None, None)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.to(q.dtype)
+    dout = torch.randn_like(out)
+    first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+    for _ in range(100):
+        again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+        for a, b in zip(first[:3], again[:3]):
+            assert torch.equal(a, b)
+
+
+def test_unsupported_is_reported():
+    bwd = _bwd()
+    q = torch.randn(1, 128, 2, 256, device=DEV, dtype=torch.bfloat16)
+    assert "256" in bwd.unsupported_reason(q, q, q)
+    q32 = torch.randn(1, 128, 2, 64, device=DEV)
+    assert bwd.unsupported_reason(q32, q32, q32) is not None
