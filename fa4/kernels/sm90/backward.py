@@ -53,7 +53,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.language.core import _aggregate as aggregate
 
 from . import configs
-from .attention_fwd import _descriptor, _opaque
+from .attention_fwd import _descriptor, _kv_coord, _next_slot, _opaque, _q_coord
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -253,29 +253,6 @@ def _q_range(p, n0, seq_q, seq_k):
     m_lo = lo // p.BM
     m_hi = gl.maximum((hi + p.BM - 1) // p.BM, m_lo)
     return m_lo, m_hi
-
-
-@gluon.jit
-def _q_coord(p, b, h, q_start, row):
-    if p.VARLEN:
-        return [q_start + row, h, 0]
-    else:
-        return [b, row, h, 0]
-
-
-@gluon.jit
-def _kv_coord(p, b, hk, k_start, key):
-    if p.VARLEN:
-        return [k_start + key, hk, 0]
-    else:
-        return [b, key, hk, 0]
-
-
-@gluon.jit
-def _next_slot(idx, phase, STAGES: gl.constexpr):
-    nxt = idx + 1
-    wrap = nxt == STAGES
-    return gl.where(wrap, 0, nxt), gl.where(wrap, phase ^ 1, phase)
 
 
 # ---------------------------------------------------------------------------------------------------------
