@@ -35,21 +35,26 @@ def _sig(value):
     return mangle_type(value)  # tensor descriptors carry their block and shared layout
 
 
+SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS = 2, 256, 2
+
+
+def sample_inputs(d, dv, dtype, *, varlen, gqa):
+    """Small CPU q, k, v (batched or packed) and cu_seqlens (None when batched) with which a configuration
+    is compiled: the kernels specialise on dtypes, head dims and stride divisibility, not on sizes."""
+    b, s, hkv = SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS
+    rows = (b * s,) if varlen else (b, s)
+    q = torch.zeros(*rows, hkv * gqa, d, dtype=dtype)
+    k = torch.zeros(*rows, hkv, d, dtype=dtype)
+    v = torch.zeros(*rows, hkv, dv, dtype=dtype)
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32) if varlen else None
+    return q, k, v, cu
+
+
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, sink=False,
                    varlen=False, gqa=1, variant=None):
     """Compile one configuration for sm_90a; returns triton's CompiledKernel."""
-    b, s, hkv = 2, 256, 2
-    hq = hkv * gqa
-    if varlen:
-        q = torch.zeros(b * s, hq, d, dtype=dtype)
-        k = torch.zeros(b * s, hkv, d, dtype=dtype)
-        v = torch.zeros(b * s, hkv, dv, dtype=dtype)
-        cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
-    else:
-        q = torch.zeros(b, s, hq, d, dtype=dtype)
-        k = torch.zeros(b, s, hkv, d, dtype=dtype)
-        v = torch.zeros(b, s, hkv, dv, dtype=dtype)
-        cu = None
+    b, s, hq = SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS * gqa
+    q, k, v, cu = sample_inputs(d, dv, dtype, varlen=varlen, gqa=gqa)
     out = torch.zeros(*q.shape[:-1], dv, dtype=dtype)
     lse = torch.zeros(hq, b * s, dtype=torch.float32)
     left, right = window

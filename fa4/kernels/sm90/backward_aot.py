@@ -9,26 +9,15 @@ import triton
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from . import backward
-from .aot import TARGET, _sig
+from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sample_inputs
 
 
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, varlen=False,
                    gqa=1, seqused=False, deterministic=False, tile=None):
     """Compile one configuration of attn_bwd_kernel for sm_90a; returns triton's CompiledKernel."""
-    b, s, hkv = 2, 256, 2
-    hq = hkv * gqa
-    if varlen:
-        q = torch.zeros(b * s, hq, d, dtype=dtype)
-        k = torch.zeros(b * s, hkv, d, dtype=dtype)
-        v = torch.zeros(b * s, hkv, dv, dtype=dtype)
-        cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
-        lse = torch.zeros(hq, b * s, dtype=torch.float32)
-    else:
-        q = torch.zeros(b, s, hq, d, dtype=dtype)
-        k = torch.zeros(b, s, hkv, d, dtype=dtype)
-        v = torch.zeros(b, s, hkv, dv, dtype=dtype)
-        cu = None
-        lse = torch.zeros(b, hq, s, dtype=torch.float32)
+    b, s, hq = SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS * gqa
+    q, k, v, cu = sample_inputs(d, dv, dtype, varlen=varlen, gqa=gqa)
+    lse = torch.zeros((hq, b * s) if varlen else (b, hq, s), dtype=torch.float32)
     dout = torch.zeros(*q.shape[:-1], dv, dtype=dtype)
     left, right = window
     if causal:
