@@ -17,10 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -29,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fa4.kernels.triton import backward as bwd  # noqa: E402
-from tuning_common import REGS_PER_SM, SMEM_LIMIT, suite_options, training_suite  # noqa: E402
+from tuning_common import (DTYPE_NAMES, programs_per_sm, resource_usage, smem_limit, suite_options,  # noqa: E402
+                           training_suite)
 
 C = bwd.BwdConfig
 # Candidates per padded head dim for sm_90, the first QUICK of each are the most promising (offline: no spills).
@@ -200,9 +198,6 @@ def cmd_time(args):
 # sass: ahead-of-time compile, no GPU
 # ----------------------------------------------------------------------------------------------------------
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
-
-
 def aot_launches(cfg, d, causal, dtype=torch.bfloat16, deterministic=False):
     """The backward's launches for a (B, S, H, D) training-suite-like problem, built on CPU tensors."""
     h = max(2048 // d, 1)
@@ -223,7 +218,7 @@ def aot_compile(launch, cc):
     for i, (param, arg) in enumerate(zip(kernel.params, launch.args)):
         # Pointers and ints divisible by 16 get the divisibility attribute, ints equal to 1 become constants.
         if isinstance(arg, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[arg.dtype]
+            signature[param.name] = "*" + DTYPE_NAMES[arg.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(arg, bool):
             signature[param.name] = "i1"
@@ -240,37 +235,6 @@ def aot_compile(launch, cc):
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
-
-
-def _loop_spills(sass):
-    """Local-memory loads/stores (LDL/STL) inside loops: between a backward branch's target and the branch.
-
-    Spills of loop-invariant values outside the loops cost a few instructions per program; these cost every
-    iteration."""
-    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = []
-    for addr, ins in code:
-        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) < addr:
-            loops.append((int(m.group(1), 16), addr))
-    return sum(1 for addr, ins in code if re.search(r"\b(?:LDL|STL)\b", ins)
-               and any(lo <= addr <= hi for lo, hi in loops))
-
-
-def resource_usage(compiled):
-    """Registers, spill (stack) bytes, spill instructions inside loops, shared memory and tensor-core
-    instruction counts, from the cubin."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    return dict(regs=int(m.group(1)), stack=int(m.group(2)), smem=compiled.metadata.shared,
-                hgmma=sass.count("HGMMA"), hmma=sass.count("HMMA"),
-                ldl_stl=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_spills=_loop_spills(sass))
 
 
 def _jobs(args, cc):
@@ -297,12 +261,11 @@ def cmd_sass(args):
                 t0 = time.time()
                 u = resource_usage(aot_compile(launch, cc))
                 threads = 32 * launch.num_warps
-                per_sm = min(REGS_PER_SM // (threads * max(u["regs"], 1)),
-                             (SMEM_LIMIT.get(cc, 101376) + 1024) // max(u["smem"] + 1024, 1))
+                per_sm = programs_per_sm(cc, threads, u["regs"], u["smem"])
                 problems = []
                 if u["loop_spills"]:
                     problems.append("SPILLS IN LOOPS")
-                if u["smem"] > SMEM_LIMIT.get(cc, 101376):
+                if u["smem"] > smem_limit(cc):
                     problems.append("SMEM > limit")
                 bad += bool(problems)
                 part = name.replace("_bwd_", "")

@@ -13,10 +13,7 @@ import argparse
 import json
 import math
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -25,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fa4.kernels.triton import forward as fwd  # noqa: E402
-from tuning_common import REGS_PER_SM, SMEM_LIMIT, suite_options, training_suite  # noqa: E402
+from tuning_common import (DTYPE_NAMES, programs_per_sm, resource_usage, smem_limit, suite_options,  # noqa: E402
+                           training_suite)
 
 C = fwd.Config
 L = dict(lazy_rescale=True)
@@ -136,9 +134,6 @@ def cmd_time(args):
 # sass: ahead-of-time compile, no GPU
 # ----------------------------------------------------------------------------------------------------------
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
-
-
 # Feature mixes compiled by `sass`: each flips constexpr flags that change the kernel's registers.
 FEATURES = {
     "plain": dict(),
@@ -185,7 +180,7 @@ def aot_compile(cc, cfg, dtype=torch.bfloat16, d=128, dv=None, feature="plain"):
         # As the launcher specialises: pointers and ints divisible by 16 get the divisibility attribute,
         # ints equal to 1 become constants.
         if isinstance(arg, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[arg.dtype]
+            signature[param.name] = "*" + DTYPE_NAMES[arg.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(arg, int) and arg == 1:
             signature[param.name], consts[param.name] = "constexpr", 1
@@ -202,20 +197,6 @@ def aot_compile(cc, cfg, dtype=torch.bfloat16, d=128, dv=None, feature="plain"):
         options["maxnreg"] = cfg.maxnreg
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options), cfg
-
-
-def resource_usage(compiled):
-    """Registers, spill (stack) bytes, shared memory and tensor-core instruction counts from the cubin."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    return dict(regs=int(m.group(1)), stack=int(m.group(2)), smem=compiled.metadata.shared,
-                hgmma=sass.count("HGMMA"), hmma=sass.count("HMMA"), ldl_stl=sass.count("LDL") + sass.count("STL"))
 
 
 def _table_configs(cc):
@@ -241,14 +222,13 @@ def cmd_sass(args):
             compiled, use = aot_compile(cc, cfg, d=d, feature=feat)
             u = resource_usage(compiled)
             threads = 32 * use.num_warps
-            per_sm = min(REGS_PER_SM // (threads * max(u["regs"], 1)),
-                         (SMEM_LIMIT.get(cc, 101376) + 1024) // max(u["smem"] + 1024, 1))
+            per_sm = programs_per_sm(cc, threads, u["regs"], u["smem"])
             problems, notes = [], []
             if u["stack"] > MINOR_SPILL_BYTES:
                 problems.append("SPILLS")
             elif u["stack"] or u["ldl_stl"]:
                 notes.append(f"minor spill ({u['ldl_stl']} LDL/STL)")
-            if u["smem"] > SMEM_LIMIT.get(cc, 101376):
+            if u["smem"] > smem_limit(cc):
                 problems.append("SMEM > limit")
             bad += bool(problems)
             print(f"sm_{cc} D={d:3d} {feat:19s} {_fmt(use):26s} regs {u['regs']:3d} stack {u['stack']:4d} "
