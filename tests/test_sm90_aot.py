@@ -6,18 +6,12 @@
 3. The tile bookkeeping of the kernel (key-block range, which blocks skip the mask), mirrored in Python,
    covers every visible (query, key) pair and never skips a mask it needs.
 """
-import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from aot_children import compile_reports
 from fa4.kernels.sm90 import configs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 try:
     import triton
@@ -66,38 +60,9 @@ def _shipped():
     return cases
 
 
-# One child compiles a list of configurations and prints a REPORT line after each.
-_CHILD = r"""
-import json, sys, torch
-from fa4.kernels.sm90 import aot
-for name, kw in json.loads(sys.argv[1]):
-    if "dtype" in kw:
-        kw["dtype"] = getattr(torch, kw["dtype"])
-    if "window" in kw:
-        kw["window"] = tuple(kw["window"])
-    rep = aot.sass_report(aot.compile_config(**kw))
-    print("REPORT " + json.dumps([name, rep]), flush=True)
-"""
-
-
-def _compile_in_child(cases):
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"))
-    reports = dict(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT "))
-    log = (proc.stdout + proc.stderr)[-3000:]
-    return {name: (reports.get(name), log) for name, _ in cases}
-
-
 @pytest.fixture(scope="module")
 def reports():
-    cases = _shipped()
-    workers = max(2, min(8, os.cpu_count() or 2))
-    chunks = [cases[i::workers] for i in range(workers)]
-    out = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for part in pool.map(_compile_in_child, chunks):
-            out.update(part)
-    return out
+    return compile_reports("aot", _shipped())
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")

@@ -8,18 +8,14 @@
 3. The kernel's algorithm, emulated block by block in torch (padded lse2 / Delta, masks only where the
    bookkeeping asks, dQ summed over key slabs, dK / dV over the GQA group), matches fa4.reference.backward.
 """
-import json
 import math
 import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from aot_children import compile_reports
 
 try:
     import triton
@@ -55,36 +51,9 @@ CASES = [
     ("d40-24", dict(d=40, dv=24)),
 ]
 
-_CHILD = r"""
-import json, sys, torch
-from fa4.kernels.sm90 import backward_aot
-for name, kw in json.loads(sys.argv[1]):
-    if "dtype" in kw:
-        kw["dtype"] = getattr(torch, kw["dtype"])
-    if "window" in kw:
-        kw["window"] = tuple(kw["window"])
-    rep = backward_aot.sass_report(backward_aot.compile_config(**kw))
-    print("REPORT " + json.dumps([name, rep]), flush=True)
-"""
-
-
-def _compile_in_child(cases):
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"))
-    reports = dict(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT "))
-    log = (proc.stdout + proc.stderr)[-3000:]
-    return {name: (reports.get(name), log) for name, _ in cases}
-
-
 @pytest.fixture(scope="module")
 def reports():
-    workers = max(2, min(8, os.cpu_count() or 2))
-    chunks = [CASES[i::workers] for i in range(workers)]
-    out = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for part in pool.map(_compile_in_child, chunks):
-            out.update(part)
-    return out
+    return compile_reports("backward_aot", CASES)
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
