@@ -12,7 +12,7 @@ BACKENDS = (None, "triton", "reference", "sm90")
 MAX_HEAD_DIM = 256
 
 
-def _shape(t):
+def shape_of(t):
     return tuple(t.shape)
 
 
@@ -23,6 +23,11 @@ def can_read_values(*tensors):
     if any(t is not None and t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
 
 
 def check_tensor(name, t):
@@ -50,15 +55,15 @@ def check_qkv(q, k, v, *, varlen, paged=False):
     kv_layout = ("(num_pages, page_size, heads, head_dim)" if paged
                  else "(total_k, heads, head_dim)" if varlen else "(batch, seqlen_k, heads, head_dim)")
     if q.dim() != q_rank:
-        raise ValueError(f"q must have {q_rank} dimensions {layout}; got shape {_shape(q)}")
+        raise ValueError(f"q must have {q_rank} dimensions {layout}; got shape {shape_of(q)}")
     for name, t in (("k", k), ("v", v)):
         if t.dim() != kv_rank:
-            raise ValueError(f"{name} must have {kv_rank} dimensions {kv_layout}; got shape {_shape(t)}")
+            raise ValueError(f"{name} must have {kv_rank} dimensions {kv_layout}; got shape {shape_of(t)}")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch size {k.shape[0]}; it must equal q's batch size {q.shape[0]}")
     if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"v has shape {_shape(v)}; its dimensions other than the last must equal k's "
-                         f"{_shape(k)[:-1]}")
+        raise ValueError(f"v has shape {shape_of(v)}; its dimensions other than the last must equal k's "
+                         f"{shape_of(k)[:-1]}")
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"k has {hkv} heads; it must divide q's {hq} heads")
@@ -96,7 +101,7 @@ def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_he
         check_tensor("learnable_sink", learnable_sink)
         if tuple(learnable_sink.shape) != (num_heads,):
             raise ValueError(f"learnable_sink must have shape ({num_heads},), one logit per query head; "
-                             f"got {_shape(learnable_sink)}")
+                             f"got {shape_of(learnable_sink)}")
         if learnable_sink.dtype != torch.float32:
             raise TypeError(f"learnable_sink must be torch.float32; got {learnable_sink.dtype}")
         if learnable_sink.device != device:
@@ -106,31 +111,31 @@ def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_he
     return int(left), int(right)
 
 
-def _check_index_vector(name, t, length, device):
+def check_index_vector(name, t, length, device):
     check_tensor(name, t)
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be torch.int32; got {t.dtype}")
     if t.dim() != 1 or (length is not None and t.shape[0] != length):
         want = f"({length},)" if length is not None else "1-D"
-        raise ValueError(f"{name} must have shape {want}; got {_shape(t)}")
+        raise ValueError(f"{name} must have shape {want}; got {shape_of(t)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}; it must be on q's device {device}")
 
 
 def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):
     """The packed-sequence description; returns the batch size."""
-    _check_index_vector("cu_seqlens_q", cu_seqlens_q, None, q.device)
+    check_index_vector("cu_seqlens_q", cu_seqlens_q, None, q.device)
     batch = cu_seqlens_q.shape[0] - 1
     if batch < 1:
-        raise ValueError(f"cu_seqlens_q must have batch + 1 >= 2 entries; got shape {_shape(cu_seqlens_q)}")
+        raise ValueError(f"cu_seqlens_q must have batch + 1 >= 2 entries; got shape {shape_of(cu_seqlens_q)}")
     if page_table is None:
         if cu_seqlens_k is None:
             raise ValueError("cu_seqlens_k is required unless page_table is given")
-        _check_index_vector("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
+        check_index_vector("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
     elif cu_seqlens_k is not None:
-        _check_index_vector("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
+        check_index_vector("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
     if seqused_k is not None:
-        _check_index_vector("seqused_k", seqused_k, batch, q.device)
+        check_index_vector("seqused_k", seqused_k, batch, q.device)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int):
             raise TypeError(f"{name} must be an int; got {type(m).__name__}")
@@ -141,7 +146,7 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         if page_table.dtype != torch.int32:
             raise TypeError(f"page_table must be torch.int32; got {page_table.dtype}")
         if page_table.dim() != 2 or page_table.shape[0] != batch:
-            raise ValueError(f"page_table must have shape ({batch}, max_pages); got {_shape(page_table)}")
+            raise ValueError(f"page_table must have shape ({batch}, max_pages); got {shape_of(page_table)}")
         if page_table.device != q.device:
             raise ValueError(f"page_table is on {page_table.device}; it must be on q's device {q.device}")
         if seqused_k is None and cu_seqlens_k is None:

@@ -41,7 +41,7 @@ def _capability_reason(index):
     return None if major >= 8 else f"compute capability {major}.{minor} < 8.0"
 
 
-def _triton_reason(q):
+def triton_reason(q):
     """None if the portable Triton kernels can run on q's device, else why not."""
     if not _triton_available():
         return "triton is not installed"
@@ -85,7 +85,7 @@ def choose(q, k, v, backend, **features):
     if backend == "reference":
         return "reference", "reference"
     if backend == "triton":
-        reason = _triton_reason(q)
+        reason = triton_reason(q)
         if reason is not None:
             raise ValueError(f"backend='triton' cannot serve this call: {reason}")
         return "triton", "triton"
@@ -93,14 +93,14 @@ def choose(q, k, v, backend, **features):
         if q.device.type != "cuda":
             raise ValueError("backend='sm90' cannot serve this call: the sm90 backend needs a CUDA device")
         # Run-time requirements (alignment) are checked again by the kernel wrapper, which raises.
-        reason = _triton_reason(q) or (None if torch.compiler.is_compiling() else _sm90_reason(q, k, v, **features))
+        reason = triton_reason(q) or (None if torch.compiler.is_compiling() else _sm90_reason(q, k, v, **features))
         if reason is not None:
             raise ValueError(f"backend='sm90' cannot serve this call: {reason}")
         return "sm90", "triton"
     if q.device.type == "cpu":
         _note("fa4: CPU tensors -> reference backend")
         return "reference", "reference"
-    reason = _triton_reason(q)
+    reason = triton_reason(q)
     if reason is not None:
         _note(f"fa4: reference backend ({reason})")
         return "reference", "reference"

@@ -33,7 +33,7 @@ import weakref
 
 import torch
 
-from . import checks, dispatch, interface
+from . import checks, dispatch
 
 CHECK_VALUES = os.environ.get("FA4_KVCACHE_VALUE_CHECKS", "1") != "0"
 
@@ -48,10 +48,6 @@ MAX_SPLITS = 128
 # Argument checks
 # ----------------------------------------------------------------------------------------------------------
 
-_shape = checks._shape
-_check_flag = interface._check_flag
-
-
 def _check_like(name, t, ref_name, ref, rank, layout):
     """t is a tensor on ref's device with ref's dtype, `rank` dimensions and a contiguous last dimension."""
     checks.check_tensor(name, t)
@@ -60,7 +56,7 @@ def _check_like(name, t, ref_name, ref, rank, layout):
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype}; it must match {ref_name}'s dtype {ref.dtype}")
     if t.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dimensions {layout}; got shape {_shape(t)}")
+        raise ValueError(f"{name} must have {rank} dimensions {layout}; got shape {checks.shape_of(t)}")
     if t.stride(-1) != 1:
         raise ValueError(f"{name}'s last dimension must be contiguous (stride 1); got stride {t.stride(-1)}")
 
@@ -82,7 +78,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if q.dtype not in checks.SUPPORTED_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; expected torch.float16, torch.bfloat16 or torch.float32")
     if q.dim() != 4:
-        raise ValueError(f"q must have 4 dimensions (batch, seqlen_q, heads, head_dim); got shape {_shape(q)}")
+        raise ValueError(f"q must have 4 dimensions (batch, seqlen_q, heads, head_dim); got shape {checks.shape_of(q)}")
     if q.stride(-1) != 1:
         raise ValueError(f"q's last dimension must be contiguous (stride 1); got stride {q.stride(-1)}")
     paged = page_table is not None
@@ -91,8 +87,8 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     _check_like("k_cache", k_cache, "q", q, 4, layout)
     _check_like("v_cache", v_cache, "q", q, 4, layout)
     if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"v_cache has shape {_shape(v_cache)}; its first three dimensions must equal "
-                         f"k_cache's {_shape(k_cache)[:3]}")
+        raise ValueError(f"v_cache has shape {checks.shape_of(v_cache)}; its first three dimensions must equal "
+                         f"k_cache's {checks.shape_of(k_cache)[:3]}")
     c = _Call()
     c.batch, c.seqlen_q, c.num_heads, c.head_d = q.shape
     c.num_heads_kv, c.head_dv = k_cache.shape[2], v_cache.shape[3]
@@ -113,7 +109,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         if page_table.device != q.device:
             raise ValueError(f"page_table is on {page_table.device}; it must be on q's device {q.device}")
         if page_table.dim() != 2:
-            raise ValueError(f"page_table must have shape ({c.batch}, max_pages); got {_shape(page_table)}")
+            raise ValueError(f"page_table must have shape ({c.batch}, max_pages); got {checks.shape_of(page_table)}")
         if page_table.shape[0] != c.batch:
             raise ValueError(f"page_table has {page_table.shape[0]} rows; it must have one per sequence of q "
                              f"({c.batch})")
@@ -132,7 +128,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         c.num_pages, c.page_size = 0, 0
         c.cache_batch, c.capacity = k_cache.shape[0], k_cache.shape[1]
         if cache_batch_idx is not None:
-            checks._check_index_vector("cache_batch_idx", cache_batch_idx, c.batch, q.device)
+            checks.check_index_vector("cache_batch_idx", cache_batch_idx, c.batch, q.device)
             _check_unit_stride("cache_batch_idx", cache_batch_idx)
         elif c.cache_batch < c.batch:
             raise ValueError(f"k_cache holds {c.cache_batch} sequences; q has {c.batch} (pass cache_batch_idx to "
@@ -147,12 +143,12 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         _check_like("k", k, "k_cache", k_cache, 4, "(batch, seqlen_new, heads_k, head_dim)")
         _check_like("v", v, "v_cache", v_cache, 4, "(batch, seqlen_new, heads_k, head_dim_v)")
         want_k = (c.batch, k.shape[1], c.num_heads_kv, c.head_d)
-        if _shape(k) != want_k:
-            raise ValueError(f"k must have shape {want_k} (batch, seqlen_new, heads_k, head_dim); got {_shape(k)}")
+        if checks.shape_of(k) != want_k:
+            raise ValueError(f"k must have shape {want_k} (batch, seqlen_new, heads_k, head_dim); got {checks.shape_of(k)}")
         want_v = (c.batch, k.shape[1], c.num_heads_kv, c.head_dv)
-        if _shape(v) != want_v:
+        if checks.shape_of(v) != want_v:
             raise ValueError(f"v must have shape {want_v} (k's first three dimensions, v_cache's head dim); "
-                             f"got {_shape(v)}")
+                             f"got {checks.shape_of(v)}")
         c.seqlen_new = k.shape[1]
 
     # Cached lengths.
@@ -160,7 +156,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         if c.seqlen_new:
             raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
     elif isinstance(cache_seqlens, torch.Tensor):
-        checks._check_index_vector("cache_seqlens", cache_seqlens, c.batch, q.device)
+        checks.check_index_vector("cache_seqlens", cache_seqlens, c.batch, q.device)
         _check_unit_stride("cache_seqlens", cache_seqlens)
     elif isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
         raise TypeError(f"cache_seqlens must be an int, a torch.int32 tensor of shape ({c.batch},) or None; "
@@ -170,7 +166,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
 
     # Options.
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("rotary_interleaved", rotary_interleaved)):
-        _check_flag(name, flag)
+        checks.check_flag(name, flag)
     if backend == "sm90":
         raise ValueError("backend='sm90' has no KV-cache kernel; use None, 'triton' or 'reference'")
     c.left, c.right = checks.check_options(softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
@@ -199,10 +195,10 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                 raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
             if t.dim() != 2 or t.stride(-1) != 1:
                 raise ValueError(f"{name} must be a 2-D (seqlen_ro, rotary_dim / 2) tensor with a contiguous last "
-                                 f"dimension; got shape {_shape(t)} and strides {t.stride()}")
+                                 f"dimension; got shape {checks.shape_of(t)} and strides {t.stride()}")
         if rotary_sin.shape != rotary_cos.shape or rotary_sin.stride() != rotary_cos.stride():
-            raise ValueError(f"rotary_sin has shape {_shape(rotary_sin)}; it must have rotary_cos's shape "
-                             f"{_shape(rotary_cos)} and strides")
+            raise ValueError(f"rotary_sin has shape {checks.shape_of(rotary_sin)}; it must have rotary_cos's shape "
+                             f"{checks.shape_of(rotary_cos)} and strides")
         if not 1 <= 2 * rotary_cos.shape[1] <= c.head_d:
             raise ValueError(f"rotary_cos has {rotary_cos.shape[1]} columns (rotary_dim / 2); rotary_dim must lie "
                              f"in [2, {c.head_d}] (q's head dim)")
@@ -215,8 +211,8 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if out is not None:
         want = (c.batch, c.seqlen_q, c.num_heads, c.head_dv)
         _check_like("out", out, "q", q, 4, "(batch, seqlen_q, heads, head_dim_v)")
-        if _shape(out) != want:
-            raise ValueError(f"out must have shape {want}; got {_shape(out)}")
+        if checks.shape_of(out) != want:
+            raise ValueError(f"out must have shape {want}; got {checks.shape_of(out)}")
     return c
 
 
@@ -337,7 +333,7 @@ def _backend(q, backend):
     """'reference' or 'triton' (dispatch's rules: Triton on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
     if backend == "reference":
         return "reference"
-    reason = dispatch._triton_reason(q)
+    reason = dispatch.triton_reason(q)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot serve this call: {reason}")
     return "triton" if reason is None else "reference"
@@ -579,21 +575,21 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     packed = out_partial.dim() == 4
     if out_partial.dim() not in (4, 5):
         raise ValueError(f"out_partial must have 5 dimensions (num_splits, batch, seqlen, heads, head_dim), or 4 "
-                         f"without batch; got shape {_shape(out_partial)}")
+                         f"without batch; got shape {checks.shape_of(out_partial)}")
     for name, t in (("out_partial", out_partial), ("lse_partial", lse_partial)):
         if t.dtype != torch.float32:
             raise TypeError(f"{name} must be torch.float32; got {t.dtype}")
     if lse_partial.device != out_partial.device:
         raise ValueError(f"lse_partial is on {lse_partial.device}; it must be on out_partial's device "
                          f"{out_partial.device}")
-    if _shape(lse_partial) != _shape(out_partial)[:-1]:
-        raise ValueError(f"lse_partial must have shape {_shape(out_partial)[:-1]} (out_partial's without head_dim); "
-                         f"got {_shape(lse_partial)}")
+    if checks.shape_of(lse_partial) != checks.shape_of(out_partial)[:-1]:
+        raise ValueError(f"lse_partial must have shape {checks.shape_of(out_partial)[:-1]} (out_partial's without head_dim); "
+                         f"got {checks.shape_of(lse_partial)}")
     if out_partial.stride(-1) != 1:
         raise ValueError(f"out_partial's last dimension must be contiguous (stride 1); got stride "
                          f"{out_partial.stride(-1)}")
     if out_partial.shape[0] < 1:
-        raise ValueError(f"out_partial must hold at least one split; got shape {_shape(out_partial)}")
+        raise ValueError(f"out_partial must hold at least one split; got shape {checks.shape_of(out_partial)}")
     if out_dtype is not None and out_dtype not in checks.SUPPORTED_DTYPES:
         raise TypeError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16; got {out_dtype}")
     op = out_partial.unsqueeze(1) if packed else out_partial
@@ -601,9 +597,9 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     n, batch, seqlen, heads, dim = op.shape
     if out is not None:
         checks.check_tensor("out", out)
-        want = _shape(out_partial)[1:]
-        if _shape(out) != want:
-            raise ValueError(f"out must have shape {want}; got {_shape(out)}")
+        want = checks.shape_of(out_partial)[1:]
+        if checks.shape_of(out) != want:
+            raise ValueError(f"out must have shape {want}; got {checks.shape_of(out)}")
         if out_dtype is not None and out.dtype != out_dtype:
             raise TypeError(f"out has dtype {out.dtype}; it must match out_dtype {out_dtype}")
         if out.device != out_partial.device or out.stride(-1) != 1:
@@ -613,10 +609,10 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
             raise TypeError(f"out has dtype {out.dtype}; expected torch.float32, torch.float16 or torch.bfloat16")
         res = out
     else:
-        res = torch.empty(_shape(out_partial)[1:], dtype=out_dtype or torch.float32, device=out_partial.device)
+        res = torch.empty(checks.shape_of(out_partial)[1:], dtype=out_dtype or torch.float32, device=out_partial.device)
     res4 = res.unsqueeze(0) if packed else res
     lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=out_partial.device)
-    if dispatch._triton_reason(out_partial) is None:
+    if dispatch.triton_reason(out_partial) is None:
         from .kernels.triton.combine import combine_into
         combine_into(op, lp, res4, lse, num_splits=n, batch=batch, seqlen=seqlen, num_heads=heads,
                      head_dv=dim, partial_strides=op.stride()[:4], lse_partial_strides=lp.stride(),

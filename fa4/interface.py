@@ -21,16 +21,11 @@ def _autocast(q, k, v):
     return q, k, v
 
 
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-
-
 def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, learnable_sink, deterministic,
                return_lse, backend, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, page_table=None,
                max_seqlen_q=None, max_seqlen_k=None):
     for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
-        _check_flag(name, flag)
+        checks.check_flag(name, flag)
     left, right = checks.check_options(softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                                        learnable_sink=learnable_sink, num_heads=q.shape[-2], device=q.device,
                                        backend=backend)

@@ -269,7 +269,7 @@ def _combine_by_hand(out_partial, lse_partial):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_combine(backend, monkeypatch):
     if backend == "torch":
-        monkeypatch.setattr(inference.dispatch, "_triton_reason", lambda t: "forced off")
+        monkeypatch.setattr(inference.dispatch, "triton_reason", lambda t: "forced off")
     g = torch.Generator().manual_seed(1)
     n, b, s, h, d = 5, 2, 3, 4, 24
     out_partial = torch.randn(n, b, s, h, d, generator=g)
