@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Run GPU test files on the device machine, several pytest processes side by side (JIT compilation is
+# CPU-bound and correctness tests share the card fine), each under its own time limit.
+#
+#   bash tests/gpu/run_device.sh [--limit SECONDS] [--jobs N] file.py[:SHARDS] [...]
+#
+# file.py:3 runs that file as three processes (FA4_TEST_SHARD=i/3, see tests/conftest.py). Logs are packed
+# into $OUT/test-logs.tar.gz (the device tool returns at most 8 files); stdout ends with the failures and one
+# summary line per process.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+limit=540
+jobs=8
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --limit) limit=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+OUT=${OUT:-$PWD/test-out}
+logs=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)
+
+run_one() {  # file shard_index shard_count
+  local f=$1 i=$2 n=$3 name start rc line
+  name="$(basename "$f" .py)-$i-of-$n"
+  start=$SECONDS
+  FA4_TEST_SHARD="$i/$n" timeout -k 10 "$limit" python3 -m pytest -q -rfE --durations=5 -p no:cacheprovider \
+    "$f" > "$logs/$name.log" 2>&1
+  rc=$?
+  line=$(grep -E "[0-9]+ (passed|failed|error)" "$logs/$name.log" | tail -1)
+  echo "$name rc=$rc $((SECONDS - start))s :: ${line:-no summary (timeout?)}" > "$logs/$name.summary"
+}
+
+for spec in "$@"; do
+  f=${spec%%:*}
+  n=1
+  [ "$spec" != "$f" ] && n=${spec##*:}
+  for ((i = 0; i < n; i++)); do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
+    run_one "$f" "$i" "$n" &
+  done
+done
+wait
+tar -czf "$OUT/test-logs.tar.gz" -C "$logs" .
+echo "== failures"
+grep -h -E "^(FAILED|ERROR) " "$logs"/*.log | cut -c1-400
+echo "== card: $card"
+cat "$logs"/*.summary
