@@ -12,7 +12,7 @@ B = 16384 / S, H = 2048 / D (S = 1024: B = 16, the bench's row).
 
 What it measures (benchmarks/NOTES.md, "Hopper forward (Gluon), r2 analysis", says why):
   api       fa4.flash_attn_func(backend="sm90") on inputs that require grad: the `fa4 bench` path
-  api-fast  the same with FA4_SM90_FAST=1 (host launch without Triton's per-call binding)
+  api-fast  the same through the FAST host launch (the default since r4; `api` is FA4_SM90_FAST=0)
   direct    fa4.kernels.sm90.forward, do_bench (which flushes L2 before each call)
   graph     the same call captured in a CUDA graph and replayed: the kernel's own time, no host
   host      microseconds of Python per call (back-to-back calls, no synchronisation)
@@ -240,7 +240,8 @@ def _time_shape(task, d, s, causal, b, h):
 
         def fn():
             return fa4.flash_attn_func(q, k, v, causal=causal, backend="sm90")
-        modes = [("", None)] + ([("fast_", "1")] if task.get("fast_ok") else [])
+        # FAST is the default since r4: "" = JIT launch (FA4_SM90_FAST=0), "fast_" = the default path.
+        modes = [("", "0")] + ([("fast_", None)] if task.get("fast_ok") else [])
         for prefix, env in modes:
             if env is None:
                 os.environ.pop("FA4_SM90_FAST", None)
@@ -254,6 +255,7 @@ def _time_shape(task, d, s, causal, b, h):
     else:  # a kernel variant through fa4.kernels.sm90.forward
         q, k, v = _inputs(b, s, h, d, grad=False)
         variant = dict(VARIANTS[name][0])
+        variant.setdefault("FAST", False)  # variants are timed through Triton's JIT launch; FAST is its own column
 
         def fn():
             return _sm90_call(q, k, v, causal, variant)

@@ -62,17 +62,18 @@ def _sm90_reason(q, k, v, **features):
     return sm90.unsupported_reason(q, k, v, **features)
 
 
-def _sm90_measured_faster(max_seqlen_q, window_left, window_right):
-    """Where the H100 runs of 2026-11-25 measured the Gluon forward ahead of the Triton one.
+def _sm90_measured_faster(max_seqlen_q, window_left, window_right, head_dim):
+    """Where the H100 measured the Gluon forward's kernel ahead of the Triton one.
 
-    benchmarks/results/h100-2026-11-25-training-*.md (sm90) against raw/h100-2026-11-25-tune-forward-r1.log
-    (Triton), TFLOP/s: unmasked S >= 4096: sm90 481-696 vs Triton 382-545; causal S = 16384: 478-589 vs
-    417-537; but causal S = 4096: 168-294 vs 341-462, and S = 1024: 155/77 vs 304/234 (the sm90 per-tile cost
-    and its paired causal schedule at few query blocks; see benchmarks/NOTES.md). Unmeasured lengths go to
-    the side of the nearest measurement below them.
+    r3 probe (benchmarks/NOTES.md, "r3: the floor was host time"; CUDA-graph replay, kernel only, TFLOP/s):
+    the sm90 kernel runs 408-688 on every unmasked row and 403-632 on causal rows from D = 128 or S = 4096
+    on, at or above what the Triton forward reaches with its own launch cost. The exception is D = 64 causal
+    at S = 1024 (179: six 192-row query tiles per head leave the paired schedule little to balance), where the
+    Triton forward's 128-row blocks measured 204 through the whole API. The earlier S = 1024 / causal 4096
+    "collapse" was host time of the launch path, fixed in r4, not the kernel.
     """
     masked = window_left >= 0 or window_right >= 0
-    return max_seqlen_q >= (16384 if masked else 4096)
+    return not (masked and head_dim <= 64 and max_seqlen_q <= 2048)
 
 
 def _note(msg):
@@ -111,8 +112,9 @@ def resolve_auto(q, k, v, *, max_seqlen_q, **features):
     """The forward backend for backend=None on real CUDA tensors: "sm90" where it serves and is faster."""
     reason = _sm90_reason(q, k, v, **features)
     if reason is None and not _sm90_measured_faster(max_seqlen_q, features.get("window_left", -1),
-                                                     features.get("window_right", -1)):
-        reason = f"the Triton forward measured faster at max_seqlen_q={max_seqlen_q} with this mask"
+                                                     features.get("window_right", -1), q.shape[-1]):
+        reason = (f"the Triton forward measured faster at max_seqlen_q={max_seqlen_q}, head dim {q.shape[-1]} "
+                  "with this mask")
     if reason is None:
         return "sm90"
     logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")

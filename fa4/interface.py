@@ -35,9 +35,9 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, learnabl
     features = dict(window_left=left, window_right=right, softcap=float(softcap), sink=learnable_sink,
                     cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
     fwd_backend, bwd_backend = dispatch.choose(q, k, v, backend, **features)
-    out, lse = ops.attn_fwd(q, k, v, learnable_sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
-                            max_seqlen_q, max_seqlen_k, scale, left, right, float(softcap), fwd_backend,
-                            bwd_backend, deterministic, return_lse)
+    out, lse = ops.attention(q, k, v, learnable_sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+                             max_seqlen_q, max_seqlen_k, scale, left, right, float(softcap), fwd_backend,
+                             bwd_backend, deterministic, return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -23,6 +23,9 @@ def _forward_impl(backend):
     if backend == "sm90":
         from .kernels import sm90
         return sm90.forward
+    if backend == "sm90-checked":
+        from .kernels import sm90
+        return sm90.forward_checked
     raise ValueError(f"unknown forward backend {backend!r}")
 
 
@@ -47,13 +50,9 @@ def _new_outputs(q, v, varlen):
     return out, lse
 
 
-@torch.library.custom_op("fa4::attn_fwd", mutates_args=())
-def attn_fwd(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-             cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], page_table: Optional[Tensor],
-             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-             softcap: float, backend: str, bwd_backend: str, deterministic: bool,
-             lse_has_grad: bool) -> tuple[Tensor, Tensor]:
-    """Attention forward -> (out, lse). bwd_backend, deterministic and lse_has_grad are for autograd."""
+def _run_forward(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
+                 softmax_scale, window_left, window_right, softcap, backend):
+    """The forward on real tensors (the body of fa4::attn_fwd and of the eager autograd path)."""
     varlen = cu_seqlens_q is not None
     if q.numel() == 0:
         out, lse = _new_outputs(q, v, varlen)
@@ -62,13 +61,47 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor], cu_seqlens
         backend = dispatch.resolve_auto(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
                                         window_right=window_right, softcap=softcap, sink=sink,
                                         cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
-    # The kernels pick their own precision; an enclosing autocast must not re-cast the reference's products.
+        if backend == "sm90":  # resolve_auto has just run sm90.unsupported_reason on these tensors
+            backend = "sm90-checked"
+    forward = _forward_impl(backend)
+    kwargs = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                  sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
+    if torch.is_autocast_enabled(q.device.type):
+        # The kernels pick their own precision; an enclosing autocast must not re-cast the reference's products.
+        with torch.autocast(q.device.type, enabled=False):
+            return forward(q, k, v, **kwargs)
+    return forward(q, k, v, **kwargs)
+
+
+def _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                  max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic, backend):
+    """The backward on real tensors (the body of fa4::attn_bwd and of the eager autograd path)."""
+    if q.numel() == 0 or (k.numel() == 0 and sink is None):
+        dsink = torch.zeros(0 if sink is None else sink.shape[0], dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), \
+            torch.zeros_like(k, memory_format=torch.contiguous_format), \
+            torch.zeros_like(v, memory_format=torch.contiguous_format), dsink
     with torch.autocast(q.device.type, enabled=False):
-        out, lse = _forward_impl(backend)(
-            q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
-            softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
-    return out, lse
+        dq, dk, dv, dsink = _backward_impl(backend)(
+            dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
+            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+    if dsink is None:
+        dsink = torch.zeros(0, dtype=torch.float32, device=q.device)
+    return dq, dk, dv, dsink
+
+
+@torch.library.custom_op("fa4::attn_fwd", mutates_args=())
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+             cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], page_table: Optional[Tensor],
+             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+             softcap: float, backend: str, bwd_backend: str, deterministic: bool,
+             lse_has_grad: bool) -> tuple[Tensor, Tensor]:
+    """Attention forward -> (out, lse). bwd_backend, deterministic and lse_has_grad are for autograd."""
+    return _run_forward(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q,
+                        max_seqlen_k, softmax_scale, window_left, window_right, softcap, backend)
 
 
 @attn_fwd.register_fake
@@ -85,20 +118,8 @@ def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              window_left: int, window_right: int, softcap: float, deterministic: bool,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Attention backward -> (dq, dk, dv, dsink); dsink is an empty tensor when there is no sink."""
-    if q.numel() == 0 or (k.numel() == 0 and sink is None):
-        dsink = torch.zeros(0 if sink is None else sink.shape[0], dtype=torch.float32, device=q.device)
-        return torch.zeros_like(q, memory_format=torch.contiguous_format), \
-            torch.zeros_like(k, memory_format=torch.contiguous_format), \
-            torch.zeros_like(v, memory_format=torch.contiguous_format), dsink
-    with torch.autocast(q.device.type, enabled=False):
-        dq, dk, dv, dsink = _backward_impl(backend)(
-            dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
-            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, deterministic=deterministic)
-    if dsink is None:
-        dsink = torch.zeros(0, dtype=torch.float32, device=q.device)
-    return dq, dk, dv, dsink
+    return _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                         max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic, backend)
 
 
 @attn_bwd.register_fake
@@ -133,3 +154,65 @@ def _backward(ctx, dout, dlse):
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The eager path: the same forward and backward without the custom-op dispatcher
+# ----------------------------------------------------------------------------------------------------------
+# A torch.library custom op with registered autograd costs ~190 µs of Python per call on the dev VM (most of it
+# in the dispatcher's argument handling) and 0.5-1 ms on the H100 host: more than the whole kernel of a
+# 1k-token call. Outside torch.compile and on plain tensors the op buys nothing, so eager calls go through this
+# autograd.Function, which runs the same _run_forward / _run_backward. The op stays what torch.compile traces
+# (one opaque node, fake implementation) and what opcheck tests.
+
+class _EagerAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink, cu_q, cu_k, seqused_k, page_table, max_q, max_k, scale, left, right, softcap,
+                backend, bwd_backend, deterministic, lse_has_grad):
+        out, lse = _run_forward(q, k, v, sink, cu_q, cu_k, seqused_k, page_table, max_q, max_k, scale, left,
+                                right, softcap, backend)
+        ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, seqused_k)
+        ctx.options = (max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend)
+        ctx.lse_has_grad = lse_has_grad
+        ctx.paged = page_table is not None
+        if not lse_has_grad:
+            ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        if ctx.paged:
+            raise RuntimeError("fa4: gradients through a paged KV cache are not supported (inference only)")
+        q, k, v, out, lse, sink, cu_q, cu_k, seqused_k = ctx.saved_tensors
+        max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend = ctx.options
+        dlse = dlse if ctx.lse_has_grad else None
+        dq, dk, dv, dsink = _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_q, cu_k, seqused_k, max_q,
+                                          max_k, scale, left, right, softcap, deterministic, bwd_backend)
+        dsink = dsink if sink is not None else None
+        return dq, dk, dv, dsink, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+_len_dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _plain(t):
+    return t is None or type(t) is torch.Tensor
+
+
+def attention(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
+              softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic,
+              lse_has_grad):
+    """(out, lse): fa4::attn_fwd under torch.compile, tensor subclasses (fake, DTensor), dispatch modes or
+    functorch transforms; the eager autograd.Function otherwise. Both run the same kernels."""
+    args = (q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
+            softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic, lse_has_grad)
+    if (torch.compiler.is_compiling() or _len_dispatch_stack() or _functorch_active()
+            or not (_plain(q) and _plain(k) and _plain(v) and _plain(sink) and _plain(cu_seqlens_q)
+                    and _plain(cu_seqlens_k) and _plain(seqused_k) and _plain(page_table))):
+        return attn_fwd(*args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (sink is not None and sink.requires_grad)):
+        return _EagerAttention.apply(*args)
+    return _run_forward(*args[:15])

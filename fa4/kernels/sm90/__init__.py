@@ -4,6 +4,7 @@
 Importing this package never compiles anything; the Gluon modules load on the first call, so an
 incompatible Triton shows up as a reason, not as an import error of fa4.
 """
+import functools
 import os
 
 import torch
@@ -18,7 +19,9 @@ TESTED_TRITON = ("3.6.0", )
 ENABLED_BY_DEFAULT = True
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_reason():
+    """Constant per process (the Triton version and the Gluon import): computed once."""
     try:
         import triton
     except ImportError:
@@ -30,6 +33,11 @@ def _triton_reason():
     except Exception as exc:  # an API drift in Gluon: fall back rather than fail
         return f"Gluon kernel failed to import ({type(exc).__name__}: {exc})"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
 
 
 def _tma_reason(name, t):
@@ -57,7 +65,7 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
         return "the sm90 path is off (FA4_SM90=1 enables it)"
     if q.device.type != "cuda":
         return "not a CUDA tensor"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
     if (major, minor) != (9, 0):
         return f"not sm_90 (compute capability {major}.{minor})"
     if q.dtype not in (torch.bfloat16, torch.float16):
@@ -96,6 +104,17 @@ def forward(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=
                                 sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
     if reason is not None:
         raise ValueError(f"the sm90 kernel cannot serve this call: {reason}")
+    return forward_checked(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
+                           window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                           cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k, variant=variant)
+
+
+def forward_checked(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, sink=None,
+                    cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                    page_table=None, variant=None):
+    """`forward` for a caller that has just had unsupported_reason return None for these tensors (dispatch's
+    resolve_auto): the same launch without checking twice."""
     from .attention_fwd import attention_forward
     return attention_forward(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
                              window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,

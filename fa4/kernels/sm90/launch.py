@@ -15,17 +15,18 @@ call back through JITFunction.
 import copy
 import os
 
-from triton import knobs
 from triton.runtime import driver
+
+from fa4.kernels.direct_launch import hooks_idle
 
 _MAX_PLANS = 64
 _PLANS = {}
 
 
 def enabled(variant_fast):
-    """The FAST switch: the variant's value, or the FA4_SM90_FAST environment variable when it is None."""
+    """The FAST switch: the variant's value, or when it is None on unless FA4_SM90_FAST=0."""
     if variant_fast is None:
-        return os.environ.get("FA4_SM90_FAST") == "1"
+        return os.environ.get("FA4_SM90_FAST") != "0"
     return bool(variant_fast)
 
 
@@ -90,8 +91,10 @@ class Plan:
 
 
 def usable():
-    """False while a launch hook is installed (the JIT path calls it; this one would not)."""
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    """False while a launch hook is installed (the JIT path calls it; this one would not).
+
+    (Triton 3.6 keeps each hook as a HookChain object that is never None: an empty chain is idle.)"""
+    return hooks_idle()
 
 
 def lookup(key):

@@ -22,13 +22,16 @@ page page_table[b, j // page_size]. Sequence b has cache_seqlens[b] + seqlen_new
 are aligned to the end of the cache (bottom-right). q can be rotated in the prologue (rotary.rotated_rows) at
 positions cache_seqlens[b] + token (causal/local) or cache_seqlens[b].
 """
-import inspect
 from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
+from fa4.kernels.direct_launch import Launch
+from fa4.kernels.direct_launch import current_device as _current_device
+from fa4.kernels.direct_launch import hooks_idle as _hooks_idle
+from fa4.kernels.direct_launch import raw_stream as _raw_stream
 from fa4.kernels.triton.common import LOG2E, tanh_via_exp2, visible_mask
 from fa4.kernels.triton.rotary import cache_length, cache_row, rotated_rows
 
@@ -278,91 +281,6 @@ def _workspace_on(device, stream, numel):
 
 def _workspace(device, numel):
     return _workspace_on(device, _raw_stream(device.index) if device.type == "cuda" else 0, numel)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Launching without JITFunction.run
-# ----------------------------------------------------------------------------------------------------------
-
-try:  # the raw handle of a device's current stream, as Triton's own launch path reads it
-    from torch._C import _cuda_getCurrentRawStream as _raw_stream
-except ImportError:  # pragma: no cover
-    def _raw_stream(index):
-        return torch.cuda.current_stream(index).cuda_stream
-
-try:
-    from torch._C import _cuda_getDevice as _current_device
-except ImportError:  # pragma: no cover
-    def _current_device():
-        return torch.cuda.current_device()
-
-try:
-    from triton import knobs as _knobs
-    from triton.compiler.compiler import CompiledKernel as _CompiledKernel
-except ImportError:  # pragma: no cover - another Triton: always launch through JITFunction
-    _knobs, _CompiledKernel = None, ()
-
-
-def _hooks_idle():
-    """No launch hook is installed (a profiler such as proton adds one; it needs Triton's own launch path)."""
-    if _knobs is None:
-        return False
-    rt = _knobs.runtime
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
-
-
-def _param_names(fn):
-    names = getattr(fn, "arg_names", None)
-    if names is None:  # the interpreter's wrapper
-        names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-    return list(names)
-
-
-class Launch:
-    """One kernel launch whose arguments, except the first `n_head` (pointers and per-call ints), are fixed.
-
-    `kernel[grid](...)` (JITFunction.run) binds ~60 arguments, specialises each one, builds a cache key and looks
-    the compiled kernel up on every call: tens of µs of Python, more than a decode step takes on the GPU. A Launch
-    is built for one call signature (fa4.inference caches it by the arguments' dtypes, devices, shapes, strides
-    and Python values), so its tail and Triton's specialisation of it are fixed. The first launch goes through
-    JITFunction and keeps the CompiledKernel it returns; later ones call its launcher directly with the head's
-    raw pointers. That is exact only while the pointers keep the alignment the kernel was specialised for (16
-    bytes; Step checks every call) and the per-call ints are not specialised (do_not_specialize).
-    """
-    __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "compiled")
-
-    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages):
-        self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, tuple(grid), tuple(tail), constexprs
-        self.num_warps, self.num_stages = num_warps, num_stages
-        names = _param_names(fn)[n_head:]
-        if len(names) != len(self.tail) + len(constexprs):
-            raise RuntimeError(f"{names[0]}...: {len(names)} parameters after the head, got {len(self.tail)} values "
-                               f"and {len(constexprs)} constexprs")
-        # The compiled launcher takes every parameter in signature order, constexprs included (values ignored).
-        values = dict(zip(names, self.tail))
-        values.update(constexprs)
-        self.tail_all = tuple(values[name] for name in names)
-        self.compiled = None
-
-    def args(self, head):
-        """All positional arguments of a JITFunction launch (constexprs go by keyword: self.constexprs)."""
-        return (*head, *self.tail)
-
-    def jit(self, head, keep):
-        """Launch through JITFunction (head holds tensors); keep the compiled kernel when `keep`."""
-        ret = self.fn[self.grid](*head, *self.tail, **self.constexprs, num_warps=self.num_warps,
-                                 num_stages=self.num_stages)
-        if keep and self.compiled is None and isinstance(ret, _CompiledKernel):
-            self.compiled = (ret.run, ret.function, ret.packed_metadata)
-
-    def fast(self, head, stream):
-        """Launch the kept kernel on `stream` (head holds raw pointers / None and the per-call ints)."""
-        run, function, metadata = self.compiled
-        grid = self.grid
-        run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *head, *self.tail_all)
 
 
 # ----------------------------------------------------------------------------------------------------------

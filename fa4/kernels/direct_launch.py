@@ -1,0 +1,92 @@
+"""Launching a compiled Triton kernel without JITFunction.run, for host paths that must cost a few µs.
+
+`kernel[grid](...)` (JITFunction.run) binds every argument, specialises each one, builds a cache key and looks
+the compiled kernel up on every call: tens of µs of Python per launch, more than a decode step or a short
+attention call takes on the GPU. The helpers here launch a kernel that JITFunction compiled once, with the
+same argument list, straight through its CompiledKernel launcher. Used by the decode path (fa4.inference)
+and the Hopper forward's FAST plans (fa4.kernels.sm90.launch).
+"""
+import inspect
+
+import torch
+
+
+try:  # the raw handle of a device's current stream, as Triton's own launch path reads it
+    from torch._C import _cuda_getCurrentRawStream as raw_stream
+except ImportError:  # pragma: no cover
+    def raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+try:
+    from torch._C import _cuda_getDevice as current_device
+except ImportError:  # pragma: no cover
+    def current_device():
+        return torch.cuda.current_device()
+
+try:
+    from triton import knobs as _knobs
+    from triton.compiler.compiler import CompiledKernel as _CompiledKernel
+except ImportError:  # pragma: no cover - another Triton: always launch through JITFunction
+    _knobs, _CompiledKernel = None, ()
+
+
+def hooks_idle():
+    """No launch hook is installed (a profiler such as proton adds one; it needs Triton's own launch path)."""
+    if _knobs is None:
+        return False
+    rt = _knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def param_names(fn):
+    names = getattr(fn, "arg_names", None)
+    if names is None:  # the interpreter's wrapper
+        names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+    return list(names)
+
+
+class Launch:
+    """One kernel launch whose arguments, except the first `n_head` (pointers and per-call ints), are fixed.
+
+    `kernel[grid](...)` (JITFunction.run) binds ~60 arguments, specialises each one, builds a cache key and looks
+    the compiled kernel up on every call: tens of µs of Python, more than a decode step takes on the GPU. A Launch
+    is built for one call signature (fa4.inference caches it by the arguments' dtypes, devices, shapes, strides
+    and Python values), so its tail and Triton's specialisation of it are fixed. The first launch goes through
+    JITFunction and keeps the CompiledKernel it returns; later ones call its launcher directly with the head's
+    raw pointers. That is exact only while the pointers keep the alignment the kernel was specialised for (16
+    bytes; Step checks every call) and the per-call ints are not specialised (do_not_specialize).
+    """
+    __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "compiled")
+
+    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages):
+        self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, tuple(grid), tuple(tail), constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+        names = param_names(fn)[n_head:]
+        if len(names) != len(self.tail) + len(constexprs):
+            raise RuntimeError(f"{names[0]}...: {len(names)} parameters after the head, got {len(self.tail)} values "
+                               f"and {len(constexprs)} constexprs")
+        # The compiled launcher takes every parameter in signature order, constexprs included (values ignored).
+        values = dict(zip(names, self.tail))
+        values.update(constexprs)
+        self.tail_all = tuple(values[name] for name in names)
+        self.compiled = None
+
+    def args(self, head):
+        """All positional arguments of a JITFunction launch (constexprs go by keyword: self.constexprs)."""
+        return (*head, *self.tail)
+
+    def jit(self, head, keep):
+        """Launch through JITFunction (head holds tensors); keep the compiled kernel when `keep`."""
+        ret = self.fn[self.grid](*head, *self.tail, **self.constexprs, num_warps=self.num_warps,
+                                 num_stages=self.num_stages)
+        if keep and self.compiled is None and isinstance(ret, _CompiledKernel):
+            self.compiled = (ret.run, ret.function, ret.packed_metadata)
+
+    def fast(self, head, stream):
+        """Launch the kept kernel on `stream` (head holds raw pointers / None and the per-call ints)."""
+        run, function, metadata = self.compiled
+        grid = self.grid
+        run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *head, *self.tail_all)
