@@ -103,7 +103,7 @@ for d, s, causal in rows:
         from fa4.kernels.triton import backward as tbwd
         timed("triton", lambda: tbwd.backward(dout, q, k, v, out, lse, None, **opts))
         from fa4.bench import peers
-        for name in ("sdpa_cudnn", "sdpa_flash", "flashattn4"):
+        for name in which.split(":", 1)[1].split(","):
             peer = peers.make_peer(name)
             why = peer.available()
             if why is not None:
@@ -142,6 +142,8 @@ def _child(code, arg, timeout):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--time-only", action="store_true", help="skip phase 1 (after a --check-only run passed)")
+    ap.add_argument("--peers", default="sdpa_cudnn,sdpa_flash,flashattn4", help="comma-separated peer names")
     ap.add_argument("--json")
     args = ap.parse_args()
     report = {"checks": [], "rows": []}
@@ -149,6 +151,9 @@ def main():
     print("== phase 1: correctness (numerics rule vs fa4.reference), B=2 S=1000, bf16 and fp16")
     groups = [[c for c in CHECKS if (c[0], c[1]) == key] for key in ((128, False), (128, True), (64, False),
                                                                        (64, True))]
+    if args.time_only:
+        groups = []
+        print("(skipped: --time-only)")
     with ThreadPoolExecutor(max_workers=4) as pool:
         outcomes = list(pool.map(lambda g: _child(_CHECK_CHILD, g, timeout=180), groups))
     for group, (status, res, log, secs) in zip(groups, outcomes):
@@ -169,7 +174,7 @@ def main():
     print("\n== phase 2: backward TFLOP/s, bf16, B*S = 16384, H*D = 2048")
     rows = [[d, s, causal] for d, s in ROWS for causal in (False, True)]
     # Peers cannot hang: one child for all rows. The sm90 kernel gets a child per row.
-    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers", rows], timeout=300)
+    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers:" + args.peers, rows], timeout=300)
     if st_peers != "ok":
         print(f"   peers child {st_peers}; log: " + log_peers.replace("\n", "\n   "), flush=True)
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'sm90':>7} {'sm90det':>7} {'triton':>7} {'cudnn':>7} {'fa2':>7} "

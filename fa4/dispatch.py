@@ -1,15 +1,16 @@
 """Which backend serves a request.
 
 Backends: "reference" (eager PyTorch, any device, every feature), "triton" (portable kernels, CUDA compute
-capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward for Hopper; its backward is the
-Triton one). An explicitly requested backend that cannot serve raises a ValueError with the reason; only
+capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward and backward for Hopper; the
+backward serves head dims up to 128, the Triton backward the rest). An explicitly requested backend that cannot serve raises a ValueError with the reason; only
 backend=None falls back.
 
 backend=None on a CUDA device resolves in two steps. `choose` (called by the interface, traced by
 torch.compile) only decides "reference" or "auto" from facts that are constant for a graph (device type,
 Triton present, compute capability). The custom op then calls `resolve_auto` on the real tensors, outside
 any trace: the sm90 kernel's own requirements include run-time facts (16-byte aligned pointers for TMA), and
-a Python-side choice there costs no graph break. The reason for each choice is logged at debug level on the
+a Python-side choice there costs no graph break. The backward backend "auto" is resolved the same way by the
+backward op (`resolve_auto_backward`). The reason for each choice is logged at debug level on the
 "fa4" logger.
 """
 import logging
@@ -97,7 +98,7 @@ def choose(q, k, v, backend, **features):
         reason = triton_reason(q) or (None if torch.compiler.is_compiling() else _sm90_reason(q, k, v, **features))
         if reason is not None:
             raise ValueError(f"backend='sm90' cannot serve this call: {reason}")
-        return "sm90", "triton"
+        return "sm90", "auto"
     if q.device.type == "cpu":
         _note("fa4: CPU tensors -> reference backend")
         return "reference", "reference"
@@ -105,7 +106,7 @@ def choose(q, k, v, backend, **features):
     if reason is not None:
         _note(f"fa4: reference backend ({reason})")
         return "reference", "reference"
-    return "auto", "triton"
+    return "auto", "auto"
 
 
 def resolve_auto(q, k, v, *, max_seqlen_q, **features):
@@ -118,4 +119,25 @@ def resolve_auto(q, k, v, *, max_seqlen_q, **features):
     if reason is None:
         return "sm90"
     logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")
+    return "triton"
+
+
+def resolve_auto_backward(q, k, v, **features):
+    """The backward backend for "auto" on real CUDA tensors: the Gluon sm90 backward where it serves
+    (measured 1.17-1.38x the Triton backward at D = 128 on the H100, benchmarks/NOTES.md), else Triton.
+    FA4_SM90=0 or FA4_SM90_BWD=0 keeps the Triton backward."""
+    reason = None
+    if os.environ.get("FA4_SM90") == "0" or os.environ.get("FA4_SM90_BWD") == "0":
+        reason = "switched off by FA4_SM90=0 / FA4_SM90_BWD=0"
+    elif q.device.type != "cuda":
+        reason = "not a CUDA tensor"
+    else:
+        try:
+            from .kernels.sm90 import backward as sm90_backward
+            reason = sm90_backward.unsupported_reason(q, k, v, **features)
+        except Exception as exc:  # a Gluon import failure on an untested Triton must not break fa4
+            reason = f"the sm90 backward failed to import ({type(exc).__name__}: {exc})"
+    if reason is None:
+        return "sm90"
+    logger.debug(f"fa4: triton backward (sm90 backward not used: {reason})")
     return "triton"

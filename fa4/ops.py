@@ -36,6 +36,9 @@ def _backward_impl(backend):
     if backend == "triton":
         from .kernels.triton import backward
         return backward.backward
+    if backend == "sm90":
+        from .kernels.sm90 import backward
+        return backward.backward
     raise ValueError(f"unknown backward backend {backend!r}")
 
 
@@ -82,6 +85,10 @@ def _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_
         return torch.zeros_like(q, memory_format=torch.contiguous_format), \
             torch.zeros_like(k, memory_format=torch.contiguous_format), \
             torch.zeros_like(v, memory_format=torch.contiguous_format), dsink
+    if backend == "auto":  # decided here, on real tensors, outside any trace
+        backend = dispatch.resolve_auto_backward(q, k, v, window_left=window_left, window_right=window_right,
+                                                 softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                                                 seqused_k=seqused_k)
     with torch.autocast(q.device.type, enabled=False):
         dq, dk, dv, dsink = _backward_impl(backend)(
             dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,

@@ -42,3 +42,12 @@ def test_resolve_auto_falls_back_with_a_reason(caplog):
 def test_meta_tensors_are_rejected_with_the_device_named():
     with pytest.raises(ValueError, match="q is on meta"):
         fa4.flash_attn_func(*_qkv("meta"))
+
+
+def test_resolve_auto_backward_falls_back_with_a_reason(caplog, monkeypatch):
+    q, k, v = _qkv()
+    with caplog.at_level(logging.DEBUG, logger="fa4"):
+        assert dispatch.resolve_auto_backward(q, k, v) == "triton"
+    assert "sm90 backward not used" in caplog.text
+    monkeypatch.setenv("FA4_SM90_BWD", "0")
+    assert dispatch.resolve_auto_backward(q, k, v) == "triton"
