@@ -74,3 +74,40 @@ def check_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
     for name, g, rg, lg in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, low_grads):
         assert_close_rule(name, g, rg, lg, softcap=softcap > 0)
     return out, lse, grads
+
+
+def backend_options(q, left=-1, right=-1, softcap=0.0, sink=None, varlen=None):
+    """The canonical keyword arguments of a backend call (docs/INTERNALS.md) at the default softmax scale."""
+    varlen = varlen or {}
+    return dict(softmax_scale=q.shape[-1] ** -0.5, window_left=left, window_right=right, softcap=softcap,
+                sink=sink, cu_seqlens_q=varlen.get("cu_seqlens_q"), cu_seqlens_k=varlen.get("cu_seqlens_k"),
+                seqused_k=varlen.get("seqused_k"), max_seqlen_q=varlen.get("max_seqlen_q"),
+                max_seqlen_k=varlen.get("max_seqlen_k"))
+
+
+def check_backend_backward(backward, q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, with_dlse=False,
+                           deterministic=False, varlen=None, dout=None):
+    """One backend's `backward` by itself, against the fp32 reference (ref) and the reference in the input dtype
+    (lowp). out and lse come from fa4.reference, so a failure is the backward's. Returns (dq, dk, dv, dsink)."""
+    opts = backend_options(q, left, right, softcap, sink, varlen)
+    f32 = [t.float() for t in (q, k, v)]
+    ref_out, lse = reference.forward(*f32, **opts)
+    out = ref_out.to(q.dtype)
+    if dout is None:
+        dout = torch.randn_like(out)
+    dlse = None
+    if with_dlse:  # empty rows (lse = -inf) get a gradient too: the kernel must ignore it
+        dlse = torch.where(torch.isfinite(lse), torch.randn_like(lse), torch.full_like(lse, 3.0))
+    poison_allocator(q.device)
+    got = backward(dout, q, k, v, out, lse, dlse, deterministic=deterministic, **opts)
+    if q.device.type == "cuda":
+        torch.cuda.synchronize()
+    ref = reference.backward(dout.float(), *f32, ref_out, lse, dlse, **opts)
+    low = reference.backward(dout, q, k, v, out, lse, dlse, compute_dtype=q.dtype, **opts)
+    for name, g, r, lo, t in zip(("dq", "dk", "dv", "dsink"), got, ref, low, (q, k, v, sink)):
+        if t is None:
+            assert g is None, f"{name}: expected None"
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous(), name
+        assert_close_rule(name, g, r, lo, softcap=softcap > 0)
+    return got

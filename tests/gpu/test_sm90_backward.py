@@ -9,9 +9,8 @@ This kernel had never run on a GPU when this file was written: run it under a ti
 import pytest
 import torch
 
-from attention_check import poison_allocator
+from attention_check import backend_options, check_backend_backward
 from fa4 import reference
-from numerics import assert_close_rule
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
@@ -24,39 +23,15 @@ def _bwd():
 
 
 def _opts(q, left, right, softcap, sink, varlen):
-    varlen = varlen or {}
-    return dict(softmax_scale=q.shape[-1] ** -0.5, window_left=left, window_right=right, softcap=softcap,
-                sink=sink, cu_seqlens_q=varlen.get("cu_seqlens_q"), cu_seqlens_k=varlen.get("cu_seqlens_k"),
-                seqused_k=varlen.get("seqused_k"), max_seqlen_q=varlen.get("max_seqlen_q"),
-                max_seqlen_k=varlen.get("max_seqlen_k"))
+    return backend_options(q, left, right, softcap, sink, varlen)
 
 
-def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, with_dlse=False, deterministic=False,
-         varlen=None):
-    """Kernel backward vs the fp32 reference (ref) and the reference in the input dtype (lowp)."""
-    bwd = _bwd()
-    opts = _opts(q, left, right, softcap, sink, varlen)
-    reason = bwd.unsupported_reason(q, k, v, **opts)
+def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, varlen=None, **kw):
+    """Kernel backward vs the fp32 reference and the reference in the input dtype (its scope checked first)."""
+    reason = _bwd().unsupported_reason(q, k, v, **_opts(q, left, right, softcap, sink, varlen))
     assert reason is None, reason
-    f32 = [t.float() for t in (q, k, v)]
-    ref_out, lse = reference.forward(*f32, **opts)
-    out = ref_out.to(q.dtype)
-    dout = torch.randn_like(out)
-    dlse = None
-    if with_dlse:  # empty rows (lse = -inf) get a gradient too: the kernel must ignore it
-        dlse = torch.where(torch.isfinite(lse), torch.randn_like(lse), torch.full_like(lse, 3.0))
-    poison_allocator(q.device)
-    got = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=deterministic, **opts)
-    torch.cuda.synchronize()
-    ref = reference.backward(dout.float(), *f32, ref_out, lse, dlse, **opts)
-    low = reference.backward(dout, q, k, v, out, lse, dlse, compute_dtype=q.dtype, **opts)
-    for name, g, r, lo, t in zip(("dq", "dk", "dv", "dsink"), got, ref, low, (q, k, v, sink)):
-        if t is None:
-            assert g is None
-            continue
-        assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous(), name
-        assert_close_rule(name, g, r, lo, softcap=softcap > 0)
-    return got
+    return check_backend_backward(_bwd().backward, q, k, v, left=left, right=right, softcap=softcap, sink=sink,
+                                  varlen=varlen, **kw)
 
 
 # (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse); scope order: plain, causal, GQA first.

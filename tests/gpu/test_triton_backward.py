@@ -5,42 +5,16 @@ deterministic=True repeated and compared bitwise; offsets past 2^31 elements. Sk
 import pytest
 import torch
 
-from attention_check import poison_allocator
+from attention_check import check_backend_backward
 from fa4 import reference
 from fa4.kernels.triton import backward as bwd
-from numerics import assert_close_rule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda"
 
 
-def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, with_dlse=False, deterministic=False,
-         varlen=None, dout=None):
-    """Kernel backward vs the fp32 reference (ref) and the reference in the input dtype (lowp)."""
-    varlen = varlen or {}
-    opts = dict(softmax_scale=q.shape[-1] ** -0.5, window_left=left, window_right=right, softcap=softcap,
-                sink=sink, cu_seqlens_q=varlen.get("cu_seqlens_q"), cu_seqlens_k=varlen.get("cu_seqlens_k"),
-                seqused_k=varlen.get("seqused_k"), max_seqlen_q=varlen.get("max_seqlen_q"),
-                max_seqlen_k=varlen.get("max_seqlen_k"))
-    f32 = [t.float() for t in (q, k, v)]
-    ref_out, lse = reference.forward(*f32, **opts)
-    out = ref_out.to(q.dtype)
-    if dout is None:
-        dout = torch.randn_like(out)
-    dlse = None
-    if with_dlse:  # empty rows (lse = -inf) get a gradient too: the kernel must ignore it
-        dlse = torch.where(torch.isfinite(lse), torch.randn_like(lse), torch.full_like(lse, 3.0))
-    poison_allocator(q.device)
-    got = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=deterministic, **opts)
-    ref = reference.backward(dout.float(), *f32, ref_out, lse, dlse, **opts)
-    low = reference.backward(dout, q, k, v, out, lse, dlse, compute_dtype=q.dtype, **opts)
-    for name, g, r, lo, t in zip(("dq", "dk", "dv", "dsink"), got, ref, low, (q, k, v, sink)):
-        if t is None:
-            assert g is None
-            continue
-        assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous(), name
-        assert_close_rule(name, g, r, lo, softcap=softcap > 0)
-    return got
+def _run(q, k, v, **kw):
+    return check_backend_backward(bwd.backward, q, k, v, **kw)
 
 
 # (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse)

@@ -55,35 +55,25 @@ def _tma_reason(name, t):
     return None
 
 
-def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
-                       page_table=None, seqused_k=None, **_):
-    """None if this path serves the request, else a short reason (logged at debug level by dispatch)."""
-    switch = os.environ.get("FA4_SM90")
-    if switch == "0":
-        return "the sm90 path is off (FA4_SM90=0)"
-    if switch is None and not ENABLED_BY_DEFAULT:
-        return "the sm90 path is off (FA4_SM90=1 enables it)"
+def common_reason(q, k, v, *, sink=None, cu_seqlens_q=None, page_table=None):
+    """The requirements the sm90 forward and backward share: None if they hold, else a short reason."""
     if q.device.type != "cuda":
         return "not a CUDA tensor"
     major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
     if (major, minor) != (9, 0):
         return f"not sm_90 (compute capability {major}.{minor})"
     if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype} (the sm90 kernel takes bf16 and fp16)"
+        return f"dtype {q.dtype} (the sm90 kernels take bf16 and fp16)"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return "q, k, v dtypes differ"
     if page_table is not None:
-        return "paged KV cache is not supported by the sm90 kernel"
+        return "paged KV cache is not supported by the sm90 kernels"
     d, dv = q.shape[-1], v.shape[-1]
     if d % 8 or dv % 8 or d > 256 or dv > 256:
-        return f"head dims ({d}, {dv}) (the sm90 kernel takes multiples of 8 up to 256)"
-    if configs.get_config(configs.tile_dim(d), configs.tile_dim(dv)) is None:
-        return f"no sm90 tile for head dims ({d}, {dv})"
+        return f"head dims ({d}, {dv}) (the sm90 kernels take multiples of 8 up to 256)"
     seq_dim = 0 if cu_seqlens_q is not None else 1
     if q.shape[seq_dim] == 0 or k.shape[seq_dim] == 0:
         return "empty sequence"
-    if q.shape[-2] * q.shape[0] * (1 if cu_seqlens_q is not None else q.shape[1]) >= 2**31:
-        return "lse would have 2^31 elements or more"
     if sink is not None and sink.dtype != torch.float32:
         return "sink must be fp32"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -91,6 +81,25 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
         if reason is not None:
             return reason
     return _triton_reason()
+
+
+def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
+                       page_table=None, seqused_k=None, **_):
+    """None if the sm90 forward serves the request, else a short reason (logged at debug level by dispatch)."""
+    switch = os.environ.get("FA4_SM90")
+    if switch == "0":
+        return "the sm90 path is off (FA4_SM90=0)"
+    if switch is None and not ENABLED_BY_DEFAULT:
+        return "the sm90 path is off (FA4_SM90=1 enables it)"
+    reason = common_reason(q, k, v, sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table)
+    if reason is not None:
+        return reason
+    d, dv = q.shape[-1], v.shape[-1]
+    if configs.get_config(configs.tile_dim(d), configs.tile_dim(dv)) is None:
+        return f"no sm90 tile for head dims ({d}, {dv})"
+    if q.shape[-2] * q.shape[0] * (1 if cu_seqlens_q is not None else q.shape[1]) >= 2**31:
+        return "lse would have 2^31 elements or more"
+    return None
 
 
 def forward(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, sink=None,

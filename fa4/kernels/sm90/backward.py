@@ -622,42 +622,21 @@ def shipped_tiles():
 # Host side.
 # ---------------------------------------------------------------------------------------------------------
 
-TESTED_TRITON = ("3.6.0", )
-
-
 def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
                        page_table=None, seqused_k=None, dout=None, **_):
     """None if this backward serves the request, else a short reason (dispatch.resolve_auto_backward)."""
-    if q.device.type != "cuda":
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "not sm_90"
-    if triton.__version__ not in TESTED_TRITON:
-        return f"triton {triton.__version__} not tested"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype} (bf16 and fp16 only, q, k, v alike)"
-    if page_table is not None:
-        return "paged KV cache (inference only)"
+    from . import common_reason
+    reason = common_reason(q, k, v, sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table)
+    if reason is not None:
+        return reason
     d, dv = q.shape[-1], v.shape[-1]
-    if d % 8 or dv % 8:
-        return f"head dims ({d}, {dv}) are not multiples of 8"
     td, tdv = configs.tile_dim(d), configs.tile_dim(dv)
     if td is None or tdv is None or get_tile(td, tdv) is None:
         return f"no sm90 backward tile for head dims ({d}, {dv}) (D = 256 is planned, not built)"
-    seq_dim = 0 if cu_seqlens_q is not None else 1
-    if q.shape[seq_dim] == 0 or k.shape[seq_dim] == 0:
-        return "empty sequence"
-    if sink is not None and sink.dtype != torch.float32:
-        return "sink must be fp32"
     if max(q.numel(), k.numel(), v.numel()) >= 2**31:
         # The pointer-stored dK/dV tail rows use 32-bit offsets and this size was never run on the GPU; the
         # Triton backward is tested past 2^31 elements.
         return "a tensor of 2^31 elements or more (served by the Triton backward)"
-    from . import _tma_reason
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        reason = _tma_reason(name, t)
-        if reason is not None:
-            return reason
     return None
 
 
