@@ -15,6 +15,7 @@ backward op (`resolve_auto_backward`). The reason for each choice is logged at d
 """
 import logging
 import os
+import sys
 
 import torch
 
@@ -35,11 +36,17 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_CAPABILITY_REASONS = {}
+
+
 @torch.compiler.assume_constant_result
 def _capability_reason(index):
-    """None if CUDA device `index` can run Triton's tensor-core kernels (compute capability >= 8.0)."""
-    major, minor = torch.cuda.get_device_capability(index)
-    return None if major >= 8 else f"compute capability {major}.{minor} < 8.0"
+    """None if CUDA device `index` can run Triton's tensor-core kernels (compute capability >= 8.0).
+    Cached per device: it is asked on every call."""
+    if index not in _CAPABILITY_REASONS:
+        major, minor = torch.cuda.get_device_capability(index)
+        _CAPABILITY_REASONS[index] = None if major >= 8 else f"compute capability {major}.{minor} < 8.0"
+    return _CAPABILITY_REASONS[index]
 
 
 def triton_reason(q):
@@ -107,6 +114,19 @@ def choose(q, k, v, backend, **features):
         _note(f"fa4: reference backend ({reason})")
         return "reference", "reference"
     return "auto", "auto"
+
+
+def planned_sm90_forward(q, k, v, *, max_seqlen_q, window_left, window_right, **kwargs):
+    """backend=None on a call whose exact signature the sm90 forward served before: (out, lse) through its
+    cached launch plan, skipping resolve_auto's checks (their outcome is fixed by that signature); None when
+    there is no such plan, the sm90 path is switched off, or the Triton forward is the measured choice."""
+    sm90 = sys.modules.get("fa4.kernels.sm90.attention_fwd")
+    if sm90 is None or os.environ.get("FA4_SM90") == "0":
+        return None
+    if not _sm90_measured_faster(max_seqlen_q, window_left, window_right, q.shape[-1]):
+        return None
+    return sm90.planned_forward(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
+                                window_right=window_right, **kwargs)
 
 
 def resolve_auto(q, k, v, *, max_seqlen_q, **features):

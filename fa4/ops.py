@@ -61,6 +61,12 @@ def _run_forward(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_tabl
         out, lse = _new_outputs(q, v, varlen)
         return out.zero_(), lse.fill_(float("-inf"))
     if backend == "auto":  # backend=None on CUDA: decided here, on real tensors, outside any trace
+        planned = dispatch.planned_sm90_forward(
+            q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+            softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k) if page_table is None else None
+        if planned is not None:
+            return planned
         backend = dispatch.resolve_auto(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
                                         window_right=window_right, softcap=softcap, sink=sink,
                                         cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)

@@ -514,3 +514,42 @@ def test_fast_launch_arguments(d, dv, varlen, sink, window, softcap, variant):
     # The template keeps no tensor of the first call.
     assert not any(hasattr(x, "data_ptr") for x in plan.values)
     assert all(plan.values[i].base is None for i, _ in plan.desc_slots)
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+def test_backend_none_reuses_a_plan_only_for_the_same_signature(monkeypatch):
+    """dispatch.planned_sm90_forward: a repeated backend=None call goes straight to the cached plan (the
+    launch is recorded here instead of run); another signature, a misaligned q, FA4_SM90=0 or a row where the
+    Triton forward is the measured choice get None (the full dispatch path)."""
+    import torch
+    from fa4 import dispatch
+    from fa4.kernels.sm90 import attention_fwd as af, launch
+    launched = []
+    monkeypatch.setattr(launch.Plan, "launch", lambda self, index, vals: launched.append(vals))
+    monkeypatch.setattr(af, "current_device", lambda: None)  # CPU tensors: device index None
+    monkeypatch.setattr(launch, "_PLANS", {})
+    t = _fast_case(3, 128, 128, False, False)
+    opts = dict(softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, sink=None)
+    kw = dict(opts, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=200, max_seqlen_k=200)
+    assert dispatch.planned_sm90_forward(t["q"], t["k"], t["v"], **kw) is None  # no plan yet
+    _, args, cx = af.launch_plan(t["q"], t["k"], t["v"], t["out"], t["lse"], **opts)
+    launch.store(launch.signature(t["q"], t["k"], t["v"], cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                                  max_seqlen_q=200, variant=None, **opts),
+                 launch.Plan(af.attn_fwd_kernel.arg_names, args, cx, grid=132))
+    later = _fast_case(4, 128, 128, False, False)
+    out, lse = dispatch.planned_sm90_forward(later["q"], later["k"], later["v"], **kw)
+    assert out.shape == later["q"].shape and lse.shape == (2, 2, 200) and len(launched) == 1
+    names = af.attn_fwd_kernel.arg_names
+    vals = dict(zip(names, launched[0]))
+    assert vals["q_desc"].base is later["q"] and vals["o_desc"].base is out and vals["lse_ptr"] is lse
+    assert dispatch.planned_sm90_forward(later["q"], later["k"], later["v"], **dict(kw, softmax_scale=0.2)) is None
+    buf = torch.zeros(later["q"].numel() + 1, dtype=later["q"].dtype)
+    misaligned = buf[1:].view(later["q"].shape)
+    assert dispatch.planned_sm90_forward(misaligned, later["k"], later["v"], **kw) is None
+    monkeypatch.setenv("FA4_SM90", "0")
+    assert dispatch.planned_sm90_forward(later["q"], later["k"], later["v"], **kw) is None
+    monkeypatch.delenv("FA4_SM90")
+    small = _fast_case(5, 64, 64, False, False)
+    assert dispatch.planned_sm90_forward(small["q"], small["k"], small["v"],
+                                         **dict(kw, window_right=0, max_seqlen_q=200)) is None
+    assert len(launched) == 1

@@ -38,6 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
+from fa4.kernels.direct_launch import current_device
+
 from . import configs, launch
 from .softmax import online_softmax, rescale_o, tanh_approx
 
@@ -859,6 +861,33 @@ def _num_sms(device):
     return _NUM_SMS[index]
 
 
+def planned_forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink, cu_seqlens_q=None,
+                    cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """(out, lse) through the FAST plan an earlier call with this exact signature left, or None (no plan).
+
+    A plan exists only for a signature that unsupported_reason accepted and that launched; what the signature
+    does not fix, the 16-byte alignment of q, k and v (TMA), is checked here. This lets backend=None skip the
+    dispatch checks on repeated calls (fa4.dispatch.planned_sm90_forward)."""
+    if not (launch.enabled(None) and launch.usable()) or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
+        return None
+    if q.device.index != current_device():
+        return None
+    plan = launch.lookup(launch.signature(
+        q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+        sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+        max_seqlen_q=max_seqlen_q, variant=None))
+    if plan is None:
+        return None
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    if cu_seqlens_q is not None:
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                               _dummy_i32(q.device)))
+    return out, lse
+
+
 def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
                       cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
                       max_seqlen_k=None, variant=None):
@@ -879,10 +908,9 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
                                cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
                                variant=variant)
         plan = launch.lookup(key)
-        if plan is not None:
-            plan.launch(q.device.index if q.device.index is not None else torch.cuda.current_device(),
-                        plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                       _dummy_i32(q.device)))
+        if plan is not None and q.device.index == current_device():
+            plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k,
+                                                       seqused_k, _dummy_i32(q.device)))
             return out, lse
     num_ctas = _num_sms(q.device)
     num_units, args, constexprs = launch_plan(
@@ -891,7 +919,8 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
         max_seqlen_q=max_seqlen_q, variant=variant, num_ctas=num_ctas)
     if num_units > 0:
         grid = (min(num_units, num_ctas), )
-        compiled = attn_fwd_kernel[grid](**args, **constexprs, num_warps=4)
+        with torch.cuda.device(q.device):  # Triton launches on the current device
+            compiled = attn_fwd_kernel[grid](**args, **constexprs, num_warps=4)
         if variant.get("TRACE"):
             global LAST_TRACE
             LAST_TRACE = args["trace_ptr"]

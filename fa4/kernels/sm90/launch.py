@@ -38,7 +38,8 @@ def signature(q, k, v, *, softmax_scale, window_left, window_right, softcap, sin
               seqused_k, max_seqlen_q, variant):
     """Everything besides the tensors' addresses that decides the launch arguments and the compiled kernel."""
     var = tuple(sorted((key, val) for key, val in (variant or {}).items() if key != "FAST"))
-    return (q.device.index, q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape),
+    return (q.device.index, q.dtype, k.dtype, v.dtype, None if sink is None else sink.dtype,
+            tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape),
             v.stride(), float(softmax_scale), int(window_left), int(window_right), float(softcap),
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q)),
             _aligned(sink), _aligned(cu_seqlens_q), _aligned(cu_seqlens_k), _aligned(seqused_k), var)
@@ -78,8 +79,11 @@ class Plan:
                        seqused=seqused if seqused is not None else dummy, dummy=dummy)
         vals = list(self.values)
         for i, src in self.desc_slots:
-            desc = copy.copy(vals[i])
-            desc.base = tensors[src]
+            # A shallow clone of the template with a new base (copy.copy costs ~2 µs a descriptor; the
+            # dataclass constructor re-validates what the signature already fixes).
+            template = vals[i]
+            desc = object.__new__(type(template))
+            desc.__dict__ = dict(template.__dict__, base=tensors[src])
             vals[i] = desc
         for i, src in self.tensor_slots:
             vals[i] = tensors[src]
