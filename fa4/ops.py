@@ -39,6 +39,9 @@ def _backward_impl(backend):
     if backend == "sm90":
         from .kernels.sm90 import backward
         return backward.backward
+    if backend == "sm90-checked":
+        from .kernels.sm90 import backward
+        return backward.backward_checked
     raise ValueError(f"unknown backward backend {backend!r}")
 
 
@@ -95,6 +98,8 @@ def _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_
         backend = dispatch.resolve_auto_backward(q, k, v, window_left=window_left, window_right=window_right,
                                                  softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
                                                  seqused_k=seqused_k)
+        if backend == "sm90":  # resolve_auto_backward has just run its unsupported_reason on these tensors
+            backend = "sm90-checked"
     with torch.autocast(q.device.type, enabled=False):
         dq, dk, dv, dsink = _backward_impl(backend)(
             dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,

@@ -59,6 +59,7 @@ def test_auto_backward_calls_sm90_with_the_backend_contract(monkeypatch):
         return reference.backward(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, "resolve_auto_backward", lambda *a, **kw: "sm90")
+    monkeypatch.setattr(sm90_backward, "backward_checked", lambda *a, **kw: recorder(*a, **kw))
     monkeypatch.setattr(sm90_backward, "backward", recorder)
     q, k, v, s = _inputs(2)
     out, lse = reference.forward(q, k, v, softmax_scale=0.3, window_right=0, sink=s)

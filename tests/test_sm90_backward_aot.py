@@ -272,3 +272,74 @@ def test_preprocess_and_deterministic_dq(wl, wr, sink, dlse):
     assert_close_rule("dq", dq, ref[0], low[0])
     if sink:
         assert_close_rule("dsink", bwd.sink_gradient(part, s), ref[3], low[3])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The main kernel's cached launch plan (backward._launch_main): a Plan built from one call's arguments must
+# give a later call with other tensors the argument list JITFunction binds for that call, with the same
+# specialisation (the compiled kernel is reused without checking).
+# ---------------------------------------------------------------------------------------------------------
+
+def _bwd_case(seed, d, varlen, deterministic):
+    import torch
+    from fa4.kernels.sm90 import aot, backward
+    q, k, v, cu = aot.sample_inputs(d, d, torch.bfloat16, varlen=varlen, gqa=2)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(t.shape, generator=g).to(t.dtype) for t in (q, k, v))
+    tile = backward.get_tile(d, d)
+    b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
+    hq = q.shape[-2]
+    lse_shape = (hq, b * s) if varlen else (b, hq, -(-s // tile.block_m) * tile.block_m)
+    return dict(q=q, k=k, v=v, dout=torch.randn(q.shape, generator=g).to(q.dtype), dk=torch.zeros_like(k),
+                dv=torch.zeros_like(v), dq=None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
+                lse2=torch.zeros(lse_shape), delta=torch.zeros(lse_shape), cu=cu,
+                cu_k=None if cu is None else cu.clone()), tile
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+@pytest.mark.parametrize("d,varlen,deterministic,window,softcap", [
+    (128, False, False, (-1, 0), 0.0), (64, True, True, (100, 50), 30.0), (128, True, False, (-1, -1), 0.0)])
+def test_backward_plan_arguments(d, varlen, deterministic, window, softcap):
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    from fa4.kernels.sm90 import aot, backward, launch
+    from fa4.kernels.sm90.attention_fwd import _dummy_i32
+    kern = backward.attn_bwd_kernel
+    binder = create_function_from_signature(kern.signature, kern.params, make_backend(aot.TARGET))
+    opts = dict(num_warps=4, debug=False, instrumentation_mode="")
+    s = aot.SAMPLE_SEQLEN
+
+    def plan_args(t, tile):
+        return backward.launch_plan(t["dout"], t["q"], t["k"], t["v"], t["dq"], t["dk"], t["dv"], t["lse2"],
+                                    t["delta"], softmax_scale=0.1, window_left=window[0], window_right=window[1],
+                                    softcap=softcap, cu_seqlens_q=t["cu"], cu_seqlens_k=t["cu_k"],
+                                    max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None,
+                                    deterministic=deterministic, tile=tile)
+
+    (first, tile), (later, _) = _bwd_case(1, d, varlen, deterministic), _bwd_case(2, d, varlen, deterministic)
+    grid, args1, cx1 = plan_args(first, tile)
+    plan = launch.Plan(kern.arg_names, args1, cx1, grid, descs=backward.BWD_DESCS, tensors=backward.BWD_TENSORS)
+    assert plan.grid == (grid[0], grid[1], 1)
+    dummy = _dummy_i32(later["q"].device)
+    dq = later["dq"] if later["dq"] is not None else backward._dq_placeholder(tile, d, varlen, later["q"].device)
+    fast = plan.bind(dict(q=later["q"], k=later["k"], v=later["v"], dout=later["dout"], dk=later["dk"],
+                          dv=later["dv"], dq=dq, lse2=later["lse2"], delta=later["delta"],
+                          cu_q=later["cu"] if varlen else dummy, cu_k=later["cu_k"] if varlen else dummy,
+                          seqused=dummy))
+    _, args2, cx2 = plan_args(dict(later, dq=later["dq"]), tile)
+    bound, spec, _ = binder(**args2, **cx2, **opts)
+    assert list(bound) == kern.arg_names and len(fast) == len(bound)
+    for name, got, want in zip(kern.arg_names, fast, bound.values()):
+        if hasattr(want, "block_shape"):  # a TensorDescriptor
+            assert got.shape == want.shape and got.strides == want.strides, name
+            assert got.block_shape == want.block_shape and got.layout == want.layout, name
+            if name != "dq_desc" or not deterministic:  # the deterministic placeholder is per call
+                assert got.base is want.base, name
+        elif hasattr(want, "data_ptr"):
+            if want.numel():  # the empty int32 stand-ins differ by identity only
+                assert got is want, name
+        else:
+            assert got == want, (name, got, want)
+    assert binder(*fast, **opts)[1] == spec
+    assert not any(hasattr(x, "data_ptr") for x in plan.values)
+    assert all(plan.values[i].base is None for i, _ in plan.desc_slots)

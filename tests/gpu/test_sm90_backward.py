@@ -120,3 +120,26 @@ def test_unsupported_is_reported():
     assert "256" in bwd.unsupported_reason(q, q, q)
     q32 = torch.randn(1, 128, 2, 64, device=DEV)
     assert bwd.unsupported_reason(q32, q32, q32) is not None
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_planned_launch(varlen):
+    """The second and third calls of a signature launch the main kernel from its cached plan
+    (backward._launch_main) with new tensors: the numerics rule must still hold."""
+    from fa4.kernels.sm90 import launch
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        if varlen:
+            lens = [300, 1, 777]
+            cu = torch.tensor([0, 300, 301, 1078], dtype=torch.int32, device=DEV)
+            q = torch.randn(sum(lens), 8, 128, device=DEV, dtype=torch.bfloat16)
+            k = torch.randn(sum(lens), 2, 128, device=DEV, dtype=torch.bfloat16)
+            v = torch.randn(sum(lens), 2, 128, device=DEV, dtype=torch.bfloat16)
+            _run(q, k, v, right=0, with_dlse=True,
+                 varlen=dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=777, max_seqlen_k=777))
+        else:
+            q = torch.randn(2, 1100, 8, 128, device=DEV, dtype=torch.bfloat16)
+            k = torch.randn(2, 1100, 2, 128, device=DEV, dtype=torch.bfloat16)
+            v = torch.randn(2, 1100, 2, 128, device=DEV, dtype=torch.bfloat16)
+            _run(q, k, v, right=0, sink=torch.randn(8, device=DEV))
+    assert any(key[0] == "bwd" for key in launch._PLANS), "the first call should have kept a plan"

@@ -52,8 +52,10 @@ from triton._C.libtriton import ir
 from triton.experimental.gluon.language._core import builtin
 from triton.language.core import _aggregate as aggregate
 
-from . import configs
-from .attention_fwd import _descriptor, _kv_coord, _next_slot, _opaque, _q_coord
+from fa4.kernels.direct_launch import current_device
+
+from . import configs, launch
+from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaque, _q_coord
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -678,10 +680,9 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
     soft = softcap > 0
-    dummy_i32 = torch.empty(0, dtype=torch.int32, device=q.device)
+    dummy_i32 = _dummy_i32(q.device)
     if dq_acc is None:  # deterministic: dQ comes from another kernel; a placeholder for the descriptor
-        dq_acc = torch.empty((tile.block_m, 1, d) if varlen else (1, tile.block_m, 1, d), dtype=torch.float32,
-                             device=q.device)
+        dq_acc = _dq_placeholder(tile, d, varlen, q.device)
     args = dict(
         q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
         v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
@@ -715,6 +716,16 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
                                 sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
     if reason is not None:
         raise ValueError(f"the sm90 backward cannot serve this call: {reason}")
+    return backward_checked(dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
+                            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k, deterministic=deterministic, tile=tile)
+
+
+def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, window_right=-1,
+                     softcap=0.0, sink=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                     max_seqlen_q=None, max_seqlen_k=None, page_table=None, deterministic=False, tile=None):
+    """`backward` for a caller that has just had unsupported_reason return None (dispatch.resolve_auto_backward)."""
     varlen = cu_seqlens_q is not None
     device = q.device
     dout = _tma_ready(dout)
@@ -725,6 +736,7 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
         seqlen_k = int(max_seqlen_k)
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    tile_given = tile is not None
     tile = tile or get_tile(configs.tile_dim(d), configs.tile_dim(dvh))
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
@@ -738,16 +750,13 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
     # 2. Main kernel: dK, dV, and unless deterministic dQ, accumulated in fp32 by TMA reduce-add (clipped at
     # the tensor's bounds: no padding needed).
     dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=device)
-    grid, args, constexprs = launch_plan(
-        dout, q, k, v, dq_acc, dk, dv, lse2, delta, softmax_scale=softmax_scale, window_left=window_left,
-        window_right=window_right, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic,
-        tile=tile)
-    if grid[0] > 0 and grid[1] > 0:
-        attn_bwd_kernel[grid](**args, **constexprs, num_warps=4)
-    elif not varlen:
-        dk.zero_()
-        dv.zero_()
+    opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+    if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, planned=not tile_given, **opts):
+        if not varlen:
+            dk.zero_()
+            dv.zero_()
 
     # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
     if deterministic:
@@ -758,6 +767,62 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
     else:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv, sink_gradient(dsink_part, sink)
+
+
+# The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
+BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
+             ("dv_desc", "dv"), ("dq_desc", "dq"))
+BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
+               ("cu_q", "cu_q"), ("cu_k", "cu_k"), ("seqused", "seqused"))
+
+
+def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
+                   cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic):
+    """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
+    dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
+    from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
+    return ("bwd", q.device.index, q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape),
+            v.stride(), tuple(dout.shape), dout.stride(), float(softmax_scale), int(window_left),
+            int(window_right), float(softcap),
+            None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
+            launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
+            bool(deterministic), tile)
+
+
+def _dq_placeholder(tile, d, varlen, device):
+    """Deterministic mode: dQ comes from another kernel; the main kernel's dQ descriptor needs some tensor."""
+    return torch.empty((tile.block_m, 1, d) if varlen else (1, tile.block_m, 1, d), dtype=torch.float32,
+                       device=device)
+
+
+def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, *, planned, **opts):
+    """Launch the main kernel (False when its grid is empty). Through the cached plan of an earlier call with
+    the same signature when `planned` (no tile override), else through JITFunction, keeping a plan."""
+    varlen = opts["cu_seqlens_q"] is not None
+    fast = planned and launch.enabled(None) and launch.usable() and q.device.index == current_device()
+    key = None
+    if fast:
+        key = plan_signature(dout, q, k, v, tile, **opts)
+        plan = launch.lookup(key)
+        if plan is not None:
+            dummy = _dummy_i32(q.device)
+            dq = dq_acc if dq_acc is not None else _dq_placeholder(tile, configs.tile_dim(q.shape[-1]), varlen,
+                                                                  q.device)
+            cu_q, cu_k, used = opts["cu_seqlens_q"], opts["cu_seqlens_k"], opts["seqused_k"]
+            plan.launch(q.device.index, plan.bind(dict(
+                q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
+                cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
+                seqused=used if used is not None else dummy)))
+            return True
+    grid, args, constexprs = launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile=tile, **opts)
+    if not (grid[0] > 0 and grid[1] > 0):
+        return False
+    with torch.cuda.device(q.device):  # Triton launches on the current device
+        compiled = attn_bwd_kernel[grid](**args, **constexprs, num_warps=4)
+    if fast and compiled is not None and hasattr(compiled, "packed_metadata"):
+        launch.store(key, launch.Plan(attn_bwd_kernel.arg_names, args, constexprs, grid, compiled,
+                                      descs=BWD_DESCS, tensors=BWD_TENSORS))
+    return True
 
 
 def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to):

@@ -46,20 +46,24 @@ def signature(q, k, v, *, softmax_scale, window_left, window_right, softcap, sin
 
 
 class Plan:
-    """The launch of one signature: argument template in kernel-parameter order and the compiled kernel."""
+    """The launch of one signature: argument template in kernel-parameter order and the compiled kernel.
+
+    `descs` names the TMA-descriptor parameters and the tensor each is built over, `tensors` the plain tensor
+    parameters and their source; the defaults are the forward kernel's (attention_fwd.attn_fwd_kernel), the
+    backward passes its own (backward.BWD_DESCS / BWD_TENSORS). `grid`: an int or a tuple of up to 3."""
     __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata")
 
-    # Kernel parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
-    _DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
-    _TENSORS = (("o_ptr", "out"), ("lse_ptr", "lse"), ("sink_ptr", "sink"), ("cu_q", "cu_q"), ("cu_k", "cu_k"),
-                ("seqused", "seqused"), ("trace_ptr", "dummy"))
+    # The forward's parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
+    FWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
+    FWD_TENSORS = (("o_ptr", "out"), ("lse_ptr", "lse"), ("sink_ptr", "sink"), ("cu_q", "cu_q"),
+                   ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"))
 
-    def __init__(self, arg_names, args, constexprs, grid, compiled=None):
+    def __init__(self, arg_names, args, constexprs, grid, compiled=None, descs=FWD_DESCS, tensors=FWD_TENSORS):
         values = dict(args)
         values.update(constexprs)
         index = {name: i for i, name in enumerate(arg_names)}
-        self.desc_slots = tuple((index[name], src) for name, src in self._DESCS)
-        self.tensor_slots = tuple((index[name], src) for name, src in self._TENSORS)
+        self.desc_slots = tuple((index[name], src) for name, src in descs)
+        self.tensor_slots = tuple((index[name], src) for name, src in tensors)
         self.values = [values[name] for name in arg_names]
         # The template keeps no tensor of the call it was built from (it would hold that call's memory).
         for i, _ in self.desc_slots:
@@ -67,16 +71,20 @@ class Plan:
             self.values[i].base = None
         for i, _ in self.tensor_slots:
             self.values[i] = None
-        self.grid = grid
+        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+        self.grid = grid + (1,) * (3 - len(grid))
         self.run = self.function = self.metadata = None
         if compiled is not None:
             self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
 
     def arguments(self, q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy):
-        """The full argument list (constexprs included) for these tensors."""
-        tensors = dict(q=q, k=k, v=v, out=out, lse=lse, sink=sink if sink is not None else lse,
-                       cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_q is not None else dummy,
-                       seqused=seqused if seqused is not None else dummy, dummy=dummy)
+        """The forward's full argument list (constexprs included) for these tensors."""
+        return self.bind(dict(q=q, k=k, v=v, out=out, lse=lse, sink=sink if sink is not None else lse,
+                              cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_q is not None else dummy,
+                              seqused=seqused if seqused is not None else dummy, dummy=dummy))
+
+    def bind(self, tensors):
+        """The full argument list with the per-call tensors (by source name) put in."""
         vals = list(self.values)
         for i, src in self.desc_slots:
             # A shallow clone of the template with a new base (copy.copy costs ~2 µs a descriptor; the
@@ -91,7 +99,8 @@ class Plan:
 
     def launch(self, device_index, vals):
         stream = driver.active.get_current_stream(device_index)
-        self.run(self.grid, 1, 1, stream, self.function, self.metadata, None, None, None, *vals)
+        g0, g1, g2 = self.grid
+        self.run(g0, g1, g2, stream, self.function, self.metadata, None, None, None, *vals)
 
 
 def usable():
