@@ -52,7 +52,7 @@ from triton._C.libtriton import ir
 from triton.experimental.gluon.language._core import builtin
 from triton.language.core import _aggregate as aggregate
 
-from fa4.kernels.direct_launch import current_device
+from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_stream
 
 from . import configs, launch
 from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaque, _q_coord
@@ -845,15 +845,37 @@ def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to
     n_prep = triton.cdiv(seqlen_q, prep_m)
     dsink_part = (torch.zeros(batch, hq, n_prep, dtype=torch.float32, device=device) if sink is not None
                   else delta)
-    tb.Launch(tb._bwd_preprocess, (batch * hq, n_prep),
-              [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-               delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, *tb._bsh_strides(out, varlen),
-               *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
-               *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
-               *tb._lse_strides(delta, varlen)[:2], seqlen_q, hq, dvh],
-              dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
-                   BLOCK_DV=dv_pad), num_warps=4)()
+    head = (out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
+            delta, lse2, dsink_part, cu_seqlens_q if varlen else lse)
+    tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
+            *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
+            *tb._lse_strides(delta, varlen)[:2], seqlen_q, hq, dvh)
+    constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
+                      BLOCK_DV=dv_pad)
+    grid = (batch * hq, n_prep)
+    index = device.index
+    if not (device.type == "cuda" and launch.enabled(None) and hooks_idle() and index == current_device()):
+        tb._bwd_preprocess[grid](*head, *tail, **constexprs, num_warps=4, num_stages=1)
+        return delta, lse2, dsink_part
+    # A direct launch once this signature has compiled: everything Triton specialises on is in the key (the
+    # tail's values, the pointers' dtypes and 16-byte alignment); JITFunction's binding would cost more host
+    # time than the kernel takes.
+    key = (index, grid, tail, dvh, tuple(constexprs.values()), tuple(x.dtype for x in head),
+           tuple(x.data_ptr() % 16 == 0 for x in head))
+    prep = _PREPROCESS.get(key)
+    if prep is None or prep.compiled is None:
+        prep = Launch(tb._bwd_preprocess, len(head), grid, tail, constexprs, 4, 1)
+        with torch.cuda.device(device):
+            prep.jit(head, keep=True)
+        if len(_PREPROCESS) >= 64:
+            _PREPROCESS.clear()
+        _PREPROCESS[key] = prep
+    else:
+        prep.fast([x.data_ptr() for x in head], raw_stream(index))
     return delta, lse2, dsink_part
+
+
+_PREPROCESS = {}  # preprocess launches by signature (direct_launch.Launch)
 
 
 def sink_gradient(dsink_part, sink):
