@@ -12,6 +12,9 @@ from attention_check import check_attention, make_inputs
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda"
 
+# Cases with a sink have 8 query heads: dsink has one entry per head, and the numerics rule's max over only
+# 2 entries failed an ideal kernel (O rounded once to fp16, the rest fp32) in ~2.5% of random draws
+# (benchmarks/NOTES.md, "dsink and few heads").
 # (b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink)
 MATRIX = [
     (2, 1000, 1000, 8, 8, 64, 64, False, (-1, -1), 0.0, False),
@@ -23,8 +26,8 @@ MATRIX = [
     (1, 1500, 1500, 4, 4, 96, 96, False, (256, 0), 0.0, False),   # sliding window
     (1, 1200, 1200, 4, 2, 64, 64, False, (100, 50), 30.0, False),  # window both sides + softcap
     (1, 1000, 1000, 6, 3, 192, 128, True, (-1, -1), 0.0, False),   # Dv != D (192/128)
-    (1, 513, 513, 2, 2, 40, 24, False, (-1, -1), 0.0, True),       # small odd head dims
-    (1, 3000, 3000, 4, 1, 128, 128, False, (-1, -1), 50.0, True),
+    (1, 513, 513, 8, 2, 40, 24, False, (-1, -1), 0.0, True),       # small odd head dims, GQA
+    (1, 3000, 3000, 8, 1, 128, 128, False, (-1, -1), 50.0, True),
 ]
 
 

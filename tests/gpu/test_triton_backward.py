@@ -17,20 +17,23 @@ def _run(q, k, v, **kw):
     return check_backend_backward(bwd.backward, q, k, v, **kw)
 
 
+# Cases with a sink have 8 query heads: dsink has one entry per head, and the numerics rule's max over only
+# 2 entries failed an ideal kernel (O rounded once to fp16, the rest fp32) in ~2.5% of random draws
+# (benchmarks/NOTES.md, "dsink and few heads").
 # (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse)
 MATRIX = [
     (2, 1000, 1000, 8, 8, 64, 64, -1, -1, 0.0, False, False),
     (2, 1000, 1000, 8, 2, 128, 128, -1, 0, 0.0, False, True),      # GQA, causal, lse gradient
     (1, 2049, 2049, 4, 4, 256, 256, -1, 0, 0.0, False, False),
-    (1, 1111, 1111, 2, 2, 256, 256, -1, -1, 0.0, True, False),
+    (1, 1111, 1111, 8, 2, 256, 256, -1, -1, 0.0, True, False),
     (1, 777, 1543, 8, 1, 128, 128, -1, 0, 0.0, True, True),        # Sq < Sk, MQA, sink
     (1, 1543, 777, 4, 2, 64, 64, -1, 0, 0.0, False, True),         # Sq > Sk: leading rows empty
     (2, 1, 3001, 8, 2, 128, 128, -1, 0, 0.0, False, False),        # Sq = 1
     (1, 1500, 1500, 4, 4, 96, 96, 256, 0, 0.0, False, False),      # sliding window
     (1, 1200, 1200, 4, 2, 64, 64, 100, 50, 30.0, False, True),     # window both sides + softcap
     (1, 1000, 1000, 6, 3, 192, 128, -1, 0, 0.0, False, False),     # Dv != D
-    (1, 513, 513, 2, 2, 40, 24, -1, -1, 0.0, True, False),         # small odd head dims
-    (1, 3000, 3000, 4, 1, 128, 128, -1, -1, 50.0, True, True),
+    (1, 513, 513, 8, 2, 40, 24, -1, -1, 0.0, True, False),         # small odd head dims, GQA
+    (1, 3000, 3000, 8, 1, 128, 128, -1, -1, 50.0, True, True),
 ]
 
 
