@@ -19,16 +19,19 @@ def poison_allocator(device, nbytes=256 << 20):
     del blob
 
 
+def cu_seqlens(lens, device="cpu"):
+    """int32 offsets [0, l0, l0 + l1, ...] of packed sequences with these lengths."""
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
 def make_inputs(b, sq, sk, hq, hkv, d, dv, dtype, device, varlen_lens=None):
     """Batched (B, S, H, D) tensors, or packed varlen ones when varlen_lens = (lens_q, lens_k)."""
     gen = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
     if varlen_lens is None:
         return gen(b, sq, hq, d), gen(b, sk, hkv, d), gen(b, sk, hkv, dv), {}
     lens_q, lens_k = varlen_lens
-    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
-                                   device=device)
-    extra = dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_q=max(lens_q),
-                 max_seqlen_k=max(lens_k))
+    extra = dict(cu_seqlens_q=cu_seqlens(lens_q, device), cu_seqlens_k=cu_seqlens(lens_k, device),
+                 max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
     return gen(sum(lens_q), hq, d), gen(sum(lens_k), hkv, d), gen(sum(lens_k), hkv, dv), extra
 
 
@@ -111,3 +114,21 @@ def check_backend_backward(backward, q, k, v, *, left=-1, right=-1, softcap=0.0,
         assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous(), name
         assert_close_rule(name, g, r, lo, softcap=softcap > 0)
     return got
+
+
+# Backward feature-matrix cases: (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse).
+def backward_case_id(case):
+    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
+    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-w{left}_{right}-cap{cap}-s{int(sink)}-dl{int(dlse)}"
+
+
+def backward_case_inputs(case, dtype, device):
+    """(q, k, v, keyword arguments of check_backend_backward) of one backward feature-matrix case, with a
+    seed per (case, dtype)."""
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
+    q = torch.randn(b, sq, hq, d, device=device, dtype=dtype)
+    k = torch.randn(b, sk, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(b, sk, hkv, dv, device=device, dtype=dtype)
+    s = torch.randn(hq, device=device) if sink else None
+    return q, k, v, dict(left=left, right=right, softcap=cap, sink=s, with_dlse=dlse)

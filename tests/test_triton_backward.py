@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from attention_check import cu_seqlens
 from fa4 import reference
 from fa4.kernels.triton import backward as bwd
 from naive import naive_attention
@@ -161,7 +162,7 @@ def test_batched_split_passes(case, deterministic):
 
 
 def _cu(lens):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    return cu_seqlens(lens)
 
 
 @pytest.mark.parametrize("seqused", [False, True], ids=["full", "seqused_k"])

@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("FA4_SM90", "1")
 
+from attention_check import cu_seqlens, poison_allocator  # noqa: E402
 from fa4 import reference  # noqa: E402
 from numerics import assert_close_rule  # noqa: E402
 
@@ -20,12 +21,11 @@ DEV = "cuda"
 
 
 def _poison():
-    blob = torch.empty(256 << 18, dtype=torch.float32, device=DEV).fill_(float("nan"))
-    del blob
+    poison_allocator(DEV)
 
 
 def _cu(lens):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return cu_seqlens(lens, DEV)
 
 
 def _run(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, sink=None, varlen=None, variant=None,

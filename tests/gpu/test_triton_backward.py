@@ -5,7 +5,7 @@ deterministic=True repeated and compared bitwise; offsets past 2^31 elements. Sk
 import pytest
 import torch
 
-from attention_check import check_backend_backward
+from attention_check import backward_case_id, backward_case_inputs, check_backend_backward, cu_seqlens
 from fa4 import reference
 from fa4.kernels.triton import backward as bwd
 
@@ -37,26 +37,16 @@ MATRIX = [
 ]
 
 
-def _ids(case):
-    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
-    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-w{left}_{right}-cap{cap}-s{int(sink)}-dl{int(dlse)}"
-
-
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", MATRIX, ids=[_ids(c) for c in MATRIX])
+@pytest.mark.parametrize("case", MATRIX, ids=[backward_case_id(c) for c in MATRIX])
 def test_feature_matrix(case, dtype, deterministic):
-    torch.manual_seed(hash((case, str(dtype))) % 2**31)
-    b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
-    q = torch.randn(b, sq, hq, d, device=DEV, dtype=dtype)
-    k = torch.randn(b, sk, hkv, d, device=DEV, dtype=dtype)
-    v = torch.randn(b, sk, hkv, dv, device=DEV, dtype=dtype)
-    s = torch.randn(hq, device=DEV) if sink else None
-    _run(q, k, v, left=left, right=right, softcap=cap, sink=s, with_dlse=dlse, deterministic=deterministic)
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    _run(q, k, v, deterministic=deterministic, **kw)
 
 
 def _cu(lens):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return cu_seqlens(lens, DEV)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])

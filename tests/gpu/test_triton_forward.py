@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from attention_check import cu_seqlens, poison_allocator
 from fa4 import reference
 from fa4.kernels.triton import forward as fwd
 from numerics import assert_close_rule
@@ -30,12 +31,11 @@ def _seed():
 
 
 def _poison():
-    blob = torch.empty(256 << 18, dtype=torch.float32, device=DEV).fill_(float("nan"))
-    del blob
+    poison_allocator(DEV)
 
 
 def _cu(lens):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return cu_seqlens(lens, DEV)
 
 
 def check(q, k, v, config=None, **opts):
