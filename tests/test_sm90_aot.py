@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from aot_children import compile_reports
+from naive import visible_mask
 from fa4.kernels.sm90 import configs
 
 try:
@@ -140,14 +141,7 @@ def test_tile_ranges_cover_and_masks(bm, bn):
         seq_q, seq_k = int(rng.integers(1, 700)), int(rng.integers(1, 700))
         wl = int(rng.choice([-1, 0, 5, 100, 1000]))
         wr = int(rng.choice([-1, 0, 3, 200]))
-        i = np.arange(seq_q)[:, None]
-        jj = np.arange(seq_k)[None, :]
-        off = seq_k - seq_q
-        vis = np.ones((seq_q, seq_k), bool)
-        if wl >= 0:
-            vis &= jj >= i + off - wl
-        if wr >= 0:
-            vis &= jj <= i + off + wr
+        vis = visible_mask(seq_q, seq_k, wl, wr, "cpu").numpy()
         for m0 in range(0, seq_q, bm):
             lo, hi = _kv_range(m0, bm, bn, seq_q, seq_k, wl, wr)
             rows = vis[m0:m0 + bm]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from aot_children import compile_reports
+from naive import visible_mask
 
 try:
     import triton
@@ -112,18 +113,6 @@ def _needs_mask(kr0, m0, bm, seq_q, seq_k, wl, wr):
     return need
 
 
-def _visible(seq_q, seq_k, wl, wr):
-    i = np.arange(seq_q)[:, None]
-    j = np.arange(seq_k)[None, :]
-    off = seq_k - seq_q
-    vis = np.ones((seq_q, seq_k), bool)
-    if wl >= 0:
-        vis &= j >= i + off - wl
-    if wr >= 0:
-        vis &= j <= i + off + wr
-    return vis
-
-
 @pytest.mark.parametrize("bm,nwg", [(64, 2), (64, 1), (128, 2)])
 def test_query_ranges_cover_and_masks(bm, nwg):
     bn = SLAB * nwg
@@ -132,7 +121,7 @@ def test_query_ranges_cover_and_masks(bm, nwg):
         seq_q, seq_k = int(rng.integers(1, 600)), int(rng.integers(1, 600))
         wl = int(rng.choice([-1, 0, 5, 100, 1000]))
         wr = int(rng.choice([-1, 0, 3, 200]))
-        vis = _visible(seq_q, seq_k, wl, wr)
+        vis = visible_mask(seq_q, seq_k, wl, wr, "cpu").numpy()
         for n0 in range(0, seq_k, bn):
             m_lo, m_hi = _q_range(n0, bn, bm, seq_q, seq_k, wl, wr)
             rows = np.nonzero(vis[:, n0:n0 + bn].any(1))[0]
