@@ -105,26 +105,36 @@ def _training_inputs(case, dtype, device):
     return q, k, v, torch.randn(shape, device=device, dtype=dtype)
 
 
-def run_training(cases, backends, *, dtype, reps, fwd_only=False, log=_log, device="cuda"):
+def _run_suite(cases, backends, make_inputs, measure, progress, error_prefix, log):
+    """Each case's inputs once, then every backend on them: rows and details into an Outcome, a progress
+    line per (case, backend)."""
     result = Outcome()
     for i, case in enumerate(cases, 1):
-        inputs = _training_inputs(case, dtype, device)
+        inputs = make_inputs(case)
         for backend in backends:
             try:
-                row, detail = measure_training(backend, case, inputs, reps, fwd_only)
+                row, detail = measure(backend, case, inputs)
             except NotApplicable as exc:
                 result.not_applicable.append(f"{backend.name} {case.label()}: {exc}")
                 continue
             finally:
                 torch.cuda.empty_cache()
-            result.add(row, detail, f"{backend.name} {case.label()} ")
-            log(f"[{i:>2}/{len(cases)}] {case.label():<34} {backend.name:<14} "
-                f"fwd {_fmt(row['fwd_tflops'], '6.1f', 'TFLOP/s')} ({_fmt(row['fwd_extra_mib'], '+.1f', 'MiB')})  "
-                f"bwd {_fmt(row['bwd_tflops'], '6.1f', 'TFLOP/s')} ({_fmt(row['bwd_extra_mib'], '+.1f', 'MiB')})"
+            result.add(row, detail, f"{backend.name} {case.label()}{error_prefix}")
+            log(f"[{i:>2}/{len(cases)}] {progress(case, backend, row)}"
                 + (f"  FAILED {detail['error']}" if "error" in detail else ""))
         del inputs
         torch.cuda.empty_cache()
     return result
+
+
+def run_training(cases, backends, *, dtype, reps, fwd_only=False, log=_log, device="cuda"):
+    def progress(case, backend, row):
+        return (f"{case.label():<34} {backend.name:<14} "
+                f"fwd {_fmt(row['fwd_tflops'], '6.1f', 'TFLOP/s')} ({_fmt(row['fwd_extra_mib'], '+.1f', 'MiB')})  "
+                f"bwd {_fmt(row['bwd_tflops'], '6.1f', 'TFLOP/s')} ({_fmt(row['bwd_extra_mib'], '+.1f', 'MiB')})")
+    return _run_suite(cases, backends, lambda case: _training_inputs(case, dtype, device),
+                      lambda backend, case, inputs: measure_training(backend, case, inputs, reps, fwd_only),
+                      progress, " ", log)
 
 
 def rotation_count(case):
@@ -158,22 +168,14 @@ def measure_decode(backend, case, caches, reps):
 
 
 def run_decode(cases, backends, *, dtype, reps, log=_log, device="cuda"):
-    result = Outcome()
     gen = torch.Generator().manual_seed(0)
-    for i, case in enumerate(cases, 1):
+
+    def caches(case):
         torch.manual_seed(0)
-        caches = [make_decode_inputs(case, dtype, device=device, generator=gen) for _ in range(rotation_count(case))]
-        for backend in backends:
-            try:
-                row, detail = measure_decode(backend, case, caches, reps)
-            except NotApplicable as exc:
-                result.not_applicable.append(f"{backend.name} {case.label()}: {exc}")
-                continue
-            finally:
-                torch.cuda.empty_cache()
-            result.add(row, detail, f"{backend.name} {case.label()}: ")
-            log(f"[{i:>2}/{len(cases)}] {case.label():<26} {backend.name:<14} {_fmt(row['gbps'], '7.0f', 'GB/s')}"
-                + (f"  FAILED {detail['error']}" if "error" in detail else ""))
-        del caches
-        torch.cuda.empty_cache()
-    return result
+        return [make_decode_inputs(case, dtype, device=device, generator=gen) for _ in range(rotation_count(case))]
+
+    def progress(case, backend, row):
+        return f"{case.label():<26} {backend.name:<14} {_fmt(row['gbps'], '7.0f', 'GB/s')}"
+    return _run_suite(cases, backends, caches,
+                      lambda backend, case, inputs: measure_decode(backend, case, inputs, reps),
+                      progress, ": ", log)
