@@ -861,6 +861,14 @@ def _num_sms(device):
     return _NUM_SMS[index]
 
 
+def _new_outputs(q, v, varlen):
+    """out (q's shape with Dv last, q's dtype) and lse fp32: (Hq, Tq) packed, (B, Hq, Sq) batched."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    if varlen:
+        return out, torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    return out, torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+
+
 def planned_forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink, cu_seqlens_q=None,
                     cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """(out, lse) through the FAST plan an earlier call with this exact signature left, or None (no plan).
@@ -870,19 +878,19 @@ def planned_forward(q, k, v, *, softmax_scale, window_left, window_right, softca
     dispatch checks on repeated calls (fa4.dispatch.planned_sm90_forward)."""
     if not (launch.enabled(None) and launch.usable()) or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
         return None
-    if q.device.index != current_device():
+    key = launch.signature(q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+                           softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                           seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, variant=None)
+    return _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k)
+
+
+def _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k):
+    """(out, lse) launched from the plan stored under `key`, or None when there is none (or another device is
+    current: the plan's launcher runs on the current one)."""
+    plan = launch.lookup(key)
+    if plan is None or q.device.index != current_device():
         return None
-    plan = launch.lookup(launch.signature(
-        q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
-        sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-        max_seqlen_q=max_seqlen_q, variant=None))
-    if plan is None:
-        return None
-    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    if cu_seqlens_q is not None:
-        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    else:
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    out, lse = _new_outputs(q, v, cu_seqlens_q is not None)
     plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                                _dummy_i32(q.device)))
     return out, lse
@@ -892,14 +900,6 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
                       cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
                       max_seqlen_k=None, variant=None):
     """The backend `forward` (docs/INTERNALS.md) on the Gluon kernel; the caller has checked support."""
-    varlen = cu_seqlens_q is not None
-    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    if varlen:
-        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    else:
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
     variant = variant or {}
     fast = launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and launch.usable()
     if fast:
@@ -907,11 +907,12 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
                                window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
                                variant=variant)
-        plan = launch.lookup(key)
-        if plan is not None and q.device.index == current_device():
-            plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k,
-                                                       seqused_k, _dummy_i32(q.device)))
-            return out, lse
+        planned = _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k)
+        if planned is not None:
+            return planned
+    out, lse = _new_outputs(q, v, cu_seqlens_q is not None)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
     num_ctas = _num_sms(q.device)
     num_units, args, constexprs = launch_plan(
         q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
