@@ -159,16 +159,22 @@ def _setup_context(ctx, inputs, output):
     ctx.paged = page_table is not None
 
 
-def _backward(ctx, dout, dlse):
+def _gradients(ctx, dout, dlse, run_backward):
+    """The autograd backward of both host paths; run_backward is fa4::attn_bwd (the op) or _run_backward
+    (the eager Function), which take the same arguments."""
     if ctx.paged:
         raise RuntimeError("fa4: gradients through a paged KV cache are not supported (inference only)")
     q, k, v, out, lse, sink, cu_q, cu_k, seqused_k = ctx.saved_tensors
     max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend = ctx.options
     dlse = dlse if ctx.lse_has_grad else None
-    dq, dk, dv, dsink = attn_bwd(dout, q, k, v, out, lse, dlse, sink, cu_q, cu_k, seqused_k, max_q, max_k,
-                                 scale, left, right, softcap, deterministic, bwd_backend)
+    dq, dk, dv, dsink = run_backward(dout, q, k, v, out, lse, dlse, sink, cu_q, cu_k, seqused_k, max_q, max_k,
+                                     scale, left, right, softcap, deterministic, bwd_backend)
     dsink = dsink if sink is not None else None
     return dq, dk, dv, dsink, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _backward(ctx, dout, dlse):
+    return _gradients(ctx, dout, dlse, attn_bwd)
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -185,14 +191,12 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, cu_q, cu_k, seqused_k, page_table, max_q, max_k, scale, left, right, softcap,
-                backend, bwd_backend, deterministic, lse_has_grad):
+    def forward(ctx, *inputs):
+        (q, k, v, sink, cu_q, cu_k, seqused_k, page_table, max_q, max_k, scale, left, right, softcap, backend,
+         _bwd_backend, _deterministic, lse_has_grad) = inputs
         out, lse = _run_forward(q, k, v, sink, cu_q, cu_k, seqused_k, page_table, max_q, max_k, scale, left,
                                 right, softcap, backend)
-        ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, seqused_k)
-        ctx.options = (max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend)
-        ctx.lse_has_grad = lse_has_grad
-        ctx.paged = page_table is not None
+        _setup_context(ctx, inputs, (out, lse))
         if not lse_has_grad:
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -200,15 +204,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        if ctx.paged:
-            raise RuntimeError("fa4: gradients through a paged KV cache are not supported (inference only)")
-        q, k, v, out, lse, sink, cu_q, cu_k, seqused_k = ctx.saved_tensors
-        max_q, max_k, scale, left, right, softcap, deterministic, bwd_backend = ctx.options
-        dlse = dlse if ctx.lse_has_grad else None
-        dq, dk, dv, dsink = _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_q, cu_k, seqused_k, max_q,
-                                          max_k, scale, left, right, softcap, deterministic, bwd_backend)
-        dsink = dsink if sink is not None else None
-        return dq, dk, dv, dsink, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return _gradients(ctx, dout, dlse, _run_backward)
 
 
 _len_dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
