@@ -860,22 +860,17 @@ def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to
     # A direct launch once this signature has compiled: everything Triton specialises on is in the key (the
     # tail's values, the pointers' dtypes and 16-byte alignment); JITFunction's binding would cost more host
     # time than the kernel takes.
-    key = (index, grid, tail, dvh, tuple(constexprs.values()), tuple(x.dtype for x in head),
+    key = ("prep", index, grid, tail, tuple(constexprs.values()), tuple(x.dtype for x in head),
            tuple(x.data_ptr() % 16 == 0 for x in head))
-    prep = _PREPROCESS.get(key)
+    prep = launch.lookup(key)  # a direct_launch.Launch, kept beside the main kernel's plans
     if prep is None or prep.compiled is None:
         prep = Launch(tb._bwd_preprocess, len(head), grid, tail, constexprs, 4, 1)
         with torch.cuda.device(device):
             prep.jit(head, keep=True)
-        if len(_PREPROCESS) >= 64:
-            _PREPROCESS.clear()
-        _PREPROCESS[key] = prep
+        launch.store(key, prep)
     else:
         prep.fast([x.data_ptr() for x in head], raw_stream(index))
     return delta, lse2, dsink_part
-
-
-_PREPROCESS = {}  # preprocess launches by signature (direct_launch.Launch)
 
 
 def sink_gradient(dsink_part, sink):
