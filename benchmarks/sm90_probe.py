@@ -477,6 +477,7 @@ def _print_tables(res, timed, dims):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="D = 128 only")
+    ap.add_argument("--dims", default=None, help="comma-separated head dims (default 64,128,256)")
     ap.add_argument("--variants", default=None, help="comma-separated subset of: " + ",".join(VARIANTS))
     ap.add_argument("--no-peers", action="store_true", help="skip cuDNN, FlashAttention-4 and the Triton forward")
     ap.add_argument("--jobs", type=int, default=8, help="parallel compile+check children")
@@ -500,6 +501,8 @@ def main():
     if "base" not in names:
         names = ["base"] + names
     dims = (128, ) if args.quick else HEAD_DIMS
+    if args.dims:
+        dims = tuple(int(x) for x in args.dims.split(","))
     import torch
     import triton
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
@@ -539,7 +542,7 @@ def main():
              dict(name="api", fast_ok=fast_ok, skip_d=skip_d("base"))]
     if not args.no_peers:
         tasks += [dict(name=p) for p in PEERS]
-    trace_vs = [n for n in ("base", "q2") if n in names]
+    trace_vs = [n for n in ("base", "q2", "wg2") if n in names]
     if "trace" in names:
         # A variant is traced only at the head dims where it and the trace build passed their checks.
         tasks.append(dict(name="trace", trace_variants=trace_vs,

@@ -36,3 +36,17 @@ def test_sm90_fast_plans_usable_by_default():
     except Exception as exc:  # no Gluon in this Triton
         pytest.skip(f"sm90 kernels unavailable: {exc}")
     assert launch.usable()
+
+
+def test_launch_grid_always_has_three_dims():
+    """The compiled launcher reads grid[0..2]; a 1-D or 2-D JIT grid (the sm90 preprocess uses 2-D) must be padded,
+    or every direct launch after the first raises IndexError (seen on the H100, 2026-11-25)."""
+    import triton.language as tl
+
+    @triton.jit
+    def _k(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    for grid, want in (((5,), (5, 1, 1)), ((4, 7), (4, 7, 1)), ((2, 3, 4), (2, 3, 4))):
+        launch = direct_launch.Launch(_k, 1, grid, (9,), {"BLOCK": 16}, 4, 1)
+        assert launch.grid == want

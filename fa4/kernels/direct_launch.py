@@ -62,7 +62,9 @@ class Launch:
     __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "compiled")
 
     def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages):
-        self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, tuple(grid), tuple(tail), constexprs
+        # The compiled launcher takes all three grid dimensions; JITFunction accepts 1-D and 2-D grids.
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, grid, tuple(tail), constexprs
         self.num_warps, self.num_stages = num_warps, num_stages
         names = param_names(fn)[n_head:]
         if len(names) != len(self.tail) + len(constexprs):
