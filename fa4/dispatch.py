@@ -70,20 +70,6 @@ def _sm90_reason(q, k, v, **features):
     return sm90.unsupported_reason(q, k, v, **features)
 
 
-def _sm90_measured_faster(max_seqlen_q, window_left, window_right, head_dim):
-    """Where the H100 measured the Gluon forward's kernel ahead of the Triton one.
-
-    r3 probe (benchmarks/NOTES.md, "r3: the floor was host time"; CUDA-graph replay, kernel only, TFLOP/s):
-    the sm90 kernel runs 408-688 on every unmasked row and 403-632 on causal rows from D = 128 or S = 4096
-    on, at or above what the Triton forward reaches with its own launch cost. The exception is D = 64 causal
-    at S = 1024 (179: six 192-row query tiles per head leave the paired schedule little to balance), where the
-    Triton forward's 128-row blocks measured 204 through the whole API. The earlier S = 1024 / causal 4096
-    "collapse" was host time of the launch path, fixed in r4, not the kernel.
-    """
-    masked = window_left >= 0 or window_right >= 0
-    return not (masked and head_dim <= 64 and max_seqlen_q <= 2048)
-
-
 def _note(msg):
     if not torch.compiler.is_compiling():
         logger.debug(msg)
@@ -119,23 +105,20 @@ def choose(q, k, v, backend, **features):
 def planned_sm90_forward(q, k, v, *, max_seqlen_q, window_left, window_right, **kwargs):
     """backend=None on a call whose exact signature the sm90 forward served before: (out, lse) through its
     cached launch plan, skipping resolve_auto's checks (their outcome is fixed by that signature); None when
-    there is no such plan, the sm90 path is switched off, or the Triton forward is the measured choice."""
+    there is no such plan or the sm90 path is switched off."""
     sm90 = sys.modules.get("fa4.kernels.sm90.attention_fwd")
     if sm90 is None or os.environ.get("FA4_SM90") == "0":
-        return None
-    if not _sm90_measured_faster(max_seqlen_q, window_left, window_right, q.shape[-1]):
         return None
     return sm90.planned_forward(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
                                 window_right=window_right, **kwargs)
 
 
-def resolve_auto(q, k, v, *, max_seqlen_q, **features):
+def resolve_auto(q, k, v, **features):
     """The forward backend for backend=None on real CUDA tensors: "sm90" where it serves and is faster."""
+    # The sm90 kernel measured ahead of the Triton forward on every row of the training suite (H100,
+    # 2026-11-25; the one exception, D = 64 causal at S = 1024, went once such problems took 128-row tiles:
+    # configs.problem_config). So it serves wherever it can.
     reason = _sm90_reason(q, k, v, **features)
-    if reason is None and not _sm90_measured_faster(max_seqlen_q, features.get("window_left", -1),
-                                                     features.get("window_right", -1), q.shape[-1]):
-        reason = (f"the Triton forward measured faster at max_seqlen_q={max_seqlen_q}, head dim {q.shape[-1]} "
-                  "with this mask")
     if reason is None:
         return "sm90"
     logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")

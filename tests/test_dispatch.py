@@ -23,15 +23,6 @@ def test_explicit_backends():
         dispatch.choose(q, k, v, "sm90")
 
 
-@pytest.mark.parametrize("seqlen,left,right,head_dim,want", [
-    (1024, -1, -1, 64, True), (1024, -1, -1, 128, True), (1, -1, -1, 64, True), (16384, -1, -1, 256, True),
-    (1024, -1, 0, 64, False), (2048, 128, 0, 32, False), (4096, -1, 0, 64, True), (1024, -1, 0, 128, True),
-    (1024, -1, 0, 256, True), (16384, 128, 0, 64, True),
-])
-def test_sm90_only_where_measured_faster(seqlen, left, right, head_dim, want):
-    assert dispatch._sm90_measured_faster(seqlen, left, right, head_dim) is want
-
-
 def test_resolve_auto_falls_back_with_a_reason(caplog):
     q, k, v = _qkv()
     with caplog.at_level(logging.DEBUG, logger="fa4"):

@@ -45,6 +45,8 @@ def _shipped():
         ("d128-stagger", dict(d=128, dv=128, variant=dict(STAGGER=True))),
         ("d128-reversed-causal", dict(d=128, dv=128, causal=True, variant=dict(SCHED="reversed"))),
         ("d64-wg2-causal", dict(d=64, dv=64, causal=True, variant=dict(num_wg=2, consumer_regs=240))),
+        # The table's three-warpgroup D = 64 tile with a mask (short masked problems pick two warpgroups).
+        ("d64-wg3-causal", dict(d=64, dv=64, causal=True, variant=dict(num_wg=3, consumer_regs=160))),
         ("d256-nopingpong", dict(d=256, dv=256, variant=dict(PINGPONG=False))),
         # r2 analysis variants (benchmarks/NOTES.md, "Hopper forward (Gluon), r2 analysis"): TAIL, two Q
         # buffers (with TAIL), and the per-tile trace of the probe.
@@ -547,3 +549,20 @@ def test_backend_none_reuses_a_plan_only_for_the_same_signature(monkeypatch):
     assert dispatch.planned_sm90_forward(small["q"], small["k"], small["v"],
                                          **dict(kw, window_right=0, max_seqlen_q=200)) is None
     assert len(launched) == 1
+
+
+def test_problem_config_two_warpgroups_for_short_masked_d64():
+    """configs.problem_config: D = 64 with a mask and a visible span up to MASKED_SPAN_WG2 takes 128-row tiles;
+    unmasked, long causal, other head dims and explicit overrides keep the table's tile."""
+    def wg(d=64, wl=-1, wr=-1, sq=1024, sk=1024, **over):
+        return configs.problem_config(d, d, window_left=wl, window_right=wr, max_seqlen_q=sq, max_seqlen_k=sk,
+                                      **over).num_wg
+    table = configs.get_config(64, 64).num_wg
+    assert table == 3
+    assert wg(wr=0) == 2 and wg(wr=0, sq=4096, sk=4096) == 2
+    assert wg(wr=0, sq=16384, sk=16384) == table
+    assert wg(wl=255, wr=0, sq=16384, sk=16384) == 2  # a local window keeps the span short at any length
+    assert wg(wl=8191, wr=0, sq=16384, sk=16384) == table
+    assert wg() == table and wg(sq=16384, sk=16384) == table
+    assert wg(d=128, wr=0) == configs.get_config(128, 128).num_wg
+    assert wg(wr=0, num_wg=3, consumer_regs=160) == 3

@@ -796,19 +796,24 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     unknown = set(variant) - set(DEFAULT_VARIANT)
     if unknown:
         raise ValueError(f"unknown sm90 variant keys {sorted(unknown)}")
-    d, dv = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
-    cfg = configs.get_config(d, dv, **tile_overrides)
-    if cfg is None:
-        raise ValueError(f"no sm90 tile for head dims ({d}, {dv}) with {tile_overrides}")
     varlen = cu_seqlens_q is not None
     hq, hkv = q.shape[-2], k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         seqlen_q, seqlen_k = int(max_seqlen_q), 0
         lse_len = q.shape[0]
+        # The tile choice may depend only on what the launch plan's signature holds (max_seqlen_q, not
+        # max_seqlen_k): packed training batches have equal query and key lengths.
+        longest_k = seqlen_q
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         lse_len = seqlen_q
+        longest_k = seqlen_k
+    d, dv = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
+    cfg = configs.problem_config(d, dv, window_left=window_left, window_right=window_right, max_seqlen_q=seqlen_q,
+                                 max_seqlen_k=longest_k, **tile_overrides)
+    if cfg is None:
+        raise ValueError(f"no sm90 tile for head dims ({d}, {dv}) with {tile_overrides}")
     num_m = triton.cdiv(seqlen_q, cfg.block_m)
     windowed = window_left >= 0 or window_right >= 0
     sched = variant["SCHED"]

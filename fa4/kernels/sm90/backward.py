@@ -1,7 +1,7 @@
 """Attention backward for Hopper (sm_90a) in Gluon: the main kernel, its partitions, and the host wrapper.
 
-NOT YET RUN ON A GPU and not wired into dispatch: compiled ahead of time (tests/test_sm90_backward_aot.py)
-and awaiting tests/gpu/test_sm90_backward.py and benchmarks/sm90_bwd_probe.py.
+Dispatched for D, Dv <= 128 (dispatch.resolve_auto_backward); tests: tests/gpu/test_sm90_backward.py (GPU),
+tests/test_sm90_backward_aot.py (sm_90a compile, register and spill checks); speed: benchmarks/sm90_bwd_probe.py.
 
 The math (docs/INTERNALS.md), per query block i (rows) and resident key block j, in base 2:
 
@@ -582,6 +582,9 @@ class BwdTile:
     stages: int           # depth of the Q / dO ring
     consumer_regs: int    # setmaxnreg of the worker consumers
     loader_regs: int = 24
+    # dQ by the separate ordered pass (the deterministic one) even when not asked to be deterministic: where
+    # it measured faster than the main kernel's TMA reduce-add.
+    separate_dq: bool = False
 
     @property
     def block_n(self):
@@ -595,7 +598,11 @@ class BwdTile:
 # D = 256 has no tile: dK and dV alone would take 256 fp32 registers a thread (the plan is in the module
 # docstring).
 _TABLE = {
-    (64, 64): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240),
+    # D = 64: the separate dQ pass beat the in-kernel reduce-add on every measured row (H100, 2026-11-25,
+    # sm90_bwd_probe, TFLOP/s ordered / reduce-add: S = 4096 313 / 310, causal 294 / 266; S = 16384 355 / 327,
+    # causal 351 / 308): at D = 64 the dQ product and its 64 x 64 fp32 staging stall the consumers for a
+    # larger share of a key block's work than the second kernel's extra reads cost.
+    (64, 64): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, separate_dq=True),
     (128, 128): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240),
 }
 
@@ -747,19 +754,20 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q,
                                          None if varlen else tile.block_m)
 
-    # 2. Main kernel: dK, dV, and unless deterministic dQ, accumulated in fp32 by TMA reduce-add (clipped at
-    # the tensor's bounds: no padding needed).
-    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=device)
+    # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
+    # reduce-add (clipped at the tensor's bounds: no padding needed).
+    ordered_dq = deterministic or tile.separate_dq
+    dq_acc = None if ordered_dq else torch.zeros(q.shape, dtype=torch.float32, device=device)
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq)
     if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, planned=not tile_given, **opts):
         if not varlen:
             dk.zero_()
             dv.zero_()
 
     # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
-    if deterministic:
+    if ordered_dq:
         dq = deterministic_dq(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
                               window_left=window_left, window_right=window_right, softcap=softcap,
                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,

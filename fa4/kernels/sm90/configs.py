@@ -98,6 +98,28 @@ def get_config(d, dv, **overrides):
     return cfg if fits(cfg, d, dv) else None
 
 
+# Masked D = 64 problems with short visible spans take two warpgroups (128 query rows, 240 registers a thread)
+# instead of the table's three. H100, 2026-11-25 (sm90_probe --dims 64 --variants base,wg2, CUDA-graph replay,
+# TFLOP/s three / two warpgroups): causal S = 1024 179 / 291, S = 4096 401 / 400, S = 16384 474 / 431; non-causal
+# 408 / 412, 490 / 451, 490 / 435. The trace says why: a 192-row tile on the causal diagonal has 2-3 masked key
+# blocks of its ~5 (128 rows: 1, the walk's first block), and a masked block cost the three-warpgroup tile
+# 2.6x an unmasked one inside the key loop (4.3 vs 1.7 µs). The switch point is the visible key span per query
+# row: up to 4096 keys the masked blocks weigh enough, past it the third warpgroup's latency hiding wins.
+MASKED_SPAN_WG2 = 4096
+
+
+def problem_config(d, dv, *, window_left, window_right, max_seqlen_q, max_seqlen_k, **overrides):
+    """get_config for one problem: tile widths (d, dv), the window (-1 = unbounded) and the longest sequences.
+    Explicit overrides (a probe variant) win over the per-problem choice."""
+    if (d, dv) == (64, 64) and "num_wg" not in overrides and (window_left >= 0 or window_right >= 0):
+        span = max(max_seqlen_k, max_seqlen_q)
+        if window_left >= 0:
+            span = min(span, window_left + 1 + max(window_right, 0))
+        if span <= MASKED_SPAN_WG2:
+            overrides = dict(overrides, num_wg=2, consumer_regs=240)
+    return get_config(d, dv, **overrides)
+
+
 def shipped_configs():
     """(d, dv) pairs of the table: what the ahead-of-time test compiles."""
     return sorted(_TABLE)
