@@ -33,6 +33,12 @@ CHECKS = [  # (D, causal, deterministic, hq, hkv)
     for hq, hkv in ((4, 4), (8, 2))
 ]
 ROWS = [(128, 1024), (128, 4096), (128, 16384), (64, 4096), (64, 16384)]  # (D, S); B = 16384 / S, H = 2048 / D
+# Tile variants (--tiles): overrides of backward.BwdTile, checked and timed beside the shipped tile where they fit.
+TILES = {
+    "shared": dict(shared_dq=True),             # dQ of the CTA's whole key block, columns split over the consumers
+    "shared3": dict(shared_dq=True, stages=3),  # the same, with the freed staging memory as a third Q/dO stage
+    "sep": dict(separate_dq=True),              # dQ by the ordered pass
+}
 
 
 _CHECK_CHILD = r"""
@@ -41,7 +47,12 @@ sys.path.insert(0, "tests")
 from numerics import assert_close_rule
 from fa4 import reference
 from fa4.kernels.sm90 import backward as bwd
-for d, causal, det, hq, hkv in json.loads(sys.argv[1]):
+for d, causal, det, hq, hkv, tname, over in json.loads(sys.argv[1]):
+    tile = None
+    if over:
+        tile = bwd.get_tile(d, d, **over)
+        if tile is None:
+            continue
     res = {}
     for dtype in (torch.bfloat16, torch.float16):
         torch.manual_seed(0)
@@ -53,7 +64,7 @@ for d, causal, det, hq, hkv in json.loads(sys.argv[1]):
                     sink=None)
         out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
         dout = torch.randn_like(out).to(dtype)
-        got = bwd.backward(dout, q, k, v, out.to(dtype), lse, None, deterministic=det, **opts)
+        got = bwd.backward(dout, q, k, v, out.to(dtype), lse, None, deterministic=det, tile=tile, **opts)
         torch.cuda.synchronize()
         ref = reference.backward(dout.float(), q.float(), k.float(), v.float(), out, lse, None, **opts)
         low = reference.backward(dout, q, k, v, out.to(dtype), lse, None, compute_dtype=dtype, **opts)
@@ -66,13 +77,13 @@ for d, causal, det, hq, hkv in json.loads(sys.argv[1]):
             except AssertionError as exc:
                 errs[name] = "FAIL " + str(exc)
         res[str(dtype).split(".")[-1]] = errs
-    print("PART " + json.dumps({json.dumps([d, causal, det, hq, hkv]): res}), flush=True)
+    print("PART " + json.dumps({json.dumps([d, causal, det, hq, hkv, tname, over]): res}), flush=True)
 """
 
 _TIME_CHILD = r"""
 import json, sys, torch
 from triton.testing import do_bench
-which, rows = json.loads(sys.argv[1])
+which, rows, tiles = json.loads(sys.argv[1])
 for d, s, causal in rows:
     b, h = 16384 // s, 2048 // d
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
@@ -99,6 +110,10 @@ for d, s, causal in rows:
         from fa4.kernels.sm90 import backward as bwd
         timed("sm90", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=False, **opts))
         timed("sm90_det", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts))
+        for tname, over in tiles:
+            tile = bwd.get_tile(d, d, **over)
+            if tile is not None:
+                timed("sm90_" + tname, lambda: bwd.backward(dout, q, k, v, out, lse, None, tile=tile, **opts))
     else:
         from fa4.kernels.triton import backward as tbwd
         timed("triton", lambda: tbwd.backward(dout, q, k, v, out, lse, None, **opts))
@@ -144,13 +159,17 @@ def main():
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--time-only", action="store_true", help="skip phase 1 (after a --check-only run passed)")
     ap.add_argument("--peers", default="sdpa_cudnn,sdpa_flash,flashattn4", help="comma-separated peer names")
+    ap.add_argument("--tiles", default="", help="comma-separated tile variants to check and time: " + ",".join(TILES))
     ap.add_argument("--json")
     args = ap.parse_args()
+    tiles = [[name, TILES[name]] for name in args.tiles.split(",") if name]
     report = {"checks": [], "rows": []}
 
     print("== phase 1: correctness (numerics rule vs fa4.reference), B=2 S=1000, bf16 and fp16")
-    groups = [[c for c in CHECKS if (c[0], c[1]) == key] for key in ((128, False), (128, True), (64, False),
-                                                                       (64, True))]
+    cases = [(*c, "base", None) for c in CHECKS] + [(*c, name, over) for name, over in tiles for c in CHECKS
+                                                     if not c[2]]
+    groups = [[c for c in cases if (c[0], c[1]) == key] for key in ((128, False), (128, True), (64, False),
+                                                                      (64, True))]
     if args.time_only:
         groups = []
         print("(skipped: --time-only)")
@@ -158,9 +177,11 @@ def main():
         outcomes = list(pool.map(lambda g: _child(_CHECK_CHILD, g, timeout=180), groups))
     for group, (status, res, log, secs) in zip(groups, outcomes):
         for case in group:
-            d, causal, det, hq, hkv = case
+            d, causal, det, hq, hkv, tname, over = case
             got = res.get(json.dumps(list(case)))
-            tag = f"D={d} causal={int(causal)} det={int(det)} H={hq}/{hkv}"
+            if got is None and over and not status.startswith(("HANG", "CRASH")):
+                continue  # the variant has no tile at this head dim
+            tag = f"D={d} causal={int(causal)} det={int(det)} H={hq}/{hkv} {tname}"
             print(f"{tag:38s} {json.dumps(got) if got else 'NO RESULT (' + status + ')'}", flush=True)
             report["checks"].append(dict(case=case, status=status if got else "missing", result=got or {}))
         if status != "ok":
@@ -174,17 +195,17 @@ def main():
     print("\n== phase 2: backward TFLOP/s, bf16, B*S = 16384, H*D = 2048")
     rows = [[d, s, causal] for d, s in ROWS for causal in (False, True)]
     # Peers cannot hang: one child for all rows. The sm90 kernel gets a child per row.
-    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers:" + args.peers, rows], timeout=300)
+    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers:" + args.peers, rows, []], timeout=300)
     if st_peers != "ok":
         print(f"   peers child {st_peers}; log: " + log_peers.replace("\n", "\n   "), flush=True)
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'sm90':>7} {'sm90det':>7} {'triton':>7} {'cudnn':>7} {'fa2':>7} "
-          f"{'fa4cute':>7} | sm90 / best(cudnn, fa4cute)")
+          f"{'fa4cute':>7} | sm90 / best(cudnn, fa4cute)" + "".join(f" | {t[0]:>8}" for t in tiles))
     for d, s, causal in rows:
         key = json.dumps([d, s, causal])
         if hung:
             st, mine, log = "skipped", {}, ""
         else:
-            st, mine, log, _ = _child(_TIME_CHILD, ["sm90", [[d, s, causal]]], timeout=60)
+            st, mine, log, _ = _child(_TIME_CHILD, ["sm90", [[d, s, causal]], tiles], timeout=60 + 20 * len(tiles))
         row = dict(D=d, S=s, causal=causal, status_sm90=st, **mine.get(key, {}), **peers_res.get(key, {}))
         report["rows"].append(row)
 
@@ -198,7 +219,8 @@ def main():
         best = max([x for x in (num("sdpa_cudnn"), num("flashattn4")) if x is not None], default=None)
         ratio = f"{num('sm90') / best:.2f}x" if best and num("sm90") else "-"
         print(f"{d:4d} {s:6d} {int(causal):6d} | {cell('sm90')} {cell('sm90_det')} {cell('triton')} "
-              f"{cell('sdpa_cudnn')} {cell('sdpa_flash')} {cell('flashattn4')} | {ratio}", flush=True)
+              f"{cell('sdpa_cudnn')} {cell('sdpa_flash')} {cell('flashattn4')} | {ratio}"
+              + "".join(f" | {cell('sm90_' + t[0]):>8}" for t in tiles), flush=True)
         if st not in ("ok", "skipped"):
             print(f"   sm90 child {st}; log: " + log.replace("\n", "\n   "), flush=True)
         errs = {k: v for k, v in row.items() if isinstance(v, str) and v.startswith(("error", "n/a"))}

@@ -33,7 +33,8 @@ MAX_LDL_STL_OUTSIDE_LOOP = 64
 # left window (its mask bounds) keep a few more scalars live at the 240-register limit: ptxas reloads a few
 # values (shared-memory descriptors, bounds) from local memory in the default partition's loop, L1 hits,
 # a handful of instructions against ~2000 a step. A known cost, to be removed.
-LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 4}
+LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 4, "d96-shared-dq3-window": 6, "d128-shared-dq": 1,
+                  "d128-shared-dq-causal-gqa2": 1}
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -50,6 +51,12 @@ CASES = [
     ("d64-stages3", dict(d=64, dv=64, tile=dict(stages=3))),
     ("d96-window", dict(d=96, dv=96, window=(256, 0))),             # head dims padded to the 128 tile
     ("d40-24", dict(d=40, dv=24)),
+    # dQ shared over the consumers (one [64, D / 2] reduce-add per warpgroup), with two and three stages.
+    ("d128-shared-dq", dict(d=128, dv=128, tile=dict(shared_dq=True))),
+    ("d128-shared-dq-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, tile=dict(shared_dq=True))),
+    ("d128-shared-dq3-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True,
+                                           tile=dict(shared_dq=True, stages=3))),
+    ("d96-shared-dq3-window", dict(d=96, dv=96, window=(256, 0), tile=dict(shared_dq=True, stages=3))),
 ]
 
 @pytest.fixture(scope="module")
@@ -78,9 +85,14 @@ def test_tiles_fit():
     from fa4.kernels.sm90 import backward, configs
     for d, dv in backward.shipped_tiles():
         tile = backward.get_tile(d, dv)
+        # smem_bytes counts the dQ staging tiles (fp32, one per consumer, or one [BM, D / NWG] each when shared).
         assert tile is not None and backward.smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT
-        # The dQ staging tile (fp32, one per consumer) comes on top when dQ is accumulated by TMA.
-        assert backward.smem_bytes(tile, d, dv) + tile.num_wg * tile.block_m * d * 4 <= configs.SMEM_LIMIT
+        assert backward.smem_bytes(tile, d, dv) >= tile.block_m * d * 4 * (1 if tile.shared_dq else tile.num_wg)
+    # Sharing dQ halves the staging, which leaves room for a third Q / dO stage at D = 128; it needs two
+    # consumers and whole 128-byte column slices (D >= 128).
+    assert backward.get_tile(128, 128, stages=3) is None
+    assert backward.get_tile(128, 128, shared_dq=True, stages=3) is not None
+    assert backward.get_tile(64, 64, shared_dq=True) is None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ deterministic mode repeated 100 times and compared bitwise. Skipped without an s
 This kernel had never run on a GPU when this file was written: run it under a timeout
 (`timeout 600 python -m pytest -x -q tests/gpu/test_sm90_backward.py`), since a barrier protocol bug hangs.
 """
+import functools
+
 import pytest
 import torch
 
@@ -62,13 +64,34 @@ def test_feature_matrix(case, dtype, deterministic):
     _run(q, k, v, deterministic=deterministic, **kw)
 
 
+# dQ shared over the consumers (tile.shared_dq): the D = 128 tile's cases (D padded to 128 included), with the
+# shipped two stages and with the third stage the freed memory allows.
+SHARED_CASES = [c for c in MATRIX if 64 < max(c[5], c[6]) <= 128]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[backward_case_id(c) for c in SHARED_CASES])
+def test_shared_dq(case, dtype, stages):
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    tile = _bwd().get_tile(128, 128, shared_dq=True, stages=stages)
+    assert tile is not None
+    reason = _bwd().unsupported_reason(q, k, v, **_opts(q, kw.get("left", -1), kw.get("right", -1),
+                                                        kw.get("softcap", 0.0), kw.get("sink"), None))
+    assert reason is None, reason
+    check_backend_backward(functools.partial(_bwd().backward, tile=tile), q, k, v, **kw)
+
+
 def _cu(lens):
     return cu_seqlens(lens, DEV)
 
 
+@pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3)], ids=["shipped", "shared-dq3"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_varlen(d, causal):
+def test_varlen(d, causal, tile):
+    if tile is not None and d < 128:
+        pytest.skip("shared dQ needs the 128 tile")
     torch.manual_seed(d + causal)
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
     hq, hkv = 4, 2
@@ -77,7 +100,11 @@ def test_varlen(d, causal):
     v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
     varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
                   max_seqlen_k=max(lens_k))
-    _run(q, k, v, right=0 if causal else -1, varlen=varlen)
+    if tile is None:
+        _run(q, k, v, right=0 if causal else -1, varlen=varlen)
+    else:
+        check_backend_backward(functools.partial(_bwd().backward, tile=_bwd().get_tile(d, d, **tile)), q, k, v,
+                               right=0 if causal else -1, varlen=varlen)
 
 
 def test_seqused_k():

@@ -120,6 +120,7 @@ class BwdProblem:
     HAS_WR: gl.constexpr
     SOFTCAP: gl.constexpr
     DQ_ATOMIC: gl.constexpr
+    DQ_SHARED: gl.constexpr
     BIG: gl.constexpr
 
     @gluon.constexpr_function
@@ -127,7 +128,7 @@ class BwdProblem:
                  delta_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
-                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, BIG):
+                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, BIG):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -170,6 +171,7 @@ class BwdProblem:
         self.HAS_WR = gl.constexpr(HAS_WR)
         self.SOFTCAP = gl.constexpr(SOFTCAP)
         self.DQ_ATOMIC = gl.constexpr(DQ_ATOMIC)
+        self.DQ_SHARED = gl.constexpr(DQ_SHARED)
         self.BIG = gl.constexpr(BIG)
 
 
@@ -182,6 +184,8 @@ class BwdBuffers:
     p: gl.shared_memory_descriptor         # [NWG, BM, 64]: P of each consumer (16-bit), read transposed
     ds: gl.shared_memory_descriptor        # [NWG, BM, 64]: dS of each consumer, read transposed
     dq: gl.shared_memory_descriptor        # [NWG, *dq box] fp32: each consumer's dQ share for the TMA add
+    ds_ready: gl.shared_memory_descriptor  # [NWG, 1] (DQ_SHARED): consumer w's dS of this step is in ds[w]
+    ds_free: gl.shared_memory_descriptor   # [NWG, 1] (DQ_SHARED): the other consumer is done reading ds[w]
     kv_ready: gl.shared_memory_descriptor
     q_ready: gl.shared_memory_descriptor   # [STAGES, 1]
     q_empty: gl.shared_memory_descriptor
@@ -189,7 +193,7 @@ class BwdBuffers:
     do_empty: gl.shared_memory_descriptor
 
     @gluon.constexpr_function
-    def __init__(self, k, v, q, do, p, ds, dq, kv_ready, q_ready, q_empty, do_ready, do_empty):
+    def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty):
         self.k = k
         self.v = v
         self.q = q
@@ -197,6 +201,8 @@ class BwdBuffers:
         self.p = p
         self.ds = ds
         self.dq = dq
+        self.ds_ready = ds_ready
+        self.ds_free = ds_free
         self.kv_ready = kv_ready
         self.q_ready = q_ready
         self.q_empty = q_empty
@@ -353,8 +359,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                                         instr_shape=[16, D, 16])
     dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DV, 16])
-    DQ_PARTS: gl.constexpr = 2 if D > 64 else 1
-    DQW: gl.constexpr = D // DQ_PARTS
+    # dQ share: without DQ_SHARED this warpgroup's keys times all D columns, in DQ_PARTS column slices; with
+    # it the CTA's keys (both warpgroups' dS) times this warpgroup's D / NWG columns, in one slice.
+    DQ_PARTS: gl.constexpr = 1 if (p.DQ_SHARED or D <= 64) else 2
+    DQW: gl.constexpr = D // NWG if p.DQ_SHARED else D // DQ_PARTS
+    OTHER: gl.constexpr = (WG + 1) % NWG
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DQW, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -433,11 +442,39 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 # d(c·tanh(x/c))/dx = 1 − tanh².
                 ds = ds * (1.0 - th * th)
             ds16 = ds.to(dtype)
+            if p.DQ_SHARED:
+                # The other warpgroup's dQ product of the previous step read ds[WG]: wait until it completed
+                # (a fresh barrier passes parity 1 at once). Step `it` completes each hand-over barrier's
+                # it-th phase.
+                mbarrier.wait(bufs.ds_free.index(WG), (it & 1) ^ 1)
             # dK += dSᵀ·Q.
             ds_s.store(ds16)
             fence_async_shared()
+            if p.DQ_SHARED:
+                # Every thread's dS is written and fenced (the arrive starts with a warpgroup barrier).
+                mbarrier.arrive(bufs.ds_ready.index(WG))
             dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
-            if p.DQ_ATOMIC:
+            if p.DQ_SHARED:
+                # dQ[:, WG's columns] = dS_0·K_0[:, cols] + dS_1·K_1[:, cols]: the CTA's whole key block in
+                # one share, so one TMA reduce-add of [BM, D / NWG] per warpgroup and step instead of
+                # [BM, D]: half the fp32 traffic into L2 and half the staging stores.
+                mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
+                # Opaque buffer indices: LLVM otherwise builds the four 64-bit wgmma descriptors before the loop
+                # and keeps them live through it (spilled at 240 registers a thread).
+                dq = gl.zeros([BM, DQW], gl.float32, dq_layout)
+                for w in gl.static_range(NWG):
+                    wi = _opaque(gl.to_tensor(w))
+                    dq = warpgroup_mma(bufs.ds.index(wi), bufs.k.index(wi).reshape([N, D]).slice(WG * DQW, DQW, dim=1),
+                                       dq, use_acc=w > 0, is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                mbarrier.arrive(bufs.ds_free.index(OTHER))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
+                tma.store_wait(0)
+                dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                fence_async_shared()
+                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+            elif p.DQ_ATOMIC:
                 # dQ share = dS·K_wg in DQ_PARTS column slices (one slice's fp32 accumulator live at a
                 # time: at D = 128 the whole [64, 128] one beside dK and dV would spill), then
                 # dQ += scale · share by TMA reduce-add (element-wise atomic at L2, clipped at the
@@ -477,6 +514,14 @@ def _consumer(p, bufs, WG: gl.constexpr):
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
+
+
+@gluon.jit
+def _dq_coord(p, b, h, q_start, row, col):
+    if p.VARLEN:
+        return [q_start + row, h, col]
+    else:
+        return [b, row, h, col]
 
 
 @gluon.jit
@@ -521,7 +566,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     qk_scale, cap_scale, softmax_scale, window_left, window_right,
                     BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                    SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, BIG: gl.constexpr,
+                    SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr, BIG: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -540,6 +585,11 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(NWG):
+        mbarrier.init(ds_ready.index(w), count=1)
+        mbarrier.init(ds_free.index(w), count=1)
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
@@ -554,9 +604,9 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(seqlen_q), gl.to_tensor(seqlen_k), gl.to_tensor(num_kv_heads), gl.to_tensor(group),
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
-                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, BIG)
-    bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty, do_ready,
-                      do_empty)
+                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, BIG)
+    bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
+                      q_empty, do_ready, do_empty)
     if NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
@@ -585,6 +635,10 @@ class BwdTile:
     # dQ by the separate ordered pass (the deterministic one) even when not asked to be deterministic: where
     # it measured faster than the main kernel's TMA reduce-add.
     separate_dq: bool = False
+    # dQ of the CTA's whole key block, its columns split over the warpgroups (dS handed over in shared memory):
+    # half the reduce-add traffic of one share per warpgroup. Two warpgroups, D >= 128 (a column slice must
+    # stay a whole 128-byte swizzle row for wgmma).
+    shared_dq: bool = False
 
     @property
     def block_n(self):
@@ -608,10 +662,12 @@ _TABLE = {
 
 
 def smem_bytes(tile, d, dv, elem=2):
+    """Shared memory of the main kernel with the dQ reduce-add (the deterministic build has no dQ staging)."""
     kv = tile.block_n * (d + dv) * elem
     qdo = tile.stages * tile.block_m * (d + dv) * elem
     pds = 2 * tile.num_wg * WG_KEYS * tile.block_m * elem
-    return kv + qdo + pds + configs.SMEM_RESERVE
+    dq = tile.block_m * d * 4 * (1 if tile.shared_dq else tile.num_wg)  # fp32 staging, one tile per consumer
+    return kv + qdo + pds + dq + configs.SMEM_RESERVE
 
 
 def get_tile(d, dv, **overrides):
@@ -620,6 +676,8 @@ def get_tile(d, dv, **overrides):
     if tile is None:
         return None
     tile = replace(tile, **overrides) if overrides else tile
+    if tile.shared_dq and (tile.num_wg != 2 or d < 128):
+        return None
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
 
 
@@ -656,10 +714,10 @@ def _tma_ready(t):
     return t if ok else t.contiguous()
 
 
-def _dq_descriptor(acc, rows, varlen):
-    """TMA descriptor of the fp32 dQ accumulator (q's shape): boxes of `rows` tokens of one head; the
-    reduce-add is clipped at the tensor's bounds like a store."""
-    d = configs.tile_dim(acc.shape[-1])
+def _dq_descriptor(acc, rows, varlen, parts=1):
+    """TMA descriptor of the fp32 dQ accumulator (q's shape): boxes of `rows` tokens of one head and
+    1 / parts of the (tile) head dim; the reduce-add is clipped at the tensor's bounds like a store."""
+    d = configs.tile_dim(acc.shape[-1]) // parts
     block = [rows, 1, d] if varlen else [1, rows, 1, d]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
     return TensorDescriptor(acc, shape=list(acc.shape), strides=list(acc.stride()), block_shape=block,
@@ -690,11 +748,12 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     dummy_i32 = _dummy_i32(q.device)
     if dq_acc is None:  # deterministic: dQ comes from another kernel; a placeholder for the descriptor
         dq_acc = _dq_placeholder(tile, d, varlen, q.device)
+    shared = tile.shared_dq and not deterministic
     args = dict(
         q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
         v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
         dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
-        dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen),
+        dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1),
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
@@ -709,7 +768,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     big = max(t.numel() for t in (q, k, v, dk, dv, dq_acc)) >= 2**31
     constexprs = dict(
         BM=tile.block_m, NWG=tile.num_wg, STAGES=tile.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
-        HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, BIG=big,
+        HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, DQ_SHARED=shared,
+        BIG=big,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
@@ -743,7 +803,6 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         seqlen_k = int(max_seqlen_k)
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-    tile_given = tile is not None
     tile = tile or get_tile(configs.tile_dim(d), configs.tile_dim(dvh))
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
@@ -761,7 +820,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq)
-    if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, planned=not tile_given, **opts):
+    if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
         if not varlen:
             dk.zero_()
             dv.zero_()
@@ -803,11 +862,11 @@ def _dq_placeholder(tile, d, varlen, device):
                        device=device)
 
 
-def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, *, planned, **opts):
+def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     """Launch the main kernel (False when its grid is empty). Through the cached plan of an earlier call with
-    the same signature when `planned` (no tile override), else through JITFunction, keeping a plan."""
+    the same signature (the tile is part of it), else through JITFunction, keeping a plan."""
     varlen = opts["cu_seqlens_q"] is not None
-    fast = planned and launch.enabled(None) and launch.usable() and q.device.index == current_device()
+    fast = launch.enabled(None) and launch.usable() and q.device.index == current_device()
     key = None
     if fast:
         key = plan_signature(dout, q, k, v, tile, **opts)
