@@ -646,9 +646,9 @@ class BwdTile:
 
 
 # Registers per consumer thread at D = Dv = 128, BM = 64: dK and dV (64 + 64 fp32), S then dP (32 + 32),
-# P kept in fp32 for dS (32), then the dQ share in two 64-column halves (32). Shared memory at D = 128:
-# resident K, V 64 KiB, two Q + dO stages 64 KiB, P and dS 32 KiB, two fp32 dQ staging tiles 64 KiB
-# (224 KiB of the 227).
+# P kept in fp32 for dS (32), then the dQ share (32: [64, 64] fp32, shared or in two column halves). Shared
+# memory at D = 128: resident K, V 64 KiB, three Q + dO stages 96 KiB, P and dS 32 KiB, two fp32 [64, 64] dQ
+# staging tiles 32 KiB (224 KiB of the 227; one share per consumer would need 64 KiB of staging and two stages).
 # D = 256 has no tile: dK and dV alone would take 256 fp32 registers a thread (the plan is in the module
 # docstring).
 _TABLE = {
@@ -657,7 +657,11 @@ _TABLE = {
     # causal 351 / 308): at D = 64 the dQ product and its 64 x 64 fp32 staging stall the consumers for a
     # larger share of a key block's work than the second kernel's extra reads cost.
     (64, 64): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, separate_dq=True),
-    (128, 128): BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240),
+    # D = 128: dQ shared over the consumers and a third Q / dO stage in the staging memory that frees. H100,
+    # 2026-11-25 (sm90_bwd_probe --tiles shared,shared3, TFLOP/s one share per consumer / shared / shared + 3
+    # stages): S = 1024 327 / 348 / 349, causal 233 / 269 / 268; S = 4096 415 / 454 / 461, causal 377 / 419 /
+    # 429; S = 16384 446 / 465 / 482, causal 439 / 508 / 505.
+    (128, 128): BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, shared_dq=True),
 }
 
 
