@@ -39,6 +39,7 @@ TILES = {
     "shared3": dict(shared_dq=True, stages=3),  # the same, with the freed staging memory as a third Q/dO stage
     "sep": dict(separate_dq=True),              # dQ by the ordered pass
     "bm128": dict(block_m=128),                 # 128 queries per step (fits registers and shared memory at D = 64)
+    "early": dict(early_dp=True),               # dP issued right behind S, under the softmax
 }
 
 

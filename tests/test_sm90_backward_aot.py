@@ -36,7 +36,7 @@ MAX_LDL_STL_OUTSIDE_LOOP = 64
 # The shared-dQ tile (shipped at D = 128 since 2026-11-25) moved these by 1-2 (d96-window 4 -> 6); it measured
 # 7-16% faster on the H100 all the same.
 LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 6, "d96-shared-dq3-window": 6, "d128-shared-dq": 1,
-                  "d128-shared-dq-causal-gqa2": 1, "d128-seqused": 1}
+                  "d128-shared-dq-causal-gqa2": 1, "d128-seqused": 1, "d128-early-dp-causal": 8}
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -59,6 +59,9 @@ CASES = [
     ("d128-shared-dq3-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True,
                                            tile=dict(shared_dq=True, stages=3))),
     ("d96-shared-dq3-window", dict(d=96, dv=96, window=(256, 0), tile=dict(shared_dq=True, stages=3))),
+    # dP issued right behind S (a probe variant).
+    ("d64-early-dp-causal", dict(d=64, dv=64, causal=True, tile=dict(early_dp=True))),
+    ("d128-early-dp-causal", dict(d=128, dv=128, causal=True, tile=dict(early_dp=True))),
 ]
 
 @pytest.fixture(scope="module")

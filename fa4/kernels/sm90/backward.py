@@ -121,6 +121,7 @@ class BwdProblem:
     SOFTCAP: gl.constexpr
     DQ_ATOMIC: gl.constexpr
     DQ_SHARED: gl.constexpr
+    EARLY_DP: gl.constexpr
     BIG: gl.constexpr
 
     @gluon.constexpr_function
@@ -128,7 +129,7 @@ class BwdProblem:
                  delta_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
-                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, BIG):
+                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, BIG):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -172,6 +173,7 @@ class BwdProblem:
         self.SOFTCAP = gl.constexpr(SOFTCAP)
         self.DQ_ATOMIC = gl.constexpr(DQ_ATOMIC)
         self.DQ_SHARED = gl.constexpr(DQ_SHARED)
+        self.EARLY_DP = gl.constexpr(EARLY_DP)
         self.BIG = gl.constexpr(BIG)
 
 
@@ -406,6 +408,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
             mbarrier.wait(bufs.q_ready.index(idx), phase)
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
                               use_acc=False, is_async=True)
+            if p.EARLY_DP:
+                # dP = dO·V_wgᵀ right behind S: it runs under the softmax instead of after it (its 32 fp32
+                # registers a thread are held through the softmax).
+                mbarrier.wait(bufs.do_ready.index(idx), phase)
+                dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
             rows = m0 + row_ids
             if p.VARLEN:
                 # Rows past the sequence are the next sequence's queries: lse2 = +inf makes their P
@@ -418,7 +426,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 # past the sequence read as zeros: no mask.
                 lse2 = gl.load(p.lse2_ptr + t_base + rows)
                 delta = gl.load(p.delta_ptr + t_base + rows)
-            s = warpgroup_mma_wait(0, deps=(s, ))
+            if p.EARLY_DP:
+                s = warpgroup_mma_wait(1, deps=(s, ))  # S done, dP may still run
+            else:
+                s = warpgroup_mma_wait(0, deps=(s, ))
             # P = exp2(s·log2 e − lse2): one FFMA and one MUFU.EX2 per score.
             if p.SOFTCAP:
                 th = tanh_approx(s * p.cap_scale)
@@ -427,12 +438,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 s = s * p.qk_scale
             s = _mask(p, s, rows, kr0, m0, seq_q, seq_k)
             pr = gl.exp2(s - gl.expand_dims(lse2, 1))
-            # dP = dO·V_wgᵀ is issued only now: in flight beside S and the softmax it would hold 32 more
-            # registers a thread than D = 128 has. Then dV += Pᵀ·dO, P rounded to the input dtype as the
-            # forward's P·V rounds it.
-            mbarrier.wait(bufs.do_ready.index(idx), phase)
-            dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
+            # Without EARLY_DP, dP = dO·V_wgᵀ is issued only now (its registers are not held through the
+            # softmax). Then dV += Pᵀ·dO, P rounded to the input dtype as the forward's P·V rounds it.
+            if not p.EARLY_DP:
+                mbarrier.wait(bufs.do_ready.index(idx), phase)
+                dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
             p_s.store(pr.to(dtype))
             fence_async_shared()
             dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
@@ -566,7 +577,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     qk_scale, cap_scale, softmax_scale, window_left, window_right,
                     BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                    SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr, BIG: gl.constexpr,
+                    SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
+                    EARLY_DP: gl.constexpr, BIG: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -604,7 +616,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(seqlen_q), gl.to_tensor(seqlen_k), gl.to_tensor(num_kv_heads), gl.to_tensor(group),
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
-                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, BIG)
+                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
+                   BIG)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty)
     if NWG == 1:
@@ -639,6 +652,8 @@ class BwdTile:
     # half the reduce-add traffic of one share per warpgroup. Two warpgroups, D >= 128 (a column slice must
     # stay a whole 128-byte swizzle row for wgmma).
     shared_dq: bool = False
+    # dP issued right behind S (under the softmax) rather than after it.
+    early_dp: bool = False
 
     @property
     def block_n(self):
@@ -773,7 +788,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs = dict(
         BM=tile.block_m, NWG=tile.num_wg, STAGES=tile.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, DQ_SHARED=shared,
-        BIG=big,
+        EARLY_DP=tile.early_dp, BIG=big,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
