@@ -18,11 +18,15 @@ Launches, in order:
                              that can see the keys, for every query head of the GQA group, into a ring of
                              STAGES slots.
      consumers (NWG x 4 warps, 64 keys each; see _consumer)
-                             S and dP by async wgmma from shared memory; P, dS in registers, then in shared
-                             memory as the (transposed) A operand of dV += Pᵀ·dO and dK += dSᵀ·Q, and of
-                             this warpgroup's dQ share dS·K_wg, which is added to an fp32 accumulator by a
-                             TMA reduce-add (cp.reduce.async.bulk.tensor, one per 64 x D tile, done at L2),
-                             or skipped (deterministic).
+                             S and dP by async wgmma from shared memory (EARLY_DP: dP issued right behind S,
+                             under the softmax); P, dS in registers, then in shared memory as the
+                             (transposed) A operand of dV += Pᵀ·dO and dK += dSᵀ·Q, and of the dQ product,
+                             which is added to an fp32 accumulator by a TMA reduce-add
+                             (cp.reduce.async.bulk.tensor, done at L2), or skipped (deterministic). The dQ
+                             product is this warpgroup's keys times all D columns, or with DQ_SHARED (the
+                             D = 128 tile) the CTA's keys (both consumers' dS, handed over through shared
+                             memory with the ds_ready / ds_free barriers) times this warpgroup's D / 2
+                             columns: half the reduce-add traffic.
    dK and dV stay in registers, summed over the query heads of the GQA group, and are stored once.
 3. deterministic=True: the portable Triton dQ kernel (one program per query block, fixed key order); the
    main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
@@ -37,6 +41,9 @@ Barrier protocol (parity tracked by counters in each partition):
   kv_ready (1 arrival + tx)        loader -> consumers: K and V of the CTA are in shared memory
   q_ready/do_ready[s] (1 + tx)     loader -> consumers
   q_empty/do_empty[s] (NWG)        consumers -> loader, once the wgmma reading the slot has completed
+  ds_ready[w] (1, DQ_SHARED)       consumer w -> the other: its dS of step `it` is in ds[w] (phase it)
+  ds_free[w] (1, DQ_SHARED)        the other consumer -> w: its dQ wgmma reading ds[w] has completed; w waits
+                                   for it before writing ds[w] again (a fresh barrier passes parity 1)
 Every consumer walks the same query blocks (the range is the CTA's), so the arrival counts match.
 """
 from dataclasses import dataclass, replace
@@ -675,8 +682,11 @@ _TABLE = {
     # D = 128: dQ shared over the consumers and a third Q / dO stage in the staging memory that frees. H100,
     # 2026-11-25 (sm90_bwd_probe --tiles shared,shared3, TFLOP/s one share per consumer / shared / shared + 3
     # stages): S = 1024 327 / 348 / 349, causal 233 / 269 / 268; S = 4096 415 / 454 / 461, causal 377 / 419 /
-    # 429; S = 16384 446 / 465 / 482, causal 439 / 508 / 505.
-    (128, 128): BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, shared_dq=True),
+    # 429; S = 16384 446 / 465 / 482, causal 439 / 508 / 505. Then dP issued under the softmax (early_dp; a few
+    # L1-hit reloads in the loop, see tests/test_sm90_backward_aot.py): +1-6% (sm90_bwd_probe --tiles early:
+    # 350 -> 366, causal 272 -> 275; 455 -> 476, 429 -> 448; 485 -> 513, 502 -> 509). At D = 64 it measured
+    # -2% to +0% (321 -> 313, 349 -> 342): not taken there.
+    (128, 128): BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, shared_dq=True, early_dp=True),
 }
 
 
@@ -788,7 +798,9 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs = dict(
         BM=tile.block_m, NWG=tile.num_wg, STAGES=tile.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, DQ_SHARED=shared,
-        EARLY_DP=tile.early_dp, BIG=big,
+        # Not with varlen: its sequence bounds push the loop's reloads from local memory from 2 to 20 (a
+        # configuration the probe has not timed).
+        EARLY_DP=tile.early_dp and not varlen, BIG=big,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
