@@ -116,6 +116,31 @@ def check_backend_backward(backward, q, k, v, *, left=-1, right=-1, softcap=0.0,
     return got
 
 
+def dsink_error_ratios(backward, seeds, *, b=1, s=513, hq=8, hkv=2, d=40, dv=24, dtype=torch.bfloat16, device="cpu",
+                       deterministic=False):
+    """max |dsink − ref| / max |dsink_lowp − ref| of `backward` over fresh inputs per seed (with lse gradients).
+
+    dsink is one number per head and both errors are sums of rounding noise of the same size when the kernel
+    takes Delta from the rounded O; the kernels that take it from Σ_j P·dP instead stay far below 1."""
+    ratios = []
+    for seed in seeds:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        q, k, v = (torch.randn(b, s, h, w, device=device, dtype=dtype, generator=gen)
+                   for h, w in ((hq, d), (hkv, d), (hkv, dv)))
+        sink = torch.randn(hq, device=device, generator=gen)
+        opts = backend_options(q, sink=sink)
+        f32 = [t.float() for t in (q, k, v)]
+        ref_out, lse = reference.forward(*f32, **opts)
+        out = ref_out.to(dtype)
+        dout = torch.randn(out.shape, device=device, generator=gen).to(dtype)
+        dlse = torch.randn(lse.shape, device=device, generator=gen)
+        got = backward(dout, q, k, v, out, lse, dlse, deterministic=deterministic, **opts)[3]
+        ref = reference.backward(dout.float(), *f32, ref_out, lse, dlse, **opts)[3]
+        low = reference.backward(dout, q, k, v, out, lse, dlse, compute_dtype=dtype, **opts)[3]
+        ratios.append((got - ref).abs().max().item() / max((low - ref).abs().max().item(), 1e-30))
+    return ratios
+
+
 # Backward feature-matrix cases: (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse).
 def backward_case_id(case):
     b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case

@@ -5,7 +5,7 @@ deterministic=True repeated and compared bitwise; offsets past 2^31 elements. Sk
 import pytest
 import torch
 
-from attention_check import backward_case_id, backward_case_inputs, check_backend_backward, cu_seqlens
+from attention_check import backward_case_id, backward_case_inputs, check_backend_backward, cu_seqlens, dsink_error_ratios
 from fa4 import reference
 from fa4.kernels.triton import backward as bwd
 
@@ -107,3 +107,11 @@ def test_deterministic_repeats_bitwise():
         again = bwd.backward(dout, q, k, v, out, lse, dlse, deterministic=True, **opts)
         for a, g in zip(first, again):
             assert torch.equal(a, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sink_gradient_far_inside_the_rule(dtype):
+    """The sink gradient comes from the dQ kernel's Σ_j P·dP, not from the rounded O: over 20 fresh draws it
+    stays well inside the numerics rule (the O-based sum failed the rule in ~5% of draws in bf16)."""
+    ratios = dsink_error_ratios(bwd.backward, range(20), dtype=dtype, device=DEV)
+    assert max(ratios) < 0.5, sorted(ratios)[-3:]

@@ -840,13 +840,16 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     dk = alloc(k.shape, dtype=k.dtype, device=device)
     dv = alloc(v.shape, dtype=v.dtype, device=device)
 
+    # dQ from the ordered pass (deterministic, or the tile's choice) also gives the sink gradient, from
+    # Σ_j P·dP rather than from the rounded O; otherwise the preprocess's partial sums give it.
+    ordered_dq = deterministic or tile.separate_dq
+
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
-    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q,
-                                         None if varlen else tile.block_m)
+    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, None if ordered_dq else sink, cu_seqlens_q, batch,
+                                         seqlen_q, None if varlen else tile.block_m)
 
     # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
     # reduce-add (clipped at the tensor's bounds: no padding needed).
-    ordered_dq = deterministic or tile.separate_dq
     dq_acc = None if ordered_dq else torch.zeros(q.shape, dtype=torch.float32, device=device)
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
@@ -858,13 +861,12 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 
     # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
     if ordered_dq:
-        dq = deterministic_dq(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
-                              window_left=window_left, window_right=window_right, softcap=softcap,
-                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                              seqlen_q=seqlen_q, seqlen_k=seqlen_k)
-    else:
-        dq = dq_acc.to(q.dtype)
-    return dq, dk, dv, sink_gradient(dsink_part, sink)
+        dq, dsink = deterministic_dq(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
+                                     window_left=window_left, window_right=window_right, softcap=softcap,
+                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                                     seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse)
+        return dq, dk, dv, dsink
+    return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
 
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
@@ -980,31 +982,20 @@ def sink_gradient(dsink_part, sink):
 
 
 def deterministic_dq(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
-                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k):
-    """dQ by the portable kernel: one program per query block, keys in a fixed order (bitwise repeatable)."""
+                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None):
+    """dQ by the portable kernel: one program per query block, keys in a fixed order (bitwise repeatable).
+    Returns (dq, dsink): with a sink the same kernel gives its gradient (from Σ_j P·dP, not from O)."""
     from ..triton import backward as tb
-    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
-    t_s = tb._lse_strides(delta, varlen_q)[:2]
     d_pad = max(triton.next_power_of_2(q.shape[-1]), 16)
     dv_pad = max(triton.next_power_of_2(v.shape[-1]), 16)
     cfg = tb.default_config(q, max(d_pad, dv_pad))
-    dq = (torch.zeros if varlen_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-    cap = float(softcap)
-    batch = cu_seqlens_q.numel() - 1 if varlen_q else q.shape[0]
-    hq = q.shape[-2]
-    strides = [*tb._bsh_strides(q, varlen_q), *tb._bsh_strides(k, varlen_k), *tb._bsh_strides(v, varlen_k),
-               *tb._bsh_strides(dout, varlen_q), *tb._bsh_strides(dq, varlen_q)]
-    tb.Launch(tb._bwd_dq_kernel, (batch * hq, triton.cdiv(seqlen_q, cfg.block_m2)),
-              [q, k, v, dout, dq, lse2, delta, cu_seqlens_q if varlen_q else dummy,
-               cu_seqlens_k if varlen_k else dummy, seqused_k if seqused_k is not None else dummy, *strides,
-               *t_s, seqlen_q, seqlen_k, hq, q.shape[-1], v.shape[-1],
-               softmax_scale / cap if cap > 0 else softmax_scale * LOG2E, cap * LOG2E, softmax_scale,
-               window_left, window_right],
-              dict(GROUP=hq // k.shape[-2], VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None,
-                   HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0,
-                   EVEN_D=d_pad == q.shape[-1] and dv_pad == v.shape[-1],
-                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad,
-                   BLOCK_DV=dv_pad, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2),
-              cfg.warps2, cfg.stages2)()
-    return dq
+    dq = (torch.zeros if cu_seqlens_q is not None else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    batch, hq = (cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]), q.shape[-2]
+    parts = (torch.zeros(batch * hq, triton.cdiv(seqlen_q, cfg.block_m2), dtype=torch.float32, device=q.device)
+             if sink is not None else None)
+    tb.dq_launch(dout, q, k, v, dq, lse2, delta, cfg, softmax_scale=softmax_scale, window_left=window_left,
+                 window_right=window_right, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 seqused_k=seqused_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse,
+                 dsink_part=parts)()
+    dsink = None if parts is None else -parts.double().sum(dim=1).view(batch, hq).sum(dim=0).float()
+    return dq, dsink

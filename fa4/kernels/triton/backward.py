@@ -358,12 +358,13 @@ def _bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+def _dq_block(dq, pdp, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
               stride_ks, stride_vs, seqlen_q, seqlen_k, window_left, window_right, head_dim, head_dim_v,
               score_scale, cap_scale,
               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-              EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Add one key block's contribution to the resident query block's dQ (unscaled)."""
+              HAS_SINK: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one key block's contribution to the resident query block's dQ (unscaled) and, with a sink, to
+    pdp_i = Σ_j P_ij dP_ij (= rowsum(dO·O)_i, computed here without O's rounding)."""
     cols = start_n + offs_n
     tok = tl.cast(start_n, tl.int64)
     k = _load_tile(k_base + tok * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :],
@@ -378,24 +379,32 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, off
                            HAS_LEFT, HAS_RIGHT)
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HAS_SINK:
+        pdp += tl.sum(p * dp, axis=1)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
+    return dq, pdp
 
 
 @triton.jit
 def _bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K, SEQUSED_K,
+        Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K, SEQUSED_K, SINK, DLSE, DSINK_PART,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_tb, stride_th,
+        stride_dlb, stride_dlh, stride_dls,
         seqlen_q, seqlen_k, n_heads, head_dim, head_dim_v,
         score_scale, cap_scale, softmax_scale, window_left, window_right,
         GROUP: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-        EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_SINK: tl.constexpr, HAS_DLSE: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # With a sink (HAS_SINK) the program also writes its partial of the sink gradient to
+    # DSINK_PART[pid_bh, program_id(1)]: −dsink_h = Σ_i exp(sink_h − lse_i)·(Σ_j P_ij dP_ij − dlse_i), the
+    # preprocess's Σ_i exp(sink_h − lse_i)·Delta_i with rowsum(dO·O) replaced by the exact Σ_j P_ij dP_ij: no
+    # rounding of O in it (from O rounded to the input dtype, both this kernel's dsink and the low-precision
+    # reference's carry bf16-level noise, and the numerics rule compared two such draws).
     # Last query blocks first: under causal they see the most keys.
     pid_bh = tl.program_id(0)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -424,25 +433,37 @@ def _bwd_dq_kernel(
         k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_ks
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vs
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
         lo, full_lo, full_hi, hi = visible_key_range(start_m, q_len, k_used, window_left, window_right,
                                                      BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         for start_n in range(lo, full_lo, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
-                           stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
-                           score_scale, cap_scale, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, PRECISION)
+            dq, pdp = _dq_block(dq, pdp, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+                                stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                                score_scale, cap_scale, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_SINK, EVEN_D,
+                                PRECISION)
         for start_n in range(full_lo, full_hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
-                           stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
-                           score_scale, cap_scale, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, PRECISION)
+            dq, pdp = _dq_block(dq, pdp, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+                                stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                                score_scale, cap_scale, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_SINK, EVEN_D,
+                                PRECISION)
         for start_n in range(full_hi, hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
-                           stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
-                           score_scale, cap_scale, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, PRECISION)
+            dq, pdp = _dq_block(dq, pdp, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, offs_dv,
+                                stride_ks, stride_vs, q_len, k_used, window_left, window_right, head_dim, head_dim_v,
+                                score_scale, cap_scale, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_SINK, EVEN_D,
+                                PRECISION)
         dq *= softmax_scale
         dq_ptrs = (DQ + b64 * stride_dqb + hq64 * stride_dqh + q_tok * stride_dqs
                    + (rows - start_m)[:, None] * stride_dqs + offs_d[None, :])
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty),
                  mask=_tile_mask(rows, q_len, offs_d, head_dim, True, not EVEN_D))
+        if HAS_SINK:
+            # Rows past the sequence have lse2 = +inf: weight 0. With a sink every real row's lse is finite.
+            w = tl.exp2(tl.load(SINK + hq) * _LOG2E - lse2)
+            if HAS_DLSE:
+                dl_off = b64 * stride_dlb + hq64 * stride_dlh + (q_start + rows).to(tl.int64) * stride_dls
+                pdp -= tl.load(DLSE + dl_off, mask=rows < q_len, other=0.0)
+            part = tl.sum(tl.where(rows < q_len, w * pdp, 0.0), axis=0)
+            tl.store(DSINK_PART + pid_bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), part)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -597,7 +618,10 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     dv_pad = max(triton.next_power_of_2(head_dim_v), 16)
     cfg = config or default_config(q, max(d_pad, dv_pad))
     has_keys = k.numel() > 0 and seqlen_k > 0
-    dq_atomic = cfg.dq_atomic and not deterministic and has_keys
+    # With a sink and 16-bit inputs the dQ kernel runs: it computes the sink gradient without O's rounding
+    # (see _bwd_dq_kernel). fp32 outputs carry no such rounding, and there the preprocess's sum is as exact.
+    sink_in_dq = sink is not None and has_keys and q.dtype != torch.float32
+    dq_atomic = cfg.dq_atomic and not deterministic and has_keys and not sink_in_dq
     dummy = torch.empty(1, dtype=torch.int32, device=device)
     cu_q = cu_seqlens_q if varlen_q else dummy
     cu_k = cu_seqlens_k if varlen_k else dummy
@@ -609,7 +633,11 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)
     prep_m = 64 if dv_pad <= 128 else 32
     n_prep = triton.cdiv(seqlen_q, prep_m)
-    dsink_part = (torch.zeros(batch * n_heads, n_prep, dtype=torch.float32, device=device)
+    # Sink-gradient partial sums: from the dQ kernel (sink_in_dq), else from the preprocess (fp32 inputs, or
+    # no keys: every row then sees only the sink, O = 0 and Delta = −dlse exactly).
+    sink_in_prep = sink is not None and not sink_in_dq
+    n_parts = n_prep if sink_in_prep else triton.cdiv(seqlen_q, cfg.block_m2)
+    dsink_part = (torch.zeros(batch * n_heads, n_parts, dtype=torch.float32, device=device)
                   if sink is not None else delta)
     do_s = _bsh_strides(dout, varlen_q)
     t_s = _lse_strides(delta, varlen_q)[:2]
@@ -618,7 +646,7 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
         [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
          delta, lse2, dsink_part, cu_q, *_bsh_strides(out, varlen_q), *do_s, *_lse_strides(lse, varlen_q),
          *(_lse_strides(dlse, varlen_q) if dlse is not None else (0, 0, 0)), *t_s, seqlen_q, n_heads, head_dim_v],
-        dict(VARLEN_Q=varlen_q, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
+        dict(VARLEN_Q=varlen_q, HAS_DLSE=dlse is not None, HAS_SINK=sink_in_prep, BLOCK_M=prep_m,
              BLOCK_DV=dv_pad), num_warps=4))
 
     # dQ: an fp32 accumulator for the atomics, else written once in the input dtype by the dQ kernel.
@@ -631,7 +659,7 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
         dsink = None
         if sink is not None:
             # fp64 for the last tiny reduction: the partials may cancel, and there are only B·Sq/64 of them.
-            dsink = -dsink_part.view(batch, n_heads, n_prep).double().sum(dim=(0, 2)).float()
+            dsink = -dsink_part.view(batch, n_heads, n_parts).double().sum(dim=(0, 2)).float()
         if not has_keys:
             dk.zero_()
             dv.zero_()
@@ -663,11 +691,43 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
                  DQ_TRANSPOSED=cfg.dq_transposed, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1),
             cfg.warps1, cfg.stages1))
 
-    # 3. dQ in a fixed key order.
+    # 3. dQ in a fixed key order (and, with a sink, its gradient's partial sums).
     if not dq_atomic:
-        launches.append(Launch(
-            _bwd_dq_kernel, (batch * n_heads, triton.cdiv(seqlen_q, cfg.block_m2)),
-            [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, used, *qkv_strides, *t_s,
-             *seq_args, n_heads, head_dim, head_dim_v, *scalar_args],
-            dict(common, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2), cfg.warps2, cfg.stages2))
+        launches.append(dq_launch(dout, q, k, v, dq, lse2, delta, cfg, softmax_scale=softmax_scale,
+                                  window_left=window_left, window_right=window_right, softcap=softcap,
+                                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                                  seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink if sink_in_dq else None,
+                                  dlse=dlse, dsink_part=dsink_part))
     return launches, finish
+
+
+def dq_launch(dout, q, k, v, dq, lse2, delta, cfg, *, softmax_scale, window_left, window_right, softcap,
+              cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None, dsink_part=None):
+    """The launch of the dQ kernel (one program per (batch, query head, query block) of cfg.block_m2 rows).
+    lse2, delta: the preprocess outputs (lse's layout). With a sink, dsink_part (zeros, (batch·Hq, programs
+    along the query axis)) receives the sink gradient's partial sums, negated: dsink = −Σ parts."""
+    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
+    d_pad = max(triton.next_power_of_2(q.shape[-1]), 16)
+    dv_pad = max(triton.next_power_of_2(v.shape[-1]), 16)
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    batch = cu_seqlens_q.numel() - 1 if varlen_q else q.shape[0]
+    n_heads = q.shape[-2]
+    cap = float(softcap)
+    has_sink = sink is not None
+    strides = [*_bsh_strides(q, varlen_q), *_bsh_strides(k, varlen_k), *_bsh_strides(v, varlen_k),
+               *_bsh_strides(dout, varlen_q), *_bsh_strides(dq, varlen_q), *_lse_strides(delta, varlen_q)[:2],
+               *(_lse_strides(dlse, varlen_q) if has_sink and dlse is not None else (0, 0, 0))]
+    return Launch(
+        _bwd_dq_kernel, (batch * n_heads, triton.cdiv(seqlen_q, cfg.block_m2)),
+        [q, k, v, dout, dq, lse2, delta, cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
+         seqused_k if seqused_k is not None else dummy, sink if has_sink else lse2,
+         dlse if has_sink and dlse is not None else lse2, dsink_part if has_sink else lse2, *strides,
+         seqlen_q, seqlen_k, n_heads, q.shape[-1], v.shape[-1],
+         softmax_scale / cap if cap > 0 else softmax_scale * LOG2E, cap * LOG2E, softmax_scale,
+         window_left, window_right],
+        dict(GROUP=n_heads // k.shape[-2], VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None,
+             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0, HAS_SINK=has_sink,
+             HAS_DLSE=has_sink and dlse is not None, EVEN_D=d_pad == q.shape[-1] and dv_pad == v.shape[-1],
+             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad,
+             BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2),
+        cfg.warps2, cfg.stages2)
