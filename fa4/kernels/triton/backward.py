@@ -9,13 +9,16 @@ The math (docs/INTERNALS.md), per query row i and key j, with scores in base-2 u
     dK_j  += scale · Σ_i dS_ij Q_i,    dQ_i += scale · Σ_j dS_ij K_j
 
 Three kernels, in launch order:
-1. `_bwd_preprocess`: Delta, lse2 = lse·log2 e (+inf for empty rows, so that their P is exactly 0) and the
-   per-block partial sums of the sink gradient.
+1. `_bwd_preprocess`: Delta, lse2 = lse·log2 e (+inf for empty rows, so that their P is exactly 0) and, for
+   fp32 inputs, the per-block partial sums of the sink gradient dsink_h = −Σ_i exp(sink_h − lse_i)·Delta_i.
 2. `_bwd_dkdv_kernel`: one program per (batch, kv head, key block). K and V stay resident; the program walks
    the query heads of its GQA group and the query blocks that can see its keys, so dK/dV are summed over the
-   group in registers and written once. By default it also adds its dQ share into an fp32 buffer with atomics.
-3. `_bwd_dq_kernel` (deterministic=True, or when a config says it is faster): one program per (batch, query
-   head, query block) walks its key blocks in a fixed order, so dQ is bitwise reproducible.
+   group in registers and written once. Where the config says so it also adds its dQ share into an fp32
+   buffer with atomics.
+3. `_bwd_dq_kernel` (deterministic=True, the configs that measured it faster, and every call with a sink and
+   16-bit inputs): one program per (batch, query head, query block) walks its key blocks in a fixed order, so
+   dQ is bitwise reproducible. With a sink it also gives the sink gradient's partial sums, with
+   rowsum(dO·O)_i taken as Σ_j P_ij·dP_ij: exact where the rounded O is not (see the kernel).
 
 Blocks are split into "full" blocks (every (row, key) pair visible: no mask arithmetic) and boundary blocks
 (causal diagonal, window edges, sequence tails), which are the only ones that evaluate the mask.
