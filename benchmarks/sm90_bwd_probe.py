@@ -40,6 +40,7 @@ TILES = {
     "sep": dict(separate_dq=True),              # dQ by the ordered pass
     "bm128": dict(block_m=128),                 # 128 queries per step (fits registers and shared memory at D = 64)
     "early": dict(early_dp=True),               # dP issued right behind S, under the softmax
+    "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
 }
 
 
@@ -85,7 +86,7 @@ for d, causal, det, hq, hkv, tname, over in json.loads(sys.argv[1]):
 _TIME_CHILD = r"""
 import json, sys, torch
 from triton.testing import do_bench
-which, rows, tiles = json.loads(sys.argv[1])
+which, rows, tiles, with_sink = json.loads(sys.argv[1])
 for d, s, causal in rows:
     b, h = 16384 // s, 2048 // d
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
@@ -93,7 +94,7 @@ for d, s, causal in rows:
     shape = (b, s, h, d)
     q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
-                sink=None)
+                sink=torch.randn(h, device="cuda") if with_sink else None)
     key = json.dumps([d, s, causal])
 
     def timed(name, fn):
@@ -163,6 +164,7 @@ def main():
     ap.add_argument("--peers", default="sdpa_cudnn,sdpa_flash,flashattn4", help="comma-separated peer names")
     ap.add_argument("--tiles", default="", help="comma-separated tile variants to check and time: " + ",".join(TILES))
     ap.add_argument("--dims", default="128,64", help="comma-separated head dims of the checks and rows")
+    ap.add_argument("--sink", action="store_true", help="time fa4 with a learnable sink (peers have none)")
     ap.add_argument("--json")
     args = ap.parse_args()
     dims = [int(x) for x in args.dims.split(",")]
@@ -198,7 +200,7 @@ def main():
     print("\n== phase 2: backward TFLOP/s, bf16, B*S = 16384, H*D = 2048")
     rows = [[d, s, causal] for d, s in ROWS if d in dims for causal in (False, True)]
     # Peers cannot hang: one child for all rows. The sm90 kernel gets a child per row.
-    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers:" + args.peers, rows, []], timeout=300)
+    st_peers, peers_res, log_peers, _ = _child(_TIME_CHILD, ["peers:" + args.peers, rows, [], False], timeout=300)
     if st_peers != "ok":
         print(f"   peers child {st_peers}; log: " + log_peers.replace("\n", "\n   "), flush=True)
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'sm90':>7} {'sm90det':>7} {'triton':>7} {'cudnn':>7} {'fa2':>7} "
@@ -208,7 +210,8 @@ def main():
         if hung:
             st, mine, log = "skipped", {}, ""
         else:
-            st, mine, log, _ = _child(_TIME_CHILD, ["sm90", [[d, s, causal]], tiles], timeout=60 + 20 * len(tiles))
+            st, mine, log, _ = _child(_TIME_CHILD, ["sm90", [[d, s, causal]], tiles, args.sink],
+                                      timeout=60 + 20 * len(tiles))
         row = dict(D=d, S=s, causal=causal, status_sm90=st, **mine.get(key, {}), **peers_res.get(key, {}))
         report["rows"].append(row)
 

@@ -172,3 +172,22 @@ def test_sink_gradient_from_the_ordered_pass(d, deterministic):
     its Σ_j P·dP: over 20 fresh draws far inside the numerics rule."""
     ratios = dsink_error_ratios(_bwd().backward, range(20), d=d, dv=d, device=DEV, deterministic=deterministic)
     assert max(ratios) < 0.5, sorted(ratios)[-3:]
+
+
+# tile.sink_pdp (a probe variant, not yet the default): the D = 128 reduce-add path takes the sink gradient from
+# Σ_j P·dP summed in the main kernel.
+SINK_CASES = [c for c in MATRIX if c[10] and 64 < max(c[5], c[6]) <= 128]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", SINK_CASES, ids=[backward_case_id(c) for c in SINK_CASES])
+def test_sink_partials_in_main_kernel(case, dtype):
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    tile = _bwd().get_tile(128, 128, sink_pdp=True)
+    check_backend_backward(functools.partial(_bwd().backward, tile=tile), q, k, v, **kw)
+
+
+def test_sink_partials_far_inside_the_rule():
+    tile = _bwd().get_tile(128, 128, sink_pdp=True)
+    ratios = dsink_error_ratios(functools.partial(_bwd().backward, tile=tile), range(20), d=128, dv=128, device=DEV)
+    assert max(ratios) < 0.5, sorted(ratios)[-3:]

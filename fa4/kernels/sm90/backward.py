@@ -66,6 +66,7 @@ from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaq
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
+LOG2E_C = gl.constexpr(LOG2E)
 WG_KEYS = 64  # one m64 wgmma slab of keys per consumer warpgroup
 KEYS_PER_WG = gl.constexpr(WG_KEYS)
 
@@ -96,6 +97,8 @@ class BwdProblem:
     dv_ptr: gl.tensor
     lse2_ptr: gl.tensor
     delta_ptr: gl.tensor
+    sink_ptr: gl.tensor
+    dsink_ptr: gl.tensor
     cu_q: gl.tensor
     cu_k: gl.tensor
     seqused: gl.tensor
@@ -129,14 +132,15 @@ class BwdProblem:
     DQ_ATOMIC: gl.constexpr
     DQ_SHARED: gl.constexpr
     EARLY_DP: gl.constexpr
+    SINK_PDP: gl.constexpr
     BIG: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
-                 delta_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                 delta_ptr, sink_ptr, dsink_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
-                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, BIG):
+                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, BIG):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -148,6 +152,8 @@ class BwdProblem:
         self.dv_ptr = dv_ptr
         self.lse2_ptr = lse2_ptr
         self.delta_ptr = delta_ptr
+        self.sink_ptr = sink_ptr
+        self.dsink_ptr = dsink_ptr
         self.cu_q = cu_q
         self.cu_k = cu_k
         self.seqused = seqused
@@ -181,6 +187,7 @@ class BwdProblem:
         self.DQ_ATOMIC = gl.constexpr(DQ_ATOMIC)
         self.DQ_SHARED = gl.constexpr(DQ_SHARED)
         self.EARLY_DP = gl.constexpr(EARLY_DP)
+        self.SINK_PDP = gl.constexpr(SINK_PDP)
         self.BIG = gl.constexpr(BIG)
 
 
@@ -398,6 +405,9 @@ def _consumer(p, bufs, WG: gl.constexpr):
         mbarrier.wait(bufs.kv_ready, 0)
         idx = 0
         phase = 0
+        if p.SINK_PDP:
+            # Σ over this head's steps of exp2(sink2 − lse2_i)·Σ_{j in this warpgroup's keys} P_ij dP_ij, per row.
+            sink_rows = gl.zeros([BM], gl.float32, row_s)
         # One flat loop over (query head of the group, query block): fewer values live across it than
         # two nested loops (at 240 registers a thread every scalar counts).
         n_m = m_hi - m_lo
@@ -455,6 +465,18 @@ def _consumer(p, bufs, WG: gl.constexpr):
             fence_async_shared()
             dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
             dp = warpgroup_mma_wait(1, deps=(dp, ))
+            if p.SINK_PDP:
+                # rowsum(dO·O)_i = Σ_j P_ij dP_ij: the sink gradient's sum without O's rounding (rows past the
+                # sequence have lse2 = +inf: weight 0). Written once per head, at the head's last step.
+                w_sink = gl.exp2(gl.load(p.sink_ptr + h) * LOG2E_C - lse2)
+                sink_rows += w_sink * gl.sum(pr * dp, axis=1)
+                if it - g * n_m == n_m - 1:
+                    # Slot (batch · kv head · group + g, key block, warpgroup); the CTA indices read afresh
+                    # (not kept live through the loop).
+                    kb, bh_kv = _cta_block()
+                    gl.store(p.dsink_ptr + ((bh_kv * p.group + g) * gl.num_programs(0) + kb) * NWG + WG,
+                             gl.sum(sink_rows, axis=0))
+                    sink_rows = gl.zeros([BM], gl.float32, row_s)
             ds = pr * (dp - gl.expand_dims(delta, 1))
             if p.SOFTCAP:
                 # d(c·tanh(x/c))/dx = 1 − tanh².
@@ -579,13 +601,14 @@ _RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
 def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+                    sink_ptr, dsink_ptr,
                     cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                     qk_scale, cap_scale, softmax_scale, window_left, window_right,
                     BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
-                    EARLY_DP: gl.constexpr, BIG: gl.constexpr,
+                    EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, BIG: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -617,6 +640,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         mbarrier.init(do_empty.index(s), count=NWG)
 
     p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+                   sink_ptr, dsink_ptr,
                    cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
                    gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
                    gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
@@ -624,7 +648,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   BIG)
+                   SINK_PDP, BIG)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty)
     if NWG == 1:
@@ -661,6 +685,9 @@ class BwdTile:
     shared_dq: bool = False
     # dP issued right behind S (under the softmax) rather than after it.
     early_dp: bool = False
+    # With a sink (and dQ by reduce-add): its gradient from Σ_j P·dP in the main kernel instead of from the
+    # preprocess's rowsum(dO·O) with the rounded O (see backward_checked).
+    sink_pdp: bool = False
 
     @property
     def block_n(self):
@@ -755,7 +782,7 @@ def _dq_descriptor(acc, rows, varlen, parts=1):
 
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                deterministic=False, tile=None):
+                deterministic=False, tile=None, sink=None, dsink_part=None):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout."""
     varlen = cu_seqlens_q is not None
@@ -784,6 +811,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
         dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1),
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
+        sink_ptr=sink if dsink_part is not None else lse2, dsink_ptr=dsink_part if dsink_part is not None else lse2,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
         stride_dkb=bsh(dk)[0], stride_dks=bsh(dk)[1], stride_dkh=bsh(dk)[2],
@@ -800,7 +828,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, DQ_SHARED=shared,
         # Not with varlen: its sequence bounds push the loop's reloads from local memory from 2 to 20 (a
         # configuration the probe has not timed).
-        EARLY_DP=tile.early_dp and not varlen, BIG=big,
+        EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None, BIG=big,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
@@ -843,17 +871,25 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # dQ from the ordered pass (deterministic, or the tile's choice) also gives the sink gradient, from
     # Σ_j P·dP rather than from the rounded O; otherwise the preprocess's partial sums give it.
     ordered_dq = deterministic or tile.separate_dq
+    # tile.sink_pdp: the main kernel sums Σ_j P·dP for the sink gradient itself (per head, key block, consumer).
+    sink_in_main = sink is not None and not ordered_dq and tile.sink_pdp
 
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
-    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, None if ordered_dq else sink, cu_seqlens_q, batch,
-                                         seqlen_q, None if varlen else tile.block_m)
+    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, sink if sink is not None and not ordered_dq
+                                         and not sink_in_main else None, cu_seqlens_q, batch, seqlen_q,
+                                         None if varlen else tile.block_m)
+    main_parts = None
+    if sink_in_main:
+        main_parts = torch.zeros(batch * q.shape[-2], triton.cdiv(seqlen_k, tile.block_n), tile.num_wg,
+                                 dtype=torch.float32, device=device)
 
     # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
     # reduce-add (clipped at the tensor's bounds: no padding needed).
     dq_acc = None if ordered_dq else torch.zeros(q.shape, dtype=torch.float32, device=device)
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq)
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
+                sink=sink if sink_in_main else None, dsink_part=main_parts)
     if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
         if not varlen:
             dk.zero_()
@@ -866,6 +902,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                                      seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse)
         return dq, dk, dv, dsink
+    if sink_in_main:
+        return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
     return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
 
 
@@ -873,11 +911,12 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
              ("dv_desc", "dv"), ("dq_desc", "dq"))
 BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
-               ("cu_q", "cu_q"), ("cu_k", "cu_k"), ("seqused", "seqused"))
+               ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("cu_q", "cu_q"), ("cu_k", "cu_k"),
+               ("seqused", "seqused"))
 
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
-                   cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic):
+                   cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -886,7 +925,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             int(window_right), float(softcap),
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
-            bool(deterministic), tile)
+            bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink))
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -909,8 +948,11 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             dq = dq_acc if dq_acc is not None else _dq_placeholder(tile, configs.tile_dim(q.shape[-1]), varlen,
                                                                   q.device)
             cu_q, cu_k, used = opts["cu_seqlens_q"], opts["cu_seqlens_k"], opts["seqused_k"]
+            # Without the sink partials both sink slots hold lse2 (as launch_plan puts them).
+            parts = opts["dsink_part"]
             plan.launch(q.device.index, plan.bind(dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
+                sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
                 seqused=used if used is not None else dummy)))
             return True
@@ -971,6 +1013,18 @@ def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to
     else:
         prep.fast([x.data_ptr() for x in head], raw_stream(index))
     return delta, lse2, dsink_part
+
+
+def sink_gradient_from_pdp(parts, sink, lse, dlse, batch):
+    """dsink from the main kernel's partials (tile.sink_pdp): parts (batch · Hq, key blocks, consumers) hold
+    Σ_i exp(sink_h − lse_i)·Σ_j P_ij dP_ij, and −dsink_h = that − Σ_i exp(sink_h − lse_i)·dlse_i (with a sink
+    every row's lse is finite). fp64 for the last reductions."""
+    dsink = parts.view(batch, sink.numel(), -1).double().sum(dim=(0, 2))
+    if dlse is not None:
+        heads_first = lse.dim() == 2  # varlen lse: (Hq, tokens); batched: (B, Hq, Sq)
+        s = sink.double().view(-1, 1) if heads_first else sink.double().view(1, -1, 1)
+        dsink = dsink - (torch.exp(s - lse.double()) * dlse.double()).sum(dim=1 if heads_first else (0, 2))
+    return (-dsink).float()
 
 
 def sink_gradient(dsink_part, sink):

@@ -13,7 +13,7 @@ from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sam
 
 
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, varlen=False,
-                   gqa=1, seqused=False, deterministic=False, tile=None):
+                   gqa=1, seqused=False, deterministic=False, tile=None, sink_partials=False):
     """Compile one configuration of attn_bwd_kernel for sm_90a; returns triton's CompiledKernel."""
     b, s, hq = SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS * gqa
     q, k, v, cu = sample_inputs(d, dv, dtype, varlen=varlen, gqa=gqa)
@@ -32,7 +32,8 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         window_right=right, softcap=softcap, cu_seqlens_q=cu, cu_seqlens_k=cu,
         seqused_k=torch.full((b, ), s, dtype=torch.int32) if seqused else None,
         max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, deterministic=deterministic,
-        tile=tile_obj)
+        tile=tile_obj, sink=torch.zeros(hq) if sink_partials else None,
+        dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(fn=backward.attn_bwd_kernel, signature=signature, constexprs=constexprs)
