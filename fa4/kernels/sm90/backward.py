@@ -32,10 +32,21 @@ Launches, in order:
    main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
 4. dQ: the fp32 accumulator (already scaled) cast to the input dtype.
 
-D = 256 has no tile (see _TABLE). The plan: dK and dV split by columns over the two warpgroups (each
-holds dK[:, half] and dV[:, half] for all 64 keys of a block: 128 fp32 registers), S and dP computed once
-per block and shared through shared memory, dQ by TMA reduce-add of [64, 256] tiles (a 64 KiB fp32 staging
-tile would not fit beside K, V, Q, dO: reduce in two 128-column halves through one 32 KiB tile).
+D = 256 has no tile (see _TABLE; the Triton backward serves it). The plan, with its shared-memory budget
+(227 KiB) worked out in session 3:
+  - a CTA keeps 64 keys; consumer w owns head-dim columns c_w = [128w, 128w + 128): dK[:, c_w] and dV[:, c_w]
+    (64 + 64 fp32 registers a thread), and dQ[:, c_w] in two [64, 64] parts (32 each, one at a time);
+  - per query block (BM = 64) each consumer computes the partial products over its columns,
+    S_w = Q[:, c_w]·K[:, c_w]ᵀ and dP_w = dO[:, c_w]·V[:, c_w]ᵀ; consumer 1 hands S_1 and dP_1 (fp32,
+    32 KiB) to consumer 0 through shared memory; consumer 0 forms P and dS and writes them (16-bit, 16 KiB)
+    for both; then each: dV[:, c_w] += Pᵀ·dO[:, c_w], dK[:, c_w] += dSᵀ·Q[:, c_w], dQ[:, c_w] = dS·K[:, c_w]
+    by TMA reduce-add. Five products of 1 MFLOP per consumer and step; consumer 0 also does the 64 x 64
+    elementwise work;
+  - shared memory: K, V 64 KiB; P, dS 16 KiB; the fp32 hand-over tile doubles as the dQ staging (consumer 0
+    has read the partials before either stages dQ: the hand-over barriers order it) 32 KiB; that leaves room
+    for two Q stages and one dO stage (96 KiB): 208 KiB. Two full Q/dO stages (128 KiB) do not fit.
+  - barriers beyond the D = 128 kernel's: part_ready (1 -> 0), pds_ready (0 -> 1), and their "free" pairs
+    for reuse, in the style of ds_ready / ds_free.
 
 Barrier protocol (parity tracked by counters in each partition):
   kv_ready (1 arrival + tx)        loader -> consumers: K and V of the CTA are in shared memory
