@@ -29,11 +29,13 @@ def _opts(q, left, right, softcap, sink, varlen):
     return backend_options(q, left, right, softcap, sink, varlen)
 
 
-def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, varlen=None, **kw):
-    """Kernel backward vs the fp32 reference and the reference in the input dtype (its scope checked first)."""
+def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, varlen=None, tile=None, **kw):
+    """Kernel backward vs the fp32 reference and the reference in the input dtype (its scope checked first);
+    tile: a backward.BwdTile other than the shipped one."""
     reason = _bwd().unsupported_reason(q, k, v, **_opts(q, left, right, softcap, sink, varlen))
     assert reason is None, reason
-    return check_backend_backward(_bwd().backward, q, k, v, left=left, right=right, softcap=softcap, sink=sink,
+    backward = _bwd().backward if tile is None else functools.partial(_bwd().backward, tile=tile)
+    return check_backend_backward(backward, q, k, v, left=left, right=right, softcap=softcap, sink=sink,
                                   varlen=varlen, **kw)
 
 
@@ -76,10 +78,7 @@ def test_shared_dq(case, dtype, stages):
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = _bwd().get_tile(128, 128, shared_dq=True, stages=stages)
     assert tile is not None
-    reason = _bwd().unsupported_reason(q, k, v, **_opts(q, kw.get("left", -1), kw.get("right", -1),
-                                                        kw.get("softcap", 0.0), kw.get("sink"), None))
-    assert reason is None, reason
-    check_backend_backward(functools.partial(_bwd().backward, tile=tile), q, k, v, **kw)
+    _run(q, k, v, tile=tile, **kw)
 
 
 def _cu(lens):
@@ -100,11 +99,8 @@ def test_varlen(d, causal, tile):
     v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
     varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
                   max_seqlen_k=max(lens_k))
-    if tile is None:
-        _run(q, k, v, right=0 if causal else -1, varlen=varlen)
-    else:
-        check_backend_backward(functools.partial(_bwd().backward, tile=_bwd().get_tile(d, d, **tile)), q, k, v,
-                               right=0 if causal else -1, varlen=varlen)
+    _run(q, k, v, right=0 if causal else -1, varlen=varlen,
+         tile=None if tile is None else _bwd().get_tile(d, d, **tile))
 
 
 def test_seqused_k():
@@ -183,8 +179,7 @@ SINK_CASES = [c for c in MATRIX if c[10] and 64 < max(c[5], c[6]) <= 128]
 @pytest.mark.parametrize("case", SINK_CASES, ids=[backward_case_id(c) for c in SINK_CASES])
 def test_sink_partials_in_main_kernel(case, dtype):
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    tile = _bwd().get_tile(128, 128, sink_pdp=True)
-    check_backend_backward(functools.partial(_bwd().backward, tile=tile), q, k, v, **kw)
+    _run(q, k, v, tile=_bwd().get_tile(128, 128, sink_pdp=True), **kw)
 
 
 def test_sink_partials_far_inside_the_rule():

@@ -886,8 +886,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     sink_in_main = sink is not None and not ordered_dq and tile.sink_pdp
 
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
-    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, sink if sink is not None and not ordered_dq
-                                         and not sink_in_main else None, cu_seqlens_q, batch, seqlen_q,
+    prep_sink = None if ordered_dq or sink_in_main else sink
+    delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
                                          None if varlen else tile.block_m)
     main_parts = None
     if sink_in_main:
