@@ -15,7 +15,10 @@ Sections printed:
  3. split counts for each row's best config of section 2 and for the config the public call picks;
  4. host path: per call, back-to-back eager calls against CUDA-graph replay of the same call (eager ≈ max(host,
     GPU) time: equal columns mean the host is hidden), and do_bench of the public call against do_bench of its
-    graph replay (equal GB/s mean `fa4 bench` sees only GPU time).
+    graph replay (equal GB/s mean `fa4 bench` sees only GPU time);
+ 5. (only when asked: --sections 5) the merge fused into the attention kernel against the two-launch path, and
+    every figure (with a bare read of the same bytes and the SDPA peers) under do_bench's memset flush and under
+    a read-only flush.
 Each config's output is compared with the public call's; a mismatch is printed as MISMATCH.
 """
 import argparse
@@ -96,6 +99,26 @@ def peers(q, k, v):
     return res
 
 
+def read_flush_ms(fn, quick, flush_bytes=256 << 20):
+    """Median ms of fn with L2 flushed before each call by a read-only pass over 256 MB (its lines are clean, so
+    the timed call pays no write-back of the flush; do_bench's memset leaves up to the L2's size dirty)."""
+    buf = read_flush_ms.__dict__.get("buf")
+    if buf is None:
+        buf = read_flush_ms.buf = torch.ones(flush_bytes // 4, device="cuda", dtype=torch.float32)
+    reps = 25 if quick else 100
+    for _ in range(5):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        buf.sum()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
 def capture(fn):
     """A CUDA graph of one call of fn (warmed up on a side stream first, as torch.cuda.graph asks)."""
     side = torch.cuda.Stream()
@@ -126,7 +149,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--layouts", default="paged,contiguous")
-    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4")
+    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4 (5: merge and flush)")
     args = ap.parse_args()
     layouts = [x == "paged" for x in args.layouts.split(",")]
     import triton
@@ -241,6 +264,40 @@ def main():
         print(f"B={batch:<4} L={length:<6} {'paged' if paged else 'contig'}  back to back: eager {eager * 1e3:6.1f} us"
               f"  graph {replay * 1e3:6.1f} us   do_bench: public {pub:5.0f} GB/s  graph {gra:5.0f} GB/s", flush=True)
         q = k = v = table = graph = None  # free this row's cache before the next row's
+        torch.cuda.empty_cache()
+
+    if 5 in sections:
+        print("\n## 5. merge and flush: fa4 with the merge fused into the attention kernel vs the two-launch path "
+              "(attention + combine.py), and every figure under two L2 flushes: do_bench's (a 256 MB memset, which "
+              "leaves dirty lines the timed call must write back) and a read-only flush (a 256 MB sum: clean "
+              "lines). 'read' is a bare read of the same K+V bytes (torch sum), the ceiling for the row; GB/s",
+              flush=True)
+        print(f"{'B':>4} {'L':>6} {'layout':>6} | {'flush':>6} | {'read':>5} {'fused':>5} {'2-launch':>8} "
+              f"{'flash':>5} {'cudnn':>5}", flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts if 5 in sections else ()):
+        q, k, v, lens, table = make_inputs(batch, length, paged)
+        out = torch.empty_like(q)
+        inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
+        cfg, splits = public_choice()
+        fns = {}
+        kv_flat = (k.view(-1), v.view(-1))
+        fns["read"] = lambda: (kv_flat[0].sum(dtype=torch.float32), kv_flat[1].sum(dtype=torch.float32))
+        for merged in (True, False):
+            decode.FUSED_MERGE = merged
+            fns["fused" if merged else "2-launch"] = kernel_call(q, k, v, lens, table, out, splits, decode.Config(*cfg))
+        decode.FUSED_MERGE = True
+        if not paged:
+            fns.update({name: fn for name, fn in peers(q, k, v).items() if callable(fn)})
+        for flush in ("memset", "read"):
+            res = {name: gbps(batch, length, bench_ms(fn, args.quick) if flush == "memset" else
+                              read_flush_ms(fn, args.quick)) for name, fn in fns.items()}
+            records.append(dict(section="merge-flush", B=batch, L=length, paged=paged, flush=flush, splits=splits,
+                                **{f"{name}_gbps": val for name, val in res.items()}))
+            cell = lambda name, w: f"{res[name]:{w}.0f}" if name in res else f"{'-':>{w}}"  # noqa: E731
+            print(f"{batch:>4} {length:>6} {'paged' if paged else 'contig':>6} | {flush:>6} | {cell('read', 5)} "
+                  f"{cell('fused', 5)} {cell('2-launch', 8)} {cell('sdpa_flash', 5)} {cell('sdpa_cudnn', 5)}"
+                  f"   (splits {splits})", flush=True)
+        q = k = v = table = out = fns = kv_flat = None
         torch.cuda.empty_cache()
 
     if args.json:
