@@ -16,9 +16,8 @@ Sections printed:
  4. host path: per call, back-to-back eager calls against CUDA-graph replay of the same call (eager ≈ max(host,
     GPU) time: equal columns mean the host is hidden), and do_bench of the public call against do_bench of its
     graph replay (equal GB/s mean `fa4 bench` sees only GPU time);
- 5. (only when asked: --sections 5) the merge fused into the attention kernel against the two-launch path, and
-    every figure (with a bare read of the same bytes and the SDPA peers) under do_bench's memset flush and under
-    a read-only flush.
+ 5. (only when asked: --sections 5) fa4, a bare read of the same bytes and the SDPA peers under do_bench's memset
+    flush and under a read-only flush (what the dirty lines of the memset cost each row).
 Each config's output is compared with the public call's; a mismatch is printed as MISMATCH.
 """
 import argparse
@@ -149,9 +148,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--layouts", default="paged,contiguous")
-    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4 (5: merge and flush)")
+    ap.add_argument("--batches", default="", help="only the suite rows with these batch sizes, e.g. 1,8")
+    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4 (5: L2 flush methods)")
     args = ap.parse_args()
     layouts = [x == "paged" for x in args.layouts.split(",")]
+    global SUITE
+    if args.batches:
+        SUITE = [(b, n) for b, n in SUITE if str(b) in args.batches.split(",")]
     import triton
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
@@ -267,13 +270,12 @@ def main():
         torch.cuda.empty_cache()
 
     if 5 in sections:
-        print("\n## 5. merge and flush: fa4 with the merge fused into the attention kernel vs the two-launch path "
-              "(attention + combine.py), and every figure under two L2 flushes: do_bench's (a 256 MB memset, which "
-              "leaves dirty lines the timed call must write back) and a read-only flush (a 256 MB sum: clean "
-              "lines). 'read' is a bare read of the same K+V bytes (torch sum), the ceiling for the row; GB/s",
+        print("\n## 5. L2 flush: fa4's public call, a bare read of the same K+V bytes (torch sum) and the SDPA "
+              "peers under do_bench's flush (a 256 MB memset, which leaves up to the L2's size of dirty lines that "
+              "the timed call must write back) and under a read-only flush (a 256 MB sum: clean lines); GB/s",
               flush=True)
-        print(f"{'B':>4} {'L':>6} {'layout':>6} | {'flush':>6} | {'read':>5} {'fused':>5} {'2-launch':>8} "
-              f"{'flash':>5} {'cudnn':>5}", flush=True)
+        print(f"{'B':>4} {'L':>6} {'layout':>6} | {'flush':>6} | {'read':>5} {'fa4':>5} {'flash':>5} {'cudnn':>5}",
+              flush=True)
     for (batch, length), paged in itertools.product(SUITE, layouts if 5 in sections else ()):
         q, k, v, lens, table = make_inputs(batch, length, paged)
         out = torch.empty_like(q)
@@ -282,20 +284,17 @@ def main():
         fns = {}
         kv_flat = (k.view(-1), v.view(-1))
         fns["read"] = lambda: (kv_flat[0].sum(dtype=torch.float32), kv_flat[1].sum(dtype=torch.float32))
-        for merged in (True, False):
-            decode.FUSED_MERGE = merged
-            fns["fused" if merged else "2-launch"] = kernel_call(q, k, v, lens, table, out, splits, decode.Config(*cfg))
-        decode.FUSED_MERGE = True
+        fns["fa4"] = kernel_call(q, k, v, lens, table, out, splits, decode.Config(*cfg))
         if not paged:
             fns.update({name: fn for name, fn in peers(q, k, v).items() if callable(fn)})
         for flush in ("memset", "read"):
             res = {name: gbps(batch, length, bench_ms(fn, args.quick) if flush == "memset" else
                               read_flush_ms(fn, args.quick)) for name, fn in fns.items()}
-            records.append(dict(section="merge-flush", B=batch, L=length, paged=paged, flush=flush, splits=splits,
+            records.append(dict(section="flush", B=batch, L=length, paged=paged, flush=flush, splits=splits,
                                 **{f"{name}_gbps": val for name, val in res.items()}))
             cell = lambda name, w: f"{res[name]:{w}.0f}" if name in res else f"{'-':>{w}}"  # noqa: E731
             print(f"{batch:>4} {length:>6} {'paged' if paged else 'contig':>6} | {flush:>6} | {cell('read', 5)} "
-                  f"{cell('fused', 5)} {cell('2-launch', 8)} {cell('sdpa_flash', 5)} {cell('sdpa_cudnn', 5)}"
+                  f"{cell('fa4', 5)} {cell('sdpa_flash', 5)} {cell('sdpa_cudnn', 5)}"
                   f"   (splits {splits})", flush=True)
         q = k = v = table = out = fns = kv_flat = None
         torch.cuda.empty_cache()

@@ -353,20 +353,14 @@ def _count_launches(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("splits,new,merged,expect", [
-    (1, 0, True, ["_decode_kernel"]),
-    (3, 0, True, ["_decode_kernel"]),
-    (3, 0, False, ["_decode_kernel", "_combine_kernel"]),
-    (1, 1, True, ["_append_kv_kernel", "_decode_kernel"]),
-    (2, 2, True, ["_append_kv_kernel", "_decode_kernel"]),
-    (2, 2, False, ["_append_kv_kernel", "_decode_kernel", "_combine_kernel"]),
-], ids=["unsplit", "split", "split-combine", "append-unsplit", "append-split", "append-split-combine"])
-def test_launches_per_call(splits, new, merged, expect, monkeypatch):
-    """Split steps merge in the attention kernel (or, with FUSED_MERGE off, in a combine launch); the append runs
-    only with new keys; a repeated signature skips the checks."""
-    from fa4.kernels.triton import decode
-    monkeypatch.setattr(decode, "FUSED_MERGE", merged)
-    monkeypatch.setattr(inference, "_steps", type(inference._steps)())  # Steps built under this setting only
+@pytest.mark.parametrize("splits,new,expect", [
+    (1, 0, ["_decode_kernel"]),
+    (3, 0, ["_decode_kernel", "_combine_kernel"]),
+    (1, 1, ["_append_kv_kernel", "_decode_kernel"]),
+    (2, 2, ["_append_kv_kernel", "_decode_kernel", "_combine_kernel"]),
+], ids=["unsplit", "split", "append-unsplit", "append-split"])
+def test_launches_per_call(splits, new, expect, monkeypatch):
+    """The combine runs only when split, the append only with new keys; a repeated signature skips the checks."""
     q, k_cache, v_cache, lens, kw = _make(batch=1, capacity=64, seqlen_new=new, page_size=16)
     seen = _count_launches(monkeypatch)
     flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=splits, **kw)
@@ -413,12 +407,11 @@ class _FakeLauncher:
         self.log.append(((gx, gy, gz), stream, function, args))
 
 
-@pytest.mark.parametrize("splits,merged", [(1, True), (2, True), (2, False)])
-def test_direct_launch_arguments(splits, merged, monkeypatch):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_direct_launch_arguments(splits, monkeypatch):
     """Once compiled, a Step launches the kept kernels with raw pointers, the per-call int and its fixed tail;
     an unaligned pointer sends the call back through JITFunction. CUDA is simulated (device index 0)."""
     from fa4.kernels.triton import decode
-    monkeypatch.setattr(decode, "FUSED_MERGE", merged)
     q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=64, page_size=16)
     out = torch.empty(*q.shape[:3], v_cache.shape[-1])
     step = inference.make_step(inference._check_static(
@@ -432,31 +425,25 @@ def test_direct_launch_arguments(splits, merged, monkeypatch):
     monkeypatch.setattr(decode, "_current_device", lambda: 0)
     monkeypatch.setattr(decode, "_raw_stream", lambda index: 77)
     res, lse = step(q, k_cache, v_cache, None, None, None, None, lens, None, kw["page_table"], None, out, 0)
-    launches = 2 if splits > 1 and not merged else 1
-    assert res is out and lse is None and len(log) == launches == len(step.launches)
+    assert res is out and lse is None and len(log) == splits
     grid, stream, function, args = log[0]
     ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), None)
     assert grid == step.attend.grid and stream == 77 and function == "function0"
-    assert args[:5] == ptrs and args[8:15] == (None, lens.data_ptr(), None, kw["page_table"].data_ptr(), None, None, 0)
-    assert args[15:] == step.attend.tail_all
+    assert args[:5] == ptrs and args[7:14] == (None, lens.data_ptr(), None, kw["page_table"].data_ptr(), None, None, 0)
+    assert args[14:] == step.attend.tail_all
     if splits > 1:
         ws = decode._workspaces[(q.device, 77)]
         assert args[5] == ws.data_ptr() and args[6] == ws.data_ptr() + 4 * step.ws_lse_offset
-        if merged:
-            arrivals = decode._arrivals[(q.device, 77)]
-            assert args[7] == arrivals.data_ptr() and arrivals.numel() >= step.attend.grid[0] * step.attend.grid[2]
-        else:
-            assert args[7] is None
-            assert log[1][3] == (args[5], args[6], out.data_ptr(), None, None) + step.combine.tail_all
+        assert log[1][3] == (args[5], args[6], out.data_ptr(), None, None) + step.combine.tail_all
     else:
-        assert args[5:8] == (None, None, None)
+        assert args[5:7] == (None, None)
     # A q whose address is not 16-byte aligned (same shape and strides) must not reach the kept kernel.
     log.clear()
     jit = []
     monkeypatch.setattr(decode.Launch, "jit", lambda self, head, keep: jit.append(keep))
     q_off = torch.empty(q.numel() + 1)[1:].view(q.shape).copy_(q)
     step(q_off, k_cache, v_cache, None, None, None, None, lens, None, kw["page_table"], None, out, 0)
-    assert not log and jit == [False] * launches
+    assert not log and jit == [False] * splits
 
 
 def _binding_report():
@@ -471,10 +458,8 @@ def _binding_report():
     backend = make_backend(GPUTarget("cuda", 90, 32))
     problems = []
     dt = torch.bfloat16
-    for paged, splits, new, rotary, lse, merged in [(16, 3, 2, True, True, True), (None, 1, 1, False, False, True),
-                                                    (128, 4, 0, False, True, True), (None, 1, 0, True, False, True),
-                                                    (16, 3, 2, True, True, False)]:
-        decode.FUSED_MERGE = merged
+    for paged, splits, new, rotary, lse in [(16, 3, 2, True, True), (None, 1, 1, False, False),
+                                            (128, 4, 0, False, True), (None, 1, 0, True, False)]:
         batch, cap, hkv, d = 2, 256, 2, 128
         q = torch.zeros(batch, max(new, 1), 8, d, dtype=dt)
         if paged:
@@ -489,14 +474,11 @@ def _binding_report():
                            page_table=table, rotary_cos=cos, rotary_sin=cos, rotary_interleaved=True,
                            rotary_per_token=True, softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0,
                            sink=None, num_splits=splits, config=decode.Config(64, 4, 3))
-        decode.FUSED_MERGE = True
         part = torch.zeros(16, dtype=torch.float32)
-        arrivals = torch.zeros(16, dtype=torch.int32) if step.merged else None
         lse_t = torch.zeros(batch, 8, q.shape[1]) if lse else None
         heads = {step.append: lambda n: (k, k, k_cache, k_cache, lens, None, table, cos, cos, n),
                  step.attend: lambda n: (q, k_cache, k_cache, out, lse_t, part if splits > 1 else None,
-                                         part if splits > 1 else None, arrivals, None, lens, None, table, cos, cos,
-                                         n),
+                                         part if splits > 1 else None, None, lens, None, table, cos, cos, n),
                  step.combine: lambda n: (part, part, out, lse_t, None)}
         for launch in step.launches:
             fn = launch.fn
@@ -677,9 +659,7 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits):
         config=decode.Config(block_n, num_warps, num_stages))
     part = torch.zeros(step.ws_numel if splits > 1 else 16, dtype=torch.float32)
     launch, cfg = step.attend, step.config
-    arrivals = torch.zeros(16, dtype=torch.int32) if step.merged else None
-    args = launch.args((q, k_cache, k_cache, out, None, part, part, arrivals, None, lens, None, table, None, None,
-                        0))
+    args = launch.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
     consts = launch.constexprs
     fn = decode._decode_kernel
     signature, attrs, constexprs = {}, {}, dict(consts)
@@ -702,8 +682,7 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits):
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     return dict(regs=int(re.search(r"REG:(\d+)", res).group(1)), local=int(re.search(r"LOCAL:(\d+)", res).group(1)),
-                ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared,
-                fences=len(re.findall(r"\*/\s+MEMBAR\.ALL\.GPU", sass)), arrivals=len(re.findall(r"ATOMG\.E\.ADD", sass)))
+                ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared)
 
 
 # (page size, splits, regime): contiguous split; paged 128 unsplit (one tile per page); paged 16 split (per-key
@@ -741,9 +720,6 @@ def test_decode_kernel_compiles_for_sm90(case, aot_reports):
     assert rep["ldgsts128"] > 0, rep
     if AOT_CASES[case][2] == "split":
         assert 2 * (rep["smem"] + 1024) <= 228 * 1024, rep
-    # Split: the fused merge's arrival (one atomic) between two GPU-scope fences that every thread executes.
-    split = AOT_CASES[case][1] > 1
-    assert (rep["arrivals"], rep["fences"] >= 2) == ((1, True) if split else (0, False)), rep
 
 
 def decode_config_h100(regime):

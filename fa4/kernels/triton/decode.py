@@ -52,7 +52,7 @@ def _tile_pages(pt_row, start_n, end, offs_n, page_size, PAGE_ALIGNED: tl.conste
 # for Triton): their code is never generated. seqlen_fixed follows the pointers so that a launch's per-call values
 # form its head (see Launch).
 @triton.jit(do_not_specialize=["batch", "seqlen_fixed", "seqlen_new"])
-def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Arrivals, Sink,
+def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    CacheSeqlens, CacheBatchIdx, PageTable, Cos, Sin,
                    seqlen_fixed,
                    stride_qb, stride_qs, stride_qh,
@@ -64,7 +64,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Arrivals, Sink,
                    qk_scale, cap_scale, cap_log2, window_left, window_right,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, MERGE: tl.constexpr, FENCE: tl.constexpr, WRITE_LSE: tl.constexpr,
+                   SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr,
                    HAS_SEQLENS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
                    PAGE_ALIGNED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
@@ -186,76 +186,18 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Arrivals, Sink,
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
-    o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
-    lrow = (b.to(tl.int64) * (num_heads_kv * group) + head) * seqlen_q + tok  # lse is contiguous (B, Hq, Sq)
     if SPLIT:
         # Partials are contiguous (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq).
-        split_rows = batch.to(tl.int64) * seqlen_q * (num_heads_kv * group)
-        prow = ((b.to(tl.int64) * seqlen_q + tok) * (num_heads_kv * group) + head)
-        tl.store(LsePartial + split * split_rows + prow, lse, mask=row_ok)
-        tl.store(OutPartial + (split * split_rows + prow)[:, None] * HEAD_DV + offs_dv[None, :], out, mask=o_mask)
-        if MERGE:
-            # The last split of this (sequence, kv head, row block) to finish merges all of them, so a split
-            # step is one launch: no second kernel's launch gap and ramp. Arrival protocol (the classic
-            # last-block pattern): every thread fences its partial stores at GPU scope, the CTA synchronises,
-            # then one atomic counts the arrival; the program that sees num_splits - 1 fences again (acquire)
-            # and reads the partials from L2 (.cg: L1 is not coherent across SMs). It resets the counter, so
-            # the buffer is all zeros between launches (CUDA-graph replay needs no memset).
-            if FENCE:
-                _gpu_fence(pid_m)
-            tl.debug_barrier()
-            slot = Arrivals + (pid_bh * tl.num_programs(2) + pid_m)
-            arrived = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                tl.store(slot, 0)
-                if FENCE:
-                    _gpu_fence(pid_m)
-                _merge_splits(OutPartial, LsePartial, Sink, Out, Lse, prow, o_rows, lrow, head, row_ok, o_mask,
-                              offs_dv, split_rows, num_splits, HEAD_DV, BLOCK_M, BLOCK_DV, HAS_SINK, WRITE_LSE)
+        prow = ((split * batch + b).to(tl.int64) * seqlen_q + tok) * (num_heads_kv * group) + head
+        tl.store(LsePartial + prow, lse, mask=row_ok)
+        tl.store(OutPartial + prow[:, None] * HEAD_DV + offs_dv[None, :], out, mask=o_mask)
     else:
+        o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
         tl.store(Out + o_rows[:, None] + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
         if WRITE_LSE:
+            # lse is contiguous (B, Hq, Sq).
+            lrow = (b.to(tl.int64) * (num_heads_kv * group) + head) * seqlen_q + tok
             tl.store(Lse + lrow, lse, mask=row_ok)
-
-
-@triton.jit
-def _gpu_fence(x):
-    """fence.acq_rel.gpu on every thread: orders its global stores before (and loads after) the arrival."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _merge_splits(OutPartial, LsePartial, Sink, Out, Lse, prow, o_rows, lrow, head, row_ok, o_mask, offs_dv,
-                  split_rows, num_splits, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """The merge of combine.py for one block of packed rows, online over the splits (natural log):
-    lse = log(Σ_s exp(lse_s) [+ exp(sink)]), out = Σ_s exp(lse_s - lse) o_s; the sink seeds (m, l) = (sink, 1)."""
-    if HAS_SINK:
-        m = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32)
-        l = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    else:
-        m = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-        l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for s in range(0, num_splits):
-        srow = s * split_rows + prow
-        lse_s = tl.load(LsePartial + srow, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o_s = tl.load(OutPartial + srow[:, None] * HEAD_DV + offs_dv[None, :], mask=o_mask, other=0.0,
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp(-inf - 0) = 0, no NaN
-        alpha = tl.exp(m - m_sub)
-        w = tl.exp(lse_s - m_sub)
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        l = l * alpha + w
-        m = m_new
-    empty = l == 0.0
-    l_safe = tl.where(empty, 1.0, l)
-    tl.store(Out + o_rows[:, None] + offs_dv[None, :], (acc / l_safe[:, None]).to(Out.dtype.element_ty),
-             mask=o_mask)
-    if WRITE_LSE:
-        tl.store(Lse + lrow, tl.where(empty, float("-inf"), m + tl.log(l_safe)), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,30 +279,6 @@ def _workspace_on(device, stream, numel):
     return buf
 
 
-# Arrival counters of the fused merge (one int32 per (sequence, kv head, row block)), per (device, stream), zero
-# between launches (the last split of each slot resets it), grown like the workspace and never freed.
-_arrivals = {}
-
-
-def _arrivals_on(device, stream, numel):
-    key = (device, stream)
-    buf = _arrivals.get(key)
-    if buf is None or buf.numel() < numel:
-        if buf is not None:
-            _retired.append(buf)
-        buf = torch.zeros(max(numel, 2 * buf.numel() if buf is not None else 0), dtype=torch.int32, device=device)
-        _arrivals[key] = buf
-    return buf
-
-
-# The CPU interpreter has no inline PTX: the merge's fences are compiled only for the GPU.
-_INTERPRETED = not isinstance(_decode_kernel, triton.runtime.jit.JITFunction)
-
-# Split steps merge their partials in the attention kernel (the last split to finish; see _decode_kernel) rather
-# than in a second launch of combine.py. Read when a Step is built; benchmarks/tune_decode.py flips it to compare.
-FUSED_MERGE = True
-
-
 def _workspace(device, numel):
     return _workspace_on(device, _raw_stream(device.index) if device.type == "cuda" else 0, numel)
 
@@ -411,7 +329,7 @@ class Step:
                 page_table=page_table, rotary_cos=rotary_cos, rotary_interleaved=rotary_interleaved))
 
         self.attend = self.combine = None
-        self.split = self.merged = False
+        self.split = False
         rows = seqlen_q * group
         if batch * rows * num_heads_kv:
             cfg = config or default_config(q.device, q.dtype, head_d, head_dv)
@@ -431,24 +349,20 @@ class Step:
                     softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
             constexprs = dict(
                 HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
-                BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, MERGE=split and FUSED_MERGE,
-                FENCE=not _INTERPRETED, WRITE_LSE=want_lse,
+                BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
                 HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
                 PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
                 HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
                 ROTARY_PER_TOKEN=bool(rotary_per_token),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-            self.attend = Launch(_decode_kernel, 15, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
-            self.merged = split and FUSED_MERGE
-            self.arrivals_numel = grid[0] * grid[2]
+            self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
                 part_rows = num_splits * batch * seqlen_q * num_heads
                 self.ws_numel = part_rows * (head_dv + 1)
                 self.ws_lse_offset = part_rows * head_dv  # elements; x 4 bytes keeps 16-byte alignment (Dv % 8 = 0)
                 row = num_heads * head_dv
-            if split and not self.merged:
                 self.combine = Launch(combine._combine_kernel, 5, *combine.combine_launch(
                     num_splits=num_splits, batch=batch, seqlen=seqlen_q, num_heads=num_heads, head_dv=head_dv,
                     partial_strides=(batch * seqlen_q * row, seqlen_q * row, row, head_dv),
@@ -481,7 +395,7 @@ class Step:
         stream = _raw_stream(self.device_index)
         p_q, p_k, p_v, p_o = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
         bits = p_q | p_k | p_v | p_o
-        p_lse = p_sink = p_lens = p_idx = p_table = p_cos = p_sin = p_op = p_lp = p_arr = None
+        p_lse = p_sink = p_lens = p_idx = p_table = p_cos = p_sin = p_op = p_lp = None
         if lse is not None:
             p_lse = lse.data_ptr()
             bits |= p_lse
@@ -506,14 +420,12 @@ class Step:
         if self.split:
             p_op = _workspace_on(self.device, stream, self.ws_numel).data_ptr()
             p_lp = p_op + 4 * self.ws_lse_offset
-            if self.merged:
-                p_arr = _arrivals_on(self.device, stream, self.arrivals_numel).data_ptr()
         if bits & 15:
             return False
         if self.append is not None:
             self.append.fast((p_kn, p_vn, p_k, p_v, p_lens, p_idx, p_table, p_cos, p_sin, seqlen_fixed), stream)
         if self.attend is not None:
-            self.attend.fast((p_q, p_k, p_v, p_o, p_lse, p_op, p_lp, p_arr, p_sink, p_lens, p_idx, p_table, p_cos, p_sin,
+            self.attend.fast((p_q, p_k, p_v, p_o, p_lse, p_op, p_lp, p_sink, p_lens, p_idx, p_table, p_cos, p_sin,
                               seqlen_fixed), stream)
             if self.combine is not None:
                 self.combine.fast((p_op, p_lp, p_o, p_lse, p_sink), stream)
@@ -523,13 +435,10 @@ class Step:
         """Launches through JITFunction (first call, CPU interpreter, torch.compile, launch hooks, unaligned
         pointers, another current device), keeping the compiled kernels when every pointer is 16-byte aligned."""
         index = self.device_index
-        op = lp = arr = None
+        op = lp = None
         if self.split:
-            stream = _raw_stream(index) if index is not None else 0
-            ws = _workspace_on(self.device, stream, self.ws_numel)
+            ws = _workspace_on(self.device, _raw_stream(index) if index is not None else 0, self.ws_numel)
             op, lp = ws, ws[self.ws_lse_offset:]
-            if self.merged:
-                arr = _arrivals_on(self.device, stream, self.arrivals_numel)
         tensors = (q, k_cache, v_cache, out, lse, op, lp, sink, lens, batch_idx, table, cos, sin, k, v)
         keep = (index is not None and not torch.compiler.is_compiling()
                 and not any(t.data_ptr() & 15 for t in tensors if t is not None))
@@ -538,7 +447,7 @@ class Step:
             if self.append is not None:
                 self.append.jit((k, v, k_cache, v_cache, lens, batch_idx, table, cos, sin, seqlen_fixed), keep)
             if self.attend is not None:
-                self.attend.jit((q, k_cache, v_cache, out, lse, op, lp, arr, sink, lens, batch_idx, table, cos, sin,
+                self.attend.jit((q, k_cache, v_cache, out, lse, op, lp, sink, lens, batch_idx, table, cos, sin,
                                  seqlen_fixed), keep)
                 if self.combine is not None:
                     self.combine.jit((op, lp, out, lse, sink), keep)
