@@ -41,6 +41,7 @@ TILES = {
     "bm128": dict(block_m=128),                 # 128 queries per step (fits registers and shared memory at D = 64)
     "early": dict(early_dp=True),               # dP issued right behind S, under the softmax
     "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
+    "pingpong": dict(ping_pong=True),           # the consumers take turns issuing (S, dP), then (dV, dK, dQ)
 }
 
 

@@ -7,6 +7,9 @@
    mask), mirrored in Python, covers every visible pair and never skips a mask it needs.
 3. The kernel's algorithm, emulated block by block in torch (padded lse2 / Delta, masks only where the
    bookkeeping asks, dQ summed over key slabs, dK / dV over the GQA group), matches fa4.reference.backward.
+4. The consumers' barrier protocol (Q / dO ring, DQ_SHARED hand-over, PING_PONG turns), modelled in Python
+   and run under random schedules: no deadlock, no parity wait off by two phases, no buffer overwritten
+   while read.
 """
 import math
 import os
@@ -41,7 +44,12 @@ TOTAL_ALLOWANCE = {"d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 9
 LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-window": 8, "d128-shared-dq": 4,
                   "d128-shared-dq-causal-gqa2": 8, "d128-seqused": 5, "d128-early-dp-causal": 8, "d128-plain": 4,
                   "d128-causal": 8, "d128-gqa4-fp16": 4, "d128-sink-partials": 14,
-                  "d128-sink-partials-causal-gqa2": 16}
+                  "d128-sink-partials-causal-gqa2": 16,
+                  # ping_pong at D = 128 (2026-11-26): as the shipped tile where it issues the same products
+                  # (plain 4, causal 7 against 8). With varlen it still issues dP beside S (its first turn), which
+                  # early_dp alone does not do there: 12 reloads of wgmma descriptors (L1 hits) against 0.
+                  "d128-pingpong": 4, "d128-pingpong-causal-gqa2": 7, "d128-pingpong-varlen-causal": 12,
+                  "d128-pingpong-unshared": 1, "d96-pingpong-window": 7}
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -71,6 +79,23 @@ CASES = [
     ("d128-sink-partials", dict(d=128, dv=128, tile=dict(sink_pdp=True), sink_partials=True)),
     ("d128-sink-partials-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, tile=dict(sink_pdp=True),
                                             sink_partials=True)),
+    # The consumers taking turns (tile.ping_pong, a probe variant): the shipped tiles plus ping_pong. At D = 64
+    # "ordered" is what the shipped separate_dq tile launches (no dQ product in the main kernel); the reduce-add
+    # build is checked too. At D = 128 also one dQ share per consumer in two column slices (the turn passes
+    # after the first).
+    ("d64-pingpong-ordered", dict(d=64, dv=64, deterministic=True, tile=dict(ping_pong=True))),
+    ("d64-pingpong-ordered-varlen-causal", dict(d=64, dv=64, varlen=True, causal=True, deterministic=True,
+                                                tile=dict(ping_pong=True))),
+    ("d64-pingpong", dict(d=64, dv=64, tile=dict(ping_pong=True))),
+    ("d64-pingpong-window-softcap-gqa2", dict(d=64, dv=64, window=(100, 50), softcap=30.0, gqa=2,
+                                              tile=dict(ping_pong=True))),
+    ("d128-pingpong", dict(d=128, dv=128, tile=dict(ping_pong=True))),
+    ("d128-pingpong-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, tile=dict(ping_pong=True))),
+    ("d128-pingpong-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, tile=dict(ping_pong=True))),
+    ("d128-pingpong-ordered-causal", dict(d=128, dv=128, causal=True, deterministic=True,
+                                          tile=dict(ping_pong=True))),
+    ("d128-pingpong-unshared", dict(d=128, dv=128, tile=dict(ping_pong=True, shared_dq=False, stages=2))),
+    ("d96-pingpong-window", dict(d=96, dv=96, window=(256, 0), tile=dict(ping_pong=True))),
 ]
 
 @pytest.fixture(scope="module")
@@ -107,6 +132,28 @@ def test_tiles_fit():
     assert backward.get_tile(128, 128, shared_dq=False, stages=3) is None
     assert backward.get_tile(128, 128, shared_dq=True, stages=3) is not None
     assert backward.get_tile(64, 64, shared_dq=True) is None
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+@pytest.mark.parametrize("d", [64, 128])
+def test_ping_pong_plumbing(d):
+    """tile.ping_pong reaches the kernel as PING_PONG (off for the shipped tiles and with one consumer), and
+    the tile, part of the launch plan's signature, keeps the two builds' cached plans apart."""
+    from fa4.kernels.sm90 import backward
+    t, tile = _bwd_case(3, d, False, False)
+    on = backward.get_tile(d, d, ping_pong=True)
+    one = backward.get_tile(d, d, ping_pong=True, num_wg=1, shared_dq=False)
+
+    def constexprs(tl):
+        return backward.launch_plan(t["dout"], t["q"], t["k"], t["v"], t["dq"], t["dk"], t["dv"], t["lse2"],
+                                    t["delta"], softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0,
+                                    tile=tl)[2]
+    assert on is not None and on.ping_pong and not tile.ping_pong and one is not None
+    assert constexprs(on)["PING_PONG"] and not constexprs(tile)["PING_PONG"] and not constexprs(one)["PING_PONG"]
+    sig = dict(softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+               seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, deterministic=False)
+    assert (backward.plan_signature(t["dout"], t["q"], t["k"], t["v"], on, **sig)
+            != backward.plan_signature(t["dout"], t["q"], t["k"], t["v"], tile, **sig))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,6 +210,137 @@ def test_query_ranges_cover_and_masks(bm, nwg):
                     # have P = 0 through lse2 = +inf; keys past seq_k always take the mask).
                     block = vis[m0:min(m0 + bm, seq_q), kr0:kr0 + SLAB]
                     assert block.shape[1] == SLAB and block.all(), (seq_q, seq_k, wl, wr, n0, kr0, m0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The consumers' barrier protocol (ping-pong turns, the DQ_SHARED hand-over, the Q / dO ring), modelled in
+# Python with the kernel's parities and run under random schedules: no deadlock, no parity wait fooled by a
+# barrier two phases away, no buffer overwritten while read.
+# ---------------------------------------------------------------------------------------------------------
+
+class _Bar:
+    """An mbarrier: `count` arrivals complete a phase; a parity wait passes once the phase of that parity has
+    completed, i.e. while the current phase's parity differs (a fresh barrier passes parity 1)."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.done = count, 0, 0
+
+    def arrive(self):
+        self.pending += 1
+        if self.pending == self.count:
+            self.done, self.pending = self.done + 1, 0
+
+
+def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, turn_before_hand_over=False):
+    """One random interleaving of the loader and the consumers over `steps` Q/dO steps, in the kernel's order of
+    barrier operations (_consumer, _loader; Q and dO as one load). Returns None, or what went wrong. To show
+    what the kernel must not do: steps_of(w), a consumer's own step count; turn_before_hand_over, the second
+    turn taken before dS is handed over."""
+    rng = np.random.default_rng(seed)
+    steps_of = steps_of or (lambda w: steps)
+    q_ready = [_Bar(1) for _ in range(stages)]
+    q_empty = [_Bar(nwg) for _ in range(stages)]
+    ds_ready, ds_free, turn = ([_Bar(1) for _ in range(nwg)] for _ in range(3))
+    tma = []                   # loads in flight: the slot whose q_ready they complete
+    slot_users = [set() for _ in range(stages)]
+    reading_ds = [set() for _ in range(nwg)]   # consumers whose dQ wgmma reads ds[w]
+    errors = []
+
+    def wait(bar, parity, need):
+        # `need`: completed phases the waiter means to wait for, counted independently of the parity formula.
+        while True:
+            if bar.done not in (need - 1, need) or parity != (need - 1) & 1:
+                errors.append(f"parity wait on a barrier {bar.done} phases done, meant {need} (parity {parity})")
+            if (bar.done & 1) != parity:
+                return
+            yield "blocked"
+
+    def loader():
+        for it in range(steps):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(q_empty[idx], phase ^ 1, it // stages)
+            if slot_users[idx]:
+                errors.append(f"slot {idx} reloaded while consumers {slot_users[idx]} read it")
+            tma.append(idx)
+
+    def consumer(w):
+        turn0 = 1 if w == 0 else 0
+        nxt = other = (w + 1) % nwg  # NEXT_WG and OTHER
+        waits = 0  # this consumer's turn waits so far
+        for it in range(steps_of(w)):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(q_ready[idx], phase, it // stages + 1)
+            slot_users[idx].add(w)
+            if ping_pong:  # turn 2·it: S and dP
+                yield from wait(turn[w], turn0, waits + (w > 0))
+                waits += 1
+                turn[nxt].arrive()
+            yield  # exp2, dS
+            if ping_pong and turn_before_hand_over:
+                yield from wait(turn[w], turn0 ^ 1, waits + (w > 0))
+                waits += 1
+            if shared:
+                yield from wait(ds_free[w], (it & 1) ^ 1, it)
+                if any(reading_ds[w]):
+                    errors.append(f"ds[{w}] rewritten while read")
+                ds_ready[w].arrive()
+            if ping_pong and not turn_before_hand_over:  # turn 2·it + 1: dV, dK, dQ
+                yield from wait(turn[w], turn0 ^ 1, waits + (w > 0))
+                waits += 1
+            if shared:
+                yield from wait(ds_ready[other], it & 1, it + 1)
+                reading_ds[other].add(w)
+            if ping_pong:
+                turn[nxt].arrive()
+            yield  # warpgroup_mma_wait(0)
+            if shared:
+                reading_ds[other].discard(w)
+                ds_free[other].arrive()
+            slot_users[idx].discard(w)
+            q_empty[idx].arrive()
+
+    def _state():
+        return [(b.pending, b.done) for b in q_ready + q_empty + ds_ready + ds_free + turn], len(tma)
+
+    procs = [loader()] + [consumer(w) for w in range(nwg)]
+    blocked = set()  # processes found blocked since the last change of state
+    while procs or tma:
+        if tma and (not procs or rng.random() < 0.3):  # a load lands
+            q_ready[tma.pop(int(rng.integers(len(tma))))].arrive()
+            blocked.clear()
+            continue
+        proc = procs[int(rng.integers(len(procs)))]
+        before = _state()
+        try:
+            # Blocked: it found a barrier short and changed nothing on the way there.
+            if next(proc) == "blocked" and _state() == before:
+                blocked.add(proc)
+            else:
+                blocked.clear()
+        except StopIteration:
+            procs.remove(proc)
+            blocked.clear()
+        if errors:
+            return errors[0]
+        if procs and not tma and blocked == set(procs):
+            return "deadlock"
+    return None
+
+
+@pytest.mark.parametrize("nwg,stages,shared", [(2, 2, False), (2, 3, True), (2, 2, True), (3, 2, False)])
+@pytest.mark.parametrize("ping_pong", [False, True])
+def test_consumer_protocol_model(nwg, stages, shared, ping_pong):
+    for seed in range(60):
+        for steps in (0, 1, 2, 3, 7):
+            assert _protocol_run(seed, nwg, stages, steps, shared, ping_pong) is None, (seed, steps)
+
+
+def test_protocol_model_catches_what_the_kernel_avoids():
+    """The model fails the orders the kernel avoids: a consumer skipping a step (say, one whose keys a causal
+    mask hides from a query block) starves the other's turn wait; taking the second turn before handing dS
+    over (DQ_SHARED) deadlocks, since the turn holder waits for the other's dS, which waits for the turn."""
+    assert all(_protocol_run(seed, 2, 2, 4, False, True, steps_of=lambda w: 4 - w) == "deadlock" for seed in range(10))
+    assert all(_protocol_run(seed, 2, 2, 3, True, True, turn_before_hand_over=True) == "deadlock" for seed in range(10))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -85,11 +85,12 @@ def _cu(lens):
     return cu_seqlens(lens, DEV)
 
 
-@pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3)], ids=["shipped", "shared-dq3"])
+@pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3), dict(ping_pong=True)],
+                         ids=["shipped", "shared-dq3", "pingpong"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen(d, causal, tile):
-    if tile is not None and d < 128:
+    if tile is not None and tile.get("shared_dq") and d < 128:
         pytest.skip("shared dQ needs the 128 tile")
     torch.manual_seed(d + causal)
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
@@ -101,6 +102,50 @@ def test_varlen(d, causal, tile):
                   max_seqlen_k=max(lens_k))
     _run(q, k, v, right=0 if causal else -1, varlen=varlen,
          tile=None if tile is None else _bwd().get_tile(d, d, **tile))
+
+
+# tile.ping_pong (a probe variant): the shipped tile of each head dim with the consumers taking turns. Causal with
+# Sq != Sk and GQA (a key block's two 64-key slices see different parts of the causal band, some query blocks none
+# of one slice: both consumers must still take every turn), odd lengths, Sq = 1, windows, a sink; varlen is in
+# test_varlen. At D = 64 the shipped tile's dQ is the ordered pass either way (no dQ product in the main kernel).
+PINGPONG_CASES = [
+    (2, 1024, 1024, 4, 4, 64, 64, -1, -1, 0.0, False, False),
+    (2, 1000, 1000, 8, 2, 64, 64, -1, 0, 0.0, False, True),
+    (1, 1543, 777, 4, 2, 64, 64, -1, 0, 0.0, False, True),         # Sq > Sk: leading rows see nothing
+    (1, 1200, 1200, 4, 2, 64, 64, 100, 50, 30.0, False, True),     # window both sides + softcap
+    (2, 1024, 1024, 4, 4, 128, 128, -1, -1, 0.0, False, False),
+    (2, 1000, 1000, 8, 2, 128, 128, -1, 0, 0.0, False, True),
+    (1, 777, 1543, 8, 1, 128, 128, -1, 0, 0.0, True, True),        # Sq < Sk, MQA, sink
+    (2, 1, 3001, 8, 2, 128, 128, -1, 0, 0.0, False, False),        # Sq = 1: one query block per key block
+    (1, 1500, 1500, 4, 4, 96, 96, 256, 0, 0.0, False, False),      # sliding window, D padded to 128
+]
+
+
+def _ping_pong_tile(case, **over):
+    from fa4.kernels.sm90 import configs
+    tile = _bwd().get_tile(configs.tile_dim(case[5]), configs.tile_dim(case[6]), ping_pong=True, **over)
+    assert tile is not None and tile.ping_pong
+    return tile
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", PINGPONG_CASES, ids=[backward_case_id(c) for c in PINGPONG_CASES])
+def test_ping_pong(case, dtype, deterministic):
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    _run(q, k, v, tile=_ping_pong_tile(case), deterministic=deterministic, **kw)
+
+
+# The turn placements of the other dQ builds: at D = 64 the in-kernel reduce-add (dQ in the second turn), at
+# D = 128 one dQ share per consumer in two column slices (the turn passes after the first).
+@pytest.mark.parametrize("over", [dict(separate_dq=False), dict(shared_dq=False, stages=2)],
+                         ids=["d64-reduce-add", "d128-unshared"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ping_pong_dq_builds(over, causal):
+    d = 64 if "separate_dq" in over else 128
+    case = (2, 1000, 1000, 8, 2, d, d, -1, 0 if causal else -1, 0.0, False, True)
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    _run(q, k, v, tile=_ping_pong_tile(case, **over), **kw)
 
 
 def test_seqused_k():

@@ -27,6 +27,9 @@ Launches, in order:
                              D = 128 tile) the CTA's keys (both consumers' dS, handed over through shared
                              memory with the ds_ready / ds_free barriers) times this warpgroup's D / 2
                              columns: half the reduce-add traffic.
+                             PING_PONG (tile.ping_pong, opt-in): the consumers take turns issuing their
+                             wgmmas, two product groups a step (S with dP; then dV, dK, dQ), so that one
+                             warpgroup's exp2 and dS run while the tensor core works on the other's group.
    dK and dV stay in registers, summed over the query heads of the GQA group, and are stored once.
 3. deterministic=True: the portable Triton dQ kernel (one program per query block, fixed key order); the
    main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
@@ -55,7 +58,28 @@ Barrier protocol (parity tracked by counters in each partition):
   ds_ready[w] (1, DQ_SHARED)       consumer w -> the other: its dS of step `it` is in ds[w] (phase it)
   ds_free[w] (1, DQ_SHARED)        the other consumer -> w: its dQ wgmma reading ds[w] has completed; w waits
                                    for it before writing ds[w] again (a fresh barrier passes parity 1)
-Every consumer walks the same query blocks (the range is the CTA's), so the arrival counts match.
+  turn[w] (1, PING_PONG)           consumer w-1 -> w (cyclically): "your turn to issue"; consumer 0 starts.
+Every consumer walks the same query blocks (the range is the CTA's, from the key block's first key n0, not the
+warpgroup's 64-key slice: under a causal or window mask a slice that sees none of a query block still takes that
+step, its P masked to 0), so the arrival counts match.
+
+PING_PONG. Why: both warpgroups' wgmmas run on the same four tensor cores of the SM (a warpgroup's wgmma
+occupies all four sub-partitions). Issued freely they interleave, both finish late, and both warpgroups then do
+their exp2 / dS with the tensor core idle; at D = 64 that elementwise work is comparable to the products.
+Turns order them: consumer w issues group 1 (S, dP), hands the turn on, does exp2 and dS while the others'
+groups run, and issues group 2 (dV, dK, dQ) at its next turn.
+Invariant: every consumer takes exactly two turns per step (no mask, sequence end or flag skips one; the flags
+only change what a turn issues), over the same number of steps (above), and nothing else in the kernel is
+persistent. So consumer w's k-th turn wait (from 0) is answered by consumer w-1's k-th arrival (consumer 0's by
+the last consumer's (k-1)-th; its 0-th passes on the fresh barrier), and the strict rotation keeps a turn
+barrier at most one phase ahead of its waiter: a parity wait is exact (two turns a step, so the parity of each
+is the same every step).
+Deadlock-free: a consumer waits for Q / dO before taking its turn (the loader refills a slot once the
+consumers released it STAGES steps earlier, which needs no later turn), and while holding a turn it waits only
+for the other consumer's dS of the same step (DQ_SHARED), which that consumer writes before its own second
+turn, needing only its first turn (already passed) and ds_free of the previous step. The last arrival (on
+turn[0]) is never waited for; the grid is not persistent, so no later walk sees it. A Python model of these
+barriers runs under random schedules in tests/test_sm90_backward_aot.py (update it with any change of order).
 """
 from dataclasses import dataclass, replace
 
@@ -144,6 +168,7 @@ class BwdProblem:
     DQ_SHARED: gl.constexpr
     EARLY_DP: gl.constexpr
     SINK_PDP: gl.constexpr
+    PING_PONG: gl.constexpr
     BIG: gl.constexpr
 
     @gluon.constexpr_function
@@ -151,7 +176,7 @@ class BwdProblem:
                  delta_ptr, sink_ptr, dsink_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
-                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, BIG):
+                 HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -199,6 +224,7 @@ class BwdProblem:
         self.DQ_SHARED = gl.constexpr(DQ_SHARED)
         self.EARLY_DP = gl.constexpr(EARLY_DP)
         self.SINK_PDP = gl.constexpr(SINK_PDP)
+        self.PING_PONG = gl.constexpr(PING_PONG)
         self.BIG = gl.constexpr(BIG)
 
 
@@ -218,9 +244,11 @@ class BwdBuffers:
     q_empty: gl.shared_memory_descriptor
     do_ready: gl.shared_memory_descriptor
     do_empty: gl.shared_memory_descriptor
+    turn: gl.shared_memory_descriptor      # [NWG, 1] (PING_PONG): consumer w may issue its next product group
 
     @gluon.constexpr_function
-    def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty):
+    def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty,
+                 turn):
         self.k = k
         self.v = v
         self.q = q
@@ -235,6 +263,7 @@ class BwdBuffers:
         self.q_empty = q_empty
         self.do_ready = do_ready
         self.do_empty = do_empty
+        self.turn = turn
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,6 +400,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
         dV += Pᵀ·dO, dK += dSᵀ·Q             A read transposed from shared memory
         dQ share = dS·K_wg                   A from shared memory too (no registers held by an operand);
                                              added to the fp32 accumulator by TMA reduce-add
+
+    PING_PONG: two product groups a step, each issued in this warpgroup's turn (module docstring):
+        turn 2·it:     S and dP (dP always right behind S, as EARLY_DP)
+        turn 2·it + 1: dV, dK and dQ (the first dQ column slice when there are two), dV held back until
+                       dS is in shared memory, so that all of P·dO, dS·Q and dS·K go out together
+    and between the two, this warpgroup's exp2 and dS run under the other warpgroup's products.
     """
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
@@ -394,6 +429,13 @@ def _consumer(p, bufs, WG: gl.constexpr):
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DQW, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    # dP issued in the same group as S (EARLY_DP; always with PING_PONG, whose first turn is S and dP).
+    DP_FIRST: gl.constexpr = p.EARLY_DP or p.PING_PONG
+    # Turn parity (PING_PONG): consumer 0 goes first, so its k-th turn wait needs k arrivals, the others' k + 1.
+    # Every step takes exactly two turns, so the parity of turn 2·it is TURN0 and that of turn 2·it + 1 its
+    # complement, the same every step: no counter.
+    TURN0: gl.constexpr = 1 if WG == 0 else 0
+    NEXT_WG: gl.constexpr = (WG + 1) % NWG
 
     nb, bhk = _cta_block()
     b = bhk // p.num_kv_heads
@@ -434,14 +476,22 @@ def _consumer(p, bufs, WG: gl.constexpr):
             do_s = bufs.do.index(idx).reshape([BM, DV])
             # S in flight while lse2 and Delta arrive.
             mbarrier.wait(bufs.q_ready.index(idx), phase)
+            if p.PING_PONG:
+                # Operands first, then the turn: a turn is never held over a TMA wait (the other consumer
+                # waits for the same slot anyway, and its turn would wait behind ours).
+                mbarrier.wait(bufs.do_ready.index(idx), phase)
+                mbarrier.wait(bufs.turn.index(WG), TURN0)
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
                               use_acc=False, is_async=True)
-            if p.EARLY_DP:
+            if DP_FIRST:
                 # dP = dO·V_wgᵀ right behind S: it runs under the softmax instead of after it (its 32 fp32
                 # registers a thread are held through the softmax).
-                mbarrier.wait(bufs.do_ready.index(idx), phase)
+                if not p.PING_PONG:
+                    mbarrier.wait(bufs.do_ready.index(idx), phase)
                 dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
                                    use_acc=False, is_async=True)
+            if p.PING_PONG:
+                mbarrier.arrive(bufs.turn.index(NEXT_WG))
             rows = m0 + row_ids
             if p.VARLEN:
                 # Rows past the sequence are the next sequence's queries: lse2 = +inf makes their P
@@ -454,7 +504,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 # past the sequence read as zeros: no mask.
                 lse2 = gl.load(p.lse2_ptr + t_base + rows)
                 delta = gl.load(p.delta_ptr + t_base + rows)
-            if p.EARLY_DP:
+            if DP_FIRST:
                 s = warpgroup_mma_wait(1, deps=(s, ))  # S done, dP may still run
             else:
                 s = warpgroup_mma_wait(0, deps=(s, ))
@@ -468,14 +518,18 @@ def _consumer(p, bufs, WG: gl.constexpr):
             pr = gl.exp2(s - gl.expand_dims(lse2, 1))
             # Without EARLY_DP, dP = dO·V_wgᵀ is issued only now (its registers are not held through the
             # softmax). Then dV += Pᵀ·dO, P rounded to the input dtype as the forward's P·V rounds it.
-            if not p.EARLY_DP:
+            if not DP_FIRST:
                 mbarrier.wait(bufs.do_ready.index(idx), phase)
                 dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
                                    use_acc=False, is_async=True)
             p_s.store(pr.to(dtype))
-            fence_async_shared()
-            dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
-            dp = warpgroup_mma_wait(1, deps=(dp, ))
+            if p.PING_PONG:
+                # dV waits for this warpgroup's second turn (P's fence is dS's, below).
+                dp = warpgroup_mma_wait(0, deps=(dp, ))
+            else:
+                fence_async_shared()
+                dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
+                dp = warpgroup_mma_wait(1, deps=(dp, ))
             if p.SINK_PDP:
                 # rowsum(dO·O)_i = Σ_j P_ij dP_ij: the sink gradient's sum without O's rounding (rows past the
                 # sequence have lse2 = +inf: weight 0). Written once per head, at the head's last step.
@@ -504,6 +558,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
             if p.DQ_SHARED:
                 # Every thread's dS is written and fenced (the arrive starts with a warpgroup barrier).
                 mbarrier.arrive(bufs.ds_ready.index(WG))
+            if p.PING_PONG:
+                # Second turn, after ds_ready: the other consumer's dQ needs this dS whatever the turn order.
+                mbarrier.wait(bufs.turn.index(WG), TURN0 ^ 1)
+                dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
             dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
             if p.DQ_SHARED:
                 # dQ[:, WG's columns] = dS_0·K_0[:, cols] + dS_1·K_1[:, cols]: the CTA's whole key block in
@@ -517,6 +575,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     wi = _opaque(gl.to_tensor(w))
                     dq = warpgroup_mma(bufs.ds.index(wi), bufs.k.index(wi).reshape([N, D]).slice(WG * DQW, DQW, dim=1),
                                        dq, use_acc=w > 0, is_async=True)
+                if p.PING_PONG:
+                    mbarrier.arrive(bufs.turn.index(NEXT_WG))
                 dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
                 mbarrier.arrive(bufs.ds_free.index(OTHER))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -535,6 +595,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                        gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False,
                                        is_async=True)
                     if part == 0:
+                        if p.PING_PONG:
+                            # The turn passes here: holding it over the waits below would idle the tensor
+                            # core; the second column slice (D = 128) is issued outside any turn.
+                            mbarrier.arrive(bufs.turn.index(NEXT_WG))
                         dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
                         mbarrier.arrive(bufs.q_empty.index(idx))
                         mbarrier.arrive(bufs.do_empty.index(idx))
@@ -545,6 +609,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 fence_async_shared()
                 async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
             else:
+                if p.PING_PONG:
+                    mbarrier.arrive(bufs.turn.index(NEXT_WG))
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
@@ -619,7 +685,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
-                    EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, BIG: gl.constexpr,
+                    EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -643,6 +709,12 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
     for w in gl.static_range(NWG):
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
+    if PING_PONG:
+        turn = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NWG):
+            mbarrier.init(turn.index(w), count=1)
+    else:
+        turn = ds_ready  # a placeholder, never touched: the default kernel allocates no turn barriers
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
@@ -659,9 +731,9 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, BIG)
+                   SINK_PDP, PING_PONG, BIG)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty)
+                      q_empty, do_ready, do_empty, turn)
     if NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
@@ -699,6 +771,10 @@ class BwdTile:
     # With a sink (and dQ by reduce-add): its gradient from Σ_j P·dP in the main kernel instead of from the
     # preprocess's rowsum(dO·O) with the rounded O (see backward_checked).
     sink_pdp: bool = False
+    # The consumers take turns issuing their products (S with dP, then dV, dK, dQ), so that one warpgroup's
+    # exp2 and dS run under the other's wgmmas (attn_bwd_kernel, "PING_PONG"). Implies dP issued with S.
+    # Two or more consumers (with one it is off).
+    ping_pong: bool = False
 
     @property
     def block_n(self):
@@ -838,8 +914,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         BM=tile.block_m, NWG=tile.num_wg, STAGES=tile.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, DQ_ATOMIC=not deterministic, DQ_SHARED=shared,
         # Not with varlen: its sequence bounds push the loop's reloads from local memory from 2 to 20 (a
-        # configuration the probe has not timed).
-        EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None, BIG=big,
+        # configuration the probe has not timed). PING_PONG issues dP with S also with varlen (its in-loop
+        # reloads are in tests/test_sm90_backward_aot.py's allowances).
+        EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
+        PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
