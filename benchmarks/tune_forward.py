@@ -1,19 +1,31 @@
 """Tile configurations of the Triton forward (fa4/kernels/triton/forward.py): inspect offline, time on a GPU.
 
-    python benchmarks/tune_forward.py time [--d 64 128 256] [--causal 0 1] [--quick] [--json out.json]
+    python benchmarks/tune_forward.py time [--d 64 128 256] [--causal 0 1] [--s 1024 4096] [--quick | --new]
+                                           [--only PATTERN ...] [--flex] [--json out.json]
         On a GPU: the training suite of DESIGN.md (bf16, B*S = 16384, H*D = 2048), every candidate config of
         the head dim timed with triton.testing.do_bench (median), FA2 (SDPA flash) in the same run; prints
         TFLOP/s per (shape, config), then the best config per (head dim, causal) as _TABLE lines.
+        Filters (the row's table config is always timed): --s keeps those sequence lengths; --quick the first
+        QUICK candidates; --new the candidates of the latest round (CANDIDATES[d][NEW_FROM[d]:]); --only those
+        whose printed name contains one of the patterns (e.g. --only " ov" "w4 s3"). --flex also times
+        FlexAttention (fa4.bench.peers.Flex: torch.compile(flex_attention), causal block mask) on each row
+        after our configs, in the same process and harness (its first call compiles: ~10-40 s per row).
     python benchmarks/tune_forward.py sass [--cc 90 80 86] [--table | --candidates] [--check]
         No GPU needed: compiles each config ahead of time for the given compute capabilities and prints
-        registers, spill bytes, shared memory and programs per SM; --check exits 1 on spills or on shared
-        memory past the card's limit (tests/test_triton_forward.py runs `sass --table --check`).
+        registers, spill bytes, shared memory and programs per SM, and notes where ptxas serializes the wgmma
+        ("wgmma serialized (C751x)": each product waited right after it is issued); --check exits 1 on spills
+        or on shared memory past the card's limit (tests/test_triton_forward.py runs `sass --table --check`).
+        The default capabilities are 90 and 80 for --table, 90 for --candidates (they are sm_90 tiles: several
+        spill under sm_80's mma.sync, which no table row uses).
 """
 import argparse
 import json
 import math
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -41,15 +53,42 @@ CANDIDATES = {
 }
 QUICK = 4  # --quick: the first QUICK candidates of each head dim
 
+# Round 2, after reading FlexAttention's Triton template (torch/_inductor/kernel/flex/): on the H100 Flex runs
+# 128x128 w4 s3 (D=64) and 128x64 w8 s3 (D=128) with plain loads, one key loop, no warp specialization, and its
+# loop compiles to the same wgmma sequence as ours at the same tile (QK^T issued and waited together with the
+# P V still in flight, softmax, P V issued, waited at the next QK^T). The new axes: `overlap` (P V of block
+# j-1 under the softmax of block j, inside one program), lazy rescaling on the tiles Flex and the table use,
+# and overlapped tiles that keep two programs per SM. NEW_FROM[d] is where they start (`time --new`).
+O = dict(overlap=True)
+NEW_FROM = {d: len(cands) for d, cands in CANDIDATES.items()}
+# `sass` prints which tiles ptxas serializes (every wgmma waited right after it is issued, C751x): the D=64
+# table tile is (C7511, as is Flex's identical D=64 tile), the D=128 table tile too (C7512, under its register
+# cap); the overlapped 8-warp tiles at D=128 are (C7515), so only one is kept, as a control.
+CANDIDATES[64] += [
+    C(128, 128, 4, 3, True, **L),       # the non-causal table tile, lazy (D=64: the softmax is half the work)
+    C(128, 64, 8, 3, **L),              # the causal table tile, lazy
+    C(128, 64, 4, 3, True, **O),        # overlap, one warpgroup per 128 rows, two programs per SM
+    C(64, 128, 4, 2, True, **O),        # overlap, 64-row tiles, two programs per SM
+    C(128, 64, 8, 2, True, 128, **O),   # overlap under the 128-register cap (a few L1 spills), two per SM
+    C(64, 64, 4, 3, True, **O),         # overlap, small tiles, three programs per SM
+    C(128, 128, 8, 2, True, **O),       # overlap, one program per SM with 8 warps (FA3's shape, no ping-pong)
+]
+CANDIDATES[128] += [
+    C(128, 64, 8, 3, **L),              # Flex's tile (plain loads, 3 stages), lazy
+    C(64, 64, 4, 2, True, **O),         # overlap, 64-row tiles, two programs per SM
+    C(64, 64, 4, 3, True, **O),         # the same with a 3-deep K/V ring (still two per SM)
+    C(128, 64, 8, 2, True, **O),        # overlap, one program per SM; ptxas serializes its wgmma (control)
+]
+
 # Up to four registers parked in local memory (a few STL/LDL per loop iteration, L1-resident) are tolerated:
 # that is what the 128-register cap costs some feature mixes. Anything larger fails --check.
 MINOR_SPILL_BYTES = 16
 
 
 def _fmt(cfg):
-    return "%dx%d w%d s%d%s%s%s" % (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
-                                    " tma" if cfg.tma else "", " r%d" % cfg.maxnreg if cfg.maxnreg else "",
-                                    " lazy" if cfg.lazy_rescale else "")
+    return "%dx%d w%d s%d%s%s%s%s" % (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                                      " tma" if cfg.tma else "", " r%d" % cfg.maxnreg if cfg.maxnreg else "",
+                                      " lazy" if cfg.lazy_rescale else "", " ov" if cfg.overlap else "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,8 +106,42 @@ def _time(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _time_row(d, s, b, h, causal, candidates):
-    """FA2 and every candidate on one training-suite shape -> {"fa2": TFLOP/s, "configs": {name: TFLOP/s}}."""
+def _ptxas():
+    """The ptxas Triton compiles with now (torch.compile may point TRITON_PTXAS_PATH at torch's own)."""
+    try:
+        from triton import knobs
+        tool = knobs.nvidia.ptxas
+        return f"{tool.path} ({tool.version})"
+    except Exception as exc:  # noqa: BLE001 (informational only)
+        return f"? ({type(exc).__name__})"
+
+
+def _time_flex(q, k, v, causal, flops, ref):
+    """FlexAttention as the bench calls it (fa4.bench.peers.Flex) -> (TFLOP/s or nan, note)."""
+    from fa4.bench.peers import Flex
+    before = _ptxas()
+    t0 = time.time()
+    try:
+        fn = Flex().training(causal)
+        out = fn(q, k, v)
+        torch.cuda.synchronize()
+        first = time.time() - t0
+        err = (out.float() - ref.float()).abs().max().item()
+        tflops = flops / _time(lambda: fn(q, k, v)) * 1e-9
+        note = f"max|err| vs SDPA {err:.1e}  (first call {first:.1f}s)"
+        if err >= 0.05:
+            tflops, note = float("nan"), note + "  WRONG (excluded)"
+    except Exception as exc:  # noqa: BLE001
+        tflops, note = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    after = _ptxas()
+    if after != before:
+        note += f"  (ptxas changed: {before} -> {after})"
+    return tflops, note
+
+
+def _time_row(d, s, b, h, causal, candidates, flex=False):
+    """FA2 and every candidate on one training-suite shape -> {"fa2": TFLOP/s, "configs": {name: TFLOP/s}}
+    (and "flex": TFLOP/s when asked)."""
     dev = torch.device("cuda")
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA's (B, H, S, D) views
@@ -96,7 +169,31 @@ def _time_row(d, s, b, h, causal, candidates):
         print(f"    {_fmt(cfg):30s} {tflops:6.1f} TFLOP/s  {tflops / row['fa2']:5.2f}x FA2  {note}"
               f"  (first call {time.time() - t0:.1f}s)")
         sys.stdout.flush()
+    if flex:
+        # After our configs: compiling Flex may repoint TRITON_PTXAS_PATH for the rest of the process.
+        row["flex"], note = _time_flex(q, k, v, causal, flops, ref)
+        print(f"    {'flex (torch.compile)':30s} {row['flex']:6.1f} TFLOP/s  {row['flex'] / row['fa2']:5.2f}x FA2"
+              f"  {note}")
+        sys.stdout.flush()
     return row
+
+
+def _table_config(dev, d, causal):
+    return fwd.default_config(dev, torch.bfloat16, d, d, causal)
+
+
+def select_candidates(d, causal, table, quick=False, new=False, only=None):
+    """The configs one row times: the candidates left by the filters, and the row's table config first."""
+    cands = list(CANDIDATES[d])
+    if quick:
+        cands = cands[:QUICK]
+    if new:
+        cands = cands[NEW_FROM[d]:]
+    if only:
+        cands = [cfg for cfg in cands if any(pat in _fmt(cfg) for pat in only)]
+    if table is not None:
+        cands = [table] + [cfg for cfg in cands if cfg != table]
+    return cands
 
 
 def cmd_time(args):
@@ -104,19 +201,25 @@ def cmd_time(args):
     assert torch.cuda.is_available(), "`time` needs a CUDA GPU"
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# ptxas: {_ptxas()}")
     results = []
     for d, s, b, h, causal in training_suite(args.d, args.causal):
-        cands = CANDIDATES[d][:QUICK] if args.quick else CANDIDATES[d]
-        results.append(_time_row(d, s, b, h, causal, cands))
+        if args.s and s not in args.s:
+            continue
+        cands = select_candidates(d, causal, _table_config(dev, d, causal), args.quick, args.new, args.only)
+        results.append(_time_row(d, s, b, h, causal, cands, flex=args.flex))
         torch.cuda.empty_cache()
 
     print("\n# Summary: TFLOP/s of the default (table) config and of the best candidate per row")
-    print(f"{'D':>3} {'S':>5} {'causal':>6} {'FA2':>6} {'table':>6} {'best':>6} {'best/FA2':>8}  best config")
+    print(f"{'D':>3} {'S':>5} {'causal':>6} {'FA2':>6} {'flex':>6} {'table':>6} {'best':>6} {'best/FA2':>8} "
+          f"{'best/flex':>9}  best config")
     for row in results:
-        table = _fmt(fwd.default_config(dev, torch.bfloat16, row["D"], row["D"], row["causal"]))
+        table = _fmt(_table_config(dev, row["D"], row["causal"]))
         best = max(row["configs"].items(), key=lambda kv: -1 if kv[1] != kv[1] else kv[1])
-        print(f"{row['D']:3d} {row['S']:5d} {int(row['causal']):6d} {row['fa2']:6.1f} "
-              f"{row['configs'].get(table, float('nan')):6.1f} {best[1]:6.1f} {best[1] / row['fa2']:8.2f}  {best[0]}")
+        flex = row.get("flex", float("nan"))
+        print(f"{row['D']:3d} {row['S']:5d} {int(row['causal']):6d} {row['fa2']:6.1f} {flex:6.1f} "
+              f"{row['configs'].get(table, float('nan')):6.1f} {best[1]:6.1f} {best[1] / row['fa2']:8.2f} "
+              f"{best[1] / flex:9.2f}  {best[0]}")
     print("\n# Suggested _TABLE rows: per (head dim, causal), the config with the best geometric mean")
     for d in args.d:
         for causal in args.causal:
@@ -210,6 +313,23 @@ def _table_configs(cc):
     return jobs
 
 
+def wgmma_serialization(compiled, cc):
+    """ptxas's C751x notes for this kernel: codes of the reasons it serializes wgmma (each one waited right
+    after it is issued: no tensor-core overlap inside a warpgroup), '' when it does not. Reassembles the PTX
+    with Triton's ptxas and -v (Triton keeps no log); sm_90+ only."""
+    if cc < 90:
+        return ""
+    from triton.backends.nvidia.compiler import get_ptxas
+    arch = f"sm_{cc}a" if cc in (90, 100) else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        proc = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", out],
+                              capture_output=True, text=True)
+    return ",".join(sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*serialized", proc.stdout + proc.stderr))))
+
+
 def cmd_sass(args):
     bad = 0
     for cc in args.cc:
@@ -230,6 +350,9 @@ def cmd_sass(args):
                 notes.append(f"minor spill ({u['ldl_stl']} LDL/STL)")
             if u["smem"] > smem_limit(cc):
                 problems.append("SMEM > limit")
+            serial = wgmma_serialization(compiled, cc)
+            if serial:
+                notes.append(f"wgmma serialized ({serial})")
             bad += bool(problems)
             print(f"sm_{cc} D={d:3d} {feat:19s} {_fmt(use):26s} regs {u['regs']:3d} stack {u['stack']:4d} "
                   f"smem {u['smem'] // 1024:3d} KiB  programs/SM {per_sm}  hgmma {u['hgmma']:3d} hmma {u['hmma']:4d}"
@@ -246,10 +369,15 @@ def main():
     t = sub.add_parser("time", help="time candidate configs on the GPU")
     t.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
     t.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    t.add_argument("--s", type=int, nargs="+", help="only these sequence lengths")
     t.add_argument("--quick", action="store_true", help=f"only the first {QUICK} candidates per head dim")
+    t.add_argument("--new", action="store_true", help="only the latest round's candidates (from NEW_FROM)")
+    t.add_argument("--only", nargs="+", metavar="PATTERN",
+                   help="only candidates whose printed name contains one of these (e.g. ' ov' 'w4 s3')")
+    t.add_argument("--flex", action="store_true", help="also time FlexAttention on each row (after ours)")
     t.add_argument("--json", help="also write the measurements here")
     s = sub.add_parser("sass", help="compile ahead of time and report registers/spills (no GPU)")
-    s.add_argument("--cc", type=int, nargs="+", default=[90, 80])
+    s.add_argument("--cc", type=int, nargs="+", help="compute capabilities (default 90 80; 90 for --candidates)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--table", action="store_true", help="the configs of forward._TABLE (default)")
     g.add_argument("--candidates", action="store_true", help="the tuning candidates")
@@ -259,6 +387,8 @@ def main():
         args.causal = [bool(c) for c in args.causal]
         cmd_time(args)
     else:
+        if args.cc is None:
+            args.cc = [90] if args.candidates else [90, 80]
         cmd_sass(args)
 
 

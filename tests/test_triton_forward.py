@@ -253,3 +253,37 @@ def test_compiles_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "tune_forward.py"), "sass",
                            "--table", "--check"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# Config.overlap: the unmasked key blocks software-pipelined by one block (P V of block j-1 under the softmax of
+# block j). The last P V after the loop, the first block before it and the eager rescale are what can go wrong.
+OVERLAP = [fwd.Config(16, 16, 4, 1, overlap=True), fwd.Config(32, 16, 4, 1, True, overlap=True)]
+
+
+@pytest.mark.parametrize("config", OVERLAP, ids=["16x16", "32x16-tma"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(37, 53), (1, 45), (20, 16), (20, 33)])
+def test_overlap_lengths(monkeypatch, config, causal, sq, sk):
+    q, k, v = batched(2, sq, sk, 4, 2, 32, 32, torch.float16)
+    check(monkeypatch, q, k, v, config, window_right=0 if causal else -1)
+
+
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (40, 40)])
+def test_overlap_windows(monkeypatch, window):
+    q, k, v = batched(1, 45, 61, 2, 1, 32, 32, torch.float32)
+    check(monkeypatch, q, k, v, OVERLAP[0], window_left=window[0], window_right=window[1])
+
+
+def test_overlap_sink_softcap_ramp(monkeypatch):
+    q, k, v = batched(2, 40, 97, 4, 2, 32, 32, torch.float16)
+    k = (k.float() * (1 + 0.25 * torch.arange(97)).clamp(min=0.05)[None, :, None, None]).to(torch.float16)
+    check(monkeypatch, q, k, v, OVERLAP[0], sink=torch.randn(4) * 2)
+    check(monkeypatch, q, k, v, OVERLAP[1], softcap=5.0, softmax_scale=0.9, window_right=0)
+
+
+def test_overlap_varlen_paged(monkeypatch):
+    q, k, v, lay = varlen_inputs([17, 0, 40, 5, 1], [23, 9, 31, 0, 50], 4, 2, 32, 24, torch.float16)
+    check(monkeypatch, q, k, v, OVERLAP[1], window_left=6, window_right=2, **lay)
+    check(monkeypatch, q, k, v, OVERLAP[0], **lay)
+    q, k, v, lay = paged_inputs([9, 1, 20], [37, 16, 0], 3, 4, 1, 32, 32, torch.float16)
+    check(monkeypatch, q, k, v, OVERLAP[0], window_right=0, **lay)

@@ -2,9 +2,10 @@
 # Run GPU test files on the device machine, several pytest processes side by side (JIT compilation is
 # CPU-bound and correctness tests share the card fine), each under its own time limit.
 #
-#   bash tests/gpu/run_device.sh [--limit SECONDS] [--jobs N] file.py[:SHARDS] [...]
+#   bash tests/gpu/run_device.sh [--limit SECONDS] [--jobs N] file.py[:SHARDS[:K_EXPR]] [...]
 #
-# file.py:3 runs that file as three processes (FA4_TEST_SHARD=i/3, see tests/conftest.py). Logs are packed
+# file.py:3 runs that file as three processes (FA4_TEST_SHARD=i/3, see tests/conftest.py); file.py:2:ping
+# runs only the tests that `pytest -k ping` selects, in two processes. Logs are packed
 # into $OUT/test-logs.tar.gz (the device tool returns at most 8 files); stdout ends with the failures and one
 # summary line per process.
 set -uo pipefail
@@ -24,12 +25,12 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)
 
-run_one() {  # file shard_index shard_count
-  local f=$1 i=$2 n=$3 name start rc line
+run_one() {  # file shard_index shard_count [k expression]
+  local f=$1 i=$2 n=$3 expr=${4:-} name start rc line
   name="$(basename "$f" .py)-$i-of-$n"
   start=$SECONDS
   FA4_TEST_SHARD="$i/$n" timeout -k 10 "$limit" python3 -m pytest -q -rfE --durations=5 -p no:cacheprovider \
-    "$f" > "$logs/$name.log" 2>&1
+    ${expr:+-k "$expr"} "$f" > "$logs/$name.log" 2>&1
   rc=$?
   line=$(grep -E "[0-9]+ (passed|failed|error)" "$logs/$name.log" | tail -1)
   echo "$name rc=$rc $((SECONDS - start))s :: ${line:-no summary (timeout?)}" > "$logs/$name.summary"
@@ -38,10 +39,15 @@ run_one() {  # file shard_index shard_count
 for spec in "$@"; do
   f=${spec%%:*}
   n=1
-  [ "$spec" != "$f" ] && n=${spec##*:}
+  expr=
+  if [ "$spec" != "$f" ]; then
+    rest=${spec#*:}
+    n=${rest%%:*}
+    [ "$rest" != "$n" ] && expr=${rest#*:}
+  fi
   for ((i = 0; i < n; i++)); do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
-    run_one "$f" "$i" "$n" &
+    run_one "$f" "$i" "$n" "$expr" &
   done
 done
 wait

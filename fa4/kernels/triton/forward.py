@@ -17,7 +17,9 @@ extra logit per head with no value row: it starts the running state as (m, l) = 
 
 Per-config options (Config, chosen per GPU family, head dim and causality from measurements): TMA tensor
 descriptors for Q/K/V/O on sm_90+ (fewer address registers, hardware zero-fill of tails); a 128-register cap so
-two programs share an SM and one's softmax hides under the other's matrix products; lazy rescaling of O.
+two programs share an SM and one's softmax hides under the other's matrix products; lazy rescaling of O;
+software pipelining of the unmasked key blocks by one block (P V of the previous block under this block's
+softmax, inside one program).
 Plain Triton only: nothing here is Hopper-specific source; Triton emits wgmma/TMA on sm_90 and mma.sync on sm_80.
 
 Layouts (docs/INTERNALS.md): batched q (B, Sq, Hq, D); varlen q (Tq, Hq, D) with cu_seqlens; keys batched,
@@ -177,6 +179,67 @@ def _attend_range(acc, m_i, l_i, q, K, V, n_lo, n_hi, offs_n, offs_d, offs_dv, r
 
 
 @triton.jit
+def _overlap_softmax(m_i, l_i, qk, qk_scale, HAS_SOFTCAP: tl.constexpr):
+    """The online-softmax state update of one unmasked score block, for `_attend_range_overlap`: returns
+    (P in fp32, alpha, m, l); O is multiplied by alpha by the caller, just before the block's P V is issued.
+    Unmasked blocks only: every score is finite, so no -inf guard is needed (a row that has seen nothing yet
+    has m = -inf and gets alpha = exp2(-inf) = 0, with O and l still 0)."""
+    if HAS_SOFTCAP:
+        scale = 1.0
+    else:
+        scale = qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _attend_range_overlap(acc, m_i, l_i, q, K, V, n_lo, n_hi, offs_n, offs_d, offs_dv,
+                          pt_row, page_size, seqlen_k, qk_scale, cap_scale, cap_log2,
+                          stride_kp, stride_kn, stride_vp, stride_vn,
+                          HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                          PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr, USE_TMA: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """`_attend_range` over unmasked key blocks, software-pipelined by one block (Config.overlap):
+
+        S_0 = Q K_0^T; P_0 = softmax step(S_0)
+        for j = 1 ..:  O = O * alpha_{j-1};  S_j = Q K_j^T;  O += P_{j-1} V_{j-1};  P_j = softmax step(S_j)
+        O = O * alpha_last + P_last V_last
+
+    Triton keeps the last wgmma of the loop body in flight across the iteration (its result is only needed
+    by the next iteration), so P_{j-1} V_{j-1} runs on the tensor cores while the same warps compute the
+    softmax of block j: the overlap FA3 gets inside one warpgroup, here without warp specialization. It
+    costs P (BLOCK_M x BLOCK_N fp32) held across the iteration: more registers than the plain loop.
+    O is rescaled on every block, before S_j is issued (the previous P V is long finished by then): a lazy
+    (conditional) rescale puts a branch on O between the two products, and Triton 3.6 then waits for each
+    P V right after issuing it (no overlap left), so LAZY_RESCALE does not apply here. Whether ptxas keeps
+    the wgmma asynchronous depends on the tile (`benchmarks/tune_forward.py sass` reports where it does not).
+    """
+    if n_lo < n_hi:
+        qk = _scores(q, K, n_lo, offs_n, offs_d, pt_row, page_size, seqlen_k, cap_scale, cap_log2,
+                     stride_kp, stride_kn, HEAD_D, BLOCK_D, False, HAS_SOFTCAP, PAGED, PAGE_ALIGNED, USE_TMA,
+                     DOT_PRECISION)
+        p, alpha, m_i, l_i = _overlap_softmax(m_i, l_i, qk, qk_scale, HAS_SOFTCAP)
+        for start_n in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
+            acc = acc * alpha[:, None]
+            qk = _scores(q, K, start_n, offs_n, offs_d, pt_row, page_size, seqlen_k, cap_scale, cap_log2,
+                         stride_kp, stride_kn, HEAD_D, BLOCK_D, False, HAS_SOFTCAP, PAGED, PAGE_ALIGNED,
+                         USE_TMA, DOT_PRECISION)
+            v = _load_rows(V, start_n - BLOCK_N, offs_n, offs_dv, pt_row, page_size, seqlen_k, stride_vp,
+                           stride_vn, HEAD_DV, BLOCK_DV, False, PAGED, PAGE_ALIGNED, USE_TMA)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            p, alpha, m_i, l_i = _overlap_softmax(m_i, l_i, qk, qk_scale, HAS_SOFTCAP)
+        acc = acc * alpha[:, None]
+        v = _load_rows(V, n_hi - BLOCK_N, offs_n, offs_dv, pt_row, page_size, seqlen_k, stride_vp, stride_vn,
+                       HEAD_DV, BLOCK_DV, False, PAGED, PAGE_ALIGNED, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, Sink, CuSeqlensQ, CuSeqlensK, SequsedK, PageTable,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
@@ -190,7 +253,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sink, CuSeqlensQ, CuSeqlensK, SequsedK, PageT
                 IS_VARLEN: tl.constexpr, PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
                 HAS_SEQUSED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, USE_TMA: tl.constexpr,
-                LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, OVERLAP: tl.constexpr):
     # One program per (query block, head, sequence), query blocks fastest: the programs resident together
     # read the same few heads' K and V, which then come from L2 instead of HBM. Query blocks run in reverse:
     # under causal masking the bottom blocks see the most keys, so the long programs start first and the short
@@ -282,11 +345,18 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sink, CuSeqlensQ, CuSeqlensK, SequsedK, PageT
                                       qk_scale, cap_scale, cap_log2, stride_kb, stride_ks, stride_vb, stride_vs,
                                       HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, PAGED, PAGE_ALIGNED, USE_TMA, LAZY_RESCALE, DOT_PRECISION)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_src, v_src, full_lo, full_hi, offs_n, offs_d, offs_dv,
-                                  rows_k, pt_row, page_size, seqlen_k, window_left, window_right,
-                                  qk_scale, cap_scale, cap_log2, stride_kb, stride_ks, stride_vb, stride_vs,
-                                  HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
-                                  HAS_SOFTCAP, PAGED, PAGE_ALIGNED, USE_TMA, LAZY_RESCALE, DOT_PRECISION)
+    if OVERLAP:
+        acc, m_i, l_i = _attend_range_overlap(acc, m_i, l_i, q, k_src, v_src, full_lo, full_hi, offs_n, offs_d,
+                                              offs_dv, pt_row, page_size, seqlen_k, qk_scale, cap_scale,
+                                              cap_log2, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_D,
+                                              HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, PAGED,
+                                              PAGE_ALIGNED, USE_TMA, DOT_PRECISION)
+    else:
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_src, v_src, full_lo, full_hi, offs_n, offs_d, offs_dv,
+                                      rows_k, pt_row, page_size, seqlen_k, window_left, window_right,
+                                      qk_scale, cap_scale, cap_log2, stride_kb, stride_ks, stride_vb, stride_vs,
+                                      HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, PAGED, PAGE_ALIGNED, USE_TMA, LAZY_RESCALE, DOT_PRECISION)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_src, v_src, full_hi, hi, offs_n, offs_d, offs_dv, rows_k,
                                   pt_row, page_size, seqlen_k, window_left, window_right,
                                   qk_scale, cap_scale, cap_log2, stride_kb, stride_ks, stride_vb, stride_vs,
@@ -320,6 +390,9 @@ class Config(NamedTuple):
     `tma`: load Q/K/V and store O through tensor descriptors (the TMA copy engine on sm_90+), used only where
     the tensors allow it. `maxnreg`: cap on registers per thread; at 128 with 8 warps two programs share an
     SM, so one's softmax runs under the other's matrix products (the overlap FA2 gets from occupancy).
+    `overlap`: the unmasked key blocks run software-pipelined by one block, P V of block j-1 issued before the
+    softmax of block j, so the two overlap inside one program (see _attend_range_overlap); off in the table
+    until measured.
     """
     block_m: int
     block_n: int
@@ -328,6 +401,8 @@ class Config(NamedTuple):
     tma: bool = False
     maxnreg: int = 0  # 0 = no cap
     lazy_rescale: bool = False  # rescale O only when a row maximum grows by more than 2^8 (see _softmax_pv)
+    overlap: bool = False  # unmasked key blocks pipelined by one: P V of block j-1 under the softmax of block j
+    #                        (those blocks then rescale O eagerly: lazy_rescale is for the plain loop only)
 
 
 # Static table: (arch, padded head dim, causal) -> Config for fp16/bf16. "Padded head dim" is the power of two
@@ -574,7 +649,7 @@ def kernel_call(a, cfg):
     args = (a["q"], a["k"], a["v"], a["out"], a["lse"], a["sink"], a["cu_q"], a["cu_k"], a["seqused"],
             a["page_table"], *a["strides"], *a["ints"], *a["scalars"])
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_ALIGNED=page_aligned,
-                      USE_TMA=cfg.tma, LAZY_RESCALE=cfg.lazy_rescale, **flags)
+                      USE_TMA=cfg.tma, LAZY_RESCALE=cfg.lazy_rescale, OVERLAP=cfg.overlap, **flags)
     return grid, args, constexprs, cfg
 
 
