@@ -38,7 +38,11 @@ from . import checks, dispatch
 CHECK_VALUES = os.environ.get("FA4_KVCACHE_VALUE_CHECKS", "1") != "0"
 
 # Split heuristic (see choose_num_splits; numbers in benchmarks/NOTES.md, "Decode (Triton split-KV)").
-SPLIT_PROGRAMS_PER_SM = 2  # split until about this many programs per SM (H100: 2 beat 1 by 15-40% at B=1)
+# Split until about this many programs per SM. H100, 2026-11-25 (tune_decode --sections 3, GPU-bound, two
+# launches): one a SM beat two by 2% on each split row (B=1 L=8192 1260 vs 1235 GB/s, L=65536 2523 vs 2465, B=8
+# L=8192 2539 vs 2484); fewer splits also mean less partial traffic and a smaller combine. (The earlier "2 beat 1
+# by 15-40%" was measured while host time dominated the timed window.)
+SPLIT_PROGRAMS_PER_SM = 1
 SPLIT_OFF_FRACTION = 0.8  # no split once the unsplit programs cover this share of the SMs
 MIN_TILES_PER_SPLIT = 4  # each split streams at least this many key tiles (amortises prologue and combine)
 MAX_SPLITS = 128
@@ -368,8 +372,8 @@ def choose_num_splits(programs, max_keys, block_n, num_sms):
     ceil(tiles / splits) tiles, so the count is rounded to one that leaves no split empty. Uses the cache
     capacity (an upper bound), never device values, so the choice is fixed under a CUDA graph.
 
-    Decode suite on an H100 (132 SMs, Hkv 8, 64-key tiles): B=1 -> 32 splits (256 programs, 4 tiles each at
-    L=8192, 32 at L=65536), B=8 -> 4 (256 programs), B >= 32 -> 1.
+    Decode suite on an H100 (132 SMs, Hkv 8, 64-key tiles): B=1 -> 16 splits (128 programs, 8 tiles each at
+    L=8192, 64 at L=65536), B=8 -> 2 (128 programs), B >= 32 -> 1.
     """
     tiles = -(-max_keys // block_n)
     if not splits_wanted(programs, num_sms) or tiles < 2 * MIN_TILES_PER_SPLIT:

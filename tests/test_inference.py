@@ -711,7 +711,7 @@ def aot_reports():
                          ids=["contiguous-split", "paged128-wide", "paged16-gather-split", "contiguous-wide"])
 def test_decode_kernel_compiles_for_sm90(case, aot_reports):
     """(stages - 1) K and V tiles in flight (16-byte cp.async into shared memory), no local-memory spills, and
-    the shared memory that lets the split config run two programs per SM (choose_num_splits counts on it)."""
+    the shared memory that lets two split programs share an SM (when a call asks for more splits than SMs)."""
     rep = aot_reports[case]
     block_n, _, stages = decode_config_h100(AOT_CASES[case][2])
     assert rep["local"] == 0, rep

@@ -219,7 +219,7 @@ class Config(tuple):
 # fp16/bf16 on CUDA, by padded head dim, for the two regimes of choose_num_splits. Shared memory per program on
 # sm_90 (D = 128, from the compiled kernel): (stages - 1) K and V tiles + ~6 KiB, so (64, 4, 3) takes 70 KiB
 # (3 programs fit an SM's 228 KiB) and (128, 4, 3) 136 KiB (1 per SM).
-# - Split (few sequence x kv-head programs, each key range cut so that about two programs run per SM): 64-key
+# - Split (few sequence x kv-head programs, each key range cut so that about one program runs per SM): 64-key
 #   tiles, small programs that can share an SM.
 # - Wide (the unsplit programs already cover the SMs): 128-key tiles, 3 stages. H100 run 2026-11-25
 #   (tune_decode section 2, B >= 32 rows, GPU-bound): (128, 4, 3) 2764-3053 GB/s on every row, while 64-key
