@@ -287,3 +287,19 @@ def test_overlap_varlen_paged(monkeypatch):
     check(monkeypatch, q, k, v, OVERLAP[0], **lay)
     q, k, v, lay = paged_inputs([9, 1, 20], [37, 16, 0], 3, 4, 1, 32, 32, torch.float16)
     check(monkeypatch, q, k, v, OVERLAP[0], window_right=0, **lay)
+
+
+def test_overlap_off_for_two_padded_head_dims():
+    """(D, Dv) both padded to different blocks: the overlapped loop computed a wrong O on the H100, so such calls
+    take the plain loop (kernel_call's config); one padded dim or equal blocks keep the overlap."""
+    cfg = fwd.Config(128, 64, 4, 3, tma=True, overlap=True)
+
+    def used(d, dv):
+        flags = dict(BLOCK_D=fwd._padded_dim(d), BLOCK_DV=fwd._padded_dim(dv), HEAD_D=d, HEAD_DV=dv, PAGED=False)
+        a = dict(flags=flags, tma_ok=True, seqlen_q=1, batch=1, num_heads=1, page_size=0)
+        a.update({key: None for key in ("q", "k", "v", "out", "lse", "sink", "cu_q", "cu_k", "seqused",
+                                        "page_table")}, strides=(), ints=(), scalars=())
+        return fwd.kernel_call(a, cfg)[3]
+
+    assert not used(40, 24).overlap and used(40, 24).tma
+    assert used(64, 24).overlap and used(40, 40).overlap and used(128, 128).overlap

@@ -639,8 +639,14 @@ def kernel_call(a, cfg):
     if cfg.tma and not a["tma_ok"]:
         cfg = _without_tma(cfg, max(a["flags"]["BLOCK_D"], a["flags"]["BLOCK_DV"]))
     flags = a["flags"]
-    if (not cfg.tma and flags["BLOCK_D"] != flags["BLOCK_DV"] and flags["BLOCK_D"] != flags["HEAD_D"]
-            and flags["BLOCK_DV"] != flags["HEAD_DV"]):
+    both_padded = (flags["BLOCK_D"] != flags["BLOCK_DV"] and flags["BLOCK_D"] != flags["HEAD_D"]
+                   and flags["BLOCK_DV"] != flags["HEAD_DV"])
+    if cfg.overlap and both_padded:
+        # The overlapped loop hits the same class of fault with TMA: (D, Dv) = (40, 24) causal gave max error
+        # 0.41 on the H100 (tests/gpu/test_triton_forward.py::test_head_dims, 2026-11-25), while the plain TMA
+        # loop is right there. Such head-dim pairs take the plain loop.
+        cfg = cfg._replace(overlap=False)
+    if not cfg.tma and both_padded:
         # Triton 3.6 on sm_90 computes a wrong O (and can read out of bounds) when both head dims are padded
         # to different blocks on the plain-load path: (D, Dv) = (40, 24) gave max error 0.74 against the
         # reference while (40, 40), (64, 24), (40, 64) and the TMA path were right (H100, 2026-11-25, see
