@@ -47,6 +47,10 @@ CANDIDATES = {
           C(64, 64, 8, 2, 64, 64, 8, 2, False), C(32, 64, 4, 2, 64, 32, 4, 2, False, True)],
 }
 QUICK = 4
+# Up to two local-memory accesses inside a loop (one register parked in L1 per iteration) are tolerated: the
+# D = 256 causal dK pass with atomic dQ has one and still measured 6-10% faster than the spill-free dQ-kernel
+# config (results/raw/h100-2026-11-25-tune-backward-r1.log). Anything larger fails --check.
+MINOR_LOOP_SPILLS = 2
 
 
 
@@ -263,7 +267,7 @@ def cmd_sass(args):
                 threads = 32 * launch.num_warps
                 per_sm = programs_per_sm(cc, threads, u["regs"], u["smem"])
                 problems = []
-                if u["loop_spills"]:
+                if u["loop_spills"] > MINOR_LOOP_SPILLS:
                     problems.append("SPILLS IN LOOPS")
                 if u["smem"] > smem_limit(cc):
                     problems.append("SMEM > limit")

@@ -500,11 +500,15 @@ class BwdConfig:
 # now). "sm86": consumer cards with ~99 KB.
 _CONFIGS = {
     # sm90 rows: from benchmarks/results/raw/h100-2026-11-25-tune-backward-r1.log, the fastest configs that keep
-    # the loops spill-free. The separate dQ kernel beats fp32 atomics at every head dim measured (and is
-    # deterministic by construction); 64x128 at D=128 measured 6% faster but spills in the dK/dV loop.
+    # the loops spill-free. At D = 64 and 128 the separate dQ kernel beats fp32 atomics (and is deterministic by
+    # construction); 64x128 at D=128 measured 6% faster but spills in the dK/dV loop. At D = 256 the dK pass's
+    # transposed atomic dQ beat the dQ kernel on all four rows (244 / 224 / 264 / 263 against 242 / 212 / 257 /
+    # 240 TFLOP/s): the split already recomputes S twice, and the dQ kernel would be a third recomputation.
+    # (Five products as FA2 does them, dK and dV of 64 keys both in registers, spill 250+ registers in every
+    # Triton 3.6 build tried: tune_backward sass, session 4.)
     ("sm90", 64): BwdConfig(64, 128, 8, 3, 128, 64, 8, 3, dq_atomic=False),
     ("sm90", 128): BwdConfig(32, 128, 8, 3, 128, 64, 8, 3, dq_atomic=False),
-    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=False, split_dkdv=True),
+    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=True, split_dkdv=True, dq_transposed=True),
     ("sm80", 64): BwdConfig(32, 128, 8, 3, 128, 32, 8, 3, dq_atomic=True, dq_transposed=True),
     ("sm80", 128): BwdConfig(32, 64, 4, 2, 64, 64, 4, 2, dq_atomic=False),
     ("sm80", 256): BwdConfig(16, 128, 8, 2, 64, 32, 8, 2, dq_atomic=False, split_dkdv=True),
