@@ -97,7 +97,7 @@ def _precompile(rows, cands, jobs):
     import multiprocessing
     work = set()
     for d, _, _, h, causal in rows:
-        table = bwd._CONFIGS[(bwd.arch_class(torch.cuda.get_device_capability()), d)]
+        table = bwd.table_config(bwd.arch_class(torch.cuda.get_device_capability()), d, causal)
         for cfg in cands[d] + [table]:
             work.add((d, h, causal, cfg, False))
         work.add((d, h, causal, table, True))
@@ -169,7 +169,7 @@ def cmd_time(args):
         _precompile(rows, cands, args.jobs)
     results = []
     for d, s, b, h, causal in rows:
-        table = bwd._CONFIGS[(bwd.arch_class((major, minor)), d)]
+        table = bwd.table_config(bwd.arch_class((major, minor)), d, causal)
         results.append(_time_row(d, s, b, h, causal, cands[d], table, dev))
         torch.cuda.empty_cache()
 
@@ -245,11 +245,13 @@ def _jobs(args, cc):
     arch = bwd.arch_class(divmod(cc, 10))
     jobs = []
     for d in args.d:
-        cfgs = CANDIDATES[d] if args.candidates else [bwd._CONFIGS[(arch, d)]]
-        for cfg in cfgs:
-            for causal in args.causal:
-                jobs.append((d, causal, cfg, False))
-            if not args.candidates and cfg.dq_atomic:
+        if args.candidates:
+            jobs += [(d, causal, cfg, False) for cfg in CANDIDATES[d] for causal in args.causal]
+            continue
+        for causal in args.causal:  # the table: per mask, as default_config picks it
+            cfg = bwd.table_config(arch, d, bool(causal))
+            jobs.append((d, causal, cfg, False))
+            if cfg.dq_atomic and causal:
                 jobs.append((d, True, cfg, True))  # the deterministic path's kernels
     return jobs
 
