@@ -49,7 +49,11 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # (plain 4, causal 7 against 8). With varlen it still issues dP beside S (its first turn), which
                   # early_dp alone does not do there: 12 reloads of wgmma descriptors (L1 hits) against 0.
                   "d128-pingpong": 4, "d128-pingpong-causal-gqa2": 7, "d128-pingpong-varlen-causal": 12,
-                  "d128-pingpong-unshared": 1, "d96-pingpong-window": 7}
+                  "d128-pingpong-unshared": 1, "d96-pingpong-window": 7,
+                  # The opt-in D = 256 kernel (backward_d256.py, 2026-11-26): consumer 0 (the default partition,
+                  # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
+                  # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
+                  "d256-window-softcap-gqa2": 24, "d192-seqused": 2}
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -96,6 +100,15 @@ CASES = [
                                           tile=dict(ping_pong=True))),
     ("d128-pingpong-unshared", dict(d=128, dv=128, tile=dict(ping_pong=True, shared_dq=False, stages=2))),
     ("d96-pingpong-window", dict(d=96, dv=96, window=(256, 0), tile=dict(ping_pong=True))),
+    # The opt-in D = 256 kernel (backward_d256.py: 64 keys a CTA, the consumers split the head dim).
+    ("d256-plain", dict(d=256, dv=256, tile=dict(d256=True))),
+    ("d256-causal", dict(d=256, dv=256, causal=True, tile=dict(d256=True))),
+    ("d256-varlen-causal", dict(d=256, dv=256, varlen=True, causal=True, tile=dict(d256=True))),
+    ("d256-gqa4-fp16", dict(d=256, dv=256, gqa=4, dtype="float16", tile=dict(d256=True))),
+    ("d256-window-softcap-gqa2", dict(d=256, dv=256, window=(100, 50), softcap=30.0, gqa=2, tile=dict(d256=True))),
+    ("d256-deterministic-causal", dict(d=256, dv=256, causal=True, deterministic=True, tile=dict(d256=True))),
+    ("d256-varlen-window", dict(d=256, dv=256, varlen=True, window=(256, 0), tile=dict(d256=True))),
+    ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
 ]
 
 @pytest.fixture(scope="module")
@@ -132,6 +145,46 @@ def test_tiles_fit():
     assert backward.get_tile(128, 128, shared_dq=False, stages=3) is None
     assert backward.get_tile(128, 128, shared_dq=True, stages=3) is not None
     assert backward.get_tile(64, 64, shared_dq=True) is None
+
+
+def test_d256_tile_is_opt_in():
+    """The D = 256 kernel is reachable only through an explicit tile: not in the table, (256, 256) only, none of the
+    D <= 128 kernel's variants, and within shared memory."""
+    from fa4.kernels.sm90 import backward, backward_d256, configs
+    assert (256, 256) not in backward.shipped_tiles() and backward.get_tile(256, 256) is None
+    tile = backward.get_tile(256, 256, d256=True)
+    assert tile == backward.D256_TILE and tile.d256 and tile.block_n == 64
+    assert backward.smem_bytes(tile, 256, 256) == backward_d256.smem_bytes(tile) <= configs.SMEM_LIMIT
+    # 64 + 64 KiB of K, V and two Q stages, one dO stage, P and dS, the fp32 hand-over tile (module docstring).
+    assert backward_d256.smem_bytes(tile) - configs.SMEM_RESERVE == 208 * 1024
+    assert backward.get_tile(256, 256, d256=True, stages=3) is None       # 240 KiB
+    for over in (dict(ping_pong=True), dict(sink_pdp=True), dict(shared_dq=True), dict(num_wg=2)):
+        assert backward.get_tile(256, 256, d256=True, **over) is None, over
+    assert backward.get_tile(128, 128, d256=True) is None
+    assert backward.kernel_for(tile) is backward_d256.attn_bwd_d256_kernel
+    assert backward.kernel_for(backward.get_tile(128, 128)) is backward.attn_bwd_kernel
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+def test_d256_plan_arguments():
+    """The D = 256 tile's launch plan: head-dim halves as TMA boxes, dQ in quarters, one 64-key slab a CTA, the
+    D = 256 kernel's parameters (the same as attn_bwd_kernel's, so launch.Plan serves both)."""
+    from fa4.kernels.sm90 import aot, backward, backward_d256
+    tile = backward.D256_TILE
+    for varlen in (False, True):
+        q, k, v, cu = aot.sample_inputs(256, 256, torch.bfloat16, varlen=varlen, gqa=2)
+        b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
+        lse = torch.zeros((q.shape[-2], b * s) if varlen else (b, q.shape[-2], s))
+        grid, args, cx = backward.launch_plan(
+            torch.zeros_like(q), q, k, v, torch.zeros(q.shape), torch.zeros_like(k), torch.zeros_like(v), lse, lse,
+            softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+            max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, tile=tile)
+        assert grid == (s // 64, b * k.shape[-2]) and cx["NWG"] == 1 and cx["BM"] == 64
+        assert not (cx["DQ_SHARED"] or cx["EARLY_DP"] or cx["SINK_PDP"] or cx["PING_PONG"])
+        for name in ("q_desc", "k_desc", "v_desc", "do_desc", "dk_desc", "dv_desc"):
+            assert args[name].block_shape[-1] == 128, name
+        assert args["dq_desc"].block_shape[-1] == 64
+        assert list(backward_d256.attn_bwd_d256_kernel.arg_names) == list(backward.attn_bwd_kernel.arg_names)
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -343,12 +396,151 @@ def test_protocol_model_catches_what_the_kernel_avoids():
     assert all(_protocol_run(seed, 2, 2, 3, True, True, turn_before_hand_over=True) == "deadlock" for seed in range(10))
 
 
+def _d256_protocol_run(seed, steps, stages=2, mistake=None):
+    """One random interleaving of the D = 256 kernel's loader and two consumers (backward_d256.py: the Q ring of
+    `stages`, the one dO stage, the hand-over tile and P / dS with part_ready / part_free / pds_ready / pds_free),
+    in the kernel's order of barrier operations and with its parities. Returns None, or what went wrong.
+    mistake (to show the model catches them): "free_early", consumer 0 arrives part_free before reading the
+    partials; "no_store_wait", consumer 0 arrives part_free without waiting for its dQ reduce-add to read slot 0;
+    "skip", consumer 1 skips the last step."""
+    rng = np.random.default_rng(seed)
+    q_ready = [_Bar(1) for _ in range(stages)]
+    q_empty = [_Bar(2) for _ in range(stages)]
+    do_ready, do_empty = _Bar(1), _Bar(2)
+    part_ready, part_free, pds_ready, pds_free = _Bar(1), _Bar(1), _Bar(1), _Bar(1)
+    tma = []                                   # loads in flight: the barrier they complete
+    q_users = [set() for _ in range(stages)]
+    do_users = set()
+    st = dict(hand=None, hand_read=False, slot0_tma=False, slot1_tma=False, pds=None, pds_readers=set())
+    errors = []
+
+    def wait(bar, parity, need):
+        while True:
+            if bar.done not in (need - 1, need) or parity != (need - 1) & 1:
+                errors.append(f"parity wait on a barrier {bar.done} phases done, meant {need} (parity {parity})")
+            if (bar.done & 1) != parity:
+                return
+            yield "blocked"
+
+    def loader():
+        for it in range(steps):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(q_empty[idx], phase ^ 1, it // stages)
+            if q_users[idx]:
+                errors.append(f"Q stage {idx} reloaded while consumers {q_users[idx]} read it")
+            tma.append(q_ready[idx])
+            yield from wait(do_empty, (it & 1) ^ 1, it)
+            if do_users:
+                errors.append(f"dO reloaded while consumers {do_users} read it")
+            tma.append(do_ready)
+
+    def operands(w, it):
+        idx, phase = it % stages, (it // stages) & 1
+        yield from wait(q_ready[idx], phase, it // stages + 1)
+        q_users[idx].add(w)
+        yield from wait(do_ready, it & 1, it + 1)
+        do_users.add(w)
+        yield  # S_w, dP_w
+
+    def products(w, it):
+        if st["pds"] != it:
+            errors.append(f"consumer {w} read P / dS of step {st['pds']} at step {it}")
+        st["pds_readers"].add(w)
+        yield  # dV, dK, dQ
+        do_users.discard(w)
+        do_empty.arrive()
+        q_users[it % stages].discard(w)
+        q_empty[it % stages].arrive()
+        st["pds_readers"].discard(w)
+
+    def consumer0():
+        for it in range(steps):
+            yield from operands(0, it)
+            if it > 0 and mistake != "free_early":
+                if mistake != "no_store_wait":
+                    st["slot0_tma"] = False  # tma.store_wait(0)
+                part_free.arrive()
+            if mistake == "free_early":
+                part_free.arrive()
+            yield from wait(part_ready, it & 1, it + 1)
+            if st["hand"] != it:
+                errors.append(f"consumer 0 read the partials of step {st['hand']} at step {it}")
+            st["hand_read"] = True
+            yield  # P, dS
+            st["hand_read"] = False
+            yield from wait(pds_free, (it & 1) ^ 1, it)
+            if st["pds_readers"]:
+                errors.append("P / dS rewritten while read")
+            st["pds"] = it
+            pds_ready.arrive()
+            yield from products(0, it)
+            if st["slot0_tma"]:
+                errors.append("slot 0 staged while its reduce-add reads it")
+            st["slot0_tma"] = True
+        st["slot0_tma"] = False
+
+    def consumer1():
+        for it in range(steps - (mistake == "skip")):
+            yield from operands(1, it)
+            st["slot1_tma"] = False  # tma.store_wait(0)
+            yield from wait(part_free, (it & 1) ^ 1, it)
+            if st["hand_read"] or st["slot0_tma"]:
+                errors.append("hand-over tile rewritten while read")
+            st["hand"] = it
+            part_ready.arrive()
+            yield from wait(pds_ready, it & 1, it + 1)
+            yield from products(1, it)
+            pds_free.arrive()
+            if st["hand_read"]:
+                errors.append("slot 1 staged while consumer 0 reads dP_1")
+            st["slot1_tma"] = True
+
+    bars = q_ready + q_empty + [do_ready, do_empty, part_ready, part_free, pds_ready, pds_free]
+    procs = [loader(), consumer0(), consumer1()]
+    blocked = set()
+    while procs or tma:
+        if tma and (not procs or rng.random() < 0.3):
+            tma.pop(int(rng.integers(len(tma)))).arrive()
+            blocked.clear()
+            continue
+        proc = procs[int(rng.integers(len(procs)))]
+        before = ([(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"])))
+        try:
+            if next(proc) == "blocked" and ([(b.pending, b.done) for b in bars], len(tma),
+                                            dict(st, pds_readers=set(st["pds_readers"]))) == before:
+                blocked.add(proc)
+            else:
+                blocked.clear()
+        except StopIteration:
+            procs.remove(proc)
+            blocked.clear()
+        if errors:
+            return errors[0]
+        if procs and not tma and blocked == set(procs):
+            return "deadlock"
+    return None
+
+
+def test_d256_protocol_model():
+    for seed in range(150):
+        for steps in (0, 1, 2, 3, 5, 8):
+            assert _d256_protocol_run(seed, steps) is None, (seed, steps)
+
+
+def test_d256_protocol_model_catches_mistakes():
+    assert any("rewritten while read" in str(_d256_protocol_run(seed, 4, mistake="free_early")) for seed in range(40))
+    assert any("rewritten while read" in str(_d256_protocol_run(seed, 4, mistake="no_store_wait"))
+               for seed in range(40))
+    assert all(_d256_protocol_run(seed, 4, mistake="skip") == "deadlock" for seed in range(10))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The algorithm, emulated per CTA / consumer / step in fp64, against the reference.
 # ---------------------------------------------------------------------------------------------------------
 
-def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2):
-    """dq, dk, dv of the main kernel's loop structure, batched layout (B, S, H, D)."""
+def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2, col_split=False):
+    """dq, dk, dv of the main kernel's loop structure, batched layout (B, S, H, D). col_split: the D = 256 kernel's
+    S and dP, each the sum of two partial products over the head-dim halves (nwg = 1: 64 keys a CTA)."""
     bsz, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -384,7 +576,11 @@ def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2):
                         for mb in range(m_lo, m_hi):
                             m0 = mb * bm
                             qs, dos = qz[b, m0:m0 + bm, h], doz[b, m0:m0 + bm, h]
-                            s = qs @ ks.T
+                            if col_split:
+                                c = d // 2
+                                s = qs[:, :c] @ ks[:, :c].T + qs[:, c:] @ ks[:, c:].T
+                            else:
+                                s = qs @ ks.T
                             if softcap > 0:
                                 th = torch.tanh(s * scale / softcap)
                                 s = th * qk_scale
@@ -400,7 +596,11 @@ def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2):
                                     ok = ok & (c >= r + off - wl)
                                 s = torch.where(ok, s, -math.inf)
                             p = torch.exp2(s - lse2[b, h, m0:m0 + bm, None])
-                            dp = dos @ vs.T
+                            if col_split:
+                                c = v.shape[-1] // 2
+                                dp = dos[:, :c] @ vs[:, :c].T + dos[:, c:] @ vs[:, c:].T
+                            else:
+                                dp = dos @ vs.T
                             ds = p * (dp - delta[b, h, m0:m0 + bm, None])
                             if softcap > 0:
                                 ds = ds * (1 - th * th)
@@ -416,7 +616,8 @@ def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2):
     (70, 190, 2, 1, 16, -1, 0, 5.0),     # causal, Sq < Sk, MQA, softcap
     (130, 130, 2, 2, 16, 20, 7, 0.0),    # window
 ])
-def test_emulated_algorithm_matches_reference(sq, sk, hq, hkv, d, wl, wr, softcap):
+@pytest.mark.parametrize("nwg,col_split", [(2, False), (1, True)], ids=["d128-kernel", "d256-kernel"])
+def test_emulated_algorithm_matches_reference(sq, sk, hq, hkv, d, wl, wr, softcap, nwg, col_split):
     from fa4 import reference
     torch.manual_seed(sq + sk)
     q = torch.randn(1, sq, hq, d)
@@ -427,7 +628,7 @@ def test_emulated_algorithm_matches_reference(sq, sk, hq, hkv, d, wl, wr, softca
     opts = dict(softmax_scale=scale, window_left=wl, window_right=wr, softcap=softcap, sink=None)
     out, lse = reference.forward(q, k, v, **opts)
     want = reference.backward(dout, q, k, v, out, lse, None, **opts)
-    got = _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap)
+    got = _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, nwg=nwg, col_split=col_split)
     for name, x, ref in zip(("dq", "dk", "dv"), got, want[:3]):
         assert torch.allclose(x.float(), ref, atol=1e-4, rtol=1e-4), (name, (x.float() - ref).abs().max())
 
@@ -484,7 +685,7 @@ def _bwd_case(seed, d, varlen, deterministic):
     q, k, v, cu = aot.sample_inputs(d, d, torch.bfloat16, varlen=varlen, gqa=2)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(t.shape, generator=g).to(t.dtype) for t in (q, k, v))
-    tile = backward.get_tile(d, d)
+    tile = backward.get_tile(d, d) if d <= 128 else backward.get_tile(d, d, d256=True)
     b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
     hq = q.shape[-2]
     lse_shape = (hq, b * s) if varlen else (b, hq, -(-s // tile.block_m) * tile.block_m)
@@ -498,13 +699,14 @@ def _bwd_case(seed, d, varlen, deterministic):
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
 @pytest.mark.parametrize("d,varlen,deterministic,window,softcap,sink", [
     (128, False, False, (-1, 0), 0.0, False), (64, True, True, (100, 50), 30.0, False),
-    (128, True, False, (-1, -1), 0.0, False), (128, False, False, (-1, 0), 0.0, True)])
+    (128, True, False, (-1, -1), 0.0, False), (128, False, False, (-1, 0), 0.0, True),
+    (256, False, False, (-1, 0), 0.0, False), (256, True, True, (100, 50), 30.0, False)])
 def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink):
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
     from fa4.kernels.sm90 import aot, backward, launch
     from fa4.kernels.sm90.attention_fwd import _dummy_i32
-    kern = backward.attn_bwd_kernel
+    kern = backward.attn_bwd_kernel if d <= 128 else backward.kernel_for(backward.D256_TILE)
     binder = create_function_from_signature(kern.signature, kern.params, make_backend(aot.TARGET))
     opts = dict(num_warps=4, debug=False, instrumentation_mode="")
     s = aot.SAMPLE_SEQLEN

@@ -32,7 +32,7 @@ def _opts(q, left, right, softcap, sink, varlen):
 def _run(q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, varlen=None, tile=None, **kw):
     """Kernel backward vs the fp32 reference and the reference in the input dtype (its scope checked first);
     tile: a backward.BwdTile other than the shipped one."""
-    reason = _bwd().unsupported_reason(q, k, v, **_opts(q, left, right, softcap, sink, varlen))
+    reason = _bwd().unsupported_reason(q, k, v, tile=tile, **_opts(q, left, right, softcap, sink, varlen))
     assert reason is None, reason
     backward = _bwd().backward if tile is None else functools.partial(_bwd().backward, tile=tile)
     return check_backend_backward(backward, q, k, v, left=left, right=right, softcap=softcap, sink=sink,
@@ -231,3 +231,97 @@ def test_sink_partials_far_inside_the_rule():
     tile = _bwd().get_tile(128, 128, sink_pdp=True)
     ratios = dsink_error_ratios(functools.partial(_bwd().backward, tile=tile), range(20), d=128, dv=128, device=DEV)
     assert max(ratios) < 0.5, sorted(ratios)[-3:]
+
+
+# The opt-in D = 256 kernel (fa4/kernels/sm90/backward_d256.py, tile backward.D256_TILE): 64 keys a CTA, the two
+# consumers splitting the head dim and handing S, dP partials and P, dS over through shared memory. Never run on a
+# GPU when written: run under a timeout (`timeout 300 python -m pytest -q -x tests/gpu/test_sm90_backward.py -k d256`).
+D256_CASES = [
+    (2, 1024, 1024, 4, 4, 256, 256, -1, -1, 0.0, False, False),
+    (2, 1024, 1024, 4, 4, 256, 256, -1, 0, 0.0, False, False),     # causal
+    (2, 1000, 1000, 8, 2, 256, 256, -1, 0, 0.0, False, True),      # GQA, causal, odd length, lse gradient
+    (1, 777, 1543, 8, 1, 256, 256, -1, 0, 0.0, True, True),        # Sq < Sk, MQA, sink (preprocess partials)
+    (1, 1543, 777, 4, 2, 256, 256, -1, 0, 0.0, False, True),       # Sq > Sk: leading rows see nothing
+    (1, 1000, 700, 4, 4, 256, 256, -1, -1, 0.0, False, False),     # Sq != Sk, odd lengths
+    (2, 1, 3001, 8, 2, 256, 256, -1, 0, 0.0, False, False),        # Sq = 1
+    (1, 1500, 1500, 4, 4, 256, 256, 256, 0, 0.0, False, False),    # sliding window
+    (1, 1200, 1200, 4, 2, 256, 256, 100, 50, 30.0, False, True),   # window both sides + softcap
+    (1, 513, 513, 8, 2, 192, 192, -1, -1, 0.0, True, False),       # D padded to the 256 tile, GQA, sink
+]
+
+
+def _d256_tile():
+    tile = _bwd().get_tile(256, 256, d256=True)
+    assert tile is not None and tile.d256
+    return tile
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", D256_CASES, ids=[backward_case_id(c) for c in D256_CASES])
+def test_d256(case, dtype, deterministic):
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    _run(q, k, v, tile=_d256_tile(), deterministic=deterministic, **kw)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0)], ids=["full", "causal", "window"])
+def test_d256_varlen(window):
+    torch.manual_seed(256 + window[0] + window[1])
+    lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
+    hq, hkv, d = 4, 2, 256
+    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    _run(q, k, v, left=window[0], right=window[1], varlen=varlen, tile=_d256_tile(), with_dlse=True)
+
+
+def test_d256_seqused_k():
+    torch.manual_seed(8)
+    q = torch.randn(2, 600, 4, 256, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 900, 4, 256, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 900, 4, 256, device=DEV, dtype=torch.bfloat16)
+    used = torch.tensor([900, 333], dtype=torch.int32, device=DEV)
+    _run(q, k, v, varlen=dict(seqused_k=used), tile=_d256_tile())
+
+
+def test_d256_deterministic_bitwise_20x():
+    """deterministic=True with the D = 256 tile: dK, dV from the main kernel (fixed order by construction), dQ from
+    the ordered pass; 20 calls give bitwise-identical gradients."""
+    bwd = _bwd()
+    torch.manual_seed(12)
+    q = torch.randn(2, 1024, 8, 256, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 1024, 2, 256, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 1024, 2, 256, device=DEV, dtype=torch.bfloat16)
+    opts = _opts(q, -1, 0, 0.0, None, None)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.to(q.dtype)
+    dout = torch.randn_like(out)
+    first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=_d256_tile(), **opts)
+    for _ in range(20):
+        again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=_d256_tile(), **opts)
+        for a, b in zip(first[:3], again[:3]):
+            assert torch.equal(a, b)
+
+
+def test_d256_planned_launch():
+    """Later calls of a signature launch the D = 256 kernel from its cached plan (launch.Plan with this kernel's
+    compiled object), with new tensors: the numerics rule must still hold."""
+    for seed in range(3):
+        torch.manual_seed(200 + seed)
+        q = torch.randn(2, 700, 8, 256, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(2, 700, 2, 256, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn(2, 700, 2, 256, device=DEV, dtype=torch.bfloat16)
+        _run(q, k, v, right=0, tile=_d256_tile())
+
+
+def test_d256_declines_what_it_does_not_build():
+    bwd = _bwd()
+    q = torch.randn(1, 128, 2, 128, device=DEV, dtype=torch.bfloat16)
+    assert "256" in bwd.unsupported_reason(q, q, q, tile=_d256_tile())
+    q = torch.randn(1, 128, 2, 256, device=DEV, dtype=torch.bfloat16)
+    assert bwd.unsupported_reason(q, q, q, tile=_d256_tile()) is None
+    assert "256" in bwd.unsupported_reason(q, q, q)      # the default D = 256 backward is still Triton's
+    with pytest.raises(ValueError):
+        bwd.backward(q, q, q, q, q, torch.zeros(1, 2, 128, device=DEV), None, softmax_scale=0.1)

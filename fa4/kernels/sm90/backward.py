@@ -35,8 +35,9 @@ Launches, in order:
    main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
 4. dQ: the fp32 accumulator (already scaled) cast to the input dtype.
 
-D = 256 has no tile (see _TABLE; the Triton backward serves it). The plan, with its shared-memory budget
-(227 KiB) worked out in session 3:
+D = 256 has no default tile (see _TABLE; the Triton backward serves it). An opt-in kernel following the plan below
+is built in backward_d256.py (tile D256_TILE, `BwdTile(d256=True)`; the probe's `--tiles d256`), not yet measured
+on a GPU. The plan, with its shared-memory budget (227 KiB) worked out in session 3:
   - a CTA keeps 64 keys; consumer w owns head-dim columns c_w = [128w, 128w + 128): dK[:, c_w] and dV[:, c_w]
     (64 + 64 fp32 registers a thread), and dQ[:, c_w] in two [64, 64] parts (32 each, one at a time);
   - per query block (BM = 64) each consumer computes the partial products over its columns,
@@ -775,6 +776,9 @@ class BwdTile:
     # exp2 and dS run under the other's wgmmas (attn_bwd_kernel, "PING_PONG"). Implies dP issued with S.
     # Two or more consumers (with one it is off).
     ping_pong: bool = False
+    # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
+    # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
+    d256: bool = False
 
     @property
     def block_n(self):
@@ -785,8 +789,8 @@ class BwdTile:
 # P kept in fp32 for dS (32), then the dQ share (32: [64, 64] fp32, shared or in two column halves). Shared
 # memory at D = 128: resident K, V 64 KiB, three Q + dO stages 96 KiB, P and dS 32 KiB, two fp32 [64, 64] dQ
 # staging tiles 32 KiB (224 KiB of the 227; one share per consumer would need 64 KiB of staging and two stages).
-# D = 256 has no tile: dK and dV alone would take 256 fp32 registers a thread (the plan is in the module
-# docstring).
+# D = 256 has no tile here: dK and dV alone would take 256 fp32 registers a thread (the plan is in the module
+# docstring; built, opt-in, as D256_TILE on backward_d256.py).
 _TABLE = {
     # D = 64: the separate dQ pass beat the in-kernel reduce-add on every measured row (H100, 2026-11-25,
     # sm90_bwd_probe, TFLOP/s ordered / reduce-add: S = 4096 313 / 310, causal 294 / 266; S = 16384 355 / 327,
@@ -804,8 +808,16 @@ _TABLE = {
 }
 
 
+# The opt-in D = 256 tile (backward_d256.py): 64 keys a CTA, two consumers over the head-dim halves, Q in two
+# stages and dO in one. Not in _TABLE: D = 256 goes to the Triton backward until this is measured on a GPU.
+D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True)
+
+
 def smem_bytes(tile, d, dv, elem=2):
     """Shared memory of the main kernel with the dQ reduce-add (the deterministic build has no dQ staging)."""
+    if tile.d256:
+        from .backward_d256 import smem_bytes as d256_bytes
+        return d256_bytes(tile, elem)
     kv = tile.block_n * (d + dv) * elem
     qdo = tile.stages * tile.block_m * (d + dv) * elem
     pds = 2 * tile.num_wg * WG_KEYS * tile.block_m * elem
@@ -815,6 +827,15 @@ def smem_bytes(tile, d, dv, elem=2):
 
 def get_tile(d, dv, **overrides):
     """The tile for tile widths (d, dv), or None; overrides: fields of BwdTile."""
+    if overrides.get("d256"):
+        # The opt-in D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
+        if (d, dv) != (256, 256):
+            return None
+        tile = replace(D256_TILE, **overrides)
+        if (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp or tile.sink_pdp
+                or tile.ping_pong or tile.separate_dq):
+            return None
+        return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
     tile = _TABLE.get((d, dv))
     if tile is None:
         return None
@@ -833,15 +854,21 @@ def shipped_tiles():
 # ---------------------------------------------------------------------------------------------------------
 
 def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
-                       page_table=None, seqused_k=None, dout=None, **_):
-    """None if this backward serves the request, else a short reason (dispatch.resolve_auto_backward)."""
+                       page_table=None, seqused_k=None, dout=None, tile=None, **_):
+    """None if this backward serves the request, else a short reason (dispatch.resolve_auto_backward).
+    tile: an explicit BwdTile (probe, tests); the default (None) is the table's tile for the head dims."""
     from . import common_reason
     reason = common_reason(q, k, v, sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table)
     if reason is not None:
         return reason
     d, dv = q.shape[-1], v.shape[-1]
     td, tdv = configs.tile_dim(d), configs.tile_dim(dv)
-    if td is None or tdv is None or get_tile(td, tdv) is None:
+    if tile is not None and tile.d256:
+        if (td, tdv) != (256, 256):
+            return f"the D = 256 backward tile serves head dims in (128, 256] only, not ({d}, {dv})"
+        if get_tile(256, 256, **{f: getattr(tile, f) for f in tile.__dataclass_fields__}) != tile:
+            return "the D = 256 backward tile supports none of the D <= 128 kernel's variants"
+    elif td is None or tdv is None or get_tile(td, tdv) is None:
         return f"no sm90 backward tile for head dims ({d}, {dv}) (D = 256 is planned, not built)"
     if max(q.numel(), k.numel(), v.numel()) >= 2**31:
         # The pointer-stored dK/dV tail rows use 32-bit offsets and this size was never run on the GPU; the
@@ -892,11 +919,21 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if dq_acc is None:  # deterministic: dQ comes from another kernel; a placeholder for the descriptor
         dq_acc = _dq_placeholder(tile, d, varlen, q.device)
     shared = tile.shared_dq and not deterministic
+    if tile.d256:
+        # Head-dim halves (one per consumer) of Q, K, V, dO, dK, dV; dQ in [BM, 64] quarters.
+        from .backward_d256 import descriptor as half_desc
+        descs = dict(q_desc=half_desc(q, tile.block_m, varlen), k_desc=half_desc(k, WG_KEYS, varlen),
+                     v_desc=half_desc(v, WG_KEYS, varlen), do_desc=half_desc(dout, tile.block_m, varlen),
+                     dk_desc=half_desc(dk, WG_KEYS, varlen), dv_desc=half_desc(dv, WG_KEYS, varlen),
+                     dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, 4))
+    else:
+        descs = dict(
+            q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
+            v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
+            dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
+            dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
     args = dict(
-        q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
-        v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
-        dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
-        dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1),
+        **descs,
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
         sink_ptr=sink if dsink_part is not None else lse2, dsink_ptr=dsink_part if dsink_part is not None else lse2,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
@@ -928,7 +965,8 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
              max_seqlen_k=None, page_table=None, deterministic=False, tile=None):
     """(dq, dk, dv, dsink) per docs/INTERNALS.md on the Gluon kernel. tile: a BwdTile override (probe)."""
     reason = unsupported_reason(q, k, v, window_left=window_left, window_right=window_right, softcap=softcap,
-                                sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
+                                sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k,
+                                tile=tile)
     if reason is not None:
         raise ValueError(f"the sm90 backward cannot serve this call: {reason}")
     return backward_checked(dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
@@ -1023,6 +1061,14 @@ def _dq_placeholder(tile, d, varlen, device):
                        device=device)
 
 
+def kernel_for(tile):
+    """The main kernel a tile runs on: attn_bwd_kernel, or backward_d256.attn_bwd_d256_kernel (same parameters)."""
+    if tile.d256:
+        from .backward_d256 import attn_bwd_d256_kernel
+        return attn_bwd_d256_kernel
+    return attn_bwd_kernel
+
+
 def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     """Launch the main kernel (False when its grid is empty). Through the cached plan of an earlier call with
     the same signature (the tile is part of it), else through JITFunction, keeping a plan."""
@@ -1048,10 +1094,11 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     grid, args, constexprs = launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile=tile, **opts)
     if not (grid[0] > 0 and grid[1] > 0):
         return False
+    kernel = kernel_for(tile)
     with torch.cuda.device(q.device):  # Triton launches on the current device
-        compiled = attn_bwd_kernel[grid](**args, **constexprs, num_warps=4)
+        compiled = kernel[grid](**args, **constexprs, num_warps=4)
     if fast and compiled is not None and hasattr(compiled, "packed_metadata"):
-        launch.store(key, launch.Plan(attn_bwd_kernel.arg_names, args, constexprs, grid, compiled,
+        launch.store(key, launch.Plan(kernel.arg_names, args, constexprs, grid, compiled,
                                       descs=BWD_DESCS, tensors=BWD_TENSORS))
     return True
 

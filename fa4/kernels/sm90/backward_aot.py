@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the Hopper backward for sm_90a, without a GPU (CPU CI and register checks).
 
 `compile_config` builds the main kernel's launch arguments as a real call would, on small CPU tensors, and
-compiles it for GPUTarget("cuda", 90, 32); `aot.sass_report` (the forward's) summarises the cubin. Run it in
+compiles it for GPUTarget("cuda", 90, 32) (tile=dict(d256=True): backward_d256's kernel); `aot.sass_report` (the forward's) summarises the cubin. Run it in
 a subprocess: a failing Gluon compile can abort the whole process.
 """
 import torch
@@ -26,6 +26,7 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
     if tile:
         tile_obj = backward.get_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
                                      **tile)
+        assert tile_obj is not None, f"no tile for ({d}, {dv}) with {tile}"
     _, args, constexprs = backward.launch_plan(
         dout, q, k, v, None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
         torch.zeros_like(k), torch.zeros_like(v), lse, lse.clone(), softmax_scale=d ** -0.5, window_left=left,
@@ -36,7 +37,8 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
-    src = GluonASTSource(fn=backward.attn_bwd_kernel, signature=signature, constexprs=constexprs)
+    kernel = backward.kernel_for(tile_obj) if tile_obj is not None else backward.attn_bwd_kernel
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=TARGET, options={"num_warps": 4})
 
 

@@ -1,0 +1,446 @@
+"""Attention backward for Hopper (sm_90a) in Gluon at head dim D = Dv = 256 (tile width 256: D, Dv in (128, 256]).
+
+Opt-in (backward.D256_TILE, `BwdTile(d256=True)`): the host wrapper in backward.py routes a tile with d256 set to
+`attn_bwd_d256_kernel` below; the default D = 256 backward stays the portable Triton kernel until this one is
+measured on a GPU. Preprocess (Delta, lse2, sink partial sums), the ordered dQ pass (deterministic=True) and the
+dQ cast are backward.py's, unchanged.
+
+Why a kernel of its own: at D = 256 the D <= 128 kernel's split (each consumer warpgroup owns 64 keys and all D
+columns) would hold dK and dV in 256 + 256 fp32 registers a thread. Here the head dim is split instead.
+
+The math split over columns. One CTA per (64-key block, batch · kv head); consumer warpgroup w (w = 0, 1) owns the
+head-dim columns c_w = [128w, 128w + 128). Per query block i (BM = 64 rows) of every query head of the GQA group:
+
+    S_w  = Q[:, c_w]·K[:, c_w]ᵀ,  dP_w = dO[:, c_w]·V[:, c_w]ᵀ      partial products, [64 q, 64 k] fp32 each
+    S = S_0 + S_1, dP = dP_0 + dP_1                                  consumer 1 hands S_1, dP_1 (fp32) to 0
+    P = exp2(S·scale·log2 e − lse2),  dS = P ∘ (dP − Delta)          consumer 0 (masks, softcap as in backward.py)
+    dV[:, c_w] += Pᵀ·dO[:, c_w],  dK[:, c_w] += dSᵀ·Q[:, c_w]        both consumers, P and dS from shared memory
+    dQ[:, c_w] += dS·K[:, c_w]                                       both, in two [64, 64] column halves, each
+                                                                     added to the fp32 accumulator by TMA
+                                                                     reduce-add (skipped when deterministic)
+
+so a consumer keeps dK[:, c_w] and dV[:, c_w] in fp32 registers (64 + 64 a thread), S_w and dP_w (32 + 32) in a
+step, and one dQ half (32) at a time. Every product reads only the consumer's own 128 columns of Q, K, V and dO:
+each of those tiles is kept as two [rows, 128] halves (one TMA box each, 128-byte swizzle), half w read by
+consumer w only, so no wgmma operand is a column slice of a 256-wide tile, and after the loop consumer w stages
+its dK, dV columns in its own K, V halves.
+
+Shared memory (bf16 / fp16; 227 KiB a CTA):
+    K, V (resident, [64, 256] each, two halves)                         64 KiB
+    Q ring: STAGES = 2 stages of [64, 256]                              64 KiB
+    dO: one stage of [64, 256]                                          32 KiB
+    P, dS ([64, 64] 16-bit each, written by consumer 0, read by both)   16 KiB
+    hand-over tile, 2 x [64, 64] fp32: S_1 in slot 0, dP_1 in slot 1;   32 KiB
+      after consumer 0 has read them, slot w stages consumer w's dQ half for the TMA reduce-add
+                                                                       -------
+                                                                       208 KiB  (+ barriers)
+Two full Q / dO stages (224 KiB + barriers) do not fit beside the hand-over tile. dO has one stage: the consumers
+release it as soon as their dV product completes (before dK and dQ), so the next block's dO load runs under dK,
+dQ and the next S.
+
+Barriers (all count 1 unless noted; parity from the step counter `it`, the same in every partition):
+  kv_ready (1 + tx)          loader -> consumers: K and V in shared memory
+  q_ready[s] (1 + tx)        loader -> consumers, Q of step it in stage s = it % 2 (phase it // 2)
+  q_empty[s] (2)             consumers -> loader, once their dK product (the last reader of Q) completed
+  do_ready (1 + tx)          loader -> consumers, dO of step it (phase it)
+  do_empty (2)               consumers -> loader, once their dV product (the last reader of dO) completed
+  part_ready                 consumer 1 -> 0: S_1 and dP_1 of step it are in the hand-over tile (phase it)
+  part_free                  consumer 0 -> 1: the hand-over tile is free again: consumer 0 has read step it's
+                             partials and its TMA reduce-add has read its dQ staging (slot 0) of step it. Arrived
+                             at the start of step it + 1 (after tma.store_wait), completing phase it; consumer 1
+                             waits for phase it − 1 before writing at step it (a fresh barrier passes parity 1).
+                             Consumer 1 stages its own dQ in slot 1 and waits for its own TMA reads itself.
+  pds_ready                  consumer 0 -> 1: P and dS of step it are in shared memory (phase it)
+  pds_free                   consumer 1 -> 0: consumer 1's products reading P and dS of step it completed
+                             (phase it); consumer 0 waits for phase it − 1 before writing P, dS at step it.
+
+Invariant (why no deadlock, and why a parity wait is exact): both consumers walk the same steps (the range is the
+CTA's, a function of the key block, the sequence and the mask only: a query block whose rows see none of the keys
+is either outside the range for both or inside it for both, its P then masked to 0), and each hand-over barrier is
+arrived exactly once a step by one consumer and waited for once a step by the other. Within step it:
+    consumer 1: Q, dO ready -> S_1, dP_1 -> wait part_free(it − 1) -> write, arrive part_ready(it)
+                -> wait pds_ready(it) -> dV, dK, dQ -> arrive do_empty, q_empty, pds_free(it)
+    consumer 0: Q, dO ready -> S_0, dP_0 -> [it > 0: arrive part_free(it − 1)] -> wait part_ready(it)
+                -> P, dS -> wait pds_free(it − 1) -> write, arrive pds_ready(it) -> dV, dK, dQ
+                -> arrive do_empty, q_empty
+Each wait of step it is answered by an arrival that needs only the other consumer's progress up to a point it has
+already passed, plus loads the loader can issue: part_free(it − 1) comes from consumer 0 at the start of step it,
+which needs consumer 1's part_ready(it − 1) and pds_free(it − 2) (both behind consumer 1) and the loads of step
+it; pds_ready(it) needs part_ready(it) (consumer 1 arrives it before waiting for pds_ready) and pds_free(it − 1)
+(consumer 1's step it − 1); part_ready(it) needs part_free(it − 1) (above); pds_free(it − 1) comes from consumer 1's
+step it − 1. The loads of step it need Q stage it % 2 released at step it − 2 and dO released at step it − 1 by
+both consumers, whose releases need nothing of step it. So the steps complete in order, by induction.
+No barrier runs two phases ahead of its waiter: an arrival of phase it + 1 on part_ready / part_free / pds_ready /
+pds_free needs the arriving consumer to have passed the other barrier's wait of phase it, which the waiter's
+arrival of phase it precedes (e.g. consumer 1 arrives part_ready(it + 1) only after part_free(it), which consumer 0
+arrives only after it passed part_ready(it)). A Python model of these barriers runs under random schedules in
+tests/test_sm90_backward_aot.py (test_d256_protocol_model).
+
+Registers and local memory (sm_90a, ptxas of Triton 3.6.0, tests/test_sm90_backward_aot.py "d256-*" cases, 2026-11-26):
+consumer 0 (the default partition: the hand-over sums, exp2, dS) uses 238 of its 240 registers, consumer 1 216, the
+loader 24; no local memory in the main loop of the plain, causal, varlen (causal or windowed), GQA, fp16 and
+deterministic builds (6-11 spill instructions around the loop, for the epilogue's values); softcap holds tanh's
+values beside S and dP in consumer 0: with a window and GQA 21 reloads a step (L1 hits; issuing dP_0 after P instead
+cut them to 14 but leaves the tensor core idle under the softmax, so it was not taken).
+
+Unsupported (the wrapper declines): the sink gradient's P·dP partials in the main kernel (tile.sink_pdp: the
+preprocess's partial sums serve a sink instead), ping-pong turns, shared dQ (the dQ here is already per column
+half), head dims other than tile widths (256, 256).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.core import _aggregate as aggregate
+
+from . import configs
+from .attention_fwd import _GL_DTYPES, _next_slot, _opaque
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_block, _dq_coord, _mask, _q_range, _RUNTIME_INTS,
+                       _sequence, async_reduce_add_shared_to_global)
+from .softmax import tanh_approx
+
+HALF = 128          # head-dim columns per consumer warpgroup
+HALF_C = gl.constexpr(HALF)
+DQ_COLS = 64        # dQ column part per wgmma / TMA reduce-add
+DQ_COLS_C = gl.constexpr(DQ_COLS)
+
+
+def smem_bytes(tile, elem=2):
+    """Shared memory of attn_bwd_d256_kernel (see the module docstring)."""
+    bm = tile.block_m
+    kv = WG_KEYS * 2 * 256 * elem
+    q = tile.stages * bm * 256 * elem
+    do = bm * 256 * elem
+    pds = 2 * bm * WG_KEYS * elem
+    hand = 2 * bm * DQ_COLS * 4
+    return kv + q + do + pds + hand + configs.SMEM_RESERVE
+
+
+def descriptor(t, rows, varlen, cols=HALF):
+    """TMA descriptor over t's shape and strides with boxes of `rows` tokens of one head and `cols` columns."""
+    block = [rows, 1, cols] if varlen else [1, rows, 1, cols]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
+
+
+@aggregate
+class D256Buffers:
+    k: gl.shared_memory_descriptor          # [2, *box]: K[:, c_w] in k.index(w)
+    v: gl.shared_memory_descriptor          # [2, *box]
+    q: gl.shared_memory_descriptor          # [2 · STAGES, *box]: stage s, half w at index 2s + w
+    do: gl.shared_memory_descriptor         # [2, *box]: the one dO stage, half w at index w
+    pds: gl.shared_memory_descriptor        # [2, BM, 64] 16-bit: P in pds.index(0), dS in pds.index(1)
+    hand: gl.shared_memory_descriptor       # [2, *dq box] fp32: S_1, dP_1; then dQ staging of consumer w in slot w
+    kv_ready: gl.shared_memory_descriptor
+    q_ready: gl.shared_memory_descriptor    # [STAGES, 1]
+    q_empty: gl.shared_memory_descriptor    # [STAGES, 1]
+    do_ready: gl.shared_memory_descriptor   # [1]
+    do_empty: gl.shared_memory_descriptor   # [1]
+    part_ready: gl.shared_memory_descriptor
+    part_free: gl.shared_memory_descriptor
+    pds_ready: gl.shared_memory_descriptor
+    pds_free: gl.shared_memory_descriptor
+
+    @gluon.constexpr_function
+    def __init__(self, k, v, q, do, pds, hand, kv_ready, q_ready, q_empty, do_ready, do_empty, part_ready,
+                 part_free, pds_ready, pds_free):
+        self.k = k
+        self.v = v
+        self.q = q
+        self.do = do
+        self.pds = pds
+        self.hand = hand
+        self.kv_ready = kv_ready
+        self.q_ready = q_ready
+        self.q_empty = q_empty
+        self.do_ready = do_ready
+        self.do_empty = do_empty
+        self.part_ready = part_ready
+        self.part_free = part_free
+        self.pds_ready = pds_ready
+        self.pds_free = pds_free
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loader partition: one warp issuing TMA loads.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _loader(p, bufs):
+    nb, bhk = _cta_block()
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    n0 = nb * KEYS_PER_WG
+    if n0 < seq_k:
+        mbarrier.expect(bufs.kv_ready, 2 * (p.k_desc.block_type.nbytes + p.v_desc.block_type.nbytes))
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(p.k_desc, _dq_coord(p, b, hk, k_start, n0, w * HALF_C),
+                                            bufs.kv_ready, bufs.k.index(w))
+            tma.async_copy_global_to_shared(p.v_desc, _dq_coord(p, b, hk, k_start, n0, w * HALF_C),
+                                            bufs.kv_ready, bufs.v.index(w))
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        idx = 0
+        phase = 0
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            g = it // n_m
+            h = hk * p.group + g
+            row = (m_lo + it - g * n_m) * p.BM
+            # A fresh barrier passes parity 1 at once: the first waits do not block.
+            mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
+            mbarrier.expect(bufs.q_ready.index(idx), 2 * p.q_desc.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(p.q_desc, _dq_coord(p, b, h, q_start, row, w * HALF_C),
+                                                bufs.q_ready.index(idx), bufs.q.index(2 * idx + w))
+            mbarrier.wait(bufs.do_empty.index(0), (it & 1) ^ 1)
+            mbarrier.expect(bufs.do_ready.index(0), 2 * p.do_desc.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(p.do_desc, _dq_coord(p, b, h, q_start, row, w * HALF_C),
+                                                bufs.do_ready.index(0), bufs.do.index(w))
+            idx, phase = _next_slot(idx, phase, p.STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consumer partitions: one warpgroup each, head-dim columns [128·WG, 128·WG + 128).
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _consumer(p, bufs, WG: gl.constexpr):
+    BM: gl.constexpr = p.BM
+    N: gl.constexpr = KEYS_PER_WG
+    W: gl.constexpr = HALF_C
+    DQW: gl.constexpr = DQ_COLS_C
+    dtype: gl.constexpr = p.q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, W, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQW, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    nb, bhk = _cta_block()
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    n0 = nb * N
+    if n0 < seq_k:
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        dk = gl.zeros([N, W], gl.float32, acc_layout)
+        dv = gl.zeros([N, W], gl.float32, acc_layout)
+        if WG == 0:
+            row_ids = _opaque(gl.arange(0, BM, row_s))
+        mbarrier.wait(bufs.kv_ready, 0)
+        idx = 0
+        phase = 0
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            g = it // n_m
+            h = hk * p.group + g
+            m0 = (m_lo + it - g * n_m) * BM
+            q_s = bufs.q.index(2 * idx + WG).reshape([BM, W])
+            # Opaque buffer indices, read afresh every step: LLVM otherwise builds the loop-invariant 64-bit wgmma
+            # descriptors (K, V, dO halves, P, dS) and staging addresses before the loop and keeps them live
+            # through it (spilled at 240 registers a thread).
+            wi = _opaque(gl.to_tensor(WG))
+            k_s = bufs.k.index(wi).reshape([N, W])
+            v_s = bufs.v.index(wi).reshape([N, W])
+            do_s = bufs.do.index(wi).reshape([BM, W])
+            p_s = bufs.pds.index(_opaque(gl.to_tensor(0)))
+            ds_s = bufs.pds.index(_opaque(gl.to_tensor(1)))
+            hp = it & 1  # parity of the hand-over barriers' phase `it`
+            # Partial products over this warpgroup's 128 columns.
+            mbarrier.wait(bufs.q_ready.index(idx), phase)
+            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+            mbarrier.wait(bufs.do_ready.index(0), hp)
+            dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+            if WG == 0:
+                if it > 0:
+                    # The previous step's dQ reduce-adds have read slot 0: the hand-over tile is free.
+                    tma.store_wait(0)
+                    mbarrier.arrive(bufs.part_free)
+                if p.VARLEN:
+                    t_base = h * p.stride_th + q_start
+                else:
+                    t_base = b * p.stride_tb + h * p.stride_th
+                rows = m0 + row_ids
+                if p.VARLEN:
+                    row_ok = rows < seq_q
+                    lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
+                    delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+                else:
+                    # Batched: lse2 and Delta padded to whole query blocks (+inf and 0).
+                    lse2 = gl.load(p.lse2_ptr + t_base + rows)
+                    delta = gl.load(p.delta_ptr + t_base + rows)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                mbarrier.wait(bufs.part_ready, hp)
+                s = s + bufs.hand.index(0).reshape([BM, N]).load(s_layout)
+                if p.SOFTCAP:
+                    th = tanh_approx(s * p.cap_scale)
+                    s = th * p.qk_scale
+                else:
+                    s = s * p.qk_scale
+                s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
+                pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+                dp = warpgroup_mma_wait(0, deps=(dp, ))
+                dp = dp + bufs.hand.index(1).reshape([BM, N]).load(s_layout)
+                ds = pr * (dp - gl.expand_dims(delta, 1))
+                if p.SOFTCAP:
+                    ds = ds * (1.0 - th * th)
+                # Consumer 1's products of the previous step have read P and dS (it arrived pds_free before
+                # part_ready: this wait does not block).
+                mbarrier.wait(bufs.pds_free, hp ^ 1)
+                p_s.store(pr.to(dtype))
+                ds_s.store(ds.to(dtype))
+                fence_async_shared()
+                mbarrier.arrive(bufs.pds_ready)
+            else:
+                s, dp = warpgroup_mma_wait(0, deps=(s, dp))
+                # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it; slot 0 is
+                # consumer 0's (part_free).
+                tma.store_wait(0)
+                mbarrier.wait(bufs.part_free, hp ^ 1)
+                bufs.hand.index(0).reshape([BM, N]).store(s)
+                bufs.hand.index(1).reshape([BM, N]).store(dp)
+                fence_async_shared()
+                mbarrier.arrive(bufs.part_ready)
+                mbarrier.wait(bufs.pds_ready, hp)
+            # dV[:, c_w] += Pᵀ·dO[:, c_w], dK[:, c_w] += dSᵀ·Q[:, c_w]: A read transposed from shared memory.
+            dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
+            dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
+            if p.DQ_ATOMIC:
+                dq = warpgroup_mma(ds_s, k_s.slice(0, DQW, dim=1), gl.zeros([BM, DQW], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+                # dO is free once dV completed: the next dO load runs under dK and dQ.
+                dv = warpgroup_mma_wait(2, deps=(dv, ))
+                mbarrier.arrive(bufs.do_empty.index(0))
+                dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                # The second column half, under the first one's staging.
+                dq2 = warpgroup_mma(ds_s, k_s.slice(DQW, DQW, dim=1),
+                                    gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False, is_async=True)
+                dq_s = bufs.hand.index(wi)
+                stage = dq_s.reshape([BM, DQW])
+                stage.store(dq * p.softmax_scale)
+                fence_async_shared()
+                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * W), dq_s)
+                dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
+                if WG == 1:
+                    mbarrier.arrive(bufs.pds_free)
+                tma.store_wait(0)
+                stage.store(dq2 * p.softmax_scale)
+                fence_async_shared()
+                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * W + DQW), dq_s)
+            else:
+                dv = warpgroup_mma_wait(1, deps=(dv, ))
+                mbarrier.arrive(bufs.do_empty.index(0))
+                dk = warpgroup_mma_wait(0, deps=(dk, ))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                if WG == 1:
+                    mbarrier.arrive(bufs.pds_free)
+            idx, phase = _next_slot(idx, phase, p.STAGES)
+        tma.store_wait(0)
+        # The epilogue's indices from a fresh %ctaid read (not kept live through the loop).
+        nb, bhk = _cta_block()
+        b = bhk // p.num_kv_heads
+        hk = bhk - b * p.num_kv_heads
+        seq_q, seq_k, q_start, k_start = _sequence(p, b)
+        kr0 = nb * N
+        # This warpgroup's K and V halves are read only by its own (completed) products: they stage dK, dV.
+        slot = _opaque(gl.to_tensor(WG))
+        _store_half(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
+                    p.stride_dvb, p.stride_dvs, p.stride_dvh, WG)
+        _store_half(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
+                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh, WG)
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _store_half(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, stride_b, stride_s, stride_h,
+                WG: gl.constexpr):
+    """Consumer WG's 64 rows x 128 columns of dK or dV (already in the output dtype), as backward._store_rows:
+    TMA (clipped at the tensor's bounds), or masked pointer stores for a varlen block past its sequence."""
+    W: gl.constexpr = val.type.shape[1]
+    if p.VARLEN and kr0 + KEYS_PER_WG > seq_k:
+        layout: gl.constexpr = val.type.layout
+        rows = kr0 + gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, layout))
+        cols = WG * W + gl.arange(0, W, gl.SliceLayout(0, layout))
+        tok = k_start + rows
+        if p.BIG:
+            tok = tok.to(gl.int64)
+        offs = gl.expand_dims(tok * stride_s, 1) + hk * stride_h + gl.expand_dims(cols, 0)
+        mask = gl.expand_dims(rows < seq_k, 1) & gl.expand_dims(cols < width, 0)
+        gl.store(ptr + offs, val, mask=mask)
+    else:
+        stage.reshape([KEYS_PER_WG, W]).store(val)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc, _dq_coord(p, b, hk, k_start, kr0, WG * W), stage)
+        tma.store_wait(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel: the same parameters as backward.attn_bwd_kernel (one launch plan for both), NWG = 1 (one 64-key
+# slab a CTA); DQ_SHARED, EARLY_DP, SINK_PDP and PING_PONG must be off.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit(do_not_specialize=_RUNTIME_INTS)
+def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
+                         delta_ptr, sink_ptr, dsink_ptr,
+                         cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                         stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
+                         qk_scale, cap_scale, softmax_scale, window_left, window_right,
+                         BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
+                         HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                         SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
+                         EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
+    gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG), "not built at D = 256")
+    gl.static_assert(BM == 64, "D = 256: BM = 64")
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2 * STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+    pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, KEYS_PER_WG], dtype)
+    pds_smem = gl.allocate_shared_memory(dtype, [2, BM, KEYS_PER_WG], pds_layout)
+    hand = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    part_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    part_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    pds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(q_empty.index(s), count=2)
+    mbarrier.init(do_ready.index(0), count=1)
+    mbarrier.init(do_empty.index(0), count=2)
+    mbarrier.init(part_ready, count=1)
+    mbarrier.init(part_free, count=1)
+    mbarrier.init(pds_ready, count=1)
+    mbarrier.init(pds_free, count=1)
+
+    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+                   sink_ptr, dsink_ptr,
+                   cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
+                   gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
+                   gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
+                   gl.to_tensor(seqlen_q), gl.to_tensor(seqlen_k), gl.to_tensor(num_kv_heads), gl.to_tensor(group),
+                   gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
+                   gl.to_tensor(window_left), gl.to_tensor(window_right),
+                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
+                   SINK_PDP, PING_PONG, BIG)
+    bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
+                       do_empty, part_ready, part_free, pds_ready, pds_free)
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                        (_consumer, (p, bufs, gl.constexpr(1))),
+                        (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
