@@ -1,6 +1,11 @@
 """Probe the Gluon Hopper backward (fa4/kernels/sm90/backward.py): correctness of every configuration, then
 TFLOP/s beside fa4's Triton backward, cuDNN (SDPA), FA2 (SDPA flash) and FlashAttention-4 (when
-`flash_attn.cute` imports) on the training suite's D = 64 and 128 rows.
+`flash_attn.cute` imports) on the training suite's D = 64 and 128 rows, and D = 256 (`--dims 256`) with the opt-in
+D = 256 kernel (`--tiles d256`, fa4/kernels/sm90/backward_d256.py; D = 256 has no shipped tile, so only the
+variant is checked and timed there):
+
+    python benchmarks/sm90_bwd_probe.py --check-only --dims 256 --tiles d256
+    python benchmarks/sm90_bwd_probe.py --time-only --dims 256 --tiles d256 --peers sdpa_cudnn
 
     python benchmarks/sm90_bwd_probe.py                 # both phases, about 4-6 minutes on an H100
     python benchmarks/sm90_bwd_probe.py --check-only    # phase 1 only (about a minute)
@@ -29,10 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECKS = [  # (D, causal, deterministic, hq, hkv)
-    (d, causal, det, hq, hkv) for d in (128, 64) for causal in (False, True) for det in (False, True)
+    (d, causal, det, hq, hkv) for d in (128, 64, 256) for causal in (False, True) for det in (False, True)
     for hq, hkv in ((4, 4), (8, 2))
 ]
-ROWS = [(128, 1024), (128, 4096), (128, 16384), (64, 4096), (64, 16384)]  # (D, S); B = 16384 / S, H = 2048 / D
+SHIPPED_DIMS = (128, 64)  # head dims with a shipped tile (the "base" checks and the sm90 / sm90_det columns)
+# (D, S); B = 16384 / S, H = 2048 / D (D = 256: the training suite's S = 4096 B = 4 H = 8 and S = 16384 B = 1 H = 8)
+ROWS = [(128, 1024), (128, 4096), (128, 16384), (64, 4096), (64, 16384), (256, 4096), (256, 16384)]
 # Tile variants (--tiles): overrides of backward.BwdTile, checked and timed beside the shipped tile where they fit.
 TILES = {
     "shared": dict(shared_dq=True),             # dQ of the CTA's whole key block, columns split over the consumers
@@ -42,6 +49,7 @@ TILES = {
     "early": dict(early_dp=True),               # dP issued right behind S, under the softmax
     "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
     "pingpong": dict(ping_pong=True),           # the consumers take turns issuing (S, dP), then (dV, dK, dQ)
+    "d256": dict(d256=True),                    # D = 256 only: backward_d256.py (also checked deterministic)
 }
 
 
@@ -112,12 +120,16 @@ for d, s, causal in rows:
     out, lse = sm90.forward(q, k, v, **opts)
     if which == "sm90":
         from fa4.kernels.sm90 import backward as bwd
-        timed("sm90", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=False, **opts))
-        timed("sm90_det", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts))
+        if bwd.get_tile(d, d) is not None:
+            timed("sm90", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=False, **opts))
+            timed("sm90_det", lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts))
         for tname, over in tiles:
             tile = bwd.get_tile(d, d, **over)
             if tile is not None:
                 timed("sm90_" + tname, lambda: bwd.backward(dout, q, k, v, out, lse, None, tile=tile, **opts))
+                if tile.d256:
+                    timed("sm90_" + tname + "_det", lambda: bwd.backward(dout, q, k, v, out, lse, None, tile=tile,
+                                                                         deterministic=True, **opts))
     else:
         from fa4.kernels.triton import backward as tbwd
         timed("triton", lambda: tbwd.backward(dout, q, k, v, out, lse, None, **opts))
@@ -173,8 +185,8 @@ def main():
     report = {"checks": [], "rows": []}
 
     print("== phase 1: correctness (numerics rule vs fa4.reference), B=2 S=1000, bf16 and fp16")
-    cases = [(*c, "base", None) for c in CHECKS] + [(*c, name, over) for name, over in tiles for c in CHECKS
-                                                     if not c[2]]
+    cases = [(*c, "base", None) for c in CHECKS if c[0] in SHIPPED_DIMS] + [
+        (*c, name, over) for name, over in tiles for c in CHECKS if not c[2] or over.get("d256")]
     groups = [[c for c in cases if (c[0], c[1]) == (d, causal)] for d in dims for causal in (False, True)]
     if args.time_only:
         groups = []
@@ -205,14 +217,15 @@ def main():
     if st_peers != "ok":
         print(f"   peers child {st_peers}; log: " + log_peers.replace("\n", "\n   "), flush=True)
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'sm90':>7} {'sm90det':>7} {'triton':>7} {'cudnn':>7} {'fa2':>7} "
-          f"{'fa4cute':>7} | sm90 / best(cudnn, fa4cute)" + "".join(f" | {t[0]:>8}" for t in tiles))
+          f"{'fa4cute':>7} | sm90 / best(cudnn, fa4cute)" + "".join(f" | {t[0]:>8}" for t in tiles)
+          + "".join(f" | {t[0] + ' det':>11}" for t in tiles if t[1].get("d256")))
     for d, s, causal in rows:
         key = json.dumps([d, s, causal])
         if hung:
             st, mine, log = "skipped", {}, ""
         else:
             st, mine, log, _ = _child(_TIME_CHILD, ["sm90", [[d, s, causal]], tiles, args.sink],
-                                      timeout=60 + 20 * len(tiles))
+                                      timeout=60 + 20 * len(tiles) + (60 if d == 256 else 0))
         row = dict(D=d, S=s, causal=causal, status_sm90=st, **mine.get(key, {}), **peers_res.get(key, {}))
         report["rows"].append(row)
 
@@ -224,10 +237,13 @@ def main():
             val = num(name)
             return f"{val:7.1f}" if val is not None else f"{'-':>7}"
         best = max([x for x in (num("sdpa_cudnn"), num("flashattn4")) if x is not None], default=None)
-        ratio = f"{num('sm90') / best:.2f}x" if best and num("sm90") else "-"
+        # Without a shipped tile (D = 256) the ratio is the first tile variant's.
+        mine_best = num("sm90") or next((num("sm90_" + t[0]) for t in tiles if num("sm90_" + t[0])), None)
+        ratio = f"{mine_best / best:.2f}x" if best and mine_best else "-"
         print(f"{d:4d} {s:6d} {int(causal):6d} | {cell('sm90')} {cell('sm90_det')} {cell('triton')} "
               f"{cell('sdpa_cudnn')} {cell('sdpa_flash')} {cell('flashattn4')} | {ratio}"
-              + "".join(f" | {cell('sm90_' + t[0]):>8}" for t in tiles), flush=True)
+              + "".join(f" | {cell('sm90_' + t[0]):>8}" for t in tiles)
+              + "".join(f" | {cell('sm90_' + t[0] + '_det'):>11}" for t in tiles if t[1].get("d256")), flush=True)
         if st not in ("ok", "skipped"):
             print(f"   sm90 child {st}; log: " + log.replace("\n", "\n   "), flush=True)
         errs = {k: v for k, v in row.items() if isinstance(v, str) and v.startswith(("error", "n/a"))}
