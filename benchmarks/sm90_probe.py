@@ -39,6 +39,8 @@ VARIANTS = {
     "base": ({}, (64, 128, 256), (False, True), True, True),
     # r2: Q released right after the last QKᵀ of a tile, lse stored after the O store is issued.
     "tail": (dict(TAIL=True), (64, 128, 256), (False, True), True, True),
+    # Session 4: base takes TAIL per problem (configs.tail_for: S <= 4096); notail is the earlier default.
+    "notail": (dict(TAIL=False), (64, 128, 256), (False, True), True, False),
     # r2: two Q buffers, the loader runs into the next tile (D <= 128: Q twice fits beside K/V and O).
     "q2": (dict(TAIL=True, q_buffers=2), (64, 128), (False, True), True, True),
     # Checked only: the per-tile trace build, and the FAST host launch (same kernel, other launch path).

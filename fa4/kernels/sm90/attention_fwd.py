@@ -753,7 +753,8 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # tile costs differ, flat otherwise. TAIL: the tile-end hand-offs of r2 (Q released after the last QKᵀ, lse
 # stored after the O store is issued). TRACE: time stamps per tile into LAST_TRACE (probe only). FAST: the
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
-DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=False, TRACE=False, FAST=None)
+# TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
+DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -851,7 +852,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         O_ALIAS=configs.needs_o_alias(cfg, d, dv), SCHED=int(sched), STAGGER=bool(variant["STAGGER"]),
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
-        BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=bool(variant["TAIL"]), TRACE=bool(variant["TRACE"]),
+        BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=configs.tail_for(seqlen_q) if variant["TAIL"] is None else bool(variant["TAIL"]), TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
     return num_units, args, constexprs
 

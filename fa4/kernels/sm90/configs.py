@@ -108,6 +108,19 @@ def get_config(d, dv, **overrides):
 MASKED_SPAN_WG2 = 4096
 
 
+# TAIL (Q handed back right after a tile's last QKᵀ, so the loader fetches the next tile's Q under that block's
+# softmax and P·V) pays where tiles are short: per tile it hides one Q load. CUDA-graph replay, base → TAIL,
+# TFLOP/s (sm90_probe --variants base,tail): H200 2026-11-25 (raw h200-...-sm90-probe-tail.log) D = 128 S = 1024
+# 552 → 581, causal 407 → 429, S = 4096 602 → 609, causal 554 → 560, but S = 16384 636 → 594; D = 64 S ≤ 4096
+# -1% to +5%; D = 256 S ≤ 4096 0 to +3%. The H100 r3 probe had D = 128 S ≤ 4096 +4–6% and ±3% elsewhere.
+TAIL_MAX_SEQLEN_Q = 4096
+
+
+def tail_for(max_seqlen_q):
+    """Whether a forward over query rows of at most max_seqlen_q takes the early Q release (TAIL)."""
+    return max_seqlen_q <= TAIL_MAX_SEQLEN_Q
+
+
 def problem_config(d, dv, *, window_left, window_right, max_seqlen_q, max_seqlen_k, **overrides):
     """get_config for one problem: tile widths (d, dv), the window (-1 = unbounded) and the longest sequences.
     Explicit overrides (a probe variant) win over the per-problem choice."""
