@@ -1,8 +1,7 @@
 """Probe the Gluon Hopper backward (fa4/kernels/sm90/backward.py): correctness of every configuration, then
 TFLOP/s beside fa4's Triton backward, cuDNN (SDPA), FA2 (SDPA flash) and FlashAttention-4 (when
-`flash_attn.cute` imports) on the training suite's D = 64 and 128 rows, and D = 256 (`--dims 256`) with the opt-in
-D = 256 kernel (`--tiles d256`, fa4/kernels/sm90/backward_d256.py; D = 256 has no shipped tile, so only the
-variant is checked and timed there):
+`flash_attn.cute` imports) on the training suite's D = 64 and 128 rows, and D = 256 (`--dims 256`), whose shipped
+tile is the D = 256 kernel (fa4/kernels/sm90/backward_d256.py; `--tiles d256` names it explicitly):
 
     python benchmarks/sm90_bwd_probe.py --check-only --dims 256 --tiles d256
     python benchmarks/sm90_bwd_probe.py --time-only --dims 256 --tiles d256 --peers sdpa_cudnn

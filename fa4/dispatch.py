@@ -2,7 +2,7 @@
 
 Backends: "reference" (eager PyTorch, any device, every feature), "triton" (portable kernels, CUDA compute
 capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward and backward for Hopper; the
-backward serves head dims up to 128, the Triton backward the rest). An explicitly requested backend that cannot serve raises a ValueError with the reason; only
+backward serves D = Dv up to 256 and D, Dv up to 128, the Triton backward the rest). An explicitly requested backend that cannot serve raises a ValueError with the reason; only
 backend=None falls back.
 
 backend=None on a CUDA device resolves in two steps. `choose` (called by the interface, traced by
@@ -127,7 +127,8 @@ def resolve_auto(q, k, v, **features):
 
 def resolve_auto_backward(q, k, v, **features):
     """The backward backend for "auto" on real CUDA tensors: the Gluon sm90 backward where it serves
-    (measured 1.17-1.38x the Triton backward at D = 128 on the H100, benchmarks/NOTES.md), else Triton.
+    (measured 1.17-1.38x the Triton backward at D = 128 on the H100 and 1.30-1.34x at D = 256 on an H200,
+    benchmarks/NOTES.md), else Triton.
     FA4_SM90=0 or FA4_SM90_BWD=0 keeps the Triton backward."""
     reason = None
     if os.environ.get("FA4_SM90") == "0" or os.environ.get("FA4_SM90_BWD") == "0":

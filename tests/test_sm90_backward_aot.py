@@ -147,11 +147,11 @@ def test_tiles_fit():
     assert backward.get_tile(64, 64, shared_dq=True) is None
 
 
-def test_d256_tile_is_opt_in():
-    """The D = 256 kernel is reachable only through an explicit tile: not in the table, (256, 256) only, none of the
-    D <= 128 kernel's variants, and within shared memory."""
+def test_d256_tile():
+    """The D = 256 kernel is the table's tile for (256, 256) and reachable explicitly (d256=True): (256, 256) only,
+    none of the D <= 128 kernel's variants, and within shared memory."""
     from fa4.kernels.sm90 import backward, backward_d256, configs
-    assert (256, 256) not in backward.shipped_tiles() and backward.get_tile(256, 256) is None
+    assert (256, 256) in backward.shipped_tiles() and backward.get_tile(256, 256) == backward.D256_TILE
     tile = backward.get_tile(256, 256, d256=True)
     assert tile == backward.D256_TILE and tile.d256 and tile.block_n == 64
     assert backward.smem_bytes(tile, 256, 256) == backward_d256.smem_bytes(tile) <= configs.SMEM_LIMIT

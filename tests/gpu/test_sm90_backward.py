@@ -233,7 +233,7 @@ def test_sink_partials_far_inside_the_rule():
     assert max(ratios) < 0.5, sorted(ratios)[-3:]
 
 
-# The opt-in D = 256 kernel (fa4/kernels/sm90/backward_d256.py, tile backward.D256_TILE): 64 keys a CTA, the two
+# The D = 256 kernel (fa4/kernels/sm90/backward_d256.py, tile backward.D256_TILE): 64 keys a CTA, the two
 # consumers splitting the head dim and handing S, dP partials and P, dS over through shared memory. Never run on a
 # GPU when written: run under a timeout (`timeout 300 python -m pytest -q -x tests/gpu/test_sm90_backward.py -k d256`).
 D256_CASES = [

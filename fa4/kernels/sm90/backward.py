@@ -1,6 +1,7 @@
 """Attention backward for Hopper (sm_90a) in Gluon: the main kernel, its partitions, and the host wrapper.
 
-Dispatched for D, Dv <= 128 (dispatch.resolve_auto_backward); tests: tests/gpu/test_sm90_backward.py (GPU),
+Dispatched for D, Dv <= 128 (this file's kernel) and D = Dv in (128, 256] (backward_d256.py's, tile D256_TILE)
+by dispatch.resolve_auto_backward; tests: tests/gpu/test_sm90_backward.py (GPU),
 tests/test_sm90_backward_aot.py (sm_90a compile, register and spill checks); speed: benchmarks/sm90_bwd_probe.py.
 
 The math (docs/INTERNALS.md), per query block i (rows) and resident key block j, in base 2:
@@ -35,9 +36,9 @@ Launches, in order:
    main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
 4. dQ: the fp32 accumulator (already scaled) cast to the input dtype.
 
-D = 256 has no default tile (see _TABLE; the Triton backward serves it). An opt-in kernel following the plan below
-is built in backward_d256.py (tile D256_TILE, `BwdTile(d256=True)`; the probe's `--tiles d256`), not yet measured
-on a GPU. The plan, with its shared-memory budget (227 KiB) worked out in session 3:
+D = 256 runs its own kernel, backward_d256.py (tile D256_TILE in _TABLE; the probe's `--tiles d256`), built on
+the plan below (shared-memory budget of 227 KiB worked out in session 3; 1.30-1.34x the Triton backward on an
+H200, 0.89-0.94x cuDNN):
   - a CTA keeps 64 keys; consumer w owns head-dim columns c_w = [128w, 128w + 128): dK[:, c_w] and dV[:, c_w]
     (64 + 64 fp32 registers a thread), and dQ[:, c_w] in two [64, 64] parts (32 each, one at a time);
   - per query block (BM = 64) each consumer computes the partial products over its columns,
@@ -808,9 +809,12 @@ _TABLE = {
 }
 
 
-# The opt-in D = 256 tile (backward_d256.py): 64 keys a CTA, two consumers over the head-dim halves, Q in two
-# stages and dO in one. Not in _TABLE: D = 256 goes to the Triton backward until this is measured on a GPU.
+# The D = 256 tile (backward_d256.py): 64 keys a CTA, two consumers over the head-dim halves, Q in two stages
+# and dO in one. H200, 2026-11-25 (sm90_bwd_probe --dims 256 --tiles d256, same run, TFLOP/s Triton backward /
+# this tile / its deterministic build / cuDNN): S = 4096 245 / 325 / 307 / 365, causal 229 / 306 / 305 / 344;
+# S = 16384 256 / 337 / 308 / 361, causal 261 / 349 / 331 / 374.
 D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True)
+_TABLE[(256, 256)] = D256_TILE
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -827,20 +831,16 @@ def smem_bytes(tile, d, dv, elem=2):
 
 def get_tile(d, dv, **overrides):
     """The tile for tile widths (d, dv), or None; overrides: fields of BwdTile."""
-    if overrides.get("d256"):
-        # The opt-in D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
-        if (d, dv) != (256, 256):
-            return None
-        tile = replace(D256_TILE, **overrides)
-        if (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp or tile.sink_pdp
-                or tile.ping_pong or tile.separate_dq):
-            return None
-        return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
-    tile = _TABLE.get((d, dv))
+    tile = D256_TILE if overrides.get("d256") else _TABLE.get((d, dv))
     if tile is None:
         return None
     tile = replace(tile, **overrides) if overrides else tile
-    if tile.shared_dq and (tile.num_wg != 2 or d < 128):
+    if tile.d256:
+        # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
+        if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
+                                     or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
+            return None
+    elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
 
@@ -869,7 +869,7 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
         if get_tile(256, 256, **{f: getattr(tile, f) for f in tile.__dataclass_fields__}) != tile:
             return "the D = 256 backward tile supports none of the D <= 128 kernel's variants"
     elif td is None or tdv is None or get_tile(td, tdv) is None:
-        return f"no sm90 backward tile for head dims ({d}, {dv}) (D = 256 is planned, not built)"
+        return f"no sm90 backward tile for head dims ({d}, {dv})"
     if max(q.numel(), k.numel(), v.numel()) >= 2**31:
         # The pointer-stored dK/dV tail rows use 32-bit offsets and this size was never run on the GPU; the
         # Triton backward is tested past 2^31 elements.
