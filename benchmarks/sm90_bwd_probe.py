@@ -5,8 +5,6 @@ tile is the D = 256 kernel (fa4/kernels/sm90/backward_d256.py; `--tiles d256` na
 
     python benchmarks/sm90_bwd_probe.py --check-only --dims 256 --tiles d256
     python benchmarks/sm90_bwd_probe.py --time-only --dims 256 --tiles d256 --peers sdpa_cudnn
-    python benchmarks/sm90_bwd_probe.py --check-only --dims 256 --tiles d256split    # the split-softmax variant
-    python benchmarks/sm90_bwd_probe.py --time-only --dims 256 --tiles d256,d256split --peers sdpa_cudnn
 
     python benchmarks/sm90_bwd_probe.py                 # both phases, about 4-6 minutes on an H100
     python benchmarks/sm90_bwd_probe.py --check-only    # phase 1 only (about a minute)
@@ -51,8 +49,6 @@ TILES = {
     "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
     "pingpong": dict(ping_pong=True),           # the consumers take turns issuing (S, dP), then (dV, dK, dQ)
     "d256": dict(d256=True),                    # D = 256 only: backward_d256.py (also checked deterministic)
-    # D = 256 only: backward_d256.py with P and dS formed by both consumers, 32 keys each (split_softmax)
-    "d256split": dict(d256=True, split_softmax=True),
 }
 
 

@@ -54,9 +54,6 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
                   # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
                   "d256-window-softcap-gqa2": 24, "d192-seqused": 2}
-# (Its split-softmax variant, "d256split-*", 2026-11-26: no local memory at all, in the loop or around it.)
-
-_SPLIT = dict(d256=True, split_softmax=True)
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -112,12 +109,6 @@ CASES = [
     ("d256-deterministic-causal", dict(d=256, dv=256, causal=True, deterministic=True, tile=dict(d256=True))),
     ("d256-varlen-window", dict(d=256, dv=256, varlen=True, window=(256, 0), tile=dict(d256=True))),
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
-    # Its split-softmax variant (tile.split_softmax: each consumer forms P and dS for 32 of the 64 keys).
-    ("d256split-plain", dict(d=256, dv=256, tile=_SPLIT)),
-    ("d256split-causal", dict(d=256, dv=256, causal=True, tile=_SPLIT)),
-    ("d256split-varlen-causal", dict(d=256, dv=256, varlen=True, causal=True, tile=_SPLIT)),
-    ("d256split-window-softcap-gqa2", dict(d=256, dv=256, window=(100, 50), softcap=30.0, gqa=2, tile=_SPLIT)),
-    ("d256split-deterministic-causal", dict(d=256, dv=256, causal=True, deterministic=True, tile=_SPLIT)),
 ]
 
 @pytest.fixture(scope="module")
@@ -171,15 +162,6 @@ def test_d256_tile():
         assert backward.get_tile(256, 256, d256=True, **over) is None, over
     assert backward.get_tile(128, 128, d256=True) is None
     assert backward.kernel_for(tile) is backward_d256.attn_bwd_d256_kernel
-    # The split-softmax variant: D = 256 only, the same shared memory (the hand-over tile holds both directions).
-    split = backward.get_tile(256, 256, d256=True, split_softmax=True)
-    assert split is not None and split.split_softmax and split != tile
-    assert backward.smem_bytes(split, 256, 256) == backward.smem_bytes(tile, 256, 256)
-    assert backward.kernel_for(split) is backward_d256.attn_bwd_d256_split_kernel
-    assert not backward.D256_TILE.split_softmax
-    for d in (64, 128):
-        assert backward.get_tile(d, d, split_softmax=True) is None
-    assert backward.get_tile(256, 256, d256=True, split_softmax=True, ping_pong=True) is None
     assert backward.kernel_for(backward.get_tile(128, 128)) is backward.attn_bwd_kernel
 
 
@@ -203,8 +185,6 @@ def test_d256_plan_arguments():
             assert args[name].block_shape[-1] == 128, name
         assert args["dq_desc"].block_shape[-1] == 64
         assert list(backward_d256.attn_bwd_d256_kernel.arg_names) == list(backward.attn_bwd_kernel.arg_names)
-        assert (list(backward_d256.attn_bwd_d256_split_kernel.arg_names)
-                == list(backward.attn_bwd_kernel.arg_names))
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -249,11 +229,11 @@ def _q_range(n0, bn, bm, seq_q, seq_k, wl, wr):
     return m_lo, max(-(-hi // bm) if hi > 0 else 0, m_lo)
 
 
-def _needs_mask(kr0, m0, bm, seq_q, seq_k, wl, wr, width=SLAB):
+def _needs_mask(kr0, m0, bm, seq_q, seq_k, wl, wr):
     off = seq_k - seq_q
-    need = kr0 + width > seq_k
+    need = kr0 + SLAB > seq_k
     if wr >= 0:
-        need |= kr0 + width - 1 > m0 + off + wr
+        need |= kr0 + SLAB - 1 > m0 + off + wr
     if wl >= 0:
         need |= kr0 < m0 + bm - 1 + off - wl
     return need
@@ -554,158 +534,13 @@ def test_d256_protocol_model_catches_mistakes():
     assert all(_d256_protocol_run(seed, 4, mistake="skip") == "deadlock" for seed in range(10))
 
 
-def _d256_split_protocol_run(seed, steps, stages=2, mistake=None):
-    """One random interleaving of the split-softmax D = 256 kernel (backward_d256._consumer_split): the loader as
-    in _d256_protocol_run; consumer w writes its give halves into hand-over slot w (part_ready[w]), reads the
-    other's from slot 1 - w, writes its 32-key column half of P and dS (pds_free[1 - w] of the previous step
-    first, then pds_ready[w]), waits for the other half (pds_ready[1 - w]), runs its products, stages its dQ in
-    slot w (TMA reduce-add) and arrives pds_free[w]. There is no part_free: the other consumer has read slot w
-    before it arrives pds_ready[1 - w], which w waits for before staging its dQ there or rewriting its give halves.
-    Returns None, or what went wrong. mistake: "no_store_wait" (a consumer rewrites slot w before its own
-    reduce-add read it), "free_early" (pds_free arrived before the products), "no_pds_wait" (the products without
-    waiting for the other half of P and dS), "skip" (consumer 1 skips the last step)."""
-    rng = np.random.default_rng(seed)
-    q_ready = [_Bar(1) for _ in range(stages)]
-    q_empty = [_Bar(2) for _ in range(stages)]
-    do_ready, do_empty = _Bar(1), _Bar(2)
-    part_ready = [_Bar(1), _Bar(1)]
-    pds_ready = [_Bar(1), _Bar(1)]
-    pds_free = [_Bar(1), _Bar(1)]
-    tma = []
-    q_users = [set() for _ in range(stages)]
-    do_users = set()
-    # slot[w]: ("give", step) or ("dq", step); reading[w]: the other consumer reads slot w's give halves;
-    # staging[w]: w's reduce-add reads slot w; pds[w]: the step whose P / dS column half w holds.
-    st = dict(slot=[None, None], reading=[False, False], staging=[False, False], pds=[None, None],
-              pds_readers=set())
-    errors = []
-
-    def wait(bar, parity, need):
-        while True:
-            if bar.done not in (need - 1, need) or parity != (need - 1) & 1:
-                errors.append(f"parity wait on a barrier {bar.done} phases done, meant {need} (parity {parity})")
-            if (bar.done & 1) != parity:
-                return
-            yield "blocked"
-
-    def loader():
-        for it in range(steps):
-            idx, phase = it % stages, (it // stages) & 1
-            yield from wait(q_empty[idx], phase ^ 1, it // stages)
-            if q_users[idx]:
-                errors.append(f"Q stage {idx} reloaded while consumers {q_users[idx]} read it")
-            tma.append(q_ready[idx])
-            yield from wait(do_empty, (it & 1) ^ 1, it)
-            if do_users:
-                errors.append(f"dO reloaded while consumers {do_users} read it")
-            tma.append(do_ready)
-
-    def consumer(w):
-        o = 1 - w
-        for it in range(steps - (mistake == "skip" and w == 1)):
-            idx, phase = it % stages, (it // stages) & 1
-            yield from wait(q_ready[idx], phase, it // stages + 1)
-            q_users[idx].add(w)
-            yield from wait(do_ready, it & 1, it + 1)
-            do_users.add(w)
-            yield  # S and dP halves
-            if mistake != "no_store_wait":
-                st["staging"][w] = False  # tma.store_wait(0)
-            if st["reading"][w] or st["staging"][w]:
-                errors.append(f"hand-over slot {w} rewritten while read")
-            st["slot"][w] = ("give", it)
-            part_ready[w].arrive()
-            yield from wait(part_ready[o], it & 1, it + 1)
-            if st["slot"][o] != ("give", it):
-                errors.append(f"consumer {w} read {st['slot'][o]} of slot {o} at step {it}")
-            st["reading"][o] = True
-            yield  # sums, P, dS of keys [32w, 32w + 32)
-            if st["slot"][o] != ("give", it):
-                errors.append(f"slot {o} changed while consumer {w} read it")
-            st["reading"][o] = False
-            yield from wait(pds_free[o], (it & 1) ^ 1, it)
-            if st["pds_readers"]:
-                errors.append(f"P / dS rewritten while read by {st['pds_readers']}")
-            st["pds"][w] = it
-            pds_ready[w].arrive()
-            if mistake == "free_early":
-                pds_free[w].arrive()
-            if mistake != "no_pds_wait":
-                yield from wait(pds_ready[o], it & 1, it + 1)
-            if st["pds"] != [it, it]:
-                errors.append(f"consumer {w} read P / dS of steps {st['pds']} at step {it}")
-            st["pds_readers"].add(w)
-            yield  # dV, dK, dQ
-            do_users.discard(w)
-            do_empty.arrive()
-            q_users[idx].discard(w)
-            q_empty[idx].arrive()
-            if st["reading"][w]:
-                errors.append(f"slot {w} staged for dQ while the other consumer reads it")
-            st["slot"][w] = ("dq", it)
-            st["staging"][w] = True
-            st["pds_readers"].discard(w)
-            if mistake != "free_early":
-                pds_free[w].arrive()
-        st["staging"][w] = False
-
-    bars = q_ready + q_empty + [do_ready, do_empty] + part_ready + pds_ready + pds_free
-
-    def snapshot():
-        return ([(b.pending, b.done) for b in bars], len(tma), repr(st))
-
-    procs = [loader(), consumer(0), consumer(1)]
-    blocked = set()
-    while procs or tma:
-        if tma and (not procs or rng.random() < 0.3):
-            tma.pop(int(rng.integers(len(tma)))).arrive()
-            blocked.clear()
-            continue
-        proc = procs[int(rng.integers(len(procs)))]
-        before = snapshot()
-        try:
-            if next(proc) == "blocked" and snapshot() == before:
-                blocked.add(proc)
-            else:
-                blocked.clear()
-        except StopIteration:
-            procs.remove(proc)
-            blocked.clear()
-        if errors:
-            return errors[0]
-        if procs and not tma and blocked == set(procs):
-            return "deadlock"
-    return None
-
-
-def test_d256_split_protocol_model():
-    for seed in range(150):
-        for steps in (0, 1, 2, 3, 5, 8):
-            assert _d256_split_protocol_run(seed, steps) is None, (seed, steps)
-    for seed in range(30):
-        assert _d256_split_protocol_run(seed, 6, stages=1) is None, seed
-
-
-def test_d256_split_protocol_model_catches_mistakes():
-    assert all("rewritten while read" in str(_d256_split_protocol_run(seed, 4, mistake="no_store_wait"))
-               for seed in range(20))
-    # pds_free arrived before the products: the other consumer's wait finds the barrier a phase ahead (its
-    # parity wait could pass on a later phase), or it rewrites P / dS under the products.
-    assert all(str(_d256_split_protocol_run(seed, 4, mistake="free_early")).startswith(("parity wait", "P / dS"))
-               for seed in range(60))
-    assert any(str(_d256_split_protocol_run(seed, 4, mistake="no_pds_wait")).startswith(("consumer", "slot"))
-               for seed in range(60))
-    assert all(_d256_split_protocol_run(seed, 4, mistake="skip") == "deadlock" for seed in range(10))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The algorithm, emulated per CTA / consumer / step in fp64, against the reference.
 # ---------------------------------------------------------------------------------------------------------
 
-def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2, col_split=False, key_split=False):
+def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2, col_split=False):
     """dq, dk, dv of the main kernel's loop structure, batched layout (B, S, H, D). col_split: the D = 256 kernel's
-    S and dP, each the sum of two partial products over the head-dim halves (nwg = 1: 64 keys a CTA). key_split
-    (with col_split): its split-softmax variant, each 32-key half of the slab masked by its own decision."""
+    S and dP, each the sum of two partial products over the head-dim halves (nwg = 1: 64 keys a CTA)."""
     bsz, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -751,17 +586,15 @@ def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2, col_
                                 s = th * qk_scale
                             else:
                                 s = s * qk_scale
-                            halves = [(0, SLAB // 2), (SLAB // 2, SLAB // 2)] if key_split else [(0, SLAB)]
-                            for h0, hw in halves:
-                                if _needs_mask(kr0 + h0, m0, bm, sq, sk, wl, wr, hw):
-                                    r = torch.arange(m0, m0 + bm)[:, None]
-                                    c = torch.arange(kr0 + h0, kr0 + h0 + hw)[None, :]
-                                    ok = c < sk
-                                    if wr >= 0:
-                                        ok = ok & (c <= r + off + wr)
-                                    if wl >= 0:
-                                        ok = ok & (c >= r + off - wl)
-                                    s[:, h0:h0 + hw] = torch.where(ok, s[:, h0:h0 + hw], -math.inf)
+                            if _needs_mask(kr0, m0, bm, sq, sk, wl, wr):
+                                r = torch.arange(m0, m0 + bm)[:, None]
+                                c = torch.arange(kr0, kr0 + SLAB)[None, :]
+                                ok = c < sk
+                                if wr >= 0:
+                                    ok = ok & (c <= r + off + wr)
+                                if wl >= 0:
+                                    ok = ok & (c >= r + off - wl)
+                                s = torch.where(ok, s, -math.inf)
                             p = torch.exp2(s - lse2[b, h, m0:m0 + bm, None])
                             if col_split:
                                 c = v.shape[-1] // 2
@@ -783,9 +616,8 @@ def _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, bm=64, nwg=2, col_
     (70, 190, 2, 1, 16, -1, 0, 5.0),     # causal, Sq < Sk, MQA, softcap
     (130, 130, 2, 2, 16, 20, 7, 0.0),    # window
 ])
-@pytest.mark.parametrize("nwg,col_split,key_split", [(2, False, False), (1, True, False), (1, True, True)],
-                         ids=["d128-kernel", "d256-kernel", "d256split-kernel"])
-def test_emulated_algorithm_matches_reference(sq, sk, hq, hkv, d, wl, wr, softcap, nwg, col_split, key_split):
+@pytest.mark.parametrize("nwg,col_split", [(2, False), (1, True)], ids=["d128-kernel", "d256-kernel"])
+def test_emulated_algorithm_matches_reference(sq, sk, hq, hkv, d, wl, wr, softcap, nwg, col_split):
     from fa4 import reference
     torch.manual_seed(sq + sk)
     q = torch.randn(1, sq, hq, d)
@@ -796,8 +628,7 @@ def test_emulated_algorithm_matches_reference(sq, sk, hq, hkv, d, wl, wr, softca
     opts = dict(softmax_scale=scale, window_left=wl, window_right=wr, softcap=softcap, sink=None)
     out, lse = reference.forward(q, k, v, **opts)
     want = reference.backward(dout, q, k, v, out, lse, None, **opts)
-    got = _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, nwg=nwg, col_split=col_split,
-                   key_split=key_split)
+    got = _emulate(dout, q, k, v, out, lse, scale, wl, wr, softcap, nwg=nwg, col_split=col_split)
     for name, x, ref in zip(("dq", "dk", "dv"), got, want[:3]):
         assert torch.allclose(x.float(), ref, atol=1e-4, rtol=1e-4), (name, (x.float() - ref).abs().max())
 

@@ -250,9 +250,9 @@ D256_CASES = [
 ]
 
 
-def _d256_tile(split=False):
-    tile = _bwd().get_tile(256, 256, d256=True, split_softmax=split)
-    assert tile is not None and tile.d256 and tile.split_softmax == split
+def _d256_tile():
+    tile = _bwd().get_tile(256, 256, d256=True)
+    assert tile is not None and tile.d256
     return tile
 
 
@@ -266,10 +266,6 @@ def test_d256(case, dtype, deterministic):
 
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0)], ids=["full", "causal", "window"])
 def test_d256_varlen(window):
-    _d256_varlen(window, _d256_tile())
-
-
-def _d256_varlen(window, tile):
     torch.manual_seed(256 + window[0] + window[1])
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
     hq, hkv, d = 4, 2, 256
@@ -278,7 +274,7 @@ def _d256_varlen(window, tile):
     v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
     varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
                   max_seqlen_k=max(lens_k))
-    _run(q, k, v, left=window[0], right=window[1], varlen=varlen, tile=tile, with_dlse=True)
+    _run(q, k, v, left=window[0], right=window[1], varlen=varlen, tile=_d256_tile(), with_dlse=True)
 
 
 def test_d256_seqused_k():
@@ -293,10 +289,6 @@ def test_d256_seqused_k():
 def test_d256_deterministic_bitwise_20x():
     """deterministic=True with the D = 256 tile: dK, dV from the main kernel (fixed order by construction), dQ from
     the ordered pass; 20 calls give bitwise-identical gradients."""
-    _d256_bitwise(_d256_tile())
-
-
-def _d256_bitwise(tile):
     bwd = _bwd()
     torch.manual_seed(12)
     q = torch.randn(2, 1024, 8, 256, device=DEV, dtype=torch.bfloat16)
@@ -306,9 +298,9 @@ def _d256_bitwise(tile):
     out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
     out = out.to(q.dtype)
     dout = torch.randn_like(out)
-    first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=tile, **opts)
+    first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=_d256_tile(), **opts)
     for _ in range(20):
-        again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=tile, **opts)
+        again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=_d256_tile(), **opts)
         for a, b in zip(first[:3], again[:3]):
             assert torch.equal(a, b)
 
@@ -333,44 +325,3 @@ def test_d256_declines_what_it_does_not_build():
     assert "256" in bwd.unsupported_reason(q, q, q)      # the default D = 256 backward is still Triton's
     with pytest.raises(ValueError):
         bwd.backward(q, q, q, q, q, torch.zeros(1, 2, 128, device=DEV), None, softmax_scale=0.1)
-
-
-# The split-softmax variant of the D = 256 kernel (BwdTile.split_softmax, a probe variant): both consumers form P
-# and dS, 32 keys each, swapping partial S and dP halves both ways. Never run on a GPU when written: run under a
-# timeout (`timeout 300 python -m pytest -q -x tests/gpu/test_sm90_backward.py -k d256split`).
-D256_SPLIT_CASES = [D256_CASES[i] for i in (0, 1, 2, 3, 4, 7, 8, 9)]   # plain, causal, GQA, sink, windows, D 192
-
-
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", D256_SPLIT_CASES, ids=[backward_case_id(c) for c in D256_SPLIT_CASES])
-def test_d256split(case, dtype, deterministic):
-    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    _run(q, k, v, tile=_d256_tile(split=True), deterministic=deterministic, **kw)
-
-
-@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0)], ids=["full", "causal", "window"])
-def test_d256split_varlen(window):
-    _d256_varlen(window, _d256_tile(split=True))
-
-
-def test_d256split_seqused_k():
-    torch.manual_seed(8)
-    q = torch.randn(2, 600, 4, 256, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(2, 900, 4, 256, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(2, 900, 4, 256, device=DEV, dtype=torch.bfloat16)
-    used = torch.tensor([900, 333], dtype=torch.int32, device=DEV)
-    _run(q, k, v, varlen=dict(seqused_k=used), tile=_d256_tile(split=True))
-
-
-def test_d256split_deterministic_bitwise_20x():
-    _d256_bitwise(_d256_tile(split=True))
-
-
-def test_d256split_declines_without_d256():
-    bwd = _bwd()
-    q = torch.randn(1, 128, 2, 128, device=DEV, dtype=torch.bfloat16)
-    tile = bwd.BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, split_softmax=True)
-    assert "split_softmax" in bwd.unsupported_reason(q, q, q, tile=tile)
-    q = torch.randn(1, 128, 2, 256, device=DEV, dtype=torch.bfloat16)
-    assert bwd.unsupported_reason(q, q, q, tile=_d256_tile(split=True)) is None

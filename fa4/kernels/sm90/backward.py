@@ -780,10 +780,6 @@ class BwdTile:
     # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
     # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
     d256: bool = False
-    # D = 256 only (with d256): the two consumers split P / dS by key columns (32 keys each, partial S and dP
-    # swapped through the hand-over tile in both directions) instead of consumer 0 forming all 64
-    # (backward_d256.attn_bwd_d256_split_kernel; a probe variant: --tiles d256split).
-    split_softmax: bool = False
 
     @property
     def block_n(self):
@@ -844,8 +840,6 @@ def get_tile(d, dv, **overrides):
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
-    elif tile.split_softmax:
-        return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
@@ -869,8 +863,6 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
         return reason
     d, dv = q.shape[-1], v.shape[-1]
     td, tdv = configs.tile_dim(d), configs.tile_dim(dv)
-    if tile is not None and tile.split_softmax and not tile.d256:
-        return "split_softmax is a variant of the D = 256 backward tile (d256=True) only"
     if tile is not None and tile.d256:
         if (td, tdv) != (256, 256):
             return f"the D = 256 backward tile serves head dims in (128, 256] only, not ({d}, {dv})"
@@ -1070,11 +1062,10 @@ def _dq_placeholder(tile, d, varlen, device):
 
 
 def kernel_for(tile):
-    """The main kernel a tile runs on: attn_bwd_kernel, or backward_d256.attn_bwd_d256_kernel (same parameters;
-    attn_bwd_d256_split_kernel with split_softmax)."""
+    """The main kernel a tile runs on: attn_bwd_kernel, or backward_d256.attn_bwd_d256_kernel (same parameters)."""
     if tile.d256:
-        from .backward_d256 import attn_bwd_d256_kernel, attn_bwd_d256_split_kernel
-        return attn_bwd_d256_split_kernel if tile.split_softmax else attn_bwd_d256_kernel
+        from .backward_d256 import attn_bwd_d256_kernel
+        return attn_bwd_d256_kernel
     return attn_bwd_kernel
 
 

@@ -83,53 +83,6 @@ deterministic builds (6-11 spill instructions around the loop, for the epilogue'
 values beside S and dP in consumer 0: with a window and GQA 21 reloads a step (L1 hits; issuing dP_0 after P instead
 cut them to 14 but leaves the tensor core idle under the softmax, so it was not taken).
 
-The split-softmax variant (tile.split_softmax, attn_bwd_d256_split_kernel: a probe variant, `--tiles d256split`).
-Consumer 0 above forms all 64 x 64 of P and dS while consumer 1 waits. Here the elementwise work is split by key
-columns: consumer w keeps keys K_w = [32w, 32w + 32) of the CTA's 64 and gives the other half G_w = K_(1-w):
-
-    S_w = [S_w(G_w) | S_w(K_w)], dP_w likewise                 four N = 32 wgmmas, the given halves issued first
-    slot w of the hand-over tile <- S_w(G_w), dP_w(G_w)       fp32 [64, 32] each (columns 0-31, 32-63 of the
-                                                              slot's [64, 64]: one 128-byte swizzle column each)
-    S(K_w) = S_w(K_w) + S_(1-w)(K_w) from slot 1 - w, dP(K_w) likewise
-    P(K_w), dS(K_w) (masks for keys n0 + 32w .. + 32, softcap)  -> columns K_w of the shared P, dS tiles
-    dV, dK, dQ from the whole P and dS, as above
-
-The shared P and dS tiles use a 64-byte swizzle here, so that a 32-key column half is one whole swizzle column
-(a sub-view each consumer stores into); the hand-over tile is the same 2 x [64, 64] fp32 (slot w: consumer w's
-give halves, then its dQ staging), so shared memory is unchanged (208 KiB). Registers: each consumer holds its
-kept and given halves of S and dP (4 x 16 a thread) instead of consumer 0's 2 x 32 plus the loaded partials.
-
-Its barriers, one of each per consumer w and arrived only by w (count 1; parity from `it` as above):
-  part_ready[w]   w -> 1 - w: w's give halves of step it are in slot w (phase it)
-  pds_ready[w]    w -> 1 - w: w's column half of P and dS of step it is in shared memory (phase it)
-  pds_free[w]     w -> 1 - w: w's products reading P and dS of step it completed (phase it); 1 - w waits for
-                  phase it − 1 before writing its half at step it (a fresh barrier passes parity 1)
-No part_free: slot w is written only by w (give halves, then dQ staging) and read by 1 − w (the give halves) and
-by w's own TMA reduce-adds. 1 − w reads slot w at step it before it writes its P / dS half and arrives
-pds_ready[1 − w](it); w waits for pds_ready[1 − w](it) before its products, so both its dQ staging of step it and
-its give halves of step it + 1 come after the other's read (the role part_free plays above). w's own reduce-adds:
-tma.store_wait(0) before the give halves of step it + 1 (the staging of step it), as consumer 1 does above.
-Within step it, consumer w (both the same):
-    Q, dO ready -> S, dP halves -> store_wait(0) -> write slot w, arrive part_ready[w](it)
-    -> wait part_ready[1 − w](it) -> sums, P, dS of K_w -> wait pds_free[1 − w](it − 1) -> write K_w of P, dS,
-    arrive pds_ready[w](it) -> wait pds_ready[1 − w](it) -> dV, dK (arrive do_empty, q_empty), dQ (stage in
-    slot w, reduce-add) -> arrive pds_free[w](it)
-Why no deadlock: assume both consumers completed step it − 1 (all their arrivals of it − 1 made). At step it a
-consumer's first wait, part_ready[1 − w](it), needs only the other's loads of step it (Q released at it − 2, dO
-at it − 1) and its own reduce-adds; pds_free[1 − w](it − 1) was arrived in step it − 1; pds_ready[1 − w](it) needs
-the other past its part_ready wait (answered by this consumer's earlier arrival) and its pds_free wait (step
-it − 1). So both complete step it, by induction; the loader is as above. No barrier runs two phases ahead of its
-waiter: w arrives part_ready[w](it + 1) after it passed pds_ready[1 − w](it), which 1 − w arrives after it passed
-part_ready[w](it); w arrives pds_ready[w](it + 1) after pds_free[1 − w](it), which 1 − w arrives after it passed
-pds_ready[w](it); w arrives pds_free[w](it + 1) after pds_ready[1 − w](it + 1), which 1 − w arrives after it passed
-pds_free[w](it). A Python model runs it under random schedules (test_d256_split_protocol_model).
-Registers and local memory (ptxas of Triton 3.6.0, tests/test_sm90_backward_aot.py "d256split-*", 2026-11-26): no
-local-memory instruction at all (in the loop or around it) in the plain, causal, varlen-causal, window + softcap +
-GQA and deterministic builds (the default kernel: 21 reloads a step with window + softcap + GQA). lse2 and Delta
-are loaded after the give halves are stored: loaded before (under the give halves' wgmmas), their 64-bit address
-stayed live across the stores and consumer 1 (a worker at 240 registers) kept it in local memory with a causal or
-window mask, 4 instructions a step. Not yet run on a GPU when written.
-
 Unsupported (the wrapper declines): the sink gradient's P·dP partials in the main kernel (tile.sink_pdp: the
 preprocess's partial sums serve a sink instead), ping-pong turns, shared dQ (the dQ here is already per column
 half), head dims other than tile widths (256, 256).
@@ -179,16 +132,15 @@ class D256Buffers:
     do: gl.shared_memory_descriptor         # [2, *box]: the one dO stage, half w at index w
     pds: gl.shared_memory_descriptor        # [2, BM, 64] 16-bit: P in pds.index(0), dS in pds.index(1)
     hand: gl.shared_memory_descriptor       # [2, *dq box] fp32: S_1, dP_1; then dQ staging of consumer w in slot w
-    #                                         (split_softmax: slot w holds consumer w's give halves, then its dQ)
     kv_ready: gl.shared_memory_descriptor
     q_ready: gl.shared_memory_descriptor    # [STAGES, 1]
     q_empty: gl.shared_memory_descriptor    # [STAGES, 1]
     do_ready: gl.shared_memory_descriptor   # [1]
     do_empty: gl.shared_memory_descriptor   # [1]
-    part_ready: gl.shared_memory_descriptor  # split_softmax: [2, 1]; also passed as part_free (unused)
+    part_ready: gl.shared_memory_descriptor
     part_free: gl.shared_memory_descriptor
-    pds_ready: gl.shared_memory_descriptor   # split_softmax: [2, 1]
-    pds_free: gl.shared_memory_descriptor    # split_softmax: [2, 1]
+    pds_ready: gl.shared_memory_descriptor
+    pds_free: gl.shared_memory_descriptor
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, pds, hand, kv_ready, q_ready, q_empty, do_ready, do_empty, part_ready,
@@ -407,184 +359,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
         tma.store_wait(0)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The split-softmax variant (tile.split_softmax): consumer w forms P and dS for keys [32w, 32w + 32) of the CTA.
-# ---------------------------------------------------------------------------------------------------------
-
-@gluon.jit
-def _mask_keys(p, s, rows, kr0, m0, seq_q, seq_k):
-    """backward._mask for a block of s.type.shape[1] keys starting at kr0 (here a 32-key half)."""
-    NK: gl.constexpr = s.type.shape[1]
-    off = seq_k - seq_q
-    need = kr0 + NK > seq_k
-    if p.HAS_WR:
-        need = need | (kr0 + NK - 1 > m0 + off + p.window_right)
-    if p.HAS_WL:
-        need = need | (kr0 < m0 + p.BM - 1 + off - p.window_left)
-    if need:
-        keys = kr0 + _opaque(gl.arange(0, NK, gl.SliceLayout(0, s.type.layout)))
-        r2 = gl.expand_dims(rows, 1)
-        c2 = gl.expand_dims(keys, 0)
-        ok = c2 < seq_k
-        if p.HAS_WR:
-            ok = ok & (c2 <= r2 + (off + p.window_right))
-        if p.HAS_WL:
-            ok = ok & (c2 >= r2 + (off - p.window_left))
-        s = gl.where(ok, s, float("-inf"))
-    return s
-
-
-@gluon.jit
-def _consumer_split(p, bufs, WG: gl.constexpr):
-    """_consumer with the elementwise work split by key columns: this warpgroup keeps keys [KEEP, KEEP + 32)
-    of the CTA's 64 (KEEP = 32·WG) and gives the other half of its partial S and dP to the other consumer."""
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    NH: gl.constexpr = KEYS_PER_WG // 2
-    W: gl.constexpr = HALF_C
-    DQW: gl.constexpr = DQ_COLS_C
-    KEEP: gl.constexpr = WG * NH
-    GIVE: gl.constexpr = (1 - WG) * NH
-    OTHER: gl.constexpr = 1 - WG
-    dtype: gl.constexpr = p.q_desc.dtype
-    h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, NH, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, W, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQW, 16])
-    row_s: gl.constexpr = gl.SliceLayout(1, h_layout)
-
-    nb, bhk = _cta_block()
-    b = bhk // p.num_kv_heads
-    hk = bhk - b * p.num_kv_heads
-    seq_q, seq_k, q_start, k_start = _sequence(p, b)
-    n0 = nb * N
-    if n0 < seq_k:
-        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
-        dk = gl.zeros([N, W], gl.float32, acc_layout)
-        dv = gl.zeros([N, W], gl.float32, acc_layout)
-        row_ids = _opaque(gl.arange(0, BM, row_s))
-        mbarrier.wait(bufs.kv_ready, 0)
-        idx = 0
-        phase = 0
-        n_m = m_hi - m_lo
-        for it in range(p.group * n_m):
-            g = it // n_m
-            h = hk * p.group + g
-            m0 = (m_lo + it - g * n_m) * BM
-            q_s = bufs.q.index(2 * idx + WG).reshape([BM, W])
-            wi = _opaque(gl.to_tensor(WG))
-            k_s = bufs.k.index(wi).reshape([N, W])
-            v_s = bufs.v.index(wi).reshape([N, W])
-            do_s = bufs.do.index(wi).reshape([BM, W])
-            p_s = bufs.pds.index(_opaque(gl.to_tensor(0)))
-            ds_s = bufs.pds.index(_opaque(gl.to_tensor(1)))
-            # Slot WG of the hand-over tile: this warpgroup's give halves (S in columns 0-31, dP in 32-63), then
-            # its dQ staging. Slot OTHER: the other warpgroup's give halves (the keys kept here).
-            mine = bufs.hand.index(wi).reshape([BM, DQW])
-            theirs = bufs.hand.index(_opaque(gl.to_tensor(OTHER))).reshape([BM, DQW])
-            hp = it & 1
-            # Partial products over this warpgroup's 128 columns, the given key half first.
-            mbarrier.wait(bufs.q_ready.index(idx), phase)
-            s_give = warpgroup_mma(q_s, k_s.slice(GIVE, NH, dim=0).permute((1, 0)),
-                                   gl.zeros([BM, NH], gl.float32, h_layout), use_acc=False, is_async=True)
-            mbarrier.wait(bufs.do_ready.index(0), hp)
-            dp_give = warpgroup_mma(do_s, v_s.slice(GIVE, NH, dim=0).permute((1, 0)),
-                                    gl.zeros([BM, NH], gl.float32, h_layout), use_acc=False, is_async=True)
-            s = warpgroup_mma(q_s, k_s.slice(KEEP, NH, dim=0).permute((1, 0)),
-                              gl.zeros([BM, NH], gl.float32, h_layout), use_acc=False, is_async=True)
-            dp = warpgroup_mma(do_s, v_s.slice(KEEP, NH, dim=0).permute((1, 0)),
-                               gl.zeros([BM, NH], gl.float32, h_layout), use_acc=False, is_async=True)
-            s_give, dp_give = warpgroup_mma_wait(2, deps=(s_give, dp_give))
-            # Slot WG staged this warpgroup's last dQ half: its reduce-add must have read it. The other warpgroup
-            # read the previous step's give halves before it arrived pds_ready(it - 1), waited for below.
-            tma.store_wait(0)
-            mine.slice(0, NH, dim=1).store(s_give)
-            mine.slice(NH, NH, dim=1).store(dp_give)
-            fence_async_shared()
-            mbarrier.arrive(bufs.part_ready.index(WG))
-            # lse2, Delta: loaded here, not under the give halves' wgmmas (their address then stays live across the
-            # stores above, in local memory at 240 registers with a mask), under the wait for the other's halves.
-            if p.VARLEN:
-                t_base = h * p.stride_th + q_start
-            else:
-                t_base = b * p.stride_tb + h * p.stride_th
-            rows = m0 + row_ids
-            if p.VARLEN:
-                row_ok = rows < seq_q
-                lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
-                delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
-            else:
-                lse2 = gl.load(p.lse2_ptr + t_base + rows)
-                delta = gl.load(p.delta_ptr + t_base + rows)
-            s = warpgroup_mma_wait(1, deps=(s, ))
-            mbarrier.wait(bufs.part_ready.index(OTHER), hp)
-            s = s + theirs.slice(0, NH, dim=1).load(h_layout)
-            if p.SOFTCAP:
-                th = tanh_approx(s * p.cap_scale)
-                s = th * p.qk_scale
-            else:
-                s = s * p.qk_scale
-            s = _mask_keys(p, s, rows, n0 + KEEP, m0, seq_q, seq_k)
-            pr = gl.exp2(s - gl.expand_dims(lse2, 1))
-            dp = warpgroup_mma_wait(0, deps=(dp, ))
-            dp = dp + theirs.slice(NH, NH, dim=1).load(h_layout)
-            ds = pr * (dp - gl.expand_dims(delta, 1))
-            if p.SOFTCAP:
-                ds = ds * (1.0 - th * th)
-            # The other warpgroup's products of the previous step have read P and dS (this warpgroup's own
-            # completed before its step ended).
-            mbarrier.wait(bufs.pds_free.index(OTHER), hp ^ 1)
-            p_s.slice(KEEP, NH, dim=1).store(pr.to(dtype))
-            ds_s.slice(KEEP, NH, dim=1).store(ds.to(dtype))
-            fence_async_shared()
-            mbarrier.arrive(bufs.pds_ready.index(WG))
-            # The other key half of P and dS (and: the other warpgroup has read slot WG's give halves).
-            mbarrier.wait(bufs.pds_ready.index(OTHER), hp)
-            dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
-            dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
-            if p.DQ_ATOMIC:
-                dq = warpgroup_mma(ds_s, k_s.slice(0, DQW, dim=1), gl.zeros([BM, DQW], gl.float32, dq_layout),
-                                   use_acc=False, is_async=True)
-                dv = warpgroup_mma_wait(2, deps=(dv, ))
-                mbarrier.arrive(bufs.do_empty.index(0))
-                dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
-                mbarrier.arrive(bufs.q_empty.index(idx))
-                dq2 = warpgroup_mma(ds_s, k_s.slice(DQW, DQW, dim=1),
-                                    gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False, is_async=True)
-                dq_s = bufs.hand.index(wi)
-                stage = dq_s.reshape([BM, DQW])
-                stage.store(dq * p.softmax_scale)
-                fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * W), dq_s)
-                dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
-                mbarrier.arrive(bufs.pds_free.index(WG))
-                tma.store_wait(0)
-                stage.store(dq2 * p.softmax_scale)
-                fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * W + DQW), dq_s)
-            else:
-                dv = warpgroup_mma_wait(1, deps=(dv, ))
-                mbarrier.arrive(bufs.do_empty.index(0))
-                dk = warpgroup_mma_wait(0, deps=(dk, ))
-                mbarrier.arrive(bufs.q_empty.index(idx))
-                mbarrier.arrive(bufs.pds_free.index(WG))
-            idx, phase = _next_slot(idx, phase, p.STAGES)
-        tma.store_wait(0)
-        nb, bhk = _cta_block()
-        b = bhk // p.num_kv_heads
-        hk = bhk - b * p.num_kv_heads
-        seq_q, seq_k, q_start, k_start = _sequence(p, b)
-        kr0 = nb * N
-        slot = _opaque(gl.to_tensor(WG))
-        _store_half(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
-                    p.stride_dvb, p.stride_dvs, p.stride_dvh, WG)
-        _store_half(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
-                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh, WG)
-        tma.store_wait(0)
-
-
 @gluon.jit
 def _store_half(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, stride_b, stride_s, stride_h,
                 WG: gl.constexpr):
@@ -669,67 +443,4 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                        do_empty, part_ready, part_free, pds_ready, pds_free)
     gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                         (_consumer, (p, bufs, gl.constexpr(1))),
-                        (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-
-
-# The split-softmax variant (tile.split_softmax): the same parameters, buffers and loader; per-consumer
-# hand-over barriers and 32-key column halves of P and dS (see the module docstring).
-@gluon.jit(do_not_specialize=_RUNTIME_INTS)
-def attn_bwd_d256_split_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
-                         delta_ptr, sink_ptr, dsink_ptr,
-                         cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
-                         stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
-                         qk_scale, cap_scale, softmax_scale, window_left, window_right,
-                         BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
-                         HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                         SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
-                         EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-    gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
-    gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG), "not built at D = 256")
-    gl.static_assert(BM == 64, "D = 256: BM = 64")
-    dtype: gl.constexpr = q_desc.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [2 * STAGES] + q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
-    # 64-byte swizzle: a 32-key column half of P or dS is one whole swizzle column (each consumer stores one).
-    pds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=dtype.primitive_bitwidth,
-                                                    rank=2)
-    pds_smem = gl.allocate_shared_memory(dtype, [2, BM, KEYS_PER_WG], pds_layout)
-    hand = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
-    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    # One barrier a consumer w each, arrived by w: part_ready[w], pds_ready[w], pds_free[w] (no part_free).
-    part_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    pds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    pds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_ready, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(q_ready.index(s), count=1)
-        mbarrier.init(q_empty.index(s), count=2)
-    mbarrier.init(do_ready.index(0), count=1)
-    mbarrier.init(do_empty.index(0), count=2)
-    for w in gl.static_range(2):
-        mbarrier.init(part_ready.index(w), count=1)
-        mbarrier.init(pds_ready.index(w), count=1)
-        mbarrier.init(pds_free.index(w), count=1)
-
-    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
-                   sink_ptr, dsink_ptr,
-                   cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
-                   gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
-                   gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
-                   gl.to_tensor(seqlen_q), gl.to_tensor(seqlen_k), gl.to_tensor(num_kv_heads), gl.to_tensor(group),
-                   gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
-                   gl.to_tensor(window_left), gl.to_tensor(window_right),
-                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG)
-    bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
-                       do_empty, part_ready, part_ready, pds_ready, pds_free)
-    gl.warp_specialize([(_consumer_split, (p, bufs, gl.constexpr(0))),
-                        (_consumer_split, (p, bufs, gl.constexpr(1))),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
