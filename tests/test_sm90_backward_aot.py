@@ -284,6 +284,17 @@ class _Bar:
             self.done, self.pending = self.done + 1, 0
 
 
+def _parity_wait(bar, parity, need, errors):
+    """A consumer's mbarrier wait in the barrier models: `need` is the number of completed phases the waiter
+    means to wait for, counted independently of the parity formula, so a wait off by two phases is reported."""
+    while True:
+        if bar.done not in (need - 1, need) or parity != (need - 1) & 1:
+            errors.append(f"parity wait on a barrier {bar.done} phases done, meant {need} (parity {parity})")
+        if (bar.done & 1) != parity:
+            return
+        yield "blocked"
+
+
 def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, turn_before_hand_over=False):
     """One random interleaving of the loader and the consumers over `steps` Q/dO steps, in the kernel's order of
     barrier operations (_consumer, _loader; Q and dO as one load). Returns None, or what went wrong. To show
@@ -300,13 +311,7 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
     errors = []
 
     def wait(bar, parity, need):
-        # `need`: completed phases the waiter means to wait for, counted independently of the parity formula.
-        while True:
-            if bar.done not in (need - 1, need) or parity != (need - 1) & 1:
-                errors.append(f"parity wait on a barrier {bar.done} phases done, meant {need} (parity {parity})")
-            if (bar.done & 1) != parity:
-                return
-            yield "blocked"
+        return _parity_wait(bar, parity, need, errors)
 
     def loader():
         for it in range(steps):
@@ -415,12 +420,7 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None):
     errors = []
 
     def wait(bar, parity, need):
-        while True:
-            if bar.done not in (need - 1, need) or parity != (need - 1) & 1:
-                errors.append(f"parity wait on a barrier {bar.done} phases done, meant {need} (parity {parity})")
-            if (bar.done & 1) != parity:
-                return
-            yield "blocked"
+        return _parity_wait(bar, parity, need, errors)
 
     def loader():
         for it in range(steps):
