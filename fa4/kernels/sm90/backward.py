@@ -303,6 +303,18 @@ def _sequence(p, b):
 
 
 @gluon.jit
+def _cta_coords(p):
+    """This CTA's key block, batch, kv head and sequence bounds (nb, b, hk, seq_q, seq_k, q_start, k_start), from
+    a fresh %ctaid read: each partition (and an epilogue) calls it where it needs them, so nothing stays live
+    through a loop."""
+    nb, bhk = _cta_block()
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    return nb, b, hk, seq_q, seq_k, q_start, k_start
+
+
+@gluon.jit
 def _q_range(p, n0, seq_q, seq_k):
     """Query blocks [m_lo, m_hi) that see any key of [n0, n0 + BN): the transpose of the forward's key range.
     Row i sees key j when j <= i + off + window_right and j >= i + off - window_left, off = seq_k - seq_q."""
@@ -329,10 +341,7 @@ def _q_range(p, n0, seq_q, seq_k):
 def _loader(p, bufs):
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
-    nb, bhk = _cta_block()
-    b = bhk // p.num_kv_heads
-    hk = bhk - b * p.num_kv_heads
-    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     if n0 < seq_k:
         # K and V of the CTA, once: one 64-key box per consumer.
@@ -439,10 +448,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
     TURN0: gl.constexpr = 1 if WG == 0 else 0
     NEXT_WG: gl.constexpr = (WG + 1) % NWG
 
-    nb, bhk = _cta_block()
-    b = bhk // p.num_kv_heads
-    hk = bhk - b * p.num_kv_heads
-    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     kr0 = n0 + WG * N
     if n0 < seq_k:
@@ -619,10 +625,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             idx, phase = _next_slot(idx, phase, p.STAGES)
         # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
         # through the loop, where they were spilled.
-        nb, bhk = _cta_block()
-        b = bhk // p.num_kv_heads
-        hk = bhk - b * p.num_kv_heads
-        seq_q, seq_k, q_start, k_start = _sequence(p, b)
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         kr0 = nb * BN + WG * N
         # This warpgroup's K and V slots are free (only its own, now completed, wgmmas read them): they
         # stage dV and dK for the TMA stores. Opaque slot index: LLVM otherwise computes this thread's

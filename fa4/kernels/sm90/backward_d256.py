@@ -96,8 +96,8 @@ from triton.language.core import _aggregate as aggregate
 
 from . import configs
 from .attention_fwd import _GL_DTYPES, _next_slot, _opaque
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_block, _dq_coord, _mask, _q_range, _RUNTIME_INTS,
-                       _sequence, async_reduce_add_shared_to_global)
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _dq_coord, _mask, _q_range, _RUNTIME_INTS,
+                       async_reduce_add_shared_to_global)
 from .softmax import tanh_approx
 
 HALF = 128          # head-dim columns per consumer warpgroup
@@ -168,10 +168,7 @@ class D256Buffers:
 
 @gluon.jit
 def _loader(p, bufs):
-    nb, bhk = _cta_block()
-    b = bhk // p.num_kv_heads
-    hk = bhk - b * p.num_kv_heads
-    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * KEYS_PER_WG
     if n0 < seq_k:
         mbarrier.expect(bufs.kv_ready, 2 * (p.k_desc.block_type.nbytes + p.v_desc.block_type.nbytes))
@@ -221,10 +218,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                                         instr_shape=[16, DQW, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    nb, bhk = _cta_block()
-    b = bhk // p.num_kv_heads
-    hk = bhk - b * p.num_kv_heads
-    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * N
     if n0 < seq_k:
         m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
@@ -345,10 +339,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             idx, phase = _next_slot(idx, phase, p.STAGES)
         tma.store_wait(0)
         # The epilogue's indices from a fresh %ctaid read (not kept live through the loop).
-        nb, bhk = _cta_block()
-        b = bhk // p.num_kv_heads
-        hk = bhk - b * p.num_kv_heads
-        seq_q, seq_k, q_start, k_start = _sequence(p, b)
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         kr0 = nb * N
         # This warpgroup's K and V halves are read only by its own (completed) products: they stage dK, dV.
         slot = _opaque(gl.to_tensor(WG))
