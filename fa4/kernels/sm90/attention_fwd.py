@@ -815,6 +815,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
                                  max_seqlen_k=longest_k, **tile_overrides)
     if cfg is None:
         raise ValueError(f"no sm90 tile for head dims ({d}, {dv}) with {tile_overrides}")
+    tail = configs.tail_for(seqlen_q) if variant["TAIL"] is None else bool(variant["TAIL"])
     num_m = triton.cdiv(seqlen_q, cfg.block_m)
     windowed = window_left >= 0 or window_right >= 0
     sched = variant["SCHED"]
@@ -852,7 +853,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         O_ALIAS=configs.needs_o_alias(cfg, d, dv), SCHED=int(sched), STAGGER=bool(variant["STAGGER"]),
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
-        BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=configs.tail_for(seqlen_q) if variant["TAIL"] is None else bool(variant["TAIL"]), TRACE=bool(variant["TRACE"]),
+        BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
     return num_units, args, constexprs
 

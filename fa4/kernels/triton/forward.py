@@ -391,8 +391,8 @@ class Config(NamedTuple):
     the tensors allow it. `maxnreg`: cap on registers per thread; at 128 with 8 warps two programs share an
     SM, so one's softmax runs under the other's matrix products (the overlap FA2 gets from occupancy).
     `overlap`: the unmasked key blocks run software-pipelined by one block, P V of block j-1 issued before the
-    softmax of block j, so the two overlap inside one program (see _attend_range_overlap); off in the table
-    until measured.
+    softmax of block j, so the two overlap inside one program (see _attend_range_overlap); the table's D = 64
+    causal row on sm_90 uses it (measured there, off elsewhere).
     """
     block_m: int
     block_n: int
