@@ -138,7 +138,8 @@ def _time_row(d, s, b, h, causal, cands, table, dev):
         name = _fmt(cfg) + (" [deterministic]" if det else "")
 
         def fn(cfg=cfg, det=det):
-            return bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg, **suite_options(d, causal))
+            return bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, config=cfg,
+                                **suite_options(d, causal))
         t0 = time.time()
         try:
             err = _rel_err(fn()[:3], ref)

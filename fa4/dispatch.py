@@ -2,8 +2,8 @@
 
 Backends: "reference" (eager PyTorch, any device, every feature), "triton" (portable kernels, CUDA compute
 capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward and backward for Hopper; the
-backward serves D = Dv up to 256 and D, Dv up to 128, the Triton backward the rest). An explicitly requested backend that cannot serve raises a ValueError with the reason; only
-backend=None falls back.
+backward serves D = Dv up to 256 and D, Dv up to 128, the Triton backward the rest). An explicitly requested
+backend that cannot serve raises a ValueError with the reason; only backend=None falls back.
 
 backend=None on a CUDA device resolves in two steps. `choose` (called by the interface, traced by
 torch.compile) only decides "reference" or "auto" from facts that are constant for a graph (device type,

@@ -148,7 +148,8 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         _check_like("v", v, "v_cache", v_cache, 4, "(batch, seqlen_new, heads_k, head_dim_v)")
         want_k = (c.batch, k.shape[1], c.num_heads_kv, c.head_d)
         if checks.shape_of(k) != want_k:
-            raise ValueError(f"k must have shape {want_k} (batch, seqlen_new, heads_k, head_dim); got {checks.shape_of(k)}")
+            raise ValueError(f"k must have shape {want_k} (batch, seqlen_new, heads_k, head_dim); "
+                             f"got {checks.shape_of(k)}")
         want_v = (c.batch, k.shape[1], c.num_heads_kv, c.head_dv)
         if checks.shape_of(v) != want_v:
             raise ValueError(f"v must have shape {want_v} (k's first three dimensions, v_cache's head dim); "
@@ -587,8 +588,8 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
         raise ValueError(f"lse_partial is on {lse_partial.device}; it must be on out_partial's device "
                          f"{out_partial.device}")
     if checks.shape_of(lse_partial) != checks.shape_of(out_partial)[:-1]:
-        raise ValueError(f"lse_partial must have shape {checks.shape_of(out_partial)[:-1]} (out_partial's without head_dim); "
-                         f"got {checks.shape_of(lse_partial)}")
+        raise ValueError(f"lse_partial must have shape {checks.shape_of(out_partial)[:-1]} (out_partial's without "
+                         f"head_dim); got {checks.shape_of(lse_partial)}")
     if out_partial.stride(-1) != 1:
         raise ValueError(f"out_partial's last dimension must be contiguous (stride 1); got stride "
                          f"{out_partial.stride(-1)}")

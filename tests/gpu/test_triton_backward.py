@@ -5,7 +5,8 @@ deterministic=True repeated and compared bitwise; offsets past 2^31 elements. Sk
 import pytest
 import torch
 
-from attention_check import backward_case_id, backward_case_inputs, check_backend_backward, cu_seqlens, dsink_error_ratios
+from attention_check import (backward_case_id, backward_case_inputs, check_backend_backward, cu_seqlens,
+                             dsink_error_ratios)
 from fa4 import reference
 from fa4.kernels.triton import backward as bwd
 

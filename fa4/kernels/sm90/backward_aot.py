@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the Hopper backward for sm_90a, without a GPU (CPU CI and register checks).
 
 `compile_config` builds the main kernel's launch arguments as a real call would, on small CPU tensors, and
-compiles it for GPUTarget("cuda", 90, 32) (tile=dict(d256=True): backward_d256's kernel); `aot.sass_report` (the forward's) summarises the cubin. Run it in
-a subprocess: a failing Gluon compile can abort the whole process.
+compiles it for GPUTarget("cuda", 90, 32) (tile=dict(d256=True): backward_d256's kernel); `aot.sass_report`
+(the forward's) summarises the cubin. Run it in a subprocess: a failing Gluon compile can abort the whole
+process.
 """
 import torch
 import triton
