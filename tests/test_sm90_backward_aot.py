@@ -33,7 +33,10 @@ except Exception:  # pragma: no cover
 # around the loop (D = 128 runs at the 240-register limit). Inside the loop: LOOP_ALLOWANCE below.
 MAX_LDL_STL_OUTSIDE_LOOP = 64
 # The sink-partials variant keeps its per-head accumulator and slot arithmetic around the loop: ~80 in all.
-TOTAL_ALLOWANCE = {"d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 96}
+# The three-consumer D = 64 tile (160 registers a consumer) spills ~70-100 values around its loop under a causal
+# mask (once per CTA, against 40-170 steps of ~600 instructions).
+TOTAL_ALLOWANCE = {"d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 96, "d64-causal": 96,
+                   "d64-early-dp-causal": 112, "d64-pingpong-ordered-varlen-causal": 96, "d64-varlen-causal": 96}
 
 # In-loop local memory allowed per case (default 0). At D = 128 varlen (sequence start and length) and a
 # left window (its mask bounds) keep a few more scalars live at the 240-register limit: ptxas reloads a few
@@ -54,7 +57,11 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # The opt-in D = 256 kernel (backward_d256.py, 2026-11-26): consumer 0 (the default partition,
                   # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
                   # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
-                  "d256-window-softcap-gqa2": 24, "d192-seqused": 2}
+                  "d256-window-softcap-gqa2": 24, "d192-seqused": 2,
+                  # The three-consumer D = 64 tile (160 registers a consumer, 2026-11-26): a causal mask keeps
+                  # 4 values in local memory (L1 hits, against ~600 instructions a step); dP under the softmax
+                  # 13; ping_pong with varlen 18. Windows and softcap take the two-consumer tile (default_tile).
+                  "d64-causal": 4, "d64-varlen-causal": 10, "d64-stages3": 4, "d64-early-dp-causal": 13, "d64-pingpong-ordered-varlen-causal": 18}
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -69,6 +76,7 @@ CASES = [
     ("d64-window-softcap-gqa2", dict(d=64, dv=64, window=(100, 50), softcap=30.0, gqa=2)),
     ("d128-seqused", dict(d=128, dv=128, seqused=True)),
     ("d64-stages3", dict(d=64, dv=64, tile=dict(stages=3))),
+    ("d64-varlen-causal", dict(d=64, dv=64, varlen=True, causal=True)),
     ("d96-window", dict(d=96, dv=96, window=(256, 0))),             # head dims padded to the 128 tile
     ("d40-24", dict(d=40, dv=24)),
     # dQ shared over the consumers (one [64, D / 2] reduce-add per warpgroup), with two and three stages.
@@ -93,7 +101,7 @@ CASES = [
                                                 tile=dict(ping_pong=True))),
     ("d64-pingpong", dict(d=64, dv=64, tile=dict(ping_pong=True))),
     ("d64-pingpong-window-softcap-gqa2", dict(d=64, dv=64, window=(100, 50), softcap=30.0, gqa=2,
-                                              tile=dict(ping_pong=True))),
+                                              tile=dict(ping_pong=True, num_wg=2, consumer_regs=240))),
     ("d128-pingpong", dict(d=128, dv=128, tile=dict(ping_pong=True))),
     ("d128-pingpong-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, tile=dict(ping_pong=True))),
     ("d128-pingpong-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, tile=dict(ping_pong=True))),
@@ -117,6 +125,16 @@ def reports():
     return compile_reports("backward_aot", CASES)
 
 
+def _tile_of(kw):
+    """The BwdTile a case compiles (backward_aot.compile_config's choice)."""
+    import triton as _triton
+    from fa4.kernels.sm90 import backward
+    widths = (_triton.next_power_of_2(max(kw["d"], 64)), _triton.next_power_of_2(max(kw["dv"], 64)))
+    if kw.get("tile"):
+        return backward.get_tile(*widths, **kw["tile"])
+    return backward.default_tile(*widths, kw.get("window", (-1, -1))[0], kw.get("softcap", 0.0))
+
+
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_sass(reports, name):
@@ -126,7 +144,8 @@ def test_sass(reports, name):
     assert rep is not None, f"{name} failed to compile for sm_90a:\n{log}"
     assert rep["hgmma"] > 0, f"{name}: no HGMMA (wgmma)"
     assert rep["utmaldg"] > 0, f"{name}: no UTMALDG (TMA load)"
-    if not kw.get("deterministic"):
+    tile = _tile_of(kw)
+    if not kw.get("deterministic") and not tile.separate_dq:
         assert rep["utmaredg"] > 0, f"{name}: no UTMAREDG (dQ TMA reduce-add)"
     assert rep["spill_bytes"] == 0, f"{name}: {rep}"
     assert rep["loop_ldl_stl"] <= LOOP_ALLOWANCE.get(name, 0), f"{name}: local memory in the main loop: {rep}"

@@ -28,6 +28,11 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         tile_obj = backward.get_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
                                      **tile)
         assert tile_obj is not None, f"no tile for ({d}, {dv}) with {tile}"
+    else:
+        tile_obj = backward.default_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
+                                         left, softcap)
+    # A separate_dq tile launches the main kernel without the dQ reduce-add, as the deterministic call does.
+    deterministic = deterministic or tile_obj.separate_dq
     _, args, constexprs = backward.launch_plan(
         dout, q, k, v, None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
         torch.zeros_like(k), torch.zeros_like(v), lse, lse.clone(), softmax_scale=d ** -0.5, window_left=left,
@@ -38,7 +43,7 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
-    kernel = backward.kernel_for(tile_obj) if tile_obj is not None else backward.attn_bwd_kernel
+    kernel = backward.kernel_for(tile_obj)
     src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=TARGET, options={"num_warps": 4})
 
