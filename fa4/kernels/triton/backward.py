@@ -282,11 +282,19 @@ def _bwd_dkdv_kernel(
         GROUP: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-        DQ_TRANSPOSED: tl.constexpr,
+        DQ_TRANSPOSED: tl.constexpr, BLOCKS_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # Heads on axis 0, key blocks on axis 1: all heads' first key blocks (the longest under causal) start first.
-    pid_bh = tl.program_id(0)
-    start_n = tl.program_id(1) * BLOCK_N
+    # BLOCKS_FASTEST: key blocks on axis 0, heads on axis 1, so the programs resident together are the key blocks
+    # of a few heads and each head's Q and dO stream from L2 after the first read (heads fastest, the programs of
+    # a wave were as many different heads, each reading its Q and dO from HBM). Else heads on axis 0, key blocks
+    # on axis 1 (also the host's choice past 65535 heads · sequences, the limit of axis 1). Either way key block
+    # 0 (the longest under causal) of a head starts before its others.
+    if BLOCKS_FASTEST:
+        pid_bh = tl.program_id(1)
+        start_n = tl.program_id(0) * BLOCK_N
+    else:
+        pid_bh = tl.program_id(0)
+        start_n = tl.program_id(1) * BLOCK_N
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
     hk64 = hk.to(tl.int64)
@@ -402,15 +410,24 @@ def _bwd_dq_kernel(
         GROUP: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
         HAS_SINK: tl.constexpr, HAS_DLSE: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCKS_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # With a sink (HAS_SINK) the program also writes its partial of the sink gradient to
     # DSINK_PART[pid_bh, program_id(1)]: −dsink_h = Σ_i exp(sink_h − lse_i)·(Σ_j P_ij dP_ij − dlse_i), the
     # preprocess's Σ_i exp(sink_h − lse_i)·Delta_i with rowsum(dO·O) replaced by the exact Σ_j P_ij dP_ij: no
     # rounding of O in it (from O rounded to the input dtype, both this kernel's dsink and the low-precision
     # reference's carry bf16-level noise, and the numerics rule compared two such draws).
-    # Last query blocks first: under causal they see the most keys.
-    pid_bh = tl.program_id(0)
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    # Last query blocks first: under causal they see the most keys. BLOCKS_FASTEST: query blocks on axis 0, heads
+    # on axis 1 (a head's K and V then come from L2 after the first read), as _bwd_dkdv_kernel.
+    if BLOCKS_FASTEST:
+        n_blk = tl.num_programs(0)
+        pid_bh = tl.program_id(1)
+        blk = tl.program_id(0)
+    else:
+        n_blk = tl.num_programs(1)
+        pid_bh = tl.program_id(0)
+        blk = tl.program_id(1)
+    start_m = (n_blk - 1 - blk) * BLOCK_M
     b = pid_bh // n_heads
     hq = pid_bh % n_heads
     hk = hq // GROUP
@@ -466,7 +483,7 @@ def _bwd_dq_kernel(
                 dl_off = b64 * stride_dlb + hq64 * stride_dlh + (q_start + rows).to(tl.int64) * stride_dls
                 pdp -= tl.load(DLSE + dl_off, mask=rows < q_len, other=0.0)
             part = tl.sum(tl.where(rows < q_len, w * pdp, 0.0), axis=0)
-            tl.store(DSINK_PART + pid_bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), part)
+            tl.store(DSINK_PART + pid_bh.to(tl.int64) * n_blk + blk, part)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -570,6 +587,15 @@ def _lse_strides(t, varlen):
 
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# Grid order of the dK/dV and dQ kernels: the blocks of one head adjacent (axis 0) so the operands they stream
+# come from L2; False: heads fastest (the order measured until 2026-11-26).
+BLOCKS_FASTEST = True
+
+
+def _blocks_fastest(n_bh):
+    return BLOCKS_FASTEST and n_bh <= 65535  # grid axis 1 holds at most 65535 programs
 
 
 @dataclasses.dataclass
@@ -701,7 +727,9 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad)
 
     # 2. dK, dV (+ dQ through atomics), in one pass or as a dV pass then a dK pass.
-    grid1 = (batch * n_kv_heads, triton.cdiv(seqlen_k, cfg.block_n1))
+    n_kb = triton.cdiv(seqlen_k, cfg.block_n1)
+    blocks_fastest = _blocks_fastest(batch * n_kv_heads)
+    grid1 = (n_kb, batch * n_kv_heads) if blocks_fastest else (batch * n_kv_heads, n_kb)
     for compute_dk, compute_dv in ([(False, True), (True, False)] if cfg.split_dkdv else [(True, True)]):
         launches.append(Launch(
             _bwd_dkdv_kernel, grid1,
@@ -709,7 +737,8 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
              *_bsh_strides(dk, varlen_k), *_bsh_strides(dv, varlen_k), *t_s,
              *seq_args, n_kv_heads, head_dim, head_dim_v, *scalar_args],
             dict(common, DQ_ATOMIC=dq_atomic and compute_dk, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
-                 DQ_TRANSPOSED=cfg.dq_transposed, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1),
+                 DQ_TRANSPOSED=cfg.dq_transposed, BLOCKS_FASTEST=blocks_fastest, BLOCK_M=cfg.block_m1,
+                 BLOCK_N=cfg.block_n1),
             cfg.warps1, cfg.stages1))
 
     # 3. dQ in a fixed key order (and, with a sink, its gradient's partial sums).
@@ -738,8 +767,10 @@ def dq_launch(dout, q, k, v, dq, lse2, delta, cfg, *, softmax_scale, window_left
     strides = [*_bsh_strides(q, varlen_q), *_bsh_strides(k, varlen_k), *_bsh_strides(v, varlen_k),
                *_bsh_strides(dout, varlen_q), *_bsh_strides(dq, varlen_q), *_lse_strides(delta, varlen_q)[:2],
                *(_lse_strides(dlse, varlen_q) if has_sink and dlse is not None else (0, 0, 0))]
+    n_blk = triton.cdiv(seqlen_q, cfg.block_m2)
+    blocks_fastest = _blocks_fastest(batch * n_heads)
     return Launch(
-        _bwd_dq_kernel, (batch * n_heads, triton.cdiv(seqlen_q, cfg.block_m2)),
+        _bwd_dq_kernel, (n_blk, batch * n_heads) if blocks_fastest else (batch * n_heads, n_blk),
         [q, k, v, dout, dq, lse2, delta, cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
          seqused_k if seqused_k is not None else dummy, sink if has_sink else lse2,
          dlse if has_sink and dlse is not None else lse2, dsink_part if has_sink else lse2, *strides,
@@ -750,5 +781,5 @@ def dq_launch(dout, q, k, v, dq, lse2, delta, cfg, *, softmax_scale, window_left
              HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0, HAS_SINK=has_sink,
              HAS_DLSE=has_sink and dlse is not None, EVEN_D=d_pad == q.shape[-1] and dv_pad == v.shape[-1],
              PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad,
-             BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2),
+             BLOCKS_FASTEST=blocks_fastest, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2),
         cfg.warps2, cfg.stages2)
