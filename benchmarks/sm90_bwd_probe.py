@@ -73,6 +73,10 @@ TILES = {
     # chain of ~2,500 cycles per consumer, neither the tensor core, the MUFU unit nor issue saturated).
     "wg3": dict(num_wg=3, consumer_regs=160),
     "wg2": dict(num_wg=2, consumer_regs=240),   # the two-consumer D = 64 tile shipped before (A/B for wg3)
+    # The three-consumer D = 64 tile with dQ by the in-kernel reduce-add (5 products instead of 7), its dQ share
+    # in one [64, 64] or two [64, 32] fp32 slices (160 registers: 65 / 24 reloads a step).
+    "wg3ra": dict(separate_dq=False),
+    "wg3ra2": dict(separate_dq=False, dq_parts=2),
     "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True),
 }
 

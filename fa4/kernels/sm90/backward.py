@@ -15,7 +15,8 @@ Launches, in order:
    the sink-gradient partial sums. Memory-bound; the portable Triton kernel (kernels/triton/backward.py)
    is used as is.
 2. `attn_bwd_kernel` (this file): one CTA per (key block of BN = 64·NWG keys, batch · kv head).
-     loader (1 warp)         TMA: the CTA's K and V once (resident), then Q_i and dO_i of every query block
+     loader (1 warp; with three consumers the 4-warp default partition, see attn_bwd_kernel)
+                             TMA: the CTA's K and V once (resident), then Q_i and dO_i of every query block
                              that can see the keys, for every query head of the GQA group, into a ring of
                              STAGES slots.
      consumers (NWG x 4 warps, 64 keys each; see _consumer)
@@ -177,6 +178,7 @@ class BwdProblem:
     TRACE: gl.constexpr
     POLY: gl.constexpr
     CTR: gl.constexpr
+    DQ_SPLIT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
@@ -184,7 +186,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 KT, PREFETCH, TRACE, POLY, CTR):
+                 KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -239,6 +241,7 @@ class BwdProblem:
         self.TRACE = gl.constexpr(TRACE)
         self.POLY = gl.constexpr(POLY)
         self.CTR = gl.constexpr(CTR)
+        self.DQ_SPLIT = gl.constexpr(DQ_SPLIT)
 
 
 @aggregate
@@ -345,7 +348,7 @@ def _q_range(p, n0, seq_q, seq_k):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loader partition: one warp issuing TMA loads.
+# Loader partition: one warp issuing TMA loads (four, idle but one, when it is the default partition).
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
@@ -486,7 +489,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                                         instr_shape=[16, DV, 16])
     # dQ share: without DQ_SHARED this warpgroup's keys times all D columns, in DQ_PARTS column slices; with
     # it the CTA's keys (both warpgroups' dS) times this warpgroup's D / NWG columns, in one slice.
-    DQ_PARTS: gl.constexpr = 1 if (p.DQ_SHARED or D <= 64) else 2
+    DQ_PARTS: gl.constexpr = 1 if p.DQ_SHARED else (p.DQ_SPLIT if p.DQ_SPLIT > 0 else (1 if D <= 64 else 2))
     DQW: gl.constexpr = D // NWG if p.DQ_SHARED else D // DQ_PARTS
     OTHER: gl.constexpr = (WG + 1) % NWG
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -970,7 +973,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     KT: gl.constexpr, PREFETCH: gl.constexpr, TRACE: gl.constexpr, POLY: gl.constexpr,
-                    CTR: gl.constexpr,
+                    CTR: gl.constexpr, DQ_SPLIT: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -1022,7 +1025,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR)
+                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn)
     # The consumer partition: _consumer, or _consumer_kt (keys as rows) when KT. Two consumers with KT only.
@@ -1090,6 +1093,9 @@ class BwdTile:
     # The (query head, query block) of a step from counters carried through the loop instead of it // n_m: an
     # integer division is ~20 dependent instructions with a MUFU.RCP among them, on the path between steps.
     step_counters: bool = False
+    # Column slices of each consumer's dQ share (reduce-add builds without shared_dq; 0: 1 at D = 64, else 2):
+    # fewer fp32 registers live at once, for the three-consumer D = 64 tile's 160.
+    dq_parts: int = 0
     # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
     # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
     d256: bool = False
@@ -1300,6 +1306,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, KT=tile.keys_as_rows,
         PREFETCH=tile.prefetch_stats, TRACE=tile.trace, POLY=tile.poly, CTR=tile.step_counters,
+        DQ_SPLIT=tile.dq_parts,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
