@@ -9,7 +9,9 @@ steps (the first two skipped) and the median step:
   q_wait    step start -> Q (and dO) arrived          softmax   S done -> P stored
   s_done    Q arrived -> S done (lse2, Delta loaded)   dp_wait   P stored -> dV issued, dP done
   ds        dP done -> dS stored and fenced            mma_wait  dK (and dQ) issued -> all products done
-  dq_out    products done -> dQ reduce-add issued      loop      step end -> next step start
+  release   products done -> Q / dO slots released     st_wait   -> the previous dQ tile read (store_wait)
+  dq_stage  -> this dQ tile stored to shared, fenced   dq_issue  -> its TMA reduce-add issued (step end)
+  loop      step end -> next step start
 A phase that is long against the others is where the step waits; compare with the m64n64k16 budget of a step
 (D = 64: 20 wgmma instructions a consumer, ~32 cycles each at the tensor core's peak).
 """
@@ -24,12 +26,13 @@ sys.path.insert(0, ROOT)
 
 from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 
-PHASES = ["q_wait", "s_done", "softmax", "dp_wait", "ds", "mma_wait", "dq_out"]
+PHASES = ["q_wait", "s_done", "softmax", "dp_wait", "ds", "mma_wait", "release", "st_wait", "dq_stage", "dq_issue"]
 VARIANTS = {"shipped": {}, "reduce-add": dict(separate_dq=False), "prefetch": dict(prefetch_stats=True),
             "ctr": dict(step_counters=True), "ctrp1": dict(step_counters=True, poly=1),
             "ctrp2": dict(step_counters=True, poly=2), "ktsep": dict(keys_as_rows=True),
             "ktsepc": dict(keys_as_rows=True, step_counters=True), "wg3": dict(num_wg=3, consumer_regs=160),
-            "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True)}
+            "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True),
+            "wg2-reduce-add": dict(num_wg=2, consumer_regs=240, separate_dq=False)}
 
 
 def trace_row(d, s, causal, over):
@@ -55,12 +58,13 @@ def summarize(tr):
     rows = []
     for wg in range(tr.shape[1]):
         t = tr[:, wg].double()  # (kb, steps, events)
-        valid = (t[:, :, 0] > 0) & (t[:, :, 7] > 0)
+        last = t.shape[2] - 1
+        valid = (t[:, :, 0] > 0) & (t[:, :, last] > 0)
         ph = {}
         for i, name in enumerate(PHASES):
             x = (t[:, :, i + 1] - t[:, :, i])[:, 2:][valid[:, 2:]]
             ph[name] = float(x.median()) if x.numel() else float("nan")
-        nxt = (t[:, 1:, 0] - t[:, :-1, 7])[:, 2:][(valid[:, 1:] & valid[:, :-1])[:, 2:]]
+        nxt = (t[:, 1:, 0] - t[:, :-1, last])[:, 2:][(valid[:, 1:] & valid[:, :-1])[:, 2:]]
         ph["loop"] = float(nxt.median()) if nxt.numel() else float("nan")
         step = (t[:, 1:, 0] - t[:, :-1, 0])[:, 2:][(valid[:, 1:] & valid[:, :-1])[:, 2:]]
         ph["step"] = float(step.median()) if step.numel() else float("nan")
