@@ -77,11 +77,6 @@ TILES = {
     # in one [64, 64] or two [64, 32] fp32 slices (160 registers: 65 / 24 reloads a step).
     "wg3ra": dict(separate_dq=False),
     "wg3ra2": dict(separate_dq=False, dq_parts=2),
-    # dQ by relaxed atomics from the registers instead of the shared-memory staging + TMA reduce-add (dq_red):
-    # on the shipped D = 128 tile, and at D = 64 with two consumers (240 registers) or three (two dQ slices).
-    "red": dict(dq_red=True),
-    "red64": dict(dq_red=True, separate_dq=False, num_wg=2, consumer_regs=240),
-    "red64p2": dict(dq_red=True, separate_dq=False, dq_parts=2),
     "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True),
 }
 

@@ -133,7 +133,6 @@ class BwdProblem:
     dq_desc: tma.tensor_descriptor
     dk_ptr: gl.tensor
     dv_ptr: gl.tensor
-    dq_ptr: gl.tensor     # the fp32 dQ accumulator (q's shape), for DQ_RED's register atomics
     lse2_ptr: gl.tensor
     delta_ptr: gl.tensor
     sink_ptr: gl.tensor
@@ -180,15 +179,14 @@ class BwdProblem:
     POLY: gl.constexpr
     CTR: gl.constexpr
     DQ_SPLIT: gl.constexpr
-    DQ_RED: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, dq_ptr, lse2_ptr,
+    def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
                  delta_ptr, sink_ptr, dsink_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT, DQ_RED):
+                 KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -198,7 +196,6 @@ class BwdProblem:
         self.dq_desc = dq_desc
         self.dk_ptr = dk_ptr
         self.dv_ptr = dv_ptr
-        self.dq_ptr = dq_ptr
         self.lse2_ptr = lse2_ptr
         self.delta_ptr = delta_ptr
         self.sink_ptr = sink_ptr
@@ -245,7 +242,6 @@ class BwdProblem:
         self.POLY = gl.constexpr(POLY)
         self.CTR = gl.constexpr(CTR)
         self.DQ_SPLIT = gl.constexpr(DQ_SPLIT)
-        self.DQ_RED = gl.constexpr(DQ_RED)
 
 
 @aggregate
@@ -672,15 +668,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
                 _trace_step(p, WG, it, 7)
-                if p.DQ_RED:
-                    _dq_red(p, dq * p.softmax_scale, b, h, q_start, seq_q, m0, WG * DQW)
-                else:
-                    tma.store_wait(0)
-                    _trace_step(p, WG, it, 8)
-                    dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
-                    fence_async_shared()
-                    _trace_step(p, WG, it, 9)
-                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+                tma.store_wait(0)
+                _trace_step(p, WG, it, 8)
+                dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                fence_async_shared()
+                _trace_step(p, WG, it, 9)
+                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
                 _trace_step(p, WG, it, 10)
             elif p.DQ_ATOMIC:
                 # dQ share = dS·K_wg in DQ_PARTS column slices (one slice's fp32 accumulator live at a
@@ -701,19 +694,14 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         mbarrier.arrive(bufs.q_empty.index(idx))
                         mbarrier.arrive(bufs.do_empty.index(idx))
                         _trace_step(p, WG, it, 7)
-                        if not p.DQ_RED:
-                            tma.store_wait(0)
+                        tma.store_wait(0)
                         _trace_step(p, WG, it, 8)
                     else:
                         dq = warpgroup_mma_wait(0, deps=(dq, ))
-                    if p.DQ_RED:
-                        _dq_red(p, dq * p.softmax_scale, b, h, q_start, seq_q, m0, part * DQW)
-                    else:
-                        dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq * p.softmax_scale)
-                if not p.DQ_RED:
-                    fence_async_shared()
-                    _trace_step(p, WG, it, 9)
-                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
+                    dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq * p.softmax_scale)
+                fence_async_shared()
+                _trace_step(p, WG, it, 9)
+                async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
                 _trace_step(p, WG, it, 10)
             else:
                 if p.PING_PONG:
@@ -949,25 +937,6 @@ def _consumer_kt(p, bufs, WG: gl.constexpr):
 
 
 @gluon.jit
-def _dq_red(p, dq, b, h, q_start, seq_q, m0, col0):
-    """dQ[rows m0 + i, head h, cols col0 + j] += dq[i, j] (fp32, already scaled) by relaxed atomics from the
-    registers, masked to the sequence and the head dim. The accumulator is q's shape, contiguous."""
-    layout: gl.constexpr = dq.type.layout
-    rows = m0 + gl.arange(0, dq.type.shape[0], gl.SliceLayout(1, layout))
-    cols = col0 + gl.arange(0, dq.type.shape[1], gl.SliceLayout(0, layout))
-    hq = p.num_kv_heads * p.group
-    if p.VARLEN:
-        tok = q_start + rows
-    else:
-        tok = b * p.seqlen_q + rows
-    if p.BIG:
-        tok = tok.to(gl.int64)
-    offs = gl.expand_dims((tok * hq + h) * p.d, 1) + gl.expand_dims(cols, 0)
-    mask = gl.expand_dims(rows < seq_q, 1) & gl.expand_dims(cols < p.d, 0)
-    gl.atomic_add(p.dq_ptr + offs, dq, mask=mask, sem="relaxed")
-
-
-@gluon.jit
 def _dq_coord(p, b, h, q_start, row, col):
     if p.VARLEN:
         return [q_start + row, h, col]
@@ -1011,7 +980,7 @@ _RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
 
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
-def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, dq_ptr, lse2_ptr, delta_ptr,
+def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
                     sink_ptr, dsink_ptr,
                     cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
@@ -1021,7 +990,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     KT: gl.constexpr, PREFETCH: gl.constexpr, TRACE: gl.constexpr, POLY: gl.constexpr,
-                    CTR: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_RED: gl.constexpr,
+                    CTR: gl.constexpr, DQ_SPLIT: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -1064,7 +1033,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         mbarrier.init(do_ready.index(s), count=1)
         mbarrier.init(do_empty.index(s), count=NWG)
 
-    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, dq_ptr, lse2_ptr, delta_ptr,
+    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
                    sink_ptr, dsink_ptr,
                    cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
                    gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
@@ -1073,7 +1042,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT, DQ_RED)
+                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn)
     # The consumer partition: _consumer, or _consumer_kt (keys as rows) when KT. Two consumers with KT only.
@@ -1144,10 +1113,6 @@ class BwdTile:
     # Column slices of each consumer's dQ share (reduce-add builds without shared_dq; 0: 1 at D = 64, else 2):
     # fewer fp32 registers live at once, for the three-consumer D = 64 tile's 160.
     dq_parts: int = 0
-    # dQ added to the fp32 accumulator by atomics straight from the registers (red.global.add) instead of staged
-    # in shared memory for a TMA reduce-add: the staging store and its fence took 340-560 cycles of a step
-    # (benchmarks/bwd_trace.py, dq_stage).
-    dq_red: bool = False
     # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
     # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
     d256: bool = False
@@ -1215,7 +1180,7 @@ def get_tile(d, dv, **overrides):
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.keys_as_rows
-                                     or tile.prefetch_stats or tile.poly or tile.step_counters or tile.dq_red):
+                                     or tile.prefetch_stats or tile.poly or tile.step_counters):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
@@ -1329,7 +1294,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
     args = dict(
         **descs,
-        dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_acc, lse2_ptr=lse2, delta_ptr=delta,
+        dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
         sink_ptr=sink if dsink_part is not None else lse2, dsink_ptr=dsink_part if dsink_part is not None else lse2,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
@@ -1358,7 +1323,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, KT=tile.keys_as_rows,
         PREFETCH=tile.prefetch_stats, TRACE=tile.trace, POLY=tile.poly, CTR=tile.step_counters,
-        DQ_SPLIT=tile.dq_parts, DQ_RED=tile.dq_red,
+        DQ_SPLIT=tile.dq_parts,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
@@ -1441,7 +1406,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
 BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
              ("dv_desc", "dv"), ("dq_desc", "dq"))
-BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("dq_ptr", "dq"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
+BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
                ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("cu_q", "cu_q"), ("cu_k", "cu_k"),
                ("seqused", "seqused"))
 
