@@ -56,6 +56,10 @@ VARIANTS = {
     "stages3": (dict(stages=3), (64, 128), (False, True), True, False),
     "stagger": (dict(STAGGER=True), (128, 256), (False, ), True, False),
     "lazy": (dict(LAZY=True), (64, 128, 256), (False, True), False, False),
+    # FlashAttention-4's exp2 on the FMA pipe for 1 or 2 of every 4 scores, re-measured on the current kernel
+    # (r1 measured it slower on the first kernel, before ping-pong and the third warpgroup).
+    "poly1": (dict(POLY=1), (64, 128), (False, True), True, False),
+    "poly2": (dict(POLY=2), (64, ), (False, True), True, False),
 }
 HEAD_DIMS = (64, 128, 256)
 SEQ_LENS = (1024, 4096, 16384)
