@@ -77,10 +77,6 @@ TILES = {
     # in one [64, 64] or two [64, 32] fp32 slices (160 registers: 65 / 24 reloads a step).
     "wg3ra": dict(separate_dq=False),
     "wg3ra2": dict(separate_dq=False, dq_parts=2),
-    # D = 128: each step's shared dQ share staged and reduced under the next step's S (defer_dq; dP then after the
-    # softmax, as early_dp's registers do not fit beside it), and that dP placement alone (the A/B).
-    "defer": dict(defer_dq=True, early_dp=False),
-    "noearly": dict(early_dp=False),
     "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True),
 }
 

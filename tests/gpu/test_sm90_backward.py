@@ -363,8 +363,7 @@ VARIANTS = {"prefetch": dict(prefetch_stats=True), "prefetch-reduce-add": dict(p
             "poly1-counters": dict(poly=1, step_counters=True), "poly2": dict(poly=2),
             "counters": dict(step_counters=True), "keys-as-rows-separate": dict(KT2),
             "keys-as-rows-counters": dict(KT2, step_counters=True),
-            "wg3": dict(num_wg=3, consumer_regs=160), "wg3-counters": dict(num_wg=3, consumer_regs=160, step_counters=True),
-            "defer-dq": dict(defer_dq=True, early_dp=False)}
+            "wg3": dict(num_wg=3, consumer_regs=160), "wg3-counters": dict(num_wg=3, consumer_regs=160, step_counters=True)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -376,8 +375,6 @@ def test_step_variants(case, dtype, variant):
     td, tdv = configs.tile_dim(case[5]), configs.tile_dim(case[6])
     if ("separate_dq" in over or "keys_as_rows" in over or "num_wg" in over) and max(td, tdv) != 64:
         pytest.skip("a variant of the 64 tile")
-    if "defer_dq" in over and max(td, tdv) != 128:
-        pytest.skip("a variant of the 128 tile (shared dQ)")
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = _bwd().get_tile(td, tdv, **over)
     assert tile is not None and all(getattr(tile, f) == val for f, val in over.items())

@@ -179,7 +179,6 @@ class BwdProblem:
     POLY: gl.constexpr
     CTR: gl.constexpr
     DQ_SPLIT: gl.constexpr
-    DEFER_DQ: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
@@ -187,7 +186,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT, DEFER_DQ):
+                 KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -243,7 +242,6 @@ class BwdProblem:
         self.POLY = gl.constexpr(POLY)
         self.CTR = gl.constexpr(CTR)
         self.DQ_SPLIT = gl.constexpr(DQ_SPLIT)
-        self.DEFER_DQ = gl.constexpr(DEFER_DQ)
 
 
 @aggregate
@@ -536,11 +534,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
             lse2_next, delta_next = _step_stats(p, 0, n_m, m_lo, hk, b, q_start, seq_q, row_ids)
         g = 0
         mi = m_lo
-        if p.DEFER_DQ:
-            # The previous step's dQ share and its coordinates (DEFER_DQ, below).
-            dq_prev = gl.zeros([BM, DQW], gl.float32, dq_layout)
-            h_prev = hk * p.group
-            m0_prev = m_lo * BM
         for it in range(n_steps):
             if p.CTR:
                 h = hk * p.group + g
@@ -575,15 +568,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                    use_acc=False, is_async=True)
             if p.PING_PONG:
                 mbarrier.arrive(bufs.turn.index(NEXT_WG))
-            if p.DEFER_DQ:
-                # The previous step's dQ share goes out here, its staging store and fence under this step's
-                # S (and dP) on the tensor core instead of on the path between the two steps.
-                if it > 0:
-                    tma.store_wait(0)
-                    dq_s.reshape([BM, DQW]).store(dq_prev * p.softmax_scale)
-                    fence_async_shared()
-                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h_prev, q_start, m0_prev, WG * DQW),
-                                                      dq_s)
             rows = m0 + row_ids
             if p.PREFETCH:
                 lse2 = lse2_next
@@ -684,17 +668,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
                 _trace_step(p, WG, it, 7)
-                if p.DEFER_DQ:
-                    dq_prev = dq
-                    h_prev = h
-                    m0_prev = m0
-                else:
-                    tma.store_wait(0)
-                    _trace_step(p, WG, it, 8)
-                    dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
-                    fence_async_shared()
-                    _trace_step(p, WG, it, 9)
-                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+                tma.store_wait(0)
+                _trace_step(p, WG, it, 8)
+                dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                fence_async_shared()
+                _trace_step(p, WG, it, 9)
+                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
                 _trace_step(p, WG, it, 10)
             elif p.DQ_ATOMIC:
                 # dQ share = dS·K_wg in DQ_PARTS column slices (one slice's fp32 accumulator live at a
@@ -741,13 +720,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 g += wrap
                 mi -= wrap * n_m
             idx, phase = _next_slot(idx, phase, p.STAGES)
-        if p.DEFER_DQ:
-            if n_steps > 0:
-                tma.store_wait(0)
-                dq_s.reshape([BM, DQW]).store(dq_prev * p.softmax_scale)
-                fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h_prev, q_start, m0_prev, WG * DQW),
-                                                  dq_s)
         # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
         # through the loop, where they were spilled.
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
@@ -1018,7 +990,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     KT: gl.constexpr, PREFETCH: gl.constexpr, TRACE: gl.constexpr, POLY: gl.constexpr,
-                    CTR: gl.constexpr, DQ_SPLIT: gl.constexpr, DEFER_DQ: gl.constexpr,
+                    CTR: gl.constexpr, DQ_SPLIT: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -1070,7 +1042,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT, DEFER_DQ)
+                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn)
     # The consumer partition: _consumer, or _consumer_kt (keys as rows) when KT. Two consumers with KT only.
@@ -1141,9 +1113,6 @@ class BwdTile:
     # Column slices of each consumer's dQ share (reduce-add builds without shared_dq; 0: 1 at D = 64, else 2):
     # fewer fp32 registers live at once, for the three-consumer D = 64 tile's 160.
     dq_parts: int = 0
-    # With shared_dq: a step's dQ share staged and reduced during the next step, under its S (and dP), instead of
-    # at the end of its own step (the staging store and fence took ~350-550 cycles of a D = 128 step).
-    defer_dq: bool = False
     # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
     # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
     d256: bool = False
@@ -1211,8 +1180,7 @@ def get_tile(d, dv, **overrides):
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.keys_as_rows
-                                     or tile.prefetch_stats or tile.poly or tile.step_counters
-                                     or tile.defer_dq):
+                                     or tile.prefetch_stats or tile.poly or tile.step_counters):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
@@ -1355,7 +1323,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, KT=tile.keys_as_rows,
         PREFETCH=tile.prefetch_stats, TRACE=tile.trace, POLY=tile.poly, CTR=tile.step_counters,
-        DQ_SPLIT=tile.dq_parts, DEFER_DQ=tile.defer_dq and shared and not tile.ping_pong,
+        DQ_SPLIT=tile.dq_parts,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
