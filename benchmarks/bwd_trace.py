@@ -27,11 +27,7 @@ sys.path.insert(0, ROOT)
 from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 
 PHASES = ["q_wait", "s_done", "softmax", "dp_wait", "ds", "mma_wait", "release", "st_wait", "dq_stage", "dq_issue"]
-VARIANTS = {"shipped": {}, "reduce-add": dict(separate_dq=False), "prefetch": dict(prefetch_stats=True),
-            "ctr": dict(step_counters=True), "ctrp1": dict(step_counters=True, poly=1),
-            "ctrp2": dict(step_counters=True, poly=2), "ktsep": dict(keys_as_rows=True),
-            "ktsepc": dict(keys_as_rows=True, step_counters=True), "wg3": dict(num_wg=3, consumer_regs=160),
-            "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True),
+VARIANTS = {"shipped": {}, "reduce-add": dict(separate_dq=False), "wg2": dict(num_wg=2, consumer_regs=240),
             "wg2-reduce-add": dict(num_wg=2, consumer_regs=240, separate_dq=False)}
 
 

@@ -49,35 +49,14 @@ TILES = {
     "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
     "pingpong": dict(ping_pong=True),           # the consumers take turns issuing (S, dP), then (dV, dK, dQ)
     "d256": dict(d256=True),                    # D = 256 only: backward_d256.py (also checked deterministic)
-    # Keys as rows (_consumer_kt): Sᵀ, dPᵀ; P and dS feed dV and dK from registers; dQ reduce-add in the kernel.
-    "kt": dict(keys_as_rows=True, num_wg=2, consumer_regs=240, separate_dq=False),
-    "kt3": dict(keys_as_rows=True, num_wg=2, consumer_regs=240, separate_dq=False, stages=3),
-    "kt4": dict(keys_as_rows=True, num_wg=2, consumer_regs=240, separate_dq=False, stages=4),
-    # lse2 and Delta of the next query block loaded during this one: on the shipped tile, at D = 64 also with
-    # the in-kernel dQ reduce-add, and with keys as rows.
-    "pf": dict(prefetch_stats=True),
-    "pfra": dict(prefetch_stats=True, separate_dq=False, num_wg=2, consumer_regs=240),
-    "ktpf": dict(keys_as_rows=True, num_wg=2, consumer_regs=240, separate_dq=False, prefetch_stats=True),
-    # exp2 of P partly on the FMA pipe (1 or 2 of every 4 scores) and the step indices from counters.
-    "p1": dict(poly=1),
-    "p2": dict(poly=2),
-    "ctr": dict(step_counters=True),
-    "ctrp1": dict(step_counters=True, poly=1),
-    "ctrp2": dict(step_counters=True, poly=2),
-    # Keys as rows with the shipped D = 64 dQ route (the ordered pass): no dS in shared memory at all.
-    "ktsep": dict(keys_as_rows=True, num_wg=2, consumer_regs=240),
-    "ktsep3": dict(keys_as_rows=True, num_wg=2, consumer_regs=240, stages=3),
-    "ktsepc": dict(keys_as_rows=True, num_wg=2, consumer_regs=240, step_counters=True),
     # Three consumers (192 keys a CTA, 160 registers each, the loader as the 4-warp default partition), D = 64
     # with the ordered dQ pass: a third step chain in flight (benchmarks/bwd_trace.py: a D = 64 step is a serial
     # chain of ~2,500 cycles per consumer, neither the tensor core, the MUFU unit nor issue saturated).
-    "wg3": dict(num_wg=3, consumer_regs=160),
+    "wg3": dict(num_wg=3, consumer_regs=160),   # the shipped D = 64 tile, explicitly
     "wg2": dict(num_wg=2, consumer_regs=240),   # the two-consumer D = 64 tile shipped before (A/B for wg3)
-    # The three-consumer D = 64 tile with dQ by the in-kernel reduce-add (5 products instead of 7), its dQ share
-    # in one [64, 64] or two [64, 32] fp32 slices (160 registers: 65 / 24 reloads a step).
+    # The three-consumer D = 64 tile with dQ by the in-kernel reduce-add (5 products instead of 7; 65 reloads a
+    # step at 160 registers).
     "wg3ra": dict(separate_dq=False),
-    "wg3ra2": dict(separate_dq=False, dq_parts=2),
-    "wg3c": dict(num_wg=3, consumer_regs=160, step_counters=True),
 }
 
 

@@ -81,25 +81,20 @@ def test_shared_dq(case, dtype, stages):
     _run(q, k, v, tile=tile, **kw)
 
 
-# keys_as_rows is built for two consumers (the shipped D = 64 tile has three).
-KT2 = dict(keys_as_rows=True, num_wg=2, consumer_regs=240)
-
-
 def _cu(lens):
     return cu_seqlens(lens, DEV)
 
 
 @pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3), dict(ping_pong=True),
-                                  dict(KT2, separate_dq=False), dict(prefetch_stats=True),
-                                  dict(KT2, separate_dq=False, prefetch_stats=True)],
-                         ids=["shipped", "shared-dq3", "pingpong", "keys-as-rows", "prefetch", "keys-as-rows-prefetch"])
+                                  dict(num_wg=2, consumer_regs=240)],
+                         ids=["shipped", "shared-dq3", "pingpong", "two-consumers"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen(d, causal, tile):
     if tile is not None and tile.get("shared_dq") and d < 128:
         pytest.skip("shared dQ needs the 128 tile")
-    if tile is not None and tile.get("keys_as_rows") and d > 64:
-        pytest.skip("keys as rows is built for the 64 tile")
+    if tile is not None and tile.get("num_wg") == 2 and d > 64:
+        pytest.skip("the D = 64 tile's two-consumer form (the shipped D = 128 tile has two)")
     torch.manual_seed(d + causal)
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
     hq, hkv = 4, 2
@@ -337,44 +332,21 @@ def test_d256_declines_what_it_does_not_build():
         bwd.backward(v, q, q, v, v, torch.zeros(1, 2, 128, device=DEV), None, softmax_scale=0.1)
 
 
-# tile.keys_as_rows at D <= 64 with the in-kernel dQ reduce-add (_consumer_kt: Sᵀ and dPᵀ, P and dS as register
-# A operands of dV and dK, dSᵀ stored key-major for dQ): the matrix's 64-tile cases, Sq = 1 and a sink.
-KT_CASES = [c for c in MATRIX if max(c[5], c[6]) <= 64] + [
-    (2, 1, 3001, 8, 2, 64, 64, -1, 0, 0.0, False, False),          # Sq = 1
-    (1, 777, 1543, 8, 1, 64, 64, -1, 0, 0.0, True, True),          # Sq < Sk, MQA, sink, lse gradient
-]
-
-
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", KT_CASES, ids=[backward_case_id(c) for c in KT_CASES])
-def test_keys_as_rows(case, dtype, deterministic, prefetch):
-    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    tile = _bwd().get_tile(64, 64, separate_dq=False, prefetch_stats=prefetch, **KT2)
-    assert tile is not None and tile.keys_as_rows
-    _run(q, k, v, tile=tile, deterministic=deterministic, **kw)
-
-
-# Step-path variants on the shipped tile of each head dim, over the matrix: prefetch_stats (lse2 and Delta one step
-# ahead; at D = 64 also with the in-kernel dQ reduce-add), poly (exp2 of P partly on the FMA pipe) and
-# step_counters (no integer division between steps).
-VARIANTS = {"prefetch": dict(prefetch_stats=True), "prefetch-reduce-add": dict(prefetch_stats=True, separate_dq=False),
-            "poly1-counters": dict(poly=1, step_counters=True), "poly2": dict(poly=2),
-            "counters": dict(step_counters=True), "keys-as-rows-separate": dict(KT2),
-            "keys-as-rows-counters": dict(KT2, step_counters=True),
-            "wg3": dict(num_wg=3, consumer_regs=160), "wg3-counters": dict(num_wg=3, consumer_regs=160, step_counters=True)}
+# The D = 64 tile's forms beside the shipped three consumers over the matrix: two consumers (what a left window or
+# softcap takes, backward.default_tile), and three with the in-kernel dQ reduce-add (a probe variant).
+VARIANTS = {"two-consumers": dict(num_wg=2, consumer_regs=240),
+            "three-consumers-reduce-add": dict(num_wg=3, consumer_regs=160, separate_dq=False)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", MATRIX, ids=[backward_case_id(c) for c in MATRIX])
-def test_step_variants(case, dtype, variant):
+def test_d64_forms(case, dtype, variant):
     from fa4.kernels.sm90 import configs
-    over = VARIANTS[variant]
     td, tdv = configs.tile_dim(case[5]), configs.tile_dim(case[6])
-    if ("separate_dq" in over or "keys_as_rows" in over or "num_wg" in over) and max(td, tdv) != 64:
-        pytest.skip("a variant of the 64 tile")
+    if max(td, tdv) != 64:
+        pytest.skip("the 64 tile's forms")
+    over = VARIANTS[variant]
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = _bwd().get_tile(td, tdv, **over)
     assert tile is not None and all(getattr(tile, f) == val for f, val in over.items())

@@ -101,7 +101,7 @@ from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_st
 
 from . import configs, launch
 from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaque, _q_coord
-from .softmax import exp2_mixed, tanh_approx
+from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
 LOG2E_C = gl.constexpr(LOG2E)
@@ -173,12 +173,7 @@ class BwdProblem:
     SINK_PDP: gl.constexpr
     PING_PONG: gl.constexpr
     BIG: gl.constexpr
-    KT: gl.constexpr
-    PREFETCH: gl.constexpr
     TRACE: gl.constexpr
-    POLY: gl.constexpr
-    CTR: gl.constexpr
-    DQ_SPLIT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
@@ -186,7 +181,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT):
+                 TRACE):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -236,12 +231,7 @@ class BwdProblem:
         self.SINK_PDP = gl.constexpr(SINK_PDP)
         self.PING_PONG = gl.constexpr(PING_PONG)
         self.BIG = gl.constexpr(BIG)
-        self.KT = gl.constexpr(KT)
-        self.PREFETCH = gl.constexpr(PREFETCH)
         self.TRACE = gl.constexpr(TRACE)
-        self.POLY = gl.constexpr(POLY)
-        self.CTR = gl.constexpr(CTR)
-        self.DQ_SPLIT = gl.constexpr(DQ_SPLIT)
 
 
 @aggregate
@@ -439,26 +429,6 @@ def _trace_step(p, WG: gl.constexpr, step, event: gl.constexpr):
 
 
 @gluon.jit
-def _step_stats(p, step, n_m, m_lo, hk, b, q_start, seq_q, ids):
-    """lse2 and Delta of the query rows `ids` (row or column offsets in a layout) of loop step `step`, masked to
-    the sequence (+inf and 0 past it, as the padding of the batched buffers holds). PREFETCH loads them one step
-    ahead, so their global-memory latency runs under a whole step instead of between S's issue and its wait;
-    with no step at all (n_m = 0) every lane is masked off."""
-    n_safe = gl.maximum(n_m, 1)
-    g = step // n_safe
-    h = hk * p.group + g
-    rows = (m_lo + step - g * n_safe) * p.BM + ids
-    if p.VARLEN:
-        t_base = h * p.stride_th + q_start
-    else:
-        t_base = b * p.stride_tb + h * p.stride_th
-    ok = (rows < seq_q) & (n_m > 0)
-    lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=ok, other=float("inf"))
-    delta = gl.load(p.delta_ptr + t_base + rows, mask=ok, other=0.0)
-    return lse2, delta
-
-
-@gluon.jit
 def _consumer(p, bufs, WG: gl.constexpr):
     """64 resident keys; per query block (queries as rows, so lse2 and Delta are two values a thread):
 
@@ -491,7 +461,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                                         instr_shape=[16, DV, 16])
     # dQ share: without DQ_SHARED this warpgroup's keys times all D columns, in DQ_PARTS column slices; with
     # it the CTA's keys (both warpgroups' dS) times this warpgroup's D / NWG columns, in one slice.
-    DQ_PARTS: gl.constexpr = 1 if p.DQ_SHARED else (p.DQ_SPLIT if p.DQ_SPLIT > 0 else (1 if D <= 64 else 2))
+    DQ_PARTS: gl.constexpr = 1 if (p.DQ_SHARED or D <= 64) else 2
     DQW: gl.constexpr = D // NWG if p.DQ_SHARED else D // DQ_PARTS
     OTHER: gl.constexpr = (WG + 1) % NWG
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -529,19 +499,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
         # One flat loop over (query head of the group, query block): fewer values live across it than
         # two nested loops (at 240 registers a thread every scalar counts).
         n_m = m_hi - m_lo
-        n_steps = p.group * n_m
-        if p.PREFETCH:
-            lse2_next, delta_next = _step_stats(p, 0, n_m, m_lo, hk, b, q_start, seq_q, row_ids)
-        g = 0
-        mi = m_lo
-        for it in range(n_steps):
-            if p.CTR:
-                h = hk * p.group + g
-                m0 = mi * BM
-            else:
-                g = it // n_m
-                h = hk * p.group + g
-                m0 = (m_lo + it - g * n_m) * BM
+        for it in range(p.group * n_m):
+            g = it // n_m
+            h = hk * p.group + g
+            m0 = (m_lo + it - g * n_m) * BM
             if p.VARLEN:
                 t_base = h * p.stride_th + q_start
             else:
@@ -569,12 +530,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             if p.PING_PONG:
                 mbarrier.arrive(bufs.turn.index(NEXT_WG))
             rows = m0 + row_ids
-            if p.PREFETCH:
-                lse2 = lse2_next
-                delta = delta_next
-                lse2_next, delta_next = _step_stats(p, gl.minimum(it + 1, n_steps - 1), n_m, m_lo, hk, b, q_start,
-                                                    seq_q, row_ids)
-            elif p.VARLEN:
+            if p.VARLEN:
                 # Rows past the sequence are the next sequence's queries: lse2 = +inf makes their P
                 # and dS exactly 0, so they add nothing to dK, dV and only zeros to dQ.
                 row_ok = rows < seq_q
@@ -597,7 +553,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             else:
                 s = s * p.qk_scale
             s = _mask(p, s, rows, kr0, m0, seq_q, seq_k)
-            pr = exp2_mixed(s - gl.expand_dims(lse2, 1), p.POLY)
+            pr = gl.exp2(s - gl.expand_dims(lse2, 1))
             # Without EARLY_DP, dP = dO·V_wgᵀ is issued only now (its registers are not held through the
             # softmax). Then dV += Pᵀ·dO, P rounded to the input dtype as the forward's P·V rounds it.
             if not DP_FIRST:
@@ -714,11 +670,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 _trace_step(p, WG, it, 8)
                 _trace_step(p, WG, it, 9)
                 _trace_step(p, WG, it, 10)
-            if p.CTR:
-                mi += 1
-                wrap = (mi == m_hi).to(gl.int32)
-                g += wrap
-                mi -= wrap * n_m
             idx, phase = _next_slot(idx, phase, p.STAGES)
         # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
         # through the loop, where they were spilled.
@@ -727,207 +678,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
         # This warpgroup's K and V slots are free (only its own, now completed, wgmmas read them): they
         # stage dV and dK for the TMA stores. Opaque slot index: LLVM otherwise computes this thread's
         # swizzled staging addresses before the loop and keeps them (spilled) through it.
-        slot = _opaque(gl.to_tensor(WG))
-        _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
-                    p.stride_dvb, p.stride_dvs, p.stride_dvh)
-        _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
-                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
-        tma.store_wait(0)
-
-
-@gluon.jit
-def _mask_t(p, st, cols, kr0, m0, seq_q, seq_k):
-    """_mask for Sᵀ: keys are the rows, queries (`cols`) the columns."""
-    off = seq_k - seq_q
-    need = kr0 + KEYS_PER_WG > seq_k
-    if p.HAS_WR:
-        need = need | (kr0 + KEYS_PER_WG - 1 > m0 + off + p.window_right)
-    if p.HAS_WL:
-        need = need | (kr0 < m0 + p.BM - 1 + off - p.window_left)
-    if need:
-        keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, st.type.layout)))
-        k2 = gl.expand_dims(keys, 1)
-        q2 = gl.expand_dims(cols, 0)
-        ok = k2 < seq_k
-        if p.HAS_WR:
-            ok = ok & (k2 <= q2 + (off + p.window_right))
-        if p.HAS_WL:
-            ok = ok & (k2 >= q2 + (off - p.window_left))
-        st = gl.where(ok, st, float("-inf"))
-    return st
-
-
-@gluon.jit
-def _consumer_kt(p, bufs, WG: gl.constexpr):
-    """_consumer with the keys as rows (tile.keys_as_rows): per query block,
-
-        Sᵀ = K_wg·Qᵀ, dPᵀ = V_wg·dOᵀ       async wgmma from shared memory, both issued at once
-        Pᵀ, dSᵀ                             registers, [64 keys, BM queries]: already the A operand (keys as M)
-        dV += Pᵀ·dO, dK += dSᵀ·Q            A from registers: P never goes to shared memory
-        dQ share = dS·K_wg                  dSᵀ stored key-major, read transposed as the A operand
-    lse2 and Delta are per column here (BM / 4 values a thread instead of two). Against _consumer: one 16-bit
-    [64, BM] tile less written and two less read from shared memory per step, which at D = 64 (m64n64 products,
-    operands from shared memory) is the busiest path of the SM. No PING_PONG, no SINK_PDP (get_tile).
-    """
-    NWG: gl.constexpr = p.NWG
-    BN: gl.constexpr = KEYS_PER_WG * NWG
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    dtype: gl.constexpr = p.q_desc.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BM, 16])
-    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, D, 16])
-    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DV, 16])
-    # Pᵀ and dSᵀ as A operands: the m64nBM accumulator layout is the m64 A-operand layout (no shuffle).
-    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2)
-    da_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2)
-    DQ_PARTS: gl.constexpr = 1 if (p.DQ_SHARED or D <= 64) else 2
-    DQW: gl.constexpr = D // NWG if p.DQ_SHARED else D // DQ_PARTS
-    OTHER: gl.constexpr = (WG + 1) % NWG
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQW, 16])
-    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
-
-    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-    n0 = nb * BN
-    kr0 = n0 + WG * N
-    if n0 < seq_k:
-        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
-        col_ids = _opaque(gl.arange(0, BM, col_s))
-        k_s = bufs.k.index(WG).reshape([N, D])
-        v_s = bufs.v.index(WG).reshape([N, DV])
-        ds_s = bufs.ds.index(WG)
-        dq_s = bufs.dq.index(WG)
-        dk = gl.zeros([N, D], gl.float32, dk_layout)
-        dv = gl.zeros([N, DV], gl.float32, dv_layout)
-        mbarrier.wait(bufs.kv_ready, 0)
-        idx = 0
-        phase = 0
-        n_m = m_hi - m_lo
-        n_steps = p.group * n_m
-        if p.PREFETCH:
-            lse2_next, delta_next = _step_stats(p, 0, n_m, m_lo, hk, b, q_start, seq_q, col_ids)
-        g = 0
-        mi = m_lo
-        for it in range(n_steps):
-            if p.CTR:
-                h = hk * p.group + g
-                m0 = mi * BM
-            else:
-                g = it // n_m
-                h = hk * p.group + g
-                m0 = (m_lo + it - g * n_m) * BM
-            if p.VARLEN:
-                t_base = h * p.stride_th + q_start
-            else:
-                t_base = b * p.stride_tb + h * p.stride_th
-            q_s = bufs.q.index(idx).reshape([BM, D])
-            do_s = bufs.do.index(idx).reshape([BM, DV])
-            _trace_step(p, WG, it, 0)
-            mbarrier.wait(bufs.q_ready.index(idx), phase)
-            _trace_step(p, WG, it, 1)
-            st = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.zeros([N, BM], gl.float32, st_layout),
-                               use_acc=False, is_async=True)
-            mbarrier.wait(bufs.do_ready.index(idx), phase)
-            dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), gl.zeros([N, BM], gl.float32, st_layout),
-                                use_acc=False, is_async=True)
-            cols = m0 + col_ids
-            if p.PREFETCH:
-                lse2 = lse2_next
-                delta = delta_next
-                lse2_next, delta_next = _step_stats(p, gl.minimum(it + 1, n_steps - 1), n_m, m_lo, hk, b, q_start,
-                                                    seq_q, col_ids)
-            elif p.VARLEN:
-                col_ok = cols < seq_q
-                lse2 = gl.load(p.lse2_ptr + t_base + cols, mask=col_ok, other=float("inf"))
-                delta = gl.load(p.delta_ptr + t_base + cols, mask=col_ok, other=0.0)
-            else:
-                lse2 = gl.load(p.lse2_ptr + t_base + cols)
-                delta = gl.load(p.delta_ptr + t_base + cols)
-            st = warpgroup_mma_wait(1, deps=(st, ))
-            _trace_step(p, WG, it, 2)
-            if p.SOFTCAP:
-                th = tanh_approx(st * p.cap_scale)
-                st = th * p.qk_scale
-            else:
-                st = st * p.qk_scale
-            st = _mask_t(p, st, cols, kr0, m0, seq_q, seq_k)
-            pt = exp2_mixed(st - gl.expand_dims(lse2, 0), p.POLY)
-            pa = gl.convert_layout(pt.to(dtype), pa_layout)
-            _trace_step(p, WG, it, 3)
-            dv = warpgroup_mma(pa, do_s, dv, is_async=True)
-            dpt = warpgroup_mma_wait(1, deps=(dpt, ))
-            _trace_step(p, WG, it, 4)
-            dst = pt * (dpt - gl.expand_dims(delta, 0))
-            if p.SOFTCAP:
-                dst = dst * (1.0 - th * th)
-            ds16 = dst.to(dtype)
-            da = gl.convert_layout(ds16, da_layout)
-            dk = warpgroup_mma(da, q_s, dk, is_async=True)
-            _trace_step(p, WG, it, 5)
-            if p.DQ_SHARED:
-                mbarrier.wait(bufs.ds_free.index(WG), (it & 1) ^ 1)
-            if p.DQ_ATOMIC:
-                ds_s.store(ds16)
-                fence_async_shared()
-            if p.DQ_SHARED:
-                mbarrier.arrive(bufs.ds_ready.index(WG))
-                mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
-                dq = gl.zeros([BM, DQW], gl.float32, dq_layout)
-                for w in gl.static_range(NWG):
-                    wi = _opaque(gl.to_tensor(w))
-                    dq = warpgroup_mma(bufs.ds.index(wi).permute((1, 0)),
-                                       bufs.k.index(wi).reshape([N, D]).slice(WG * DQW, DQW, dim=1),
-                                       dq, use_acc=w > 0, is_async=True)
-                dv, dk, dq, pa, da = warpgroup_mma_wait(0, deps=(dv, dk, dq, pa, da))
-                mbarrier.arrive(bufs.ds_free.index(OTHER))
-                mbarrier.arrive(bufs.q_empty.index(idx))
-                mbarrier.arrive(bufs.do_empty.index(idx))
-                tma.store_wait(0)
-                dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
-                fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
-            elif p.DQ_ATOMIC:
-                for part in gl.static_range(DQ_PARTS):
-                    dq = warpgroup_mma(ds_s.permute((1, 0)), k_s.slice(part * DQW, DQW, dim=1),
-                                       gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False,
-                                       is_async=True)
-                    if part == 0:
-                        dv, dk, dq, pa, da = warpgroup_mma_wait(0, deps=(dv, dk, dq, pa, da))
-                        _trace_step(p, WG, it, 6)
-                        mbarrier.arrive(bufs.q_empty.index(idx))
-                        mbarrier.arrive(bufs.do_empty.index(idx))
-                        _trace_step(p, WG, it, 7)
-                        tma.store_wait(0)
-                        _trace_step(p, WG, it, 8)
-                    else:
-                        dq = warpgroup_mma_wait(0, deps=(dq, ))
-                    dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq * p.softmax_scale)
-                fence_async_shared()
-                _trace_step(p, WG, it, 9)
-                async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
-                _trace_step(p, WG, it, 10)
-            else:
-                dv, dk, pa, da = warpgroup_mma_wait(0, deps=(dv, dk, pa, da))
-                _trace_step(p, WG, it, 6)
-                mbarrier.arrive(bufs.q_empty.index(idx))
-                mbarrier.arrive(bufs.do_empty.index(idx))
-                _trace_step(p, WG, it, 7)
-                _trace_step(p, WG, it, 8)
-                _trace_step(p, WG, it, 9)
-                _trace_step(p, WG, it, 10)
-            if p.CTR:
-                mi += 1
-                wrap = (mi == m_hi).to(gl.int32)
-                g += wrap
-                mi -= wrap * n_m
-            idx, phase = _next_slot(idx, phase, p.STAGES)
-        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-        kr0 = nb * BN + WG * N
         slot = _opaque(gl.to_tensor(WG))
         _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
                     p.stride_dvb, p.stride_dvs, p.stride_dvh)
@@ -989,23 +739,16 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
-                    KT: gl.constexpr, PREFETCH: gl.constexpr, TRACE: gl.constexpr, POLY: gl.constexpr,
-                    CTR: gl.constexpr, DQ_SPLIT: gl.constexpr,
+                    TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    if KT:
-        # Keys as rows (_consumer_kt): P stays in registers; dSᵀ is stored key-major for the dQ product.
-        dst_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS_PER_WG, BM], dtype)
-        ds_smem = gl.allocate_shared_memory(dtype, [NWG, KEYS_PER_WG, BM], dst_layout)
-        p_smem = ds_smem  # a placeholder, never touched
-    else:
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, KEYS_PER_WG], dtype)
-        p_smem = gl.allocate_shared_memory(dtype, [NWG, BM, KEYS_PER_WG], ds_layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [NWG, BM, KEYS_PER_WG], ds_layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, KEYS_PER_WG], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [NWG, BM, KEYS_PER_WG], ds_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [NWG, BM, KEYS_PER_WG], ds_layout)
     if DQ_ATOMIC:
         dq_smem = gl.allocate_shared_memory(gl.float32, [NWG] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -1042,16 +785,10 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT)
+                   SINK_PDP, PING_PONG, BIG, TRACE)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn)
-    # The consumer partition: _consumer, or _consumer_kt (keys as rows) when KT. Two consumers with KT only.
-    if KT:
-        gl.static_assert(NWG == 2, "keys_as_rows: two consumers")
-        gl.warp_specialize([(_consumer_kt, (p, bufs, gl.constexpr(0))),
-                            (_consumer_kt, (p, bufs, gl.constexpr(1))),
-                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-    elif NWG == 1:
+    if NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
     elif NWG == 2:
@@ -1059,8 +796,10 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                             (_consumer, (p, bufs, gl.constexpr(1))),
                             (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
-        # Three consumers: each a worker with CONSUMER_REGS and the loader the (4-warp) default partition; a
-        # consumer in the default partition would keep the launch's 128 registers a thread (16 warps a CTA).
+        # Three consumers, each a worker with CONSUMER_REGS, and the loader as the 4-warp default partition (ptxas
+        # leaves it 32 registers a thread). With consumer 0 as the default partition instead, ptxas gives it the
+        # remainder (168) and the causal D = 64 build reloads 6 values a step from local memory instead of 4
+        # (offline SASS only; this layout is the one measured on the GPU).
         gl.warp_specialize([(_loader, (p, bufs)),
                             (_consumer, (p, bufs, gl.constexpr(0))),
                             (_consumer, (p, bufs, gl.constexpr(1))),
@@ -1095,24 +834,9 @@ class BwdTile:
     # exp2 and dS run under the other's wgmmas (attn_bwd_kernel, "PING_PONG"). Implies dP issued with S.
     # Two or more consumers (with one it is off).
     ping_pong: bool = False
-    # The consumers compute Sᵀ and dPᵀ (keys as rows, _consumer_kt): Pᵀ and dSᵀ feed dV and dK from registers,
-    # and only dSᵀ goes to shared memory (for dQ). The 64 tile only; not with ping_pong or sink_pdp.
-    keys_as_rows: bool = False
-    # lse2 and Delta of the next query block loaded during this one (_step_stats): their latency off the path
-    # from S's issue to the softmax.
-    prefetch_stats: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
     trace: bool = False
-    # exp2 of P on the FMA pipe for `poly` of every 4 scores (softmax.exp2_mixed, FlashAttention-4's idea): the
-    # MUFU unit is shared by both consumers' softmax, the longest phase of a D = 64 step (benchmarks/bwd_trace.py).
-    poly: int = 0
-    # The (query head, query block) of a step from counters carried through the loop instead of it // n_m: an
-    # integer division is ~20 dependent instructions with a MUFU.RCP among them, on the path between steps.
-    step_counters: bool = False
-    # Column slices of each consumer's dQ share (reduce-add builds without shared_dq; 0: 1 at D = 64, else 2):
-    # fewer fp32 registers live at once, for the three-consumer D = 64 tile's 160.
-    dq_parts: int = 0
     # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
     # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
     d256: bool = False
@@ -1165,7 +889,7 @@ def smem_bytes(tile, d, dv, elem=2):
         return d256_bytes(tile, elem)
     kv = tile.block_n * (d + dv) * elem
     qdo = tile.stages * tile.block_m * (d + dv) * elem
-    pds = (1 if tile.keys_as_rows else 2) * tile.num_wg * WG_KEYS * tile.block_m * elem
+    pds = 2 * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4 * (1 if tile.shared_dq else tile.num_wg)  # fp32 staging, one tile per consumer
     return kv + qdo + pds + dq + configs.SMEM_RESERVE
 
@@ -1179,14 +903,9 @@ def get_tile(d, dv, **overrides):
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
-                                     or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.keys_as_rows
-                                     or tile.prefetch_stats or tile.poly or tile.step_counters):
+                                     or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
-        return None
-    elif tile.keys_as_rows and (tile.ping_pong or tile.sink_pdp or tile.num_wg != 2 or max(d, dv) > 64):
-        # Built for the 64 tile: at D = 128, dK and dV (128 fp32 registers a thread) beside Sᵀ, dPᵀ and the
-        # column-wise lse2 and Delta spill ~150 loads and stores a step (tests/test_sm90_backward_aot.py).
         return None
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
 
@@ -1321,9 +1040,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # configuration the probe has not timed). PING_PONG issues dP with S also with varlen (its in-loop
         # reloads are in tests/test_sm90_backward_aot.py's allowances).
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
-        PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, KT=tile.keys_as_rows,
-        PREFETCH=tile.prefetch_stats, TRACE=tile.trace, POLY=tile.poly, CTR=tile.step_counters,
-        DQ_SPLIT=tile.dq_parts,
+        PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, TRACE=tile.trace,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs

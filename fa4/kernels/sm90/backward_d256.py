@@ -388,12 +388,9 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                          SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                          EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
-                         KT: gl.constexpr, PREFETCH: gl.constexpr, TRACE: gl.constexpr,
-                         POLY: gl.constexpr, CTR: gl.constexpr, DQ_SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                         TRACE: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
-    gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or KT or PREFETCH or TRACE
-                             or POLY or CTR),
-                     "not built at D = 256")
+    gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE), "not built at D = 256")
     gl.static_assert(BM == 64, "D = 256: BM = 64")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
@@ -432,7 +429,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, KT, PREFETCH, TRACE, POLY, CTR, DQ_SPLIT)
+                   SINK_PDP, PING_PONG, BIG, TRACE)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free)
     gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
