@@ -13,46 +13,12 @@ do_bench enqueues a ~85 µs memset before each timed call; when host > graph + ~
 and `api` exceeds `graph`. That is the test of whether a row is bound by its host path.
 """
 import argparse
-import time
 
 import torch
-import triton
 
 import fa4
-
-
-def _bench(fn):
-    fn()
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def _host_us(fn, n=30):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
-
-
-def _graph_ms(fn):
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    ms = _bench(graph.replay)
-    del graph
-    return ms
+# The same do_bench, host-time and CUDA-graph helpers as the forward probe's.
+from sm90_probe import _bench, _graph_ms, _host_us  # noqa: E402
 
 
 def _flops(b, h, s, d, causal):
