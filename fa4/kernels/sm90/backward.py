@@ -337,6 +337,16 @@ def _q_range(p, n0, seq_q, seq_k):
     return m_lo, m_hi
 
 
+@gluon.jit
+def _step_block(p, it, n_m, m_lo, hk):
+    """(g, h, m0) of loop step `it` of a CTA's walk over (query head of the GQA group, query block): the group
+    member g, its query head h and the block's first row m0. The loader and every consumer walk the same steps."""
+    g = it // n_m
+    h = hk * p.group + g
+    m0 = (m_lo + it - g * n_m) * p.BM
+    return g, h, m0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loader partition: one warp issuing TMA loads (four, idle but one, when it is the default partition).
 # ---------------------------------------------------------------------------------------------------------
@@ -360,9 +370,7 @@ def _loader(p, bufs):
         phase = 0
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
-            g = it // n_m
-            h = hk * p.group + g
-            row = (m_lo + it - g * n_m) * p.BM
+            g, h, row = _step_block(p, it, n_m, m_lo, hk)
             # A fresh barrier passes parity 1 at once: the first STAGES waits do not block.
             mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
             mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
@@ -500,9 +508,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
         # two nested loops (at 240 registers a thread every scalar counts).
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
-            g = it // n_m
-            h = hk * p.group + g
-            m0 = (m_lo + it - g * n_m) * BM
+            g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             if p.VARLEN:
                 t_base = h * p.stride_th + q_start
             else:

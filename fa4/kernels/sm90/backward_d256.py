@@ -97,7 +97,7 @@ from triton.language.core import _aggregate as aggregate
 from . import configs
 from .attention_fwd import _GL_DTYPES, _next_slot, _opaque
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _dq_coord, _mask, _q_range, _RUNTIME_INTS,
-                       async_reduce_add_shared_to_global)
+                       _step_block, async_reduce_add_shared_to_global)
 from .softmax import tanh_approx
 
 HALF = 128          # head-dim columns per consumer warpgroup
@@ -182,9 +182,7 @@ def _loader(p, bufs):
         phase = 0
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
-            g = it // n_m
-            h = hk * p.group + g
-            row = (m_lo + it - g * n_m) * p.BM
+            g, h, row = _step_block(p, it, n_m, m_lo, hk)
             # A fresh barrier passes parity 1 at once: the first waits do not block.
             mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
             mbarrier.expect(bufs.q_ready.index(idx), 2 * p.q_desc.block_type.nbytes)
@@ -231,9 +229,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
         phase = 0
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
-            g = it // n_m
-            h = hk * p.group + g
-            m0 = (m_lo + it - g * n_m) * BM
+            g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             q_s = bufs.q.index(2 * idx + WG).reshape([BM, W])
             # Opaque buffer indices, read afresh every step: LLVM otherwise builds the loop-invariant 64-bit wgmma
             # descriptors (K, V, dO halves, P, dS) and staging addresses before the loop and keeps them live

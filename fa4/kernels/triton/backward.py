@@ -413,7 +413,7 @@ def _bwd_dq_kernel(
         BLOCKS_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # With a sink (HAS_SINK) the program also writes its partial of the sink gradient to
-    # DSINK_PART[pid_bh, program_id(1)]: −dsink_h = Σ_i exp(sink_h − lse_i)·(Σ_j P_ij dP_ij − dlse_i), the
+    # DSINK_PART[pid_bh, its query-block index]: −dsink_h = Σ_i exp(sink_h − lse_i)·(Σ_j P_ij dP_ij − dlse_i), the
     # preprocess's Σ_i exp(sink_h − lse_i)·Delta_i with rowsum(dO·O) replaced by the exact Σ_j P_ij dP_ij: no
     # rounding of O in it (from O rounded to the input dtype, both this kernel's dsink and the low-precision
     # reference's carry bf16-level noise, and the numerics rule compared two such draws).
