@@ -80,6 +80,20 @@ CANDIDATES[128] += [
     C(128, 64, 8, 2, True, **O),        # overlap, one program per SM; ptxas serializes its wgmma (control)
 ]
 
+# Round 3 (session 6), after benchmarks/ws_probe.py: a minimal one-warpgroup kernel (4 warps, 128 x 64, 2 stages,
+# every block masked under causal) beat the table's 8-warp tile at D = 128 S = 1024 (429 vs 396 TFLOP/s,
+# causal 302 vs 284; H100). The new axis: one warpgroup owning all 128 rows with two m64 wgmma chains (ILP inside
+# the warpgroup), two programs per SM by shared memory, no register cap.
+NEW_FROM = {d: len(cands) for d, cands in CANDIDATES.items()}
+CANDIDATES[64] += [
+    C(128, 64, 4, 2, True), C(128, 128, 4, 2, True), C(128, 64, 4, 3, True), C(128, 128, 4, 4, True),
+    C(64, 128, 4, 3, True),
+]
+CANDIDATES[128] += [
+    C(128, 64, 4, 2, True), C(128, 64, 4, 2, True, **L), C(128, 64, 4, 3, True), C(128, 128, 4, 2, True),
+    C(128, 32, 4, 3, True), C(64, 128, 4, 2, True), C(64, 64, 4, 2, True),
+]
+
 # Up to four registers parked in local memory (a few STL/LDL per loop iteration, L1-resident) are tolerated:
 # that is what the 128-register cap costs some feature mixes. Anything larger fails --check.
 MINOR_SPILL_BYTES = 16
@@ -358,9 +372,68 @@ def cmd_sass(args):
                   f"smem {u['smem'] // 1024:3d} KiB  programs/SM {per_sm}  hgmma {u['hgmma']:3d} hmma {u['hmma']:4d}"
                   f"  {' '.join(problems + notes) or 'ok'}  ({time.time() - t0:.1f}s)")
             sys.stdout.flush()
+    if not args.candidates and 90 in args.cc:
+        bad += _sass_lean()
     if args.check and bad:
         print(f"{bad} config(s) spill or overflow shared memory")
         sys.exit(1)
+
+
+def lean_aot_compile(cc, cfg, d, causal):
+    """Compile forward_lean's kernel for compute capability `cc` as a batched bf16 launch of `cfg` would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from fa4.kernels.triton import forward_lean
+    kernel = forward_lean._lean_fwd_kernel
+    consts = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, WARP_SPEC=cfg.warp_spec)
+    signature, attrs = {}, {}
+    for i, param in enumerate(kernel.params):
+        name = param.name
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in ("Q", "K", "V", "Out"):
+            signature[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        elif name == "Lse":
+            signature[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and name[-1] in "bs":  # row and batch strides: multiples of 16
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=4, num_stages=cfg.num_stages))
+
+
+def _sass_lean():
+    """forward_lean.TABLE's tiles for sm_90: no spills, shared memory within the limit, and the warp
+    specializer engaged where the tile asks for it (it skips a loop it cannot split without saying so).
+    Returns the number of bad tiles."""
+    from fa4.kernels.triton import forward_lean
+    bad = 0
+    for (arch, d, causal), rows in forward_lean.TABLE.items():
+        for bound, cfg in rows:
+            t0 = time.time()
+            compiled = lean_aot_compile(90, cfg, d, causal)
+            u = resource_usage(compiled)
+            engaged = "ttg.warp_specialize" in compiled.asm["ttgir"]
+            problems = (["SPILLS"] if u["stack"] > MINOR_SPILL_BYTES else []) + \
+                (["SMEM > limit"] if u["smem"] > smem_limit(90) else [])
+            if u["stack"] and not problems:
+                problems_note = f"minor spill ({u['ldl_stl']} LDL/STL, {u['loop_spills']} in loops)"
+            else:
+                problems_note = ""
+            if engaged != cfg.warp_spec:
+                problems.append("warp specialization " + ("not engaged" if cfg.warp_spec else "unexpected"))
+            bad += bool(problems)
+            print(f"sm_90 D={d:3d} lean {'causal' if causal else 'plain':6s} Sq<={bound or 'any':<5} "
+                  f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}{' ws' if cfg.warp_spec else ''}  warps "
+                  f"{compiled.metadata.num_warps:2d} regs {u['regs']:3d} stack {u['stack']:4d} smem "
+                  f"{u['smem'] // 1024:3d} KiB  hgmma {u['hgmma']:3d}  {' '.join(problems) or problems_note or 'ok'}"
+                  f"  ({time.time() - t0:.1f}s)")
+            sys.stdout.flush()
+    return bad
 
 
 def main():

@@ -16,6 +16,7 @@ import torch
 from attention_check import cu_seqlens, poison_allocator
 from fa4 import reference
 from fa4.kernels.triton import forward as fwd
+from fa4.kernels.triton import forward_lean
 from numerics import assert_close_rule
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -182,3 +183,74 @@ def test_past_2_to_31_elements():
     assert_close_rule("varlen lse", lse_v.view(h, b, s).transpose(0, 1)[tail], ref_lse, low_lse)
     del q, k, v, out, out_v
     torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lean fast path (fa4/kernels/triton/forward_lean.py): one key loop, warp-specialized by the compiler
+# ----------------------------------------------------------------------------------------------------------
+
+LEAN_TILES = [forward_lean.LeanConfig(128, 128, 2, True), forward_lean.LeanConfig(128, 64, 2, True),
+              forward_lean.LeanConfig(128, 64, 2, False), forward_lean.LeanConfig(128, 128, 2, False)]
+
+
+def check_lean(q, k, v, cfg, causal):
+    """One lean tile launched directly (the call must be one config_for accepts) against the references."""
+    opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None,
+                softmax_scale=q.shape[-1] ** -0.5)
+    _poison()
+    out, lse, launch = fwd.prepare(q, k, v, **opts)
+    fwd._ensure_allocator()
+    forward_lean.launch(launch, cfg)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out)
+    assert_close_rule("lse", lse, ref_lse, low_lse)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
+@pytest.mark.parametrize("cfg", LEAN_TILES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal,sq,sk", [(False, 1024, 1024), (False, 1000, 2048), (False, 4, 1024),
+                                          (True, 1024, 1024), (True, 1540, 2999), (True, 2996, 2996),
+                                          (True, 4, 2048)])
+def test_lean_tiles(cfg, dtype, d, causal, sq, sk):
+    """Every lean tile the probe times, over the calls the lean path accepts (GQA 8 on 2, Sq not a multiple of
+    the query block, Sq < Sk, odd Sk under causal)."""
+    q, k, v = batched(2, sq, sk, 8, 2, d, d, dtype)
+    check_lean(q, k, v, cfg, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 200])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1024, 1024), (4096, 4096), (1000, 1000), (2999, 1537), (1, 2048), (1540, 2048)])
+def test_forward_routing(dtype, d, causal, sq, sk):
+    """fwd.forward as the API calls it: the lean path where config_for accepts the call, the general kernel
+    elsewhere (odd Sk without causal, Sq > Sk under causal, a head dim not in the table); right either way."""
+    q, k, v = batched(2, sq, sk, 8, 2, d, d, dtype)
+    opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None, softmax_scale=d ** -0.5)
+    _poison()
+    out, lse = fwd.forward(q, k, v, **opts)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out)
+    assert_close_rule("lse", lse, ref_lse, low_lse)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
+def test_lean_routing_decisions():
+    """Which calls config_for gives the lean kernel: the plain D = 128 training call yes; each feature it lacks no."""
+    def cfg(sq=1024, sk=1024, d=128, causal=False, **kw):
+        q, k, v = batched(1, sq, sk, 4, 4, d, d, torch.bfloat16)
+        opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None, varlen=False,
+                    paged=False, seqused_k=None, tma_ok=True)
+        opts.update(kw)
+        return forward_lean.config_for(q, k, v, **opts)
+    assert cfg() is not None and cfg(causal=True) is not None and cfg(sq=4096, sk=4096, causal=True).warp_spec
+    assert cfg(d=64) is None and cfg(d=256) is None
+    assert cfg(sk=1000) is None  # a partial key block without causal would need the tail mask
+    assert cfg(sq=1001, sk=1001, causal=True) is None  # lse rows not 16-byte aligned
+    assert cfg(sq=2048, sk=1024, causal=True) is None  # rows that see no key
+    assert cfg(window_left=128, window_right=0) is None and cfg(softcap=5.0) is None
+    assert cfg(sink=torch.zeros(4, device=DEV)) is None and cfg(varlen=True) is None and cfg(tma_ok=False) is None

@@ -31,7 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fa4.kernels.triton import forward_lean
 from fa4.kernels.triton.common import LOG2E, tanh_via_exp2, visible_key_range, visible_mask
+
+# The plain training call takes forward_lean's kernel (False: always the general kernel; probes flip it for A/B).
+USE_LEAN = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,11 +527,28 @@ def _ensure_allocator():
 def forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
             cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
             page_table=None):
-    """Attention forward per docs/INTERNALS.md -> (out, lse). Arguments are already validated."""
-    return forward_with_config(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
-                               window_right=window_right, softcap=softcap, sink=sink,
-                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
+    """Attention forward per docs/INTERNALS.md -> (out, lse). Arguments are already validated.
+
+    The plain training call (forward_lean.config_for) runs the one-loop, warp-specialized kernel of
+    forward_lean.py; everything else the general kernel with the table's config."""
+    kwargs = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                  sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
+    if not USE_LEAN or q.device.type != "cuda":
+        return forward_with_config(q, k, v, **kwargs)
+    out, lse, launch = prepare(q, k, v, **kwargs)
+    if launch is None:
+        return out, lse
+    lean = forward_lean.config_for(q, k, v, window_left=window_left, window_right=window_right, softcap=softcap,
+                                   sink=sink, varlen=cu_seqlens_q is not None, paged=page_table is not None,
+                                   seqused_k=seqused_k, tma_ok=launch["tma_ok"])
+    if lean is None:
+        _run_general(q, launch, None)
+        return out, lse
+    with torch.cuda.device(q.device):
+        _ensure_allocator()
+        forward_lean.launch(launch, lean)
+    return out, lse
 
 
 def forward_with_config(q, k, v, *, config=None, **kwargs):
@@ -535,11 +556,18 @@ def forward_with_config(q, k, v, *, config=None, **kwargs):
     out, lse, launch = prepare(q, k, v, **kwargs)
     if launch is None:
         return out, lse
+    _run_general(q, launch, config)
+    return out, lse
+
+
+def _run_general(q, launch, config):
+    """The general kernel for a prepared call, with `config` (None = the table's) or the smaller config that
+    replaced it on this device after an out-of-shared-memory launch failure."""
     if config is None:
-        config = default_config(q.device, q.dtype, q.shape[-1], v.shape[-1], launch["causal"])
+        config = default_config(q.device, q.dtype, q.shape[-1], launch["v"].shape[-1], launch["causal"])
     if q.device.type != "cuda":
         _launch(launch, config)
-        return out, lse
+        return
     with torch.cuda.device(q.device):
         key = (q.device.index, config, tuple(sorted(launch["flags"].items())))
         config = _fallback.get(key, config)
@@ -552,7 +580,6 @@ def forward_with_config(q, k, v, *, config=None, **kwargs):
                 if smaller is None:
                     raise
                 _fallback[key] = config = smaller
-    return out, lse
 
 
 def prepare(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
