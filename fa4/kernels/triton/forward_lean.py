@@ -105,17 +105,17 @@ class LeanConfig(NamedTuple):
 
 
 # (arch, head dim, causal) -> [(largest Sq it serves, LeanConfig), ...], first match wins; rows absent here take
-# the general kernel. From `python benchmarks/ws_probe.py` (benchmarks/NOTES.md, session 6), TFLOP/s on the H200
-# / H100, against the general kernel's table tile:
-# - D = 128 non-causal, warp-specialized 128 x 128: S = 1024 421 / 431 (general 397 / 396), S = 4096 523 / 535
-#   (488 / 483), S = 16384 551 / 577 (516 / 531).
-# - D = 128 causal: at S = 1024 the plain one-warpgroup 128 x 64 tile is best (287 / 302 against 245 / 284; the
-#   warp-specialized one 270 / 292: its per-program set-up weighs on programs of 1-8 key blocks); from S = 4096
-#   the warp-specialized tile (423 / 442 against 414 / 417; 16384: 499 / 487 against 475 / 481).
-# - D = 64: the general kernel's tiles stay ahead (e.g. 411 against 394 warp-specialized at S = 4096).
+# the general kernel. From `python benchmarks/ws_probe.py` (benchmarks/NOTES.md, session 6), TFLOP/s on the H100
+# (2026-11-26, with the lse TMA store) against the general kernel's table tile in the same run:
+# - D = 128 non-causal: S = 1024 plain one-warpgroup 128 x 64 422, warp-specialized 128 x 128 401, general 403;
+#   S = 4096 496 / 514 / 485; S = 16384 519 / 542 / 511. Short programs (8 key blocks) pay for the specializer's
+#   set-up; long ones gain from it.
+# - D = 128 causal: S = 1024 plain 288, warp-specialized 255, general 284; S = 4096 399 / 410 / 406;
+#   S = 16384 420 / 493 / 468.
+# - D = 64: the general kernel's tiles stay ahead (H200: 411 against 394 warp-specialized at S = 4096).
 # Three stages miscompile under warp specialization (NaN on the H100), so every warp-specialized tile has two.
 TABLE = {
-    ("sm90", 128, False): [(None, LeanConfig(128, 128, 2, True))],
+    ("sm90", 128, False): [(1024, LeanConfig(128, 64, 2, False)), (None, LeanConfig(128, 128, 2, True))],
     ("sm90", 128, True): [(1024, LeanConfig(128, 64, 2, False)), (None, LeanConfig(128, 128, 2, True))],
 }
 
