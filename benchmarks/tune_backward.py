@@ -1,6 +1,7 @@
 """Launch configurations of the Triton backward (fa4/kernels/triton/backward.py): time on a GPU, inspect offline.
 
-    python benchmarks/tune_backward.py time [--d 64 128 256] [--causal 0 1] [--quick] [--jobs 16] [--json PATH]
+    python benchmarks/tune_backward.py time [--d 64 128 256] [--causal 0 1] [--quick | --last N] [--jobs 16]
+                                            [--json PATH]
         On a GPU: DESIGN.md's training suite (bf16, B*S = 16384, H*D = 2048). Per row: FA2 (SDPA flash) backward,
         every candidate config of the head dim, and deterministic=True with the table config, all timed with
         triton.testing.do_bench (median, cold L2); each candidate's gradients are checked against FA2's first.
@@ -47,6 +48,15 @@ CANDIDATES = {
           C(64, 64, 8, 2, 64, 64, 8, 2, False), C(32, 64, 4, 2, 64, 32, 4, 2, False, True)],
 }
 QUICK = 4
+# Session 6: the D = 256 split's dV pass on its own tile (BwdConfig.dv_pass), the dK pass on the table's or on
+# 16-query steps. The dV pass has two products and one accumulator, so it has the registers for a deeper ring.
+# All compile spill-free. Round 1 (H100): dv 32x128 s3 +4-8% over the table; dv 64x64 w8 -9% to -19% (dropped).
+_D256 = CANDIDATES[256][4]  # the table's tile: 32x128 w8 s2, split, transposed atomic dQ
+CANDIDATES[256] += [dataclasses.replace(_D256, dv_pass=(32, 128, 8, 3)),
+                    dataclasses.replace(_D256, dv_pass=(32, 128, 8, 4)),
+                    dataclasses.replace(_D256, dv_pass=(16, 128, 8, 4)),
+                    dataclasses.replace(_D256, block_m1=16, dv_pass=(32, 128, 8, 3)),
+                    dataclasses.replace(_D256, block_m1=16, stages1=3, dv_pass=(32, 128, 8, 3))]
 # Up to two local-memory accesses inside a loop (one register parked in L1 per iteration) are tolerated: the
 # D = 256 causal dK pass with atomic dQ has one and still measured 6-10% faster than the spill-free dQ-kernel
 # config (results/raw/h100-2026-11-25-tune-backward-r1.log). Anything larger fails --check.
@@ -57,7 +67,8 @@ MINOR_LOOP_SPILLS = 2
 def _fmt(cfg):
     dq = "dq-atomic" + ("-T" if cfg.dq_transposed else "") if cfg.dq_atomic else \
         f"dq-kernel {cfg.block_m2}x{cfg.block_n2} w{cfg.warps2} s{cfg.stages2}"
-    return (f"{cfg.block_m1}x{cfg.block_n1} w{cfg.warps1} s{cfg.stages1}{' split' if cfg.split_dkdv else ''} "
+    dv = " dv %dx%d w%d s%d" % cfg.dv_pass if cfg.dv_pass else ""
+    return (f"{cfg.block_m1}x{cfg.block_n1} w{cfg.warps1} s{cfg.stages1}{' split' if cfg.split_dkdv else ''}{dv} "
             f"{dq}")
 
 
@@ -166,6 +177,8 @@ def cmd_time(args):
           f"triton {triton.__version__}")
     rows = training_suite(args.d, args.causal)
     cands = {d: (CANDIDATES[d][:QUICK] if args.quick else CANDIDATES[d]) for d in args.d}
+    if args.last:
+        cands = {d: CANDIDATES[d][-args.last:] for d in args.d}
     if args.jobs > 1:
         _precompile(rows, cands, args.jobs)
     results = []
@@ -294,6 +307,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("time", help="time candidate configs on the GPU")
+    t.add_argument("--last", type=int, default=0, help="only the last N candidates per head dim (and the table)")
     t.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
     t.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     t.add_argument("--quick", action="store_true", help=f"only the first {QUICK} candidates per head dim")

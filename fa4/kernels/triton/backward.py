@@ -509,6 +509,9 @@ class BwdConfig:
     dq_atomic: bool = True
     split_dkdv: bool = False
     dq_transposed: bool = False
+    # With split_dkdv: (block_m, block_n, warps, stages) of the dV pass, which has two products and one fp32
+    # accumulator against the dK pass's four and the dQ atomics; None = the dK pass's tile.
+    dv_pass: tuple = None
 
 
 # Per (architecture class, padded head dim). Chosen offline so that no kernel spills registers or overflows shared
@@ -525,7 +528,11 @@ _CONFIGS = {
     # Triton 3.6 build tried: tune_backward sass, session 4.)
     ("sm90", 64): BwdConfig(64, 128, 8, 3, 128, 64, 8, 3, dq_atomic=False),
     ("sm90", 128): BwdConfig(32, 128, 8, 3, 128, 64, 8, 3, dq_atomic=False),
-    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=True, split_dkdv=True, dq_transposed=True),
+    # D = 256: the dV pass on a 3-deep ring of its own (dv_pass), session 6 (H100, tune_backward r2, raw
+    # h100-2026-11-26-tune-backward-d256-r2.log): 274 / 228 / 287 / 293 TFLOP/s against 254 / 220 / 260 / 280
+    # with the dK pass's 2-deep tile, FA2 255 / 235 / 271 / 263.
+    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=True, split_dkdv=True, dq_transposed=True,
+                             dv_pass=(32, 128, 8, 3)),
     ("sm80", 64): BwdConfig(32, 128, 8, 3, 128, 32, 8, 3, dq_atomic=True, dq_transposed=True),
     ("sm80", 128): BwdConfig(32, 64, 4, 2, 64, 64, 4, 2, dq_atomic=False),
     ("sm80", 256): BwdConfig(16, 128, 8, 2, 64, 32, 8, 2, dq_atomic=False, split_dkdv=True),
@@ -727,19 +734,22 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad)
 
     # 2. dK, dV (+ dQ through atomics), in one pass or as a dV pass then a dK pass.
-    n_kb = triton.cdiv(seqlen_k, cfg.block_n1)
     blocks_fastest = _blocks_fastest(batch * n_kv_heads)
-    grid1 = (n_kb, batch * n_kv_heads) if blocks_fastest else (batch * n_kv_heads, n_kb)
     for compute_dk, compute_dv in ([(False, True), (True, False)] if cfg.split_dkdv else [(True, True)]):
+        tile = (cfg.block_m1, cfg.block_n1, cfg.warps1, cfg.stages1)
+        if cfg.split_dkdv and not compute_dk and cfg.dv_pass is not None:
+            tile = cfg.dv_pass
+        n_kb = triton.cdiv(seqlen_k, tile[1])
+        grid1 = (n_kb, batch * n_kv_heads) if blocks_fastest else (batch * n_kv_heads, n_kb)
         launches.append(Launch(
             _bwd_dkdv_kernel, grid1,
             [q, k, v, dout, dq, dk, dv, lse2, delta, cu_q, cu_k, used, *qkv_strides,
              *_bsh_strides(dk, varlen_k), *_bsh_strides(dv, varlen_k), *t_s,
              *seq_args, n_kv_heads, head_dim, head_dim_v, *scalar_args],
             dict(common, DQ_ATOMIC=dq_atomic and compute_dk, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
-                 DQ_TRANSPOSED=cfg.dq_transposed, BLOCKS_FASTEST=blocks_fastest, BLOCK_M=cfg.block_m1,
-                 BLOCK_N=cfg.block_n1),
-            cfg.warps1, cfg.stages1))
+                 DQ_TRANSPOSED=cfg.dq_transposed, BLOCKS_FASTEST=blocks_fastest, BLOCK_M=tile[0],
+                 BLOCK_N=tile[1]),
+            tile[2], tile[3]))
 
     # 3. dQ in a fixed key order (and, with a sink, its gradient's partial sums).
     if not dq_atomic:
