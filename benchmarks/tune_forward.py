@@ -89,6 +89,7 @@ CANDIDATES[64] += [
     C(128, 64, 4, 2, True), C(128, 128, 4, 2, True), C(128, 64, 4, 3, True), C(128, 128, 4, 4, True),
     C(64, 128, 4, 3, True),
 ]
+CANDIDATES[64] += [C(128, 64, 4, 2, True, **O), C(128, 64, 4, 4, True, **O)]  # the causal table tile's ring depth
 CANDIDATES[128] += [
     C(128, 64, 4, 2, True), C(128, 64, 4, 2, True, **L), C(128, 64, 4, 3, True), C(128, 128, 4, 2, True),
     C(128, 32, 4, 3, True), C(64, 128, 4, 2, True), C(64, 64, 4, 2, True),

@@ -303,3 +303,26 @@ def test_overlap_off_for_two_padded_head_dims():
 
     assert not used(40, 24).overlap and used(40, 24).tma
     assert used(64, 24).overlap and used(40, 40).overlap and used(128, 128).overlap
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lean fast path (fa4/kernels/triton/forward_lean.py): its kernel's math in the interpreter
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("warp_spec", [False, True], ids=["plain", "ws"])  # ws: lse by the 1-D descriptor store
+@pytest.mark.parametrize("causal,sq,sk", [(False, 36, 48), (False, 4, 32), (True, 36, 48), (True, 48, 48),
+                                          (True, 4, 37)])
+def test_lean_kernel(monkeypatch, warp_spec, causal, sq, sk):
+    """The lean kernel on calls forward_lean.config_for accepts (Sq % 4 == 0; a partial key block only under
+    causal, whose mask hides it; Sq <= Sk under causal), GQA 4 on 2, fp16, outputs poisoned with NaN."""
+    from fa4.kernels.triton import forward_lean
+    q, k, v = batched(2, sq, sk, 4, 2, 32, 32, torch.float16)
+    opts = dict(softmax_scale=32 ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", _poisoned_empty(torch.empty))
+        out, lse, launch = fwd.prepare(q, k, v, **opts)
+    forward_lean.launch(launch, forward_lean.LeanConfig(16, 16, 1, warp_spec))
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out)
+    assert_close_rule("lse", lse, ref_lse, low_lse)
