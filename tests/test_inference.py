@@ -726,3 +726,48 @@ def decode_config_h100(regime):
     """The bf16, D = 128 config that decode.default_config gives on a CUDA device ("split" or "wide")."""
     from fa4.kernels.triton import decode
     return tuple(decode.default_config(torch.device("cuda"), torch.bfloat16, 128, 128, wide=regime == "wide"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unpacked GQA heads (decode.Step unpack_heads): one program per query head where packing would need a split
+# ---------------------------------------------------------------------------------------------------------------
+
+UNPACK_CASES = [
+    ("plain", dict(batch=1, hq=8, hkv=2), dict()),
+    ("append-rotary-causal", dict(batch=1, hq=8, hkv=2, seqlen_new=1), dict(rotary=True, causal=True)),
+    ("paged", dict(batch=1, hq=8, hkv=2, page_size=16, capacity=64), dict()),
+    ("speculative-window-softcap-sink", dict(batch=1, hq=8, hkv=2, seqlen_q=3, seqlen_new=3),
+     dict(window_size=(9, 0), softcap=4.0, sink=True)),
+]
+
+
+@pytest.mark.parametrize("name,make_kw,call_kw", UNPACK_CASES, ids=[c[0] for c in UNPACK_CASES])
+def test_unpacked_heads_match_reference(name, make_kw, call_kw):
+    """With the interpreter's 4 "SMs", one sequence of 2 kv heads packs into 2 programs (a split would be
+    wanted) while its 8 query heads cover the GPU: the step runs unpacked, KV_SHARE = 4 heads per cache head."""
+    inference._steps.clear()
+    *_, results = _run_both(make_kw, call_kw, torch.float32)
+    steps = [step for _, step in inference._steps.values()]
+    assert steps and all(s.attend.constexprs["KV_SHARE"] == 4 and s.combine is None for s in steps)
+    (o_r, l_r, kc_r, vc_r), (o_t, l_t, kc_t, vc_t) = results["reference"], results["triton"]
+    torch.testing.assert_close(kc_t, kc_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(o_t, o_r, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(l_t, l_r, atol=2e-5, rtol=2e-5)
+
+
+def test_unpacking_decision(monkeypatch):
+    """make_step unpacks only where packed programs would be split and unpacked ones cover the GPU unsplit;
+    UNPACK_HEADS = False turns it off; an explicit num_splits keeps the packed layout."""
+    def kv_share(batch, hq, hkv, num_splits=0):
+        q, k_cache, v_cache, lens, kw = _make(batch=batch, hq=hq, hkv=hkv)
+        c = inference._check_static(q, k_cache, v_cache, None, None, None, None, lens, None, None, None, False,
+                                    (-1, -1), 0.0, None, True, num_splits, False, None, None)
+        step = inference.make_step(c, q, k_cache, v_cache, None, None, None, None, lens, None, None, 0.0, None,
+                                   True, num_splits, False, None)
+        return step.attend.constexprs["KV_SHARE"]
+    assert kv_share(1, 8, 2) == 4       # 2 packed programs < 0.8 x 4 SMs; 8 unpacked ones cover them
+    assert kv_share(4, 8, 2) == 1       # 8 packed programs already cover the 4 "SMs"
+    assert kv_share(1, 2, 2) == 1       # no group to unpack
+    assert kv_share(1, 8, 2, num_splits=2) == 1
+    monkeypatch.setattr(inference, "UNPACK_HEADS", False)
+    assert kv_share(1, 8, 2) == 1
