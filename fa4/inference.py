@@ -46,9 +46,6 @@ SPLIT_PROGRAMS_PER_SM = 1
 SPLIT_OFF_FRACTION = 0.8  # no split once the unsplit programs cover this share of the SMs
 MIN_TILES_PER_SPLIT = 4  # each split streams at least this many key tiles (amortises prologue and combine)
 MAX_SPLITS = 128
-# Unpacked GQA heads (decode.Step unpack_heads) where the packed programs would need a split and one program
-# per query head covers the GPU unsplit (decode suite: B = 8). False: always pack (probes flip it for A/B).
-UNPACK_HEADS = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -557,14 +554,6 @@ def make_step(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
     rows = c.seqlen_q * group
     block_m = decode.block_m_for(rows)
     programs = c.batch * c.num_heads_kv * -(-rows // block_m)
-    unpack = False
-    if UNPACK_HEADS and group > 1 and num_splits == 0 and splits_wanted(programs, num_sms):
-        # Too few (sequence, kv head) programs to cover the GPU: one program per query head instead, when that
-        # covers it without splitting the keys (no partials, no combine launch).
-        heads_programs = c.batch * c.num_heads * -(-c.seqlen_q // decode.block_m_for(c.seqlen_q))
-        if not splits_wanted(heads_programs, num_sms):
-            unpack, rows, programs = True, c.seqlen_q, heads_programs
-            block_m = decode.block_m_for(rows)
     if config is None:
         config = decode.default_config(q.device, q.dtype, c.head_d, c.head_dv, block_m=block_m,
                                        wide=not splits_wanted(programs, num_sms), page_size=c.page_size)
@@ -575,7 +564,7 @@ def make_step(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
                        rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                        rotary_per_token=c.rotary_per_token, softmax_scale=c.scale, window_left=c.left,
                        window_right=c.right, softcap=float(softcap), sink=sink, num_splits=num_splits,
-                       config=config, unpack_heads=unpack)
+                       config=config)
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):

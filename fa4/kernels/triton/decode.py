@@ -69,7 +69,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    PAGE_ALIGNED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
                    ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_TOKEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, KV_SHARE: tl.constexpr = 1):
+                   DOT_PRECISION: tl.constexpr):
     # Grid: axis 0 = (sequence, kv head), axis 1 = split of the key range, axis 2 = block of packed rows.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -120,17 +120,15 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
 
-    # Where this sequence's keys live. KV_SHARE > 1 (Step's unpacked heads): the grid runs one program per query
-    # head (num_heads_kv is Hq there, group 1), and KV_SHARE consecutive ones read the same cache head.
-    h_src = h_kv // KV_SHARE
+    # Where this sequence's keys live.
     if PAGED:
         pt_row = PageTable + b.to(tl.int64) * stride_ptb
-        K = K + h_src.to(tl.int64) * stride_kh
-        V = V + h_src.to(tl.int64) * stride_vh
+        K = K + h_kv.to(tl.int64) * stride_kh
+        V = V + h_kv.to(tl.int64) * stride_vh
     else:
         cb = cache_row(CacheBatchIdx, b, HAS_BATCH_IDX)
-        K = K + cb * stride_kb + h_src.to(tl.int64) * stride_kh
-        V = V + cb * stride_vb + h_src.to(tl.int64) * stride_vh
+        K = K + cb * stride_kb + h_kv.to(tl.int64) * stride_kh
+        V = V + cb * stride_vb + h_kv.to(tl.int64) * stride_vh
 
     # Running state. Unsplit, a sink seeds (m, l) = (sink · log2 e, 1): one logit with no value row. Split, the
     # sink joins in the combine instead, so that it is counted once.
@@ -301,7 +299,7 @@ class Step:
 
     def __init__(self, q, k_cache, v_cache, out, *, want_lse, k, v, cache_seqlens, cache_batch_idx, page_table,
                  rotary_cos, rotary_sin, rotary_interleaved, rotary_per_token, softmax_scale, window_left,
-                 window_right, softcap, sink, num_splits, config=None, unpack_heads=False):
+                 window_right, softcap, sink, num_splits, config=None):
         from fa4.kernels.triton import combine, rotary
 
         batch, seqlen_q, num_heads, head_d = q.shape
@@ -332,12 +330,6 @@ class Step:
 
         self.attend = self.combine = None
         self.split = False
-        # unpack_heads: one program per query head instead of one per kv head with its group packed as rows
-        # (fa4.inference.make_step decides): the grid's heads are Hq, and KV_SHARE = group of them share a
-        # cache head, read once from HBM and again from L2.
-        kv_share = group if unpack_heads else 1
-        if unpack_heads:
-            num_heads_kv, group = num_heads, 1
         rows = seqlen_q * group
         if batch * rows * num_heads_kv:
             cfg = config or default_config(q.device, q.dtype, head_d, head_dv)
@@ -363,7 +355,7 @@ class Step:
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
                 HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
                 ROTARY_PER_TOKEN=bool(rotary_per_token),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_SHARE=kv_share)
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
             self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
