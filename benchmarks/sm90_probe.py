@@ -60,6 +60,9 @@ VARIANTS = {
     # (r1 measured it slower on the first kernel, before ping-pong and the third warpgroup).
     "poly1": (dict(POLY=1), (64, 128), (False, True), True, False),
     "poly2": (dict(POLY=2), (64, ), (False, True), True, False),
+    # Session 6: the per-element mask of every bound (the form before the per-row bounds), on the two-consumer
+    # tiles that now take the per-row form (causal rows: the masked diagonal blocks).
+    "mask2d": (dict(MASK2D=True), (64, 128, 256), (True, ), True, False),
 }
 HEAD_DIMS = (64, 128, 256)
 SEQ_LENS = (1024, 4096, 16384)

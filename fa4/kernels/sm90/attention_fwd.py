@@ -99,13 +99,14 @@ class Problem:
     QBUF: gl.constexpr
     TAIL: gl.constexpr
     TRACE: gl.constexpr
+    MASK2D: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -152,6 +153,7 @@ class Problem:
         self.QBUF = gl.constexpr(QBUF)
         self.TAIL = gl.constexpr(TAIL)
         self.TRACE = gl.constexpr(TRACE)
+        self.MASK2D = gl.constexpr(MASK2D)
 
 
 @aggregate
@@ -468,14 +470,31 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, FIRST: gl.constexpr):
         if p.HAS_WL:
             need = need | (j * BN < m0 + BM - 1 + off - p.window_left)
         if need:
-            cols = j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout))
-            c2 = gl.expand_dims(cols, 0)
-            r2 = gl.expand_dims(rows, 1)
-            ok = c2 < seq_k
-            if p.HAS_WR:
-                ok = ok & (c2 <= r2 + (off + p.window_right))
-            if p.HAS_WL:
-                ok = ok & (c2 >= r2 + (off - p.window_left))
+            if p.MASK2D or p.NWG > 2 or p.POLY > 0:
+                # Each element's key index against every bound: the three-consumer tiles (160 registers a
+                # thread) and the exp2-polynomial probe builds keep this form, which compiles without local
+                # memory there while the per-row bounds below cost 2-40 LDL/STL; probe variant mask2d forces
+                # it everywhere.
+                c2 = gl.expand_dims(j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout)), 0)
+                r2 = gl.expand_dims(rows, 1)
+                ok = c2 < seq_k
+                if p.HAS_WR:
+                    ok = ok & (c2 <= r2 + (off + p.window_right))
+                if p.HAS_WL:
+                    ok = ok & (c2 >= r2 + (off - p.window_left))
+            else:
+                # Bounds per row, relative to the block: key c (0 <= c < BN) is visible when lo <= c <= hi.
+                # Per element that is one compare against a per-row value (two with a left window) and the
+                # select, instead of forming each key index and testing it against the sequence end and each
+                # edge (ptxas keeps the separate tests: 4024 -> 3600 instructions in the D = 64 causal build).
+                cols = gl.expand_dims(gl.arange(0, BN, gl.SliceLayout(0, s.type.layout)), 0)
+                last = seq_k - 1 - j * BN  # the sequence end, a scalar
+                if p.HAS_WR:
+                    ok = cols <= gl.expand_dims(gl.minimum(rows + (off + p.window_right - j * BN), last), 1)
+                else:
+                    ok = cols <= last
+                if p.HAS_WL:
+                    ok = ok & (cols >= gl.expand_dims(rows + (off - p.window_left - j * BN), 1))
             s = gl.where(ok, s, float("-inf"))
     return s
 
@@ -696,7 +715,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, LAZY: gl.constexpr, POLY: gl.constexpr,
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -729,7 +748,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(num_units), gl.to_tensor(units_per_head), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
-                HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE)
+                HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -754,7 +773,8 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # stored after the O store is issued). TRACE: time stamps per tile into LAST_TRACE (probe only). FAST: the
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
-DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None)
+DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
+                       MASK2D=False)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -855,6 +875,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
+    constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     return num_units, args, constexprs
 
 
