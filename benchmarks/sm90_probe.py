@@ -190,7 +190,10 @@ def _graph_ms(fn):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn()
+        # A few iterations on the side stream, as torch.cuda.graph's recipe asks: a captured backward
+        # (host_probe's forward + backward) failed capture after one.
+        for _ in range(3):
+            fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -1,0 +1,58 @@
+"""CUDA-graph capture of fa4's Triton path, forward and forward + backward, lean kernel on and off: replays must
+equal eager calls. Prints the full traceback of a failing capture.
+
+    python benchmarks/graph_capture_check.py
+"""
+import traceback
+
+import torch
+
+import fa4
+from fa4.kernels.triton import forward as fwd
+
+
+def capture(fn):
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return res
+
+
+def main():
+    for lean in (True, False):
+        fwd.USE_LEAN = lean
+        for s, causal, grad in ((1024, False, False), (4096, False, False), (1024, True, False), (1024, False, True)):
+            b, h, d = 16384 // s, 16, 128
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+                       for _ in range(3))
+            dout = torch.randn_like(q)
+
+            def call():
+                out = fa4.flash_attn_func(q, k, v, causal=causal, backend="triton")
+                if grad:
+                    return torch.autograd.grad(out, (q, k, v), dout)
+                return (out, )
+            name = f"lean={lean} S={s} causal={causal} backward={grad}"
+            try:
+                eager = [t.clone() for t in call()]
+                got = capture(call)
+                diff = max((a.float() - e.float()).abs().max().item() for a, e in zip(got, eager))
+                print(f"{name}: captured, replay vs eager max|diff| {diff:.1e}", flush=True)
+            except Exception:
+                print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)
+                return
+
+
+if __name__ == "__main__":
+    main()
