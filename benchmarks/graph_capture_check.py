@@ -54,5 +54,36 @@ def main():
                 return
 
 
+def sequence(backend, lean, sm90_first=False):
+    """host_probe's order: eager forward and backward, a forward-only capture with grad-requiring inputs, then a
+    forward + backward capture."""
+    fwd.USE_LEAN = lean
+    b, s, h, d = 16, 1024, 16, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    def attn():
+        if backend == "sdpa":  # PyTorch's own attention: is the failure fa4's or the sequence's?
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return fa4.flash_attn_func(q, k, v, backend=backend)
+    out = attn()
+    torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    steps = [("forward only", lambda: (attn(), )),
+             ("forward + backward", lambda: torch.autograd.grad(attn(), (q, k, v), dout))]
+    for name, fn in steps:
+        try:
+            capture(fn)
+            print(f"sequence backend={backend} lean={lean}: {name} captured", flush=True)
+        except Exception:
+            print(f"sequence backend={backend} lean={lean}: {name} FAILED\n{traceback.format_exc()[-1500:]}",
+                  flush=True)
+            return False
+    return True
+
+
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "sequence":
+        sequence(sys.argv[2], sys.argv[3] == "1")
+        raise SystemExit
     main()

@@ -13,6 +13,7 @@ do_bench enqueues a ~85 µs memset before each timed call; when host > graph + ~
 and `api` exceeds `graph`. That is the test of whether a row is bound by its host path.
 """
 import argparse
+import traceback
 
 import torch
 
@@ -47,8 +48,12 @@ def probe(backend, d, s, causal):
         res[name + "_host"] = _host_us(fn)
     # The backward runs on its forward's stream, so it is captured together with a forward: the graph time of
     # the backward is (forward + backward) - forward.
+    # Forward + backward first: after a forward-only capture of grad-requiring inputs, PyTorch fails the capture
+    # of a backward (cudaErrorStreamCaptureImplicit, SDPA's own attention too: benchmarks/graph_capture_check.py
+    # sequence sdpa 1).
+    both = _graph_ms(fwd_bwd)
     res["fwd_graph"] = _graph_ms(fwd)
-    res["bwd_graph"] = _graph_ms(fwd_bwd) - res["fwd_graph"]
+    res["bwd_graph"] = both - res["fwd_graph"]
     f = _flops(b, h, s, d, causal)
     print(f"{backend:7s} {d:4d} {s:6d} {int(causal):6d} | "
           f"fwd {f / res['fwd_api'] / 1e9:6.1f} api {f / res['fwd_graph'] / 1e9:6.1f} graph "
@@ -72,6 +77,8 @@ def main():
                     probe(backend, d, s, causal)
                 except Exception as exc:
                     print(f"{backend} D={d} S={s} causal={causal}: {exc!r}"[:300], flush=True)
+                    traceback.print_exc()
+                    return  # a failed capture leaves the CUDA RNG state unusable for the rest of the process
 
 
 if __name__ == "__main__":
