@@ -48,12 +48,11 @@ def probe(backend, d, s, causal):
         res[name + "_host"] = _host_us(fn)
     # The backward runs on its forward's stream, so it is captured together with a forward: the graph time of
     # the backward is (forward + backward) - forward.
-    # Forward + backward first: after a forward-only capture of grad-requiring inputs, PyTorch fails the capture
-    # of a backward (cudaErrorStreamCaptureImplicit, SDPA's own attention too: benchmarks/graph_capture_check.py
-    # sequence sdpa 1).
-    both = _graph_ms(fwd_bwd)
+    # Known to fail on the H100 image of 2026-11-26 (torch 2.11): the forward + backward capture after the eager
+    # retain_graph backward calls above ends in cudaErrorStreamCaptureImplicit, for SDPA's own attention too
+    # (benchmarks/graph_capture_check.py sequence sdpa 1); benchmarks/NOTES.md, session 6.
     res["fwd_graph"] = _graph_ms(fwd)
-    res["bwd_graph"] = both - res["fwd_graph"]
+    res["bwd_graph"] = _graph_ms(fwd_bwd) - res["fwd_graph"]
     f = _flops(b, h, s, d, causal)
     print(f"{backend:7s} {d:4d} {s:6d} {int(causal):6d} | "
           f"fwd {f / res['fwd_api'] / 1e9:6.1f} api {f / res['fwd_graph'] / 1e9:6.1f} graph "
