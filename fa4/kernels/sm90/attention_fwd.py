@@ -451,6 +451,21 @@ def _loader(p, bufs):
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
+def _visible(p, rows, keys, seq_k, off):
+    """(rows, keys) bool: key index keys[c] visible to query row rows[r] (row i sees key j when j < seq_k and,
+    with a window, i + off - window_left <= j <= i + off + window_right; off = seq_k - seq_q). Each element's
+    key index is tested against every bound: the forward's per-element form and the backward's mask."""
+    r2 = gl.expand_dims(rows, 1)
+    c2 = gl.expand_dims(keys, 0)
+    ok = c2 < seq_k
+    if p.HAS_WR:
+        ok = ok & (c2 <= r2 + (off + p.window_right))
+    if p.HAS_WL:
+        ok = ok & (c2 >= r2 + (off - p.window_left))
+    return ok
+
+
+@gluon.jit
 def _scores(p, s, j, rows, m0, seq_q, seq_k, FIRST: gl.constexpr):
     """Softcap, then -inf where a key is not visible; blocks wholly inside the visible band skip the mask.
 
@@ -475,13 +490,7 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, FIRST: gl.constexpr):
                 # thread) and the exp2-polynomial probe builds keep this form, which compiles without local
                 # memory there while the per-row bounds below cost 2-40 LDL/STL; probe variant mask2d forces
                 # it everywhere.
-                c2 = gl.expand_dims(j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout)), 0)
-                r2 = gl.expand_dims(rows, 1)
-                ok = c2 < seq_k
-                if p.HAS_WR:
-                    ok = ok & (c2 <= r2 + (off + p.window_right))
-                if p.HAS_WL:
-                    ok = ok & (c2 >= r2 + (off - p.window_left))
+                ok = _visible(p, rows, j * BN + gl.arange(0, BN, gl.SliceLayout(0, s.type.layout)), seq_k, off)
             else:
                 # Bounds per row, relative to the block: key c (0 <= c < BN) is visible when lo <= c <= hi.
                 # Per element that is one compare against a per-row value (two with a left window) and the

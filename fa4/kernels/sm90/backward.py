@@ -100,7 +100,7 @@ from triton.language.core import _aggregate as aggregate
 from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_stream
 
 from . import configs, launch
-from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaque, _q_coord
+from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaque, _q_coord, _visible
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -402,14 +402,7 @@ def _mask(p, s, rows, kr0, m0, seq_q, seq_k):
         # Opaque key offsets: LLVM would otherwise hoist this thread's 16 column indices out of the loop
         # and keep them live through it (spilled at 240 registers a thread).
         keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(0, s.type.layout)))
-        r2 = gl.expand_dims(rows, 1)
-        c2 = gl.expand_dims(keys, 0)
-        ok = c2 < seq_k
-        if p.HAS_WR:
-            ok = ok & (c2 <= r2 + (off + p.window_right))
-        if p.HAS_WL:
-            ok = ok & (c2 >= r2 + (off - p.window_left))
-        s = gl.where(ok, s, float("-inf"))
+        s = gl.where(_visible(p, rows, keys, seq_k, off), s, float("-inf"))
     return s
 
 
