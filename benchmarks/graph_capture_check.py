@@ -9,20 +9,12 @@ import torch
 
 import fa4
 from fa4.kernels.triton import forward as fwd
+from sm90_probe import _capture  # benchmarks/ is this script's directory
 
 
 def capture(fn):
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = fn()
+    """fn captured (sm90_probe's recipe, one side-stream warm-up) and replayed once -> the captured outputs."""
+    graph, res = _capture(fn, warmups=1)
     graph.replay()
     torch.cuda.synchronize()
     return res

@@ -182,23 +182,28 @@ def _host_us(fn, n=20):
     return (t1 - t0) / n * 1e6
 
 
-def _graph_ms(fn):
-    """The call captured in a CUDA graph, replayed under do_bench (L2 flushed before each replay)."""
+def _capture(fn, warmups=3):
+    """fn captured in a CUDA graph after one call and `warmups` calls on a side stream (torch.cuda.graph's
+    recipe) -> (graph, what the captured call returned)."""
     import torch
     fn()
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        # A few iterations on the side stream, as torch.cuda.graph's recipe asks: a captured backward
-        # (host_probe's forward + backward) failed capture after one.
-        for _ in range(3):
+        for _ in range(warmups):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        res = fn()
+    return graph, res
+
+
+def _graph_ms(fn):
+    """The call captured in a CUDA graph, replayed under do_bench (L2 flushed before each replay)."""
+    graph, _ = _capture(fn)
     ms = _bench(graph.replay)
     del graph
     return ms
