@@ -48,11 +48,17 @@ def check(q, k, v, config=None, **opts):
     opts.setdefault("softmax_scale", q.shape[-1] ** -0.5)
     _poison()
     out, lse = fwd.forward_with_config(q, k, v, config=config, **opts)
+    judge(q, k, v, out, lse, **opts)
+    return out, lse
+
+
+def judge(q, k, v, out, lse, **opts):
+    """(out, lse) of a call with these options against the fp32 reference and the reference with input-dtype
+    products, by the numerics rule."""
     ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
     low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
     assert_close_rule("out", out, ref_out, low_out, softcap=opts["softcap"] > 0)
     assert_close_rule("lse", lse, ref_lse, low_lse, softcap=opts["softcap"] > 0)
-    return out, lse
 
 
 def batched(b, sq, sk, hq, hkv, d, dv, dtype):
@@ -201,10 +207,7 @@ def check_lean(q, k, v, cfg, causal):
     out, lse, launch = fwd.prepare(q, k, v, **opts)
     fwd._ensure_allocator()
     forward_lean.launch(launch, cfg)
-    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
-    assert_close_rule("out", out, ref_out, low_out)
-    assert_close_rule("lse", lse, ref_lse, low_lse)
+    judge(q, k, v, out, lse, **opts)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
@@ -232,10 +235,7 @@ def test_forward_routing(dtype, d, causal, sq, sk):
     opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None, softmax_scale=d ** -0.5)
     _poison()
     out, lse = fwd.forward(q, k, v, **opts)
-    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
-    assert_close_rule("out", out, ref_out, low_out)
-    assert_close_rule("lse", lse, ref_lse, low_lse)
+    judge(q, k, v, out, lse, **opts)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
