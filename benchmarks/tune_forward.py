@@ -385,13 +385,21 @@ def lean_aot_compile(cc, cfg, d, causal):
     import triton
     from triton.backends.compiler import GPUTarget
     from fa4.kernels.triton import forward_lean
-    kernel = forward_lean._lean_fwd_kernel
-    consts = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, WARP_SPEC=cfg.warp_spec)
+    if cfg.host_desc:
+        kernel = forward_lean._lean_fwd_host_desc_kernel
+        consts = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, SPLIT=cfg.split)
+        rows = dict(q_desc=cfg.block_m, o_desc=cfg.block_m, k_desc=cfg.block_n, v_desc=cfg.block_n)
+    else:
+        kernel = forward_lean._lean_fwd_kernel
+        consts = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, WARP_SPEC=cfg.warp_spec)
+        rows = {}
     signature, attrs = {}, {}
     for i, param in enumerate(kernel.params):
         name = param.name
         if name in consts:
             signature[name] = "constexpr"
+        elif name in rows:  # a host-built descriptor over the (B, H, S, D) view, one [1, 1, rows, D] box
+            signature[name] = f"tensordesc<bf16[1, 1, {rows[name]}, {d}]>"
         elif name in ("Q", "K", "V", "Out"):
             signature[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
         elif name == "Lse":
@@ -429,7 +437,8 @@ def _sass_lean():
                 problems.append("warp specialization " + ("not engaged" if cfg.warp_spec else "unexpected"))
             bad += bool(problems)
             print(f"sm_90 D={d:3d} lean {'causal' if causal else 'plain':6s} Sq<={bound or 'any':<5} "
-                  f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}{' ws' if cfg.warp_spec else ''}  warps "
+                  f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}{' ws' if cfg.warp_spec else ''}"
+                  f"{' hd' if cfg.host_desc else ''}{' sp' if cfg.split else ''}  warps "
                   f"{compiled.metadata.num_warps:2d} regs {u['regs']:3d} stack {u['stack']:4d} smem "
                   f"{u['smem'] // 1024:3d} KiB  hgmma {u['hgmma']:3d}  {' '.join(problems) or problems_note or 'ok'}"
                   f"  ({time.time() - t0:.1f}s)")

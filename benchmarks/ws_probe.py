@@ -6,7 +6,8 @@
 Triton 3.6 splits a `tl.range(..., warp_specialize=True)` loop on sm_90 into a TMA producer warpgroup and two
 consumer warpgroups of BLOCK_M / 2 query rows each (FA3's schedule, compiler-generated), but only in a kernel
 with that one loop and no branch in it (forward_lean.py's docstring). A tile name is BMxBNsSTAGES, with `ws`
-for warp specialization (num_warps is always 4).
+for warp specialization (num_warps is always 4), `hd` for host-built TMA descriptors and `sp` for the causal
+split of unmasked and masked key blocks (with hd), e.g. 128x64s2hdsp.
 
 For each row of the training suite (bf16, B = 16384 / S, H = 2048 / D) it prints TFLOP/s of FA2 (SDPA flash),
 fa4's Triton forward with the lean path off (the general kernel, table config) and on (as shipped), then each
@@ -24,10 +25,15 @@ from fa4.kernels.triton import forward_lean
 
 
 def _tile(name):
-    ws = name.endswith("ws")
-    bm, rest = name.removesuffix("ws").split("x")
-    bn, st = rest.split("s")
-    return forward_lean.LeanConfig(int(bm), int(bn), int(st), ws)
+    """BMxBNsSTAGES followed by any of ws (warp-specialized), hd (host-built descriptors), sp (causal: the
+    unmasked key blocks in a loop of their own; with hd)."""
+    import re
+    m = re.fullmatch(r"(\d+)x(\d+)s(\d+)((?:ws|hd|sp)*)", name)
+    if m is None:
+        raise SystemExit(f"bad tile name {name!r}: BMxBNsSTAGES[ws][hd][sp]")
+    flags = m.group(4)
+    return forward_lean.LeanConfig(int(m.group(1)), int(m.group(2)), int(m.group(3)), "ws" in flags,
+                                   "hd" in flags, "sp" in flags)
 
 
 def _lean_call(q, k, v, causal, cfg):

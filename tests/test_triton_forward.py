@@ -309,20 +309,50 @@ def test_overlap_off_for_two_padded_head_dims():
 # The lean fast path (fa4/kernels/triton/forward_lean.py): its kernel's math in the interpreter
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("warp_spec", [False, True], ids=["plain", "ws"])  # ws: lse by the 1-D descriptor store
-@pytest.mark.parametrize("causal,sq,sk", [(False, 36, 48), (False, 4, 32), (True, 36, 48), (True, 48, 48),
-                                          (True, 4, 37)])
-def test_lean_kernel(monkeypatch, warp_spec, causal, sq, sk):
-    """The lean kernel on calls forward_lean.config_for accepts (Sq % 4 == 0; a partial key block only under
-    causal, whose mask hides it; Sq <= Sk under causal), GQA 4 on 2, fp16, outputs poisoned with NaN."""
+# ws: lse by the 1-D descriptor store; hd: host-built descriptors over the (B, H, S, D) views; hd-split: causal
+# unmasked key blocks in a loop of their own.
+LEAN_KERNEL_FORMS = {"plain": dict(), "ws": dict(warp_spec=True), "hd": dict(host_desc=True),
+                     "hd-split": dict(host_desc=True, split=True)}
+
+
+LEAN_KERNEL_CASES = [(form, causal, sq, sk) for form in LEAN_KERNEL_FORMS
+                     for causal, sq, sk in [(False, 36, 48), (False, 4, 32), (True, 36, 48), (True, 48, 48),
+                                            (True, 4, 37), (True, 21, 70), (False, 7, 48)]
+                     if not (form == "ws" and sq % 4)]  # config_for keeps Sq % 4 != 0 off ws (lse by TMA)
+
+
+@pytest.mark.parametrize("form,causal,sq,sk", LEAN_KERNEL_CASES)
+def test_lean_kernel(monkeypatch, form, causal, sq, sk):
+    """The lean kernels on calls forward_lean.config_for accepts (a partial key block only under causal, whose
+    mask hides it; Sq <= Sk under causal; Sq % 4 == 0 for ws), GQA 4 on 2, fp16, outputs poisoned with NaN."""
     from fa4.kernels.triton import forward_lean
+    cfg = forward_lean.LeanConfig(16, 16, 1, **{"warp_spec": False, **LEAN_KERNEL_FORMS[form]})
     q, k, v = batched(2, sq, sk, 4, 2, 32, 32, torch.float16)
     opts = dict(softmax_scale=32 ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
     with monkeypatch.context() as m:
         m.setattr(torch, "empty", _poisoned_empty(torch.empty))
         out, lse, launch = fwd.prepare(q, k, v, **opts)
-    forward_lean.launch(launch, forward_lean.LeanConfig(16, 16, 1, warp_spec))
+    forward_lean.launch(launch, cfg)
     ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
     low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
     assert_close_rule("out", out, ref_out, low_out)
     assert_close_rule("lse", lse, ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lean_host_desc_packed_qkv(causal):
+    """Host-built descriptors take the caller's strides: q, k, v as views of one packed (B, S, 3, H, D) tensor
+    (row stride 3·H·D), MHA, fp16; the packed tensor is left as it was."""
+    from fa4.kernels.triton import forward_lean
+    qkv = torch.randn(2, 40, 3, 4, 32, dtype=torch.float16)
+    before = qkv.clone()
+    q, k, v = qkv.unbind(2)
+    opts = dict(softmax_scale=32 ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
+    out, lse, launch = fwd.prepare(q, k, v, **opts)
+    out.fill_(float("nan"))
+    forward_lean.launch(launch, forward_lean.LeanConfig(16, 8, 1, False, True, causal))
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out)
+    assert_close_rule("lse", lse, ref_lse, low_lse)
+    assert torch.equal(qkv, before)

@@ -195,8 +195,12 @@ def test_past_2_to_31_elements():
 # The lean fast path (fa4/kernels/triton/forward_lean.py): one key loop, warp-specialized by the compiler
 # ----------------------------------------------------------------------------------------------------------
 
-LEAN_TILES = [forward_lean.LeanConfig(128, 128, 2, True), forward_lean.LeanConfig(128, 64, 2, True),
-              forward_lean.LeanConfig(128, 64, 2, False), forward_lean.LeanConfig(128, 128, 2, False)]
+# The table's tiles and the probe's others: warp-specialized, device-built and host-built descriptors, causal split.
+LEAN_TILES = sorted({cfg for rows in forward_lean.TABLE.values() for _, cfg in rows} | {
+    forward_lean.LeanConfig(128, 128, 2, True), forward_lean.LeanConfig(128, 64, 2, True),
+    forward_lean.LeanConfig(128, 64, 2, False), forward_lean.LeanConfig(128, 128, 2, False),
+    forward_lean.LeanConfig(128, 64, 2, False, True), forward_lean.LeanConfig(64, 64, 3, False, True, True),
+    forward_lean.LeanConfig(128, 64, 3, False, True, True), forward_lean.LeanConfig(64, 128, 3, False, True, True)})
 
 
 def check_lean(q, k, v, cfg, causal):
@@ -224,10 +228,40 @@ def test_lean_tiles(cfg, dtype, d, causal, sq, sk):
     check_lean(q, k, v, cfg, causal)
 
 
+@pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
+@pytest.mark.parametrize("cfg", [c for c in LEAN_TILES if c.host_desc], ids=str)
+@pytest.mark.parametrize("causal,sq,sk", [(False, 1001, 1024), (True, 1001, 1001), (True, 333, 2000),
+                                          (False, 1, 512), (True, 1, 77)])
+def test_lean_host_desc_odd_rows(cfg, causal, sq, sk):
+    """The host-descriptor tiles also take Sq % 4 != 0 (their lse leaves by pointer stores), and each program's
+    TMA box is clipped at its own sequence's end: batch 3, where an unclipped tile would read or write the next
+    sequence's rows."""
+    q, k, v = batched(3, sq, sk, 8, 2, 128, 128, torch.bfloat16)
+    check_lean(q, k, v, cfg, causal)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
+@pytest.mark.parametrize("causal", [False, True])
+def test_lean_packed_qkv(causal):
+    """fwd.forward on q, k, v viewed from one packed (B, S, 3, H, D) tensor: the lean kernel takes the row stride
+    3·H·D as it is (no copy) and leaves the packed tensor untouched."""
+    qkv = torch.randn(2, 1024, 3, 16, 128, device=DEV, dtype=torch.bfloat16)
+    before = qkv.clone()
+    q, k, v = qkv.unbind(2)
+    opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None, softmax_scale=128 ** -0.5)
+    assert forward_lean.config_for(q, k, v, varlen=False, paged=False, seqused_k=None, tma_ok=True,
+                                   **{key: opts[key] for key in ("window_left", "window_right", "softcap", "sink")})
+    _poison()
+    out, lse = fwd.forward(q, k, v, **opts)
+    judge(q, k, v, out, lse, **opts)
+    assert torch.equal(qkv, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128, 200])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("sq,sk", [(1024, 1024), (4096, 4096), (1000, 1000), (2999, 1537), (1, 2048), (1540, 2048)])
+@pytest.mark.parametrize("sq,sk", [(1024, 1024), (4096, 4096), (1000, 1000), (2999, 1537), (1, 2048), (1540, 2048),
+                                   (1024, 0)])
 def test_forward_routing(dtype, d, causal, sq, sk):
     """fwd.forward as the API calls it: the lean path where config_for accepts the call, the general kernel
     elsewhere (odd Sk without causal, Sq > Sk under causal, a head dim not in the table); right either way."""
@@ -247,10 +281,17 @@ def test_lean_routing_decisions():
                     paged=False, seqused_k=None, tma_ok=True)
         opts.update(kw)
         return forward_lean.config_for(q, k, v, **opts)
-    assert cfg() is not None and cfg(causal=True) is not None and cfg(sq=4096, sk=4096, causal=True).warp_spec
-    assert cfg(d=64) is None and cfg(d=256) is None
+    assert cfg().host_desc and cfg(causal=True).host_desc and cfg(sq=4096, sk=4096).warp_spec
+    assert cfg(sq=4096, sk=4096, causal=True).host_desc and cfg(sq=8192, sk=8192, causal=True).warp_spec
+    assert cfg(d=64).host_desc and cfg(d=64, sq=16384, sk=16384, causal=True) is None and cfg(d=256) is None
     assert cfg(sk=1000) is None  # a partial key block without causal would need the tail mask
-    assert cfg(sq=1001, sk=1001, causal=True) is None  # lse rows not 16-byte aligned
-    assert cfg(sq=2048, sk=1024, causal=True) is None  # rows that see no key
+    assert cfg(sq=1001, sk=1001, causal=True).host_desc  # lse by pointer stores: any Sq
+    assert cfg(sq=8194, sk=8194, causal=True) is None  # warp-specialized: lse rows not 16-byte aligned
+    assert cfg(sq=2048, sk=1024, causal=True) is None and cfg(sk=0) is None  # rows that see no key
     assert cfg(window_left=128, window_right=0) is None and cfg(softcap=5.0) is None
     assert cfg(sink=torch.zeros(4, device=DEV)) is None and cfg(varlen=True) is None and cfg(tma_ok=False) is None
+    # A broadcast batch (zero stride) keeps the device-built descriptors' base offsets: the general kernel.
+    q, k, v = batched(1, 1024, 1024, 4, 4, 128, 128, torch.bfloat16)
+    k2 = k.expand(3, -1, -1, -1)
+    assert forward_lean.config_for(q.expand(3, -1, -1, -1), k2, k2, window_left=-1, window_right=-1, softcap=0.0,
+                                   sink=None, varlen=False, paged=False, seqused_k=None, tma_ok=True) is None
