@@ -23,19 +23,22 @@ def capture(fn):
 def main():
     for lean in (True, False):
         fwd.USE_LEAN = lean
-        for s, causal, grad in ((1024, False, False), (4096, False, False), (1024, True, False), (1024, False, True)):
-            b, h, d = 16384 // s, 16, 128
+        # D = 256 causal backward: its dV pass runs on a side stream (backward.CONCURRENT_LAUNCHES), which the
+        # capture must follow; deterministic so that replay and eager agree bitwise (no dQ atomics).
+        for s, causal, grad, d in ((1024, False, False, 128), (4096, False, False, 128), (1024, True, False, 128),
+                                   (1024, False, True, 128), (1024, True, True, 256)):
+            b, h = 16384 // s, 2048 // d
             torch.manual_seed(0)
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
                        for _ in range(3))
             dout = torch.randn_like(q)
 
             def call():
-                out = fa4.flash_attn_func(q, k, v, causal=causal, backend="triton")
+                out = fa4.flash_attn_func(q, k, v, causal=causal, backend="triton", deterministic=True)
                 if grad:
                     return torch.autograd.grad(out, (q, k, v), dout)
                 return (out, )
-            name = f"lean={lean} S={s} causal={causal} backward={grad}"
+            name = f"lean={lean} D={d} S={s} causal={causal} backward={grad}"
             try:
                 eager = [t.clone() for t in call()]
                 got = capture(call)

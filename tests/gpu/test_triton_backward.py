@@ -110,6 +110,33 @@ def test_deterministic_repeats_bitwise():
             assert torch.equal(a, g)
 
 
+def test_concurrent_dv_pass(monkeypatch):
+    """The D = 256 split's dV pass on a side stream (BwdConfig.concurrent_dv) gives bitwise the gradients of the
+    passes run one after the other (deterministic: no atomics), on a non-default caller stream, and the caller's
+    stream sees finished outputs: they are read there right after the call, with no synchronisation."""
+    torch.manual_seed(15)
+    b, s, hq, hkv, d = 2, 1536, 8, 2, 256
+    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
+    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0, sink=None)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.bfloat16()
+    dout = torch.randn_like(out)
+    assert bwd.default_config(q, d, causal=True).concurrent_dv
+    caller = torch.cuda.Stream()
+    caller.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(caller):
+        grads = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+        sums = [g.float().sum() for g in grads[:3]]  # read on the caller's stream straight away
+    torch.cuda.synchronize()
+    monkeypatch.setattr(bwd, "CONCURRENT_LAUNCHES", False)
+    serial = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+    for name, a, g, total in zip("qkv", grads, serial, sums):
+        assert torch.equal(a, g), f"d{name} differs between the concurrent and the serial passes"
+        assert torch.equal(total, g.float().sum()), f"d{name} was read before its pass finished"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_sink_gradient_far_inside_the_rule(dtype):
     """The sink gradient comes from the dQ kernel's Σ_j P·dP, not from the rounded O: over 20 fresh draws it

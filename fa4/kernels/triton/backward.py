@@ -512,6 +512,9 @@ class BwdConfig:
     # With split_dkdv: (block_m, block_n, warps, stages) of the dV pass, which has two products and one fp32
     # accumulator against the dK pass's four and the dQ atomics; None = the dK pass's tile.
     dv_pass: tuple = None
+    # With split_dkdv: the dV pass on a side stream, beside the dK pass (they read the same inputs and write
+    # different outputs). One launch after the other, each pass's tail idled SMs the other could use.
+    concurrent_dv: bool = False
 
 
 # Per (architecture class, padded head dim). Chosen offline so that no kernel spills registers or overflows shared
@@ -532,7 +535,7 @@ _CONFIGS = {
     # h100-2026-11-26-tune-backward-d256-r2.log): 274 / 228 / 287 / 293 TFLOP/s against 254 / 220 / 260 / 280
     # with the dK pass's 2-deep tile, FA2 255 / 235 / 271 / 263.
     ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=True, split_dkdv=True, dq_transposed=True,
-                             dv_pass=(32, 128, 8, 3)),
+                             dv_pass=(32, 128, 8, 3), concurrent_dv=True),
     ("sm80", 64): BwdConfig(32, 128, 8, 3, 128, 32, 8, 3, dq_atomic=True, dq_transposed=True),
     ("sm80", 128): BwdConfig(32, 64, 4, 2, 64, 64, 4, 2, dq_atomic=False),
     ("sm80", 256): BwdConfig(16, 128, 8, 2, 64, 32, 8, 2, dq_atomic=False, split_dkdv=True),
@@ -601,6 +604,11 @@ def _unit_last_stride(t):
 BLOCKS_FASTEST = True
 
 
+# Launches marked concurrent (the D = 256 split's dV pass) on a side stream; False: all on the caller's stream
+# (probes flip it for A/B).
+CONCURRENT_LAUNCHES = True
+
+
 def _blocks_fastest(n_bh):
     return BLOCKS_FASTEST and n_bh <= 65535  # grid axis 1 holds at most 65535 programs
 
@@ -614,6 +622,8 @@ class Launch:
     constexprs: dict
     num_warps: int
     num_stages: int = 1
+    # May run on a side stream, concurrently with the launches after it (backward() joins it before returning).
+    concurrent: bool = False
 
     def __call__(self):
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -631,9 +641,33 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
                             cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k, page_table=page_table, deterministic=deterministic,
                             config=config)
+    side = None
     for launch in launches:
-        launch()
+        if launch.concurrent and CONCURRENT_LAUNCHES and q.is_cuda:
+            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+            side.wait_stream(main)  # its inputs were written on the caller's stream
+            with torch.cuda.stream(side):
+                launch()
+        else:
+            launch()
+    if side is not None:
+        # Joined before returning: the outputs are ready on the caller's stream, and no tensor this call used
+        # is freed (for reuse by the caller's stream) while the side stream may still read it.
+        main.wait_stream(side)
     return finish()
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """One side stream per device for backward's concurrent launches (CUDA-graph capture follows it there
+    through the wait on the capturing stream)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_right, softcap, sink,
@@ -749,7 +783,7 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
             dict(common, DQ_ATOMIC=dq_atomic and compute_dk, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
                  DQ_TRANSPOSED=cfg.dq_transposed, BLOCKS_FASTEST=blocks_fastest, BLOCK_M=tile[0],
                  BLOCK_N=tile[1]),
-            tile[2], tile[3]))
+            tile[2], tile[3], concurrent=cfg.split_dkdv and cfg.concurrent_dv and not compute_dk))
 
     # 3. dQ in a fixed key order (and, with a sink, its gradient's partial sums).
     if not dq_atomic:
