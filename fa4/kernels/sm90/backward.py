@@ -1045,6 +1045,11 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     return grid, args, constexprs
 
 
+# The ordered dQ pass on a side stream beside the main kernel (backward_checked); False: after it, on the
+# caller's stream (probes flip it for A/B).
+CONCURRENT_DQ = True
+
+
 def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
              sink=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
              max_seqlen_k=None, page_table=None, deterministic=False, tile=None):
@@ -1102,6 +1107,13 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts)
+    # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes: it runs on a side
+    # stream forked here, beside the main kernel, and fills the SMs the main kernel's tail leaves idle.
+    side = None
+    if ordered_dq and CONCURRENT_DQ and device.type == "cuda":
+        from ..triton import backward as tb
+        side = tb._side_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
     if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
         if not varlen:
             dk.zero_()
@@ -1112,7 +1124,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         dq, dsink = deterministic_dq(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
                                      window_left=window_left, window_right=window_right, softcap=softcap,
                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                                     seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse)
+                                     seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse, side=side)
         return dq, dk, dv, dsink
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
@@ -1257,9 +1269,11 @@ def sink_gradient(dsink_part, sink):
 
 
 def deterministic_dq(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
-                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None):
+                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None, side=None):
     """dQ by the portable kernel: one program per query block, keys in a fixed order (bitwise repeatable).
-    Returns (dq, dsink): with a sink the same kernel gives its gradient (from Σ_j P·dP, not from O)."""
+    Returns (dq, dsink): with a sink the same kernel gives its gradient (from Σ_j P·dP, not from O).
+    side: a stream that has waited for dQ's inputs; the kernel runs there, and the caller's stream waits for it
+    (its outputs are allocated on the caller's stream, so the allocator never hands them to another user early)."""
     from ..triton import backward as tb
     d_pad = max(triton.next_power_of_2(q.shape[-1]), 16)
     dv_pad = max(triton.next_power_of_2(v.shape[-1]), 16)
@@ -1268,9 +1282,16 @@ def deterministic_dq(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, 
     batch, hq = (cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]), q.shape[-2]
     parts = (torch.zeros(batch * hq, triton.cdiv(seqlen_q, cfg.block_m2), dtype=torch.float32, device=q.device)
              if sink is not None else None)
-    tb.dq_launch(dout, q, k, v, dq, lse2, delta, cfg, softmax_scale=softmax_scale, window_left=window_left,
-                 window_right=window_right, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                 seqused_k=seqused_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse,
-                 dsink_part=parts)()
+    dq_pass = tb.dq_launch(dout, q, k, v, dq, lse2, delta, cfg, softmax_scale=softmax_scale,
+                           window_left=window_left, window_right=window_right, softcap=softcap,
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                           seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse, dsink_part=parts)
+    if side is None:
+        dq_pass()
+    else:
+        caller = torch.cuda.current_stream(q.device)
+        with torch.cuda.stream(side):
+            dq_pass()
+        caller.wait_stream(side)
     dsink = None if parts is None else -parts.double().sum(dim=1).view(batch, hq).sum(dim=0).float()
     return dq, dsink
