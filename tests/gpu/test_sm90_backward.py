@@ -179,6 +179,33 @@ def test_deterministic_bitwise_100x(d, causal):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d,deterministic", [(64, False), (128, True)])
+def test_concurrent_dq_pass(monkeypatch, d, deterministic):
+    """The ordered dQ pass on a side stream beside the main kernel (CONCURRENT_DQ) gives bitwise the gradients of
+    the serial order, on a non-default caller stream whose next work reads them without synchronising."""
+    bwd = _bwd()
+    torch.manual_seed(12)
+    q = torch.randn(2, 2048, 8, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
+    opts = _opts(q, -1, 0, 0.0, None, None)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.to(q.dtype)
+    dout = torch.randn_like(out)
+    assert bwd.CONCURRENT_DQ
+    caller = torch.cuda.Stream()
+    caller.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(caller):
+        grads = bwd.backward(dout, q, k, v, out, lse, None, deterministic=deterministic, **opts)
+        sums = [g.float().sum() for g in grads[:3]]
+    torch.cuda.synchronize()
+    monkeypatch.setattr(bwd, "CONCURRENT_DQ", False)
+    serial = bwd.backward(dout, q, k, v, out, lse, None, deterministic=deterministic, **opts)
+    for name, a, g, total in zip("qkv", grads[:3], serial[:3], sums):
+        assert torch.equal(a, g), f"d{name} differs between the concurrent and the serial order"
+        assert torch.equal(total, g.float().sum()), f"d{name} was read before its pass finished"
+
+
 def test_unsupported_is_reported():
     bwd = _bwd()
     q = torch.randn(1, 128, 2, 256, device=DEV, dtype=torch.bfloat16)

@@ -273,6 +273,30 @@ def test_forward_routing(dtype, d, causal, sq, sk):
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
+@pytest.mark.parametrize("causal", [False, True])
+def test_lean_kept_launch(causal):
+    """The host-descriptor kernel's kept launch (forward_lean._PLANS): later calls of the same signature go
+    straight to the compiled launcher. Fresh tensors each call, then the same shapes as views of a packed qkv
+    tensor (other strides: the descriptors carry them, the kept launch must not assume the first call's)."""
+    from fa4.kernels.triton import forward_lean
+    b, s, h, d = 2, 1000 if causal else 1024, 8, 128  # without causal, whole key blocks
+    opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None, softmax_scale=d ** -0.5)
+    forward_lean._PLANS.clear()
+    for call in range(3):
+        if call < 2:
+            q, k, v = batched(b, s, s, h, h, d, d, torch.bfloat16)
+        else:
+            q, k, v = torch.randn(b, s, 3, h, d, device=DEV, dtype=torch.bfloat16).unbind(2)
+        cfg = forward_lean.config_for(q, k, v, varlen=False, paged=False, seqused_k=None, tma_ok=True,
+                                      **{key: opts[key] for key in ("window_left", "window_right", "softcap", "sink")})
+        assert cfg is not None and cfg.host_desc
+        _poison()
+        out, lse = fwd.forward(q, k, v, **opts)
+        judge(q, k, v, out, lse, **opts)
+    assert len(forward_lean._PLANS) == 1 and next(iter(forward_lean._PLANS.values())).compiled is not None
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
 def test_lean_routing_decisions():
     """Which calls config_for gives the lean kernel: the plain D = 128 training call yes; each feature it lacks no."""
     def cfg(sq=1024, sk=1024, d=128, causal=False, **kw):

@@ -1107,13 +1107,20 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts)
-    # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes: it runs on a side
-    # stream forked here, beside the main kernel, and fills the SMs the main kernel's tail leaves idle.
-    side = None
-    if ordered_dq and CONCURRENT_DQ and device.type == "cuda":
-        from ..triton import backward as tb
-        side = tb._side_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+    # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
+    # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
+    # the main kernel's tail leaves idle. The caller's stream waits for it before anything reads dQ.
+    side = dq_pass = None
+    if ordered_dq:
+        dq_pass, dq_finish = ordered_dq_pass(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
+                                             window_left=window_left, window_right=window_right, softcap=softcap,
+                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                             seqused_k=seqused_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink,
+                                             dlse=dlse)
+        if CONCURRENT_DQ and device.type == "cuda":
+            from ..triton import backward as tb
+            side = tb._side_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
     if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
         if not varlen:
             dk.zero_()
@@ -1121,10 +1128,14 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 
     # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
     if ordered_dq:
-        dq, dsink = deterministic_dq(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
-                                     window_left=window_left, window_right=window_right, softcap=softcap,
-                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                                     seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse, side=side)
+        if side is None:
+            dq_pass()
+        else:
+            caller = torch.cuda.current_stream(device)
+            with torch.cuda.stream(side):
+                dq_pass()
+            caller.wait_stream(side)
+        dq, dsink = dq_finish()
         return dq, dk, dv, dsink
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
@@ -1269,11 +1280,23 @@ def sink_gradient(dsink_part, sink):
 
 
 def deterministic_dq(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
-                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None, side=None):
+                     cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None):
     """dQ by the portable kernel: one program per query block, keys in a fixed order (bitwise repeatable).
-    Returns (dq, dsink): with a sink the same kernel gives its gradient (from Σ_j P·dP, not from O).
-    side: a stream that has waited for dQ's inputs; the kernel runs there, and the caller's stream waits for it
-    (its outputs are allocated on the caller's stream, so the allocator never hands them to another user early)."""
+    Returns (dq, dsink): with a sink the same kernel gives its gradient (from Σ_j P·dP, not from O)."""
+    dq_pass, finish = ordered_dq_pass(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
+                                      window_left=window_left, window_right=window_right, softcap=softcap,
+                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                                      seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse)
+    dq_pass()
+    return finish()
+
+
+def ordered_dq_pass(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
+                    cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k, sink=None, dlse=None):
+    """deterministic_dq in two steps: its outputs allocated (and zeroed where needed) now, on the current stream;
+    returns (launch, finish), where launch() runs the kernel on whatever stream is current then, and finish()
+    gives (dq, dsink) once that work is ordered before the caller's next (backward_checked runs the launch on a
+    side stream forked after this call, so the side stream sees the zeroed buffers)."""
     from ..triton import backward as tb
     d_pad = max(triton.next_power_of_2(q.shape[-1]), 16)
     dv_pad = max(triton.next_power_of_2(v.shape[-1]), 16)
@@ -1286,12 +1309,8 @@ def deterministic_dq(dout, q, k, v, lse2, delta, *, softmax_scale, window_left, 
                            window_left=window_left, window_right=window_right, softcap=softcap,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                            seqlen_q=seqlen_q, seqlen_k=seqlen_k, sink=sink, dlse=dlse, dsink_part=parts)
-    if side is None:
-        dq_pass()
-    else:
-        caller = torch.cuda.current_stream(q.device)
-        with torch.cuda.stream(side):
-            dq_pass()
-        caller.wait_stream(side)
-    dsink = None if parts is None else -parts.double().sum(dim=1).view(batch, hq).sum(dim=0).float()
-    return dq, dsink
+
+    def finish():
+        dsink = None if parts is None else -parts.double().sum(dim=1).view(batch, hq).sum(dim=0).float()
+        return dq, dsink
+    return dq_pass, finish

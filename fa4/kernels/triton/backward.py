@@ -14,7 +14,8 @@ Three kernels, in launch order:
 2. `_bwd_dkdv_kernel`: one program per (batch, kv head, key block). K and V stay resident; the program walks
    the query heads of its GQA group and the query blocks that can see its keys, so dK/dV are summed over the
    group in registers and written once. Where the config says so it also adds its dQ share into an fp32
-   buffer with atomics.
+   buffer with atomics. At D = 256 (split_dkdv) it runs twice, a dV pass and a dK pass; on sm90 the dV pass
+   runs on a side stream beside the dK pass (concurrent_dv), each filling the SMs the other's tail leaves idle.
 3. `_bwd_dq_kernel` (deterministic=True, the configs that measured it faster, and every call with a sink and
    16-bit inputs): one program per (batch, query head, query block) walks its key blocks in a fixed order, so
    dQ is bitwise reproducible. With a sink it also gives the sink gradient's partial sums, with

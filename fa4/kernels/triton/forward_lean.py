@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_stream
+
 
 @triton.jit
 def _causal_mask(qk, start_n, m_start, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -248,15 +250,40 @@ def launch(launch_args, cfg):
         assert not cfg.warp_spec, "host descriptors are built for the plain (not warp-specialized) kernel"
         descs = [_host_desc(a[name], rows, d) for name, rows in
                  (("q", cfg.block_m), ("k", cfg.block_n), ("v", cfg.block_n), ("out", cfg.block_m))]
-        _lean_fwd_host_desc_kernel[grid](*descs, a["lse"], *strides[12:14], num_heads, group, seqlen_q, seqlen_k,
-                                         a["scalars"][0], HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                         CAUSAL=a["causal"], SPLIT=cfg.split, num_warps=4,
-                                         num_stages=cfg.num_stages)
+        lse = a["lse"]
+        tail = (*strides[12:14], num_heads, group, seqlen_q, seqlen_k, a["scalars"][0])
+        constexprs = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=a["causal"], SPLIT=cfg.split)
+        _launch_planned(descs, lse, tail, constexprs, grid, cfg)
         return
     _lean_fwd_kernel[grid](a["q"], a["k"], a["v"], a["out"], a["lse"], *strides[:14],
                            num_heads, group, seqlen_q, seqlen_k, a["scalars"][0],
                            HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            CAUSAL=a["causal"], WARP_SPEC=cfg.warp_spec, num_warps=4, num_stages=cfg.num_stages)
+
+
+# Launches of the host-descriptor kernel kept per call signature. Through JITFunction a launch binds and
+# specialises every argument again (~25 µs of Python on the H100's host, next to a ~200 µs kernel at D = 128
+# S = 1024 causal); a kept launch goes straight to the compiled kernel's launcher, which encodes the descriptors.
+_PLANS = {}
+
+
+def _launch_planned(descs, lse, tail, constexprs, grid, cfg):
+    if lse.device.type != "cuda":  # the CPU interpreter
+        _lean_fwd_host_desc_kernel[grid](*descs, lse, *tail, **constexprs, num_warps=4, num_stages=cfg.num_stages)
+        return
+    index = lse.device.index
+    key = (index, descs[0].base.dtype, tuple((x.base.dtype, tuple(x.block_shape)) for x in descs), tail,
+           tuple(constexprs.items()), grid, cfg.num_stages)
+    plan = _PLANS.get(key)
+    fast = (plan is not None and plan.compiled is not None and lse.data_ptr() % 16 == 0
+            and current_device() == index and hooks_idle() and not torch.compiler.is_compiling())
+    if fast:
+        plan.fast((*descs, lse.data_ptr()), raw_stream(index))
+        return
+    if plan is None:
+        plan = _PLANS[key] = Launch(_lean_fwd_host_desc_kernel, 5, grid, tail, constexprs, 4, cfg.num_stages)
+    with torch.cuda.device(lse.device):
+        plan.jit((*descs, lse), keep=lse.data_ptr() % 16 == 0 and not torch.compiler.is_compiling())
 
 
 def _host_desc(t, rows, d):
