@@ -448,8 +448,20 @@ _FP32 = {64: Config(64, 32, 4, 2), 128: Config(64, 32, 4, 2), 256: Config(32, 32
 _INTERPRETER = Config(32, 16, 4, 1)  # CPU interpreter: small tiles keep numpy fast and exercise every loop
 
 
+_CAPABILITIES = {}
+
+
+def capability(device):
+    """(major, minor) of a CUDA device, cached: torch's query costs ~10 µs of host time, asked on every call."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITIES.get(index)
+    if cap is None:
+        cap = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
 def _arch(device):
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability(device)
     if major in (9, 10):
         return "sm90"  # sm_100 (228 KiB shared memory, TMA) starts from the H100 table until measured there
     if (major, minor) == (8, 0):
@@ -490,7 +502,7 @@ def _tma_allowed(device, tensors, paged):
     """TMA needs 16-byte aligned base addresses and row strides; paged keys are gathered, not tiled."""
     if paged:
         return False
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+    if device.type == "cuda" and capability(device)[0] < 9:
         return False
     for t in tensors:
         if t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_stream
 
 
@@ -214,8 +216,8 @@ def config_for(q, k, v, *, window_left, window_right, softcap, sink, varlen, pag
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    major, _ = torch.cuda.get_device_capability(q.device)
-    if major != 9:
+    from .forward import capability
+    if capability(q.device)[0] != 9:
         return None
     d = q.shape[-1]
     if v.shape[-1] != d:
@@ -291,6 +293,10 @@ def _host_desc(t, rows, d):
 
     TMA takes any 16-byte-multiple strides in any order, so the heads-major view costs no copy; forward.prepare's
     tma_ok has checked the alignment; config_for admits only head dims that are the kernel's HEAD_D."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
     view = t.transpose(1, 2)
-    return TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, rows, d])
+    # The dataclass's own __init__ re-validates what tma_ok checked (~2 µs a descriptor, four a call): set
+    # its fields directly.
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = (
+        view, list(view.shape), list(view.stride()), [1, 1, rows, d], "zero")
+    return desc
