@@ -275,18 +275,31 @@ def test_forward_routing(dtype, d, causal, sq, sk):
 @pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")
 @pytest.mark.parametrize("causal", [False, True])
 def test_lean_kept_launch(causal):
-    """The host-descriptor kernel's kept launch (forward_lean._PLANS): later calls of the same signature go
-    straight to the compiled launcher. Fresh tensors each call, then the same shapes as views of a packed qkv
-    tensor (other strides: the descriptors carry them, the kept launch must not assume the first call's)."""
+    """The host-descriptor kernel's kept launch (forward_lean._PLANS) and repeated calls (forward_lean._CALLS):
+    a later call of the same signature skips prepare and goes straight to the compiled launcher. Fresh tensors
+    each call; then the same shapes as views of a packed qkv tensor (other strides: the descriptors carry them,
+    the kept launch must not assume the first call's); then a misaligned q under the first signature."""
     from fa4.kernels.triton import forward_lean
     b, s, h, d = 2, 1000 if causal else 1024, 8, 128  # without causal, whole key blocks
     opts = dict(window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None, softmax_scale=d ** -0.5)
     forward_lean._PLANS.clear()
-    for call in range(3):
+    forward_lean._CALLS.clear()
+    for call in range(4):
         if call < 2:
             q, k, v = batched(b, s, s, h, h, d, d, torch.bfloat16)
-        else:
+        elif call == 2:
             q, k, v = torch.randn(b, s, 3, h, d, device=DEV, dtype=torch.bfloat16).unbind(2)
+        else:
+            # The first signature again, but q 2 bytes off 16-byte alignment: the repeat path must decline it
+            # (TMA cannot address it) and the full path takes the general kernel.
+            q, k, v = batched(b, s, s, h, h, d, d, torch.bfloat16)
+            q = torch.empty(q.numel() + 1, device=DEV, dtype=q.dtype).as_strided(q.shape, q.stride(), 1).copy_(q)
+            assert forward_lean.repeat_call(forward_lean.signature(q, k, v, opts["softmax_scale"], -1,
+                                                                   opts["window_right"]), q, k, v) is None
+            _poison()
+            out, lse = fwd.forward(q, k, v, **opts)
+            judge(q, k, v, out, lse, **opts)
+            continue
         cfg = forward_lean.config_for(q, k, v, varlen=False, paged=False, seqused_k=None, tma_ok=True,
                                       **{key: opts[key] for key in ("window_left", "window_right", "softcap", "sink")})
         assert cfg is not None and cfg.host_desc
@@ -294,6 +307,7 @@ def test_lean_kept_launch(causal):
         out, lse = fwd.forward(q, k, v, **opts)
         judge(q, k, v, out, lse, **opts)
     assert len(forward_lean._PLANS) == 1 and next(iter(forward_lean._PLANS.values())).compiled is not None
+    assert len(forward_lean._CALLS) == 2  # the contiguous and the packed signatures
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the lean path is sm_90 only")

@@ -240,8 +240,9 @@ def config_for(q, k, v, *, window_left, window_right, softcap, sink, varlen, pag
     return cfg
 
 
-def launch(launch_args, cfg):
-    """Run the lean kernel for a call described by forward.prepare (batched, validated by config_for)."""
+def launch(launch_args, cfg, remember=None):
+    """Run the lean kernel for a call described by forward.prepare (batched, validated by config_for).
+    remember: the call's `signature`, kept with what its host-descriptor launch needs (see repeat_call)."""
     a = launch_args
     strides = a["strides"]
     # forward.prepare's order: q (b, s, h), k (b, s, h), v (b, s, h), out (b, s, h), lse (b, h), page table.
@@ -256,11 +257,42 @@ def launch(launch_args, cfg):
         tail = (*strides[12:14], num_heads, group, seqlen_q, seqlen_k, a["scalars"][0])
         constexprs = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=a["causal"], SPLIT=cfg.split)
         _launch_planned(descs, lse, tail, constexprs, grid, cfg)
+        if remember is not None:
+            _CALLS[remember] = (cfg, tuple(a["out"].shape), tuple(lse.shape), tail, constexprs, grid, d)
         return
     _lean_fwd_kernel[grid](a["q"], a["k"], a["v"], a["out"], a["lse"], *strides[:14],
                            num_heads, group, seqlen_q, seqlen_k, a["scalars"][0],
                            HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            CAUSAL=a["causal"], WARP_SPEC=cfg.warp_spec, num_warps=4, num_stages=cfg.num_stages)
+
+
+# Calls that took the host-descriptor kernel, by `signature`: everything forward.prepare and config_for derived
+# from it. A repeated call (the same shapes, strides, dtype, device, scale and mask: every training step) skips
+# both (~30 µs of the ~130-150 µs a call costs the H100's host; at D = 128 S = 1024 causal the kernel takes ~195).
+# Probes that edit TABLE or flip forward.USE_LEAN must clear it.
+_CALLS = {}
+
+
+def signature(q, k, v, softmax_scale, window_left, window_right):
+    """The key of _CALLS for a batched call without softcap, sink, varlen, paged keys or seqused_k."""
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device.index,
+            softmax_scale, window_left, window_right)
+
+
+def repeat_call(key, q, k, v):
+    """(out, lse) of a call whose signature ran the host-descriptor kernel before, or None (then the caller
+    takes the full path). Only the tensors' addresses are new: TMA needs them 16-byte aligned (out and lse are
+    fresh allocations)."""
+    entry = _CALLS.get(key)
+    if entry is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+        return None
+    cfg, out_shape, lse_shape, tail, constexprs, grid, d = entry
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    descs = (_host_desc(q, cfg.block_m, d), _host_desc(k, cfg.block_n, d), _host_desc(v, cfg.block_n, d),
+             _host_desc(out, cfg.block_m, d))
+    _launch_planned(descs, lse, tail, constexprs, grid, cfg)
+    return out, lse
 
 
 # Launches of the host-descriptor kernel kept per call signature. Through JITFunction a launch binds and
