@@ -35,6 +35,19 @@ from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_st
 
 
 @triton.jit
+def _program_tile(seqlen_q, num_heads, group, BLOCK_M: tl.constexpr):
+    """(sequence, query head, kv head, first query row) of this program. One program per (query block, head,
+    sequence); query blocks fastest (the programs resident together share one head's K/V in L2) and in reverse
+    (under causal the longest blocks start first)."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = num_m - 1 - pid % num_m
+    pid_bh = pid // num_m
+    h = pid_bh % num_heads
+    return pid_bh // num_heads, h, h // group, pid_m * BLOCK_M
+
+
+@triton.jit
 def _causal_mask(qk, start_n, m_start, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Bottom-right alignment: row i sees keys j <= i + (Sk - Sq). Computed from aranges inside the loop (not a
     # row vector captured from outside it): the warp specializer splits the block's rows between its two
@@ -64,16 +77,7 @@ def _lean_fwd_kernel(Q, K, V, Out, Lse,
                      num_heads, group, seqlen_q, seqlen_k, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      WARP_SPEC: tl.constexpr):
-    # One program per (query block, head, sequence); query blocks fastest (the programs resident together share
-    # one head's K/V in L2) and in reverse (under causal the longest blocks start first).
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = num_m - 1 - pid % num_m
-    pid_bh = pid // num_m
-    h = pid_bh % num_heads
-    b = pid_bh // num_heads
-    h_kv = h // group
-    m_start = pid_m * BLOCK_M
+    b, h, h_kv, m_start = _program_tile(seqlen_q, num_heads, group, BLOCK_M)
     # 64-bit bases: B * S * H * D may pass 2^31.
     q_desc = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
                                        shape=[seqlen_q, HEAD_D], strides=[stride_qs, 1],
@@ -131,14 +135,7 @@ def _lean_fwd_host_desc_kernel(q_desc, k_desc, v_desc, o_desc, Lse, stride_lb, s
     # sequence's end. The device-built form spends each program's prologue writing and fencing five tensormaps
     # in global memory; at S = 1024 a program lasts only ~16 key blocks and that prologue is not hidden,
     # because the two programs sharing an SM start and end together.
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = num_m - 1 - pid % num_m
-    pid_bh = pid // num_m
-    h = pid_bh % num_heads
-    b = pid_bh // num_heads
-    h_kv = h // group
-    m_start = pid_m * BLOCK_M
+    b, h, h_kv, m_start = _program_tile(seqlen_q, num_heads, group, BLOCK_M)
     q = q_desc.load([b, h, m_start, 0]).reshape(BLOCK_M, HEAD_D)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
