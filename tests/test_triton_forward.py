@@ -340,6 +340,29 @@ def test_lean_kernel(monkeypatch, form, causal, sq, sk):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_lean_repeat_call(monkeypatch, causal):
+    """A host-descriptor launch remembered under its signature (forward_lean._CALLS) serves a repeated call
+    with new tensors of the same shapes and strides: right against the reference, and nothing for an unseen
+    signature. fp16, GQA 4 on 2, the interpreter."""
+    from fa4.kernels.triton import forward_lean
+    monkeypatch.setattr(forward_lean, "_CALLS", {})
+    opts = dict(softmax_scale=32 ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
+    cfg = forward_lean.LeanConfig(16, 16, 1, False, True, causal)
+    q, k, v = batched(2, 36, 48, 4, 2, 32, 32, torch.float16)
+    key = forward_lean.signature(q, k, v, opts["softmax_scale"], opts["window_left"], opts["window_right"])
+    assert forward_lean.repeat_call(key, q, k, v) is None
+    _, _, launch = fwd.prepare(q, k, v, **opts)
+    forward_lean.launch(launch, cfg, remember=key)
+    q, k, v = batched(2, 36, 48, 4, 2, 32, 32, torch.float16)  # new values, the same signature
+    assert forward_lean.signature(q, k, v, opts["softmax_scale"], opts["window_left"], opts["window_right"]) == key
+    out, lse = forward_lean.repeat_call(key, q, k, v)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=q.dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out)
+    assert_close_rule("lse", lse, ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_lean_host_desc_packed_qkv(causal):
     """Host-built descriptors take the caller's strides: q, k, v as views of one packed (B, S, 3, H, D) tensor
     (row stride 3·H·D), MHA, fp16; the packed tensor is left as it was."""

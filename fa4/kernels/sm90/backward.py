@@ -1110,7 +1110,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
     # the main kernel's tail leaves idle. The caller's stream waits for it before anything reads dQ.
-    side = dq_pass = None
+    side = None
     if ordered_dq:
         dq_pass, dq_finish = ordered_dq_pass(dout, q, k, v, lse2, delta, softmax_scale=softmax_scale,
                                              window_left=window_left, window_right=window_right, softcap=softcap,
@@ -1119,7 +1119,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                                              dlse=dlse)
         if CONCURRENT_DQ and device.type == "cuda":
             from ..triton import backward as tb
-            side = tb._side_stream(device)
+            side = tb.side_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
     if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
         if not varlen:

@@ -645,7 +645,7 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
     side = None
     for launch in launches:
         if launch.concurrent and CONCURRENT_LAUNCHES and q.is_cuda:
-            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+            main, side = torch.cuda.current_stream(q.device), side_stream(q.device)
             side.wait_stream(main)  # its inputs were written on the caller's stream
             with torch.cuda.stream(side):
                 launch()
@@ -661,7 +661,7 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
 _SIDE_STREAMS = {}
 
 
-def _side_stream(device):
+def side_stream(device):
     """One side stream per device for backward's concurrent launches (CUDA-graph capture follows it there
     through the wait on the capturing stream)."""
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -543,17 +543,19 @@ def forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
 
     The plain training call (forward_lean.config_for) runs the one-loop, warp-specialized kernel of
     forward_lean.py; everything else the general kernel with the table's config."""
-    kwargs = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
-                  sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
-    if not USE_LEAN or q.device.type != "cuda":
-        return forward_with_config(q, k, v, **kwargs)
     key = None
-    if (cu_seqlens_q is None and page_table is None and seqused_k is None and sink is None and softcap == 0.0):
+    lean_path = USE_LEAN and q.device.type == "cuda"
+    if (lean_path and cu_seqlens_q is None and page_table is None and seqused_k is None and sink is None
+            and softcap == 0.0):
         key = forward_lean.signature(q, k, v, softmax_scale, window_left, window_right)
         again = forward_lean.repeat_call(key, q, k, v)
         if again is not None:
             return again
+    kwargs = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                  sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table)
+    if not lean_path:
+        return forward_with_config(q, k, v, **kwargs)
     out, lse, launch = prepare(q, k, v, **kwargs)
     if launch is None:
         return out, lse

@@ -248,8 +248,7 @@ def launch(launch_args, cfg, remember=None):
     d = a["flags"]["HEAD_D"]
     if cfg.host_desc:
         assert not cfg.warp_spec, "host descriptors are built for the plain (not warp-specialized) kernel"
-        descs = [_host_desc(a[name], rows, d) for name, rows in
-                 (("q", cfg.block_m), ("k", cfg.block_n), ("v", cfg.block_n), ("out", cfg.block_m))]
+        descs = _host_descs(a["q"], a["k"], a["v"], a["out"], cfg, d)
         lse = a["lse"]
         tail = (*strides[12:14], num_heads, group, seqlen_q, seqlen_k, a["scalars"][0])
         constexprs = dict(HEAD_D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=a["causal"], SPLIT=cfg.split)
@@ -286,9 +285,7 @@ def repeat_call(key, q, k, v):
     cfg, out_shape, lse_shape, tail, constexprs, grid, d = entry
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    descs = (_host_desc(q, cfg.block_m, d), _host_desc(k, cfg.block_n, d), _host_desc(v, cfg.block_n, d),
-             _host_desc(out, cfg.block_m, d))
-    _launch_planned(descs, lse, tail, constexprs, grid, cfg)
+    _launch_planned(_host_descs(q, k, v, out, cfg, d), lse, tail, constexprs, grid, cfg)
     return out, lse
 
 
@@ -315,6 +312,12 @@ def _launch_planned(descs, lse, tail, constexprs, grid, cfg):
         plan = _PLANS[key] = Launch(_lean_fwd_host_desc_kernel, 5, grid, tail, constexprs, 4, cfg.num_stages)
     with torch.cuda.device(lse.device):
         plan.jit((*descs, lse), keep=lse.data_ptr() % 16 == 0 and not torch.compiler.is_compiling())
+
+
+def _host_descs(q, k, v, out, cfg, d):
+    """The four descriptors of a host-descriptor launch: query-block boxes for q and out, key-block ones for k, v."""
+    return (_host_desc(q, cfg.block_m, d), _host_desc(k, cfg.block_n, d), _host_desc(v, cfg.block_n, d),
+            _host_desc(out, cfg.block_m, d))
 
 
 def _host_desc(t, rows, d):
