@@ -35,7 +35,7 @@ MAX_LDL_STL_OUTSIDE_LOOP = 64
 # The sink-partials variant keeps its per-head accumulator and slot arithmetic around the loop: ~80 in all.
 # The three-consumer D = 64 tile (160 registers a consumer) spills ~70-100 values around its loop under a causal
 # mask (once per CTA, against 40-170 steps of ~600 instructions).
-TOTAL_ALLOWANCE = {"d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 96, "d64-causal": 96,
+TOTAL_ALLOWANCE = {"d128-chain-varlen-causal": 80, "d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 96, "d64-causal": 96,
                    "d64-early-dp-causal": 112, "d64-pingpong-ordered-varlen-causal": 96, "d64-varlen-causal": 96}
 
 # In-loop local memory allowed per case (default 0). At D = 128 varlen (sequence start and length) and a
@@ -54,6 +54,12 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # early_dp alone does not do there: 12 reloads of wgmma descriptors (L1 hits) against 0.
                   "d128-pingpong": 4, "d128-pingpong-causal-gqa2": 7, "d128-pingpong-varlen-causal": 12,
                   "d128-pingpong-unshared": 1, "d96-pingpong-window": 7,
+                  # The dQ chain (2026-11-26): the counter's address and the previous step's, 2 more than the
+                  # shipped build's 4 (plain) and 1 more than its 8 (causal). With varlen the sequence bounds
+                  # too: 25 reloads (L1 hits) against the shipped varlen build's 2, a step of ~2000 instructions
+                  # (deterministic varlen only; not yet timed).
+                  "d128-chain": 6, "d128-chain-causal-gqa2": 9, "d128-chain-varlen-causal": 25,
+                  "d96-chain-right-window": 9,
                   # The opt-in D = 256 kernel (backward_d256.py, 2026-11-26): consumer 0 (the default partition,
                   # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
                   # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
@@ -109,6 +115,12 @@ CASES = [
                                           tile=dict(ping_pong=True))),
     ("d128-pingpong-unshared", dict(d=128, dv=128, tile=dict(ping_pong=True, shared_dq=False, stages=2))),
     ("d96-pingpong-window", dict(d=96, dv=96, window=(256, 0), tile=dict(ping_pong=True))),
+    # deterministic=True through the main kernel's ordered dQ chain (ORDERED_DQ): ascending (no window) and
+    # descending (a right window; CTAs dispatched last block first).
+    ("d128-chain", dict(d=128, dv=128, dq_chain=True)),
+    ("d128-chain-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, dq_chain=True)),
+    ("d128-chain-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, dq_chain=True)),
+    ("d96-chain-right-window", dict(d=96, dv=96, window=(-1, 200), dq_chain=True)),
     # The opt-in D = 256 kernel (backward_d256.py: 64 keys a CTA, the consumers split the head dim).
     ("d256-plain", dict(d=256, dv=256, tile=dict(d256=True))),
     ("d256-causal", dict(d=256, dv=256, causal=True, tile=dict(d256=True))),
@@ -283,6 +295,42 @@ def test_query_ranges_cover_and_masks(bm, nwg):
                     # have P = 0 through lse2 = +inf; keys past seq_k always take the mask).
                     block = vis[m0:min(m0 + bm, seq_q), kr0:kr0 + SLAB]
                     assert block.shape[1] == SLAB and block.all(), (seq_q, seq_k, wl, wr, n0, kr0, m0)
+
+
+def _chain_before(nb, m, bm, bn, seq_q, seq_k, wr):
+    """backward._dq_chain_wait's count of key blocks ahead of nb in query block m's chain (per release round)."""
+    if wr < 0:
+        return nb
+    x = (m + 1) * bm + (seq_k - seq_q) + wr
+    return min((x - 1) // bn, (seq_k - 1) // bn) - nb
+
+
+@pytest.mark.parametrize("bm,nwg", [(64, 2), (128, 2), (64, 1)])
+def test_dq_chain_order(bm, nwg):
+    """The in-kernel ordered dQ (ORDERED_DQ, no left window): for every query block m, the key blocks that add to
+    it form one chain, and each one's wait count is exactly the number of chain members before it. Every member
+    before it was dispatched earlier (ascending: lower block index; descending: the grid runs last block first),
+    so a CTA never waits on one that may not be resident yet (no deadlock), and in the descending chain the
+    predecessor reaches m at an earlier step of its walk (no waiting in the steady state)."""
+    bn = SLAB * nwg
+    rng = np.random.default_rng(7 * bm + nwg)
+    for _ in range(300):
+        seq_q, seq_k = int(rng.integers(1, 700)), int(rng.integers(1, 700))
+        wr = int(rng.choice([-1, 0, 0, 3, 200, 5000]))
+        n_blocks = -(-seq_k // bn)
+        ranges = [_q_range(nb * bn, bn, bm, seq_q, seq_k, -1, wr) for nb in range(n_blocks)]
+        for m in range(-(-seq_q // bm)):
+            members = [nb for nb, (lo, hi) in enumerate(ranges) if lo <= m < hi]
+            order = members if wr < 0 else members[::-1]   # the chain's order of adds
+            for pos, nb in enumerate(order):
+                assert _chain_before(nb, m, bm, bn, seq_q, seq_k, wr) == pos, (seq_q, seq_k, wr, m, nb)
+                if pos:
+                    prev = order[pos - 1]
+                    dispatch = (lambda j: j) if wr < 0 else (lambda j: n_blocks - 1 - j)
+                    assert dispatch(prev) < dispatch(nb)
+                    step = m - ranges[nb][0]
+                    prev_step = m - ranges[prev][0]
+                    assert prev_step <= step if wr >= 0 else prev_step == step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -713,15 +761,17 @@ def _bwd_case(seed, d, varlen, deterministic):
                 dv=torch.zeros_like(v), dq=None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
                 lse2=torch.zeros(lse_shape), delta=torch.zeros(lse_shape), cu=cu,
                 cu_k=None if cu is None else cu.clone(), sink=torch.randn(hq, generator=g),
-                dsink=torch.zeros(b * hq, 4, tile.num_wg)), tile
+                dsink=torch.zeros(b * hq, 4, tile.num_wg),
+                dq_chain=backward.dq_chain_counters(tile, b, hq, s, "cpu")), tile
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
-@pytest.mark.parametrize("d,varlen,deterministic,window,softcap,sink", [
-    (128, False, False, (-1, 0), 0.0, False), (64, True, True, (100, 50), 30.0, False),
-    (128, True, False, (-1, -1), 0.0, False), (128, False, False, (-1, 0), 0.0, True),
-    (256, False, False, (-1, 0), 0.0, False), (256, True, True, (100, 50), 30.0, False)])
-def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink):
+@pytest.mark.parametrize("d,varlen,deterministic,window,softcap,sink,chain", [
+    (128, False, False, (-1, 0), 0.0, False, False), (64, True, True, (100, 50), 30.0, False, False),
+    (128, True, False, (-1, -1), 0.0, False, False), (128, False, False, (-1, 0), 0.0, True, False),
+    (128, False, False, (-1, 0), 0.0, False, True), (128, True, False, (-1, -1), 0.0, False, True),
+    (256, False, False, (-1, 0), 0.0, False, False), (256, True, True, (100, 50), 30.0, False, False)])
+def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink, chain):
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
     from fa4.kernels.sm90 import aot, backward, launch
@@ -737,7 +787,8 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
                                     softcap=softcap, cu_seqlens_q=t["cu"], cu_seqlens_k=t["cu_k"],
                                     max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None,
                                     deterministic=deterministic, tile=tile, sink=t["sink"] if sink else None,
-                                    dsink_part=t["dsink"] if sink else None)
+                                    dsink_part=t["dsink"] if sink else None,
+                                    dq_chain=t["dq_chain"] if chain else None)
 
     (first, tile), (later, _) = _bwd_case(1, d, varlen, deterministic), _bwd_case(2, d, varlen, deterministic)
     grid, args1, cx1 = plan_args(first, tile)
@@ -749,7 +800,8 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
                           dv=later["dv"], dq=dq, lse2=later["lse2"], delta=later["delta"],
                           cu_q=later["cu"] if varlen else dummy, cu_k=later["cu_k"] if varlen else dummy,
                           seqused=dummy, sink=later["sink"] if sink else later["lse2"],
-                          dsink=later["dsink"] if sink else later["lse2"]))
+                          dsink=later["dsink"] if sink else later["lse2"],
+                          dq_chain=later["dq_chain"] if chain else dummy))
     _, args2, cx2 = plan_args(dict(later, dq=later["dq"]), tile)
     bound, spec, _ = binder(**args2, **cx2, **opts)
     # The deterministic dQ placeholder is built per call; the empty int32 stand-ins differ by identity only.

@@ -71,12 +71,14 @@ def test_feature_matrix(case, dtype, deterministic):
 SHARED_CASES = [c for c in MATRIX if 64 < max(c[5], c[6]) <= 128]
 
 
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("over", [dict(stages=2), dict(stages=3), dict(stages=3, dq_writer=True)],
+                         ids=["stages2", "stages3", "writer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", SHARED_CASES, ids=[backward_case_id(c) for c in SHARED_CASES])
-def test_shared_dq(case, dtype, stages):
+def test_shared_dq(case, dtype, over):
+    """dQ shared over the consumers, with two and three stages, and issued by the writer warp (tile.dq_writer)."""
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    tile = _bwd().get_tile(128, 128, shared_dq=True, stages=stages)
+    tile = _bwd().get_tile(128, 128, shared_dq=True, **over)
     assert tile is not None
     _run(q, k, v, tile=tile, **kw)
 
@@ -86,8 +88,8 @@ def _cu(lens):
 
 
 @pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3), dict(ping_pong=True),
-                                  dict(num_wg=2, consumer_regs=240)],
-                         ids=["shipped", "shared-dq3", "pingpong", "two-consumers"])
+                                  dict(num_wg=2, consumer_regs=240), dict(shared_dq=True, dq_writer=True)],
+                         ids=["shipped", "shared-dq3", "pingpong", "two-consumers", "writer"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen(d, causal, tile):
@@ -193,6 +195,7 @@ def test_concurrent_dq_pass(monkeypatch, d, deterministic):
     out = out.to(q.dtype)
     dout = torch.randn_like(out)
     assert bwd.CONCURRENT_DQ
+    monkeypatch.setattr(bwd, "DQ_CHAIN", False)  # deterministic D = 128 through the pass, not the in-kernel chain
     caller = torch.cuda.Stream()
     caller.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(caller):
@@ -204,6 +207,102 @@ def test_concurrent_dq_pass(monkeypatch, d, deterministic):
     for name, a, g, total in zip("qkv", grads[:3], serial[:3], sums):
         assert torch.equal(a, g), f"d{name} differs between the concurrent and the serial order"
         assert torch.equal(total, g.float().sum()), f"d{name} was read before its pass finished"
+
+
+def test_capture_before_any_side_stream(monkeypatch):
+    """The deterministic D = 128 backward (its dQ pass on the side stream when one exists) captured before any
+    side stream exists: no stream is created during the capture, and the replay equals an eager call bitwise."""
+    from fa4.kernels.triton import backward as tb
+    bwd = _bwd()
+    torch.manual_seed(13)
+    q = torch.randn(1, 1024, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 1024, 2, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 1024, 2, 128, device=DEV, dtype=torch.bfloat16)
+    opts = _opts(q, -1, 0, 0.0, None, None)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.to(q.dtype)
+    dout = torch.randn_like(out)
+    monkeypatch.setattr(bwd, "DQ_CHAIN", False)  # the pass (on the side stream), not the in-kernel chain
+    eager = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)  # compiles the kernels
+    monkeypatch.setattr(tb, "_SIDE_STREAMS", {})
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
+        grads = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+    assert tb._SIDE_STREAMS == {}, "a side stream was created during the capture"
+    for g in grads[:3]:
+        g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, g in zip("qkv", grads[:3], eager[:3]):
+        assert torch.equal(a, g), f"d{name}: the captured replay differs from the eager call"
+
+
+# deterministic=True at D = 128 through the main kernel's ordered dQ chain (ORDERED_DQ): ascending without a
+# window, descending with a right window (causal or not; its CTAs dispatched last block first), Sq != Sk both ways
+# (the descending chain's bound moves with seq_k − seq_q), GQA and MQA, Sq = 1, softcap, and enough CTAs for
+# several waves (a chain whose CTAs are not all resident at once).
+CHAIN_CASES = [
+    (2, 2048, 2048, 8, 2, 128, 128, -1, -1, 0.0, False, False),     # ascending, GQA
+    (2, 2048, 2048, 8, 2, 128, 128, -1, 0, 0.0, False, True),       # descending (causal), lse gradient
+    (1, 777, 1543, 8, 1, 128, 128, -1, 0, 0.0, False, True),        # Sq < Sk, MQA
+    (1, 1543, 777, 4, 2, 128, 128, -1, 0, 0.0, False, False),       # Sq > Sk: leading rows see no key
+    (1, 1500, 1500, 4, 4, 96, 96, -1, 200, 0.0, False, False),      # right window only, D padded to 128
+    (2, 1, 3001, 8, 2, 128, 128, -1, 0, 0.0, False, False),         # Sq = 1
+    (1, 3000, 3000, 8, 1, 128, 128, -1, -1, 50.0, False, True),     # softcap
+    (4, 4096, 4096, 8, 8, 128, 128, -1, 0, 0.0, False, False),      # 1024 CTAs: ~8 waves
+]
+
+
+def _chain_only(monkeypatch, bwd):
+    """Fail if a deterministic call falls back to the ordered pass: these calls must take the chain."""
+    def no_pass(*_a, **_k):
+        raise AssertionError("deterministic D = 128 took the ordered pass, not the in-kernel chain")
+    monkeypatch.setattr(bwd, "ordered_dq_pass", no_pass)
+
+
+def _repeating(backward, times):
+    """backward, run `times` more on the same arguments, each compared bitwise with the first."""
+    def run(*args, **opts):
+        got = backward(*args, **opts)
+        for _ in range(times):
+            again = backward(*args, **opts)
+            for name, a, b in zip("qkv", got[:3], again[:3]):
+                assert torch.equal(a, b), f"d{name} differs between two deterministic calls"
+        return got
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[backward_case_id(c) for c in CHAIN_CASES])
+def test_dq_chain(monkeypatch, case, dtype):
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    assert bwd.dq_chain_serves(bwd.default_tile(128, 128, kw["left"], kw["softcap"]), kw["left"], kw["sink"])
+    _chain_only(monkeypatch, bwd)
+    check_backend_backward(_repeating(bwd.backward, 3), q, k, v, deterministic=True, **kw)
+
+
+@pytest.mark.parametrize("seqused", [False, True], ids=["full", "seqused_k"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dq_chain_varlen(monkeypatch, causal, seqused):
+    """The chain over packed sequences of different lengths (counters per sequence; key blocks past a sequence's
+    end exit without releasing, and no chain waits on them)."""
+    bwd = _bwd()
+    torch.manual_seed(21 + causal)
+    lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
+    hq, hkv, d = 4, 2, 128
+    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    if seqused:
+        varlen["seqused_k"] = torch.tensor([300, 100, 650, 0, 999], dtype=torch.int32, device=DEV)
+    _chain_only(monkeypatch, bwd)
+    check_backend_backward(_repeating(bwd.backward, 3), q, k, v, right=0 if causal else -1, varlen=varlen,
+                           deterministic=True)
 
 
 def test_unsupported_is_reported():

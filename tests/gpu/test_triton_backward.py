@@ -137,6 +137,36 @@ def test_concurrent_dv_pass(monkeypatch):
         assert torch.equal(total, g.float().sum()), f"d{name} was read before its pass finished"
 
 
+def test_capture_before_any_side_stream(monkeypatch):
+    """A backward whose first concurrent call is inside a CUDA-graph capture creates no stream there
+    (side_stream returns None while capturing): its passes run in order on the capturing stream, the replay
+    equals an eager call bitwise, and no side stream exists after the capture."""
+    torch.manual_seed(16)
+    b, s, hq, hkv, d = 1, 1024, 4, 2, 256
+    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
+    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0, sink=None)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.bfloat16()
+    dout = torch.randn_like(out)
+    assert bwd.default_config(q, d, causal=True).concurrent_dv
+    eager = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)  # compiles the kernels
+    monkeypatch.setattr(bwd, "_SIDE_STREAMS", {})
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
+        grads = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+    assert bwd._SIDE_STREAMS == {}, "a side stream was created during the capture"
+    for g in grads[:3]:
+        g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, g in zip("qkv", grads[:3], eager[:3]):
+        assert torch.equal(a, g), f"d{name}: the captured replay differs from the eager call"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_sink_gradient_far_inside_the_rule(dtype):
     """The sink gradient comes from the dQ kernel's Σ_j P·dP, not from the rounded O: over 20 fresh draws it

@@ -24,7 +24,7 @@ Launches, in order:
                              under the softmax); P, dS in registers, then in shared memory as the
                              (transposed) A operand of dV += Pᵀ·dO and dK += dSᵀ·Q, and of the dQ product,
                              which is added to an fp32 accumulator by a TMA reduce-add
-                             (cp.reduce.async.bulk.tensor, done at L2), or skipped (deterministic). The dQ
+                             (cp.reduce.async.bulk.tensor, done at L2), or skipped (the ordered pass). The dQ
                              product is this warpgroup's keys times all D columns, or with DQ_SHARED (the
                              D = 128 tile) the CTA's keys (both consumers' dS, handed over through shared
                              memory with the ds_ready / ds_free barriers) times this warpgroup's D / 2
@@ -32,9 +32,17 @@ Launches, in order:
                              PING_PONG (tile.ping_pong, opt-in): the consumers take turns issuing their
                              wgmmas, two product groups a step (S with dP; then dV, dK, dQ), so that one
                              warpgroup's exp2 and dS run while the tensor core works on the other's group.
+     dQ writer (DQ_WRITER: 1 warp, the D = 128 tile's non-causal calls and the ordered chain; see _dq_writer)
+                             the consumers stage their dQ shares and hand them over (dq_staged / dq_free);
+                             the writer issues the reduce-adds, so no consumer waits on the TMA unit, and
+                             with ORDERED_DQ it issues them in a fixed order of key blocks per (query block,
+                             head, column slice), waiting on a counter in global memory for its turn.
    dK and dV stay in registers, summed over the query heads of the GQA group, and are stored once.
-3. deterministic=True: the portable Triton dQ kernel (one program per query block, fixed key order); the
-   main kernel is deterministic by itself (each CTA owns its keys and walks them in a fixed order).
+3. deterministic=True: dK and dV are deterministic by construction (each CTA owns its keys and walks the query
+   blocks in a fixed order). dQ: at D = 128 without a left window or sink, the main kernel's ordered chain
+   (ORDERED_DQ: every add into a dQ tile in a fixed key-block order, ascending, or descending under a right
+   window with the CTAs dispatched last block first, so that a CTA only ever waits on one dispatched before
+   it); otherwise the portable Triton dQ kernel (one program per query block, fixed key order).
 4. dQ: the fp32 accumulator (already scaled) cast to the input dtype.
 
 D = 256 runs its own kernel, backward_d256.py (tile D256_TILE in _TABLE; the probe's `--tiles d256`), built on
@@ -104,6 +112,14 @@ from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaq
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
+# deterministic=True with dQ accumulated inside the main kernel (ORDERED_DQ, issued by the writer warp): the TMA
+# reduce-adds into each (query block, head, column slice) of dQ happen in a fixed order of key blocks, a chain
+# kept by a counter in global memory (_dq_chain_wait / _dq_chain_release). ASC: key blocks in ascending order (no
+# window: every key block sees every query block at the same step of its walk). DESC: descending, for a right
+# window (causal): the key block on the diagonal adds first and, with the CTAs dispatched last block first
+# (_cta_block), each CTA's predecessor reaches a query block two steps before it does.
+ORDERED_DQ_ASC = gl.constexpr(1)
+ORDERED_DQ_DESC = gl.constexpr(2)
 LOG2E_C = gl.constexpr(LOG2E)
 WG_KEYS = 64  # one m64 wgmma slab of keys per consumer warpgroup
 KEYS_PER_WG = gl.constexpr(WG_KEYS)
@@ -137,6 +153,7 @@ class BwdProblem:
     delta_ptr: gl.tensor
     sink_ptr: gl.tensor
     dsink_ptr: gl.tensor
+    dq_ctr: gl.tensor
     cu_q: gl.tensor
     cu_k: gl.tensor
     seqused: gl.tensor
@@ -174,14 +191,16 @@ class BwdProblem:
     PING_PONG: gl.constexpr
     BIG: gl.constexpr
     TRACE: gl.constexpr
+    ORDERED_DQ: gl.constexpr
+    DQ_WRITER: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
-                 delta_ptr, sink_ptr, dsink_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                 delta_ptr, sink_ptr, dsink_ptr, dq_ctr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -195,6 +214,7 @@ class BwdProblem:
         self.delta_ptr = delta_ptr
         self.sink_ptr = sink_ptr
         self.dsink_ptr = dsink_ptr
+        self.dq_ctr = dq_ctr
         self.cu_q = cu_q
         self.cu_k = cu_k
         self.seqused = seqused
@@ -232,6 +252,8 @@ class BwdProblem:
         self.PING_PONG = gl.constexpr(PING_PONG)
         self.BIG = gl.constexpr(BIG)
         self.TRACE = gl.constexpr(TRACE)
+        self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
+        self.DQ_WRITER = gl.constexpr(DQ_WRITER)
 
 
 @aggregate
@@ -251,10 +273,12 @@ class BwdBuffers:
     do_ready: gl.shared_memory_descriptor
     do_empty: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor      # [NWG, 1] (PING_PONG): consumer w may issue its next product group
+    dq_staged: gl.shared_memory_descriptor  # [NWG, 1] (chain writer): consumer w's dQ share is in dq[w]
+    dq_free: gl.shared_memory_descriptor    # [NWG, 1] (chain writer): the TMA unit has read dq[w]
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty,
-                 turn):
+                 turn, dq_staged, dq_free):
         self.k = k
         self.v = v
         self.q = q
@@ -270,6 +294,8 @@ class BwdBuffers:
         self.do_ready = do_ready
         self.do_empty = do_empty
         self.turn = turn
+        self.dq_staged = dq_staged
+        self.dq_free = dq_free
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,12 +303,16 @@ class BwdBuffers:
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _cta_block():
-    """(key block, batch · kv head) of this CTA (grid axis 0: key blocks, axis 1: (b, kv head))."""
+def _cta_block(p):
+    """(key block, batch · kv head) of this CTA (grid axis 0: key blocks, axis 1: (b, kv head)). With the
+    in-kernel ordered dQ in its descending chain (ORDERED_DQ_DESC) the key blocks are dispatched last first, so
+    that every CTA's predecessor in the chain was dispatched before it (see _dq_chain_wait)."""
     nb = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
                                    is_pure=False, pack=1)
     bh = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
                                    is_pure=False, pack=1)
+    if p.ORDERED_DQ == ORDERED_DQ_DESC:
+        nb = gl.num_programs(0) - 1 - nb
     return nb, bh
 
 
@@ -311,7 +341,7 @@ def _cta_coords(p):
     """This CTA's key block, batch, kv head and sequence bounds (nb, b, hk, seq_q, seq_k, q_start, k_start), from
     a fresh %ctaid read: each partition (and an epilogue) calls it where it needs them, so nothing stays live
     through a loop."""
-    nb, bhk = _cta_block()
+    nb, bhk = _cta_block(p)
     b = bhk // p.num_kv_heads
     hk = bhk - b * p.num_kv_heads
     seq_q, seq_k, q_start, k_start = _sequence(p, b)
@@ -345,6 +375,55 @@ def _step_block(p, it, n_m, m_lo, hk):
     h = hk * p.group + g
     m0 = (m_lo + it - g * n_m) * p.BM
     return g, h, m0
+
+
+@gluon.jit
+def _dq_counter(p, b, h, m0, WG: gl.constexpr):
+    """The chain counter of dQ[query block m0 / BM, head h of sequence b, column slice WG] (ORDERED_DQ): int32,
+    [batch, query heads, query blocks of the longest sequence, NWG], zeroed by the host before the launch."""
+    n_m_all = (p.seqlen_q + p.BM - 1) // p.BM
+    return p.dq_ctr + ((b * (p.num_kv_heads * p.group) + h) * n_m_all + m0 // p.BM) * p.NWG + WG
+
+
+@gluon.jit
+def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k):
+    """Spin until every key block before this one in the chain of query block m0 has released its reduce-add, then
+    a proxy fence (the counter is read through the generic proxy, the reduce-add that follows goes through the
+    async proxy).
+
+    Relaxed loads, not ld.acquire: an acquire load also invalidates the SM's L1 (CCTL.IVALL) on every spin, which
+    the consumers' L1-resident reloads pay for (the acquire / release build measured 5-15% slower on an H200,
+    benchmarks/NOTES.md, session 8). The order of the adds rests on completion, not on the memory model's
+    release-acquire: the previous add completed at L2 (wait_group 0) before its release was issued, and this add
+    is issued only after the release was observed; both adds are performed at L2.
+
+    ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
+    sees it. Key block j sees query block m iff its first key j·BN is below X = (m + 1)·BM + (seq_k − seq_q) +
+    window_right (the transpose of _q_range's lower bound) and below seq_k; X > nb·BN ≥ 0 here, as nb sees m."""
+    if p.ORDERED_DQ == ORDERED_DQ_ASC:
+        before = nb
+    else:
+        BN: gl.constexpr = KEYS_PER_WG * p.NWG
+        x = m0 + p.BM + (seq_k - seq_q) + p.window_right
+        before = gl.minimum((x - 1) // BN, (seq_k - 1) // BN) - nb
+    gl.inline_asm_elementwise(
+        "{ .reg .pred wait; .reg .u32 seen; "
+        "DQ_CHAIN_SPIN: ld.relaxed.gpu.global.u32 seen, [$1]; setp.lt.s32 wait, seen, $2; "
+        "@wait bra DQ_CHAIN_SPIN; fence.proxy.async.global; mov.u32 $0, seen; }",
+        "=r,l,r", [ctr, before], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _dq_chain_release(ctr):
+    """The writer warp's bulk async groups completed (the full wait: the adds performed at L2, not only their
+    shared-memory source read, which is all tma.store_wait waits for), then +1 on the chain counter (relaxed, see
+    _dq_chain_wait) by lane 0 once every lane of the warp has waited (whichever lane the TMA lowering elected to
+    issue the adds)."""
+    gl.inline_asm_elementwise(
+        "{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group 0; fence.proxy.async.global; "
+        "bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
+        "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
+        "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,6 +460,43 @@ def _loader(p, bufs):
             tma.async_copy_global_to_shared(p.do_desc, _q_coord(p, b, h, q_start, row),
                                             bufs.do_ready.index(idx), bufs.do.index(idx))
             idx, phase = _next_slot(idx, phase, p.STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dQ writer partition (DQ_WRITER): one warp issuing the consumers' dQ reduce-adds, so that no consumer waits for
+# the TMA unit, nor, with ORDERED_DQ, for another CTA's add, unless its staging tile is still unread.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _dq_writer(p, bufs):
+    """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
+    this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add. Then, once the TMA
+    unit has read both tiles, free them (dq_free); with ORDERED_DQ, once both adds have completed, release them
+    to the next key block of each chain."""
+    NWG: gl.constexpr = p.NWG
+    BN: gl.constexpr = KEYS_PER_WG * NWG
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    DQW: gl.constexpr = D // NWG
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+    n0 = nb * BN
+    if n0 < seq_k:
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
+            for w in gl.static_range(NWG):
+                mbarrier.wait(bufs.dq_staged.index(w), it & 1)
+                if p.ORDERED_DQ != 0:
+                    _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
+                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, w * DQW),
+                                                  bufs.dq.index(w))
+            tma.store_wait(0)
+            for w in gl.static_range(NWG):
+                mbarrier.arrive(bufs.dq_free.index(w))
+            if p.ORDERED_DQ != 0:
+                for w in gl.static_range(NWG):
+                    _dq_chain_release(_dq_counter(p, b, h, m0, w))
+        tma.store_wait(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,7 +537,7 @@ LAST_TRACE = None
 @gluon.jit
 def _trace_step(p, WG: gl.constexpr, step, event: gl.constexpr):
     if p.TRACE:
-        nb, bh = _cta_block()
+        nb, bh = _cta_block(p)
         if bh == 0:
             if step < TRACE_STEPS_C:
                 t = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [gl.to_tensor(0)], dtype=gl.int64,
@@ -577,7 +693,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 if it - g * n_m == n_m - 1:
                     # Slot (batch · kv head · group + g, key block, warpgroup); the CTA indices read afresh
                     # (not kept live through the loop).
-                    kb, bh_kv = _cta_block()
+                    kb, bh_kv = _cta_block(p)
                     gl.store(p.dsink_ptr + ((bh_kv * p.group + g) * gl.num_programs(0) + kb) * NWG + WG,
                              gl.sum(sink_rows, axis=0))
                     sink_rows = gl.zeros([BM], gl.float32, row_s)
@@ -623,12 +739,22 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
                 _trace_step(p, WG, it, 7)
-                tma.store_wait(0)
-                _trace_step(p, WG, it, 8)
-                dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
-                fence_async_shared()
-                _trace_step(p, WG, it, 9)
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+                if p.DQ_WRITER:
+                    # The writer warp issues the reduce-add (in the chain's order with ORDERED_DQ): hand it the
+                    # staged share once it has freed the previous one (a fresh barrier passes parity 1).
+                    mbarrier.wait(bufs.dq_free.index(WG), (it & 1) ^ 1)
+                    _trace_step(p, WG, it, 8)
+                    dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                    fence_async_shared()
+                    _trace_step(p, WG, it, 9)
+                    mbarrier.arrive(bufs.dq_staged.index(WG))
+                else:
+                    tma.store_wait(0)
+                    _trace_step(p, WG, it, 8)
+                    dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                    fence_async_shared()
+                    _trace_step(p, WG, it, 9)
+                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
                 _trace_step(p, WG, it, 10)
             elif p.DQ_ATOMIC:
                 # dQ share = dS·K_wg in DQ_PARTS column slices (one slice's fp32 accumulator live at a
@@ -730,7 +856,7 @@ _RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
 def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
-                    sink_ptr, dsink_ptr,
+                    sink_ptr, dsink_ptr, dq_ctr,
                     cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                     qk_scale, cap_scale, softmax_scale, window_left, window_right,
@@ -739,7 +865,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                    ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -768,6 +895,15 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             mbarrier.init(turn.index(w), count=1)
     else:
         turn = ds_ready  # a placeholder, never touched: the default kernel allocates no turn barriers
+    if DQ_WRITER:
+        dq_staged = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        dq_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NWG):
+            mbarrier.init(dq_staged.index(w), count=1)
+            mbarrier.init(dq_free.index(w), count=1)
+    else:
+        dq_staged = ds_ready  # placeholders, never touched
+        dq_free = ds_ready
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
@@ -776,7 +912,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         mbarrier.init(do_empty.index(s), count=NWG)
 
     p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
-                   sink_ptr, dsink_ptr,
+                   sink_ptr, dsink_ptr, dq_ctr,
                    cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
                    gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
                    gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
@@ -784,10 +920,17 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty, turn)
-    if NWG == 1:
+                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free)
+    gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
+    if DQ_WRITER:
+        gl.static_assert(NWG == 2 and DQ_SHARED, "the dQ writer serves the shared-dQ tile")
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_loader, (p, bufs)),
+                            (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+    elif NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
     elif NWG == 2:
@@ -833,6 +976,10 @@ class BwdTile:
     # exp2 and dS run under the other's wgmmas (attn_bwd_kernel, "PING_PONG"). Implies dP issued with S.
     # Two or more consumers (with one it is off).
     ping_pong: bool = False
+    # The consumers hand their dQ shares to a writer warp that issues the reduce-adds (shared_dq only): for calls
+    # without a right window, where it measured faster; the in-kernel ordered dQ of deterministic=True uses it
+    # whatever this says (launch_plan).
+    dq_writer: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
     trace: bool = False
@@ -869,7 +1016,11 @@ _TABLE = {
     # L1-hit reloads in the loop, see tests/test_sm90_backward_aot.py): +1-6% (sm90_bwd_probe --tiles early:
     # 350 -> 366, causal 272 -> 275; 455 -> 476, 429 -> 448; 485 -> 513, 502 -> 509). At D = 64 it measured
     # -2% to +0% (321 -> 313, 349 -> 342): not taken there.
-    (128, 128): BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, shared_dq=True, early_dp=True),
+    # Then the writer warp issuing the reduce-adds (dq_writer; H200, 2026-11-26, benchmarks/dq_chain_ab.py,
+    # consumers -> writer): S = 1024 393 -> 408, 4096 481 -> 498, 16384 504 -> 526; causal 255-299 -> 289, 434 ->
+    # 431, 508 -> 502 (so causal calls keep the consumers issuing them).
+    (128, 128): BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, shared_dq=True, early_dp=True,
+                        dq_writer=True),
 }
 
 
@@ -899,6 +1050,8 @@ def get_tile(d, dv, **overrides):
     if tile is None:
         return None
     tile = replace(tile, **overrides) if overrides else tile
+    if tile.dq_writer and not (tile.shared_dq and not tile.separate_dq):
+        tile = replace(tile, dq_writer=False)  # the writer hands over the shared dQ shares only
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
@@ -906,6 +1059,7 @@ def get_tile(d, dv, **overrides):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
+
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
 
 
@@ -974,9 +1128,10 @@ def _dq_descriptor(acc, rows, varlen, parts=1):
 
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                deterministic=False, tile=None, sink=None, dsink_part=None):
+                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_acc: fp32, q's shape
-    (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout."""
+    (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
+    int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     tile = tile or default_tile(d, dvw, window_left, softcap)
@@ -1014,6 +1169,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         **descs,
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
         sink_ptr=sink if dsink_part is not None else lse2, dsink_ptr=dsink_part if dsink_part is not None else lse2,
+        dq_ctr=dq_chain if dq_chain is not None else dummy_i32,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
         stride_dkb=bsh(dk)[0], stride_dks=bsh(dk)[1], stride_dkh=bsh(dk)[2],
@@ -1040,6 +1196,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # reloads are in tests/test_sm90_backward_aot.py's allowances).
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, TRACE=tile.trace,
+        ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 else 1),
+        # The writer warp: always for the ordered chain; for the unordered reduce-add where it measured faster
+        # (tile.dq_writer: calls without a right window).
+        DQ_WRITER=shared and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
@@ -1048,6 +1208,22 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
 # The ordered dQ pass on a side stream beside the main kernel (backward_checked); False: after it, on the
 # caller's stream (probes flip it for A/B).
 CONCURRENT_DQ = True
+# deterministic=True through the main kernel's dQ chain where dq_chain_serves; False: always the ordered pass
+# (probes flip it for A/B).
+DQ_CHAIN = True
+
+
+def dq_chain_serves(tile, window_left, sink):
+    """Whether a deterministic call takes the in-kernel ordered dQ (ORDERED_DQ) instead of the ordered pass: the
+    shared-dQ tile (D = 128), no left window (the chain's bounds assume every key block's walk ends at the same
+    query block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
+    return DQ_CHAIN and tile.shared_dq and not tile.separate_dq and window_left < 0 and sink is None
+
+
+def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
+    """Zeroed chain counters of the in-kernel ordered dQ: one per (sequence, query head, query block, consumer)."""
+    return torch.zeros(batch, n_heads, triton.cdiv(seqlen_q, tile.block_m), tile.num_wg, dtype=torch.int32,
+                       device=device)
 
 
 def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
@@ -1085,9 +1261,12 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     dk = alloc(k.shape, dtype=k.dtype, device=device)
     dv = alloc(v.shape, dtype=v.dtype, device=device)
 
+    # deterministic=True: dQ in a fixed order inside the main kernel (its chain, ORDERED_DQ) where it serves, else
+    # by the ordered pass.
+    chain = deterministic and dq_chain_serves(tile, window_left, sink)
     # dQ from the ordered pass (deterministic, or the tile's choice) also gives the sink gradient, from
     # Σ_j P·dP rather than from the rounded O; otherwise the preprocess's partial sums give it.
-    ordered_dq = deterministic or tile.separate_dq
+    ordered_dq = (deterministic and not chain) or tile.separate_dq
     # tile.sink_pdp: the main kernel sums Σ_j P·dP for the sink gradient itself (per head, key block, consumer).
     sink_in_main = sink is not None and not ordered_dq and tile.sink_pdp
 
@@ -1106,7 +1285,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
-                sink=sink if sink_in_main else None, dsink_part=main_parts)
+                sink=sink if sink_in_main else None, dsink_part=main_parts,
+                dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
     # the main kernel's tail leaves idle. The caller's stream waits for it before anything reads dQ.
@@ -1119,8 +1299,9 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                                              dlse=dlse)
         if CONCURRENT_DQ and device.type == "cuda":
             from ..triton import backward as tb
-            side = tb.side_stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
+            side = tb.side_stream(device)  # None during a capture that would create it: in order
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(device))
     if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
         if not varlen:
             dk.zero_()
@@ -1146,12 +1327,13 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
              ("dv_desc", "dv"), ("dq_desc", "dq"))
 BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
-               ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("cu_q", "cu_q"), ("cu_k", "cu_k"),
-               ("seqused", "seqused"))
+               ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("dq_ctr", "dq_chain"), ("cu_q", "cu_q"),
+               ("cu_k", "cu_k"), ("seqused", "seqused"))
 
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
-                   cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None):
+                   cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
+                   dq_chain=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -1160,7 +1342,8 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             int(window_right), float(softcap),
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
-            bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink))
+            bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
+            dq_chain is not None)
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -1196,6 +1379,7 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             plan.launch(q.device.index, plan.bind(dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
+                dq_chain=opts["dq_chain"] if opts["dq_chain"] is not None else dummy,
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
                 seqused=used if used is not None else dummy)))
             return True

@@ -14,8 +14,9 @@ from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sam
 
 
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, varlen=False,
-                   gqa=1, seqused=False, deterministic=False, tile=None, sink_partials=False):
-    """Compile one configuration of attn_bwd_kernel for sm_90a; returns triton's CompiledKernel."""
+                   gqa=1, seqused=False, deterministic=False, tile=None, sink_partials=False, dq_chain=False):
+    """Compile one configuration of attn_bwd_kernel for sm_90a; returns triton's CompiledKernel.
+    deterministic: the build without dQ (the ordered pass gives it); dq_chain: the in-kernel ordered dQ build."""
     b, s, hq = SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS * gqa
     q, k, v, cu = sample_inputs(d, dv, dtype, varlen=varlen, gqa=gqa)
     lse = torch.zeros((hq, b * s) if varlen else (b, hq, s), dtype=torch.float32)
@@ -40,7 +41,8 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         seqused_k=torch.full((b, ), s, dtype=torch.int32) if seqused else None,
         max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, deterministic=deterministic,
         tile=tile_obj, sink=torch.zeros(hq) if sink_partials else None,
-        dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None)
+        dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None,
+        dq_chain=backward.dq_chain_counters(tile_obj, b, hq, s, "cpu") if dq_chain else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)

@@ -644,8 +644,9 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
                             config=config)
     side = None
     for launch in launches:
-        if launch.concurrent and CONCURRENT_LAUNCHES and q.is_cuda:
-            main, side = torch.cuda.current_stream(q.device), side_stream(q.device)
+        stream = side_stream(q.device) if launch.concurrent and CONCURRENT_LAUNCHES and q.is_cuda else None
+        if stream is not None:
+            main, side = torch.cuda.current_stream(q.device), stream
             side.wait_stream(main)  # its inputs were written on the caller's stream
             with torch.cuda.stream(side):
                 launch()
@@ -663,10 +664,16 @@ _SIDE_STREAMS = {}
 
 def side_stream(device):
     """One side stream per device for backward's concurrent launches (CUDA-graph capture follows it there
-    through the wait on the capturing stream)."""
+    through the wait on the capturing stream), or None: the launches then run in order on the caller's stream.
+
+    None while a CUDA graph is being captured and no side stream exists yet: creating a stream (torch's pool
+    allocates its streams on first use) is not something to do inside a capture, so a first backward call that
+    is captured runs its passes in order; eager calls afterwards create the stream, and later captures use it."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _SIDE_STREAMS.get(index)
     if stream is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
         stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return stream
 
