@@ -57,6 +57,12 @@ TILES = {
     # The three-consumer D = 64 tile with dQ by the in-kernel reduce-add (5 products instead of 7; 65 reloads a
     # step at 160 registers).
     "wg3ra": dict(separate_dq=False),
+    # Two consumers (240 registers) with dQ by the in-kernel reduce-add, issued by the consumers or by the writer
+    # warp (tile.dq_writer, session 8): 5 products instead of the ordered pass's 7, and no consumer waits on TMA.
+    "wg2ra": dict(num_wg=2, consumer_regs=240, separate_dq=False),
+    "wg2w": dict(num_wg=2, consumer_regs=240, separate_dq=False, dq_writer=True),
+    # D = 128: the writer warp off (the consumers issue their reduce-adds, as before session 8).
+    "nowriter": dict(dq_writer=False),
 }
 
 

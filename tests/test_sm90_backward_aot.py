@@ -121,6 +121,11 @@ CASES = [
     ("d128-chain-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, dq_chain=True)),
     ("d128-chain-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, dq_chain=True)),
     ("d96-chain-right-window", dict(d=96, dv=96, window=(-1, 200), dq_chain=True)),
+    # The writer warp for the unordered reduce-add: the shipped D = 128 tile (non-causal), one dQ share per
+    # consumer at D = 128 and at D = 64 with two consumers (probe variants).
+    ("d128-writer-unshared", dict(d=128, dv=128, tile=dict(shared_dq=False, stages=2))),
+    ("d64-writer-wg2", dict(d=64, dv=64, tile=dict(num_wg=2, consumer_regs=240, separate_dq=False,
+                                                   dq_writer=True))),
     # The opt-in D = 256 kernel (backward_d256.py: 64 keys a CTA, the consumers split the head dim).
     ("d256-plain", dict(d=256, dv=256, tile=dict(d256=True))),
     ("d256-causal", dict(d=256, dv=256, causal=True, tile=dict(d256=True))),

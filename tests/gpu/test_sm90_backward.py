@@ -153,6 +153,22 @@ def test_ping_pong_dq_builds(over, causal):
     _run(q, k, v, tile=_ping_pong_tile(case, **over), **kw)
 
 
+@pytest.mark.parametrize("over", [dict(shared_dq=False, stages=2),
+                                  dict(num_wg=2, consumer_regs=240, separate_dq=False, dq_writer=True)],
+                         ids=["d128-unshared", "d64-two-consumers"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_writer_one_share_per_consumer(over, causal):
+    """The writer warp issuing one dQ share per consumer (all D columns of its 64 keys), not the shared tile's
+    column halves: D = 128 unshared and D = 64 with two consumers (probe variants; causal calls keep the
+    consumers issuing, launch_plan)."""
+    d = 64 if over.get("num_wg") else 128
+    case = (2, 1000, 1000, 8, 2, d, d, -1, 0 if causal else -1, 0.0, False, True)
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    tile = _bwd().get_tile(d, d, **over)
+    assert tile is not None and tile.dq_writer and not tile.shared_dq
+    _run(q, k, v, tile=tile, **kw)
+
+
 def test_seqused_k():
     torch.manual_seed(7)
     q = torch.randn(2, 600, 4, 128, device=DEV, dtype=torch.bfloat16)

@@ -488,8 +488,11 @@ def _dq_writer(p, bufs):
                 mbarrier.wait(bufs.dq_staged.index(w), it & 1)
                 if p.ORDERED_DQ != 0:
                     _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, w * DQW),
-                                                  bufs.dq.index(w))
+                if p.DQ_SHARED:  # consumer w's share: all the CTA's keys, its D / NWG columns
+                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, w * DQW),
+                                                      bufs.dq.index(w))
+                else:  # consumer w's share: its 64 keys, all D columns
+                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), bufs.dq.index(w))
             tma.store_wait(0)
             for w in gl.static_range(NWG):
                 mbarrier.arrive(bufs.dq_free.index(w))
@@ -775,14 +778,21 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         mbarrier.arrive(bufs.q_empty.index(idx))
                         mbarrier.arrive(bufs.do_empty.index(idx))
                         _trace_step(p, WG, it, 7)
-                        tma.store_wait(0)
+                        if p.DQ_WRITER:
+                            # The writer has read the previous share (a fresh barrier passes parity 1).
+                            mbarrier.wait(bufs.dq_free.index(WG), (it & 1) ^ 1)
+                        else:
+                            tma.store_wait(0)
                         _trace_step(p, WG, it, 8)
                     else:
                         dq = warpgroup_mma_wait(0, deps=(dq, ))
                     dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq * p.softmax_scale)
                 fence_async_shared()
                 _trace_step(p, WG, it, 9)
-                async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
+                if p.DQ_WRITER:
+                    mbarrier.arrive(bufs.dq_staged.index(WG))
+                else:
+                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), dq_s)
                 _trace_step(p, WG, it, 10)
             else:
                 if p.PING_PONG:
@@ -925,11 +935,20 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
     if DQ_WRITER:
-        gl.static_assert(NWG == 2 and DQ_SHARED, "the dQ writer serves the shared-dQ tile")
-        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
-                            (_consumer, (p, bufs, gl.constexpr(1))),
-                            (_loader, (p, bufs)),
-                            (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+        gl.static_assert(DQ_ATOMIC and NWG >= 2, "the dQ writer serves the in-kernel reduce-add of 2 or 3 consumers")
+        gl.static_assert(ORDERED_DQ == 0 or DQ_SHARED, "the ordered chain is built for the shared-dQ tile")
+        if NWG == 2:
+            gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                                (_consumer, (p, bufs, gl.constexpr(1))),
+                                (_loader, (p, bufs)),
+                                (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+        else:
+            gl.warp_specialize([(_loader, (p, bufs)),
+                                (_consumer, (p, bufs, gl.constexpr(0))),
+                                (_consumer, (p, bufs, gl.constexpr(1))),
+                                (_consumer, (p, bufs, gl.constexpr(2))),
+                                (_dq_writer, (p, bufs))], [4, 4, 4, 1],
+                               [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
@@ -1050,8 +1069,8 @@ def get_tile(d, dv, **overrides):
     if tile is None:
         return None
     tile = replace(tile, **overrides) if overrides else tile
-    if tile.dq_writer and not (tile.shared_dq and not tile.separate_dq):
-        tile = replace(tile, dq_writer=False)  # the writer hands over the shared dQ shares only
+    if tile.dq_writer and (tile.separate_dq or tile.num_wg < 2 or tile.d256):
+        tile = replace(tile, dq_writer=False)  # the writer issues the in-kernel reduce-adds of 2 or 3 consumers
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
@@ -1199,7 +1218,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 else 1),
         # The writer warp: always for the ordered chain; for the unordered reduce-add where it measured faster
         # (tile.dq_writer: calls without a right window).
-        DQ_WRITER=shared and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
+        DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
