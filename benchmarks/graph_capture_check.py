@@ -1,5 +1,6 @@
-"""CUDA-graph capture of fa4's Triton path, forward and forward + backward, lean kernel on and off: replays must
-equal eager calls. Prints the full traceback of a failing capture.
+"""CUDA-graph capture of fa4's Triton path, forward and forward + backward, lean kernel on and off, and on sm_90
+the Gluon backward with deterministic=True: replays must equal eager calls. Prints the full traceback of a
+failing capture.
 
     python benchmarks/graph_capture_check.py
 """
@@ -49,6 +50,34 @@ def main():
                 return
 
 
+def sm90_deterministic():
+    """The sm90 backward with deterministic=True under CUDA-graph capture: D = 128 takes the main kernel's ordered
+    dQ chain (its counters zeroed by a memset inside the graph, so every replay starts the chain afresh), D = 64
+    the ordered pass on the side stream. Replays must equal eager calls bitwise, twice in a row."""
+    for d, s, causal in ((128, 1024, True), (128, 4096, False), (64, 4096, True)):
+        b, h = 16384 // s, 2048 // d
+        torch.manual_seed(1)
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        dout = torch.randn_like(q)
+
+        def call():
+            out = fa4.flash_attn_func(q, k, v, causal=causal, deterministic=True)
+            return torch.autograd.grad(out, (q, k, v), dout)
+        name = f"sm90 deterministic D={d} S={s} causal={causal} backward=True"
+        try:
+            eager = [t.clone() for t in call()]
+            graph, res = _capture(call, warmups=1)
+            diffs = []
+            for _ in range(2):
+                graph.replay()
+                torch.cuda.synchronize()
+                diffs.append(max((a.float() - e.float()).abs().max().item() for a, e in zip(res, eager)))
+            print(f"{name}: captured, two replays vs eager max|diff| {diffs[0]:.1e} {diffs[1]:.1e}", flush=True)
+        except Exception:
+            print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)
+            return
+
+
 def sequence(backend, lean, sm90_first=False):
     """host_probe's order: eager forward and backward, a forward-only capture with grad-requiring inputs, then a
     forward + backward capture."""
@@ -82,3 +111,5 @@ if __name__ == "__main__":
         sequence(sys.argv[2], sys.argv[3] == "1")
         raise SystemExit
     main()
+    if torch.cuda.get_device_capability() == (9, 0):
+        sm90_deterministic()

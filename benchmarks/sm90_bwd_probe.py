@@ -160,7 +160,7 @@ for d, s, causal in rows:
                 print("PART " + json.dumps({key: {name: "error: " + str(exc)[:160]}}), flush=True)
                 continue
             timed(name, lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True))
-        del qg, kg, vg
+            del o, qg, kg, vg  # inside the loop: with every peer unavailable none was made
 """
 
 
