@@ -1035,9 +1035,9 @@ _TABLE = {
     # L1-hit reloads in the loop, see tests/test_sm90_backward_aot.py): +1-6% (sm90_bwd_probe --tiles early:
     # 350 -> 366, causal 272 -> 275; 455 -> 476, 429 -> 448; 485 -> 513, 502 -> 509). At D = 64 it measured
     # -2% to +0% (321 -> 313, 349 -> 342): not taken there.
-    # Then the writer warp issuing the reduce-adds (dq_writer; H200, 2026-11-26, benchmarks/dq_chain_ab.py,
-    # consumers -> writer): S = 1024 393 -> 408, 4096 481 -> 498, 16384 504 -> 526; causal 255-299 -> 289, 434 ->
-    # 431, 508 -> 502 (so causal calls keep the consumers issuing them).
+    # Then the writer warp issuing the reduce-adds (dq_writer; 2026-11-26, benchmarks/dq_chain_ab.py, consumers ->
+    # writer): H200 S = 1024 393 -> 408, 4096 481 -> 498, 16384 504 -> 526; H100 368 -> 382, 470 -> 478, 515 ->
+    # 533. Causal moved -3% to +4% over six runs on both cards, so causal calls keep the consumers issuing them.
     (128, 128): BwdTile(block_m=64, num_wg=2, stages=3, consumer_regs=240, shared_dq=True, early_dp=True,
                         dq_writer=True),
 }
