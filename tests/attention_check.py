@@ -88,6 +88,41 @@ def backend_options(q, left=-1, right=-1, softcap=0.0, sink=None, varlen=None):
                 max_seqlen_k=varlen.get("max_seqlen_k"))
 
 
+def reference_backward_inputs(b, s, hq, hkv, d, *, causal, device, dtype=torch.bfloat16):
+    """(q, k, v, opts, out, lse, dout) of a backend backward call: fresh (B, S, H, D) inputs from the current
+    seed, the canonical options (causal or no mask), the fp32 reference forward's out (in dtype) and lse, and a
+    random dout."""
+    q = torch.randn(b, s, hq, d, device=device, dtype=dtype)
+    k = torch.randn(b, s, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(b, s, hkv, d, device=device, dtype=dtype)
+    opts = backend_options(q, -1, 0 if causal else -1)
+    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    out = out.to(dtype)
+    return q, k, v, opts, out, lse, torch.randn_like(out)
+
+
+def assert_first_capture_creates_no_stream(call, monkeypatch):
+    """call(): a backward returning (dq, dk, dv, ...) whose passes use the backwards' shared side stream when one
+    exists. Run eagerly once (compiling the kernels), then captured in a CUDA graph with the side-stream table
+    emptied (triton/backward.side_stream): no stream may be created during the capture, and a replay into the
+    captured outputs, poisoned with NaN first, must equal the eager call bitwise."""
+    from fa4.kernels.triton import backward as tb
+    eager = call()
+    monkeypatch.setattr(tb, "_SIDE_STREAMS", {})
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
+        grads = call()
+    assert tb._SIDE_STREAMS == {}, "a side stream was created during the capture"
+    for g in grads[:3]:
+        g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, g in zip("qkv", grads[:3], eager[:3]):
+        assert torch.equal(a, g), f"d{name}: the captured replay differs from the eager call"
+
+
 def check_backend_backward(backward, q, k, v, *, left=-1, right=-1, softcap=0.0, sink=None, with_dlse=False,
                            deterministic=False, varlen=None, dout=None):
     """One backend's `backward` by itself, against the fp32 reference (ref) and the reference in the input dtype

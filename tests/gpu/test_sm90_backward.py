@@ -11,7 +11,8 @@ import functools
 import pytest
 import torch
 
-from attention_check import (backend_options, backward_case_id, backward_case_inputs, check_backend_backward,
+from attention_check import (assert_first_capture_creates_no_stream, backend_options, backward_case_id,
+                             backward_case_inputs, check_backend_backward, reference_backward_inputs,
                              cu_seqlens, dsink_error_ratios)
 from fa4 import reference
 
@@ -183,13 +184,7 @@ def test_deterministic_bitwise_100x(d, causal):
     """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients."""
     bwd = _bwd()
     torch.manual_seed(11)
-    q = torch.randn(2, 2048, 8, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
-    opts = _opts(q, -1, 0 if causal else -1, 0.0, None, None)
-    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    out = out.to(q.dtype)
-    dout = torch.randn_like(out)
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 2048, 8, 2, d, causal=causal, device=DEV)
     first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
     for _ in range(100):
         again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
@@ -203,13 +198,7 @@ def test_concurrent_dq_pass(monkeypatch, d, deterministic):
     the serial order, on a non-default caller stream whose next work reads them without synchronising."""
     bwd = _bwd()
     torch.manual_seed(12)
-    q = torch.randn(2, 2048, 8, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(2, 2048, 2, d, device=DEV, dtype=torch.bfloat16)
-    opts = _opts(q, -1, 0, 0.0, None, None)
-    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    out = out.to(q.dtype)
-    dout = torch.randn_like(out)
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 2048, 8, 2, d, causal=True, device=DEV)
     assert bwd.CONCURRENT_DQ
     monkeypatch.setattr(bwd, "DQ_CHAIN", False)  # deterministic D = 128 through the pass, not the in-kernel chain
     caller = torch.cuda.Stream()
@@ -228,31 +217,12 @@ def test_concurrent_dq_pass(monkeypatch, d, deterministic):
 def test_capture_before_any_side_stream(monkeypatch):
     """The deterministic D = 128 backward (its dQ pass on the side stream when one exists) captured before any
     side stream exists: no stream is created during the capture, and the replay equals an eager call bitwise."""
-    from fa4.kernels.triton import backward as tb
     bwd = _bwd()
     torch.manual_seed(13)
-    q = torch.randn(1, 1024, 4, 128, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(1, 1024, 2, 128, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(1, 1024, 2, 128, device=DEV, dtype=torch.bfloat16)
-    opts = _opts(q, -1, 0, 0.0, None, None)
-    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    out = out.to(q.dtype)
-    dout = torch.randn_like(out)
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(1, 1024, 4, 2, 128, causal=True, device=DEV)
     monkeypatch.setattr(bwd, "DQ_CHAIN", False)  # the pass (on the side stream), not the in-kernel chain
-    eager = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)  # compiles the kernels
-    monkeypatch.setattr(tb, "_SIDE_STREAMS", {})
-    capture = torch.cuda.Stream()
-    capture.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
-        grads = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
-    assert tb._SIDE_STREAMS == {}, "a side stream was created during the capture"
-    for g in grads[:3]:
-        g.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    for name, a, g in zip("qkv", grads[:3], eager[:3]):
-        assert torch.equal(a, g), f"d{name}: the captured replay differs from the eager call"
+    assert_first_capture_creates_no_stream(
+        lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts), monkeypatch)
 
 
 # deterministic=True at D = 128 through the main kernel's ordered dQ chain (ORDERED_DQ): ascending without a
@@ -437,13 +407,7 @@ def test_d256_deterministic_bitwise_20x():
     the ordered pass; 20 calls give bitwise-identical gradients."""
     bwd = _bwd()
     torch.manual_seed(12)
-    q = torch.randn(2, 1024, 8, 256, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(2, 1024, 2, 256, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(2, 1024, 2, 256, device=DEV, dtype=torch.bfloat16)
-    opts = _opts(q, -1, 0, 0.0, None, None)
-    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    out = out.to(q.dtype)
-    dout = torch.randn_like(out)
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 1024, 8, 2, 256, causal=True, device=DEV)
     first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=_d256_tile(), **opts)
     for _ in range(20):
         again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, tile=_d256_tile(), **opts)

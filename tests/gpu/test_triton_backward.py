@@ -5,7 +5,8 @@ deterministic=True repeated and compared bitwise; offsets past 2^31 elements. Sk
 import pytest
 import torch
 
-from attention_check import (backward_case_id, backward_case_inputs, check_backend_backward, cu_seqlens,
+from attention_check import (assert_first_capture_creates_no_stream, backward_case_id, backward_case_inputs,
+                             check_backend_backward, cu_seqlens, reference_backward_inputs,
                              dsink_error_ratios)
 from fa4 import reference
 from fa4.kernels.triton import backward as bwd
@@ -115,15 +116,8 @@ def test_concurrent_dv_pass(monkeypatch):
     passes run one after the other (deterministic: no atomics), on a non-default caller stream, and the caller's
     stream sees finished outputs: they are read there right after the call, with no synchronisation."""
     torch.manual_seed(15)
-    b, s, hq, hkv, d = 2, 1536, 8, 2, 256
-    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
-    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0, sink=None)
-    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    out = out.bfloat16()
-    dout = torch.randn_like(out)
-    assert bwd.default_config(q, d, causal=True).concurrent_dv
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 1536, 8, 2, 256, causal=True, device=DEV)
+    assert bwd.default_config(q, 256, causal=True).concurrent_dv
     caller = torch.cuda.Stream()
     caller.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(caller):
@@ -142,29 +136,10 @@ def test_capture_before_any_side_stream(monkeypatch):
     (side_stream returns None while capturing): its passes run in order on the capturing stream, the replay
     equals an eager call bitwise, and no side stream exists after the capture."""
     torch.manual_seed(16)
-    b, s, hq, hkv, d = 1, 1024, 4, 2, 256
-    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.bfloat16)
-    opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0, softcap=0.0, sink=None)
-    out, lse = reference.forward(q.float(), k.float(), v.float(), **opts)
-    out = out.bfloat16()
-    dout = torch.randn_like(out)
-    assert bwd.default_config(q, d, causal=True).concurrent_dv
-    eager = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)  # compiles the kernels
-    monkeypatch.setattr(bwd, "_SIDE_STREAMS", {})
-    capture = torch.cuda.Stream()
-    capture.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
-        grads = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
-    assert bwd._SIDE_STREAMS == {}, "a side stream was created during the capture"
-    for g in grads[:3]:
-        g.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    for name, a, g in zip("qkv", grads[:3], eager[:3]):
-        assert torch.equal(a, g), f"d{name}: the captured replay differs from the eager call"
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(1, 1024, 4, 2, 256, causal=True, device=DEV)
+    assert bwd.default_config(q, 256, causal=True).concurrent_dv
+    assert_first_capture_creates_no_stream(
+        lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts), monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -273,8 +273,8 @@ class BwdBuffers:
     do_ready: gl.shared_memory_descriptor
     do_empty: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor      # [NWG, 1] (PING_PONG): consumer w may issue its next product group
-    dq_staged: gl.shared_memory_descriptor  # [NWG, 1] (chain writer): consumer w's dQ share is in dq[w]
-    dq_free: gl.shared_memory_descriptor    # [NWG, 1] (chain writer): the TMA unit has read dq[w]
+    dq_staged: gl.shared_memory_descriptor  # [NWG, 1] (DQ_WRITER): consumer w's dQ share is in dq[w]
+    dq_free: gl.shared_memory_descriptor    # [NWG, 1] (DQ_WRITER): the TMA unit has read dq[w]
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty,
@@ -471,8 +471,8 @@ def _loader(p, bufs):
 def _dq_writer(p, bufs):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add. Then, once the TMA
-    unit has read both tiles, free them (dq_free); with ORDERED_DQ, once both adds have completed, release them
-    to the next key block of each chain."""
+    unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have completed,
+    release them to the next key block of each chain."""
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     D: gl.constexpr = p.q_desc.block_type.shape[-1]
@@ -995,9 +995,9 @@ class BwdTile:
     # exp2 and dS run under the other's wgmmas (attn_bwd_kernel, "PING_PONG"). Implies dP issued with S.
     # Two or more consumers (with one it is off).
     ping_pong: bool = False
-    # The consumers hand their dQ shares to a writer warp that issues the reduce-adds (shared_dq only): for calls
-    # without a right window, where it measured faster; the in-kernel ordered dQ of deterministic=True uses it
-    # whatever this says (launch_plan).
+    # The consumers hand their dQ shares to a writer warp that issues the reduce-adds (dQ in the main kernel, two
+    # or three consumers): for calls without a right window, where it measured faster; the in-kernel ordered dQ
+    # of deterministic=True uses it whatever this says (launch_plan).
     dq_writer: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
@@ -1078,7 +1078,6 @@ def get_tile(d, dv, **overrides):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
-
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
 
 
