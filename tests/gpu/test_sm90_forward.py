@@ -95,6 +95,9 @@ VARIANTS = [
     dict(SCHED="reversed"), dict(SCHED="flat"), dict(STAGGER=True),
     # r2 analysis (benchmarks/NOTES.md): tile-end hand-offs, two Q buffers, the probe's trace.
     dict(TAIL=True), dict(TAIL=True, q_buffers=2), dict(q_buffers=2), dict(TRACE=True),
+    # Session 9: the causal walk that converges on one K/V block per head, and the key loop split into masked
+    # and wholly visible steps.
+    dict(CONVERGE=True), dict(SPLIT=True), dict(SPLIT=False),
 ]
 
 
@@ -115,6 +118,24 @@ def test_variants(variant, d, causal):
     k = (k * torch.linspace(6.0, 0.1, 1500, device=DEV)[None, :, None, None]).to(torch.bfloat16)
     v = torch.randn(2, 1500, 2, d, dtype=torch.bfloat16, device=DEV)
     _run(q, k, v, causal=causal, variant=variant)
+
+
+WINDOWED = [c for c in BATCHED if c[7] or c[8] != (-1, -1)]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
+@pytest.mark.parametrize("case", WINDOWED, ids=[_ids(c) for c in WINDOWED])
+def test_mask_split(case, split):
+    """Every windowed shape of BATCHED (both edges, Sq != Sk both ways, one query, a window of one key, the
+    192-row D = 64 tile) with the key loop in one piece and split into masked and visible steps: a step that
+    _mask_split wrongly calls visible would let masked keys in."""
+    torch.manual_seed(hash(case) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = case
+    q = torch.randn(b, sq, hq, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(b, sk, hkv, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(b, sk, hkv, dv, dtype=torch.bfloat16, device=DEV)
+    s = torch.randn(hq, dtype=torch.float32, device=DEV) if sink else None
+    _run(q, k, v, causal=causal, window=window, softcap=softcap, sink=s, variant=dict(SPLIT=split))
 
 
 @pytest.mark.parametrize("case", ["batched-causal-d128", "batched-d64-gqa", "varlen-sink-softcap-d128",

@@ -100,13 +100,15 @@ class Problem:
     TAIL: gl.constexpr
     TRACE: gl.constexpr
     MASK2D: gl.constexpr
+    CONVERGE: gl.constexpr
+    SPLIT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, SPLIT):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -154,6 +156,8 @@ class Problem:
         self.TAIL = gl.constexpr(TAIL)
         self.TRACE = gl.constexpr(TRACE)
         self.MASK2D = gl.constexpr(MASK2D)
+        self.CONVERGE = gl.constexpr(CONVERGE)
+        self.SPLIT = gl.constexpr(SPLIT)
 
 
 @aggregate
@@ -291,9 +295,20 @@ def _rotation(p, pid, n_lo, n_hi):
 
 
 @gluon.jit
-def _block(p, it, rot, n_lo, n_hi):
-    """Key block of step `it` of the walk: the last block first, then downwards (rotated by `rot`)."""
-    if p.STAGGER:
+def _block(p, it, rot, n_lo, n_hi, sub):
+    """Key block of step `it` of the walk over query block `sub` of a unit: the last block first, then
+    downwards (rotated by `rot`).
+
+    CONVERGE (under a right window only, where every block is tested for its mask, so any order is exact):
+    the unit's first query block walks upwards from n_lo and its second downwards. The paired units of a
+    head start together (CTA i takes unit i), so their first blocks read key block 0, 1, 2, ... in step;
+    a unit's second (shorter) block starts when its first ends, at step n_m - u for unit u, and walking
+    down from its own diagonal it reads key block n_m - step like every other unit in that phase. A head's
+    CTAs then read one or two K/V blocks at a time, as the non-causal walk does, instead of each its own
+    (the descending walk of the long block starts at a different diagonal in every CTA)."""
+    if p.CONVERGE and p.HAS_WR:
+        return gl.where(sub == 0, n_lo + it, n_hi - 1 - it)
+    elif p.STAGGER:
         k = it + rot
         k = gl.where(k >= n_hi - n_lo, k - (n_hi - n_lo), k)
         return n_hi - 1 - k
@@ -433,7 +448,7 @@ def _loader(p, bufs):
                 tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, m0 + w * ROWS_PER_WG),
                                                 bufs.q_ready.index(qb), bufs.q.index(qb * NWG + w))
             for it in range(n_hi - n_lo):
-                key = _block(p, it, rot, n_lo, n_hi) * p.BN
+                key = _block(p, it, rot, n_lo, n_hi, sub) * p.BN
                 mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
                 mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
@@ -466,18 +481,19 @@ def _visible(p, rows, keys, seq_k, off):
 
 
 @gluon.jit
-def _scores(p, s, j, rows, m0, seq_q, seq_k, FIRST: gl.constexpr):
-    """Softcap, then -inf where a key is not visible; blocks wholly inside the visible band skip the mask.
+def _scores(p, s, j, rows, m0, seq_q, seq_k, MASK: gl.constexpr):
+    """Softcap, then (MASK) -inf where a key is not visible; blocks wholly inside the visible band skip the
+    mask at run time.
 
-    Without a window only the sequence end needs a mask, and the walk takes that block first (FIRST): the
-    loop then carries no mask code (and none of the per-thread column constants LLVM would keep live for it;
-    at 160 registers a thread they were spilled)."""
+    Without a window only the sequence end needs a mask, and the walk takes that block first: the loop then
+    carries no mask code (and none of the per-thread column constants LLVM would keep live for it; at 160
+    registers a thread they were spilled). With a window the caller passes MASK = False for the steps that
+    _mask_split proves wholly visible."""
     BN: gl.constexpr = p.BN
     BM: gl.constexpr = ROWS_PER_WG * p.NWG
-    MASKS: gl.constexpr = FIRST or p.HAS_WR or p.HAS_WL or p.STAGGER
     if p.SOFTCAP:
         s = tanh_approx(s * p.cap_scale)
-    if MASKS:
+    if MASK:
         off = seq_k - seq_q
         need = (j + 1) * BN > seq_k
         if p.HAS_WR:
@@ -506,6 +522,74 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, FIRST: gl.constexpr):
                     ok = ok & (cols >= gl.expand_dims(rows + (off - p.window_left - j * BN), 1))
             s = gl.where(ok, s, float("-inf"))
     return s
+
+
+@gluon.jit
+def _mask_split(p, m0, seq_q, seq_k, n_lo, n_hi):
+    """Steps (lo, hi) of the descending walk over key blocks [n_lo, n_hi) such that steps [1, lo) and [hi, n)
+    may need a mask and steps [lo, hi) are wholly visible to every row of the tile (1 <= lo <= hi <= n).
+
+    Block j needs the sequence-end or right-window mask when (j + 1)·BN > lim, lim = min(seq_k,
+    m0 + off + wr + 1): the top n_hi - lim // BN blocks, which the walk takes first. It needs the left-window
+    mask when j·BN < m0 + BM - 1 + off - wl: the blocks below cdiv(that, BN), which the walk takes last."""
+    BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    n_steps = n_hi - n_lo
+    off = seq_k - seq_q
+    lim = seq_k
+    if p.HAS_WR:
+        lim = gl.minimum(lim, m0 + off + p.window_right + 1)
+    first_full = gl.maximum(lim, 0) // p.BN  # blocks j < first_full are free of the right-side masks
+    a = gl.minimum(gl.maximum(n_hi - gl.maximum(first_full, n_lo), 1), n_steps)
+    b = n_steps
+    if p.HAS_WL:
+        edge = gl.maximum(m0 + BM - 1 + off - p.window_left, 0)
+        low_full = gl.minimum((edge + p.BN - 1) // p.BN, n_hi)  # blocks j >= low_full are free of it
+        b = gl.minimum(gl.maximum(n_hi - gl.maximum(low_full, n_lo), a), n_steps)
+    return a, b
+
+
+@gluon.jit
+def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn, m_i, l_i,
+              acc, pv, WG: gl.constexpr, MASK: gl.constexpr):
+    """One step of a tile's key loop: S of this step's block issued with the previous block's P·V, then this
+    block's softmax under that P·V. Returns the loop-carried state."""
+    BN: gl.constexpr = p.BN
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    M: gl.constexpr = ROWS_PER_WG
+    dtype: gl.constexpr = p.q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    p_layout: gl.constexpr = pv.type.layout
+    TURN0: gl.constexpr = 1 if WG == 0 else 0
+    NEXT_WG: gl.constexpr = (WG + 1) % p.NWG
+    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS
+    jj = _block(p, it, rot, n_lo, n_hi, sub)
+    kv_idx, kv_phase = _slot(kv_count, p.STAGES)
+    v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
+    mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
+    if p.PINGPONG:
+        mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
+    k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
+    s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+    mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
+    acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
+    if p.PINGPONG:
+        mbarrier.arrive(bufs.turn.index(NEXT_WG))
+        turn += 1
+    # S_j is ready once at most one group (P·V) is outstanding.
+    s = warpgroup_mma_wait(1, deps=(s, ))
+    mbarrier.arrive(bufs.k_empty.index(kv_idx))
+    if EARLY_Q:
+        if it == n_hi - n_lo - 1:
+            mbarrier.arrive(bufs.q_empty.index(qb))
+    s = _scores(p, s, jj, rows, m0, seq_q, seq_k, MASK)
+    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
+    acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
+    mbarrier.arrive(bufs.v_empty.index(v_idx))
+    acc = rescale_o(acc, alpha)
+    pv = gl.convert_layout(pr.to(dtype), p_layout)
+    return kv_count + 1, turn, m_i, l_i, acc, pv
 
 
 @gluon.jit
@@ -564,7 +648,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 # Opaque: without a window this block index, hence its whole sequence-end mask, is the
                 # same every tile, and LLVM hoisted the mask out of the tile loop as bit masks kept in
                 # registers through the key loop (spilled at 160 registers a thread).
-                j = _opaque(_block(p, 0, rot, n_lo, n_hi))
+                j = _opaque(_block(p, 0, rot, n_lo, n_hi, sub))
                 kv_idx, kv_phase = _slot(kv_count, p.STAGES)
                 mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
                 k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
@@ -580,34 +664,29 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                 pv = gl.convert_layout(pr.to(dtype), p_layout)
                 kv_count += 1
-                for it in range(1, n_hi - n_lo):
-                    jj = _block(p, it, rot, n_lo, n_hi)
-                    kv_idx, kv_phase = _slot(kv_count, p.STAGES)
-                    v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
-                    mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
-                    if p.PINGPONG:
-                        mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
-                    k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
-                    s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False,
-                                      is_async=True)
-                    mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
-                    acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
-                    if p.PINGPONG:
-                        mbarrier.arrive(bufs.turn.index(NEXT_WG))
-                        turn += 1
-                    # S_j is ready once at most one group (P·V) is outstanding.
-                    s = warpgroup_mma_wait(1, deps=(s, ))
-                    mbarrier.arrive(bufs.k_empty.index(kv_idx))
-                    if EARLY_Q:
-                        if it == n_hi - n_lo - 1:
-                            mbarrier.arrive(bufs.q_empty.index(qb))
-                    s = _scores(p, s, jj, rows, m0, seq_q, seq_k, False)
-                    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
-                    acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
-                    mbarrier.arrive(bufs.v_empty.index(v_idx))
-                    acc = rescale_o(acc, alpha)
-                    pv = gl.convert_layout(pr.to(dtype), p_layout)
-                    kv_count += 1
+                n_steps = n_hi - n_lo
+                if p.SPLIT:
+                    # The walk's masked steps apart from the rest (see _mask_split): one loop with the mask
+                    # code and one without, so the unmasked blocks run the non-causal step.
+                    vis_lo, vis_hi = _mask_split(p, m0, seq_q, seq_k, n_lo, n_hi)
+                    for it in range(1, vis_lo):
+                        kv_count, turn, m_i, l_i, acc, pv = _key_step(
+                            p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn,
+                            m_i, l_i, acc, pv, WG, True)
+                    for it in range(vis_lo, vis_hi):
+                        kv_count, turn, m_i, l_i, acc, pv = _key_step(
+                            p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn,
+                            m_i, l_i, acc, pv, WG, False)
+                    if p.HAS_WL:
+                        for it in range(vis_hi, n_steps):
+                            kv_count, turn, m_i, l_i, acc, pv = _key_step(
+                                p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count,
+                                turn, m_i, l_i, acc, pv, WG, True)
+                else:
+                    for it in range(1, n_steps):
+                        kv_count, turn, m_i, l_i, acc, pv = _key_step(
+                            p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn,
+                            m_i, l_i, acc, pv, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
                 if LATE_Q:
                     mbarrier.arrive(bufs.q_empty.index(qb))
                 v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
@@ -724,7 +803,8 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, LAZY: gl.constexpr, POLY: gl.constexpr,
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
+                    CONVERGE: gl.constexpr, SPLIT: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -757,7 +837,8 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(num_units), gl.to_tensor(units_per_head), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
-                HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D)
+                HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
+                CONVERGE, SPLIT)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -783,7 +864,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
-                       MASK2D=False)
+                       MASK2D=False, CONVERGE=False, SPLIT=False)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -885,6 +966,13 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
+    constexprs["CONVERGE"] = bool(variant["CONVERGE"])
+    # SPLIT: the key loop in masked and unmasked segments; only for the descending walk it assumes, and
+    # only where a window puts masks inside the loop.
+    split = bool(variant["SPLIT"]) and windowed
+    if split and (variant["STAGGER"] or variant["CONVERGE"]):
+        raise ValueError("SPLIT assumes the descending walk: not with STAGGER or CONVERGE")
+    constexprs["SPLIT"] = split
     return num_units, args, constexprs
 
 
