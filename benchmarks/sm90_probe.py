@@ -64,12 +64,10 @@ VARIANTS = {
     # tiles that now take the per-row form (causal rows: the masked diagonal blocks).
     "mask2d": (dict(MASK2D=True), (64, 128, 256), (True, ), True, False),
     # Session 9: under causal the long query block of a pair walks its key blocks upwards, the short one
-    # downwards, so a head's CTAs read the same K/V block at the same time (attention_fwd._block).
+    # downwards, so a head's CTAs read the same K/V block at the same time (attention_fwd._block). The
+    # default since; "descend" is the walk before it (every tile from its last key block down).
     "converge": (dict(CONVERGE=True), (64, 128, 256), (True, ), True, False),
-    # Session 9: the key loop split into its masked steps and the wholly visible ones (attention_fwd._mask_split),
-    # so under causal the unmasked blocks run without the mask code (the trace put causal blocks at +4-13%
-    # cycles over non-causal ones).
-    "split": (dict(SPLIT=True), (64, 128, 256), (True, ), True, False),
+    "descend": (dict(CONVERGE=False), (64, 128, 256), (True, ), True, False),
 }
 HEAD_DIMS = (64, 128, 256)
 SEQ_LENS = (1024, 4096, 16384)
@@ -566,7 +564,7 @@ def main():
              dict(name="api", fast_ok=fast_ok, skip_d=skip_d("base"))]
     if not args.no_peers:
         tasks += [dict(name=p) for p in PEERS]
-    trace_vs = [n for n in ("base", "q2", "wg2", "converge", "split") if n in names]
+    trace_vs = [n for n in ("base", "q2", "wg2", "descend") if n in names]
     if "trace" in names:
         # A variant is traced only at the head dims where it and the trace build passed their checks.
         tasks.append(dict(name="trace", trace_variants=trace_vs,

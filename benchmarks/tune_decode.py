@@ -274,8 +274,7 @@ def main():
               "peers under do_bench's flush (a 256 MB memset, which leaves up to the L2's size of dirty lines that "
               "the timed call must write back) and under a read-only flush (a 256 MB sum: clean lines); GB/s",
               flush=True)
-        print(f"{'B':>4} {'L':>6} {'layout':>6} | {'flush':>6} | {'read':>5} {'fa4':>5} {'s1':>5} {'ef':>5} {'ef1':>5} "
-              f"{'flash':>5} {'cudnn':>5}",
+        print(f"{'B':>4} {'L':>6} {'layout':>6} | {'flush':>6} | {'read':>5} {'fa4':>5} {'flash':>5} {'cudnn':>5}",
               flush=True)
     for (batch, length), paged in itertools.product(SUITE, layouts if 5 in sections else ()):
         q, k, v, lens, table = make_inputs(batch, length, paged)
@@ -286,15 +285,6 @@ def main():
         kv_flat = (k.view(-1), v.view(-1))
         fns["read"] = lambda: (kv_flat[0].sum(dtype=torch.float32), kv_flat[1].sum(dtype=torch.float32))
         fns["fa4"] = kernel_call(q, k, v, lens, table, out, splits, decode.Config(*cfg))
-        # Session 9: the K/V loads with an L2 evict-first hint (decode.KV_EVICTION). Triton drops the hint on
-        # its cp.async pipeline (stages > 1), so it takes effect only in the one-stage build (plain loads);
-        # "s1" is that build without the hint, the control.
-        cfg1 = decode.Config(cfg[0], cfg[1], 1)
-        fns["s1"] = kernel_call(q, k, v, lens, table, out, splits, cfg1)
-        decode.KV_EVICTION = "evict_first"
-        fns["ef"] = kernel_call(q, k, v, lens, table, out, splits, decode.Config(*cfg))
-        fns["ef1"] = kernel_call(q, k, v, lens, table, out, splits, cfg1)
-        decode.KV_EVICTION = ""
         if not paged:
             fns.update({name: fn for name, fn in peers(q, k, v).items() if callable(fn)})
         for flush in ("memset", "read"):
@@ -304,8 +294,7 @@ def main():
                                 **{f"{name}_gbps": val for name, val in res.items()}))
             cell = lambda name, w: f"{res[name]:{w}.0f}" if name in res else f"{'-':>{w}}"  # noqa: E731
             print(f"{batch:>4} {length:>6} {'paged' if paged else 'contig':>6} | {flush:>6} | {cell('read', 5)} "
-                  f"{cell('fa4', 5)} {cell('s1', 5)} {cell('ef', 5)} {cell('ef1', 5)} "
-                  f"{cell('sdpa_flash', 5)} {cell('sdpa_cudnn', 5)}"
+                  f"{cell('fa4', 5)} {cell('sdpa_flash', 5)} {cell('sdpa_cudnn', 5)}"
                   f"   (splits {splits})", flush=True)
         q = k = v = table = out = fns = kv_flat = None
         torch.cuda.empty_cache()

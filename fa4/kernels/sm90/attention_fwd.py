@@ -101,14 +101,13 @@ class Problem:
     TRACE: gl.constexpr
     MASK2D: gl.constexpr
     CONVERGE: gl.constexpr
-    SPLIT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, SPLIT):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -157,7 +156,6 @@ class Problem:
         self.TRACE = gl.constexpr(TRACE)
         self.MASK2D = gl.constexpr(MASK2D)
         self.CONVERGE = gl.constexpr(CONVERGE)
-        self.SPLIT = gl.constexpr(SPLIT)
 
 
 @aggregate
@@ -305,7 +303,10 @@ def _block(p, it, rot, n_lo, n_hi, sub):
     a unit's second (shorter) block starts when its first ends, at step n_m - u for unit u, and walking
     down from its own diagonal it reads key block n_m - step like every other unit in that phase. A head's
     CTAs then read one or two K/V blocks at a time, as the non-causal walk does, instead of each its own
-    (the descending walk of the long block starts at a different diagonal in every CTA)."""
+    (the descending walk of the long block starts at a different diagonal in every CTA). On by default under
+    a right window: +1-4% causal on the H100 in two probe runs, though the trace's cost per key block did
+    not move (benchmarks/NOTES.md, session 9); the first block of a tile is then a visible one, not the
+    diagonal."""
     if p.CONVERGE and p.HAS_WR:
         return gl.where(sub == 0, n_lo + it, n_hi - 1 - it)
     elif p.STAGGER:
@@ -487,8 +488,9 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, MASK: gl.constexpr):
 
     Without a window only the sequence end needs a mask, and the walk takes that block first: the loop then
     carries no mask code (and none of the per-thread column constants LLVM would keep live for it; at 160
-    registers a thread they were spilled). With a window the caller passes MASK = False for the steps that
-    _mask_split proves wholly visible."""
+    registers a thread they were spilled). With a window every step tests its block. (Session 9 tried the
+    loop split into masked and wholly visible steps, the visible ones without mask code: 0-7% slower at
+    D <= 128, within noise at D = 256; benchmarks/NOTES.md.)"""
     BN: gl.constexpr = p.BN
     BM: gl.constexpr = ROWS_PER_WG * p.NWG
     if p.SOFTCAP:
@@ -522,30 +524,6 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, MASK: gl.constexpr):
                     ok = ok & (cols >= gl.expand_dims(rows + (off - p.window_left - j * BN), 1))
             s = gl.where(ok, s, float("-inf"))
     return s
-
-
-@gluon.jit
-def _mask_split(p, m0, seq_q, seq_k, n_lo, n_hi):
-    """Steps (lo, hi) of the descending walk over key blocks [n_lo, n_hi) such that steps [1, lo) and [hi, n)
-    may need a mask and steps [lo, hi) are wholly visible to every row of the tile (1 <= lo <= hi <= n).
-
-    Block j needs the sequence-end or right-window mask when (j + 1)·BN > lim, lim = min(seq_k,
-    m0 + off + wr + 1): the top n_hi - lim // BN blocks, which the walk takes first. It needs the left-window
-    mask when j·BN < m0 + BM - 1 + off - wl: the blocks below cdiv(that, BN), which the walk takes last."""
-    BM: gl.constexpr = ROWS_PER_WG * p.NWG
-    n_steps = n_hi - n_lo
-    off = seq_k - seq_q
-    lim = seq_k
-    if p.HAS_WR:
-        lim = gl.minimum(lim, m0 + off + p.window_right + 1)
-    first_full = gl.maximum(lim, 0) // p.BN  # blocks j < first_full are free of the right-side masks
-    a = gl.minimum(gl.maximum(n_hi - gl.maximum(first_full, n_lo), 1), n_steps)
-    b = n_steps
-    if p.HAS_WL:
-        edge = gl.maximum(m0 + BM - 1 + off - p.window_left, 0)
-        low_full = gl.minimum((edge + p.BN - 1) // p.BN, n_hi)  # blocks j >= low_full are free of it
-        b = gl.minimum(gl.maximum(n_hi - gl.maximum(low_full, n_lo), a), n_steps)
-    return a, b
 
 
 @gluon.jit
@@ -665,28 +643,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 pv = gl.convert_layout(pr.to(dtype), p_layout)
                 kv_count += 1
                 n_steps = n_hi - n_lo
-                if p.SPLIT:
-                    # The walk's masked steps apart from the rest (see _mask_split): one loop with the mask
-                    # code and one without, so the unmasked blocks run the non-causal step.
-                    vis_lo, vis_hi = _mask_split(p, m0, seq_q, seq_k, n_lo, n_hi)
-                    for it in range(1, vis_lo):
-                        kv_count, turn, m_i, l_i, acc, pv = _key_step(
-                            p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn,
-                            m_i, l_i, acc, pv, WG, True)
-                    for it in range(vis_lo, vis_hi):
-                        kv_count, turn, m_i, l_i, acc, pv = _key_step(
-                            p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn,
-                            m_i, l_i, acc, pv, WG, False)
-                    if p.HAS_WL:
-                        for it in range(vis_hi, n_steps):
-                            kv_count, turn, m_i, l_i, acc, pv = _key_step(
-                                p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count,
-                                turn, m_i, l_i, acc, pv, WG, True)
-                else:
-                    for it in range(1, n_steps):
-                        kv_count, turn, m_i, l_i, acc, pv = _key_step(
-                            p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn,
-                            m_i, l_i, acc, pv, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
+                for it in range(1, n_steps):
+                    kv_count, turn, m_i, l_i, acc, pv = _key_step(
+                        p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn, m_i,
+                        l_i, acc, pv, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
                 if LATE_Q:
                     mbarrier.arrive(bufs.q_empty.index(qb))
                 v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
@@ -804,7 +764,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, SPLIT: gl.constexpr):
+                    CONVERGE: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -838,7 +798,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, SPLIT)
+                CONVERGE)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -864,7 +824,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
-                       MASK2D=False, CONVERGE=False, SPLIT=False)
+                       MASK2D=False, CONVERGE=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -966,13 +926,11 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
-    constexprs["CONVERGE"] = bool(variant["CONVERGE"])
-    # SPLIT: the key loop in masked and unmasked segments; only for the descending walk it assumes, and
-    # only where a window puts masks inside the loop.
-    split = bool(variant["SPLIT"]) and windowed
-    if split and (variant["STAGGER"] or variant["CONVERGE"]):
-        raise ValueError("SPLIT assumes the descending walk: not with STAGGER or CONVERGE")
-    constexprs["SPLIT"] = split
+    # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
+    converge = variant["CONVERGE"]
+    if converge is None:
+        converge = window_right >= 0 and not variant["STAGGER"]
+    constexprs["CONVERGE"] = bool(converge)
     return num_units, args, constexprs
 
 

@@ -35,12 +35,6 @@ from fa4.kernels.direct_launch import raw_stream as _raw_stream
 from fa4.kernels.triton.common import LOG2E, tanh_via_exp2, visible_mask
 from fa4.kernels.triton.rotary import cache_length, cache_row, rotated_rows
 
-# Cache eviction priority of the K/V loads ("" = the default, "evict_first", "evict_last"), read when a Step is
-# built. A decode step reads each cache line once; "evict_first" makes those lines the L2's first victims, so
-# they do not push out what other kernels keep there (dirty lines included, whose write-back would otherwise
-# share the step's bandwidth). benchmarks/tune_decode.py --sections 5 measures it against the default.
-KV_EVICTION = ""
-
 
 @triton.jit
 def _tile_pages(pt_row, start_n, end, offs_n, page_size, PAGE_ALIGNED: tl.constexpr):
@@ -75,7 +69,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    PAGE_ALIGNED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
                    ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_TOKEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, KV_EVICT: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr):
     # Grid: axis 0 = (sequence, kv head), axis 1 = split of the key range, axis 2 = block of packed rows.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -167,7 +161,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
             k_rows = cols.to(tl.int64) * stride_ks
             v_rows = cols.to(tl.int64) * stride_vs
         k = tl.load(K + k_rows[:, None] + offs_d[None, :],
-                    mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0, eviction_policy=KV_EVICT)
+                    mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             qk = cap_log2 * tanh_via_exp2(qk * cap_scale)  # softcap · tanh(scale · qk / softcap) · log2 e
@@ -182,7 +176,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0, eviction_policy=KV_EVICT)
+                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -361,7 +355,7 @@ class Step:
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
                 HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
                 ROTARY_PER_TOKEN=bool(rotary_per_token),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_EVICT=KV_EVICTION)
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
             self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
