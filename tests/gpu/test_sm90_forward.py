@@ -97,10 +97,6 @@ VARIANTS = [
     dict(TAIL=True), dict(TAIL=True, q_buffers=2), dict(q_buffers=2), dict(TRACE=True),
     # Session 9: the causal walk that converges on one K/V block per head (the default) and the descending one.
     dict(CONVERGE=True), dict(CONVERGE=False),
-    # O stored from registers instead of through a shared-memory tile and TMA (probe variant).
-    dict(O_DIRECT=True), dict(O_DIRECT=True, TAIL=False),
-    # O rescaled after the next block's S is issued (probe variant).
-    dict(DEFER_RESCALE=True), dict(DEFER_RESCALE=True, PINGPONG=True),
 ]
 
 

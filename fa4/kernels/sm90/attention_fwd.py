@@ -101,15 +101,13 @@ class Problem:
     TRACE: gl.constexpr
     MASK2D: gl.constexpr
     CONVERGE: gl.constexpr
-    O_DIRECT: gl.constexpr
-    DEFER_RESCALE: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_DIRECT, DEFER_RESCALE):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -158,8 +156,6 @@ class Problem:
         self.TRACE = gl.constexpr(TRACE)
         self.MASK2D = gl.constexpr(MASK2D)
         self.CONVERGE = gl.constexpr(CONVERGE)
-        self.O_DIRECT = gl.constexpr(O_DIRECT)
-        self.DEFER_RESCALE = gl.constexpr(DEFER_RESCALE)
 
 
 @aggregate
@@ -532,13 +528,13 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, MASK: gl.constexpr):
 
 @gluon.jit
 def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn, m_i, l_i,
-              acc, pv, alpha, WG: gl.constexpr, MASK: gl.constexpr):
+              acc, pv, WG: gl.constexpr, MASK: gl.constexpr):
     """One step of a tile's key loop: S of this step's block issued with the previous block's P·V, then this
     block's softmax under that P·V. Returns the loop-carried state.
 
-    DEFER_RESCALE: O *= alpha of the previous block happens after this step's S is issued, just before the
-    P·V that needs it (FlashAttention-3's order), instead of at the end of the previous step, so the tensor
-    core starts S without waiting for the Dv/2 multiplies. `alpha` is carried for it."""
+    O *= alpha comes at the end of the step, once P·V is done. (Session 9 measured FlashAttention-3's order,
+    the multiply after the next step's S is issued, within noise on every row; and O stored from registers
+    on every D = 256 tile, so that it needs no staging in Q's buffer, 10-30% slower. benchmarks/NOTES.md.)"""
     BN: gl.constexpr = p.BN
     D: gl.constexpr = p.q_desc.block_type.shape[-1]
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
@@ -558,8 +554,6 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
         mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
     k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
     s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-    if p.DEFER_RESCALE:
-        acc = rescale_o(acc, alpha)
     mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
     acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
     if p.PINGPONG:
@@ -575,10 +569,9 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
     m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
     mbarrier.arrive(bufs.v_empty.index(v_idx))
-    if not p.DEFER_RESCALE:
-        acc = rescale_o(acc, alpha)
+    acc = rescale_o(acc, alpha)
     pv = gl.convert_layout(pr.to(dtype), p_layout)
-    return kv_count + 1, turn, m_i, l_i, acc, pv, alpha
+    return kv_count + 1, turn, m_i, l_i, acc, pv
 
 
 @gluon.jit
@@ -655,13 +648,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 kv_count += 1
                 n_steps = n_hi - n_lo
                 for it in range(1, n_steps):
-                    kv_count, turn, m_i, l_i, acc, pv, alpha = _key_step(
+                    kv_count, turn, m_i, l_i, acc, pv = _key_step(
                         p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn, m_i,
-                        l_i, acc, pv, alpha, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
+                        l_i, acc, pv, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
                 if LATE_Q:
                     mbarrier.arrive(bufs.q_empty.index(qb))
-                if p.DEFER_RESCALE:
-                    acc = rescale_o(acc, alpha)
                 v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                 mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
                 acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
@@ -717,14 +708,19 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
         gl.store(lse_ptrs, lse2 * LN2, mask=rows < seq_q)
 
     out = acc.to(dtype)
-    if p.O_DIRECT:
-        _store_o_direct(p, out, b, h, q_start, rows, seq_q)
-    elif p.VARLEN:
+    if p.VARLEN:
         # A TMA box past the sequence end would write into the next sequence's rows.
         if row0 + M <= seq_q:
             _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG)
         else:
-            _store_o_direct(p, out, b, h, q_start, rows, seq_q)
+            cols = gl.arange(0, DV, gl.SliceLayout(0, o_layout))
+            rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
+            tok = q_start + rows_o
+            if p.BIG_O:
+                tok = tok.to(gl.int64)
+            offs = gl.expand_dims(tok * p.stride_ot, 1) + h * p.stride_oh + gl.expand_dims(cols, 0)
+            mask = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols < p.dv, 0)
+            gl.store(p.o_ptr + offs, out, mask=mask)
     else:
         _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG)
     if p.TAIL:
@@ -734,28 +730,6 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
         # Q's buffer is free again (order our generic reads/writes before the next TMA write).
         fence_async_shared()
         mbarrier.arrive(bufs.q_empty.index(qb))
-
-
-@gluon.jit
-def _store_o_direct(p, out, b, h, q_start, rows, seq_q):
-    """O straight from the accumulator's registers to global memory (pointer stores, rows < seq_q, columns < dv).
-
-    Serves a varlen tile's ragged tail and, with O_DIRECT, every tile: then O needs no shared-memory staging,
-    so a D = 256 tile (whose O would otherwise be staged in Q's buffer) can hand Q back before its epilogue.
-    Batched calls index the contiguous (B, Sq, H, Dv) output by token b·Sq + row."""
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    o_layout: gl.constexpr = out.type.layout
-    cols = gl.arange(0, DV, gl.SliceLayout(0, o_layout))
-    rows_o = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
-    if p.VARLEN:
-        tok = q_start + rows_o
-    else:
-        tok = b * p.seqlen_q + rows_o
-    if p.BIG_O:
-        tok = tok.to(gl.int64)
-    offs = gl.expand_dims(tok * p.stride_ot, 1) + h * p.stride_oh + gl.expand_dims(cols, 0)
-    mask = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols < p.dv, 0)
-    gl.store(p.o_ptr + offs, out, mask=mask)
 
 
 @gluon.jit
@@ -794,13 +768,13 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_DIRECT: gl.constexpr, DEFER_RESCALE: gl.constexpr):
+                    CONVERGE: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if O_ALIAS or O_DIRECT:
-        o_smem = q_smem  # unused with O_DIRECT
+    if O_ALIAS:
+        o_smem = q_smem
     else:
         o_smem = gl.allocate_shared_memory(dtype, [NWG] + o_desc.block_type.shape, o_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
@@ -828,7 +802,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_DIRECT, DEFER_RESCALE)
+                CONVERGE)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -854,8 +828,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
-                       MASK2D=False, CONVERGE=None, O_DIRECT=False,
-                       DEFER_RESCALE=False)
+                       MASK2D=False, CONVERGE=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -962,11 +935,6 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     if converge is None:
         converge = window_right >= 0 and not variant["STAGGER"]
     constexprs["CONVERGE"] = bool(converge)
-    # O_DIRECT (probe): O stored from registers, no staging tile, so O never aliases Q.
-    constexprs["O_DIRECT"] = bool(variant["O_DIRECT"])
-    if constexprs["O_DIRECT"]:
-        constexprs["O_ALIAS"] = False
-    constexprs["DEFER_RESCALE"] = bool(variant["DEFER_RESCALE"])
     return num_units, args, constexprs
 
 
