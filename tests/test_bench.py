@@ -381,3 +381,38 @@ def test_cpu_mode_runs_the_real_kernels(suite, entry):
     res = _run_cli("--suite", suite, interpret=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PASS" in res.stdout and "Timing needs a CUDA GPU" in res.stdout
+
+
+# ---- timing hygiene -------------------------------------------------------------------------------------------
+
+def test_bench_ms_pauses_the_garbage_collector(monkeypatch):
+    """bench_ms times with the cyclic collector paused and restores its state afterwards, also when the timed
+    call raises (do_bench is replaced by a stand-in that records what the timed call saw)."""
+    import gc
+
+    import triton.testing
+
+    from fa4.bench import timing
+    seen = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        fn()
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert gc.isenabled()
+    assert timing.bench_ms(lambda: seen.append(gc.isenabled()), Reps(1, 1)) == 1.5
+    assert seen == [False] and gc.isenabled()
+
+    def boom():
+        raise RuntimeError("timed call failed")
+    with pytest.raises(RuntimeError):
+        timing.bench_ms(boom, Reps(1, 1))
+    assert gc.isenabled()
+
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        timing.bench_ms(lambda: None, Reps(1, 1))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -1,13 +1,15 @@
 """Time and memory of one call on the GPU, measured the way the peers' anchors were.
 
 Time: `triton.testing.do_bench` median. do_bench zeroes a 256 MB buffer before every timed call, so each call
-starts with a cold L2 (50 MB on an H100) and is timed alone between two CUDA events.
+starts with a cold L2 (50 MB on an H100) and is timed alone between two CUDA events. Python's garbage collector
+is paused while timing (bench_ms).
 
 Extra memory of a call: reset the allocator's peak, note `memory_allocated()` as the base, make the call,
 then (peak − base − bytes of the tensors the call returned), in MiB. It is what the call allocated beyond its
 inputs (already allocated before) and its outputs: workspaces, tensors saved for the backward (e.g. lse), fp32
 accumulators. The caching allocator rounds blocks, so figures are good to about 1 MiB.
 """
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +30,19 @@ QUICK_REPS = {"training": Reps(10, 40), "decode": Reps(5, 25)}
 
 
 def bench_ms(fn, reps):
+    """do_bench median of fn, with Python's cyclic garbage collector collected first and paused while timing
+    (as `timeit` does): a collection inside the timed loop of a sub-millisecond, host-launched call lands in
+    its time. (Two all-peer runs each had one D = 128 S = 1024 figure at about half its rerun value; a
+    collection after a peer's compile is one suspect. Same treatment for every backend.)"""
     from triton.testing import do_bench
-    return do_bench(fn, warmup=reps.warmup, rep=reps.rep, return_mode="median")
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return do_bench(fn, warmup=reps.warmup, rep=reps.rep, return_mode="median")
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def tensors_in(result):
