@@ -68,6 +68,9 @@ VARIANTS = {
     # default since; "descend" is the walk before it (every tile from its last key block down).
     "converge": (dict(CONVERGE=True), (64, 128, 256), (True, ), True, False),
     "descend": (dict(CONVERGE=False), (64, 128, 256), (True, ), True, False),
+    # Session 9: O staged half its columns at a time (O_HALVES), so the D = 256 tile needs no room for O in Q's
+    # buffer and hands Q back before its epilogue (the trace's ~3 µs Q wait a tile). Compiled, not yet timed.
+    "ohalves": (dict(O_HALVES=True), (128, 256), (False, True), True, False),
     # Session 9: three consumers for D = 64 under causal at every length (the table takes two up to a visible
     # span of 4096 keys, configs.MASKED_SPAN_WG2), re-timed now that the causal walk converges.
     "wg3": (dict(num_wg=3, consumer_regs=160), (64, ), (True, ), True, False),
@@ -567,7 +570,7 @@ def main():
              dict(name="api", fast_ok=fast_ok, skip_d=skip_d("base"))]
     if not args.no_peers:
         tasks += [dict(name=p) for p in PEERS]
-    trace_vs = [n for n in ("base", "q2", "wg2", "descend") if n in names]
+    trace_vs = [n for n in ("base", "q2", "wg2", "descend", "ohalves") if n in names]
     if "trace" in names:
         # A variant is traced only at the head dims where it and the trace build passed their checks.
         tasks.append(dict(name="trace", trace_variants=trace_vs,

@@ -97,6 +97,8 @@ VARIANTS = [
     dict(TAIL=True), dict(TAIL=True, q_buffers=2), dict(q_buffers=2), dict(TRACE=True),
     # Session 9: the causal walk that converges on one K/V block per head (the default) and the descending one.
     dict(CONVERGE=True), dict(CONVERGE=False),
+    # O staged half its columns at a time (probe variant; frees Q's buffer of O at D = 256).
+    dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
 ]
 
 
@@ -190,6 +192,23 @@ def test_varlen(case, dtype):
     if use_seqused:
         varlen["seqused_k"] = torch.tensor([max(n - 37, 0) for n in lens_k], dtype=torch.int32, device=DEV)
     _run(q, k, v, causal=causal, window=window, varlen=varlen)
+
+
+@pytest.mark.parametrize("case", VARLEN, ids=[f"varlen{i}" for i in range(len(VARLEN))])
+def test_varlen_o_halves(case):
+    """O_HALVES (O staged half its columns at a time) on the varlen table: full tiles through the half-width
+    TMA box at column 0 and Dv/2 of each token's row, ragged tails by pointer stores."""
+    torch.manual_seed(7 + len(case[0]))
+    lens_q, lens_k, hq, hkv, d, dv, causal, window, use_seqused = case
+    lens_k = lens_k or lens_q
+    q = torch.randn(sum(lens_q), hq, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(sum(lens_k), hkv, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(sum(lens_k), hkv, dv, dtype=torch.bfloat16, device=DEV)
+    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
+    if use_seqused:
+        varlen["seqused_k"] = torch.tensor([max(n - 37, 0) for n in lens_k], dtype=torch.int32, device=DEV)
+    _run(q, k, v, causal=causal, window=window, varlen=varlen, variant=dict(O_HALVES=True))
 
 
 def test_strided_inputs():

@@ -101,13 +101,14 @@ class Problem:
     TRACE: gl.constexpr
     MASK2D: gl.constexpr
     CONVERGE: gl.constexpr
+    O_HALVES: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -156,6 +157,7 @@ class Problem:
         self.TRACE = gl.constexpr(TRACE)
         self.MASK2D = gl.constexpr(MASK2D)
         self.CONVERGE = gl.constexpr(CONVERGE)
+        self.O_HALVES = gl.constexpr(O_HALVES)
 
 
 @aggregate
@@ -733,20 +735,45 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
 
 
 @gluon.jit
+def _o_coord(p, b, h, q_start, row, col):
+    if p.VARLEN:
+        return [q_start + row, h, col]
+    else:
+        return [b, row, h, col]
+
+
+@gluon.jit
 def _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG: gl.constexpr):
     M: gl.constexpr = ROWS_PER_WG
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    if p.O_ALIAS:
-        o_buf = bufs.q.index(qb * p.NWG + WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape,
-                                                           p.o_desc.layout)
-    else:
-        # Opaque index: LLVM otherwise hoists this thread's swizzled staging addresses above the tile loop
-        # and keeps them live through the key loop (spilled at 160 registers a thread).
+    if p.O_HALVES:
+        # O staged half its columns at a time through a [64, Dv/2] tile (o_desc's box is that wide): the two
+        # halves are register subsets of the accumulator (its highest column bit is a register index bit), so
+        # splitting them moves no data. With this tile O needs no room in Q's buffer at D = 256, and Q goes
+        # back to the loader before the epilogue instead of after its store.
+        HALF: gl.constexpr = DV // 2
+        lo, hi = out.reshape([M, 2, HALF]).permute((0, 2, 1)).split()
         o_buf = bufs.o.index(_opaque(gl.to_tensor(WG)))
-        tma.store_wait(0)  # this warpgroup's previous O store has left the buffer
-    o_buf.reshape([M, DV]).store(out)
-    fence_async_shared()
-    tma.async_copy_shared_to_global(p.o_desc, _q_coord(p, b, h, q_start, row0), o_buf)
+        tma.store_wait(0)  # this warpgroup's previous store has left the tile
+        o_buf.reshape([M, HALF]).store(lo)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(p.o_desc, _o_coord(p, b, h, q_start, row0, 0), o_buf)
+        tma.store_wait(0)
+        o_buf.reshape([M, HALF]).store(hi)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(p.o_desc, _o_coord(p, b, h, q_start, row0, HALF), o_buf)
+    else:
+        if p.O_ALIAS:
+            o_buf = bufs.q.index(qb * p.NWG + WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape,
+                                                               p.o_desc.layout)
+        else:
+            # Opaque index: LLVM otherwise hoists this thread's swizzled staging addresses above the tile loop
+            # and keeps them live through the key loop (spilled at 160 registers a thread).
+            o_buf = bufs.o.index(_opaque(gl.to_tensor(WG)))
+            tma.store_wait(0)  # this warpgroup's previous O store has left the buffer
+        o_buf.reshape([M, DV]).store(out)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(p.o_desc, _q_coord(p, b, h, q_start, row0), o_buf)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -768,7 +795,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -802,7 +829,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE)
+                CONVERGE, O_HALVES)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -828,7 +855,8 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
-                       MASK2D=False, CONVERGE=None)
+                       MASK2D=False, CONVERGE=None,
+                       O_HALVES=False)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -837,14 +865,14 @@ _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "con
 LAST_TRACE = None
 
 
-def _descriptor(t, rows, varlen):
+def _descriptor(t, rows, varlen, cols=None):
     """TMA descriptor over t's own shape and strides: boxes of `rows` tokens of one head.
 
     Batched tensors are rank 4 (B, S, H, D), varlen ones rank 3 (T, H, D); the box is (1, rows, 1, Dt) or
-    (rows, 1, Dt) with Dt the power-of-two tile width, which the kernel views as a (rows, Dt) tile.
+    (rows, 1, Dt) with Dt the power-of-two tile width (or `cols`), which the kernel views as a (rows, Dt) tile.
     Out-of-range elements (rows past a sequence end, columns past D) read as zero and are never written.
     """
-    d = configs.tile_dim(t.shape[-1])
+    d = cols or configs.tile_dim(t.shape[-1])
     block = [rows, 1, d] if varlen else [1, rows, 1, d]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
@@ -908,7 +936,8 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         trace = torch.zeros(grid, TRACE_HDR + TRACE_EV * trace_tiles, dtype=torch.int64, device=q.device)
     args = dict(
         q_desc=_descriptor(q, WG_ROWS, varlen), k_desc=_descriptor(k, cfg.block_n, varlen),
-        v_desc=_descriptor(v, cfg.block_n, varlen), o_desc=_descriptor(out, WG_ROWS, varlen),
+        v_desc=_descriptor(v, cfg.block_n, varlen),
+        o_desc=_descriptor(out, WG_ROWS, varlen, cols=dv // 2 if variant["O_HALVES"] else None),
         o_ptr=out, lse_ptr=lse, sink_ptr=sink if sink is not None else lse,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
@@ -935,6 +964,13 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     if converge is None:
         converge = window_right >= 0 and not variant["STAGGER"]
     constexprs["CONVERGE"] = bool(converge)
+    # O_HALVES (probe): O staged half its columns at a time, so at D = 256 it needs no room in Q's buffer.
+    constexprs["O_HALVES"] = bool(variant["O_HALVES"])
+    if constexprs["O_HALVES"]:
+        constexprs["O_ALIAS"] = False
+        half = cfg.num_wg * WG_ROWS * (dv // 2) * q.element_size()
+        if configs.smem_bytes(cfg, d, dv, q.element_size(), o_alias_q=True) + half > configs.SMEM_LIMIT:
+            raise ValueError(f"O_HALVES: the half-width O tile does not fit beside Q and the K/V ring at {d}/{dv}")
     return num_units, args, constexprs
 
 
