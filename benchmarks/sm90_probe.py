@@ -71,6 +71,11 @@ VARIANTS = {
     # Session 9: O staged half its columns at a time (O_HALVES), so the D = 256 tile needs no room for O in Q's
     # buffer and hands Q back before its epilogue (the trace's ~3 µs Q wait a tile). Compiled, not yet timed.
     "ohalves": (dict(O_HALVES=True), (128, 256), (False, True), True, False),
+    # Session 9: D = 128 with three consumers (192 query rows, 160 registers a thread) on 64-key blocks, two or
+    # three stages: the D = 64 table's latency hiding (three softmax chains in flight) at half the S tile.
+    # Compiled spill-free, not yet timed.
+    "wg3bn64": (dict(num_wg=3, consumer_regs=160, block_n=64), (128, ), (False, True), True, False),
+    "wg3bn64s3": (dict(num_wg=3, consumer_regs=160, block_n=64, stages=3), (128, ), (False, True), True, False),
     # Session 9: three consumers for D = 64 under causal at every length (the table takes two up to a visible
     # span of 4096 keys, configs.MASKED_SPAN_WG2), re-timed now that the causal walk converges.
     "wg3": (dict(num_wg=3, consumer_regs=160), (64, ), (True, ), True, False),

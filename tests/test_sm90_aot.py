@@ -63,6 +63,10 @@ def _shipped():
         # Session 9: O staged half its columns at a time (frees Q's buffer of O at D = 256).
         ("d256-ohalves", dict(d=256, dv=256, variant=dict(O_HALVES=True))),
         ("d256-ohalves-causal", dict(d=256, dv=256, causal=True, variant=dict(O_HALVES=True))),
+        # Session 9: D = 128 with three consumers on 64-key blocks (probe variants wg3bn64, wg3bn64s3).
+        ("d128-wg3-bn64", dict(d=128, dv=128, variant=dict(num_wg=3, consumer_regs=160, block_n=64))),
+        ("d128-wg3-bn64-s3-causal", dict(d=128, dv=128, causal=True,
+                                         variant=dict(num_wg=3, consumer_regs=160, block_n=64, stages=3))),
     ]
     return cases
 

@@ -99,14 +99,16 @@ VARIANTS = [
     dict(CONVERGE=True), dict(CONVERGE=False),
     # O staged half its columns at a time (probe variant; frees Q's buffer of O at D = 256).
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
+    # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
+    dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
 ]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) for v in VARIANTS])
 @pytest.mark.parametrize("d,causal", [(64, False), (128, True), (256, False)])
 def test_variants(variant, d, causal):
-    if variant.get("num_wg") == 3 and d != 64:
-        pytest.skip("three consumer warpgroups only fit registers at D = 64")
+    if variant.get("num_wg") == 3 and not (d == 64 or (d == 128 and variant.get("block_n") == 64)):
+        pytest.skip("three consumer warpgroups fit registers at D = 64, and at D = 128 on 64-key blocks")
     if (variant.get("stages") == 3 or variant.get("q_buffers") == 2) and d == 256:
         pytest.skip("three K/V stages or two Q buffers do not fit shared memory at D = 256")
     if "SCHED" in variant and not causal:
