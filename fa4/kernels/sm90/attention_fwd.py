@@ -306,9 +306,9 @@ def _block(p, it, rot, n_lo, n_hi, sub):
     down from its own diagonal it reads key block n_m - step like every other unit in that phase. A head's
     CTAs then read one or two K/V blocks at a time, as the non-causal walk does, instead of each its own
     (the descending walk of the long block starts at a different diagonal in every CTA). On by default under
-    a right window: +2-5% causal at D >= 128 on the H100 in three probe runs (D = 64 within +-2%), though the
-    trace's cost per key block did not move, so L2 locality is not why (benchmarks/NOTES.md, session 9); the
-    first block of a tile is then a visible one, not the diagonal."""
+    a right window: +1-4% on every D = 128 causal row of three H100 probe runs (D = 256 -1 to +7%, D = 64 -2 to
+    +8%), though the trace's cost per key block did not move, so L2 locality is not why (benchmarks/NOTES.md,
+    session 9); the first block of a tile is then a visible one, not the diagonal."""
     if p.CONVERGE and p.HAS_WR:
         return gl.where(sub == 0, n_lo + it, n_hi - 1 - it)
     elif p.STAGGER:
