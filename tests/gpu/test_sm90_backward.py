@@ -13,7 +13,7 @@ import torch
 
 from attention_check import (assert_first_capture_creates_no_stream, backend_options, backward_case_id,
                              backward_case_inputs, check_backend_backward, reference_backward_inputs,
-                             cu_seqlens, dsink_error_ratios)
+                             dsink_error_ratios, make_inputs)
 from fa4 import reference
 
 pytestmark = pytest.mark.skipif(
@@ -84,10 +84,6 @@ def test_shared_dq(case, dtype, over):
     _run(q, k, v, tile=tile, **kw)
 
 
-def _cu(lens):
-    return cu_seqlens(lens, DEV)
-
-
 @pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3), dict(ping_pong=True),
                                   dict(num_wg=2, consumer_regs=240), dict(shared_dq=True, dq_writer=True)],
                          ids=["shipped", "shared-dq3", "pingpong", "two-consumers", "writer"])
@@ -101,11 +97,7 @@ def test_varlen(d, causal, tile):
     torch.manual_seed(d + causal)
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
     hq, hkv = 4, 2
-    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
-                  max_seqlen_k=max(lens_k))
+    q, k, v, varlen = make_inputs(None, None, None, hq, hkv, d, d, torch.bfloat16, DEV, varlen_lens=(lens_q, lens_k))
     _run(q, k, v, right=0 if causal else -1, varlen=varlen,
          tile=None if tile is None else _bwd().get_tile(d, d, **tile))
 
@@ -279,11 +271,7 @@ def test_dq_chain_varlen(monkeypatch, causal, seqused):
     torch.manual_seed(21 + causal)
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
     hq, hkv, d = 4, 2, 128
-    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
-                  max_seqlen_k=max(lens_k))
+    q, k, v, varlen = make_inputs(None, None, None, hq, hkv, d, d, torch.bfloat16, DEV, varlen_lens=(lens_q, lens_k))
     if seqused:
         varlen["seqused_k"] = torch.tensor([300, 100, 650, 0, 999], dtype=torch.int32, device=DEV)
     _chain_only(monkeypatch, bwd)
@@ -385,11 +373,7 @@ def test_d256_varlen(window):
     torch.manual_seed(256 + window[0] + window[1])
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
     hq, hkv, d = 4, 2, 256
-    q = torch.randn(sum(lens_q), hq, d, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
-                  max_seqlen_k=max(lens_k))
+    q, k, v, varlen = make_inputs(None, None, None, hq, hkv, d, d, torch.bfloat16, DEV, varlen_lens=(lens_q, lens_k))
     _run(q, k, v, left=window[0], right=window[1], varlen=varlen, tile=_d256_tile(), with_dlse=True)
 
 

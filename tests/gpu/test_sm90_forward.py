@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("FA4_SM90", "1")
 
-from attention_check import cu_seqlens, poison_allocator  # noqa: E402
+from attention_check import cu_seqlens, make_inputs, poison_allocator  # noqa: E402
 from fa4 import reference  # noqa: E402
 from numerics import assert_close_rule  # noqa: E402
 
@@ -184,16 +184,19 @@ VARLEN = [
 @pytest.mark.parametrize("case", VARLEN, ids=[f"varlen{i}" for i in range(len(VARLEN))])
 def test_varlen(case, dtype):
     torch.manual_seed(len(case[0]))
+    causal, window = case[6], case[7]
+    q, k, v, varlen = _varlen_inputs(case, dtype)
+    _run(q, k, v, causal=causal, window=window, varlen=varlen)
+
+
+def _varlen_inputs(case, dtype):
+    """Packed q, k, v and the varlen keywords of a VARLEN case (seqused_k 37 keys short of each sequence's)."""
     lens_q, lens_k, hq, hkv, d, dv, causal, window, use_seqused = case
     lens_k = lens_k or lens_q
-    q = torch.randn(sum(lens_q), hq, d, dtype=dtype, device=DEV)
-    k = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=DEV)
-    v = torch.randn(sum(lens_k), hkv, dv, dtype=dtype, device=DEV)
-    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
-                  max_seqlen_k=max(lens_k))
+    q, k, v, varlen = make_inputs(None, None, None, hq, hkv, d, dv, dtype, DEV, varlen_lens=(lens_q, lens_k))
     if use_seqused:
         varlen["seqused_k"] = torch.tensor([max(n - 37, 0) for n in lens_k], dtype=torch.int32, device=DEV)
-    _run(q, k, v, causal=causal, window=window, varlen=varlen)
+    return q, k, v, varlen
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[f"varlen{i}" for i in range(len(VARLEN))])
@@ -201,16 +204,8 @@ def test_varlen_o_halves(case):
     """O_HALVES (O staged half its columns at a time) on the varlen table: full tiles through the half-width
     TMA box at column 0 and Dv/2 of each token's row, ragged tails by pointer stores."""
     torch.manual_seed(7 + len(case[0]))
-    lens_q, lens_k, hq, hkv, d, dv, causal, window, use_seqused = case
-    lens_k = lens_k or lens_q
-    q = torch.randn(sum(lens_q), hq, d, dtype=torch.bfloat16, device=DEV)
-    k = torch.randn(sum(lens_k), hkv, d, dtype=torch.bfloat16, device=DEV)
-    v = torch.randn(sum(lens_k), hkv, dv, dtype=torch.bfloat16, device=DEV)
-    varlen = dict(cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
-                  max_seqlen_k=max(lens_k))
-    if use_seqused:
-        varlen["seqused_k"] = torch.tensor([max(n - 37, 0) for n in lens_k], dtype=torch.int32, device=DEV)
-    _run(q, k, v, causal=causal, window=window, varlen=varlen, variant=dict(O_HALVES=True))
+    q, k, v, varlen = _varlen_inputs(case, torch.bfloat16)
+    _run(q, k, v, causal=case[6], window=case[7], varlen=varlen, variant=dict(O_HALVES=True))
 
 
 def test_strided_inputs():

@@ -403,19 +403,22 @@ def _trace_tile(p, pid, tile, event, WG: gl.constexpr):
 
 
 @gluon.jit
-def _q_coord(p, b, h, q_start, row):
+def _head_coord(p, b, h, start, row, col):
+    """TMA coordinates of token `row` of sequence b (packed: at token offset `start`), head h, column col."""
     if p.VARLEN:
-        return [q_start + row, h, 0]
+        return [start + row, h, col]
     else:
-        return [b, row, h, 0]
+        return [b, row, h, col]
+
+
+@gluon.jit
+def _q_coord(p, b, h, q_start, row):
+    return _head_coord(p, b, h, q_start, row, 0)
 
 
 @gluon.jit
 def _kv_coord(p, b, hk, k_start, key):
-    if p.VARLEN:
-        return [k_start + key, hk, 0]
-    else:
-        return [b, key, hk, 0]
+    return _head_coord(p, b, hk, k_start, key, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,9 +548,10 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BN, 16])
     p_layout: gl.constexpr = pv.type.layout
+    # Turn parity: consumer 0 goes first, so its k-th wait needs k arrivals, the others' k + 1.
     TURN0: gl.constexpr = 1 if WG == 0 else 0
     NEXT_WG: gl.constexpr = (WG + 1) % p.NWG
-    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS
+    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS  # as in _consumer
     jj = _block(p, it, rot, n_lo, n_hi, sub)
     kv_idx, kv_phase = _slot(kv_count, p.STAGES)
     v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
@@ -591,9 +595,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                                        instr_shape=[16, DV, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    # Turn parity: consumer 0 goes first, so its k-th wait needs k arrivals, the others' k + 1.
-    TURN0: gl.constexpr = 1 if WG == 0 else 0
-    NEXT_WG: gl.constexpr = (WG + 1) % NWG
     # TAIL: hand Q back right after the tile's last QKᵀ has completed (not after that block's softmax), so
     # the loader's next Q load starts one softmax earlier. With O staged in Q's buffer Q is released by
     # the epilogue instead.
@@ -735,14 +736,6 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
 
 
 @gluon.jit
-def _o_coord(p, b, h, q_start, row, col):
-    if p.VARLEN:
-        return [q_start + row, h, col]
-    else:
-        return [b, row, h, col]
-
-
-@gluon.jit
 def _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG: gl.constexpr):
     M: gl.constexpr = ROWS_PER_WG
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
@@ -757,11 +750,11 @@ def _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG: gl.constexpr):
         tma.store_wait(0)  # this warpgroup's previous store has left the tile
         o_buf.reshape([M, HALF]).store(lo)
         fence_async_shared()
-        tma.async_copy_shared_to_global(p.o_desc, _o_coord(p, b, h, q_start, row0, 0), o_buf)
+        tma.async_copy_shared_to_global(p.o_desc, _head_coord(p, b, h, q_start, row0, 0), o_buf)
         tma.store_wait(0)
         o_buf.reshape([M, HALF]).store(hi)
         fence_async_shared()
-        tma.async_copy_shared_to_global(p.o_desc, _o_coord(p, b, h, q_start, row0, HALF), o_buf)
+        tma.async_copy_shared_to_global(p.o_desc, _head_coord(p, b, h, q_start, row0, HALF), o_buf)
     else:
         if p.O_ALIAS:
             o_buf = bufs.q.index(qb * p.NWG + WG)._reinterpret(p.o_desc.dtype, p.o_desc.block_type.shape,

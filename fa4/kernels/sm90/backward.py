@@ -108,7 +108,8 @@ from triton.language.core import _aggregate as aggregate
 from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_stream
 
 from . import configs, launch
-from .attention_fwd import _descriptor, _dummy_i32, _kv_coord, _next_slot, _opaque, _q_coord, _visible
+from .attention_fwd import (_descriptor, _dummy_i32, _head_coord, _kv_coord, _next_slot, _opaque, _q_coord,
+                            _visible)
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -489,7 +490,7 @@ def _dq_writer(p, bufs):
                 if p.ORDERED_DQ != 0:
                     _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
                 if p.DQ_SHARED:  # consumer w's share: all the CTA's keys, its D / NWG columns
-                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, w * DQW),
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, w * DQW),
                                                       bufs.dq.index(w))
                 else:  # consumer w's share: its 64 keys, all D columns
                     async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), bufs.dq.index(w))
@@ -757,7 +758,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
                     fence_async_shared()
                     _trace_step(p, WG, it, 9)
-                    async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
                 _trace_step(p, WG, it, 10)
             elif p.DQ_ATOMIC:
                 # dQ share = dS·K_wg in DQ_PARTS column slices (one slice's fp32 accumulator live at a
@@ -819,14 +820,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
-
-
-@gluon.jit
-def _dq_coord(p, b, h, q_start, row, col):
-    if p.VARLEN:
-        return [q_start + row, h, col]
-    else:
-        return [b, row, h, col]
 
 
 @gluon.jit

@@ -95,9 +95,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
 from . import configs
-from .attention_fwd import _GL_DTYPES, _next_slot, _opaque
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _dq_coord, _mask, _q_range, _RUNTIME_INTS,
-                       _step_block, async_reduce_add_shared_to_global)
+from .attention_fwd import _GL_DTYPES, _head_coord, _next_slot, _opaque
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _mask, _q_range, _RUNTIME_INTS, _step_block,
+                       async_reduce_add_shared_to_global)
 from .softmax import tanh_approx
 
 HALF = 128          # head-dim columns per consumer warpgroup
@@ -173,9 +173,9 @@ def _loader(p, bufs):
     if n0 < seq_k:
         mbarrier.expect(bufs.kv_ready, 2 * (p.k_desc.block_type.nbytes + p.v_desc.block_type.nbytes))
         for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(p.k_desc, _dq_coord(p, b, hk, k_start, n0, w * HALF_C),
+            tma.async_copy_global_to_shared(p.k_desc, _head_coord(p, b, hk, k_start, n0, w * HALF_C),
                                             bufs.kv_ready, bufs.k.index(w))
-            tma.async_copy_global_to_shared(p.v_desc, _dq_coord(p, b, hk, k_start, n0, w * HALF_C),
+            tma.async_copy_global_to_shared(p.v_desc, _head_coord(p, b, hk, k_start, n0, w * HALF_C),
                                             bufs.kv_ready, bufs.v.index(w))
         m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
         idx = 0
@@ -187,12 +187,12 @@ def _loader(p, bufs):
             mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
             mbarrier.expect(bufs.q_ready.index(idx), 2 * p.q_desc.block_type.nbytes)
             for w in gl.static_range(2):
-                tma.async_copy_global_to_shared(p.q_desc, _dq_coord(p, b, h, q_start, row, w * HALF_C),
+                tma.async_copy_global_to_shared(p.q_desc, _head_coord(p, b, h, q_start, row, w * HALF_C),
                                                 bufs.q_ready.index(idx), bufs.q.index(2 * idx + w))
             mbarrier.wait(bufs.do_empty.index(0), (it & 1) ^ 1)
             mbarrier.expect(bufs.do_ready.index(0), 2 * p.do_desc.block_type.nbytes)
             for w in gl.static_range(2):
-                tma.async_copy_global_to_shared(p.do_desc, _dq_coord(p, b, h, q_start, row, w * HALF_C),
+                tma.async_copy_global_to_shared(p.do_desc, _head_coord(p, b, h, q_start, row, w * HALF_C),
                                                 bufs.do_ready.index(0), bufs.do.index(w))
             idx, phase = _next_slot(idx, phase, p.STAGES)
 
@@ -317,14 +317,14 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 stage = dq_s.reshape([BM, DQW])
                 stage.store(dq * p.softmax_scale)
                 fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * W), dq_s)
+                async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W), dq_s)
                 dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
                 if WG == 1:
                     mbarrier.arrive(bufs.pds_free)
                 tma.store_wait(0)
                 stage.store(dq2 * p.softmax_scale)
                 fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _dq_coord(p, b, h, q_start, m0, WG * W + DQW), dq_s)
+                async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW), dq_s)
             else:
                 dv = warpgroup_mma_wait(1, deps=(dv, ))
                 mbarrier.arrive(bufs.do_empty.index(0))
@@ -365,7 +365,7 @@ def _store_half(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, str
     else:
         stage.reshape([KEYS_PER_WG, W]).store(val)
         fence_async_shared()
-        tma.async_copy_shared_to_global(desc, _dq_coord(p, b, hk, k_start, kr0, WG * W), stage)
+        tma.async_copy_shared_to_global(desc, _head_coord(p, b, hk, k_start, kr0, WG * W), stage)
         tma.store_wait(0)
 
 
