@@ -65,8 +65,8 @@ VARIANTS = {
     "mask2d": (dict(MASK2D=True), (64, 128, 256), (True, ), True, False),
     # Session 9: under causal the long query block of a pair walks its key blocks upwards, the short one
     # downwards, so a head's CTAs read the same K/V block at the same time (attention_fwd._block). The
-    # default since; "descend" is the walk before it (every tile from its last key block down).
-    "converge": (dict(CONVERGE=True), (64, 128, 256), (True, ), True, False),
+    # default since (base; the runs before it timed it as "converge"); "descend" is the walk before it (every
+    # tile from its last key block down).
     "descend": (dict(CONVERGE=False), (64, 128, 256), (True, ), True, False),
     # Session 9: O staged half its columns at a time (O_HALVES), so the D = 256 tile needs no room for O in Q's
     # buffer and hands Q back before its epilogue (the trace's ~3 µs Q wait a tile). Compiled, not yet timed.
