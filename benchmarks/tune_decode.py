@@ -17,7 +17,10 @@ Sections printed:
     GPU) time: equal columns mean the host is hidden), and do_bench of the public call against do_bench of its
     graph replay (equal GB/s mean `fa4 bench` sees only GPU time);
  5. (only when asked: --sections 5) fa4, a bare read of the same bytes and the SDPA peers under do_bench's memset
-    flush and under a read-only flush (what the dirty lines of the memset cost each row).
+    flush and under a read-only flush (what the dirty lines of the memset cost each row);
+ 6. (only when asked: --sections 6) A/B of the kernel switches in decode.py (TILE_BASE: per-tile base addressing;
+    PDL: the combine as a programmatic dependent launch) at the public call's config and splits, each variant
+    under both flushes, in --rounds interleaved rounds (median of the rounds' medians), cuDNN beside them.
 Each config's output is compared with the public call's; a mismatch is printed as MISMATCH.
 """
 import argparse
@@ -39,7 +42,12 @@ SUITE = [(1, 8192), (1, 65536), (8, 8192), (32, 4096), (64, 8192), (128, 2048)]
 HQ, HKV, D, PAGE = 32, 8, 128, 128
 
 
+FLUSH = "memset"  # --flush: how sections 1-4 clear L2 before each timed call
+
+
 def bench_ms(fn, quick):
+    if FLUSH == "read":
+        return read_flush_ms(fn, quick)
     from triton.testing import do_bench
     return do_bench(fn, warmup=5 if quick else 20, rep=25 if quick else 100, return_mode="median")
 
@@ -150,7 +158,12 @@ def main():
     ap.add_argument("--layouts", default="paged,contiguous")
     ap.add_argument("--batches", default="", help="only the suite rows with these batch sizes, e.g. 1,8")
     ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4 (5: L2 flush methods)")
+    ap.add_argument("--rounds", type=int, default=3, help="section 6: interleaved rounds per variant")
+    ap.add_argument("--flush", choices=("memset", "read"), default="memset",
+                    help="sections 1-4: do_bench's memset flush (default) or a read-only flush (clean L2)")
     args = ap.parse_args()
+    global FLUSH
+    FLUSH = args.flush
     layouts = [x == "paged" for x in args.layouts.split(",")]
     global SUITE
     if args.batches:
@@ -297,6 +310,53 @@ def main():
                   f"{cell('fa4', 5)} {cell('sdpa_flash', 5)} {cell('sdpa_cudnn', 5)}"
                   f"   (splits {splits})", flush=True)
         q = k = v = table = out = fns = kv_flat = None
+        torch.cuda.empty_cache()
+
+    if 6 in sections:
+        print("\n## 6. decode.py switches, A/B at the public call's config and splits (GB/s; memset | read flush; "
+              f"median of {args.rounds} interleaved rounds)", flush=True)
+        variants = {"old": dict(TILE_BASE=False, PDL=False), "tilebase": dict(TILE_BASE=True, PDL=False),
+                    "pdl": dict(TILE_BASE=False, PDL=True), "both": dict(TILE_BASE=True, PDL=True)}
+        print(f"{'B':>4} {'L':>6} {'layout':>6} | " + " ".join(f"{n:>15}" for n in variants) + " | cudnn (m|r)",
+              flush=True)
+    for (batch, length), paged in itertools.product(SUITE, layouts if 6 in sections else ()):
+        q, k, v, lens, table = make_inputs(batch, length, paged)
+        out = torch.empty_like(q)
+        inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
+        cfg, splits = public_choice()
+        saved = dict(TILE_BASE=decode.TILE_BASE, PDL=decode.PDL)
+        fns = {}
+        for name, flags in variants.items():
+            for key, val in flags.items():
+                setattr(decode, key, val)
+            fns[name] = kernel_call(q, k, v, lens, table, out, splits, decode.Config(*cfg))
+            fns[name]()
+        for key, val in saved.items():
+            setattr(decode, key, val)
+        ref = out.clone()
+        for name, fn in fns.items():  # every variant gives the same output (bitwise: same products and order)
+            out.fill_(float("nan"))
+            fn()
+            if not torch.equal(out, ref):
+                print(f"MISMATCH {name} B={batch} L={length} paged={paged}", flush=True)
+        if not paged:
+            cudnn = peers(q, k, v).get("sdpa_cudnn")
+            if callable(cudnn):
+                fns["cudnn"] = cudnn
+        samples = {name: {"memset": [], "read": []} for name in fns}
+        names = list(fns)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                samples[name]["memset"].append(gbps(batch, length, bench_ms(fns[name], args.quick)))
+                samples[name]["read"].append(gbps(batch, length, read_flush_ms(fns[name], args.quick)))
+        med = {name: {f: sorted(v)[len(v) // 2] for f, v in d.items()} for name, d in samples.items()}
+        records.append(dict(section="switches", B=batch, L=length, paged=paged, splits=splits, config=list(cfg),
+                            **{f"{n}_{f}_gbps": val for n, d in med.items() for f, val in d.items()}))
+        cells = " ".join(f"{med[n]['memset']:7.0f}|{med[n]['read']:<7.0f}" for n in variants)
+        extra = f"{med['cudnn']['memset']:5.0f}|{med['cudnn']['read']:<5.0f}" if "cudnn" in med else "-"
+        print(f"{batch:>4} {length:>6} {'paged' if paged else 'contig':>6} | {cells} | {extra}  "
+              f"(config {tuple(cfg)}, splits {splits})", flush=True)
+        q = k = v = table = out = fns = None
         torch.cuda.empty_cache()
 
     if args.json:

@@ -416,3 +416,35 @@ def test_bench_ms_pauses_the_garbage_collector(monkeypatch):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_read_flush_is_passed_to_every_timed_call(monkeypatch):
+    """--l2-flush read reaches bench_ms for every backend and row; the default memset call keeps bench_ms's
+    two-argument form (do_bench's own flush)."""
+    calls = []
+
+    def fake_bench_ms(fn, reps, *flush):
+        fn()
+        calls.append(flush)
+        return 2.0
+    monkeypatch.setattr(runner, "bench_ms", fake_bench_ms)
+    monkeypatch.setattr(runner, "call_with_extra_memory", lambda fn: (fn(), 3.0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
+    cases = [suites.DecodeCase(B=2, L=256, paged=p, Hq=4, Hkv=2, D=16, page_size=64) for p in (False, True)]
+    runner.run_decode(cases, [_FakeBackend("fa4")], dtype=torch.float32, reps=Reps(1, 1), log=lambda m: None,
+                      device="cpu", l2_flush="read")
+    assert calls == [("read",), ("read",)]
+    calls.clear()
+    train = suites.TrainingCase(D=8, S=16, B=1, H=2, causal=False)
+    runner.run_training([train], [_FakeBackend("fa4")], dtype=torch.float32, reps=Reps(1, 1), log=lambda m: None,
+                        device="cpu")
+    assert calls == [(), ()]
+
+
+def test_unknown_l2_flush_is_named():
+    from fa4.bench import timing
+    with pytest.raises(ValueError, match="l2_flush"):
+        timing.bench_ms(lambda: None, Reps(1, 1), "nothing")
+    assert cli.parse_args(["--suite", "decode", "--l2-flush", "read"]).l2_flush == "read"
+    assert cli.parse_args([]).l2_flush == "memset"

@@ -97,6 +97,11 @@ def build_parser():
     p.add_argument("--backend", metavar="NAME",
                    help="fa4's backend, passed through as flash_attn_func(..., backend=NAME): reference, "
                         "triton, sm90 (default: fa4 picks; in the CPU check: triton)")
+    p.add_argument("--l2-flush", choices=("memset", "read"), default="memset",
+                   help="how L2 is cleared before each timed call: memset (default; triton do_bench's 256 MB "
+                        "zeroing, the anchors' method, which leaves up to the L2's size of dirty lines for the "
+                        "timed call to write back) or read (a 256 MB read: clean lines, so a decode step pays "
+                        "only for its own bytes)")
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions (do_bench budgets 10/40 ms training, 5/25 ms decode): noisier")
     return p

@@ -60,7 +60,10 @@ def run_gpu(args, out=print, log=_log):
     header = [f"fa4 bench --suite {args.suite}: {info['card']} ({info['sms']} SMs, compute capability "
               f"{info['capability']}), driver {info['driver']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}",
               f"torch {info['torch']}, triton {info['triton']}, fa4 {info['fa4']}, {args.dtype}, "
-              f"fa4 backend {args.backend or 'auto'}, {info['date']}"]
+              f"fa4 backend {args.backend or 'auto'}, {info['date']}",
+              f"timing: median of per-call CUDA-event times, L2 cleared before each call by "
+              + ("a 256 MB memset (triton do_bench)" if args.l2_flush == "memset" else
+                 "reading a 256 MB buffer (--l2-flush read: no dirty lines for the timed call to write back)")]
     for line in header:
         out(line)
 
@@ -94,9 +97,10 @@ def run_gpu(args, out=print, log=_log):
     backends = [fa4] + usable
     if args.suite == "training":
         outcome = runner.run_training(cases, backends, dtype=dtype, reps=reps, fwd_only=args.fwd_only, log=log,
-                                     device=DEVICE)
+                                     device=DEVICE, l2_flush=args.l2_flush)
     else:
-        outcome = runner.run_decode(cases, backends, dtype=dtype, reps=reps, log=log, device=DEVICE)
+        outcome = runner.run_decode(cases, backends, dtype=dtype, reps=reps, log=log, device=DEVICE,
+                                    l2_flush=args.l2_flush)
 
     table_text = report.table(args.suite, outcome.rows)
     if outcome.failures:
@@ -112,7 +116,8 @@ def run_gpu(args, out=print, log=_log):
         out(f"wrote {args.json}")
     if args.out:
         details = {"machine": info, "argv": sys.argv, "dtype": args.dtype, "backend": args.backend,
-                   "quick": args.quick, "reps_ms": vars(reps), "checks": [vars(c) for c in checks],
+                   "quick": args.quick, "reps_ms": vars(reps), "l2_flush": args.l2_flush,
+                   "checks": [vars(c) for c in checks],
                    "missing_peers": missing, "rows": outcome.details, "failures": outcome.failures,
                    "not_applicable": outcome.not_applicable}
         write_out_dir(args.out, doc, details, table_text, header, out)

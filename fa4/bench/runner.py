@@ -58,7 +58,14 @@ def _fmt(value, spec, unit):
     return "--" if value is None else f"{value:{spec}} {unit}"
 
 
-def measure_training(backend, case, inputs, reps, fwd_only):
+def _time(fn, reps, l2_flush):
+    """bench_ms of fn; the flush argument is passed only when it is not do_bench's own (the memset)."""
+    if l2_flush == "memset":
+        return bench_ms(fn, reps)
+    return bench_ms(fn, reps, l2_flush)
+
+
+def measure_training(backend, case, inputs, reps, fwd_only, l2_flush="memset"):
     """(schema row, details) of one backend on one case; raises NotApplicable if it cannot express it."""
     q, k, v, dout = inputs
     row, detail = _training_row(backend.name, case), {"backend": backend.name, **case.key()}
@@ -75,7 +82,7 @@ def measure_training(backend, case, inputs, reps, fwd_only):
         torch.cuda.synchronize()
         detail["first_call_s"] = round(time.perf_counter() - t0, 2)
         row["fwd_extra_mib"] = call_with_extra_memory(lambda: fn(q, k, v))[1]
-        ms = bench_ms(lambda: fn(q, k, v), reps)
+        ms = _time(lambda: fn(q, k, v), reps, l2_flush)
         detail["fwd_ms"] = ms
         row["fwd_tflops"] = case.fwd_flops / ms / 1e9
         out = fn(q, k, v)
@@ -90,7 +97,7 @@ def measure_training(backend, case, inputs, reps, fwd_only):
     try:
         grad()  # compile / autotune outside the measurements
         row["bwd_extra_mib"] = call_with_extra_memory(grad)[1]
-        ms = bench_ms(grad, reps)
+        ms = _time(grad, reps, l2_flush)
         detail["bwd_ms"] = ms
         row["bwd_tflops"] = case.bwd_flops / ms / 1e9
     except Exception as exc:
@@ -127,13 +134,15 @@ def _run_suite(cases, backends, make_inputs, measure, progress, error_prefix, lo
     return result
 
 
-def run_training(cases, backends, *, dtype, reps, fwd_only=False, log=_log, device="cuda"):
+def run_training(cases, backends, *, dtype, reps, fwd_only=False, log=_log, device="cuda",
+                 l2_flush="memset"):
     def progress(case, backend, row):
         return (f"{case.label():<34} {backend.name:<14} "
                 f"fwd {_fmt(row['fwd_tflops'], '6.1f', 'TFLOP/s')} ({_fmt(row['fwd_extra_mib'], '+.1f', 'MiB')})  "
                 f"bwd {_fmt(row['bwd_tflops'], '6.1f', 'TFLOP/s')} ({_fmt(row['bwd_extra_mib'], '+.1f', 'MiB')})")
     return _run_suite(cases, backends, lambda case: _training_inputs(case, dtype, device),
-                      lambda backend, case, inputs: measure_training(backend, case, inputs, reps, fwd_only),
+                      lambda backend, case, inputs: measure_training(backend, case, inputs, reps, fwd_only,
+                                                                     l2_flush),
                       progress, " ", log)
 
 
@@ -141,7 +150,7 @@ def rotation_count(case):
     return max(1, min(MAX_ROTATION, math.ceil(ROTATE_BELOW_BYTES / case.kv_bytes)))
 
 
-def measure_decode(backend, case, caches, reps):
+def measure_decode(backend, case, caches, reps, l2_flush="memset"):
     """(schema row, details) of one backend on one case; raises NotApplicable if it cannot express it."""
     row = {"backend": backend.name, **case.key(), "gbps": None}
     detail = {"backend": backend.name, **case.key(), "rotated_caches": len(caches)}
@@ -159,7 +168,7 @@ def measure_decode(backend, case, caches, reps):
             torch.cuda.synchronize()
             detail["first_call_s"] = round(time.perf_counter() - t0, 2)
             rotation = itertools.cycle(caches)
-            ms = bench_ms(lambda: fn(next(rotation)), reps)
+            ms = _time(lambda: fn(next(rotation)), reps, l2_flush)
         detail["ms"] = ms
         row["gbps"] = case.kv_bytes / ms / 1e6
     except Exception as exc:
@@ -167,7 +176,7 @@ def measure_decode(backend, case, caches, reps):
     return row, detail
 
 
-def run_decode(cases, backends, *, dtype, reps, log=_log, device="cuda"):
+def run_decode(cases, backends, *, dtype, reps, log=_log, device="cuda", l2_flush="memset"):
     gen = torch.Generator().manual_seed(0)
 
     def caches(case):
@@ -177,5 +186,5 @@ def run_decode(cases, backends, *, dtype, reps, log=_log, device="cuda"):
     def progress(case, backend, row):
         return f"{case.label():<26} {backend.name:<14} {_fmt(row['gbps'], '7.0f', 'GB/s')}"
     return _run_suite(cases, backends, caches,
-                      lambda backend, case, inputs: measure_decode(backend, case, inputs, reps),
+                      lambda backend, case, inputs: measure_decode(backend, case, inputs, reps, l2_flush),
                       progress, ": ", log)

@@ -59,13 +59,19 @@ class Launch:
     raw pointers. That is exact only while the pointers keep the alignment the kernel was specialised for (16
     bytes; Step checks every call) and the per-call ints are not specialised (do_not_specialize).
     """
-    __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "compiled")
+    __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "options",
+                 "compiled")
 
-    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages):
+    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages, launch_pdl=False):
         # The compiled launcher takes all three grid dimensions; JITFunction accepts 1-D and 2-D grids.
         grid = tuple(grid) + (1,) * (3 - len(grid))
         self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, grid, tuple(tail), constexprs
         self.num_warps, self.num_stages = num_warps, num_stages
+        # Programmatic dependent launch (sm_90+): the kernel may start while the previous one in the stream is still
+        # running, and waits for it with griddepcontrol.wait before touching its results. Part of the compiled
+        # kernel's metadata, so the fast path launches it the same way. Passed only when on: the interpreter and
+        # older Tritons do not know the option.
+        self.options = dict(launch_pdl=True) if launch_pdl else {}
         names = param_names(fn)[n_head:]
         if len(names) != len(self.tail) + len(constexprs):
             raise RuntimeError(f"{names[0]}...: {len(names)} parameters after the head, got {len(self.tail)} values "
@@ -83,7 +89,7 @@ class Launch:
     def jit(self, head, keep):
         """Launch through JITFunction (head holds tensors); keep the compiled kernel when `keep`."""
         ret = self.fn[self.grid](*head, *self.tail, **self.constexprs, num_warps=self.num_warps,
-                                 num_stages=self.num_stages)
+                                 num_stages=self.num_stages, **self.options)
         if keep and self.compiled is None and isinstance(ret, _CompiledKernel):
             self.compiled = (ret.run, ret.function, ret.packed_metadata)
 

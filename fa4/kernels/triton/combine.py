@@ -14,6 +14,7 @@ launches it through decode.Step (`combine_launch`); flash_attn_combine through `
 """
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
 
 @triton.jit
@@ -24,7 +25,13 @@ def _combine_kernel(OutPartial, LsePartial, Out, Lse, Sink,
                     stride_ob, stride_os, stride_oh,
                     stride_fb, stride_fs, stride_fh,
                     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                    CHUNK: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+                    CHUNK: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    PDL_WAIT: tl.constexpr = False):
+    if PDL_WAIT:
+        # Launched dependent on the split kernel (programmatic dependent launch): this program may be resident
+        # before the partials exist; griddepcontrol.wait returns once that kernel has finished and its writes
+        # are visible.
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0)
     h = pid % num_heads
     bs = pid // num_heads
@@ -69,12 +76,13 @@ def _pow2(n):
 
 
 def combine_launch(*, num_splits, batch, seqlen, num_heads, head_dv, partial_strides, lse_partial_strides,
-                   out_strides, lse_strides, has_sink, write_lse):
+                   out_strides, lse_strides, has_sink, write_lse, pdl_wait=False):
     """(grid, tail, constexprs, num_warps, num_stages) of the merge; the launch's arguments are
     (out_partial, lse_partial, out, lse, sink) + tail, absent tensors as None.
 
     Strides are element strides in (split, b, s, h) order for the partials, and in (b, s, h) for out and lse
-    (out's last dimension contiguous). `sink` is an fp32 (H,) tensor.
+    (out's last dimension contiguous). `sink` is an fp32 (H,) tensor. `pdl_wait`: the launch is a programmatic
+    dependent of the kernel that writes the partials (the kernel then waits for it first).
     """
     block_splits = max(2, _pow2(num_splits))
     block_dv = max(16, _pow2(head_dv))
@@ -82,7 +90,7 @@ def combine_launch(*, num_splits, batch, seqlen, num_heads, head_dv, partial_str
     tail = (num_splits, seqlen, num_heads, *partial_strides, *lse_partial_strides, *out_strides,
             *(lse_strides or (0, 0, 0)))
     constexprs = dict(HEAD_DV=head_dv, BLOCK_DV=block_dv, BLOCK_SPLITS=block_splits, CHUNK=chunk,
-                      HAS_SINK=has_sink, WRITE_LSE=write_lse)
+                      HAS_SINK=has_sink, WRITE_LSE=write_lse, PDL_WAIT=pdl_wait)
     return (batch * seqlen * num_heads, 1, 1), tail, constexprs, 4, 1
 
 

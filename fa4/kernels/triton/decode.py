@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
 from fa4.kernels.direct_launch import Launch
 from fa4.kernels.direct_launch import current_device as _current_device
@@ -69,7 +70,11 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    PAGE_ALIGNED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
                    ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_TOKEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, PDL_PRIMARY: tl.constexpr, TILE_BASE: tl.constexpr):
+    if PDL_PRIMARY:
+        # The combine is launched as a programmatic dependent: let it become resident now (it waits for this
+        # kernel's end with griddepcontrol.wait), so its launch latency hides under the key loop.
+        tl_cuda.gdc_launch_dependents()
     # Grid: axis 0 = (sequence, kv head), axis 1 = split of the key range, axis 2 = block of packed rows.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -145,23 +150,37 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         # Pages of the first tile. Each iteration fetches the next tile's pages one step ahead, so the K/V loads
         # do not wait on a page-table load of their own iteration (which would cost the pipeline a stage).
         next_page = _tile_pages(pt_row, start, end, offs_n, page_size, PAGE_ALIGNED)
+    # A tile whose rows are consecutive cache rows (contiguous cache, or a tile inside one page) is addressed as
+    # one 64-bit base per tile plus loop-invariant 32-bit offsets: the per-key 64-bit multiplies leave the loop.
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_dv[None, :]
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < end
         if PAGED:
             page = next_page.to(tl.int64)
             next_page = _tile_pages(pt_row, start_n + BLOCK_N, end, offs_n, page_size, PAGE_ALIGNED)
-            if PAGE_ALIGNED:
-                row = (start_n % page_size) + offs_n  # the whole tile sits in one page: contiguous rows
+            if PAGE_ALIGNED and TILE_BASE:
+                in_page = (start_n % page_size) + tl.zeros([], dtype=tl.int64)  # first row of the tile in its page
+                k_ptrs = K + (page * stride_kb + in_page * stride_ks) + k_offs
+                v_ptrs = V + (page * stride_vb + in_page * stride_vs) + v_offs
             else:
-                row = cols % page_size
-            k_rows = page * stride_kb + row.to(tl.int64) * stride_ks
-            v_rows = page * stride_vb + row.to(tl.int64) * stride_vs
+                if PAGE_ALIGNED:
+                    row = (start_n % page_size) + offs_n  # the whole tile sits in one page: contiguous rows
+                else:
+                    row = cols % page_size
+                k_rows = page * stride_kb + row.to(tl.int64) * stride_ks
+                v_rows = page * stride_vb + row.to(tl.int64) * stride_vs
+                k_ptrs = K + k_rows[:, None] + offs_d[None, :]
+                v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
+        elif TILE_BASE:
+            first = start_n + tl.zeros([], dtype=tl.int64)  # 64-bit before the multiply (a Python int when interpreted)
+            k_ptrs = K + first * stride_ks + k_offs
+            v_ptrs = V + first * stride_vs + v_offs
         else:
-            k_rows = cols.to(tl.int64) * stride_ks
-            v_rows = cols.to(tl.int64) * stride_vs
-        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
-                    mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+            k_ptrs = K + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
+            v_ptrs = V + cols.to(tl.int64)[:, None] * stride_vs + offs_dv[None, :]
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             qk = cap_log2 * tanh_via_exp2(qk * cap_scale)  # softcap · tanh(scale · qk / softcap) · log2 e
@@ -175,8 +194,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         p = tl.exp2(qk - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -255,6 +273,12 @@ def default_config(device, dtype, head_dim, head_dim_v, wide=False, page_size=0,
 def block_m_for(rows):
     """Packed rows per program: 16 (the smallest tl.dot) up to 64 for chunked prefill."""
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+# Switches kept for A/B runs (benchmarks/tune_decode.py --variants): per-tile base addressing of K/V, and the
+# combine launched as a programmatic dependent of the split kernel.
+TILE_BASE = True
+PDL = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,6 +360,8 @@ class Step:
             self.config = cfg
             block_m = block_m_for(rows)
             self.split = split = num_splits > 1
+            # The combine as a programmatic dependent launch of the split kernel (sm_90+; griddepcontrol).
+            pdl = split and PDL and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9
             grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
             has_softcap = softcap > 0.0
             tail = (q.stride(0), q.stride(1), q.stride(2),
@@ -355,7 +381,7 @@ class Step:
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
                 HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
                 ROTARY_PER_TOKEN=bool(rotary_per_token),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl, TILE_BASE=TILE_BASE)
             self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
@@ -368,7 +394,7 @@ class Step:
                     partial_strides=(batch * seqlen_q * row, seqlen_q * row, row, head_dv),
                     lse_partial_strides=(batch * seqlen_q * num_heads, seqlen_q * num_heads, num_heads, 1),
                     out_strides=out_strides, lse_strides=(num_heads * seqlen_q, 1, seqlen_q) if want_lse else None,
-                    has_sink=sink is not None, write_lse=want_lse))
+                    has_sink=sink is not None, write_lse=want_lse, pdl_wait=pdl), launch_pdl=pdl)
         self.launches = tuple(x for x in (self.append, self.attend, self.combine) if x is not None)
         self.ready = False  # every launch holds its compiled kernel
 
