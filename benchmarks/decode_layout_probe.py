@@ -1,0 +1,58 @@
+"""Where the paged decode step loses against the contiguous one: the same K/V bytes read through a page table
+whose pages are in shuffled order (the bench's layout), in sequence order (identity table), and as a contiguous
+cache; GB/s under a read-only L2 flush (tune_decode.read_flush_ms), median of interleaved rounds.
+
+    python benchmarks/decode_layout_probe.py [--rounds 5]
+
+If the identity table reads as fast as the contiguous cache, the paged kernel's own work (page-table loads,
+addressing) costs nothing and the gap is the scattered placement of the pages (DRAM / TLB locality).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fa4  # noqa: E402
+from tune_decode import D, HKV, HQ, PAGE, gbps, read_flush_ms  # noqa: E402
+
+ROWS = [(1, 65536), (8, 8192), (64, 8192)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    print(f"# {torch.cuda.get_device_name()}; GB/s, read-only flush, median of {args.rounds} rounds", flush=True)
+    print(f"{'B':>4} {'L':>6} | {'contig':>7} {'identity':>8} {'shuffled':>8}", flush=True)
+    for batch, length in ROWS:
+        q = torch.randn(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+        n_pages = batch * length // PAGE
+        kp, vp = k.view(n_pages, PAGE, HKV, D), v.view(n_pages, PAGE, HKV, D)
+        ident = torch.arange(n_pages, device="cuda", dtype=torch.int32).view(batch, -1)
+        shuf = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, -1)
+        out = torch.empty_like(q)
+        fns = {
+            "contig": lambda: fa4.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, out=out),
+            "identity": lambda: fa4.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, page_table=ident, out=out),
+            "shuffled": lambda: fa4.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, page_table=shuf, out=out),
+        }
+        samples = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                samples[name].append(gbps(batch, length, read_flush_ms(fns[name], quick=True)))
+        med = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+        print(f"{batch:>4} {length:>6} | {med['contig']:7.0f} {med['identity']:8.0f} {med['shuffled']:8.0f}", flush=True)
+        del q, k, v, kp, vp, out
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
