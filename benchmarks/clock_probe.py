@@ -35,7 +35,7 @@ from fa4.bench import peers  # noqa: E402
 
 DEFAULT_ROWS = "256:16384:0,256:16384:1,128:16384:0,128:16384:1,64:16384:0"
 PEAK_FLOP_PER_CLK = 4096  # dense bf16 per SM and cycle on sm_90 (989.4 TFLOP/s at 1.83 GHz x 132 SMs)
-QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
+QUERY = "clocks.sm,power.draw.instant,clocks_throttle_reasons.active"
 
 
 def parse_rows(text):
@@ -74,17 +74,22 @@ def sample_while(run, interval_ms=50):
             samples.append((float(parts[0]), float(parts[1]), int(parts[2], 16)))
         except (ValueError, IndexError):
             continue
-    return result, samples
+    skip = int(300 / interval_ms) + 1  # the samples of the sleep before run() (idle)
+    return result, samples[skip:]
 
 
-def steady_loop(fn, seconds):
-    """(calls, ms per call) of fn run back to back for about `seconds`, timed by CUDA events around the loop."""
+def per_call_s(fn):
+    """Seconds of one call after a first one (compile, autotune) outside any measurement."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    per_call = max(time.perf_counter() - t0, 1e-5)
+    return max(time.perf_counter() - t0, 1e-5)
+
+
+def steady_loop(fn, seconds, per_call):
+    """(calls, ms per call) of fn run back to back for about `seconds`, timed by CUDA events around the loop."""
     calls = max(10, int(seconds / per_call))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -128,7 +133,10 @@ def main():
 
             def fn():
                 return fn_qkv(q, k, v)
-            (calls, ms), samples = sample_while(lambda: steady_loop(fn, args.seconds))
+            # Compile and warm up first: nvidia-smi samples only the timed loop (session 10's first run sampled
+            # the fa4 rows' JIT compile and read idle clocks and power).
+            per_call = per_call_s(fn)
+            (calls, ms), samples = sample_while(lambda: steady_loop(fn, args.seconds, per_call))
             tflops = flops / ms / 1e9
             if samples:
                 mhz = statistics.median(x[0] for x in samples)
