@@ -632,8 +632,11 @@ def test_unused_page_entries_may_hold_anything():
 # The decode kernel compiled for the H100 (sm_90) without a GPU: no spills, K/V loads pipelined through cp.async
 # ---------------------------------------------------------------------------------------------------------------
 
-def _aot_report(paged, block_n, num_warps, num_stages, splits):
-    """Compile the decode kernel for sm_90 as a bf16 decode-suite launch would; returns resource counts."""
+def _aot_report(paged, block_n, num_warps, num_stages, splits, pdl=False):
+    """Compile the decode kernel for sm_90 as a bf16 decode-suite launch would; returns resource counts.
+    `pdl`: as a CUDA sm_90 device builds a split step, with the combine a programmatic dependent launch (the
+    CPU tensors here turn it off in Step); the PTX's griddepcontrol instructions are counted, the combine's
+    too."""
     import os
     import re
     import subprocess
@@ -660,7 +663,7 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits):
     part = torch.zeros(step.ws_numel if splits > 1 else 16, dtype=torch.float32)
     launch, cfg = step.attend, step.config
     args = launch.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
-    consts = launch.constexprs
+    consts = dict(launch.constexprs, PDL_PRIMARY=pdl)
     fn = decode._decode_kernel
     signature, attrs, constexprs = {}, {}, dict(consts)
     for i, (name, value) in enumerate(zip(fn.arg_names, args)):
@@ -681,8 +684,27 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits):
         f.flush()
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return dict(regs=int(re.search(r"REG:(\d+)", res).group(1)), local=int(re.search(r"LOCAL:(\d+)", res).group(1)),
-                ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared)
+    report = dict(regs=int(re.search(r"REG:(\d+)", res).group(1)), local=int(re.search(r"LOCAL:(\d+)", res).group(1)),
+                  ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared)
+    if pdl:
+        from fa4.kernels.triton import combine
+        report["launch_dependents"] = kernel.asm["ptx"].count("griddepcontrol.launch_dependents")
+        merge = step.combine
+        m_args = merge.args((part, part, out, None, None))
+        m_consts = dict(merge.constexprs, PDL_WAIT=True)
+        m_sig = {}
+        for name, value in zip(combine._combine_kernel.arg_names, m_args):
+            ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+            m_sig[name] = ty
+            if ty == "constexpr":
+                m_consts[name] = attr
+        m_sig.update({name: "constexpr" for name in m_consts})
+        m_src = triton.compiler.ASTSource(fn=combine._combine_kernel, signature=m_sig, constexprs=m_consts)
+        m_kernel = triton.compile(m_src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": merge.num_warps, "launch_pdl": True})
+        report["combine_waits"] = m_kernel.asm["ptx"].count("griddepcontrol.wait")
+        report["combine_launch_pdl"] = bool(m_kernel.metadata.launch_pdl)
+    return report
 
 
 # (page size, splits, regime): contiguous split; paged 128 unsplit (one tile per page); paged 16 split (per-key
@@ -699,7 +721,8 @@ def aot_reports():
     import sys
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; "
-            f"print(json.dumps([t._aot_report(p, *t.decode_config_h100(r), s) for p, s, r in {AOT_CASES!r}]))")
+            f"print(json.dumps([t._aot_report(p, *t.decode_config_h100(r), s, pdl=s > 1) "
+            f"for p, s, r in {AOT_CASES!r}]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
                           timeout=600)
@@ -720,6 +743,11 @@ def test_decode_kernel_compiles_for_sm90(case, aot_reports):
     assert rep["ldgsts128"] > 0, rep
     if AOT_CASES[case][2] == "split":
         assert 2 * (rep["smem"] + 1024) <= 228 * 1024, rep
+    if AOT_CASES[case][1] > 1:
+        # The split step as an sm_90 device builds it: the attention kernel lets the combine launch early
+        # (griddepcontrol.launch_dependents), and the combine, a programmatic dependent launch, waits for it.
+        assert rep["launch_dependents"] >= 1 and rep["combine_waits"] >= 1, rep
+        assert rep["combine_launch_pdl"], rep
 
 
 def decode_config_h100(regime):

@@ -281,6 +281,16 @@ TILE_BASE = True
 PDL = True
 
 
+def _pdl_supported():
+    """Whether this Triton can launch with programmatic dependent launch (the launch_pdl option, 3.4+) and emit
+    griddepcontrol (tl.extra.cuda.gdc_*); older ones take the plain two-launch path."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(tl_cuda, "gdc_wait")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Split workspace
 # ----------------------------------------------------------------------------------------------------------
@@ -361,7 +371,8 @@ class Step:
             block_m = block_m_for(rows)
             self.split = split = num_splits > 1
             # The combine as a programmatic dependent launch of the split kernel (sm_90+; griddepcontrol).
-            pdl = split and PDL and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9
+            pdl = (split and PDL and q.device.type == "cuda" and _pdl_supported()
+                   and torch.cuda.get_device_capability(q.device)[0] >= 9)
             grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
             has_softcap = softcap > 0.0
             tail = (q.stride(0), q.stride(1), q.stride(2),
