@@ -5,7 +5,9 @@ cache; GB/s under a read-only L2 flush (tune_decode.read_flush_ms), median of in
     python benchmarks/decode_layout_probe.py [--rounds 5]
 
 If the identity table reads as fast as the contiguous cache, the paged kernel's own work (page-table loads,
-addressing) costs nothing and the gap is the scattered placement of the pages (DRAM / TLB locality).
+addressing) costs nothing and the gap is the scattered placement of the pages (DRAM / TLB locality). With
+`--pages 128,1024`: a 1024-token page of 8 heads x 128 x bf16 is 2 MB, one GPU large page, so if the shuffled
+1024-token pages read as fast as the contiguous cache, the 128-token gap is address translation.
 """
 import argparse
 import sys
@@ -25,16 +27,17 @@ ROWS = [(1, 65536), (8, 8192), (64, 8192)]
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pages", default=str(PAGE), help="comma-separated page sizes (tokens) to run")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}; GB/s, read-only flush, median of {args.rounds} rounds", flush=True)
-    print(f"{'B':>4} {'L':>6} | {'contig':>7} {'identity':>8} {'shuffled':>8}", flush=True)
-    for batch, length in ROWS:
+    print(f"{'page':>5} {'B':>4} {'L':>6} | {'contig':>7} {'identity':>8} {'shuffled':>8}", flush=True)
+    for page, (batch, length) in [(int(p), row) for p in args.pages.split(",") for row in ROWS]:
         q = torch.randn(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
-        n_pages = batch * length // PAGE
-        kp, vp = k.view(n_pages, PAGE, HKV, D), v.view(n_pages, PAGE, HKV, D)
+        n_pages = batch * length // page
+        kp, vp = k.view(n_pages, page, HKV, D), v.view(n_pages, page, HKV, D)
         ident = torch.arange(n_pages, device="cuda", dtype=torch.int32).view(batch, -1)
         shuf = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, -1)
         out = torch.empty_like(q)
@@ -49,7 +52,7 @@ def main():
             for name in names[r % len(names):] + names[:r % len(names)]:
                 samples[name].append(gbps(batch, length, read_flush_ms(fns[name], quick=True)))
         med = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
-        print(f"{batch:>4} {length:>6} | {med['contig']:7.0f} {med['identity']:8.0f} {med['shuffled']:8.0f}", flush=True)
+        print(f"{page:>5} {batch:>4} {length:>6} | {med['contig']:7.0f} {med['identity']:8.0f} {med['shuffled']:8.0f}", flush=True)
         del q, k, v, kp, vp, out
         torch.cuda.empty_cache()
 

@@ -282,8 +282,8 @@ PDL = True
 
 
 def _pdl_supported():
-    """Whether this Triton can launch with programmatic dependent launch (the launch_pdl option, 3.4+) and emit
-    griddepcontrol (tl.extra.cuda.gdc_*); older ones take the plain two-launch path."""
+    """Whether this Triton can launch with programmatic dependent launch (the launch_pdl compile option) and emit
+    griddepcontrol (tl.extra.cuda.gdc_*); a Triton without them takes the plain two-launch path."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
