@@ -46,8 +46,14 @@ FLUSH = "memset"  # --flush: how sections 1-4 clear L2 before each timed call
 
 
 def bench_ms(fn, quick):
+    """Median ms of fn under the flush --flush names (sections 1-4)."""
     if FLUSH == "read":
         return read_flush_ms(fn, quick)
+    return memset_flush_ms(fn, quick)
+
+
+def memset_flush_ms(fn, quick):
+    """do_bench median: L2 cleared by its 256 MB memset before each call."""
     from triton.testing import do_bench
     return do_bench(fn, warmup=5 if quick else 20, rep=25 if quick else 100, return_mode="median")
 
@@ -76,6 +82,15 @@ def kernel_call(q, k, v, lens, table, out, num_splits, cfg):
                        rotary_per_token=False, softmax_scale=D ** -0.5, window_left=-1, window_right=-1,
                        softcap=0.0, sink=None, num_splits=num_splits, config=cfg)
     return lambda: step(q, k, v, None, None, None, None, lens, None, table, None, out, 0)
+
+
+def public_row(batch, length, paged):
+    """A suite row's inputs and output after one public call: (q, k, v, lens, table, out, config, splits)."""
+    q, k, v, lens, table = make_inputs(batch, length, paged)
+    out = torch.empty_like(q)
+    inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
+    cfg, splits = public_choice()
+    return q, k, v, lens, table, out, cfg, splits
 
 
 def public_choice():
@@ -160,7 +175,8 @@ def main():
     ap.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4 (5: L2 flush methods)")
     ap.add_argument("--rounds", type=int, default=3, help="section 6: interleaved rounds per variant")
     ap.add_argument("--flush", choices=("memset", "read"), default="memset",
-                    help="sections 1-4: do_bench's memset flush (default) or a read-only flush (clean L2)")
+                    help="sections 1-4: do_bench's memset flush (default) or a read-only flush (clean L2); sections 5 "
+                         "and 6 time both")
     args = ap.parse_args()
     global FLUSH
     FLUSH = args.flush
@@ -290,10 +306,7 @@ def main():
         print(f"{'B':>4} {'L':>6} {'layout':>6} | {'flush':>6} | {'read':>5} {'fa4':>5} {'flash':>5} {'cudnn':>5}",
               flush=True)
     for (batch, length), paged in itertools.product(SUITE, layouts if 5 in sections else ()):
-        q, k, v, lens, table = make_inputs(batch, length, paged)
-        out = torch.empty_like(q)
-        inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
-        cfg, splits = public_choice()
+        q, k, v, lens, table, out, cfg, splits = public_row(batch, length, paged)
         fns = {}
         kv_flat = (k.view(-1), v.view(-1))
         fns["read"] = lambda: (kv_flat[0].sum(dtype=torch.float32), kv_flat[1].sum(dtype=torch.float32))
@@ -301,7 +314,7 @@ def main():
         if not paged:
             fns.update({name: fn for name, fn in peers(q, k, v).items() if callable(fn)})
         for flush in ("memset", "read"):
-            res = {name: gbps(batch, length, bench_ms(fn, args.quick) if flush == "memset" else
+            res = {name: gbps(batch, length, memset_flush_ms(fn, args.quick) if flush == "memset" else
                               read_flush_ms(fn, args.quick)) for name, fn in fns.items()}
             records.append(dict(section="flush", B=batch, L=length, paged=paged, flush=flush, splits=splits,
                                 **{f"{name}_gbps": val for name, val in res.items()}))
@@ -320,10 +333,7 @@ def main():
         print(f"{'B':>4} {'L':>6} {'layout':>6} | " + " ".join(f"{n:>15}" for n in variants) + " | cudnn (m|r)",
               flush=True)
     for (batch, length), paged in itertools.product(SUITE, layouts if 6 in sections else ()):
-        q, k, v, lens, table = make_inputs(batch, length, paged)
-        out = torch.empty_like(q)
-        inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
-        cfg, splits = public_choice()
+        q, k, v, lens, table, out, cfg, splits = public_row(batch, length, paged)
         saved = dict(TILE_BASE=decode.TILE_BASE, PDL=decode.PDL)
         fns = {}
         for name, flags in variants.items():
@@ -347,7 +357,7 @@ def main():
         names = list(fns)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                samples[name]["memset"].append(gbps(batch, length, bench_ms(fns[name], args.quick)))
+                samples[name]["memset"].append(gbps(batch, length, memset_flush_ms(fns[name], args.quick)))
                 samples[name]["read"].append(gbps(batch, length, read_flush_ms(fns[name], args.quick)))
         med = {name: {f: sorted(v)[len(v) // 2] for f, v in d.items()} for name, d in samples.items()}
         records.append(dict(section="switches", B=batch, L=length, paged=paged, splits=splits, config=list(cfg),
