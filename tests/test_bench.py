@@ -446,5 +446,8 @@ def test_unknown_l2_flush_is_named():
     from fa4.bench import timing
     with pytest.raises(ValueError, match="l2_flush"):
         timing.bench_ms(lambda: None, Reps(1, 1), "nothing")
-    assert cli.parse_args(["--suite", "decode", "--l2-flush", "read"]).l2_flush == "read"
+    assert cli.parse_args(["--suite", "decode", "--l2-flush", "memset"]).l2_flush == "memset"
+    assert cli.parse_args(["--l2-flush", "read"]).l2_flush == "read"
+    # Defaults: the anchors' memset for training, the clean read flush for decode (cli.DEFAULT_L2_FLUSH).
     assert cli.parse_args([]).l2_flush == "memset"
+    assert cli.parse_args(["--suite", "decode"]).l2_flush == "read"

@@ -10,6 +10,11 @@ from .peers import PEER_NAMES
 # SDPA's efficient kernel has no GQA decode (it raises "No available kernel" on every decode row) and Flex is not
 # a decode kernel: both stay selectable with --peers but are left out of the decode suite by default.
 DEFAULT_PEERS = {"training": PEER_NAMES, "decode": ("sdpa_flash", "sdpa_cudnn", "flashattn4")}
+# A decode step streams the KV cache once. Cleared by do_bench's memset, L2 holds up to 50 MB of dirty lines, and
+# their write-back would be charged to the step: ~15% of the traffic of a 268 MB step, a ceiling of ~2,570 GB/s
+# for any kernel on an H100. In a model, the kernels before the attention mostly read weights, so the step meets
+# clean lines: the read flush. Training calls keep the anchors' memset.
+DEFAULT_L2_FLUSH = {"training": "memset", "decode": "read"}
 
 DESCRIPTION = """\
 Benchmark fa4 against every peer importable in this process, on this card, after checking fa4's output
@@ -39,7 +44,8 @@ the JSON, "--" in the table) with the reason in the log; one that cannot express
 cache) is shown as n/a. fa4's ratio is its figure over the best peer's on the same row (decode: the best
 peer at the same (B, L) in either cache layout).
 
-Timing: triton.testing.do_bench medians (it clears L2 before every timed call); warmup/rep budgets 50/200 ms
+Timing: medians of per-call CUDA-event times after warm-up, L2 cleared before every timed call: training by
+triton.testing.do_bench (a 256 MB memset), decode by reading a 256 MB buffer (--l2-flush); warmup/rep budgets 50/200 ms
 (training) and 20/100 ms (decode), --quick 10/40 and 5/25. The forward is timed with inputs that require
 grad (it saves what its backward needs, as in training). The backward is timed alone: one forward builds
 the graph, then torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) is timed. Decode caches under
@@ -97,11 +103,12 @@ def build_parser():
     p.add_argument("--backend", metavar="NAME",
                    help="fa4's backend, passed through as flash_attn_func(..., backend=NAME): reference, "
                         "triton, sm90 (default: fa4 picks; in the CPU check: triton)")
-    p.add_argument("--l2-flush", choices=("memset", "read"), default="memset",
-                   help="how L2 is cleared before each timed call: memset (default; triton do_bench's 256 MB "
-                        "zeroing, the anchors' method, which leaves up to the L2's size of dirty lines for the "
-                        "timed call to write back) or read (a 256 MB read: clean lines, so a decode step pays "
-                        "only for its own bytes)")
+    p.add_argument("--l2-flush", choices=("memset", "read"), default=None,
+                   help="how L2 is cleared before each timed call: memset (triton do_bench's 256 MB zeroing, the "
+                        "anchors' method; it leaves up to the L2's size of dirty lines for the timed call to write "
+                        "back) or read (a 256 MB read: the L2 holds clean lines of other data, as a decode step "
+                        "finds it after the model's other kernels). Default: memset for training, read for "
+                        "decode, where the memset's write-back would be ~15%% of a 268 MB step's traffic")
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions (do_bench budgets 10/40 ms training, 5/25 ms decode): noisier")
     return p
@@ -123,6 +130,8 @@ def parse_args(argv):
         unknown = [n for n in args.peer_names if n not in PEER_NAMES]
         if unknown:
             parser.error(f"--peers: unknown peer(s) {', '.join(unknown)}; known: {', '.join(PEER_NAMES)}")
+    if args.l2_flush is None:
+        args.l2_flush = DEFAULT_L2_FLUSH[args.suite]
     if args.fwd_only and args.suite != "training":
         parser.error("--fwd-only applies to the training suite only")
     return args

@@ -8,8 +8,8 @@ The memset leaves up to the L2's size of dirty lines, which the timed call write
 For a compute-bound call that is noise; for a decode step that streams 268 MB it is ~50 MB of extra DRAM traffic
 (~15%), a ceiling of about 2,570 GB/s on the card's ~3 TB/s for any kernel. `l2_flush="read"` times the same
 way but clears L2 by reading a 256 MB buffer instead (clean lines, nothing to write back): the step then pays
-only for its own bytes. `fa4 bench --l2-flush read` selects it; the default stays do_bench's memset, the
-method of the anchors in ../shared/anchors.
+only for its own bytes. `fa4 bench` uses it for the decode suite by default (`--l2-flush`, cli.DEFAULT_L2_FLUSH)
+and do_bench's memset, the method of the anchors in ../shared/anchors, for training.
 
 Extra memory of a call: reset the allocator's peak, note `memory_allocated()` as the base, make the call,
 then (peak − base − bytes of the tensors the call returned), in MiB. It is what the call allocated beyond its
