@@ -754,3 +754,14 @@ def decode_config_h100(regime):
     """The bf16, D = 128 config that decode.default_config gives on a CUDA device ("split" or "wide")."""
     from fa4.kernels.triton import decode
     return tuple(decode.default_config(torch.device("cuda"), torch.bfloat16, 128, 128, wide=regime == "wide"))
+
+
+def test_tile_offsets_fall_back_to_64_bit_for_huge_row_strides():
+    """TILE_BASE's 32-bit in-tile offsets are used only where (rows - 1) x row stride + head dim fits in int32;
+    a cache with a larger row stride keeps the 64-bit per-key addressing."""
+    from fa4.kernels.triton import decode
+    assert decode.tile_offsets_fit_int32(128, (8 * 128, 8 * 128), (128, 128))
+    assert decode.tile_offsets_fit_int32(128, (1 << 24, 8 * 128), (128, 128))  # 127 * 2^24 + 128 < 2^31
+    assert not decode.tile_offsets_fit_int32(128, (1 << 25, 8 * 128), (128, 128))
+    assert not decode.tile_offsets_fit_int32(64, (8 * 128, (1 << 31) // 63), (128, 128))
+    assert decode.tile_offsets_fit_int32(1, (1 << 40, 1 << 40), (128, 128))  # one row: no stride term

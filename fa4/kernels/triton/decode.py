@@ -275,10 +275,17 @@ def block_m_for(rows):
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
-# Switches kept for A/B runs (benchmarks/tune_decode.py --variants): per-tile base addressing of K/V, and the
+# Switches kept for A/B runs (benchmarks/tune_decode.py --sections 6): per-tile base addressing of K/V, and the
 # combine launched as a programmatic dependent of the split kernel.
 TILE_BASE = True
 PDL = True
+
+
+def tile_offsets_fit_int32(block_n, row_strides, head_dims):
+    """Whether a tile's loop-invariant offsets (key row c · row stride + column, TILE_BASE) fit in int32 for
+    every cache tensor. A cache viewed with a huge row stride (a sequence-major buffer permuted, say) keeps the
+    per-key 64-bit addressing instead of overflowing."""
+    return all((block_n - 1) * abs(stride) + dim < 2**31 for stride, dim in zip(row_strides, head_dims))
 
 
 def _pdl_supported():
@@ -392,7 +399,9 @@ class Step:
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
                 HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
                 ROTARY_PER_TOKEN=bool(rotary_per_token),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl, TILE_BASE=TILE_BASE)
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,
+                TILE_BASE=TILE_BASE and tile_offsets_fit_int32(
+                    cfg.block_n, (k_cache.stride(1), v_cache.stride(1)), (padded_dim(head_d), padded_dim(head_dv))))
             self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
