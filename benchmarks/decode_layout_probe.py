@@ -2,12 +2,16 @@
 whose pages are in shuffled order (the bench's layout), in sequence order (identity table), and as a contiguous
 cache; GB/s under a read-only L2 flush (tune_decode.read_flush_ms), median of interleaved rounds.
 
-    python benchmarks/decode_layout_probe.py [--rounds 5]
+    python benchmarks/decode_layout_probe.py [--rounds 5] [--pages 128,1024] [--heads 2,4,8] [--rows 1:65536,8:8192]
 
 If the identity table reads as fast as the contiguous cache, the paged kernel's own work (page-table loads,
 addressing) costs nothing and the gap is the scattered placement of the pages (DRAM / TLB locality). With
-`--pages 128,1024`: a 1024-token page of 8 heads x 128 x bf16 is 2 MB, one GPU large page, so if the shuffled
-1024-token pages read as fast as the contiguous cache, the 128-token gap is address translation.
+`--pages 128,1024`: a 1024-token page of 8 heads x 128 x bf16 is 2 MB, one GPU large page. (Session 10: the
+shuffled 1024-token pages cost the same as the 128-token ones.)
+
+`--heads` adds the decode_heads variant (decode.HEADS_PER_PROGRAM: that many kv heads a program, so a page's token
+rows are read by one SM instead of one per kv head) on the contiguous cache and the shuffled table, as columns
+`contig/hN` and `shuffled/hN`. Each variant's output is first compared with the per-head kernel's.
 """
 import argparse
 import sys
@@ -19,19 +23,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fa4  # noqa: E402
+from fa4 import inference  # noqa: E402
+from fa4.kernels.triton import decode  # noqa: E402
 from tune_decode import D, HKV, HQ, PAGE, gbps, read_flush_ms  # noqa: E402
 
-ROWS = [(1, 65536), (8, 8192), (64, 8192)]
+ROWS = "1:65536,8:8192,64:8192"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pages", default=str(PAGE), help="comma-separated page sizes (tokens) to run")
+    ap.add_argument("--heads", default="", help="comma-separated kv heads a program for the decode_heads variant")
+    ap.add_argument("--rows", default=ROWS, help="B:L,... (default %(default)s)")
     args = ap.parse_args()
+    heads_list = [int(x) for x in args.heads.split(",") if x]
+    rows = [tuple(int(v) for v in r.split(":")) for r in args.rows.split(",")]
+    names = ["contig", "identity", "shuffled"] + [f"{lay}/h{h}" for h in heads_list for lay in ("contig", "shuffled")]
     print(f"# {torch.cuda.get_device_name()}; GB/s, read-only flush, median of {args.rounds} rounds", flush=True)
-    print(f"{'page':>5} {'B':>4} {'L':>6} | {'contig':>7} {'identity':>8} {'shuffled':>8}", flush=True)
-    for page, (batch, length) in [(int(p), row) for p in args.pages.split(",") for row in ROWS]:
+    print(f"{'page':>5} {'B':>4} {'L':>6} | " + " ".join(f"{n:>11}" for n in names), flush=True)
+    for page, (batch, length) in [(int(p), row) for p in args.pages.split(",") for row in rows]:
         q = torch.randn(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -41,19 +52,44 @@ def main():
         ident = torch.arange(n_pages, device="cuda", dtype=torch.int32).view(batch, -1)
         shuf = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, -1)
         out = torch.empty_like(q)
-        fns = {
-            "contig": lambda: fa4.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, out=out),
-            "identity": lambda: fa4.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, page_table=ident, out=out),
-            "shuffled": lambda: fa4.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, page_table=shuf, out=out),
-        }
+        layouts = {"contig": (k, v, None), "identity": (kp, vp, ident), "shuffled": (kp, vp, shuf)}
+        fns = {}
+        for name in names:
+            lay, _, h = name.partition("/h")
+            kk, vv, table = layouts[lay]
+            if not h:
+                fns[name] = (lambda kk=kk, vv=vv, table=table:
+                             fa4.flash_attn_with_kvcache(q, kk, vv, cache_seqlens=lens, page_table=table, out=out))
+                continue
+            # The variant's Step, built with the switch on and then called directly (the public call's cache
+            # would otherwise serve the per-head Step of the same signature).
+            saved = decode.HEADS_PER_PROGRAM
+            decode.HEADS_PER_PROGRAM = int(h)
+            inference._steps.clear()
+            try:
+                fa4.flash_attn_with_kvcache(q, kk, vv, cache_seqlens=lens, page_table=table, out=out)
+                _, step = next(reversed(inference._steps.values()))
+            finally:
+                decode.HEADS_PER_PROGRAM = saved
+                inference._steps.clear()
+            fns[name] = (lambda step=step, kk=kk, vv=vv, table=table:
+                         step(q, kk, vv, None, None, None, None, lens, None, table, None, out, 0))
+        ref = None
+        for name, fn in fns.items():  # every variant agrees with the per-head kernel (fp32 accumulation order aside)
+            fn()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out.clone()
+            elif not torch.allclose(out, ref, atol=2e-2, rtol=2e-2):
+                print(f"MISMATCH {name} page={page} B={batch} L={length}: max diff "
+                      f"{(out.float() - ref.float()).abs().max().item():.3e}", flush=True)
         samples = {name: [] for name in fns}
-        names = list(fns)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 samples[name].append(gbps(batch, length, read_flush_ms(fns[name], quick=True)))
         med = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
-        print(f"{page:>5} {batch:>4} {length:>6} | {med['contig']:7.0f} {med['identity']:8.0f} {med['shuffled']:8.0f}", flush=True)
-        del q, k, v, kp, vp, out
+        print(f"{page:>5} {batch:>4} {length:>6} | " + " ".join(f"{med[n]:11.0f}" for n in names), flush=True)
+        del q, k, v, kp, vp, out, fns
         torch.cuda.empty_cache()
 
 
