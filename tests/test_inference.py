@@ -632,20 +632,9 @@ def test_unused_page_entries_may_hold_anything():
 # The decode kernel compiled for the H100 (sm_90) without a GPU: no spills, K/V loads pipelined through cp.async
 # ---------------------------------------------------------------------------------------------------------------
 
-def _aot_report(paged, block_n, num_warps, num_stages, splits, pdl=False):
-    """Compile the decode kernel for sm_90 as a bf16 decode-suite launch would; returns resource counts.
-    `pdl`: as a CUDA sm_90 device builds a split step, with the combine a programmatic dependent launch (the
-    CPU tensors here turn it off in Step); the PTX's griddepcontrol instructions are counted, the combine's
-    too."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-
+def _sample_step(paged, splits, config, heads_per_program=0):
+    """A bf16 decode-suite Step (B 2, L 1024, Hq 32, Hkv 8, D 128) on CPU tensors, for ahead-of-time compiles;
+    returns (step, attention launch arguments, merge launch arguments)."""
     from fa4.kernels.triton import decode
     batch, length, dt = 2, 1024, torch.bfloat16
     q = torch.zeros(batch, 1, 32, 128, dtype=dt)
@@ -659,49 +648,79 @@ def _aot_report(paged, block_n, num_warps, num_stages, splits, pdl=False):
         q, k_cache, k_cache, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
         page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True, rotary_per_token=False,
         softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, sink=None, num_splits=splits,
-        config=decode.Config(block_n, num_warps, num_stages))
+        config=config, heads_per_program=heads_per_program)
     part = torch.zeros(step.ws_numel if splits > 1 else 16, dtype=torch.float32)
-    launch, cfg = step.attend, step.config
-    args = launch.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
-    consts = dict(launch.constexprs, PDL_PRIMARY=pdl)
-    fn = decode._decode_kernel
-    signature, attrs, constexprs = {}, {}, dict(consts)
+    attend = step.attend.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
+    merge = step.combine.args((part, part, out, None, None)) if step.combine is not None else None
+    return step, attend, merge
+
+
+def _compile_sm90(fn, args, constexprs, options):
+    """Compile a Triton kernel for sm_90 with the runtime's own specialisation of `args` (pointer alignment and
+    ints divisible by 16); returns (CompiledKernel, SASS text, cuobjdump -res-usage text)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+
+    signature, attrs, all_constexprs = {}, {}, dict(constexprs)
     for i, (name, value) in enumerate(zip(fn.arg_names, args)):
-        # The runtime's own specialisation: pointer alignment and ints divisible by 16 (vectorised loads).
         ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
         signature[name] = ty
         if ty == "constexpr":
-            constexprs[name] = attr
+            all_constexprs[name] = attr
         elif attr == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    signature.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    signature.update({name: "constexpr" for name in constexprs})
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=all_constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return kernel, sass, res
+
+
+def _in_subprocess(expr):
+    """json of `expr` (over the test_inference module as t) evaluated in a fresh interpreter without
+    TRITON_INTERPRET: the ahead-of-time compiles, torch imported once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = f"import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; print(json.dumps({expr}))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _aot_report(paged, block_n, num_warps, num_stages, splits, pdl=False):
+    """Compile the decode kernel for sm_90 as a bf16 decode-suite launch would; returns resource counts.
+    `pdl`: as a CUDA sm_90 device builds a split step, with the combine a programmatic dependent launch (the
+    CPU tensors here turn it off in Step); the PTX's griddepcontrol instructions are counted, the combine's
+    too."""
+    import re
+
+    from fa4.kernels.triton import combine, decode
+    cfg = decode.Config(block_n, num_warps, num_stages)
+    step, args, merge_args = _sample_step(paged, splits, cfg)
+    kernel, sass, res = _compile_sm90(decode._decode_kernel, args, dict(step.attend.constexprs, PDL_PRIMARY=pdl),
+                                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     report = dict(regs=int(re.search(r"REG:(\d+)", res).group(1)), local=int(re.search(r"LOCAL:(\d+)", res).group(1)),
                   ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)), smem=kernel.metadata.shared)
     if pdl:
-        from fa4.kernels.triton import combine
         report["launch_dependents"] = kernel.asm["ptx"].count("griddepcontrol.launch_dependents")
         merge = step.combine
-        m_args = merge.args((part, part, out, None, None))
-        m_consts = dict(merge.constexprs, PDL_WAIT=True)
-        m_sig = {}
-        for name, value in zip(combine._combine_kernel.arg_names, m_args):
-            ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
-            m_sig[name] = ty
-            if ty == "constexpr":
-                m_consts[name] = attr
-        m_sig.update({name: "constexpr" for name in m_consts})
-        m_src = triton.compiler.ASTSource(fn=combine._combine_kernel, signature=m_sig, constexprs=m_consts)
-        m_kernel = triton.compile(m_src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": merge.num_warps, "launch_pdl": True})
+        m_kernel = _compile_sm90(combine._combine_kernel, merge_args, dict(merge.constexprs, PDL_WAIT=True),
+                                 {"num_warps": merge.num_warps, "launch_pdl": True})[0]
         report["combine_waits"] = m_kernel.asm["ptx"].count("griddepcontrol.wait")
         report["combine_launch_pdl"] = bool(m_kernel.metadata.launch_pdl)
     return report
@@ -715,19 +734,7 @@ AOT_CASES = [(None, 16, "split"), (128, 1, "wide"), (16, 4, "split"), (None, 1, 
 @pytest.fixture(scope="module")
 def aot_reports():
     """All AOT cases compiled in one subprocess (without the interpreter), torch imported once."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = ("import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; "
-            f"print(json.dumps([t._aot_report(p, *t.decode_config_h100(r), s, pdl=s > 1) "
-            f"for p, s, r in {AOT_CASES!r}]))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _in_subprocess(f"[t._aot_report(p, *t.decode_config_h100(r), s, pdl=s > 1) for p, s, r in {AOT_CASES!r}]")
 
 
 @pytest.mark.parametrize("case", range(len(AOT_CASES)),
@@ -833,52 +840,13 @@ def test_heads_variant_applies_only_where_it_can():
 
 def _aot_heads_report(heads, paged, splits):
     """The decode_heads kernel compiled for sm_90 as a CUDA device would build it (bf16, Hkv 8, D 128)."""
-    import os
     import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
 
     from fa4.kernels.triton import decode, decode_heads
-    batch, length, dt = 2, 1024, torch.bfloat16
-    q = torch.zeros(batch, 1, 32, 128, dtype=dt)
-    if paged:
-        k_cache = torch.zeros(batch * length // paged, paged, 8, 128, dtype=dt)
-        table = torch.zeros(batch, length // paged, dtype=torch.int32)
-    else:
-        k_cache, table = torch.zeros(batch, length, 8, 128, dtype=dt), None
-    out, lens = torch.zeros_like(q), torch.zeros(batch, dtype=torch.int32)
     cfg = decode.heads_config(torch.device("cuda"), heads)
-    step = decode.Step(
-        q, k_cache, k_cache, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
-        page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True, rotary_per_token=False,
-        softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, sink=None, num_splits=splits, config=cfg,
-        heads_per_program=heads)
-    part = torch.zeros(step.ws_numel if splits > 1 else 16, dtype=torch.float32)
-    launch = step.attend
-    args = launch.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
-    fn = decode_heads._decode_heads_kernel
-    signature, attrs, constexprs = {}, {}, dict(launch.constexprs)
-    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
-        ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
-        signature[name] = ty
-        if ty == "constexpr":
-            constexprs[name] = attr
-        elif attr == "D":
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    signature.update({name: "constexpr" for name in launch.constexprs})
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    step, args, _ = _sample_step(paged, splits, cfg, heads_per_program=heads)
+    kernel, sass, res = _compile_sm90(decode_heads._decode_heads_kernel, args, step.attend.constexprs,
+                                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return dict(local=int(re.search(r"LOCAL:(\d+)", res).group(1)), smem=kernel.metadata.shared,
                 ldgsts=len(re.findall(r"LDGSTS", sass)), hmma=len(re.findall(r"HMMA", sass)))
 
@@ -886,18 +854,8 @@ def _aot_heads_report(heads, paged, splits):
 def test_heads_kernel_compiles_for_sm90():
     """The decode_heads variant at its table configs: pipelined cp.async K/V loads, tensor-core products, no
     local-memory spills, one program's shared memory within an SM's 227 KiB."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     cases = [(8, 128, 128), (4, None, 64), (2, 128, 16)]
-    code = ("import json, sys; sys.path[:0] = ['tests', '.']; import test_inference as t; "
-            f"print(json.dumps([t._aot_heads_report(*c) for c in {cases!r}]))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for case, rep in zip(cases, json.loads(proc.stdout.strip().splitlines()[-1])):
+    reports = _in_subprocess(f"[t._aot_heads_report(*c) for c in {cases!r}]")
+    for case, rep in zip(cases, reports):
         assert rep["local"] == 0 and rep["ldgsts"] > 0 and rep["hmma"] > 0, (case, rep)
         assert rep["smem"] <= 227 * 1024, (case, rep)

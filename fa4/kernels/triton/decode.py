@@ -305,9 +305,11 @@ def heads_per_program(q, k_cache, v_cache, *, page_table, seqlen_q, rotary, wind
         return 0
     if page_table is not None and k_cache.shape[1] % config.block_n:
         return 0
-    for t, dim in ((k_cache, head_d), (v_cache, head_dv)):  # the kernel's 32-bit in-tile offsets
-        if (config.block_n - 1) * abs(t.stride(1)) + (num_heads_kv - 1) * abs(t.stride(2)) + dim >= 2**31:
-            return 0
+    # The kernel's 32-bit in-tile offsets span the program's token rows and every kv head of a row.
+    if not tile_offsets_fit_int32(config.block_n, (k_cache.stride(1), v_cache.stride(1)),
+                                  ((num_heads_kv - 1) * abs(k_cache.stride(2)) + head_d,
+                                   (num_heads_kv - 1) * abs(v_cache.stride(2)) + head_dv)):
+        return 0
     return heads
 
 
@@ -417,38 +419,38 @@ class Step:
             # The combine as a programmatic dependent launch of the split kernel (sm_90+; griddepcontrol).
             pdl = (split and PDL and q.device.type == "cuda" and _pdl_supported()
                    and torch.cuda.get_device_capability(q.device)[0] >= 9)
-            grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
-            has_softcap = softcap > 0.0
-            tail = (q.stride(0), q.stride(1), q.stride(2),
-                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                    *out_strides,
-                    page_table.stride(0) if paged else 0, rotary_cos.stride(0) if has_rotary else 0,
-                    batch, seqlen_q, num_heads_kv, group, k.shape[1] if k is not None else 0,
-                    k_cache.shape[1] if paged else 1, rotary_cos.shape[1] if has_rotary else 0,
-                    softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
-                    softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
-            constexprs = dict(
-                HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
-                BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
-                HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
-                PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
-                HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
-                HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
-                ROTARY_PER_TOKEN=bool(rotary_per_token),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,
-                TILE_BASE=TILE_BASE and tile_offsets_fit_int32(
-                    cfg.block_n, (k_cache.stride(1), v_cache.stride(1)), (padded_dim(head_d), padded_dim(head_dv))))
             if heads_per_program:
                 # Several kv heads a program (decode_heads; the caller checked heads_per_program's conditions).
                 grid, tail, constexprs = decode_heads.heads_launch(
-                    q, k_cache, v_cache, out, heads_per_program=heads_per_program, block_n=cfg.block_n,
+                    q, k_cache, v_cache, out_strides, heads_per_program=heads_per_program, block_n=cfg.block_n,
                     num_splits=num_splits, want_lse=want_lse, has_seqlens=has_seqlens,
                     has_batch_idx=self.has_batch_idx, paged=paged, page_table=page_table,
                     seqlen_new=k.shape[1] if k is not None else 0, softmax_scale=softmax_scale, pdl=pdl)
                 self.attend = Launch(decode_heads._decode_heads_kernel, 14, grid, tail, constexprs, cfg.num_warps,
                                      cfg.num_stages)
             else:
+                grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
+                has_softcap = softcap > 0.0
+                tail = (q.stride(0), q.stride(1), q.stride(2),
+                        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                        *out_strides,
+                        page_table.stride(0) if paged else 0, rotary_cos.stride(0) if has_rotary else 0,
+                        batch, seqlen_q, num_heads_kv, group, k.shape[1] if k is not None else 0,
+                        k_cache.shape[1] if paged else 1, rotary_cos.shape[1] if has_rotary else 0,
+                        softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+                        softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
+                constexprs = dict(
+                    HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+                    BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
+                    HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
+                    PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
+                    HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+                    HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
+                    ROTARY_PER_TOKEN=bool(rotary_per_token),
+                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,
+                    TILE_BASE=TILE_BASE and tile_offsets_fit_int32(
+                        cfg.block_n, (k_cache.stride(1), v_cache.stride(1)), (padded_dim(head_d), padded_dim(head_dv))))
                 self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.

@@ -118,15 +118,15 @@ def _decode_heads_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink, CacheS
             tl.store(Lse + b.to(tl.int64) * num_heads + head, lse, mask=row_ok)  # lse (B, Hq, 1)
 
 
-def heads_launch(q, k_cache, v_cache, out, *, heads_per_program, block_n, num_splits, want_lse, has_seqlens,
+def heads_launch(q, k_cache, v_cache, out_strides, *, heads_per_program, block_n, num_splits, want_lse, has_seqlens,
                  has_batch_idx, paged, page_table, seqlen_new, softmax_scale, pdl):
-    """(grid, tail, constexprs) of one launch; its head of arguments is decode.Step's (14 values)."""
+    """(grid, tail, constexprs) of one launch; its head of arguments is decode.Step's (14 values). out_strides:
+    the output's (batch, token, head) element strides, as decode.Step has them."""
     batch, _, num_heads, head_d = q.shape
     num_heads_kv = k_cache.shape[2]
-    out_strides = (out.stride(0), out.stride(2)) if out is not None else (num_heads * head_d, head_d)
     grid = (batch * (num_heads_kv // heads_per_program), num_splits, 1)
     tail = (q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *out_strides,
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_strides[0], out_strides[2],
             page_table.stride(0) if paged else 0,
             batch, num_heads_kv, num_heads // num_heads_kv, seqlen_new, k_cache.shape[1] if paged else 1,
             softmax_scale * 1.4426950408889634)
