@@ -2,16 +2,16 @@
 whose pages are in shuffled order (the bench's layout), in sequence order (identity table), and as a contiguous
 cache; GB/s under a read-only L2 flush (tune_decode.read_flush_ms), median of interleaved rounds.
 
-    python benchmarks/decode_layout_probe.py [--rounds 5] [--pages 128,1024] [--heads 2,4,8] [--rows 1:65536,8:8192]
+    python benchmarks/decode_layout_probe.py [--rounds 5] [--pages 128,1024] [--rows 1:65536,8:8192]
 
 If the identity table reads as fast as the contiguous cache, the paged kernel's own work (page-table loads,
 addressing) costs nothing and the gap is the scattered placement of the pages (DRAM / TLB locality). With
 `--pages 128,1024`: a 1024-token page of 8 heads x 128 x bf16 is 2 MB, one GPU large page. (Session 10: the
 shuffled 1024-token pages cost the same as the 128-token ones.)
 
-`--heads` adds the decode_heads variant (decode.HEADS_PER_PROGRAM: that many kv heads a program, so a page's token
-rows are read by one SM instead of one per kv head) on the contiguous cache and the shuffled table, as columns
-`contig/hN` and `shuffled/hN`. Each variant's output is first compared with the per-head kernel's.
+Before timing, each paged layout's output is compared with the contiguous kernel's on the same keys: the
+identity table with the cache itself, the shuffled one with the cache gathered in its page order (a shuffled
+table hands a sequence other sequences' pages when B > 1).
 """
 import argparse
 import sys
@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fa4  # noqa: E402
-from fa4 import inference  # noqa: E402
-from fa4.kernels.triton import decode  # noqa: E402
 from tune_decode import D, HKV, HQ, PAGE, gbps, read_flush_ms  # noqa: E402
 
 ROWS = "1:65536,8:8192,64:8192"
@@ -34,12 +32,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pages", default=str(PAGE), help="comma-separated page sizes (tokens) to run")
-    ap.add_argument("--heads", default="", help="comma-separated kv heads a program for the decode_heads variant")
     ap.add_argument("--rows", default=ROWS, help="B:L,... (default %(default)s)")
     args = ap.parse_args()
-    heads_list = [int(x) for x in args.heads.split(",") if x]
     rows = [tuple(int(v) for v in r.split(":")) for r in args.rows.split(",")]
-    names = ["contig", "identity", "shuffled"] + [f"{lay}/h{h}" for h in heads_list for lay in ("contig", "shuffled")]
+    names = ["contig", "identity", "shuffled"]
     print(f"# {torch.cuda.get_device_name()}; GB/s, read-only flush, median of {args.rounds} rounds", flush=True)
     print(f"{'page':>5} {'B':>4} {'L':>6} | " + " ".join(f"{n:>11}" for n in names), flush=True)
     for page, (batch, length) in [(int(p), row) for p in args.pages.split(",") for row in rows]:
@@ -53,36 +49,22 @@ def main():
         shuf = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, -1)
         out = torch.empty_like(q)
         layouts = {"contig": (k, v, None), "identity": (kp, vp, ident), "shuffled": (kp, vp, shuf)}
-        fns = {}
-        for name in names:
-            lay, _, h = name.partition("/h")
-            kk, vv, table = layouts[lay]
-            if not h:
-                fns[name] = (lambda kk=kk, vv=vv, table=table:
-                             fa4.flash_attn_with_kvcache(q, kk, vv, cache_seqlens=lens, page_table=table, out=out))
+        fns = {name: (lambda kk=kk, vv=vv, table=table:
+                      fa4.flash_attn_with_kvcache(q, kk, vv, cache_seqlens=lens, page_table=table, out=out))
+               for name, (kk, vv, table) in layouts.items()}
+        for name, (kk, vv, table) in layouts.items():
+            fns[name]()
+            got = out.clone()
+            if table is None:
                 continue
-            # The variant's Step, built with the switch on and then called directly (the public call's cache
-            # would otherwise serve the per-head Step of the same signature).
-            saved = decode.HEADS_PER_PROGRAM
-            decode.HEADS_PER_PROGRAM = int(h)
-            inference._steps.clear()
-            try:
-                fa4.flash_attn_with_kvcache(q, kk, vv, cache_seqlens=lens, page_table=table, out=out)
-                _, step = next(reversed(inference._steps.values()))
-            finally:
-                decode.HEADS_PER_PROGRAM = saved
-                inference._steps.clear()
-            fns[name] = (lambda step=step, kk=kk, vv=vv, table=table:
-                         step(q, kk, vv, None, None, None, None, lens, None, table, None, out, 0))
-        ref = None
-        for name, fn in fns.items():  # every variant agrees with the per-head kernel (fp32 accumulation order aside)
-            fn()
-            torch.cuda.synchronize()
-            if ref is None:
-                ref = out.clone()
-            elif not torch.allclose(out, ref, atol=2e-2, rtol=2e-2):
+            # The same keys as a contiguous cache, gathered in the table's page order.
+            kc = kk[table.long()].view(batch, length, HKV, D)
+            vc = vv[table.long()].view(batch, length, HKV, D)
+            want = fa4.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+            del kc, vc
+            if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
                 print(f"MISMATCH {name} page={page} B={batch} L={length}: max diff "
-                      f"{(out.float() - ref.float()).abs().max().item():.3e}", flush=True)
+                      f"{(got.float() - want.float()).abs().max().item():.3e}", flush=True)
         samples = {name: [] for name in fns}
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:

@@ -79,9 +79,6 @@ VARIANTS = {
     # Session 9: three consumers for D = 64 under causal at every length (the table takes two up to a visible
     # span of 4096 keys, configs.MASKED_SPAN_WG2), re-timed now that the causal walk converges.
     "wg3": (dict(num_wg=3, consumer_regs=160), (64, ), (True, ), True, False),
-    # Session 11: the skewed K/V ring, one stage release a key step instead of two (one warpgroup bar.sync
-    # fewer a step; attention_fwd._load_skewed).
-    "skew": (dict(SKEW=True), (64, 128, 256), (False, True), True, False),
 }
 HEAD_DIMS = (64, 128, 256)
 SEQ_LENS = (1024, 4096, 16384)

@@ -554,16 +554,7 @@ def make_step(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
     rows = c.seqlen_q * group
     block_m = decode.block_m_for(rows)
     programs = c.batch * c.num_heads_kv * -(-rows // block_m)
-    heads = 0
     if config is None:
-        heads = decode.heads_per_program(q, k_cache, v_cache, page_table=page_table, seqlen_q=c.seqlen_q,
-                                         rotary=rotary_cos is not None, window_left=c.left, softcap=float(softcap),
-                                         sink=sink)
-    if heads:
-        # The decode_heads variant (opt-in): one program per (sequence, `heads` kv heads, split).
-        programs = c.batch * (c.num_heads_kv // heads)
-        config = decode.heads_config(q.device, heads)
-    elif config is None:
         config = decode.default_config(q.device, q.dtype, c.head_d, c.head_dv, block_m=block_m,
                                        wide=not splits_wanted(programs, num_sms), page_size=c.page_size)
     if num_splits == 0:
@@ -573,7 +564,7 @@ def make_step(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
                        rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                        rotary_per_token=c.rotary_per_token, softmax_scale=c.scale, window_left=c.left,
                        window_right=c.right, softcap=float(softcap), sink=sink, num_splits=num_splits,
-                       config=config, heads_per_program=heads)
+                       config=config)
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):

@@ -632,7 +632,7 @@ def test_unused_page_entries_may_hold_anything():
 # The decode kernel compiled for the H100 (sm_90) without a GPU: no spills, K/V loads pipelined through cp.async
 # ---------------------------------------------------------------------------------------------------------------
 
-def _sample_step(paged, splits, config, heads_per_program=0):
+def _sample_step(paged, splits, config):
     """A bf16 decode-suite Step (B 2, L 1024, Hq 32, Hkv 8, D 128) on CPU tensors, for ahead-of-time compiles;
     returns (step, attention launch arguments, merge launch arguments)."""
     from fa4.kernels.triton import decode
@@ -648,7 +648,7 @@ def _sample_step(paged, splits, config, heads_per_program=0):
         q, k_cache, k_cache, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
         page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True, rotary_per_token=False,
         softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, sink=None, num_splits=splits,
-        config=config, heads_per_program=heads_per_program)
+        config=config)
     part = torch.zeros(step.ws_numel if splits > 1 else 16, dtype=torch.float32)
     attend = step.attend.args((q, k_cache, k_cache, out, None, part, part, None, lens, None, table, None, None, 0))
     merge = step.combine.args((part, part, out, None, None)) if step.combine is not None else None
@@ -772,90 +772,3 @@ def test_tile_offsets_fall_back_to_64_bit_for_huge_row_strides():
     assert not decode.tile_offsets_fit_int32(128, (1 << 25, 8 * 128), (128, 128))
     assert not decode.tile_offsets_fit_int32(64, (8 * 128, (1 << 31) // 63), (128, 128))
     assert decode.tile_offsets_fit_int32(1, (1 << 40, 1 << 40), (128, 128))  # one row: no stride term
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The decode_heads variant (several kv heads a program; opt-in, decode.HEADS_PER_PROGRAM)
-# ---------------------------------------------------------------------------------------------------------------
-
-HEADS_CASES = [
-    ("contiguous-split", dict(batch=2, hq=8, hkv=4, capacity=64), dict(num_splits=3), 2),
-    ("contiguous-all-heads", dict(batch=3, hq=8, hkv=4, capacity=48, seqlen_new=1), dict(causal=True), 4),
-    ("paged-16-split", dict(batch=2, hq=8, hkv=2, page_size=16, capacity=64, seqlen_new=1), dict(num_splits=2), 2),
-    ("paged-32-unsplit", dict(batch=2, hq=16, hkv=4, page_size=32, capacity=64), dict(num_splits=1), 4),
-    ("paged-16-two-groups", dict(batch=2, hq=8, hkv=4, page_size=16, capacity=64), dict(num_splits=2), 2),
-    ("batch-idx-int-lens", dict(batch=2, hq=4, hkv=2, cache_rows=4, capacity=48), dict(int_lens=37), 2),
-    ("empty-sequence", dict(batch=2, hq=4, hkv=2, lens=[0, 21], capacity=32), dict(num_splits=2), 2),
-    ("full-cache", dict(batch=1, hq=32, hkv=2, capacity=40), dict(no_lens=True, num_splits=2), 2),
-]
-
-
-@pytest.mark.parametrize("name,make_kw,call_kw,heads", HEADS_CASES, ids=[c[0] for c in HEADS_CASES])
-def test_heads_variant_matches_reference(name, make_kw, call_kw, heads, monkeypatch):
-    """The opt-in several-kv-heads-a-program kernel, fp16, against the fp32 reference under DESIGN's rule (a GQA
-    group of 16 rows included), with the call routed to it."""
-    from fa4.kernels.triton import decode, decode_heads
-    monkeypatch.setattr(decode, "HEADS_PER_PROGRAM", heads)
-    inference._steps.clear()
-    launched = []
-    real = decode_heads.heads_launch
-
-    def spy(*args, **kwargs):
-        launched.append(kwargs["heads_per_program"])
-        return real(*args, **kwargs)
-    monkeypatch.setattr(decode_heads, "heads_launch", spy)
-    try:
-        q, k_cache, v_cache, kw, call_kw2, results = _run_both(make_kw, call_kw, torch.float16)
-    finally:
-        inference._steps.clear()
-    assert launched == [heads], launched
-    o_t, l_t, kc_t, vc_t = results["triton"]
-    ref_o, ref_l, low_o, low_l = reference_on_cache(q, kc_t, vc_t, kw, call_kw2, torch.float16)
-    assert_close_rule("out", o_t.reshape(ref_o.shape), ref_o, low_o)
-    assert_close_rule("lse", l_t, ref_l, low_l)
-
-
-def test_heads_variant_applies_only_where_it_can():
-    """heads_per_program: 0 (the per-head kernel) for what the variant leaves out, the wanted count otherwise."""
-    from fa4.kernels.triton import decode
-    q = torch.zeros(2, 1, 8, 64, dtype=torch.float16)
-    cache = torch.zeros(2, 64, 4, 64, dtype=torch.float16)
-    pages = torch.zeros(8, 16, 4, 64, dtype=torch.float16)
-    table = torch.zeros(2, 4, dtype=torch.int32)
-    base = dict(page_table=None, seqlen_q=1, rotary=False, window_left=-1, softcap=0.0, sink=None)
-    assert decode.heads_per_program(q, cache, cache, **base) == 0  # the switch is off by default
-    assert decode.heads_per_program(q, cache, cache, **base, wanted=4) == 4
-    assert decode.heads_per_program(q, pages, pages, **dict(base, page_table=table), wanted=2) == 2
-    assert decode.heads_per_program(q, cache, cache, **base, wanted=3) == 0  # does not divide Hkv 4
-    for change in (dict(seqlen_q=2), dict(rotary=True), dict(window_left=8), dict(softcap=5.0),
-                   dict(sink=torch.zeros(8))):
-        assert decode.heads_per_program(q, cache, cache, **dict(base, **change), wanted=2) == 0, change
-    assert decode.heads_per_program(q.float(), cache.float(), cache.float(), **base, wanted=2) == 0
-    assert decode.heads_per_program(q, cache, cache[..., :32], **base, wanted=2) == 0  # Dv != D
-    wide_group = torch.zeros(2, 1, 4 * 17, 64, dtype=torch.float16)
-    assert decode.heads_per_program(wide_group, cache, cache, **base, wanted=2) == 0
-    odd_pages = torch.zeros(8, 24, 4, 64, dtype=torch.float16)  # 24-token pages split 16-key tiles
-    assert decode.heads_per_program(q, odd_pages, odd_pages, **dict(base, page_table=table), wanted=2) == 0
-
-
-def _aot_heads_report(heads, paged, splits):
-    """The decode_heads kernel compiled for sm_90 as a CUDA device would build it (bf16, Hkv 8, D 128)."""
-    import re
-
-    from fa4.kernels.triton import decode, decode_heads
-    cfg = decode.heads_config(torch.device("cuda"), heads)
-    step, args, _ = _sample_step(paged, splits, cfg, heads_per_program=heads)
-    kernel, sass, res = _compile_sm90(decode_heads._decode_heads_kernel, args, step.attend.constexprs,
-                                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return dict(local=int(re.search(r"LOCAL:(\d+)", res).group(1)), smem=kernel.metadata.shared,
-                ldgsts=len(re.findall(r"LDGSTS", sass)), hmma=len(re.findall(r"HMMA", sass)))
-
-
-def test_heads_kernel_compiles_for_sm90():
-    """The decode_heads variant at its table configs: pipelined cp.async K/V loads, tensor-core products, no
-    local-memory spills, one program's shared memory within an SM's 227 KiB."""
-    cases = [(8, 128, 128), (4, None, 64), (2, 128, 16)]
-    reports = _in_subprocess(f"[t._aot_heads_report(*c) for c in {cases!r}]")
-    for case, rep in zip(cases, reports):
-        assert rep["local"] == 0 and rep["ldgsts"] > 0 and rep["hmma"] > 0, (case, rep)
-        assert rep["smem"] <= 227 * 1024, (case, rep)

@@ -7,8 +7,7 @@
 - a decode step (append + rotary + attention) captured in a CUDA graph and replayed, with no allocation and
   no host synchronisation once `out` is given;
 - caches whose offsets pass 2^31 elements;
-- the direct launch path (decode.Launch) after a signature's first call, and its fallbacks;
-- the opt-in decode_heads variant (several kv heads a program) on the suite's shapes and in a CUDA graph.
+- the direct launch path (decode.Launch) after a signature's first call, and its fallbacks.
 """
 import pytest
 import torch
@@ -300,58 +299,3 @@ def test_combine_gpu(splits, d):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(lse, total, atol=1e-5, rtol=1e-5)
     assert (out[1, 2, 3] == 0).all() and lse[1, 2, 3] == float("-inf")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The decode_heads variant (several kv heads a program; opt-in, decode.HEADS_PER_PROGRAM)
-# ---------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def heads_per_program(request, monkeypatch):
-    """decode.HEADS_PER_PROGRAM set for the test, with the Step cache cleared before and after."""
-    from fa4.kernels.triton import decode
-    monkeypatch.setattr(decode, "HEADS_PER_PROGRAM", request.param)
-    inference._steps.clear()
-    yield request.param
-    inference._steps.clear()
-
-
-@pytest.mark.parametrize("heads_per_program", [2, 4, 8], indirect=True, ids=["h2", "h4", "h8"])
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged128"])
-@pytest.mark.parametrize("batch,length", [(1, 65536), (8, 8192), (3, 3000)], ids=["B1-L65536", "B8-L8192", "B3-L3000"])
-def test_heads_variant_decode_shapes(batch, length, paged, heads_per_program):
-    """The variant on the decode suite's shapes (bf16, Hq 32, Hkv 8, D 128, ragged lengths) under the numerics
-    rule, routed to it (its launch is in the Step)."""
-    from fa4.kernels.triton import decode_heads
-    length -= length % 128 if paged else 0
-    q, k, v, lens, kw = _suite_inputs(batch, length, paged)
-    out = torch.full_like(q, float("nan"))
-    kvcache(q, k, v, cache_seqlens=lens, out=out, **kw)
-    (_, step), = inference._steps.values()
-    assert step.attend.fn is decode_heads._decode_heads_kernel
-    ref_o, _, low_o, _ = reference_on_cache(q, k, v, kw, dict(cache_seqlens=lens), torch.bfloat16)
-    assert_close_rule(f"heads={heads_per_program} B={batch} L={length}", out.reshape(ref_o.shape), ref_o, low_o)
-
-
-@pytest.mark.parametrize("heads_per_program", [8], indirect=True, ids=["h8"])
-def test_heads_variant_cuda_graph(heads_per_program):
-    """The variant's split step (with its programmatic-dependent merge) captured and replayed equals eager,
-    bitwise. No rotary here: a rotary call takes the per-head kernel."""
-    g = torch.Generator(device=DEV).manual_seed(11)
-    batch, capacity, page = 1, 4096, 128
-    k_cache = torch.randn(capacity // page, page, 8, 128, device=DEV, dtype=torch.bfloat16, generator=g)
-    v_cache = torch.randn_like(k_cache)
-    table = torch.randperm(capacity // page, device=DEV, generator=g).to(torch.int32).view(1, -1)
-    q = torch.randn(batch, 1, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g)
-    lens = torch.tensor([3001], device=DEV, dtype=torch.int32)
-    out = torch.empty_like(q)
-    kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table, out=out)  # compile
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table, out=out)
-    for _ in range(3):
-        q.copy_(torch.randn(q.shape, device=DEV, generator=g))
-        graph.replay()
-        eager = kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table)
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)

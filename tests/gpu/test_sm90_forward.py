@@ -101,9 +101,6 @@ VARIANTS = [
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
-    # Session 11: the skewed ring (stage i holds K_i and V_(i-1), one release a step), alone and with the
-    # hand-offs and schedules it interacts with.
-    dict(SKEW=True), dict(SKEW=True, TAIL=True, q_buffers=2), dict(SKEW=True, stages=3), dict(SKEW=True, TAIL=False),
 ]
 
 

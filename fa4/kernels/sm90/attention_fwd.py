@@ -102,14 +102,13 @@ class Problem:
     MASK2D: gl.constexpr
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
-    SKEW: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, SKEW):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -159,7 +158,6 @@ class Problem:
         self.MASK2D = gl.constexpr(MASK2D)
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
-        self.SKEW = gl.constexpr(SKEW)
 
 
 @aggregate
@@ -455,62 +453,18 @@ def _loader(p, bufs):
             for w in gl.static_range(NWG):
                 tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, m0 + w * ROWS_PER_WG),
                                                 bufs.q_ready.index(qb), bufs.q.index(qb * NWG + w))
-            if p.SKEW:
-                kv_idx, kv_phase = _load_skewed(p, bufs, b, hk, k_start, rot, n_lo, n_hi, sub, kv_idx, kv_phase)
-            else:
-                kv_idx, kv_phase = _load_paired(p, bufs, b, hk, k_start, rot, n_lo, n_hi, sub, kv_idx, kv_phase)
-        t += _num_ctas()  # re-read, not kept live (see _num_ctas)
-
-
-@gluon.jit
-def _load_paired(p, bufs, b, hk, k_start, rot, n_lo, n_hi, sub, kv_idx, kv_phase):
-    """K_j and V_j of every key block into ring stage j (from the running count), each with its own ready
-    and empty barrier: the consumers hand K back once S_j is done and V once P_j·V_j is."""
-    for it in range(n_hi - n_lo):
-        key = _block(p, it, rot, n_lo, n_hi, sub) * p.BN
-        mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
-        mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
-                                        bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
-        mbarrier.wait(bufs.v_empty.index(kv_idx), kv_phase ^ 1)
-        mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
-                                        bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
-        kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
-    return kv_idx, kv_phase
-
-
-@gluon.jit
-def _load_skewed(p, bufs, b, hk, k_start, rot, n_lo, n_hi, sub, kv_idx, kv_phase):
-    """SKEW: a tile of n key blocks takes n + 1 ring stages; stage i holds K_i (i < n) and V_(i-1) (i > 0),
-    the two operands of consumer step i (S_i with P_(i-1)·V_(i-1)), so the consumers release a stage with
-    one arrival (k_empty) at the end of the step instead of one for K and one for V. Each arrival costs its
-    warpgroup a bar.sync (Gluon syncs the warpgroup before its elected thread arrives). K_i's stage is
-    released half a step later than in _load_paired."""
-    n_steps = n_hi - n_lo
-    if n_steps > 0:
-        prev_key = 0
-        for it in range(n_steps + 1):
-            mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
-            if it < n_steps:
+            for it in range(n_hi - n_lo):
                 key = _block(p, it, rot, n_lo, n_hi, sub) * p.BN
+                mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
                 mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
                                                 bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
-            else:
-                key = 0
-                # No K in the tile's last stage, yet its ready barrier must complete a phase on every use
-                # of the stage: the consumers take its parity from the stage's use count.
-                mbarrier.arrive(bufs.k_ready.index(kv_idx))
-            if it > 0:
+                mbarrier.wait(bufs.v_empty.index(kv_idx), kv_phase ^ 1)
                 mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, prev_key),
+                tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
                                                 bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
-            else:
-                mbarrier.arrive(bufs.v_ready.index(kv_idx))  # no V in the first stage (as above)
-            prev_key = key
-            kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
-    return kv_idx, kv_phase
+                kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
+        t += _num_ctas()  # re-read, not kept live (see _num_ctas)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -598,11 +552,9 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
     TURN0: gl.constexpr = 1 if WG == 0 else 0
     NEXT_WG: gl.constexpr = (WG + 1) % p.NWG
     EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS  # as in _consumer
-    SKEW_OFF: gl.constexpr = 1 if p.SKEW else 0
     jj = _block(p, it, rot, n_lo, n_hi, sub)
     kv_idx, kv_phase = _slot(kv_count, p.STAGES)
-    # P_(j-1)·V_(j-1)'s V: the previous stage, or with SKEW this step's (see _load_skewed).
-    v_idx, v_phase = _slot(kv_count - 1 + SKEW_OFF, p.STAGES)
+    v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
     mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
     if p.PINGPONG:
         mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
@@ -615,18 +567,14 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
         turn += 1
     # S_j is ready once at most one group (P·V) is outstanding.
     s = warpgroup_mma_wait(1, deps=(s, ))
-    if not p.SKEW:
-        mbarrier.arrive(bufs.k_empty.index(kv_idx))
+    mbarrier.arrive(bufs.k_empty.index(kv_idx))
     if EARLY_Q:
         if it == n_hi - n_lo - 1:
             mbarrier.arrive(bufs.q_empty.index(qb))
     s = _scores(p, s, jj, rows, m0, seq_q, seq_k, MASK)
     m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
-    if p.SKEW:
-        mbarrier.arrive(bufs.k_empty.index(kv_idx))  # the stage: K_j and V_(j-1)
-    else:
-        mbarrier.arrive(bufs.v_empty.index(v_idx))
+    mbarrier.arrive(bufs.v_empty.index(v_idx))
     acc = rescale_o(acc, alpha)
     pv = gl.convert_layout(pr.to(dtype), p_layout)
     return kv_count + 1, turn, m_i, l_i, acc, pv
@@ -652,7 +600,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
     # the epilogue instead.
     EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS
     LATE_Q: gl.constexpr = not p.TAIL and not p.O_ALIAS
-    SKEW_OFF: gl.constexpr = 1 if p.SKEW else 0
 
     pid = _cta_id()
     kv_count = 0  # K/V blocks taken from the ring so far
@@ -709,16 +656,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         l_i, acc, pv, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
                 if LATE_Q:
                     mbarrier.arrive(bufs.q_empty.index(qb))
-                # The last block's P·V: with SKEW its V has a stage of its own (the tile's n + 1-th).
-                v_idx, v_phase = _slot(kv_count - 1 + SKEW_OFF, p.STAGES)
+                v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                 mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
                 acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
                 acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
-                if p.SKEW:
-                    mbarrier.arrive(bufs.k_empty.index(v_idx))
-                    kv_count += 1
-                else:
-                    mbarrier.arrive(bufs.v_empty.index(v_idx))
+                mbarrier.arrive(bufs.v_empty.index(v_idx))
             else:
                 if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty.index(qb))
@@ -846,7 +788,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, SKEW: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -880,7 +822,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, SKEW)
+                CONVERGE, O_HALVES)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -907,7 +849,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, SKEW=False)
+                       O_HALVES=False)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1017,8 +959,6 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     constexprs["CONVERGE"] = bool(converge)
     # O_HALVES (probe): O staged half its columns at a time, so at D = 256 it needs no room in Q's buffer.
     constexprs["O_HALVES"] = bool(variant["O_HALVES"])
-    # SKEW (probe): ring stage i of a tile holds K_i and V_(i-1), released by one arrival a step (see _load_skewed).
-    constexprs["SKEW"] = bool(variant["SKEW"])
     if constexprs["O_HALVES"]:
         constexprs["O_ALIAS"] = False
         half = cfg.num_wg * WG_ROWS * (dv // 2) * q.element_size()

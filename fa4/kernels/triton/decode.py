@@ -281,45 +281,6 @@ TILE_BASE = True
 PDL = True
 
 
-# Kv heads a program for the decode_heads variant; 0 keeps one program per kv head (the default, measured). An
-# opt-in A/B switch until the variant is measured (benchmarks/NOTES.md, session 10).
-HEADS_PER_PROGRAM = 0
-# (BLOCK_N, warps, stages) by kv heads a program, from sm_90 compiles at D = 128 (bf16, no spills; not yet timed):
-# 8 heads (16, 8, 3) 170 registers and 160 KiB of shared memory; 4 heads (16, 4, 3) 168 and 80 KiB; 2 heads
-# (16, 8, 3) 128 and 40 KiB.
-_HEADS_CONFIGS = {8: Config(16, 8, 3), 4: Config(16, 4, 3), 2: Config(16, 8, 3)}
-
-
-def heads_per_program(q, k_cache, v_cache, *, page_table, seqlen_q, rotary, window_left, softcap, sink,
-                      wanted=None):
-    """Kv heads a program of the decode_heads variant for this call, or 0 where it does not apply (the switch
-    is off, or the call needs what that kernel leaves out: more than one query token, a GQA group over 16 rows,
-    rotary, a left window, softcap, a sink, D != Dv or not a power of two, fp32, pages that split its tiles)."""
-    heads = HEADS_PER_PROGRAM if wanted is None else wanted
-    num_heads_kv, head_d, head_dv = k_cache.shape[2], q.shape[-1], v_cache.shape[-1]
-    if not heads or num_heads_kv % heads or heads & (heads - 1):
-        return 0
-    config = heads_config(q.device, heads)
-    if (seqlen_q != 1 or q.shape[2] // num_heads_kv > 16 or rotary or window_left >= 0 or softcap > 0.0
-            or sink is not None or head_d != head_dv or head_d != padded_dim(head_d) or q.dtype == torch.float32):
-        return 0
-    if page_table is not None and k_cache.shape[1] % config.block_n:
-        return 0
-    # The kernel's 32-bit in-tile offsets span the program's token rows and every kv head of a row.
-    if not tile_offsets_fit_int32(config.block_n, (k_cache.stride(1), v_cache.stride(1)),
-                                  ((num_heads_kv - 1) * abs(k_cache.stride(2)) + head_d,
-                                   (num_heads_kv - 1) * abs(v_cache.stride(2)) + head_dv)):
-        return 0
-    return heads
-
-
-def heads_config(device, heads):
-    """The decode_heads variant's (BLOCK_N, warps, stages) for `heads` kv heads a program."""
-    if device.type != "cuda":
-        return _INTERPRETER
-    return _HEADS_CONFIGS.get(heads, _HEADS_CONFIGS[8])
-
-
 def tile_offsets_fit_int32(block_n, row_strides, head_dims):
     """Whether a tile's loop-invariant offsets (key row c · row stride + column, TILE_BASE) fit in int32 for
     every cache tensor. A cache viewed with a huge row stride (a sequence-major buffer permuted, say) keeps the
@@ -379,8 +340,8 @@ class Step:
 
     def __init__(self, q, k_cache, v_cache, out, *, want_lse, k, v, cache_seqlens, cache_batch_idx, page_table,
                  rotary_cos, rotary_sin, rotary_interleaved, rotary_per_token, softmax_scale, window_left,
-                 window_right, softcap, sink, num_splits, config=None, heads_per_program=0):
-        from fa4.kernels.triton import combine, decode_heads, rotary
+                 window_right, softcap, sink, num_splits, config=None):
+        from fa4.kernels.triton import combine, rotary
 
         batch, seqlen_q, num_heads, head_d = q.shape
         head_dv = v_cache.shape[-1]
@@ -419,39 +380,29 @@ class Step:
             # The combine as a programmatic dependent launch of the split kernel (sm_90+; griddepcontrol).
             pdl = (split and PDL and q.device.type == "cuda" and _pdl_supported()
                    and torch.cuda.get_device_capability(q.device)[0] >= 9)
-            if heads_per_program:
-                # Several kv heads a program (decode_heads; the caller checked heads_per_program's conditions).
-                grid, tail, constexprs = decode_heads.heads_launch(
-                    q, k_cache, v_cache, out_strides, heads_per_program=heads_per_program, block_n=cfg.block_n,
-                    num_splits=num_splits, want_lse=want_lse, has_seqlens=has_seqlens,
-                    has_batch_idx=self.has_batch_idx, paged=paged, page_table=page_table,
-                    seqlen_new=k.shape[1] if k is not None else 0, softmax_scale=softmax_scale, pdl=pdl)
-                self.attend = Launch(decode_heads._decode_heads_kernel, 14, grid, tail, constexprs, cfg.num_warps,
-                                     cfg.num_stages)
-            else:
-                grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
-                has_softcap = softcap > 0.0
-                tail = (q.stride(0), q.stride(1), q.stride(2),
-                        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                        *out_strides,
-                        page_table.stride(0) if paged else 0, rotary_cos.stride(0) if has_rotary else 0,
-                        batch, seqlen_q, num_heads_kv, group, k.shape[1] if k is not None else 0,
-                        k_cache.shape[1] if paged else 1, rotary_cos.shape[1] if has_rotary else 0,
-                        softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
-                        softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
-                constexprs = dict(
-                    HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
-                    BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
-                    HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
-                    PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
-                    HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
-                    HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
-                    ROTARY_PER_TOKEN=bool(rotary_per_token),
-                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,
-                    TILE_BASE=TILE_BASE and tile_offsets_fit_int32(
-                        cfg.block_n, (k_cache.stride(1), v_cache.stride(1)), (padded_dim(head_d), padded_dim(head_dv))))
-                self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
+            grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
+            has_softcap = softcap > 0.0
+            tail = (q.stride(0), q.stride(1), q.stride(2),
+                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                    *out_strides,
+                    page_table.stride(0) if paged else 0, rotary_cos.stride(0) if has_rotary else 0,
+                    batch, seqlen_q, num_heads_kv, group, k.shape[1] if k is not None else 0,
+                    k_cache.shape[1] if paged else 1, rotary_cos.shape[1] if has_rotary else 0,
+                    softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+                    softcap * LOG2E if has_softcap else 1.0, max(window_left, 0), max(window_right, 0))
+            constexprs = dict(
+                HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+                BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
+                HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
+                PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
+                HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+                HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
+                ROTARY_PER_TOKEN=bool(rotary_per_token),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,
+                TILE_BASE=TILE_BASE and tile_offsets_fit_int32(
+                    cfg.block_n, (k_cache.stride(1), v_cache.stride(1)), (padded_dim(head_d), padded_dim(head_dv))))
+            self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
                 part_rows = num_splits * batch * seqlen_q * num_heads
