@@ -67,6 +67,14 @@ def _shipped():
         ("d128-wg3-bn64", dict(d=128, dv=128, variant=dict(num_wg=3, consumer_regs=160, block_n=64))),
         ("d128-wg3-bn64-s3-causal", dict(d=128, dv=128, causal=True,
                                          variant=dict(num_wg=3, consumer_regs=160, block_n=64, stages=3))),
+        # GQA packing (PACK: a group's query heads in one tile; the sample's 256 tokens pack by default) and the
+        # unpacked GQA build.
+        ("d128-gqa8-causal", dict(d=128, dv=128, causal=True, gqa=8)),
+        ("d64-gqa8-causal", dict(d=64, dv=64, causal=True, gqa=8)),
+        ("d256-gqa2-causal-sink", dict(d=256, dv=256, causal=True, gqa=2, sink=True)),
+        ("d128-gqa4-varlen-causal", dict(d=128, dv=128, causal=True, gqa=4, varlen=True)),
+        ("d64-gqa16-window-softcap", dict(d=64, dv=64, window=(64, 0), softcap=30.0, gqa=16)),
+        ("d128-gqa4-unpacked-causal", dict(d=128, dv=128, causal=True, gqa=4, variant=dict(PACK=1))),
     ]
     return cases
 
@@ -152,7 +160,9 @@ def _needs_mask(j, m0, bm, bn, seq_q, seq_k, wl, wr):
     return need
 
 
-@pytest.mark.parametrize("bm,bn", [(128, 128), (128, 64), (192, 128)])
+# bm is a tile's query tokens: 64 · warpgroups, divided by PACK with GQA packing (16: 128 rows of a group of 8;
+# 48: 192 rows of a group of 4; 2: 128 rows of a group of 64).
+@pytest.mark.parametrize("bm,bn", [(128, 128), (128, 64), (192, 128), (16, 128), (48, 64), (2, 128)])
 def test_tile_ranges_cover_and_masks(bm, bn):
     rng = np.random.default_rng(bm + bn)
     for _ in range(300):
@@ -570,3 +580,36 @@ def test_problem_config_two_warpgroups_for_short_masked_d64():
     assert wg() == table and wg(sq=16384, sk=16384) == table
     assert wg(d=128, wr=0) == configs.get_config(128, 128).num_wg
     assert wg(wr=0, num_wg=3, consumer_regs=160) == 3
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+def test_gqa_pack_choice_and_launch_plan():
+    """configs.gqa_pack packs a power-of-two group up to 64 for query sequences up to PACK_MAX_SEQLEN_Q; the
+    launch plan then counts units per set of packed heads and boxes PACK heads of 64 / PACK tokens."""
+    import torch
+    from fa4.kernels.sm90 import attention_fwd as af
+    limit = configs.PACK_MAX_SEQLEN_Q
+    assert [configs.gqa_pack(g, 16) for g in (1, 2, 3, 4, 6, 8, 16, 64, 128)] == [1, 2, 1, 4, 1, 8, 16, 64, 1]
+    assert configs.gqa_pack(8, limit) == 8 and configs.gqa_pack(8, limit + 1) == 1
+
+    def plan(sq, hq, hkv, d=128, **variant):
+        q = torch.zeros(2, sq, hq, d, dtype=torch.bfloat16)
+        k = torch.zeros(2, 3000, hkv, d, dtype=torch.bfloat16)
+        out = torch.zeros_like(q)
+        lse = torch.zeros(2, hq, sq)
+        return af.launch_plan(q, k, k, out, lse, softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0,
+                              sink=None, variant=variant or None)
+
+    units, args, cx = plan(16, 32, 4)
+    assert cx["PACK"] == 8 and args["num_heads"] == 4 and args["group"] == 8
+    assert units == 2 * 4 * 1  # one 16-token tile (128 rows) per (sequence, kv head)
+    assert list(args["q_desc"].block_shape) == [1, 8, 8, 128] and list(args["o_desc"].block_shape) == [1, 8, 8, 128]
+    units, args, cx = plan(16, 32, 4, PACK=1)
+    assert cx["PACK"] == 1 and units == 2 * 32 and list(args["q_desc"].block_shape) == [1, 64, 1, 128]
+    assert plan(16, 32, 4, PACK=2)[2]["PACK"] == 2
+    assert plan(limit + 1, 32, 4)[2]["PACK"] == 1
+    assert plan(16, 24, 4)[2]["PACK"] == 1  # group 6
+    assert plan(16, 32, 4, O_HALVES=True)[2]["PACK"] == 1
+    for bad in (3, 16):
+        with pytest.raises(ValueError, match="PACK"):
+            plan(16, 32, 4, PACK=bad)

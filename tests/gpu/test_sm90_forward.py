@@ -123,6 +123,66 @@ def test_variants(variant, d, causal):
     _run(q, k, v, causal=causal, variant=variant)
 
 
+# GQA packing (attention_fwd PACK, configs.gqa_pack): the query heads of a kv head share a tile, row t · G + g
+# being token t of head g. (b, sq, sk, hq, hkv, d, causal, window, softcap, sink), the query sequences short
+# enough to pack.
+PACKED = [
+    (2, 1, 3001, 32, 4, 128, True, (-1, -1), 0.0, False),     # one query token, group 8
+    (3, 16, 2000, 16, 2, 128, True, (-1, -1), 0.0, False),    # a 16-token chunk against a long cache
+    (1, 17, 17, 8, 1, 64, True, (-1, -1), 0.0, False),        # MQA, group 8, odd length, D = 64
+    (2, 100, 700, 8, 4, 256, True, (-1, -1), 0.0, True),      # group 2, D = 256, sink
+    (1, 333, 333, 16, 1, 128, False, (64, 0), 30.0, False),   # group 16, left window, softcap
+    (1, 1000, 1000, 8, 2, 64, True, (-1, -1), 0.0, False),    # group 4 at D = 64 (two-consumer masked tile)
+    (2, 64, 64, 64, 1, 128, True, (-1, -1), 0.0, True),       # group 64: one token a warpgroup
+    (1, 900, 900, 12, 2, 128, True, (-1, -1), 0.0, False),    # group 6 (not a power of two): not packed
+]
+
+
+def _packed_ids(c):
+    b, sq, sk, hq, hkv, d, causal, window, softcap, sink = c
+    return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}-c{int(causal)}-w{window[0]}_{window[1]}-cap{softcap}-s{int(sink)}"
+
+
+@pytest.mark.parametrize("pack", ["auto", "off"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", PACKED, ids=[_packed_ids(c) for c in PACKED])
+def test_gqa_packed(case, dtype, pack):
+    """Packed tiles (the default for these shapes) and the same problems unpacked, under the rule; lse too."""
+    from fa4.kernels.sm90 import configs
+    torch.manual_seed(hash((case, str(dtype), pack)) % 2**31)
+    b, sq, sk, hq, hkv, d, causal, window, softcap, sink = case
+    group = hq // hkv
+    assert configs.gqa_pack(group, sq) == (group if group & (group - 1) == 0 else 1)
+    q = torch.randn(b, sq, hq, d, dtype=dtype, device=DEV)
+    k = torch.randn(b, sk, hkv, d, dtype=dtype, device=DEV)
+    v = torch.randn(b, sk, hkv, d, dtype=dtype, device=DEV)
+    s = torch.randn(hq, dtype=torch.float32, device=DEV) if sink else None
+    _run(q, k, v, causal=causal, window=window, softcap=softcap, sink=s,
+         variant=None if pack == "auto" else dict(PACK=1))
+
+
+@pytest.mark.parametrize("pack", [2, 4, 8])
+def test_gqa_pack_forced(pack):
+    """PACK forced on a long causal problem (past configs.PACK_MAX_SEQLEN_Q, paired schedule, many tiles),
+    and packing part of a group (2 or 4 of 8 heads a tile)."""
+    torch.manual_seed(pack)
+    q = torch.randn(1, 2049, 16, 128, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(1, 2049, 2, 128, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(1, 2049, 2, 128, dtype=torch.bfloat16, device=DEV)
+    _run(q, k, v, causal=True, variant=dict(PACK=pack))
+
+
+def test_gqa_packed_varlen():
+    """Packed tiles over ragged sequences: tiles that end past a sequence store O row by row (a TMA box would
+    write the next sequence's rows), empty sequences, Sq != Sk, group 8."""
+    torch.manual_seed(5)
+    lens_q, lens_k = [1, 16, 0, 37, 200, 9], [500, 16, 40, 37, 900, 3000]
+    q, k, v, varlen = make_inputs(None, None, None, 16, 2, 128, 128, torch.bfloat16, DEV,
+                                  varlen_lens=(lens_q, lens_k))
+    _run(q, k, v, causal=True, varlen=varlen)
+    _run(q, k, v, causal=False, sink=torch.randn(16, dtype=torch.float32, device=DEV), varlen=varlen)
+
+
 WINDOWED = [c for c in BATCHED if c[7] or c[8] != (-1, -1)]
 
 

@@ -102,13 +102,14 @@ class Problem:
     MASK2D: gl.constexpr
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
+    PACK: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -158,6 +159,7 @@ class Problem:
         self.MASK2D = gl.constexpr(MASK2D)
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
+        self.PACK = gl.constexpr(PACK)
 
 
 @aggregate
@@ -216,7 +218,7 @@ def _work(p, t, sub):
     """Query block `sub` (0 or 1) of unit t -> (b, h, seq_q, seq_k, q_start, k_start, mb, count), `count`
     (0, 1 or 2) being the unit's number of query blocks. Called for sub = 0 and 1 at the unit's start
     (all but mb is common, so the second call costs only its last lines)."""
-    BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    TBM: gl.constexpr = ROWS_PER_WG * p.NWG // p.PACK  # query tokens a tile
     # Units per (sequence, head) comes from the host: arithmetic on kernel arguments here would be hoisted
     # above the partitions by LLVM and spilled around the register reallocation (see _cta_id).
     bh = t // p.units_per_head
@@ -231,7 +233,7 @@ def _work(p, t, sub):
             seq_k = gl.load(p.seqused + b)
         else:
             seq_k = gl.load(p.cu_k + b + 1) - k_start
-        n_m = (seq_q + BM - 1) // BM  # this sequence's own query blocks (num_m is the longest's)
+        n_m = (seq_q + TBM - 1) // TBM  # this sequence's own query blocks (num_m is the longest's)
     else:
         q_start = 0
         k_start = 0
@@ -265,11 +267,11 @@ def _work(p, t, sub):
 
 @gluon.jit
 def _kv_range(p, m0, seq_q, seq_k):
-    """Key blocks [n_lo, n_hi) visible to query rows [m0, m0 + BM)."""
-    BM: gl.constexpr = ROWS_PER_WG * p.NWG
+    """Key blocks [n_lo, n_hi) visible to the query tokens [m0, m0 + BM / PACK) of a tile."""
+    TBM: gl.constexpr = ROWS_PER_WG * p.NWG // p.PACK
     # Visible keys of row i: j <= i + off + wr and j >= i + off - wl (bottom-right aligned).
     off = seq_k - seq_q
-    last = gl.minimum(m0 + BM, seq_q) - 1
+    last = gl.minimum(m0 + TBM, seq_q) - 1
     hi = seq_k
     if p.HAS_WR:
         hi = gl.minimum(hi, last + off + p.window_right + 1)
@@ -412,6 +414,14 @@ def _head_coord(p, b, h, start, row, col):
 
 
 @gluon.jit
+def _kv_and_q_head(p, h):
+    """(kv head, first query head) of unit head index h. With PACK > 1 (GQA packing) a unit's tile holds PACK
+    query heads of one kv head (PACK divides the group), interleaved row by row, and h counts those sets."""
+    hq = h * p.PACK
+    return hq // p.group, hq
+
+
+@gluon.jit
 def _q_coord(p, b, h, q_start, row):
     return _head_coord(p, b, h, q_start, row, 0)
 
@@ -437,9 +447,9 @@ def _loader(p, bufs):
     while t < p.num_units:
         b, h, seq_q, seq_k, q_start, k_start, mb_first, count = _work(p, t, 0)
         mb_second = _work(p, t, 1)[6]
-        hk = h // p.group
+        hk, hq = _kv_and_q_head(p, h)
         for sub in range(count):
-            m0 = (mb_first + (mb_second - mb_first) * sub) * BM
+            m0 = (mb_first + (mb_second - mb_first) * sub) * (BM // p.PACK)
             n_lo, n_hi = _kv_range(p, m0, seq_q, seq_k)
             rot = _rotation(p, pid, n_lo, n_hi)
             # Q: wait until every consumer is done with the Q this buffer held (a fresh barrier passes
@@ -451,7 +461,8 @@ def _loader(p, bufs):
             tcount += 1
             mbarrier.expect(bufs.q_ready.index(qb), NWG * p.q_desc.block_type.nbytes)
             for w in gl.static_range(NWG):
-                tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, m0 + w * ROWS_PER_WG),
+                tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, hq, q_start,
+                                                                   m0 + w * (ROWS_PER_WG // p.PACK)),
                                                 bufs.q_ready.index(qb), bufs.q.index(qb * NWG + w))
             for it in range(n_hi - n_lo):
                 key = _block(p, it, rot, n_lo, n_hi, sub) * p.BN
@@ -506,7 +517,7 @@ def _scores(p, s, j, rows, m0, seq_q, seq_k, MASK: gl.constexpr):
         if p.HAS_WR:
             need = need | ((j + 1) * BN - 1 > m0 + off + p.window_right)
         if p.HAS_WL:
-            need = need | (j * BN < m0 + BM - 1 + off - p.window_left)
+            need = need | (j * BN < m0 + BM // p.PACK - 1 + off - p.window_left)
         if need:
             if p.MASK2D or p.NWG > 2 or p.POLY > 0:
                 # Each element's key index against every bound: the three-consumer tiles (160 registers a
@@ -614,11 +625,13 @@ def _consumer(p, bufs, WG: gl.constexpr):
         b, h, seq_q, seq_k, q_start, k_start, mb_first, count = _work(p, t, 0)
         mb_second = _work(p, t, 1)[6]
         for sub in range(count):
-            m0 = (mb_first + (mb_second - mb_first) * sub) * BM
+            m0 = (mb_first + (mb_second - mb_first) * sub) * (BM // p.PACK)
             n_lo, n_hi = _kv_range(p, m0, seq_q, seq_k)
             rot = _rotation(p, pid, n_lo, n_hi)
-            row0 = m0 + WG * M
-            rows = row0 + gl.arange(0, M, row_s)
+            # Row r of this warpgroup's tile is query token row0 + r // PACK of head hq + r % PACK (PACK = 1:
+            # token row0 + r of the unit's head).
+            row0 = m0 + WG * (M // p.PACK)
+            rows = row0 + gl.arange(0, M, row_s) // p.PACK
             qb, q_phase = _q_slot(p, tcount)
             _trace_tile(p, pid, tcount, 0, WG)
             mbarrier.wait(bufs.q_ready.index(qb), q_phase)
@@ -665,7 +678,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty.index(qb))
             _trace_tile(p, pid, tcount - 1, 3, WG)
-            _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG)
+            _epilogue(p, bufs, acc, m_i, l_i, b, _kv_and_q_head(p, h)[1], row0, rows, seq_q, q_start, qb, WG)
             if p.TRACE:
                 if WG == 0:
                     if tcount - 1 < p.trace_tiles:
@@ -689,9 +702,14 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
     dtype: gl.constexpr = p.q_desc.dtype
     o_layout: gl.constexpr = acc.type.layout
+    if p.PACK > 1:
+        # Each row's own query head (h is the tile's first).
+        heads = h + gl.arange(0, M, rows.type.layout) % p.PACK
+    else:
+        heads = h
     if p.HAS_SINK:
         # The sink is one more logit in the normaliser with no value row.
-        sink2 = gl.load(p.sink_ptr + h) * LOG2E_C
+        sink2 = gl.load(p.sink_ptr + heads) * LOG2E_C
         m_fin = gl.maximum(m_i, sink2)
         corr = gl.exp2(m_i - m_fin)
         l_fin = l_i * corr + gl.exp2(sink2 - m_fin)
@@ -704,16 +722,21 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
     acc = acc * gl.expand_dims(gl.convert_layout(o_scale, gl.SliceLayout(1, o_layout)), 1)
     # lse has fewer than 2^31 elements (checked by the host): 32-bit offsets.
     if p.VARLEN:
-        lse_ptrs = p.lse_ptr + h * p.lse_len + q_start + rows
+        lse_ptrs = p.lse_ptr + heads * p.lse_len + q_start + rows
     else:
-        lse_ptrs = p.lse_ptr + (b * p.num_heads + h) * p.lse_len + rows
+        if p.PACK > 1:
+            # The units count sets of PACK query heads: p.num_heads · PACK query heads (opaque, or LLVM hoists
+            # the product of two kernel arguments above the partitions and spills it at 160-240 registers).
+            lse_ptrs = p.lse_ptr + (b * (_opaque(p.num_heads) * p.PACK) + heads) * p.lse_len + rows
+        else:
+            lse_ptrs = p.lse_ptr + (b * p.num_heads + h) * p.lse_len + rows
     if not p.TAIL:
         gl.store(lse_ptrs, lse2 * LN2, mask=rows < seq_q)
 
     out = acc.to(dtype)
     if p.VARLEN:
         # A TMA box past the sequence end would write into the next sequence's rows.
-        if row0 + M <= seq_q:
+        if row0 + M // p.PACK <= seq_q:
             _store_o_tma(p, bufs, out, b, h, q_start, row0, qb, WG)
         else:
             cols = gl.arange(0, DV, gl.SliceLayout(0, o_layout))
@@ -721,7 +744,11 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
             tok = q_start + rows_o
             if p.BIG_O:
                 tok = tok.to(gl.int64)
-            offs = gl.expand_dims(tok * p.stride_ot, 1) + h * p.stride_oh + gl.expand_dims(cols, 0)
+            if p.PACK > 1:
+                head_off = gl.expand_dims(gl.convert_layout(heads, gl.SliceLayout(1, o_layout)) * p.stride_oh, 1)
+            else:
+                head_off = h * p.stride_oh
+            offs = gl.expand_dims(tok * p.stride_ot, 1) + head_off + gl.expand_dims(cols, 0)
             mask = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols < p.dv, 0)
             gl.store(p.o_ptr + offs, out, mask=mask)
     else:
@@ -788,7 +815,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -822,7 +849,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES)
+                CONVERGE, O_HALVES, PACK)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -843,13 +870,13 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 # Kernel switches; the defaults are what ships (the tile, ping-pong included, comes from configs.py).
 # benchmarks/sm90_probe.py times the alternatives. SCHED None: paired units where a window (causal) makes
-# tile costs differ, flat otherwise. TAIL: the tile-end hand-offs of r2 (Q released after the last QKᵀ, lse
+# tile costs differ and the flat units outnumber the grid, flat otherwise. TAIL: the tile-end hand-offs of r2 (Q released after the last QKᵀ, lse
 # stored after the O store is issued). TRACE: time stamps per tile into LAST_TRACE (probe only). FAST: the
 # host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False)
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -858,15 +885,17 @@ _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "con
 LAST_TRACE = None
 
 
-def _descriptor(t, rows, varlen, cols=None):
-    """TMA descriptor over t's own shape and strides: boxes of `rows` tokens of one head.
+def _descriptor(t, rows, varlen, cols=None, heads=1):
+    """TMA descriptor over t's own shape and strides: boxes of `rows` tokens of `heads` consecutive heads.
 
     Batched tensors are rank 4 (B, S, H, D), varlen ones rank 3 (T, H, D); the box is (1, rows, 1, Dt) or
     (rows, 1, Dt) with Dt the power-of-two tile width (or `cols`), which the kernel views as a (rows, Dt) tile.
     Out-of-range elements (rows past a sequence end, columns past D) read as zero and are never written.
+    With heads > 1 (GQA packing) the box is (1, rows, heads, Dt), a (rows · heads, Dt) tile whose row
+    t · heads + g is token t of head g.
     """
     d = cols or configs.tile_dim(t.shape[-1])
-    block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    block = [rows, heads, d] if varlen else [1, rows, heads, d]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
 
@@ -886,7 +915,8 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, variant=None,
                 num_ctas=132):
     """(number of work units, kernel arguments by name, constexprs by name) for one forward call.
-    num_ctas (the grid is min(units, num_ctas)) only sizes the TRACE buffer."""
+    num_ctas: the persistent grid's size (min(units, num_ctas)); it decides the schedule and sizes the TRACE
+    buffer."""
     variant = dict(DEFAULT_VARIANT, **(variant or {}))
     tile_overrides = {_TILE_KEYS[key]: variant.pop(key) for key in list(variant) if key in _TILE_KEYS}
     unknown = set(variant) - set(DEFAULT_VARIANT)
@@ -911,14 +941,26 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     if cfg is None:
         raise ValueError(f"no sm90 tile for head dims ({d}, {dv}) with {tile_overrides}")
     tail = configs.tail_for(seqlen_q) if variant["TAIL"] is None else bool(variant["TAIL"])
-    num_m = triton.cdiv(seqlen_q, cfg.block_m)
+    # GQA packing: PACK query heads of one kv head share a tile (None: configs.gqa_pack decides).
+    group = hq // hkv
+    if variant["PACK"] is None:
+        pack = 1 if variant["O_HALVES"] else configs.gqa_pack(group, seqlen_q)
+    else:
+        pack = int(variant["PACK"])
+    if pack < 1 or group % pack or WG_ROWS % pack or (pack > 1 and variant["O_HALVES"]):
+        raise ValueError(f"PACK={pack}: must divide the GQA group ({group}) and {WG_ROWS}, without O_HALVES")
+    num_m = triton.cdiv(seqlen_q, cfg.block_m // pack)
     windowed = window_left >= 0 or window_right >= 0
     sched = variant["SCHED"]
     if sched is None:
-        sched = "paired" if windowed else "flat"
+        # Paired units even out causal tile costs, but a unit is two tiles: where the flat units would not
+        # fill the grid, pairing only halves the CTAs at work (a 128-token causal chunk against a long cache:
+        # every tile costs the same, and the paired grid ran it at 0.57x, benchmarks/NOTES.md session 11).
+        flat_units = num_m * (hq // pack) * batch
+        sched = "paired" if windowed and flat_units > num_ctas else "flat"
     sched = SCHED_NAMES[sched] if isinstance(sched, str) else int(sched)
     per_head = triton.cdiv(num_m, 2) if sched == SCHED_PAIRED.value else num_m
-    num_units = per_head * hq * batch
+    num_units = per_head * (hq // pack) * batch
     soft = softcap > 0
     dummy_i32 = _dummy_i32(q.device)
     trace_tiles = 0
@@ -928,14 +970,15 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         trace_tiles = triton.cdiv(num_units, grid) * (2 if sched == SCHED_PAIRED.value else 1)
         trace = torch.zeros(grid, TRACE_HDR + TRACE_EV * trace_tiles, dtype=torch.int64, device=q.device)
     args = dict(
-        q_desc=_descriptor(q, WG_ROWS, varlen), k_desc=_descriptor(k, cfg.block_n, varlen),
+        q_desc=_descriptor(q, WG_ROWS // pack, varlen, heads=pack), k_desc=_descriptor(k, cfg.block_n, varlen),
         v_desc=_descriptor(v, cfg.block_n, varlen),
-        o_desc=_descriptor(out, WG_ROWS, varlen, cols=dv // 2 if variant["O_HALVES"] else None),
+        o_desc=_descriptor(out, WG_ROWS // pack, varlen, cols=dv // 2 if variant["O_HALVES"] else None,
+                           heads=pack),
         o_ptr=out, lse_ptr=lse, sink_ptr=sink if sink is not None else lse,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
         stride_ot=out.stride(-3), stride_oh=out.stride(-2), dv=v.shape[-1], seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        num_heads=hq, group=hq // hkv, num_m=num_m, num_units=num_units,
+        num_heads=hq // pack, group=group, num_m=num_m, num_units=num_units,
         units_per_head=per_head, lse_len=lse_len,
         # With softcap the exponent is softcap·tanh(scale·qk/softcap)·log2(e): tanh's argument is
         # scaled by cap_scale, its result by qk_scale.
@@ -950,7 +993,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
-        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs)
+        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack)
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
     converge = variant["CONVERGE"]

@@ -121,6 +121,21 @@ def tail_for(max_seqlen_q):
     return max_seqlen_q <= TAIL_MAX_SEQLEN_Q
 
 
+# GQA packing (attention_fwd PACK): the query heads of one kv head share a query tile, row t · group + g being
+# token t of head g, so a tile holds BM / group tokens and K/V is read once for the whole group. It fills the
+# tiles of short query sequences (chunked prefill, speculative decoding: a 16-token chunk of a group of 8 is
+# one full 128-row tile instead of 8 tiles with 16 rows each) and reads K/V a group fewer times. Groups that are
+# powers of two up to 64 (a warpgroup's 64 rows hold whole tokens); up to PACK_MAX_SEQLEN_Q query tokens.
+PACK_MAX_SEQLEN_Q = 1024
+
+
+def gqa_pack(group, max_seqlen_q):
+    """Query heads a tile packs (1: none) for a GQA group and the longest query sequence."""
+    if group < 2 or group & (group - 1) or group > 64 or max_seqlen_q > PACK_MAX_SEQLEN_Q:
+        return 1
+    return group
+
+
 def problem_config(d, dv, *, window_left, window_right, max_seqlen_q, max_seqlen_k, **overrides):
     """get_config for one problem: tile widths (d, dv), the window (-1 = unbounded) and the longest sequences.
     Explicit overrides (a probe variant) win over the per-problem choice."""
