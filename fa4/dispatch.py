@@ -2,7 +2,9 @@
 
 Backends: "reference" (eager PyTorch, any device, every feature), "triton" (portable kernels, CUDA compute
 capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward and backward for Hopper; the
-backward serves D = Dv up to 256 and D, Dv up to 128, the Triton backward the rest). An explicitly requested
+backward serves D = Dv up to 256 and D, Dv up to 128, the Triton backward the rest), "splitkv" (forward only,
+chosen by backend=None on Hopper: a few query tokens against long keys on the split-KV decode kernels; the
+backward is then resolved as for any other forward). An explicitly requested
 backend that cannot serve raises a ValueError with the reason; only backend=None falls back.
 
 backend=None on a CUDA device resolves in two steps. `choose` (called by the interface, traced by
@@ -109,17 +111,66 @@ def planned_sm90_forward(q, k, v, *, max_seqlen_q, window_left, window_right, **
     sm90 = sys.modules.get("fa4.kernels.sm90.attention_fwd")
     if sm90 is None or os.environ.get("FA4_SM90") == "0":
         return None
+    # A plan left by an explicit backend="sm90" call must not take a call that backend=None sends to "splitkv".
+    if _splitkv_on() and splitkv_wanted(q, k, v, num_sms=_num_sms(q.device), **kwargs):
+        return None
     return sm90.planned_forward(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
                                 window_right=window_right, **kwargs)
 
 
+# "splitkv": a forward whose few query tokens give the sm90 kernel fewer work units than half the SMs runs on
+# the split-KV decode kernels instead (fa4.inference.forward_splitkv), when the keys are long enough to split.
+# H100, benchmarks/short_query_probe.py (session 11): one query token against 8192 keys 99 -> 25 µs, 16 tokens
+# 101 -> 69 µs, 64 tokens against 32768 keys 365 -> 124 µs; where the units fill the GPU (128 tokens, B = 4,
+# 8 kv heads) the sm90 forward was 1.7x faster, so it keeps those.
+SPLITKV_MIN_KEYS = 2048
+SPLITKV_MAX_ROWS = 256  # query tokens x GQA group: the rows one decode program holds
+
+
+_SM_COUNTS = {}
+
+
+def _num_sms(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+def _splitkv_on():
+    return os.environ.get("FA4_SPLITKV") != "0"
+
+
+def splitkv_wanted(q, k, v, *, num_sms, cu_seqlens_q=None, page_table=None, seqused_k=None, **_):
+    """Whether a batched forward that the sm90 kernel can serve runs faster on the split-KV decode kernels."""
+    if cu_seqlens_q is not None or page_table is not None or seqused_k is not None or q.dim() != 4:
+        return False
+    batch, seqlen_q, num_heads, _d = q.shape
+    seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
+    if seqlen_k < SPLITKV_MIN_KEYS or num_heads_kv == 0:
+        return False
+    group = num_heads // num_heads_kv
+    if seqlen_q * group > SPLITKV_MAX_ROWS:
+        return False
+    from .kernels.sm90 import configs
+    cfg = configs.get_config(configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1]))
+    pack = configs.gqa_pack(group, seqlen_q)
+    tokens = cfg.block_m // pack
+    units = batch * (num_heads // pack) * -(-seqlen_q // tokens)
+    return 2 * units <= num_sms
+
+
 def resolve_auto(q, k, v, **features):
-    """The forward backend for backend=None on real CUDA tensors: "sm90" where it serves and is faster."""
+    """The forward backend for backend=None on real CUDA tensors: "splitkv" for a few query tokens against long
+    keys (splitkv_wanted), else "sm90" where it serves and is faster."""
     # The sm90 kernel measured ahead of the Triton forward on every row of the training suite (H100,
     # 2026-11-25; the one exception, D = 64 causal at S = 1024, went once such problems took 128-row tiles:
     # configs.problem_config). So it serves wherever it can.
     reason = _sm90_reason(q, k, v, **features)
     if reason is None:
+        if _splitkv_on() and splitkv_wanted(q, k, v, num_sms=_num_sms(q.device), **features):
+            return "splitkv"
         return "sm90"
     logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")
     return "triton"

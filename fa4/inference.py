@@ -525,6 +525,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (res, lse.contiguous()) if return_lse else res
 
 
+def forward_splitkv(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink, cu_seqlens_q=None,
+                    cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, page_table=None):
+    """The forward backend contract (docs/INTERNALS.md) on the split-KV decode kernels, for batched calls whose
+    few query tokens leave the attention kernels' grid mostly idle (dispatch.splitkv_wanted): (out, lse) with
+    lse (B, Hq, Sq) fp32. k and v are read as a full contiguous cache; the cache's causal and window alignment
+    (to the end of the keys) is the forward's bottom-right alignment."""
+    if cu_seqlens_q is not None or cu_seqlens_k is not None or page_table is not None:
+        raise ValueError("the splitkv forward serves batched calls only")
+    out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqused_k, softmax_scale=softmax_scale,
+                                       window_size=(window_left, window_right), softcap=softcap,
+                                       learnable_sink=sink, return_lse=True)
+    return out, lse
+
+
 # Steps of the call signatures seen (Triton backend), oldest first: signature -> (_Call, decode.Step).
 _steps = {}
 _STEPS_SIZE = 256

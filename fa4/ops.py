@@ -26,6 +26,9 @@ def _forward_impl(backend):
     if backend == "sm90-checked":
         from .kernels import sm90
         return sm90.forward_checked
+    if backend == "splitkv":
+        from . import inference
+        return inference.forward_splitkv
     raise ValueError(f"unknown forward backend {backend!r}")
 
 

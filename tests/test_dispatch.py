@@ -42,3 +42,48 @@ def test_resolve_auto_backward_falls_back_with_a_reason(caplog, monkeypatch):
     assert "sm90 backward not used" in caplog.text
     monkeypatch.setenv("FA4_SM90_BWD", "0")
     assert dispatch.resolve_auto_backward(q, k, v) == "triton"
+
+
+def test_splitkv_wanted_for_few_query_tokens_against_long_keys():
+    """dispatch.splitkv_wanted: the sm90 forward's units (GQA packing counted) under half the SMs, at least
+    SPLITKV_MIN_KEYS keys, at most SPLITKV_MAX_ROWS query rows per kv head; batched calls only."""
+    def wanted(b, sq, sk, hq, hkv, d=128, sms=132, **kw):
+        q = torch.empty(b, sq, hq, d, device="meta")
+        k = torch.empty(b, sk, hkv, d, device="meta")
+        return dispatch.splitkv_wanted(q, k, k, num_sms=sms, **kw)
+
+    assert wanted(1, 1, 8192, 32, 8)             # 8 units (one per kv head, the group packed)
+    assert wanted(4, 16, 8192, 32, 8)            # 32 units
+    assert wanted(1, 64, 32768, 32, 8)           # 8 kv heads x 2 tiles of 32 tokens
+    assert wanted(8, 1, 8192, 32, 8)             # 64 units: at the bound
+    assert not wanted(9, 1, 8192, 32, 8)         # 72 units
+    assert not wanted(4, 128, 8192, 32, 8)       # 128 units: the sm90 forward fills the GPU (measured faster)
+    assert not wanted(4, 16, 8192, 32, 32)       # MHA: 128 units
+    assert not wanted(1, 1, 2047, 32, 8)         # too few keys to split
+    assert not wanted(1, 65, 32768, 32, 8)       # 260 query rows for one kv head
+    assert wanted(1, 16, 4096, 16, 2, d=64) and wanted(1, 16, 4096, 8, 8, d=256)
+    cu = torch.zeros(2, dtype=torch.int32)
+    assert not wanted(1, 1, 8192, 32, 8, cu_seqlens_q=cu)
+    assert not wanted(1, 1, 8192, 32, 8, seqused_k=cu)
+
+
+def test_a_cached_sm90_plan_does_not_take_a_splitkv_call(monkeypatch):
+    """backend=None first looks for an sm90 launch plan of the same signature (left by any earlier sm90 call,
+    backend="sm90" included); a call that splitkv_wanted routes elsewhere must not be served by it."""
+    import sys
+    import types
+    served = []
+    fake = types.SimpleNamespace(planned_forward=lambda *a, **kw: served.append(1) or ("out", "lse"))
+    monkeypatch.setitem(sys.modules, "fa4.kernels.sm90.attention_fwd", fake)
+    monkeypatch.setattr(dispatch, "_num_sms", lambda device: 132)
+    monkeypatch.delenv("FA4_SM90", raising=False)
+    opts = dict(max_seqlen_q=None, window_left=-1, window_right=0, softmax_scale=0.1, softcap=0.0, sink=None,
+                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_k=None)
+    short_q = torch.empty(1, 1, 32, 128, device="meta")
+    long_kv = torch.empty(1, 8192, 8, 128, device="meta")
+    assert dispatch.planned_sm90_forward(short_q, long_kv, long_kv, **opts) is None and not served
+    monkeypatch.setenv("FA4_SPLITKV", "0")
+    assert dispatch.planned_sm90_forward(short_q, long_kv, long_kv, **opts) == ("out", "lse")
+    monkeypatch.delenv("FA4_SPLITKV")
+    train_q = torch.empty(1, 4096, 32, 128, device="meta")
+    assert dispatch.planned_sm90_forward(train_q, long_kv, long_kv, **opts) == ("out", "lse")

@@ -772,3 +772,37 @@ def test_tile_offsets_fall_back_to_64_bit_for_huge_row_strides():
     assert not decode.tile_offsets_fit_int32(128, (1 << 25, 8 * 128), (128, 128))
     assert not decode.tile_offsets_fit_int32(64, (8 * 128, (1 << 31) // 63), (128, 128))
     assert decode.tile_offsets_fit_int32(1, (1 << 40, 1 << 40), (128, 128))  # one row: no stride term
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The "splitkv" forward backend (dispatch.splitkv_wanted routes short query sequences there on Hopper)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window,softcap,sink,dv", [
+    ((-1, 0), 0.0, False, 32),    # causal: aligned to the end of the keys
+    ((-1, -1), 0.0, True, 32),    # no mask, sink
+    ((40, 0), 20.0, False, 16),   # sliding window, softcap, Dv != D
+    ((10, 5), 0.0, True, 32),     # window on both sides (the last queries see keys past their own position)
+])
+def test_forward_splitkv_is_the_forward_contract(window, softcap, sink, dv):
+    """inference.forward_splitkv (the split-KV decode kernels under the interpreter) returns the forward
+    contract's (out, lse) for batched calls: compared with fa4.reference.forward in fp32."""
+    from fa4 import reference
+    torch.manual_seed(7)
+    b, sq, sk, hq, hkv, d = 2, 3, 150, 8, 2, 32
+    q, k, v = torch.randn(b, sq, hq, d), torch.randn(b, sk, hkv, d), torch.randn(b, sk, hkv, dv)
+    s = torch.randn(hq) if sink else None
+    opts = dict(softmax_scale=0.2, window_left=window[0], window_right=window[1], softcap=softcap, sink=s)
+    out, lse = inference.forward_splitkv(q, k, v, **opts)
+    ref_out, ref_lse = reference.forward(q, k, v, **opts)
+    assert lse.shape == (b, hq, sq) and lse.is_contiguous()
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_forward_splitkv_declines_varlen_and_paged():
+    q = torch.randn(4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="batched calls only"):
+        inference.forward_splitkv(q, q, q, softmax_scale=0.3, window_left=-1, window_right=-1, softcap=0.0,
+                                  sink=None, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=4)

@@ -47,6 +47,34 @@ def test_feature_matrix(case, dtype, backend):
     check_attention(q, k, v, causal=causal, window_size=window, softcap=softcap, sink=s, backend=backend)
 
 
+# A few query tokens against long keys: backend=None takes the split-KV decode kernels for the forward
+# (dispatch.splitkv_wanted) and the usual backward from its out and lse.
+SHORT_QUERIES = [
+    (1, 1, 8192, 32, 8, 128, 128, True, (-1, -1), 0.0, False),
+    (2, 16, 4096, 16, 2, 64, 64, True, (512, -1), 0.0, False),     # sliding window
+    (1, 7, 5000, 8, 1, 256, 256, True, (-1, -1), 0.0, True),       # MQA, D = 256, sink
+    (3, 2, 3000, 8, 4, 128, 128, False, (-1, -1), 30.0, False),    # softcap, no mask
+    (1, 16, 2100, 8, 2, 192, 128, True, (-1, -1), 0.0, False),     # Dv != D
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", SHORT_QUERIES, ids=[_ids(c) for c in SHORT_QUERIES])
+def test_short_queries_take_splitkv(case, dtype, monkeypatch):
+    from fa4 import dispatch
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the split-KV forward route is taken on Hopper (beside the sm90 forward)")
+    chosen = []
+    real = dispatch.resolve_auto
+    monkeypatch.setattr(dispatch, "resolve_auto", lambda *a, **kw: chosen.append(real(*a, **kw)) or chosen[-1])
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    b, sq, sk, hq, hkv, d, dv, causal, window, softcap, sink = case
+    q, k, v, _ = make_inputs(b, sq, sk, hq, hkv, d, dv, dtype, DEV)
+    s = torch.randn(hq, device=DEV) if sink else None
+    check_attention(q, k, v, causal=causal, window_size=window, softcap=softcap, sink=s)
+    assert chosen and set(chosen) == {"splitkv"}, chosen
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen(dtype, causal):
