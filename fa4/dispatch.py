@@ -112,7 +112,7 @@ def planned_sm90_forward(q, k, v, *, max_seqlen_q, window_left, window_right, **
     if sm90 is None or os.environ.get("FA4_SM90") == "0":
         return None
     # A plan left by an explicit backend="sm90" call must not take a call that backend=None sends to "splitkv".
-    if _splitkv_on() and splitkv_wanted(q, k, v, num_sms=_num_sms(q.device), **kwargs):
+    if _splitkv_on() and splitkv_wanted(q, k, v, **kwargs):
         return None
     return sm90.planned_forward(q, k, v, max_seqlen_q=max_seqlen_q, window_left=window_left,
                                 window_right=window_right, **kwargs)
@@ -131,6 +131,9 @@ _SM_COUNTS = {}
 
 
 def _num_sms(device):
+    """SM count of a CUDA device (cached), None for other devices."""
+    if device.type != "cuda":
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     count = _SM_COUNTS.get(index)
     if count is None:
@@ -142,8 +145,9 @@ def _splitkv_on():
     return os.environ.get("FA4_SPLITKV") != "0"
 
 
-def splitkv_wanted(q, k, v, *, num_sms, cu_seqlens_q=None, page_table=None, seqused_k=None, **_):
-    """Whether a batched forward that the sm90 kernel can serve runs faster on the split-KV decode kernels."""
+def splitkv_wanted(q, k, v, *, num_sms=None, cu_seqlens_q=None, page_table=None, seqused_k=None, **_):
+    """Whether a batched forward that the sm90 kernel can serve runs faster on the split-KV decode kernels.
+    num_sms: the device's SM count (None: looked up, for CUDA tensors only, once the shapes qualify)."""
     if cu_seqlens_q is not None or page_table is not None or seqused_k is not None or q.dim() != 4:
         return False
     batch, seqlen_q, num_heads, _d = q.shape
@@ -155,6 +159,10 @@ def splitkv_wanted(q, k, v, *, num_sms, cu_seqlens_q=None, page_table=None, sequ
         return False
     from .kernels.sm90 import configs
     cfg = configs.get_config(configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1]))
+    if num_sms is None:
+        num_sms = _num_sms(q.device)
+        if num_sms is None:  # not a CUDA tensor
+            return False
     pack = configs.gqa_pack(group, seqlen_q)
     tokens = cfg.block_m // pack
     units = batch * (num_heads // pack) * -(-seqlen_q // tokens)
@@ -169,7 +177,7 @@ def resolve_auto(q, k, v, **features):
     # configs.problem_config). So it serves wherever it can.
     reason = _sm90_reason(q, k, v, **features)
     if reason is None:
-        if _splitkv_on() and splitkv_wanted(q, k, v, num_sms=_num_sms(q.device), **features):
+        if _splitkv_on() and splitkv_wanted(q, k, v, **features):
             return "splitkv"
         return "sm90"
     logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")
