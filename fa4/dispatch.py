@@ -118,8 +118,10 @@ def planned_sm90_forward(q, k, v, *, max_seqlen_q, window_left, window_right, **
                                 window_right=window_right, **kwargs)
 
 
-# "splitkv": a forward whose few query tokens give the sm90 kernel fewer work units than half the SMs runs on
-# the split-KV decode kernels instead (fa4.inference.forward_splitkv), when the keys are long enough to split.
+# "splitkv": a forward with a few query tokens (at most SPLITKV_MAX_ROWS query rows per kv head) against long
+# keys runs on the split-KV decode kernels (fa4.inference.forward_splitkv) where the attention kernel would
+# leave the GPU mostly idle: the sm90 forward when its work units fill under half the SMs, the portable Triton
+# forward (where sm90 does not serve) always.
 # H100, benchmarks/short_query_probe.py (session 11): one query token against 8192 keys 99 -> 25 µs, 16 tokens
 # 101 -> 69 µs, 64 tokens against 32768 keys 365 -> 124 µs; where the units fill the GPU (128 tokens, B = 4,
 # 8 kv heads) the sm90 forward was 1.7x faster, so it keeps those.
@@ -145,9 +147,12 @@ def _splitkv_on():
     return os.environ.get("FA4_SPLITKV") != "0"
 
 
-def splitkv_wanted(q, k, v, *, num_sms=None, cu_seqlens_q=None, page_table=None, seqused_k=None, **_):
-    """Whether a batched forward that the sm90 kernel can serve runs faster on the split-KV decode kernels.
-    num_sms: the device's SM count (None: looked up, for CUDA tensors only, once the shapes qualify)."""
+def splitkv_wanted(q, k, v, *, num_sms=None, cu_seqlens_q=None, page_table=None, seqused_k=None, path="sm90",
+                   **_):
+    """Whether a batched forward runs faster on the split-KV decode kernels than on the attention kernel of
+    `path` ("sm90": the Gluon forward, GQA-packed tiles, kept where its units fill half the SMs; "triton": the
+    portable forward, one query head a program). num_sms: the device's SM count (None: looked up, for CUDA
+    tensors only, once the shapes qualify)."""
     if cu_seqlens_q is not None or page_table is not None or seqused_k is not None or q.dim() != 4:
         return False
     batch, seqlen_q, num_heads, _d = q.shape
@@ -157,29 +162,71 @@ def splitkv_wanted(q, k, v, *, num_sms=None, cu_seqlens_q=None, page_table=None,
     group = num_heads // num_heads_kv
     if seqlen_q * group > SPLITKV_MAX_ROWS:
         return False
-    from .kernels.sm90 import configs
-    cfg = configs.get_config(configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1]))
+    if path != "sm90":
+        # The portable forward gives each query head its own program and tile rows: at these row counts its
+        # tiles are mostly empty and every head of a group reads the group's K/V again, so the decode kernels
+        # were as fast or faster at every grid size measured (H100, FA4_SM90=0: 1.0-3.7x).
+        return True
     if num_sms is None:
         num_sms = _num_sms(q.device)
         if num_sms is None:  # not a CUDA tensor
             return False
+    from .kernels.sm90 import configs
+    cfg = configs.get_config(configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1]))
     pack = configs.gqa_pack(group, seqlen_q)
-    tokens = cfg.block_m // pack
-    units = batch * (num_heads // pack) * -(-seqlen_q // tokens)
+    units = batch * (num_heads // pack) * -(-seqlen_q // (cfg.block_m // pack))
     return 2 * units <= num_sms
+
+
+# resolve_auto's "splitkv" decisions by call signature, so that repeated short-query calls (a decoding loop through
+# flash_attn_func) skip the checks: ~20 of a call's ~90 µs of host time on an H100 host (host_overhead_probe.py).
+_SPLITKV_ROUTES = {}
+_SPLITKV_ROUTES_SIZE = 256
+
+
+def _route_key(q, k, v, *, window_left, window_right, softcap, sink, cu_seqlens_q=None, page_table=None,
+               seqused_k=None, **_):
+    """Everything resolve_auto's answer depends on for a batched call, or None for calls never cached."""
+    if cu_seqlens_q is not None or page_table is not None or seqused_k is not None:
+        return None
+    return (q.device, q.dtype, k.dtype, v.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+            (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 == 0, None if sink is None else sink.dtype,
+            window_left, window_right, softcap > 0, os.environ.get("FA4_SM90"), os.environ.get("FA4_SPLITKV"))
+
+
+def routed_splitkv(q, k, v, **features):
+    """True when resolve_auto sent a call of this exact signature to "splitkv" before."""
+    if not _SPLITKV_ROUTES or q.dim() != 4 or k.shape[-2] == 0 or \
+            q.shape[1] * (q.shape[2] // k.shape[-2]) > SPLITKV_MAX_ROWS:
+        return False  # (nothing routed yet, or a call the rule never routes: no key to build)
+    key = _route_key(q, k, v, **features)
+    return key is not None and key in _SPLITKV_ROUTES
+
+
+def _remember_splitkv(q, k, v, features):
+    key = _route_key(q, k, v, **features)
+    if key is not None:
+        if len(_SPLITKV_ROUTES) >= _SPLITKV_ROUTES_SIZE:
+            _SPLITKV_ROUTES.clear()
+        _SPLITKV_ROUTES[key] = True
 
 
 def resolve_auto(q, k, v, **features):
     """The forward backend for backend=None on real CUDA tensors: "splitkv" for a few query tokens against long
-    keys (splitkv_wanted), else "sm90" where it serves and is faster."""
+    keys (splitkv_wanted), else "sm90" where it serves and is faster, else "triton"."""
     # The sm90 kernel measured ahead of the Triton forward on every row of the training suite (H100,
     # 2026-11-25; the one exception, D = 64 causal at S = 1024, went once such problems took 128-row tiles:
     # configs.problem_config). So it serves wherever it can.
     reason = _sm90_reason(q, k, v, **features)
     if reason is None:
         if _splitkv_on() and splitkv_wanted(q, k, v, **features):
+            _remember_splitkv(q, k, v, features)
             return "splitkv"
         return "sm90"
+    if _splitkv_on() and splitkv_wanted(q, k, v, path="triton", **features):
+        logger.debug(f"fa4: splitkv forward (sm90 path not used: {reason})")
+        _remember_splitkv(q, k, v, features)
+        return "splitkv"
     logger.debug(f"fa4: triton forward (sm90 path not used: {reason})")
     return "triton"
 

@@ -66,6 +66,10 @@ def _run_forward(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_tabl
     if q.numel() == 0:
         out, lse = _new_outputs(q, v, varlen)
         return out.zero_(), lse.fill_(float("-inf"))
+    if backend == "auto" and dispatch.routed_splitkv(q, k, v, window_left=window_left, window_right=window_right,
+                                                     softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                                                     page_table=page_table, seqused_k=seqused_k):
+        backend = "splitkv"  # this signature's earlier call was sent there
     if backend == "auto":  # backend=None on CUDA: decided here, on real tensors, outside any trace
         planned = dispatch.planned_sm90_forward(
             q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,

@@ -67,6 +67,20 @@ def test_splitkv_wanted_for_few_query_tokens_against_long_keys():
     assert not wanted(1, 1, 8192, 32, 8, seqused_k=cu)
 
 
+def test_splitkv_wanted_beside_the_triton_forward():
+    """path="triton": the portable forward's tiles are mostly empty at these row counts whatever the grid, so
+    only the key length and the rows per kv head decide."""
+    def wanted(b, sq, sk, hq, hkv):
+        q = torch.empty(b, sq, hq, 128, device="meta")
+        k = torch.empty(b, sk, hkv, 128, device="meta")
+        return dispatch.splitkv_wanted(q, k, k, num_sms=132, path="triton")
+
+    assert wanted(1, 1, 8192, 32, 8) and wanted(64, 1, 8192, 32, 8) and wanted(4, 16, 8192, 32, 8)
+    assert wanted(1, 64, 32768, 32, 8)
+    assert not wanted(4, 128, 8192, 32, 8)  # 512 rows per kv head: the portable forward was 1.3x faster
+    assert not wanted(1, 1, 1024, 32, 8)
+
+
 def test_a_cached_sm90_plan_does_not_take_a_splitkv_call(monkeypatch):
     """backend=None first looks for an sm90 launch plan of the same signature (left by any earlier sm90 call,
     backend="sm90" included); a call that splitkv_wanted routes elsewhere must not be served by it."""
@@ -87,3 +101,28 @@ def test_a_cached_sm90_plan_does_not_take_a_splitkv_call(monkeypatch):
     monkeypatch.delenv("FA4_SPLITKV")
     train_q = torch.empty(1, 4096, 32, 128, device="meta")
     assert dispatch.planned_sm90_forward(train_q, long_kv, long_kv, **opts) == ("out", "lse")
+
+
+def test_splitkv_route_is_remembered_per_signature(monkeypatch):
+    """resolve_auto's "splitkv" answers are cached by everything they depend on (shapes, strides, dtypes,
+    alignment, window, softcap, sink, the FA4_SM90 / FA4_SPLITKV switches); batched calls only."""
+    monkeypatch.setattr(dispatch, "_SPLITKV_ROUTES", {})
+    feats = dict(window_left=-1, window_right=0, softcap=0.0, sink=None, cu_seqlens_q=None, page_table=None,
+                 seqused_k=None)
+    q = torch.zeros(1, 1, 32, 128)
+    k = torch.zeros(1, 8192, 8, 128)
+    assert not dispatch.routed_splitkv(q, k, k, **feats)
+    dispatch._remember_splitkv(q, k, k, feats)
+    assert dispatch.routed_splitkv(q, k, k, **feats)
+    assert dispatch.routed_splitkv(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(k), **feats)
+    assert not dispatch.routed_splitkv(q, k, k, **dict(feats, window_right=-1))
+    assert not dispatch.routed_splitkv(q, k, k, **dict(feats, softcap=5.0))
+    assert not dispatch.routed_splitkv(q, k, k, **dict(feats, sink=torch.zeros(32)))
+    assert not dispatch.routed_splitkv(q.to(torch.float16), k.to(torch.float16), k.to(torch.float16), **feats)
+    assert not dispatch.routed_splitkv(torch.zeros(1, 2, 32, 128), k, k, **feats)
+    assert not dispatch.routed_splitkv(q, k[:, :4096], k[:, :4096], **feats)  # strides kept, shape differs
+    assert not dispatch.routed_splitkv(q, k, k, **dict(feats, seqused_k=torch.zeros(1, dtype=torch.int32)))
+    unaligned = torch.zeros(q.numel() + 1)[1:].view(q.shape)
+    assert not dispatch.routed_splitkv(unaligned, k, k, **feats)
+    monkeypatch.setenv("FA4_SPLITKV", "0")
+    assert not dispatch.routed_splitkv(q, k, k, **feats)
