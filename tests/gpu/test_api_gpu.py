@@ -161,3 +161,28 @@ def test_autocast_cuda():
     assert out.dtype == torch.bfloat16
     want = fa4.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
     assert torch.equal(out, want)
+
+
+def test_short_query_forward_in_cuda_graph():
+    """The splitkv route captured in a CUDA graph (a decoding loop through flash_attn_func): replays with new
+    query values equal eager calls bitwise."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    q = torch.randn(2, 4, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, 4096, 8, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    with torch.no_grad():
+        fa4.flash_attn_func(q, k, v, causal=True)  # compile, and route
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fa4.flash_attn_func(q, k, v, causal=True)  # warm the side stream (workspaces)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fa4.flash_attn_func(q, k, v, causal=True)
+        for _ in range(3):
+            q.copy_(torch.randn(q.shape, device=DEV, generator=g))
+            graph.replay()
+            eager = fa4.flash_attn_func(q, k, v, causal=True)
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager)
