@@ -3,8 +3,8 @@
 Backends: "reference" (eager PyTorch, any device, every feature), "triton" (portable kernels, CUDA compute
 capability >= 8.0, or the CPU under TRITON_INTERPRET=1), "sm90" (Gluon forward and backward for Hopper; the
 backward serves D = Dv up to 256 and D, Dv up to 128, the Triton backward the rest), "splitkv" (forward only,
-chosen by backend=None on Hopper: a few query tokens against long keys on the split-KV decode kernels; the
-backward is then resolved as for any other forward). An explicitly requested
+chosen by backend=None: a few query tokens against long keys on the split-KV decode kernels, beside the sm90 or
+the portable forward, see splitkv_wanted; the backward is then resolved as for any other forward). An explicitly requested
 backend that cannot serve raises a ValueError with the reason; only backend=None falls back.
 
 backend=None on a CUDA device resolves in two steps. `choose` (called by the interface, traced by
