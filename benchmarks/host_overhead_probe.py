@@ -8,27 +8,16 @@ B = 1, one query token, 8192 keys, Hq 32, Hkv 8, D 128, causal, bf16: microsecon
 import cProfile
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fa4  # noqa: E402
 from fa4 import dispatch, inference  # noqa: E402
-
-
-def per_call_us(fn, n=1000):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+from sm90_probe import _host_us  # noqa: E402
 
 
 def main():
@@ -50,7 +39,7 @@ def main():
     }
     print(f"# {torch.cuda.get_device_name()}: host µs per call")
     for name, fn in paths.items():
-        print(f"{per_call_us(fn):8.1f}  {name}", flush=True)
+        print(f"{_host_us(fn, n=1000, warmup=20):8.1f}  {name}", flush=True)
     prof = cProfile.Profile()
     fn = paths["flash_attn_func auto (splitkv)"]
     prof.enable()

@@ -185,10 +185,11 @@ def _bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _host_us(fn, n=20):
+def _host_us(fn, n=20, warmup=1):
     """Python time per call, back to back without synchronising (the GPU queue absorbs the kernels)."""
     import torch
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):

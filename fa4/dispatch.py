@@ -129,18 +129,12 @@ SPLITKV_MIN_KEYS = 2048
 SPLITKV_MAX_ROWS = 256  # query tokens x GQA group: the rows one decode program holds
 
 
-_SM_COUNTS = {}
-
-
 def _num_sms(device):
-    """SM count of a CUDA device (cached), None for other devices."""
+    """SM count of a CUDA device (inference's cache), None for other devices."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNTS.get(index)
-    if count is None:
-        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
+    from . import inference
+    return inference._sm_count(device)
 
 
 def _splitkv_on():
