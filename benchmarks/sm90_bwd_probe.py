@@ -61,11 +61,8 @@ TILES = {
     # warp (tile.dq_writer, session 8): 5 products instead of the ordered pass's 7, and no consumer waits on TMA.
     "wg2ra": dict(num_wg=2, consumer_regs=240, separate_dq=False),
     "wg2w": dict(num_wg=2, consumer_regs=240, separate_dq=False, dq_writer=True),
-    # D = 128: the writer warp off (the consumers issue their reduce-adds, as before session 8; with dq_convert off
-    # too, since the cast needs the writer).
-    "nowriter": dict(dq_writer=False, dq_convert=False),
-    # D = 128: the host casts dQ after the kernel (before session 12); causal calls then keep the consumers issuing.
-    "noconvert": dict(dq_convert=False),
+    # D = 128: the writer warp off (the consumers issue their reduce-adds, as before session 8).
+    "nowriter": dict(dq_writer=False),
 }
 
 

@@ -14,8 +14,6 @@
 import math
 import os
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -37,8 +35,7 @@ MAX_LDL_STL_OUTSIDE_LOOP = 64
 # The sink-partials variant keeps its per-head accumulator and slot arithmetic around the loop: ~80 in all.
 # The three-consumer D = 64 tile (160 registers a consumer) spills ~70-100 values around its loop under a causal
 # mask (once per CTA, against 40-170 steps of ~600 instructions).
-TOTAL_ALLOWANCE = {"d128-convert": 260, "d128-convert-causal": 320,  # the writer's cast path (24 registers)
-                   "d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 96, "d64-causal": 96,
+TOTAL_ALLOWANCE = {"d128-sink-partials": 96, "d128-sink-partials-causal-gqa2": 96, "d64-causal": 96,
                    "d64-early-dp-causal": 112, "d64-pingpong-ordered-varlen-causal": 96, "d64-varlen-causal": 96}
 
 # In-loop local memory allowed per case (default 0). At D = 128 varlen (sequence start and length) and a
@@ -61,8 +58,6 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # The dQ chain (2026-11-26): the writer warp keeps the chain's bookkeeping out of the consumers,
                   # whose loops then reload less than the shipped causal build's (1 against 8).
                   "d128-chain-causal-gqa2": 1, "d96-chain-right-window": 1,
-                  # The in-kernel dQ cast (opt-in dq_convert, session 12): causal calls take the writer too.
-                  "d128-convert": 2, "d128-convert-causal": 3,
                   # The opt-in D = 256 kernel (backward_d256.py, 2026-11-26): consumer 0 (the default partition,
                   # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
                   # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
@@ -127,9 +122,6 @@ CASES = [
     # The writer warp for the unordered reduce-add: the shipped D = 128 tile (non-causal), one dQ share per
     # consumer at D = 128 and at D = 64 with two consumers (probe variants).
     ("d128-writer-unshared", dict(d=128, dv=128, tile=dict(shared_dq=False, stages=2))),
-    # The D = 128 tile with the in-kernel dQ cast (opt-in, measured slower: benchmarks/NOTES.md, session 12).
-    ("d128-convert", dict(d=128, dv=128, tile=dict(dq_convert=True))),
-    ("d128-convert-causal", dict(d=128, dv=128, causal=True, tile=dict(dq_convert=True))),
     ("d64-writer-wg2", dict(d=64, dv=64, tile=dict(num_wg=2, consumer_regs=240, separate_dq=False,
                                                    dq_writer=True))),
     # The opt-in D = 256 kernel (backward_d256.py: 64 keys a CTA, the consumers split the head dim).
@@ -342,55 +334,6 @@ def test_dq_chain_order(bm, nwg):
                     step = m - ranges[nb][0]
                     prev_step = m - ranges[prev][0]
                     assert prev_step <= step if wr >= 0 else prev_step == step
-
-
-def _contributors(m, bm, bn, seq_q, seq_k, wr):
-    """backward._dq_contributors: the key blocks that add into query block m (no left window)."""
-    j_max = (seq_k - 1) // bn
-    if wr >= 0:
-        x = (m + 1) * bm + (seq_k - seq_q) + wr
-        j_max = min((x - 1) // bn, j_max)
-    return j_max + 1
-
-
-@pytest.mark.parametrize("bm,nwg", [(64, 2), (128, 2)])
-def test_dq_convert_counts(bm, nwg):
-    """The in-kernel dQ cast (DQ_CONVERT): a query block's tile is cast by the key block whose reduce-add completes
-    its count, so _dq_contributors must equal the number of key blocks whose _q_range holds the block, for every
-    block a key block visits. And where dq_convert_serves, every query block is visited (none is left unwritten);
-    where a block would be missed, it declines."""
-    from fa4.kernels.sm90 import backward
-    tile = backward.get_tile(128, 128, block_m=bm, dq_convert=True) if bm == 64 else None
-    bn = SLAB * nwg
-    rng = np.random.default_rng(11 * bm + nwg)
-    checked_declines = 0
-    for _ in range(400):
-        seq_q, seq_k = int(rng.integers(1, 700)), int(rng.integers(1, 700))
-        wr = int(rng.choice([-1, 0, 0, 3, 200, 5000, -1]))
-        n_blocks = -(-seq_k // bn)
-        ranges = [_q_range(nb * bn, bn, bm, seq_q, seq_k, -1, wr) for nb in range(n_blocks)]
-        n_m = -(-seq_q // bm)
-        visited = [0] * n_m
-        for lo, hi in ranges:
-            for m in range(lo, hi):
-                visited[m] += 1
-        for m in range(n_m):
-            if visited[m]:
-                assert _contributors(m, bm, bn, seq_q, seq_k, wr) == visited[m], (seq_q, seq_k, wr, m)
-        if tile is not None:
-            serves = backward.dq_convert_serves(tile, varlen=False, seqused_k=None, window_left=-1,
-                                                window_right=wr, seqlen_q=seq_q, seqlen_k=seq_k)
-            assert serves == all(visited), (seq_q, seq_k, wr, visited)
-            checked_declines += not serves
-    if tile is not None:
-        assert checked_declines > 0  # the draw includes right windows that leave the first query blocks unseen
-    if tile is not None:
-        kw = dict(window_left=-1, window_right=-1, seqlen_q=100, seqlen_k=100)
-        assert not backward.dq_convert_serves(tile, varlen=True, seqused_k=None, **kw)
-        assert not backward.dq_convert_serves(tile, varlen=False, seqused_k=object(), **kw)
-        assert not backward.dq_convert_serves(tile, varlen=False, seqused_k=None, **dict(kw, window_left=5))
-        assert not backward.dq_convert_serves(tile, varlen=False, seqused_k=None, **dict(kw, seqlen_k=0))
-        assert not backward.dq_convert_serves(replace(tile, dq_convert=False), varlen=False, seqused_k=None, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -822,9 +765,7 @@ def _bwd_case(seed, d, varlen, deterministic):
                 lse2=torch.zeros(lse_shape), delta=torch.zeros(lse_shape), cu=cu,
                 cu_k=None if cu is None else cu.clone(), sink=torch.randn(hq, generator=g),
                 dsink=torch.zeros(b * hq, 4, tile.num_wg),
-                dq_chain=backward.dq_chain_counters(tile, b, hq, s, "cpu"),
-                dq_counts=backward.dq_chain_counters(tile, b, hq, s, "cpu"), dq_out=torch.zeros(q.shape, dtype=q.dtype)
-                ), tile
+                dq_chain=backward.dq_chain_counters(tile, b, hq, s, "cpu")), tile
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -843,11 +784,6 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
     opts = dict(num_warps=4, debug=False, instrumentation_mode="")
     s = aot.SAMPLE_SEQLEN
 
-    def convert(tile):  # the in-kernel dQ cast where backward_checked takes it
-        return not deterministic and backward.dq_convert_serves(
-            tile, varlen=varlen, seqused_k=None, window_left=window[0], window_right=window[1], seqlen_q=s,
-            seqlen_k=s)
-
     def plan_args(t, tile):
         return backward.launch_plan(t["dout"], t["q"], t["k"], t["v"], t["dq"], t["dk"], t["dv"], t["lse2"],
                                     t["delta"], softmax_scale=0.1, window_left=window[0], window_right=window[1],
@@ -855,9 +791,7 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
                                     max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None,
                                     deterministic=deterministic, tile=tile, sink=t["sink"] if sink else None,
                                     dsink_part=t["dsink"] if sink else None,
-                                    dq_chain=t["dq_chain"] if chain else None,
-                                    dq_out=t["dq_out"] if convert(tile) else None,
-                                    dq_counts=t["dq_counts"] if convert(tile) and not chain else None)
+                                    dq_chain=t["dq_chain"] if chain else None)
 
     (first, tile), (later, _) = _bwd_case(1, d, varlen, deterministic), _bwd_case(2, d, varlen, deterministic)
     grid, args1, cx1 = plan_args(first, tile)
@@ -870,10 +804,7 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
                           cu_q=later["cu"] if varlen else dummy, cu_k=later["cu_k"] if varlen else dummy,
                           seqused=dummy, sink=later["sink"] if sink else later["lse2"],
                           dsink=later["dsink"] if sink else later["lse2"],
-                          dq_chain=later["dq_chain"] if chain else (later["dq_counts"] if convert(tile) else dummy),
-                          dq_out=later["dq_out"] if convert(tile) else dummy))
-    # The D = 128 cases without varlen, a left window or a deterministic pass take the in-kernel dQ cast.
-    assert convert(tile) == (tile.dq_convert and d == 128 and not varlen and not deterministic and window[0] < 0)
+                          dq_chain=later["dq_chain"] if chain else dummy))
     _, args2, cx2 = plan_args(dict(later, dq=later["dq"]), tile)
     bound, spec, _ = binder(**args2, **cx2, **opts)
     # The deterministic dQ placeholder is built per call; the empty int32 stand-ins differ by identity only.

@@ -162,41 +162,6 @@ def test_writer_one_share_per_consumer(over, causal):
     _run(q, k, v, tile=tile, **kw)
 
 
-# The in-kernel dQ cast (opt-in tile.dq_convert, measured slower): the last key block to add into a query block's tile casts it to dq.
-# (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse), and whether dq_convert_serves the call.
-CONVERT_CASES = [
-    ((2, 1000, 1000, 8, 2, 128, 128, -1, -1, 0.0, False, False), True),
-    ((1, 1000, 1000, 16, 4, 128, 128, -1, 0, 0.0, False, True), True),     # GQA 4, causal
-    ((1, 700, 1900, 4, 1, 128, 128, -1, 0, 0.0, False, False), True),      # Sq < Sk: block 0 sees many key blocks
-    ((1, 1900, 700, 4, 2, 128, 128, -1, 0, 0.0, False, False), False),     # Sq > Sk: leading blocks see no key
-    ((1, 1300, 1300, 4, 4, 128, 128, -1, 200, 0.0, False, False), True),   # right window only
-    ((2, 1, 3001, 8, 2, 128, 128, -1, 0, 0.0, False, False), True),        # Sq = 1
-    ((1, 1111, 1111, 4, 2, 72, 72, -1, -1, 0.0, False, False), True),      # D = 72 on the 128 tile: columns masked
-    ((1, 2000, 2000, 4, 4, 128, 128, -1, -1, 30.0, True, True), True),     # softcap, sink
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case,serves", CONVERT_CASES, ids=[backward_case_id(c) for c, _ in CONVERT_CASES])
-def test_dq_cast_in_kernel(monkeypatch, case, serves, dtype):
-    """dq written by the main kernel's writer warp (no host cast), from an allocator poisoned with NaN
-    (check_backend_backward): a query block whose count never completes, or that no key block visits, would keep
-    NaN rows. The spy checks which calls take the cast."""
-    bwd = _bwd()
-    taken = []
-    real = bwd.dq_convert_serves
-
-    def spy(*a, **k):
-        taken.append(real(*a, **k))
-        return taken[-1]
-    monkeypatch.setattr(bwd, "dq_convert_serves", spy)
-    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    tile = bwd.get_tile(128, 128, dq_convert=True)
-    for _ in range(2):  # twice: the second call runs through the cached launch plan
-        _run(q, k, v, tile=tile, **kw)
-    assert taken == [serves, serves]
-
-
 def test_seqused_k():
     torch.manual_seed(7)
     q = torch.randn(2, 600, 4, 128, device=DEV, dtype=torch.bfloat16)

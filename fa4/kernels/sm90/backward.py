@@ -155,7 +155,6 @@ class BwdProblem:
     sink_ptr: gl.tensor
     dsink_ptr: gl.tensor
     dq_ctr: gl.tensor
-    dq_out_ptr: gl.tensor
     cu_q: gl.tensor
     cu_k: gl.tensor
     seqused: gl.tensor
@@ -195,15 +194,14 @@ class BwdProblem:
     TRACE: gl.constexpr
     ORDERED_DQ: gl.constexpr
     DQ_WRITER: gl.constexpr
-    DQ_CONVERT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
-                 delta_ptr, sink_ptr, dsink_ptr, dq_ctr, dq_out_ptr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                 delta_ptr, sink_ptr, dsink_ptr, dq_ctr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, DQ_CONVERT=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -218,7 +216,6 @@ class BwdProblem:
         self.sink_ptr = sink_ptr
         self.dsink_ptr = dsink_ptr
         self.dq_ctr = dq_ctr
-        self.dq_out_ptr = dq_out_ptr
         self.cu_q = cu_q
         self.cu_k = cu_k
         self.seqused = seqused
@@ -258,7 +255,6 @@ class BwdProblem:
         self.TRACE = gl.constexpr(TRACE)
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
-        self.DQ_CONVERT = gl.constexpr(DQ_CONVERT)
 
 
 @aggregate
@@ -280,11 +276,10 @@ class BwdBuffers:
     turn: gl.shared_memory_descriptor      # [NWG, 1] (PING_PONG): consumer w may issue its next product group
     dq_staged: gl.shared_memory_descriptor  # [NWG, 1] (DQ_WRITER): consumer w's dQ share is in dq[w]
     dq_free: gl.shared_memory_descriptor    # [NWG, 1] (DQ_WRITER): the TMA unit has read dq[w]
-    dq_loaded: gl.shared_memory_descriptor  # [1] (DQ_CONVERT): a finished fp32 dQ tile is back in dq[w]
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty,
-                 turn, dq_staged, dq_free, dq_loaded):
+                 turn, dq_staged, dq_free):
         self.k = k
         self.v = v
         self.q = q
@@ -302,7 +297,6 @@ class BwdBuffers:
         self.turn = turn
         self.dq_staged = dq_staged
         self.dq_free = dq_free
-        self.dq_loaded = dq_loaded
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,118 +469,11 @@ def _loader(p, bufs):
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _dq_contributors(p, m0, seq_q, seq_k):
-    """How many key blocks add into the dQ tiles of query block m0 (once per column slice each): the blocks j whose
-    _q_range holds it. DQ_CONVERT serves calls without a left window, where those are j = 0 .. j_max with j_max the
-    last block below seq_k and, under a right window, below X = m0 + BM + (seq_k - seq_q) + window_right (the
-    transpose of _q_range's lower bound, as in _dq_chain_wait). X > 0 for a block this CTA visits."""
-    BN: gl.constexpr = KEYS_PER_WG * p.NWG
-    j_max = (seq_k - 1) // BN
-    if p.HAS_WR:
-        x = m0 + p.BM + (seq_k - seq_q) + p.window_right
-        j_max = gl.minimum((x - 1) // BN, j_max)
-    return j_max + 1
-
-
-@gluon.jit
-def _dq_adds_completed(PENDING: gl.constexpr):
-    """The writer's bulk async groups completed but the PENDING most recent (one group per reduce-add: PENDING =
-    NWG leaves the current step's adds in flight), then a proxy fence: those adds are performed at L2, not only
-    their shared-memory source read (all tma.store_wait waits for). The full wait also invalidates the SM's L1
-    (CCTL.IVALL in the SASS), once a step."""
-    gl.static_assert(PENDING == 0 or PENDING == 2 or PENDING == 3, "one group per consumer's add: 0, 2 or 3")
-    if PENDING == 0:
-        gl.inline_asm_elementwise("cp.async.bulk.wait_group 0; fence.proxy.async.global; mov.u32 $0, 0;", "=r,r",
-                                  [gl.to_tensor(0)], dtype=gl.int32, is_pure=False, pack=1)
-    elif PENDING == 2:
-        gl.inline_asm_elementwise("cp.async.bulk.wait_group 2; fence.proxy.async.global; mov.u32 $0, 0;", "=r,r",
-                                  [gl.to_tensor(0)], dtype=gl.int32, is_pure=False, pack=1)
-    else:
-        gl.inline_asm_elementwise("cp.async.bulk.wait_group 3; fence.proxy.async.global; mov.u32 $0, 0;", "=r,r",
-                                  [gl.to_tensor(0)], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _dq_count_add(ctr):
-    """+1 on a query block's counter of completed key blocks (DQ_CONVERT, after _dq_adds_completed) by lane 0;
-    returns the count before the add, the same in every lane. The key block that reads total - 1 is the last.
-
-    Relaxed, as the chain's release (_dq_chain_release): the order rests on completion (every add counted was
-    performed at L2 before its count was issued) and the last contributor's read goes to L2 (a TMA load).
-    ld.acquire / red.release would cost an L1 invalidation (CCTL.IVALL) and a MEMBAR.ALL.GPU a step."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .pred leader; .reg .u32 lane; .reg .u32 old; bar.warp.sync -1; mov.u32 lane, %laneid; "
-        "setp.eq.u32 leader, lane, 0; mov.u32 old, 0; @leader atom.relaxed.gpu.global.add.u32 old, [$1], 1; "
-        "shfl.sync.idx.b32 $0, old, 0, 31, -1; }",
-        "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _dq_convert(p, bufs, b, h, m0, seq_q, phase):
-    """The last contributor's epilogue of query block m0's dQ (DQ_CONVERT): read the finished fp32 tiles (every
-    column slice) back from L2 into the consumers' staging slots (free: the TMA unit has read this step's shares
-    and dq_free is not yet arrived), cast them to the input dtype and store them into dq. Replaces the host's
-    dq_acc.to(dtype) pass (a read of the whole fp32 accumulator from HBM and a write of dq) by reads from L2 that
-    overlap the consumers' products. Batched calls only: dq is contiguous, (batch, seqlen_q, heads, d)."""
-    NWG: gl.constexpr = p.NWG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DQW: gl.constexpr = D // NWG
-    BM: gl.constexpr = p.BM
-    dtype: gl.constexpr = p.q_desc.dtype
-    # The counter was read relaxed: an acquire fence here (once per converted block, not per step), then the
-    # proxy fence before the async-proxy (TMA) read.
-    gl.inline_asm_elementwise("fence.acq_rel.gpu; fence.proxy.async.global; mov.u32 $0, 0;", "=r,r",
-                              [gl.to_tensor(0)], dtype=gl.int32, is_pure=False, pack=1)
-    mbarrier.expect(bufs.dq_loaded, NWG * p.dq_desc.block_type.nbytes)
-    for w in gl.static_range(NWG):
-        tma.async_copy_global_to_shared(p.dq_desc, _head_coord(p, b, h, 0, m0, w * DQW), bufs.dq_loaded,
-                                        bufs.dq.index(w))
-    mbarrier.wait(bufs.dq_loaded, phase)
-    # One warp at few registers: 8 rows a round (one 128-byte swizzle period), 4 consecutive fp32 (16 bytes of shared memory, one swizzle chunk)
-    # a thread; 64-bit only in the block's base address (a scalar), 32-bit offsets within it.
-    R: gl.constexpr = 8
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [1, 1], [1, 0])
-    # Opaque lane indices: what is computed from them stays here. Otherwise LLVM hoists every row group's offsets
-    # and masks (loop-invariant) above the writer's loop, where they are spilled at 24 registers.
-    r = _opaque(gl.arange(0, R, gl.SliceLayout(1, layout)))
-    c = _opaque(gl.arange(0, DQW, gl.SliceLayout(0, layout)))
-    hq = p.num_kv_heads * p.group
-    row_stride = hq * p.d
-    base = p.dq_out_ptr + ((b * seq_q + m0).to(gl.int64) * hq + h) * p.d
-    for w in gl.static_range(NWG):
-        col = w * DQW + c
-        col_ok = gl.expand_dims(col < p.d, 0)
-        tile = bufs.dq.index(w).reshape([BM, DQW])
-        for r0 in gl.static_range(0, BM, R):
-            vals = tile.slice(r0, R, dim=0).load(layout)
-            offs = gl.expand_dims((r0 + r) * row_stride, 1) + gl.expand_dims(col, 0)
-            gl.store(base + offs, vals.to(dtype), mask=gl.expand_dims(m0 + r0 + r < seq_q, 1) & col_ok)
-
-
-@gluon.jit
-def _dq_count_and_convert(p, bufs, b, h, m0, seq_q, seq_k, cphase):
-    """Count this key block's completed adds into query block m0 (one counter per block, slot 0 of _dq_counter) and,
-    if they complete it, cast it (_dq_convert). Returns the dq_loaded phase for the next conversion."""
-    total = _dq_contributors(p, m0, seq_q, seq_k)
-    if _dq_count_add(_dq_counter(p, b, h, m0, 0)) == total - 1:
-        _dq_convert(p, bufs, b, h, m0, seq_q, cphase)
-        cphase ^= 1
-    return cphase
-
-
-@gluon.jit
 def _dq_writer(p, bufs):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add. Then, once the TMA
     unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have completed,
-    release them to the next key block of each chain.
-
-    DQ_CONVERT (the host's cast of the fp32 accumulator done here): each query block counts the key blocks whose
-    adds into it have completed; the one that completes the count reads the block's dQ back and writes dq
-    (_dq_convert, in the staging slots before they are freed). Unordered, the count of a step's adds is taken one
-    step later, so that the writer does not wait for their completion (a round trip through L2's atomics) before
-    freeing the slots; the last step's after the loop. With ORDERED_DQ the chain's release already waits for them:
-    the chain's last block converts."""
+    release them to the next key block of each chain."""
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     D: gl.constexpr = p.q_desc.block_type.shape[-1]
@@ -596,54 +483,23 @@ def _dq_writer(p, bufs):
     if n0 < seq_k:
         m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
         n_m = m_hi - m_lo
-        cphase = 0
-        h_prev = 0
-        m_prev = 0
-        n_steps = p.group * n_m
-        # Unordered DQ_CONVERT runs one iteration more, which only counts the last step's adds (a single call site
-        # of the cast keeps the writer's code small).
-        for it in range(n_steps + (1 if (p.DQ_CONVERT and p.ORDERED_DQ == 0) else 0)):
+        for it in range(p.group * n_m):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-            if it < n_steps:
-                for w in gl.static_range(NWG):
-                    mbarrier.wait(bufs.dq_staged.index(w), it & 1)
-                    if p.ORDERED_DQ != 0:
-                        _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
-                    if p.DQ_SHARED:  # consumer w's share: all the CTA's keys, its D / NWG columns
-                        async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, w * DQW),
-                                                          bufs.dq.index(w))
-                    else:  # consumer w's share: its 64 keys, all D columns
-                        async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0),
-                                                          bufs.dq.index(w))
-                tma.store_wait(0)
-            if p.DQ_CONVERT and p.ORDERED_DQ == 0:
-                if it > 0:
-                    # The previous step's adds completed (this step's may still run; after the last step none is
-                    # issued and all are waited for), then its count.
-                    if it < n_steps:
-                        _dq_adds_completed(NWG)
-                    else:
-                        _dq_adds_completed(0)
-                    cphase = _dq_count_and_convert(p, bufs, b, h_prev, m_prev, seq_q, seq_k, cphase)
-                h_prev = h
-                m_prev = m0
-            elif p.DQ_CONVERT:
+            for w in gl.static_range(NWG):
+                mbarrier.wait(bufs.dq_staged.index(w), it & 1)
+                if p.ORDERED_DQ != 0:
+                    _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
+                if p.DQ_SHARED:  # consumer w's share: all the CTA's keys, its D / NWG columns
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, w * DQW),
+                                                      bufs.dq.index(w))
+                else:  # consumer w's share: its 64 keys, all D columns
+                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), bufs.dq.index(w))
+            tma.store_wait(0)
+            for w in gl.static_range(NWG):
+                mbarrier.arrive(bufs.dq_free.index(w))
+            if p.ORDERED_DQ != 0:
                 for w in gl.static_range(NWG):
                     _dq_chain_release(_dq_counter(p, b, h, m0, w))
-                # The chain's last block (ascending: the last block below seq_k; descending: block 0).
-                if p.ORDERED_DQ == ORDERED_DQ_ASC:
-                    chain_last = nb == (seq_k - 1) // BN
-                else:
-                    chain_last = nb == 0
-                if chain_last:
-                    _dq_convert(p, bufs, b, h, m0, seq_q, cphase)
-                    cphase ^= 1
-            if it < n_steps:
-                for w in gl.static_range(NWG):
-                    mbarrier.arrive(bufs.dq_free.index(w))
-                if p.ORDERED_DQ != 0 and not p.DQ_CONVERT:
-                    for w in gl.static_range(NWG):
-                        _dq_chain_release(_dq_counter(p, b, h, m0, w))
         tma.store_wait(0)
 
 
@@ -1003,7 +859,7 @@ _RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
 def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
-                    sink_ptr, dsink_ptr, dq_ctr, dq_out_ptr,
+                    sink_ptr, dsink_ptr, dq_ctr,
                     cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                     qk_scale, cap_scale, softmax_scale, window_left, window_right,
@@ -1012,8 +868,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
-                    ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, DQ_CONVERT: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, WRITER_REGS: gl.constexpr):
+                    ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1051,11 +907,6 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
     else:
         dq_staged = ds_ready  # placeholders, never touched
         dq_free = ds_ready
-    if DQ_CONVERT:
-        dq_loaded = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(dq_loaded, count=1)
-    else:
-        dq_loaded = kv_ready  # a placeholder, never touched
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
@@ -1064,7 +915,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         mbarrier.init(do_empty.index(s), count=NWG)
 
     p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
-                   sink_ptr, dsink_ptr, dq_ctr, dq_out_ptr,
+                   sink_ptr, dsink_ptr, dq_ctr,
                    cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
                    gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
                    gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
@@ -1072,12 +923,10 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, DQ_CONVERT)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free, dq_loaded)
+                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
-    gl.static_assert(not DQ_CONVERT or (DQ_WRITER and DQ_SHARED and not VARLEN),
-                     "dQ is cast in the kernel by the writer warp, for the shared-dQ tile, batched")
     if DQ_WRITER:
         gl.static_assert(DQ_ATOMIC and NWG >= 2, "the dQ writer serves the in-kernel reduce-add of 2 or 3 consumers")
         gl.static_assert(ORDERED_DQ == 0 or DQ_SHARED, "the ordered chain is built for the shared-dQ tile")
@@ -1085,14 +934,14 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
-                                (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, WRITER_REGS])
+                                (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
             gl.warp_specialize([(_loader, (p, bufs)),
                                 (_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_consumer, (p, bufs, gl.constexpr(2))),
                                 (_dq_writer, (p, bufs))], [4, 4, 4, 1],
-                               [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, WRITER_REGS])
+                               [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
@@ -1143,12 +992,6 @@ class BwdTile:
     # or three consumers): for calls without a right window, where it measured faster; the in-kernel ordered dQ
     # of deterministic=True uses it whatever this says (launch_plan).
     dq_writer: bool = False
-    # The writer warp also casts dQ (DQ_CONVERT): each (query block, head, column slice) counts its reduce-adds, and
-    # the key block that completes the count reads the fp32 tile back and stores dq, instead of the host's cast of
-    # the whole accumulator after the kernel. Batched calls whose every query block is visited (dq_convert_serves);
-    # it brings the writer to calls with a right window too.
-    dq_convert: bool = False
-    writer_regs: int = 24
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
     trace: bool = False
@@ -1296,13 +1139,10 @@ def _dq_descriptor(acc, rows, varlen, parts=1):
 
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, dq_out=None,
-                dq_counts=None):
+                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
-    int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add.
-    dq_out: dq (contiguous, q's shape and dtype) for the in-kernel cast (DQ_CONVERT; see dq_convert_serves),
-    with dq_counts, the zeroed counters of the unordered reduce-add (dq_chain's shape), or dq_chain."""
+    int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     tile = tile or default_tile(d, dvw, window_left, softcap)
@@ -1323,10 +1163,6 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if dq_acc is None:  # deterministic: dQ comes from another kernel; a placeholder for the descriptor
         dq_acc = _dq_placeholder(tile, d, varlen, q.device)
     shared = tile.shared_dq and not deterministic
-    convert = dq_out is not None
-    if convert:
-        assert shared and not varlen and (dq_chain is not None or dq_counts is not None), \
-            "dq_out: the in-kernel cast needs the shared-dQ tile, a batched call and its counters"
     if tile.d256:
         # Head-dim halves (one per consumer) of Q, K, V, dO, dK, dV; dQ in [BM, 64] quarters.
         from .backward_d256 import descriptor as half_desc
@@ -1344,8 +1180,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         **descs,
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
         sink_ptr=sink if dsink_part is not None else lse2, dsink_ptr=dsink_part if dsink_part is not None else lse2,
-        dq_ctr=dq_chain if dq_chain is not None else (dq_counts if dq_counts is not None else dummy_i32),
-        dq_out_ptr=dq_out if dq_out is not None else dummy_i32,
+        dq_ctr=dq_chain if dq_chain is not None else dummy_i32,
         cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
         stride_dkb=bsh(dk)[0], stride_dks=bsh(dk)[1], stride_dkh=bsh(dk)[2],
@@ -1375,10 +1210,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 else 1),
         # The writer warp: always for the ordered chain; for the unordered reduce-add where it measured faster
         # (tile.dq_writer: calls without a right window).
-        DQ_WRITER=not deterministic and (dq_chain is not None or convert or (tile.dq_writer and window_right < 0)),
-        DQ_CONVERT=convert,
-        CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs,
-        WRITER_REGS=tile.writer_regs if convert else tile.loader_regs)
+        DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
+        CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 
@@ -1396,19 +1229,6 @@ def dq_chain_serves(tile, window_left, sink):
     shared-dQ tile (D = 128), no left window (the chain's bounds assume every key block's walk ends at the same
     query block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
     return DQ_CHAIN and tile.shared_dq and not tile.separate_dq and window_left < 0 and sink is None
-
-
-def dq_convert_serves(tile, *, varlen, seqused_k, window_left, window_right, seqlen_q, seqlen_k):
-    """Whether the writer warp casts dQ inside the main kernel (tile.dq_convert, DQ_CONVERT). The last key block
-    to add into a query block's tile writes its dq rows, so every query block must be visited by some key block:
-    seqlen_k > 0 and, under a right window, the first query block sees key 0 (BM + seqlen_k - seqlen_q +
-    window_right >= 1). Batched calls without seqused_k or a left window (the counted contributors are then the
-    key blocks 0 .. j_max of _dq_contributors), on the shared-dQ tile (the writer's shares are column slices)."""
-    if not (tile.dq_convert and tile.shared_dq and not tile.separate_dq and not tile.d256 and tile.num_wg == 2):
-        return False
-    if varlen or seqused_k is not None or window_left >= 0 or seqlen_q <= 0 or seqlen_k <= 0:
-        return False
-    return window_right < 0 or tile.block_m + seqlen_k - seqlen_q + window_right >= 1
 
 
 def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
@@ -1471,28 +1291,13 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                                  dtype=torch.float32, device=device)
 
     # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
-    # reduce-add (clipped at the tensor's bounds: no padding needed), and where dq_convert_serves, cast to dq by
-    # the writer warp of the key block that completes each tile (counted in int32 counters that share the
-    # accumulator's zero fill).
-    convert = not ordered_dq and dq_convert_serves(tile, varlen=varlen, seqused_k=seqused_k,
-                                                   window_left=window_left, window_right=window_right,
-                                                   seqlen_q=seqlen_q, seqlen_k=seqlen_k)
-    dq_acc = dq_counts = dq_out = None
-    dq_chain = dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None
-    if not ordered_dq:
-        n_counts = 0 if (chain or not convert) else batch * q.shape[-2] * triton.cdiv(seqlen_q, tile.block_m) * \
-            tile.num_wg
-        acc = torch.zeros(q.numel() + n_counts, dtype=torch.float32, device=device)
-        dq_acc = acc[:q.numel()].view(q.shape)
-        if n_counts:
-            dq_counts = acc[q.numel():].view(torch.int32).view(batch, q.shape[-2], -1, tile.num_wg)
-        if convert:
-            dq_out = torch.empty(q.shape, dtype=q.dtype, device=device)
+    # reduce-add (clipped at the tensor's bounds: no padding needed).
+    dq_acc = None if ordered_dq else torch.zeros(q.shape, dtype=torch.float32, device=device)
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
-                sink=sink if sink_in_main else None, dsink_part=main_parts, dq_chain=dq_chain, dq_out=dq_out,
-                dq_counts=dq_counts)
+                sink=sink if sink_in_main else None, dsink_part=main_parts,
+                dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
     # the main kernel's tail leaves idle. The caller's stream waits for it before anything reads dQ.
@@ -1512,8 +1317,6 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         if not varlen:
             dk.zero_()
             dv.zero_()
-        if dq_out is not None:
-            dq_out.zero_()
 
     # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
     if ordered_dq:
@@ -1526,24 +1329,22 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
             caller.wait_stream(side)
         dq, dsink = dq_finish()
         return dq, dk, dv, dsink
-    dq = dq_out if dq_out is not None else dq_acc.to(q.dtype)
     if sink_in_main:
-        return dq, dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
-    return dq, dk, dv, sink_gradient(dsink_part, sink)
+        return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
+    return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
 
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
 BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
              ("dv_desc", "dv"), ("dq_desc", "dq"))
 BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
-               ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("dq_ctr", "dq_chain"), ("dq_out_ptr", "dq_out"),
-               ("cu_q", "cu_q"),
+               ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("dq_ctr", "dq_chain"), ("cu_q", "cu_q"),
                ("cu_k", "cu_k"), ("seqused", "seqused"))
 
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None, dq_out=None, dq_counts=None):
+                   dq_chain=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -1553,7 +1354,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
-            dq_chain is not None, dq_out is not None, dq_counts is not None)
+            dq_chain is not None)
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -1589,8 +1390,7 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             plan.launch(q.device.index, plan.bind(dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
-                dq_chain=next((c for c in (opts["dq_chain"], opts["dq_counts"]) if c is not None), dummy),
-                dq_out=opts["dq_out"] if opts["dq_out"] is not None else dummy,
+                dq_chain=opts["dq_chain"] if opts["dq_chain"] is not None else dummy,
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
                 seqused=used if used is not None else dummy)))
             return True

@@ -34,11 +34,6 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
                                          left, softcap)
     # A separate_dq tile launches the main kernel without the dQ reduce-add, as the deterministic call does.
     deterministic = deterministic or tile_obj.separate_dq
-    # The in-kernel dQ cast where a real call would take it (backward_checked): dq and the counters.
-    convert = not deterministic and backward.dq_convert_serves(
-        tile_obj, varlen=varlen, seqused_k=True if seqused else None, window_left=left, window_right=right,
-        seqlen_q=s, seqlen_k=s)
-    counts = backward.dq_chain_counters(tile_obj, b, hq, s, "cpu")
     _, args, constexprs = backward.launch_plan(
         dout, q, k, v, None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
         torch.zeros_like(k), torch.zeros_like(v), lse, lse.clone(), softmax_scale=d ** -0.5, window_left=left,
@@ -47,8 +42,7 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, deterministic=deterministic,
         tile=tile_obj, sink=torch.zeros(hq) if sink_partials else None,
         dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None,
-        dq_chain=counts if dq_chain else None, dq_out=torch.zeros(q.shape, dtype=dtype) if convert else None,
-        dq_counts=counts if convert and not dq_chain else None)
+        dq_chain=backward.dq_chain_counters(tile_obj, b, hq, s, "cpu") if dq_chain else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)
