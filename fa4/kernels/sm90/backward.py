@@ -148,6 +148,8 @@ class BwdProblem:
     dk_desc: tma.tensor_descriptor
     dv_desc: tma.tensor_descriptor
     dq_desc: tma.tensor_descriptor
+    lse2_desc: tma.tensor_descriptor
+    delta_desc: tma.tensor_descriptor
     dk_ptr: gl.tensor
     dv_ptr: gl.tensor
     lse2_ptr: gl.tensor
@@ -194,14 +196,16 @@ class BwdProblem:
     TRACE: gl.constexpr
     ORDERED_DQ: gl.constexpr
     DQ_WRITER: gl.constexpr
+    STATS_TMA: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
+    def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
+                 dv_ptr, lse2_ptr,
                  delta_ptr, sink_ptr, dsink_ptr, dq_ctr, cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -209,6 +213,8 @@ class BwdProblem:
         self.dk_desc = dk_desc
         self.dv_desc = dv_desc
         self.dq_desc = dq_desc
+        self.lse2_desc = lse2_desc
+        self.delta_desc = delta_desc
         self.dk_ptr = dk_ptr
         self.dv_ptr = dv_ptr
         self.lse2_ptr = lse2_ptr
@@ -255,6 +261,7 @@ class BwdProblem:
         self.TRACE = gl.constexpr(TRACE)
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
+        self.STATS_TMA = gl.constexpr(STATS_TMA)
 
 
 @aggregate
@@ -276,10 +283,12 @@ class BwdBuffers:
     turn: gl.shared_memory_descriptor      # [NWG, 1] (PING_PONG): consumer w may issue its next product group
     dq_staged: gl.shared_memory_descriptor  # [NWG, 1] (DQ_WRITER): consumer w's dQ share is in dq[w]
     dq_free: gl.shared_memory_descriptor    # [NWG, 1] (DQ_WRITER): the TMA unit has read dq[w]
+    lse2: gl.shared_memory_descriptor       # [STAGES, 1, 1, BM] fp32 (STATS_TMA): lse2 of the Q slot's rows
+    delta: gl.shared_memory_descriptor      # [STAGES, 1, 1, BM] fp32 (STATS_TMA): Delta of the Q slot's rows
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty,
-                 turn, dq_staged, dq_free):
+                 turn, dq_staged, dq_free, lse2, delta):
         self.k = k
         self.v = v
         self.q = q
@@ -297,6 +306,8 @@ class BwdBuffers:
         self.turn = turn
         self.dq_staged = dq_staged
         self.dq_free = dq_free
+        self.lse2 = lse2
+        self.delta = delta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +464,18 @@ def _loader(p, bufs):
             g, h, row = _step_block(p, it, n_m, m_lo, hk)
             # A fresh barrier passes parity 1 at once: the first STAGES waits do not block.
             mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
-            mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
+            if p.STATS_TMA:
+                # lse2 and Delta of the block's rows ride on Q's barrier: the consumers read them from shared
+                # memory instead of waiting on a global load at every step (an L2 round trip the S product does
+                # not cover; Nsight Compute, benchmarks/NOTES.md session 12).
+                mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
+                                + p.delta_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(p.lse2_desc, [b, h, row], bufs.q_ready.index(idx),
+                                                bufs.lse2.index(idx))
+                tma.async_copy_global_to_shared(p.delta_desc, [b, h, row], bufs.q_ready.index(idx),
+                                                bufs.delta.index(idx))
+            else:
+                mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row),
                                             bufs.q_ready.index(idx), bufs.q.index(idx))
             mbarrier.wait(bufs.do_empty.index(idx), phase ^ 1)
@@ -655,9 +677,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 row_ok = rows < seq_q
                 lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
                 delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+            elif p.STATS_TMA:
+                # Batched: lse2 and Delta are padded to whole query blocks (+inf and 0) and Q, dO rows past the
+                # sequence read as zeros: no mask. In shared memory with Q (q_ready, waited above).
+                lse2 = bufs.lse2.index(idx).reshape([BM]).load(row_s)
             else:
-                # Batched: lse2 and Delta are padded to whole query blocks (+inf and 0) and Q, dO rows
-                # past the sequence read as zeros: no mask.
                 lse2 = gl.load(p.lse2_ptr + t_base + rows)
                 delta = gl.load(p.delta_ptr + t_base + rows)
             if DP_FIRST:
@@ -701,6 +725,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     gl.store(p.dsink_ptr + ((bh_kv * p.group + g) * gl.num_programs(0) + kb) * NWG + WG,
                              gl.sum(sink_rows, axis=0))
                     sink_rows = gl.zeros([BM], gl.float32, row_s)
+            if p.STATS_TMA:
+                delta = bufs.delta.index(idx).reshape([BM]).load(row_s)
             ds = pr * (dp - gl.expand_dims(delta, 1))
             if p.SOFTCAP:
                 # d(c·tanh(x/c))/dx = 1 − tanh².
@@ -858,7 +884,8 @@ _RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
 
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
-def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr, dv_ptr,
+                    lse2_ptr, delta_ptr,
                     sink_ptr, dsink_ptr, dq_ctr,
                     cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
@@ -868,8 +895,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
-                    ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    LOADER_REGS: gl.constexpr):
+                    ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -882,6 +909,12 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         dq_smem = gl.allocate_shared_memory(gl.float32, [NWG] + dq_desc.block_type.shape, dq_desc.layout)
     else:
         dq_smem = ds_smem
+    if STATS_TMA:
+        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse2_desc.block_type.shape, lse2_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    else:
+        lse2_smem = q_smem  # placeholders, never touched
+        delta_smem = q_smem
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -914,7 +947,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         mbarrier.init(do_ready.index(s), count=1)
         mbarrier.init(do_empty.index(s), count=NWG)
 
-    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr, dv_ptr,
+                   lse2_ptr, delta_ptr,
                    sink_ptr, dsink_ptr, dq_ctr,
                    cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
                    gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
@@ -923,9 +957,9 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free)
+                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
     if DQ_WRITER:
         gl.static_assert(DQ_ATOMIC and NWG >= 2, "the dQ writer serves the in-kernel reduce-add of 2 or 3 consumers")
@@ -1050,7 +1084,8 @@ def smem_bytes(tile, d, dv, elem=2):
         from .backward_d256 import smem_bytes as d256_bytes
         return d256_bytes(tile, elem)
     kv = tile.block_n * (d + dv) * elem
-    qdo = tile.stages * tile.block_m * (d + dv) * elem
+    # Q / dO stages, each with its rows' lse2 and Delta (fp32; STATS_TMA, batched calls).
+    qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
     pds = 2 * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4 * (1 if tile.shared_dq else tile.num_wg)  # fp32 staging, one tile per consumer
     return kv + qdo + pds + dq + configs.SMEM_RESERVE
@@ -1137,6 +1172,37 @@ def _dq_descriptor(acc, rows, varlen, parts=1):
                             layout=layout)
 
 
+# lse2 and Delta by TMA into shared memory beside Q (STATS_TMA: batched calls on the D <= 128 kernel, whose lse2 and
+# Delta are (B, Hq, padded Sq) with 16-byte row strides); False: loaded by the consumers from global memory
+# (probes flip it for A/B).
+STATS_TMA = True
+
+
+def stats_tma_serves(tile, varlen):
+    """Whether the main kernel takes lse2 and Delta by TMA (STATS_TMA): batched calls on the D <= 128 kernel (packed
+    calls keep per-row global loads: their rows need the sequence mask, and their (Hq, T) buffers' row stride is
+    not always a multiple of 16 bytes)."""
+    return STATS_TMA and not varlen and not tile.d256
+
+
+def _stats_descriptor(t, rows):
+    """TMA descriptor of lse2 or Delta ((B, Hq, padded Sq) fp32): boxes of `rows` consecutive query rows."""
+    block = [1, 1, rows]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
+
+
+_STATS_PLACEHOLDERS = {}
+
+
+def _stats_placeholder(device, rows):
+    """A (1, 1, rows) fp32 tensor for the stats descriptors of calls that load lse2 and Delta from global memory."""
+    key = (device.type, device.index, rows)
+    if key not in _STATS_PLACEHOLDERS:
+        _STATS_PLACEHOLDERS[key] = torch.zeros(1, 1, rows, dtype=torch.float32, device=device)
+    return _STATS_PLACEHOLDERS[key]
+
+
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None):
@@ -1176,6 +1242,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
             dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
             dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
+    stats = stats_tma_serves(tile, varlen)
+    placeholder = None if stats else _stats_placeholder(q.device, tile.block_m)
+    descs["lse2_desc"] = _stats_descriptor(lse2 if stats else placeholder, tile.block_m)
+    descs["delta_desc"] = _stats_descriptor(delta if stats else placeholder, tile.block_m)
     args = dict(
         **descs,
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
@@ -1211,6 +1281,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # The writer warp: always for the ordered chain; for the unordered reduce-add where it measured faster
         # (tile.dq_writer: calls without a right window).
         DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
+        STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
@@ -1336,7 +1407,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
 BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
-             ("dv_desc", "dv"), ("dq_desc", "dq"))
+             ("dv_desc", "dv"), ("dq_desc", "dq"), ("lse2_desc", "lse2_stats"), ("delta_desc", "delta_stats"))
 BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
                ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("dq_ctr", "dq_chain"), ("cu_q", "cu_q"),
                ("cu_k", "cu_k"), ("seqused", "seqused"))
@@ -1354,7 +1425,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
-            dq_chain is not None)
+            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None))
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -1387,8 +1458,11 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             cu_q, cu_k, used = opts["cu_seqlens_q"], opts["cu_seqlens_k"], opts["seqused_k"]
             # Without the sink partials both sink slots hold lse2 (as launch_plan puts them).
             parts = opts["dsink_part"]
+            stats = stats_tma_serves(tile, varlen)
+            placeholder = None if stats else _stats_placeholder(q.device, tile.block_m)
             plan.launch(q.device.index, plan.bind(dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
+                lse2_stats=lse2 if stats else placeholder, delta_stats=delta if stats else placeholder,
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
                 dq_chain=opts["dq_chain"] if opts["dq_chain"] is not None else dummy,
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,

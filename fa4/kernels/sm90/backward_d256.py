@@ -375,7 +375,8 @@ def _store_half(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, str
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
-def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr,
+def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
+                         dv_ptr, lse2_ptr,
                          delta_ptr, sink_ptr, dsink_ptr, dq_ctr,
                          cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                          stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
@@ -385,10 +386,11 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
                          EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                          TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr,
+                         STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
-    gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER),
+    gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
+                          or STATS_TMA),
                      "not built at D = 256")
     gl.static_assert(BM == 64, "D = 256: BM = 64")
     dtype: gl.constexpr = q_desc.dtype
@@ -419,7 +421,8 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
     mbarrier.init(pds_ready, count=1)
     mbarrier.init(pds_free, count=1)
 
-    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dk_ptr, dv_ptr, lse2_ptr, delta_ptr,
+    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr, dv_ptr,
+                   lse2_ptr, delta_ptr,
                    sink_ptr, dsink_ptr, dq_ctr,
                    cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
                    gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),

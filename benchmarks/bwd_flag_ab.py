@@ -1,0 +1,55 @@
+"""A/B of a module switch of the sm90 backward (fa4/kernels/sm90/backward.py), e.g. STATS_TMA: the whole backend
+`backward` call on training-suite shapes (B·S = 16384, H·D = 2048, bf16), do_bench median µs, the switch off and on
+alternated over several rounds in one process; the best round of each side is compared.
+
+    python benchmarks/bwd_flag_ab.py --flag STATS_TMA [--rounds 3] [--rows 128:1024,128:4096,64:4096]
+
+Session 12 first ran it (as fused_fills_ab.py) for a switch since removed: the dQ accumulator's zero fill inside the
+preprocess kernel (FUSED_FILLS; benchmarks/NOTES.md).
+"""
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flag", required=True, help="a boolean module attribute of fa4.kernels.sm90.backward")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", default="128:1024,128:4096,128:16384,64:4096")
+    args = ap.parse_args()
+    from fa4.kernels import sm90
+    from fa4.kernels.sm90 import backward as bwd
+    shipped = getattr(bwd, args.flag)
+    print(torch.cuda.get_device_name(), f"| us per backward call (median of do_bench), {args.flag} off -> on")
+    for row in args.rows.split(","):
+        d, s = (int(x) for x in row.split(":"))
+        b, h = 16384 // s, 2048 // d
+        flops = 2.5 * 4 * b * h * s * s * d
+        for causal in (False, True):
+            torch.manual_seed(0)
+            q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
+                        sink=None)
+            out, lse = sm90.forward(q, k, v, **opts)
+            times = {False: [], True: []}
+            grads = {}
+            for _ in range(args.rounds):
+                for on in (False, True):
+                    setattr(bwd, args.flag, on)
+                    fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, **opts)  # noqa: E731
+                    grads[on] = fn()
+                    times[on].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
+            setattr(bwd, args.flag, shipped)
+            # dK and dV do not depend on the switch's timing (each CTA owns its keys): bitwise equal.
+            same = all(torch.equal(a, b) for a, b in zip(grads[False][1:3], grads[True][1:3]))
+            off, on = min(times[False]), min(times[True])
+            tf = flops / (2 if causal else 1) / 1e6
+            print(f"D={d:3d} S={s:5d} causal={int(causal)}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x; "
+                  f"{tf / off:5.0f} -> {tf / on:5.0f} TFLOP/s) dk,dv bitwise {'equal' if same else 'DIFFER'}; "
+                  f"rounds {[round(t, 1) for t in times[False]]} / {[round(t, 1) for t in times[True]]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
