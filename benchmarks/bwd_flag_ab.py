@@ -2,7 +2,10 @@
 `backward` call on training-suite shapes (B·S = 16384, H·D = 2048, bf16), do_bench median µs, the switch off and on
 alternated over several rounds in one process; the best round of each side is compared.
 
-    python benchmarks/bwd_flag_ab.py --flag STATS_TMA [--rounds 3] [--rows 128:1024,128:4096,64:4096]
+    python benchmarks/bwd_flag_ab.py --flag STATS_TMA [--rounds 3] [--rows 128:1024,128:4096,64:4096] [--varlen]
+
+--varlen: the same tokens as packed sequences (flash_attn_varlen_func's layout): B sequences of S tokens, of
+lengths S − 64·(i mod 4) so that they do not all end on a block boundary.
 
 Session 12 first ran it (as fused_fills_ab.py) for a switch since removed: the dQ accumulator's zero fill inside the
 preprocess kernel (FUSED_FILLS; benchmarks/NOTES.md).
@@ -18,6 +21,7 @@ def main():
     ap.add_argument("--flag", required=True, help="a boolean module attribute of fa4.kernels.sm90.backward")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", default="128:1024,128:4096,128:16384,64:4096")
+    ap.add_argument("--varlen", action="store_true")
     args = ap.parse_args()
     from fa4.kernels import sm90
     from fa4.kernels.sm90 import backward as bwd
@@ -29,9 +33,17 @@ def main():
         flops = 2.5 * 4 * b * h * s * s * d
         for causal in (False, True):
             torch.manual_seed(0)
-            q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
             opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
                         sink=None)
+            if args.varlen:
+                lens = [s - 64 * (i % 4) for i in range(b)]
+                cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+                opts.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s)
+                shape = (sum(lens), h, d)
+                flops = 2.5 * 4 * h * d * sum(n * n for n in lens)
+            else:
+                shape = (b, s, h, d)
+            q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
             out, lse = sm90.forward(q, k, v, **opts)
             times = {False: [], True: []}
             grads = {}
@@ -46,7 +58,7 @@ def main():
             same = all(torch.equal(a, b) for a, b in zip(grads[False][1:3], grads[True][1:3]))
             off, on = min(times[False]), min(times[True])
             tf = flops / (2 if causal else 1) / 1e6
-            print(f"D={d:3d} S={s:5d} causal={int(causal)}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x; "
+            print(f"D={d:3d} S={s:5d} causal={int(causal)}{' varlen' if args.varlen else ''}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x; "
                   f"{tf / off:5.0f} -> {tf / on:5.0f} TFLOP/s) dk,dv bitwise {'equal' if same else 'DIFFER'}; "
                   f"rounds {[round(t, 1) for t in times[False]]} / {[round(t, 1) for t in times[True]]}", flush=True)
 
