@@ -53,7 +53,7 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # ping_pong at D = 128 (2026-11-26): as the shipped tile where it issues the same products
                   # (plain 4, causal 7 against 8). With varlen it still issues dP beside S (its first turn), which
                   # early_dp alone does not do there: 12 reloads of wgmma descriptors (L1 hits) against 0.
-                  "d128-pingpong": 4, "d128-pingpong-causal-gqa2": 7, "d128-pingpong-varlen-causal": 12,
+                  "d128-pingpong": 4, "d128-pingpong-causal-gqa2": 7, "d128-pingpong-varlen-causal": 14,
                   "d128-pingpong-unshared": 1, "d96-pingpong-window": 7,
                   # The dQ chain (2026-11-26): the writer warp keeps the chain's bookkeeping out of the consumers,
                   # whose loops then reload less than the shipped causal build's (1 against 8).
@@ -62,6 +62,7 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # more in some builds (L1 hits), against a global load's L2 round trip a step taken off the
                   # consumers' chain.
                   "d128-deterministic-causal": 2, "d128-chain": 2, "d128-writer-unshared": 2,
+                  "d128-chain-varlen-causal": 3,
                   # The opt-in D = 256 kernel (backward_d256.py, 2026-11-26): consumer 0 (the default partition,
                   # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
                   # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
@@ -757,6 +758,7 @@ def test_preprocess_and_deterministic_dq(wl, wr, sink, dlse):
 def _bwd_case(seed, d, varlen, deterministic):
     import torch
     from fa4.kernels.sm90 import aot, backward
+    from fa4.kernels.triton.backward import aligned_length
     q, k, v, cu = aot.sample_inputs(d, d, torch.bfloat16, varlen=varlen, gqa=2)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(t.shape, generator=g).to(t.dtype) for t in (q, k, v))
@@ -769,7 +771,8 @@ def _bwd_case(seed, d, varlen, deterministic):
                 lse2=torch.zeros(lse_shape), delta=torch.zeros(lse_shape), cu=cu,
                 cu_k=None if cu is None else cu.clone(), sink=torch.randn(hq, generator=g),
                 dsink=torch.zeros(b * hq, 4, tile.num_wg),
-                dq_chain=backward.dq_chain_counters(tile, b, hq, s, "cpu")), tile
+                dq_chain=backward.dq_chain_counters(tile, b, hq, s, "cpu"),
+                stats_al=tuple(torch.zeros(hq, aligned_length(b * s, b)) for _ in range(2))), tile
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -795,7 +798,8 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
                                     max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None,
                                     deterministic=deterministic, tile=tile, sink=t["sink"] if sink else None,
                                     dsink_part=t["dsink"] if sink else None,
-                                    dq_chain=t["dq_chain"] if chain else None)
+                                    dq_chain=t["dq_chain"] if chain else None,
+                                    stats_al=t["stats_al"] if varlen and d <= 128 else None)
 
     (first, tile), (later, _) = _bwd_case(1, d, varlen, deterministic), _bwd_case(2, d, varlen, deterministic)
     grid, args1, cx1 = plan_args(first, tile)
@@ -803,18 +807,20 @@ def test_backward_plan_arguments(d, varlen, deterministic, window, softcap, sink
     assert plan.grid == (grid[0], grid[1], 1)
     dummy = _dummy_i32(later["q"].device)
     dq = later["dq"] if later["dq"] is not None else backward._dq_placeholder(tile, d, varlen, later["q"].device)
-    # lse2 and Delta by TMA (batched, D <= 128), else descriptors over a placeholder.
+    # lse2 and Delta by TMA (the D <= 128 kernel; packed calls from the aligned copies), else descriptors over a
+    # placeholder.
     stats = backward.stats_tma_serves(tile, varlen)
-    assert stats == (not varlen and d <= 128)
-    placeholder = backward._stats_placeholder(later["q"].device, tile.block_m)
+    assert stats == (d <= 128)
+    placeholder = backward._stats_placeholder(later["q"].device, tile.block_m, varlen)
+    stats_src = ((later["stats_al"] if varlen else (later["lse2"], later["delta"])) if stats
+                 else (placeholder, placeholder))
     fast = plan.bind(dict(q=later["q"], k=later["k"], v=later["v"], dout=later["dout"], dk=later["dk"],
                           dv=later["dv"], dq=dq, lse2=later["lse2"], delta=later["delta"],
                           cu_q=later["cu"] if varlen else dummy, cu_k=later["cu_k"] if varlen else dummy,
                           seqused=dummy, sink=later["sink"] if sink else later["lse2"],
                           dsink=later["dsink"] if sink else later["lse2"],
                           dq_chain=later["dq_chain"] if chain else dummy,
-                          lse2_stats=later["lse2"] if stats else placeholder,
-                          delta_stats=later["delta"] if stats else placeholder))
+                          lse2_stats=stats_src[0], delta_stats=stats_src[1]))
     _, args2, cx2 = plan_args(dict(later, dq=later["dq"]), tile)
     bound, spec, _ = binder(**args2, **cx2, **opts)
     # The deterministic dQ placeholder is built per call; the empty int32 stand-ins differ by identity only.
@@ -853,3 +859,28 @@ def test_sink_gradient_from_main_kernel_partials(varlen):
         lse_in, dlse_in = lse, dlse
     got = bwd.sink_gradient_from_pdp(parts, sink, lse_in, dlse_in, b)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got, want)
+
+
+def test_preprocess_aligned_copies_of_packed_rows():
+    """Packed calls: the preprocess also writes lse2 and Delta where the main kernel's TMA loads read them, each
+    sequence starting at aligned_start (a multiple of 4 floats: a TMA box's innermost start must be 16-byte
+    aligned), in order and without overlap; the (Hq, T) buffers are unchanged."""
+    from fa4.kernels.sm90 import backward as bwd
+    from fa4.kernels.triton.backward import aligned_length
+    torch.manual_seed(3)
+    lens = [300, 1, 517, 64, 6, 1000]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    t, hq, dv = int(cu[-1]), 4, 32
+    out, dout = torch.randn(t, hq, dv).half(), torch.randn(t, hq, dv).half()
+    lse = torch.randn(hq, t)
+    al = tuple(torch.full((hq, aligned_length(t, len(lens))), float("nan")) for _ in range(2))
+    delta, lse2, _ = bwd.preprocess(dout, out, lse, None, None, cu, len(lens), max(lens), None, aligned=al)
+    starts = [(int(cu[b]) + 3 * b + 3) // 4 * 4 for b in range(len(lens))]
+    for b, n in enumerate(lens):
+        assert starts[b] % 4 == 0 and (b == 0 or starts[b] >= starts[b - 1] + lens[b - 1])
+        assert starts[b] + n <= al[0].shape[1]
+        rows = slice(int(cu[b]), int(cu[b]) + n)
+        assert torch.equal(al[0][:, starts[b]:starts[b] + n], lse2[:, rows])
+        assert torch.equal(al[1][:, starts[b]:starts[b] + n], delta[:, rows])
+    want = (dout.float() * out.float()).sum(-1).transpose(0, 1)
+    assert torch.allclose(delta, want, atol=1e-3)

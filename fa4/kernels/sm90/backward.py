@@ -471,10 +471,19 @@ def _loader(p, bufs):
                 # not cover; Nsight Compute, benchmarks/NOTES.md session 12).
                 mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
                                 + p.delta_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(p.lse2_desc, [b, h, row], bufs.q_ready.index(idx),
-                                                bufs.lse2.index(idx))
-                tma.async_copy_global_to_shared(p.delta_desc, [b, h, row], bufs.q_ready.index(idx),
-                                                bufs.delta.index(idx))
+                if p.VARLEN:
+                    # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats
+                    # (triton backward.aligned_start); rows past the sequence are masked by the consumers.
+                    t0 = (q_start + 3 * b + 3) // 4 * 4 + row
+                    tma.async_copy_global_to_shared(p.lse2_desc, [h, t0], bufs.q_ready.index(idx),
+                                                    bufs.lse2.index(idx))
+                    tma.async_copy_global_to_shared(p.delta_desc, [h, t0], bufs.q_ready.index(idx),
+                                                    bufs.delta.index(idx))
+                else:
+                    tma.async_copy_global_to_shared(p.lse2_desc, [b, h, row], bufs.q_ready.index(idx),
+                                                    bufs.lse2.index(idx))
+                    tma.async_copy_global_to_shared(p.delta_desc, [b, h, row], bufs.q_ready.index(idx),
+                                                    bufs.delta.index(idx))
             else:
                 mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row),
@@ -676,8 +685,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 # Rows past the sequence are the next sequence's queries: lse2 = +inf makes their P
                 # and dS exactly 0, so they add nothing to dK, dV and only zeros to dQ.
                 row_ok = rows < seq_q
-                lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
-                delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+                if p.STATS_TMA:
+                    lse2 = gl.where(row_ok, bufs.lse2.index(idx).reshape([BM]).load(row_s), float("inf"))
+                else:
+                    lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
+                    delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
             elif p.STATS_TMA:
                 # Batched: lse2 and Delta are padded to whole query blocks (+inf and 0) and Q, dO rows past the
                 # sequence read as zeros: no mask. In shared memory with Q (q_ready, waited above).
@@ -728,6 +740,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     sink_rows = gl.zeros([BM], gl.float32, row_s)
             if p.STATS_TMA:
                 delta = bufs.delta.index(idx).reshape([BM]).load(row_s)
+                if p.VARLEN:
+                    # Rows past the sequence read whatever the aligned copy holds there (uninitialised gaps, the
+                    # next sequence): P is 0 for them, and Delta must be finite for 0·(dP − Delta) to be 0.
+                    delta = gl.where(row_ok, delta, 0.0)
             ds = pr * (dp - gl.expand_dims(delta, 1))
             if p.SOFTCAP:
                 # d(c·tanh(x/c))/dx = 1 − tanh².
@@ -1180,15 +1196,16 @@ STATS_TMA = True
 
 
 def stats_tma_serves(tile, varlen):
-    """Whether the main kernel takes lse2 and Delta by TMA (STATS_TMA): batched calls on the D <= 128 kernel (packed
-    calls keep per-row global loads: their rows need the sequence mask, and their (Hq, T) buffers' row stride is
-    not always a multiple of 16 bytes)."""
-    return STATS_TMA and not varlen and not tile.d256
+    """Whether the main kernel takes lse2 and Delta by TMA (STATS_TMA): calls on the D <= 128 kernel. Batched, from
+    the (B, Hq, padded Sq) buffers; packed, from the preprocess's aligned copies (each sequence's rows start at a
+    multiple of 4 floats: a TMA box's innermost start must be 16-byte aligned, benchmarks/tma_inner_offset_probe.py)."""
+    return STATS_TMA and not tile.d256
 
 
 def _stats_descriptor(t, rows):
-    """TMA descriptor of lse2 or Delta ((B, Hq, padded Sq) fp32): boxes of `rows` consecutive query rows."""
-    block = [1, 1, rows]
+    """TMA descriptor of lse2 or Delta ((B, Hq, padded Sq), or packed (Hq, aligned length), fp32): boxes of `rows`
+    consecutive query rows."""
+    block = [1] * (t.dim() - 1) + [rows]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
 
@@ -1196,17 +1213,19 @@ def _stats_descriptor(t, rows):
 _STATS_PLACEHOLDERS = {}
 
 
-def _stats_placeholder(device, rows):
-    """A (1, 1, rows) fp32 tensor for the stats descriptors of calls that load lse2 and Delta from global memory."""
-    key = (device.type, device.index, rows)
+def _stats_placeholder(device, rows, varlen=False):
+    """A (1, 1, rows) (packed: (1, rows)) fp32 tensor for the stats descriptors of calls that load lse2 and Delta
+    from global memory (the descriptor's rank is part of the kernel's signature)."""
+    key = (device.type, device.index, rows, varlen)
     if key not in _STATS_PLACEHOLDERS:
-        _STATS_PLACEHOLDERS[key] = torch.zeros(1, 1, rows, dtype=torch.float32, device=device)
+        _STATS_PLACEHOLDERS[key] = torch.zeros((1, rows) if varlen else (1, 1, rows), dtype=torch.float32,
+                                               device=device)
     return _STATS_PLACEHOLDERS[key]
 
 
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None):
+                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
     int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
@@ -1243,10 +1262,12 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
             dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
             dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
-    stats = stats_tma_serves(tile, varlen)
-    placeholder = None if stats else _stats_placeholder(q.device, tile.block_m)
-    descs["lse2_desc"] = _stats_descriptor(lse2 if stats else placeholder, tile.block_m)
-    descs["delta_desc"] = _stats_descriptor(delta if stats else placeholder, tile.block_m)
+    # lse2 and Delta by TMA: batched from lse2 / delta, packed from their aligned copies stats_al = (lse2, delta).
+    stats = stats_tma_serves(tile, varlen) and (not varlen or stats_al is not None)
+    placeholder = None if stats else _stats_placeholder(q.device, tile.block_m, varlen)
+    lse2_src, delta_src = (stats_al if varlen else (lse2, delta)) if stats else (placeholder, placeholder)
+    descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
+    descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
     args = dict(
         **descs,
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
@@ -1355,8 +1376,14 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
     prep_sink = None if ordered_dq or sink_in_main else sink
+    # Packed calls whose main kernel takes lse2 / Delta by TMA: the preprocess also writes aligned copies.
+    stats_al = None
+    if varlen and stats_tma_serves(tile, varlen):
+        from ..triton.backward import aligned_length
+        al = aligned_length(q.shape[0], batch)
+        stats_al = tuple(torch.empty(q.shape[-2], al, dtype=torch.float32, device=device) for _ in range(2))
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
-                                         None if varlen else tile.block_m)
+                                         None if varlen else tile.block_m, aligned=stats_al)
     main_parts = None
     if sink_in_main:
         main_parts = torch.zeros(batch * q.shape[-2], triton.cdiv(seqlen_k, tile.block_n), tile.num_wg,
@@ -1368,7 +1395,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
-                sink=sink if sink_in_main else None, dsink_part=main_parts,
+                sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
                 dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
@@ -1416,7 +1443,7 @@ BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None):
+                   dq_chain=None, stats_al=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -1426,7 +1453,8 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
-            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None))
+            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
+            None if stats_al is None else stats_al[0].shape)
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -1459,11 +1487,13 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             cu_q, cu_k, used = opts["cu_seqlens_q"], opts["cu_seqlens_k"], opts["seqused_k"]
             # Without the sink partials both sink slots hold lse2 (as launch_plan puts them).
             parts = opts["dsink_part"]
-            stats = stats_tma_serves(tile, varlen)
-            placeholder = None if stats else _stats_placeholder(q.device, tile.block_m)
+            stats_al = opts["stats_al"]
+            stats = stats_tma_serves(tile, varlen) and (not varlen or stats_al is not None)
+            placeholder = None if stats else _stats_placeholder(q.device, tile.block_m, varlen)
+            lse2_src, delta_src = (stats_al if varlen else (lse2, delta)) if stats else (placeholder, placeholder)
             plan.launch(q.device.index, plan.bind(dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
-                lse2_stats=lse2 if stats else placeholder, delta_stats=delta if stats else placeholder,
+                lse2_stats=lse2_src, delta_stats=delta_src,
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
                 dq_chain=opts["dq_chain"] if opts["dq_chain"] is not None else dummy,
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
@@ -1481,11 +1511,13 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     return True
 
 
-def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to):
+def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to, aligned=None):
     """(Delta, lse2, sink partial sums) by the portable preprocess kernel, in lse's layout.
 
     pad_to (batched only): the query length is padded to a multiple of it, with lse2 = +inf and Delta = 0,
-    so that P and dS of the padding are exactly 0 and the main kernel loads both without masks."""
+    so that P and dS of the padding are exactly 0 and the main kernel loads both without masks.
+    aligned (packed only): (lse2, delta) buffers (Hq, aligned_length), which also receive the rows at each
+    sequence's aligned start (the main kernel's TMA loads, STATS_TMA)."""
     from ..triton import backward as tb
     varlen = cu_seqlens_q is not None
     device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
@@ -1501,13 +1533,14 @@ def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to
     n_prep = triton.cdiv(seqlen_q, prep_m)
     dsink_part = (torch.zeros(batch, hq, n_prep, dtype=torch.float32, device=device) if sink is not None
                   else delta)
+    lse2_al, delta_al = aligned if aligned is not None else (lse2, delta)
     head = (out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-            delta, lse2, dsink_part, cu_seqlens_q if varlen else lse)
+            delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, delta_al, lse2_al)
     tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
             *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
-            *tb._lse_strides(delta, varlen)[:2], seqlen_q, hq, dvh)
+            *tb._lse_strides(delta, varlen)[:2], delta_al.stride(0) if aligned is not None else 0, seqlen_q, hq, dvh)
     constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
-                      BLOCK_DV=dv_pad)
+                      BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None)
     grid = (batch * hq, n_prep)
     index = device.index
     if not (device.type == "cuda" and launch.enabled(None) and hooks_idle() and index == current_device()):

@@ -10,6 +10,7 @@ import triton
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from . import backward
+from ..triton.backward import aligned_length
 from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sample_inputs
 
 
@@ -42,7 +43,10 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, deterministic=deterministic,
         tile=tile_obj, sink=torch.zeros(hq) if sink_partials else None,
         dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None,
-        dq_chain=backward.dq_chain_counters(tile_obj, b, hq, s, "cpu") if dq_chain else None)
+        dq_chain=backward.dq_chain_counters(tile_obj, b, hq, s, "cpu") if dq_chain else None,
+        # Packed calls read lse2 / Delta by TMA from the preprocess's aligned copies (backward_checked).
+        stats_al=(tuple(torch.zeros(hq, aligned_length(b * s, b)) for _ in range(2))
+                  if varlen and backward.stats_tma_serves(tile_obj, varlen) else None))
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)

@@ -111,13 +111,31 @@ def _log2_scores(qk, score_scale, cap_scale, SOFTCAP: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def aligned_start(q_start, b):
+    """Where packed sequence b (first token q_start) starts in the aligned copies of Delta and lse2: the smallest
+    multiple of 4 at or above q_start + 3·b. Sequences stay in order without overlap (the next one starts at least
+    q_start + len + 3·(b + 1)), and a buffer of aligned_length(T, B) floats a head holds them all."""
+    return (q_start + 3 * b + 3) // 4 * 4
+
+
+def aligned_length(tokens, batch):
+    """Floats a head of the aligned copies takes (a multiple of 4: 16-byte row strides)."""
+    return (tokens + 3 * batch + 3 + 3) // 4 * 4
+
+
+@triton.jit
 def _bwd_preprocess(
-        O, DO, LSE, DLSE, SINK, DELTA, LSE2, DSINK_PART, CU_Q,
+        O, DO, LSE, DLSE, SINK, DELTA, LSE2, DSINK_PART, CU_Q, DELTA_AL, LSE2_AL,
         stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
         stride_lb, stride_lh, stride_ls, stride_dlb, stride_dlh, stride_dls, stride_tb, stride_th,
-        seqlen_q, n_heads, head_dim_v,
+        stride_al, seqlen_q, n_heads, head_dim_v,
         VARLEN_Q: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_SINK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGNED_COPY: tl.constexpr = False):
+    """Delta, lse2 and the sink partials of one (batch, head, block of BLOCK_M query rows).
+
+    ALIGNED_COPY (packed sequences): Delta and lse2 also into (Hq, stride_al) buffers where sequence b starts at
+    aligned_start(cu_q[b], b), a multiple of 4 floats: the sm90 backward's loader reads its rows by TMA, whose boxes
+    must start at 16-byte aligned positions in their innermost dimension."""
     # (batch, head) on axis 0: it may exceed the 65535 programs that axes 1 and 2 allow (many short sequences).
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -155,6 +173,10 @@ def _bwd_preprocess(
         t_off = b64 * stride_tb + h64 * stride_th + (q_start + rows).to(tl.int64)
         tl.store(DELTA + t_off, delta, mask=row_ok)
         tl.store(LSE2 + t_off, lse2, mask=row_ok)
+        if ALIGNED_COPY:
+            al_off = h64 * stride_al + aligned_start(q_start, b).to(tl.int64) + rows
+            tl.store(DELTA_AL + al_off, delta, mask=row_ok)
+            tl.store(LSE2_AL + al_off, lse2, mask=row_ok)
         if HAS_SINK:
             # dsink_h = −Σ_i exp(sink_h − lse_i) Delta_i; with a sink, lse_i >= sink_h is always finite.
             sink = tl.load(SINK + h)
@@ -740,8 +762,9 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     launches.append(Launch(
         _bwd_preprocess, (batch * n_heads, n_prep),
         [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-         delta, lse2, dsink_part, cu_q, *_bsh_strides(out, varlen_q), *do_s, *_lse_strides(lse, varlen_q),
-         *(_lse_strides(dlse, varlen_q) if dlse is not None else (0, 0, 0)), *t_s, seqlen_q, n_heads, head_dim_v],
+         delta, lse2, dsink_part, cu_q, delta, lse2, *_bsh_strides(out, varlen_q), *do_s,
+         *_lse_strides(lse, varlen_q), *(_lse_strides(dlse, varlen_q) if dlse is not None else (0, 0, 0)), *t_s, 0,
+         seqlen_q, n_heads, head_dim_v],
         dict(VARLEN_Q=varlen_q, HAS_DLSE=dlse is not None, HAS_SINK=sink_in_prep, BLOCK_M=prep_m,
              BLOCK_DV=dv_pad), num_warps=4))
 
