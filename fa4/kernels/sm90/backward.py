@@ -18,8 +18,8 @@ Launches, in order:
      loader (1 warp; with three consumers the 4-warp default partition, see attn_bwd_kernel)
                              TMA: the CTA's K and V once (resident), then Q_i and dO_i of every query block
                              that can see the keys, for every query head of the GQA group, into a ring of
-                             STAGES slots; batched calls also bring the block's lse2 and Delta with Q_i
-                             (STATS_TMA), so that no consumer waits on a global load a step.
+                             STAGES slots; the block's lse2 and Delta come with Q_i (packed calls from the
+                             preprocess's aligned copies; STATS_TMA), so no consumer waits on a global load.
      consumers (NWG x 4 warps, 64 keys each; see _consumer)
                              S and dP by async wgmma from shared memory (EARLY_DP: dP issued right behind S,
                              under the softmax); P, dS in registers, then in shared memory as the
