@@ -4,11 +4,7 @@
 #   bash benchmarks/ncu_bwd.sh "128:4096:0 64:4096:0" ['{"separate_dq": true}']   (D:S:causal triples)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-$PWD/ncu-out}
-mkdir -p "$OUT"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-[ -n "$NCU" ] || { echo "ncu not found" >&2; exit 1; }
+. benchmarks/ncu_common.sh
 over=${2:-}
 tag=$(echo "$over" | tr -dc 'a-z0-9_')
 for row in ${1:-128:4096:0}; do

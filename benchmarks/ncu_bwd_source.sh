@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
 # Per-instruction Nsight Compute counters (warp-stall samples, shared-memory bank conflicts) of the sm90 backward's
 # main kernel, exported as CSV of the SASS source page (gzip) for offline ranking (benchmarks/ncu_source_rank.py).
-#   bash benchmarks/ncu_bwd_source.sh 128 4096 0 ['{"dq_swizzle": 32}']   (optional BwdTile overrides)
+#   bash benchmarks/ncu_bwd_source.sh 128 4096 0 ['{"separate_dq": true}']   (optional BwdTile overrides)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-$PWD/ncu-out}
-mkdir -p "$OUT"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+. benchmarks/ncu_common.sh
 d=${1:-128}; s=${2:-4096}; c=${3:-0}; over=${4:-}
 tag=$(echo "$over" | tr -dc 'a-z0-9_')
 rep="$OUT/bwd-$d-$s-$c${tag:+-$tag}"

@@ -3,11 +3,7 @@
 #   bash benchmarks/ncu_fwd.sh "256:16384 128:16384"     (D:S pairs; writes $OUT/ncu-fwd-D-S-causal.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-$PWD/ncu-out}
-mkdir -p "$OUT"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-[ -n "$NCU" ] || { echo "ncu not found" >&2; exit 1; }
+. benchmarks/ncu_common.sh
 for row in ${1:-256:16384}; do
   d=${row%%:*}; s=${row##*:}
   for c in 0 1; do
