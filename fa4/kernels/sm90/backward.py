@@ -1101,7 +1101,7 @@ def smem_bytes(tile, d, dv, elem=2):
         from .backward_d256 import smem_bytes as d256_bytes
         return d256_bytes(tile, elem)
     kv = tile.block_n * (d + dv) * elem
-    # Q / dO stages, each with its rows' lse2 and Delta (fp32; STATS_TMA, batched calls).
+    # Q / dO stages, each with its rows' lse2 and Delta (fp32, STATS_TMA).
     qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
     pds = 2 * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4 * (1 if tile.shared_dq else tile.num_wg)  # fp32 staging, one tile per consumer
@@ -1189,9 +1189,8 @@ def _dq_descriptor(acc, rows, varlen, parts=1):
                             layout=layout)
 
 
-# lse2 and Delta by TMA into shared memory beside Q (STATS_TMA: batched calls on the D <= 128 kernel, whose lse2 and
-# Delta are (B, Hq, padded Sq) with 16-byte row strides); False: loaded by the consumers from global memory
-# (probes flip it for A/B).
+# lse2 and Delta by TMA into shared memory beside Q (STATS_TMA: the D <= 128 kernel; see stats_tma_serves); False:
+# loaded by the consumers from global memory (probes flip it for A/B: benchmarks/bwd_flag_ab.py).
 STATS_TMA = True
 
 
