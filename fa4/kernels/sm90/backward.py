@@ -474,16 +474,13 @@ def _loader(p, bufs):
                 if p.VARLEN:
                     # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats
                     # (triton backward.aligned_start); rows past the sequence are masked by the consumers.
-                    t0 = (q_start + 3 * b + 3) // 4 * 4 + row
-                    tma.async_copy_global_to_shared(p.lse2_desc, [h, t0], bufs.q_ready.index(idx),
-                                                    bufs.lse2.index(idx))
-                    tma.async_copy_global_to_shared(p.delta_desc, [h, t0], bufs.q_ready.index(idx),
-                                                    bufs.delta.index(idx))
+                    stats_coord = [h, (q_start + 3 * b + 3) // 4 * 4 + row]
                 else:
-                    tma.async_copy_global_to_shared(p.lse2_desc, [b, h, row], bufs.q_ready.index(idx),
-                                                    bufs.lse2.index(idx))
-                    tma.async_copy_global_to_shared(p.delta_desc, [b, h, row], bufs.q_ready.index(idx),
-                                                    bufs.delta.index(idx))
+                    stats_coord = [b, h, row]
+                tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx),
+                                                bufs.lse2.index(idx))
+                tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx),
+                                                bufs.delta.index(idx))
             else:
                 mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row),
@@ -1222,6 +1219,15 @@ def _stats_placeholder(device, rows, varlen=False):
     return _STATS_PLACEHOLDERS[key]
 
 
+def _stats_sources(tile, varlen, lse2, delta, stats_al, device):
+    """(STATS_TMA on, tensor under the lse2 descriptor, tensor under the Delta descriptor): batched, lse2 and delta;
+    packed, their aligned copies stats_al = (lse2, delta); without TMA (or without the copies), a placeholder."""
+    if stats_tma_serves(tile, varlen) and (not varlen or stats_al is not None):
+        return (True, *(stats_al if varlen else (lse2, delta)))
+    placeholder = _stats_placeholder(device, tile.block_m, varlen)
+    return False, placeholder, placeholder
+
+
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None):
@@ -1261,10 +1267,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
             dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
             dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
-    # lse2 and Delta by TMA: batched from lse2 / delta, packed from their aligned copies stats_al = (lse2, delta).
-    stats = stats_tma_serves(tile, varlen) and (not varlen or stats_al is not None)
-    placeholder = None if stats else _stats_placeholder(q.device, tile.block_m, varlen)
-    lse2_src, delta_src = (stats_al if varlen else (lse2, delta)) if stats else (placeholder, placeholder)
+    stats, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, stats_al, q.device)
     descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
     descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
     args = dict(
@@ -1486,10 +1489,7 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             cu_q, cu_k, used = opts["cu_seqlens_q"], opts["cu_seqlens_k"], opts["seqused_k"]
             # Without the sink partials both sink slots hold lse2 (as launch_plan puts them).
             parts = opts["dsink_part"]
-            stats_al = opts["stats_al"]
-            stats = stats_tma_serves(tile, varlen) and (not varlen or stats_al is not None)
-            placeholder = None if stats else _stats_placeholder(q.device, tile.block_m, varlen)
-            lse2_src, delta_src = (stats_al if varlen else (lse2, delta)) if stats else (placeholder, placeholder)
+            _, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, opts["stats_al"], q.device)
             plan.launch(q.device.index, plan.bind(dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 lse2_stats=lse2_src, delta_stats=delta_src,
