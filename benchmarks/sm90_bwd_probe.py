@@ -63,6 +63,13 @@ TILES = {
     "wg2w": dict(num_wg=2, consumer_regs=240, separate_dq=False, dq_writer=True),
     # D = 128: the writer warp off (the consumers issue their reduce-adds, as before session 8).
     "nowriter": dict(dq_writer=False),
+    # D = 64 keys as rows (backward_kt.py): Sᵀ = K·Qᵀ, Pᵀ and dSᵀ the A operands of dV, dK from registers, 128 keys
+    # and 128 query rows a step, dQ in the kernel (each consumer 64 query rows); two or three Q / dO stages.
+    "kt": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2),
+    "kt3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3),
+    # The same with dV issued after dS is formed instead of before dPᵀ is waited for.
+    "ktlate": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
+                   dv_early=False),
 }
 
 

@@ -1046,6 +1046,12 @@ class BwdTile:
     # Tile widths (256, 256) on backward_d256.attn_bwd_d256_kernel: one 64-key slab a CTA (num_wg = 1), its two
     # consumer warpgroups splitting the head dim (opt-in: D256_TILE).
     d256: bool = False
+    # Tile widths (64, 64) on backward_kt.attn_bwd_kt_kernel: keys as the rows of every product (Sᵀ = K·Qᵀ), so P
+    # and dS are the A operands of dV and dK from registers; 128 keys and 128 query rows a step; dQ in the kernel
+    # (each consumer 64 query rows over the CTA's keys).
+    keys_as_rows: bool = False
+    # keys_as_rows: dV += Pᵀ·dO issued before dPᵀ is waited for (False: after dS is formed).
+    dv_early: bool = True
 
     @property
     def block_n(self):
@@ -1097,6 +1103,9 @@ def smem_bytes(tile, d, dv, elem=2):
     if tile.d256:
         from .backward_d256 import smem_bytes as d256_bytes
         return d256_bytes(tile, elem)
+    if tile.keys_as_rows:
+        from .backward_kt import smem_bytes as kt_bytes
+        return kt_bytes(tile, d, dv, elem)
     kv = tile.block_n * (d + dv) * elem
     # Q / dO stages, each with its rows' lse2 and Delta (fp32, STATS_TMA).
     qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
@@ -1117,6 +1126,11 @@ def get_tile(d, dv, **overrides):
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
+            return None
+    elif tile.keys_as_rows:
+        # The keys-as-rows kernel: tile widths (64, 64), two consumers, 128 query rows a step, none of the variants.
+        if (d, dv) != (64, 64) or (tile.num_wg != 2 or tile.block_m != 2 * WG_KEYS or tile.shared_dq or tile.early_dp
+                                   or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.trace):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
@@ -1266,7 +1280,9 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
             v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
             dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
-            dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
+            # keys_as_rows: each consumer adds 64 query rows of dQ.
+            dq_desc=_dq_descriptor(dq_acc, WG_KEYS if tile.keys_as_rows else tile.block_m, varlen,
+                                   tile.num_wg if shared else 1))
     stats, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, stats_al, q.device)
     descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
     descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
@@ -1307,6 +1323,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
+    if tile.keys_as_rows:
+        constexprs["DV_EARLY"] = tile.dv_early
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 
@@ -1470,6 +1488,9 @@ def kernel_for(tile):
     if tile.d256:
         from .backward_d256 import attn_bwd_d256_kernel
         return attn_bwd_d256_kernel
+    if tile.keys_as_rows:
+        from .backward_kt import attn_bwd_kt_kernel
+        return attn_bwd_kt_kernel
     return attn_bwd_kernel
 
 

@@ -1,0 +1,327 @@
+"""Attention backward for Hopper (sm_90a) in Gluon at head dim D = Dv = 64, keys as the rows of every product
+("keys as rows", tile field `keys_as_rows`; the launch plan and host wrapper are backward.py's).
+
+Why a kernel of its own. At D = 64 every product of backward.py's step is a 64 x 64 x 64 wgmma with both operands
+in shared memory: 4 KiB read per 131 kFLOP, 32 FLOP a byte, exactly the tensor core's rate (4,096 FLOP a clock)
+over shared memory's (128 B a clock). Add the P and dS stores and shared memory, not the tensor core, bounds the
+step; and the dQ product (a third such product plus its fp32 staging) did not fit beside three consumers, so dQ
+came from a second kernel (7 products where the peers run 5; benchmarks/NOTES.md, sessions 4-12).
+
+Here a CTA keeps 128 keys (two consumer warpgroups of 64) and streams query blocks of BM = 128 rows. Consumer w
+computes the transposed scores of its keys, so P and dS come out of the accumulator with keys as rows, which is
+the A operand of dV and dK straight from registers:
+
+    Sᵀ  = K_w·Qᵀ      [64 keys, 128 queries]   A = K_w (shared), B = Qᵀ (shared), 42.7 FLOP a byte
+    dPᵀ = V_w·dOᵀ     [64, 128]                 the same
+    Pᵀ = exp2(Sᵀ·scale·log2 e − lse2ᵀ),  dSᵀ = Pᵀ ∘ (dPᵀ − Deltaᵀ)     lse2, Delta per column (query)
+    dV_w += Pᵀ·dO     [64, 64], K = 128         A = Pᵀ in registers, B = dO (shared): 64 FLOP a byte
+    dK_w += dSᵀ·Q     [64, 64], K = 128         A = dSᵀ in registers
+    dQ[64w : 64w + 64] = dS[64w :, keys of consumer 0]·K_0 + dS[64w :, keys of consumer 1]·K_1
+                      [64 queries, 64], K = 128 keys: both consumers' dSᵀ (16-bit, [64 keys, 128 queries] each)
+                      handed over in shared memory, read transposed; added to the fp32 accumulator by one TMA
+                      reduce-add of [64, 64] per consumer and step
+
+Five products of 1 MFLOP per consumer and step, the same five the peers run, and P never goes to shared memory.
+Shared memory read per consumer step: 24 + 24 (Sᵀ, dPᵀ) + 16 + 16 (dV, dK) + 32 (dQ) KiB, written 16 (dSᵀ) + 16
+(dQ staging) and read again by TMA 16: ~1,250 clocks at 128 B a clock against 1,280 clocks of tensor work, where
+backward.py's D = 64 step needs ~1,875 against 1,536 without its dQ.
+
+Registers per consumer thread (240): Sᵀ then Pᵀ (64 fp32), dPᵀ (64, issued right behind Sᵀ), dV and dK (32 + 32),
+lse2 and Delta (32 each, one at a time: 32 query columns a thread), then Pᵀ and dSᵀ in 16 bits (32 + 32) as
+the A operands, and the dQ share (32) once Sᵀ and dPᵀ are dead.
+
+Barriers: backward.py's loader protocol (kv_ready, q_ready / q_empty, do_ready / do_empty, lse2 and Delta on Q's
+barrier), and the dS hand-over of its DQ_SHARED tile (ds_ready[w]: consumer w's dSᵀ of step `it` is in ds[w];
+ds_free[w]: the other consumer's dQ product reading ds[w] completed). Each hand-over barrier is arrived once a step
+by one consumer and waited for once a step by the other, and a consumer writes ds[w] only after ds_free[w] of the
+previous step, so a parity wait is exact and the steps complete in order (the argument of backward.py's module
+docstring, without turns).
+
+Served: causal and window masks, GQA, varlen, seqused_k, a sink (its gradient from the preprocess's partial sums),
+deterministic=True (this kernel without dQ; the ordered pass gives it). Not built: softcap (tanh's values beside Sᵀ
+and dPᵀ), the sink's P·dP partials, ping-pong, the writer warp, traces.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from . import configs
+from .attention_fwd import _next_slot, _opaque, _q_coord
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _q_range, _RUNTIME_INTS,
+                       _step_block, _store_rows, async_reduce_add_shared_to_global)
+
+
+def smem_bytes(tile, d, dv, elem=2):
+    """Shared memory of attn_bwd_kt_kernel: resident K, V; the Q / dO ring with each block's lse2 and Delta; both
+    consumers' dSᵀ; their fp32 dQ staging tiles."""
+    kv = tile.block_n * (d + dv) * elem
+    qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
+    ds = tile.num_wg * WG_KEYS * tile.block_m * elem
+    dq = tile.num_wg * WG_KEYS * d * 4
+    return kv + qdo + ds + dq + configs.SMEM_RESERVE
+
+
+@gluon.jit
+def _mask_t(p, s, kr0, m0, seq_q, seq_k):
+    """-inf where key (row) kr0 + r is not visible to query (column) m0 + c; only in blocks that need it.
+    Query columns past the sequence need no mask: their lse2 is +inf, so their P is exactly 0."""
+    off = seq_k - seq_q
+    need = kr0 + KEYS_PER_WG > seq_k
+    if p.HAS_WR:
+        need = need | (kr0 + KEYS_PER_WG - 1 > m0 + off + p.window_right)
+    if p.HAS_WL:
+        need = need | (kr0 < m0 + p.BM - 1 + off - p.window_left)
+    if need:
+        # Opaque offsets: not hoisted out of the loop and kept live through it (the query columns are 32 values a
+        # thread).
+        keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, s.type.layout)))
+        queries = m0 + _opaque(gl.arange(0, p.BM, gl.SliceLayout(0, s.type.layout)))
+        k2 = gl.expand_dims(keys, 1)
+        q2 = gl.expand_dims(queries, 0)
+        ok = k2 < seq_k
+        if p.HAS_WR:
+            ok = ok & (k2 <= q2 + (off + p.window_right))
+        if p.HAS_WL:
+            ok = ok & (k2 >= q2 + (off - p.window_left))
+        s = gl.where(ok, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _distinct(x):
+    """x with every element in a register of its own, defined here (a non-pure move per element: not merged with an
+    equal value, not sunk below the next asynchronous wgmma)."""
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _column_stats(p, bufs, idx, t_base, cols, col_ok, which: gl.constexpr, layout: gl.constexpr):
+    """lse2 (which = 0) or Delta (which = 1) of the step's query columns, per column of the Sᵀ layout. Columns past a
+    packed sequence: lse2 = +inf (P = 0) and Delta = 0 (finite, so 0·(dPᵀ − Delta) = 0)."""
+    BM: gl.constexpr = p.BM
+    fill: gl.constexpr = float("inf") if which == 0 else 0.0
+    if p.STATS_TMA:
+        if which == 0:
+            x = bufs.lse2.index(idx).reshape([BM]).load(layout)
+        else:
+            x = bufs.delta.index(idx).reshape([BM]).load(layout)
+        if p.VARLEN:
+            x = gl.where(col_ok, x, fill)
+    else:
+        ptr = p.lse2_ptr if which == 0 else p.delta_ptr
+        if p.VARLEN:
+            x = gl.load(ptr + t_base + cols, mask=col_ok, other=fill)
+        else:
+            x = gl.load(ptr + t_base + cols)
+    return x
+
+
+@gluon.jit
+def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
+    NWG: gl.constexpr = p.NWG
+    BN: gl.constexpr = KEYS_PER_WG * NWG
+    BM: gl.constexpr = p.BM
+    N: gl.constexpr = KEYS_PER_WG
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    QW: gl.constexpr = BM // NWG  # query rows of this consumer's dQ share
+    dtype: gl.constexpr = p.q_desc.dtype
+    OTHER: gl.constexpr = (WG + 1) % NWG
+    # Sᵀ, dPᵀ: [64 keys, BM queries]; dK: [64, D]; dV: [64, DV]; dQ share: [QW queries, D].
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BM, 16])
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DV, 16])
+    # The A operands from registers: for 16-bit inputs the accumulator's element-to-thread map is the A fragment's
+    # (k_width 2), so these conversions move no data.
+    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2)
+    dsa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2)
+    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+    n0 = nb * BN
+    kr0 = n0 + WG * N
+    if n0 < seq_k:
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        k_s = bufs.k.index(WG).reshape([N, D])
+        v_s = bufs.v.index(WG).reshape([N, DV])
+        ds_s = bufs.ds.index(WG)
+        dk = gl.zeros([N, D], gl.float32, dk_layout)
+        dv = gl.zeros([N, DV], gl.float32, dv_layout)
+        inv_scale2 = 1.0 / p.qk_scale
+        mbarrier.wait(bufs.kv_ready, 0)
+        idx = 0
+        phase = 0
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
+            if p.VARLEN:
+                t_base = h * p.stride_th + q_start
+            else:
+                t_base = b * p.stride_tb + h * p.stride_th
+            q_s = bufs.q.index(idx).reshape([BM, D])
+            do_s = bufs.do.index(idx).reshape([BM, DV])
+            # The step's query columns (32 a thread), needed only by packed calls and the global-load path: made
+            # afresh each step (opaque) rather than kept live through the loop.
+            cols = m0 + _opaque(gl.arange(0, BM, col_s))
+            col_ok = cols < seq_q
+            mbarrier.wait(bufs.q_ready.index(idx), phase)
+            mbarrier.wait(bufs.do_ready.index(idx), phase)
+            # Both accumulators start at their column's statistic, so that lse2 and Delta (32 values a thread each)
+            # are never live beside Sᵀ, dPᵀ, dV and dK (without this the softmax and dS spill ~12 values a step):
+            #   Sᵀ acc = K·Qᵀ − lse2 / scale2, so acc·scale2 = Sᵀ·scale2 − lse2 (scale2 = softmax scale · log2 e;
+            #   the same magnitudes as forming the difference after the product: no precision lost);
+            #   dPᵀ acc = V·dOᵀ − Delta.
+            # Both are set before either product is issued: a register written between asynchronous wgmmas of one
+            # warpgroup makes ptxas serialise them.
+            lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
+            delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
+            # Each accumulator register gets its own definition here (_distinct): the two rows of a column share
+            # one value, and LLVM would otherwise copy it into the second register right before the wgmma.
+            st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
+            dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
+            st = warpgroup_mma(k_s, q_s.permute((1, 0)), st, is_async=True)
+            # dPᵀ right behind Sᵀ: it runs under the softmax.
+            dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), dpt, is_async=True)
+            st = warpgroup_mma_wait(1, deps=(st, ))
+            pt = gl.exp2(_mask_t(p, st * p.qk_scale, kr0, m0, seq_q, seq_k))
+            # P and dS rounded to the input dtype, as the forward's P·V rounds P.
+            pt16 = gl.convert_layout(pt.to(dtype), pa_layout)
+            if DV_EARLY:
+                # dV += Pᵀ·dO issued before dPᵀ is waited for: the tensor core works on it while dS is formed.
+                dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
+                dpt = warpgroup_mma_wait(1, deps=(dpt, ))
+            else:
+                dpt = warpgroup_mma_wait(0, deps=(dpt, ))
+            dst = pt * dpt
+            ds16 = dst.to(dtype)
+            if not DV_EARLY:
+                dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
+            if p.DQ_ATOMIC:
+                # The other consumer's dQ product of the previous step read ds[WG]: wait until it completed (a
+                # fresh barrier passes parity 1 at once).
+                mbarrier.wait(bufs.ds_free.index(WG), (it & 1) ^ 1)
+                ds_s.store(ds16)
+                fence_async_shared()
+                mbarrier.arrive(bufs.ds_ready.index(WG))
+            dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
+            if p.DQ_ATOMIC:
+                # dQ[QW·WG : QW·WG + QW] over the CTA's 128 keys: both consumers' dSᵀ, this consumer's query
+                # columns, read transposed (a 64-column slice of a 128-column tile: one whole 128-byte swizzle
+                # span). Opaque buffer indices: the wgmma descriptors are not built before the loop and kept live.
+                mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
+                dq = gl.zeros([QW, D], gl.float32, dk_layout)
+                for w in gl.static_range(NWG):
+                    wi = _opaque(gl.to_tensor(w))
+                    dq = warpgroup_mma(bufs.ds.index(wi).slice(WG * QW, QW, dim=1).permute((1, 0)),
+                                       bufs.k.index(wi).reshape([N, D]), dq, use_acc=w > 0, is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                mbarrier.arrive(bufs.ds_free.index(OTHER))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
+                # The previous step's reduce-add has read the staging tile.
+                tma.store_wait(0)
+                dq_s = bufs.dq.index(WG)
+                dq_s.reshape([QW, D]).store(dq * p.softmax_scale)
+                fence_async_shared()
+                async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
+            idx, phase = _next_slot(idx, phase, p.STAGES)
+        tma.store_wait(0)
+        # Indices derived again from a fresh %ctaid read rather than kept live through the loop.
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+        kr0 = nb * BN + WG * N
+        # This consumer's K and V slots are free (only its own, completed, wgmmas and the other consumer's dQ
+        # product, which completed before the last ds_free, read K): they stage dV and dK for the TMA stores.
+        slot = _opaque(gl.to_tensor(WG))
+        _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
+                    p.stride_dvb, p.stride_dvs, p.stride_dvh)
+        if p.DQ_ATOMIC:
+            # The other consumer's last dQ product read this consumer's K: wait for its release of ds[WG] (the
+            # hand-over of the last step).
+            last = p.group * n_m - 1
+            mbarrier.wait(bufs.ds_free.index(WG), last & 1)
+        _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
+                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
+        tma.store_wait(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel: the same parameters as backward.attn_bwd_kernel (one launch plan for both); NWG = 2, BM = 128.
+# ---------------------------------------------------------------------------------------------------------
+
+@gluon.jit(do_not_specialize=_RUNTIME_INTS)
+def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
+                       dv_ptr, lse2_ptr, delta_ptr, sink_ptr, dsink_ptr, dq_ctr,
+                       cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                       stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
+                       qk_scale, cap_scale, softmax_scale, window_left, window_right,
+                       BM: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
+                       HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                       SOFTCAP: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_SHARED: gl.constexpr,
+                       EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
+                       TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
+                       STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                       DV_EARLY: gl.constexpr = True):
+    gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
+    gl.static_assert(BM == 2 * KEYS_PER_WG, "keys as rows: BM = 128 (each consumer's dQ share is 64 query rows)")
+    gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
+                     "not built in the keys-as-rows kernel")
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS_PER_WG, BM], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [NWG, KEYS_PER_WG, BM], ds_layout)
+    if DQ_ATOMIC:
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NWG] + dq_desc.block_type.shape, dq_desc.layout)
+    else:
+        dq_smem = ds_smem  # a placeholder, never touched
+    if STATS_TMA:
+        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse2_desc.block_type.shape, lse2_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    else:
+        lse2_smem = q_smem  # placeholders, never touched
+        delta_smem = q_smem
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(NWG):
+        mbarrier.init(ds_ready.index(w), count=1)
+        mbarrier.init(ds_free.index(w), count=1)
+    mbarrier.init(kv_ready, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(q_empty.index(s), count=NWG)
+        mbarrier.init(do_ready.index(s), count=1)
+        mbarrier.init(do_empty.index(s), count=NWG)
+
+    p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr, dv_ptr,
+                   lse2_ptr, delta_ptr,
+                   sink_ptr, dsink_ptr, dq_ctr,
+                   cu_q, cu_k, seqused, gl.to_tensor(stride_dkb), gl.to_tensor(stride_dks), gl.to_tensor(stride_dkh),
+                   gl.to_tensor(stride_dvb), gl.to_tensor(stride_dvs), gl.to_tensor(stride_dvh),
+                   gl.to_tensor(stride_tb), gl.to_tensor(stride_th), gl.to_tensor(d), gl.to_tensor(dv),
+                   gl.to_tensor(seqlen_q), gl.to_tensor(seqlen_k), gl.to_tensor(num_kv_heads), gl.to_tensor(group),
+                   gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
+                   gl.to_tensor(window_left), gl.to_tensor(window_right),
+                   BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA)
+    # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
+    # P buffer and the turn / writer barriers are placeholders this kernel never touches.
+    bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
+                      q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY)),
+                        (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
