@@ -44,7 +44,8 @@ TILES = {
     "shared": dict(shared_dq=True),             # dQ of the CTA's whole key block, columns split over the consumers
     "shared3": dict(shared_dq=True, stages=3),  # the same, with the freed staging memory as a third Q/dO stage
     "sep": dict(separate_dq=True),              # dQ by the ordered pass
-    "bm128": dict(block_m=128),                 # 128 queries per step (fits registers and shared memory at D = 64)
+    # 128 queries per step on the queries-as-rows kernel (fits registers and shared memory at D = 64)
+    "bm128": dict(block_m=128, keys_as_rows=False),
     "early": dict(early_dp=True),               # dP issued right behind S, under the softmax
     "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
     "pingpong": dict(ping_pong=True),           # the consumers take turns issuing (S, dP), then (dV, dK, dQ)
@@ -52,24 +53,31 @@ TILES = {
     # Three consumers (192 keys a CTA, 160 registers each, the loader as the 4-warp default partition), D = 64
     # with the ordered dQ pass: a third step chain in flight (benchmarks/bwd_trace.py: a D = 64 step is a serial
     # chain of ~2,500 cycles per consumer, neither the tensor core, the MUFU unit nor issue saturated).
-    "wg3": dict(num_wg=3, consumer_regs=160),   # the shipped D = 64 tile, explicitly
-    "wg2": dict(num_wg=2, consumer_regs=240),   # the two-consumer D = 64 tile shipped before (A/B for wg3)
+    # the D = 64 tile shipped from session 6 to 12, explicitly (also timed deterministic)
+    "wg3": dict(keys_as_rows=False, block_m=64, separate_dq=True, num_wg=3, consumer_regs=160),
+    # the two-consumer D = 64 tile shipped before (A/B for wg3)
+    "wg2": dict(keys_as_rows=False, block_m=64, separate_dq=True, num_wg=2, consumer_regs=240),
     # The three-consumer D = 64 tile with dQ by the in-kernel reduce-add (5 products instead of 7; 65 reloads a
     # step at 160 registers).
-    "wg3ra": dict(separate_dq=False),
+    "wg3ra": dict(keys_as_rows=False, block_m=64, num_wg=3, consumer_regs=160, separate_dq=False),
     # Two consumers (240 registers) with dQ by the in-kernel reduce-add, issued by the consumers or by the writer
     # warp (tile.dq_writer, session 8): 5 products instead of the ordered pass's 7, and no consumer waits on TMA.
-    "wg2ra": dict(num_wg=2, consumer_regs=240, separate_dq=False),
-    "wg2w": dict(num_wg=2, consumer_regs=240, separate_dq=False, dq_writer=True),
+    "wg2ra": dict(keys_as_rows=False, block_m=64, num_wg=2, consumer_regs=240, separate_dq=False),
+    "wg2w": dict(keys_as_rows=False, block_m=64, num_wg=2, consumer_regs=240, separate_dq=False,
+                 dq_writer=True),
     # D = 128: the writer warp off (the consumers issue their reduce-adds, as before session 8).
     "nowriter": dict(dq_writer=False),
     # D = 64 keys as rows (backward_kt.py): Sᵀ = K·Qᵀ, Pᵀ and dSᵀ the A operands of dV, dK from registers, 128 keys
     # and 128 query rows a step, dQ in the kernel (each consumer 64 query rows); two or three Q / dO stages.
-    "kt": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2),
-    "kt3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3),
+    "kt": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
+               dv_early=True),
+    "kt3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3,
+                dv_early=True),
     # The same with dV issued after dS is formed instead of before dPᵀ is waited for.
     "ktlate": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
                    dv_early=False),
+    "ktlate3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3,
+                    dv_early=False),
 }
 
 
@@ -147,7 +155,7 @@ for d, s, causal in rows:
             tile = bwd.get_tile(d, d, **over)
             if tile is not None:
                 timed("sm90_" + tname, lambda: bwd.backward(dout, q, k, v, out, lse, None, tile=tile, **opts))
-                if tile.d256:
+                if tile.d256 or tname.startswith("kt") or tname == "wg3":
                     timed("sm90_" + tname + "_det", lambda: bwd.backward(dout, q, k, v, out, lse, None, tile=tile,
                                                                          deterministic=True, **opts))
     else:
@@ -169,6 +177,11 @@ for d, s, causal in rows:
             timed(name, lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True))
             del o, qg, kg, vg  # inside the loop: with every peer unavailable none was made
 """
+
+
+def _timed_det(tile):
+    """Whether phase 2 also times a tile variant deterministic (the D = 256 kernel, the D = 64 tiles)."""
+    return tile[1].get("d256") or tile[0].startswith("kt") or tile[0] == "wg3"
 
 
 def _child(code, arg, timeout):
@@ -238,7 +251,7 @@ def main():
         print(f"   peers child {st_peers}; log: " + log_peers.replace("\n", "\n   "), flush=True)
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'sm90':>7} {'sm90det':>7} {'triton':>7} {'cudnn':>7} {'fa2':>7} "
           f"{'fa4cute':>7} | sm90 / best(cudnn, fa4cute)" + "".join(f" | {t[0]:>8}" for t in tiles)
-          + "".join(f" | {t[0] + ' det':>11}" for t in tiles if t[1].get("d256")))
+          + "".join(f" | {t[0] + ' det':>11}" for t in tiles if _timed_det(t)))
     for d, s, causal in rows:
         key = json.dumps([d, s, causal])
         if hung:
@@ -263,7 +276,7 @@ def main():
         print(f"{d:4d} {s:6d} {int(causal):6d} | {cell('sm90')} {cell('sm90_det')} {cell('triton')} "
               f"{cell('sdpa_cudnn')} {cell('sdpa_flash')} {cell('flashattn4')} | {ratio}"
               + "".join(f" | {cell('sm90_' + t[0]):>8}" for t in tiles)
-              + "".join(f" | {cell('sm90_' + t[0] + '_det'):>11}" for t in tiles if t[1].get("d256")), flush=True)
+              + "".join(f" | {cell('sm90_' + t[0] + '_det'):>11}" for t in tiles if _timed_det(t)), flush=True)
         if st not in ("ok", "skipped"):
             print(f"   sm90 child {st}; log: " + log.replace("\n", "\n   "), flush=True)
         errs = {k: v for k, v in row.items() if isinstance(v, str) and v.startswith(("error", "n/a"))}

@@ -69,8 +69,17 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   "d256-window-softcap-gqa2": 24, "d192-seqused": 2,
                   # The three-consumer D = 64 tile (160 registers a consumer, 2026-11-26): a causal mask keeps
                   # 4 values in local memory (L1 hits, against ~600 instructions a step); dP under the softmax
-                  # 13; ping_pong with varlen 18. Windows and softcap take the two-consumer tile (default_tile).
-                  "d64-causal": 4, "d64-varlen-causal": 10, "d64-stages3": 4, "d64-early-dp-causal": 13, "d64-pingpong-ordered-varlen-causal": 18}
+                  # 13; ping_pong with varlen 18. Softcap takes the two-consumer tile (default_tile).
+                  "d64-three-consumers-causal": 4, "d64-early-dp-causal": 13,
+                  "d64-pingpong-ordered-varlen-causal": 18,
+                  # The keys-as-rows D = 64 kernel (backward_kt.py, session 13): none in the plain build; causal
+                  # 2, packed causal 15 (the sequence bounds: scalars reloaded from L1, the worker consumer only),
+                  # against ~1,100 instructions a step.
+                  "d64-causal": 2, "d64-varlen-causal": 16, "d64-stages3": 2}
+
+# The three-consumer D = 64 tile (queries as rows, dQ by the ordered pass) shipped before keys_as_rows: the base of
+# the D = 64 probe variants below.
+OLD64 = dict(keys_as_rows=False, block_m=64, num_wg=3, consumer_regs=160, separate_dq=True)
 
 # (name, backward_aot.compile_config kwargs)
 CASES = [
@@ -85,6 +94,12 @@ CASES = [
     ("d64-window-softcap-gqa2", dict(d=64, dv=64, window=(100, 50), softcap=30.0, gqa=2)),
     ("d128-seqused", dict(d=128, dv=128, seqused=True)),
     ("d64-stages3", dict(d=64, dv=64, tile=dict(stages=3))),
+    # The D = 64 keys-as-rows kernel's other forms (backward_kt.py): dV issued before dPᵀ is waited for; a window
+    # both sides with GQA; the three-consumer tile shipped before it, plain and causal.
+    ("d64-dv-early-causal", dict(d=64, dv=64, causal=True, tile=dict(dv_early=True))),
+    ("d64-window-gqa2", dict(d=64, dv=64, window=(100, 50), gqa=2)),
+    ("d64-three-consumers", dict(d=64, dv=64, tile=OLD64)),
+    ("d64-three-consumers-causal", dict(d=64, dv=64, causal=True, tile=OLD64)),
     ("d64-varlen-causal", dict(d=64, dv=64, varlen=True, causal=True)),
     ("d96-window", dict(d=96, dv=96, window=(256, 0))),             # head dims padded to the 128 tile
     ("d40-24", dict(d=40, dv=24)),
@@ -95,7 +110,7 @@ CASES = [
                                            tile=dict(shared_dq=True, stages=3))),
     ("d96-shared-dq3-window", dict(d=96, dv=96, window=(256, 0), tile=dict(shared_dq=True, stages=3))),
     # dP issued right behind S (a probe variant).
-    ("d64-early-dp-causal", dict(d=64, dv=64, causal=True, tile=dict(early_dp=True))),
+    ("d64-early-dp-causal", dict(d=64, dv=64, causal=True, tile=dict(OLD64, early_dp=True))),
     ("d128-early-dp-causal", dict(d=128, dv=128, causal=True, tile=dict(early_dp=True))),
     # The sink gradient's Σ P·dP partials in the main kernel (tile.sink_pdp, a probe variant for now).
     ("d128-sink-partials", dict(d=128, dv=128, tile=dict(sink_pdp=True), sink_partials=True)),
@@ -105,12 +120,12 @@ CASES = [
     # "ordered" is what the shipped separate_dq tile launches (no dQ product in the main kernel); the reduce-add
     # build is checked too. At D = 128 also one dQ share per consumer in two column slices (the turn passes
     # after the first).
-    ("d64-pingpong-ordered", dict(d=64, dv=64, deterministic=True, tile=dict(ping_pong=True))),
+    ("d64-pingpong-ordered", dict(d=64, dv=64, deterministic=True, tile=dict(OLD64, ping_pong=True))),
     ("d64-pingpong-ordered-varlen-causal", dict(d=64, dv=64, varlen=True, causal=True, deterministic=True,
-                                                tile=dict(ping_pong=True))),
-    ("d64-pingpong", dict(d=64, dv=64, tile=dict(ping_pong=True))),
+                                                tile=dict(OLD64, ping_pong=True))),
+    ("d64-pingpong", dict(d=64, dv=64, tile=dict(OLD64, ping_pong=True))),
     ("d64-pingpong-window-softcap-gqa2", dict(d=64, dv=64, window=(100, 50), softcap=30.0, gqa=2,
-                                              tile=dict(ping_pong=True, num_wg=2, consumer_regs=240))),
+                                              tile=dict(OLD64, ping_pong=True, num_wg=2, consumer_regs=240))),
     ("d128-pingpong", dict(d=128, dv=128, tile=dict(ping_pong=True))),
     ("d128-pingpong-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, tile=dict(ping_pong=True))),
     ("d128-pingpong-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, tile=dict(ping_pong=True))),
@@ -127,7 +142,7 @@ CASES = [
     # The writer warp for the unordered reduce-add: the shipped D = 128 tile (non-causal), one dQ share per
     # consumer at D = 128 and at D = 64 with two consumers (probe variants).
     ("d128-writer-unshared", dict(d=128, dv=128, tile=dict(shared_dq=False, stages=2))),
-    ("d64-writer-wg2", dict(d=64, dv=64, tile=dict(num_wg=2, consumer_regs=240, separate_dq=False,
+    ("d64-writer-wg2", dict(d=64, dv=64, tile=dict(OLD64, num_wg=2, consumer_regs=240, separate_dq=False,
                                                    dq_writer=True))),
     # The opt-in D = 256 kernel (backward_d256.py: 64 keys a CTA, the consumers split the head dim).
     ("d256-plain", dict(d=256, dv=256, tile=dict(d256=True))),
@@ -234,8 +249,10 @@ def test_ping_pong_plumbing(d):
     the tile, part of the launch plan's signature, keeps the two builds' cached plans apart."""
     from fa4.kernels.sm90 import backward
     t, tile = _bwd_case(3, d, False, False)
-    on = backward.get_tile(d, d, ping_pong=True)
-    one = backward.get_tile(d, d, ping_pong=True, num_wg=1, shared_dq=False)
+    # At D = 64 ping-pong is a variant of the queries-as-rows tile shipped before keys_as_rows.
+    base = OLD64 if d == 64 else {}
+    on = backward.get_tile(d, d, **dict(base, ping_pong=True))
+    one = backward.get_tile(d, d, **dict(base, ping_pong=True, num_wg=1, shared_dq=False))
 
     def constexprs(tl):
         return backward.launch_plan(t["dout"], t["q"], t["k"], t["v"], t["dq"], t["dk"], t["dv"], t["lse2"],

@@ -1074,7 +1074,11 @@ _TABLE = {
     # issue slots saturated (benchmarks/bwd_trace.py), so a third chain in flight raises the CTA's throughput.
     # H100, 2026-11-26 (sm90_bwd_probe --dims 64 --tiles wg3, same run, two -> three consumers): S = 4096 317 ->
     # 340, causal 300 -> 306; S = 16384 353 -> 384, causal 358 -> 361 TFLOP/s.
-    (64, 64): BwdTile(block_m=64, num_wg=3, stages=2, consumer_regs=160, separate_dq=True),
+    # Then keys as rows (backward_kt.py, session 13): Sᵀ = K·Qᵀ so that Pᵀ and dSᵀ are the register A operands of dV
+    # and dK, 128 keys and 128 query rows a step, dQ back in the main kernel (five products instead of seven).
+    # H100, 2026-11-26 (sm90_bwd_probe --dims 64 --tiles kt,ktlate,kt3, same run, TFLOP/s three consumers / keys
+    # as rows, dV issued after dS): S = 4096 377 -> 457, causal 356 -> 384; S = 16384 395 -> 473, causal 403 -> 458.
+    (64, 64): BwdTile(block_m=128, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False),
     # D = 128: dQ shared over the consumers and a third Q / dO stage in the staging memory that frees. H100,
     # 2026-11-25 (sm90_bwd_probe --tiles shared,shared3, TFLOP/s one share per consumer / shared / shared + 3
     # stages): S = 1024 327 / 348 / 349, causal 233 / 269 / 268; S = 4096 415 / 454 / 461, causal 377 / 419 /
@@ -1141,12 +1145,16 @@ def get_tile(d, dv, **overrides):
 # than 160 registers a consumer hold (the three-consumer build reloads ~140 values a step from local memory;
 # tests/test_sm90_backward_aot.py), so they keep two consumers at 240 registers.
 D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, separate_dq=True)
+# The D = 64 tile shipped before keys_as_rows: three consumers, dQ by the ordered pass (probe and test variants).
+D64_THREE_TILE = BwdTile(block_m=64, num_wg=3, stages=2, consumer_regs=160, separate_dq=True)
 
 
 def default_tile(d, dv, window_left=-1, softcap=0.0):
-    """The shipped tile for tile widths (d, dv) and this call's features (None if there is none)."""
+    """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
+    softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
+    Sᵀ and dPᵀ)."""
     tile = get_tile(d, dv)
-    if tile is not None and (d, dv) == (64, 64) and (window_left >= 0 or softcap > 0):
+    if tile is not None and (d, dv) == (64, 64) and softcap > 0:
         return D64_NARROW_TILE
     return tile
 
@@ -1176,6 +1184,8 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
             return "the D = 256 backward tile supports none of the D <= 128 kernel's variants"
     elif td is None or tdv is None or get_tile(td, tdv) is None:
         return f"no sm90 backward tile for head dims ({d}, {dv})"
+    if tile is not None and tile.keys_as_rows and softcap > 0:
+        return "the keys-as-rows tile does not build softcap (the default D = 64 tile for softcap is two consumers)"
     if max(q.numel(), k.numel(), v.numel()) >= 2**31:
         # The pointer-stored dK/dV tail rows use 32-bit offsets and this size was never run on the GPU; the
         # Triton backward is tested past 2^31 elements.
