@@ -1078,7 +1078,9 @@ _TABLE = {
     # and dK, 128 keys and 128 query rows a step, dQ back in the main kernel (five products instead of seven).
     # H100, 2026-11-26 (sm90_bwd_probe --dims 64 --tiles kt,ktlate,kt3, same run, TFLOP/s three consumers / keys
     # as rows, dV issued after dS): S = 4096 377 -> 457, causal 356 -> 384; S = 16384 395 -> 473, causal 403 -> 458.
-    (64, 64): BwdTile(block_m=128, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False),
+    # Three Q / dO stages (ktlate3 against ktlate, the same run on another card): 443 -> 458, 388 -> 396, 486 -> 495,
+    # 461 -> 476.
+    (64, 64): BwdTile(block_m=128, num_wg=2, stages=3, consumer_regs=240, keys_as_rows=True, dv_early=False),
     # D = 128: dQ shared over the consumers and a third Q / dO stage in the staging memory that frees. H100,
     # 2026-11-25 (sm90_bwd_probe --tiles shared,shared3, TFLOP/s one share per consumer / shared / shared + 3
     # stages): S = 1024 327 / 348 / 349, causal 233 / 269 / 268; S = 4096 415 / 454 / 461, causal 377 / 419 /
@@ -1134,7 +1136,8 @@ def get_tile(d, dv, **overrides):
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64), two consumers, 128 query rows a step, none of the variants.
         if (d, dv) != (64, 64) or (tile.num_wg != 2 or tile.block_m != 2 * WG_KEYS or tile.shared_dq or tile.early_dp
-                                   or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.trace):
+                                   or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.trace
+                                   or tile.dq_writer):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
