@@ -1134,10 +1134,11 @@ def get_tile(d, dv, **overrides):
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
     elif tile.keys_as_rows:
-        # The keys-as-rows kernel: tile widths (64, 64), two consumers, 128 query rows a step, none of the variants.
-        if (d, dv) != (64, 64) or (tile.num_wg != 2 or tile.block_m != 2 * WG_KEYS or tile.shared_dq or tile.early_dp
-                                   or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.trace
-                                   or tile.dq_writer):
+        # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
+        # consumers, none of the queries-as-rows kernel's variants.
+        rows = {64: 2 * WG_KEYS, 128: WG_KEYS}.get(d)
+        if (dv != d or rows is None or tile.num_wg != 2 or tile.block_m != rows or tile.shared_dq or tile.early_dp
+                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.trace or tile.dq_writer):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
@@ -1211,6 +1212,13 @@ def _dq_descriptor(acc, rows, varlen, parts=1):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
     return TensorDescriptor(acc, shape=list(acc.shape), strides=list(acc.stride()), block_shape=block,
                             layout=layout)
+
+
+def _kt_dq_descriptor(acc, tile, varlen):
+    """The keys-as-rows kernel's dQ boxes: [64 rows, D] with BM = 128 (a consumer's query rows), else [BM, D / 2]."""
+    if tile.block_m == 2 * WG_KEYS:
+        return _dq_descriptor(acc, WG_KEYS, varlen, 1)
+    return _dq_descriptor(acc, tile.block_m, varlen, tile.num_wg)
 
 
 # lse2 and Delta by TMA into shared memory beside Q (STATS_TMA: the D <= 128 kernel; see stats_tma_serves); False:
@@ -1293,9 +1301,9 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
             v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
             dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
-            # keys_as_rows: each consumer adds 64 query rows of dQ.
-            dq_desc=_dq_descriptor(dq_acc, WG_KEYS if tile.keys_as_rows else tile.block_m, varlen,
-                                   tile.num_wg if shared else 1))
+            # keys_as_rows: each consumer adds 64 query rows of dQ (D = 64, BM = 128), or all rows of D / 2 columns.
+            dq_desc=_kt_dq_descriptor(dq_acc, tile, varlen) if tile.keys_as_rows else
+            _dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
     stats, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, stats_al, q.device)
     descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
     descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)

@@ -47,18 +47,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import configs
-from .attention_fwd import _next_slot, _opaque, _q_coord
+from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _q_range, _RUNTIME_INTS,
                        _step_block, _store_rows, async_reduce_add_shared_to_global)
 
 
 def smem_bytes(tile, d, dv, elem=2):
     """Shared memory of attn_bwd_kt_kernel: resident K, V; the Q / dO ring with each block's lse2 and Delta; both
-    consumers' dSᵀ; their fp32 dQ staging tiles."""
+    consumers' dSᵀ; their fp32 dQ staging tiles ([64 rows, D] or [BM, D / 2] each: BM·D / 2 either way)."""
     kv = tile.block_n * (d + dv) * elem
     qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
     ds = tile.num_wg * WG_KEYS * tile.block_m * elem
-    dq = tile.num_wg * WG_KEYS * d * 4
+    dq = tile.block_m * d * 4
     return kv + qdo + ds + dq + configs.SMEM_RESERVE
 
 
@@ -125,10 +125,14 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
     N: gl.constexpr = KEYS_PER_WG
     D: gl.constexpr = p.q_desc.block_type.shape[-1]
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    QW: gl.constexpr = BM // NWG  # query rows of this consumer's dQ share
+    # This consumer's dQ share over the CTA's 128 keys: with BM = 128 its 64 query rows, all D columns (DQ_ROWS);
+    # with BM = 64 (D = 128) all query rows, its D / 2 columns.
+    DQ_ROWS: gl.constexpr = BM == NWG * KEYS_PER_WG
+    QW: gl.constexpr = BM // NWG if DQ_ROWS else BM
+    DQW: gl.constexpr = D if DQ_ROWS else D // NWG
     dtype: gl.constexpr = p.q_desc.dtype
     OTHER: gl.constexpr = (WG + 1) % NWG
-    # Sᵀ, dPᵀ: [64 keys, BM queries]; dK: [64, D]; dV: [64, DV]; dQ share: [QW queries, D].
+    # Sᵀ, dPᵀ: [64 keys, BM queries]; dK: [64, D]; dV: [64, DV]; dQ share: [QW queries, DQW].
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BM, 16])
     dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -139,6 +143,8 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
     # (k_width 2), so these conversions move no data.
     pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2)
     dsa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2)
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQW, 16])
     col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
 
     nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
@@ -209,15 +215,21 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
                 mbarrier.arrive(bufs.ds_ready.index(WG))
             dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
             if p.DQ_ATOMIC:
-                # dQ[QW·WG : QW·WG + QW] over the CTA's 128 keys: both consumers' dSᵀ, this consumer's query
-                # columns, read transposed (a 64-column slice of a 128-column tile: one whole 128-byte swizzle
-                # span). Opaque buffer indices: the wgmma descriptors are not built before the loop and kept live.
+                # The share over the CTA's 128 keys: both consumers' dSᵀ read transposed. DQ_ROWS: this consumer's
+                # 64 query columns of each dSᵀ (a 64-column slice of a 128-column tile: one whole 128-byte swizzle
+                # span) times all of K; else all of each dSᵀ times this consumer's D / 2 columns of K. Opaque buffer
+                # indices: the wgmma descriptors are not built before the loop and kept live.
                 mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
-                dq = gl.zeros([QW, D], gl.float32, dk_layout)
+                dq = gl.zeros([QW, DQW], gl.float32, dq_layout)
                 for w in gl.static_range(NWG):
                     wi = _opaque(gl.to_tensor(w))
-                    dq = warpgroup_mma(bufs.ds.index(wi).slice(WG * QW, QW, dim=1).permute((1, 0)),
-                                       bufs.k.index(wi).reshape([N, D]), dq, use_acc=w > 0, is_async=True)
+                    if DQ_ROWS:
+                        dq = warpgroup_mma(bufs.ds.index(wi).slice(WG * QW, QW, dim=1).permute((1, 0)),
+                                           bufs.k.index(wi).reshape([N, D]), dq, use_acc=w > 0, is_async=True)
+                    else:
+                        dq = warpgroup_mma(bufs.ds.index(wi).permute((1, 0)),
+                                           bufs.k.index(wi).reshape([N, D]).slice(WG * DQW, DQW, dim=1), dq,
+                                           use_acc=w > 0, is_async=True)
                 dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
                 mbarrier.arrive(bufs.ds_free.index(OTHER))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -225,9 +237,12 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
                 # The previous step's reduce-add has read the staging tile.
                 tma.store_wait(0)
                 dq_s = bufs.dq.index(WG)
-                dq_s.reshape([QW, D]).store(dq * p.softmax_scale)
+                dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
                 fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
+                if DQ_ROWS:
+                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
+                else:
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -270,7 +285,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        DV_EARLY: gl.constexpr = True):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
-    gl.static_assert(BM == 2 * KEYS_PER_WG, "keys as rows: BM = 128 (each consumer's dQ share is 64 query rows)")
+    gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
                      "not built in the keys-as-rows kernel")
     dtype: gl.constexpr = q_desc.dtype
