@@ -78,6 +78,12 @@ TILES = {
                    dv_early=False),
     "ktlate3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3,
                     dv_early=False),
+    # Each step's dQ share issued one step late (two dSᵀ buffers a consumer; two stages fit), dV after dS or before
+    # dPᵀ is waited for.
+    "ktlag": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
+                  dv_early=False, dq_lag=True),
+    "ktlage": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
+                   dv_early=True, dq_lag=True),
     # D = 128 keys as rows: 64 query rows a step, each consumer's dQ share all rows of D / 2 columns; three or two
     # stages, dV after dS or before dPᵀ is waited for.
     "kt128": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=3,

@@ -1052,6 +1052,9 @@ class BwdTile:
     keys_as_rows: bool = False
     # keys_as_rows: dV += Pᵀ·dO issued before dPᵀ is waited for (False: after dS is formed).
     dv_early: bool = True
+    # keys_as_rows: each step's dQ share issued one step late (two dSᵀ buffers a consumer), so that the consumers need
+    # not meet at every step's dS hand-over.
+    dq_lag: bool = False
 
     @property
     def block_n(self):
@@ -1346,6 +1349,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
+        constexprs["DQ_LAG"] = tile.dq_lag
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 

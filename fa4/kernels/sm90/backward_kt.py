@@ -57,7 +57,7 @@ def smem_bytes(tile, d, dv, elem=2):
     consumers' dSᵀ; their fp32 dQ staging tiles ([64 rows, D] or [BM, D / 2] each: BM·D / 2 either way)."""
     kv = tile.block_n * (d + dv) * elem
     qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
-    ds = tile.num_wg * WG_KEYS * tile.block_m * elem
+    ds = (2 if tile.dq_lag else 1) * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4
     return kv + qdo + ds + dq + configs.SMEM_RESERVE
 
@@ -118,7 +118,46 @@ def _column_stats(p, bufs, idx, t_base, cols, col_ok, which: gl.constexpr, layou
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
+def _dq_issue(p, bufs, base, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr, DQ_ROWS: gl.constexpr,
+              dq_layout: gl.constexpr):
+    """Issue this consumer's dQ share over the CTA's 128 keys (asynchronous): both consumers' dSᵀ, in ds.index(base)
+    and ds.index(base + 1), read transposed. DQ_ROWS: this consumer's 64 query columns of each dSᵀ (a 64-column
+    slice of a 128-column tile: one whole 128-byte swizzle span) times all of K; else all of each dSᵀ times this
+    consumer's D / 2 columns of K. Opaque buffer indices: the wgmma descriptors are not built before the loop and
+    kept live through it."""
+    NWG: gl.constexpr = p.NWG
+    N: gl.constexpr = KEYS_PER_WG
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    dq = gl.zeros([QW, DQW], gl.float32, dq_layout)
+    for w in gl.static_range(NWG):
+        wi = _opaque(gl.to_tensor(w))
+        if DQ_ROWS:
+            dq = warpgroup_mma(bufs.ds.index(base + wi).slice(WG * QW, QW, dim=1).permute((1, 0)),
+                               bufs.k.index(wi).reshape([N, D]), dq, use_acc=w > 0, is_async=True)
+        else:
+            dq = warpgroup_mma(bufs.ds.index(base + wi).permute((1, 0)),
+                               bufs.k.index(wi).reshape([N, D]).slice(WG * DQW, DQW, dim=1), dq,
+                               use_acc=w > 0, is_async=True)
+    return dq
+
+
+@gluon.jit
+def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr,
+            DQ_ROWS: gl.constexpr):
+    """Stage this consumer's completed dQ share (scaled) and add it to the fp32 accumulator by TMA reduce-add, once
+    the previous add has read the staging tile."""
+    tma.store_wait(0)
+    dq_s = bufs.dq.index(WG)
+    dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
+    fence_async_shared()
+    if DQ_ROWS:
+        async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
+    else:
+        async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+
+
+@gluon.jit
+def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr):
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     BM: gl.constexpr = p.BM
@@ -154,7 +193,6 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
         m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
         k_s = bufs.k.index(WG).reshape([N, D])
         v_s = bufs.v.index(WG).reshape([N, DV])
-        ds_s = bufs.ds.index(WG)
         dk = gl.zeros([N, D], gl.float32, dk_layout)
         dv = gl.zeros([N, DV], gl.float32, dv_layout)
         inv_scale2 = 1.0 / p.qk_scale
@@ -162,6 +200,8 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
         idx = 0
         phase = 0
         n_m = m_hi - m_lo
+        h_prev = 0
+        m0_prev = 0
         for it in range(p.group * n_m):
             g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             if p.VARLEN:
@@ -207,47 +247,62 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
             if not DV_EARLY:
                 dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
             if p.DQ_ATOMIC:
-                # The other consumer's dQ product of the previous step read ds[WG]: wait until it completed (a
-                # fresh barrier passes parity 1 at once).
-                mbarrier.wait(bufs.ds_free.index(WG), (it & 1) ^ 1)
-                ds_s.store(ds16)
+                # dSᵀ into this consumer's buffer of the step (DQ_LAG: two a consumer, by step parity), once the
+                # other consumer's dQ product that read it last completed (a fresh barrier passes parity 1).
+                if DQ_LAG:
+                    own = (it & 1) * NWG + WG
+                    mbarrier.wait(bufs.ds_free.index(own), ((it >> 1) & 1) ^ 1)
+                else:
+                    own = WG
+                    mbarrier.wait(bufs.ds_free.index(own), (it & 1) ^ 1)
+                bufs.ds.index(own).store(ds16)
                 fence_async_shared()
-                mbarrier.arrive(bufs.ds_ready.index(WG))
+                mbarrier.arrive(bufs.ds_ready.index(own))
             dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
-            if p.DQ_ATOMIC:
-                # The share over the CTA's 128 keys: both consumers' dSᵀ read transposed. DQ_ROWS: this consumer's
-                # 64 query columns of each dSᵀ (a 64-column slice of a 128-column tile: one whole 128-byte swizzle
-                # span) times all of K; else all of each dSᵀ times this consumer's D / 2 columns of K. Opaque buffer
-                # indices: the wgmma descriptors are not built before the loop and kept live.
+            if p.DQ_ATOMIC and DQ_LAG:
+                # The previous step's dQ share: the consumers need each other's dSᵀ one step late only, so either may
+                # run up to a step ahead of the other instead of meeting at every step's hand-over.
+                # (New names in the branches: an if may not turn the in-flight accumulators into tensors.)
+                if it > 0:
+                    prev = ((it - 1) & 1) * NWG
+                    mbarrier.wait(bufs.ds_ready.index(prev + OTHER), ((it - 1) >> 1) & 1)
+                    dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
+                    dv_done, dk_done, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                    mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
+                    mbarrier.arrive(bufs.q_empty.index(idx))
+                    mbarrier.arrive(bufs.do_empty.index(idx))
+                    _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS)
+                else:
+                    dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
+                    mbarrier.arrive(bufs.q_empty.index(idx))
+                    mbarrier.arrive(bufs.do_empty.index(idx))
+                dv = dv_done
+                dk = dk_done
+                h_prev = h
+                m0_prev = m0
+            elif p.DQ_ATOMIC:
                 mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
-                dq = gl.zeros([QW, DQW], gl.float32, dq_layout)
-                for w in gl.static_range(NWG):
-                    wi = _opaque(gl.to_tensor(w))
-                    if DQ_ROWS:
-                        dq = warpgroup_mma(bufs.ds.index(wi).slice(WG * QW, QW, dim=1).permute((1, 0)),
-                                           bufs.k.index(wi).reshape([N, D]), dq, use_acc=w > 0, is_async=True)
-                    else:
-                        dq = warpgroup_mma(bufs.ds.index(wi).permute((1, 0)),
-                                           bufs.k.index(wi).reshape([N, D]).slice(WG * DQW, DQW, dim=1), dq,
-                                           use_acc=w > 0, is_async=True)
+                dq = _dq_issue(p, bufs, 0, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
                 mbarrier.arrive(bufs.ds_free.index(OTHER))
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
-                # The previous step's reduce-add has read the staging tile.
-                tma.store_wait(0)
-                dq_s = bufs.dq.index(WG)
-                dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
-                fence_async_shared()
-                if DQ_ROWS:
-                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
-                else:
-                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+                _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
             idx, phase = _next_slot(idx, phase, p.STAGES)
+        last = p.group * n_m - 1
+        if p.DQ_ATOMIC and DQ_LAG:
+            # The last step's dQ share (DQ_LAG issues each step's share one step late).
+            if last >= 0:
+                prev = (last & 1) * NWG
+                mbarrier.wait(bufs.ds_ready.index(prev + OTHER), (last >> 1) & 1)
+                dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
+                dq = warpgroup_mma_wait(0, deps=(dq, ))
+                mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
+                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS)
         tma.store_wait(0)
         # Indices derived again from a fresh %ctaid read rather than kept live through the loop.
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
@@ -258,10 +313,12 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr):
         _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
                     p.stride_dvb, p.stride_dvs, p.stride_dvh)
         if p.DQ_ATOMIC:
-            # The other consumer's last dQ product read this consumer's K: wait for its release of ds[WG] (the
-            # hand-over of the last step).
-            last = p.group * n_m - 1
-            mbarrier.wait(bufs.ds_free.index(WG), last & 1)
+            # The other consumer's last dQ product read this consumer's K: wait for its release of this consumer's
+            # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once).
+            if DQ_LAG:
+                mbarrier.wait(bufs.ds_free.index((last & 1) * NWG + WG), (last >> 1) & 1)
+            else:
+                mbarrier.wait(bufs.ds_free.index(WG), last & 1)
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
@@ -283,7 +340,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       DV_EARLY: gl.constexpr = True):
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
@@ -294,7 +351,10 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS_PER_WG, BM], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [NWG, KEYS_PER_WG, BM], ds_layout)
+    # dSᵀ of each consumer, one buffer a consumer, or two (by step parity) when each step's dQ share is issued a step
+    # late (DQ_LAG).
+    DS_BUFS: gl.constexpr = 2 * NWG if DQ_LAG else NWG
+    ds_smem = gl.allocate_shared_memory(dtype, [DS_BUFS, KEYS_PER_WG, BM], ds_layout)
     if DQ_ATOMIC:
         dq_smem = gl.allocate_shared_memory(gl.float32, [NWG] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -310,9 +370,9 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_ready = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-    ds_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(NWG):
+    ds_ready = gl.allocate_shared_memory(gl.int64, [DS_BUFS, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [DS_BUFS, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(DS_BUFS):
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
     mbarrier.init(kv_ready, count=1)
@@ -337,6 +397,6 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY)),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
