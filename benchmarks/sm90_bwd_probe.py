@@ -84,6 +84,11 @@ TILES = {
                   dv_early=False, dq_lag=True),
     "ktlage": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
                    dv_early=True, dq_lag=True),
+    # ktlag with 1 or 2 of every 4 exponentials by polynomial on the FMA pipe.
+    "ktlagp1": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
+                    dv_early=False, dq_lag=True, poly=1),
+    "ktlagp2": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
+                    dv_early=False, dq_lag=True, poly=2),
     # D = 128 keys as rows: 64 query rows a step, each consumer's dQ share all rows of D / 2 columns; three or two
     # stages, dV after dS or before dPᵀ is waited for.
     "kt128": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=3,

@@ -72,10 +72,10 @@ LOOP_ALLOWANCE = {"d128-varlen-causal": 2, "d96-window": 8, "d96-shared-dq3-wind
                   # 13; ping_pong with varlen 18. Softcap takes the two-consumer tile (default_tile).
                   "d64-three-consumers-causal": 4, "d64-early-dp-causal": 13,
                   "d64-pingpong-ordered-varlen-causal": 18,
-                  # The keys-as-rows D = 64 kernel (backward_kt.py, session 13): none in the plain build; causal
-                  # 2, packed causal 15 (the sequence bounds: scalars reloaded from L1, the worker consumer only),
-                  # against ~1,100 instructions a step.
-                  "d64-causal": 2, "d64-varlen-causal": 16, "d64-stages3": 2}
+                  # The keys-as-rows D = 64 kernel (backward_kt.py, session 13; its dQ share a step late): none in
+                  # the plain build; causal 9, packed causal 10, a window 5, dV early 1 (scalars such as the
+                  # sequence and mask bounds reloaded from L1), against ~1,100 instructions a step.
+                  "d64-causal": 9, "d64-varlen-causal": 12, "d64-window-gqa2": 5, "d64-dv-early-causal": 1}
 
 # The three-consumer D = 64 tile (queries as rows, dQ by the ordered pass) shipped before keys_as_rows: the base of
 # the D = 64 probe variants below.
@@ -93,7 +93,7 @@ CASES = [
     ("d128-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True)),
     ("d64-window-softcap-gqa2", dict(d=64, dv=64, window=(100, 50), softcap=30.0, gqa=2)),
     ("d128-seqused", dict(d=128, dv=128, seqused=True)),
-    ("d64-stages3", dict(d=64, dv=64, tile=dict(stages=3))),
+    ("d64-no-lag-stages3", dict(d=64, dv=64, tile=dict(dq_lag=False, stages=3))),
     # The D = 64 keys-as-rows kernel's other forms (backward_kt.py): dV issued before dPᵀ is waited for; a window
     # both sides with GQA; the three-consumer tile shipped before it, plain and causal.
     ("d64-dv-early-causal", dict(d=64, dv=64, causal=True, tile=dict(dv_early=True))),
@@ -625,6 +625,119 @@ def test_d256_protocol_model_catches_mistakes():
     assert any("rewritten while read" in str(_d256_protocol_run(seed, 4, mistake="no_store_wait"))
                for seed in range(40))
     assert all(_d256_protocol_run(seed, 4, mistake="skip") == "deadlock" for seed in range(10))
+
+
+def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
+    """One random interleaving of the keys-as-rows kernel with DQ_LAG (backward_kt.py): the loader's Q / dO ring, two
+    consumers, two dSᵀ buffers a consumer (by step parity) with ds_ready / ds_free each, every step's dQ share issued
+    at the next step (reading both consumers' dSᵀ of that step and both consumers' K), the last one after the loop,
+    and the wait before dK is staged in the consumer's own K slot. The kernel's order of barrier operations and its
+    parity formulas; returns None, or what went wrong. mistake: "no_k_wait" (dK staged without waiting for the
+    other consumer's last dQ), "free_early" (ds_free arrived before the dQ product completed)."""
+    rng = np.random.default_rng(seed)
+    nwg = 2
+    q_ready = [_Bar(1) for _ in range(stages)]
+    q_empty = [_Bar(nwg) for _ in range(stages)]
+    ds_ready = [_Bar(1) for _ in range(2 * nwg)]
+    ds_free = [_Bar(1) for _ in range(2 * nwg)]
+    tma, slot_users = [], [set() for _ in range(stages)]
+    ds_step = [None] * (2 * nwg)                # the step whose dSᵀ a buffer holds
+    ds_readers = [set() for _ in range(2 * nwg)]
+    k_readers = [set() for _ in range(nwg)]    # consumers whose dQ product reads K[w]
+    errors = []
+
+    def wait(bar, parity, need):
+        return _parity_wait(bar, parity, need, errors)
+
+    def loader():
+        for it in range(steps):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(q_empty[idx], phase ^ 1, it // stages)
+            if slot_users[idx]:
+                errors.append(f"slot {idx} reloaded while consumers {slot_users[idx]} read it")
+            tma.append(idx)
+
+    def dq_share(w, step):
+        other = 1 - w
+        base = (step & 1) * nwg
+        yield from wait(ds_ready[base + other], (step >> 1) & 1, (step >> 1) + 1)
+        if ds_step[base] != step or ds_step[base + 1] != step:
+            errors.append(f"consumer {w} read dS of steps {ds_step[base:base + 2]} for step {step}")
+        for b in (base, base + 1):
+            ds_readers[b].add(w)
+        k_readers[0].add(w)
+        k_readers[1].add(w)
+        if mistake == "free_early":
+            ds_free[base + other].arrive()
+        yield  # warpgroup_mma_wait(0)
+        for b in (base, base + 1):
+            ds_readers[b].discard(w)
+        k_readers[0].discard(w)
+        k_readers[1].discard(w)
+        if mistake != "free_early":
+            ds_free[base + other].arrive()
+
+    def consumer(w):
+        for it in range(steps):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(q_ready[idx], phase, it // stages + 1)
+            slot_users[idx].add(w)
+            yield  # Sᵀ, dPᵀ, exp2, dS
+            own = (it & 1) * nwg + w
+            yield from wait(ds_free[own], ((it >> 1) & 1) ^ 1, it >> 1)
+            if ds_readers[own]:
+                errors.append(f"dS buffer {own} rewritten while consumers {ds_readers[own]} read it")
+            ds_step[own] = it
+            ds_ready[own].arrive()
+            if it > 0:
+                yield from dq_share(w, it - 1)  # its wait(0) also completes dV and dK of this step
+            else:
+                yield  # warpgroup_mma_wait(0)
+            slot_users[idx].discard(w)
+            q_empty[idx].arrive()
+        last = steps - 1
+        if last >= 0:
+            yield from dq_share(w, last)
+        if mistake != "no_k_wait":
+            yield from wait(ds_free[(last & 1) * nwg + w], (last >> 1) & 1, (last >> 1) + 1 if last >= 0 else 0)
+        if k_readers[w]:
+            errors.append(f"K[{w}] staged with dK while consumers {k_readers[w]} read it")
+
+    bars = q_ready + q_empty + ds_ready + ds_free
+    procs = [loader()] + [consumer(w) for w in range(nwg)]
+    blocked = set()
+    while procs or tma:
+        if tma and (not procs or rng.random() < 0.3):
+            q_ready[tma.pop(int(rng.integers(len(tma))))].arrive()
+            blocked.clear()
+            continue
+        proc = procs[int(rng.integers(len(procs)))]
+        before = ([(b.pending, b.done) for b in bars], len(tma))
+        try:
+            if next(proc) == "blocked" and ([(b.pending, b.done) for b in bars], len(tma)) == before:
+                blocked.add(proc)
+            else:
+                blocked.clear()
+        except StopIteration:
+            procs.remove(proc)
+            blocked.clear()
+        if errors:
+            return errors[0]
+        if procs and not tma and blocked == set(procs):
+            return "deadlock"
+    return None
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_kt_lag_protocol_model(stages):
+    for seed in range(100):
+        for steps in (0, 1, 2, 3, 4, 7):
+            assert _kt_lag_protocol_run(seed, steps, stages) is None, (seed, steps)
+
+
+def test_kt_lag_protocol_model_catches_mistakes():
+    assert any("while" in str(_kt_lag_protocol_run(seed, 3, mistake="no_k_wait")) for seed in range(60))
+    assert any("rewritten while" in str(_kt_lag_protocol_run(seed, 5, mistake="free_early")) for seed in range(60))
 
 
 # ---------------------------------------------------------------------------------------------------------

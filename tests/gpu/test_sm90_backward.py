@@ -432,13 +432,13 @@ def test_d256_declines_what_it_does_not_build():
 # The D = 64 tile's forms beside the shipped keys-as-rows tile over the matrix (forms its kernel does not build are
 # skipped): two consumers (what a softcap takes, backward.default_tile), the three-consumer tile shipped before it,
 # three with the in-kernel dQ reduce-add (a probe variant), and keys as rows with dV issued before dPᵀ is waited for
-# and with three Q / dO stages.
+# and without the one-step lag of the dQ share (three Q / dO stages).
 _QROWS = dict(keys_as_rows=False, block_m=64)
 VARIANTS = {"two-consumers": dict(_QROWS, num_wg=2, consumer_regs=240, separate_dq=True),
             "three-consumers": dict(_QROWS, num_wg=3, consumer_regs=160, separate_dq=True),
             "three-consumers-reduce-add": dict(_QROWS, num_wg=3, consumer_regs=160, separate_dq=False),
             "keys-as-rows-dv-early": dict(dv_early=True),
-            "keys-as-rows-3-stages": dict(stages=3)}
+            "keys-as-rows-no-lag-3-stages": dict(dq_lag=False, stages=3)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -1055,6 +1055,8 @@ class BwdTile:
     # keys_as_rows: each step's dQ share issued one step late (two dSᵀ buffers a consumer), so that the consumers need
     # not meet at every step's dS hand-over.
     dq_lag: bool = False
+    # keys_as_rows: this many of every 4 exponentials of P by polynomial on the FMA pipe (softmax.exp2_mixed).
+    poly: int = 0
 
     @property
     def block_n(self):
@@ -1082,8 +1084,11 @@ _TABLE = {
     # H100, 2026-11-26 (sm90_bwd_probe --dims 64 --tiles kt,ktlate,kt3, same run, TFLOP/s three consumers / keys
     # as rows, dV issued after dS): S = 4096 377 -> 457, causal 356 -> 384; S = 16384 395 -> 473, causal 403 -> 458.
     # Three Q / dO stages (ktlate3 against ktlate, the same run on another card): 443 -> 458, 388 -> 396, 486 -> 495,
-    # 461 -> 476.
-    (64, 64): BwdTile(block_m=128, num_wg=2, stages=3, consumer_regs=240, keys_as_rows=True, dv_early=False),
+    # 461 -> 476. Then each step's dQ share issued a step late (dq_lag: two dSᵀ buffers a consumer, which leaves room
+    # for two stages only), so the consumers need not meet at every step; two runs, two cards, TFLOP/s three stages
+    # -> lag: 464 -> 456, 399 -> 415, 488 -> 504, 469 -> 494; 461 -> 462, 399 -> 433, 492 -> 503, 473 -> 505.
+    (64, 64): BwdTile(block_m=128, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
+                      dq_lag=True),
     # D = 128: dQ shared over the consumers and a third Q / dO stage in the staging memory that frees. H100,
     # 2026-11-25 (sm90_bwd_probe --tiles shared,shared3, TFLOP/s one share per consumer / shared / shared + 3
     # stages): S = 1024 327 / 348 / 349, causal 233 / 269 / 268; S = 4096 415 / 454 / 461, causal 377 / 419 /
@@ -1350,6 +1355,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
+        constexprs["POLY"] = tile.poly
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 

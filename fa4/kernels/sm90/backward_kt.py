@@ -48,6 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import configs
 from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord
+from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _q_range, _RUNTIME_INTS,
                        _step_block, _store_rows, async_reduce_add_shared_to_global)
 
@@ -157,7 +158,7 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr):
+def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr):
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     BM: gl.constexpr = p.BM
@@ -233,7 +234,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             # dPᵀ right behind Sᵀ: it runs under the softmax.
             dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), dpt, is_async=True)
             st = warpgroup_mma_wait(1, deps=(st, ))
-            pt = gl.exp2(_mask_t(p, st * p.qk_scale, kr0, m0, seq_q, seq_k))
+            # POLY of every 4 exponentials on the FMA pipe (softmax.exp2_mixed; arguments <= 0 or -inf here): two
+            # consumers' exp2 (8,192 each a step) keep the MUFU unit busy 40% as long as the step's products.
+            pt = exp2_mixed(_mask_t(p, st * p.qk_scale, kr0, m0, seq_q, seq_k), POLY)
             # P and dS rounded to the input dtype, as the forward's P·V rounds P.
             pt16 = gl.convert_layout(pt.to(dtype), pa_layout)
             if DV_EARLY:
@@ -340,7 +343,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False):
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
@@ -397,6 +400,6 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG)),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
