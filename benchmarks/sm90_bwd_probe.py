@@ -97,6 +97,8 @@ TILES = {
                    dv_early=True),
     "kt128s2": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=2,
                     dv_early=False),
+    "kt128lag": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=2,
+                     dv_early=False, dq_lag=True),
 }
 
 
