@@ -167,7 +167,10 @@ def _tile_of(kw):
     widths = (_triton.next_power_of_2(max(kw["d"], 64)), _triton.next_power_of_2(max(kw["dv"], 64)))
     if kw.get("tile"):
         return backward.get_tile(*widths, **kw["tile"])
-    return backward.default_tile(*widths, kw.get("window", (-1, -1))[0], kw.get("softcap", 0.0))
+    right = 0 if kw.get("causal") else kw.get("window", (-1, -1))[1]
+    return backward.default_tile(*widths, kw.get("window", (-1, -1))[0], kw.get("softcap", 0.0), window_right=right,
+                                 deterministic=bool(kw.get("deterministic") or kw.get("dq_chain")),
+                                 varlen=bool(kw.get("varlen")))
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")

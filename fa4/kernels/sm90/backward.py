@@ -1161,14 +1161,31 @@ D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, sep
 D64_THREE_TILE = BwdTile(block_m=64, num_wg=3, stages=2, consumer_regs=160, separate_dq=True)
 
 
-def default_tile(d, dv, window_left=-1, softcap=0.0):
+# D = 128 with a right window (causal), batched, not deterministic, no softcap: the keys-as-rows kernel at 64 query
+# rows a step with its dQ share a step late. H100, 2026-11-26 (sm90_bwd_probe --dims 128 --tiles kt128lag, one run,
+# card 1651324025577), TFLOP/s shipped -> this tile: causal S = 1024 281 -> 291, 4096 438 -> 459, 16384 532 -> 550;
+# non-causal 414 -> 410, 533 -> 515, 563 -> 544 (so non-causal calls keep the shared-dQ tile). Deterministic calls
+# keep the shared-dQ tile's in-kernel ordered chain; packed calls keep it too (the packed causal build reloads 16
+# values a step from local memory and was not timed).
+D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
+                           dq_lag=True)
+
+
+def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False):
     """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
-    Sᵀ and dPᵀ)."""
+    Sᵀ and dPᵀ). At D = 128 batched causal calls take D128_CAUSAL_TILE."""
     tile = get_tile(d, dv)
     if tile is not None and (d, dv) == (64, 64) and softcap > 0:
         return D64_NARROW_TILE
+    if ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and not varlen and softcap == 0
+            and KEYS_AS_ROWS_D128):
+        return D128_CAUSAL_TILE
     return tile
+
+
+# D128_CAUSAL_TILE for batched causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
+KEYS_AS_ROWS_D128 = True
 
 
 def shipped_tiles():
@@ -1279,7 +1296,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
-    tile = tile or default_tile(d, dvw, window_left, softcap)
+    tile = tile or default_tile(d, dvw, window_left, softcap, window_right=window_right, deterministic=deterministic,
+                                varlen=varlen)
     hq, hkv = q.shape[-2], k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -1410,7 +1428,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         seqlen_k = int(max_seqlen_k)
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-    tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap)
+    tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap,
+                                window_right=window_right, deterministic=deterministic, varlen=varlen)
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
     dk = alloc(k.shape, dtype=k.dtype, device=device)

@@ -32,7 +32,8 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         assert tile_obj is not None, f"no tile for ({d}, {dv}) with {tile}"
     else:
         tile_obj = backward.default_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
-                                         left, softcap)
+                                         left, softcap, window_right=right, deterministic=deterministic or dq_chain,
+                                         varlen=varlen)
     # A separate_dq tile launches the main kernel without the dQ reduce-add, as the deterministic call does.
     deterministic = deterministic or tile_obj.separate_dq
     _, args, constexprs = backward.launch_plan(
