@@ -1171,15 +1171,17 @@ D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, ke
                            dq_lag=True)
 
 
-def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False):
+def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False,
+                 sink=False):
     """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
-    Sᵀ and dPᵀ). At D = 128 batched causal calls take D128_CAUSAL_TILE."""
+    Sᵀ and dPᵀ). At D = 128 batched causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ
+    to the ordered pass, see backward_checked)."""
     tile = get_tile(d, dv)
     if tile is not None and (d, dv) == (64, 64) and softcap > 0:
         return D64_NARROW_TILE
     if ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and not varlen and softcap == 0
-            and KEYS_AS_ROWS_D128):
+            and not sink and KEYS_AS_ROWS_D128):
         return D128_CAUSAL_TILE
     return tile
 
@@ -1429,7 +1431,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap,
-                                window_right=window_right, deterministic=deterministic, varlen=varlen)
+                                window_right=window_right, deterministic=deterministic, varlen=varlen,
+                                sink=sink is not None)
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
     dk = alloc(k.shape, dtype=k.dtype, device=device)
@@ -1440,7 +1443,10 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     chain = deterministic and dq_chain_serves(tile, window_left, sink)
     # dQ from the ordered pass (deterministic, or the tile's choice) also gives the sink gradient, from
     # Σ_j P·dP rather than from the rounded O; otherwise the preprocess's partial sums give it.
-    ordered_dq = (deterministic and not chain) or tile.separate_dq
+    # The keys-as-rows kernel has no P·dP partials for a sink (sink_pdp), and the preprocess's rowsum(dO·O) with the
+    # rounded O measured outside the numerics rule for it (D = 40 / 24, 8 heads, bf16): its sink calls take the
+    # ordered pass (what every D = 64 call took before that kernel).
+    ordered_dq = (deterministic and not chain) or tile.separate_dq or (sink is not None and tile.keys_as_rows)
     # tile.sink_pdp: the main kernel sums Σ_j P·dP for the sink gradient itself (per head, key block, consumer).
     sink_in_main = sink is not None and not ordered_dq and tile.sink_pdp
 
