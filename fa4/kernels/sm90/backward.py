@@ -198,7 +198,6 @@ class BwdProblem:
     ORDERED_DQ: gl.constexpr
     DQ_WRITER: gl.constexpr
     STATS_TMA: gl.constexpr
-    HEADS_FIRST: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -207,7 +206,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, HEADS_FIRST=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -264,7 +263,6 @@ class BwdProblem:
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
-        self.HEADS_FIRST = gl.constexpr(HEADS_FIRST)
 
 
 @aggregate
@@ -326,23 +324,9 @@ def _cta_block(p):
                                    is_pure=False, pack=1)
     bh = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
                                    is_pure=False, pack=1)
-    if p.HEADS_FIRST:
-        # Grid axis 0: (b, kv head), axis 1: key blocks (launch_plan, causal calls): the GPU dispatches every head's
-        # key block 0 (under a causal mask the longest walk) before any key block 1, so the last CTAs to start are
-        # the shortest and the tail of the grid stays short.
-        nb, bh = bh, nb
     if p.ORDERED_DQ == ORDERED_DQ_DESC:
-        nb = _num_key_blocks(p) - 1 - nb
+        nb = gl.num_programs(0) - 1 - nb
     return nb, bh
-
-
-@gluon.jit
-def _num_key_blocks(p):
-    """The grid's number of key blocks (its axis 0, or axis 1 with HEADS_FIRST)."""
-    if p.HEADS_FIRST:
-        return gl.num_programs(1)
-    else:
-        return gl.num_programs(0)
 
 
 @gluon.jit
@@ -748,7 +732,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     # Slot (batch · kv head · group + g, key block, warpgroup); the CTA indices read afresh
                     # (not kept live through the loop).
                     kb, bh_kv = _cta_block(p)
-                    gl.store(p.dsink_ptr + ((bh_kv * p.group + g) * _num_key_blocks(p) + kb) * NWG + WG,
+                    gl.store(p.dsink_ptr + ((bh_kv * p.group + g) * gl.num_programs(0) + kb) * NWG + WG,
                              gl.sum(sink_rows, axis=0))
                     sink_rows = gl.zeros([BM], gl.float32, row_s)
             if p.STATS_TMA:
@@ -926,7 +910,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, HEADS_FIRST: gl.constexpr = False):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -987,7 +971,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, HEADS_FIRST)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1388,27 +1372,12 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
-    n_kb = triton.cdiv(seqlen_k, tile.block_n)
-    heads_first = heads_first_serves(tile, window_right, dq_chain is not None, n_kb)
-    constexprs["HEADS_FIRST"] = heads_first
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
-    grid = (batch * hkv, n_kb) if heads_first else (n_kb, batch * hkv)
+    grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
-
-
-# Causal (right-window) calls launch the D <= 128 kernels heads first, key blocks second (HEADS_FIRST); False: key
-# blocks first (probes flip it for A/B: benchmarks/bwd_flag_ab.py).
-CAUSAL_HEADS_FIRST = True
-
-
-def heads_first_serves(tile, window_right, dq_chain, n_kb):
-    """Whether the main kernel's grid is (b·kv heads, key blocks) instead of (key blocks, b·kv heads): causal calls on
-    the D <= 128 kernels, so that every head's longest walk (key block 0) starts first. Not with the ordered chain
-    (its deadlock argument counts dispatch order within a head), nor past 65,535 key blocks (grid axis 1's limit)."""
-    return CAUSAL_HEADS_FIRST and window_right >= 0 and not tile.d256 and not dq_chain and n_kb <= 65535
 
 
 # The ordered dQ pass on a side stream beside the main kernel (backward_checked); False: after it, on the
@@ -1560,7 +1529,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
-            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None), CAUSAL_HEADS_FIRST,
+            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape)
 
 
