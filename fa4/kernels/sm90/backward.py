@@ -198,7 +198,6 @@ class BwdProblem:
     ORDERED_DQ: gl.constexpr
     DQ_WRITER: gl.constexpr
     STATS_TMA: gl.constexpr
-    ROTATE: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -207,7 +206,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, ROTATE=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -264,7 +263,6 @@ class BwdProblem:
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
-        self.ROTATE = gl.constexpr(ROTATE)
 
 
 @aggregate
@@ -388,15 +386,7 @@ def _step_block(p, it, n_m, m_lo, hk):
     member g, its query head h and the block's first row m0. The loader and every consumer walk the same steps."""
     g = it // n_m
     h = hk * p.group + g
-    j = it - g * n_m
-    if p.ROTATE:
-        # Each key block starts its walk at a different query block (its index mod the walk's length) and wraps
-        # around: the CTAs of one head, dispatched together, then add into different dQ tiles at a time instead of
-        # all into the same one (L2 reduce-add contention).
-        nb, _ = _cta_block(p)
-        j = j + nb % n_m
-        j = gl.where(j >= n_m, j - n_m, j)
-    m0 = (m_lo + j) * p.BM
+    m0 = (m_lo + it - g * n_m) * p.BM
     return g, h, m0
 
 
@@ -920,7 +910,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ROTATE: gl.constexpr = False):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -981,7 +971,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, ROTATE)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1382,21 +1372,12 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
-    constexprs["ROTATE"] = (ROTATE_WALK and not tile.d256 and dq_chain is None and window_left < 0
-                            and window_right < 0)
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
-
-
-# Each CTA's walk over the query blocks rotated by its key block (ROTATE, _step_block) on the D <= 128 kernels, for
-# calls without a window (a causal walk already starts at the CTA's diagonal) and without the ordered chain (its
-# order is per query block); False: every walk starts at its first query block (probes flip it for A/B:
-# benchmarks/bwd_flag_ab.py).
-ROTATE_WALK = True
 
 
 # The ordered dQ pass on a side stream beside the main kernel (backward_checked); False: after it, on the
@@ -1548,7 +1529,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q), int(max_seqlen_k)),
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
-            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None), ROTATE_WALK,
+            dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape)
 
 
