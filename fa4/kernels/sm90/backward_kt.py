@@ -1,15 +1,16 @@
-"""Attention backward for Hopper (sm_90a) in Gluon at head dim D = Dv = 64, keys as the rows of every product
-("keys as rows", tile field `keys_as_rows`; the launch plan and host wrapper are backward.py's).
+"""Attention backward for Hopper (sm_90a) in Gluon with keys as the rows of every product ("keys as rows", tile
+field `keys_as_rows`; the launch plan and host wrapper are backward.py's): the default at D = Dv = 64 (BM = 128) and
+for batched causal calls at D = Dv = 128 (BM = 64; backward.default_tile).
 
 Why a kernel of its own. At D = 64 every product of backward.py's step is a 64 x 64 x 64 wgmma with both operands
 in shared memory: 4 KiB read per 131 kFLOP, 32 FLOP a byte, exactly the tensor core's rate (4,096 FLOP a clock)
 over shared memory's (128 B a clock). Add the P and dS stores and shared memory, not the tensor core, bounds the
 step; and the dQ product (a third such product plus its fp32 staging) did not fit beside three consumers, so dQ
-came from a second kernel (7 products where the peers run 5; benchmarks/NOTES.md, sessions 4-12).
+came from a second kernel (7 products where the peers run 5; benchmarks/NOTES.md, sessions 4-13).
 
-Here a CTA keeps 128 keys (two consumer warpgroups of 64) and streams query blocks of BM = 128 rows. Consumer w
-computes the transposed scores of its keys, so P and dS come out of the accumulator with keys as rows, which is
-the A operand of dV and dK straight from registers:
+Here a CTA keeps 128 keys (two consumer warpgroups of 64) and streams query blocks of BM rows. Consumer w computes
+the transposed scores of its keys, so P and dS come out of the accumulator with keys as rows, which is the A operand
+of dV and dK straight from registers (D = 64, BM = 128):
 
     Sᵀ  = K_w·Qᵀ      [64 keys, 128 queries]   A = K_w (shared), B = Qᵀ (shared), 42.7 FLOP a byte
     dPᵀ = V_w·dOᵀ     [64, 128]                 the same
@@ -20,6 +21,7 @@ the A operand of dV and dK straight from registers:
                       [64 queries, 64], K = 128 keys: both consumers' dSᵀ (16-bit, [64 keys, 128 queries] each)
                       handed over in shared memory, read transposed; added to the fp32 accumulator by one TMA
                       reduce-add of [64, 64] per consumer and step
+    (D = 128, BM = 64: consumer w's dQ share is all 64 query rows of its D / 2 columns, K_0 and K_1 sliced.)
 
 Five products of 1 MFLOP per consumer and step, the same five the peers run, and P never goes to shared memory.
 Shared memory read per consumer step: 24 + 24 (Sᵀ, dPᵀ) + 16 + 16 (dV, dK) + 32 (dQ) KiB, written 16 (dSᵀ) + 16
@@ -27,19 +29,24 @@ Shared memory read per consumer step: 24 + 24 (Sᵀ, dPᵀ) + 16 + 16 (dV, dK) +
 backward.py's D = 64 step needs ~1,875 against 1,536 without its dQ.
 
 Registers per consumer thread (240): Sᵀ then Pᵀ (64 fp32), dPᵀ (64, issued right behind Sᵀ), dV and dK (32 + 32),
-lse2 and Delta (32 each, one at a time: 32 query columns a thread), then Pᵀ and dSᵀ in 16 bits (32 + 32) as
-the A operands, and the dQ share (32) once Sᵀ and dPᵀ are dead.
+then Pᵀ and dSᵀ in 16 bits (32 + 32) as the A operands, and the dQ share (32) once Sᵀ and dPᵀ are dead. lse2 and
+Delta are 32 values a thread each (32 query columns): the accumulators start at −lse2 / scale2 and −Delta instead,
+so neither is live at the register peak (see the loop).
 
 Barriers: backward.py's loader protocol (kv_ready, q_ready / q_empty, do_ready / do_empty, lse2 and Delta on Q's
-barrier), and the dS hand-over of its DQ_SHARED tile (ds_ready[w]: consumer w's dSᵀ of step `it` is in ds[w];
-ds_free[w]: the other consumer's dQ product reading ds[w] completed). Each hand-over barrier is arrived once a step
-by one consumer and waited for once a step by the other, and a consumer writes ds[w] only after ds_free[w] of the
-previous step, so a parity wait is exact and the steps complete in order (the argument of backward.py's module
-docstring, without turns).
+barrier), and the dS hand-over of its DQ_SHARED tile (ds_ready[b]: buffer b holds its owner's dSᵀ; ds_free[b]: the
+other consumer's dQ product reading buffer b completed). Without DQ_LAG each consumer has one buffer and both use the
+other's dSᵀ of the same step; with DQ_LAG (tile.dq_lag, the default) two a consumer by step parity, and each step's
+dQ share is issued at the next step (the last one after the loop), so either consumer may run up to a step ahead
+instead of both meeting at every step. Each hand-over barrier is arrived once per use by one consumer and waited for
+once per use by the other, and a consumer rewrites a buffer only after ds_free of its previous use, so a parity wait
+is exact and the steps complete in order (the argument of backward.py's module docstring, without turns; a Python
+model of the lagged protocol runs under random schedules in tests/test_sm90_backward_aot.py). Before dK is staged in
+a consumer's K slot it waits for the other consumer's last dQ product, which reads that K.
 
-Served: causal and window masks, GQA, varlen, seqused_k, a sink (its gradient from the preprocess's partial sums),
-deterministic=True (this kernel without dQ; the ordered pass gives it). Not built: softcap (tanh's values beside Sᵀ
-and dPᵀ), the sink's P·dP partials, ping-pong, the writer warp, traces.
+Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True and a sink (this kernel without dQ; the
+ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap (tanh's values beside Sᵀ and
+dPᵀ), the sink's P·dP partials, ping-pong, the writer warp, traces.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
