@@ -1,6 +1,7 @@
 """Attention backward for Hopper (sm_90a) in Gluon: the main kernel, its partitions, and the host wrapper.
 
-Dispatched for D, Dv <= 128 (this file's kernel) and D = Dv in (128, 256] (backward_d256.py's, tile D256_TILE)
+Dispatched for D, Dv <= 128 (this file's kernel; at D = 64, and for batched causal calls at D = 128, the keys-as-rows
+kernel of backward_kt.py, tiles with keys_as_rows) and D = Dv in (128, 256] (backward_d256.py's, tile D256_TILE)
 by dispatch.resolve_auto_backward; tests: tests/gpu/test_sm90_backward.py (GPU),
 tests/test_sm90_backward_aot.py (sm_90a compile, register and spill checks); speed: benchmarks/sm90_bwd_probe.py.
 
