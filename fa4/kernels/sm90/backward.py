@@ -1181,14 +1181,16 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
     tile = get_tile(d, dv)
     if tile is not None and (d, dv) == (64, 64) and softcap > 0:
         return D64_NARROW_TILE
-    if ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and not varlen and softcap == 0
-            and not sink and KEYS_AS_ROWS_D128):
+    if ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and (KEYS_AS_ROWS_D128_PACKED or not varlen)
+            and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
         return D128_CAUSAL_TILE
     return tile
 
 
 # D128_CAUSAL_TILE for batched causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
+# ... and for packed causal D = 128 calls too (off: not yet measured; benchmarks/bwd_flag_ab.py --varlen flips it).
+KEYS_AS_ROWS_D128_PACKED = False
 
 
 def shipped_tiles():
