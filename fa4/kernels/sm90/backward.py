@@ -1,6 +1,6 @@
 """Attention backward for Hopper (sm_90a) in Gluon: the main kernel, its partitions, and the host wrapper.
 
-Dispatched for D, Dv <= 128 (this file's kernel; at D = 64, and for batched causal calls at D = 128, the keys-as-rows
+Dispatched for D, Dv <= 128 (this file's kernel; at D = 64, and for causal calls at D = 128, the keys-as-rows
 kernel of backward_kt.py, tiles with keys_as_rows) and D = Dv in (128, 256] (backward_d256.py's, tile D256_TILE)
 by dispatch.resolve_auto_backward; tests: tests/gpu/test_sm90_backward.py (GPU),
 tests/test_sm90_backward_aot.py (sm_90a compile, register and spill checks); speed: benchmarks/sm90_bwd_probe.py.
@@ -1166,8 +1166,7 @@ D64_THREE_TILE = BwdTile(block_m=64, num_wg=3, stages=2, consumer_regs=160, sepa
 # rows a step with its dQ share a step late. H100, 2026-11-26 (sm90_bwd_probe --dims 128 --tiles kt128lag, one run,
 # card 1651324025577), TFLOP/s shipped -> this tile: causal S = 1024 281 -> 291, 4096 438 -> 459, 16384 532 -> 550;
 # non-causal 414 -> 410, 533 -> 515, 563 -> 544 (so non-causal calls keep the shared-dQ tile). Deterministic calls
-# keep the shared-dQ tile's in-kernel ordered chain; packed calls keep it too (the packed causal build reloads 16
-# values a step from local memory and was not timed).
+# keep the shared-dQ tile's in-kernel ordered chain. Packed causal calls take it too (KEYS_AS_ROWS_D128_PACKED).
 D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
                            dq_lag=True)
 
@@ -1176,8 +1175,8 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
                  sink=False):
     """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
-    Sᵀ and dPᵀ). At D = 128 batched causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ
-    to the ordered pass, see backward_checked)."""
+    Sᵀ and dPᵀ). At D = 128 causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ to the
+    ordered pass, see backward_checked)."""
     tile = get_tile(d, dv)
     if tile is not None and (d, dv) == (64, 64) and softcap > 0:
         return D64_NARROW_TILE
@@ -1187,10 +1186,12 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
     return tile
 
 
-# D128_CAUSAL_TILE for batched causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
+# D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
-# ... and for packed causal D = 128 calls too (off: not yet measured; benchmarks/bwd_flag_ab.py --varlen flips it).
-KEYS_AS_ROWS_D128_PACKED = False
+# ... and for packed causal D = 128 calls too. H100, 2026-11-26 (bwd_flag_ab.py --flag KEYS_AS_ROWS_D128_PACKED
+# --varlen, card 1652824006792, best of 3 rounds, µs shared-dQ -> keys as rows): S = 1024 571 -> 568, 4096 1573 ->
+# 1517, 16384 5254 -> 5083 (+0.5 / +3.6 / +3.3%).
+KEYS_AS_ROWS_D128_PACKED = True
 
 
 def shipped_tiles():

@@ -1,6 +1,6 @@
 """Attention backward for Hopper (sm_90a) in Gluon with keys as the rows of every product ("keys as rows", tile
 field `keys_as_rows`; the launch plan and host wrapper are backward.py's): the default at D = Dv = 64 (BM = 128) and
-for batched causal calls at D = Dv = 128 (BM = 64; backward.default_tile).
+for causal calls at D = Dv = 128 (BM = 64; backward.default_tile).
 
 Why a kernel of its own. At D = 64 every product of backward.py's step is a 64 x 64 x 64 wgmma with both operands
 in shared memory: 4 KiB read per 131 kFLOP, 32 FLOP a byte, exactly the tensor core's rate (4,096 FLOP a clock)
