@@ -1019,3 +1019,31 @@ def test_preprocess_aligned_copies_of_packed_rows():
         assert torch.equal(al[1][:, starts[b]:starts[b] + n], delta[:, rows])
     want = (dout.float() * out.float()).sum(-1).transpose(0, 1)
     assert torch.allclose(delta, want, atol=1e-3)
+
+
+def test_default_tile_routing(monkeypatch):
+    """Which tile each kind of call gets (backward.default_tile, backward_checked): keys as rows at D = 64 and for
+    causal D = 128; the queries-as-rows tiles for a D = 64 softcap, D = 128 non-causal or deterministic calls, and
+    for softmax_scale = 0 (the keys-as-rows kernel seeds its scores with −lse2 / scale); with a sink the keys-as-rows
+    tiles take dQ from the ordered pass (checked in backward_checked's rule below)."""
+    from fa4.kernels.sm90 import backward as bwd
+    assert bwd.default_tile(64, 64).keys_as_rows and bwd.default_tile(64, 64).dq_lag
+    assert bwd.default_tile(64, 64, window_right=0, varlen=True).keys_as_rows
+    assert bwd.default_tile(64, 64, softcap=30.0) is bwd.D64_NARROW_TILE
+    assert bwd.default_tile(64, 64, softmax_scale=0.0) is bwd.D64_NARROW_TILE
+    shared = bwd.get_tile(128, 128)
+    assert shared.shared_dq and not shared.keys_as_rows
+    assert bwd.default_tile(128, 128) == shared
+    assert bwd.default_tile(128, 128, window_right=0) is bwd.D128_CAUSAL_TILE
+    assert bwd.default_tile(128, 128, window_right=0, varlen=True) is bwd.D128_CAUSAL_TILE
+    for kw in (dict(deterministic=True), dict(sink=True), dict(softcap=20.0), dict(softmax_scale=0.0)):
+        assert bwd.default_tile(128, 128, window_right=0, **kw) == shared, kw
+    # An explicit keys-as-rows tile declines what its kernel does not build (the device checks, which a CPU tensor
+    # fails first, stubbed out).
+    from fa4.kernels import sm90
+    monkeypatch.setattr(sm90, "common_reason", lambda *a, **k: None)
+    q = torch.zeros(1, 128, 2, 64, dtype=torch.bfloat16)
+    kt = bwd.default_tile(64, 64)
+    assert bwd.unsupported_reason(q, q, q, tile=kt) is None
+    assert "softcap" in bwd.unsupported_reason(q, q, q, tile=kt, softcap=30.0)
+    assert "softmax_scale" in bwd.unsupported_reason(q, q, q, tile=kt, softmax_scale=0.0)

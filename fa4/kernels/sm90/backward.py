@@ -1172,14 +1172,17 @@ D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, ke
 
 
 def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False,
-                 sink=False):
+                 sink=False, softmax_scale=None):
     """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
     Sᵀ and dPᵀ). At D = 128 causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ to the
-    ordered pass, see backward_checked)."""
+    ordered pass, see backward_checked). softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel,
+    which seeds its score accumulator with −lse2 / scale."""
     tile = get_tile(d, dv)
-    if tile is not None and (d, dv) == (64, 64) and softcap > 0:
+    if tile is not None and (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         return D64_NARROW_TILE
+    if softmax_scale == 0:
+        return tile  # the keys-as-rows kernel divides lse2 by the scale (its seeded accumulators)
     if ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and (KEYS_AS_ROWS_D128_PACKED or not varlen)
             and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
         return D128_CAUSAL_TILE
@@ -1203,7 +1206,7 @@ def shipped_tiles():
 # ---------------------------------------------------------------------------------------------------------
 
 def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None,
-                       page_table=None, seqused_k=None, dout=None, tile=None, **_):
+                       page_table=None, seqused_k=None, dout=None, tile=None, softmax_scale=None, **_):
     """None if this backward serves the request, else a short reason (dispatch.resolve_auto_backward).
     tile: an explicit BwdTile (probe, tests); the default (None) is the table's tile for the head dims."""
     from . import common_reason
@@ -1221,6 +1224,8 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
         return f"no sm90 backward tile for head dims ({d}, {dv})"
     if tile is not None and tile.keys_as_rows and softcap > 0:
         return "the keys-as-rows tile does not build softcap (the default D = 64 tile for softcap is two consumers)"
+    if tile is not None and tile.keys_as_rows and softmax_scale == 0:
+        return "the keys-as-rows tile needs a nonzero softmax_scale (it seeds its scores with -lse2 / scale)"
     if max(q.numel(), k.numel(), v.numel()) >= 2**31:
         # The pointer-stored dK/dV tail rows use 32-bit offsets and this size was never run on the GPU; the
         # Triton backward is tested past 2^31 elements.
@@ -1303,7 +1308,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     tile = tile or default_tile(d, dvw, window_left, softcap, window_right=window_right, deterministic=deterministic,
-                                varlen=varlen)
+                                varlen=varlen, softmax_scale=softmax_scale)
     hq, hkv = q.shape[-2], k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -1411,7 +1416,7 @@ def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, wi
     """(dq, dk, dv, dsink) per docs/INTERNALS.md on the Gluon kernel. tile: a BwdTile override (probe)."""
     reason = unsupported_reason(q, k, v, window_left=window_left, window_right=window_right, softcap=softcap,
                                 sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k,
-                                tile=tile)
+                                tile=tile, softmax_scale=softmax_scale)
     if reason is not None:
         raise ValueError(f"the sm90 backward cannot serve this call: {reason}")
     return backward_checked(dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
@@ -1436,7 +1441,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap,
                                 window_right=window_right, deterministic=deterministic, varlen=varlen,
-                                sink=sink is not None)
+                                sink=sink is not None, softmax_scale=softmax_scale)
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
     dk = alloc(k.shape, dtype=k.dtype, device=device)
