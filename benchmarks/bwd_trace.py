@@ -1,7 +1,7 @@
 """Where a step of the Gluon Hopper backward's consumers spends its cycles (the trace build, tile.trace).
 
     python benchmarks/bwd_trace.py                      # D = 64 and 128, S = 4096, both causal values
-    python benchmarks/bwd_trace.py --rows 64:16384 --variants shipped,reduce-add
+    python benchmarks/bwd_trace.py --rows 64:16384 --variants shipped,wg3,reduce-add
 
 The trace build stamps %clock64 at eight points of each consumer step (backward._trace_step) in the CTAs of the
 first (batch, kv head). Printed per (row, variant, consumer): the median cycles of each phase over the traced
@@ -14,6 +14,11 @@ steps (the first two skipped) and the median step:
   loop      step end -> next step start
 A phase that is long against the others is where the step waits; compare with the m64n64k16 budget of a step
 (D = 64: 20 wgmma instructions a consumer, ~32 cycles each at the tensor core's peak).
+
+The keys-as-rows kernel (the D = 64 default, backward_kt.py) stamps the same events with its own meaning: softmax is
+S done -> Pᵀ formed, dp_wait -> dPᵀ done, ds -> dSᵀ stored and handed over, mma_wait -> dV, dK and the dQ share
+done (with its dQ lag, the previous step's share, including the wait for the other consumer's dSᵀ). Its ~1,280
+cycles of tensor work a consumer step (D = 64) are the budget there. Not yet run on a GPU (session 13).
 """
 import argparse
 import os
@@ -27,8 +32,13 @@ sys.path.insert(0, ROOT)
 from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 
 PHASES = ["q_wait", "s_done", "softmax", "dp_wait", "ds", "mma_wait", "release", "st_wait", "dq_stage", "dq_issue"]
-VARIANTS = {"shipped": {}, "reduce-add": dict(separate_dq=False), "wg2": dict(num_wg=2, consumer_regs=240),
-            "wg2-reduce-add": dict(num_wg=2, consumer_regs=240, separate_dq=False)}
+# At D = 64 "shipped" is the keys-as-rows kernel (backward_kt.py); the queries-as-rows forms are named explicitly.
+_QROWS64 = dict(keys_as_rows=False, block_m=64)
+VARIANTS = {"shipped": {}, "kt-no-lag": dict(dq_lag=False, stages=3),
+            "wg3": dict(_QROWS64, num_wg=3, consumer_regs=160, separate_dq=True),
+            "reduce-add": dict(_QROWS64, num_wg=3, consumer_regs=160, separate_dq=False),
+            "wg2": dict(_QROWS64, num_wg=2, consumer_regs=240, separate_dq=True),
+            "wg2-reduce-add": dict(_QROWS64, num_wg=2, consumer_regs=240, separate_dq=False)}
 
 
 def trace_row(d, s, causal, over):
@@ -72,7 +82,7 @@ def summarize(tr):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="64:4096,128:4096", help="comma-separated D:S")
-    ap.add_argument("--variants", default="shipped,reduce-add")
+    ap.add_argument("--variants", default="shipped,kt-no-lag,wg3")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "| median cycles per consumer step, by phase")
     hdr = f"{'D':>4} {'S':>6} {'c':>2} {'variant':12s} wg " + " ".join(f"{n:>8s}" for n in PHASES + ["loop", "step"])

@@ -76,6 +76,8 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   # the plain build; causal 9, packed causal 10, a window 5, dV early 1 (scalars such as the
                   # sequence and mask bounds reloaded from L1), against ~1,100 instructions a step.
                   "d64-causal": 9, "d64-varlen-causal": 12, "d64-window-gqa2": 5, "d64-dv-early-causal": 1,
+                  # its trace build (a probe: the stamps' addresses and clocks take registers)
+                  "d64-trace-causal": 40,
                   # The same kernel for causal D = 128 (D128_CAUSAL_TILE): packed 16 (the sequence bounds).
                   "d128-varlen-causal": 16}
 
@@ -102,6 +104,8 @@ CASES = [
     ("d64-window-gqa2", dict(d=64, dv=64, window=(100, 50), gqa=2)),
     ("d64-three-consumers", dict(d=64, dv=64, tile=OLD64)),
     ("d64-three-consumers-causal", dict(d=64, dv=64, causal=True, tile=OLD64)),
+    # The keys-as-rows trace build (benchmarks/bwd_trace.py; %clock64 stamps to global memory at 11 points a step).
+    ("d64-trace-causal", dict(d=64, dv=64, causal=True, tile=dict(trace=True))),
     ("d64-varlen-causal", dict(d=64, dv=64, varlen=True, causal=True)),
     ("d96-window", dict(d=96, dv=96, window=(256, 0))),             # head dims padded to the 128 tile
     ("d40-24", dict(d=40, dv=24)),

@@ -1147,7 +1147,7 @@ def get_tile(d, dv, **overrides):
         # consumers, none of the queries-as-rows kernel's variants.
         rows = {64: 2 * WG_KEYS, 128: WG_KEYS}.get(d)
         if (dv != d or rows is None or tile.num_wg != 2 or tile.block_m != rows or tile.shared_dq or tile.early_dp
-                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.trace or tile.dq_writer):
+                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.dq_writer):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None

@@ -46,7 +46,9 @@ a consumer's K slot it waits for the other consumer's last dQ product, which rea
 
 Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True and a sink (this kernel without dQ; the
 ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap (tanh's values beside Sᵀ and
-dPᵀ), the sink's P·dP partials, ping-pong, the writer warp, traces.
+dPᵀ), the sink's P·dP partials, ping-pong, the writer warp. The trace build (tile.trace, benchmarks/bwd_trace.py)
+stamps backward.py's events; with DQ_LAG events 6-10 of step `it` close the dQ share of step it − 1 (the last share,
+after the loop, is stamped as one step past the last).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -57,7 +59,7 @@ from . import configs
 from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord
 from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _q_range, _RUNTIME_INTS,
-                       _step_block, _store_rows, async_reduce_add_shared_to_global)
+                       _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -151,17 +153,20 @@ def _dq_issue(p, bufs, base, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constex
 
 @gluon.jit
 def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr,
-            DQ_ROWS: gl.constexpr):
+            DQ_ROWS: gl.constexpr, it):
     """Stage this consumer's completed dQ share (scaled) and add it to the fp32 accumulator by TMA reduce-add, once
-    the previous add has read the staging tile."""
+    the previous add has read the staging tile. `it`: the step the trace build stamps (events 8-10)."""
     tma.store_wait(0)
+    _trace_step(p, WG, it, 8)
     dq_s = bufs.dq.index(WG)
     dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
     fence_async_shared()
+    _trace_step(p, WG, it, 9)
     if DQ_ROWS:
         async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
     else:
         async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+    _trace_step(p, WG, it, 10)
 
 
 @gluon.jit
@@ -222,8 +227,10 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             # afresh each step (opaque) rather than kept live through the loop.
             cols = m0 + _opaque(gl.arange(0, BM, col_s))
             col_ok = cols < seq_q
+            _trace_step(p, WG, it, 0)
             mbarrier.wait(bufs.q_ready.index(idx), phase)
             mbarrier.wait(bufs.do_ready.index(idx), phase)
+            _trace_step(p, WG, it, 1)
             # Both accumulators start at their column's statistic, so that lse2 and Delta (32 values a thread each)
             # are never live beside Sᵀ, dPᵀ, dV and dK (without this the softmax and dS spill ~12 values a step):
             #   Sᵀ acc = K·Qᵀ − lse2 / scale2, so acc·scale2 = Sᵀ·scale2 − lse2 (scale2 = softmax scale · log2 e;
@@ -241,17 +248,20 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             # dPᵀ right behind Sᵀ: it runs under the softmax.
             dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), dpt, is_async=True)
             st = warpgroup_mma_wait(1, deps=(st, ))
+            _trace_step(p, WG, it, 2)
             # POLY of every 4 exponentials on the FMA pipe (softmax.exp2_mixed; arguments <= 0 or -inf here): two
             # consumers' exp2 (8,192 each a step) keep the MUFU unit busy 40% as long as the step's products.
             pt = exp2_mixed(_mask_t(p, st * p.qk_scale, kr0, m0, seq_q, seq_k), POLY)
             # P and dS rounded to the input dtype, as the forward's P·V rounds P.
             pt16 = gl.convert_layout(pt.to(dtype), pa_layout)
+            _trace_step(p, WG, it, 3)
             if DV_EARLY:
                 # dV += Pᵀ·dO issued before dPᵀ is waited for: the tensor core works on it while dS is formed.
                 dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
                 dpt = warpgroup_mma_wait(1, deps=(dpt, ))
             else:
                 dpt = warpgroup_mma_wait(0, deps=(dpt, ))
+            _trace_step(p, WG, it, 4)
             dst = pt * dpt
             ds16 = dst.to(dtype)
             if not DV_EARLY:
@@ -268,6 +278,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 bufs.ds.index(own).store(ds16)
                 fence_async_shared()
                 mbarrier.arrive(bufs.ds_ready.index(own))
+            _trace_step(p, WG, it, 5)
             dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
             if p.DQ_ATOMIC and DQ_LAG:
                 # The previous step's dQ share: the consumers need each other's dSᵀ one step late only, so either may
@@ -278,10 +289,12 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                     mbarrier.wait(bufs.ds_ready.index(prev + OTHER), ((it - 1) >> 1) & 1)
                     dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                     dv_done, dk_done, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                    _trace_step(p, WG, it, 6)
                     mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
                     mbarrier.arrive(bufs.q_empty.index(idx))
                     mbarrier.arrive(bufs.do_empty.index(idx))
-                    _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS)
+                    _trace_step(p, WG, it, 7)
+                    _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, it)
                 else:
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
                     mbarrier.arrive(bufs.q_empty.index(idx))
@@ -294,10 +307,12 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
                 dq = _dq_issue(p, bufs, 0, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                _trace_step(p, WG, it, 6)
                 mbarrier.arrive(bufs.ds_free.index(OTHER))
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
-                _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS)
+                _trace_step(p, WG, it, 7)
+                _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -312,7 +327,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dq = warpgroup_mma_wait(0, deps=(dq, ))
                 mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
-                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS)
+                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1)
         tma.store_wait(0)
         # Indices derived again from a fresh %ctaid read rather than kept live through the loop.
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
@@ -353,7 +368,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
-    gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
+    gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
                      "not built in the keys-as-rows kernel")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
