@@ -77,7 +77,7 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   # sequence and mask bounds reloaded from L1), against ~1,100 instructions a step.
                   "d64-causal": 9, "d64-varlen-causal": 12, "d64-window-gqa2": 5, "d64-dv-early-causal": 1,
                   # its trace build (a probe: the stamps' addresses and clocks take registers)
-                  "d64-trace-causal": 40,
+                  "d64-trace-causal": 12,
                   # The same kernel for causal D = 128 (D128_CAUSAL_TILE): packed 16 (the sequence bounds).
                   "d128-varlen-causal": 16}
 
