@@ -487,13 +487,18 @@ def _visible(p, rows, keys, seq_k, off):
     """(rows, keys) bool: key index keys[c] visible to query row rows[r] (row i sees key j when j < seq_k and,
     with a window, i + off - window_left <= j <= i + off + window_right; off = seq_k - seq_q). Each element's
     key index is tested against every bound: the forward's per-element form and the backward's mask."""
-    r2 = gl.expand_dims(rows, 1)
-    c2 = gl.expand_dims(keys, 0)
-    ok = c2 < seq_k
+    return _visible_pairs(p, gl.expand_dims(rows, 1), gl.expand_dims(keys, 0), seq_k, off)
+
+
+@gluon.jit
+def _visible_pairs(p, queries, keys, seq_k, off):
+    """_visible for query and key indices already laid out as broadcastable 2-D operands, in whichever orientation
+    the caller's tile has (the keys-as-rows backward puts keys on axis 0)."""
+    ok = keys < seq_k
     if p.HAS_WR:
-        ok = ok & (c2 <= r2 + (off + p.window_right))
+        ok = ok & (keys <= queries + (off + p.window_right))
     if p.HAS_WL:
-        ok = ok & (c2 >= r2 + (off - p.window_left))
+        ok = ok & (keys >= queries + (off - p.window_left))
     return ok
 
 

@@ -542,18 +542,25 @@ def _mask(p, s, rows, kr0, m0, seq_q, seq_k):
     """-inf where a key (column) is not visible to a query (row); only in blocks that need it.
 
     Query rows past the sequence need no mask: their lse2 is +inf, so their P is exactly 0."""
+    if _mask_needed(p, kr0, m0, seq_q, seq_k):
+        # Opaque key offsets: LLVM would otherwise hoist this thread's 16 column indices out of the loop
+        # and keep them live through it (spilled at 240 registers a thread).
+        keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(0, s.type.layout)))
+        s = gl.where(_visible(p, rows, keys, seq_k, seq_k - seq_q), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _mask_needed(p, kr0, m0, seq_q, seq_k):
+    """Whether some key of the 64-key slab at kr0 is hidden from some query of the block at m0 (past the sequence's
+    keys, or outside a window): only then is a step's score tile masked."""
     off = seq_k - seq_q
     need = kr0 + KEYS_PER_WG > seq_k
     if p.HAS_WR:
         need = need | (kr0 + KEYS_PER_WG - 1 > m0 + off + p.window_right)
     if p.HAS_WL:
         need = need | (kr0 < m0 + p.BM - 1 + off - p.window_left)
-    if need:
-        # Opaque key offsets: LLVM would otherwise hoist this thread's 16 column indices out of the loop
-        # and keep them live through it (spilled at 240 registers a thread).
-        keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(0, s.type.layout)))
-        s = gl.where(_visible(p, rows, keys, seq_k, off), s, float("-inf"))
-    return s
+    return need
 
 
 # Trace build (tile.trace): per consumer and step (the first TRACE_STEPS), %clock64 at TRACE_EVENTS points:

@@ -56,10 +56,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import configs
-from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord
+from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _q_range, _RUNTIME_INTS,
-                       _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _mask_needed, _q_range,
+                       _RUNTIME_INTS, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -76,24 +76,12 @@ def smem_bytes(tile, d, dv, elem=2):
 def _mask_t(p, s, kr0, m0, seq_q, seq_k):
     """-inf where key (row) kr0 + r is not visible to query (column) m0 + c; only in blocks that need it.
     Query columns past the sequence need no mask: their lse2 is +inf, so their P is exactly 0."""
-    off = seq_k - seq_q
-    need = kr0 + KEYS_PER_WG > seq_k
-    if p.HAS_WR:
-        need = need | (kr0 + KEYS_PER_WG - 1 > m0 + off + p.window_right)
-    if p.HAS_WL:
-        need = need | (kr0 < m0 + p.BM - 1 + off - p.window_left)
-    if need:
+    if _mask_needed(p, kr0, m0, seq_q, seq_k):
         # Opaque offsets: not hoisted out of the loop and kept live through it (the query columns are 32 values a
         # thread).
         keys = kr0 + _opaque(gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, s.type.layout)))
         queries = m0 + _opaque(gl.arange(0, p.BM, gl.SliceLayout(0, s.type.layout)))
-        k2 = gl.expand_dims(keys, 1)
-        q2 = gl.expand_dims(queries, 0)
-        ok = k2 < seq_k
-        if p.HAS_WR:
-            ok = ok & (k2 <= q2 + (off + p.window_right))
-        if p.HAS_WL:
-            ok = ok & (k2 >= q2 + (off - p.window_left))
+        ok = _visible_pairs(p, gl.expand_dims(queries, 0), gl.expand_dims(keys, 1), seq_k, seq_k - seq_q)
         s = gl.where(ok, s, float("-inf"))
     return s
 
