@@ -158,6 +158,26 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
 
 
 @gluon.jit
+def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it, WG: gl.constexpr, QW: gl.constexpr,
+                       DQW: gl.constexpr, DQ_ROWS: gl.constexpr, dq_layout: gl.constexpr):
+    """The end of a step with dQ in the kernel: once the other consumer's dSᵀ is in ds.index(base + OTHER) (parity:
+    that buffer's phase), issue this consumer's dQ share from ds.index(base) and ds.index(base + 1) behind the step's
+    in-flight dV and dK, wait for all three, free the other's buffer and the Q / dO slot, and add the share to dQ
+    rows (h, m0). Returns dV and dK."""
+    OTHER: gl.constexpr = (WG + 1) % p.NWG
+    mbarrier.wait(bufs.ds_ready.index(base + OTHER), parity)
+    dq = _dq_issue(p, bufs, base, WG, QW, DQW, DQ_ROWS, dq_layout)
+    dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+    _trace_step(p, WG, it, 6)
+    mbarrier.arrive(bufs.ds_free.index(base + OTHER))
+    mbarrier.arrive(bufs.q_empty.index(idx))
+    mbarrier.arrive(bufs.do_empty.index(idx))
+    _trace_step(p, WG, it, 7)
+    _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it)
+    return dv, dk
+
+
+@gluon.jit
 def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr):
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
@@ -273,16 +293,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 # run up to a step ahead of the other instead of meeting at every step's hand-over.
                 # (New names in the branches: an if may not turn the in-flight accumulators into tensors.)
                 if it > 0:
-                    prev = ((it - 1) & 1) * NWG
-                    mbarrier.wait(bufs.ds_ready.index(prev + OTHER), ((it - 1) >> 1) & 1)
-                    dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
-                    dv_done, dk_done, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
-                    _trace_step(p, WG, it, 6)
-                    mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
-                    mbarrier.arrive(bufs.q_empty.index(idx))
-                    mbarrier.arrive(bufs.do_empty.index(idx))
-                    _trace_step(p, WG, it, 7)
-                    _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, it)
+                    dv_done, dk_done = _share_and_release(p, bufs, dv, dk, idx, ((it - 1) & 1) * NWG,
+                                                          ((it - 1) >> 1) & 1, b, h_prev, q_start, m0_prev, it, WG,
+                                                          QW, DQW, DQ_ROWS, dq_layout)
                 else:
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
                     mbarrier.arrive(bufs.q_empty.index(idx))
@@ -292,15 +305,8 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 h_prev = h
                 m0_prev = m0
             elif p.DQ_ATOMIC:
-                mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
-                dq = _dq_issue(p, bufs, 0, WG, QW, DQW, DQ_ROWS, dq_layout)
-                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
-                _trace_step(p, WG, it, 6)
-                mbarrier.arrive(bufs.ds_free.index(OTHER))
-                mbarrier.arrive(bufs.q_empty.index(idx))
-                mbarrier.arrive(bufs.do_empty.index(idx))
-                _trace_step(p, WG, it, 7)
-                _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it)
+                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, it & 1, b, h, q_start, m0, it, WG, QW, DQW,
+                                            DQ_ROWS, dq_layout)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
