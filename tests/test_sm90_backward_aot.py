@@ -397,6 +397,34 @@ def _parity_wait(bar, parity, need, errors):
         yield "blocked"
 
 
+def _schedule(rng, procs, tma, land, state, errors):
+    """Run the barrier models' processes (generators yielding at each operation, "blocked" at a short barrier) in a
+    random interleaving with the TMA loads in flight (`tma`: what each completes, `land` completes one). Returns the
+    first error, "deadlock" (every process blocked, no load in flight), or None."""
+    blocked = set()  # processes found blocked since the last change of state
+    while procs or tma:
+        if tma and (not procs or rng.random() < 0.3):  # a load lands
+            land(tma.pop(int(rng.integers(len(tma)))))
+            blocked.clear()
+            continue
+        proc = procs[int(rng.integers(len(procs)))]
+        before = state()
+        try:
+            # Blocked: it found a barrier short and changed nothing on the way there.
+            if next(proc) == "blocked" and state() == before:
+                blocked.add(proc)
+            else:
+                blocked.clear()
+        except StopIteration:
+            procs.remove(proc)
+            blocked.clear()
+        if errors:
+            return errors[0]
+        if procs and not tma and blocked == set(procs):
+            return "deadlock"
+    return None
+
+
 def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, turn_before_hand_over=False):
     """One random interleaving of the loader and the consumers over `steps` Q/dO steps, in the kernel's order of
     barrier operations (_consumer, _loader; Q and dO as one load). Returns None, or what went wrong. To show
@@ -462,29 +490,8 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
     def _state():
         return [(b.pending, b.done) for b in q_ready + q_empty + ds_ready + ds_free + turn], len(tma)
 
-    procs = [loader()] + [consumer(w) for w in range(nwg)]
-    blocked = set()  # processes found blocked since the last change of state
-    while procs or tma:
-        if tma and (not procs or rng.random() < 0.3):  # a load lands
-            q_ready[tma.pop(int(rng.integers(len(tma))))].arrive()
-            blocked.clear()
-            continue
-        proc = procs[int(rng.integers(len(procs)))]
-        before = _state()
-        try:
-            # Blocked: it found a barrier short and changed nothing on the way there.
-            if next(proc) == "blocked" and _state() == before:
-                blocked.add(proc)
-            else:
-                blocked.clear()
-        except StopIteration:
-            procs.remove(proc)
-            blocked.clear()
-        if errors:
-            return errors[0]
-        if procs and not tma and blocked == set(procs):
-            return "deadlock"
-    return None
+    return _schedule(rng, [loader()] + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
+                     _state, errors)
 
 
 @pytest.mark.parametrize("nwg,stages,shared", [(2, 2, False), (2, 3, True), (2, 2, True), (3, 2, False)])
@@ -598,29 +605,11 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None):
             st["slot1_tma"] = True
 
     bars = q_ready + q_empty + [do_ready, do_empty, part_ready, part_free, pds_ready, pds_free]
-    procs = [loader(), consumer0(), consumer1()]
-    blocked = set()
-    while procs or tma:
-        if tma and (not procs or rng.random() < 0.3):
-            tma.pop(int(rng.integers(len(tma)))).arrive()
-            blocked.clear()
-            continue
-        proc = procs[int(rng.integers(len(procs)))]
-        before = ([(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"])))
-        try:
-            if next(proc) == "blocked" and ([(b.pending, b.done) for b in bars], len(tma),
-                                            dict(st, pds_readers=set(st["pds_readers"]))) == before:
-                blocked.add(proc)
-            else:
-                blocked.clear()
-        except StopIteration:
-            procs.remove(proc)
-            blocked.clear()
-        if errors:
-            return errors[0]
-        if procs and not tma and blocked == set(procs):
-            return "deadlock"
-    return None
+
+    def _state():
+        return [(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"]))
+
+    return _schedule(rng, [loader(), consumer0(), consumer1()], tma, lambda bar: bar.arrive(), _state, errors)
 
 
 def test_d256_protocol_model():
@@ -713,28 +702,12 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
             errors.append(f"K[{w}] staged with dK while consumers {k_readers[w]} read it")
 
     bars = q_ready + q_empty + ds_ready + ds_free
-    procs = [loader()] + [consumer(w) for w in range(nwg)]
-    blocked = set()
-    while procs or tma:
-        if tma and (not procs or rng.random() < 0.3):
-            q_ready[tma.pop(int(rng.integers(len(tma))))].arrive()
-            blocked.clear()
-            continue
-        proc = procs[int(rng.integers(len(procs)))]
-        before = ([(b.pending, b.done) for b in bars], len(tma))
-        try:
-            if next(proc) == "blocked" and ([(b.pending, b.done) for b in bars], len(tma)) == before:
-                blocked.add(proc)
-            else:
-                blocked.clear()
-        except StopIteration:
-            procs.remove(proc)
-            blocked.clear()
-        if errors:
-            return errors[0]
-        if procs and not tma and blocked == set(procs):
-            return "deadlock"
-    return None
+
+    def _state():
+        return [(b.pending, b.done) for b in bars], len(tma)
+
+    return _schedule(rng, [loader()] + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
+                     _state, errors)
 
 
 @pytest.mark.parametrize("stages", [2, 3])
