@@ -39,6 +39,11 @@ CHECKS = [  # (D, causal, deterministic, hq, hkv)
 SHIPPED_DIMS = (128, 64)  # head dims with a shipped tile (the "base" checks and the sm90 / sm90_det columns)
 # (D, S); B = 16384 / S, H = 2048 / D (D = 256: the training suite's S = 4096 B = 4 H = 8 and S = 16384 B = 1 H = 8)
 ROWS = [(128, 1024), (128, 4096), (128, 16384), (64, 4096), (64, 16384), (256, 4096), (256, 16384)]
+# The keys-as-rows kernel's fields at D = 64 (two consumers, 128 query rows a step, dQ in the kernel) and at D = 128
+# (64 rows a step, off the shared-dQ tile's variants); the "kt" variants below add stages, dV order, lag and poly.
+# Without the lag unless a variant says so (the shipped D = 64 tile has it; with it three stages do not fit).
+_KT64 = dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, dq_lag=False)
+_KT128 = dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, dq_lag=False)
 # Tile variants (--tiles): overrides of backward.BwdTile, checked and timed beside the shipped tile where they fit.
 TILES = {
     "shared": dict(shared_dq=True),             # dQ of the CTA's whole key block, columns split over the consumers
@@ -69,36 +74,24 @@ TILES = {
     "nowriter": dict(dq_writer=False),
     # D = 64 keys as rows (backward_kt.py): Sᵀ = K·Qᵀ, Pᵀ and dSᵀ the A operands of dV, dK from registers, 128 keys
     # and 128 query rows a step, dQ in the kernel (each consumer 64 query rows); two or three Q / dO stages.
-    "kt": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
-               dv_early=True),
-    "kt3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3,
-                dv_early=True),
+    "kt": dict(_KT64, stages=2, dv_early=True),
+    "kt3": dict(_KT64, stages=3, dv_early=True),
     # The same with dV issued after dS is formed instead of before dPᵀ is waited for.
-    "ktlate": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
-                   dv_early=False),
-    "ktlate3": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=3,
-                    dv_early=False),
+    "ktlate": dict(_KT64, stages=2, dv_early=False),
+    "ktlate3": dict(_KT64, stages=3, dv_early=False),
     # Each step's dQ share issued one step late (two dSᵀ buffers a consumer; two stages fit), dV after dS or before
     # dPᵀ is waited for.
-    "ktlag": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
-                  dv_early=False, dq_lag=True),
-    "ktlage": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
-                   dv_early=True, dq_lag=True),
+    "ktlag": dict(_KT64, stages=2, dv_early=False, dq_lag=True),
+    "ktlage": dict(_KT64, stages=2, dv_early=True, dq_lag=True),
     # ktlag with 1 or 2 of every 4 exponentials by polynomial on the FMA pipe.
-    "ktlagp1": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
-                    dv_early=False, dq_lag=True, poly=1),
-    "ktlagp2": dict(keys_as_rows=True, num_wg=2, block_m=128, separate_dq=False, consumer_regs=240, stages=2,
-                    dv_early=False, dq_lag=True, poly=2),
+    "ktlagp1": dict(_KT64, stages=2, dv_early=False, dq_lag=True, poly=1),
+    "ktlagp2": dict(_KT64, stages=2, dv_early=False, dq_lag=True, poly=2),
     # D = 128 keys as rows: 64 query rows a step, each consumer's dQ share all rows of D / 2 columns; three or two
     # stages, dV after dS or before dPᵀ is waited for.
-    "kt128": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=3,
-                  dv_early=False),
-    "kt128e": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=3,
-                   dv_early=True),
-    "kt128s2": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=2,
-                    dv_early=False),
-    "kt128lag": dict(keys_as_rows=True, block_m=64, shared_dq=False, early_dp=False, dq_writer=False, stages=2,
-                     dv_early=False, dq_lag=True),
+    "kt128": dict(_KT128, stages=3, dv_early=False),
+    "kt128e": dict(_KT128, stages=3, dv_early=True),
+    "kt128s2": dict(_KT128, stages=2, dv_early=False),
+    "kt128lag": dict(_KT128, stages=2, dv_early=False, dq_lag=True),
 }
 
 
