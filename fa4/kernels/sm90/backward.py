@@ -1165,8 +1165,6 @@ def get_tile(d, dv, **overrides):
 # than 160 registers a consumer hold (the three-consumer build reloads ~140 values a step from local memory;
 # tests/test_sm90_backward_aot.py), so they keep two consumers at 240 registers.
 D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, separate_dq=True)
-# The D = 64 tile shipped before keys_as_rows: three consumers, dQ by the ordered pass (probe and test variants).
-D64_THREE_TILE = BwdTile(block_m=64, num_wg=3, stages=2, consumer_regs=160, separate_dq=True)
 
 
 # D = 128 with a right window (causal), batched, not deterministic, no softcap: the keys-as-rows kernel at 64 query
