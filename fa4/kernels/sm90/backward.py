@@ -1161,13 +1161,13 @@ def get_tile(d, dv, **overrides):
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
 
 
-# The D = 64 tile for calls with a left window or a softcap: their mask bounds and tanh keep more values live
-# than 160 registers a consumer hold (the three-consumer build reloads ~140 values a step from local memory;
-# tests/test_sm90_backward_aot.py), so they keep two consumers at 240 registers.
+# The D = 64 tile for calls with a softcap (and softmax_scale = 0), which the keys-as-rows kernel does not build: two
+# queries-as-rows consumers at 240 registers (three at 160 reloaded ~140 values a step with a softcap and a window;
+# tests/test_sm90_backward_aot.py), dQ by the ordered pass.
 D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, separate_dq=True)
 
 
-# D = 128 with a right window (causal), batched, not deterministic, no softcap: the keys-as-rows kernel at 64 query
+# D = 128 with a right window (causal), not deterministic, no softcap, no sink: the keys-as-rows kernel at 64 query
 # rows a step with its dQ share a step late. H100, 2026-11-26 (sm90_bwd_probe --dims 128 --tiles kt128lag, one run,
 # card 1651324025577), TFLOP/s shipped -> this tile: causal S = 1024 281 -> 291, 4096 438 -> 459, 16384 532 -> 550;
 # non-causal 414 -> 410, 533 -> 515, 563 -> 544 (so non-causal calls keep the shared-dQ tile). Deterministic calls
