@@ -4,6 +4,8 @@ ref = fa4.reference in fp32 on the same (low-precision) inputs; x_lowp = the ref
 input dtype. The memory the outputs will land in is poisoned with NaN first (through the caching allocator), so
 an element a kernel forgets to write fails the check.
 """
+import zlib
+
 import torch
 
 import fa4
@@ -177,6 +179,13 @@ def dsink_error_ratios(backward, seeds, *, b=1, s=513, hq=8, hkv=2, d=40, dv=24,
 
 
 # Backward feature-matrix cases: (b, sq, sk, hq, hkv, d, dv, left, right, softcap, sink, dlse).
+def case_seed(*parts):
+    """A seed per test case that is the same in every process: Python's hash() of a str is salted per process
+    (PYTHONHASHSEED), so hash((case, str(dtype))) drew different inputs on every run and a failure could not be
+    reproduced."""
+    return zlib.crc32(repr(parts).encode())
+
+
 def backward_case_id(case):
     b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
     return f"b{b}-sq{sq}-sk{sk}-h{hq}/{hkv}-d{d}/{dv}-w{left}_{right}-cap{cap}-s{int(sink)}-dl{int(dlse)}"
@@ -185,7 +194,7 @@ def backward_case_id(case):
 def backward_case_inputs(case, dtype, device):
     """(q, k, v, keyword arguments of check_backend_backward) of one backward feature-matrix case, with a
     seed per (case, dtype)."""
-    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    torch.manual_seed(case_seed(case, str(dtype)))
     b, sq, sk, hq, hkv, d, dv, left, right, cap, sink, dlse = case
     q = torch.randn(b, sq, hq, d, device=device, dtype=dtype)
     k = torch.randn(b, sk, hkv, d, device=device, dtype=dtype)

@@ -1013,8 +1013,27 @@ def test_default_tile_routing(monkeypatch):
     assert bwd.default_tile(128, 128) == shared
     assert bwd.default_tile(128, 128, window_right=0) is bwd.D128_CAUSAL_TILE
     assert bwd.default_tile(128, 128, window_right=0, varlen=True) is bwd.D128_CAUSAL_TILE
-    for kw in (dict(deterministic=True), dict(sink=True), dict(softcap=20.0), dict(softmax_scale=0.0)):
+    for kw in (dict(deterministic=True), dict(softcap=20.0), dict(softmax_scale=0.0),
+               dict(sink=True, deterministic=True)):
         assert bwd.default_tile(128, 128, window_right=0, **kw) == shared, kw
+    # A sink: the queries-as-rows tiles with dQ in the kernel sum its P·dP partials (sink_pdp); the others' sink
+    # calls take dQ and the sink gradient from the ordered pass (dq_route); nothing takes the O-based sum.
+    from dataclasses import replace
+    for right in (-1, 0):
+        assert bwd.default_tile(128, 128, window_right=right, sink=True) == replace(shared, sink_pdp=True)
+    sink = torch.zeros(8)
+    dt = bwd.default_tile
+    # (tile, deterministic, sink) -> (in-kernel ordered chain, ordered dQ pass, sink partials in the main kernel)
+    for tile, det, s, want in [(dt(128, 128, sink=True), False, sink, (False, False, True)),
+                               (dt(128, 128, sink=True, deterministic=True), True, sink, (False, True, False)),
+                               (dt(128, 128, deterministic=True), True, None, (True, False, False)),
+                               (dt(128, 128), False, None, (False, False, False)),
+                               (dt(64, 64, sink=True), False, sink, (False, True, False)),
+                               (dt(64, 64), False, None, (False, False, False)),
+                               (dt(64, 64, softcap=30.0, sink=True), False, sink, (False, True, False)),
+                               (dt(256, 256, sink=True), False, sink, (False, True, False)),
+                               (dt(256, 256), False, None, (False, False, False))]:
+        assert bwd.dq_route(tile, det, -1, s) == want, (tile, det, s is not None)
     # An explicit keys-as-rows tile declines what its kernel does not build (the device checks, which a CPU tensor
     # fails first, stubbed out).
     from fa4.kernels import sm90

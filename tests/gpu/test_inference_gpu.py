@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fa4
-from attention_check import poison_allocator
+from attention_check import case_seed, poison_allocator
 from fa4 import inference
 from numerics import assert_close_rule
 from test_inference import _make, _rotary_tables, reference_on_cache
@@ -77,7 +77,7 @@ MATRIX = [
 @pytest.mark.parametrize("name,make_kw,call_kw", MATRIX, ids=[m[0] for m in MATRIX])
 def test_feature_matrix(name, make_kw, call_kw, dtype):
     call_kw = dict(call_kw)
-    q, k_cache, v_cache, lens, kw = _make(dtype=dtype, seed=hash(name) % 2**31, **make_kw)
+    q, k_cache, v_cache, lens, kw = _make(dtype=dtype, seed=case_seed(name), **make_kw)
     q, k_cache, v_cache, lens = _to(DEV, q, k_cache, v_cache, lens)
     kw = {key: val.to(DEV) for key, val in kw.items()}
     int_lens = call_kw.pop("int_lens", None)

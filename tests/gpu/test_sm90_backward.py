@@ -318,10 +318,11 @@ def test_planned_launch(varlen):
     assert any(key[0] == "bwd" for key in launch._PLANS), "the first call should have kept a plan"
 
 
-@pytest.mark.parametrize("d,deterministic", [(40, True), (128, True)])
-def test_sink_gradient_from_the_ordered_pass(d, deterministic):
-    """Where dQ comes from the ordered pass (any D when deterministic; the D = 64 softcap tile) the sink gradient is
-    its Σ_j P·dP: over 20 fresh draws far inside the numerics rule."""
+@pytest.mark.parametrize("d,deterministic", [(40, True), (128, True), (64, False), (128, False), (256, False)])
+def test_sink_gradient_from_p_dp(d, deterministic):
+    """Every sink call takes its gradient from Σ_j P·dP, never from the rounded O: the ordered pass's where dQ comes
+    from it (any D when deterministic, D = 64 and D = 256 with a sink), the main kernel's partials on the D = 128
+    tiles (default_tile's sink_pdp). Over 20 fresh draws far inside the numerics rule."""
     ratios = dsink_error_ratios(_bwd().backward, range(20), d=d, dv=d, device=DEV, deterministic=deterministic)
     assert max(ratios) < 0.5, sorted(ratios)[-3:]
 

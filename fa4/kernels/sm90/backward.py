@@ -1065,6 +1065,8 @@ class BwdTile:
     dq_lag: bool = False
     # keys_as_rows: this many of every 4 exponentials of P by polynomial on the FMA pipe (softmax.exp2_mixed).
     poly: int = 0
+    # keys_as_rows with dq_lag (dQ in the kernel): each step's Sᵀ and dPᵀ issued at the end of the step before.
+    prefetch: bool = False
 
     @property
     def block_n(self):
@@ -1182,15 +1184,22 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
     Sᵀ and dPᵀ). At D = 128 causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ to the
     ordered pass, see backward_checked). softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel,
-    which seeds its score accumulator with −lse2 / scale."""
+    which seeds its score accumulator with −lse2 / scale. A sink on a queries-as-rows tile with dQ in the kernel
+    takes its P·dP partials (sink_pdp)."""
     tile = get_tile(d, dv)
-    if tile is not None and (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
-        return D64_NARROW_TILE
-    if softmax_scale == 0:
-        return tile  # the keys-as-rows kernel divides lse2 by the scale (its seeded accumulators)
-    if ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and (KEYS_AS_ROWS_D128_PACKED or not varlen)
-            and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
-        return D128_CAUSAL_TILE
+    if tile is None:
+        return None
+    if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
+        tile = D64_NARROW_TILE
+    elif ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and softmax_scale != 0
+          and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
+        tile = D128_CAUSAL_TILE
+    if sink and not deterministic and not (tile.keys_as_rows or tile.d256 or tile.separate_dq):
+        # The sink gradient from Σ_j P·dP in the main kernel, not from rowsum(dO·O) with the rounded O: the O-based
+        # sum's error is the lowp reference's size, so the rule's max over a few heads fails now and then
+        # (benchmarks/NOTES.md, "dsink and few heads"). It costs sink calls 6-15% (session 4). The other tiles'
+        # sink calls take the ordered pass, which gives the same sum (backward_checked).
+        tile = replace(tile, sink_pdp=True)
     return tile
 
 
@@ -1390,6 +1399,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
+        constexprs["PREFETCH"] = tile.prefetch and not deterministic
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 
@@ -1407,6 +1417,26 @@ def dq_chain_serves(tile, window_left, sink):
     shared-dQ tile (D = 128), no left window (the chain's bounds assume every key block's walk ends at the same
     query block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
     return DQ_CHAIN and tile.shared_dq and not tile.separate_dq and window_left < 0 and sink is None
+
+
+def dq_route(tile, deterministic, window_left, sink):
+    """(chain, ordered_dq, sink_in_main) of a call on `tile` (sink: the tensor or None): where dQ and the sink
+    gradient come from.
+
+    deterministic=True: dQ in a fixed order inside the main kernel (its chain, ORDERED_DQ) where it serves, else by
+    the ordered pass. dQ from the ordered pass (deterministic, or the tile's choice) also gives the sink gradient,
+    from Σ_j P·dP rather than from the rounded O. The keys-as-rows and D = 256 kernels have no P·dP partials for a
+    sink (sink_pdp), and the preprocess's rowsum(dO·O) with the rounded O measured outside the numerics rule for
+    both (keys as rows: D = 40 / 24, 8 heads, bf16; D = 256: test_short_queries_take_splitkv, Sq = 7, Sk = 5000,
+    8 heads, fp16, error ratio 2.46 to the lowp reference, 2026-11-26): their sink calls take the ordered pass.
+    sink_in_main: the main kernel sums Σ_j P·dP for the sink gradient itself (tile.sink_pdp, which default_tile
+    sets for a sink on the queries-as-rows tiles); otherwise the preprocess's O-based partial sums give it."""
+    has_sink = sink is not None
+    chain = deterministic and dq_chain_serves(tile, window_left, sink)
+    ordered_dq = ((deterministic and not chain) or tile.separate_dq
+                  or (has_sink and (tile.keys_as_rows or tile.d256)))
+    sink_in_main = has_sink and not ordered_dq and tile.sink_pdp
+    return chain, ordered_dq, sink_in_main
 
 
 def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
@@ -1452,17 +1482,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     dk = alloc(k.shape, dtype=k.dtype, device=device)
     dv = alloc(v.shape, dtype=v.dtype, device=device)
 
-    # deterministic=True: dQ in a fixed order inside the main kernel (its chain, ORDERED_DQ) where it serves, else
-    # by the ordered pass.
-    chain = deterministic and dq_chain_serves(tile, window_left, sink)
-    # dQ from the ordered pass (deterministic, or the tile's choice) also gives the sink gradient, from
-    # Σ_j P·dP rather than from the rounded O; otherwise the preprocess's partial sums give it.
-    # The keys-as-rows kernel has no P·dP partials for a sink (sink_pdp), and the preprocess's rowsum(dO·O) with the
-    # rounded O measured outside the numerics rule for it (D = 40 / 24, 8 heads, bf16): its sink calls take the
-    # ordered pass (what every D = 64 call took before that kernel).
-    ordered_dq = (deterministic and not chain) or tile.separate_dq or (sink is not None and tile.keys_as_rows)
-    # tile.sink_pdp: the main kernel sums Σ_j P·dP for the sink gradient itself (per head, key block, consumer).
-    sink_in_main = sink is not None and not ordered_dq and tile.sink_pdp
+    chain, ordered_dq, sink_in_main = dq_route(tile, deterministic, window_left, sink)
 
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
     prep_sink = None if ordered_dq or sink_in_main else sink
