@@ -201,39 +201,76 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
 
 
 @gluon.jit
-def _issue_sdp(p, bufs, k_s, v_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2,
-               st_layout: gl.constexpr):
-    """Wait for step `it`'s Q / dO slot and issue its Sᵀ and dPᵀ (asynchronous), the accumulators seeded with the
-    column statistics (see the loop of _consumer). Returns the in-flight (Sᵀ, dPᵀ)."""
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+def _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s: gl.constexpr):
+    """(t_base, query columns, their in-sequence mask) of step `it`, for _column_stats."""
     g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
     if p.VARLEN:
         t_base = h * p.stride_th + q_start
     else:
         t_base = b * p.stride_tb + h * p.stride_th
-    q_s = bufs.q.index(idx).reshape([BM, D])
-    do_s = bufs.do.index(idx).reshape([BM, DV])
-    cols = m0 + _opaque(gl.arange(0, BM, col_s))
-    col_ok = cols < seq_q
+    cols = m0 + _opaque(gl.arange(0, p.BM, col_s))
+    return t_base, cols, cols < seq_q
+
+
+@gluon.jit
+def _issue_s(p, bufs, k_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2, st_layout: gl.constexpr):
+    """Wait for step `it`'s Q / dO slot and issue its Sᵀ (asynchronous), seeded with −lse2 / scale2 (see the loop
+    of _consumer). Returns the in-flight Sᵀ."""
+    BM: gl.constexpr = p.BM
+    N: gl.constexpr = KEYS_PER_WG
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+    t_base, cols, col_ok = _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s)
     mbarrier.wait(bufs.q_ready.index(idx), phase)
     mbarrier.wait(bufs.do_ready.index(idx), phase)
     lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
-    delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
     st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
+    return warpgroup_mma(k_s, bufs.q.index(idx).reshape([BM, D]).permute((1, 0)), st, is_async=True)
+
+
+@gluon.jit
+def _issue_dp(p, bufs, v_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, st_layout: gl.constexpr):
+    """Issue step `it`'s dPᵀ (asynchronous; its slot has arrived), seeded with −Delta."""
+    BM: gl.constexpr = p.BM
+    N: gl.constexpr = KEYS_PER_WG
+    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+    t_base, cols, col_ok = _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s)
+    delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
     dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
-    st = warpgroup_mma(k_s, q_s.permute((1, 0)), st, is_async=True)
-    dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), dpt, is_async=True)
+    return warpgroup_mma(v_s, bufs.do.index(idx).reshape([BM, DV]).permute((1, 0)), dpt, is_async=True)
+
+
+@gluon.jit
+def _issue_next(p, bufs, k_s, v_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2,
+                st_layout: gl.constexpr, PREFETCH: gl.constexpr):
+    """The products issued ahead for step `it`: Sᵀ, and with PREFETCH = 2 dPᵀ too (both seeded before either is
+    issued: a register written between asynchronous wgmmas makes ptxas serialise them). Returns (Sᵀ, dPᵀ or Sᵀ)."""
+    if PREFETCH == 2:
+        BM: gl.constexpr = p.BM
+        N: gl.constexpr = KEYS_PER_WG
+        D: gl.constexpr = p.q_desc.block_type.shape[-1]
+        DV: gl.constexpr = p.v_desc.block_type.shape[-1]
+        col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+        t_base, cols, col_ok = _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s)
+        mbarrier.wait(bufs.q_ready.index(idx), phase)
+        mbarrier.wait(bufs.do_ready.index(idx), phase)
+        lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
+        delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
+        st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
+        dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
+        st = warpgroup_mma(k_s, bufs.q.index(idx).reshape([BM, D]).permute((1, 0)), st, is_async=True)
+        dpt = warpgroup_mma(v_s, bufs.do.index(idx).reshape([BM, DV]).permute((1, 0)), dpt, is_async=True)
+    else:
+        st = _issue_s(p, bufs, k_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2, st_layout)
+        dpt = st
     return st, dpt
 
 
 @gluon.jit
-def _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, kr0, seq_q, seq_k, WG: gl.constexpr,
-                     POLY: gl.constexpr, st_layout: gl.constexpr, dk_layout: gl.constexpr,
-                     dv_layout: gl.constexpr, dq_layout: gl.constexpr):
+def _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, b, q_start, kr0, seq_q, seq_k,
+                     WG: gl.constexpr, POLY: gl.constexpr, PREFETCH: gl.constexpr, st_layout: gl.constexpr,
+                     dk_layout: gl.constexpr, dv_layout: gl.constexpr, dq_layout: gl.constexpr):
     """One step of the prefetching consumer (PREFETCH) from its in-flight Sᵀ and dPᵀ: Pᵀ, dSᵀ and its hand-over,
     dV and dK issued, the previous step's dQ share issued and all three completed, the Q / dO slot released.
     Returns (dV, dK, that dQ share; zeros at step 0)."""
@@ -252,12 +289,22 @@ def _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, kr0, seq_
     g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
     q_s = bufs.q.index(idx).reshape([BM, D])
     do_s = bufs.do.index(idx).reshape([BM, DV])
-    st = warpgroup_mma_wait(1, deps=(st, ))
+    _trace_step(p, WG, it, 1)
+    # What was issued a step earlier completes here (it ran under the previous step's dQ staging): waiting for Sᵀ
+    # alone (wait(1)) with dPᵀ in flight across the loop's back edge makes ptxas serialise every wgmma (C7514).
+    if PREFETCH == 2:
+        st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+    else:
+        st = warpgroup_mma_wait(0, deps=(st, ))
+        # dPᵀ issued now, under the softmax.
+        dpt = _issue_dp(p, bufs, bufs.v.index(WG).reshape([N, DV]), it, n_m, m_lo, hk, b, q_start, seq_q, idx,
+                        st_layout)
     _trace_step(p, WG, it, 2)
     pt = exp2_mixed(_mask_t(p, st * p.qk_scale, kr0, m0, seq_q, seq_k), POLY)
     pt16 = gl.convert_layout(pt.to(dtype), pa_layout)
     _trace_step(p, WG, it, 3)
-    dpt = warpgroup_mma_wait(0, deps=(dpt, ))
+    if PREFETCH == 1:
+        dpt = warpgroup_mma_wait(0, deps=(dpt, ))
     _trace_step(p, WG, it, 4)
     ds16 = (pt * dpt).to(dtype)
     dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
@@ -285,7 +332,7 @@ def _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, kr0, seq_
 
 
 @gluon.jit
-def _consumer_prefetch(p, bufs, WG: gl.constexpr, POLY: gl.constexpr):
+def _consumer_prefetch(p, bufs, WG: gl.constexpr, POLY: gl.constexpr, PREFETCH: gl.constexpr):
     """The consumer with each step's Sᵀ and dPᵀ issued at the end of the step before (PREFETCH; the dQ lag, dQ in the
     kernel, dV after the dPᵀ wait): the tensor core works on them while this consumer stages and adds the previous
     dQ share and walks to the next step, where the plain loop waited ~1,000 clocks a step (benchmarks/bwd_trace.py).
@@ -326,32 +373,42 @@ def _consumer_prefetch(p, bufs, WG: gl.constexpr, POLY: gl.constexpr):
         if last >= 0:
             idx = 0
             phase = 0
-            st, dpt = _issue_sdp(p, bufs, k_s, v_s, 0, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2,
-                                 st_layout)
+            st, dpt = _issue_next(p, bufs, k_s, v_s, 0, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2,
+                                  st_layout, PREFETCH)
             # Completed before the loop: accumulators in flight where the loop's carried values are first defined
             # would be copied while the tensor core writes them (ptxas then serialises every wgmma, C7514).
-            st_done, dpt_done = warpgroup_mma_wait(0, deps=(st, dpt))
-            st = warpgroup_mma_init(st_done)
-            dpt = warpgroup_mma_init(dpt_done)
+            if PREFETCH == 2:
+                st_done, dpt_done = warpgroup_mma_wait(0, deps=(st, dpt))
+                st = warpgroup_mma_init(st_done)
+                dpt = warpgroup_mma_init(dpt_done)
+            else:
+                st = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(st, )))
+                dpt = st
             h_prev = 0
             m0_prev = 0
             for it in range(last):
                 _trace_step(p, WG, it, 0)
-                dv, dk, dq = _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, kr0, seq_q, seq_k,
-                                              WG, POLY, st_layout, dk_layout, dv_layout, dq_layout)
+                dv, dk, dq = _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, b, q_start, kr0, seq_q,
+                                              seq_k, WG, POLY, PREFETCH, st_layout, dk_layout, dv_layout, dq_layout)
                 idx, phase = _next_slot(idx, phase, p.STAGES)
                 # The previous step's dQ share goes to its staging tile first (its 32 registers free before the
                 # two seeded accumulators are made), then the next step's products are issued, then the share is
                 # fenced and added.
-                if it > 0:
-                    _dq_stage(p, bufs, dq, WG, QW, DQW, it)
-                st, dpt = _issue_sdp(p, bufs, k_s, v_s, it + 1, n_m, m_lo, hk, b, q_start, seq_q, idx, phase,
-                                     inv_scale2, st_layout)
+                # With Sᵀ alone issued ahead the share stays in registers until after the issue (its staging runs
+                # under the product).
+                if PREFETCH == 2:
+                    if it > 0:
+                        _dq_stage(p, bufs, dq, WG, QW, DQW, it)
+                st, dpt = _issue_next(p, bufs, k_s, v_s, it + 1, n_m, m_lo, hk, b, q_start, seq_q, idx, phase,
+                                      inv_scale2, st_layout, PREFETCH)
+                if PREFETCH == 1:
+                    if it > 0:
+                        _dq_stage(p, bufs, dq, WG, QW, DQW, it)
                 if it > 0:
                     _dq_commit(p, bufs, b, h_prev, q_start, m0_prev, WG, DQW, DQ_ROWS, it)
                 g, h_prev, m0_prev = _step_block(p, it, n_m, m_lo, hk)
-            dv, dk, dq = _prefetched_step(p, bufs, st, dpt, dv, dk, last, idx, n_m, m_lo, hk, kr0, seq_q, seq_k,
-                                          WG, POLY, st_layout, dk_layout, dv_layout, dq_layout)
+            dv, dk, dq = _prefetched_step(p, bufs, st, dpt, dv, dk, last, idx, n_m, m_lo, hk, b, q_start, kr0, seq_q,
+                                          seq_k, WG, POLY, PREFETCH, st_layout, dk_layout, dv_layout, dq_layout)
             if last > 0:
                 _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last)
             # The last step's dQ share.
@@ -558,7 +615,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0,
-                       PREFETCH: gl.constexpr = False):
+                       PREFETCH: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
@@ -617,8 +674,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
     if PREFETCH:
         gl.static_assert(DQ_ATOMIC and DQ_LAG and not DV_EARLY, "PREFETCH: the lagged dQ in the kernel, dV late")
-        gl.warp_specialize([(_consumer_prefetch, (p, bufs, gl.constexpr(0), POLY)),
-                            (_consumer_prefetch, (p, bufs, gl.constexpr(1), POLY)),
+        gl.warp_specialize([(_consumer_prefetch, (p, bufs, gl.constexpr(0), POLY, PREFETCH)),
+                            (_consumer_prefetch, (p, bufs, gl.constexpr(1), POLY, PREFETCH)),
                             (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
