@@ -34,7 +34,7 @@ from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 PHASES = ["q_wait", "s_done", "softmax", "dp_wait", "ds", "mma_wait", "release", "st_wait", "dq_stage", "dq_issue"]
 # At D = 64 "shipped" is the keys-as-rows kernel (backward_kt.py); the queries-as-rows forms are named explicitly.
 _QROWS64 = dict(keys_as_rows=False, block_m=64)
-VARIANTS = {"shipped": {}, "kt-no-lag": dict(dq_lag=False, stages=3), "prefetch1": dict(prefetch=1), "prefetch2": dict(prefetch=2),
+VARIANTS = {"shipped": {}, "kt-no-lag": dict(dq_lag=False, stages=3),
             "wg3": dict(_QROWS64, num_wg=3, consumer_regs=160, separate_dq=True),
             "reduce-add": dict(_QROWS64, num_wg=3, consumer_regs=160, separate_dq=False),
             "wg2": dict(_QROWS64, num_wg=2, consumer_regs=240, separate_dq=True),

@@ -92,10 +92,6 @@ TILES = {
     "kt128e": dict(_KT128, stages=3, dv_early=True),
     "kt128s2": dict(_KT128, stages=2, dv_early=False),
     "kt128lag": dict(_KT128, stages=2, dv_early=False, dq_lag=True),
-    # each step's Sᵀ (pf1), or Sᵀ and dPᵀ (pf2), issued at the end of the step before (tile.prefetch)
-    "ktpf1": dict(_KT64, stages=2, dv_early=False, dq_lag=True, prefetch=1),
-    "ktpf2": dict(_KT64, stages=2, dv_early=False, dq_lag=True, prefetch=2),
-    "kt128pf1": dict(_KT128, stages=2, dv_early=False, dq_lag=True, prefetch=1),
 }
 
 

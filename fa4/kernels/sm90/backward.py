@@ -1065,9 +1065,6 @@ class BwdTile:
     dq_lag: bool = False
     # keys_as_rows: this many of every 4 exponentials of P by polynomial on the FMA pipe (softmax.exp2_mixed).
     poly: int = 0
-    # keys_as_rows with dq_lag (dQ in the kernel): each step's Sᵀ (1), or Sᵀ and dPᵀ (2), issued at the end of the
-    # step before.
-    prefetch: int = 0
 
     @property
     def block_n(self):
@@ -1400,7 +1397,6 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
-        constexprs["PREFETCH"] = 0 if deterministic else tile.prefetch
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 

@@ -53,7 +53,7 @@ after the loop, is stamped as one step past the last).
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_init, warpgroup_mma_wait)
+                                                              warpgroup_mma_wait)
 
 from . import configs
 from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord, _visible_pairs
@@ -158,29 +158,6 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
 
 
 @gluon.jit
-def _dq_stage(p, bufs, dq, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr, it):
-    """_dq_add's first half: this consumer's completed dQ share (scaled) into its staging tile, once the previous
-    add has read it."""
-    tma.store_wait(0)
-    _trace_step(p, WG, it, 8)
-    bufs.dq.index(WG).reshape([QW, DQW]).store(dq * p.softmax_scale)
-
-
-@gluon.jit
-def _dq_commit(p, bufs, b, h, q_start, m0, WG: gl.constexpr, DQW: gl.constexpr, DQ_ROWS: gl.constexpr, it):
-    """_dq_add's second half: fence the staged share and issue its TMA reduce-add into dQ rows (h, m0)."""
-    QW: gl.constexpr = p.BM // p.NWG if DQ_ROWS else p.BM
-    fence_async_shared()
-    _trace_step(p, WG, it, 9)
-    dq_s = bufs.dq.index(WG)
-    if DQ_ROWS:
-        async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
-    else:
-        async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
-    _trace_step(p, WG, it, 10)
-
-
-@gluon.jit
 def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it, WG: gl.constexpr, QW: gl.constexpr,
                        DQW: gl.constexpr, DQ_ROWS: gl.constexpr, dq_layout: gl.constexpr):
     """The end of a step with dQ in the kernel: once the other consumer's dSᵀ is in ds.index(base + OTHER) (parity:
@@ -198,238 +175,6 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
     _trace_step(p, WG, it, 7)
     _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it)
     return dv, dk
-
-
-@gluon.jit
-def _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s: gl.constexpr):
-    """(t_base, query columns, their in-sequence mask) of step `it`, for _column_stats."""
-    g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-    if p.VARLEN:
-        t_base = h * p.stride_th + q_start
-    else:
-        t_base = b * p.stride_tb + h * p.stride_th
-    cols = m0 + _opaque(gl.arange(0, p.BM, col_s))
-    return t_base, cols, cols < seq_q
-
-
-@gluon.jit
-def _issue_s(p, bufs, k_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2, st_layout: gl.constexpr):
-    """Wait for step `it`'s Q / dO slot and issue its Sᵀ (asynchronous), seeded with −lse2 / scale2 (see the loop
-    of _consumer). Returns the in-flight Sᵀ."""
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
-    t_base, cols, col_ok = _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s)
-    mbarrier.wait(bufs.q_ready.index(idx), phase)
-    mbarrier.wait(bufs.do_ready.index(idx), phase)
-    lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
-    st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
-    return warpgroup_mma(k_s, bufs.q.index(idx).reshape([BM, D]).permute((1, 0)), st, is_async=True)
-
-
-@gluon.jit
-def _issue_dp(p, bufs, v_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, st_layout: gl.constexpr):
-    """Issue step `it`'s dPᵀ (asynchronous; its slot has arrived), seeded with −Delta."""
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
-    t_base, cols, col_ok = _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s)
-    delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
-    dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
-    return warpgroup_mma(v_s, bufs.do.index(idx).reshape([BM, DV]).permute((1, 0)), dpt, is_async=True)
-
-
-@gluon.jit
-def _issue_next(p, bufs, k_s, v_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2,
-                st_layout: gl.constexpr, PREFETCH: gl.constexpr):
-    """The products issued ahead for step `it`: Sᵀ, and with PREFETCH = 2 dPᵀ too (both seeded before either is
-    issued: a register written between asynchronous wgmmas makes ptxas serialise them). Returns (Sᵀ, dPᵀ or Sᵀ)."""
-    if PREFETCH == 2:
-        BM: gl.constexpr = p.BM
-        N: gl.constexpr = KEYS_PER_WG
-        D: gl.constexpr = p.q_desc.block_type.shape[-1]
-        DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-        col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
-        t_base, cols, col_ok = _step_columns(p, it, n_m, m_lo, hk, b, q_start, seq_q, col_s)
-        mbarrier.wait(bufs.q_ready.index(idx), phase)
-        mbarrier.wait(bufs.do_ready.index(idx), phase)
-        lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
-        delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
-        st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
-        dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
-        st = warpgroup_mma(k_s, bufs.q.index(idx).reshape([BM, D]).permute((1, 0)), st, is_async=True)
-        dpt = warpgroup_mma(v_s, bufs.do.index(idx).reshape([BM, DV]).permute((1, 0)), dpt, is_async=True)
-    else:
-        st = _issue_s(p, bufs, k_s, it, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2, st_layout)
-        dpt = st
-    return st, dpt
-
-
-@gluon.jit
-def _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, b, q_start, kr0, seq_q, seq_k,
-                     WG: gl.constexpr, POLY: gl.constexpr, PREFETCH: gl.constexpr, st_layout: gl.constexpr,
-                     dk_layout: gl.constexpr, dv_layout: gl.constexpr, dq_layout: gl.constexpr):
-    """One step of the prefetching consumer (PREFETCH) from its in-flight Sᵀ and dPᵀ: Pᵀ, dSᵀ and its hand-over,
-    dV and dK issued, the previous step's dQ share issued and all three completed, the Q / dO slot released.
-    Returns (dV, dK, that dQ share; zeros at step 0)."""
-    NWG: gl.constexpr = p.NWG
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    DQ_ROWS: gl.constexpr = BM == NWG * KEYS_PER_WG
-    QW: gl.constexpr = BM // NWG if DQ_ROWS else BM
-    DQW: gl.constexpr = D if DQ_ROWS else D // NWG
-    OTHER: gl.constexpr = (WG + 1) % NWG
-    dtype: gl.constexpr = p.q_desc.dtype
-    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2)
-    dsa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2)
-    g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-    q_s = bufs.q.index(idx).reshape([BM, D])
-    do_s = bufs.do.index(idx).reshape([BM, DV])
-    _trace_step(p, WG, it, 1)
-    # What was issued a step earlier completes here (it ran under the previous step's dQ staging): waiting for Sᵀ
-    # alone (wait(1)) with dPᵀ in flight across the loop's back edge makes ptxas serialise every wgmma (C7514).
-    if PREFETCH == 2:
-        st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
-    else:
-        st = warpgroup_mma_wait(0, deps=(st, ))
-        # dPᵀ issued now, under the softmax.
-        dpt = _issue_dp(p, bufs, bufs.v.index(WG).reshape([N, DV]), it, n_m, m_lo, hk, b, q_start, seq_q, idx,
-                        st_layout)
-    _trace_step(p, WG, it, 2)
-    pt = exp2_mixed(_mask_t(p, st * p.qk_scale, kr0, m0, seq_q, seq_k), POLY)
-    pt16 = gl.convert_layout(pt.to(dtype), pa_layout)
-    _trace_step(p, WG, it, 3)
-    if PREFETCH == 1:
-        dpt = warpgroup_mma_wait(0, deps=(dpt, ))
-    _trace_step(p, WG, it, 4)
-    ds16 = (pt * dpt).to(dtype)
-    dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
-    own = (it & 1) * NWG + WG
-    mbarrier.wait(bufs.ds_free.index(own), ((it >> 1) & 1) ^ 1)
-    bufs.ds.index(own).store(ds16)
-    fence_async_shared()
-    mbarrier.arrive(bufs.ds_ready.index(own))
-    _trace_step(p, WG, it, 5)
-    dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
-    if it > 0:
-        prev = ((it - 1) & 1) * NWG
-        mbarrier.wait(bufs.ds_ready.index(prev + OTHER), ((it - 1) >> 1) & 1)
-        dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
-        dv_done, dk_done, dq_done = warpgroup_mma_wait(0, deps=(dv, dk, dq))
-        mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
-    else:
-        dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
-        dq_done = gl.zeros([QW, DQW], gl.float32, dq_layout)
-    _trace_step(p, WG, it, 6)
-    mbarrier.arrive(bufs.q_empty.index(idx))
-    mbarrier.arrive(bufs.do_empty.index(idx))
-    _trace_step(p, WG, it, 7)
-    return dv_done, dk_done, dq_done
-
-
-@gluon.jit
-def _consumer_prefetch(p, bufs, WG: gl.constexpr, POLY: gl.constexpr, PREFETCH: gl.constexpr):
-    """The consumer with each step's Sᵀ and dPᵀ issued at the end of the step before (PREFETCH; the dQ lag, dQ in the
-    kernel, dV after the dPᵀ wait): the tensor core works on them while this consumer stages and adds the previous
-    dQ share and walks to the next step, where the plain loop waited ~1,000 clocks a step (benchmarks/bwd_trace.py).
-    Registers at the prefetch: dV, dK (64), the pending dQ share (32) and both seeded accumulators (128)."""
-    NWG: gl.constexpr = p.NWG
-    BN: gl.constexpr = KEYS_PER_WG * NWG
-    BM: gl.constexpr = p.BM
-    N: gl.constexpr = KEYS_PER_WG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    DQ_ROWS: gl.constexpr = BM == NWG * KEYS_PER_WG
-    QW: gl.constexpr = BM // NWG if DQ_ROWS else BM
-    DQW: gl.constexpr = D if DQ_ROWS else D // NWG
-    dtype: gl.constexpr = p.q_desc.dtype
-    OTHER: gl.constexpr = (WG + 1) % NWG
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BM, 16])
-    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, D, 16])
-    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DV, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQW, 16])
-
-    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-    n0 = nb * BN
-    kr0 = n0 + WG * N
-    if n0 < seq_k:
-        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
-        k_s = bufs.k.index(WG).reshape([N, D])
-        v_s = bufs.v.index(WG).reshape([N, DV])
-        dk = gl.zeros([N, D], gl.float32, dk_layout)
-        dv = gl.zeros([N, DV], gl.float32, dv_layout)
-        inv_scale2 = 1.0 / p.qk_scale
-        mbarrier.wait(bufs.kv_ready, 0)
-        n_m = m_hi - m_lo
-        last = p.group * n_m - 1
-        if last >= 0:
-            idx = 0
-            phase = 0
-            st, dpt = _issue_next(p, bufs, k_s, v_s, 0, n_m, m_lo, hk, b, q_start, seq_q, idx, phase, inv_scale2,
-                                  st_layout, PREFETCH)
-            # Completed before the loop: accumulators in flight where the loop's carried values are first defined
-            # would be copied while the tensor core writes them (ptxas then serialises every wgmma, C7514).
-            if PREFETCH == 2:
-                st_done, dpt_done = warpgroup_mma_wait(0, deps=(st, dpt))
-                st = warpgroup_mma_init(st_done)
-                dpt = warpgroup_mma_init(dpt_done)
-            else:
-                st = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(st, )))
-                dpt = st
-            h_prev = 0
-            m0_prev = 0
-            for it in range(last):
-                _trace_step(p, WG, it, 0)
-                dv, dk, dq = _prefetched_step(p, bufs, st, dpt, dv, dk, it, idx, n_m, m_lo, hk, b, q_start, kr0, seq_q,
-                                              seq_k, WG, POLY, PREFETCH, st_layout, dk_layout, dv_layout, dq_layout)
-                idx, phase = _next_slot(idx, phase, p.STAGES)
-                # The previous step's dQ share goes to its staging tile first (its 32 registers free before the
-                # two seeded accumulators are made), then the next step's products are issued, then the share is
-                # fenced and added.
-                # With Sᵀ alone issued ahead the share stays in registers until after the issue (its staging runs
-                # under the product).
-                if PREFETCH == 2:
-                    if it > 0:
-                        _dq_stage(p, bufs, dq, WG, QW, DQW, it)
-                st, dpt = _issue_next(p, bufs, k_s, v_s, it + 1, n_m, m_lo, hk, b, q_start, seq_q, idx, phase,
-                                      inv_scale2, st_layout, PREFETCH)
-                if PREFETCH == 1:
-                    if it > 0:
-                        _dq_stage(p, bufs, dq, WG, QW, DQW, it)
-                if it > 0:
-                    _dq_commit(p, bufs, b, h_prev, q_start, m0_prev, WG, DQW, DQ_ROWS, it)
-                g, h_prev, m0_prev = _step_block(p, it, n_m, m_lo, hk)
-            dv, dk, dq = _prefetched_step(p, bufs, st, dpt, dv, dk, last, idx, n_m, m_lo, hk, b, q_start, kr0, seq_q,
-                                          seq_k, WG, POLY, PREFETCH, st_layout, dk_layout, dv_layout, dq_layout)
-            if last > 0:
-                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last)
-            # The last step's dQ share.
-            g, h_last, m0_last = _step_block(p, last, n_m, m_lo, hk)
-            prev = (last & 1) * NWG
-            mbarrier.wait(bufs.ds_ready.index(prev + OTHER), (last >> 1) & 1)
-            dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
-            dq = warpgroup_mma_wait(0, deps=(dq, ))
-            mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
-            _dq_add(p, bufs, dq, b, h_last, q_start, m0_last, WG, QW, DQW, DQ_ROWS, last + 1)
-        tma.store_wait(0)
-        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-        kr0 = nb * BN + WG * N
-        slot = _opaque(gl.to_tensor(WG))
-        _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
-                    p.stride_dvb, p.stride_dvs, p.stride_dvh)
-        # The other consumer's last dQ product read this consumer's K (see _consumer).
-        mbarrier.wait(bufs.ds_free.index((last & 1) * NWG + WG), (last >> 1) & 1)
-        _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
-                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
-        tma.store_wait(0)
 
 
 @gluon.jit
@@ -614,8 +359,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0,
-                       PREFETCH: gl.constexpr = 0):
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
@@ -672,12 +416,6 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
-    if PREFETCH:
-        gl.static_assert(DQ_ATOMIC and DQ_LAG and not DV_EARLY, "PREFETCH: the lagged dQ in the kernel, dV late")
-        gl.warp_specialize([(_consumer_prefetch, (p, bufs, gl.constexpr(0), POLY, PREFETCH)),
-                            (_consumer_prefetch, (p, bufs, gl.constexpr(1), POLY, PREFETCH)),
-                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-    else:
-        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
-                            (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY)),
-                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY)),
+                        (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
