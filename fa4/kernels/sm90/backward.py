@@ -715,6 +715,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 s = s * p.qk_scale
             s = _mask(p, s, rows, kr0, m0, seq_q, seq_k)
             pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+            if p.SINK_PDP:
+                # The sink's weight exp2(sink2 − lse2_i) per row, formed here while lse2 is live anyway (and its
+                # global load under the softmax, not on the dP -> dS chain).
+                w_sink = gl.exp2(gl.load(p.sink_ptr + h) * LOG2E_C - lse2)
             # Without EARLY_DP, dP = dO·V_wgᵀ is issued only now (its registers are not held through the
             # softmax). Then dV += Pᵀ·dO, P rounded to the input dtype as the forward's P·V rounds it.
             if not DP_FIRST:
@@ -734,7 +738,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
             if p.SINK_PDP:
                 # rowsum(dO·O)_i = Σ_j P_ij dP_ij: the sink gradient's sum without O's rounding (rows past the
                 # sequence have lse2 = +inf: weight 0). Written once per head, at the head's last step.
-                w_sink = gl.exp2(gl.load(p.sink_ptr + h) * LOG2E_C - lse2)
                 sink_rows += w_sink * gl.sum(pr * dp, axis=1)
                 if it - g * n_m == n_m - 1:
                     # Slot (batch · kv head · group + g, key block, warpgroup); the CTA indices read afresh
