@@ -397,6 +397,18 @@ def _parity_wait(bar, parity, need, errors):
         yield "blocked"
 
 
+def _ring_loader(steps, stages, q_empty, slot_users, tma, errors):
+    """The loader of the models with one Q / dO ring: each step waits for its slot's release by every consumer,
+    reports a reload under a reader (`slot_users`: the consumers reading each slot), and puts the slot's load in
+    flight (`tma`)."""
+    for it in range(steps):
+        idx, phase = it % stages, (it // stages) & 1
+        yield from _parity_wait(q_empty[idx], phase ^ 1, it // stages, errors)
+        if slot_users[idx]:
+            errors.append(f"slot {idx} reloaded while consumers {slot_users[idx]} read it")
+        tma.append(idx)
+
+
 def _schedule(rng, procs, tma, land, state, errors):
     """Run the barrier models' processes (generators yielding at each operation, "blocked" at a short barrier) in a
     random interleaving with the TMA loads in flight (`tma`: what each completes, `land` completes one). Returns the
@@ -443,14 +455,6 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
     def wait(bar, parity, need):
         return _parity_wait(bar, parity, need, errors)
 
-    def loader():
-        for it in range(steps):
-            idx, phase = it % stages, (it // stages) & 1
-            yield from wait(q_empty[idx], phase ^ 1, it // stages)
-            if slot_users[idx]:
-                errors.append(f"slot {idx} reloaded while consumers {slot_users[idx]} read it")
-            tma.append(idx)
-
     def consumer(w):
         turn0 = 1 if w == 0 else 0
         nxt = other = (w + 1) % nwg  # NEXT_WG and OTHER
@@ -490,7 +494,8 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
     def _state():
         return [(b.pending, b.done) for b in q_ready + q_empty + ds_ready + ds_free + turn], len(tma)
 
-    return _schedule(rng, [loader()] + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
+    return _schedule(rng, [_ring_loader(steps, stages, q_empty, slot_users, tma, errors)]
+                     + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
                      _state, errors)
 
 
@@ -647,14 +652,6 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
     def wait(bar, parity, need):
         return _parity_wait(bar, parity, need, errors)
 
-    def loader():
-        for it in range(steps):
-            idx, phase = it % stages, (it // stages) & 1
-            yield from wait(q_empty[idx], phase ^ 1, it // stages)
-            if slot_users[idx]:
-                errors.append(f"slot {idx} reloaded while consumers {slot_users[idx]} read it")
-            tma.append(idx)
-
     def dq_share(w, step):
         other = 1 - w
         base = (step & 1) * nwg
@@ -706,7 +703,8 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
     def _state():
         return [(b.pending, b.done) for b in bars], len(tma)
 
-    return _schedule(rng, [loader()] + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
+    return _schedule(rng, [_ring_loader(steps, stages, q_empty, slot_users, tma, errors)]
+                     + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
                      _state, errors)
 
 

@@ -1195,13 +1195,19 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
     elif ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and softmax_scale != 0
           and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
         tile = D128_CAUSAL_TILE
-    if sink and not deterministic and not (tile.keys_as_rows or tile.d256 or tile.separate_dq):
+    if sink and not deterministic and not tile.separate_dq and builds_sink_partials(tile):
         # The sink gradient from Σ_j P·dP in the main kernel, not from rowsum(dO·O) with the rounded O: the O-based
         # sum's error is the lowp reference's size, so the rule's max over a few heads fails now and then
-        # (benchmarks/NOTES.md, "dsink and few heads"). It costs sink calls 6-15% (session 4). The other tiles'
-        # sink calls take the ordered pass, which gives the same sum (backward_checked).
+        # (benchmarks/NOTES.md, "dsink and few heads"). It costs D = 128 sink calls 5-10% (H100, session 14). The
+        # other tiles' sink calls take the ordered pass, which gives the same sum (dq_route).
         tile = replace(tile, sink_pdp=True)
     return tile
+
+
+def builds_sink_partials(tile):
+    """Whether the tile's kernel can sum the sink gradient's P·dP partials (sink_pdp): the queries-as-rows kernel;
+    the keys-as-rows and D = 256 kernels do not build them."""
+    return not (tile.keys_as_rows or tile.d256)
 
 
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
@@ -1323,7 +1329,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     tile = tile or default_tile(d, dvw, window_left, softcap, window_right=window_right, deterministic=deterministic,
-                                varlen=varlen, softmax_scale=softmax_scale)
+                                varlen=varlen, sink=sink is not None, softmax_scale=softmax_scale)
     hq, hkv = q.shape[-2], k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -1433,8 +1439,7 @@ def dq_route(tile, deterministic, window_left, sink):
     sets for a sink on the queries-as-rows tiles); otherwise the preprocess's O-based partial sums give it."""
     has_sink = sink is not None
     chain = deterministic and dq_chain_serves(tile, window_left, sink)
-    ordered_dq = ((deterministic and not chain) or tile.separate_dq
-                  or (has_sink and (tile.keys_as_rows or tile.d256)))
+    ordered_dq = (deterministic and not chain) or tile.separate_dq or (has_sink and not builds_sink_partials(tile))
     sink_in_main = has_sink and not ordered_dq and tile.sink_pdp
     return chain, ordered_dq, sink_in_main
 
