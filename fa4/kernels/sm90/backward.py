@@ -1068,10 +1068,6 @@ class BwdTile:
     dq_lag: bool = False
     # keys_as_rows: this many of every 4 exponentials of P by polynomial on the FMA pipe (softmax.exp2_mixed).
     poly: int = 0
-    # keys_as_rows with dq_lag: the dQ products, their staging and reduce-adds by a third warpgroup (the dQ
-    # warpgroup, backward_kt._dq_worker) from both consumers' dSᵀ, so that no consumer waits on a dQ product or
-    # stores its fp32 share; the consumers keep consumer_regs (224 leaves the dQ warpgroup 56).
-    dq_wg: bool = False
 
     @property
     def block_n(self):
@@ -1161,11 +1157,8 @@ def get_tile(d, dv, **overrides):
         # consumers, none of the queries-as-rows kernel's variants.
         rows = {64: 2 * WG_KEYS, 128: WG_KEYS}.get(d)
         if (dv != d or rows is None or tile.num_wg != 2 or tile.block_m != rows or tile.shared_dq or tile.early_dp
-                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.dq_writer
-                or (tile.dq_wg and (not tile.dq_lag or tile.consumer_regs > 224))):
+                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.dq_writer):
             return None
-    elif tile.dq_wg:
-        return None  # a keys-as-rows build only
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
     return tile if smem_bytes(tile, d, dv) <= configs.SMEM_LIMIT else None
@@ -1413,7 +1406,6 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
-        constexprs["DQ_WG"] = tile.dq_wg and not deterministic
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 

@@ -62,11 +62,6 @@ from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords
                        _RUNTIME_INTS, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
 
 
-# Registers a thread of the dQ warpgroup (DQ_WG): its [64, 64] fp32 share (32) and the walk's indices; with two
-# consumers at 224 and the 1-warp loader at 24 the register file has 56 left for it.
-DQ_WG_REGS = gl.constexpr(56)
-
-
 def smem_bytes(tile, d, dv, elem=2):
     """Shared memory of attn_bwd_kt_kernel: resident K, V; the Q / dO ring with each block's lse2 and Delta; both
     consumers' dSᵀ; their fp32 dQ staging tiles ([64 rows, D] or [BM, D / 2] each: BM·D / 2 either way)."""
@@ -183,8 +178,7 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr,
-              DQ_WG: gl.constexpr):
+def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr):
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     BM: gl.constexpr = p.BM
@@ -294,12 +288,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 mbarrier.arrive(bufs.ds_ready.index(own))
             _trace_step(p, WG, it, 5)
             dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
-            if p.DQ_ATOMIC and DQ_WG:
-                # The dQ warpgroup takes the step's dQ from the handed-over dSᵀ; this consumer only completes dV, dK.
-                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-                mbarrier.arrive(bufs.q_empty.index(idx))
-                mbarrier.arrive(bufs.do_empty.index(idx))
-            elif p.DQ_ATOMIC and DQ_LAG:
+            if p.DQ_ATOMIC and DQ_LAG:
                 # The previous step's dQ share: the consumers need each other's dSᵀ one step late only, so either may
                 # run up to a step ahead of the other instead of meeting at every step's hand-over.
                 # (New names in the branches: an if may not turn the in-flight accumulators into tensors.)
@@ -324,7 +313,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 mbarrier.arrive(bufs.do_empty.index(idx))
             idx, phase = _next_slot(idx, phase, p.STAGES)
         last = p.group * n_m - 1
-        if p.DQ_ATOMIC and DQ_LAG and not DQ_WG:
+        if p.DQ_ATOMIC and DQ_LAG:
             # The last step's dQ share (DQ_LAG issues each step's share one step late).
             if last >= 0:
                 prev = (last & 1) * NWG
@@ -354,51 +343,6 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
         tma.store_wait(0)
 
 
-@gluon.jit
-def _dq_worker(p, bufs):
-    """The dQ warpgroup (DQ_WG): for every step, once both consumers' dSᵀ are handed over (ds_ready of the step's
-    buffer pair), the step's dQ over the CTA's 128 keys in two shares (_dq_issue's, share w where consumer w had
-    it), each staged in dq.index(w) and added by TMA reduce-add; ds_free of both buffers once both products
-    completed (the consumers' own parity waits, unchanged). Staging buffer w is rewritten only after the
-    reduce-add that read it (two issues back: store_wait(1))."""
-    NWG: gl.constexpr = p.NWG
-    BN: gl.constexpr = KEYS_PER_WG * NWG
-    BM: gl.constexpr = p.BM
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DQ_ROWS: gl.constexpr = BM == NWG * KEYS_PER_WG
-    QW: gl.constexpr = BM // NWG if DQ_ROWS else BM
-    DQW: gl.constexpr = D if DQ_ROWS else D // NWG
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQW, 16])
-    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-    n0 = nb * BN
-    if n0 < seq_k:
-        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
-        n_m = m_hi - m_lo
-        mbarrier.wait(bufs.kv_ready, 0)
-        for it in range(p.group * n_m):
-            g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-            base = (it & 1) * NWG
-            parity = (it >> 1) & 1
-            for w in gl.static_range(NWG):
-                mbarrier.wait(bufs.ds_ready.index(base + w), parity)
-            for w in gl.static_range(NWG):
-                dq = _dq_issue(p, bufs, base, w, QW, DQW, DQ_ROWS, dq_layout)
-                dq = warpgroup_mma_wait(0, deps=(dq, ))
-                if w == NWG - 1:
-                    for u in gl.static_range(NWG):
-                        mbarrier.arrive(bufs.ds_free.index(base + u))
-                tma.store_wait(NWG - 1)
-                dq_s = bufs.dq.index(w)
-                dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
-                fence_async_shared()
-                if DQ_ROWS:
-                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + w * QW), dq_s)
-                else:
-                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, w * DQW), dq_s)
-        tma.store_wait(0)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The kernel: the same parameters as backward.attn_bwd_kernel (one launch plan for both); NWG = 2, BM = 128.
 # ---------------------------------------------------------------------------------------------------------
@@ -415,8 +359,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0,
-                       DQ_WG: gl.constexpr = False):
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
@@ -473,13 +416,6 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
-    if DQ_WG:
-        gl.static_assert(DQ_LAG and DQ_ATOMIC, "the dQ warpgroup reads the lag's two dSᵀ buffers a consumer")
-        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY, DQ_WG)),
-                            (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY, DQ_WG)),
-                            (_dq_worker, (p, bufs)),
-                            (_loader, (p, bufs))], [4, 4, 1], [CONSUMER_REGS, DQ_WG_REGS, LOADER_REGS])
-    else:
-        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY, DQ_WG)),
-                            (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY, DQ_WG)),
-                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY)),
+                        (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
