@@ -55,6 +55,9 @@ TILES = {
     "sinkpdp": dict(sink_pdp=True),             # with --sink: the sink gradient's P·dP partials in the main kernel
     "pingpong": dict(ping_pong=True),           # the consumers take turns issuing (S, dP), then (dV, dK, dQ)
     "d256": dict(d256=True),                    # D = 256 only: backward_d256.py (also checked deterministic)
+    # D = 256 with each step's second dQ half staged behind the first in the hand-over slot (the tile before
+    # dq_in_q, for A/B against the shipped one)
+    "d256slot": dict(d256=True, dq_in_q=False),
     # Three consumers (192 keys a CTA, 160 registers each, the loader as the 4-warp default partition), D = 64
     # with the ordered dQ pass: a third step chain in flight (benchmarks/bwd_trace.py: a D = 64 step is a serial
     # chain of ~2,500 cycles per consumer, neither the tensor core, the MUFU unit nor issue saturated).

@@ -1068,6 +1068,11 @@ class BwdTile:
     dq_lag: bool = False
     # keys_as_rows: this many of every 4 exponentials of P by polynomial on the FMA pipe (softmax.exp2_mixed).
     poly: int = 0
+    # d256: the second dQ column half of a step staged in the consumer's own half of the step's Q buffer (free once
+    # its dK product completed) instead of behind the first half's reduce-add in the hand-over slot, so no consumer
+    # waits for a reduce-add to drain within a step; the Q slot is released one step later, once that reduce-add has
+    # read it.
+    dq_in_q: bool = False
 
     @property
     def block_n(self):
@@ -1119,7 +1124,12 @@ _TABLE = {
 # and dO in one. H200, 2026-11-25 (sm90_bwd_probe --dims 256 --tiles d256, same run, TFLOP/s Triton backward /
 # this tile / its deterministic build / cuDNN): S = 4096 245 / 325 / 307 / 365, causal 229 / 306 / 305 / 344;
 # S = 16384 256 / 337 / 308 / 361, causal 261 / 349 / 331 / 374.
-D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True)
+# Then each step's second dQ half staged in the consumer's Q half (dq_in_q): the consumers no longer wait within a
+# step for the first half's reduce-add to drain (Nsight Compute, S = 16384: that wait was ~17% of consumer 1's stall
+# samples, on the path to its next hand-over). H100, 2026-11-26 (sm90_bwd_probe --dims 256 --tiles d256q, card
+# 1652824023757, TFLOP/s d256 -> d256q): S = 4096 326.5 -> 366.3, causal 304.5 -> 321.4; S = 16384 342.4 -> 381.9,
+# causal 352.6 -> 381.2 (cuDNN 368.7, 348.9, 359.9, 376.8).
+D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True)
 _TABLE[(256, 256)] = D256_TILE
 
 
@@ -1152,6 +1162,8 @@ def get_tile(d, dv, **overrides):
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
+    elif tile.dq_in_q:
+        return None  # a D = 256 build only
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
         # consumers, none of the queries-as-rows kernel's variants.
@@ -1406,6 +1418,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
+    if tile.d256:
+        constexprs["DQ_IN_Q"] = tile.dq_in_q
     grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
     return grid, args, constexprs
 

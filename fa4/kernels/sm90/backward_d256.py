@@ -31,7 +31,8 @@ Shared memory (bf16 / fp16; 227 KiB a CTA):
     dO: one stage of [64, 256]                                          32 KiB
     P, dS ([64, 64] 16-bit each, written by consumer 0, read by both)   16 KiB
     hand-over tile, 2 x [64, 64] fp32: S_1 in slot 0, dP_1 in slot 1;   32 KiB
-      after consumer 0 has read them, slot w stages consumer w's dQ half for the TMA reduce-add
+      after consumer 0 has read them, slot w stages consumer w's first dQ half for the TMA reduce-add;
+      the second half is staged in the consumer's own half of the step's Q slot (tile.dq_in_q, below)
                                                                        -------
                                                                        208 KiB  (+ barriers)
 Two full Q / dO stages (224 KiB + barriers) do not fit beside the hand-over tile. dO has one stage: the consumers
@@ -41,7 +42,9 @@ dQ and the next S.
 Barriers (all count 1 unless noted; parity from the step counter `it`, the same in every partition):
   kv_ready (1 + tx)          loader -> consumers: K and V in shared memory
   q_ready[s] (1 + tx)        loader -> consumers, Q of step it in stage s = it % 2 (phase it // 2)
-  q_empty[s] (2)             consumers -> loader, once their dK product (the last reader of Q) completed
+  q_empty[s] (2)             consumers -> loader, once their dK product (the last reader of Q) completed; with
+                             dq_in_q (the default) at the next step instead (after its hand-over), once the
+                             reduce-add of the second dQ half, staged in the consumer's Q half, has read it
   do_ready (1 + tx)          loader -> consumers, dO of step it (phase it)
   do_empty (2)               consumers -> loader, once their dV product (the last reader of dO) completed
   part_ready                 consumer 1 -> 0: S_1 and dP_1 of step it are in the hand-over tile (phase it)
@@ -50,9 +53,15 @@ Barriers (all count 1 unless noted; parity from the step counter `it`, the same 
                              at the start of step it + 1 (after tma.store_wait), completing phase it; consumer 1
                              waits for phase it − 1 before writing at step it (a fresh barrier passes parity 1).
                              Consumer 1 stages its own dQ in slot 1 and waits for its own TMA reads itself.
+                             (With dq_in_q two reduce-adds a consumer are in flight at a step's end, the slot's
+                             first: the waits for the slot are tma.store_wait(1), for the Q half store_wait(0).)
   pds_ready                  consumer 0 -> 1: P and dS of step it are in shared memory (phase it)
   pds_free                   consumer 1 -> 0: consumer 1's products reading P and dS of step it completed
                              (phase it); consumer 0 waits for phase it − 1 before writing P, dS at step it.
+
+Why dq_in_q: with both dQ halves staged through one slot, the second waited for the first's reduce-add to drain
+(under Nsight Compute ~17% of consumer 1's stall samples, on the path to its next hand-over); 227 KiB leave no
+room for a second staging tile, but a consumer's Q half is free once its dK product completed.
 
 Invariant (why no deadlock, and why a parity wait is exact): both consumers walk the same steps (the range is the
 CTA's, a function of the key block, the sequence and the mask only: a query block whose rows see none of the keys
@@ -63,6 +72,8 @@ arrived exactly once a step by one consumer and waited for once a step by the ot
     consumer 0: Q, dO ready -> S_0, dP_0 -> [it > 0: arrive part_free(it − 1)] -> wait part_ready(it)
                 -> P, dS -> wait pds_free(it − 1) -> write, arrive pds_ready(it) -> dV, dK, dQ
                 -> arrive do_empty, q_empty
+(With dq_in_q each consumer's q_empty of step it − 1 moves into step it, right after its part_ready(it) or
+pds_ready(it) arrival; the Q load of step it + 1 waits for it, and needs nothing of step it + 1.)
 Each wait of step it is answered by an arrival that needs only the other consumer's progress up to a point it has
 already passed, plus loads the loader can issue: part_free(it − 1) comes from consumer 0 at the start of step it,
 which needs consumer 1's part_ready(it − 1) and pds_free(it − 2) (both behind consumer 1) and the loads of step
@@ -202,7 +213,7 @@ def _loader(p, bufs):
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr):
+def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
     BM: gl.constexpr = p.BM
     N: gl.constexpr = KEYS_PER_WG
     W: gl.constexpr = HALF_C
@@ -227,6 +238,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
         mbarrier.wait(bufs.kv_ready, 0)
         idx = 0
         phase = 0
+        prev_idx = 0
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
             g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
@@ -250,8 +262,9 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                use_acc=False, is_async=True)
             if WG == 0:
                 if it > 0:
-                    # The previous step's dQ reduce-adds have read slot 0: the hand-over tile is free.
-                    tma.store_wait(0)
+                    # The previous step's dQ reduce-adds have read slot 0: the hand-over tile is free. (DQ_IN_Q:
+                    # the slot's reduce-add is the older of the two in flight.)
+                    tma.store_wait(1 if DQ_IN_Q else 0)
                     mbarrier.arrive(bufs.part_free)
                 if p.VARLEN:
                     t_base = h * p.stride_th + q_start
@@ -288,16 +301,25 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 ds_s.store(ds.to(dtype))
                 fence_async_shared()
                 mbarrier.arrive(bufs.pds_ready)
+                if DQ_IN_Q and p.DQ_ATOMIC:
+                    if it > 0:
+                        # The previous step's second dQ half has been read from its Q half: release that Q slot.
+                        tma.store_wait(0)
+                        mbarrier.arrive(bufs.q_empty.index(prev_idx))
             else:
                 s, dp = warpgroup_mma_wait(0, deps=(s, dp))
                 # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it; slot 0 is
                 # consumer 0's (part_free).
-                tma.store_wait(0)
+                tma.store_wait(1 if DQ_IN_Q else 0)
                 mbarrier.wait(bufs.part_free, hp ^ 1)
                 bufs.hand.index(0).reshape([BM, N]).store(s)
                 bufs.hand.index(1).reshape([BM, N]).store(dp)
                 fence_async_shared()
                 mbarrier.arrive(bufs.part_ready)
+                if DQ_IN_Q and p.DQ_ATOMIC:
+                    if it > 0:
+                        tma.store_wait(0)
+                        mbarrier.arrive(bufs.q_empty.index(prev_idx))
                 mbarrier.wait(bufs.pds_ready, hp)
             # dV[:, c_w] += Pᵀ·dO[:, c_w], dK[:, c_w] += dSᵀ·Q[:, c_w]: A read transposed from shared memory.
             dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
@@ -309,7 +331,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 dv = warpgroup_mma_wait(2, deps=(dv, ))
                 mbarrier.arrive(bufs.do_empty.index(0))
                 dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
-                mbarrier.arrive(bufs.q_empty.index(idx))
+                if not DQ_IN_Q:
+                    mbarrier.arrive(bufs.q_empty.index(idx))
                 # The second column half, under the first one's staging.
                 dq2 = warpgroup_mma(ds_s, k_s.slice(DQW, DQW, dim=1),
                                     gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False, is_async=True)
@@ -321,10 +344,20 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
                 if WG == 1:
                     mbarrier.arrive(bufs.pds_free)
-                tma.store_wait(0)
-                stage.store(dq2 * p.softmax_scale)
-                fence_async_shared()
-                async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW), dq_s)
+                if DQ_IN_Q:
+                    # This consumer's Q half (its dK product, the last reader, completed) as the second staging
+                    # tile: no wait for the first half's reduce-add. Released at the next step (q_empty).
+                    dq_s2 = bufs.q.index(2 * idx + wi)._reinterpret(gl.float32, dq_s.type.shape, dq_s.type.layout)
+                    dq_s2.reshape([BM, DQW]).store(dq2 * p.softmax_scale)
+                    fence_async_shared()
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
+                                                      dq_s2)
+                else:
+                    tma.store_wait(0)
+                    stage.store(dq2 * p.softmax_scale)
+                    fence_async_shared()
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
+                                                      dq_s)
             else:
                 dv = warpgroup_mma_wait(1, deps=(dv, ))
                 mbarrier.arrive(bufs.do_empty.index(0))
@@ -332,6 +365,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 if WG == 1:
                     mbarrier.arrive(bufs.pds_free)
+            prev_idx = idx
             idx, phase = _next_slot(idx, phase, p.STAGES)
         tma.store_wait(0)
         # The epilogue's indices from a fresh %ctaid read (not kept live through the loop).
@@ -387,7 +421,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                          TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                         LOADER_REGS: gl.constexpr):
+                         LOADER_REGS: gl.constexpr, DQ_IN_Q: gl.constexpr = False):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
     gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
                           or STATS_TMA),
@@ -434,6 +468,6 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
-                        (_consumer, (p, bufs, gl.constexpr(1))),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
