@@ -84,6 +84,9 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   "d64-trace-causal": 12,
                   # The same kernel for causal D = 128 (D128_CAUSAL_TILE): packed 16 (the sequence bounds).
                   "d128-varlen-causal": 16}
+# Causal and windowed batched builds dispatch their CTAs in chunks of heads (backward.cta_chunk, session 15: the CTA
+# coordinates from three grid axes, CTA_CHUNKED): 1-2 more reloads a step in these builds.
+LOOP_ALLOWANCE.update({"d128-causal": 9, "d64-causal": 11, "d64-dv-early-causal": 3, "d64-window-gqa2": 6})
 
 # The three-consumer D = 64 tile (queries as rows, dQ by the ordered pass) shipped before keys_as_rows: the base of
 # the D = 64 probe variants below.
@@ -237,7 +240,7 @@ def test_d256_tile():
 def test_d256_plan_arguments():
     """The D = 256 tile's launch plan: head-dim halves as TMA boxes, dQ in quarters, one 64-key slab a CTA, the
     D = 256 kernel's parameters (the same as attn_bwd_kernel's, so launch.Plan serves both)."""
-    from fa4.kernels.sm90 import aot, backward, backward_d256
+    from fa4.kernels.sm90 import aot, backward, backward_d256, backward_kt
     tile = backward.D256_TILE
     for varlen in (False, True):
         q, k, v, cu = aot.sample_inputs(256, 256, torch.bfloat16, varlen=varlen, gqa=2)
@@ -247,7 +250,9 @@ def test_d256_plan_arguments():
             torch.zeros_like(q), q, k, v, torch.zeros(q.shape), torch.zeros_like(k), torch.zeros_like(v), lse, lse,
             softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
             max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, tile=tile)
-        assert grid == (s // 64, b * k.shape[-2]) and cx["NWG"] == 1 and cx["BM"] == 64
+        chunk = backward.cta_chunk(tile, b * k.shape[-2], s * q.shape[-2] // k.shape[-2], 256, -1, 0, varlen, False)
+        want = (chunk, s // 64, b * k.shape[-2] // chunk) if cx["CTA_CHUNKED"] else (s // 64, b * k.shape[-2])
+        assert cx["CTA_CHUNKED"] == (chunk > 1) and grid == want and cx["NWG"] == 1 and cx["BM"] == 64
         assert not (cx["DQ_SHARED"] or cx["EARLY_DP"] or cx["SINK_PDP"] or cx["PING_PONG"])
         for name in ("q_desc", "k_desc", "v_desc", "do_desc", "dk_desc", "dv_desc"):
             assert args[name].block_shape[-1] == 128, name
@@ -255,6 +260,8 @@ def test_d256_plan_arguments():
         # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexpr (tile.dq_in_q).
         names = list(backward_d256.attn_bwd_d256_kernel.arg_names)
         assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q"]
+        assert list(backward_kt.attn_bwd_kt_kernel.arg_names)[:len(backward.attn_bwd_kernel.arg_names)] == list(
+            backward.attn_bwd_kernel.arg_names)
         assert cx["DQ_IN_Q"] is tile.dq_in_q
 
 
@@ -640,6 +647,39 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False):
         return [(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"]))
 
     return _schedule(rng, [loader(), consumer0(), consumer1()], tma, lambda bar: bar.arrive(), _state, errors)
+
+
+def _cta_block_model(grid, chunked, ctaid):
+    """backward._cta_block in Python: (key block, batch · kv head) of the CTA at `ctaid` = (x, y, z)."""
+    x, y, z = ctaid
+    return (y, z * grid[0] + x) if chunked else (x, y)
+
+
+@pytest.mark.parametrize("d,s,b,h,causal", [(256, 4096, 4, 8, True), (128, 1024, 16, 16, True), (128, 4096, 4, 16, True),
+                                            (64, 4096, 4, 32, True), (64, 16384, 1, 32, True), (128, 4096, 3, 5, True),
+                                            (128, 4096, 4, 16, False), (256, 16384, 1, 8, True)])
+def test_cta_chunk_grid(d, s, b, h, causal):
+    """The chunked grid dispatches every (key block, b · kv head) pair exactly once, key block after key block across
+    C heads; C is a power of two dividing b · kv heads whose fp32 dQ rows fit CTA_CHUNK_BYTES (1 without a window)."""
+    from fa4.kernels.sm90 import backward
+    tile = backward.default_tile(d, d, -1, 0.0, window_right=0 if causal else -1)
+    chunk = backward.cta_chunk(tile, b * h, s, d, -1, 0 if causal else -1, False, False)
+    assert chunk & (chunk - 1) == 0 and (b * h) % chunk == 0 and chunk <= 32
+    assert chunk == 1 or chunk * s * d * 4 <= backward.CTA_CHUNK_BYTES
+    if not causal or b * h % 2 or s * d * 4 * 2 > backward.CTA_CHUNK_BYTES:
+        assert chunk == 1
+    n_kb = s // tile.block_n
+    chunked = chunk > 1
+    grid = (chunk, n_kb, b * h // chunk) if chunked else (n_kb, b * h, 1)
+    order = [_cta_block_model(grid, chunked, (xx, yy, zz)) for zz in range(grid[2]) for yy in range(grid[1])
+             for xx in range(grid[0])]  # hardware dispatch order: x fastest
+    assert sorted(order) == [(nb, bh) for nb in range(n_kb) for bh in range(b * h)]
+    if chunked:
+        # The first C · n_kb CTAs are the C first heads' key blocks, key block 0 of each first.
+        assert order[:chunk] == [(0, bh) for bh in range(chunk)]
+        assert {bh for _, bh in order[:chunk * n_kb]} == set(range(chunk))
+    assert not backward.cta_chunk(tile, b * h, s, d, -1, 0, True, False) > 1  # packed calls: never
+    assert not backward.cta_chunk(tile, b * h, s, d, -1, 0, False, True) > 1  # ordered dQ / sink partials: never
 
 
 @pytest.mark.parametrize("dq_in_q", [False, True])

@@ -199,6 +199,7 @@ class BwdProblem:
     ORDERED_DQ: gl.constexpr
     DQ_WRITER: gl.constexpr
     STATS_TMA: gl.constexpr
+    CTA_CHUNKED: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -207,7 +208,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -263,6 +264,7 @@ class BwdProblem:
         self.TRACE = gl.constexpr(TRACE)
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
+        self.CTA_CHUNKED = gl.constexpr(CTA_CHUNKED)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
 
 
@@ -318,13 +320,26 @@ class BwdBuffers:
 
 @gluon.jit
 def _cta_block(p):
-    """(key block, batch · kv head) of this CTA (grid axis 0: key blocks, axis 1: (b, kv head)). With the
-    in-kernel ordered dQ in its descending chain (ORDERED_DQ_DESC) the key blocks are dispatched last first, so
-    that every CTA's predecessor in the chain was dispatched before it (see _dq_chain_wait)."""
-    nb = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
-                                   is_pure=False, pack=1)
-    bh = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
-                                   is_pure=False, pack=1)
+    """(key block, batch · kv head) of this CTA. Two grid layouts (launch_plan, cta_chunk C):
+      (key blocks, b · kv heads): the key blocks of one head dispatched after another's;
+      CTA_CHUNKED, (C, key blocks, b · kv heads / C): key block after key block across C consecutive heads (the
+             member fastest), so that for causal calls the long walks of C heads go first instead of one head's
+             long walk starting behind another's short ones.
+    With the in-kernel ordered dQ in its descending chain (ORDERED_DQ_DESC, never chunked) the key blocks are
+    dispatched last first, so that every CTA's predecessor in the chain was dispatched before it (see
+    _dq_chain_wait)."""
+    x = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    y = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    if p.CTA_CHUNKED:
+        z = gl.inline_asm_elementwise("mov.u32 $0, %ctaid.z;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+        nb = y
+        bh = z * gl.num_programs(0) + x
+    else:
+        nb = x
+        bh = y
     if p.ORDERED_DQ == ORDERED_DQ_DESC:
         nb = gl.num_programs(0) - 1 - nb
     return nb, bh
@@ -921,7 +936,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -982,7 +997,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1420,8 +1435,36 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["POLY"] = tile.poly
     if tile.d256:
         constexprs["DQ_IN_Q"] = tile.dq_in_q
-    grid = (triton.cdiv(seqlen_k, tile.block_n), batch * hkv)
+    n_kb = triton.cdiv(seqlen_k, tile.block_n)
+    chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
+                      deterministic or dq_chain is not None or dsink_part is not None)
+    constexprs["CTA_CHUNKED"] = chunk > 1 and 2 <= n_kb <= 65535  # gridDim.y holds the key blocks
+    grid = (chunk, n_kb, batch * hkv // chunk) if constexprs["CTA_CHUNKED"] else (n_kb, batch * hkv)
     return grid, args, constexprs
+
+
+# cta_chunk: interleave the heads of windowed (causal) calls in chunks (False: one head after another; probes flip
+# it for A/B: benchmarks/bwd_flag_ab.py --flag CTA_CHUNK), and the L2 budget of a chunk's fp32 dQ accumulators.
+CTA_CHUNK = True
+CTA_CHUNK_BYTES = 16 << 20
+
+
+def cta_chunk(tile, units, q_rows_per_unit, d, window_left, window_right, varlen, ordered):
+    """How many consecutive (batch, kv head) pairs the grid interleaves (_cta_block): 1 (key blocks of one head
+    after another) unless a window makes the CTAs' walks unequal (causal: key block nb walks the query blocks from
+    its diagonal on). Then the head-after-head order ends with one head's longest walk starting late, a tail of up
+    to one walk (a list-scheduling model of 132 SMs: 5-6% of D = 128 / 256 causal calls at S = 4096, 3% at D = 64),
+    while C heads at a time run their long walks first. C is the largest power of two whose C heads' fp32 dQ
+    accumulators fit CTA_CHUNK_BYTES (so that the CTAs in flight still add into L2-resident rows: interleaving every
+    head measured 0.55x, session 13), at most 32, and a divisor of `units`. Batched calls without an ordered dQ
+    chain or the sink partials only (whose layouts assume C = 1)."""
+    if not CTA_CHUNK or varlen or ordered or tile.trace or (window_left < 0 and window_right < 0):
+        return 1
+    per_unit = q_rows_per_unit * configs.tile_dim(d) * 4
+    chunk = 1
+    while chunk < 32 and units % (2 * chunk) == 0 and 2 * chunk * per_unit <= CTA_CHUNK_BYTES:
+        chunk *= 2
+    return chunk
 
 
 # The ordered dQ pass on a side stream beside the main kernel (backward_checked); False: after it, on the
@@ -1583,7 +1626,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK)
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -1629,7 +1672,7 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
                 seqused=used if used is not None else dummy)))
             return True
     grid, args, constexprs = launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile=tile, **opts)
-    if not (grid[0] > 0 and grid[1] > 0):
+    if not all(g > 0 for g in grid):
         return False
     kernel = kernel_for(tile)
     with torch.cuda.device(q.device):  # Triton launches on the current device

@@ -421,7 +421,8 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                          TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                         LOADER_REGS: gl.constexpr, DQ_IN_Q: gl.constexpr = False):
+                         LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
+                         DQ_IN_Q: gl.constexpr = False):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
     gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
                           or STATS_TMA),
@@ -465,7 +466,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free)
     gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q)),
