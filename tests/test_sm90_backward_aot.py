@@ -682,6 +682,17 @@ def test_cta_chunk_grid(d, s, b, h, causal):
     assert not backward.cta_chunk(tile, b * h, s, d, -1, 0, False, True) > 1  # ordered dQ / sink partials: never
 
 
+def test_dq_in_q_is_the_d256_default_only():
+    """The D = 256 tile stages its second dQ half in the Q half by default; the field builds nothing else (get_tile
+    declines it on the D <= 128 kernels). test_d256_plan_arguments checks that the plan passes it as DQ_IN_Q."""
+    from fa4.kernels.sm90 import backward
+    assert backward.D256_TILE.dq_in_q and backward.get_tile(256, 256, d256=True).dq_in_q
+    assert backward.get_tile(256, 256, d256=True, dq_in_q=False) is not None
+    for d in (64, 128):
+        assert not backward.get_tile(d, d).dq_in_q
+        assert backward.get_tile(d, d, dq_in_q=True) is None
+
+
 @pytest.mark.parametrize("dq_in_q", [False, True])
 def test_d256_protocol_model(dq_in_q):
     for seed in range(150):
