@@ -1452,9 +1452,10 @@ CTA_CHUNK_BYTES = 16 << 20
 def cta_chunk(tile, units, q_rows_per_unit, d, window_left, window_right, varlen, ordered):
     """How many consecutive (batch, kv head) pairs the grid interleaves (_cta_block): 1 (key blocks of one head
     after another) unless a window makes the CTAs' walks unequal (causal: key block nb walks the query blocks from
-    its diagonal on). Then the head-after-head order ends with one head's longest walk starting late, a tail of up
-    to one walk (a list-scheduling model of 132 SMs: 5-6% of D = 128 / 256 causal calls at S = 4096, 3% at D = 64),
-    while C heads at a time run their long walks first. C is the largest power of two whose C heads' fp32 dQ
+    its diagonal on). Then the head-after-head order ends with one head's longest walk starting late, while C heads
+    at a time run their long walks first. A list-scheduling model of 132 SMs predicted +5-6% on D = 128 / 256 causal
+    calls at S = 4096 and +3% at D = 64; measured (H100, bwd_flag_ab.py --flag CTA_CHUNK, session 15): D = 64 +2.1%,
+    D = 256 +1.5%, D = 128 0. C is the largest power of two whose C heads' fp32 dQ
     accumulators fit CTA_CHUNK_BYTES (so that the CTAs in flight still add into L2-resident rows: interleaving every
     head measured 0.55x, session 13), at most 32, and a divisor of `units`. Batched calls without an ordered dQ
     chain or the sink partials only (whose layouts assume C = 1)."""
