@@ -2,7 +2,7 @@
 training-suite shapes (B·S = 16384, H·D = 2048, bf16): do_bench median µs of the kernel call, the variants
 alternated over several rounds in one process, the best round of each compared with the shipped build's.
 
-    python benchmarks/fwd_variant_ab.py --variants '{"named": {"NAMED_TURN": true}}' [--rounds 3]
+    python benchmarks/fwd_variant_ab.py --variants '{"tail": {"TAIL": true}}' [--rounds 3]
         [--rows 128:16384:0,128:4096:1,...]
 
 A row is D:S:causal. Each variant's O is checked against the shipped build's (max |difference|; the variants

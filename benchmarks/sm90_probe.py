@@ -79,11 +79,6 @@ VARIANTS = {
     # Session 9: three consumers for D = 64 under causal at every length (the table takes two up to a visible
     # span of 4096 keys, configs.MASKED_SPAN_WG2), re-timed now that the causal walk converges.
     "wg3": (dict(num_wg=3, consumer_regs=160), (64, ), (True, ), True, False),
-    # Session 16: the ping-pong turn on hardware named barriers (bar.sync / bar.arrive) instead of mbarriers:
-    # "named" where the table already takes ping-pong (D = 64, 256), "pingpong-named" at D = 128 (no ping-pong
-    # in the table, FlashAttention-3/4's schedule there).
-    "named": (dict(NAMED_TURN=True), (64, 256), (False, True), True, False),
-    "pingpong-named": (dict(PINGPONG=True, NAMED_TURN=True), (128, ), (False, True), True, False),
 }
 HEAD_DIMS = (64, 128, 256)
 SEQ_LENS = (1024, 4096, 16384)

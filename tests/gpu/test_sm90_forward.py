@@ -101,11 +101,6 @@ VARIANTS = [
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
-    # Session 16: the ping-pong turn on named barriers (two consumers at D = 128 / 256, three at D = 64).
-    dict(PINGPONG=True, NAMED_TURN=True), dict(PINGPONG=True, NAMED_TURN=True, TAIL=True),
-    # Session 16: the softmax anchored above the P·V wait (EARLY_P), alone and with the other switches it meets.
-    dict(EARLY_P=True), dict(EARLY_P=True, PINGPONG=True), dict(EARLY_P=True, LAZY=True, POLY=1),
-    dict(EARLY_P=True, TAIL=True, q_buffers=2),
 ]
 
 

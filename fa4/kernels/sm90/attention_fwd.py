@@ -103,15 +103,13 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
-    NAMED_TURN: gl.constexpr
-    EARLY_P: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, NAMED_TURN, EARLY_P):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -162,8 +160,6 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
-        self.NAMED_TURN = gl.constexpr(NAMED_TURN)
-        self.EARLY_P = gl.constexpr(EARLY_P)
 
 
 @aggregate
@@ -355,39 +351,6 @@ def _opaque(x):
     # An int32 the compiler cannot see through (a non-pure move): blocks common-subexpression elimination
     # and hoisting of what is computed from it.
     return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
-
-
-# Ping-pong turns on hardware named barriers (NAMED_TURN), as CUTLASS's warpgroup schedulers do: consumer w waits
-# at barrier TURN_BAR0 + w for its own 128 threads and the previous consumer's 128 arrivals. An mbarrier turn
-# costs a warpgroup-wide bar.sync before its one-thread arrive (Gluon 3.6's lowering) and a try_wait spin on the
-# other side; `bar.arrive` does not block and `bar.sync` parks the warps in hardware. Gluon 3.6 has no named-
-# barrier op, so both are inline PTX; Triton's own partitions use barriers 0-3 (sm_90a PTX of these builds).
-TURN_BAR0 = gl.constexpr(8)
-TURN_COUNT = gl.constexpr(256)
-
-
-@gluon.jit
-def _named_sync(bar_id: gl.constexpr, count: gl.constexpr):
-    gl.inline_asm_elementwise("bar.sync $1, $2;\n\tmov.u32 $0, 0;", "=r,r,r", [gl.to_tensor(bar_id), gl.to_tensor(count)],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _named_arrive(bar_id: gl.constexpr, count: gl.constexpr):
-    gl.inline_asm_elementwise("bar.arrive $1, $2;\n\tmov.u32 $0, 0;", "=r,r,r",
-                              [gl.to_tensor(bar_id), gl.to_tensor(count)], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _softmax_anchor(p, l_i):
-    """A global store of the row sums that never executes (its predicate, num_units < 0, is false at run time but
-    unknown to the compiler), placed between a block's softmax and the wait for its P·V. ptxas keeps memory
-    operations in order with wgmma waits but moves arithmetic freely: without it, ptxas hoists the P·V wait
-    (WARPGROUP.DEPBAR 0) above the whole softmax so that the new P can reuse the registers of the P the wgmma is
-    still reading, and a warpgroup's softmax no longer overlaps its own P·V."""
-    gl.inline_asm_elementwise(
-        "{\n\t.reg .pred p;\n\tsetp.lt.s32 p, $2, 0;\n\t@p st.global.f32 [$3], $1;\n\tmov.u32 $0, 0;\n\t}",
-        "=r,f,r,l", [l_i, p.num_units, p.lse_ptr.to(gl.int64, bitcast=True)], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -610,19 +573,13 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
     v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
     mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
     if p.PINGPONG:
-        if p.NAMED_TURN:
-            _named_sync(TURN_BAR0 + WG, TURN_COUNT)
-        else:
-            mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
+        mbarrier.wait(bufs.turn.index(WG), (turn + TURN0) & 1)
     k_t = bufs.k.index(kv_idx).reshape([BN, D]).permute((1, 0))
     s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False, is_async=True)
     mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
     acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
     if p.PINGPONG:
-        if p.NAMED_TURN:
-            _named_arrive(TURN_BAR0 + NEXT_WG, TURN_COUNT)
-        else:
-            mbarrier.arrive(bufs.turn.index(NEXT_WG))
+        mbarrier.arrive(bufs.turn.index(NEXT_WG))
         turn += 1
     # S_j is ready once at most one group (P·V) is outstanding.
     s = warpgroup_mma_wait(1, deps=(s, ))
@@ -632,9 +589,6 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
             mbarrier.arrive(bufs.q_empty.index(qb))
     s = _scores(p, s, jj, rows, m0, seq_q, seq_k, MASK)
     m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
-    if p.EARLY_P:
-        # Anchor the softmax above the P·V wait (see _softmax_anchor).
-        _softmax_anchor(p, l_i)
     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
     mbarrier.arrive(bufs.v_empty.index(v_idx))
     acc = rescale_o(acc, alpha)
@@ -666,11 +620,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
     pid = _cta_id()
     kv_count = 0  # K/V blocks taken from the ring so far
     turn = 0
-    if p.PINGPONG:
-        if p.NAMED_TURN:
-            if WG == NWG - 1:
-                # Consumer 0 goes first: the last consumer's arrival that its first turn waits for.
-                _named_arrive(TURN_BAR0, TURN_COUNT)
     tcount = 0
     t = pid
     if p.TRACE:
@@ -871,8 +820,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr,
-                    NAMED_TURN: gl.constexpr, EARLY_P: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -906,7 +854,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, NAMED_TURN, EARLY_P)
+                CONVERGE, O_HALVES, PACK)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -933,7 +881,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, NAMED_TURN=False, EARLY_P=False)
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1059,8 +1007,6 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     constexprs["CONVERGE"] = bool(converge)
     # O_HALVES (probe): O staged half its columns at a time, so at D = 256 it needs no room in Q's buffer.
     constexprs["O_HALVES"] = bool(variant["O_HALVES"])
-    constexprs["NAMED_TURN"] = bool(variant["NAMED_TURN"])
-    constexprs["EARLY_P"] = bool(variant["EARLY_P"])
     if constexprs["O_HALVES"]:
         constexprs["O_ALIAS"] = False
         half = cfg.num_wg * WG_ROWS * (dv // 2) * q.element_size()
