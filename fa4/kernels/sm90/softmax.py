@@ -123,3 +123,51 @@ def rescale_o(acc, alpha):
     """O *= alpha row-wise (the S and O accumulators give each thread the same rows: no data movement)."""
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
     return acc * gl.expand_dims(alpha_o, 1)
+
+
+# O *= alpha skipped by whole warps (RESCALE_VOTE). A warp owns 16 rows of its warpgroup's 64; where none of them
+# changed its max this block, every alpha is exactly 1 and the Dv/2 multiplies a thread would do are no-ops. One
+# vote a step tells each warp (all four lanes of a row's quad hold the same alpha, so every lane's two rows decide);
+# the multiplies then run in packs behind a warp-uniform branch, the accumulator registers tied to the outputs so a
+# skipped pack costs no moves. Gluon has no per-warp branch, so both are inline PTX.
+RESCALE_PACK = 16
+
+
+def _vote_ptx():
+    return "\n".join([
+        "{", ".reg .pred p, q, v;",
+        "setp.neu.f32 p, $2, 0f3F800000;",
+        "setp.neu.f32 q, $3, 0f3F800000;",
+        "or.pred p, p, q;",
+        "vote.sync.any.pred v, p, 0xffffffff;",
+        "selp.u32 $0, 1, 0, v;",
+        "mov.u32 $1, $0;",
+        "}",
+    ])
+
+
+def _rescale_pack_ptx(n):
+    # Operands: outputs $0..$n-1 (tied to the accumulator inputs $n..$2n-1), alpha $2n..$3n-1, flag $3n..$4n-1.
+    lines = ["{", ".reg .pred p;", f"setp.eq.u32 p, ${3 * n}, 0;", "@p bra.uni SKIP;"]
+    lines += [f"mul.f32 ${k}, ${n + k}, ${2 * n + k};" for k in range(n)]
+    lines += ["SKIP:", "}"]
+    return "\n".join(lines)
+
+
+VOTE_ASM = gl.constexpr(_vote_ptx())
+RESCALE_ASM = gl.constexpr(_rescale_pack_ptx(RESCALE_PACK))
+RESCALE_CONSTRAINTS = gl.constexpr(",".join(["=f"] * RESCALE_PACK + [str(k) for k in range(RESCALE_PACK)]
+                                            + ["f"] * RESCALE_PACK + ["r"] * RESCALE_PACK))
+RESCALE_PACK_C = gl.constexpr(RESCALE_PACK)
+
+
+@gluon.jit
+def rescale_o_vote(acc, alpha):
+    """rescale_o with the multiplies skipped by every warp whose 16 rows all have alpha == 1 (bitwise the same O)."""
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
+    # Each thread holds two rows of the accumulator layout's row slice: one vote over both.
+    flag = gl.inline_asm_elementwise(VOTE_ASM, "=r,=r,f,f", [alpha_o], dtype=gl.int32, is_pure=False, pack=2)
+    a_full = gl.broadcast(acc, gl.expand_dims(alpha_o, 1))[1]
+    f_full = gl.broadcast(acc, gl.expand_dims(flag, 1))[1]
+    return gl.inline_asm_elementwise(RESCALE_ASM, RESCALE_CONSTRAINTS, [acc, a_full, f_full], dtype=gl.float32,
+                                     is_pure=False, pack=RESCALE_PACK_C)
