@@ -101,9 +101,6 @@ VARIANTS = [
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
-    # Session 16: O *= alpha skipped by the warps whose rows all kept their max (RESCALE_VOTE), alone, with the
-    # lazy max (which makes skipping the rule), and with the exp2 polynomial.
-    dict(RESCALE_VOTE=True), dict(RESCALE_VOTE=True, LAZY=True), dict(RESCALE_VOTE=True, LAZY=True, POLY=1),
 ]
 
 
