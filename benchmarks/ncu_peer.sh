@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Nsight Compute, fa4 against FlashAttention-4 on one training-suite row: tensor pipe, shared-memory (LSU)
+# wavefronts, instructions, issue, cycles and time of the main kernel (the third call's).
+#   bash benchmarks/ncu_peer.sh fwd|bwd D S causal     (writes $OUT/ncu-peer-{fa4,flashattn4}-...txt)
+# FlashAttention-4 needs the kit (../shared/anchors/fa4-kit/README.md, /tmp/fa4env.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. benchmarks/ncu_common.sh
+what=$1; d=$2; s=$3; c=$4
+for who in fa4 flashattn4; do
+  if [ "$what" = fwd ]; then
+    [ $who = fa4 ] && kern='regex:attn_fwd' || kern='regex:Forward'
+  else
+    [ $who = fa4 ] && kern='regex:attn_bwd' || kern='regex:BackwardSm90$|BackwardSm90_|Sm90.*Backward|Backward.*Sm90'
+  fi
+  f="$OUT/ncu-peer-$who-$what-$d-$s-$c.txt"
+  "$NCU" --clock-control none -k "$kern" --launch-skip 2 --launch-count 1 \
+     --metrics "regex:^sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active$,l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,sm__cycles_elapsed.avg,gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,launch__block_size,dram__bytes.sum,lts__t_bytes.sum" \
+     python3 benchmarks/ncu_peer.py $who "$what" "$d" "$s" "$c" > "$f" 2>&1
+  echo "== $who $what D=$d S=$s causal=$c"
+  grep -E "^  [a-zA-Z_]|pipe_tensor|lsu_wavefronts|inst_executed|cycles_elapsed|time_duration|issue_active|registers|grid_size|block_size|dram__bytes|lts__t_bytes|rror|No kernels" "$f" | head -16
+done
