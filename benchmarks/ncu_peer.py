@@ -1,7 +1,10 @@
 """One forward (or forward + backward) of a training-suite row through fa4's sm90 kernels or FlashAttention-4's
 CuTe DSL path, for Nsight Compute side by side (benchmarks/ncu_peer.sh).
 
-    python benchmarks/ncu_peer.py fa4|flashattn4 fwd|bwd D S causal
+    python benchmarks/ncu_peer.py fa4|fa4kt|flashattn4 fwd|bwd D S causal
+
+fa4kt: the backward on the keys-as-rows tile at D = 128 (backward.D128_CAUSAL_TILE, the causal default) whatever
+the mask, FlashAttention-4's own layout of the products (Sᵀ = K·Qᵀ, dV and dK from registers, dQ shared).
 
 bf16, B·S = 16384, H·D = 2048 as `fa4 bench`. Three calls (the first compiles); profile the last one's kernel.
 FlashAttention-4 is imported only here, as a measuring stick (never from fa4).
@@ -22,6 +25,17 @@ def main():
     if who == "fa4":
         import fa4
         fn = lambda: fa4.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+    elif who == "fa4kt":
+        from fa4.kernels import sm90
+        from fa4.kernels.sm90 import backward as bwd
+        opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
+                    sink=None)
+        out, lse = sm90.forward(q, k, v, **opts)
+        dout = torch.randn_like(out)
+        for _ in range(3):
+            bwd.backward(dout, q, k, v, out, lse, None, tile=bwd.D128_CAUSAL_TILE, **opts)
+        torch.cuda.synchronize()
+        return
     else:
         from flash_attn.cute import flash_attn_func
         fn = lambda: flash_attn_func(q, k, v, causal=causal)[0]  # noqa: E731

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Nsight Compute, fa4 against FlashAttention-4 on one training-suite row: tensor pipe, shared-memory (LSU)
 # wavefronts, instructions, issue, cycles and time of the main kernel (the third call's).
-#   bash benchmarks/ncu_peer.sh fwd|bwd D S causal     (writes $OUT/ncu-peer-{fa4,flashattn4}-...txt)
+#   bash benchmarks/ncu_peer.sh fwd|bwd D S causal [who ...]   (who: fa4 flashattn4 (default) fa4kt; writes
+#   $OUT/ncu-peer-WHO-...txt)
 # FlashAttention-4 needs the kit (../shared/anchors/fa4-kit/README.md, /tmp/fa4env.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/ncu_common.sh
-what=$1; d=$2; s=$3; c=$4
-for who in fa4 flashattn4; do
+what=$1; d=$2; s=$3; c=$4; shift 4
+for who in ${@:-fa4 flashattn4}; do
   if [ "$what" = fwd ]; then
-    [ $who = fa4 ] && kern='regex:attn_fwd' || kern='regex:Forward'
+    [ $who = flashattn4 ] && kern='regex:Forward' || kern='regex:attn_fwd'
   else
-    [ $who = fa4 ] && kern='regex:attn_bwd' || kern='regex:BackwardSm90$|BackwardSm90_|Sm90.*Backward|Backward.*Sm90'
+    [ $who = flashattn4 ] && kern='regex:Sm90.*Backward|Backward.*Sm90' || kern='regex:attn_bwd'
   fi
   f="$OUT/ncu-peer-$who-$what-$d-$s-$c.txt"
   "$NCU" --clock-control none -k "$kern" --launch-skip 2 --launch-count 1 \

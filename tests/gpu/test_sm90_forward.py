@@ -101,9 +101,6 @@ VARIANTS = [
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
-    # Session 16: Q as the register A operand of QKᵀ, its buffer released once read (QREG), with the tile-end hand-offs
-    # and with two Q buffers.
-    dict(QREG=True), dict(QREG=True, TAIL=True), dict(QREG=True, TAIL=True, q_buffers=2),
 ]
 
 

@@ -103,14 +103,13 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
-    QREG: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, QREG):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -161,7 +160,6 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
-        self.QREG = gl.constexpr(QREG)
 
 
 @aggregate
@@ -569,7 +567,7 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
     # Turn parity: consumer 0 goes first, so its k-th wait needs k arrivals, the others' k + 1.
     TURN0: gl.constexpr = 1 if WG == 0 else 0
     NEXT_WG: gl.constexpr = (WG + 1) % p.NWG
-    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS and not p.QREG  # as in _consumer
+    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS  # as in _consumer
     jj = _block(p, it, rot, n_lo, n_hi, sub)
     kv_idx, kv_phase = _slot(kv_count, p.STAGES)
     v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
@@ -616,11 +614,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
     # TAIL: hand Q back right after the tile's last QKᵀ has completed (not after that block's softmax), so
     # the loader's next Q load starts one softmax earlier. With O staged in Q's buffer Q is released by
     # the epilogue instead.
-    # QREG: Q read into registers once a tile, the A operand of every QKᵀ (so that each key step reads only K from
-    # shared memory), and its buffer handed back right after that read.
-    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS and not p.QREG
-    LATE_Q: gl.constexpr = not p.TAIL and not p.O_ALIAS and not p.QREG
-    q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS
+    LATE_Q: gl.constexpr = not p.TAIL and not p.O_ALIAS
 
     pid = _cta_id()
     kv_count = 0  # K/V blocks taken from the ring so far
@@ -648,10 +643,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
             _trace_tile(p, pid, tcount, 1, WG)
             tcount += 1
             q_s = bufs.q.index(qb * NWG + WG).reshape([M, D])
-            if p.QREG:
-                q_s = q_s.load(q_op_layout)
-                if not p.O_ALIAS:
-                    mbarrier.arrive(bufs.q_empty.index(qb))
             m_i = gl.full([M], float("-inf"), gl.float32, row_s)
             l_i = gl.zeros([M], gl.float32, row_s)
             acc = gl.zeros([M, DV], gl.float32, o_layout)
@@ -689,7 +680,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
                 mbarrier.arrive(bufs.v_empty.index(v_idx))
             else:
-                if not p.O_ALIAS and not p.QREG:
+                if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty.index(qb))
             _trace_tile(p, pid, tcount - 1, 3, WG)
             _epilogue(p, bufs, acc, m_i, l_i, b, _kv_and_q_head(p, h)[1], row0, rows, seq_q, q_start, qb, WG)
@@ -829,7 +820,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr, QREG: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -863,7 +854,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, QREG)
+                CONVERGE, O_HALVES, PACK)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -890,7 +881,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, QREG=False)
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1016,7 +1007,6 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     constexprs["CONVERGE"] = bool(converge)
     # O_HALVES (probe): O staged half its columns at a time, so at D = 256 it needs no room in Q's buffer.
     constexprs["O_HALVES"] = bool(variant["O_HALVES"])
-    constexprs["QREG"] = bool(variant["QREG"])
     if constexprs["O_HALVES"]:
         constexprs["O_ALIAS"] = False
         half = cfg.num_wg * WG_ROWS * (dv // 2) * q.element_size()
