@@ -1,6 +1,7 @@
 """A/B of Hopper forward variants (fa4/kernels/sm90/attention_fwd.py, the `variant` keys of launch_plan) on
 training-suite shapes (B·S = 16384, H·D = 2048, bf16): do_bench median µs of the kernel call, the variants
-alternated over several rounds in one process, the best round of each compared with the shipped build's.
+alternated over several rounds in one process, the best round of each compared with the shipped build's (and the
+median round's ratio beside it).
 
     python benchmarks/fwd_variant_ab.py --variants '{"tail": {"TAIL": true}}' [--rounds 3]
         [--rows 128:16384:0,128:4096:1,...]
@@ -11,6 +12,7 @@ one round of each variant; its own notes put one run's noise at up to ~5%, which
 """
 import argparse
 import json
+import statistics
 
 import torch
 from triton.testing import do_bench
@@ -43,11 +45,13 @@ def main():
                 outs[name] = fn()[0]
                 times[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
         base = min(times["base"])
+        base_med = statistics.median(times["base"])
         line = f"D={d:3d} S={s:5d} causal={causal}:"
         for name in variants:
             t = min(times[name])
             diff = (outs[name].float() - outs["base"].float()).abs().max().item()
-            line += (f" | {name} {t:7.1f} us {flops / t / 1e6:5.0f} TF x{base / t:.3f} maxdiff {diff:.1e} "
+            line += (f" | {name} {t:7.1f} us {flops / t / 1e6:5.0f} TF x{base / t:.3f} (median of rounds "
+                     f"x{base_med / statistics.median(times[name]):.3f}) maxdiff {diff:.1e} "
                      f"{[round(x, 1) for x in times[name]]}")
         print(line, flush=True)
 
