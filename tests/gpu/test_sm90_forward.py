@@ -101,8 +101,6 @@ VARIANTS = [
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
-    # Session 16: the row sums kept as the quad lanes' partials until the epilogue (ROWSUM_LOCAL).
-    dict(ROWSUM_LOCAL=True), dict(ROWSUM_LOCAL=True, POLY=1), dict(ROWSUM_LOCAL=True, TAIL=True, q_buffers=2),
 ]
 
 

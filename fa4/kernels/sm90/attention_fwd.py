@@ -41,7 +41,7 @@ from triton.language.core import _aggregate as aggregate
 from fa4.kernels.direct_launch import current_device
 
 from . import configs, launch
-from .softmax import online_softmax, rescale_o, row_partial_sum, tanh_approx
+from .softmax import online_softmax, rescale_o, tanh_approx
 
 LOG2E = 1.4426950408889634
 LN2 = gl.constexpr(0.6931471805599453)
@@ -103,14 +103,13 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
-    ROWSUM_LOCAL: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, ROWSUM_LOCAL):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -161,7 +160,6 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
-        self.ROWSUM_LOCAL = gl.constexpr(ROWSUM_LOCAL)
 
 
 @aggregate
@@ -590,7 +588,7 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
         if it == n_hi - n_lo - 1:
             mbarrier.arrive(bufs.q_empty.index(qb))
     s = _scores(p, s, jj, rows, m0, seq_q, seq_k, MASK)
-    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype, p.ROWSUM_LOCAL)
+    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
     mbarrier.arrive(bufs.v_empty.index(v_idx))
     acc = rescale_o(acc, alpha)
@@ -646,10 +644,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             tcount += 1
             q_s = bufs.q.index(qb * NWG + WG).reshape([M, D])
             m_i = gl.full([M], float("-inf"), gl.float32, row_s)
-            if p.ROWSUM_LOCAL:
-                l_i = row_partial_sum(gl.zeros([M, BN], gl.float32, s_layout))
-            else:
-                l_i = gl.zeros([M], gl.float32, row_s)
+            l_i = gl.zeros([M], gl.float32, row_s)
             acc = gl.zeros([M, DV], gl.float32, o_layout)
             if n_hi > n_lo:
                 # First key block of the walk: S only; its P·V goes out with the next block's QKᵀ.
@@ -669,7 +664,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         mbarrier.arrive(bufs.q_empty.index(qb))
                 _trace_tile(p, pid, tcount - 1, 2, WG)
                 s = _scores(p, s, j, rows, m0, seq_q, seq_k, True)
-                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype, p.ROWSUM_LOCAL)
+                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                 pv = gl.convert_layout(pr.to(dtype), p_layout)
                 kv_count += 1
                 n_steps = n_hi - n_lo
@@ -708,8 +703,6 @@ def _epilogue(p, bufs, acc, m_i, l_i, b, h, row0, rows, seq_q, q_start, qb, WG: 
 
     The proxy fence before the TMA store (fence.proxy.async, MEMBAR.ALL.CTA in SASS) waits for this thread's
     earlier memory operations, the lse store among them; TAIL stores lse after the O store is issued."""
-    if p.ROWSUM_LOCAL:
-        l_i = gl.convert_layout(gl.sum(l_i, axis=1), m_i.type.layout)
     M: gl.constexpr = ROWS_PER_WG
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
     dtype: gl.constexpr = p.q_desc.dtype
@@ -827,8 +820,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr,
-                    ROWSUM_LOCAL: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -862,7 +854,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, ROWSUM_LOCAL)
+                CONVERGE, O_HALVES, PACK)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -889,7 +881,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, ROWSUM_LOCAL=False)
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1015,8 +1007,6 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     constexprs["CONVERGE"] = bool(converge)
     # O_HALVES (probe): O staged half its columns at a time, so at D = 256 it needs no room in Q's buffer.
     constexprs["O_HALVES"] = bool(variant["O_HALVES"])
-    # ROWSUM_LOCAL: the row sums kept as the quad lanes' partials, reduced once in the epilogue (not with LAZY).
-    constexprs["ROWSUM_LOCAL"] = bool(variant["ROWSUM_LOCAL"]) and not variant["LAZY"]
     if constexprs["O_HALVES"]:
         constexprs["O_ALIAS"] = False
         half = cfg.num_wg * WG_ROWS * (dv // 2) * q.element_size()

@@ -85,19 +85,7 @@ def tanh_approx(x):
 
 
 @gluon.jit
-def row_partial_sum(x):
-    """Per-thread partial row sums of a wgmma accumulator tile [M, N] as [M, 4]: a thread holds columns
-    8·j + 2·t + e of its rows (t its lane within the quad), so summing over j and e stays in its registers and the
-    quad's four lanes keep four partials (t). The cross-lane reduction is left to the caller's last use."""
-    M: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    x4 = gl.reshape(x, [M, N // 8, 4, 2])
-    return gl.sum(gl.sum(x4, axis=3), axis=1)
-
-
-@gluon.jit
-def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr, dtype: gl.constexpr,
-                   LOCAL_SUM: gl.constexpr = False):
+def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr, dtype: gl.constexpr):
     """One key block: returns (m, l, P, alpha) with O to be multiplied by alpha row-wise; P in fp32, or
     already rounded to `dtype` with LAZY.
 
@@ -124,10 +112,6 @@ def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr
     if LAZY:
         p = p.to(dtype)
         l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
-    elif LOCAL_SUM:
-        # l_i holds the quad lanes' partial sums [M, 4] (row_partial_sum): no shuffles a block.
-        alpha_l = gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))
-        l_i = l_i * gl.expand_dims(alpha_l, 1) + row_partial_sum(p)
     else:
         # P stays fp32 here: the caller rounds it once the previous P·V has released its registers.
         l_i = l_i * alpha + gl.sum(p, axis=1)
