@@ -235,7 +235,11 @@ def aot_compile(launch, cc):
     signature, attrs, consts = {}, {}, dict(launch.constexprs)
     for i, (param, arg) in enumerate(zip(kernel.params, launch.args)):
         # Pointers and ints divisible by 16 get the divisibility attribute, ints equal to 1 become constants.
-        if isinstance(arg, torch.Tensor):
+        if arg is None:
+            # An absent optional pointer: a None constant, as the launcher specialises it (Triton 3.8 rejects the
+            # scalar type this used to get).
+            signature[param.name], consts[param.name] = "constexpr", None
+        elif isinstance(arg, torch.Tensor):
             signature[param.name] = "*" + DTYPE_NAMES[arg.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(arg, bool):
@@ -250,6 +254,10 @@ def aot_compile(launch, cc):
             signature[param.name] = "fp32"
     for name in launch.constexprs:
         signature[name] = "constexpr"
+    for param in kernel.params:
+        # Constexpr parameters the launch leaves at their default (Triton 3.8 needs them named).
+        if param.name not in signature and param.is_constexpr and param.has_default:
+            signature[param.name], consts[param.name] = "constexpr", param.default
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
