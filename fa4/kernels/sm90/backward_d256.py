@@ -213,6 +213,16 @@ def _loader(p, bufs):
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
+def _release_prev_q(p, bufs, it, idx):
+    """DQ_IN_Q, after this step's hand-over: once the previous step's second dQ half has been read from this
+    consumer's half of that step's Q slot (store_wait(0): every reduce-add in flight, that one among them), release
+    the slot, the one before `idx` in the ring."""
+    if it > 0:
+        tma.store_wait(0)
+        mbarrier.arrive(bufs.q_empty.index((idx + p.STAGES - 1) % p.STAGES))
+
+
+@gluon.jit
 def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
     BM: gl.constexpr = p.BM
     N: gl.constexpr = KEYS_PER_WG
@@ -238,7 +248,6 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
         mbarrier.wait(bufs.kv_ready, 0)
         idx = 0
         phase = 0
-        prev_idx = 0
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
             g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
@@ -302,10 +311,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
                 fence_async_shared()
                 mbarrier.arrive(bufs.pds_ready)
                 if DQ_IN_Q and p.DQ_ATOMIC:
-                    if it > 0:
-                        # The previous step's second dQ half has been read from its Q half: release that Q slot.
-                        tma.store_wait(0)
-                        mbarrier.arrive(bufs.q_empty.index(prev_idx))
+                    _release_prev_q(p, bufs, it, idx)
             else:
                 s, dp = warpgroup_mma_wait(0, deps=(s, dp))
                 # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it; slot 0 is
@@ -317,9 +323,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
                 fence_async_shared()
                 mbarrier.arrive(bufs.part_ready)
                 if DQ_IN_Q and p.DQ_ATOMIC:
-                    if it > 0:
-                        tma.store_wait(0)
-                        mbarrier.arrive(bufs.q_empty.index(prev_idx))
+                    _release_prev_q(p, bufs, it, idx)
                 mbarrier.wait(bufs.pds_ready, hp)
             # dV[:, c_w] += Pᵀ·dO[:, c_w], dK[:, c_w] += dSᵀ·Q[:, c_w]: A read transposed from shared memory.
             dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
@@ -365,7 +369,6 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 if WG == 1:
                     mbarrier.arrive(bufs.pds_free)
-            prev_idx = idx
             idx, phase = _next_slot(idx, phase, p.STAGES)
         tma.store_wait(0)
         # The epilogue's indices from a fresh %ctaid read (not kept live through the loop).
