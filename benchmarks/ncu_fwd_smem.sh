@@ -10,9 +10,9 @@ n=0
 for v in "$@"; do
   f="$OUT/ncu-fwd-smem-$d-$s-$c-$n.txt"
   "$NCU" --clock-control none -k regex:attn_fwd --launch-skip 2 --launch-count 1 \
-     --metrics "regex:^sm__pipe_tensor.*pct_of_peak_sustained_active$,l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg,gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes.sum" \
+     --metrics "$LOAD_METRICS,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum" \
      python3 benchmarks/ncu_fwd.py "$d" "$s" "$c" "$v" > "$f" 2>&1
   echo "== D=$d S=$s causal=$c variant $v"
-  grep -E "pipe_tensor_cycles_active.avg|lsu_wavefronts|inst_executed|cycles_elapsed|time_duration|issue_active|lts__t_bytes|dram__bytes|rror" "$f" | head -12
+  grep -E "$LOAD_LINES" "$f" | head -12
   n=$((n + 1))
 done

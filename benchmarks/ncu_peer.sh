@@ -16,8 +16,8 @@ for who in ${@:-fa4 flashattn4}; do
   fi
   f="$OUT/ncu-peer-$who-$what-$d-$s-$c.txt"
   "$NCU" --clock-control none -k "$kern" --launch-skip 2 --launch-count 1 \
-     --metrics "regex:^sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active$,l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,sm__cycles_elapsed.avg,gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,launch__block_size,dram__bytes.sum,lts__t_bytes.sum" \
+     --metrics "$LOAD_METRICS,launch__registers_per_thread,launch__grid_size,launch__block_size" \
      python3 benchmarks/ncu_peer.py $who "$what" "$d" "$s" "$c" > "$f" 2>&1
   echo "== $who $what D=$d S=$s causal=$c"
-  grep -E "^  [a-zA-Z_]|pipe_tensor|lsu_wavefronts|inst_executed|cycles_elapsed|time_duration|issue_active|registers|grid_size|block_size|dram__bytes|lts__t_bytes|rror|No kernels" "$f" | head -16
+  grep -E "^  [a-zA-Z_]|$LOAD_LINES|registers|grid_size|block_size|No kernels" "$f" | head -16
 done
