@@ -29,8 +29,6 @@ Barrier protocol (every barrier's phase parity is tracked by a counter in each p
 Every consumer walks the same tiles and key blocks (the key range is the CTA's, not the warpgroup's), so the
 turn counts match and no partition waits for an arrival that never comes.
 """
-import os
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -43,7 +41,6 @@ from triton.language.core import _aggregate as aggregate
 from fa4.kernels.direct_launch import current_device
 
 from . import configs, launch
-from .arrive import release_after_wait
 from .softmax import online_softmax, rescale_o, tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -106,14 +103,13 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
-    NOSYNC: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, NOSYNC):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -164,7 +160,6 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
-        self.NOSYNC = gl.constexpr(NOSYNC)
 
 
 @aggregate
@@ -588,14 +583,14 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
         turn += 1
     # S_j is ready once at most one group (P·V) is outstanding.
     s = warpgroup_mma_wait(1, deps=(s, ))
-    release_after_wait(bufs.k_empty.index(kv_idx), p.NOSYNC)
+    mbarrier.arrive(bufs.k_empty.index(kv_idx))
     if EARLY_Q:
         if it == n_hi - n_lo - 1:
-            release_after_wait(bufs.q_empty.index(qb), p.NOSYNC)
+            mbarrier.arrive(bufs.q_empty.index(qb))
     s = _scores(p, s, jj, rows, m0, seq_q, seq_k, MASK)
     m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
     acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
-    release_after_wait(bufs.v_empty.index(v_idx), p.NOSYNC)
+    mbarrier.arrive(bufs.v_empty.index(v_idx))
     acc = rescale_o(acc, alpha)
     pv = gl.convert_layout(pr.to(dtype), p_layout)
     return kv_count + 1, turn, m_i, l_i, acc, pv
@@ -663,10 +658,10 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False,
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
-                release_after_wait(bufs.k_empty.index(kv_idx), p.NOSYNC)
+                mbarrier.arrive(bufs.k_empty.index(kv_idx))
                 if EARLY_Q:
                     if n_hi - n_lo == 1:
-                        release_after_wait(bufs.q_empty.index(qb), p.NOSYNC)
+                        mbarrier.arrive(bufs.q_empty.index(qb))
                 _trace_tile(p, pid, tcount - 1, 2, WG)
                 s = _scores(p, s, j, rows, m0, seq_q, seq_k, True)
                 m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
@@ -678,12 +673,12 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb, kv_count, turn, m_i,
                         l_i, acc, pv, WG, p.HAS_WR or p.HAS_WL or p.STAGGER)
                 if LATE_Q:
-                    release_after_wait(bufs.q_empty.index(qb), p.NOSYNC)
+                    mbarrier.arrive(bufs.q_empty.index(qb))
                 v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                 mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
                 acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
                 acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
-                release_after_wait(bufs.v_empty.index(v_idx), p.NOSYNC)
+                mbarrier.arrive(bufs.v_empty.index(v_idx))
             else:
                 if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty.index(qb))
@@ -825,8 +820,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr,
-                    NOSYNC: gl.constexpr = False):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -860,7 +854,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, NOSYNC)
+                CONVERGE, O_HALVES, PACK)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -887,8 +881,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None,
-                       NOSYNC=os.environ.get("FA4_SM90_NOSYNC") == "1")
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1014,8 +1007,6 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     constexprs["CONVERGE"] = bool(converge)
     # O_HALVES (probe): O staged half its columns at a time, so at D = 256 it needs no room in Q's buffer.
     constexprs["O_HALVES"] = bool(variant["O_HALVES"])
-    # NOSYNC: the K / V / Q releases after a wgmma wait without the warpgroup barrier (arrive.py).
-    constexprs["NOSYNC"] = bool(variant["NOSYNC"])
     if constexprs["O_HALVES"]:
         constexprs["O_ALIAS"] = False
         half = cfg.num_wg * WG_ROWS * (dv // 2) * q.element_size()

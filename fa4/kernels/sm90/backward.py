@@ -95,7 +95,6 @@ turn[0]) is never waited for; the grid is not persistent, so no later walk sees 
 barriers runs under random schedules in tests/test_sm90_backward_aot.py (update it with any change of order).
 """
 from dataclasses import dataclass, replace
-import os
 
 import torch
 import triton
@@ -113,7 +112,6 @@ from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_st
 from . import configs, launch
 from .attention_fwd import (_descriptor, _dummy_i32, _head_coord, _kv_coord, _next_slot, _opaque, _q_coord,
                             _visible)
-from .arrive import release_after_wait
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -604,7 +602,7 @@ def _trace_step(p, WG: gl.constexpr, step, event: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, NOSYNC: gl.constexpr = False):
+def _consumer(p, bufs, WG: gl.constexpr):
     """64 resident keys; per query block (queries as rows, so lse2 and Delta are two values a thread):
 
         S = Q·K_wgᵀ, then dP = dO·V_wgᵀ     async wgmma, both operands in shared memory
@@ -807,9 +805,9 @@ def _consumer(p, bufs, WG: gl.constexpr, NOSYNC: gl.constexpr = False):
                     mbarrier.arrive(bufs.turn.index(NEXT_WG))
                 dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
                 _trace_step(p, WG, it, 6)
-                release_after_wait(bufs.ds_free.index(OTHER), NOSYNC)
-                release_after_wait(bufs.q_empty.index(idx), NOSYNC)
-                release_after_wait(bufs.do_empty.index(idx), NOSYNC)
+                mbarrier.arrive(bufs.ds_free.index(OTHER))
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
                 _trace_step(p, WG, it, 7)
                 if p.DQ_WRITER:
                     # The writer warp issues the reduce-add (in the chain's order with ORDERED_DQ): hand it the
@@ -844,8 +842,8 @@ def _consumer(p, bufs, WG: gl.constexpr, NOSYNC: gl.constexpr = False):
                             mbarrier.arrive(bufs.turn.index(NEXT_WG))
                         dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
                         _trace_step(p, WG, it, 6)
-                        release_after_wait(bufs.q_empty.index(idx), NOSYNC)
-                        release_after_wait(bufs.do_empty.index(idx), NOSYNC)
+                        mbarrier.arrive(bufs.q_empty.index(idx))
+                        mbarrier.arrive(bufs.do_empty.index(idx))
                         _trace_step(p, WG, it, 7)
                         if p.DQ_WRITER:
                             # The writer has read the previous share (a fresh barrier passes parity 1).
@@ -868,8 +866,8 @@ def _consumer(p, bufs, WG: gl.constexpr, NOSYNC: gl.constexpr = False):
                     mbarrier.arrive(bufs.turn.index(NEXT_WG))
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 _trace_step(p, WG, it, 6)
-                release_after_wait(bufs.q_empty.index(idx), NOSYNC)
-                release_after_wait(bufs.do_empty.index(idx), NOSYNC)
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
                 _trace_step(p, WG, it, 7)
                 _trace_step(p, WG, it, 8)
                 _trace_step(p, WG, it, 9)
@@ -938,8 +936,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                    NOSYNC: gl.constexpr = False):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1008,23 +1005,23 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         gl.static_assert(DQ_ATOMIC and NWG >= 2, "the dQ writer serves the in-kernel reduce-add of 2 or 3 consumers")
         gl.static_assert(ORDERED_DQ == 0 or DQ_SHARED, "the ordered chain is built for the shared-dQ tile")
         if NWG == 2:
-            gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), NOSYNC)),
-                                (_consumer, (p, bufs, gl.constexpr(1), NOSYNC)),
+            gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                                (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
                                 (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
             gl.warp_specialize([(_loader, (p, bufs)),
-                                (_consumer, (p, bufs, gl.constexpr(0), NOSYNC)),
-                                (_consumer, (p, bufs, gl.constexpr(1), NOSYNC)),
-                                (_consumer, (p, bufs, gl.constexpr(2), NOSYNC)),
+                                (_consumer, (p, bufs, gl.constexpr(0))),
+                                (_consumer, (p, bufs, gl.constexpr(1))),
+                                (_consumer, (p, bufs, gl.constexpr(2))),
                                 (_dq_writer, (p, bufs))], [4, 4, 4, 1],
                                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
-        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), NOSYNC)),
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
     elif NWG == 2:
-        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), NOSYNC)),
-                            (_consumer, (p, bufs, gl.constexpr(1), NOSYNC)),
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
                             (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         # Three consumers, each a worker with CONSUMER_REGS, and the loader as the 4-warp default partition (ptxas
@@ -1032,9 +1029,9 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         # remainder (168) and the causal D = 64 build reloads 6 values a step from local memory instead of 4
         # (offline SASS only; this layout is the one measured on the GPU).
         gl.warp_specialize([(_loader, (p, bufs)),
-                            (_consumer, (p, bufs, gl.constexpr(0), NOSYNC)),
-                            (_consumer, (p, bufs, gl.constexpr(1), NOSYNC)),
-                            (_consumer, (p, bufs, gl.constexpr(2), NOSYNC))], [4, 4, 4],
+                            (_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_consumer, (p, bufs, gl.constexpr(2)))], [4, 4, 4],
                            [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -1240,10 +1237,6 @@ def builds_sink_partials(tile):
     return not (tile.keys_as_rows or tile.d256)
 
 
-# The Q / dO / dS slot releases that follow a wgmma wait skip the warpgroup barrier Gluon puts before an arrive
-# (arrive.py; the main kernels of this file and backward_kt.py).
-NOSYNC_ARRIVES = os.environ.get("FA4_SM90_NOSYNC") == "1"
-
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
 # ... and for packed causal D = 128 calls too. H100, 2026-11-26 (bwd_flag_ab.py --flag KEYS_AS_ROWS_D128_PACKED
@@ -1436,8 +1429,6 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
-    # The slot releases after a wgmma wait without the warpgroup barrier (arrive.py; not yet in the D = 256 kernel).
-    constexprs["NOSYNC"] = NOSYNC_ARRIVES
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
@@ -1636,7 +1627,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, NOSYNC_ARRIVES)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK)
 
 
 def _dq_placeholder(tile, d, varlen, device):

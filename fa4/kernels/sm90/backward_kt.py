@@ -57,7 +57,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import configs
 from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord, _visible_pairs
-from .arrive import release_after_wait
 from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _mask_needed, _q_range,
                        _RUNTIME_INTS, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
@@ -160,7 +159,7 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
 
 @gluon.jit
 def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it, WG: gl.constexpr, QW: gl.constexpr,
-                       DQW: gl.constexpr, DQ_ROWS: gl.constexpr, dq_layout: gl.constexpr, NOSYNC: gl.constexpr):
+                       DQW: gl.constexpr, DQ_ROWS: gl.constexpr, dq_layout: gl.constexpr):
     """The end of a step with dQ in the kernel: once the other consumer's dSᵀ is in ds.index(base + OTHER) (parity:
     that buffer's phase), issue this consumer's dQ share from ds.index(base) and ds.index(base + 1) behind the step's
     in-flight dV and dK, wait for all three, free the other's buffer and the Q / dO slot, and add the share to dQ
@@ -170,17 +169,16 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
     dq = _dq_issue(p, bufs, base, WG, QW, DQW, DQ_ROWS, dq_layout)
     dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
     _trace_step(p, WG, it, 6)
-    release_after_wait(bufs.ds_free.index(base + OTHER), NOSYNC)
-    release_after_wait(bufs.q_empty.index(idx), NOSYNC)
-    release_after_wait(bufs.do_empty.index(idx), NOSYNC)
+    mbarrier.arrive(bufs.ds_free.index(base + OTHER))
+    mbarrier.arrive(bufs.q_empty.index(idx))
+    mbarrier.arrive(bufs.do_empty.index(idx))
     _trace_step(p, WG, it, 7)
     _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it)
     return dv, dk
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr,
-              NOSYNC: gl.constexpr):
+def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr):
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     BM: gl.constexpr = p.BM
@@ -297,22 +295,22 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 if it > 0:
                     dv_done, dk_done = _share_and_release(p, bufs, dv, dk, idx, ((it - 1) & 1) * NWG,
                                                           ((it - 1) >> 1) & 1, b, h_prev, q_start, m0_prev, it, WG,
-                                                          QW, DQW, DQ_ROWS, dq_layout, NOSYNC)
+                                                          QW, DQW, DQ_ROWS, dq_layout)
                 else:
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
-                    release_after_wait(bufs.q_empty.index(idx), NOSYNC)
-                    release_after_wait(bufs.do_empty.index(idx), NOSYNC)
+                    mbarrier.arrive(bufs.q_empty.index(idx))
+                    mbarrier.arrive(bufs.do_empty.index(idx))
                 dv = dv_done
                 dk = dk_done
                 h_prev = h
                 m0_prev = m0
             elif p.DQ_ATOMIC:
                 dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, it & 1, b, h, q_start, m0, it, WG, QW, DQW,
-                                            DQ_ROWS, dq_layout, NOSYNC)
+                                            DQ_ROWS, dq_layout)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-                release_after_wait(bufs.q_empty.index(idx), NOSYNC)
-                release_after_wait(bufs.do_empty.index(idx), NOSYNC)
+                mbarrier.arrive(bufs.q_empty.index(idx))
+                mbarrier.arrive(bufs.do_empty.index(idx))
             idx, phase = _next_slot(idx, phase, p.STAGES)
         last = p.group * n_m - 1
         if p.DQ_ATOMIC and DQ_LAG:
@@ -322,7 +320,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 mbarrier.wait(bufs.ds_ready.index(prev + OTHER), (last >> 1) & 1)
                 dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dq = warpgroup_mma_wait(0, deps=(dq, ))
-                release_after_wait(bufs.ds_free.index(prev + OTHER), NOSYNC)
+                mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
                 _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1)
         tma.store_wait(0)
         # Indices derived again from a fresh %ctaid read rather than kept live through the loop.
@@ -361,8 +359,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       CTA_CHUNKED: gl.constexpr = False, NOSYNC: gl.constexpr = False, DV_EARLY: gl.constexpr = True,
-                       DQ_LAG: gl.constexpr = False, POLY: gl.constexpr = 0):
+                       CTA_CHUNKED: gl.constexpr = False, DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
+                       POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
@@ -419,6 +417,6 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY, NOSYNC)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY, NOSYNC)),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
