@@ -200,6 +200,7 @@ class BwdProblem:
     DQ_WRITER: gl.constexpr
     STATS_TMA: gl.constexpr
     CTA_CHUNKED: gl.constexpr
+    EPI_DIRECT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -208,7 +209,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False, EPI_DIRECT=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -265,6 +266,7 @@ class BwdProblem:
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
         self.CTA_CHUNKED = gl.constexpr(CTA_CHUNKED)
+        self.EPI_DIRECT = gl.constexpr(EPI_DIRECT)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
 
 
@@ -588,6 +590,12 @@ TRACE_EVENTS = 11
 TRACE_STEPS_C = gl.constexpr(TRACE_STEPS)
 TRACE_EVENTS_C = gl.constexpr(TRACE_EVENTS)
 LAST_TRACE = None
+# ... and of every CTA, consumer 0's %globaltimer (ns) at CTA_EVENTS points and its SM (_cta_event), into
+# LAST_CTA_TRACE (grid CTAs, CTA_EVENTS + 1): 0 consumer start, 1 K and V arrived, 2 the first Q / dO arrived, 3 the
+# last step done, 4 dK and dV stored (the CTA's end); the last column is %smid.
+CTA_EVENTS = 5
+CTA_EVENTS_C = gl.constexpr(CTA_EVENTS)
+LAST_CTA_TRACE = None
 
 
 @gluon.jit
@@ -599,6 +607,21 @@ def _trace_step(p, WG: gl.constexpr, step, event: gl.constexpr):
                 t = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [gl.to_tensor(0)], dtype=gl.int64,
                                               is_pure=False, pack=1)
                 gl.store(p.dsink_ptr + ((nb * p.NWG + WG) * TRACE_STEPS_C + step) * TRACE_EVENTS_C + event, t)
+
+
+@gluon.jit
+def _cta_event(p, WG: gl.constexpr, event: gl.constexpr):
+    if p.TRACE:
+        if WG == 0:
+            t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [gl.to_tensor(0)], dtype=gl.int64,
+                                          is_pure=False, pack=1)
+            cta = gl.program_id(0) + gl.num_programs(0) * (gl.program_id(1) + gl.num_programs(1) * gl.program_id(2))
+            row = p.sink_ptr + cta.to(gl.int64) * (CTA_EVENTS_C + 1)
+            gl.store(row + event, t)
+            if event == 0:
+                sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [gl.to_tensor(0)], dtype=gl.int32,
+                                               is_pure=False, pack=1)
+                gl.store(row + CTA_EVENTS_C, sm.to(gl.int64))
 
 
 @gluon.jit
@@ -663,7 +686,9 @@ def _consumer(p, bufs, WG: gl.constexpr):
         dq_s = bufs.dq.index(WG)
         dk = gl.zeros([N, D], gl.float32, dk_layout)
         dv = gl.zeros([N, DV], gl.float32, dv_layout)
+        _cta_event(p, WG, 0)
         mbarrier.wait(bufs.kv_ready, 0)
+        _cta_event(p, WG, 1)
         idx = 0
         phase = 0
         if p.SINK_PDP:
@@ -684,6 +709,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
             # S in flight while lse2 and Delta arrive.
             mbarrier.wait(bufs.q_ready.index(idx), phase)
             _trace_step(p, WG, it, 1)
+            if it == 0:
+                _cta_event(p, WG, 2)
             if p.PING_PONG:
                 # Operands first, then the turn: a turn is never held over a TMA wait (the other consumer
                 # waits for the same slot anyway, and its turn would wait behind ours).
@@ -873,6 +900,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 _trace_step(p, WG, it, 9)
                 _trace_step(p, WG, it, 10)
             idx, phase = _next_slot(idx, phase, p.STAGES)
+        _cta_event(p, WG, 3)
         # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
         # through the loop, where they were spilled.
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
@@ -886,6 +914,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
+        _cta_event(p, WG, 4)
 
 
 @gluon.jit
@@ -895,16 +924,30 @@ def _store_rows(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, str
     TMA from shared memory; the batched descriptor clips rows past the tensor. A varlen block that runs
     past its sequence would write the next sequence's rows: those few blocks use masked pointer stores."""
     W: gl.constexpr = val.type.shape[1]
-    if p.VARLEN and kr0 + KEYS_PER_WG > seq_k:
+    if p.EPI_DIRECT or (p.VARLEN and kr0 + KEYS_PER_WG > seq_k):
         # Straight from the accumulator layout: a layout conversion would need a scratch tile of shared
-        # memory that D = 128 does not have left.
+        # memory that D = 128 does not have left. (EPI_DIRECT: every block, so that no CTA waits at its end for
+        # a staged tile's TMA store.)
         layout: gl.constexpr = val.type.layout
-        rows = kr0 + gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, layout))
+        rows = gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, layout))
         cols = gl.arange(0, W, gl.SliceLayout(0, layout))
+        if p.EPI_DIRECT:
+            # Opaque: the per-thread row and column offsets are loop invariants LLVM would otherwise compute before
+            # the main loop and keep (spilled) through it.
+            rows = _opaque(rows)
+            cols = _opaque(cols)
+        rows += kr0
         tok = k_start + rows
+        head = hk * stride_h
         if p.BIG:
             tok = tok.to(gl.int64)
-        offs = gl.expand_dims(tok * stride_s, 1) + hk * stride_h + gl.expand_dims(cols, 0)
+            head = head.to(gl.int64)
+        if not p.VARLEN:
+            if p.BIG:
+                head += b.to(gl.int64) * stride_b
+            else:
+                head += b * stride_b
+        offs = gl.expand_dims(tok * stride_s, 1) + head + gl.expand_dims(cols, 0)
         mask = gl.expand_dims(rows < seq_k, 1) & gl.expand_dims(cols < width, 0)
         gl.store(ptr + offs, val, mask=mask)
     else:
@@ -936,7 +979,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
+                    EPI_DIRECT: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -997,7 +1041,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, EPI_DIRECT)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1237,6 +1281,10 @@ def builds_sink_partials(tile):
     return not (tile.keys_as_rows or tile.d256)
 
 
+# dK and dV stored straight from the accumulators by each thread (EPI_DIRECT) instead of staged in the K / V slots
+# and stored by TMA with a wait for each (the main kernels of this file and backward_kt.py).
+EPI_DIRECT = False
+
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
 # ... and for packed causal D = 128 calls too. H100, 2026-11-26 (bwd_flag_ab.py --flag KEYS_AS_ROWS_D128_PACKED
@@ -1414,6 +1462,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         n_kb = triton.cdiv(seqlen_k, tile.block_n)
         LAST_TRACE = torch.zeros(n_kb, tile.num_wg, TRACE_STEPS, TRACE_EVENTS, dtype=torch.int64, device=q.device)
         args["dsink_ptr"] = LAST_TRACE
+        # The CTA timeline takes the sink's slot (no sink in a trace build), one row for every CTA of the grid.
+        global LAST_CTA_TRACE
+        LAST_CTA_TRACE = torch.zeros(n_kb * batch * hkv, CTA_EVENTS + 1, dtype=torch.int64, device=q.device)
+        args["sink_ptr"] = LAST_CTA_TRACE
         dsink_part = None
     constexprs = dict(
         BM=tile.block_m, NWG=tile.num_wg, STAGES=tile.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
@@ -1439,6 +1491,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
                       deterministic or dq_chain is not None or dsink_part is not None)
     constexprs["CTA_CHUNKED"] = chunk > 1 and 2 <= n_kb <= 65535  # gridDim.y holds the key blocks
+    constexprs["EPI_DIRECT"] = EPI_DIRECT and not tile.d256
     grid = (chunk, n_kb, batch * hkv // chunk) if constexprs["CTA_CHUNKED"] else (n_kb, batch * hkv)
     return grid, args, constexprs
 
@@ -1627,7 +1680,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, EPI_DIRECT)
 
 
 def _dq_placeholder(tile, d, varlen, device):

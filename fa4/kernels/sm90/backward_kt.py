@@ -58,8 +58,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from . import configs
 from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _loader, _mask_needed, _q_range,
-                       _RUNTIME_INTS, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
+                       _q_range, _RUNTIME_INTS, _step_block, _store_rows, _trace_step,
+                       async_reduce_add_shared_to_global)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -217,7 +218,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
         dk = gl.zeros([N, D], gl.float32, dk_layout)
         dv = gl.zeros([N, DV], gl.float32, dv_layout)
         inv_scale2 = 1.0 / p.qk_scale
+        _cta_event(p, WG, 0)
         mbarrier.wait(bufs.kv_ready, 0)
+        _cta_event(p, WG, 1)
         idx = 0
         phase = 0
         n_m = m_hi - m_lo
@@ -239,6 +242,8 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             mbarrier.wait(bufs.q_ready.index(idx), phase)
             mbarrier.wait(bufs.do_ready.index(idx), phase)
             _trace_step(p, WG, it, 1)
+            if it == 0:
+                _cta_event(p, WG, 2)
             # Both accumulators start at their column's statistic, so that lse2 and Delta (32 values a thread each)
             # are never live beside Sᵀ, dPᵀ, dV and dK (without this the softmax and dS spill ~12 values a step):
             #   Sᵀ acc = K·Qᵀ − lse2 / scale2, so acc·scale2 = Sᵀ·scale2 − lse2 (scale2 = softmax scale · log2 e;
@@ -312,6 +317,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
             idx, phase = _next_slot(idx, phase, p.STAGES)
+        _cta_event(p, WG, 3)
         last = p.group * n_m - 1
         if p.DQ_ATOMIC and DQ_LAG:
             # The last step's dQ share (DQ_LAG issues each step's share one step late).
@@ -331,9 +337,10 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
         slot = _opaque(gl.to_tensor(WG))
         _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
                     p.stride_dvb, p.stride_dvs, p.stride_dvh)
-        if p.DQ_ATOMIC:
+        if p.DQ_ATOMIC and not p.EPI_DIRECT:
             # The other consumer's last dQ product read this consumer's K: wait for its release of this consumer's
-            # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once).
+            # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once). (Stored
+            # straight from the registers, dK does not touch the K slot.)
             if DQ_LAG:
                 mbarrier.wait(bufs.ds_free.index((last & 1) * NWG + WG), (last >> 1) & 1)
             else:
@@ -341,6 +348,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
+        _cta_event(p, WG, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,7 +367,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       CTA_CHUNKED: gl.constexpr = False, DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
+                       CTA_CHUNKED: gl.constexpr = False, EPI_DIRECT: gl.constexpr = False,
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
@@ -412,7 +421,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, EPI_DIRECT)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
