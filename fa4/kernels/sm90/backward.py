@@ -200,7 +200,6 @@ class BwdProblem:
     DQ_WRITER: gl.constexpr
     STATS_TMA: gl.constexpr
     CTA_CHUNKED: gl.constexpr
-    EPI_DIRECT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -209,7 +208,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False, EPI_DIRECT=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -266,7 +265,6 @@ class BwdProblem:
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
         self.CTA_CHUNKED = gl.constexpr(CTA_CHUNKED)
-        self.EPI_DIRECT = gl.constexpr(EPI_DIRECT)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
 
 
@@ -611,6 +609,7 @@ def _trace_step(p, WG: gl.constexpr, step, event: gl.constexpr):
 
 @gluon.jit
 def _cta_event(p, WG: gl.constexpr, event: gl.constexpr):
+    """Trace build: consumer 0's %globaltimer at CTA event `event` (and at event 0 the SM) into LAST_CTA_TRACE."""
     if p.TRACE:
         if WG == 0:
             t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [gl.to_tensor(0)], dtype=gl.int64,
@@ -924,30 +923,16 @@ def _store_rows(p, desc, stage, ptr, val, b, hk, k_start, kr0, seq_k, width, str
     TMA from shared memory; the batched descriptor clips rows past the tensor. A varlen block that runs
     past its sequence would write the next sequence's rows: those few blocks use masked pointer stores."""
     W: gl.constexpr = val.type.shape[1]
-    if p.EPI_DIRECT or (p.VARLEN and kr0 + KEYS_PER_WG > seq_k):
+    if p.VARLEN and kr0 + KEYS_PER_WG > seq_k:
         # Straight from the accumulator layout: a layout conversion would need a scratch tile of shared
-        # memory that D = 128 does not have left. (EPI_DIRECT: every block, so that no CTA waits at its end for
-        # a staged tile's TMA store.)
+        # memory that D = 128 does not have left.
         layout: gl.constexpr = val.type.layout
-        rows = gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, layout))
+        rows = kr0 + gl.arange(0, KEYS_PER_WG, gl.SliceLayout(1, layout))
         cols = gl.arange(0, W, gl.SliceLayout(0, layout))
-        if p.EPI_DIRECT:
-            # Opaque: the per-thread row and column offsets are loop invariants LLVM would otherwise compute before
-            # the main loop and keep (spilled) through it.
-            rows = _opaque(rows)
-            cols = _opaque(cols)
-        rows += kr0
         tok = k_start + rows
-        head = hk * stride_h
         if p.BIG:
             tok = tok.to(gl.int64)
-            head = head.to(gl.int64)
-        if not p.VARLEN:
-            if p.BIG:
-                head += b.to(gl.int64) * stride_b
-            else:
-                head += b * stride_b
-        offs = gl.expand_dims(tok * stride_s, 1) + head + gl.expand_dims(cols, 0)
+        offs = gl.expand_dims(tok * stride_s, 1) + hk * stride_h + gl.expand_dims(cols, 0)
         mask = gl.expand_dims(rows < seq_k, 1) & gl.expand_dims(cols < width, 0)
         gl.store(ptr + offs, val, mask=mask)
     else:
@@ -979,8 +964,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                    EPI_DIRECT: gl.constexpr = False):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1041,7 +1025,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, EPI_DIRECT)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1281,10 +1265,6 @@ def builds_sink_partials(tile):
     return not (tile.keys_as_rows or tile.d256)
 
 
-# dK and dV stored straight from the accumulators by each thread (EPI_DIRECT) instead of staged in the K / V slots
-# and stored by TMA with a wait for each (the main kernels of this file and backward_kt.py).
-EPI_DIRECT = False
-
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
 # ... and for packed causal D = 128 calls too. H100, 2026-11-26 (bwd_flag_ab.py --flag KEYS_AS_ROWS_D128_PACKED
@@ -1491,7 +1471,6 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
                       deterministic or dq_chain is not None or dsink_part is not None)
     constexprs["CTA_CHUNKED"] = chunk > 1 and 2 <= n_kb <= 65535  # gridDim.y holds the key blocks
-    constexprs["EPI_DIRECT"] = EPI_DIRECT and not tile.d256
     grid = (chunk, n_kb, batch * hkv // chunk) if constexprs["CTA_CHUNKED"] else (n_kb, batch * hkv)
     return grid, args, constexprs
 
@@ -1680,7 +1659,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, EPI_DIRECT)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK)
 
 
 def _dq_placeholder(tile, d, varlen, device):

@@ -337,10 +337,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
         slot = _opaque(gl.to_tensor(WG))
         _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
                     p.stride_dvb, p.stride_dvs, p.stride_dvh)
-        if p.DQ_ATOMIC and not p.EPI_DIRECT:
+        if p.DQ_ATOMIC:
             # The other consumer's last dQ product read this consumer's K: wait for its release of this consumer's
-            # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once). (Stored
-            # straight from the registers, dK does not touch the K slot.)
+            # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once).
             if DQ_LAG:
                 mbarrier.wait(bufs.ds_free.index((last & 1) * NWG + WG), (last >> 1) & 1)
             else:
@@ -367,8 +366,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       CTA_CHUNKED: gl.constexpr = False, EPI_DIRECT: gl.constexpr = False,
-                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
+                       CTA_CHUNKED: gl.constexpr = False, DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
@@ -421,7 +419,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, EPI_DIRECT)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
