@@ -95,6 +95,7 @@ turn[0]) is never waited for; the grid is not persistent, so no later walk sees 
 barriers runs under random schedules in tests/test_sm90_backward_aot.py (update it with any change of order).
 """
 from dataclasses import dataclass, replace
+import os
 
 import torch
 import triton
@@ -1116,6 +1117,9 @@ class BwdTile:
     # waits for a reduce-add to drain within a step; the Q slot is released one step later, once that reduce-add has
     # read it.
     dq_in_q: bool = False
+    # keys_as_rows: a persistent grid (one CTA an SM walking the tiles in the chunked order), each tile's first Q / dO
+    # blocks loaded while the previous tile's dK and dV are stored (backward_kt._loader_persistent).
+    persistent: bool = False
 
     @property
     def block_n(self):
@@ -1472,7 +1476,27 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
                       deterministic or dq_chain is not None or dsink_part is not None)
     constexprs["CTA_CHUNKED"] = chunk > 1 and 2 <= n_kb <= 65535  # gridDim.y holds the key blocks
     grid = (chunk, n_kb, batch * hkv // chunk) if constexprs["CTA_CHUNKED"] else (n_kb, batch * hkv)
+    if tile.keys_as_rows:
+        args["n_bh"] = batch * hkv
+        args["chunk"] = chunk
+        constexprs["PERSIST"] = False
+        if (tile.persistent or KT_PERSISTENT) and not tile.trace:
+            constexprs["PERSIST"] = True
+            constexprs["CTA_CHUNKED"] = False
+            grid = (min(n_kb * batch * hkv, _sm_count(q.device)), )
     return grid, args, constexprs
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (132 for an ahead-of-time compile on the CPU)."""
+    if device.type != "cuda":
+        return 132
+    return _SM_COUNTS.setdefault(device.index, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+_SM_COUNTS = {}
+# Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT): the keys-as-rows tiles on the persistent grid.
+KT_PERSISTENT = os.environ.get("FA4_KT_PERSISTENT") == "1"
 
 
 # cta_chunk: interleave the heads of windowed (causal) calls in chunks (False: one head after another; probes flip
@@ -1659,7 +1683,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, KT_PERSISTENT)
 
 
 def _dq_placeholder(tile, d, varlen, device):

@@ -56,10 +56,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import configs
-from .attention_fwd import _head_coord, _next_slot, _opaque, _q_coord, _visible_pairs
+from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
-                       _q_range, _RUNTIME_INTS, _step_block, _store_rows, _trace_step,
+                       _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
                        async_reduce_add_shared_to_global)
 
 
@@ -179,7 +179,14 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr):
+def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, phase, gstep, tcount, t, n_bh, chunk,
+             WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr, POLY: gl.constexpr,
+             PERSIST: gl.constexpr):
+    """One consumer's work on one CTA tile (key block nb of kv head hk of sequence b): the walk over its query
+    blocks, the last dQ share, dV and dK stored. idx, phase: the Q / dO ring's next slot; gstep: the steps this
+    consumer took in earlier tiles (the dSᵀ hand-over buffers and their parities follow the CTA's global step
+    count s = gstep + it); tcount: the earlier tiles with keys (K / V arrival parity). Returns them updated.
+    PERSIST: after the stores, K and V are handed back to the loader (kv_free) for the next tile."""
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
     BM: gl.constexpr = p.BM
@@ -208,7 +215,6 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                                                         instr_shape=[16, DQW, 16])
     col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
 
-    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     kr0 = n0 + WG * N
     if n0 < seq_k:
@@ -219,10 +225,8 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
         dv = gl.zeros([N, DV], gl.float32, dv_layout)
         inv_scale2 = 1.0 / p.qk_scale
         _cta_event(p, WG, 0)
-        mbarrier.wait(bufs.kv_ready, 0)
+        mbarrier.wait(bufs.kv_ready, tcount & 1)
         _cta_event(p, WG, 1)
-        idx = 0
-        phase = 0
         n_m = m_hi - m_lo
         h_prev = 0
         m0_prev = 0
@@ -282,12 +286,13 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             if p.DQ_ATOMIC:
                 # dSᵀ into this consumer's buffer of the step (DQ_LAG: two a consumer, by step parity), once the
                 # other consumer's dQ product that read it last completed (a fresh barrier passes parity 1).
+                s = gstep + it
                 if DQ_LAG:
-                    own = (it & 1) * NWG + WG
-                    mbarrier.wait(bufs.ds_free.index(own), ((it >> 1) & 1) ^ 1)
+                    own = (s & 1) * NWG + WG
+                    mbarrier.wait(bufs.ds_free.index(own), ((s >> 1) & 1) ^ 1)
                 else:
                     own = WG
-                    mbarrier.wait(bufs.ds_free.index(own), (it & 1) ^ 1)
+                    mbarrier.wait(bufs.ds_free.index(own), (s & 1) ^ 1)
                 bufs.ds.index(own).store(ds16)
                 fence_async_shared()
                 mbarrier.arrive(bufs.ds_ready.index(own))
@@ -298,8 +303,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 # run up to a step ahead of the other instead of meeting at every step's hand-over.
                 # (New names in the branches: an if may not turn the in-flight accumulators into tensors.)
                 if it > 0:
-                    dv_done, dk_done = _share_and_release(p, bufs, dv, dk, idx, ((it - 1) & 1) * NWG,
-                                                          ((it - 1) >> 1) & 1, b, h_prev, q_start, m0_prev, it, WG,
+                    s_prev = gstep + it - 1
+                    dv_done, dk_done = _share_and_release(p, bufs, dv, dk, idx, (s_prev & 1) * NWG,
+                                                          (s_prev >> 1) & 1, b, h_prev, q_start, m0_prev, it, WG,
                                                           QW, DQW, DQ_ROWS, dq_layout)
                 else:
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
@@ -310,8 +316,8 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
                 h_prev = h
                 m0_prev = m0
             elif p.DQ_ATOMIC:
-                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, it & 1, b, h, q_start, m0, it, WG, QW, DQW,
-                                            DQ_ROWS, dq_layout)
+                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, (gstep + it) & 1, b, h, q_start, m0, it, WG,
+                                            QW, DQW, DQ_ROWS, dq_layout)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -319,18 +325,24 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             idx, phase = _next_slot(idx, phase, p.STAGES)
         _cta_event(p, WG, 3)
         last = p.group * n_m - 1
+        # The CTA's global index of this tile's last step (with no step, the previous tile's: its buffers' phases are
+        # complete, so the waits below pass at once, as on fresh barriers in a first tile).
+        s_last = gstep + last
         if p.DQ_ATOMIC and DQ_LAG:
             # The last step's dQ share (DQ_LAG issues each step's share one step late).
             if last >= 0:
-                prev = (last & 1) * NWG
-                mbarrier.wait(bufs.ds_ready.index(prev + OTHER), (last >> 1) & 1)
+                prev = (s_last & 1) * NWG
+                mbarrier.wait(bufs.ds_ready.index(prev + OTHER), (s_last >> 1) & 1)
                 dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dq = warpgroup_mma_wait(0, deps=(dq, ))
                 mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
                 _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1)
         tma.store_wait(0)
-        # Indices derived again from a fresh %ctaid read rather than kept live through the loop.
-        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+        # Indices derived again (from a fresh %ctaid read, or the tile index) rather than kept live through the loop.
+        if PERSIST:
+            nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
+        else:
+            nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         kr0 = nb * BN + WG * N
         # This consumer's K and V slots are free (only its own, completed, wgmmas and the other consumer's dQ
         # product, which completed before the last ds_free, read K): they stage dV and dK for the TMA stores.
@@ -341,20 +353,135 @@ def _consumer(p, bufs, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.cons
             # The other consumer's last dQ product read this consumer's K: wait for its release of this consumer's
             # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once).
             if DQ_LAG:
-                mbarrier.wait(bufs.ds_free.index((last & 1) * NWG + WG), (last >> 1) & 1)
+                mbarrier.wait(bufs.ds_free.index((s_last & 1) * NWG + WG), (s_last >> 1) & 1)
             else:
-                mbarrier.wait(bufs.ds_free.index(WG), last & 1)
+                mbarrier.wait(bufs.ds_free.index(WG), s_last & 1)
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
         _cta_event(p, WG, 4)
+        if PERSIST:
+            # Both slots have been read by their TMA stores: the loader may bring the next tile's K and V.
+            mbarrier.arrive(kv_free)
+            gstep += p.group * n_m
+            tcount += 1
+    return idx, phase, gstep, tcount
+
+
+@gluon.jit
+def _tile_coords(p, t, n_bh, chunk):
+    """(nb, b, hk, seq_q, seq_k, q_start, k_start) of tile t of the persistent grid. Tiles are ordered as the
+    chunked grid orders CTAs (backward._cta_block with CTA_CHUNKED): chunk after chunk of `chunk` consecutive
+    (batch, kv head) pairs, key block after key block within a chunk, the pair fastest, so that causal calls start
+    the long walks (low key blocks) of a chunk's heads first and a chunk's fp32 dQ rows stay in L2."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    n_kb = (p.seqlen_k + BN - 1) // BN
+    per_chunk = n_kb * chunk
+    c = t // per_chunk
+    r = t - c * per_chunk
+    nb = r // chunk
+    bhk = c * chunk + (r - nb * chunk)
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    return nb, b, hk, seq_q, seq_k, q_start, k_start
+
+
+@gluon.jit
+def _consumer(p, bufs, kv_free, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr,
+              POLY: gl.constexpr, PERSIST: gl.constexpr):
+    if PERSIST:
+        # The CTA's tiles: t = program id + k · grid, over every (key block, batch · kv head).
+        BN: gl.constexpr = KEYS_PER_WG * p.NWG
+        n_tiles = (p.seqlen_k + BN - 1) // BN * n_bh
+        idx = gl.to_tensor(0)
+        phase = gl.to_tensor(0)
+        gstep = gl.to_tensor(0)
+        tcount = gl.to_tensor(0)
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
+            idx, phase, gstep, tcount = _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx,
+                                                 phase, gstep, tcount, t, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY,
+                                                 PERSIST)
+    else:
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+        # One tile: the ring starts at slot 0 (as tensors: they change in the loop), no earlier steps or tiles.
+        _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, gl.to_tensor(0), gl.to_tensor(0), 0, 0,
+                 0, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY, PERSIST)
+
+
+@gluon.jit
+def _loader_persistent(p, bufs, kv_free, n_bh, chunk):
+    """backward._loader over the persistent grid's tiles (see _consumer). Each tile's first Q / dO blocks (up to the
+    ring's depth) are requested before its K and V, whose slots the consumers free (kv_free) only after storing the
+    previous tile's dK and dV there: the first blocks arrive while they do."""
+    NWG: gl.constexpr = p.NWG
+    BN: gl.constexpr = KEYS_PER_WG * NWG
+    n_tiles = (p.seqlen_k + BN - 1) // BN * n_bh
+    idx = gl.to_tensor(0)
+    phase = gl.to_tensor(0)
+    tcount = gl.to_tensor(0)
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
+        n0 = nb * BN
+        if n0 < seq_k:
+            m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+            n_m = m_hi - m_lo
+            n_steps = p.group * n_m
+            ahead = gl.minimum(n_steps, p.STAGES)
+            for it in range(n_steps):
+                if it == ahead:
+                    _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
+                idx, phase = _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start)
+            if ahead == n_steps:
+                _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
+            tcount += 1
+
+
+@gluon.jit
+def _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0):
+    """K and V of a tile (one 64-key box per consumer) once the consumers freed the slots (tcount: the tiles
+    loaded before; a fresh barrier passes parity 1)."""
+    NWG: gl.constexpr = p.NWG
+    mbarrier.wait(kv_free, (tcount & 1) ^ 1)
+    mbarrier.expect(bufs.kv_ready, NWG * (p.k_desc.block_type.nbytes + p.v_desc.block_type.nbytes))
+    for w in gl.static_range(NWG):
+        tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
+                                        bufs.kv_ready, bufs.k.index(w))
+        tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
+                                        bufs.kv_ready, bufs.v.index(w))
+
+
+@gluon.jit
+def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
+    """Q (with the block's lse2 and Delta) and dO of step `it` into ring slot idx; returns the next slot."""
+    g, h, row = _step_block(p, it, n_m, m_lo, hk)
+    mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
+    if p.STATS_TMA:
+        mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
+                        + p.delta_desc.block_type.nbytes)
+        if p.VARLEN:
+            stats_coord = [h, (q_start + 3 * b + 3) // 4 * 4 + row]
+        else:
+            stats_coord = [b, h, row]
+        tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx), bufs.lse2.index(idx))
+        tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx), bufs.delta.index(idx))
+    else:
+        mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row), bufs.q_ready.index(idx),
+                                    bufs.q.index(idx))
+    mbarrier.wait(bufs.do_empty.index(idx), phase ^ 1)
+    mbarrier.expect(bufs.do_ready.index(idx), p.do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(p.do_desc, _q_coord(p, b, h, q_start, row), bufs.do_ready.index(idx),
+                                    bufs.do.index(idx))
+    return _next_slot(idx, phase, p.STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The kernel: the same parameters as backward.attn_bwd_kernel (one launch plan for both); NWG = 2, BM = 128.
 # ---------------------------------------------------------------------------------------------------------
 
-@gluon.jit(do_not_specialize=_RUNTIME_INTS)
+@gluon.jit(do_not_specialize=_RUNTIME_INTS + ["n_bh", "chunk"])
 def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
                        dv_ptr, lse2_ptr, delta_ptr, sink_ptr, dsink_ptr, dq_ctr,
                        cu_q, cu_k, seqused, stride_dkb, stride_dks, stride_dkh, stride_dvb,
@@ -367,11 +494,12 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        CTA_CHUNKED: gl.constexpr = False, DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
-                       POLY: gl.constexpr = 0):
+                       POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
                      "not built in the keys-as-rows kernel")
+    gl.static_assert(not (PERSIST and (TRACE or CTA_CHUNKED)), "the persistent grid orders its own tiles, untraced")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -403,6 +531,12 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
     mbarrier.init(kv_ready, count=1)
+    if PERSIST:
+        # Both consumers' dK and dV stored from the K and V slots: the next tile's K and V may come.
+        kv_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_free, count=NWG)
+    else:
+        kv_free = kv_ready  # a placeholder, never touched
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=NWG)
@@ -424,6 +558,16 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY)),
-                        (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    if PERSIST:
+        gl.warp_specialize([(_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY,
+                                         PERSIST)),
+                            (_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY,
+                                         PERSIST)),
+                            (_loader_persistent, (p, bufs, kv_free, n_bh, chunk))], [4, 1],
+                           [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY,
+                                         PERSIST)),
+                            (_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY,
+                                         PERSIST)),
+                            (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])

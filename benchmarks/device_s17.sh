@@ -1,0 +1,4 @@
+export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,serial --format=csv,noheader
+FA4_KT_PERSISTENT=1 bash tests/gpu/run_device.sh --limit 300 --jobs 12 tests/gpu/test_sm90_backward.py:8 2>&1 | tail -12
+python3 benchmarks/bwd_flag_ab.py --flag KT_PERSISTENT --rounds 5 --rows 128:1024,64:4096,128:4096,64:16384 2>&1 | grep -v -i warn | tee $OUT/bwd-ab-kt-persistent.log
