@@ -1381,8 +1381,10 @@ def _stats_sources(tile, varlen, lse2, delta, stats_al, device):
 
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None):
-    """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_acc: fp32, q's shape
+                deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None,
+                tile_ctr=None):
+    """(grid, kernel arguments by name, constexprs by name) of the main kernel. tile_ctr: the zeroed int32 tile
+    counter of the persistent keys-as-rows grid (persistent_tiles). dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
     int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
     varlen = cu_seqlens_q is not None
@@ -1480,10 +1482,13 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         args["n_bh"] = batch * hkv
         args["chunk"] = chunk
         constexprs["PERSIST"] = False
-        if (tile.persistent or KT_PERSISTENT) and not tile.trace:
+        if persistent_tiles(tile):
             constexprs["PERSIST"] = True
             constexprs["CTA_CHUNKED"] = False
             grid = (min(n_kb * batch * hkv, _sm_count(q.device)), )
+            # The tiles are handed out by this counter (ORDERED_DQ, whose counters the slot holds otherwise, is not
+            # built in the keys-as-rows kernel).
+            args["dq_ctr"] = tile_ctr if tile_ctr is not None else dummy_i32
     return grid, args, constexprs
 
 
@@ -1495,6 +1500,11 @@ def _sm_count(device):
 
 
 _SM_COUNTS = {}
+
+
+def persistent_tiles(tile):
+    """Whether the tile's main kernel runs on the persistent grid (keys-as-rows tiles; not in a trace build)."""
+    return tile.keys_as_rows and (tile.persistent or KT_PERSISTENT) and not tile.trace
 # Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT): the keys-as-rows tiles on the persistent grid.
 KT_PERSISTENT = os.environ.get("FA4_KT_PERSISTENT") == "1"
 
@@ -1620,8 +1630,20 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 
     # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
     # reduce-add (clipped at the tensor's bounds: no padding needed).
-    dq_acc = None if ordered_dq else torch.zeros(q.shape, dtype=torch.float32, device=device)
-    opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+    tile_ctr = None
+    if ordered_dq:
+        dq_acc = None
+        if persistent_tiles(tile):
+            tile_ctr = torch.zeros(1, dtype=torch.int32, device=device)
+    elif persistent_tiles(tile):
+        # The persistent grid's tile counter is zeroed with the accumulator (one fill): an int32 view of the fp32
+        # zeros past its end.
+        flat = torch.zeros(q.numel() + 4, dtype=torch.float32, device=device)
+        dq_acc = flat[:q.numel()].view(q.shape)
+        tile_ctr = flat[q.numel():].view(torch.int32)
+    else:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
+    opts = dict(tile_ctr=tile_ctr,softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
@@ -1672,7 +1694,7 @@ BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None, stats_al=None):
+                   dq_chain=None, stats_al=None, tile_ctr=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -1724,7 +1746,7 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 lse2_stats=lse2_src, delta_stats=delta_src,
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
-                dq_chain=opts["dq_chain"] if opts["dq_chain"] is not None else dummy,
+                dq_chain=next(c for c in (opts["dq_chain"], opts.get("tile_ctr"), dummy) if c is not None),
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
                 seqused=used if used is not None else dummy)))
             return True

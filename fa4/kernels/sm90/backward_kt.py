@@ -55,6 +55,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from triton.language.core import _aggregate as aggregate
+
 from . import configs
 from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
@@ -388,21 +390,26 @@ def _tile_coords(p, t, n_bh, chunk):
 
 
 @gluon.jit
-def _consumer(p, bufs, kv_free, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.constexpr, DQ_LAG: gl.constexpr,
-              POLY: gl.constexpr, PERSIST: gl.constexpr):
+def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.constexpr,
+              DQ_LAG: gl.constexpr, POLY: gl.constexpr, PERSIST: gl.constexpr):
     if PERSIST:
-        # The CTA's tiles: t = program id + k · grid, over every (key block, batch · kv head).
+        # The tiles the loader draws from the global counter, over every (key block, batch · kv head), until one
+        # past the last.
         BN: gl.constexpr = KEYS_PER_WG * p.NWG
         n_tiles = (p.seqlen_k + BN - 1) // BN * n_bh
         idx = gl.to_tensor(0)
         phase = gl.to_tensor(0)
         gstep = gl.to_tensor(0)
         tcount = gl.to_tensor(0)
-        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        fcount = gl.to_tensor(0)
+        t = _take_tile(tiles, fcount)
+        while t < n_tiles:
             nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
             idx, phase, gstep, tcount = _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx,
                                                  phase, gstep, tcount, t, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY,
                                                  PERSIST)
+            fcount += 1
+            t = _take_tile(tiles, fcount)
     else:
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         # One tile: the ring starts at slot 0 (as tensors: they change in the loop), no earlier steps or tiles.
@@ -410,8 +417,48 @@ def _consumer(p, bufs, kv_free, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.cons
                  0, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY, PERSIST)
 
 
+@aggregate
+class TileHandout:
+    """The persistent grid's tile indices, drawn by the loader from a global counter and handed to the consumers
+    through a two-slot ring in shared memory (ready: 1 arrival, the loader's; free: one a consumer)."""
+    ids: gl.shared_memory_descriptor    # [2, 1] int32
+    ready: gl.shared_memory_descriptor  # [2, 1] mbarriers
+    free: gl.shared_memory_descriptor   # [2, 1] mbarriers
+
+    @gluon.constexpr_function
+    def __init__(self, ids, ready, free):
+        self.ids = ids
+        self.ready = ready
+        self.free = free
+
+
 @gluon.jit
-def _loader_persistent(p, bufs, kv_free, n_bh, chunk):
+def _draw_tile(p, tiles, fcount):
+    """Loader: the CTA's fcount-th tile from the global counter (dq_ctr), published in slot fcount % 2 once the
+    consumers have read that slot's previous index (a fresh barrier passes parity 1). Dynamic, not strided: causal
+    tiles differ in length, and a static round-robin left SMs idle behind long walks (benchmarks/NOTES.md)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    slot = fcount % 2
+    mbarrier.wait(tiles.free.index(slot), ((fcount // 2) & 1) ^ 1)
+    t = gl.atomic_add(p.dq_ctr + gl.zeros([1], gl.int32, layout), gl.full([1], 1, gl.int32, layout))
+    tiles.ids.index(slot).store(t)
+    mbarrier.arrive(tiles.ready.index(slot))
+    return gl.max(t, axis=0)
+
+
+@gluon.jit
+def _take_tile(tiles, fcount):
+    """Consumer: the CTA's fcount-th tile index, read from its slot, which is then handed back."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    slot = fcount % 2
+    mbarrier.wait(tiles.ready.index(slot), (fcount // 2) & 1)
+    t = gl.max(tiles.ids.index(slot).load(layout), axis=0)
+    mbarrier.arrive(tiles.free.index(slot))
+    return t
+
+
+@gluon.jit
+def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
     """backward._loader over the persistent grid's tiles (see _consumer). Each tile's first Q / dO blocks (up to the
     ring's depth) are requested before its K and V, whose slots the consumers free (kv_free) only after storing the
     previous tile's dK and dV there: the first blocks arrive while they do."""
@@ -421,7 +468,9 @@ def _loader_persistent(p, bufs, kv_free, n_bh, chunk):
     idx = gl.to_tensor(0)
     phase = gl.to_tensor(0)
     tcount = gl.to_tensor(0)
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    fcount = gl.to_tensor(0)
+    t = _draw_tile(p, tiles, fcount)
+    while t < n_tiles:
         nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
         n0 = nb * BN
         if n0 < seq_k:
@@ -436,6 +485,8 @@ def _loader_persistent(p, bufs, kv_free, n_bh, chunk):
             if ahead == n_steps:
                 _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
             tcount += 1
+        fcount += 1
+        t = _draw_tile(p, tiles, fcount)
 
 
 @gluon.jit
@@ -535,8 +586,16 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         # Both consumers' dK and dV stored from the K and V slots: the next tile's K and V may come.
         kv_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_free, count=NWG)
+        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        tile_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(tile_ready.index(i), count=1)
+            mbarrier.init(tile_free.index(i), count=NWG)
+        tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        tiles = TileHandout(tile_ids, tile_ready, tile_free)
     else:
-        kv_free = kv_ready  # a placeholder, never touched
+        kv_free = kv_ready  # placeholders, never touched
+        tiles = TileHandout(kv_ready, kv_ready, kv_ready)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=NWG)
@@ -559,15 +618,15 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
     if PERSIST:
-        gl.warp_specialize([(_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY,
-                                         PERSIST)),
-                            (_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY,
-                                         PERSIST)),
-                            (_loader_persistent, (p, bufs, kv_free, n_bh, chunk))], [4, 1],
+        gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk))], [4, 1],
                            [CONSUMER_REGS, LOADER_REGS])
     else:
-        gl.warp_specialize([(_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG, POLY,
-                                         PERSIST)),
-                            (_consumer, (p, bufs, kv_free, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG, POLY,
-                                         PERSIST)),
+        gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
                             (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
