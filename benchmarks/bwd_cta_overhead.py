@@ -1,12 +1,16 @@
 """The sm90 backward main kernel's fixed cost per CTA, separated from its cost per step.
 
     python benchmarks/bwd_cta_overhead.py [--d 128] [--sk 1024] [--bh 256] [--sq 256,512,1024,2048,4096]
+        [--kt] [--flag KT_PERSISTENT]
 
 A CTA of the main kernel owns one key block and walks the query blocks, so with the key length and B·H fixed the
 grid stays the same while the steps per CTA follow the query length. The main kernel's time (torch.profiler, the
 median of 7 calls) is then `waves · (c + steps · t)`: a least-squares line over the query lengths gives t, the
 time of a step, and c, what every CTA pays besides its steps (launch, K / V load and pipeline fill, epilogue and
 the last stores' drain, the CTA's share of the wave tail). Non-causal, bf16, B = bh // 16 sequences of 16 heads.
+--kt: at D = 128 the keys-as-rows tile (the causal default) instead of the shared-dQ one; --flag: a boolean module
+switch of backward.py turned on (e.g. KT_PERSISTENT: then a "CTA" is a tile of the persistent grid, and waves are
+tiles over SMs).
 """
 import argparse
 import os
@@ -24,12 +28,12 @@ from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 CALLS = 7
 
 
-def main_kernel_us(d, sq, sk, b, h, tile=None):
+def main_kernel_us(d, sq, sk, b, h, tile):
     q, dout = (torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(b, sk, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=-1, softcap=0.0, sink=None)
     out, lse = sm90.forward(q, k, v, **opts)
-    extra = {} if tile is None else dict(tile=tile)
+    extra = dict(tile=tile)
     for _ in range(3):
         bwd.backward(dout, q, k, v, out, lse, None, **opts, **extra)
     torch.cuda.synchronize()
@@ -48,20 +52,25 @@ def main():
     ap.add_argument("--sk", type=int, default=1024)
     ap.add_argument("--bh", type=int, default=256)
     ap.add_argument("--sq", default="256,512,1024,2048,4096")
+    ap.add_argument("--kt", action="store_true")
+    ap.add_argument("--flag", default=None)
     args = ap.parse_args()
+    if args.flag:
+        setattr(bwd, args.flag, True)
     h = 16
     b = args.bh // h
     d = args.d
-    tile = bwd.default_tile(d, d)
+    tile = bwd.D128_CAUSAL_TILE if args.kt and d == 128 else bwd.default_tile(d, d)
     ctas = (args.sk // tile.block_n) * b * h
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     waves = -(-ctas // sms)
     print(torch.cuda.get_device_name(), f"| D={d} Sk={args.sk} B={b} H={h}: {ctas} CTAs, {waves} waves on {sms} SMs,"
-          f" BM={tile.block_m}")
+          f" BM={tile.block_m}, {'keys as rows' if tile.keys_as_rows else 'queries as rows'}"
+          f"{', ' + args.flag if args.flag else ''}")
     xs, ys = [], []
     for sq in (int(x) for x in args.sq.split(",")):
         steps = -(-sq // tile.block_m)
-        us, n = main_kernel_us(d, sq, args.sk, b, h)
+        us, n = main_kernel_us(d, sq, args.sk, b, h, tile)
         per_cta = us / waves
         xs.append(steps)
         ys.append(per_cta)

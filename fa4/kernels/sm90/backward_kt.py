@@ -264,6 +264,10 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
             st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
             dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
             st = warpgroup_mma(k_s, q_s.permute((1, 0)), st, is_async=True)
+            if PERSIST:
+                # The tile's V comes behind its K (kv_ready): the first Sᵀ is issued before V is waited for.
+                if it == 0:
+                    mbarrier.wait(kv_free.v_ready, tcount & 1)
             # dPᵀ right behind Sᵀ: it runs under the softmax.
             dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), dpt, is_async=True)
             st = warpgroup_mma_wait(1, deps=(st, ))
@@ -349,25 +353,42 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
         # This consumer's K and V slots are free (only its own, completed, wgmmas and the other consumer's dQ
         # product, which completed before the last ds_free, read K): they stage dV and dK for the TMA stores.
         slot = _opaque(gl.to_tensor(WG))
-        _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
-                    p.stride_dvb, p.stride_dvs, p.stride_dvh)
-        if p.DQ_ATOMIC:
-            # The other consumer's last dQ product read this consumer's K: wait for its release of this consumer's
-            # dSᵀ buffer of the last step (with no step at all, parity 1 of a fresh barrier passes at once).
-            if DQ_LAG:
-                mbarrier.wait(bufs.ds_free.index((s_last & 1) * NWG + WG), (s_last >> 1) & 1)
-            else:
-                mbarrier.wait(bufs.ds_free.index(WG), s_last & 1)
-        _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
-                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
-        tma.store_wait(0)
-        _cta_event(p, WG, 4)
         if PERSIST:
-            # Both slots have been read by their TMA stores: the loader may bring the next tile's K and V.
-            mbarrier.arrive(kv_free)
+            # dK first: the next tile needs its K first (Sᵀ), so K is handed back (k_free) while dV is still being
+            # staged, and the next K load overlaps that.
+            _wait_k_read(p, bufs, s_last, WG, DQ_LAG)
+            _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk,
+                        k_start, kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
+            tma.store_wait(0)
+            mbarrier.arrive(kv_free.k_free)
+            _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
+                        p.stride_dvb, p.stride_dvs, p.stride_dvh)
+            tma.store_wait(0)
+            mbarrier.arrive(kv_free.v_free)
             gstep += p.group * n_m
             tcount += 1
+        else:
+            _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
+                        p.stride_dvb, p.stride_dvs, p.stride_dvh)
+            _wait_k_read(p, bufs, s_last, WG, DQ_LAG)
+            _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk,
+                        k_start, kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
+            tma.store_wait(0)
+        _cta_event(p, WG, 4)
     return idx, phase, gstep, tcount
+
+
+@gluon.jit
+def _wait_k_read(p, bufs, s_last, WG: gl.constexpr, DQ_LAG: gl.constexpr):
+    """Before dK is staged in this consumer's K slot: the other consumer's last dQ product, which reads that K, has
+    completed (its release of this consumer's dSᵀ buffer of step s_last; with no step at all, parity 1 of a fresh
+    barrier passes at once)."""
+    NWG: gl.constexpr = p.NWG
+    if p.DQ_ATOMIC:
+        if DQ_LAG:
+            mbarrier.wait(bufs.ds_free.index((s_last & 1) * NWG + WG), (s_last >> 1) & 1)
+        else:
+            mbarrier.wait(bufs.ds_free.index(WG), s_last & 1)
 
 
 @gluon.jit
@@ -489,18 +510,36 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
         t = _draw_tile(p, tiles, fcount)
 
 
+@aggregate
+class KvHandback:
+    """The persistent grid's K / V hand-back: k_free, v_free (one arrival a consumer: its dK, dV staged there and
+    stored) and v_ready (the loader's V, behind K on kv_ready)."""
+    k_free: gl.shared_memory_descriptor
+    v_free: gl.shared_memory_descriptor
+    v_ready: gl.shared_memory_descriptor
+
+    @gluon.constexpr_function
+    def __init__(self, k_free, v_free, v_ready):
+        self.k_free = k_free
+        self.v_free = v_free
+        self.v_ready = v_ready
+
+
 @gluon.jit
 def _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0):
-    """K and V of a tile (one 64-key box per consumer) once the consumers freed the slots (tcount: the tiles
-    loaded before; a fresh barrier passes parity 1)."""
+    """K, then V, of a tile (one 64-key box per consumer), each once the consumers freed its slots (tcount: the
+    tiles loaded before; a fresh barrier passes parity 1)."""
     NWG: gl.constexpr = p.NWG
-    mbarrier.wait(kv_free, (tcount & 1) ^ 1)
-    mbarrier.expect(bufs.kv_ready, NWG * (p.k_desc.block_type.nbytes + p.v_desc.block_type.nbytes))
+    mbarrier.wait(kv_free.k_free, (tcount & 1) ^ 1)
+    mbarrier.expect(bufs.kv_ready, NWG * p.k_desc.block_type.nbytes)
     for w in gl.static_range(NWG):
         tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
                                         bufs.kv_ready, bufs.k.index(w))
+    mbarrier.wait(kv_free.v_free, (tcount & 1) ^ 1)
+    mbarrier.expect(kv_free.v_ready, NWG * p.v_desc.block_type.nbytes)
+    for w in gl.static_range(NWG):
         tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
-                                        bufs.kv_ready, bufs.v.index(w))
+                                        kv_free.v_ready, bufs.v.index(w))
 
 
 @gluon.jit
@@ -584,8 +623,13 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     mbarrier.init(kv_ready, count=1)
     if PERSIST:
         # Both consumers' dK and dV stored from the K and V slots: the next tile's K and V may come.
-        kv_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_free, count=NWG)
+        k_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        v_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(k_free, count=NWG)
+        mbarrier.init(v_free, count=NWG)
+        mbarrier.init(v_ready, count=1)
+        kv_free = KvHandback(k_free, v_free, v_ready)
         tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         tile_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
@@ -594,7 +638,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         tiles = TileHandout(tile_ids, tile_ready, tile_free)
     else:
-        kv_free = kv_ready  # placeholders, never touched
+        kv_free = KvHandback(kv_ready, kv_ready, kv_ready)  # placeholders, never touched
         tiles = TileHandout(kv_ready, kv_ready, kv_ready)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
