@@ -3,6 +3,10 @@
 alternated over several rounds in one process; the best round of each side is compared.
 
     python benchmarks/bwd_flag_ab.py --flag STATS_TMA [--rounds 3] [--rows 128:1024,128:4096,64:4096] [--varlen]
+    python benchmarks/bwd_flag_ab.py --tile-field persistent [--causal-only] ...
+
+--tile-field NAME: instead of a module switch, a boolean field of the call's default tile (backward.default_tile)
+set False, then True. --causal-only: only the causal rows.
 
 --varlen: the same tokens as packed sequences (flash_attn_varlen_func's layout): B sequences of S tokens, of
 lengths S − 64·(i mod 4) so that they do not all end on a block boundary.
@@ -18,20 +22,26 @@ from triton.testing import do_bench
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--flag", required=True, help="a boolean module attribute of fa4.kernels.sm90.backward")
+    ap.add_argument("--flag", help="a boolean module attribute of fa4.kernels.sm90.backward")
+    ap.add_argument("--tile-field", help="a boolean field of the default BwdTile")
+    ap.add_argument("--causal-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", default="128:1024,128:4096,128:16384,64:4096")
     ap.add_argument("--varlen", action="store_true")
     args = ap.parse_args()
     from fa4.kernels import sm90
+    import dataclasses
+
     from fa4.kernels.sm90 import backward as bwd
-    shipped = getattr(bwd, args.flag)
-    print(torch.cuda.get_device_name(), f"| us per backward call (median of do_bench), {args.flag} off -> on")
+    assert (args.flag is None) != (args.tile_field is None), "one of --flag, --tile-field"
+    name = args.flag or f"tile.{args.tile_field}"
+    shipped = getattr(bwd, args.flag) if args.flag else None
+    print(torch.cuda.get_device_name(), f"| us per backward call (median of do_bench), {name} off -> on")
     for row in args.rows.split(","):
         d, s = (int(x) for x in row.split(":"))
         b, h = 16384 // s, 2048 // d
         flops = 2.5 * 4 * b * h * s * s * d
-        for causal in (False, True):
+        for causal in ((True, ) if args.causal_only else (False, True)):
             torch.manual_seed(0)
             opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
                         sink=None)
@@ -49,11 +59,18 @@ def main():
             grads = {}
             for _ in range(args.rounds):
                 for on in (False, True):
-                    setattr(bwd, args.flag, on)
-                    fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, **opts)  # noqa: E731
+                    extra = {}
+                    if args.flag:
+                        setattr(bwd, args.flag, on)
+                    else:
+                        base = bwd.default_tile(d, d, opts["window_left"], window_right=opts["window_right"],
+                                                varlen=args.varlen)
+                        extra = dict(tile=dataclasses.replace(base, **{args.tile_field: on}))
+                    fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, **opts, **extra)  # noqa: E731
                     grads[on] = fn()
                     times[on].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
-            setattr(bwd, args.flag, shipped)
+            if args.flag:
+                setattr(bwd, args.flag, shipped)
             # dK and dV do not depend on the switch's timing (each CTA owns its keys): bitwise equal.
             same = all(torch.equal(a, b) for a, b in zip(grads[False][1:3], grads[True][1:3]))
             off, on = min(times[False]), min(times[True])

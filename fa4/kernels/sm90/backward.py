@@ -1234,8 +1234,11 @@ D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, sep
 # card 1651324025577), TFLOP/s shipped -> this tile: causal S = 1024 281 -> 291, 4096 438 -> 459, 16384 532 -> 550;
 # non-causal 414 -> 410, 533 -> 515, 563 -> 544 (so non-causal calls keep the shared-dQ tile). Deterministic calls
 # keep the shared-dQ tile's in-kernel ordered chain. Packed causal calls take it too (KEYS_AS_ROWS_D128_PACKED).
+# On the persistent grid (session 17, H100, serial not recorded in that run; bwd_cta_overhead.py --kt and
+# bwd_flag_ab.py --flag KT_PERSISTENT, 7 rounds): a tile's fixed cost 6.4 -> 4.8 µs, the main kernel at 16 steps a
+# tile 657 -> 618 µs; the whole causal call at S = 1024 596 -> 578 µs (+3.0%, every round), S = 4096 +0.4%.
 D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
-                           dq_lag=True)
+                           dq_lag=True, persistent=True)
 
 
 def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False,
@@ -1253,7 +1256,9 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         tile = D64_NARROW_TILE
     elif ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and softmax_scale != 0
           and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
-        tile = D128_CAUSAL_TILE
+        # Packed calls stay off the persistent grid: there ptxas reloads 28 values a step instead of 16 (the
+        # sequence bounds of each tile beside the tile loop's state), and it was not timed.
+        tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen else D128_CAUSAL_TILE
     if sink and not deterministic and not tile.separate_dq and builds_sink_partials(tile):
         # The sink gradient from Σ_j P·dP in the main kernel, not from rowsum(dO·O) with the rounded O: the O-based
         # sum's error is the lowp reference's size, so the rule's max over a few heads fails now and then
@@ -1505,7 +1510,9 @@ _SM_COUNTS = {}
 def persistent_tiles(tile):
     """Whether the tile's main kernel runs on the persistent grid (keys-as-rows tiles; not in a trace build)."""
     return tile.keys_as_rows and (tile.persistent or KT_PERSISTENT) and not tile.trace
-# Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT): the keys-as-rows tiles on the persistent grid.
+# Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT, FA4_KT_PERSISTENT=1): every keys-as-rows tile on the persistent
+# grid, the D = 64 one included (there: the fixed cost a tile 4.7 -> 3.7 µs, but the call within ±1.5% at S = 4096,
+# so it stays off; benchmarks/NOTES.md, session 17).
 KT_PERSISTENT = os.environ.get("FA4_KT_PERSISTENT") == "1"
 
 

@@ -361,6 +361,9 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                         k_start, kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
             tma.store_wait(0)
             mbarrier.arrive(kv_free.k_free)
+            # V must have landed before dV overwrites its slot: a tile without steps never waited for it. (Waited
+            # for already, the same parity passes again: the loader refills V only after v_free.)
+            mbarrier.wait(kv_free.v_ready, tcount & 1)
             _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
                         p.stride_dvb, p.stride_dvs, p.stride_dvh)
             tma.store_wait(0)
