@@ -1234,9 +1234,10 @@ D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, sep
 # card 1651324025577), TFLOP/s shipped -> this tile: causal S = 1024 281 -> 291, 4096 438 -> 459, 16384 532 -> 550;
 # non-causal 414 -> 410, 533 -> 515, 563 -> 544 (so non-causal calls keep the shared-dQ tile). Deterministic calls
 # keep the shared-dQ tile's in-kernel ordered chain. Packed causal calls take it too (KEYS_AS_ROWS_D128_PACKED).
-# On the persistent grid (session 17, H100, serial not recorded in that run; bwd_cta_overhead.py --kt and
-# bwd_flag_ab.py --flag KT_PERSISTENT, 7 rounds): a tile's fixed cost 6.4 -> 4.8 µs, the main kernel at 16 steps a
-# tile 657 -> 618 µs; the whole causal call at S = 1024 596 -> 578 µs (+3.0%, every round), S = 4096 +0.4%.
+# On the persistent grid (session 17; bwd_cta_overhead.py --kt: a tile's fixed cost 6.4 -> 4.8 µs, the main kernel
+# at 16 steps a tile 657 -> 618 µs; bwd_flag_ab.py --tile-field persistent --causal-only, 7 rounds, H100 card
+# 1752824029436): the causal call at S = 1024 594 -> 579 µs (+2.6%, every round), 4096 1453 -> 1415 (+2.6%), 16384
+# -0.3%.
 D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
                            dq_lag=True, persistent=True)
 
