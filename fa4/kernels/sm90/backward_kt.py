@@ -44,6 +44,14 @@ is exact and the steps complete in order (the argument of backward.py's module d
 model of the lagged protocol runs under random schedules in tests/test_sm90_backward_aot.py). Before dK is staged in
 a consumer's K slot it waits for the other consumer's last dQ product, which reads that K.
 
+Persistent grid (PERSIST, tile.persistent: batched causal D = 128 by default): min(tiles, SMs) CTAs; the loader draws
+tiles from a global counter (dq_ctr, zeroed with the dQ accumulator) and hands each index to the consumers through a
+two-slot ring (TileHandout); each tile is _kt_tile's walk, with the Q / dO ring and the dSᵀ buffers' parities carried
+across tiles by the CTA's global step count. The loader requests a tile's first Q / dO blocks before its K and V, whose
+slots the consumers hand back separately after storing dK (k_free) and then dV (v_free); V arrives on its own barrier
+(KvHandback.v_ready), waited for before the tile's first dPᵀ and before dV is staged. A Python model of this protocol
+runs under random schedules in tests/test_sm90_backward_aot.py.
+
 Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True and a sink (this kernel without dQ; the
 ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap (tanh's values beside Sᵀ and
 dPᵀ), the sink's P·dP partials, ping-pong, the writer warp. The trace build (tile.trace, benchmarks/bwd_trace.py)
