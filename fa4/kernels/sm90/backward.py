@@ -1509,7 +1509,10 @@ _SM_COUNTS = {}
 
 
 def persistent_tiles(tile):
-    """Whether the tile's main kernel runs on the persistent grid (keys-as-rows tiles; not in a trace build)."""
+    """Whether the tile's main kernel runs on the persistent grid (keys-as-rows tiles; not in a trace build).
+    FA4_KT_PERSISTENT=0 keeps every tile off it (a probe switch, read per call)."""
+    if os.environ.get("FA4_KT_PERSISTENT") == "0":
+        return False
     return tile.keys_as_rows and (tile.persistent or KT_PERSISTENT) and not tile.trace
 # Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT, FA4_KT_PERSISTENT=1): every keys-as-rows tile on the persistent
 # grid, the D = 64 one included (there: the fixed cost a tile 4.7 -> 3.7 µs, but the call within ±1.5% at S = 4096,
@@ -1713,7 +1716,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, KT_PERSISTENT)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, KT_PERSISTENT, persistent_tiles(tile))
 
 
 def _dq_placeholder(tile, d, varlen, device):
