@@ -479,34 +479,38 @@ def _loader(p, bufs):
         phase = 0
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
-            g, h, row = _step_block(p, it, n_m, m_lo, hk)
-            # A fresh barrier passes parity 1 at once: the first STAGES waits do not block.
-            mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
-            if p.STATS_TMA:
-                # lse2 and Delta of the block's rows ride on Q's barrier: the consumers read them from shared
-                # memory instead of waiting on a global load at every step (an L2 round trip the S product does
-                # not cover; Nsight Compute, benchmarks/NOTES.md session 12).
-                mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
-                                + p.delta_desc.block_type.nbytes)
-                if p.VARLEN:
-                    # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats
-                    # (triton backward.aligned_start); rows past the sequence are masked by the consumers.
-                    stats_coord = [h, (q_start + 3 * b + 3) // 4 * 4 + row]
-                else:
-                    stats_coord = [b, h, row]
-                tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx),
-                                                bufs.lse2.index(idx))
-                tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx),
-                                                bufs.delta.index(idx))
-            else:
-                mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row),
-                                            bufs.q_ready.index(idx), bufs.q.index(idx))
-            mbarrier.wait(bufs.do_empty.index(idx), phase ^ 1)
-            mbarrier.expect(bufs.do_ready.index(idx), p.do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(p.do_desc, _q_coord(p, b, h, q_start, row),
-                                            bufs.do_ready.index(idx), bufs.do.index(idx))
-            idx, phase = _next_slot(idx, phase, p.STAGES)
+            idx, phase = _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start)
+
+
+@gluon.jit
+def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
+    """Q (with the block's lse2 and Delta) and dO of step `it` into ring slot idx; returns the next slot."""
+    g, h, row = _step_block(p, it, n_m, m_lo, hk)
+    # A fresh barrier passes parity 1 at once: the first STAGES waits do not block.
+    mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
+    if p.STATS_TMA:
+        # lse2 and Delta of the block's rows ride on Q's barrier: the consumers read them from shared memory instead
+        # of waiting on a global load at every step (an L2 round trip the S product does not cover; Nsight Compute,
+        # benchmarks/NOTES.md session 12).
+        mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
+                        + p.delta_desc.block_type.nbytes)
+        if p.VARLEN:
+            # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats (triton
+            # backward.aligned_start); rows past the sequence are masked by the consumers.
+            stats_coord = [h, (q_start + 3 * b + 3) // 4 * 4 + row]
+        else:
+            stats_coord = [b, h, row]
+        tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx), bufs.lse2.index(idx))
+        tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx), bufs.delta.index(idx))
+    else:
+        mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row), bufs.q_ready.index(idx),
+                                    bufs.q.index(idx))
+    mbarrier.wait(bufs.do_empty.index(idx), phase ^ 1)
+    mbarrier.expect(bufs.do_ready.index(idx), p.do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(p.do_desc, _q_coord(p, b, h, q_start, row), bufs.do_ready.index(idx),
+                                    bufs.do.index(idx))
+    return _next_slot(idx, phase, p.STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -62,14 +62,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-
 from triton.language.core import _aggregate as aggregate
 
 from . import configs
 from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
-                       _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
+                       _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
                        async_reduce_add_shared_to_global)
 
 
@@ -552,30 +551,6 @@ def _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0):
         tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
                                         kv_free.v_ready, bufs.v.index(w))
 
-
-@gluon.jit
-def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
-    """Q (with the block's lse2 and Delta) and dO of step `it` into ring slot idx; returns the next slot."""
-    g, h, row = _step_block(p, it, n_m, m_lo, hk)
-    mbarrier.wait(bufs.q_empty.index(idx), phase ^ 1)
-    if p.STATS_TMA:
-        mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
-                        + p.delta_desc.block_type.nbytes)
-        if p.VARLEN:
-            stats_coord = [h, (q_start + 3 * b + 3) // 4 * 4 + row]
-        else:
-            stats_coord = [b, h, row]
-        tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx), bufs.lse2.index(idx))
-        tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx), bufs.delta.index(idx))
-    else:
-        mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, h, q_start, row), bufs.q_ready.index(idx),
-                                    bufs.q.index(idx))
-    mbarrier.wait(bufs.do_empty.index(idx), phase ^ 1)
-    mbarrier.expect(bufs.do_ready.index(idx), p.do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(p.do_desc, _q_coord(p, b, h, q_start, row), bufs.do_ready.index(idx),
-                                    bufs.do.index(idx))
-    return _next_slot(idx, phase, p.STAGES)
 
 
 # ---------------------------------------------------------------------------------------------------------
