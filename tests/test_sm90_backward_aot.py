@@ -719,6 +719,31 @@ def test_d256_protocol_model_catches_early_q_release():
                for seed in range(60))
 
 
+def _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors, free_early=False):
+    """Consumer w's dQ share of `step` in the keys-as-rows models (two consumers, two dSᵀ buffers each by step
+    parity): wait for the other's dSᵀ of that step, read both consumers' dSᵀ and both K slots until the wgmma wait,
+    then release the other's buffer (free_early: before the product completed, a mistake the models must catch)."""
+    nwg = 2
+    other = 1 - w
+    base = (step & 1) * nwg
+    yield from wait(ds_ready[base + other], (step >> 1) & 1, (step >> 1) + 1)
+    if ds_step[base] != step or ds_step[base + 1] != step:
+        errors.append(f"consumer {w} read dS of steps {ds_step[base:base + 2]} for step {step}")
+    for b in (base, base + 1):
+        ds_readers[b].add(w)
+    k_readers[0].add(w)
+    k_readers[1].add(w)
+    if free_early:
+        ds_free[base + other].arrive()
+    yield  # warpgroup_mma_wait(0)
+    for b in (base, base + 1):
+        ds_readers[b].discard(w)
+    k_readers[0].discard(w)
+    k_readers[1].discard(w)
+    if not free_early:
+        ds_free[base + other].arrive()
+
+
 def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
     """One random interleaving of the keys-as-rows kernel with DQ_LAG (backward_kt.py): the loader's Q / dO ring, two
     consumers, two dSᵀ buffers a consumer (by step parity) with ds_ready / ds_free each, every step's dQ share issued
@@ -742,24 +767,8 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
         return _parity_wait(bar, parity, need, errors)
 
     def dq_share(w, step):
-        other = 1 - w
-        base = (step & 1) * nwg
-        yield from wait(ds_ready[base + other], (step >> 1) & 1, (step >> 1) + 1)
-        if ds_step[base] != step or ds_step[base + 1] != step:
-            errors.append(f"consumer {w} read dS of steps {ds_step[base:base + 2]} for step {step}")
-        for b in (base, base + 1):
-            ds_readers[b].add(w)
-        k_readers[0].add(w)
-        k_readers[1].add(w)
-        if mistake == "free_early":
-            ds_free[base + other].arrive()
-        yield  # warpgroup_mma_wait(0)
-        for b in (base, base + 1):
-            ds_readers[b].discard(w)
-        k_readers[0].discard(w)
-        k_readers[1].discard(w)
-        if mistake != "free_early":
-            ds_free[base + other].arrive()
+        return _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors,
+                            free_early=mistake == "free_early")
 
     def consumer(w):
         for it in range(steps):
@@ -881,21 +890,7 @@ def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
                 ring += 1
 
     def dq_share(w, step):
-        other = 1 - w
-        base = (step & 1) * nwg
-        yield from wait(ds_ready[base + other], (step >> 1) & 1, (step >> 1) + 1)
-        if ds_step[base] != step or ds_step[base + 1] != step:
-            errors.append(f"consumer {w} read dS of steps {ds_step[base:base + 2]} for step {step}")
-        for b in (base, base + 1):
-            ds_readers[b].add(w)
-        k_readers[0].add(w)
-        k_readers[1].add(w)
-        yield  # warpgroup_mma_wait(0)
-        for b in (base, base + 1):
-            ds_readers[b].discard(w)
-        k_readers[0].discard(w)
-        k_readers[1].discard(w)
-        ds_free[base + other].arrive()
+        return _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors)
 
     def consumer(w):
         ring = gstep = 0

@@ -1506,10 +1506,16 @@ def _sm_count(device):
     """Streaming multiprocessors of a CUDA device (132 for an ahead-of-time compile on the CPU)."""
     if device.type != "cuda":
         return 132
-    return _SM_COUNTS.setdefault(device.index, torch.cuda.get_device_properties(device).multi_processor_count)
+    if device.index not in _SM_COUNTS:
+        _SM_COUNTS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device.index]
 
 
 _SM_COUNTS = {}
+# Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT, FA4_KT_PERSISTENT=1): every keys-as-rows tile on the persistent
+# grid, the D = 64 one included (there: the fixed cost a tile 4.7 -> 3.7 µs, but the call within ±1.5% at S = 4096,
+# so it stays off; benchmarks/NOTES.md, session 17).
+KT_PERSISTENT = os.environ.get("FA4_KT_PERSISTENT") == "1"
 
 
 def persistent_tiles(tile):
@@ -1518,10 +1524,6 @@ def persistent_tiles(tile):
     if os.environ.get("FA4_KT_PERSISTENT") == "0":
         return False
     return tile.keys_as_rows and (tile.persistent or KT_PERSISTENT) and not tile.trace
-# Probe switch (bwd_flag_ab.py --flag KT_PERSISTENT, FA4_KT_PERSISTENT=1): every keys-as-rows tile on the persistent
-# grid, the D = 64 one included (there: the fixed cost a tile 4.7 -> 3.7 µs, but the call within ±1.5% at S = 4096,
-# so it stays off; benchmarks/NOTES.md, session 17).
-KT_PERSISTENT = os.environ.get("FA4_KT_PERSISTENT") == "1"
 
 
 # cta_chunk: interleave the heads of windowed (causal) calls in chunks (False: one head after another; probes flip
@@ -1646,11 +1648,12 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
     # reduce-add (clipped at the tensor's bounds: no padding needed).
     tile_ctr = None
+    persistent = persistent_tiles(tile)
     if ordered_dq:
         dq_acc = None
-        if persistent_tiles(tile):
+        if persistent:
             tile_ctr = torch.zeros(1, dtype=torch.int32, device=device)
-    elif persistent_tiles(tile):
+    elif persistent:
         # The persistent grid's tile counter is zeroed with the accumulator (one fill): an int32 view of the fp32
         # zeros past its end.
         flat = torch.zeros(q.numel() + 4, dtype=torch.float32, device=device)
@@ -1658,8 +1661,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         tile_ctr = flat[q.numel():].view(torch.int32)
     else:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
-    opts = dict(tile_ctr=tile_ctr,softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
-                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+    opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, tile_ctr=tile_ctr,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
                 dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
@@ -1720,7 +1723,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, KT_PERSISTENT, persistent_tiles(tile))
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, persistent_tiles(tile))
 
 
 def _dq_placeholder(tile, d, varlen, device):

@@ -402,6 +402,13 @@ def _wait_k_read(p, bufs, s_last, WG: gl.constexpr, DQ_LAG: gl.constexpr):
 
 
 @gluon.jit
+def _tile_count(p, n_bh):
+    """Tiles of the persistent grid: every (key block, batch · kv head)."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    return (p.seqlen_k + BN - 1) // BN * n_bh
+
+
+@gluon.jit
 def _tile_coords(p, t, n_bh, chunk):
     """(nb, b, hk, seq_q, seq_k, q_start, k_start) of tile t of the persistent grid. Tiles are ordered as the
     chunked grid orders CTAs (backward._cta_block with CTA_CHUNKED): chunk after chunk of `chunk` consecutive
@@ -424,10 +431,8 @@ def _tile_coords(p, t, n_bh, chunk):
 def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.constexpr,
               DQ_LAG: gl.constexpr, POLY: gl.constexpr, PERSIST: gl.constexpr):
     if PERSIST:
-        # The tiles the loader draws from the global counter, over every (key block, batch · kv head), until one
-        # past the last.
-        BN: gl.constexpr = KEYS_PER_WG * p.NWG
-        n_tiles = (p.seqlen_k + BN - 1) // BN * n_bh
+        # The tiles the loader draws from the global counter, until one past the last.
+        n_tiles = _tile_count(p, n_bh)
         idx = gl.to_tensor(0)
         phase = gl.to_tensor(0)
         gstep = gl.to_tensor(0)
@@ -493,9 +498,8 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
     """backward._loader over the persistent grid's tiles (see _consumer). Each tile's first Q / dO blocks (up to the
     ring's depth) are requested before its K and V, whose slots the consumers free (kv_free) only after storing the
     previous tile's dK and dV there: the first blocks arrive while they do."""
-    NWG: gl.constexpr = p.NWG
-    BN: gl.constexpr = KEYS_PER_WG * NWG
-    n_tiles = (p.seqlen_k + BN - 1) // BN * n_bh
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    n_tiles = _tile_count(p, n_bh)
     idx = gl.to_tensor(0)
     phase = gl.to_tensor(0)
     tcount = gl.to_tensor(0)
@@ -647,6 +651,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / writer barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
+    # Only the loader differs (Gluon 3.6 keeps no partition function in a variable, hence the two calls).
     if PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
