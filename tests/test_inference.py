@@ -295,6 +295,28 @@ def test_combine(backend, monkeypatch):
     torch.testing.assert_close(lse_p.double(), ref_l[0], atol=1e-5, rtol=1e-5)
 
 
+def test_combine_many_splits_takes_the_chunked_merge():
+    """More splits than one (splits, Dv) tile holds (40 at Dv = 256, CHUNK 16): the lse-first, chunked merge, with
+    dead splits poisoned in two chunks, must equal the one-tile merge's math."""
+    from fa4.kernels.triton import combine
+    g = torch.Generator().manual_seed(3)
+    n, b, s, h, d = 40, 1, 2, 2, 256
+    grid, tail, constexprs, _, _ = combine.combine_launch(
+        num_splits=n, batch=b, seqlen=s, num_heads=h, head_dv=d, partial_strides=(1, 1, 1, 1),
+        lse_partial_strides=(1, 1, 1, 1), out_strides=(1, 1, 1), lse_strides=(1, 1, 1), has_sink=False,
+        write_lse=True)
+    assert constexprs["BLOCK_SPLITS"] > constexprs["CHUNK"]  # the case this test is for
+    out_partial = torch.randn(n, b, s, h, d, generator=g)
+    lse_partial = torch.randn(n, b, h, s, generator=g).transpose(2, 3)
+    for dead in (3, 21):  # one empty split in the first chunk, one in a later chunk
+        lse_partial[dead] = float("-inf")
+        out_partial[dead] = float("nan")
+    out, lse = flash_attn_combine(out_partial, lse_partial)
+    ref_o, ref_l = _combine_by_hand(out_partial, lse_partial)
+    torch.testing.assert_close(out.double(), ref_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, atol=1e-5, rtol=1e-5)
+
+
 def test_combine_of_two_halves_is_attention_over_all_keys():
     """Cascade attention: attention over two key sets, merged by their lse, equals attention over both."""
     q, k_cache, v_cache, _, _ = _make(batch=2, capacity=32)

@@ -92,6 +92,10 @@ LOOP_ALLOWANCE.update({"d128-causal": 9, "d64-causal": 11, "d64-dv-early-causal"
 # ring slot and tile index live beside the step's): 2 more reloads a step (L1 hits), against a tile's fixed cost
 # 6.4 -> 4.8 µs and +3% on the causal S = 1024 call.
 LOOP_ALLOWANCE.update({"d128-causal": 11, "d96-window": 10})
+# The shared-dQ D = 128 consumers wait for each other's loop end before dK overwrites a K slot the other's dQ products
+# read (loop_done, session 18): ptxas then keeps one value in local memory across the masked branch of a step (a
+# partial key block only, L1 hits; the unmasked path of the loop has none). Before, 0.
+LOOP_ALLOWANCE.update({"d128-plain": 2, "d128-gqa4-fp16": 2, "d128-shared-dq": 2, "d128-seqused": 4})
 
 # The three-consumer D = 64 tile (queries as rows, dQ by the ordered pass) shipped before keys_as_rows: the base of
 # the D = 64 probe variants below.
@@ -456,11 +460,14 @@ def _schedule(rng, procs, tma, land, state, errors):
     return None
 
 
-def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, turn_before_hand_over=False):
+def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, turn_before_hand_over=False,
+                  no_k_wait=False):
     """One random interleaving of the loader and the consumers over `steps` Q/dO steps, in the kernel's order of
-    barrier operations (_consumer, _loader; Q and dO as one load). Returns None, or what went wrong. To show
-    what the kernel must not do: steps_of(w), a consumer's own step count; turn_before_hand_over, the second
-    turn taken before dS is handed over."""
+    barrier operations (_consumer, _loader; Q and dO as one load), and the epilogue's staging of dK in the
+    consumer's own K slot, which (DQ_SHARED) the other consumer's dQ products read too. Returns None, or what went
+    wrong. To show what the kernel must not do: steps_of(w), a consumer's own step count; turn_before_hand_over,
+    the second turn taken before dS is handed over; no_k_wait, dK staged without waiting for the other consumer's
+    last dQ product."""
     rng = np.random.default_rng(seed)
     steps_of = steps_of or (lambda w: steps)
     q_ready = [_Bar(1) for _ in range(stages)]
@@ -469,6 +476,7 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
     tma = []                   # loads in flight: the slot whose q_ready they complete
     slot_users = [set() for _ in range(stages)]
     reading_ds = [set() for _ in range(nwg)]   # consumers whose dQ wgmma reads ds[w]
+    reading_k = [set() for _ in range(nwg)]    # consumers whose dQ wgmma reads K[w] (all K slots, DQ_SHARED)
     errors = []
 
     def wait(bar, parity, need):
@@ -501,14 +509,25 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
             if shared:
                 yield from wait(ds_ready[other], it & 1, it + 1)
                 reading_ds[other].add(w)
+                for r in reading_k:
+                    r.add(w)
             if ping_pong:
                 turn[nxt].arrive()
             yield  # warpgroup_mma_wait(0)
             if shared:
                 reading_ds[other].discard(w)
+                for r in reading_k:
+                    r.discard(w)
                 ds_free[other].arrive()
             slot_users[idx].discard(w)
             q_empty[idx].arrive()
+        yield  # dV staged in this consumer's V slot, stored
+        n = steps_of(w)
+        if shared and not no_k_wait:
+            # The other consumer's dQ product of the last step, which reads K[w], completed (ds_free[w]'s n-th phase).
+            yield from wait(ds_free[w], (n & 1) ^ 1, n)
+        if reading_k[w] - {w}:
+            errors.append(f"K[{w}] overwritten by dK while consumers {reading_k[w] - {w}} read it")
 
     def _state():
         return [(b.pending, b.done) for b in q_ready + q_empty + ds_ready + ds_free + turn], len(tma)
@@ -532,6 +551,9 @@ def test_protocol_model_catches_what_the_kernel_avoids():
     over (DQ_SHARED) deadlocks, since the turn holder waits for the other's dS, which waits for the turn."""
     assert all(_protocol_run(seed, 2, 2, 4, False, True, steps_of=lambda w: 4 - w) == "deadlock" for seed in range(10))
     assert all(_protocol_run(seed, 2, 2, 3, True, True, turn_before_hand_over=True) == "deadlock" for seed in range(10))
+    # DQ_SHARED: dK staged in K[w] before the other consumer's last dQ product (which reads K[w]) completed.
+    assert any("overwritten by dK" in str(_protocol_run(seed, 2, 3, 2, True, False, no_k_wait=True))
+               for seed in range(60))
 
 
 def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False):

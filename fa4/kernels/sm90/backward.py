@@ -71,6 +71,9 @@ Barrier protocol (parity tracked by counters in each partition):
   ds_ready[w] (1, DQ_SHARED)       consumer w -> the other: its dS of step `it` is in ds[w] (phase it)
   ds_free[w] (1, DQ_SHARED)        the other consumer -> w: its dQ wgmma reading ds[w] has completed; w waits
                                    for it before writing ds[w] again (a fresh barrier passes parity 1)
+  loop_done[w] (1, DQ_SHARED)      consumer w -> the other: w left its loop, its last dQ product (which read the
+                                   other's K too) completed; the other waits for it (parity 0, once a CTA) before
+                                   staging dK in its K slot
   turn[w] (1, PING_PONG)           consumer w-1 -> w (cyclically): "your turn to issue"; consumer 0 starts.
 Every consumer walks the same query blocks (the range is the CTA's, from the key block's first key n0, not the
 warpgroup's 64-key slice: under a causal or window mask a slice that sees none of a query block still takes that
@@ -288,12 +291,13 @@ class BwdBuffers:
     turn: gl.shared_memory_descriptor      # [NWG, 1] (PING_PONG): consumer w may issue its next product group
     dq_staged: gl.shared_memory_descriptor  # [NWG, 1] (DQ_WRITER): consumer w's dQ share is in dq[w]
     dq_free: gl.shared_memory_descriptor    # [NWG, 1] (DQ_WRITER): the TMA unit has read dq[w]
+    loop_done: gl.shared_memory_descriptor  # [NWG, 1] (DQ_SHARED): consumer w's loop and its products are done
     lse2: gl.shared_memory_descriptor       # [STAGES, 1, 1, BM] fp32 (STATS_TMA): lse2 of the Q slot's rows
     delta: gl.shared_memory_descriptor      # [STAGES, 1, 1, BM] fp32 (STATS_TMA): Delta of the Q slot's rows
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, p, ds, dq, ds_ready, ds_free, kv_ready, q_ready, q_empty, do_ready, do_empty,
-                 turn, dq_staged, dq_free, lse2, delta):
+                 turn, dq_staged, dq_free, lse2, delta, loop_done):
         self.k = k
         self.v = v
         self.q = q
@@ -313,6 +317,7 @@ class BwdBuffers:
         self.dq_free = dq_free
         self.lse2 = lse2
         self.delta = delta
+        self.loop_done = loop_done
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -904,17 +909,26 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 _trace_step(p, WG, it, 9)
                 _trace_step(p, WG, it, 10)
             idx, phase = _next_slot(idx, phase, p.STAGES)
+        if p.DQ_SHARED:
+            # Every product of this warpgroup completed (each step ends with warpgroup_mma_wait(0)): the other may
+            # overwrite its K with dK.
+            mbarrier.arrive(bufs.loop_done.index(_opaque(gl.to_tensor(WG))))
         _cta_event(p, WG, 3)
         # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
         # through the loop, where they were spilled.
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         kr0 = nb * BN + WG * N
-        # This warpgroup's K and V slots are free (only its own, now completed, wgmmas read them): they
-        # stage dV and dK for the TMA stores. Opaque slot index: LLVM otherwise computes this thread's
-        # swizzled staging addresses before the loop and keeps them (spilled) through it.
+        # This warpgroup's K and V slots stage dV and dK for the TMA stores. V is read only by this warpgroup's
+        # own, completed, wgmmas. K, with DQ_SHARED, also by the other warpgroup's dQ products (dS_w·K_w for every
+        # w): before dK overwrites it, wait until the other has left its loop, all its products completed
+        # (loop_done, one phase a CTA: no parity to keep through the loop, where a step count kept for
+        # ds_free's parity cost 4-14 reloads a step in some builds). Opaque slot index: LLVM otherwise computes
+        # this thread's swizzled staging addresses before the loop and keeps them (spilled) through it.
         slot = _opaque(gl.to_tensor(WG))
         _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
                     p.stride_dvb, p.stride_dvs, p.stride_dvh)
+        if p.DQ_SHARED:
+            mbarrier.wait(bufs.loop_done.index(_opaque(gl.to_tensor(OTHER))), 0)
         _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
                     kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
         tma.store_wait(0)
@@ -998,6 +1012,12 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
     for w in gl.static_range(NWG):
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
+    if DQ_SHARED:
+        loop_done = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NWG):
+            mbarrier.init(loop_done.index(w), count=1)
+    else:
+        loop_done = ds_ready  # a placeholder, never touched
     if PING_PONG:
         turn = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(NWG):
@@ -1032,7 +1052,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem)
+                      q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem, loop_done)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
     if DQ_WRITER:
         gl.static_assert(DQ_ATOMIC and NWG >= 2, "the dQ writer serves the in-kernel reduce-add of 2 or 3 consumers")

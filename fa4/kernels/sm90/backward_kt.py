@@ -648,9 +648,9 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
-    # P buffer and the turn / writer barriers are placeholders this kernel never touches.
+    # P buffer and the turn / writer / loop_done barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem)
+                      q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem, ds_ready)
     # Only the loader differs (Gluon 3.6 keeps no partition function in a variable, hence the two calls).
     if PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
