@@ -10,7 +10,7 @@ time of a step, and c, what every CTA pays besides its steps (launch, K / V load
 the last stores' drain, the CTA's share of the wave tail). Non-causal, bf16, B = bh // 16 sequences of 16 heads.
 --kt: at D = 128 the keys-as-rows tile (the causal default) instead of the shared-dQ one; --flag: a boolean module
 switch of backward.py turned on (e.g. KT_PERSISTENT: then a "CTA" is a tile of the persistent grid, and waves are
-tiles over SMs).
+tiles over SMs); --unset: one turned off (e.g. SHARED_PERSISTENT: the shared-dQ tile off the persistent grid).
 """
 import argparse
 import os
@@ -54,9 +54,12 @@ def main():
     ap.add_argument("--sq", default="256,512,1024,2048,4096")
     ap.add_argument("--kt", action="store_true")
     ap.add_argument("--flag", default=None)
+    ap.add_argument("--unset", default=None, help="a boolean module switch of backward.py turned off")
     args = ap.parse_args()
     if args.flag:
         setattr(bwd, args.flag, True)
+    if args.unset:
+        setattr(bwd, args.unset, False)
     h = 16
     b = args.bh // h
     d = args.d
@@ -66,7 +69,8 @@ def main():
     waves = -(-ctas // sms)
     print(torch.cuda.get_device_name(), f"| D={d} Sk={args.sk} B={b} H={h}: {ctas} CTAs, {waves} waves on {sms} SMs,"
           f" BM={tile.block_m}, {'keys as rows' if tile.keys_as_rows else 'queries as rows'}"
-          f"{', ' + args.flag if args.flag else ''}")
+          f"{', ' + args.flag if args.flag else ''}{', not ' + args.unset if args.unset else ''}"
+          f"{', persistent grid' if bwd.persistent_tiles(tile) else ''}")
     xs, ys = [], []
     for sq in (int(x) for x in args.sq.split(",")):
         steps = -(-sq // tile.block_m)

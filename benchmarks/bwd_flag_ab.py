@@ -6,7 +6,8 @@ alternated over several rounds in one process; the best round of each side is co
     python benchmarks/bwd_flag_ab.py --tile-field persistent [--causal-only] ...
 
 --tile-field NAME: instead of a module switch, a boolean field of the call's default tile (backward.default_tile)
-set False, then True. --causal-only: only the causal rows.
+set False, then True. --causal-only / --full-only: only the causal / non-causal rows. Each row prints the ratio of
+the best rounds and of the medians (alternated rounds: a slow spell of the card hits both sides).
 
 --varlen: the same tokens as packed sequences (flash_attn_varlen_func's layout): B sequences of S tokens, of
 lengths S − 64·(i mod 4) so that they do not all end on a block boundary.
@@ -15,6 +16,7 @@ Session 12 first ran it (as fused_fills_ab.py) for a switch since removed: the d
 preprocess kernel (FUSED_FILLS; benchmarks/NOTES.md).
 """
 import argparse
+import statistics
 
 import torch
 from triton.testing import do_bench
@@ -25,6 +27,7 @@ def main():
     ap.add_argument("--flag", help="a boolean module attribute of fa4.kernels.sm90.backward")
     ap.add_argument("--tile-field", help="a boolean field of the default BwdTile")
     ap.add_argument("--causal-only", action="store_true")
+    ap.add_argument("--full-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", default="128:1024,128:4096,128:16384,64:4096")
     ap.add_argument("--varlen", action="store_true")
@@ -41,7 +44,7 @@ def main():
         d, s = (int(x) for x in row.split(":"))
         b, h = 16384 // s, 2048 // d
         flops = 2.5 * 4 * b * h * s * s * d
-        for causal in ((True, ) if args.causal_only else (False, True)):
+        for causal in ((True, ) if args.causal_only else (False, ) if args.full_only else (False, True)):
             torch.manual_seed(0)
             opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
                         sink=None)
@@ -74,8 +77,9 @@ def main():
             # dK and dV do not depend on the switch's timing (each CTA owns its keys): bitwise equal.
             same = all(torch.equal(a, b) for a, b in zip(grads[False][1:3], grads[True][1:3]))
             off, on = min(times[False]), min(times[True])
+            med = statistics.median(times[False]) / statistics.median(times[True])
             tf = flops / (2 if causal else 1) / 1e6
-            print(f"D={d:3d} S={s:5d} causal={int(causal)}{' varlen' if args.varlen else ''}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x; "
+            print(f"D={d:3d} S={s:5d} causal={int(causal)}{' varlen' if args.varlen else ''}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x, median {med:.3f}x; "
                   f"{tf / off:5.0f} -> {tf / on:5.0f} TFLOP/s) dk,dv bitwise {'equal' if same else 'DIFFER'}; "
                   f"rounds {[round(t, 1) for t in times[False]]} / {[round(t, 1) for t in times[True]]}", flush=True)
 

@@ -81,20 +81,24 @@ def sm90_deterministic():
 def sm90_chunked():
     """The default sm90 backward of batched causal calls, whose CTAs run on the chunked 3-D grid (backward.cta_chunk,
     session 15), under CUDA-graph capture: dK and dV equal eager calls bitwise (each CTA owns its keys), dQ (TMA
-    reduce-adds in any order) within fp32 rounding."""
+    reduce-adds in any order) within fp32 rounding. Also non-causal D = 128, whose shared-dQ tile runs on the
+    persistent grid (session 18; its tile counter is zeroed with the dQ accumulator, inside the graph)."""
     from fa4.kernels.sm90 import backward as bwd
-    for d, s in ((64, 4096), (128, 1024), (256, 4096)):
+    for d, s, causal in ((64, 4096, True), (128, 1024, True), (256, 4096, True), (128, 1024, False),
+                         (128, 4096, False)):
         b, h = 16384 // s, 2048 // d
-        tile = bwd.default_tile(d, d, -1, 0.0, window_right=0)
-        chunk = bwd.cta_chunk(tile, b * h, s, d, -1, 0, False, False)
+        right = 0 if causal else -1
+        tile = bwd.default_tile(d, d, -1, 0.0, window_right=right)
+        chunk = bwd.cta_chunk(tile, b * h, s, d, -1, right, False, False)
         torch.manual_seed(2)
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dout = torch.randn_like(q)
 
         def call():
-            out = fa4.flash_attn_func(q, k, v, causal=True)
+            out = fa4.flash_attn_func(q, k, v, causal=causal)
             return torch.autograd.grad(out, (q, k, v), dout)
-        name = f"sm90 causal D={d} S={s} (grid chunk {chunk}) backward=True"
+        grid = "persistent" if bwd.persistent_tiles(tile) else f"grid chunk {chunk}"
+        name = f"sm90 {'causal' if causal else 'full'} D={d} S={s} ({grid}) backward=True"
         try:
             eager = [t.clone() for t in call()]
             graph, res = _capture(call, warmups=1)
