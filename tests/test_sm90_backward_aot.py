@@ -266,17 +266,12 @@ def test_d256_plan_arguments():
         for name in ("q_desc", "k_desc", "v_desc", "do_desc", "dk_desc", "dv_desc"):
             assert args[name].block_shape[-1] == 128, name
         assert args["dq_desc"].block_shape[-1] == 64
-        # attn_bwd_kernel's parameters up to its persistent grid's (PERSIST, n_bh, chunk, which the keys-as-rows
-        # kernel ends with too and the D = 256 kernel does not take), then the D = 256 kernel's own defaulted
-        # constexpr (tile.dq_in_q).
-        base = list(backward.attn_bwd_kernel.arg_names)
-        persistent = ["PERSIST", "n_bh", "chunk"]
-        assert base[-3:] == persistent
+        # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexpr (tile.dq_in_q).
         names = list(backward_d256.attn_bwd_d256_kernel.arg_names)
-        assert names == base[:-3] + ["DQ_IN_Q"]
-        kt = list(backward_kt.attn_bwd_kt_kernel.arg_names)
-        assert kt[:len(base) - 3] == base[:-3] and kt[-3:] == persistent
-        assert cx["DQ_IN_Q"] is tile.dq_in_q and not set(persistent) & (set(args) | set(cx))
+        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q"]
+        assert list(backward_kt.attn_bwd_kt_kernel.arg_names)[:len(backward.attn_bwd_kernel.arg_names)] == list(
+            backward.attn_bwd_kernel.arg_names)
+        assert cx["DQ_IN_Q"] is tile.dq_in_q
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -1000,188 +995,6 @@ def test_kt_persistent_protocol_model_catches_mistakes():
                for seed in range(60))
 
 
-
-def _shared_persistent_protocol_run(seed, tiles, stages=3, mistake=None):
-    """The shared-dQ kernel on the persistent grid (backward.py, PERSIST with DQ_SHARED and the writer warp), one
-    CTA: the loader of the keys-as-rows model (tile ids in the two-slot ring, each tile's first Q / dO blocks before
-    its K and V, those after k_free / v_free); two consumers that take each id, wait for K and V, walk the steps
-    (S and dP read the own K and V; dS to ds[w] after ds_free, handed over by ds_ready; the dQ share reads both dS
-    buffers and both K slots; staged in dq[w] after dq_free, announced by dq_staged), arrive loop_done, wait for
-    the other's, stage dK in K[w] (k_free) and dV in V[w] (v_free); the writer warp, which takes each id too and
-    issues every staged share (dq_free once the TMA unit read them). Parities from the CTA's global step count and
-    tile count, as in the kernel. Returns None, or what went wrong. mistake: "no_loop_done" (dK staged without
-    waiting for the other's loop end), "writer_free_early" (dq_free arrived before the reduce-adds read their
-    tiles), "tile_parity" (the once-a-tile waits with parity 0, as the non-persistent kernel has them)."""
-    rng = np.random.default_rng(seed)
-    nwg = 2
-    q_ready = [_Bar(1) for _ in range(stages)]
-    q_empty = [_Bar(nwg) for _ in range(stages)]
-    ds_ready, ds_free, dq_staged, dq_free, loop_done = ([_Bar(1) for _ in range(nwg)] for _ in range(5))
-    tile_ready = [_Bar(1) for _ in range(2)]
-    tile_free = [_Bar(nwg + 1) for _ in range(2)]  # the consumers and the writer read each id
-    kv_ready, v_ready, k_free, v_free = _Bar(1), _Bar(1), _Bar(nwg), _Bar(nwg)
-    ids = [None, None]
-    tma, slot_users = [], [set() for _ in range(stages)]
-    ds_readers = [set() for _ in range(nwg)]   # consumers whose dQ product reads ds[w]
-    k_readers = [set() for _ in range(nwg)]    # consumers whose products read K[w]
-    v_users = set()
-    dq_busy = [False] * nwg                    # the writer's reduce-add of dq[w] in flight
-    dq_step = [None] * nwg                     # the CTA step whose share dq[w] holds
-    loaded = {"k": None, "v": None}
-    errors = []
-    end = len(tiles)
-
-    def wait(bar, parity, need):
-        return _parity_wait(bar, parity, need, errors)
-
-    def land(item):
-        kind, arg = item
-        if kind == "q":
-            q_ready[arg].arrive()
-        else:
-            (kv_ready if kind == "k" else v_ready).arrive()
-
-    def loader():  # backward._loader_persistent, as in the keys-as-rows model
-        ring = 0
-        for f in range(end + 1):
-            yield from wait(tile_free[f % 2], ((f // 2) & 1) ^ 1, f // 2)
-            ids[f % 2] = f
-            tile_ready[f % 2].arrive()
-            if f == end:
-                return
-            n = tiles[f]
-            ahead = min(n, stages)
-            for it in range(n + 1):
-                if it == ahead:
-                    yield from wait(k_free, (f & 1) ^ 1, f)
-                    if any(k_readers):
-                        errors.append(f"K of tile {f} loaded while consumers {k_readers} read K")
-                    loaded["k"] = f
-                    tma.append(("k", None))
-                    yield from wait(v_free, (f & 1) ^ 1, f)
-                    if v_users:
-                        errors.append(f"V of tile {f} loaded while consumers {v_users} use V")
-                    loaded["v"] = f
-                    tma.append(("v", None))
-                if it == n:
-                    break
-                idx, phase = ring % stages, (ring // stages) & 1
-                yield from wait(q_empty[idx], phase ^ 1, ring // stages)
-                if slot_users[idx]:
-                    errors.append(f"slot {idx} reloaded while consumers {slot_users[idx]} read it")
-                tma.append(("q", idx))
-                ring += 1
-
-    def consumer(w):
-        other = 1 - w
-        ring = gstep = 0
-        for f in range(end + 1):
-            yield from wait(tile_ready[f % 2], (f // 2) & 1, f // 2 + 1)
-            t = ids[f % 2]
-            tile_free[f % 2].arrive()
-            if t == end:
-                return
-            n = tiles[t]
-            tpar = 0 if mistake == "tile_parity" else f & 1
-            yield from wait(kv_ready, tpar, f + 1)
-            yield from wait(v_ready, tpar, f + 1)
-            if loaded["k"] != f or loaded["v"] != f or v_ready.done < f + 1 or kv_ready.done < f + 1:
-                errors.append(f"consumer {w} started tile {f} before its K and V landed")
-            for it in range(n):
-                s = gstep + it
-                idx, phase = ring % stages, (ring // stages) & 1
-                yield from wait(q_ready[idx], phase, ring // stages + 1)
-                slot_users[idx].add(w)
-                k_readers[w].add(w)
-                v_users.add(w)
-                yield  # S, dP, exp2, dS
-                yield from wait(ds_free[w], (s & 1) ^ 1, s)
-                if ds_readers[w]:
-                    errors.append(f"ds[{w}] rewritten while consumers {ds_readers[w]} read it")
-                ds_ready[w].arrive()
-                yield from wait(ds_ready[other], s & 1, s + 1)
-                ds_readers[other].add(w)
-                ds_readers[w].add(w)
-                k_readers[other].add(w)
-                yield  # warpgroup_mma_wait(0): dV, dK and the dQ share completed
-                ds_readers[other].discard(w)
-                ds_readers[w].discard(w)
-                k_readers[other].discard(w)
-                k_readers[w].discard(w)
-                v_users.discard(w)
-                ds_free[other].arrive()
-                slot_users[idx].discard(w)
-                q_empty[idx].arrive()
-                yield from wait(dq_free[w], (s & 1) ^ 1, s)
-                if dq_busy[w]:
-                    errors.append(f"dq[{w}] restaged while the writer's reduce-add reads it")
-                dq_step[w] = s
-                dq_staged[w].arrive()
-                ring += 1
-            loop_done[w].arrive()
-            if mistake != "no_loop_done":
-                yield from wait(loop_done[other], tpar, f + 1)
-            if k_readers[w]:
-                errors.append(f"K[{w}] overwritten by dK while consumers {k_readers[w]} read it")
-            k_readers[w].add(w)
-            yield  # dK staged in K[w], stored by TMA, its read waited for
-            k_readers[w].discard(w)
-            k_free.arrive()
-            v_users.add(w)
-            yield  # dV staged in V[w], stored, read waited for
-            v_users.discard(w)
-            v_free.arrive()
-            gstep += n
-
-    def writer():
-        gstep = 0
-        for f in range(end + 1):
-            yield from wait(tile_ready[f % 2], (f // 2) & 1, f // 2 + 1)
-            t = ids[f % 2]
-            tile_free[f % 2].arrive()
-            if t == end:
-                return
-            for it in range(tiles[t]):
-                s = gstep + it
-                for w in range(nwg):
-                    yield from wait(dq_staged[w], s & 1, s + 1)
-                    if dq_step[w] != s:
-                        errors.append(f"the writer added dq[{w}] of step {dq_step[w]} for step {s}")
-                    dq_busy[w] = True
-                if mistake == "writer_free_early":
-                    for w in range(nwg):
-                        dq_free[w].arrive()
-                yield  # tma.store_wait(0)
-                for w in range(nwg):
-                    dq_busy[w] = False
-                    if mistake != "writer_free_early":
-                        dq_free[w].arrive()
-            gstep += tiles[t]
-
-    bars = (q_ready + q_empty + ds_ready + ds_free + dq_staged + dq_free + loop_done + tile_ready + tile_free
-            + [kv_ready, v_ready, k_free, v_free])
-
-    def _state():
-        return [(b.pending, b.done) for b in bars], len(tma)
-
-    return _schedule(rng, [loader(), writer()] + [consumer(w) for w in range(nwg)], tma, land, _state, errors)
-
-
-@pytest.mark.parametrize("stages", [2, 3])
-def test_shared_persistent_protocol_model(stages):
-    for seed in range(60):
-        for tiles in ([3], [1, 1], [4, 1, 1, 5], [2, 2, 2, 2, 2], [3, 0, 2], [1, 2, 3, 4, 5, 6]):
-            assert _shared_persistent_protocol_run(seed, tiles, stages) is None, (seed, tiles)
-
-
-def test_shared_persistent_protocol_model_catches_mistakes():
-    assert any("overwritten by dK" in str(_shared_persistent_protocol_run(seed, [2, 2], mistake="no_loop_done"))
-               for seed in range(60))
-    assert any("restaged while" in str(_shared_persistent_protocol_run(seed, [2, 3, 1], mistake="writer_free_early"))
-               for seed in range(60))
-    assert any(_shared_persistent_protocol_run(seed, [2, 2, 2], mistake="tile_parity") is not None
-               for seed in range(20))
-
 # ---------------------------------------------------------------------------------------------------------
 # The algorithm, emulated per CTA / consumer / step in fp64, against the reference.
 # ---------------------------------------------------------------------------------------------------------
@@ -1470,12 +1283,7 @@ def test_default_tile_routing(monkeypatch):
     assert bwd.default_tile(64, 64, softmax_scale=0.0) is bwd.D64_NARROW_TILE
     shared = bwd.get_tile(128, 128)
     assert shared.shared_dq and not shared.keys_as_rows
-    # Batched non-causal calls without a window: the shared-dQ tile on the persistent grid (session 18); packed,
-    # windowed, deterministic and sink calls keep the one-CTA-a-key-block grid.
-    assert bwd.default_tile(128, 128) == dataclasses.replace(shared, persistent=True)
-    assert bwd.persistent_tiles(bwd.default_tile(128, 128))
-    for kw in (dict(varlen=True), dict(window_left=64), dict(deterministic=True), dict(sink=True)):
-        assert not bwd.default_tile(128, 128, **kw).persistent, kw
+    assert bwd.default_tile(128, 128) == shared
     assert bwd.default_tile(128, 128, window_right=0) is bwd.D128_CAUSAL_TILE
     # Packed causal calls: the same tile off the persistent grid (default_tile).
     assert bwd.default_tile(128, 128, window_right=0, varlen=True) == dataclasses.replace(bwd.D128_CAUSAL_TILE,

@@ -84,28 +84,6 @@ def test_shared_dq(case, dtype, over):
     _run(q, k, v, tile=tile, **kw)
 
 
-# The shared-dQ tile on the persistent grid (batched non-causal D = 128: default_tile), with more tiles than twice
-# the SMs, so that every CTA walks several (the Q / dO ring's phase, the step and tile counts carried from tile to
-# tile, K and V handed back): odd lengths (a masked last key block), GQA, Sq != Sk, an lse gradient, a softcap.
-PERSISTENT_CASES = [
-    (8, 1100, 1100, 16, 8, 128, 128, -1, -1, 0.0, False, True),
-    (8, 700, 2100, 8, 2, 128, 128, -1, -1, 0.0, False, False),
-    (5, 2000, 2000, 8, 4, 128, 128, -1, -1, 20.0, False, False),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=[backward_case_id(c) for c in PERSISTENT_CASES])
-def test_shared_dq_persistent(case, dtype):
-    b, sq, sk, hq, hkv = case[:5]
-    tile = _bwd().default_tile(128, 128, softcap=case[9])
-    assert tile.shared_dq and tile.persistent and _bwd().persistent_tiles(tile)
-    tiles = -(-sk // tile.block_n) * b * hkv
-    assert tiles > 2 * torch.cuda.get_device_properties(0).multi_processor_count, tiles
-    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    _run(q, k, v, **kw)
-
-
 @pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3), dict(ping_pong=True),
                                   dict(num_wg=2, consumer_regs=240), dict(shared_dq=True, dq_writer=True)],
                          ids=["shipped", "shared-dq3", "pingpong", "two-consumers", "writer"])

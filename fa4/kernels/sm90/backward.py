@@ -518,169 +518,13 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
     return _next_slot(idx, phase, p.STAGES)
 
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The persistent grid (tile.persistent): min(tiles, SMs) CTAs walking (key block, batch · kv head) tiles that the
-# loader draws from a global counter. Shared by this kernel's shared-dQ consumers and backward_kt's.
-# ---------------------------------------------------------------------------------------------------------
-
-@gluon.jit
-def _tile_count(p, n_bh):
-    """Tiles of the persistent grid: every (key block, batch · kv head)."""
-    BN: gl.constexpr = KEYS_PER_WG * p.NWG
-    return (p.seqlen_k + BN - 1) // BN * n_bh
-
-
-@gluon.jit
-def _tile_coords(p, t, n_bh, chunk):
-    """(nb, b, hk, seq_q, seq_k, q_start, k_start) of tile t of the persistent grid. Tiles are ordered as the
-    chunked grid orders CTAs (backward._cta_block with CTA_CHUNKED): chunk after chunk of `chunk` consecutive
-    (batch, kv head) pairs, key block after key block within a chunk, the pair fastest, so that causal calls start
-    the long walks (low key blocks) of a chunk's heads first and a chunk's fp32 dQ rows stay in L2."""
-    BN: gl.constexpr = KEYS_PER_WG * p.NWG
-    n_kb = (p.seqlen_k + BN - 1) // BN
-    per_chunk = n_kb * chunk
-    c = t // per_chunk
-    r = t - c * per_chunk
-    nb = r // chunk
-    bhk = c * chunk + (r - nb * chunk)
-    b = bhk // p.num_kv_heads
-    hk = bhk - b * p.num_kv_heads
-    seq_q, seq_k, q_start, k_start = _sequence(p, b)
-    return nb, b, hk, seq_q, seq_k, q_start, k_start
-
-
-@aggregate
-class TileHandout:
-    """The persistent grid's tile indices, drawn by the loader from a global counter and handed to the consumers
-    through a two-slot ring in shared memory (ready: 1 arrival, the loader's; free: one a consumer)."""
-    ids: gl.shared_memory_descriptor    # [2, 1] int32
-    ready: gl.shared_memory_descriptor  # [2, 1] mbarriers
-    free: gl.shared_memory_descriptor   # [2, 1] mbarriers
-
-    @gluon.constexpr_function
-    def __init__(self, ids, ready, free):
-        self.ids = ids
-        self.ready = ready
-        self.free = free
-
-
-@gluon.jit
-def _draw_tile(p, tiles, fcount):
-    """Loader: the CTA's fcount-th tile from the global counter (dq_ctr), published in slot fcount % 2 once the
-    consumers have read that slot's previous index (a fresh barrier passes parity 1). Dynamic, not strided: causal
-    tiles differ in length, and a static round-robin left SMs idle behind long walks (benchmarks/NOTES.md)."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    slot = fcount % 2
-    mbarrier.wait(tiles.free.index(slot), ((fcount // 2) & 1) ^ 1)
-    t = gl.atomic_add(p.dq_ctr + gl.zeros([1], gl.int32, layout), gl.full([1], 1, gl.int32, layout))
-    tiles.ids.index(slot).store(t)
-    mbarrier.arrive(tiles.ready.index(slot))
-    return gl.max(t, axis=0)
-
-
-@gluon.jit
-def _take_tile(tiles, fcount, WARPS: gl.constexpr = 4):
-    """Consumer (a warpgroup; the dQ writer with WARPS = 1): the CTA's fcount-th tile index, read from its slot,
-    which is then handed back."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    slot = fcount % 2
-    mbarrier.wait(tiles.ready.index(slot), (fcount // 2) & 1)
-    t = gl.max(tiles.ids.index(slot).load(layout), axis=0)
-    mbarrier.arrive(tiles.free.index(slot))
-    return t
-
-
-@gluon.jit
-def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
-    """backward._loader over the persistent grid's tiles (see _consumer). Each tile's first Q / dO blocks (up to the
-    ring's depth) are requested before its K and V, whose slots the consumers free (kv_free) only after storing the
-    previous tile's dK and dV there: the first blocks arrive while they do."""
-    BN: gl.constexpr = KEYS_PER_WG * p.NWG
-    n_tiles = _tile_count(p, n_bh)
-    idx = gl.to_tensor(0)
-    phase = gl.to_tensor(0)
-    tcount = gl.to_tensor(0)
-    fcount = gl.to_tensor(0)
-    t = _draw_tile(p, tiles, fcount)
-    while t < n_tiles:
-        nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
-        n0 = nb * BN
-        if n0 < seq_k:
-            m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
-            n_m = m_hi - m_lo
-            n_steps = p.group * n_m
-            ahead = gl.minimum(n_steps, p.STAGES)
-            for it in range(n_steps):
-                if it == ahead:
-                    _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
-                idx, phase = _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start)
-            if ahead == n_steps:
-                _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
-            tcount += 1
-        fcount += 1
-        t = _draw_tile(p, tiles, fcount)
-
-
-@aggregate
-class KvHandback:
-    """The persistent grid's K / V hand-back: k_free, v_free (one arrival a consumer: its dK, dV staged there and
-    stored) and v_ready (the loader's V, behind K on kv_ready)."""
-    k_free: gl.shared_memory_descriptor
-    v_free: gl.shared_memory_descriptor
-    v_ready: gl.shared_memory_descriptor
-
-    @gluon.constexpr_function
-    def __init__(self, k_free, v_free, v_ready):
-        self.k_free = k_free
-        self.v_free = v_free
-        self.v_ready = v_ready
-
-
-@gluon.jit
-def _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0):
-    """K, then V, of a tile (one 64-key box per consumer), each once the consumers freed its slots (tcount: the
-    tiles loaded before; a fresh barrier passes parity 1)."""
-    NWG: gl.constexpr = p.NWG
-    mbarrier.wait(kv_free.k_free, (tcount & 1) ^ 1)
-    mbarrier.expect(bufs.kv_ready, NWG * p.k_desc.block_type.nbytes)
-    for w in gl.static_range(NWG):
-        tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
-                                        bufs.kv_ready, bufs.k.index(w))
-    mbarrier.wait(kv_free.v_free, (tcount & 1) ^ 1)
-    mbarrier.expect(kv_free.v_ready, NWG * p.v_desc.block_type.nbytes)
-    for w in gl.static_range(NWG):
-        tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
-                                        kv_free.v_ready, bufs.v.index(w))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # dQ writer partition (DQ_WRITER): one warp issuing the consumers' dQ reduce-adds, so that no consumer waits for
 # the TMA unit, nor, with ORDERED_DQ, for another CTA's add, unless its staging tile is still unread.
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _dq_writer(p, bufs, tiles, n_bh, chunk, PERSIST: gl.constexpr):
-    """_dq_writer_tile over the CTA's key block, or with PERSIST over the persistent grid's tiles (it reads each
-    tile index from the handout like a consumer; the CTA's step count carries the barriers' parities)."""
-    if PERSIST:
-        n_tiles = _tile_count(p, n_bh)
-        gstep = gl.to_tensor(0)
-        fcount = gl.to_tensor(0)
-        t = _take_tile(tiles, fcount, 1)
-        while t < n_tiles:
-            nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
-            gstep = _dq_writer_tile(p, bufs, nb, b, hk, seq_q, seq_k, q_start, gstep, PERSIST)
-            fcount += 1
-            t = _take_tile(tiles, fcount, 1)
-    else:
-        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-        _dq_writer_tile(p, bufs, nb, b, hk, seq_q, seq_k, q_start, 0, PERSIST)
-    tma.store_wait(0)
-
-
-@gluon.jit
-def _dq_writer_tile(p, bufs, nb, b, hk, seq_q, seq_k, q_start, gstep, PERSIST: gl.constexpr):
+def _dq_writer(p, bufs):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add. Then, once the TMA
     unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have completed,
@@ -689,6 +533,7 @@ def _dq_writer_tile(p, bufs, nb, b, hk, seq_q, seq_k, q_start, gstep, PERSIST: g
     BN: gl.constexpr = KEYS_PER_WG * NWG
     D: gl.constexpr = p.q_desc.block_type.shape[-1]
     DQW: gl.constexpr = D // NWG
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     if n0 < seq_k:
         m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
@@ -696,7 +541,7 @@ def _dq_writer_tile(p, bufs, nb, b, hk, seq_q, seq_k, q_start, gstep, PERSIST: g
         for it in range(p.group * n_m):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             for w in gl.static_range(NWG):
-                mbarrier.wait(bufs.dq_staged.index(w), (gstep + it) & 1)
+                mbarrier.wait(bufs.dq_staged.index(w), it & 1)
                 if p.ORDERED_DQ != 0:
                     _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
                 if p.DQ_SHARED:  # consumer w's share: all the CTA's keys, its D / NWG columns
@@ -710,9 +555,7 @@ def _dq_writer_tile(p, bufs, nb, b, hk, seq_q, seq_k, q_start, gstep, PERSIST: g
             if p.ORDERED_DQ != 0:
                 for w in gl.static_range(NWG):
                     _dq_chain_release(_dq_counter(p, b, h, m0, w))
-        if PERSIST:
-            gstep += p.group * n_m
-    return gstep
+        tma.store_wait(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -791,36 +634,8 @@ def _cta_event(p, WG: gl.constexpr, event: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, PERSIST: gl.constexpr):
-    """The CTA's key block (_consumer_tile), or with PERSIST the persistent grid's tiles as the loader draws them
-    (the Q / dO ring's slot and phase and the CTA's tile count carried from tile to tile)."""
-    if PERSIST:
-        idx = gl.to_tensor(0)
-        phase = gl.to_tensor(0)
-        tcount = gl.to_tensor(0)
-        # Every tile of this grid has steps (batched, no window), so the tiles taken and the tiles walked (tcount)
-        # are the same count: no separate one for the handout's slot (a value fewer live through the steps).
-        t = _take_tile(tiles, tcount)
-        while t < _tile_count(p, _opaque(n_bh)):
-            nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
-            idx, phase, tcount = _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx,
-                                                phase, tcount, t, n_bh, chunk, WG, PERSIST)
-            t = _take_tile(tiles, tcount)
-    else:
-        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-        # One tile: the ring starts at slot 0 (as tensors: they change in the loop), no earlier steps or tiles.
-        _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, gl.to_tensor(0),
-                       gl.to_tensor(0), 0, 0, n_bh, chunk, WG, PERSIST)
-
-
-@gluon.jit
-def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, phase, tcount, t, n_bh, chunk,
-                   WG: gl.constexpr, PERSIST: gl.constexpr):
-    """One key block of the CTA (a tile of the persistent grid); returns the ring's (idx, phase) and the CTA's tile
-    count tcount after it. The barriers used once a step take their parities from the CTA's global step, those used
-    once a tile from tcount (0 without PERSIST; see the loop).
-
-    64 resident keys; per query block (queries as rows, so lse2 and Delta are two values a thread):
+def _consumer(p, bufs, WG: gl.constexpr):
+    """64 resident keys; per query block (queries as rows, so lse2 and Delta are two values a thread):
 
         S = Q·K_wgᵀ, then dP = dO·V_wgᵀ     async wgmma, both operands in shared memory
         P, dS                                registers; both go to shared memory (16-bit) because dV and dK
@@ -865,6 +680,7 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
     TURN0: gl.constexpr = 1 if WG == 0 else 0
     NEXT_WG: gl.constexpr = (WG + 1) % NWG
 
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     kr0 = n0 + WG * N
     if n0 < seq_k:
@@ -880,11 +696,10 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
         dk = gl.zeros([N, D], gl.float32, dk_layout)
         dv = gl.zeros([N, DV], gl.float32, dv_layout)
         _cta_event(p, WG, 0)
-        mbarrier.wait(bufs.kv_ready, tcount & 1)
-        if PERSIST:
-            # V comes on its own barrier, behind K (KvHandback).
-            mbarrier.wait(kv_free.v_ready, tcount & 1)
+        mbarrier.wait(bufs.kv_ready, 0)
         _cta_event(p, WG, 1)
+        idx = 0
+        phase = 0
         if p.SINK_PDP:
             # Σ over this head's steps of exp2(sink2 − lse2_i)·Σ_{j in this warpgroup's keys} P_ij dP_ij, per row.
             sink_rows = gl.zeros([BM], gl.float32, row_s)
@@ -892,10 +707,6 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
         # two nested loops (at 240 registers a thread every scalar counts).
         n_m = m_hi - m_lo
         for it in range(p.group * n_m):
-            # The CTA's global step (its parity is all the once-a-step barriers need): every tile of the persistent
-            # grid has the same step count n (batched, no window), so gstep = tcount·n and its parity is that of
-            # it + (tcount & n), from values live anyway (a carried step count cost ~20 instructions a step).
-            gs = it + (tcount & (p.group * n_m))
             g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             if p.VARLEN:
                 t_base = h * p.stride_th + q_start
@@ -1001,7 +812,7 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
                 # The other warpgroup's dQ product of the previous step read ds[WG]: wait until it completed
                 # (a fresh barrier passes parity 1 at once). Step `it` completes each hand-over barrier's
                 # it-th phase.
-                mbarrier.wait(bufs.ds_free.index(WG), (gs & 1) ^ 1)
+                mbarrier.wait(bufs.ds_free.index(WG), (it & 1) ^ 1)
             # dK += dSᵀ·Q.
             ds_s.store(ds16)
             fence_async_shared()
@@ -1018,7 +829,7 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
                 # dQ[:, WG's columns] = dS_0·K_0[:, cols] + dS_1·K_1[:, cols]: the CTA's whole key block in
                 # one share, so one TMA reduce-add of [BM, D / NWG] per warpgroup and step instead of
                 # [BM, D]: half the fp32 traffic into L2 and half the staging stores.
-                mbarrier.wait(bufs.ds_ready.index(OTHER), gs & 1)
+                mbarrier.wait(bufs.ds_ready.index(OTHER), it & 1)
                 # Opaque buffer indices: LLVM otherwise builds the four 64-bit wgmma descriptors before the loop
                 # and keeps them live through it (spilled at 240 registers a thread).
                 dq = gl.zeros([BM, DQW], gl.float32, dq_layout)
@@ -1037,7 +848,7 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
                 if p.DQ_WRITER:
                     # The writer warp issues the reduce-add (in the chain's order with ORDERED_DQ): hand it the
                     # staged share once it has freed the previous one (a fresh barrier passes parity 1).
-                    mbarrier.wait(bufs.dq_free.index(WG), (gs & 1) ^ 1)
+                    mbarrier.wait(bufs.dq_free.index(WG), (it & 1) ^ 1)
                     _trace_step(p, WG, it, 8)
                     dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
                     fence_async_shared()
@@ -1072,7 +883,7 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
                         _trace_step(p, WG, it, 7)
                         if p.DQ_WRITER:
                             # The writer has read the previous share (a fresh barrier passes parity 1).
-                            mbarrier.wait(bufs.dq_free.index(WG), (gs & 1) ^ 1)
+                            mbarrier.wait(bufs.dq_free.index(WG), (it & 1) ^ 1)
                         else:
                             tma.store_wait(0)
                         _trace_step(p, WG, it, 8)
@@ -1103,12 +914,9 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
             # overwrite its K with dK.
             mbarrier.arrive(bufs.loop_done.index(_opaque(gl.to_tensor(WG))))
         _cta_event(p, WG, 3)
-        # The epilogue's indices are derived again (from a fresh %ctaid read, or the tile index) rather than kept
-        # live through the loop, where they were spilled.
-        if PERSIST:
-            nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
-        else:
-            nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+        # The epilogue's indices are derived again (from a fresh %ctaid read) rather than kept live
+        # through the loop, where they were spilled.
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         kr0 = nb * BN + WG * N
         # This warpgroup's K and V slots stage dV and dK for the TMA stores. V is read only by this warpgroup's
         # own, completed, wgmmas. K, with DQ_SHARED, also by the other warpgroup's dQ products (dS_w·K_w for every
@@ -1117,27 +925,14 @@ def _consumer_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, 
         # ds_free's parity cost 4-14 reloads a step in some builds). Opaque slot index: LLVM otherwise computes
         # this thread's swizzled staging addresses before the loop and keeps them (spilled) through it.
         slot = _opaque(gl.to_tensor(WG))
-        if PERSIST:
-            # dK first: the next tile needs K first (S), so K goes back to the loader (k_free) while dV is staged,
-            # and the next K load overlaps that. (_store_rows waits for each TMA store to have read its slot.)
-            mbarrier.wait(bufs.loop_done.index(_opaque(gl.to_tensor(OTHER))), tcount & 1)
-            _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk,
-                        k_start, kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
-            mbarrier.arrive(kv_free.k_free)
-            _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
-                        p.stride_dvb, p.stride_dvs, p.stride_dvh)
-            mbarrier.arrive(kv_free.v_free)
-            tcount += 1
-        else:
-            _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
-                        p.stride_dvb, p.stride_dvs, p.stride_dvh)
-            if p.DQ_SHARED:
-                mbarrier.wait(bufs.loop_done.index(_opaque(gl.to_tensor(OTHER))), 0)
-            _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk,
-                        k_start, kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
-            tma.store_wait(0)
+        _store_rows(p, p.dv_desc, bufs.v.index(slot), p.dv_ptr, dv.to(dtype), b, hk, k_start, kr0, seq_k, p.dv,
+                    p.stride_dvb, p.stride_dvs, p.stride_dvh)
+        if p.DQ_SHARED:
+            mbarrier.wait(bufs.loop_done.index(_opaque(gl.to_tensor(OTHER))), 0)
+        _store_rows(p, p.dk_desc, bufs.k.index(slot), p.dk_ptr, (dk * p.softmax_scale).to(dtype), b, hk, k_start,
+                    kr0, seq_k, p.d, p.stride_dkb, p.stride_dks, p.stride_dkh)
+        tma.store_wait(0)
         _cta_event(p, WG, 4)
-    return idx, phase, tcount
 
 
 @gluon.jit
@@ -1175,7 +970,7 @@ _RUNTIME_INTS = ["stride_dkb", "stride_dks", "stride_dkh", "stride_dvb",
                  "num_kv_heads", "group", "window_left", "window_right"]
 
 
-@gluon.jit(do_not_specialize=_RUNTIME_INTS + ["n_bh", "chunk"])
+@gluon.jit(do_not_specialize=_RUNTIME_INTS)
 def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr, dv_ptr,
                     lse2_ptr, delta_ptr,
                     sink_ptr, dsink_ptr, dq_ctr,
@@ -1188,13 +983,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                    PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
-    # The persistent grid is built for the shared-dQ tile with its writer warp, batched, without masks' windows,
-    # turns, the sink's partials, the ordered chain or the trace (tile.persistent; default_tile).
-    gl.static_assert(not PERSIST or (DQ_SHARED and DQ_WRITER and not (VARLEN or HAS_WL or HAS_WR or PING_PONG
-                                                                       or SINK_PDP or TRACE or CTA_CHUNKED)
-                                     and ORDERED_DQ == 0), "not built on the persistent grid")
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1245,27 +1034,6 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         dq_staged = ds_ready  # placeholders, never touched
         dq_free = ds_ready
     mbarrier.init(kv_ready, count=1)
-    if PERSIST:
-        # backward_kt's persistent-grid protocol: dK / dV stored from the K / V slots hand them back (k_free,
-        # v_free, one arrival a consumer), V lands on its own barrier; tile indices in a two-slot ring read by the
-        # consumers and the writer warp.
-        k_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        v_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(k_free, count=NWG)
-        mbarrier.init(v_free, count=NWG)
-        mbarrier.init(v_ready, count=1)
-        kv_free = KvHandback(k_free, v_free, v_ready)
-        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        tile_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(tile_ready.index(i), count=1)
-            mbarrier.init(tile_free.index(i), count=NWG + 1)
-        tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        tiles = TileHandout(tile_ids, tile_ready, tile_free)
-    else:
-        kv_free = KvHandback(kv_ready, kv_ready, kv_ready)  # placeholders, never touched
-        tiles = TileHandout(kv_ready, kv_ready, kv_ready)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=NWG)
@@ -1289,32 +1057,24 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
     if DQ_WRITER:
         gl.static_assert(DQ_ATOMIC and NWG >= 2, "the dQ writer serves the in-kernel reduce-add of 2 or 3 consumers")
         gl.static_assert(ORDERED_DQ == 0 or DQ_SHARED, "the ordered chain is built for the shared-dQ tile")
-        # Only the loader differs with PERSIST (Gluon 3.6 keeps no partition function in a variable).
-        if NWG == 2 and PERSIST:
-            gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), PERSIST)),
-                                (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), PERSIST)),
-                                (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk)),
-                                (_dq_writer, (p, bufs, tiles, n_bh, chunk, PERSIST))], [4, 1, 1],
-                               [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
-        elif NWG == 2:
-            gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), PERSIST)),
-                                (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), PERSIST)),
+        if NWG == 2:
+            gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                                (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
-                                (_dq_writer, (p, bufs, tiles, n_bh, chunk, PERSIST))], [4, 1, 1],
-                               [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+                                (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
             gl.warp_specialize([(_loader, (p, bufs)),
-                                (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), PERSIST)),
-                                (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), PERSIST)),
-                                (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(2), PERSIST)),
-                                (_dq_writer, (p, bufs, tiles, n_bh, chunk, PERSIST))], [4, 4, 4, 1],
+                                (_consumer, (p, bufs, gl.constexpr(0))),
+                                (_consumer, (p, bufs, gl.constexpr(1))),
+                                (_consumer, (p, bufs, gl.constexpr(2))),
+                                (_dq_writer, (p, bufs))], [4, 4, 4, 1],
                                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
-        gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), PERSIST)),
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_loader, (p, bufs))], [1], [LOADER_REGS])
     elif NWG == 2:
-        gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), PERSIST)),
-                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), PERSIST)),
+        gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
                             (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         # Three consumers, each a worker with CONSUMER_REGS, and the loader as the 4-warp default partition (ptxas
@@ -1322,10 +1082,10 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
         # remainder (168) and the causal D = 64 build reloads 6 values a step from local memory instead of 4
         # (offline SASS only; this layout is the one measured on the GPU).
         gl.warp_specialize([(_loader, (p, bufs)),
-                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), PERSIST)),
-                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), PERSIST)),
-                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(2), PERSIST))],
-                           [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+                            (_consumer, (p, bufs, gl.constexpr(0))),
+                            (_consumer, (p, bufs, gl.constexpr(1))),
+                            (_consumer, (p, bufs, gl.constexpr(2)))], [4, 4, 4],
+                           [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1475,9 +1235,6 @@ def get_tile(d, dv, **overrides):
             return None
     elif tile.dq_in_q:
         return None  # a D = 256 build only
-    elif tile.persistent and not tile.keys_as_rows and not (tile.shared_dq and tile.dq_writer and tile.num_wg == 2
-                                                            and not (tile.ping_pong or tile.sink_pdp or tile.trace)):
-        return None  # the queries-as-rows kernel's persistent grid: the shared-dQ tile with its writer warp
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
         # consumers, none of the queries-as-rows kernel's variants.
@@ -1527,10 +1284,6 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         # Packed calls stay off the persistent grid: there ptxas reloads 28 values a step instead of 16 (the
         # sequence bounds of each tile beside the tile loop's state), and it was not timed.
         tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen else D128_CAUSAL_TILE
-    elif (tile.shared_dq and tile.dq_writer and SHARED_PERSISTENT and window_left < 0 and window_right < 0
-          and not (deterministic or varlen or sink)):
-        # Batched calls without a window on the shared-dQ tile (D = 128 non-causal): the persistent grid.
-        tile = replace(tile, persistent=True)
     if sink and not deterministic and not tile.separate_dq and builds_sink_partials(tile):
         # The sink gradient from Σ_j P·dP in the main kernel, not from rowsum(dO·O) with the rounded O: the O-based
         # sum's error is the lowp reference's size, so the rule's max over a few heads fails now and then
@@ -1548,9 +1301,6 @@ def builds_sink_partials(tile):
 
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
-# The shared-dQ tile (D = 128) on the persistent grid for batched calls without a window (default_tile; probes flip
-# it for A/B: benchmarks/bwd_flag_ab.py --flag SHARED_PERSISTENT).
-SHARED_PERSISTENT = True
 # ... and for packed causal D = 128 calls too. H100, 2026-11-26 (bwd_flag_ab.py --flag KEYS_AS_ROWS_D128_PACKED
 # --varlen, card 1652824006792, best of 3 rounds, µs shared-dQ -> keys as rows): S = 1024 571 -> 568, 4096 1573 ->
 # 1517, 16384 5254 -> 5083 (+0.5 / +3.6 / +3.3%).
@@ -1758,20 +1508,16 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
                       deterministic or dq_chain is not None or dsink_part is not None)
     constexprs["CTA_CHUNKED"] = chunk > 1 and 2 <= n_kb <= 65535  # gridDim.y holds the key blocks
     grid = (chunk, n_kb, batch * hkv // chunk) if constexprs["CTA_CHUNKED"] else (n_kb, batch * hkv)
-    if not tile.d256:
+    if tile.keys_as_rows:
         args["n_bh"] = batch * hkv
         args["chunk"] = chunk
         constexprs["PERSIST"] = False
         if persistent_tiles(tile):
-            if not tile.keys_as_rows and not (shared and constexprs["DQ_WRITER"] and not varlen and window_left < 0
-                                              and window_right < 0 and dsink_part is None and dq_chain is None):
-                raise ValueError("tile.persistent: the shared-dQ tile's persistent grid serves batched calls without "
-                                 "a window, a sink or deterministic dQ")
             constexprs["PERSIST"] = True
             constexprs["CTA_CHUNKED"] = False
             grid = (min(n_kb * batch * hkv, _sm_count(q.device)), )
             # The tiles are handed out by this counter (ORDERED_DQ, whose counters the slot holds otherwise, is not
-            # built with the persistent grid).
+            # built in the keys-as-rows kernel).
             args["dq_ctr"] = tile_ctr if tile_ctr is not None else dummy_i32
     return grid, args, constexprs
 
@@ -1793,14 +1539,11 @@ KT_PERSISTENT = os.environ.get("FA4_KT_PERSISTENT") == "1"
 
 
 def persistent_tiles(tile):
-    """Whether the tile's main kernel runs on the persistent grid (keys-as-rows tiles, and the shared-dQ tile where
-    default_tile puts it there; not in a trace build). FA4_KT_PERSISTENT=0 keeps every tile off it (a probe switch,
-    read per call)."""
-    if os.environ.get("FA4_KT_PERSISTENT") == "0" or tile.trace or tile.d256:
+    """Whether the tile's main kernel runs on the persistent grid (keys-as-rows tiles; not in a trace build).
+    FA4_KT_PERSISTENT=0 keeps every tile off it (a probe switch, read per call)."""
+    if os.environ.get("FA4_KT_PERSISTENT") == "0":
         return False
-    if tile.keys_as_rows:
-        return tile.persistent or KT_PERSISTENT
-    return tile.persistent
+    return tile.keys_as_rows and (tile.persistent or KT_PERSISTENT) and not tile.trace
 
 
 # cta_chunk: interleave the heads of windowed (causal) calls in chunks (False: one head after another; probes flip

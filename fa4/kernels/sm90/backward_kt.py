@@ -67,9 +67,8 @@ from triton.language.core import _aggregate as aggregate
 from . import configs
 from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, KvHandback, TileHandout, _cta_coords,
-                       _cta_event, _loader, _loader_persistent, _mask_needed, _q_range, _RUNTIME_INTS, _step_block,
-                       _store_rows, _take_tile, _tile_coords, _tile_count, _trace_step,
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
+                       _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
                        async_reduce_add_shared_to_global)
 
 
@@ -403,6 +402,32 @@ def _wait_k_read(p, bufs, s_last, WG: gl.constexpr, DQ_LAG: gl.constexpr):
 
 
 @gluon.jit
+def _tile_count(p, n_bh):
+    """Tiles of the persistent grid: every (key block, batch · kv head)."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    return (p.seqlen_k + BN - 1) // BN * n_bh
+
+
+@gluon.jit
+def _tile_coords(p, t, n_bh, chunk):
+    """(nb, b, hk, seq_q, seq_k, q_start, k_start) of tile t of the persistent grid. Tiles are ordered as the
+    chunked grid orders CTAs (backward._cta_block with CTA_CHUNKED): chunk after chunk of `chunk` consecutive
+    (batch, kv head) pairs, key block after key block within a chunk, the pair fastest, so that causal calls start
+    the long walks (low key blocks) of a chunk's heads first and a chunk's fp32 dQ rows stay in L2."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    n_kb = (p.seqlen_k + BN - 1) // BN
+    per_chunk = n_kb * chunk
+    c = t // per_chunk
+    r = t - c * per_chunk
+    nb = r // chunk
+    bhk = c * chunk + (r - nb * chunk)
+    b = bhk // p.num_kv_heads
+    hk = bhk - b * p.num_kv_heads
+    seq_q, seq_k, q_start, k_start = _sequence(p, b)
+    return nb, b, hk, seq_q, seq_k, q_start, k_start
+
+
+@gluon.jit
 def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.constexpr,
               DQ_LAG: gl.constexpr, POLY: gl.constexpr, PERSIST: gl.constexpr):
     if PERSIST:
@@ -426,6 +451,110 @@ def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: 
         # One tile: the ring starts at slot 0 (as tensors: they change in the loop), no earlier steps or tiles.
         _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, gl.to_tensor(0), gl.to_tensor(0), 0, 0,
                  0, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY, PERSIST)
+
+
+@aggregate
+class TileHandout:
+    """The persistent grid's tile indices, drawn by the loader from a global counter and handed to the consumers
+    through a two-slot ring in shared memory (ready: 1 arrival, the loader's; free: one a consumer)."""
+    ids: gl.shared_memory_descriptor    # [2, 1] int32
+    ready: gl.shared_memory_descriptor  # [2, 1] mbarriers
+    free: gl.shared_memory_descriptor   # [2, 1] mbarriers
+
+    @gluon.constexpr_function
+    def __init__(self, ids, ready, free):
+        self.ids = ids
+        self.ready = ready
+        self.free = free
+
+
+@gluon.jit
+def _draw_tile(p, tiles, fcount):
+    """Loader: the CTA's fcount-th tile from the global counter (dq_ctr), published in slot fcount % 2 once the
+    consumers have read that slot's previous index (a fresh barrier passes parity 1). Dynamic, not strided: causal
+    tiles differ in length, and a static round-robin left SMs idle behind long walks (benchmarks/NOTES.md)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    slot = fcount % 2
+    mbarrier.wait(tiles.free.index(slot), ((fcount // 2) & 1) ^ 1)
+    t = gl.atomic_add(p.dq_ctr + gl.zeros([1], gl.int32, layout), gl.full([1], 1, gl.int32, layout))
+    tiles.ids.index(slot).store(t)
+    mbarrier.arrive(tiles.ready.index(slot))
+    return gl.max(t, axis=0)
+
+
+@gluon.jit
+def _take_tile(tiles, fcount):
+    """Consumer: the CTA's fcount-th tile index, read from its slot, which is then handed back."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    slot = fcount % 2
+    mbarrier.wait(tiles.ready.index(slot), (fcount // 2) & 1)
+    t = gl.max(tiles.ids.index(slot).load(layout), axis=0)
+    mbarrier.arrive(tiles.free.index(slot))
+    return t
+
+
+@gluon.jit
+def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
+    """backward._loader over the persistent grid's tiles (see _consumer). Each tile's first Q / dO blocks (up to the
+    ring's depth) are requested before its K and V, whose slots the consumers free (kv_free) only after storing the
+    previous tile's dK and dV there: the first blocks arrive while they do."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    n_tiles = _tile_count(p, n_bh)
+    idx = gl.to_tensor(0)
+    phase = gl.to_tensor(0)
+    tcount = gl.to_tensor(0)
+    fcount = gl.to_tensor(0)
+    t = _draw_tile(p, tiles, fcount)
+    while t < n_tiles:
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
+        n0 = nb * BN
+        if n0 < seq_k:
+            m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+            n_m = m_hi - m_lo
+            n_steps = p.group * n_m
+            ahead = gl.minimum(n_steps, p.STAGES)
+            for it in range(n_steps):
+                if it == ahead:
+                    _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
+                idx, phase = _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start)
+            if ahead == n_steps:
+                _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
+            tcount += 1
+        fcount += 1
+        t = _draw_tile(p, tiles, fcount)
+
+
+@aggregate
+class KvHandback:
+    """The persistent grid's K / V hand-back: k_free, v_free (one arrival a consumer: its dK, dV staged there and
+    stored) and v_ready (the loader's V, behind K on kv_ready)."""
+    k_free: gl.shared_memory_descriptor
+    v_free: gl.shared_memory_descriptor
+    v_ready: gl.shared_memory_descriptor
+
+    @gluon.constexpr_function
+    def __init__(self, k_free, v_free, v_ready):
+        self.k_free = k_free
+        self.v_free = v_free
+        self.v_ready = v_ready
+
+
+@gluon.jit
+def _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0):
+    """K, then V, of a tile (one 64-key box per consumer), each once the consumers freed its slots (tcount: the
+    tiles loaded before; a fresh barrier passes parity 1)."""
+    NWG: gl.constexpr = p.NWG
+    mbarrier.wait(kv_free.k_free, (tcount & 1) ^ 1)
+    mbarrier.expect(bufs.kv_ready, NWG * p.k_desc.block_type.nbytes)
+    for w in gl.static_range(NWG):
+        tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
+                                        bufs.kv_ready, bufs.k.index(w))
+    mbarrier.wait(kv_free.v_free, (tcount & 1) ^ 1)
+    mbarrier.expect(kv_free.v_ready, NWG * p.v_desc.block_type.nbytes)
+    for w in gl.static_range(NWG):
+        tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, n0 + w * KEYS_PER_WG),
+                                        kv_free.v_ready, bufs.v.index(w))
+
 
 
 # ---------------------------------------------------------------------------------------------------------
