@@ -268,45 +268,6 @@ def test_varlen_o_halves(case):
     _run(q, k, v, causal=case[6], window=case[7], varlen=varlen, variant=dict(O_HALVES=True))
 
 
-# WIDE (probe variant): 192-key blocks held as 128 + 64 (attention_fwd._wide_walk). Key lengths that end inside
-# either piece of the last block, in the first key of a piece, and on a block edge; Sq != Sk; GQA with and without
-# PACK; softcap with a sink; packed sequences (non-causal only: WIDE has no window).
-WIDE_CASES = [  # (b, sq, sk, hq, hkv, softcap, sink, pack)
-    (2, 1000, 1000, 8, 8, 0.0, False, None),     # 1000 = 5·192 + 40: the last block's first piece, partly
-    (1, 777, 1543, 8, 2, 0.0, False, None),      # 1543 = 8·192 + 7; GQA, packing decided per call
-    (2, 513, 1089, 8, 2, 0.0, False, 1),         # 1089 = 5·192 + 129: one key into the second piece
-    (1, 384, 384, 4, 4, 20.0, True, None),       # two whole blocks; softcap and a sink
-    (1, 1, 3001, 8, 1, 0.0, False, None),        # one query row, MQA
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", WIDE_CASES, ids=[f"wide{i}" for i in range(len(WIDE_CASES))])
-def test_wide_blocks(case, dtype):
-    b, sq, sk, hq, hkv, softcap, sink, pack = case
-    torch.manual_seed(case_seed(case, str(dtype)))
-    q = torch.randn(b, sq, hq, 128, device=DEV, dtype=dtype)
-    k = torch.randn(b, sk, hkv, 128, device=DEV, dtype=dtype)
-    v = torch.randn(b, sk, hkv, 128, device=DEV, dtype=dtype)
-    s = torch.randn(hq, device=DEV) if sink else None
-    variant = dict(WIDE=True) if pack is None else dict(WIDE=True, PACK=pack)
-    _run(q, k, v, softcap=softcap, sink=s, variant=variant)
-
-
-def test_wide_blocks_varlen():
-    torch.manual_seed(11)
-    lens = [1000, 1, 385, 192, 777]
-    q, k, v, varlen = make_inputs(None, None, None, 8, 2, 128, 128, torch.bfloat16, DEV, varlen_lens=(lens, lens))
-    _run(q, k, v, varlen=varlen, variant=dict(WIDE=True))
-
-
-def test_wide_declines_windows():
-    from fa4.kernels import sm90
-    q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="WIDE"):
-        sm90.forward(q, q, q, softmax_scale=0.1, window_left=-1, window_right=0, variant=dict(WIDE=True))
-
-
 def test_strided_inputs():
     """q, k, v as views of one packed qkv tensor (non-contiguous heads): descriptors take the strides."""
     torch.manual_seed(0)

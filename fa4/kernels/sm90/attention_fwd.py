@@ -41,7 +41,7 @@ from triton.language.core import _aggregate as aggregate
 from fa4.kernels.direct_launch import current_device
 
 from . import configs, launch
-from .softmax import online_softmax, online_softmax2, rescale_o, tanh_approx
+from .softmax import online_softmax, rescale_o, tanh_approx
 
 LOG2E = 1.4426950408889634
 LN2 = gl.constexpr(0.6931471805599453)
@@ -56,8 +56,6 @@ class Problem:
     q_desc: tma.tensor_descriptor
     k_desc: tma.tensor_descriptor
     v_desc: tma.tensor_descriptor
-    kb_desc: tma.tensor_descriptor   # WIDE: the last 64 keys of a block (64-row boxes); else k_desc
-    vb_desc: tma.tensor_descriptor
     o_desc: tma.tensor_descriptor
     o_ptr: gl.tensor
     lse_ptr: gl.tensor
@@ -105,19 +103,16 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
-    WIDE: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, q_desc, k_desc, v_desc, kb_desc, vb_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
+    def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, WIDE):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
-        self.kb_desc = kb_desc
-        self.vb_desc = vb_desc
         self.o_desc = o_desc
         self.o_ptr = o_ptr
         self.lse_ptr = lse_ptr
@@ -165,7 +160,6 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
-        self.WIDE = gl.constexpr(WIDE)
 
 
 @aggregate
@@ -174,8 +168,6 @@ class Buffers:
     q: gl.shared_memory_descriptor        # [QBUF * NWG, *q block]: buffer b of warpgroup w at b * NWG + w
     k: gl.shared_memory_descriptor        # [STAGES, *k block]
     v: gl.shared_memory_descriptor        # [STAGES, *v block]
-    kb: gl.shared_memory_descriptor       # [STAGES, *kb block] (WIDE: a block's last 64 keys; else k)
-    vb: gl.shared_memory_descriptor
     o: gl.shared_memory_descriptor        # [NWG, *o block] (Q's buffer when O_ALIAS)
     q_ready: gl.shared_memory_descriptor  # [QBUF, 1]
     q_empty: gl.shared_memory_descriptor
@@ -186,12 +178,10 @@ class Buffers:
     turn: gl.shared_memory_descriptor     # [NWG, 1]
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, kb, vb, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn):
+    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn):
         self.q = q
         self.k = k
         self.v = v
-        self.kb = kb
-        self.vb = vb
         self.o = o
         self.q_ready = q_ready
         self.q_empty = q_empty
@@ -477,32 +467,13 @@ def _loader(p, bufs):
             for it in range(n_hi - n_lo):
                 key = _block(p, it, rot, n_lo, n_hi, sub) * p.BN
                 mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
-                if p.WIDE:
-                    # The block's first 128 keys and its last 64 in two boxes, on one barrier.
-                    KA: gl.constexpr = p.k_desc.block_type.shape[-3]
-                    mbarrier.expect(bufs.k_ready.index(kv_idx),
-                                    p.k_desc.block_type.nbytes + p.kb_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
-                                                    bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
-                    tma.async_copy_global_to_shared(p.kb_desc, _kv_coord(p, b, hk, k_start, key + KA),
-                                                    bufs.k_ready.index(kv_idx), bufs.kb.index(kv_idx))
-                else:
-                    mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
-                                                    bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
+                mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
+                                                bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
                 mbarrier.wait(bufs.v_empty.index(kv_idx), kv_phase ^ 1)
-                if p.WIDE:
-                    KA2: gl.constexpr = p.v_desc.block_type.shape[-3]
-                    mbarrier.expect(bufs.v_ready.index(kv_idx),
-                                    p.v_desc.block_type.nbytes + p.vb_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
-                                                    bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
-                    tma.async_copy_global_to_shared(p.vb_desc, _kv_coord(p, b, hk, k_start, key + KA2),
-                                                    bufs.v_ready.index(kv_idx), bufs.vb.index(kv_idx))
-                else:
-                    mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
-                                                    bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
+                mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
+                                                bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
                 kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
         t += _num_ctas()  # re-read, not kept live (see _num_ctas)
 
@@ -626,95 +597,6 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
 
 
 @gluon.jit
-def _scores_piece(p, s, key0, seq_k, MASK: gl.constexpr):
-    """WIDE: softcap, then (MASK, the walk's first block) -inf past the sequence end for a score tile whose
-    first key is key0. WIDE calls have no window, so the sequence end is the only bound."""
-    if p.SOFTCAP:
-        s = tanh_approx(s * p.cap_scale)
-    if MASK:
-        W: gl.constexpr = s.type.shape[1]
-        if key0 + W > seq_k:
-            cols = gl.expand_dims(gl.arange(0, W, gl.SliceLayout(0, s.type.layout)), 0)
-            s = gl.where(cols <= seq_k - 1 - key0, s, float("-inf"))
-    return s
-
-
-@gluon.jit
-def _wide_walk(p, bufs, q_s, sub, rot, n_lo, n_hi, seq_k, qb, kv_count, m_i, l_i, acc, WG: gl.constexpr):
-    """WIDE: a tile's key walk over blocks of 192 keys, each held as two power-of-two pieces (Gluon tensors are
-    powers of two): S_a = Q·K_aᵀ over the first 128 keys and S_b = Q·K_bᵀ over the last 64, one online softmax
-    over both, O += P_a·V_a + P_b·V_b. The structure of the default walk (the previous block's P·V issued with
-    this block's S, the softmax under it), with a third fewer steps a key: the per-step costs (row max and sum
-    shuffles, O *= alpha, barrier waits and arrivals) spread over 192 keys instead of 128."""
-    BN: gl.constexpr = p.BN
-    KA: gl.constexpr = p.k_desc.block_type.shape[-3]
-    KB: gl.constexpr = p.kb_desc.block_type.shape[-3]
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DV: gl.constexpr = p.v_desc.block_type.shape[-1]
-    M: gl.constexpr = ROWS_PER_WG
-    dtype: gl.constexpr = p.q_desc.dtype
-    sa_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, KA, 16])
-    sb_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, KB, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-    EARLY_Q: gl.constexpr = p.TAIL and not p.O_ALIAS
-    # First block of the walk (the sequence end: masked): S only; its P·V goes out with the next block's S.
-    j = _opaque(_block(p, 0, rot, n_lo, n_hi, sub))
-    kv_idx, kv_phase = _slot(kv_count, p.STAGES)
-    mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
-    s_a = warpgroup_mma(q_s, bufs.k.index(kv_idx).reshape([KA, D]).permute((1, 0)),
-                        gl.zeros([M, KA], gl.float32, sa_layout), use_acc=False, is_async=True)
-    s_b = warpgroup_mma(q_s, bufs.kb.index(kv_idx).reshape([KB, D]).permute((1, 0)),
-                        gl.zeros([M, KB], gl.float32, sb_layout), use_acc=False, is_async=True)
-    s_a, s_b = warpgroup_mma_wait(0, deps=(s_a, s_b))
-    mbarrier.arrive(bufs.k_empty.index(kv_idx))
-    if EARLY_Q:
-        if n_hi - n_lo == 1:
-            mbarrier.arrive(bufs.q_empty.index(qb))
-    s_a = _scores_piece(p, s_a, j * BN, seq_k, True)
-    s_b = _scores_piece(p, s_b, j * BN + KA, seq_k, True)
-    m_i, l_i, p_a, p_b, alpha = online_softmax2(s_a, s_b, m_i, l_i, p.qk_scale)
-    pv_a = gl.convert_layout(p_a.to(dtype), p_layout)
-    pv_b = gl.convert_layout(p_b.to(dtype), p_layout)
-    kv_count += 1
-    for it in range(1, n_hi - n_lo):
-        jj = _block(p, it, rot, n_lo, n_hi, sub)
-        kv_idx, kv_phase = _slot(kv_count, p.STAGES)
-        v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
-        mbarrier.wait(bufs.k_ready.index(kv_idx), kv_phase)
-        s_a = warpgroup_mma(q_s, bufs.k.index(kv_idx).reshape([KA, D]).permute((1, 0)),
-                            gl.zeros([M, KA], gl.float32, sa_layout), use_acc=False, is_async=True)
-        s_b = warpgroup_mma(q_s, bufs.kb.index(kv_idx).reshape([KB, D]).permute((1, 0)),
-                            gl.zeros([M, KB], gl.float32, sb_layout), use_acc=False, is_async=True)
-        mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
-        acc = warpgroup_mma(pv_a, bufs.v.index(v_idx).reshape([KA, DV]), acc, is_async=True)
-        acc = warpgroup_mma(pv_b, bufs.vb.index(v_idx).reshape([KB, DV]), acc, is_async=True)
-        # S_a and S_b are ready once at most the two P·V groups are outstanding.
-        s_a, s_b = warpgroup_mma_wait(2, deps=(s_a, s_b))
-        mbarrier.arrive(bufs.k_empty.index(kv_idx))
-        if EARLY_Q:
-            if it == n_hi - n_lo - 1:
-                mbarrier.arrive(bufs.q_empty.index(qb))
-        s_a = _scores_piece(p, s_a, jj * BN, seq_k, False)
-        s_b = _scores_piece(p, s_b, jj * BN + KA, seq_k, False)
-        m_i, l_i, p_a, p_b, alpha = online_softmax2(s_a, s_b, m_i, l_i, p.qk_scale)
-        acc, pv_a, pv_b = warpgroup_mma_wait(0, deps=(acc, pv_a, pv_b))
-        mbarrier.arrive(bufs.v_empty.index(v_idx))
-        acc = rescale_o(acc, alpha)
-        pv_a = gl.convert_layout(p_a.to(dtype), p_layout)
-        pv_b = gl.convert_layout(p_b.to(dtype), p_layout)
-        kv_count += 1
-    v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
-    mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
-    acc = warpgroup_mma(pv_a, bufs.v.index(v_idx).reshape([KA, DV]), acc, is_async=True)
-    acc = warpgroup_mma(pv_b, bufs.vb.index(v_idx).reshape([KB, DV]), acc, is_async=True)
-    acc, pv_a, pv_b = warpgroup_mma_wait(0, deps=(acc, pv_a, pv_b))
-    mbarrier.arrive(bufs.v_empty.index(v_idx))
-    return kv_count, m_i, l_i, acc
-
-
-@gluon.jit
 def _consumer(p, bufs, WG: gl.constexpr):
     BN: gl.constexpr = p.BN
     NWG: gl.constexpr = p.NWG
@@ -723,10 +605,8 @@ def _consumer(p, bufs, WG: gl.constexpr):
     DV: gl.constexpr = p.v_desc.block_type.shape[-1]
     M: gl.constexpr = ROWS_PER_WG
     dtype: gl.constexpr = p.q_desc.dtype
-    # A score tile's width: BN, or with WIDE the first piece's (the row statistics live in its row layout).
-    SN: gl.constexpr = p.k_desc.block_type.shape[-3]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, SN, 16])
+                                                       instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DV, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -766,16 +646,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             m_i = gl.full([M], float("-inf"), gl.float32, row_s)
             l_i = gl.zeros([M], gl.float32, row_s)
             acc = gl.zeros([M, DV], gl.float32, o_layout)
-            if p.WIDE:
-                if n_hi > n_lo:
-                    kv_count, m_i, l_i, acc = _wide_walk(p, bufs, q_s, sub, rot, n_lo, n_hi, seq_k, qb, kv_count,
-                                                         m_i, l_i, acc, WG)
-                    if LATE_Q:
-                        mbarrier.arrive(bufs.q_empty.index(qb))
-                else:
-                    if not p.O_ALIAS:
-                        mbarrier.arrive(bufs.q_empty.index(qb))
-            elif n_hi > n_lo:
+            if n_hi > n_lo:
                 # First key block of the walk: S only; its P·V goes out with the next block's QKᵀ.
                 # Opaque: without a window this block index, hence its whole sequence-end mask, is the
                 # same every tile, and LLVM hoisted the mask out of the tile loop as bit masks kept in
@@ -940,7 +811,7 @@ _RUNTIME_INTS = ["stride_ot", "stride_oh", "dv", "seqlen_q", "seqlen_k", "num_he
 
 
 @gluon.jit(do_not_specialize=_RUNTIME_INTS)
-def attn_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
+def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                     stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units,
                     units_per_head, lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles,
                     BN: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
@@ -949,22 +820,11 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_desc, o_ptr, lse
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr, WIDE: gl.constexpr = False):
-    # WIDE (192-key blocks as 128 + 64): built for calls without a window, ping-pong, PACK-free, untraced, with the
-    # plain exp2 and the exact max, O staged in Q's single buffer.
-    gl.static_assert(not WIDE or not (HAS_WL or HAS_WR or PINGPONG or LAZY or POLY > 0 or TRACE or STAGGER
-                                      or O_HALVES or MASK2D or NWG != 2 or QBUF != 1 or not O_ALIAS),
-                     "not built with WIDE")
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if WIDE:
-        kb_smem = gl.allocate_shared_memory(dtype, [STAGES] + kb_desc.block_type.shape, kb_desc.layout)
-        vb_smem = gl.allocate_shared_memory(dtype, [STAGES] + vb_desc.block_type.shape, vb_desc.layout)
-    else:
-        kb_smem = k_smem  # placeholders, never touched
-        vb_smem = v_smem
     if O_ALIAS:
         o_smem = q_smem
     else:
@@ -987,15 +847,15 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_desc, o_ptr, lse
     for w in gl.static_range(NWG):
         mbarrier.init(turn.index(w), count=1)
 
-    p = Problem(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
+    p = Problem(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                 gl.to_tensor(stride_ot), gl.to_tensor(stride_oh), gl.to_tensor(dv), gl.to_tensor(seqlen_q),
                 gl.to_tensor(seqlen_k), gl.to_tensor(num_heads), gl.to_tensor(group), gl.to_tensor(num_m),
                 gl.to_tensor(num_units), gl.to_tensor(units_per_head), gl.to_tensor(lse_len), gl.to_tensor(qk_scale),
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, WIDE)
-    bufs = Buffers(q_smem, k_smem, v_smem, kb_smem, vb_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
+                CONVERGE, O_HALVES, PACK)
+    bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_consumer, (p, bufs, gl.constexpr(1))),
@@ -1021,9 +881,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, WIDE=False)
-# WIDE (probe variant): key blocks of block_n + WIDE_EXTRA keys, held as two power-of-two pieces (_wide_walk).
-WIDE_EXTRA = 64
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1116,19 +974,9 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         grid = max(1, min(num_units, num_ctas))
         trace_tiles = triton.cdiv(num_units, grid) * (2 if sched == SCHED_PAIRED.value else 1)
         trace = torch.zeros(grid, TRACE_HDR + TRACE_EV * trace_tiles, dtype=torch.int64, device=q.device)
-    wide = bool(variant["WIDE"])
-    if wide and not ((d, dv) == (128, 128) and not windowed and cfg.num_wg == 2 and not cfg.pingpong
-                     and not variant["O_HALVES"] and not variant["STAGGER"] and not variant["TRACE"]
-                     and not variant["LAZY"] and not variant["POLY"] and not variant["MASK2D"]):
-        raise ValueError("WIDE: 192-key blocks are built for (128, 128) calls without a window, on two consumers "
-                         "without ping-pong, LAZY, POLY, STAGGER, O_HALVES, MASK2D or TRACE")
-    k_desc, v_desc = _descriptor(k, cfg.block_n, varlen), _descriptor(v, cfg.block_n, varlen)
-    kb_desc, vb_desc = k_desc, v_desc
-    if wide:
-        kb_desc, vb_desc = _descriptor(k, WIDE_EXTRA, varlen), _descriptor(v, WIDE_EXTRA, varlen)
     args = dict(
-        q_desc=_descriptor(q, WG_ROWS // pack, varlen, heads=pack), k_desc=k_desc, v_desc=v_desc,
-        kb_desc=kb_desc, vb_desc=vb_desc,
+        q_desc=_descriptor(q, WG_ROWS // pack, varlen, heads=pack), k_desc=_descriptor(k, cfg.block_n, varlen),
+        v_desc=_descriptor(v, cfg.block_n, varlen),
         o_desc=_descriptor(out, WG_ROWS // pack, varlen, cols=dv // 2 if variant["O_HALVES"] else None,
                            heads=pack),
         o_ptr=out, lse_ptr=lse, sink_ptr=sink if sink is not None else lse,
@@ -1150,10 +998,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
-        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack, WIDE=wide)
-    if wide:
-        # 192 keys a block; two K/V stages of 48 KiB each, Q single-buffered with O staged in it: 224 KiB.
-        constexprs.update(BN=cfg.block_n + WIDE_EXTRA, STAGES=2, QBUF=1, O_ALIAS=True)
+        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack)
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
     converge = variant["CONVERGE"]

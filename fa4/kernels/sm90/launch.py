@@ -54,8 +54,7 @@ class Plan:
     __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata")
 
     # The forward's parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
-    FWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("kb_desc", "k"), ("vb_desc", "v"),
-                 ("o_desc", "out"))
+    FWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
     FWD_TENSORS = (("o_ptr", "out"), ("lse_ptr", "lse"), ("sink_ptr", "sink"), ("cu_q", "cu_q"),
                    ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"))
 

@@ -123,21 +123,3 @@ def rescale_o(acc, alpha):
     """O *= alpha row-wise (the S and O accumulators give each thread the same rows: no data movement)."""
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
     return acc * gl.expand_dims(alpha_o, 1)
-
-
-@gluon.jit
-def online_softmax2(s_a, s_b, m_i, l_i, qk_scale):
-    """online_softmax over a key block held as two score tiles (the WIDE forward's 128 + 64 keys, two power-of-two
-    accumulators): one row max and one row sum over both; returns (m, l, P_a, P_b, alpha), P in fp32. No LAZY or
-    POLY (the WIDE build does not take them). Both tiles give each thread the same rows (NVMMA layouts of one
-    warp arrangement), so moving the row statistics between their slice layouts moves no data."""
-    row_a: gl.constexpr = gl.SliceLayout(1, s_a.type.layout)
-    row_b: gl.constexpr = gl.SliceLayout(1, s_b.type.layout)
-    m_blk = gl.maximum(gl.max(s_a, axis=1), gl.convert_layout(gl.max(s_b, axis=1), row_a)) * qk_scale
-    m_new = gl.maximum(m_i, m_blk)
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_safe))
-    p_a = gl.exp2(s_a * qk_scale - gl.expand_dims(m_safe, 1))
-    p_b = gl.exp2(s_b * qk_scale - gl.expand_dims(gl.convert_layout(m_safe, row_b), 1))
-    l_i = l_i * alpha + gl.sum(p_a, axis=1) + gl.convert_layout(gl.sum(p_b, axis=1), row_a)
-    return m_new, l_i, p_a, p_b, alpha
