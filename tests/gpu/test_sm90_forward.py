@@ -101,8 +101,6 @@ VARIANTS = [
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
-    # Session 18: the row sums as P·1 on the tensor core (ROWSUM), alone and with ping-pong and softcap paths.
-    dict(ROWSUM=True), dict(ROWSUM=True, PINGPONG=True), dict(ROWSUM=True, POLY=1),
 ]
 
 
@@ -268,23 +266,6 @@ def test_varlen_o_halves(case):
     torch.manual_seed(7 + len(case[0]))
     q, k, v, varlen = _varlen_inputs(case, torch.bfloat16)
     _run(q, k, v, causal=case[6], window=case[7], varlen=varlen, variant=dict(O_HALVES=True))
-
-
-@pytest.mark.parametrize("case", [(128, False, 0.0, False), (64, True, 0.0, True), (256, True, 20.0, True),
-                                  (128, True, 0.0, False)], ids=["d128", "d64-causal-sink", "d256-softcap-sink",
-                                                                 "d128-causal"])
-def test_rowsum_mma(case):
-    """ROWSUM on the feature paths (sink, softcap, causal masks, GQA) and a packed batch."""
-    d, causal, softcap, sink = case
-    torch.manual_seed(d + int(causal))
-    q = torch.randn(2, 1100, 8, d, dtype=torch.float16, device=DEV)
-    k = torch.randn(2, 1300, 2, d, dtype=torch.float16, device=DEV)
-    v = torch.randn(2, 1300, 2, d, dtype=torch.float16, device=DEV)
-    s = torch.randn(8, device=DEV) if sink else None
-    _run(q, k, v, causal=causal, softcap=softcap, sink=s, variant=dict(ROWSUM=True))
-    lens = [1000, 1, 385, 129]
-    q, k, v, varlen = make_inputs(None, None, None, 4, 2, d, d, torch.bfloat16, DEV, varlen_lens=(lens, lens))
-    _run(q, k, v, causal=causal, varlen=varlen, variant=dict(ROWSUM=True))
 
 
 def test_strided_inputs():

@@ -47,7 +47,6 @@ LOG2E = 1.4426950408889634
 LN2 = gl.constexpr(0.6931471805599453)
 LOG2E_C = gl.constexpr(LOG2E)
 WG_ROWS = 64  # one m64 wgmma slab per consumer warpgroup
-ROWSUM_N = gl.constexpr(16)  # ROWSUM: the width of the P·1 product (its columns all hold the row sums)
 ROWS_PER_WG = gl.constexpr(WG_ROWS)
 
 
@@ -104,14 +103,13 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
-    ROWSUM: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, ROWSUM):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -162,7 +160,6 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
-        self.ROWSUM = gl.constexpr(ROWSUM)
 
 
 @aggregate
@@ -179,10 +176,9 @@ class Buffers:
     v_ready: gl.shared_memory_descriptor
     v_empty: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor     # [NWG, 1]
-    ones: gl.shared_memory_descriptor     # [NWG, BN, 8] of 1 (ROWSUM): the B operand of each consumer's P·1
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, ones):
+    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn):
         self.q = q
         self.k = k
         self.v = v
@@ -194,7 +190,6 @@ class Buffers:
         self.v_ready = v_ready
         self.v_empty = v_empty
         self.turn = turn
-        self.ones = ones
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -583,26 +578,18 @@ def _key_step(p, bufs, q_s, it, sub, rot, n_lo, n_hi, rows, m0, seq_q, seq_k, qb
     s = warpgroup_mma(q_s, k_t, gl.zeros([M, BN], gl.float32, s_layout), use_acc=False, is_async=True)
     mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
     acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
-    if p.ROWSUM:
-        # The row sums as P·1 (an m64n8 product) beside P·V: l holds them, rescaled with O.
-        l_i = warpgroup_mma(gl.convert_layout(pv, gl.DotOperandLayout(0, l_i.type.layout, 2)), bufs.ones.index(WG),
-                            l_i, is_async=True)
     if p.PINGPONG:
         mbarrier.arrive(bufs.turn.index(NEXT_WG))
         turn += 1
-    # S_j is ready once at most the P·V group (and P·1) is outstanding.
-    s = warpgroup_mma_wait(2 if p.ROWSUM else 1, deps=(s, ))
+    # S_j is ready once at most one group (P·V) is outstanding.
+    s = warpgroup_mma_wait(1, deps=(s, ))
     mbarrier.arrive(bufs.k_empty.index(kv_idx))
     if EARLY_Q:
         if it == n_hi - n_lo - 1:
             mbarrier.arrive(bufs.q_empty.index(qb))
     s = _scores(p, s, jj, rows, m0, seq_q, seq_k, MASK)
-    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype, p.ROWSUM)
-    if p.ROWSUM:
-        acc, pv, l_i = warpgroup_mma_wait(0, deps=(acc, pv, l_i))
-        l_i = rescale_o(l_i, alpha)
-    else:
-        acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
+    m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
+    acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
     mbarrier.arrive(bufs.v_empty.index(v_idx))
     acc = rescale_o(acc, alpha)
     pv = gl.convert_layout(pr.to(dtype), p_layout)
@@ -624,8 +611,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
                                                        instr_shape=[16, DV, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    # ROWSUM: the row sums accumulate as P·1 in an m64n8 accumulator.
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWSUM_N, 16])
     # TAIL: hand Q back right after the tile's last QKᵀ has completed (not after that block's softmax), so
     # the loader's next Q load starts one softmax earlier. With O staged in Q's buffer Q is released by
     # the epilogue instead.
@@ -633,11 +618,6 @@ def _consumer(p, bufs, WG: gl.constexpr):
     LATE_Q: gl.constexpr = not p.TAIL and not p.O_ALIAS
 
     pid = _cta_id()
-    if p.ROWSUM:
-        # This warpgroup's B operand of P·1, written once (generic stores, then the proxy fence for wgmma).
-        ones_layout: gl.constexpr = gl.BlockedLayout([1, ROWSUM_N], [32, 1], [4, 1], [1, 0])
-        bufs.ones.index(WG).store(gl.full([BN, ROWSUM_N], 1.0, dtype, ones_layout))
-        fence_async_shared()
     kv_count = 0  # K/V blocks taken from the ring so far
     turn = 0
     tcount = 0
@@ -664,10 +644,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
             tcount += 1
             q_s = bufs.q.index(qb * NWG + WG).reshape([M, D])
             m_i = gl.full([M], float("-inf"), gl.float32, row_s)
-            if p.ROWSUM:
-                l_i = gl.zeros([M, ROWSUM_N], gl.float32, l_layout)
-            else:
-                l_i = gl.zeros([M], gl.float32, row_s)
+            l_i = gl.zeros([M], gl.float32, row_s)
             acc = gl.zeros([M, DV], gl.float32, o_layout)
             if n_hi > n_lo:
                 # First key block of the walk: S only; its P·V goes out with the next block's QKᵀ.
@@ -687,7 +664,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         mbarrier.arrive(bufs.q_empty.index(qb))
                 _trace_tile(p, pid, tcount - 1, 2, WG)
                 s = _scores(p, s, j, rows, m0, seq_q, seq_k, True)
-                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype, p.ROWSUM)
+                m_i, l_i, pr, alpha = online_softmax(s, m_i, l_i, p.qk_scale, p.LAZY, p.POLY, dtype)
                 pv = gl.convert_layout(pr.to(dtype), p_layout)
                 kv_count += 1
                 n_steps = n_hi - n_lo
@@ -700,23 +677,13 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 v_idx, v_phase = _slot(kv_count - 1, p.STAGES)
                 mbarrier.wait(bufs.v_ready.index(v_idx), v_phase)
                 acc = warpgroup_mma(pv, bufs.v.index(v_idx).reshape([BN, DV]), acc, is_async=True)
-                if p.ROWSUM:
-                    l_i = warpgroup_mma(gl.convert_layout(pv, gl.DotOperandLayout(0, l_i.type.layout, 2)),
-                                        bufs.ones.index(WG), l_i, is_async=True)
-                    acc, pv, l_i = warpgroup_mma_wait(0, deps=(acc, pv, l_i))
-                else:
-                    acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
+                acc, pv = warpgroup_mma_wait(0, deps=(acc, pv))
                 mbarrier.arrive(bufs.v_empty.index(v_idx))
             else:
                 if not p.O_ALIAS:
                     mbarrier.arrive(bufs.q_empty.index(qb))
             _trace_tile(p, pid, tcount - 1, 3, WG)
-            if p.ROWSUM:
-                # Every column of P·1 holds the row's sum.
-                l_fin = gl.convert_layout(gl.max(l_i, axis=1), row_s)
-            else:
-                l_fin = l_i
-            _epilogue(p, bufs, acc, m_i, l_fin, b, _kv_and_q_head(p, h)[1], row0, rows, seq_q, q_start, qb, WG)
+            _epilogue(p, bufs, acc, m_i, l_i, b, _kv_and_q_head(p, h)[1], row0, rows, seq_q, q_start, qb, WG)
             if p.TRACE:
                 if WG == 0:
                     if tcount - 1 < p.trace_tiles:
@@ -853,9 +820,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr,
-                    ROWSUM: gl.constexpr = False):
-    gl.static_assert(not (ROWSUM and LAZY), "ROWSUM sums the rounded P, as LAZY does itself")
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -871,11 +836,6 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-    if ROWSUM:
-        ones = gl.allocate_shared_memory(dtype, [NWG, BN, ROWSUM_N],
-                                         gl.NVMMASharedLayout.get_default_for([BN, ROWSUM_N], dtype))
-    else:
-        ones = turn  # a placeholder, never touched
     for qb in gl.static_range(QBUF):
         mbarrier.init(q_ready.index(qb), count=1)
         mbarrier.init(q_empty.index(qb), count=NWG)
@@ -894,8 +854,8 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, ROWSUM)
-    bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, ones)
+                CONVERGE, O_HALVES, PACK)
+    bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_consumer, (p, bufs, gl.constexpr(1))),
@@ -921,7 +881,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, ROWSUM=False)
+                       O_HALVES=False, PACK=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1038,7 +998,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
-        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack, ROWSUM=bool(variant["ROWSUM"]))
+        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack)
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
     converge = variant["CONVERGE"]

@@ -85,11 +85,9 @@ def tanh_approx(x):
 
 
 @gluon.jit
-def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr, dtype: gl.constexpr,
-                   ROWSUM: gl.constexpr = False):
+def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr, dtype: gl.constexpr):
     """One key block: returns (m, l, P, alpha) with O to be multiplied by alpha row-wise; P in fp32, or
-    already rounded to `dtype` with LAZY. ROWSUM: the caller sums P on the tensor core (P·1 beside P·V), so l is
-    returned untouched.
+    already rounded to `dtype` with LAZY.
 
     Masked scores are -inf. A row with nothing visible so far keeps m = -inf and gets P = 0, alpha = 0:
     the guarded max m_safe = 0 avoids (-inf) - (-inf).
@@ -111,9 +109,7 @@ def online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr, POLY: gl.constexpr
     # x = s·scale - m: one FFMA per score; x <= 0 (<= 8 with the lazy max).
     x = s * qk_scale - gl.expand_dims(m_safe, 1)
     p = exp2_mixed(x, POLY)
-    if ROWSUM:
-        pass
-    elif LAZY:
+    if LAZY:
         p = p.to(dtype)
         l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
     else:
