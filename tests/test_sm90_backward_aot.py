@@ -472,7 +472,7 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
     steps_of = steps_of or (lambda w: steps)
     q_ready = [_Bar(1) for _ in range(stages)]
     q_empty = [_Bar(nwg) for _ in range(stages)]
-    ds_ready, ds_free, turn = ([_Bar(1) for _ in range(nwg)] for _ in range(3))
+    ds_ready, ds_free, turn, loop_done = ([_Bar(1) for _ in range(nwg)] for _ in range(4))
     tma = []                   # loads in flight: the slot whose q_ready they complete
     slot_users = [set() for _ in range(stages)]
     reading_ds = [set() for _ in range(nwg)]   # consumers whose dQ wgmma reads ds[w]
@@ -521,16 +521,17 @@ def _protocol_run(seed, nwg, stages, steps, shared, ping_pong, steps_of=None, tu
                 ds_free[other].arrive()
             slot_users[idx].discard(w)
             q_empty[idx].arrive()
+        if shared:
+            loop_done[w].arrive()  # every product of this consumer completed
         yield  # dV staged in this consumer's V slot, stored
-        n = steps_of(w)
         if shared and not no_k_wait:
-            # The other consumer's dQ product of the last step, which reads K[w], completed (ds_free[w]'s n-th phase).
-            yield from wait(ds_free[w], (n & 1) ^ 1, n)
+            # The other consumer left its loop, so its last dQ product, which reads K[w], completed (parity 0: once).
+            yield from wait(loop_done[(w + 1) % nwg], 0, 1)
         if reading_k[w] - {w}:
             errors.append(f"K[{w}] overwritten by dK while consumers {reading_k[w] - {w}} read it")
 
     def _state():
-        return [(b.pending, b.done) for b in q_ready + q_empty + ds_ready + ds_free + turn], len(tma)
+        return [(b.pending, b.done) for b in q_ready + q_empty + ds_ready + ds_free + turn + loop_done], len(tma)
 
     return _schedule(rng, [_ring_loader(steps, stages, q_empty, slot_users, tma, errors)]
                      + [consumer(w) for w in range(nwg)], tma, lambda idx: q_ready[idx].arrive(),
