@@ -12,8 +12,8 @@ each call, as the decode suite times it):
 - `read`: a streaming sum over one buffer holding exactly the step's K and V bytes (torch.sum, one launch), the
   same flush: what a plain read of those bytes costs, fixed cost included.
 - The trace build (a copy of decode.py / combine.py with %globaltimer stamps patched in, never shipped): per
-  program its start and end and SM; per combine program its start, the return of griddepcontrol.wait and its
-  end. Reported as medians over the repetitions, in µs from the first program's start:
+  program its start and end and SM; per combine program the return of griddepcontrol.wait and its end.
+  Reported as medians over the repetitions, in µs from the first program's start:
   `span` (first start to last attention end), `start99` (when 99% of the programs had started), `end10/50/90`
   (the programs' end times by percentile), `comb` (last attention end to last combine end), and `outside`
   (event time minus the traced span: launch latency and teardown outside the kernels).
@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fa4  # noqa: E402
 from fa4.kernels.triton import combine, decode  # noqa: E402
-from tune_decode import D, HKV, HQ, PAGE, gbps, read_flush_ms  # noqa: E402
+from tune_decode import D, HKV, HQ, gbps, make_inputs, public_choice, read_flush_ms  # noqa: E402
 
 # The helpers the patched kernels call: %globaltimer (ns) read after `dep` is available, and the SM's id.
 HELPERS = '''
@@ -78,8 +79,7 @@ def patched_decode(trace_addr, even):
             f"    _tr_b = _tr_slot({trace_addr}, _tr_p)\n"
             "    tl.store(_tr_b, _tr_t0)\n"
             "    tl.store(_tr_b + 1, _tr_clock(_tr_dep))\n"
-            "    tl.store(_tr_b + 2, _tr_smid(_tr_dep).to(tl.int64))\n"
-            "    tl.store(_tr_b + 3, ((end - start) // BLOCK_N).to(tl.int64))\n"))
+            "    tl.store(_tr_b + 2, _tr_smid(_tr_dep).to(tl.int64))\n"))
     if even:
         old = ("    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)\n"
                "    start = lo + split * tiles_per_split * BLOCK_N\n"
@@ -99,11 +99,9 @@ def patched_combine(trace_addr, src=None, name="fa4_combine_probe_t"):
     """combine.py (or the source `src` of another version of it) with trace stamps."""
     src = src or inspect.getsource(combine)
     src = _edit(src, "@triton.jit\ndef _combine_kernel", HELPERS, after=False)
-    src = _edit(src, "    if PDL_WAIT:\n", "    _tr_t0 = _tr_clock(tl.program_id(0))\n", after=False)
     src = _edit(src, "        tl_cuda.gdc_wait()\n", "    _tr_t1 = _tr_clock(tl.program_id(0))\n")
     src = _edit(src, "    tl.store(o_ptr + offs_d, acc.to(Out.dtype.element_ty), mask=offs_d < HEAD_DV)\n", (
         f"    _tr_b = _tr_slot({trace_addr}, tl.program_id(0) + {COMBINE_SLOT0})\n"
-        "    tl.store(_tr_b, _tr_t0)\n"
         "    tl.store(_tr_b + 1, _tr_t1)\n"
         "    tl.store(_tr_b + 2, _tr_clock(tl.sum(acc).to(tl.int32, bitcast=True)))\n"))
     return _load(src, name)
@@ -121,20 +119,6 @@ def _load(src, name):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def make_row(batch, length, paged):
-    """q, K and V (one buffer, so a single sum reads exactly their bytes), lengths, page table."""
-    q = torch.randn(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(2, batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
-    k, v = kv[0], kv[1]
-    lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
-    table = None
-    if paged:
-        n_pages = batch * length // PAGE
-        k, v = k.view(n_pages, PAGE, HKV, D), v.view(n_pages, PAGE, HKV, D)
-        table = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, length // PAGE)
-    return q, kv, k, v, lens, table
 
 
 def make_step(q, k, v, lens, table, out, cfg, splits, kernels=None):
@@ -178,12 +162,11 @@ def timeline(fn, trace, n_attn, n_comb, reps):
                    sms=len(set(attn[:, 2].tolist())))
         if n_comb:
             comb = t[COMBINE_SLOT0:COMBINE_SLOT0 + n_comb]
-            row["comb"] = (comb[:, 2].max().item() - t0) / 1e3 - span
-            row["comb_start"] = (comb[:, 0].min().item() - t0) / 1e3
-            row["wait_ret"] = (comb[:, 1].min().item() - t0) / 1e3 - span
             total = (comb[:, 2].max().item() - t0) / 1e3
+            row["comb"] = total - span
+            row["wait_ret"] = (comb[:, 1].min().item() - t0) / 1e3 - span
         else:
-            row["comb"] = row["comb_start"] = row["wait_ret"] = 0.0
+            row["comb"] = row["wait_ret"] = 0.0
             total = span
         row["outside"] = row["event"] - total
         rows.append(row)
@@ -219,12 +202,10 @@ def main():
     extra = [int(s) for s in args.splits.split(",") if s]
     for batch, length in [tuple(int(x) for x in r.split(":")) for r in args.rows.split(",")]:
         for layout in args.layouts.split(","):
-            q, kv, k, v, lens, table = make_row(batch, length, layout == "paged")
+            q, k, v, lens, table, kv = make_inputs(batch, length, layout == "paged", kv_buffer=True)
             out = torch.empty_like(q)
-            import fa4
             fa4.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
             ref = out.clone()
-            from tune_decode import public_choice
             cfg, shipped_splits = public_choice()
             cfg = decode.Config(*cfg)
             read_ms = read_flush_ms(lambda: torch.sum(kv), False)

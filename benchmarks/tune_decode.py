@@ -62,16 +62,24 @@ def gbps(batch, length, ms):
     return 2 * batch * length * HKV * D * 2 / ms / 1e6
 
 
-def make_inputs(batch, length, paged):
+def make_inputs(batch, length, paged, kv_buffer=False):
+    """(q, k, v, lens, table) of a decode-suite row; kv_buffer: K and V as the two halves of one buffer, returned
+    last, so that a single read of it covers exactly their bytes (decode_timeline.py)."""
     q = torch.randn(batch, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    if kv_buffer:
+        kv = torch.randn(2, batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
+        k, v = kv[0], kv[1]
+    else:
+        k = torch.randn(batch, length, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
     lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
     table = None
     if paged:
         n_pages = batch * length // PAGE
         k, v = k.view(n_pages, PAGE, HKV, D), v.view(n_pages, PAGE, HKV, D)
         table = torch.randperm(n_pages, device="cuda").to(torch.int32).view(batch, length // PAGE)
+    if kv_buffer:
+        return q, k, v, lens, table, kv
     return q, k, v, lens, table
 
 

@@ -767,6 +767,24 @@ def _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wai
         ds_free[base + other].arrive()
 
 
+def _kt_ds_hand_over(w, s, previous, ds_ready, ds_free, ds_step, ds_readers, wait, errors, dq_share):
+    """Consumer w's dSᵀ of the CTA's step s into its buffer of that step's parity (after ds_free of the buffer's
+    previous use), handed over by ds_ready; then (previous: the tile's step before s exists) the dQ share of step
+    s − 1, whose wgmma wait also completes dV and dK of step s; without one, that wait alone. Both keys-as-rows
+    models run their steps through it."""
+    nwg = 2
+    own = (s & 1) * nwg + w
+    yield from wait(ds_free[own], ((s >> 1) & 1) ^ 1, s >> 1)
+    if ds_readers[own]:
+        errors.append(f"dS buffer {own} rewritten while consumers {ds_readers[own]} read it")
+    ds_step[own] = s
+    ds_ready[own].arrive()
+    if previous:
+        yield from dq_share(w, s - 1)
+    else:
+        yield  # warpgroup_mma_wait(0)
+
+
 def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
     """One random interleaving of the keys-as-rows kernel with DQ_LAG (backward_kt.py): the loader's Q / dO ring, two
     consumers, two dSᵀ buffers a consumer (by step parity) with ds_ready / ds_free each, every step's dQ share issued
@@ -799,16 +817,8 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
             yield from wait(q_ready[idx], phase, it // stages + 1)
             slot_users[idx].add(w)
             yield  # Sᵀ, dPᵀ, exp2, dS
-            own = (it & 1) * nwg + w
-            yield from wait(ds_free[own], ((it >> 1) & 1) ^ 1, it >> 1)
-            if ds_readers[own]:
-                errors.append(f"dS buffer {own} rewritten while consumers {ds_readers[own]} read it")
-            ds_step[own] = it
-            ds_ready[own].arrive()
-            if it > 0:
-                yield from dq_share(w, it - 1)  # its wait(0) also completes dV and dK of this step
-            else:
-                yield  # warpgroup_mma_wait(0)
+            yield from _kt_ds_hand_over(w, it, it > 0, ds_ready, ds_free, ds_step, ds_readers, wait, errors,
+                                        dq_share)
             slot_users[idx].discard(w)
             q_empty[idx].arrive()
         last = steps - 1
@@ -939,17 +949,8 @@ def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
                         errors.append(f"consumer {w} issued dPᵀ of tile {f} before its V arrived")
                     v_users.add(w)
                 yield  # Sᵀ, dPᵀ, exp2, dS
-                s = gstep + it
-                own = (s & 1) * nwg + w
-                yield from wait(ds_free[own], ((s >> 1) & 1) ^ 1, s >> 1)
-                if ds_readers[own]:
-                    errors.append(f"dS buffer {own} rewritten while consumers {ds_readers[own]} read it")
-                ds_step[own] = s
-                ds_ready[own].arrive()
-                if it > 0:
-                    yield from dq_share(w, s - 1)
-                else:
-                    yield  # warpgroup_mma_wait(0)
+                yield from _kt_ds_hand_over(w, gstep + it, it > 0, ds_ready, ds_free, ds_step, ds_readers, wait,
+                                            errors, dq_share)
                 slot_users[idx].discard(w)
                 q_empty[idx].arrive()
                 ring += 1
