@@ -37,6 +37,9 @@ def _shipped():
         ("d128-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True)),
         ("d64-varlen-window", dict(d=64, dv=64, varlen=True, window=(256, 0))),
         ("d256-varlen-causal", dict(d=256, dv=256, varlen=True, causal=True)),
+        # Paged prefill: K / V blocks by TMA from the page pool through the page table.
+        ("d128-paged128-causal-gqa", dict(d=128, dv=128, causal=True, gqa=4, page_size=128)),
+        ("d256-paged64-causal", dict(d=256, dv=256, causal=True, page_size=64)),
         ("d40-24-sink", dict(d=40, dv=24, sink=True)),
         ("d128-lazy-poly25", dict(d=128, dv=128, causal=True, variant=dict(LAZY=True, POLY=1))),
         ("d64-poly50", dict(d=64, dv=64, variant=dict(POLY=2))),

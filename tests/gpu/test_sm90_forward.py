@@ -304,6 +304,48 @@ def test_dispatch_reasons():
     kw = dict(window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None, page_table=None)
     assert sm90.unsupported_reason(q, q, q, **kw) is None
     assert "dtype" in sm90.unsupported_reason(q.float(), q.float(), q.float(), **kw)
+    # A paged cache is served for packed calls with seqused_k and pages of whole key blocks (test_paged_prefill).
     assert "paged" in sm90.unsupported_reason(q, q, q, **dict(kw, page_table=torch.zeros(1, 1, device=DEV)))
+    pool = torch.randn(4, 64, 2, 128, dtype=torch.bfloat16, device=DEV)
+    packed = dict(kw, cu_seqlens_q=_cu([64]), seqused_k=torch.tensor([64], dtype=torch.int32, device=DEV),
+                  page_table=torch.zeros(1, 4, dtype=torch.int32, device=DEV))
+    assert "multiple" in sm90.unsupported_reason(q[0], pool, pool, **packed)
     q_odd = torch.randn(1, 64, 2, 130, dtype=torch.bfloat16, device=DEV)[..., :124]
     assert sm90.unsupported_reason(q_odd, q_odd, q_odd, **kw) is not None
+
+
+# Paged prefill (flash_attn_varlen_func with page_table): K/V blocks loaded by TMA from the page pool, a block's page
+# looked up in the table. (lens_q, lens_k, hq, hkv, d, page_size, causal, window): chunks against longer caches
+# (the chunk's keys at the cache end), a whole prompt, GQA packing, sequences ending mid-page and mid-block, pages
+# of two blocks, D = 64 and 256 tiles.
+PAGED = [
+    ([1000, 1, 513], [3000, 1500, 513], 8, 2, 128, 128, True, (-1, -1)),
+    ([2047], [2047], 4, 4, 128, 256, True, (-1, -1)),
+    ([64, 17], [4096, 777], 32, 8, 128, 128, True, (-1, -1)),
+    ([700, 300], [900, 300], 4, 1, 64, 128, False, (128, 0)),
+    ([333, 1200], [1000, 1200], 4, 2, 256, 64, True, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", PAGED, ids=[f"paged{i}" for i in range(len(PAGED))])
+def test_paged_prefill(case, dtype):
+    """The sm90 forward over a paged cache whose pages are shuffled (and with spare pages the table never names),
+    under the rule; and the public call takes this path."""
+    import fa4
+    torch.manual_seed(case_seed(case, str(dtype)))
+    lens_q, lens_k, hq, hkv, d, page, causal, window = case
+    batch = len(lens_q)
+    max_pages = max(-(-n // page) for n in lens_k)
+    num_pages = batch * max_pages + 3
+    q = torch.randn(sum(lens_q), hq, d, dtype=dtype, device=DEV)
+    k = torch.randn(num_pages, page, hkv, d, dtype=dtype, device=DEV)
+    v = torch.randn(num_pages, page, hkv, d, dtype=dtype, device=DEV)
+    table = torch.randperm(num_pages, device=DEV)[:batch * max_pages].view(batch, max_pages).to(torch.int32)
+    lay = dict(cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+               seqused_k=torch.tensor(lens_k, dtype=torch.int32, device=DEV), page_table=table)
+    out, _ = _run(q, k, v, causal=causal, window=window, varlen=lay)
+    public = fa4.flash_attn_varlen_func(q, k, v, lay["cu_seqlens_q"], None, lay["max_seqlen_q"], lay["max_seqlen_k"],
+                                        seqused_k=lay["seqused_k"], page_table=table, causal=causal,
+                                        window_size=window, backend="sm90")
+    assert torch.equal(public, out)

@@ -91,14 +91,37 @@ def unsupported_reason(q, k, v, *, window_left=-1, window_right=-1, softcap=0.0,
         return "the sm90 path is off (FA4_SM90=0)"
     if switch is None and not ENABLED_BY_DEFAULT:
         return "the sm90 path is off (FA4_SM90=1 enables it)"
-    reason = common_reason(q, k, v, sink=sink, cu_seqlens_q=cu_seqlens_q, page_table=page_table)
+    reason = common_reason(q, k, v, sink=sink, cu_seqlens_q=cu_seqlens_q)
     if reason is not None:
         return reason
     d, dv = q.shape[-1], v.shape[-1]
-    if configs.get_config(configs.tile_dim(d), configs.tile_dim(dv)) is None:
+    cfg = configs.get_config(configs.tile_dim(d), configs.tile_dim(dv))
+    if cfg is None:
         return f"no sm90 tile for head dims ({d}, {dv})"
+    if page_table is not None:
+        reason = _paged_reason(k, v, cu_seqlens_q, seqused_k, page_table, cfg.block_n)
+        if reason is not None:
+            return reason
     if q.shape[-2] * q.shape[0] * (1 if cu_seqlens_q is not None else q.shape[1]) >= 2**31:
         return "lse would have 2^31 elements or more"
+    return None
+
+
+def _paged_reason(k, v, cu_seqlens_q, seqused_k, page_table, block_n):
+    """Why the forward cannot read this paged cache (None if it can): it loads whole key blocks of one page by
+    TMA from the pool viewed as one run of rows, so pages must hold whole blocks and the pool must be that view."""
+    page_size = k.shape[1]
+    if cu_seqlens_q is None or seqused_k is None:
+        return "paged KV cache without packed queries and seqused_k"
+    if page_size % block_n:
+        return f"page size {page_size} is not a multiple of the {block_n}-key block"
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(0) != t.shape[1] * t.stride(1):
+            return f"{name}'s pages are not one run of rows (stride {t.stride(0)})"
+    if k.shape[0] * page_size >= 2**31:
+        return "the page pool has 2^31 rows or more"
+    if page_table.stride(-1) != 1:
+        return "page_table's last dimension is not contiguous"
     return None
 
 
@@ -116,7 +139,7 @@ def forward(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=
     return forward_checked(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
                            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
                            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-                           max_seqlen_k=max_seqlen_k, variant=variant)
+                           max_seqlen_k=max_seqlen_k, page_table=page_table, variant=variant)
 
 
 def forward_checked(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, sink=None,
@@ -128,4 +151,4 @@ def forward_checked(q, k, v, *, softmax_scale, window_left=-1, window_right=-1, 
     return attention_forward(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
                              window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-                             max_seqlen_k=max_seqlen_k, variant=variant)
+                             max_seqlen_k=max_seqlen_k, variant=variant, page_table=page_table)

@@ -51,10 +51,17 @@ def sample_inputs(d, dv, dtype, *, varlen, gqa):
 
 
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, sink=False,
-                   varlen=False, gqa=1, variant=None):
-    """Compile one configuration for sm_90a; returns triton's CompiledKernel."""
+                   varlen=False, gqa=1, variant=None, page_size=0):
+    """Compile one configuration for sm_90a; returns triton's CompiledKernel. page_size > 0: a paged prefill
+    (packed queries, k / v as (num_pages, page_size, Hkv, D) pools, seqused_k, a page table)."""
     b, s, hq = SAMPLE_BATCH, SAMPLE_SEQLEN, SAMPLE_KV_HEADS * gqa
-    q, k, v, cu = sample_inputs(d, dv, dtype, varlen=varlen, gqa=gqa)
+    q, k, v, cu = sample_inputs(d, dv, dtype, varlen=varlen or page_size > 0, gqa=gqa)
+    paged = {}
+    if page_size:
+        varlen = True
+        k, v = (t.view(-1, page_size, *t.shape[1:]) for t in (k, v))
+        paged = dict(seqused_k=torch.full((b,), s, dtype=torch.int32),
+                     page_table=torch.arange(k.shape[0], dtype=torch.int32).view(b, -1))
     out = torch.zeros(*q.shape[:-1], dv, dtype=dtype)
     lse = torch.zeros(hq, b * s, dtype=torch.float32)
     left, right = window
@@ -62,8 +69,8 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         right = 0
     _, args, constexprs = attention_fwd.launch_plan(
         q, k, v, out, lse, softmax_scale=d ** -0.5, window_left=left, window_right=right, softcap=softcap,
-        sink=torch.zeros(hq, dtype=torch.float32) if sink else None, cu_seqlens_q=cu, cu_seqlens_k=cu,
-        max_seqlen_q=s if varlen else None, variant=variant)
+        sink=torch.zeros(hq, dtype=torch.float32) if sink else None, cu_seqlens_q=cu,
+        cu_seqlens_k=None if page_size else cu, max_seqlen_q=s if varlen else None, variant=variant, **paged)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(fn=attention_fwd.attn_fwd_kernel, signature=signature, constexprs=constexprs)

@@ -103,13 +103,14 @@ class Problem:
     CONVERGE: gl.constexpr
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
+    PAGE_SIZE: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, PAGE_SIZE):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -160,6 +161,7 @@ class Problem:
         self.CONVERGE = gl.constexpr(CONVERGE)
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
+        self.PAGE_SIZE = gl.constexpr(PAGE_SIZE)
 
 
 @aggregate
@@ -228,11 +230,17 @@ def _work(p, t, sub):
     if p.VARLEN:
         q_start = gl.load(p.cu_q + b)
         seq_q = gl.load(p.cu_q + b + 1) - q_start
-        k_start = gl.load(p.cu_k + b)
-        if p.HAS_SEQUSED:
+        if p.PAGE_SIZE > 0:
+            # Paged keys (a paged prefill): addressed block by block through the page table (_kv_coord), the
+            # key count from seqused_k (the host requires it on this path).
+            k_start = 0
             seq_k = gl.load(p.seqused + b)
         else:
-            seq_k = gl.load(p.cu_k + b + 1) - k_start
+            k_start = gl.load(p.cu_k + b)
+            if p.HAS_SEQUSED:
+                seq_k = gl.load(p.seqused + b)
+            else:
+                seq_k = gl.load(p.cu_k + b + 1) - k_start
         n_m = (seq_q + TBM - 1) // TBM  # this sequence's own query blocks (num_m is the longest's)
     else:
         q_start = 0
@@ -431,6 +439,16 @@ def _kv_coord(p, b, hk, k_start, key):
     return _head_coord(p, b, hk, k_start, key, 0)
 
 
+@gluon.jit
+def _page_row(p, b, key, ok):
+    """Paged: the pool row holding key `key` of sequence b (0 where not ok). The pool is viewed as
+    (num_pages · PAGE_SIZE, Hkv, D); a key block [key, key + BN) lies in one page (BN divides PAGE_SIZE),
+    page_table[b, key // PAGE_SIZE]. The page table travels in cu_k's slot and its row stride in seqlen_k's
+    (both unused by packed calls with a paged cache)."""
+    page = gl.load(p.cu_k + b * p.seqlen_k + key // p.PAGE_SIZE, mask=ok, other=0)
+    return page * p.PAGE_SIZE + key % p.PAGE_SIZE
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loader partition: one warp issuing TMA loads.
 # ---------------------------------------------------------------------------------------------------------
@@ -464,16 +482,25 @@ def _loader(p, bufs):
                 tma.async_copy_global_to_shared(p.q_desc, _q_coord(p, b, hq, q_start,
                                                                    m0 + w * (ROWS_PER_WG // p.PACK)),
                                                 bufs.q_ready.index(qb), bufs.q.index(qb * NWG + w))
-            for it in range(n_hi - n_lo):
-                key = _block(p, it, rot, n_lo, n_hi, sub) * p.BN
+            n_blocks = n_hi - n_lo
+            if p.PAGE_SIZE > 0:
+                # The page of each block is read one block ahead: its load's latency then passes while the
+                # loader waits for a free slot, instead of delaying the block's TMA issue.
+                row_next = _page_row(p, b, _block(p, 0, rot, n_lo, n_hi, sub) * p.BN, n_blocks > 0)
+            for it in range(n_blocks):
+                if p.PAGE_SIZE > 0:
+                    row = row_next
+                    it_next = it + (it + 1 < n_blocks).to(gl.int32)
+                    row_next = _page_row(p, b, _block(p, it_next, rot, n_lo, n_hi, sub) * p.BN, True)
+                    coord = [row, hk, 0]
+                else:
+                    coord = _kv_coord(p, b, hk, k_start, _block(p, it, rot, n_lo, n_hi, sub) * p.BN)
                 mbarrier.wait(bufs.k_empty.index(kv_idx), kv_phase ^ 1)
                 mbarrier.expect(bufs.k_ready.index(kv_idx), p.k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(p.k_desc, _kv_coord(p, b, hk, k_start, key),
-                                                bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
+                tma.async_copy_global_to_shared(p.k_desc, coord, bufs.k_ready.index(kv_idx), bufs.k.index(kv_idx))
                 mbarrier.wait(bufs.v_empty.index(kv_idx), kv_phase ^ 1)
                 mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(p.v_desc, _kv_coord(p, b, hk, k_start, key),
-                                                bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
+                tma.async_copy_global_to_shared(p.v_desc, coord, bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
                 kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
         t += _num_ctas()  # re-read, not kept live (see _num_ctas)
 
@@ -820,7 +847,8 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
-                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr):
+                    CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr,
+                    PAGE_SIZE: gl.constexpr = 0):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -854,7 +882,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK)
+                CONVERGE, O_HALVES, PACK, PAGE_SIZE)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -918,10 +946,11 @@ def _dummy_i32(device):
 
 def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, softcap, sink,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, variant=None,
-                num_ctas=132):
+                num_ctas=132, page_table=None):
     """(number of work units, kernel arguments by name, constexprs by name) for one forward call.
     num_ctas: the persistent grid's size (min(units, num_ctas)); it decides the schedule and sizes the TRACE
-    buffer."""
+    buffer. page_table: k and v are a paged cache (num_pages, page_size, Hkv, D) of a packed call with
+    seqused_k; the page size must be a multiple of the tile's key block."""
     variant = dict(DEFAULT_VARIANT, **(variant or {}))
     tile_overrides = {_TILE_KEYS[key]: variant.pop(key) for key in list(variant) if key in _TILE_KEYS}
     unknown = set(variant) - set(DEFAULT_VARIANT)
@@ -968,6 +997,14 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     num_units = per_head * (hq // pack) * batch
     soft = softcap > 0
     dummy_i32 = _dummy_i32(q.device)
+    page_size = 0
+    if page_table is not None:
+        page_size = k.shape[1]
+        if not varlen or seqused_k is None or page_size % cfg.block_n:
+            raise ValueError(f"paged KV on sm90 needs a packed call with seqused_k and a page size that is a "
+                             f"multiple of {cfg.block_n} (got {page_size})")
+        # The pool as one run of key rows: page p's row r is row p · page_size + r.
+        k, v = k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
     trace_tiles = 0
     trace = dummy_i32
     if variant["TRACE"]:
@@ -980,9 +1017,11 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         o_desc=_descriptor(out, WG_ROWS // pack, varlen, cols=dv // 2 if variant["O_HALVES"] else None,
                            heads=pack),
         o_ptr=out, lse_ptr=lse, sink_ptr=sink if sink is not None else lse,
-        cu_q=cu_seqlens_q if varlen else dummy_i32, cu_k=cu_seqlens_k if varlen else dummy_i32,
+        cu_q=cu_seqlens_q if varlen else dummy_i32,
+        cu_k=page_table if page_table is not None else cu_seqlens_k if varlen else dummy_i32,
         seqused=seqused_k if seqused_k is not None else dummy_i32,
-        stride_ot=out.stride(-3), stride_oh=out.stride(-2), dv=v.shape[-1], seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        stride_ot=out.stride(-3), stride_oh=out.stride(-2), dv=v.shape[-1], seqlen_q=seqlen_q,
+        seqlen_k=page_table.stride(0) if page_table is not None else seqlen_k,
         num_heads=hq // pack, group=group, num_m=num_m, num_units=num_units,
         units_per_head=per_head, lse_len=lse_len,
         # With softcap the exponent is softcap·tanh(scale·qk/softcap)·log2(e): tanh's argument is
@@ -998,7 +1037,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
-        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack)
+        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack, PAGE_SIZE=page_size)
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
     converge = variant["CONVERGE"]
@@ -1062,16 +1101,18 @@ def _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k):
 
 def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
                       cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
-                      max_seqlen_k=None, variant=None):
-    """The backend `forward` (docs/INTERNALS.md) on the Gluon kernel; the caller has checked support."""
+                      max_seqlen_k=None, variant=None, page_table=None):
+    """The backend `forward` (docs/INTERNALS.md) on the Gluon kernel; the caller has checked support.
+    A paged call's page table takes cu_k's place in a plan's arguments (see _page_row)."""
     variant = variant or {}
     fast = launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and launch.usable()
     if fast:
         key = launch.signature(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
                                window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-                               variant=variant)
-        planned = _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k)
+                               variant=variant, page_table=page_table)
+        planned = _from_plan(key, q, k, v, sink, cu_seqlens_q,
+                             page_table if page_table is not None else cu_seqlens_k, seqused_k)
         if planned is not None:
             return planned
     out, lse = _new_outputs(q, v, cu_seqlens_q is not None)
@@ -1081,7 +1122,7 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
     num_units, args, constexprs = launch_plan(
         q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
         softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-        max_seqlen_q=max_seqlen_q, variant=variant, num_ctas=num_ctas)
+        max_seqlen_q=max_seqlen_q, variant=variant, num_ctas=num_ctas, page_table=page_table)
     if num_units > 0:
         grid = (min(num_units, num_ctas), )
         with torch.cuda.device(q.device):  # Triton launches on the current device

@@ -35,14 +35,16 @@ def _aligned(t):
 
 
 def signature(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink, cu_seqlens_q, cu_seqlens_k,
-              seqused_k, max_seqlen_q, variant):
-    """Everything besides the tensors' addresses that decides the launch arguments and the compiled kernel."""
+              seqused_k, max_seqlen_q, variant, page_table=None):
+    """Everything besides the tensors' addresses that decides the launch arguments and the compiled kernel.
+    A paged call's page table is a kernel argument (in cu_k's slot) whose row stride is baked into the plan."""
     var = tuple(sorted((key, val) for key, val in (variant or {}).items() if key != "FAST"))
+    paged = None if page_table is None else (tuple(page_table.shape), page_table.stride(), _aligned(page_table))
     return (q.device.index, q.dtype, k.dtype, v.dtype, None if sink is None else sink.dtype,
             tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape),
             v.stride(), float(softmax_scale), int(window_left), int(window_right), float(softcap),
             None if cu_seqlens_q is None else (cu_seqlens_q.numel(), int(max_seqlen_q)),
-            _aligned(sink), _aligned(cu_seqlens_q), _aligned(cu_seqlens_k), _aligned(seqused_k), var)
+            _aligned(sink), _aligned(cu_seqlens_q), _aligned(cu_seqlens_k), _aligned(seqused_k), var, paged)
 
 
 class Plan:
