@@ -158,15 +158,19 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         lens_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0],
                                 max_seqlen_k if seqused_k is None else None, "max_seqlen_k")
     else:
+        # A paged sequence's keys: seqused_k[b], else cu_seqlens_k's difference (FlashAttention's reading), at most
+        # what its page-table row holds.
         capacity = page_table.shape[1] * k.shape[1]
         lens_k = [capacity] * batch
         if cu_seqlens_k is not None:
-            lens_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, None, None, None)
-        if page_table.numel():
-            lo, hi = int(page_table.min()), int(page_table.max())
-            if lo < 0 or hi >= k.shape[0]:
-                raise ValueError(f"page_table entries must lie in [0, {k.shape[0]}) (k has {k.shape[0]} pages); "
-                                 f"got values from {lo} to {hi}")
+            lens_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, None,
+                                    max_seqlen_k if seqused_k is None else None, "max_seqlen_k")
+            for b, n in enumerate(lens_k):
+                if n > capacity and seqused_k is None:
+                    raise ValueError(f"cu_seqlens_k gives sequence {b} {n} keys; its page_table row holds "
+                                     f"{capacity} ({page_table.shape[1]} pages of {k.shape[1]})")
+            lens_k = [capacity] * batch if seqused_k is not None else lens_k
+    used = lens_k
     if seqused_k is not None:
         used = seqused_k.tolist()
         for b, (u, n) in enumerate(zip(used, lens_k)):
@@ -174,7 +178,24 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
                 raise ValueError(f"seqused_k[{b}] = {u}; it must lie in [0, {n}] (the keys sequence {b} has)")
             if u > max_seqlen_k:
                 raise ValueError(f"max_seqlen_k = {max_seqlen_k} is smaller than seqused_k[{b}] = {u}")
+    if page_table is not None and page_table.numel():
+        _check_used_pages(page_table, used, k.shape[1], k.shape[0])
     return batch
+
+
+def _check_used_pages(page_table, used, page_size, num_pages):
+    """The page-table entries sequence b reads, [0, ceil(used[b] / page_size)), name pages of the pool; entries
+    past them are never read and may hold anything (serving stacks pad rows with -1). One host read."""
+    dev = page_table.device
+    need = torch.tensor([-(-u // page_size) for u in used], device=dev)
+    cols = torch.arange(page_table.shape[1], device=dev)
+    bad = (cols[None, :] < need[:, None]) & ((page_table < 0) | (page_table >= num_pages))
+    first = bad.flatten().int().argmax()
+    any_bad, at, value = torch.stack([bad.any().long(), first.long(), page_table.flatten()[first].long()]).tolist()
+    if any_bad:
+        b, j = divmod(at, page_table.shape[1])
+        raise ValueError(f"page_table[{b}, {j}] = {value} is out of range: k has {num_pages} pages (the entries a "
+                         f"sequence uses must lie in [0, {num_pages}))")
 
 
 def _check_offsets(name, cu, total, max_len, max_name):

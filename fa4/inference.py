@@ -15,7 +15,8 @@ no allocation (split partials live in a per-stream workspace that is never freed
 values (cache_seqlens and cache_batch_idx in range, the page-table entries a sequence uses) read them back
 to the host, so they run only outside graph capture and torch.compile tracing, once per argument set: a set
 whose tensors are unchanged since they last passed (same objects, same in-place version counter) is not
-read again. A decode loop that advances cache_seqlens in place therefore pays one small host read per step;
+read again (tensors made under torch.inference_mode have no version counter, so a set holding one is read on
+every call). A decode loop that advances cache_seqlens in place therefore pays one small host read per step;
 FA4_KVCACHE_VALUE_CHECKS=0 (or inference.CHECK_VALUES = False) turns these value checks off entirely (the
 caller vouches), and a captured CUDA graph never runs them.
 
@@ -30,6 +31,7 @@ import collections
 import math
 import os
 import weakref
+from typing import Optional
 
 import torch
 
@@ -276,14 +278,20 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
     lens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     if (lens_t is None and cache_batch_idx is None and page_table is None) or not CHECK_VALUES or c.batch == 0:
         return
-    key = (c.value_params,
-           id(lens_t), lens_t._version if lens_t is not None else 0,
-           id(cache_batch_idx), cache_batch_idx._version if cache_batch_idx is not None else 0,
-           id(page_table), page_table._version if page_table is not None else 0)
-    refs = _values_ok.get(key)
-    if refs is not None and refs[0]() is lens_t and refs[1]() is cache_batch_idx and refs[2]() is page_table:
-        _values_ok.move_to_end(key)
-        return
+    tensors = (lens_t, cache_batch_idx, page_table)
+    # Tensors made under torch.inference_mode have no version counter: their values can change unseen, so an
+    # argument set holding one is checked on every call (never remembered).
+    remember = not any(t is not None and t.is_inference() for t in tensors)
+    if remember:
+        # An int (or None) cache_seqlens is part of the key: the page-table entries a sequence uses depend on it.
+        key = (c.value_params, None if lens_t is not None else cache_seqlens,
+               id(lens_t), lens_t._version if lens_t is not None else 0,
+               id(cache_batch_idx), cache_batch_idx._version if cache_batch_idx is not None else 0,
+               id(page_table), page_table._version if page_table is not None else 0)
+        refs = _values_ok.get(key)
+        if refs is not None and refs[0]() is lens_t and refs[1]() is cache_batch_idx and refs[2]() is page_table:
+            _values_ok.move_to_end(key)
+            return
     if not checks.can_read_values(lens_t, cache_batch_idx, page_table):
         return
     stats = []
@@ -325,7 +333,9 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
             b, j = divmod(first, page_table.shape[1])
             raise ValueError(f"page_table[{b}, {j}] = {value} is out of range: k_cache has {c.num_pages} pages "
                              f"(entries a sequence uses must lie in [0, {c.num_pages}))")
-    _values_ok[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in (lens_t, cache_batch_idx, page_table))
+    if not remember:
+        return
+    _values_ok[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors)
     if len(_values_ok) > _VALUES_OK_SIZE:
         _values_ok.popitem(last=False)
 
@@ -441,7 +451,7 @@ def _reference(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
             v_cache[rows, pos] = v
     # A contiguous cache is a paged one whose pages are whole sequences: page_table = cache row of each sequence.
     table = page_table if c.paged else rows.to(torch.int32)
-    cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=dev)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev) * seqlen_q
     out, lse = reference.forward(
         q.reshape(batch * seqlen_q, c.num_heads, c.head_d), k_cache, v_cache, softmax_scale=c.scale,
         window_left=c.left, window_right=c.right, softcap=float(softcap), sink=sink, cu_seqlens_q=cu_q,
@@ -473,32 +483,35 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_splits: key splits per sequence and kv head (0 = heuristic). out: optional (B, Sq, Hq, Dv) output.
     Returns out, and lse (B, Hq, Sq) fp32 (natural log) when return_lse=True. Forward only.
     """
+    if torch.compiler.is_compiling():
+        return _traced_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                            page_table, softmax_scale, causal, window_size, softcap, learnable_sink,
+                            rotary_interleaved, num_splits, return_lse, out, backend)
     key = None
-    if not torch.compiler.is_compiling():
-        try:
-            key = (_signature(q), _signature(k_cache), _signature(v_cache), _signature(k), _signature(v),
-                   _signature(rotary_cos), _signature(rotary_sin), _lens_signature(cache_seqlens),
-                   _signature(cache_batch_idx), _signature(page_table), _signature(learnable_sink), _signature(out),
-                   softmax_scale, type(softmax_scale), causal, type(causal), window_size,
-                   type(window_size[0]), type(window_size[1]), softcap, type(softcap), rotary_interleaved,
-                   type(rotary_interleaved), num_splits, type(num_splits), return_lse, type(return_lse), backend)
-            known = _steps.get(key)
-        except Exception:  # an argument that is not what it should be: the full checks name it
-            key = known = None
-        if known is not None:
-            c, step = known
-            lens = None
-            if cache_seqlens is None:
-                fixed = c.capacity
-            elif type(cache_seqlens) is int:
-                _check_int_lengths(c, cache_seqlens, rotary_cos)
-                fixed = cache_seqlens
-            else:
-                lens, fixed = cache_seqlens, 0
-            _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos)
-            res, lse = step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens, cache_batch_idx, page_table,
-                            learnable_sink, out, fixed)
-            return (res, lse) if return_lse else res
+    try:
+        key = (_signature(q), _signature(k_cache), _signature(v_cache), _signature(k), _signature(v),
+               _signature(rotary_cos), _signature(rotary_sin), _lens_signature(cache_seqlens),
+               _signature(cache_batch_idx), _signature(page_table), _signature(learnable_sink), _signature(out),
+               softmax_scale, type(softmax_scale), causal, type(causal), window_size,
+               type(window_size[0]), type(window_size[1]), softcap, type(softcap), rotary_interleaved,
+               type(rotary_interleaved), num_splits, type(num_splits), return_lse, type(return_lse), backend)
+        known = _steps.get(key)
+    except Exception:  # an argument that is not what it should be: the full checks name it
+        key = known = None
+    if known is not None:
+        c, step = known
+        lens = None
+        if cache_seqlens is None:
+            fixed = c.capacity
+        elif type(cache_seqlens) is int:
+            _check_int_lengths(c, cache_seqlens, rotary_cos)
+            fixed = cache_seqlens
+        else:
+            lens, fixed = cache_seqlens, 0
+        _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos)
+        res, lse = step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens, cache_batch_idx, page_table,
+                        learnable_sink, out, fixed)
+        return (res, lse) if return_lse else res
 
     c = _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                       page_table, softmax_scale, causal, window_size, softcap, learnable_sink, rotary_interleaved,
@@ -523,6 +536,57 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             out.copy_(res)
             res = out
     return (res, lse.contiguous()) if return_lse else res
+
+
+def _traced_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, page_table,
+                 softmax_scale, causal, window_size, softcap, learnable_sink, rotary_interleaved, num_splits,
+                 return_lse, out, backend):
+    """flash_attn_with_kvcache under torch.compile: the argument checks that need no tensor values, then one
+    opaque custom op (fa4::with_kvcache) that appends to the caches (and writes `out`) in place, so the graph has
+    no break and the compiler sees the mutations."""
+    _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, page_table,
+                  softmax_scale, causal, window_size, softcap, learnable_sink, rotary_interleaved, num_splits,
+                  return_lse, out, backend)
+    lens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    lens_i = -1 if cache_seqlens is None or lens_t is not None else int(cache_seqlens)
+    res, lse = torch.ops.fa4.with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens_t, lens_i, cache_batch_idx, page_table,
+        None if softmax_scale is None else float(softmax_scale), bool(causal), int(window_size[0]),
+        int(window_size[1]), float(softcap), learnable_sink, bool(rotary_interleaved), int(num_splits), out,
+        backend)
+    if out is not None:
+        res = out
+    return (res, lse) if return_lse else res
+
+
+@torch.library.custom_op("fa4::with_kvcache", mutates_args=("k_cache", "v_cache", "out"))
+def _with_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+                     v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor],
+                     rotary_sin: Optional[torch.Tensor], cache_seqlens: Optional[torch.Tensor],
+                     cache_seqlens_int: int, cache_batch_idx: Optional[torch.Tensor],
+                     page_table: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool,
+                     window_left: int, window_right: int, softcap: float, learnable_sink: Optional[torch.Tensor],
+                     rotary_interleaved: bool, num_splits: int, out: Optional[torch.Tensor],
+                     backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager call, for compiled graphs. cache_seqlens_int: the int cache_seqlens, -1 for None (full
+    caches). Returns (out, lse); out is an empty tensor when the caller's `out` was written (an op's result may
+    not alias its input)."""
+    lens = cache_seqlens if cache_seqlens is not None else None if cache_seqlens_int < 0 else cache_seqlens_int
+    res, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens, cache_batch_idx,
+                                       page_table, softmax_scale, causal, (window_left, window_right), softcap,
+                                       learnable_sink, rotary_interleaved, num_splits, True, out, backend)
+    if out is not None:
+        res = q.new_empty(0)
+    return res, lse
+
+
+@_with_kvcache_op.register_fake
+def _with_kvcache_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                       cache_batch_idx, page_table, softmax_scale, causal, window_left, window_right, softcap,
+                       learnable_sink, rotary_interleaved, num_splits, out, backend):
+    batch, seqlen_q, heads, _ = q.shape
+    res = q.new_empty(0) if out is not None else q.new_empty((batch, seqlen_q, heads, v_cache.shape[-1]))
+    return res, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
 def forward_splitkv(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink, cu_seqlens_q=None,

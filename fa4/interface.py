@@ -66,8 +66,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); sequence b spans rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v (int32, B+1 entries).
     seqused_k (B,) int32 limits sequence b to its first seqused_k[b] keys. With page_table (B, max_pages) int32,
-    k/v are a paged cache (num_pages, page_size, Hkv, D) and seqused_k gives each sequence's key count (paged
-    prefill; forward only). Returns out (total_q, Hq, Dv), and lse (Hq, total_q) fp32 when return_lse=True.
+    k/v are a paged cache (num_pages, page_size, Hkv, D) and seqused_k (or, without it, cu_seqlens_k's
+    differences) gives each sequence's key count (paged prefill; forward only); table entries past a sequence's
+    last page are never read. Returns out (total_q, Hq, Dv), and lse (Hq, total_q) fp32 when return_lse=True.
     A sequence with no keys gives zeros and lse = -inf.
     """
     q, k, v = _autocast(q, k, v)
@@ -75,6 +76,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     checks.check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
     if page_table is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("page_table: a paged KV cache is for inference; gradients through it are not supported")
+    if page_table is not None and seqused_k is None:
+        # FlashAttention's paged varlen: without seqused_k, cu_seqlens_k's differences are the key counts.
+        seqused_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     return _attention(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                       softcap=softcap, learnable_sink=learnable_sink, deterministic=deterministic,
                       return_lse=return_lse, backend=backend, cu_seqlens_q=cu_seqlens_q,

@@ -102,8 +102,35 @@ def test_varlen_page_table_out_of_range():
     q = torch.randn(5, 4, 16)
     k_cache = torch.randn(3, 4, 2, 16)
     table = _cu([[0, 1], [2, 3]])
-    _raises(ValueError, r"^page_table entries must lie in \[0, 3\)", fa4.flash_attn_varlen_func, q, k_cache,
-            k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([8, 8]), page_table=table)
+    _raises(ValueError, r"^page_table\[1, 1\] = 3 is out of range: k has 3 pages", fa4.flash_attn_varlen_func, q,
+            k_cache, k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([8, 8]), page_table=table)
+    # Entries past a sequence's last page are never read: padding them (-1, as serving stacks do) is fine, and
+    # an entry the sequence does read is still checked.
+    padded = _cu([[0, -1], [2, 1]])
+    out = fa4.flash_attn_varlen_func(q, k_cache, k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([4, 8]),
+                                     page_table=padded)
+    assert out.shape == (5, 4, 16)
+    _raises(ValueError, r"^page_table\[0, 1\] = -1 is out of range", fa4.flash_attn_varlen_func, q, k_cache,
+            k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([5, 8]), page_table=padded)
+
+
+def test_varlen_paged_key_counts_from_cu_seqlens_k():
+    """Without seqused_k a paged call takes cu_seqlens_k's differences as the key counts (FlashAttention's
+    reading); more keys than a page-table row holds is an error naming cu_seqlens_k."""
+    torch.manual_seed(0)
+    q = torch.randn(5, 2, 16)
+    k_cache, v_cache = torch.randn(8, 4, 2, 16), torch.randn(8, 4, 2, 16)
+    table = _cu([[0, 1, 2], [3, 4, 5]])
+    by_cu = fa4.flash_attn_varlen_func(q, k_cache, v_cache, _cu([0, 2, 5]), _cu([0, 5, 14]), 3, 9, page_table=table)
+    by_used = fa4.flash_attn_varlen_func(q, k_cache, v_cache, _cu([0, 2, 5]), None, 3, 9, seqused_k=_cu([5, 9]),
+                                         page_table=table)
+    assert torch.equal(by_cu, by_used)
+    full = fa4.flash_attn_varlen_func(q, k_cache, v_cache, _cu([0, 2, 5]), None, 3, 12, seqused_k=_cu([12, 12]),
+                                      page_table=table)
+    assert not torch.allclose(by_cu, full)
+    _raises(ValueError, r"^cu_seqlens_k gives sequence 1 14 keys; its page_table row holds 12",
+            fa4.flash_attn_varlen_func, q, k_cache, v_cache, _cu([0, 2, 5]), _cu([0, 5, 19]), 3, 14,
+            page_table=table)
 
 
 def test_explicit_backend_that_cannot_serve_raises(monkeypatch):

@@ -641,6 +641,46 @@ def test_value_checks_see_in_place_changes():
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=full, page_table=table, backend="reference")
 
 
+def test_value_checks_under_inference_mode():
+    """Tensors made under torch.inference_mode have no version counter: the value checks still run (every call),
+    and a bad value is still caught before anything is written."""
+    with torch.inference_mode():
+        q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, seqlen_new=1)
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend="reference", **kw)
+        assert out.shape == q.shape
+        before = k_cache.clone()
+        bad = torch.tensor([3, 16], dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"^k: appending 1 keys after cache_seqlens\[1\] = 16"):
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=bad, backend="reference", **kw)
+        assert torch.equal(k_cache, before)
+
+
+def test_int_lengths_are_part_of_the_remembered_page_check():
+    """A page table that passed with a short int cache_seqlens is checked again for a longer one (its unused,
+    -1 entries become used): an error, and the cache untouched."""
+    q, k_cache, v_cache, _, kw = _make(batch=2, capacity=16, page_size=4, seqlen_new=1)
+    table = kw.pop("page_table").clone()
+    table[:, 2:] = -1
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=2, page_table=table, backend="reference", **kw)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match=r"^page_table\[0, 2\] = -1 is out of range"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=10, page_table=table, backend="reference", **kw)
+    assert torch.equal(k_cache, before)
+
+
+def test_empty_query_appends_and_returns_empty():
+    """Sq = 0: the new keys are still appended; out and lse are empty."""
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, seqlen_new=2)
+    q = q[:, :0]
+    k_before = k_cache.clone()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, return_lse=True,
+                                       backend="reference", **kw)
+    assert out.shape == (2, 0, 4, 32) and lse.shape == (2, 4, 0)
+    for b in range(2):
+        assert torch.equal(k_cache[b, lens[b]:lens[b] + 2], kw["k"][b])
+        assert torch.equal(k_cache[b, :lens[b]], k_before[b, :lens[b]])
+
+
 def test_unused_page_entries_may_hold_anything():
     """Serving systems leave the tail of a page-table row unset: only pages a sequence uses are checked."""
     q, k_cache, v_cache, _, kw = _make(batch=2, capacity=16, page_size=4)

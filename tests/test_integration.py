@@ -47,6 +47,61 @@ def test_compile_inductor_varlen():
     assert torch.allclose(got, f(q, k, v), atol=1e-5)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("lens", ["int", "tensor", "none"])
+@pytest.mark.parametrize("with_out", [False, True], ids=["", "out"])
+def test_compile_kvcache_fullgraph(paged, lens, with_out):
+    """flash_attn_with_kvcache under torch.compile(fullgraph=True): one graph, the same output, lse and in-place
+    append as eager (the fa4::with_kvcache custom op)."""
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 2, 4, 32, generator=g)
+        if paged:
+            kc, vc = (torch.randn(10, 4, 2, 32, generator=g) for _ in range(2))
+            table = torch.randperm(10, generator=g)[:8].view(2, 4).to(torch.int32)
+        else:
+            kc, vc = (torch.randn(2, 16, 2, 32, generator=g) for _ in range(2))
+            table = None
+        new = [torch.randn(2, 2, 2, 32, generator=g) for _ in range(2)]
+        out = torch.full((2, 2, 4, 32), float("nan")) if with_out else None
+        return q, kc, vc, new, table, out
+
+    cache_seqlens = {"int": 5, "tensor": torch.tensor([3, 9], dtype=torch.int32), "none": None}[lens]
+    torch._dynamo.reset()  # each parametrisation compiles the same code object afresh (no recompile limit)
+
+    def step(q, kc, vc, kn, vn, table, out):
+        kw = dict(k=kn, v=vn, cache_seqlens=cache_seqlens) if cache_seqlens is not None else {}
+        res, lse = fa4.flash_attn_with_kvcache(q, kc, vc, page_table=table, causal=True, out=out, return_lse=True,
+                                               **kw)
+        return res * 2, lse
+
+    results = []
+    for compiled in (False, True):
+        q, kc, vc, (kn, vn), table, out = inputs()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        fn = torch.compile(step, backend=counter, fullgraph=True) if compiled else step
+        res, lse = fn(q, kc, vc, kn, vn, table, out)
+        results.append((res, lse, kc, vc, out))
+        if compiled:
+            assert counter.frame_count == 1
+    (r0, l0, k0, v0, o0), (r1, l1, k1, v1, o1) = results
+    assert torch.allclose(r0, r1, atol=1e-5) and torch.allclose(l0, l1, atol=1e-5)
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    if with_out:
+        assert torch.allclose(o0, o1, atol=1e-5) and not o1.isnan().any()
+
+
+def test_opcheck_kvcache():
+    from fa4 import inference  # noqa: F401  (registers fa4::with_kvcache)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    kc, vc = (torch.randn(2, 8, 2, 16, generator=g) for _ in range(2))
+    kn, vn = (torch.randn(2, 1, 2, 16, generator=g) for _ in range(2))
+    lens = torch.tensor([2, 5], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fa4.with_kvcache, (q, kc, vc, kn, vn, None, None, lens, -1, None, None, None,
+                                                        True, -1, -1, 0.0, None, True, 0, None, "reference"))
+
+
 def _op_args(q, k, v, sink=None, backend="reference"):
     return (q, k, v, sink, None, None, None, None, q.shape[1], k.shape[1], 0.25, -1, 0, 0.0, backend, backend,
             False, True)
