@@ -15,6 +15,7 @@ import logging
 import os
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fa4  # noqa: E402
+from fa4 import checks  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 128
 
@@ -46,7 +48,8 @@ def main():
     ap.add_argument("--rows", default="4:4096:4096,1:16384:16384,4:1024:8192")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--diagnose", action="store_true", help="also: contiguous with seqused_k, paged with the "
-                    "identity page table (pages in sequence order), both through Triton's JIT launch")
+                    "identity page table (pages in sequence order), both through Triton's JIT launch and with the value "
+                    "checks' host read on every call; the host synchronisations of a call")
     args = ap.parse_args()
     reasons = _Reasons()
     logging.getLogger("fa4").addHandler(reasons)
@@ -97,6 +100,18 @@ def main():
                 return call
             cols["fa4 contig (JIT launch)"] = jit_launch(cols["fa4 contig"])
             cols["fa4 paged (JIT launch)"] = jit_launch(cols["fa4 paged"])
+
+            def read_every_call(fn):
+                def call():  # the value checks' host read on every call (before checks remembered passed sets)
+                    saved = checks._remembered_key
+                    checks._remembered_key = lambda *a: None
+                    try:
+                        return fn()
+                    finally:
+                        checks._remembered_key = saved
+                return call
+            cols["fa4 contig (checks read every call)"] = read_every_call(cols["fa4 contig"])
+            cols["fa4 paged (checks read every call)"] = read_every_call(cols["fa4 paged"])
         if fa4_peer is not None:
             cols["FA4 contig"] = lambda: fa4_peer(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=sq,
                                                   max_seqlen_k=sk, causal=True)
@@ -118,6 +133,20 @@ def main():
             why = "; ".join(dict.fromkeys(line[:160] for line in reasons.lines if "fa4" in name))
             print(f"# B={batch} Sq={sq} Sk={sk} {name}: max |diff| vs fa4 contig {err:.2e}"
                   + (f"; log: {why}" if why else ""))
+        if args.diagnose:
+            # Host synchronisations of one steady-state call (torch's sync debug mode warns on each).
+            for name, fn in cols.items():
+                fn()
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        fn()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchroniz" in str(w.message) for w in caught)
+                print(f"# B={batch} Sq={sq} Sk={sk} {name}: {syncs} host synchronisations a call")
         flops = 4 * D * HQ * batch * visible_pairs(sq, sk)
         times = {name: [] for name in cols}
         for _ in range(args.reps):

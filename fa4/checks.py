@@ -4,7 +4,15 @@ Every check raises a ValueError or TypeError that names the argument, what was e
 before anything is computed or written. Checks that need tensor *values* (cu_seqlens monotone, lengths within
 max_seqlen, page indices in range) read them back to the host; they are skipped while torch.compile traces
 or a CUDA graph is being captured, where a host read is impossible (the caller vouches for the values there).
+
+A host read waits for the GPU, so the packed-sequence checks remember the argument sets that passed: the same
+tensors (same objects, same in-place version counter) with the same sizes are not read again. A training step
+that builds cu_seqlens once and calls every layer with it pays one read, not one a layer. Tensors made under
+torch.inference_mode have no version counter; a set holding one is read on every call.
 """
+import collections
+import weakref
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,6 +161,49 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
             raise ValueError("seqused_k (keys per sequence) is required with page_table")
     if not can_read_values(cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):
         return batch
+    tensors = (cu_seqlens_q, cu_seqlens_k, seqused_k, page_table)
+    key = _remembered_key(tensors, (q.shape[0], k.shape[0], k.shape[1], max_seqlen_q, max_seqlen_k))
+    if key is not None and _passed(key, tensors):
+        return batch
+    _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
+    if key is not None:
+        _remember(key, tensors)
+    return batch
+
+
+# Packed-sequence argument sets whose values passed, most recent last: key -> weak references to the tensors.
+_varlen_ok = collections.OrderedDict()
+_VARLEN_OK_SIZE = 64
+
+
+def _remembered_key(tensors, sizes):
+    """The key of an argument set (None: not to be remembered, a tensor has no version counter)."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return sizes + tuple((id(t), t._version) if t is not None else None for t in tensors)
+
+
+def _passed(key, tensors):
+    refs = _varlen_ok.get(key)
+    if refs is None or any(ref() is not t for ref, t in zip(refs, tensors)):
+        return False
+    _varlen_ok.move_to_end(key)
+    return True
+
+
+def _no_tensor():
+    return None
+
+
+def _remember(key, tensors):
+    _varlen_ok[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors)
+    if len(_varlen_ok) > _VARLEN_OK_SIZE:
+        _varlen_ok.popitem(last=False)
+
+
+def _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):
+    """check_varlen's checks of tensor values (host reads)."""
+    batch = cu_seqlens_q.shape[0] - 1
     _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     if page_table is None:
         lens_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0],
@@ -180,7 +231,6 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
                 raise ValueError(f"max_seqlen_k = {max_seqlen_k} is smaller than seqused_k[{b}] = {u}")
     if page_table is not None and page_table.numel():
         _check_used_pages(page_table, used, k.shape[1], k.shape[0])
-    return batch
 
 
 def _check_used_pages(page_table, used, page_size, num_pages):

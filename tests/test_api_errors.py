@@ -156,3 +156,28 @@ def test_error_messages_name_expected_and_received():
         fa4.flash_attn_func(q, k[:, :, :1].expand(2, 16, 3, 16), v[:, :, :1].expand(2, 16, 3, 16))
     msg = str(info.value)
     assert re.search(r"k has 3 heads", msg) and "4 heads" in msg
+
+
+def test_varlen_value_checks_are_remembered_until_a_tensor_changes(monkeypatch):
+    """The host read of cu_seqlens / seqused_k / page_table runs once per argument set: again for an in-place
+    change (which is then caught), for another tensor, and on every call for inference-mode tensors."""
+    from fa4 import checks
+    reads = []
+    real = checks._check_varlen_values
+    monkeypatch.setattr(checks, "_check_varlen_values", lambda *a: (reads.append(1), real(*a)))
+    q = torch.randn(12, 4, 16)
+    k = v = torch.randn(12, 2, 16)
+    cu = _cu([0, 5, 12])
+    for _ in range(3):
+        fa4.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7)
+    assert len(reads) == 1
+    cu[1] = 6  # in place: the version counter moves, the values are read again
+    fa4.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7)
+    assert len(reads) == 2
+    cu[1] = 13
+    _raises(ValueError, r"^cu_seqlens_q must be non-decreasing", fa4.flash_attn_varlen_func, q, k, v, cu, cu, 13, 13)
+    with torch.inference_mode():
+        cu_inf = _cu([0, 5, 12])
+        for _ in range(2):
+            fa4.flash_attn_varlen_func(q, k, v, cu_inf, cu_inf, 7, 7)
+    assert len(reads) == 5
