@@ -15,16 +15,17 @@ import logging
 import os
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fa4  # noqa: E402
 from fa4 import checks  # noqa: E402
+from varlen_train_probe import host_syncs  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 128
 
@@ -136,17 +137,7 @@ def main():
         if args.diagnose:
             # Host synchronisations of one steady-state call (torch's sync debug mode warns on each).
             for name, fn in cols.items():
-                fn()
-                torch.cuda.synchronize()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn")
-                    try:
-                        fn()
-                    finally:
-                        torch.cuda.set_sync_debug_mode("default")
-                syncs = sum("synchroniz" in str(w.message) for w in caught)
-                print(f"# B={batch} Sq={sq} Sk={sk} {name}: {syncs} host synchronisations a call")
+                print(f"# B={batch} Sq={sq} Sk={sk} {name}: {host_syncs(fn)} host synchronisations a call")
         flops = 4 * D * HQ * batch * visible_pairs(sq, sk)
         times = {name: [] for name in cols}
         for _ in range(args.reps):

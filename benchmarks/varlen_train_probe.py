@@ -33,6 +33,7 @@ def visible_pairs(lengths, causal):
 
 
 def host_syncs(fn):
+    """Host synchronisations of one steady-state call of fn (torch's sync debug mode warns on each)."""
     fn()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

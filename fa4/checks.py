@@ -163,42 +163,49 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         return batch
     tensors = (cu_seqlens_q, cu_seqlens_k, seqused_k, page_table)
     key = _remembered_key(tensors, (q.shape[0], k.shape[0], k.shape[1], max_seqlen_q, max_seqlen_k))
-    if key is not None and _passed(key, tensors):
+    if key is not None and _varlen_ok.passed(key, tensors):
         return batch
     _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
     if key is not None:
-        _remember(key, tensors)
+        _varlen_ok.remember(key, tensors)
     return batch
 
 
-# Packed-sequence argument sets whose values passed, most recent last: key -> weak references to the tensors.
-_varlen_ok = collections.OrderedDict()
-_VARLEN_OK_SIZE = 64
-
-
-def _remembered_key(tensors, sizes):
-    """The key of an argument set (None: not to be remembered, a tensor has no version counter)."""
+def _remembered_key(tensors, params):
+    """The key under which an argument set's passed value checks are remembered: params (what else the checks
+    depend on) and each tensor's identity and in-place version counter. None: not to be remembered (a tensor made
+    under torch.inference_mode has no version counter, so an in-place change could not be seen)."""
     if any(t is not None and t.is_inference() for t in tensors):
         return None
-    return sizes + tuple((id(t), t._version) if t is not None else None for t in tensors)
-
-
-def _passed(key, tensors):
-    refs = _varlen_ok.get(key)
-    if refs is None or any(ref() is not t for ref, t in zip(refs, tensors)):
-        return False
-    _varlen_ok.move_to_end(key)
-    return True
+    return tuple(params) + tuple((id(t), t._version) if t is not None else None for t in tensors)
 
 
 def _no_tensor():
     return None
 
 
-def _remember(key, tensors):
-    _varlen_ok[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors)
-    if len(_varlen_ok) > _VARLEN_OK_SIZE:
-        _varlen_ok.popitem(last=False)
+class PassedSets:
+    """Argument sets whose value checks passed, most recent last: key -> weak references to their tensors (a key
+    matches only while those very tensors are alive: an id can be reused by a new tensor)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.sets = collections.OrderedDict()
+
+    def passed(self, key, tensors):
+        refs = self.sets.get(key)
+        if refs is None or any(ref() is not t for ref, t in zip(refs, tensors)):
+            return False
+        self.sets.move_to_end(key)
+        return True
+
+    def remember(self, key, tensors):
+        self.sets[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors)
+        if len(self.sets) > self.size:
+            self.sets.popitem(last=False)
+
+
+_varlen_ok = PassedSets(64)
 
 
 def _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):

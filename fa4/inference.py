@@ -27,10 +27,8 @@ calls with the same signature skip straight to the value checks (a dictionary lo
 the Step, which launches the compiled kernels without Triton's per-call binding (decode.Launch). Launches per
 call: the append only when k/v are given, the attention, the combine only when split.
 """
-import collections
 import math
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -260,13 +258,8 @@ def _check_negative(name, lo, at):
         raise ValueError(f"{name}[{at}] = {lo}; it must be >= 0")
 
 
-# Argument sets whose values passed, most recent last: key -> weak references to their tensors.
-_values_ok = collections.OrderedDict()
-_VALUES_OK_SIZE = 32
-
-
-def _no_tensor():
-    return None
+# Argument sets whose values passed (checks.PassedSets).
+_values_ok = checks.PassedSets(32)
 
 
 def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
@@ -279,19 +272,11 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
     if (lens_t is None and cache_batch_idx is None and page_table is None) or not CHECK_VALUES or c.batch == 0:
         return
     tensors = (lens_t, cache_batch_idx, page_table)
-    # Tensors made under torch.inference_mode have no version counter: their values can change unseen, so an
-    # argument set holding one is checked on every call (never remembered).
-    remember = not any(t is not None and t.is_inference() for t in tensors)
-    if remember:
-        # An int (or None) cache_seqlens is part of the key: the page-table entries a sequence uses depend on it.
-        key = (c.value_params, None if lens_t is not None else cache_seqlens,
-               id(lens_t), lens_t._version if lens_t is not None else 0,
-               id(cache_batch_idx), cache_batch_idx._version if cache_batch_idx is not None else 0,
-               id(page_table), page_table._version if page_table is not None else 0)
-        refs = _values_ok.get(key)
-        if refs is not None and refs[0]() is lens_t and refs[1]() is cache_batch_idx and refs[2]() is page_table:
-            _values_ok.move_to_end(key)
-            return
+    # An int (or None) cache_seqlens is part of the key: the page-table entries a sequence uses depend on it.
+    # Inference-mode tensors give no key (checks._remembered_key): such a set is checked on every call.
+    key = checks._remembered_key(tensors, (c.value_params, None if lens_t is not None else cache_seqlens))
+    if key is not None and _values_ok.passed(key, tensors):
+        return
     if not checks.can_read_values(lens_t, cache_batch_idx, page_table):
         return
     stats = []
@@ -333,11 +318,8 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
             b, j = divmod(first, page_table.shape[1])
             raise ValueError(f"page_table[{b}, {j}] = {value} is out of range: k_cache has {c.num_pages} pages "
                              f"(entries a sequence uses must lie in [0, {c.num_pages}))")
-    if not remember:
-        return
-    _values_ok[key] = tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors)
-    if len(_values_ok) > _VALUES_OK_SIZE:
-        _values_ok.popitem(last=False)
+    if key is not None:
+        _values_ok.remember(key, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
