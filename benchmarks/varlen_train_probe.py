@@ -1,7 +1,7 @@
 """Packed (varlen) training calls: fa4.flash_attn_varlen_func forward and forward + backward against
 FlashAttention-4's varlen function when `flash_attn.cute` imports, with the host synchronisations a call.
 
-    python benchmarks/varlen_train_probe.py [--rows 128:16:8x2048:1,64:32:4x4096:1,128:16:2048+1024+512+4608:0]
+    python benchmarks/varlen_train_probe.py [--rows 128:16:8x2048:1,...] [--reps 3] [--dynamic]
 
 A row is D:H:lengths:causal, lengths either NxL (N sequences of L tokens) or L1+L2+... (bf16, Hq = Hkv = H,
 B·S = 16384 tokens as the training suite). cu_seqlens is built once and reused, as a model reuses it for every
@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--rows", default="128:16:8x2048:1,64:32:4x4096:1,128:16:2048+1024+512+4608+8192:1,"
                                       "128:16:8x2048:0")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dynamic", action="store_true", help="also time the sm90 forward with the DYNAMIC unit "
+                    "handout (probe variant) against its static stride")
     args = ap.parse_args()
     try:
         from flash_attn.cute import flash_attn_varlen_func as peer
@@ -74,6 +76,18 @@ def main():
                                         max_seqlen_k=longest, causal=causal)
         flops = 4 * d * heads * visible_pairs(lengths, causal)
         line = []
+        if args.dynamic:
+            # The sm90 forward alone, static stride against the DYNAMIC unit handout (both through Triton's
+            # launch, since DYNAMIC has no cached plan).
+            from fa4.kernels import sm90
+            opts = dict(softmax_scale=d ** -0.5, window_right=0 if causal else -1, cu_seqlens_q=cu,
+                        cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
+            for tag, variant in (("static", dict(FAST=False)), ("dynamic", dict(DYNAMIC=True))):
+                def fwd_only(variant=variant):
+                    return sm90.forward(q.detach(), k.detach(), v.detach(), variant=variant, **opts)
+                t = statistics.median(do_bench(fwd_only, warmup=10, rep=50, return_mode="median")
+                                      for _ in range(args.reps))
+                line.append(f"sm90 fwd {tag} {flops / t / 1e9:4.0f}")
         for name, call in calls.items():
             def fwd(call=call):
                 with torch.no_grad():

@@ -40,6 +40,8 @@ def _shipped():
         # Paged prefill: K / V blocks by TMA from the page pool through the page table.
         ("d128-paged128-causal-gqa", dict(d=128, dv=128, causal=True, gqa=4, page_size=128)),
         ("d256-paged64-causal", dict(d=256, dv=256, causal=True, page_size=64)),
+        # DYNAMIC (probe variant): units from a global counter, packed sequences longest first.
+        ("d128-varlen-dynamic-causal", dict(d=128, dv=128, varlen=True, causal=True, variant=dict(DYNAMIC=True))),
         ("d40-24-sink", dict(d=40, dv=24, sink=True)),
         ("d128-lazy-poly25", dict(d=128, dv=128, causal=True, variant=dict(LAZY=True, POLY=1))),
         ("d64-poly50", dict(d=64, dv=64, variant=dict(POLY=2))),

@@ -99,6 +99,8 @@ VARIANTS = [
     dict(CONVERGE=True), dict(CONVERGE=False),
     # O staged half its columns at a time (probe variant; frees Q's buffer of O at D = 256).
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
+    # Units handed out from a global counter (probe variant; see test_dynamic_varlen for packed batches).
+    dict(DYNAMIC=True),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
 ]
@@ -349,3 +351,18 @@ def test_paged_prefill(case, dtype):
                                         seqused_k=lay["seqused_k"], page_table=table, causal=causal,
                                         window_size=window, backend="sm90")
     assert torch.equal(public, out)
+
+
+@pytest.mark.parametrize("d,causal", [(128, True), (64, True), (128, False), (256, True)])
+def test_dynamic_varlen(d, causal):
+    """DYNAMIC (probe variant): packed sequences of mixed lengths, longest first from a global unit counter, with
+    an empty sequence and one shorter than a tile; the same answer as the static schedule, under the rule."""
+    torch.manual_seed(d + causal)
+    lens = [2048, 0, 1024, 77, 4608, 512, 8192]
+    q = torch.randn(sum(lens), 8, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(sum(lens), 2, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(sum(lens), 2, d, dtype=torch.bfloat16, device=DEV)
+    lay = dict(cu_seqlens_q=_cu(lens), cu_seqlens_k=_cu(lens), max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+    out, lse = _run(q, k, v, causal=causal, varlen=lay, variant=dict(DYNAMIC=True))
+    again, _ = _run(q, k, v, causal=causal, varlen=lay, variant=dict(DYNAMIC=True))
+    assert torch.equal(out, again)  # each tile is computed by one CTA whatever the order: bitwise repeatable

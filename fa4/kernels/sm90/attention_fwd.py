@@ -104,13 +104,16 @@ class Problem:
     O_HALVES: gl.constexpr
     PACK: gl.constexpr
     PAGE_SIZE: gl.constexpr
+    sched: gl.tensor
+    DYNAMIC: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                  stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units, units_per_head,
                  lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles, BN, NWG, STAGES,
                  VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED,
-                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, PAGE_SIZE):
+                 STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D, CONVERGE, O_HALVES, PACK, PAGE_SIZE, sched,
+                 DYNAMIC):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -162,6 +165,8 @@ class Problem:
         self.O_HALVES = gl.constexpr(O_HALVES)
         self.PACK = gl.constexpr(PACK)
         self.PAGE_SIZE = gl.constexpr(PAGE_SIZE)
+        self.sched = sched
+        self.DYNAMIC = gl.constexpr(DYNAMIC)
 
 
 @aggregate
@@ -178,9 +183,13 @@ class Buffers:
     v_ready: gl.shared_memory_descriptor
     v_empty: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor     # [NWG, 1]
+    unit_ids: gl.shared_memory_descriptor    # DYNAMIC: [2, 1] int32, the units the loader drew (else unused)
+    unit_ready: gl.shared_memory_descriptor  # DYNAMIC: [2, 1] mbarriers, the loader's arrival
+    unit_free: gl.shared_memory_descriptor   # DYNAMIC: [2, 1] mbarriers, one arrival a consumer
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn):
+    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, unit_ids, unit_ready,
+                 unit_free):
         self.q = q
         self.k = k
         self.v = v
@@ -192,6 +201,9 @@ class Buffers:
         self.v_ready = v_ready
         self.v_empty = v_empty
         self.turn = turn
+        self.unit_ids = unit_ids
+        self.unit_ready = unit_ready
+        self.unit_free = unit_free
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,6 +221,11 @@ class Buffers:
 #                      Causal costs (u + 1) + (n_m - u) = n_m + 1: every unit costs the same, so round robin is
 #                      balanced up to the last partial round, and the CTAs that run together stay on one or two
 #                      heads and walk the same key blocks within a few blocks of each other (L2 reuse).
+# DYNAMIC (probe variant, off by default): the units are handed out from a global counter instead (the loader
+# draws one, the consumers read it from shared memory), packed sequences longest first (sched[1 + i] is the i-th
+# longest), so a CTA that drew short units takes the next one while another still walks a long one. For packed
+# batches of mixed lengths, where a paired unit's cost is its sequence's length and the static stride hands some
+# CTAs one more of the longest sequence's units than others (benchmarks/NOTES.md, session 19).
 SCHED_FLAT = gl.constexpr(0)
 SCHED_REVERSED = gl.constexpr(1)
 SCHED_PAIRED = gl.constexpr(2)
@@ -227,6 +244,8 @@ def _work(p, t, sub):
     u = t - bh * p.units_per_head
     b = bh // p.num_heads
     h = bh - b * p.num_heads
+    if p.DYNAMIC and p.VARLEN:
+        b = gl.load(p.sched + 1 + b)  # the b-th longest sequence
     if p.VARLEN:
         q_start = gl.load(p.cu_q + b)
         seq_q = gl.load(p.cu_q + b + 1) - q_start
@@ -449,6 +468,30 @@ def _page_row(p, b, key, ok):
     return page * p.PAGE_SIZE + key % p.PAGE_SIZE
 
 
+@gluon.jit
+def _draw_unit(p, bufs, fcount):
+    """DYNAMIC, loader: the CTA's fcount-th unit from the global counter sched[0], published in slot fcount % 2 once
+    every consumer has read that slot's previous unit (a fresh barrier passes parity 1)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    slot = fcount % 2
+    mbarrier.wait(bufs.unit_free.index(slot), ((fcount // 2) & 1) ^ 1)
+    t = gl.atomic_add(p.sched + gl.zeros([1], gl.int32, layout), gl.full([1], 1, gl.int32, layout))
+    bufs.unit_ids.index(slot).store(t)
+    mbarrier.arrive(bufs.unit_ready.index(slot))
+    return gl.max(t, axis=0)
+
+
+@gluon.jit
+def _take_unit(bufs, fcount):
+    """DYNAMIC, consumer: the CTA's fcount-th unit, read from its slot, which is then handed back."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    slot = fcount % 2
+    mbarrier.wait(bufs.unit_ready.index(slot), (fcount // 2) & 1)
+    t = gl.max(bufs.unit_ids.index(slot).load(layout), axis=0)
+    mbarrier.arrive(bufs.unit_free.index(slot))
+    return t
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loader partition: one warp issuing TMA loads.
 # ---------------------------------------------------------------------------------------------------------
@@ -461,7 +504,11 @@ def _loader(p, bufs):
     kv_idx = 0
     kv_phase = 0
     tcount = 0
-    t = pid
+    fcount = 0  # DYNAMIC: units drawn so far
+    if p.DYNAMIC:
+        t = _draw_unit(p, bufs, fcount)
+    else:
+        t = pid
     while t < p.num_units:
         b, h, seq_q, seq_k, q_start, k_start, mb_first, count = _work(p, t, 0)
         mb_second = _work(p, t, 1)[6]
@@ -502,7 +549,11 @@ def _loader(p, bufs):
                 mbarrier.expect(bufs.v_ready.index(kv_idx), p.v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(p.v_desc, coord, bufs.v_ready.index(kv_idx), bufs.v.index(kv_idx))
                 kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
-        t += _num_ctas()  # re-read, not kept live (see _num_ctas)
+        if p.DYNAMIC:
+            fcount += 1
+            t = _draw_unit(p, bufs, fcount)
+        else:
+            t += _num_ctas()  # re-read, not kept live (see _num_ctas)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -648,7 +699,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
     kv_count = 0  # K/V blocks taken from the ring so far
     turn = 0
     tcount = 0
-    t = pid
+    fcount = 0  # DYNAMIC: units taken so far
+    if p.DYNAMIC:
+        t = _take_unit(bufs, fcount)
+    else:
+        t = pid
     if p.TRACE:
         if WG == 0:
             _trace_put(p, pid, 0, _gtimer())
@@ -716,7 +771,11 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     if tcount - 1 < p.trace_tiles:
                         _trace_tile(p, pid, tcount - 1, 4, WG)
                         _trace_put(p, pid, TRACE_HDR_C + TRACE_EV_C * (tcount - 1) + 5, n_hi - n_lo)
-        t += _num_ctas()
+        if p.DYNAMIC:
+            fcount += 1
+            t = _take_unit(bufs, fcount)
+        else:
+            t += _num_ctas()
     tma.store_wait(0)
     if p.TRACE:
         if WG == 0:
@@ -841,14 +900,14 @@ _RUNTIME_INTS = ["stride_ot", "stride_oh", "dv", "seqlen_q", "seqlen_k", "num_he
 def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                     stride_ot, stride_oh, dv, seqlen_q, seqlen_k, num_heads, group, num_m, num_units,
                     units_per_head, lse_len, qk_scale, cap_scale, window_left, window_right, trace_ptr, trace_tiles,
-                    BN: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
+                    sched_ptr, BN: gl.constexpr, NWG: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                     SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, LAZY: gl.constexpr, POLY: gl.constexpr,
                     PINGPONG: gl.constexpr, O_ALIAS: gl.constexpr, SCHED: gl.constexpr, STAGGER: gl.constexpr,
                     BIG_O: gl.constexpr, QBUF: gl.constexpr, TAIL: gl.constexpr, TRACE: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, MASK2D: gl.constexpr,
                     CONVERGE: gl.constexpr, O_HALVES: gl.constexpr, PACK: gl.constexpr,
-                    PAGE_SIZE: gl.constexpr = 0):
+                    PAGE_SIZE: gl.constexpr = 0, DYNAMIC: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [QBUF * NWG] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -874,6 +933,17 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
         mbarrier.init(v_empty.index(s), count=NWG)
     for w in gl.static_range(NWG):
         mbarrier.init(turn.index(w), count=1)
+    if DYNAMIC:
+        unit_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        unit_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        unit_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(unit_ready.index(i), count=1)
+            mbarrier.init(unit_free.index(i), count=NWG)
+    else:
+        unit_ids = turn  # placeholders, never touched
+        unit_ready = turn
+        unit_free = turn
 
     p = Problem(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                 gl.to_tensor(stride_ot), gl.to_tensor(stride_oh), gl.to_tensor(dv), gl.to_tensor(seqlen_q),
@@ -882,8 +952,9 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 gl.to_tensor(cap_scale), gl.to_tensor(window_left), gl.to_tensor(window_right), trace_ptr,
                 gl.to_tensor(trace_tiles), BN, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP,
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
-                CONVERGE, O_HALVES, PACK, PAGE_SIZE)
-    bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
+                CONVERGE, O_HALVES, PACK, PAGE_SIZE, sched_ptr, DYNAMIC)
+    bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                   unit_ids, unit_ready, unit_free)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_consumer, (p, bufs, gl.constexpr(1))),
@@ -909,7 +980,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None)
+                       O_HALVES=False, PACK=None, DYNAMIC=False)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -1007,6 +1078,12 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         k, v = k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
     trace_tiles = 0
     trace = dummy_i32
+    sched_buf = dummy_i32
+    if variant["DYNAMIC"]:
+        # sched[0]: the unit counter (zero at launch); sched[1 + i]: the i-th longest packed sequence.
+        sched_buf = torch.zeros(1 + batch, dtype=torch.int32, device=q.device)
+        if varlen:
+            sched_buf[1:] = torch.argsort(cu_seqlens_q[1:] - cu_seqlens_q[:-1], descending=True, stable=True)
     if variant["TRACE"]:
         grid = max(1, min(num_units, num_ctas))
         trace_tiles = triton.cdiv(num_units, grid) * (2 if sched == SCHED_PAIRED.value else 1)
@@ -1028,7 +1105,8 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # scaled by cap_scale, its result by qk_scale.
         qk_scale=(softcap if soft else softmax_scale) * LOG2E,
         cap_scale=softmax_scale / softcap if soft else 1.0,
-        window_left=window_left, window_right=window_right, trace_ptr=trace, trace_tiles=trace_tiles)
+        window_left=window_left, window_right=window_right, trace_ptr=trace, trace_tiles=trace_tiles,
+        sched_ptr=sched_buf)
     constexprs = dict(
         BN=cfg.block_n, NWG=cfg.num_wg, STAGES=cfg.stages, VARLEN=varlen, HAS_SEQUSED=seqused_k is not None,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, SOFTCAP=soft, HAS_SINK=sink is not None,
@@ -1037,7 +1115,8 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # 64-bit row offsets for the pointer-stored O tail only when O is that large (the sign extension
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
-        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack, PAGE_SIZE=page_size)
+        CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack, PAGE_SIZE=page_size,
+        DYNAMIC=bool(variant["DYNAMIC"]))
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
     converge = variant["CONVERGE"]
@@ -1105,7 +1184,9 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
     """The backend `forward` (docs/INTERNALS.md) on the Gluon kernel; the caller has checked support.
     A paged call's page table takes cu_k's place in a plan's arguments (see _page_row)."""
     variant = variant or {}
-    fast = launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and launch.usable()
+    # DYNAMIC (probe) needs a fresh unit counter a call, which launch.py's plans do not make: Triton's launch.
+    fast = (launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and not variant.get("DYNAMIC")
+            and launch.usable())
     if fast:
         key = launch.signature(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
                                window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,

@@ -58,7 +58,7 @@ class Plan:
     # The forward's parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
     FWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
     FWD_TENSORS = (("o_ptr", "out"), ("lse_ptr", "lse"), ("sink_ptr", "sink"), ("cu_q", "cu_q"),
-                   ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"))
+                   ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"), ("sched_ptr", "dummy"))
 
     def __init__(self, arg_names, args, constexprs, grid, compiled=None, descs=FWD_DESCS, tensors=FWD_TENSORS):
         values = dict(args)
