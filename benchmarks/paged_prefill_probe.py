@@ -49,8 +49,8 @@ def main():
     ap.add_argument("--rows", default="4:4096:4096,1:16384:16384,4:1024:8192")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--diagnose", action="store_true", help="also: contiguous with seqused_k, paged with the "
-                    "identity page table (pages in sequence order), both through Triton's JIT launch and with the value "
-                    "checks' host read on every call; the host synchronisations of a call")
+                    "identity page table (pages in sequence order), both through Triton's JIT launch and with the "
+                    "value checks' host read on every call; the host synchronisations of a call")
     args = ap.parse_args()
     reasons = _Reasons()
     logging.getLogger("fa4").addHandler(reasons)

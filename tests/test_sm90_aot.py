@@ -338,9 +338,11 @@ class _MBarrier:
             time.sleep(0)
 
 
-def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False):
+def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False, dynamic=False):
     """tiles: per-tile number of key blocks (None = skipped tile). Runs one CTA's partitions. qbuf: Q buffers
-    (QBUF); early_q: Q handed back right after the tile's last QKᵀ (TAIL without O staged in Q)."""
+    (QBUF); early_q: Q handed back right after the tile's last QKᵀ (TAIL without O staged in Q); dynamic: the
+    units come from a counter through the two-slot handout ring (DYNAMIC: _draw_unit / _take_unit), the last
+    draw (past the end) ending every partition's loop."""
     rng = np.random.default_rng(seed)
     deadline = time.time() + 20
     early_q = early_q and not o_alias
@@ -350,8 +352,45 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False
     v_ready = [_MBarrier(1) for _ in range(stages)]
     v_empty = [_MBarrier(nwg) for _ in range(stages)]
     turn = [_MBarrier(1) for _ in range(nwg)]
+    unit_ready, unit_free, unit_ids = [_MBarrier(1) for _ in range(2)], [_MBarrier(nwg) for _ in range(2)], [None] * 2
+    counter = [0]
     q_tag, k_tag, v_tag = [None] * qbuf, [None] * stages, [None] * stages
     issues, errors = [], []
+
+    def loader_units():
+        if not dynamic:
+            yield from enumerate(tiles)
+            return
+        fcount = 0
+        while True:
+            slot = fcount % 2
+            unit_free[slot].wait(((fcount // 2) & 1) ^ 1, deadline)
+            t = counter[0]  # the atomic add (one CTA here: its draws are 0, 1, 2, ...)
+            counter[0] += 1
+            unit_ids[slot] = t
+            unit_ready[slot].arrive()
+            fcount += 1
+            if t >= len(tiles):
+                return
+            yield t, tiles[t]
+
+    def consumer_units(wg):
+        if not dynamic:
+            yield from enumerate(tiles)
+            return
+        fcount = 0
+        while True:
+            slot = fcount % 2
+            unit_ready[slot].wait((fcount // 2) & 1, deadline)
+            t = unit_ids[slot]
+            time.sleep(jitter[(fcount * 3 + wg) % len(jitter)])
+            if unit_ids[slot] != t or t != fcount:
+                errors.append(f"wg{wg} read unit {t} (slot now {unit_ids[slot]}) as its draw {fcount}")
+            unit_free[slot].arrive()
+            fcount += 1
+            if t >= len(tiles):
+                return
+            yield t, tiles[t]
     jitter = rng.random(10000) * 1e-4
 
     def tma(bar, slot_tags, idx, tag, nbytes, n):
@@ -364,7 +403,7 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False
 
     def loader():
         kv_idx = kv_phase = tcount = n = 0
-        for t, nblocks in enumerate(tiles):
+        for t, nblocks in loader_units():
             if nblocks is None:
                 continue
             qb, q_phase = tcount % qbuf, (tcount // qbuf) & 1
@@ -392,7 +431,7 @@ def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False
             if tags[idx] != want:
                 errors.append(f"wg{wg} read {what} {tags[idx]} where {want} was due")
 
-        for t, nblocks in enumerate(tiles):
+        for t, nblocks in consumer_units(wg):
             if nblocks is None:
                 continue
             qb, q_phase = tcount % qbuf, (tcount // qbuf) & 1
@@ -470,6 +509,15 @@ def test_barrier_protocol(nwg, stages, o_alias, pingpong, qbuf, early_q):
     rng = np.random.default_rng(nwg * 10 + stages + 100 * qbuf + 7 * early_q)
     tiles = [None if rng.random() < 0.1 else int(rng.choice([0, 1, 2, 3, 7])) for _ in range(25)]
     _simulate(tiles, nwg, stages, o_alias, pingpong, seed=stages, qbuf=qbuf, early_q=early_q)
+
+
+@pytest.mark.parametrize("nwg,stages,qbuf", [(2, 2, 1), (3, 2, 1), (2, 2, 2)])
+def test_barrier_protocol_dynamic(nwg, stages, qbuf):
+    """DYNAMIC: the units handed out through the shared-memory ring, every consumer reading each draw in order
+    before the loader reuses its slot, and the past-the-end draw ending all partitions."""
+    rng = np.random.default_rng(nwg * 10 + stages + 100 * qbuf + 5)
+    tiles = [None if rng.random() < 0.1 else int(rng.choice([0, 1, 2, 3, 7])) for _ in range(25)]
+    _simulate(tiles, nwg, stages, False, True, seed=stages, qbuf=qbuf, dynamic=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -974,9 +974,10 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 # Kernel switches; the defaults are what ships (the tile, ping-pong included, comes from configs.py).
 # benchmarks/sm90_probe.py times the alternatives. SCHED None: paired units where a window (causal) makes
-# tile costs differ and the flat units outnumber the grid, flat otherwise. TAIL: the tile-end hand-offs of r2 (Q released after the last QKᵀ, lse
-# stored after the O store is issued). TRACE: time stamps per tile into LAST_TRACE (probe only). FAST: the
-# host launch path of launch.py (None: the FA4_SM90_FAST environment variable, "1" = on).
+# tile costs differ and the flat units outnumber the grid, flat otherwise. TAIL: the tile-end hand-offs of r2
+# (Q released after the last QKᵀ, lse stored after the O store is issued). TRACE: time stamps per tile into
+# LAST_TRACE (probe only). FAST: the host launch path of launch.py (None: the FA4_SM90_FAST environment variable,
+# "1" = on). DYNAMIC (probe): units from a global counter, packed sequences longest first (see SCHED_FLAT).
 # TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
