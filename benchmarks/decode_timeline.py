@@ -99,18 +99,11 @@ def patched_combine(trace_addr, src=None, name="fa4_combine_probe_t"):
     """combine.py (or the source `src` of another version of it) with trace stamps."""
     src = src or inspect.getsource(combine)
     src = _edit(src, "@triton.jit\ndef _combine_kernel", HELPERS, after=False)
-    if "        n_live = num_splits * p\n" in src:
-        # The two-pass combine (a masked warm-up pass before the wait): stamps inside the pass loop, where the
-        # second (real) pass overwrites the first's.
-        src = _edit(src, "        n_live = num_splits * p\n", "        _tr_t1 = _tr_clock(n_live)\n")
-        store, ind = "        tl.store(o_ptr + offs_d, acc.to(Out.dtype.element_ty), mask=(offs_d < HEAD_DV) & (p == 1))\n", "        "
-    else:
-        src = _edit(src, "        tl_cuda.gdc_wait()\n", "    _tr_t1 = _tr_clock(tl.program_id(0))\n")
-        store, ind = "    tl.store(o_ptr + offs_d, acc.to(Out.dtype.element_ty), mask=offs_d < HEAD_DV)\n", "    "
-    src = _edit(src, store, (
-        f"{ind}_tr_b = _tr_slot({trace_addr}, tl.program_id(0) + {COMBINE_SLOT0})\n"
-        f"{ind}tl.store(_tr_b + 1, _tr_t1)\n"
-        f"{ind}tl.store(_tr_b + 2, _tr_clock(tl.sum(acc).to(tl.int32, bitcast=True)))\n"))
+    src = _edit(src, "        tl_cuda.gdc_wait()\n", "    _tr_t1 = _tr_clock(tl.program_id(0))\n")
+    src = _edit(src, "    tl.store(o_ptr + offs_d, acc.to(Out.dtype.element_ty), mask=offs_d < HEAD_DV)\n", (
+        f"    _tr_b = _tr_slot({trace_addr}, tl.program_id(0) + {COMBINE_SLOT0})\n"
+        "    tl.store(_tr_b + 1, _tr_t1)\n"
+        "    tl.store(_tr_b + 2, _tr_clock(tl.sum(acc).to(tl.int32, bitcast=True)))\n"))
     return _load(src, name)
 
 

@@ -341,7 +341,7 @@ class _MBarrier:
 def _simulate(tiles, nwg, stages, o_alias, pingpong, seed, qbuf=1, early_q=False, dynamic=False):
     """tiles: per-tile number of key blocks (None = skipped tile). Runs one CTA's partitions. qbuf: Q buffers
     (QBUF); early_q: Q handed back right after the tile's last QKᵀ (TAIL without O staged in Q); dynamic: the
-    units come from a counter through the two-slot handout ring (DYNAMIC: _draw_unit / _take_unit), the last
+    units come from a counter through the two-slot handout ring (DYNAMIC: handout.draw / handout.take), the last
     draw (past the end) ending every partition's loop."""
     rng = np.random.default_rng(seed)
     deadline = time.time() + 20

@@ -40,7 +40,8 @@ from triton.language.core import _aggregate as aggregate
 
 from fa4.kernels.direct_launch import current_device
 
-from . import configs, launch
+from . import configs, handout, launch
+from .handout import TileHandout
 from .softmax import online_softmax, rescale_o, tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -183,13 +184,10 @@ class Buffers:
     v_ready: gl.shared_memory_descriptor
     v_empty: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor     # [NWG, 1]
-    unit_ids: gl.shared_memory_descriptor    # DYNAMIC: [2, 1] int32, the units the loader drew (else unused)
-    unit_ready: gl.shared_memory_descriptor  # DYNAMIC: [2, 1] mbarriers, the loader's arrival
-    unit_free: gl.shared_memory_descriptor   # DYNAMIC: [2, 1] mbarriers, one arrival a consumer
+    units: TileHandout                    # DYNAMIC: the handout ring (handout.py; else placeholders)
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, unit_ids, unit_ready,
-                 unit_free):
+    def __init__(self, q, k, v, o, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, units):
         self.q = q
         self.k = k
         self.v = v
@@ -201,9 +199,7 @@ class Buffers:
         self.v_ready = v_ready
         self.v_empty = v_empty
         self.turn = turn
-        self.unit_ids = unit_ids
-        self.unit_ready = unit_ready
-        self.unit_free = unit_free
+        self.units = units
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -468,30 +464,6 @@ def _page_row(p, b, key, ok):
     return page * p.PAGE_SIZE + key % p.PAGE_SIZE
 
 
-@gluon.jit
-def _draw_unit(p, bufs, fcount):
-    """DYNAMIC, loader: the CTA's fcount-th unit from the global counter sched[0], published in slot fcount % 2 once
-    every consumer has read that slot's previous unit (a fresh barrier passes parity 1)."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    slot = fcount % 2
-    mbarrier.wait(bufs.unit_free.index(slot), ((fcount // 2) & 1) ^ 1)
-    t = gl.atomic_add(p.sched + gl.zeros([1], gl.int32, layout), gl.full([1], 1, gl.int32, layout))
-    bufs.unit_ids.index(slot).store(t)
-    mbarrier.arrive(bufs.unit_ready.index(slot))
-    return gl.max(t, axis=0)
-
-
-@gluon.jit
-def _take_unit(bufs, fcount):
-    """DYNAMIC, consumer: the CTA's fcount-th unit, read from its slot, which is then handed back."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    slot = fcount % 2
-    mbarrier.wait(bufs.unit_ready.index(slot), (fcount // 2) & 1)
-    t = gl.max(bufs.unit_ids.index(slot).load(layout), axis=0)
-    mbarrier.arrive(bufs.unit_free.index(slot))
-    return t
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Loader partition: one warp issuing TMA loads.
 # ---------------------------------------------------------------------------------------------------------
@@ -506,7 +478,7 @@ def _loader(p, bufs):
     tcount = 0
     fcount = 0  # DYNAMIC: units drawn so far
     if p.DYNAMIC:
-        t = _draw_unit(p, bufs, fcount)
+        t = handout.draw(p.sched, bufs.units, fcount)
     else:
         t = pid
     while t < p.num_units:
@@ -551,7 +523,7 @@ def _loader(p, bufs):
                 kv_idx, kv_phase = _next_slot(kv_idx, kv_phase, p.STAGES)
         if p.DYNAMIC:
             fcount += 1
-            t = _draw_unit(p, bufs, fcount)
+            t = handout.draw(p.sched, bufs.units, fcount)
         else:
             t += _num_ctas()  # re-read, not kept live (see _num_ctas)
 
@@ -701,7 +673,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
     tcount = 0
     fcount = 0  # DYNAMIC: units taken so far
     if p.DYNAMIC:
-        t = _take_unit(bufs, fcount)
+        t = handout.take(bufs.units, fcount)
     else:
         t = pid
     if p.TRACE:
@@ -773,7 +745,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         _trace_put(p, pid, TRACE_HDR_C + TRACE_EV_C * (tcount - 1) + 5, n_hi - n_lo)
         if p.DYNAMIC:
             fcount += 1
-            t = _take_unit(bufs, fcount)
+            t = handout.take(bufs.units, fcount)
         else:
             t += _num_ctas()
     tma.store_wait(0)
@@ -934,16 +906,9 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
     for w in gl.static_range(NWG):
         mbarrier.init(turn.index(w), count=1)
     if DYNAMIC:
-        unit_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        unit_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        unit_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(unit_ready.index(i), count=1)
-            mbarrier.init(unit_free.index(i), count=NWG)
+        units = handout.new_handout(NWG)
     else:
-        unit_ids = turn  # placeholders, never touched
-        unit_ready = turn
-        unit_free = turn
+        units = TileHandout(turn, turn, turn)  # placeholders, never touched
 
     p = Problem(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu_q, cu_k, seqused,
                 gl.to_tensor(stride_ot), gl.to_tensor(stride_oh), gl.to_tensor(dv), gl.to_tensor(seqlen_q),
@@ -954,7 +919,7 @@ def attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, sink_ptr, cu
                 HAS_SINK, LAZY, POLY, PINGPONG, O_ALIAS, SCHED, STAGGER, BIG_O, QBUF, TAIL, TRACE, MASK2D,
                 CONVERGE, O_HALVES, PACK, PAGE_SIZE, sched_ptr, DYNAMIC)
     bufs = Buffers(q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                   unit_ids, unit_ready, unit_free)
+                   units)
     if NWG == 2:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                             (_consumer, (p, bufs, gl.constexpr(1))),

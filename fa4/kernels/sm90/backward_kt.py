@@ -46,7 +46,7 @@ a consumer's K slot it waits for the other consumer's last dQ product, which rea
 
 Persistent grid (PERSIST, tile.persistent: batched causal D = 128 by default): min(tiles, SMs) CTAs; the loader draws
 tiles from a global counter (dq_ctr, zeroed with the dQ accumulator) and hands each index to the consumers through a
-two-slot ring (TileHandout); each tile is _kt_tile's walk, with the Q / dO ring and the dSᵀ buffers' parities carried
+two-slot ring (handout.py); each tile is _kt_tile's walk, with the Q / dO ring and the dSᵀ buffers' parities carried
 across tiles by the CTA's global step count. The loader requests a tile's first Q / dO blocks before its K and V, whose
 slots the consumers hand back separately after storing dK (k_free) and then dV (v_free); V arrives on its own barrier
 (KvHandback.v_ready), waited for before the tile's first dPᵀ and before dV is staged. A Python model of this protocol
@@ -64,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.language.core import _aggregate as aggregate
 
-from . import configs
+from . import configs, handout
 from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
@@ -438,59 +438,19 @@ def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: 
         gstep = gl.to_tensor(0)
         tcount = gl.to_tensor(0)
         fcount = gl.to_tensor(0)
-        t = _take_tile(tiles, fcount)
+        t = handout.take(tiles, fcount)
         while t < n_tiles:
             nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
             idx, phase, gstep, tcount = _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx,
                                                  phase, gstep, tcount, t, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY,
                                                  PERSIST)
             fcount += 1
-            t = _take_tile(tiles, fcount)
+            t = handout.take(tiles, fcount)
     else:
         nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
         # One tile: the ring starts at slot 0 (as tensors: they change in the loop), no earlier steps or tiles.
         _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, gl.to_tensor(0), gl.to_tensor(0), 0, 0,
                  0, n_bh, chunk, WG, DV_EARLY, DQ_LAG, POLY, PERSIST)
-
-
-@aggregate
-class TileHandout:
-    """The persistent grid's tile indices, drawn by the loader from a global counter and handed to the consumers
-    through a two-slot ring in shared memory (ready: 1 arrival, the loader's; free: one a consumer)."""
-    ids: gl.shared_memory_descriptor    # [2, 1] int32
-    ready: gl.shared_memory_descriptor  # [2, 1] mbarriers
-    free: gl.shared_memory_descriptor   # [2, 1] mbarriers
-
-    @gluon.constexpr_function
-    def __init__(self, ids, ready, free):
-        self.ids = ids
-        self.ready = ready
-        self.free = free
-
-
-@gluon.jit
-def _draw_tile(p, tiles, fcount):
-    """Loader: the CTA's fcount-th tile from the global counter (dq_ctr), published in slot fcount % 2 once the
-    consumers have read that slot's previous index (a fresh barrier passes parity 1). Dynamic, not strided: causal
-    tiles differ in length, and a static round-robin left SMs idle behind long walks (benchmarks/NOTES.md)."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    slot = fcount % 2
-    mbarrier.wait(tiles.free.index(slot), ((fcount // 2) & 1) ^ 1)
-    t = gl.atomic_add(p.dq_ctr + gl.zeros([1], gl.int32, layout), gl.full([1], 1, gl.int32, layout))
-    tiles.ids.index(slot).store(t)
-    mbarrier.arrive(tiles.ready.index(slot))
-    return gl.max(t, axis=0)
-
-
-@gluon.jit
-def _take_tile(tiles, fcount):
-    """Consumer: the CTA's fcount-th tile index, read from its slot, which is then handed back."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    slot = fcount % 2
-    mbarrier.wait(tiles.ready.index(slot), (fcount // 2) & 1)
-    t = gl.max(tiles.ids.index(slot).load(layout), axis=0)
-    mbarrier.arrive(tiles.free.index(slot))
-    return t
 
 
 @gluon.jit
@@ -504,7 +464,7 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
     phase = gl.to_tensor(0)
     tcount = gl.to_tensor(0)
     fcount = gl.to_tensor(0)
-    t = _draw_tile(p, tiles, fcount)
+    t = handout.draw(p.dq_ctr, tiles, fcount)
     while t < n_tiles:
         nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
         n0 = nb * BN
@@ -521,7 +481,7 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
                 _load_kv(p, bufs, kv_free, tcount, b, hk, k_start, n0)
             tcount += 1
         fcount += 1
-        t = _draw_tile(p, tiles, fcount)
+        t = handout.draw(p.dq_ctr, tiles, fcount)
 
 
 @aggregate
@@ -620,16 +580,10 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         mbarrier.init(v_free, count=NWG)
         mbarrier.init(v_ready, count=1)
         kv_free = KvHandback(k_free, v_free, v_ready)
-        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        tile_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(tile_ready.index(i), count=1)
-            mbarrier.init(tile_free.index(i), count=NWG)
-        tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        tiles = TileHandout(tile_ids, tile_ready, tile_free)
+        tiles = handout.new_handout(NWG)
     else:
         kv_free = KvHandback(kv_ready, kv_ready, kv_ready)  # placeholders, never touched
-        tiles = TileHandout(kv_ready, kv_ready, kv_ready)
+        tiles = handout.TileHandout(kv_ready, kv_ready, kv_ready)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=NWG)
