@@ -40,7 +40,7 @@ def _shipped():
         # Paged prefill: K / V blocks by TMA from the page pool through the page table.
         ("d128-paged128-causal-gqa", dict(d=128, dv=128, causal=True, gqa=4, page_size=128)),
         ("d256-paged64-causal", dict(d=256, dv=256, causal=True, page_size=64)),
-        # DYNAMIC (probe variant): units from a global counter, packed sequences longest first.
+        # DYNAMIC (packed calls of unequal lengths): units from a global counter, longest sequences first.
         ("d128-varlen-dynamic-causal", dict(d=128, dv=128, varlen=True, causal=True, variant=dict(DYNAMIC=True))),
         ("d40-24-sink", dict(d=40, dv=24, sink=True)),
         ("d128-lazy-poly25", dict(d=128, dv=128, causal=True, variant=dict(LAZY=True, POLY=1))),
@@ -572,9 +572,12 @@ def test_fast_launch_arguments(d, dv, varlen, sink, window, softcap, variant):
     first, later = _fast_case(1, d, dv, varlen, sink), _fast_case(2, d, dv, varlen, sink)
     _, args1, cx1 = plan_args(first)
     plan = launch.Plan(kern.arg_names, args1, cx1, grid=132)
-    fast = plan.arguments(later["q"], later["k"], later["v"], later["out"], later["lse"], later["sink"],
-                          later["cu_q"], later["cu_k"], later["seqused"], af._dummy_i32(later["q"].device))
     _, args2, cx2 = plan_args(later)
+    # A packed call of unequal lengths runs DYNAMIC (a fresh order and counter a call: _from_plan passes it).
+    assert plan.dynamic == (varlen and cx2["DYNAMIC"])
+    fast = plan.arguments(later["q"], later["k"], later["v"], later["out"], later["lse"], later["sink"],
+                          later["cu_q"], later["cu_k"], later["seqused"], af._dummy_i32(later["q"].device),
+                          args2["sched_ptr"] if plan.dynamic else None)
     bound, spec, _ = binder(**args2, **cx2, **opts)
     assert_plan_matches_binding(plan, kern, fast, bound, spec, binder, opts)
 

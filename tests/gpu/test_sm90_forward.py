@@ -99,7 +99,8 @@ VARIANTS = [
     dict(CONVERGE=True), dict(CONVERGE=False),
     # O staged half its columns at a time (probe variant; frees Q's buffer of O at D = 256).
     dict(O_HALVES=True), dict(O_HALVES=True, TAIL=False),
-    # Units handed out from a global counter (probe variant; see test_dynamic_varlen for packed batches).
+    # Units handed out from a global counter (packed calls of unequal lengths take it by default; see
+    # test_dynamic_varlen); here forced onto batched calls too.
     dict(DYNAMIC=True),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
@@ -355,7 +356,7 @@ def test_paged_prefill(case, dtype):
 
 @pytest.mark.parametrize("d,causal", [(128, True), (64, True), (128, False), (256, True)])
 def test_dynamic_varlen(d, causal):
-    """DYNAMIC (probe variant): packed sequences of mixed lengths, longest first from a global unit counter, with
+    """DYNAMIC (forced): packed sequences of mixed lengths, longest first from a global unit counter, with
     an empty sequence and one shorter than a tile; the same answer as the static schedule, under the rule."""
     torch.manual_seed(d + causal)
     lens = [2048, 0, 1024, 77, 4608, 512, 8192]
@@ -366,3 +367,25 @@ def test_dynamic_varlen(d, causal):
     out, lse = _run(q, k, v, causal=causal, varlen=lay, variant=dict(DYNAMIC=True))
     again, _ = _run(q, k, v, causal=causal, varlen=lay, variant=dict(DYNAMIC=True))
     assert torch.equal(out, again)  # each tile is computed by one CTA whatever the order: bitwise repeatable
+    static, _ = _run(q, k, v, causal=causal, varlen=lay, variant=dict(DYNAMIC=False))
+    assert torch.equal(out, static)  # the same tiles, computed the same way, in another order
+
+
+@pytest.mark.parametrize("d", [128, 64])
+def test_dynamic_by_default_through_plans(d):
+    """Mixed lengths take DYNAMIC by default (attention_fwd.dynamic_units), also from a FAST plan: later calls of
+    the signature with other lengths (same count, same total) need a fresh order and counter each, and the public
+    call must agree with the kernel's."""
+    import fa4
+    from fa4.kernels.sm90 import attention_fwd
+    for i, lens in enumerate(([2048, 0, 1024, 77, 4608], [77, 4608, 2048, 1024, 0], [1000, 1000, 1000, 3000, 1757])):
+        torch.manual_seed(10 * d + i)
+        q = torch.randn(sum(lens), 8, d, dtype=torch.bfloat16, device=DEV)
+        k = torch.randn(sum(lens), 2, d, dtype=torch.bfloat16, device=DEV)
+        v = torch.randn(sum(lens), 2, d, dtype=torch.bfloat16, device=DEV)
+        lay = dict(cu_seqlens_q=_cu(lens), cu_seqlens_k=_cu(lens), max_seqlen_q=4608, max_seqlen_k=4608)
+        assert attention_fwd.dynamic_units(q, lay["cu_seqlens_q"], 4608, None)
+        out, _ = _run(q, k, v, causal=True, varlen=lay, variant=dict(FAST=True))
+        public = fa4.flash_attn_varlen_func(q, k, v, lay["cu_seqlens_q"], lay["cu_seqlens_k"], 4608, 4608, causal=True,
+                                            backend="sm90")
+        assert torch.equal(public, out)

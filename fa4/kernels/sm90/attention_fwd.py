@@ -29,6 +29,8 @@ Barrier protocol (every barrier's phase parity is tracked by a counter in each p
 Every consumer walks the same tiles and key blocks (the key range is the CTA's, not the warpgroup's), so the
 turn counts match and no partition waits for an arrival that never comes.
 """
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -40,7 +42,7 @@ from triton.language.core import _aggregate as aggregate
 
 from fa4.kernels.direct_launch import current_device
 
-from . import configs, handout, launch
+from . import configs, handout, launch, packed_order
 from .handout import TileHandout
 from .softmax import online_softmax, rescale_o, tanh_approx
 
@@ -217,11 +219,12 @@ class Buffers:
 #                      Causal costs (u + 1) + (n_m - u) = n_m + 1: every unit costs the same, so round robin is
 #                      balanced up to the last partial round, and the CTAs that run together stay on one or two
 #                      heads and walk the same key blocks within a few blocks of each other (L2 reuse).
-# DYNAMIC (probe variant, off by default): the units are handed out from a global counter instead (the loader
-# draws one, the consumers read it from shared memory), packed sequences longest first (sched[1 + i] is the i-th
-# longest), so a CTA that drew short units takes the next one while another still walks a long one. For packed
-# batches of mixed lengths, where a paired unit's cost is its sequence's length and the static stride hands some
-# CTAs one more of the longest sequence's units than others (benchmarks/NOTES.md, session 19).
+# DYNAMIC (packed calls of unequal lengths, see dynamic_units): the units are handed out from a global counter
+# (the loader draws one, the consumers read it from shared memory), packed sequences longest first (sched[1 + i]
+# is the one with the i-th most keys, packed_order.py), so a CTA that drew short units takes the next one while
+# another still walks a long one. For packed batches of mixed lengths, where a paired unit's cost is its
+# sequence's length and the static stride hands some CTAs one more of the longest sequence's units than others
+# (benchmarks/NOTES.md, sessions 19-20).
 SCHED_FLAT = gl.constexpr(0)
 SCHED_REVERSED = gl.constexpr(1)
 SCHED_PAIRED = gl.constexpr(2)
@@ -942,11 +945,12 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # tile costs differ and the flat units outnumber the grid, flat otherwise. TAIL: the tile-end hand-offs of r2
 # (Q released after the last QKᵀ, lse stored after the O store is issued). TRACE: time stamps per tile into
 # LAST_TRACE (probe only). FAST: the host launch path of launch.py (None: the FA4_SM90_FAST environment variable,
-# "1" = on). DYNAMIC (probe): units from a global counter, packed sequences longest first (see SCHED_FLAT).
-# TAIL None: per problem (configs.tail_for); True / False force it (tests, probe variants).
+# "1" = on). DYNAMIC: units from a global counter, packed sequences longest first (see SCHED_FLAT); None: for
+# packed calls whose sequences differ in length (dynamic_units). TAIL None: per problem (configs.tail_for);
+# True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, DYNAMIC=False)
+                       O_HALVES=False, PACK=None, DYNAMIC=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -968,6 +972,24 @@ def _descriptor(t, rows, varlen, cols=None, heads=1):
     block = [rows, heads, d] if varlen else [1, rows, heads, d]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
+
+
+def dynamic_units(q, cu_seqlens_q, max_seqlen_q, seqused_k):
+    """DYNAMIC's default: packed calls whose sequences may differ in length, judged from what the host knows
+    without reading the lengths: fewer query rows than batch · max_seqlen_q, or key counts from seqused_k
+    (a paged or chunked prefill). There the static stride leaves CTAs idle behind the longest sequences' units
+    (mixed lengths: 528 -> 637 TFLOP/s, benchmarks/NOTES.md session 20), while on equal lengths the handout costs
+    0-3% and the order launch a few µs, so those keep the static stride. Decided from the launch plan's
+    signature alone (launch.signature), so a cached plan always agrees with it. FA4_SM90_DYNAMIC=0 / 1 (a probe
+    switch for A/B runs in separate processes, read when a plan is made): never / every packed call of several
+    sequences."""
+    if cu_seqlens_q is None or cu_seqlens_q.numel() <= 2:
+        return False
+    forced = os.environ.get("FA4_SM90_DYNAMIC")
+    if forced in ("0", "1"):
+        return forced == "1"
+    batch = cu_seqlens_q.numel() - 1
+    return seqused_k is not None or q.shape[0] != batch * int(max_seqlen_q)
 
 
 _DUMMIES = {}
@@ -1045,11 +1067,16 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     trace_tiles = 0
     trace = dummy_i32
     sched_buf = dummy_i32
-    if variant["DYNAMIC"]:
-        # sched[0]: the unit counter (zero at launch); sched[1 + i]: the i-th longest packed sequence.
-        sched_buf = torch.zeros(1 + batch, dtype=torch.int32, device=q.device)
+    dynamic = variant["DYNAMIC"]
+    if dynamic is None:
+        dynamic = dynamic_units(q, cu_seqlens_q, max_seqlen_q, seqused_k)
+    if dynamic:
+        # sched[0]: the unit counter (zero at launch); sched[1 + i]: the packed sequence with the i-th most keys.
         if varlen:
-            sched_buf[1:] = torch.argsort(cu_seqlens_q[1:] - cu_seqlens_q[:-1], descending=True, stable=True)
+            sched_buf = packed_order.longest_first(batch, cu_seqlens_k if page_table is None else None, seqused_k,
+                                                   q.device)
+        else:
+            sched_buf = torch.zeros(1, dtype=torch.int32, device=q.device)
     if variant["TRACE"]:
         grid = max(1, min(num_units, num_ctas))
         trace_tiles = triton.cdiv(num_units, grid) * (2 if sched == SCHED_PAIRED.value else 1)
@@ -1082,7 +1109,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         # of a kernel argument otherwise costs registers in every partition).
         BIG_O=out.numel() >= 2**31, QBUF=cfg.q_buffers, TAIL=tail, TRACE=bool(variant["TRACE"]),
         CONSUMER_REGS=cfg.consumer_regs, LOADER_REGS=cfg.loader_regs, PACK=pack, PAGE_SIZE=page_size,
-        DYNAMIC=bool(variant["DYNAMIC"]))
+        DYNAMIC=bool(dynamic))
     constexprs["MASK2D"] = bool(variant["MASK2D"])  # probe only: the per-element mask on every tile
     # CONVERGE None: the converging walk wherever it applies (a right window, no STAGGER); see _block.
     converge = variant["CONVERGE"]
@@ -1129,18 +1156,22 @@ def planned_forward(q, k, v, *, softmax_scale, window_left, window_right, softca
     key = launch.signature(q, k, v, softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                            softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                            seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, variant=None)
-    return _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    return _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, cu_seqlens_k)
 
 
-def _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k):
+def _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_k_arg, seqused_k, cu_seqlens_k):
     """(out, lse) launched from the plan stored under `key`, or None when there is none (or another device is
-    current: the plan's launcher runs on the current one)."""
+    current: the plan's launcher runs on the current one). cu_k_arg: what the kernel's cu_k takes (a paged call's
+    page table, else cu_seqlens_k); cu_seqlens_k: the key offsets themselves (None for a paged call)."""
     plan = launch.lookup(key)
     if plan is None or q.device.index != current_device():
         return None
     out, lse = _new_outputs(q, v, cu_seqlens_q is not None)
-    plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                               _dummy_i32(q.device)))
+    sched = None
+    if plan.dynamic:
+        sched = packed_order.longest_first(cu_seqlens_q.numel() - 1, cu_seqlens_k, seqused_k, q.device)
+    plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_k_arg, seqused_k,
+                                               _dummy_i32(q.device), sched))
     return out, lse
 
 
@@ -1150,16 +1181,15 @@ def attention_forward(q, k, v, *, softmax_scale, window_left, window_right, soft
     """The backend `forward` (docs/INTERNALS.md) on the Gluon kernel; the caller has checked support.
     A paged call's page table takes cu_k's place in a plan's arguments (see _page_row)."""
     variant = variant or {}
-    # DYNAMIC (probe) needs a fresh unit counter a call, which launch.py's plans do not make: Triton's launch.
-    fast = (launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and not variant.get("DYNAMIC")
-            and launch.usable())
+    fast = launch.enabled(variant.get("FAST")) and not variant.get("TRACE") and launch.usable()
     if fast:
         key = launch.signature(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
                                window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
                                variant=variant, page_table=page_table)
         planned = _from_plan(key, q, k, v, sink, cu_seqlens_q,
-                             page_table if page_table is not None else cu_seqlens_k, seqused_k)
+                             page_table if page_table is not None else cu_seqlens_k, seqused_k,
+                             None if page_table is not None else cu_seqlens_k)
         if planned is not None:
             return planned
     out, lse = _new_outputs(q, v, cu_seqlens_q is not None)

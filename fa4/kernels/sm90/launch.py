@@ -53,14 +53,16 @@ class Plan:
     `descs` names the TMA-descriptor parameters and the tensor each is built over, `tensors` the plain tensor
     parameters and their source; the defaults are the forward kernel's (attention_fwd.attn_fwd_kernel), the
     backward passes its own (backward.BWD_DESCS / BWD_TENSORS). `grid`: an int or a tuple of up to 3."""
-    __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata")
+    __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata", "dynamic")
 
     # The forward's parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
     FWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
     FWD_TENSORS = (("o_ptr", "out"), ("lse_ptr", "lse"), ("sink_ptr", "sink"), ("cu_q", "cu_q"),
-                   ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"), ("sched_ptr", "dummy"))
+                   ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"), ("sched_ptr", "sched"))
 
     def __init__(self, arg_names, args, constexprs, grid, compiled=None, descs=FWD_DESCS, tensors=FWD_TENSORS):
+        # The forward's DYNAMIC units need a fresh counter and sequence order a call (packed_order.py).
+        self.dynamic = bool(constexprs.get("DYNAMIC", False)) and bool(constexprs.get("VARLEN", False))
         values = dict(args)
         values.update(constexprs)
         index = {name: i for i, name in enumerate(arg_names)}
@@ -79,11 +81,12 @@ class Plan:
         if compiled is not None:
             self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
 
-    def arguments(self, q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy):
+    def arguments(self, q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy, sched=None):
         """The forward's full argument list (constexprs included) for these tensors."""
         return self.bind(dict(q=q, k=k, v=v, out=out, lse=lse, sink=sink if sink is not None else lse,
                               cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_q is not None else dummy,
-                              seqused=seqused if seqused is not None else dummy, dummy=dummy))
+                              seqused=seqused if seqused is not None else dummy, dummy=dummy,
+                              sched=sched if sched is not None else dummy))
 
     def bind(self, tensors):
         """The full argument list with the per-call tensors (by source name) put in."""
