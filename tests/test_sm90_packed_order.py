@@ -47,10 +47,10 @@ def test_dynamic_units_only_for_packed_calls_of_unequal_lengths():
     assert attention_fwd.dynamic_units(q, cu3, 100, torch.full((3,), 50, dtype=torch.int32)), "key counts vary"
 
 
-@pytest.mark.parametrize("varlen,dynamic,want", [(True, True, True), (True, False, False), (False, True, False)])
-def test_plan_flags_a_dynamic_packed_launch(varlen, dynamic, want):
-    """A FAST plan of a packed DYNAMIC launch makes a fresh counter and order every call (_from_plan); others reuse
-    the dummy for sched_ptr."""
+@pytest.mark.parametrize("varlen,dynamic,want", [(True, True, True), (True, False, False), (False, True, True)])
+def test_plan_flags_a_dynamic_launch(varlen, dynamic, want):
+    """A FAST plan of a DYNAMIC launch makes a fresh counter (and a packed call's order) every call (_from_plan);
+    others reuse the dummy for sched_ptr."""
     names = ["sched_ptr", "trace_ptr", "x"]
     plan = launch.Plan(names, dict(sched_ptr=None, trace_ptr=None), dict(x=1, DYNAMIC=dynamic, VARLEN=varlen), 4,
                        descs=(), tensors=(("sched_ptr", "sched"), ("trace_ptr", "dummy")))

@@ -102,6 +102,9 @@ VARIANTS = [
     # Units handed out from a global counter (packed calls of unequal lengths take it by default; see
     # test_dynamic_varlen); here forced onto batched calls too.
     dict(DYNAMIC=True),
+    # Single tiles longest first in L2 sections (batched calls): the automatic section, one pair a section, and
+    # sections of 3 of the 8 (sequence, head) pairs (the last one partial).
+    dict(SCHED="lpt"), dict(SCHED="lpt", SECTION=1), dict(SCHED="lpt", SECTION=3),
     # Three consumers on 64-key blocks (probe variants at D = 128; D = 64 takes them too).
     dict(num_wg=3, consumer_regs=160, block_n=64), dict(num_wg=3, consumer_regs=160, block_n=64, stages=3),
 ]
@@ -352,6 +355,31 @@ def test_paged_prefill(case, dtype):
                                         seqused_k=lay["seqused_k"], page_table=table, causal=causal,
                                         window_size=window, backend="sm90")
     assert torch.equal(public, out)
+
+
+# (b, sq, sk, hq, hkv, d, window, sink): SCHED "lpt" where tile costs differ.
+LPT_CASES = [
+    (2, 1000, 1000, 8, 2, 128, (-1, 0), False),    # causal, GQA
+    (1, 777, 1543, 4, 1, 64, (-1, 0), True),       # Sq < Sk, sink, three consumers
+    (3, 1100, 1100, 2, 2, 256, (300, 0), False),   # sliding window
+    (2, 1200, 900, 4, 4, 128, (200, -1), False),   # left window only: the first query blocks cost most
+    (1, 2049, 2049, 6, 3, 128, (-1, 0), False),    # a lone last query block
+]
+
+
+@pytest.mark.parametrize("case", LPT_CASES, ids=[f"lpt{i}" for i in range(len(LPT_CASES))])
+def test_lpt_schedule(case):
+    """SCHED "lpt": every tile once, from the dynamic counter, whatever the section size."""
+    b, sq, sk, hq, hkv, d, window, sink = case
+    torch.manual_seed(sq + d)
+    q = torch.randn(b, sq, hq, d, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(b, sk, hkv, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(b, sk, hkv, d, dtype=torch.bfloat16, device=DEV)
+    s = torch.randn(hq, dtype=torch.float32, device=DEV) if sink else None
+    for section in (None, 1, 5):
+        out, _ = _run(q, k, v, window=window, sink=s, variant=dict(SCHED="lpt", SECTION=section))
+        again, _ = _run(q, k, v, window=window, sink=s, variant=dict(SCHED="lpt", SECTION=section, FAST=True))
+        assert torch.equal(out, again)
 
 
 @pytest.mark.parametrize("d,causal", [(128, True), (64, True), (128, False), (256, True)])

@@ -75,7 +75,7 @@ class Problem:
     group: gl.tensor
     num_m: gl.tensor
     num_units: gl.tensor
-    units_per_head: gl.tensor
+    units_per_head: gl.tensor             # SCHED_LPT: the (sequence, head) pairs of an L2 section instead
     lse_len: gl.tensor
     qk_scale: gl.tensor
     cap_scale: gl.tensor
@@ -225,10 +225,18 @@ class Buffers:
 # another still walks a long one. For packed batches of mixed lengths, where a paired unit's cost is its
 # sequence's length and the static stride hands some CTAs one more of the longest sequence's units than others
 # (benchmarks/NOTES.md, sessions 19-20).
+#   SCHED_LPT (3)      batched calls, with DYNAMIC: one unit = one query tile, longest first over the whole
+#                      problem (longest-processing-time-first list scheduling: the last units drawn are the
+#                      shortest, so no CTA starts a long tile while the others run dry), in L2 sections: the
+#                      (sequence, head) pairs are cut into sections of `units_per_head` pairs whose K/V fit in
+#                      L2 together, and within a section units go query block (cost) major, head minor, so
+#                      the CTAs at work share a few heads' keys. The paired units' last partial round (3-5% at
+#                      16k causal, session 9's traces) is what this removes.
 SCHED_FLAT = gl.constexpr(0)
 SCHED_REVERSED = gl.constexpr(1)
 SCHED_PAIRED = gl.constexpr(2)
-SCHED_NAMES = {"flat": 0, "reversed": 1, "paired": 2}
+SCHED_LPT = gl.constexpr(3)
+SCHED_NAMES = {"flat": 0, "reversed": 1, "paired": 2, "lpt": 3}
 
 
 @gluon.jit
@@ -239,8 +247,19 @@ def _work(p, t, sub):
     TBM: gl.constexpr = ROWS_PER_WG * p.NWG // p.PACK  # query tokens a tile
     # Units per (sequence, head) comes from the host: arithmetic on kernel arguments here would be hoisted
     # above the partitions by LLVM and spilled around the register reallocation (see _cta_id).
-    bh = t // p.units_per_head
-    u = t - bh * p.units_per_head
+    if p.SCHED == SCHED_LPT:
+        # Section `sec` holds pairs [bh0, bh0 + width); within it, unit r is query block rank r // width of
+        # pair bh0 + r % width (units_per_head: the section's pair count here).
+        per_section = p.units_per_head * p.num_m
+        sec = t // per_section
+        bh0 = sec * p.units_per_head
+        width = gl.minimum(p.units_per_head, p.num_units // p.num_m - bh0)
+        r = t - sec * per_section
+        u = r // width
+        bh = bh0 + (r - u * width)
+    else:
+        bh = t // p.units_per_head
+        u = t - bh * p.units_per_head
     b = bh // p.num_heads
     h = bh - b * p.num_heads
     if p.DYNAMIC and p.VARLEN:
@@ -284,6 +303,12 @@ def _work(p, t, sub):
     else:
         if p.SCHED == SCHED_REVERSED:
             first = n_m - 1 - u
+        elif p.SCHED == SCHED_LPT:
+            # Rank u in cost: bounded on the right (causal) the last query blocks see the most keys.
+            if p.HAS_WR:
+                first = n_m - 1 - u
+            else:
+                first = u
         else:
             first = u
         second = first
@@ -946,11 +971,12 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # (Q released after the last QKᵀ, lse stored after the O store is issued). TRACE: time stamps per tile into
 # LAST_TRACE (probe only). FAST: the host launch path of launch.py (None: the FA4_SM90_FAST environment variable,
 # "1" = on). DYNAMIC: units from a global counter, packed sequences longest first (see SCHED_FLAT); None: for
-# packed calls whose sequences differ in length (dynamic_units). TAIL None: per problem (configs.tail_for);
+# packed calls whose sequences differ in length (dynamic_units). SCHED "lpt" (batched calls; DYNAMIC with it):
+# single tiles longest first in L2 sections of SECTION (sequence, head) pairs (None: lpt_section). TAIL None: per problem (configs.tail_for);
 # True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
-                       O_HALVES=False, PACK=None, DYNAMIC=None)
+                       O_HALVES=False, PACK=None, DYNAMIC=None, SECTION=None)
 # Variant keys that override fields of configs.TileConfig (PINGPONG is the probe's historical name).
 _TILE_KEYS = {"block_n": "block_n", "num_wg": "num_wg", "stages": "stages", "consumer_regs": "consumer_regs",
               "loader_regs": "loader_regs", "pingpong": "pingpong", "PINGPONG": "pingpong",
@@ -972,6 +998,27 @@ def _descriptor(t, rows, varlen, cols=None, heads=1):
     block = [rows, heads, d] if varlen else [1, rows, heads, d]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
+
+
+# SCHED_LPT's L2 sections: the K and V of one section's (sequence, head) pairs together take at most this many
+# bytes (the H100's L2 is 50 MB in two halves; a section's working set should stay in the near one).
+L2_SECTION_BYTES = 24 << 20
+
+
+def lpt_section(seqlen_k, d, dv, elem_bytes, unit_heads, kv_heads):
+    """(sequence, head) pairs per SCHED_LPT section: as many as have their K / V within L2_SECTION_BYTES (the
+    unit heads of one kv head share its K / V), at least one."""
+    per_kv_head = seqlen_k * (d + dv) * elem_bytes
+    share = max(1, unit_heads // kv_heads)
+    return max(1, (L2_SECTION_BYTES // max(per_kv_head, 1)) * share)
+
+
+def unit_counter(device, batch, cu_seqlens_q, cu_seqlens_k, seqused_k):
+    """DYNAMIC's sched buffer, fresh every call: [0] the zeroed unit counter; a packed call's sequences, most keys
+    first, after it (packed_order.longest_first)."""
+    if cu_seqlens_q is not None:
+        return packed_order.longest_first(batch, cu_seqlens_k, seqused_k, device)
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def dynamic_units(q, cu_seqlens_q, max_seqlen_q, seqused_k):
@@ -1052,8 +1099,13 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         flat_units = num_m * (hq // pack) * batch
         sched = "paired" if windowed and flat_units > num_ctas else "flat"
     sched = SCHED_NAMES[sched] if isinstance(sched, str) else int(sched)
+    if sched == SCHED_LPT.value and varlen:
+        raise ValueError("SCHED lpt serves batched calls (packed ones order their sequences with DYNAMIC)")
     per_head = triton.cdiv(num_m, 2) if sched == SCHED_PAIRED.value else num_m
     num_units = per_head * (hq // pack) * batch
+    units_arg = per_head
+    if sched == SCHED_LPT.value:
+        units_arg = variant["SECTION"] or lpt_section(k.shape[1], d, dv, q.element_size(), hq // pack, hkv)
     soft = softcap > 0
     dummy_i32 = _dummy_i32(q.device)
     page_size = 0
@@ -1070,13 +1122,11 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
     dynamic = variant["DYNAMIC"]
     if dynamic is None:
         dynamic = dynamic_units(q, cu_seqlens_q, max_seqlen_q, seqused_k)
+    if sched == SCHED_LPT.value:
+        dynamic = True  # a static stride over a longest-first order would hand CTA 0 the longest of every round
     if dynamic:
-        # sched[0]: the unit counter (zero at launch); sched[1 + i]: the packed sequence with the i-th most keys.
-        if varlen:
-            sched_buf = packed_order.longest_first(batch, cu_seqlens_k if page_table is None else None, seqused_k,
-                                                   q.device)
-        else:
-            sched_buf = torch.zeros(1, dtype=torch.int32, device=q.device)
+        sched_buf = unit_counter(q.device, batch, cu_seqlens_q, cu_seqlens_k if page_table is None else None,
+                                 seqused_k)
     if variant["TRACE"]:
         grid = max(1, min(num_units, num_ctas))
         trace_tiles = triton.cdiv(num_units, grid) * (2 if sched == SCHED_PAIRED.value else 1)
@@ -1093,7 +1143,7 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         stride_ot=out.stride(-3), stride_oh=out.stride(-2), dv=v.shape[-1], seqlen_q=seqlen_q,
         seqlen_k=page_table.stride(0) if page_table is not None else seqlen_k,
         num_heads=hq // pack, group=group, num_m=num_m, num_units=num_units,
-        units_per_head=per_head, lse_len=lse_len,
+        units_per_head=units_arg, lse_len=lse_len,
         # With softcap the exponent is softcap·tanh(scale·qk/softcap)·log2(e): tanh's argument is
         # scaled by cap_scale, its result by qk_scale.
         qk_scale=(softcap if soft else softmax_scale) * LOG2E,
@@ -1169,7 +1219,8 @@ def _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_k_arg, seqused_k, cu_seqlens
     out, lse = _new_outputs(q, v, cu_seqlens_q is not None)
     sched = None
     if plan.dynamic:
-        sched = packed_order.longest_first(cu_seqlens_q.numel() - 1, cu_seqlens_k, seqused_k, q.device)
+        batch = cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]
+        sched = unit_counter(q.device, batch, cu_seqlens_q, cu_seqlens_k, seqused_k)
     plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_k_arg, seqused_k,
                                                _dummy_i32(q.device), sched))
     return out, lse

@@ -1560,9 +1560,13 @@ def cta_chunk(tile, units, q_rows_per_unit, d, window_left, window_right, varlen
     calls at S = 4096 and +3% at D = 64; measured (H100, bwd_flag_ab.py --flag CTA_CHUNK, session 15): D = 64 +2.1%,
     D = 256 +1.5%, D = 128 0. C is the largest power of two whose C heads' fp32 dQ
     accumulators fit CTA_CHUNK_BYTES (so that the CTAs in flight still add into L2-resident rows: interleaving every
-    head measured 0.55x, session 13), at most 32, and a divisor of `units`. Batched calls without an ordered dQ
-    chain or the sink partials only (whose layouts assume C = 1)."""
-    if not CTA_CHUNK or varlen or ordered or tile.trace or (window_left < 0 and window_right < 0):
+    head measured 0.55x, session 13), at most 32, and a divisor of `units`. Calls without an ordered dQ chain or the
+    sink partials only (whose layouts assume C = 1). Packed calls too since session 20 (their pairs are sized by
+    the longest sequence, an upper bound; +2-3% forward + backward at D = 128 causal, +0.4-1% at D = 64 / 256;
+    FA4_BWD_CHUNK_VARLEN=0 turns it off for A/B)."""
+    if not CTA_CHUNK or ordered or tile.trace or (window_left < 0 and window_right < 0):
+        return 1
+    if varlen and os.environ.get("FA4_BWD_CHUNK_VARLEN") == "0":  # probe switch (session 20), read per call
         return 1
     per_unit = q_rows_per_unit * configs.tile_dim(d) * 4
     chunk = 1

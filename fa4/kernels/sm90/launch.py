@@ -61,8 +61,8 @@ class Plan:
                    ("cu_k", "cu_k"), ("seqused", "seqused"), ("trace_ptr", "dummy"), ("sched_ptr", "sched"))
 
     def __init__(self, arg_names, args, constexprs, grid, compiled=None, descs=FWD_DESCS, tensors=FWD_TENSORS):
-        # The forward's DYNAMIC units need a fresh counter and sequence order a call (packed_order.py).
-        self.dynamic = bool(constexprs.get("DYNAMIC", False)) and bool(constexprs.get("VARLEN", False))
+        # The forward's DYNAMIC units need a fresh counter (and a packed call's sequence order) a call.
+        self.dynamic = bool(constexprs.get("DYNAMIC", False))
         values = dict(args)
         values.update(constexprs)
         index = {name: i for i, name in enumerate(arg_names)}
