@@ -16,4 +16,4 @@ bash tests/gpu/run_device.sh --limit 480 --jobs 16 tests/gpu/test_api_gpu.py:3 t
 timeout 120 python3 benchmarks/graph_capture_check.py > "$OUT/graph_capture.log" 2>&1
 echo "== card"; cat "$OUT/card.txt"
 echo "== tests"; cat "$OUT/tests.txt"
-echo "== CUDA graphs (Triton path; sm90 deterministic and chunked causal backward)"; grep "captured\|FAILED" "$OUT/graph_capture.log"
+echo "== CUDA graphs (Triton path; sm90 deterministic, chunked causal and packed mixed-length calls)"; grep "captured\|FAILED" "$OUT/graph_capture.log"
