@@ -629,10 +629,10 @@ def test_problem_config_two_warpgroups_for_short_masked_d64():
                                       **over).num_wg
     table = configs.get_config(64, 64).num_wg
     assert table == 3
-    assert wg(wr=0) == 2 and wg(wr=0, sq=4096, sk=4096) == 2
-    assert wg(wr=0, sq=16384, sk=16384) == table
+    assert wg(wr=0) == 2 and wg(wr=0, sq=4096, sk=4096) == 2 and wg(wr=0, sq=8192, sk=8192) == 2
+    assert wg(wr=0, sq=16384, sk=16384) == table and wg(wr=0, sq=8193, sk=8193) == table
     assert wg(wl=255, wr=0, sq=16384, sk=16384) == 2  # a local window keeps the span short at any length
-    assert wg(wl=8191, wr=0, sq=16384, sk=16384) == table
+    assert wg(wl=8192, wr=0, sq=16384, sk=16384) == table
     assert wg() == table and wg(sq=16384, sk=16384) == table
     assert wg(d=128, wr=0) == configs.get_config(128, 128).num_wg
     assert wg(wr=0, num_wg=3, consumer_regs=160) == 3

@@ -104,8 +104,12 @@ def get_config(d, dv, **overrides):
 # 408 / 412, 490 / 451, 490 / 435. The trace says why: a 192-row tile on the causal diagonal has 2-3 masked key
 # blocks of its ~5 (128 rows: 1, the walk's first block), and a masked block cost the three-warpgroup tile
 # 2.6x an unmasked one inside the key loop (4.3 vs 1.7 µs). The switch point is the visible key span per query
-# row: up to 4096 keys the masked blocks weigh enough, past it the third warpgroup's latency hiding wins.
-MASKED_SPAN_WG2 = 4096
+# row: up to it the masked blocks weigh enough, past it the third warpgroup's latency hiding wins. Session 20 moved
+# it from 4096 to 8192 keys: packed causal calls (16,384 tokens, 32 heads; H100 card 1752624021011, kernel time by
+# torch.profiler, 3 -> 2 warpgroups, TFLOP/s) 8192 + 8192 444 -> 462, 4096 + 4096 + 8192 415 -> 450,
+# 6000 + 2000 + 8384 431 -> 450, 2048 + 1024 + 512 + 4608 + 8192 417 -> 448, 1000 + 3000 + 500 + 6000 + 5884
+# 388 -> 439; past it three stay ahead or level: one 16,384-token sequence 476 / 467, 12288 + 8 x 512 448 / 431.
+MASKED_SPAN_WG2 = 8192
 
 
 # TAIL (Q handed back right after a tile's last QKᵀ, so the loader fetches the next tile's Q under that block's
