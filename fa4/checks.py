@@ -33,9 +33,23 @@ def can_read_values(*tensors):
     return True
 
 
+def _type_name(value):
+    """The value's type as an error message names it: module-qualified unless built in (numpy.bool, not bool)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
 def check_flag(name, value):
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool; got {_type_name(value)}")
+
+
+def contiguous_sink(sink):
+    """learnable_sink as the kernels read it: one float per head at stride 1 (a column of a (heads, layers)
+    parameter is a strided view; its copy keeps the autograd link, so the gradient reaches the parameter)."""
+    if sink is not None and sink.dim() == 1 and sink.shape[0] > 1 and sink.stride(0) != 1:
+        return sink.contiguous()
+    return sink
 
 
 def check_tensor(name, t):
@@ -128,6 +142,9 @@ def check_index_vector(name, t, length, device):
         raise ValueError(f"{name} must have shape {want}; got {shape_of(t)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}; it must be on q's device {device}")
+    if t.shape[0] > 1 and t.stride(0) != 1:
+        # The kernels read the entries at consecutive addresses (as FlashAttention's do).
+        raise ValueError(f"{name} must be contiguous (stride 1); got stride {t.stride(0)}")
 
 
 def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):
@@ -157,6 +174,12 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
             raise ValueError(f"page_table must have shape ({batch}, max_pages); got {shape_of(page_table)}")
         if page_table.device != q.device:
             raise ValueError(f"page_table is on {page_table.device}; it must be on q's device {q.device}")
+        if page_table.shape[1] > 1 and page_table.stride(1) != 1:
+            raise ValueError(f"page_table's last dimension must be contiguous (stride 1); got stride "
+                             f"{page_table.stride(1)}")
+        if k.shape[1] < 1:
+            raise ValueError(f"k has page size {k.shape[1]}; a paged cache (num_pages, page_size, Hkv, D) needs "
+                             f"page_size >= 1")
         if seqused_k is None and cu_seqlens_k is None:
             raise ValueError("seqused_k (keys per sequence) is required with page_table")
     if not can_read_values(cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):

@@ -465,6 +465,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_splits: key splits per sequence and kv head (0 = heuristic). out: optional (B, Sq, Hq, Dv) output.
     Returns out, and lse (B, Hq, Sq) fp32 (natural log) when return_lse=True. Forward only.
     """
+    if isinstance(learnable_sink, torch.Tensor):
+        learnable_sink = checks.contiguous_sink(learnable_sink)
     if torch.compiler.is_compiling():
         return _traced_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             page_table, softmax_scale, causal, window_size, softcap, learnable_sink,
@@ -635,6 +637,12 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     (B, S, H, D) in out_dtype (default fp32, or out's dtype when out is given), lse (B, S, H) fp32, a transposed
     view of a contiguous (B, H, S) tensor as in FlashAttention.
     """
+    if torch.compiler.is_compiling():
+        # One custom op in a compiled graph (the Triton launch and the value-dependent checks stay out of it).
+        res, lse = _combine_op(out_partial, lse_partial, out, out_dtype)
+        res = out if out is not None else res
+        lse = lse.transpose(1, 2)
+        return res, (lse[0] if out_partial.dim() == 4 else lse)
     checks.check_tensor("out_partial", out_partial)
     checks.check_tensor("lse_partial", lse_partial)
     packed = out_partial.dim() == 4
@@ -690,3 +698,24 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
         lse.copy_(total.permute(0, 2, 1))
     lse = lse.transpose(1, 2)
     return res, (lse[0] if packed else lse)
+
+
+@torch.library.custom_op("fa4::combine", mutates_args=("out",))
+def _combine_op(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: Optional[torch.Tensor],
+                out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attn_combine for compiled graphs: (out, lse) with lse as its contiguous (B, H, S) base (the caller
+    takes the transposed view); out is an empty tensor when the caller's `out` was written."""
+    res, lse = flash_attn_combine(out_partial, lse_partial, out, out_dtype)
+    lse = lse.unsqueeze(0) if out_partial.dim() == 4 else lse
+    return (out_partial.new_empty(0) if out is not None else res), lse.transpose(1, 2).contiguous()
+
+
+@_combine_op.register_fake
+def _combine_fake(out_partial, lse_partial, out, out_dtype):
+    if out_partial.dim() == 4:  # packed: (num_splits, total, heads, dim)
+        batch, (seqlen, heads) = 1, out_partial.shape[1:3]
+    else:
+        batch, seqlen, heads = out_partial.shape[1:4]
+    res = out_partial.new_empty(0) if out is not None else out_partial.new_empty(
+        out_partial.shape[1:], dtype=out_dtype or torch.float32)
+    return res, out_partial.new_empty((batch, heads, seqlen), dtype=torch.float32)

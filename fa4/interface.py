@@ -11,6 +11,10 @@ import torch
 from . import checks, dispatch, ops
 
 
+# What softmax_scale = 0 runs with (see _attention).
+ZERO_SCALE = 2.0 ** -100
+
+
 def _autocast(q, k, v):
     """Under torch.autocast, fp32 q/k/v are cast to the autocast dtype, as matmul inputs are."""
     device_type = q.device.type if isinstance(q, torch.Tensor) else "cuda"
@@ -32,6 +36,17 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, learnabl
     if causal:
         right = 0  # causal is the window (left, 0), aligned bottom-right as in FlashAttention
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if scale < 0:
+        # The kernels take the row max of the raw scores and scale it (max(s)·scale, folded into exp2's
+        # multiply-add), which holds for scale > 0 only. softmax(scale·s) = softmax(|scale|·(−s)): run on −q
+        # (exact; autograd carries the sign into dq).
+        q, scale = torch.neg(q), -scale
+    elif scale == 0.0:
+        # Uniform weights over the visible keys. A masked score is −inf and −inf·0 is NaN, so a positive scale
+        # this small stands in: its exp2 arguments are below 2^-24 in magnitude for any fp32 score under 2^75,
+        # where exp2 is exactly 1, and the gradients it gives q and k are zero to within 2^-100.
+        scale = ZERO_SCALE
+    learnable_sink = checks.contiguous_sink(learnable_sink)
     features = dict(window_left=left, window_right=right, softcap=float(softcap), sink=learnable_sink,
                     cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)
     fwd_backend, bwd_backend = dispatch.choose(q, k, v, backend, **features)

@@ -87,6 +87,11 @@ VARLEN_CASES = [
     ("max_seqlen not int", dict(max_seqlen_k=12.0), TypeError, r"^max_seqlen_k must be an int"),
     ("seqused_k too long", dict(seqused_k=_cu([9, 3])), ValueError, r"^seqused_k\[0\] = 9"),
     ("seqused_k wrong shape", dict(seqused_k=_cu([1, 2, 3])), ValueError, r"^seqused_k must have shape \(2,\)"),
+    # Strided index vectors: the kernels read consecutive entries (an audit found Triton reading the wrong ones).
+    ("cu_seqlens strided", dict(cu_seqlens_q=_cu([0, 0, 8, 8, 20, 20])[::2]), ValueError,
+     r"^cu_seqlens_q must be contiguous \(stride 1\); got stride 2"),
+    ("seqused_k strided", dict(seqused_k=_cu([3, 0, 4, 0])[::2]), ValueError,
+     r"^seqused_k must be contiguous \(stride 1\); got stride 2"),
 ]
 
 
@@ -112,6 +117,32 @@ def test_varlen_page_table_out_of_range():
     assert out.shape == (5, 4, 16)
     _raises(ValueError, r"^page_table\[0, 1\] = -1 is out of range", fa4.flash_attn_varlen_func, q, k_cache,
             k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([5, 8]), page_table=padded)
+
+
+def test_varlen_page_table_layout_and_page_size():
+    """A page table whose last dimension is strided (a transposed table) and a pool of empty pages are errors
+    naming the argument; rows of a wider table (stride(0) > columns) are fine."""
+    q = torch.randn(5, 4, 16)
+    k_cache = torch.randn(4, 4, 2, 16)
+    _raises(ValueError, r"^page_table's last dimension must be contiguous \(stride 1\); got stride 2",
+            fa4.flash_attn_varlen_func, q, k_cache, k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([8, 8]),
+            page_table=_cu([[0, 2], [1, 3]]).t())
+    wide = _cu([[0, 1, 9], [2, 3, 9]])[:, :2]
+    out = fa4.flash_attn_varlen_func(q, k_cache, k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([8, 8]),
+                                     page_table=wide)
+    want = fa4.flash_attn_varlen_func(q, k_cache, k_cache, _cu([0, 2, 5]), None, 3, 8, seqused_k=_cu([8, 8]),
+                                      page_table=wide.contiguous())
+    assert torch.equal(out, want)
+    empty = torch.randn(4, 0, 2, 16)
+    _raises(ValueError, r"^k has page size 0; a paged cache", fa4.flash_attn_varlen_func, q, empty, empty,
+            _cu([0, 2, 5]), None, 3, 0, seqused_k=_cu([0, 0]), page_table=_cu([[0], [1]]))
+
+
+def test_flag_type_error_names_the_foreign_type():
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    _raises(TypeError, r"^causal must be a bool; got numpy\.bool", fa4.flash_attn_func, q, k, v,
+            causal=np.bool_(True))
 
 
 def test_varlen_paged_key_counts_from_cu_seqlens_k():

@@ -161,3 +161,42 @@ def test_empty_inputs(shape):
     k = torch.randn(shape[0], 8, 2, 16)
     out, lse = fa4.flash_attn_func(q, k, k, return_lse=True)
     assert out.shape == shape and lse.shape == (shape[0], 4, shape[1])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("with_out", [False, True], ids=["", "out"])
+def test_compile_combine_fullgraph(packed, with_out):
+    """flash_attn_combine under torch.compile(fullgraph=True): one graph (the fa4::combine custom op; dynamo cannot
+    trace the interpreter's kernel launch), the same out and lse, lse the same transposed view, out= written."""
+    g = torch.Generator().manual_seed(2)
+    shape = (3, 5, 4, 16) if packed else (3, 2, 5, 4, 16)
+    op, lp = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], generator=g)
+    lp[1] = float("-inf")  # an empty split
+    torch._dynamo.reset()
+
+    def merge(a, b, o):
+        res, lse = fa4.flash_attn_combine(a, b, out=o)
+        return res * 1, lse
+
+    results = []
+    for compiled in (False, True):
+        out = torch.full(shape[1:], float("nan"), dtype=torch.bfloat16) if with_out else None
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        fn = torch.compile(merge, backend=counter, fullgraph=True) if compiled else merge
+        res, lse = fn(op, lp, out)
+        results.append((res, lse, out))
+        if compiled:
+            assert counter.frame_count == 1
+    (r0, l0, o0), (r1, l1, o1) = results
+    assert torch.equal(r0, r1) and torch.equal(l0, l1) and l0.stride() == l1.stride()
+    if with_out:
+        assert torch.equal(o0, o1) and not o1.isnan().any()
+
+
+def test_opcheck_combine():
+    from fa4 import inference  # noqa: F401  (registers fa4::combine)
+    g = torch.Generator().manual_seed(3)
+    op, lp = torch.randn(3, 2, 5, 4, 16, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    torch.library.opcheck(torch.ops.fa4.combine.default, (op, lp, None, None))
+    torch.library.opcheck(torch.ops.fa4.combine.default, (op, lp, torch.empty(2, 5, 4, 16), torch.float32))
+    torch.library.opcheck(torch.ops.fa4.combine.default, (op[:, 0], lp[:, 0], None, torch.bfloat16))

@@ -186,3 +186,24 @@ def test_short_query_forward_in_cuda_graph():
             eager = fa4.flash_attn_func(q, k, v, causal=True)
             torch.cuda.synchronize()
             assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("scale", [0.0, -0.2])
+def test_nonpositive_softmax_scale_gpu(backend, scale):
+    """softmax_scale <= 0 (session 20's audit): a negative scale runs on -q, zero on a vanishing positive scale;
+    the numerics rule on out, lse and every gradient."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 700, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    check_attention(q, k, v, causal=True, softmax_scale=scale, backend=backend)
+
+
+def test_strided_sink_gpu():
+    """A column of a (heads, layers) sink parameter reads as its contiguous copy on the GPU paths."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 600, 8, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    sinks = torch.randn(8, 3, device=DEV)
+    for backend in (None, "triton"):
+        got = fa4.flash_attn_func(q, k, v, learnable_sink=sinks[:, 1], causal=True, backend=backend)
+        want = fa4.flash_attn_func(q, k, v, learnable_sink=sinks[:, 1].clone(), causal=True, backend=backend)
+        assert torch.equal(got, want), backend
