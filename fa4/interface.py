@@ -11,10 +11,6 @@ import torch
 from . import checks, dispatch, ops
 
 
-# What softmax_scale = 0 runs with (see _attention).
-ZERO_SCALE = 2.0 ** -100
-
-
 def _autocast(q, k, v):
     """Under torch.autocast, fp32 q/k/v are cast to the autocast dtype, as matmul inputs are."""
     device_type = q.device.type if isinstance(q, torch.Tensor) else "cuda"
@@ -42,10 +38,9 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, learnabl
         # (exact; autograd carries the sign into dq).
         q, scale = torch.neg(q), -scale
     elif scale == 0.0:
-        # Uniform weights over the visible keys. A masked score is −inf and −inf·0 is NaN, so a positive scale
-        # this small stands in: its exp2 arguments are below 2^-24 in magnitude for any fp32 score under 2^75,
-        # where exp2 is exactly 1, and the gradients it gives q and k are zero to within 2^-100.
-        scale = ZERO_SCALE
+        # Uniform weights over the visible keys. A masked score is −inf and −inf·0 is NaN in the kernels, so the
+        # scores are made 0 instead: run on 0·q with scale 1 (exact, and autograd gives dq = dk = 0 exactly).
+        q, scale = q * 0.0, 1.0
     learnable_sink = checks.contiguous_sink(learnable_sink)
     features = dict(window_left=left, window_right=right, softcap=float(softcap), sink=learnable_sink,
                     cu_seqlens_q=cu_seqlens_q, page_table=page_table, seqused_k=seqused_k)

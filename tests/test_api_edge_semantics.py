@@ -31,7 +31,7 @@ def _naive(q, k, v, scale, causal=False, sink=None):
 @pytest.mark.parametrize("causal", [False, True])
 def test_nonpositive_softmax_scale(backend, scale, causal):
     """The kernels scale the row max of the raw scores, which holds for a positive scale only: a negative one runs
-    on -q, zero on a vanishing positive scale (uniform weights). No NaN, the naive result, gradients included."""
+    on -q, zero on 0·q (uniform weights, zero dq and dk). No NaN, the naive result, gradients included."""
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 9, 2, 16, requires_grad=True) for _ in range(3))
     out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, backend=backend)
@@ -43,6 +43,8 @@ def test_nonpositive_softmax_scale(backend, scale, causal):
     wants = torch.autograd.grad(want, (q, k, v), dout.double())
     for name, g, w in zip("qkv", grads, wants):
         assert (g.double() - w).abs().max().item() < 1e-4, name
+        if scale == 0.0 and name in "qk":
+            assert not g.any(), name  # exactly zero, as the references give
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

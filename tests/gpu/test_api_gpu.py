@@ -191,7 +191,7 @@ def test_short_query_forward_in_cuda_graph():
 @pytest.mark.parametrize("backend", [None, "triton"])
 @pytest.mark.parametrize("scale", [0.0, -0.2])
 def test_nonpositive_softmax_scale_gpu(backend, scale):
-    """softmax_scale <= 0 (session 20's audit): a negative scale runs on -q, zero on a vanishing positive scale;
+    """softmax_scale <= 0 (session 20's audit): a negative scale runs on -q, zero on 0·q (exact zeros for dq, dk);
     the numerics rule on out, lse and every gradient."""
     torch.manual_seed(5)
     q, k, v = (torch.randn(2, 700, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
