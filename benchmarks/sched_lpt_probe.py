@@ -46,7 +46,8 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args()
     names = args.variants.split(",")
-    print(f"# {torch.cuda.get_device_name()}; bf16 causal, B·S = 16384, H·D = 2048; kernel TFLOP/s (other µs a call)")
+    print(f"# {torch.cuda.get_device_name()}; bf16 causal, B·S = 16384, H·D = 2048; "
+          f"kernel TFLOP/s (other µs a call)")
     for row in args.rows.split(","):
         d, s = (int(x) for x in row.split(":"))
         b, h = 16384 // s, 2048 // d

@@ -230,8 +230,9 @@ class Buffers:
 #                      shortest, so no CTA starts a long tile while the others run dry), in L2 sections: the
 #                      (sequence, head) pairs are cut into sections of `units_per_head` pairs whose K/V fit in
 #                      L2 together, and within a section units go query block (cost) major, head minor, so
-#                      the CTAs at work share a few heads' keys. The paired units' last partial round (3-5% at
-#                      16k causal, session 9's traces) is what this removes.
+#                      the CTAs at work share a few heads' keys. Built (a probe) to remove the paired units' last
+#                      partial round (3-5% at 16k causal, session 9's traces); measured 3-10% slower at S <= 4096
+#                      and no consistent gain at 8k / 16k (benchmarks/NOTES.md, session 20), so never the default.
 SCHED_FLAT = gl.constexpr(0)
 SCHED_REVERSED = gl.constexpr(1)
 SCHED_PAIRED = gl.constexpr(2)
@@ -971,9 +972,9 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # (Q released after the last QKᵀ, lse stored after the O store is issued). TRACE: time stamps per tile into
 # LAST_TRACE (probe only). FAST: the host launch path of launch.py (None: the FA4_SM90_FAST environment variable,
 # "1" = on). DYNAMIC: units from a global counter, packed sequences longest first (see SCHED_FLAT); None: for
-# packed calls whose sequences differ in length (dynamic_units). SCHED "lpt" (batched calls; DYNAMIC with it):
-# single tiles longest first in L2 sections of SECTION (sequence, head) pairs (None: lpt_section). TAIL None: per problem (configs.tail_for);
-# True / False force it (tests, probe variants).
+# packed calls whose sequences differ in length (dynamic_units). SCHED "lpt" (probe, batched calls; DYNAMIC with
+# it): single tiles longest first in L2 sections of SECTION (sequence, head) pairs (None: lpt_section). TAIL None:
+# per problem (configs.tail_for); True / False force it (tests, probe variants).
 DEFAULT_VARIANT = dict(LAZY=False, POLY=0, SCHED=None, STAGGER=False, TAIL=None, TRACE=False, FAST=None,
                        MASK2D=False, CONVERGE=None,
                        O_HALVES=False, PACK=None, DYNAMIC=None, SECTION=None)
