@@ -36,6 +36,14 @@ def test_longest_first_is_a_stable_descending_sort(batch, block, has_used):
     assert torch.equal(sched[1:], want), (counts.tolist(), sched.tolist())
 
 
+def test_sorted_order_for_large_batches_matches_the_ranking():
+    """Past MAX_RANKED_BATCH sequences the order comes from torch's stable sort: the same permutation."""
+    gen = torch.Generator().manual_seed(9)
+    counts = torch.randint(0, 4, (40,), generator=gen, dtype=torch.int32) * 64
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])
+    assert torch.equal(packed_order.sorted_order(counts), _order(cu, 40, False, 16))
+
+
 def test_dynamic_units_only_for_packed_calls_of_unequal_lengths():
     q = torch.zeros(3 * 100, 4, 64)
     cu3 = torch.tensor([0, 100, 200, 300], dtype=torch.int32)

@@ -417,3 +417,18 @@ def test_dynamic_by_default_through_plans(d):
         public = fa4.flash_attn_varlen_func(q, k, v, lay["cu_seqlens_q"], lay["cu_seqlens_k"], 4608, 4608, causal=True,
                                             backend="sm90")
         assert torch.equal(public, out)
+
+
+def test_dynamic_many_sequences():
+    """More packed sequences than packed_order ranks (MAX_RANKED_BATCH): the order from torch's sort, the same
+    answer under the rule, bitwise repeatable."""
+    from fa4.kernels.sm90 import packed_order
+    gen = torch.Generator().manual_seed(11)
+    lens = torch.randint(0, 40, (packed_order.MAX_RANKED_BATCH + 300, ), generator=gen).tolist()
+    q = torch.randn(sum(lens), 4, 64, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(sum(lens), 2, 64, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(sum(lens), 2, 64, dtype=torch.bfloat16, device=DEV)
+    lay = dict(cu_seqlens_q=_cu(lens), cu_seqlens_k=_cu(lens), max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+    out, _ = _run(q, k, v, causal=True, varlen=lay)
+    again, _ = _run(q, k, v, causal=True, varlen=lay, variant=dict(DYNAMIC=False))
+    assert torch.equal(out, again)

@@ -18,6 +18,9 @@ import triton.language as tl
 from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_stream
 
 _BLOCK = 1024
+# Past this many sequences the O(batch²) ranking would cost more than torch's sort (a few kernels, still no host
+# read): 4096 sequences are 16M comparisons, ~10 µs on an H100.
+MAX_RANKED_BATCH = 4096
 
 
 @triton.jit
@@ -53,9 +56,11 @@ def longest_first(batch, cu_seqlens_k, seqused_k, device):
     the current stream; a fresh tensor every call, so calls on different streams never share a counter."""
     if device.type != "cuda":  # ahead-of-time compiles (aot.py) bind CPU stand-ins; nothing runs
         return torch.zeros(1 + batch, dtype=torch.int32, device=device)
-    sched = torch.empty(1 + batch, dtype=torch.int32, device=device)
     has_used = seqused_k is not None
     counts_from = seqused_k if has_used else cu_seqlens_k
+    if batch > MAX_RANKED_BATCH:
+        return sorted_order(seqused_k if has_used else cu_seqlens_k[1:] - cu_seqlens_k[:-1])
+    sched = torch.empty(1 + batch, dtype=torch.int32, device=device)
     index = device.index if device.index is not None else current_device()
     # Triton specialises pointers on 16-byte alignment, so a plan is kept per alignment of the counts' tensor.
     key = (index, batch, has_used, counts_from.data_ptr() % 16 == 0)
@@ -70,3 +75,10 @@ def longest_first(batch, cu_seqlens_k, seqused_k, device):
     with torch.cuda.device(device):
         run.jit((counts_from, counts_from, sched), keep=hooks_idle())
     return sched
+
+
+def sorted_order(counts):
+    """longest_first's result by torch's stable sort (for batches past MAX_RANKED_BATCH): [0] = 0, then the
+    indices of counts in descending order, ties by index."""
+    order = torch.sort(counts, descending=True, stable=True).indices.to(torch.int32)
+    return torch.cat([order.new_zeros(1), order])
