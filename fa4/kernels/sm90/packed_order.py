@@ -7,9 +7,9 @@ list scheduling). sched[0] is the counter and must be zero when the forward star
 
 One small launch writes both, from the key counts on the device (no host read of the lengths): program i
 counts the sequences that go before it, those with more keys and those with as many and a lower index, and
-that count is its place. O(batch²) comparisons in all, which for the few thousand sequences a packed batch
-holds is a few µs of GPU time; the ties broken by index make the order a stable descending sort, the same
-every call (the forward's output is bitwise repeatable).
+that count is its place. O(batch²) comparisons in all, a few µs of GPU time up to MAX_RANKED_BATCH sequences
+(past it torch's stable sort gives the same order). The ties broken by index make the order a stable
+descending sort, the same every call (the forward's output is bitwise repeatable).
 """
 import torch
 import triton
