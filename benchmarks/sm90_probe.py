@@ -77,8 +77,8 @@ VARIANTS = {
     "wg3bn64": (dict(num_wg=3, consumer_regs=160, block_n=64), (128, ), (False, True), True, False),
     "wg3bn64s3": (dict(num_wg=3, consumer_regs=160, block_n=64, stages=3), (128, ), (False, True), True, False),
     # Session 9: three consumers for D = 64 under causal at every length (the table takes two up to a visible
-    # span of 4096 keys then, 8192 since session 20: configs.MASKED_SPAN_WG2), re-timed now that the causal walk
-    # converges.
+    # span of 4096 keys, configs.MASKED_SPAN_WG2; 8192 for packed calls of mixed lengths since session 20),
+    # re-timed now that the causal walk converges.
     "wg3": (dict(num_wg=3, consumer_regs=160), (64, ), (True, ), True, False),
 }
 HEAD_DIMS = (64, 128, 256)

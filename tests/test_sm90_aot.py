@@ -622,17 +622,21 @@ def test_backend_none_reuses_a_plan_only_for_the_same_signature(monkeypatch):
 
 
 def test_problem_config_two_warpgroups_for_short_masked_d64():
-    """configs.problem_config: D = 64 with a mask and a visible span up to MASKED_SPAN_WG2 takes 128-row tiles;
-    unmasked, long causal, other head dims and explicit overrides keep the table's tile."""
+    """configs.problem_config: D = 64 with a mask and a visible span up to MASKED_SPAN_WG2 (MASKED_SPAN_WG2_MIXED
+    for packed calls of mixed lengths) takes 128-row tiles; unmasked, long causal, other head dims and explicit
+    overrides keep the table's tile."""
     def wg(d=64, wl=-1, wr=-1, sq=1024, sk=1024, **over):
         return configs.problem_config(d, d, window_left=wl, window_right=wr, max_seqlen_q=sq, max_seqlen_k=sk,
                                       **over).num_wg
     table = configs.get_config(64, 64).num_wg
     assert table == 3
-    assert wg(wr=0) == 2 and wg(wr=0, sq=4096, sk=4096) == 2 and wg(wr=0, sq=8192, sk=8192) == 2
-    assert wg(wr=0, sq=16384, sk=16384) == table and wg(wr=0, sq=8193, sk=8193) == table
+    assert wg(wr=0) == 2 and wg(wr=0, sq=4096, sk=4096) == 2
+    assert wg(wr=0, sq=16384, sk=16384) == table and wg(wr=0, sq=6144, sk=6144) == table
     assert wg(wl=255, wr=0, sq=16384, sk=16384) == 2  # a local window keeps the span short at any length
-    assert wg(wl=8192, wr=0, sq=16384, sk=16384) == table
+    assert wg(wl=8191, wr=0, sq=16384, sk=16384) == table
+    # Packed calls of mixed lengths: two warpgroups up to 8192 keys.
+    assert wg(wr=0, sq=8192, sk=8192, mixed_lengths=True) == 2 and wg(wr=0, sq=6144, sk=6144, mixed_lengths=True) == 2
+    assert wg(wr=0, sq=8193, sk=8193, mixed_lengths=True) == table
     assert wg() == table and wg(sq=16384, sk=16384) == table
     assert wg(d=128, wr=0) == configs.get_config(128, 128).num_wg
     assert wg(wr=0, num_wg=3, consumer_regs=160) == 3

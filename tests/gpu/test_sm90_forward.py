@@ -66,8 +66,8 @@ BATCHED = [
     (1, 300, 300, 2, 2, 128, 128, False, (0, 0), 0.0, False),       # each query sees one key
     # D = 64 with a mask takes 128-row tiles up to a visible span of configs.MASKED_SPAN_WG2 keys, the
     # table's 192-row tiles past it: these two reach the masked 192-row path.
-    (1, 8500, 8500, 2, 1, 64, 64, True, (-1, -1), 0.0, False),
-    (1, 9000, 9000, 2, 2, 64, 64, False, (8500, 0), 0.0, False),
+    (1, 4500, 4500, 2, 1, 64, 64, True, (-1, -1), 0.0, False),
+    (1, 5000, 5000, 2, 2, 64, 64, False, (4500, 0), 0.0, False),
 ]
 
 

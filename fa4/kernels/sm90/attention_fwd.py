@@ -1022,11 +1022,20 @@ def unit_counter(device, batch, cu_seqlens_q, cu_seqlens_k, seqused_k):
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+def mixed_lengths(q, cu_seqlens_q, max_seqlen_q, seqused_k):
+    """Whether a packed call's sequences may differ in length, judged from what the host knows without reading
+    the lengths: several sequences and fewer query rows than batch · max_seqlen_q, or key counts from seqused_k
+    (a paged or chunked prefill). Part of the launch plan's signature (launch.signature), so a cached plan agrees."""
+    if cu_seqlens_q is None or cu_seqlens_q.numel() <= 2:
+        return False
+    batch = cu_seqlens_q.numel() - 1
+    return seqused_k is not None or q.shape[0] != batch * int(max_seqlen_q)
+
+
 def dynamic_units(q, cu_seqlens_q, max_seqlen_q, seqused_k):
-    """DYNAMIC's default: packed calls whose sequences may differ in length, judged from what the host knows
-    without reading the lengths: fewer query rows than batch · max_seqlen_q, or key counts from seqused_k
-    (a paged or chunked prefill). There the static stride leaves CTAs idle behind the longest sequences' units
-    (mixed lengths: 528 -> 637 TFLOP/s, benchmarks/NOTES.md session 20), while on equal lengths the handout costs
+    """DYNAMIC's default: packed calls whose sequences may differ in length (mixed_lengths). There the static
+    stride leaves CTAs idle behind the longest sequences' units (mixed lengths: 528 -> 637 TFLOP/s,
+    benchmarks/NOTES.md session 20), while on equal lengths the handout costs
     0-3% and the order launch a few µs, so those keep the static stride. Decided from the launch plan's
     signature alone (launch.signature), so a cached plan always agrees with it. FA4_SM90_DYNAMIC=0 / 1 (a probe
     switch for A/B runs in separate processes, read when a plan is made): never / every packed call of several
@@ -1036,8 +1045,7 @@ def dynamic_units(q, cu_seqlens_q, max_seqlen_q, seqused_k):
     forced = os.environ.get("FA4_SM90_DYNAMIC")
     if forced in ("0", "1"):
         return forced == "1"
-    batch = cu_seqlens_q.numel() - 1
-    return seqused_k is not None or q.shape[0] != batch * int(max_seqlen_q)
+    return mixed_lengths(q, cu_seqlens_q, max_seqlen_q, seqused_k)
 
 
 _DUMMIES = {}
@@ -1078,7 +1086,9 @@ def launch_plan(q, k, v, out, lse, *, softmax_scale, window_left, window_right, 
         longest_k = seqlen_k
     d, dv = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     cfg = configs.problem_config(d, dv, window_left=window_left, window_right=window_right, max_seqlen_q=seqlen_q,
-                                 max_seqlen_k=longest_k, **tile_overrides)
+                                 max_seqlen_k=longest_k,
+                                 mixed_lengths=mixed_lengths(q, cu_seqlens_q, max_seqlen_q, seqused_k),
+                                 **tile_overrides)
     if cfg is None:
         raise ValueError(f"no sm90 tile for head dims ({d}, {dv}) with {tile_overrides}")
     tail = configs.tail_for(seqlen_q) if variant["TAIL"] is None else bool(variant["TAIL"])

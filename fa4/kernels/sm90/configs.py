@@ -104,12 +104,17 @@ def get_config(d, dv, **overrides):
 # 408 / 412, 490 / 451, 490 / 435. The trace says why: a 192-row tile on the causal diagonal has 2-3 masked key
 # blocks of its ~5 (128 rows: 1, the walk's first block), and a masked block cost the three-warpgroup tile
 # 2.6x an unmasked one inside the key loop (4.3 vs 1.7 µs). The switch point is the visible key span per query
-# row: up to it the masked blocks weigh enough, past it the third warpgroup's latency hiding wins. Session 20 moved
-# it from 4096 to 8192 keys: packed causal calls (16,384 tokens, 32 heads; H100 card 1752624021011, kernel time by
-# torch.profiler, 3 -> 2 warpgroups, TFLOP/s) 8192 + 8192 444 -> 462, 4096 + 4096 + 8192 415 -> 450,
-# 6000 + 2000 + 8384 431 -> 450, 2048 + 1024 + 512 + 4608 + 8192 417 -> 448, 1000 + 3000 + 500 + 6000 + 5884
-# 388 -> 439; past it three stay ahead or level: one 16,384-token sequence 476 / 467, 12288 + 8 x 512 448 / 431.
-MASKED_SPAN_WG2 = 8192
+# row: up to 4096 keys the masked blocks weigh enough, past it the third warpgroup's latency hiding wins (batched
+# causal, H100 card 1654223010953, session 20: three -> two warpgroups 495 -> 454 at S = 6144, level at 8192,
+# 517 -> 465 at 12288).
+MASKED_SPAN_WG2 = 4096
+# Packed calls whose sequences may differ in length (attention_fwd.mixed_lengths): the shorter sequences of the mix
+# are where two warpgroups win most (three ran an 8 x 2048 causal batch at 0.65x), so two serve up to 8192 keys.
+# Session 20, packed causal, 16,384 tokens, 32 heads (H100 card 1752624021011, kernel time by torch.profiler,
+# 3 -> 2 warpgroups, TFLOP/s): 4096 + 4096 + 8192 415 -> 450, 6000 + 2000 + 8384 431 -> 450, 2048 + 1024 + 512 +
+# 4608 + 8192 417 -> 448, 1000 + 3000 + 500 + 6000 + 5884 388 -> 439; past 8192 three stay ahead: 12288 + 8 x 512
+# 448 / 431.
+MASKED_SPAN_WG2_MIXED = 8192
 
 
 # TAIL (Q handed back right after a tile's last QKᵀ, so the loader fetches the next tile's Q under that block's
@@ -140,14 +145,16 @@ def gqa_pack(group, max_seqlen_q):
     return group
 
 
-def problem_config(d, dv, *, window_left, window_right, max_seqlen_q, max_seqlen_k, **overrides):
-    """get_config for one problem: tile widths (d, dv), the window (-1 = unbounded) and the longest sequences.
-    Explicit overrides (a probe variant) win over the per-problem choice."""
+def problem_config(d, dv, *, window_left, window_right, max_seqlen_q, max_seqlen_k, mixed_lengths=False,
+                   **overrides):
+    """get_config for one problem: tile widths (d, dv), the window (-1 = unbounded), the longest sequences and
+    whether a packed call's sequences may differ in length. Explicit overrides (a probe variant) win over the
+    per-problem choice."""
     if (d, dv) == (64, 64) and "num_wg" not in overrides and (window_left >= 0 or window_right >= 0):
         span = max(max_seqlen_k, max_seqlen_q)
         if window_left >= 0:
             span = min(span, window_left + 1 + max(window_right, 0))
-        if span <= MASKED_SPAN_WG2:
+        if span <= (MASKED_SPAN_WG2_MIXED if mixed_lengths else MASKED_SPAN_WG2):
             overrides = dict(overrides, num_wg=2, consumer_regs=240)
     return get_config(d, dv, **overrides)
 
