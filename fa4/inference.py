@@ -133,7 +133,6 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         c.cache_batch, c.capacity = k_cache.shape[0], k_cache.shape[1]
         if cache_batch_idx is not None:
             checks.check_index_vector("cache_batch_idx", cache_batch_idx, c.batch, q.device)
-            _check_unit_stride("cache_batch_idx", cache_batch_idx)
         elif c.cache_batch < c.batch:
             raise ValueError(f"k_cache holds {c.cache_batch} sequences; q has {c.batch} (pass cache_batch_idx to "
                              f"map q's sequences to cache rows)")
@@ -162,7 +161,6 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
             raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
     elif isinstance(cache_seqlens, torch.Tensor):
         checks.check_index_vector("cache_seqlens", cache_seqlens, c.batch, q.device)
-        _check_unit_stride("cache_seqlens", cache_seqlens)
     elif isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
         raise TypeError(f"cache_seqlens must be an int, a torch.int32 tensor of shape ({c.batch},) or None; "
                         f"got {type(cache_seqlens).__name__}")
@@ -246,11 +244,6 @@ def _check_int_lengths(c, cache_seqlens, rotary_cos):
     _check_lengths(c, cache_seqlens, None)
     if rotary_cos is not None:
         _check_rotary_length(c, rotary_cos, cache_seqlens)
-
-
-def _check_unit_stride(name, t):
-    if t.stride(0) != 1 and t.shape[0] > 1:
-        raise ValueError(f"{name} must be contiguous (stride 1); got stride {t.stride(0)}")
 
 
 def _check_negative(name, lo, at):
