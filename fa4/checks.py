@@ -24,6 +24,17 @@ def shape_of(t):
     return tuple(t.shape)
 
 
+def overlaps_itself(t):
+    """Whether two elements of t share memory (a stride-0 or otherwise overlapping view, e.g. from expand):
+    walking the dimensions by increasing stride, each must step past everything the smaller ones span."""
+    span = 1
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
+
+
 def can_read_values(*tensors):
     """True when tensor values may be read on the host (not tracing, not capturing a CUDA graph)."""
     if torch.compiler.is_compiling():

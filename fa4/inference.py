@@ -18,7 +18,9 @@ whose tensors are unchanged since they last passed (same objects, same in-place 
 read again (tensors made under torch.inference_mode have no version counter, so a set holding one is read on
 every call). A decode loop that advances cache_seqlens in place therefore pays one small host read per step;
 FA4_KVCACHE_VALUE_CHECKS=0 (or inference.CHECK_VALUES = False) turns these value checks off entirely (the
-caller vouches), and a captured CUDA graph never runs them.
+caller vouches), and a captured CUDA graph never runs them. A write that does not move a tensor's version counter
+(through .data, DLPack or another kernel) is not seen either; for such unchecked values the append kernel still
+skips any slot outside its own sequence's cache rather than write into another sequence's keys.
 
 Host cost: a decode step takes ~10-100 µs on the GPU, so the Python around it matters. The first call with a
 given signature (dtypes, devices, shapes and strides of the tensors, the Python arguments) runs every check
@@ -46,6 +48,8 @@ SPLIT_PROGRAMS_PER_SM = 1
 SPLIT_OFF_FRACTION = 0.8  # no split once the unsplit programs cover this share of the SMs
 MIN_TILES_PER_SPLIT = 4  # each split streams at least this many key tiles (amortises prologue and combine)
 MAX_SPLITS = 128
+# The most splits a caller may ask for (FlashAttention 3's bound; FlashAttention 2 allows 128).
+MAX_NUM_SPLITS = 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,14 +182,16 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if causal:
         c.right = 0  # causal is the window (left, 0), aligned to the end of the cache
     c.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(c.head_d)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic); got {num_splits!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_NUM_SPLITS:
+        raise ValueError(f"num_splits must be an int from 0 (the heuristic) to {MAX_NUM_SPLITS}; got {num_splits!r}")
 
     # Rotary tables: (seqlen_ro, rotary_dim / 2), applied to q and the new keys.
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
-    # FlashAttention: q rotates at cache_seqlens + i when causal or local, else every token at cache_seqlens.
-    c.rotary_per_token = c.left >= 0 or c.right >= 0
+    # FlashAttention: q rotates at cache_seqlens + i when causal or local, else every token at cache_seqlens. As in
+    # FlashAttention 2, a window side as wide as the cache (>= its capacity) is no window: it hides no key, and a
+    # call with it rotates q as the call without it does.
+    c.rotary_per_token = 0 <= c.left < c.capacity or 0 <= c.right < c.capacity
     if rotary_cos is not None:
         if k is None:
             raise ValueError("rotary_cos/rotary_sin need the new keys k and v (rotary is applied as they are "
@@ -207,6 +213,8 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                              f"in [2, {c.head_d}] (q's head dim)")
         if isinstance(cache_seqlens, int):
             _check_rotary_length(c, rotary_cos, cache_seqlens)
+        elif cache_seqlens is None:  # every sequence fills the cache: q rotates past its end
+            _check_rotary_length(c, rotary_cos, c.capacity)
     c.rotary_rows = rotary_cos.shape[0] if rotary_cos is not None else -1
     c.value_params = (c.seqlen_new, c.capacity, c.cache_batch, c.num_pages, c.page_size, c.seqlen_q,
                       c.rotary_per_token, c.rotary_rows)
@@ -216,6 +224,9 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         _check_like("out", out, "q", q, 4, "(batch, seqlen_q, heads, head_dim_v)")
         if checks.shape_of(out) != want:
             raise ValueError(f"out must have shape {want}; got {checks.shape_of(out)}")
+        if checks.overlaps_itself(out):
+            raise ValueError(f"out has strides {out.stride()} under which some of its elements share memory "
+                             f"(an expanded view?); every output element needs its own slot")
     return c
 
 
@@ -362,7 +373,7 @@ def choose_num_splits(programs, max_keys, block_n, num_sms):
     L=8192, 64 at L=65536), B=8 -> 2 (128 programs), B >= 32 -> 1.
     """
     tiles = -(-max_keys // block_n)
-    if not splits_wanted(programs, num_sms) or tiles < 2 * MIN_TILES_PER_SPLIT:
+    if programs == 0 or not splits_wanted(programs, num_sms) or tiles < 2 * MIN_TILES_PER_SPLIT:
         return 1
     want = max(1, SPLIT_PROGRAMS_PER_SM * num_sms // programs)
     splits = max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
@@ -506,7 +517,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         res, lse = step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lens, cache_batch_idx, page_table,
                         learnable_sink, out, fixed)
         return (res, lse) if return_lse else res
-    with torch.no_grad():  # the in-place append must not be recorded by autograd
+    # The in-place append must not be recorded by autograd. Tensors made under torch.inference_mode can only be
+    # written inside it (the Triton kernels write them through raw pointers): then the whole reference runs there,
+    # so that no write fails after another one landed.
+    written = (k_cache, v_cache, out) if k is not None else (out, )
+    inference = any(t is not None and t.is_inference() for t in written)
+    with torch.inference_mode() if inference else torch.no_grad():
         res, lse = _reference(c, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                               cache_batch_idx, page_table, softcap, learnable_sink, rotary_interleaved)
         if out is not None:

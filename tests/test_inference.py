@@ -600,7 +600,11 @@ ERROR_CASES = [
     ("out shape", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, out=torch.empty(2, 1, 4, 16))), ValueError,
      r"^out must have shape \(2, 1, 4, 32\)"),
     ("num_splits negative", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, num_splits=-1)), ValueError,
-     r"^num_splits must be an int >= 0"),
+     r"^num_splits must be an int from 0 \(the heuristic\) to 256"),
+    ("num_splits huge", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, num_splits=70000)), ValueError,
+     r"^num_splits must be an int from 0 \(the heuristic\) to 256; got 70000"),
+    ("out overlapping itself", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, out=torch.empty(1, 1, 4, 32).expand(
+        2, 1, 4, 32))), ValueError, r"^out has strides \(0, 128, 32, 1\) under which some of its elements share"),
     ("no seqlens with append", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, cache_seqlens=None)), ValueError,
      r"^cache_seqlens is required when k and v are appended"),
     ("sm90 backend", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, backend="sm90")), ValueError,
@@ -688,6 +692,70 @@ def test_unused_page_entries_may_hold_anything():
     table[:, 2:] = -1
     lens = torch.tensor([8, 5], dtype=torch.int32)
     flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rotary_table_checked_for_a_full_cache(backend):
+    """cache_seqlens=None (every sequence fills the cache) with an empty append: q rotates at the cache's end, so the
+    rotary table must reach past it (before: unchecked; the kernel read past the table)."""
+    q, k_cache, v_cache, _, kw = _make(batch=2, capacity=16, seqlen_new=1)
+    cos, sin = _rotary_tables(8, 16)
+    k0 = k_cache.clone()
+    with pytest.raises(ValueError, match=r"^rotary_cos has 8 positions; positions up to 16 are needed"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, kw["k"][:, :0], kw["v"][:, :0], rotary_cos=cos,
+                                rotary_sin=sin, backend=backend)
+    assert torch.equal(k_cache, k0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch_or_query_with_a_long_cache(backend):
+    """Sq = 0 or B = 0 with the split heuristic on a long cache (no programs to split: one split, no error)."""
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=256, seqlen_new=1)
+    out = flash_attn_with_kvcache(q[:, :0], k_cache, v_cache, cache_seqlens=lens, backend=backend, **kw)
+    assert out.shape == (2, 0, 4, 32)
+    out = flash_attn_with_kvcache(q[:0], k_cache[:0], v_cache[:0], cache_seqlens=lens[:0], backend=backend,
+                                  k=kw["k"][:0], v=kw["v"][:0])
+    assert out.shape == (0, 1, 4, 32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("window", [(10**6, -1), (-1, 10**6), (48, 48)], ids=["left", "right", "both"])
+def test_window_as_wide_as_the_cache_is_no_window(backend, window):
+    """FlashAttention 2 turns a window side >= the cache's capacity into -1 before choosing how q rotates (at
+    cache_seqlens + i when causal or local, else at cache_seqlens): such a window gives the no-window output."""
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=48, seqlen_q=3, seqlen_new=3)
+    cos, sin = _rotary_tables(64, 16)
+    outs = []
+    for w in ((-1, -1), window):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs.append(flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, rotary_cos=cos, rotary_sin=sin,
+                                           window_size=w, backend=backend, **kw))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+
+
+def test_inference_mode_caches_written_outside_it():
+    """Caches (and out) made under torch.inference_mode, used outside it: the reference backend appends k and v
+    and writes out (as the Triton kernels do), instead of failing after k landed and before v."""
+    with torch.inference_mode():
+        q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, seqlen_new=1)
+        out = torch.empty(2, 1, 4, 32)
+    res = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, out=out, backend="reference", **kw)
+    assert res is out
+    for b in range(2):
+        assert torch.equal(k_cache[b, lens[b]], kw["k"][b, 0]) and torch.equal(v_cache[b, lens[b]], kw["v"][b, 0])
+
+
+def test_append_skips_slots_past_the_cache_on_a_stale_verdict(monkeypatch):
+    """The value checks remember a passing set by version counters, which a write through .data does not move. The
+    append kernel then skips a slot outside its sequence's cache instead of writing into the next sequence's."""
+    monkeypatch.setattr(inference, "_steps", {})
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=8, seqlen_new=1, lens=[2, 3])
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend="triton", **kw)
+    lens.data[0] = 8  # past the cache (the remembered verdict is not invalidated)
+    row1 = k_cache[1].clone()
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend="triton",
+                            k=2 * kw["k"], v=2 * kw["v"])
+    assert torch.equal(k_cache[1, :3], row1[:3]) and torch.equal(k_cache[1, 3], 2 * kw["k"][1, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def _append_kv_kernel(Knew, Vnew, Kc, Vc, CacheSeqlens, CacheBatchIdx, PageTable
                       stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
                       stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                       stride_ptb, stride_rot,
-                      seqlen_new, page_size, num_heads_kv, rot_half,
+                      seqlen_new, page_size, num_heads_kv, rot_half, capacity, cache_rows,
                       HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
                       HAS_SEQLENS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
@@ -86,15 +86,24 @@ def _append_kv_kernel(Knew, Vnew, Kc, Vc, CacheSeqlens, CacheBatchIdx, PageTable
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < num_heads_kv
     pos = cache_length(CacheSeqlens, b, seqlen_fixed, HAS_SEQLENS) + t
+    # fa4.inference checks positions, pages and cache rows on the host before launching, but it remembers a
+    # passing set of tensors by their version counters, which a write through .data, DLPack or another kernel
+    # does not move. A slot outside this sequence's cache is then skipped here instead of landing in another
+    # sequence's keys.
+    slot_ok = (pos >= 0) & (pos < capacity)
     if PAGED:
-        page = tl.load(PageTable + b.to(tl.int64) * stride_ptb + pos // page_size).to(tl.int64)
+        page = tl.load(PageTable + b.to(tl.int64) * stride_ptb + pos // page_size, mask=slot_ok, other=0)
+        slot_ok = slot_ok & (page >= 0) & (page < cache_rows)
+        page = page.to(tl.int64)
         row = pos % page_size
         kc_base = page * stride_kcb + row * stride_kcs
         vc_base = page * stride_vcb + row * stride_vcs
     else:
         cb = cache_row(CacheBatchIdx, b, HAS_BATCH_IDX)
+        slot_ok = slot_ok & (cb >= 0) & (cb < cache_rows)
         kc_base = cb * stride_kcb + pos.to(tl.int64) * stride_kcs
         vc_base = cb * stride_vcb + pos.to(tl.int64) * stride_vcs
+    h_ok = h_ok & slot_ok
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -138,7 +147,8 @@ def append_launch(k, v, k_cache, v_cache, *, has_seqlens, has_batch_idx, page_ta
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             page_table.stride(0) if paged else 0, rotary_cos.stride(0) if rotary else 0,
-            seqlen_new, k_cache.shape[1] if paged else 1, num_heads_kv, rotary_cos.shape[1] if rotary else 0)
+            seqlen_new, k_cache.shape[1] if paged else 1, num_heads_kv, rotary_cos.shape[1] if rotary else 0,
+            page_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1], k_cache.shape[0])
     constexprs = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=_padded(head_d), BLOCK_DV=_padded(head_dv),
                       BLOCK_H=block_h, HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=has_batch_idx, PAGED=paged,
                       ROTARY=rotary, INTERLEAVED=bool(rotary_interleaved))
