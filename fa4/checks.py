@@ -173,9 +173,13 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     if seqused_k is not None:
         check_index_vector("seqused_k", seqused_k, batch, q.device)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int):
+        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int; got {type(m).__name__}")
-        if m < 0:
+        if torch.compiler.is_compiling() or isinstance(m, torch.SymInt):
+            # Possibly traced from a device value (torch.compile with capture_scalar_outputs, e.g. max_seqlen from
+            # cu_seqlens by .item()): asserted without a guard, which an unbacked value cannot take.
+            torch._check(m >= 0, lambda name=name: f"{name} must be >= 0")
+        elif m < 0:
             raise ValueError(f"{name} must be >= 0; got {m}")
     if page_table is not None:
         check_tensor("page_table", page_table)

@@ -471,6 +471,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     if isinstance(learnable_sink, torch.Tensor):
         learnable_sink = checks.contiguous_sink(learnable_sink)
+    # As FlashAttention: q and the new k, v may have a strided last dimension (copied); the caches, written in
+    # place, may not.
+    q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
+               for t in (q, k, v))
     if torch.compiler.is_compiling():
         return _traced_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             page_table, softmax_scale, causal, window_size, softcap, learnable_sink,

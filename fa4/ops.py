@@ -8,6 +8,7 @@ imports a kernel module it does not use.
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import dispatch
@@ -209,9 +210,26 @@ class _EagerAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        return _gradients(ctx, dout, dlse, _run_backward)
+        with torch.no_grad():
+            grads = _gradients(ctx, dout, dlse, _run_backward)
+        if not torch.is_grad_enabled():
+            return grads
+        # create_graph=True: the gradients depend on q, k, v (and dout), but the kernels give values only. Unlike
+        # torch's once_differentiable, which marks them only when dout itself requires grad (with a loss linear in
+        # out a gradient penalty would silently lose its attention term), every gradient gets a node that raises if
+        # anything differentiates through it.
+        marked = [g.detach().requires_grad_() if isinstance(g, torch.Tensor) else g for g in grads]
+        tensors = [g for g in marked if isinstance(g, torch.Tensor)]
+        if not tensors:
+            return grads
+        raised = iter(_DelayedError(_NO_DOUBLE_BACKWARD, len(tensors))(*tensors))
+        return tuple(next(raised) if isinstance(g, torch.Tensor) else g for g in marked)
+
+
+_NO_DOUBLE_BACKWARD = (b"fa4 attention's gradients are not differentiable: double backward (a gradient penalty, "
+                       b"second-order meta-learning) through attention is not supported")
+_DelayedError = torch._C._functions.DelayedError
 
 
 _len_dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
@@ -222,11 +240,30 @@ def _plain(t):
     return t is None or type(t) is torch.Tensor
 
 
+def _check_no_forward_ad(q, k, v, sink, backend):
+    """fa4 has no forward-mode AD rule: a jvp transform, or dual tensors entering a kernel backend, would get a
+    zero or missing tangent. Raise instead (FlashAttention's autograd.Function raises too). Dual tensors on the
+    reference backend are fine: its torch ops carry the tangents."""
+    if _functorch_active():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            raise RuntimeError("fa4 attention has no forward-mode AD rule: torch.func.jvp (and jacfwd, hessian) "
+                               "cannot pass through it; use reverse mode (backward, torch.func.grad, vjp)")
+    elif getattr(_forward_ad, "_current_level", -1) >= 0 and backend != "reference":
+        if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v, sink)):
+            raise RuntimeError("fa4 attention has no forward-mode AD rule: dual tensors (torch.autograd."
+                               "forward_ad) cannot pass through its kernels; use reverse mode, or "
+                               "backend='reference'")
+
+
 def attention(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
               softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic,
               lse_has_grad):
     """(out, lse): fa4::attn_fwd under torch.compile, tensor subclasses (fake, DTensor), dispatch modes or
     functorch transforms; the eager autograd.Function otherwise. Both run the same kernels."""
+    if not torch.compiler.is_compiling():
+        _check_no_forward_ad(q, k, v, sink, backend)
     args = (q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
             softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic, lse_has_grad)
     if (torch.compiler.is_compiling() or _len_dispatch_stack() or _functorch_active()

@@ -1,5 +1,7 @@
-"""Calls at the edges of the contract that must compute the right thing on every backend (an API audit, session
-20): a softmax scale of zero or below, and a learnable sink that is a strided view."""
+"""Calls at the edges of the contract that must compute the right thing on every backend (API audits, sessions 20
+and 21): a softmax scale of zero or below, a learnable sink that is a strided view, q / k / v whose last dimension
+is strided, autograd modes fa4 does not implement (which must raise, not return wrong values), and a packed call
+compiled with max_seqlen read from the device."""
 import pytest
 import torch
 
@@ -85,3 +87,105 @@ def test_strided_learnable_sink_kvcache():
     got = fa4.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=10, learnable_sink=sinks[:, 2])
     want = fa4.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=10, learnable_sink=sinks[:, 2].clone())
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_last_dimension_is_copied(backend):
+    """As FlashAttention (maybe_contiguous): q, k, v whose head dim is not the innermost dimension, e.g. a
+    (B, S, D, H) tensor transposed, are accepted (copied); outputs and gradients equal the contiguous call's."""
+    torch.manual_seed(4)
+    base = [torch.randn(2, 9, 16, 2) for _ in range(3)]
+    strided = [t.clone().requires_grad_() for t in base]
+    dense = [t.transpose(-1, -2).contiguous().requires_grad_() for t in base]
+    q, k, v = (t.transpose(-1, -2) for t in strided)
+    assert q.stride(-1) != 1
+    out = fa4.flash_attn_func(q, k, v, causal=True, backend=backend)
+    ref = fa4.flash_attn_func(*dense, causal=True, backend=backend)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    out.sum().backward()
+    ref.sum().backward()
+    for s_, d_ in zip(strided, dense):
+        torch.testing.assert_close(s_.grad.transpose(-1, -2), d_.grad, atol=0, rtol=0)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    packed = [t.detach()[0] for t in (q, k, v)]
+    res = fa4.flash_attn_varlen_func(*packed, cu, cu, 5, 5, backend=backend)
+    want = fa4.flash_attn_varlen_func(*(t.contiguous() for t in packed), cu, cu, 5, 5, backend=backend)
+    torch.testing.assert_close(res, want, atol=0, rtol=0)
+
+
+def test_strided_last_dimension_kvcache():
+    """flash_attn_with_kvcache: q and the new k, v may have a strided last dimension too (the caches may not)."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 1, 16, 4).transpose(-1, -2)
+    k_new, v_new = (torch.randn(2, 1, 16, 2).transpose(-1, -2) for _ in range(2))
+    caches = [torch.randn(2, 12, 2, 16) for _ in range(2)]
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    got_caches = [c.clone() for c in caches]
+    out = fa4.flash_attn_with_kvcache(q, *got_caches, k=k_new, v=v_new, cache_seqlens=lens, backend="reference")
+    want_caches = [c.clone() for c in caches]
+    want = fa4.flash_attn_with_kvcache(q.contiguous(), *want_caches, k=k_new.contiguous(), v=v_new.contiguous(),
+                                       cache_seqlens=lens, backend="reference")
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_raises(backend):
+    """fa4 has no jvp rule: torch.func.jvp raises (it returned a zero tangent), and so do dual tensors entering a
+    kernel backend (their tangent was dropped); the reference backend's torch ops carry dual tangents correctly."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 7, 2, 16) for _ in range(3))
+    tangent = torch.randn_like(q)
+    with pytest.raises(RuntimeError, match="no forward-mode AD rule"):
+        torch.func.jvp(lambda x: fa4.flash_attn_func(x, k, v, backend=backend), (q, ), (tangent, ))
+    want_t = torch.func.jvp(lambda x: _naive(x, k, v, 16 ** -0.5), (q.double(), ), (tangent.double(), ))[1]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, tangent)
+        if backend == "reference":
+            out_t = fwAD.unpack_dual(fa4.flash_attn_func(dual, k, v, backend=backend)).tangent
+            assert (out_t.double() - want_t).abs().max().item() < 1e-4
+        else:
+            with pytest.raises(RuntimeError, match="no forward-mode AD rule"):
+                fa4.flash_attn_func(dual, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises(backend):
+    """A gradient penalty through attention needs second derivatives fa4 does not have. With a loss linear in out,
+    torch's once_differentiable left the first-order gradient without a graph, so the penalty's attention term was
+    silently dropped; now differentiating through the gradient raises."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 7, 2, 16, requires_grad=True) for _ in range(3))
+    w = torch.randn(1, 7, 2, 16)
+    loss = (fa4.flash_attn_func(q, k, v, backend=backend) * w).sum()
+    (g, ) = torch.autograd.grad(loss, q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (loss + (g ** 2).sum()).backward()
+    # create_graph=True whose gradient is only used as a value is fine
+    q2 = q.detach().requires_grad_()
+    (g2, ) = torch.autograd.grad((fa4.flash_attn_func(q2, k, v, backend=backend) * w).sum(), q2, create_graph=True)
+    torch.testing.assert_close(g2.detach(), g.detach(), atol=0, rtol=0)
+
+
+def test_compiled_packed_call_with_max_seqlen_from_the_device():
+    """torch.compile(fullgraph=True) of the usual unpad step: max_seqlen = (cu[1:] - cu[:-1]).max().item() (an
+    unbacked value under capture_scalar_outputs) reaches fa4's argument checks, which must not guard on it."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+
+    def step(q, k, v, cu):
+        m = int((cu[1:] - cu[:-1]).max().item())
+        return fa4.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True, backend="reference")
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q, k, v = (torch.randn(8, 2, 16) for _ in range(3))
+    old = torch._dynamo.config.capture_scalar_outputs
+    torch._dynamo.config.capture_scalar_outputs = True
+    try:
+        out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, cu)
+    finally:
+        torch._dynamo.config.capture_scalar_outputs = old
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, step(q, k, v, cu), atol=1e-6, rtol=1e-6)
