@@ -298,6 +298,49 @@ def test_cpu_mode_with_a_stand_in_fa4(monkeypatch, suite):
     assert any("FAIL" in l for l in lines)
 
 
+@pytest.mark.parametrize("suite", ["training", "decode"])
+def test_cpu_mode_writes_the_json_document(monkeypatch, tmp_path, suite):
+    """--json / --out without a GPU: DESIGN.md's document, every selected row for fa4 with null figures (nothing
+    is timed), and the CPU named as the card; nothing silently dropped."""
+    monkeypatch.setattr(peers, "load_fa4", lambda: _stand_in_fa4())
+    path, out_dir = tmp_path / "doc.json", tmp_path / "out"
+    lines = []
+    args = cli.parse_args(["--suite", suite, "--json", str(path), "--out", str(out_dir)])
+    assert cpu.run_cpu(args, out=lines.append) == 0
+    doc = json.loads(path.read_text())
+    assert tuple(doc) == report.DOCUMENT_FIELDS and doc["suite"] == suite
+    assert doc["matmul_tflops"] is None and doc["copy_gbps"] is None and "no CUDA device" in doc["card"]
+    fields = report.TRAINING_FIELDS if suite == "training" else report.DECODE_FIELDS
+    assert len(doc["rows"]) == (14 if suite == "training" else 12)
+    for row in doc["rows"]:
+        assert tuple(row) == fields and row["backend"] == "fa4"
+        assert all(row[f] is None for f in fields if f.endswith(("tflops", "mib", "gbps")))
+    written = sorted(os.listdir(out_dir))
+    assert len(written) == 2 and written[0].endswith(".json") and written[1].endswith(".md")
+    assert json.loads((out_dir / written[0]).read_text())["details"]["passed"] is True
+    lines = []
+    assert cpu.run_cpu(cli.parse_args(["--suite", suite, "--rows", "B=3"]), out=lines.append) == 1
+    assert lines[-1].startswith(f"no row of the {suite} suite matches")
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    for argv, message in ((["--out", str(a_file)], "exists and is not a directory"),
+                          (["--json", str(tmp_path)], "is a directory")):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_repeated_peers_run_once_and_a_peer_without_rows_keeps_its_column():
+    assert cli.parse_args(["--peers", "sdpa_cudnn,flex,sdpa_cudnn"]).peer_names == ["sdpa_cudnn", "flex"]
+    rows = [dict(backend="fa4", B=1, L=8192, paged=False, gbps=1500.0)]
+    text = report.table("decode", rows, ["fa4", "flex"])
+    header, _, line = text.splitlines()[1:4]
+    assert "flex" in header and line.rstrip(" |").split("|")[-2].strip() == "n/a"
+
+
 SMALL_SUITES = {
     "training": lambda: [suites.TrainingCase(D=d, S=64, B=2, H=2, causal=c) for d in (32, 64) for c in (0, 1)],
     "decode": lambda: [suites.DecodeCase(B=b, L=128, paged=p, Hq=4, Hkv=2, D=32, page_size=32)

@@ -126,7 +126,7 @@ def parse_args(argv):
     elif args.peers.strip().lower() in ("", "none"):
         args.peer_names = []
     else:
-        args.peer_names = [n.strip() for n in args.peers.split(",") if n.strip()]
+        args.peer_names = list(dict.fromkeys(n.strip() for n in args.peers.split(",") if n.strip()))
         unknown = [n for n in args.peer_names if n not in PEER_NAMES]
         if unknown:
             parser.error(f"--peers: unknown peer(s) {', '.join(unknown)}; known: {', '.join(PEER_NAMES)}")
@@ -134,6 +134,11 @@ def parse_args(argv):
         args.l2_flush = DEFAULT_L2_FLUSH[args.suite]
     if args.fwd_only and args.suite != "training":
         parser.error("--fwd-only applies to the training suite only")
+    # Output paths are checked before anything runs: a bad one found after the suite would lose every timing.
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: exists and is not a directory")
+    if args.json is not None and os.path.isdir(args.json):
+        parser.error(f"--json {args.json}: is a directory; give a file path")
     return args
 
 
@@ -144,20 +149,32 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            # Triton reads the switch when a function is decorated with @triton.jit, its own library
-            # (tl.max, tl.sum, ...) included, and importing fa4 (which runs before this function) already
-            # imports triton.language. So start again in a process that has the switch set from the start.
-            os.environ["TRITON_INTERPRET"] = "1"
-            if any(name == "triton" or name.startswith("triton.") for name in sys.modules):
-                root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-                path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-                return subprocess.call([sys.executable, "-m", "fa4.bench.cli", *argv],
-                                       env=dict(os.environ, PYTHONPATH=path))
-        from .cpu import run_cpu
-        return run_cpu(args)
+        saved = os.environ.get("TRITON_INTERPRET")
+        try:
+            return _run_without_gpu(args, argv)
+        finally:  # a caller of main() in-process gets its environment back
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
     from .gpu import run_gpu
     return run_gpu(args)
+
+
+def _run_without_gpu(args, argv):
+    """The CPU check: fa4's Triton kernels under the interpreter (TRITON_INTERPRET=1)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads the switch when a function is decorated with @triton.jit, its own library
+        # (tl.max, tl.sum, ...) included, and importing fa4 (which runs before this function) already
+        # imports triton.language. So start again in a process that has the switch set from the start.
+        os.environ["TRITON_INTERPRET"] = "1"
+        if any(name == "triton" or name.startswith("triton.") for name in sys.modules):
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            return subprocess.call([sys.executable, "-m", "fa4.bench.cli", *argv],
+                                   env=dict(os.environ, PYTHONPATH=path))
+    from .cpu import run_cpu
+    return run_cpu(args)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def run_gpu(args, out=print, log=_log):
         outcome = runner.run_decode(cases, backends, dtype=dtype, reps=reps, log=log, device=DEVICE,
                                     l2_flush=args.l2_flush)
 
-    table_text = report.table(args.suite, outcome.rows)
+    table_text = report.table(args.suite, outcome.rows, [b.name for b in backends])
     if outcome.failures:
         table_text += "\n\nMissing (the backend failed on that row):\n" + "\n".join(f"  {f}" for f in outcome.failures)
     if missing:

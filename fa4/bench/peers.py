@@ -107,7 +107,7 @@ class Sdpa:
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
             getattr(SDPBackend, self._KERNELS[self.name])
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # ImportError, AttributeError, or a library failing to load (OSError, ...)
             return f"{type(exc).__name__}: {exc}"
         return None
 
@@ -146,7 +146,7 @@ class Flex:
     def available(self):
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or a library failing to load
             return f"{type(exc).__name__}: {exc}"
         return None
 

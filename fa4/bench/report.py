@@ -14,9 +14,10 @@ DECODE_FIELDS = ("backend",) + DECODE_KEYS + ("gbps",)
 DOCUMENT_FIELDS = ("card", "torch", "triton", "date", "suite", "matmul_tflops", "copy_gbps", "rows")
 
 
-def _group(rows, keys):
-    """{case tuple: {backend: row}} in first-seen order, and the backends in first-seen order (fa4 first)."""
-    cases, backends = {}, []
+def _group(rows, keys, names=()):
+    """{case tuple: {backend: row}} in first-seen order, and the backends in first-seen order (fa4 first); `names`:
+    backends that get a column even without a row (a peer that could express none of them: all n/a)."""
+    cases, backends = {}, list(names)
     for row in rows:
         cases.setdefault(tuple(row[k] for k in keys), {})[row["backend"]] = row
         if row["backend"] not in backends:
@@ -91,9 +92,9 @@ def _markdown(header, lines):
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines])
 
 
-def training_table(rows):
+def training_table(rows, names=()):
     """TFLOP/s (fwd / bwd) per backend with fa4's ratio to the best peer, then extra MiB per backend."""
-    cases, backends = _group(rows, TRAINING_KEYS)
+    cases, backends = _group(rows, TRAINING_KEYS, names)
     ratios = training_ratios(rows)
     speed, memory = [], []
     for case, by_backend in cases.items():
@@ -111,8 +112,8 @@ def training_table(rows):
             + _markdown(head + backends, memory))
 
 
-def decode_table(rows):
-    cases, backends = _group(rows, DECODE_KEYS)
+def decode_table(rows, names=()):
+    cases, backends = _group(rows, DECODE_KEYS, names)
     ratios = decode_ratios(rows)
     lines = []
     for case, by_backend in cases.items():
@@ -125,8 +126,9 @@ def decode_table(rows):
             + _markdown(["B", "L", "cache"] + backends + ["fa4/best"], lines))
 
 
-def table(suite, rows):
-    return training_table(rows) if suite == "training" else decode_table(rows)
+def table(suite, rows, names=()):
+    """The suite's table; `names`: the run's backends, each a column even where it could express no row."""
+    return training_table(rows, names) if suite == "training" else decode_table(rows, names)
 
 
 def _rounded(row):
@@ -138,7 +140,8 @@ def document(info, suite, matmul_tflops, copy_gbps, rows):
     fields = TRAINING_FIELDS if suite == "training" else DECODE_FIELDS
     doc = {
         "card": info["card"], "torch": info["torch"], "triton": info["triton"], "date": info["date"],
-        "suite": suite, "matmul_tflops": round(matmul_tflops, 1), "copy_gbps": round(copy_gbps, 1),
+        "suite": suite, "matmul_tflops": None if matmul_tflops is None else round(matmul_tflops, 1),
+        "copy_gbps": None if copy_gbps is None else round(copy_gbps, 1),
         "rows": [_rounded({f: row[f] for f in fields}) for row in rows],
     }
     assert tuple(doc) == DOCUMENT_FIELDS
