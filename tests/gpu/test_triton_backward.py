@@ -35,6 +35,8 @@ MATRIX = [
     (1, 1200, 1200, 4, 2, 64, 64, 100, 50, 30.0, False, True),     # window both sides + softcap
     (1, 1000, 1000, 6, 3, 192, 128, -1, 0, 0.0, False, False),     # Dv != D
     (1, 513, 513, 8, 2, 40, 24, -1, -1, 0.0, True, False),         # small odd head dims, GQA
+    (1, 511, 511, 4, 1, 192, 40, 17, 0, 0.0, False, False),        # V's block narrower than Q/K's (a fuzz find:
+    (1, 511, 511, 4, 1, 192, 40, -1, 0, 0.0, False, False),        # wrong dQ / illegal address before)
     (1, 3000, 3000, 8, 1, 128, 128, -1, -1, 50.0, True, True),
 ]
 

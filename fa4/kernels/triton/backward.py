@@ -739,7 +739,12 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     # With a sink and 16-bit inputs the dQ kernel runs: it computes the sink gradient without O's rounding
     # (see _bwd_dq_kernel). fp32 outputs carry no such rounding, and there the preprocess's sum is as exact.
     sink_in_dq = sink is not None and has_keys and q.dtype != torch.float32
-    dq_atomic = cfg.dq_atomic and not deterministic and has_keys and not sink_in_dq
+    # The D = 256 bucket's atomic dQ (split dK / dV passes) gave a wrong dQ (max error 3-6, H100) whenever Dv is
+    # padded to its block: (192, 40) and (256, 40), with or without a window, while (192, 64), (192, 192) and
+    # (128, 40) were right (a GPU fuzz, session 21). Such calls take the dQ kernel (its fixed key order measured
+    # right on the same shapes).
+    padded_dv_split = cfg.split_dkdv and dv_pad != head_dim_v
+    dq_atomic = cfg.dq_atomic and not deterministic and has_keys and not sink_in_dq and not padded_dv_split
     dummy = torch.empty(1, dtype=torch.int32, device=device)
     cu_q = cu_seqlens_q if varlen_q else dummy
     cu_k = cu_seqlens_k if varlen_k else dummy

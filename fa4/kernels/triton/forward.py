@@ -693,11 +693,12 @@ def kernel_call(a, cfg):
         # 0.41 on the H100 (tests/gpu/test_triton_forward.py::test_head_dims, 2026-11-25), while the plain TMA
         # loop is right there. Such head-dim pairs take the plain loop.
         cfg = cfg._replace(overlap=False)
-    if not cfg.tma and both_padded:
-        # Triton 3.6 on sm_90 computes a wrong O (and can read out of bounds) when both head dims are padded
-        # to different blocks on the plain-load path: (D, Dv) = (40, 24) gave max error 0.74 against the
-        # reference while (40, 40), (64, 24), (40, 64) and the TMA path were right (H100, 2026-11-25, see
-        # benchmarks/NOTES.md). One padded block for both keeps the masks of the cases that measured right.
+    if flags["BLOCK_D"] != flags["BLOCK_DV"] and (both_padded or flags["BLOCK_DV"] < flags["BLOCK_D"]):
+        # Triton 3.6 on sm_90 computes a wrong O (and can read out of bounds) when the head dims take different
+        # blocks: (D, Dv) = (40, 24) on the plain-load path gave max error 0.74 against the reference (H100,
+        # 2026-11-25), and with TMA (64, 32) and (40, 32) gave NaN in the second query block's rows at S >= 200
+        # (a GPU fuzz, session 21) while (40, 40) and (40, 64) were right. One block for both (V and O masked to
+        # Dv, TMA zero-filling and clipping the extra columns) is the layout every measured-right case has.
         block = max(flags["BLOCK_D"], flags["BLOCK_DV"])
         flags = dict(flags, BLOCK_D=block, BLOCK_DV=block)
     grid = (triton.cdiv(a["seqlen_q"], cfg.block_m) * a["batch"] * a["num_heads"],)
