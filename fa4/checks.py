@@ -111,7 +111,8 @@ def check_qkv(q, k, v, *, varlen, paged=False):
             raise ValueError(f"{name}'s last dimension must be contiguous (stride 1); got stride {t.stride(-1)}")
 
 
-def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_heads, device, backend):
+def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_heads, device, backend,
+                  backends=BACKENDS):
     """Scalars and the sink; returns (window_left, window_right) as ints."""
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
@@ -139,8 +140,8 @@ def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_he
             raise TypeError(f"learnable_sink must be torch.float32; got {learnable_sink.dtype}")
         if learnable_sink.device != device:
             raise ValueError(f"learnable_sink is on {learnable_sink.device}; it must be on q's device {device}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}; got {backend!r}")
     return int(left), int(right)
 
 

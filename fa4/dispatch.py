@@ -51,10 +51,36 @@ def _capability_reason(index):
     return _CAPABILITY_REASONS[index]
 
 
+# The portable kernels build TMA tensor descriptors (tl.make_tensor_descriptor, triton.tools.tensor_descriptor):
+# Triton 3.4 and later.
+MIN_TRITON = (3, 4)
+
+
+_TOO_OLD = {}
+
+
+@torch.compiler.assume_constant_result
+def _triton_too_old():
+    """Why the installed Triton cannot run the portable kernels (too old), or None. Asked on every call: cached."""
+    import triton
+    version = triton.__version__
+    if version not in _TOO_OLD:
+        try:
+            old = tuple(int(x) for x in version.split("+")[0].split(".")[:2]) < MIN_TRITON
+        except ValueError:  # an unparsable development version: let it try
+            old = False
+        _TOO_OLD[version] = (f"triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, which the Triton "
+                             f"kernels need" if old else None)
+    return _TOO_OLD[version]
+
+
 def triton_reason(q):
     """None if the portable Triton kernels can run on q's device, else why not."""
     if not _triton_available():
         return "triton is not installed"
+    old = _triton_too_old()
+    if old is not None:
+        return old
     if q.device.type == "cpu":
         return None if _interpreting() else "CPU tensors need TRITON_INTERPRET=1 for the Triton backend"
     if q.device.type != "cuda":
@@ -93,6 +119,14 @@ def choose(q, k, v, backend, **features):
         reason = triton_reason(q) or (None if torch.compiler.is_compiling() else _sm90_reason(q, k, v, **features))
         if reason is not None:
             raise ValueError(f"backend='sm90' cannot serve this call: {reason}")
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+                getattr(t, "requires_grad", False) for t in (q, k, v, features.get("sink"))):
+            # The gradients are part of the request: an explicit sm90 call whose backward only the Triton kernels
+            # can run raises too (backend=None takes the sm90 forward and the Triton backward).
+            reason = _sm90_backward_reason(q, k, v, **features)
+            if reason is not None:
+                raise ValueError(f"backend='sm90' cannot serve the backward of this call: {reason} (backend=None "
+                                 f"runs the sm90 forward and the Triton backward)")
         return "sm90", "auto"
     if q.device.type == "cpu":
         _note("fa4: CPU tensors -> reference backend")
@@ -214,8 +248,10 @@ def resolve_auto(q, k, v, **features):
     reason = _sm90_reason(q, k, v, **features)
     if reason is None:
         if _splitkv_on() and splitkv_wanted(q, k, v, **features):
+            _debug("fa4: splitkv forward (few query rows against long keys)")
             _remember_splitkv(q, k, v, features)
             return "splitkv"
+        _debug("fa4: sm90 forward")
         return "sm90"
     if _splitkv_on() and splitkv_wanted(q, k, v, path="triton", **features):
         logger.debug(f"fa4: splitkv forward (sm90 path not used: {reason})")
@@ -230,6 +266,21 @@ def resolve_auto_backward(q, k, v, **features):
     (measured 1.17-1.38x the Triton backward at D = 128 on the H100 and 1.30-1.34x at D = 256 on an H200,
     benchmarks/NOTES.md), else Triton.
     FA4_SM90=0 or FA4_SM90_BWD=0 keeps the Triton backward."""
+    reason = _sm90_backward_reason(q, k, v, **features)
+    if reason is None:
+        _debug("fa4: sm90 backward")
+        return "sm90"
+    logger.debug(f"fa4: triton backward (sm90 backward not used: {reason})")
+    return "triton"
+
+
+def _debug(msg):
+    if logger.isEnabledFor(logging.DEBUG) and not torch.compiler.is_compiling():
+        logger.debug(msg)
+
+
+def _sm90_backward_reason(q, k, v, **features):
+    """None if the Gluon sm90 backward serves this call, else why not."""
     reason = None
     if os.environ.get("FA4_SM90") == "0" or os.environ.get("FA4_SM90_BWD") == "0":
         reason = "switched off by FA4_SM90=0 / FA4_SM90_BWD=0"
@@ -241,7 +292,4 @@ def resolve_auto_backward(q, k, v, **features):
             reason = sm90_backward.unsupported_reason(q, k, v, **features)
         except Exception as exc:  # a Gluon import failure on an untested Triton must not break fa4
             reason = f"the sm90 backward failed to import ({type(exc).__name__}: {exc})"
-    if reason is None:
-        return "sm90"
-    logger.debug(f"fa4: triton backward (sm90 backward not used: {reason})")
-    return "triton"
+    return reason

@@ -178,7 +178,7 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         raise ValueError("backend='sm90' has no KV-cache kernel; use None, 'triton' or 'reference'")
     c.left, c.right = checks.check_options(softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                                            learnable_sink=learnable_sink, num_heads=c.num_heads, device=q.device,
-                                           backend=backend)
+                                           backend=backend, backends=(None, "triton", "reference"))
     if causal:
         c.right = 0  # causal is the window (left, 0), aligned to the end of the cache
     c.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(c.head_d)
@@ -337,6 +337,8 @@ def _backend(q, backend):
     reason = dispatch.triton_reason(q)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot serve this call: {reason}")
+    if reason is not None:
+        dispatch._debug(f"fa4: flash_attn_with_kvcache on the reference backend ({reason})")
     return "triton" if reason is None else "reference"
 
 

@@ -126,3 +126,78 @@ def test_splitkv_route_is_remembered_per_signature(monkeypatch):
     assert not dispatch.routed_splitkv(unaligned, k, k, **feats)
     monkeypatch.setenv("FA4_SPLITKV", "0")
     assert not dispatch.routed_splitkv(q, k, k, **feats)
+
+
+def test_triton_older_than_its_kernels_need_is_a_reason(monkeypatch):
+    """The portable kernels need Triton's tensor descriptors (3.4+): an older Triton is a reason, so an explicit
+    backend='triton' raises a ValueError saying so (it crashed on an import inside the kernels before)."""
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    monkeypatch.setattr(dispatch, "_TOO_OLD", {})
+    q = torch.randn(1, 8, 2, 16)
+    assert "older than 3.4" in dispatch.triton_reason(q)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot serve this call: triton 3.2.0 is older than 3.4"):
+        dispatch.choose(q, q, q, "triton")
+    monkeypatch.setattr(triton, "__version__", "3.6.0+git1234")
+    monkeypatch.setattr(dispatch, "_TOO_OLD", {})
+    assert dispatch._triton_too_old() is None
+
+
+class _FakeCuda:
+    """Just enough of a CUDA tensor for the dispatch rules (no GPU needed)."""
+
+    def __init__(self, shape, requires_grad=False, dtype=torch.bfloat16):
+        self.shape, self.dtype, self.device, self.requires_grad = torch.Size(shape), dtype, torch.device("cuda", 0), \
+            requires_grad
+        strides, acc = [], 1
+        for size in reversed(shape):
+            strides.append(acc)
+            acc *= size
+        self._strides = tuple(reversed(strides))
+
+    def stride(self, i=None):
+        return self._strides if i is None else self._strides[i]
+
+    def dim(self):
+        return len(self.shape)
+
+    def data_ptr(self):
+        return 1 << 20
+
+    def element_size(self):
+        return 2
+
+    def numel(self):
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+def test_explicit_sm90_raises_when_its_backward_cannot_serve(monkeypatch, caplog):
+    """backend='sm90' on a call that needs gradients the sm90 backward has no tile for (D = 192, Dv = 128) raises
+    (DESIGN: an explicit backend that cannot serve raises), while the same call without gradients, and
+    backend=None, run (the latter logs the sm90 forward and the Triton backward). A simulated sm_90 device."""
+    from fa4.kernels import sm90
+    monkeypatch.setitem(dispatch._CAPABILITY_REASONS, 0, None)
+    monkeypatch.setattr(sm90, "_capability", lambda index: (9, 0))
+    sm90._triton_reason.cache_clear()
+    feat = dict(window_left=-1, window_right=-1, softcap=0.0, sink=None, cu_seqlens_q=None, page_table=None,
+                seqused_k=None)
+    try:
+        for grad in (False, True):
+            q, k = _FakeCuda((2, 1024, 8, 192), grad), _FakeCuda((2, 1024, 8, 192), grad)
+            v = _FakeCuda((2, 1024, 8, 128), grad)
+            if grad:
+                with pytest.raises(ValueError, match=r"backend='sm90' cannot serve the backward of this call: no "
+                                                     r"sm90 backward tile for head dims \(192, 128\)"):
+                    dispatch.choose(q, k, v, "sm90", **feat)
+            else:
+                assert dispatch.choose(q, k, v, "sm90", **feat) == ("sm90", "auto")
+        with caplog.at_level(logging.DEBUG, logger="fa4"):
+            assert dispatch.choose(q, k, v, None, **feat) == ("auto", "auto")
+            assert dispatch.resolve_auto(q, k, v, max_seqlen_q=1024, **feat) == "sm90"
+            assert dispatch.resolve_auto_backward(q, k, v, **feat) == "triton"
+        assert "fa4: sm90 forward" in caplog.text and "sm90 backward not used" in caplog.text
+    finally:
+        sm90._triton_reason.cache_clear()

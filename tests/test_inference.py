@@ -609,6 +609,8 @@ ERROR_CASES = [
      r"^cache_seqlens is required when k and v are appended"),
     ("sm90 backend", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, backend="sm90")), ValueError,
      r"^backend='sm90' has no KV-cache kernel"),
+    ("unknown backend", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, backend="cuda")), ValueError,
+     r"^backend must be one of \(None, 'triton', 'reference'\); got 'cuda'"),
     ("window", lambda q, kc, vc, kw: (q, kc, vc, dict(kw, window_size=(-3, 0))), ValueError,
      r"^window_size left must be >= -1"),
 ]
