@@ -27,9 +27,19 @@ def shape_of(t):
 def overlaps_itself(t):
     """Whether two elements of t share memory (a stride-0 or otherwise overlapping view, e.g. from expand):
     walking the dimensions by increasing stride, each must step past everything the smaller ones span."""
+    if t.numel() == 0:
+        return False
+    dims = sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
     span = 1
-    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    for stride, size in dims:
         if stride < span:
+            # Not the simple nesting: decide exactly, by the elements' offsets, when that is cheap (an out of a
+            # few rows with interleaved strides is legitimate); a large tensor laid out like this is rejected.
+            if t.numel() <= 1 << 16:
+                offsets = torch.zeros((), dtype=torch.long)
+                for st, sz in zip(t.stride(), t.shape):
+                    offsets = (offsets.unsqueeze(-1) + torch.arange(sz) * st).flatten()
+                return offsets.unique().numel() < t.numel()
             return True
         span = stride * size
     return False

@@ -103,6 +103,20 @@ def _note(msg):
         logger.debug(msg)
 
 
+# The backward backend of an explicit backend="sm90" call: the sm90 backward, or a ValueError saying why not.
+EXPLICIT_SM90 = "sm90-explicit"
+
+
+def explicit_sm90_backward(q, k, v, **features):
+    """The backward of an explicit backend="sm90" call (DESIGN: an explicit backend that cannot serve raises;
+    backend=None would take the Triton backward here). Returns the checked sm90 backend name."""
+    reason = _sm90_backward_reason(q, k, v, **features)
+    if reason is not None:
+        raise ValueError(f"backend='sm90' cannot serve the backward of this call: {reason} (backend=None runs the "
+                         f"sm90 forward and the Triton backward)")
+    return "sm90-checked"
+
+
 def choose(q, k, v, backend, **features):
     """(forward_backend, backward_backend) names for this request; "auto" is resolved by the op."""
     if backend == "reference":
@@ -119,15 +133,9 @@ def choose(q, k, v, backend, **features):
         reason = triton_reason(q) or (None if torch.compiler.is_compiling() else _sm90_reason(q, k, v, **features))
         if reason is not None:
             raise ValueError(f"backend='sm90' cannot serve this call: {reason}")
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
-                getattr(t, "requires_grad", False) for t in (q, k, v, features.get("sink"))):
-            # The gradients are part of the request: an explicit sm90 call whose backward only the Triton kernels
-            # can run raises too (backend=None takes the sm90 forward and the Triton backward).
-            reason = _sm90_backward_reason(q, k, v, **features)
-            if reason is not None:
-                raise ValueError(f"backend='sm90' cannot serve the backward of this call: {reason} (backend=None "
-                                 f"runs the sm90 forward and the Triton backward)")
-        return "sm90", "auto"
+        # The backward is held to the same rule when it runs (ops._run_backward, EXPLICIT_SM90): a call whose
+        # gradients only the Triton kernels can compute raises then; a forward-only call never does.
+        return "sm90", EXPLICIT_SM90
     if q.device.type == "cpu":
         _note("fa4: CPU tensors -> reference backend")
         return "reference", "reference"

@@ -189,8 +189,8 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     # FlashAttention: q rotates at cache_seqlens + i when causal or local, else every token at cache_seqlens. As in
-    # FlashAttention 2, a window side as wide as the cache (>= its capacity) is no window: it hides no key, and a
-    # call with it rotates q as the call without it does.
+    # FlashAttention 2, a window side at least as wide as the cache's capacity does not make the call local for
+    # this choice: q rotates as it would without that side.
     c.rotary_per_token = 0 <= c.left < c.capacity or 0 <= c.right < c.capacity
     if rotary_cos is not None:
         if k is None:
@@ -534,6 +534,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if out is not None:
             out.copy_(res)
             res = out
+    if inference and not torch.is_inference_mode_enabled():
+        # Results made inside inference_mode are inference tensors: hand back normal ones, as the Triton path does.
+        lse = lse.clone()
+        if out is None:
+            res = res.clone()
     return (res, lse.contiguous()) if return_lse else res
 
 

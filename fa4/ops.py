@@ -108,6 +108,10 @@ def _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_
                                                  seqused_k=seqused_k)
         if backend == "sm90":  # resolve_auto_backward has just run its unsupported_reason on these tensors
             backend = "sm90-checked"
+    elif backend == dispatch.EXPLICIT_SM90:
+        backend = dispatch.explicit_sm90_backward(q, k, v, window_left=window_left, window_right=window_right,
+                                                  softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+                                                  seqused_k=seqused_k)
     with torch.autocast(q.device.type, enabled=False):
         dq, dk, dv, dsink = _backward_impl(backend)(
             dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
@@ -240,14 +244,28 @@ def _plain(t):
     return t is None or type(t) is torch.Tensor
 
 
+def _under_jvp(*tensors):
+    """Whether a tensor is wrapped at the level of an active torch.func.jvp transform (its tangent would pass
+    through attention); inputs a jvp does not reach (constants of the function) are not."""
+    from torch._C import _functorch as ft
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    levels = {i.level() for i in retrieve_all_functorch_interpreters() if i.key() == ft.TransformType.Jvp}
+    if not levels:
+        return False
+    for t in tensors:
+        while t is not None and ft.is_functorch_wrapped_tensor(t):
+            if ft.maybe_get_level(t) in levels:
+                return True
+            t = ft.get_unwrapped(t)
+    return False
+
+
 def _check_no_forward_ad(q, k, v, sink, backend):
     """fa4 has no forward-mode AD rule: a jvp transform, or dual tensors entering a kernel backend, would get a
     zero or missing tangent. Raise instead (FlashAttention's autograd.Function raises too). Dual tensors on the
     reference backend are fine: its torch ops carry the tangents."""
     if _functorch_active():
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
-        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        if _under_jvp(q, k, v, sink):
             raise RuntimeError("fa4 attention has no forward-mode AD rule: torch.func.jvp (and jacfwd, hessian) "
                                "cannot pass through it; use reverse mode (backward, torch.func.grad, vjp)")
     elif getattr(_forward_ad, "_current_level", -1) >= 0 and backend != "reference":

@@ -189,3 +189,15 @@ def test_compiled_packed_call_with_max_seqlen_from_the_device():
         torch._dynamo.config.capture_scalar_outputs = old
         torch._dynamo.reset()
     torch.testing.assert_close(out, step(q, k, v, cu), atol=1e-6, rtol=1e-6)
+
+
+def test_jvp_through_constant_attention_inputs():
+    """A jvp whose tangent does not reach attention (its inputs are constants of the function) is fine: only a
+    tangent that would pass through attention raises."""
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    x = torch.randn(3)
+    att = fa4.flash_attn_func(q, k, v, backend="reference").sum()
+    _, tangent = torch.func.jvp(lambda t: t.sum() * fa4.flash_attn_func(q, k, v, backend="triton").sum(), (x, ),
+                                (torch.ones(3), ))
+    assert abs(tangent.item() - 3 * att.item()) < 1e-3

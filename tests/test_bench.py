@@ -327,7 +327,9 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
     a_file = tmp_path / "f"
     a_file.write_text("")
     for argv, message in ((["--out", str(a_file)], "exists and is not a directory"),
-                          (["--json", str(tmp_path)], "is a directory")):
+                          (["--json", str(tmp_path)], "is a directory"),
+                          (["--out", str(a_file / "sub")], "is not a directory"),
+                          (["--json", str(a_file / "x.json")], "is not a directory")):
         with pytest.raises(SystemExit) as exc:
             cli.parse_args(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err

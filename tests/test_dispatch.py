@@ -175,9 +175,9 @@ class _FakeCuda:
 
 
 def test_explicit_sm90_raises_when_its_backward_cannot_serve(monkeypatch, caplog):
-    """backend='sm90' on a call that needs gradients the sm90 backward has no tile for (D = 192, Dv = 128) raises
-    (DESIGN: an explicit backend that cannot serve raises), while the same call without gradients, and
-    backend=None, run (the latter logs the sm90 forward and the Triton backward). A simulated sm_90 device."""
+    """backend='sm90' whose gradients the sm90 backward has no tile for (D = 192, Dv = 128): the backward raises when
+    it runs (DESIGN: an explicit backend that cannot serve raises), the forward is served either way (a forward-only
+    call never raises), and backend=None logs the sm90 forward and the Triton backward. A simulated sm_90 device."""
     from fa4.kernels import sm90
     monkeypatch.setitem(dispatch._CAPABILITY_REASONS, 0, None)
     monkeypatch.setattr(sm90, "_capability", lambda index: (9, 0))
@@ -188,12 +188,13 @@ def test_explicit_sm90_raises_when_its_backward_cannot_serve(monkeypatch, caplog
         for grad in (False, True):
             q, k = _FakeCuda((2, 1024, 8, 192), grad), _FakeCuda((2, 1024, 8, 192), grad)
             v = _FakeCuda((2, 1024, 8, 128), grad)
-            if grad:
-                with pytest.raises(ValueError, match=r"backend='sm90' cannot serve the backward of this call: no "
-                                                     r"sm90 backward tile for head dims \(192, 128\)"):
-                    dispatch.choose(q, k, v, "sm90", **feat)
-            else:
-                assert dispatch.choose(q, k, v, "sm90", **feat) == ("sm90", "auto")
+            assert dispatch.choose(q, k, v, "sm90", **feat) == ("sm90", dispatch.EXPLICIT_SM90)
+        bwd_feat = {key: val for key, val in feat.items() if key != "page_table"}
+        with pytest.raises(ValueError, match=r"backend='sm90' cannot serve the backward of this call: no "
+                                             r"sm90 backward tile for head dims \(192, 128\)"):
+            dispatch.explicit_sm90_backward(q, k, v, **bwd_feat)
+        square = [_FakeCuda((2, 1024, 8, 128), True) for _ in range(3)]
+        assert dispatch.explicit_sm90_backward(*square, **bwd_feat) == "sm90-checked"
         with caplog.at_level(logging.DEBUG, logger="fa4"):
             assert dispatch.choose(q, k, v, None, **feat) == ("auto", "auto")
             assert dispatch.resolve_auto(q, k, v, max_seqlen_q=1024, **feat) == "sm90"

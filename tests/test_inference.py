@@ -735,6 +735,22 @@ def test_window_as_wide_as_the_cache_is_no_window(backend, window):
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("make_out", [
+    lambda: torch.empty(2, 2, 4, 32).as_strided((2, 1, 4, 32), (256, 32, 64, 1)),  # heads interleaved, disjoint
+    lambda: torch.empty(0, 1, 1, 32).expand(0, 1, 4, 32),  # no elements: nothing can overlap
+], ids=["interleaved-strides", "zero-size"])
+def test_out_with_unusual_but_disjoint_strides_is_accepted(make_out):
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16)
+    out = make_out()
+    if out.shape[0] == 0:
+        q, k_cache, v_cache, lens = q[:0], k_cache[:0], v_cache[:0], lens[:0]
+    res = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, out=out, backend="reference")
+    assert res is out
+    if out.numel():
+        want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend="reference")
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
 def test_inference_mode_caches_written_outside_it():
     """Caches (and out) made under torch.inference_mode, used outside it: the reference backend appends k and v
     and writes out (as the Triton kernels do), instead of failing after k landed and before v."""
@@ -745,6 +761,11 @@ def test_inference_mode_caches_written_outside_it():
     assert res is out
     for b in range(2):
         assert torch.equal(k_cache[b, lens[b]], kw["k"][b, 0]) and torch.equal(v_cache[b, lens[b]], kw["v"][b, 0])
+    # Without out, the result (and lse) are normal tensors, usable in place and by autograd, as on the Triton path.
+    res, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, return_lse=True,
+                                       backend="reference")
+    assert not res.is_inference() and not lse.is_inference()
+    res.mul_(2)
 
 
 def test_append_skips_slots_past_the_cache_on_a_stale_verdict(monkeypatch):

@@ -135,10 +135,18 @@ def parse_args(argv):
     if args.fwd_only and args.suite != "training":
         parser.error("--fwd-only applies to the training suite only")
     # Output paths are checked before anything runs: a bad one found after the suite would lose every timing.
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out}: exists and is not a directory")
-    if args.json is not None and os.path.isdir(args.json):
-        parser.error(f"--json {args.json}: is a directory; give a file path")
+    for flag, path, want_dir in (("--out", args.out, True), ("--json", args.json, False)):
+        if path is None:
+            continue
+        if want_dir and os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"{flag} {path}: exists and is not a directory")
+        if not want_dir and os.path.isdir(path):
+            parser.error(f"{flag} {path}: is a directory; give a file path")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # the nearest existing ancestor must be a directory
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            parser.error(f"{flag} {path}: {parent} is not a directory")
     return args
 
 
