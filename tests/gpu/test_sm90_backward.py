@@ -359,6 +359,11 @@ D256_CASES = [
     (1, 1500, 1500, 4, 4, 256, 256, 256, 0, 0.0, False, False),    # sliding window
     (1, 1200, 1200, 4, 2, 256, 256, 100, 50, 30.0, False, True),   # window both sides + softcap
     (1, 513, 513, 8, 2, 192, 192, -1, -1, 0.0, True, False),       # D padded to the 256 tile, GQA, sink
+    # D != Dv in the 256 width class: dispatch sends these to this kernel too (session 21's docs audit), and no
+    # case named them before. Written in session 21 after its device time was spent: first run in session 22.
+    (1, 1000, 1000, 4, 2, 192, 256, -1, 0, 0.0, False, True),
+    (1, 777, 777, 4, 4, 256, 136, -1, -1, 0.0, False, False),
+    (1, 640, 640, 8, 2, 144, 160, 100, 0, 0.0, True, False),
 ]
 
 
