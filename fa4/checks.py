@@ -73,6 +73,13 @@ def contiguous_sink(sink):
     return sink
 
 
+def unit_last_stride(*tensors):
+    """Tensors with a contiguous last dimension, copying one that lacks it (FlashAttention's maybe_contiguous: a
+    (B, S, D, H) tensor transposed to (B, S, H, D) is accepted, at the price of a copy); non-tensors pass."""
+    return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
+                 for t in tensors)
+
+
 def check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")

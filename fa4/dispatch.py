@@ -99,7 +99,9 @@ def _sm90_reason(q, k, v, **features):
 
 
 def _note(msg):
-    if not torch.compiler.is_compiling():
+    """A DEBUG line on the fa4 logger, outside tracing (dynamo cannot trace a logger call, so is_compiling goes
+    first) and only when someone listens."""
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug(msg)
 
 
@@ -256,10 +258,10 @@ def resolve_auto(q, k, v, **features):
     reason = _sm90_reason(q, k, v, **features)
     if reason is None:
         if _splitkv_on() and splitkv_wanted(q, k, v, **features):
-            _debug("fa4: splitkv forward (few query rows against long keys)")
+            _note("fa4: splitkv forward (few query rows against long keys)")
             _remember_splitkv(q, k, v, features)
             return "splitkv"
-        _debug("fa4: sm90 forward")
+        _note("fa4: sm90 forward")
         return "sm90"
     if _splitkv_on() and splitkv_wanted(q, k, v, path="triton", **features):
         logger.debug(f"fa4: splitkv forward (sm90 path not used: {reason})")
@@ -276,15 +278,10 @@ def resolve_auto_backward(q, k, v, **features):
     FA4_SM90=0 or FA4_SM90_BWD=0 keeps the Triton backward."""
     reason = _sm90_backward_reason(q, k, v, **features)
     if reason is None:
-        _debug("fa4: sm90 backward")
+        _note("fa4: sm90 backward")
         return "sm90"
     logger.debug(f"fa4: triton backward (sm90 backward not used: {reason})")
     return "triton"
-
-
-def _debug(msg):
-    if logger.isEnabledFor(logging.DEBUG) and not torch.compiler.is_compiling():
-        logger.debug(msg)
 
 
 def _sm90_backward_reason(q, k, v, **features):

@@ -338,7 +338,7 @@ def _backend(q, backend):
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot serve this call: {reason}")
     if reason is not None:
-        dispatch._debug(f"fa4: flash_attn_with_kvcache on the reference backend ({reason})")
+        dispatch._note(f"fa4: flash_attn_with_kvcache on the reference backend ({reason})")
     return "triton" if reason is None else "reference"
 
 
@@ -475,8 +475,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         learnable_sink = checks.contiguous_sink(learnable_sink)
     # As FlashAttention: q and the new k, v may have a strided last dimension (copied); the caches, written in
     # place, may not.
-    q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
-               for t in (q, k, v))
+    q, k, v = checks.unit_last_stride(q, k, v)
     if torch.compiler.is_compiling():
         return _traced_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             page_table, softmax_scale, causal, window_size, softcap, learnable_sink,

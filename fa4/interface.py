@@ -21,13 +21,6 @@ def _autocast(q, k, v):
     return q, k, v
 
 
-def _unit_last_stride(*tensors):
-    """q, k, v with a contiguous last dimension, copying one that lacks it (FlashAttention's maybe_contiguous: a
-    (B, S, D, H) tensor transposed to (B, S, H, D) is accepted, at the price of a copy)."""
-    return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
-                 for t in tensors)
-
-
 def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, learnable_sink, deterministic,
                return_lse, backend, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, page_table=None,
                max_seqlen_q=None, max_seqlen_k=None):
@@ -68,7 +61,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     fp32 adds one logit per head to the normaliser. backend: None (fastest available), "triton", "sm90" or
     "reference".
     """
-    q, k, v = _unit_last_stride(*_autocast(q, k, v))
+    q, k, v = checks.unit_last_stride(*_autocast(q, k, v))
     checks.check_qkv(q, k, v, varlen=False)
     return _attention(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                       softcap=softcap, learnable_sink=learnable_sink, deterministic=deterministic,
@@ -88,7 +81,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     last page are never read. Returns out (total_q, Hq, Dv), and lse (Hq, total_q) fp32 when return_lse=True.
     A sequence with no keys gives zeros and lse = -inf.
     """
-    q, k, v = _unit_last_stride(*_autocast(q, k, v))
+    q, k, v = checks.unit_last_stride(*_autocast(q, k, v))
     checks.check_qkv(q, k, v, varlen=True, paged=page_table is not None)
     checks.check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
     if page_table is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
