@@ -2,6 +2,7 @@
 
     python benchmarks/clock_probe.py                                  # the rows below, fa4 / cuDNN / FlashAttention-4
     python benchmarks/clock_probe.py --rows 256:16384:0 --backends fa4,flashattn4 --seconds 4
+    python benchmarks/clock_probe.py --matmul --rows 256:16384:0 --backends fa4,flashattn4   # cuBLAS's GEMM first
 
 Session 9's trace put fa4's non-causal D = 256 key loop at 95% of the tensor cores' peak per cycle, at an SM
 clock of 1.60-1.63 GHz where the card boosts to 1.98: past that point a kernel is faster only by drawing less
@@ -18,7 +19,8 @@ back for --seconds while `nvidia-smi -lms` samples the SM clock, the board power
   throttle    the throttle-reason bits seen (0x4 = software power cap, 0x20 = SW thermal, ...), or-ed
 
 If FlashAttention-4 leads at a higher clock and equal work per clock, the gap is power; at equal clocks and more
-work per clock, it is the kernel. The FA4 kit must be installed for flashattn4 (benchmarks/NOTES.md, "FA4 kit").
+work per clock, it is the kernel. `--matmul` adds a first row measured the same way: cuBLAS's bf16 8192³ product
+(torch.matmul), the card's dense-GEMM reference for "work per clock" under the same power cap. The FA4 kit must be installed for flashattn4 (benchmarks/NOTES.md, "FA4 kit").
 """
 import argparse
 import statistics
@@ -103,11 +105,32 @@ def steady_loop(fn, seconds, per_call):
     return calls, start.elapsed_time(end) / calls
 
 
+def measure_row(d, s, causal, name, fn, flops, sms, seconds):
+    """Prints one row: fn's steady-state TFLOP/s and the clock, power and throttle bits sampled meanwhile."""
+    # Compile and warm up first: nvidia-smi samples only the timed loop (session 10's first run sampled the fa4
+    # rows' JIT compile and read idle clocks and power).
+    per_call = per_call_s(fn)
+    (calls, ms), samples = sample_while(lambda: steady_loop(fn, seconds, per_call))
+    tflops = flops / ms / 1e9
+    if not samples:
+        print(f"{d:>4} {s:>6} {int(causal):>2} {name:>11} | {tflops:8.1f}  (no nvidia-smi samples)", flush=True)
+        return
+    mhz = statistics.median(x[0] for x in samples)
+    watts = statistics.median(x[1] for x in samples)
+    bits = 0
+    for x in samples:
+        bits |= x[2]
+    per_clk = tflops * 1e12 / (sms * mhz * 1e6)
+    print(f"{d:>4} {s:>6} {int(causal):>2} {name:>11} | {tflops:8.1f} {mhz:6.0f} {watts:6.0f} "
+          f"{per_clk:8.0f} {per_clk / PEAK_FLOP_PER_CLK:7.2f} {bits:#8x} {len(samples):>7}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="D:S:causal,... (default %(default)s)")
     ap.add_argument("--backends", default="fa4,sdpa_cudnn,flashattn4")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--matmul", action="store_true", help="first a row for cuBLAS's bf16 8192^3 matmul")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -122,6 +145,11 @@ def main():
         backends[name] = peer
     print(f"{'D':>4} {'S':>6} {'c':>2} {'backend':>11} | {'TFLOP/s':>8} {'MHz':>6} {'W':>6} {'FLOP/clk':>8} "
           f"{'of peak':>7} {'throttle':>8} {'samples':>7}", flush=True)
+    if args.matmul:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b_mat = torch.randn_like(a)
+        measure_row("gemm", 8192, False, "matmul", lambda: a @ b_mat, 2 * 8192 ** 3, sms, args.seconds)
+        a = b_mat = None
     for d, s, causal in parse_rows(args.rows):
         q, k, v, b, h = inputs(d, s)
         flops = forward_flops(b, h, s, d, causal)
@@ -131,25 +159,7 @@ def main():
             except peers.NotApplicable:
                 continue
 
-            def fn():
-                return fn_qkv(q, k, v)
-            # Compile and warm up first: nvidia-smi samples only the timed loop (session 10's first run sampled
-            # the fa4 rows' JIT compile and read idle clocks and power).
-            per_call = per_call_s(fn)
-            (calls, ms), samples = sample_while(lambda: steady_loop(fn, args.seconds, per_call))
-            tflops = flops / ms / 1e9
-            if samples:
-                mhz = statistics.median(x[0] for x in samples)
-                watts = statistics.median(x[1] for x in samples)
-                bits = 0
-                for x in samples:
-                    bits |= x[2]
-                per_clk = tflops * 1e12 / (sms * mhz * 1e6)
-                print(f"{d:>4} {s:>6} {int(causal):>2} {name:>11} | {tflops:8.1f} {mhz:6.0f} {watts:6.0f} "
-                      f"{per_clk:8.0f} {per_clk / PEAK_FLOP_PER_CLK:7.2f} {bits:#8x} {len(samples):>7}", flush=True)
-            else:
-                print(f"{d:>4} {s:>6} {int(causal):>2} {name:>11} | {tflops:8.1f}  (no nvidia-smi samples)",
-                      flush=True)
+            measure_row(d, s, causal, name, lambda: fn_qkv(q, k, v), flops, sms, args.seconds)
         q = k = v = None
         torch.cuda.empty_cache()
 

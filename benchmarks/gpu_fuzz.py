@@ -6,6 +6,9 @@ and seqused_k, deterministic, backend None (auto) or "triton".
     python benchmarks/gpu_fuzz.py SEED SECONDS          # one process; prints FAIL lines and a SUMMARY
     for s in $(seq 1 14); do python benchmarks/gpu_fuzz.py $s 400 & done; wait   # 14 side by side (~900 configs)
 
+About 15% of the draws are paged prefill instead (flash_attn_varlen_func with page_table over a pool of shuffled
+pages of 1 to 256 tokens, with spare pages the table never names; forward only, out and lse under the rule).
+
 Session 21 (H100) found two Triton-path miscompilations with it (benchmarks/NOTES.md). A dsink failure with
 atol 0 on a packed sequence whose rows see no key is the rule's artifact: both references compute that dsink in
 fp32 alike, so the rule asks for bitwise agreement.
@@ -20,7 +23,43 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attention_check import check_attention, make_inputs  # noqa: E402
+from attention_check import check_attention, cu_seqlens, make_inputs, poison_allocator  # noqa: E402
+from numerics import assert_close_rule  # noqa: E402
+
+import fa4  # noqa: E402
+from fa4 import reference  # noqa: E402
+
+
+def check_paged_prefill(rng, cfg, hq, hkv, d, dv, dtype, causal, left, right, softcap, sink, backend):
+    """flash_attn_varlen_func over a paged pool (shuffled pages, spare ones) against both references; the draw's
+    lengths and page size go into cfg (printed on failure)."""
+    nb = rng.choice([1, 2, 3, 5])
+    lens_k = [rng.choice(LENS) for _ in range(nb)]
+    lens_q = [rng.randint(0, x) if rng.random() < 0.5 else x for x in lens_k]  # chunks at the cache end, or whole
+    if sum(lens_q) == 0:
+        lens_q[0] = lens_k[0]
+    page = rng.choice([1, 3, 16, 64, 128, 256])
+    cfg.update(paged=True, lens=(lens_q, lens_k), page=page)
+    max_pages = max(-(-n // page) for n in lens_k)
+    num_pages = nb * max_pages + 3
+    q = torch.randn(sum(lens_q), hq, d, dtype=dtype, device="cuda")
+    k = torch.randn(num_pages, page, hkv, d, dtype=dtype, device="cuda")
+    v = torch.randn(num_pages, page, hkv, dv, dtype=dtype, device="cuda")
+    table = torch.randperm(num_pages, device="cuda")[:nb * max_pages].view(nb, max_pages).to(torch.int32)
+    lay = dict(cu_seqlens_q=cu_seqlens(lens_q, "cuda"), max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+               seqused_k=torch.tensor(lens_k, dtype=torch.int32, device="cuda"), page_table=table)
+    poison_allocator("cuda")
+    out, lse = fa4.flash_attn_varlen_func(q, k, v, lay["cu_seqlens_q"], None, lay["max_seqlen_q"],
+                                          lay["max_seqlen_k"], seqused_k=lay["seqused_k"], page_table=table,
+                                          causal=causal, window_size=(left, right), softcap=softcap,
+                                          learnable_sink=sink, return_lse=True, backend=backend)
+    opts = dict(softmax_scale=d ** -0.5, window_left=left, window_right=0 if causal else right, softcap=softcap,
+                sink=sink, **lay)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), **opts)
+    low_out, low_lse = reference.forward(q, k, v, compute_dtype=dtype, **opts)
+    assert_close_rule("out", out, ref_out, low_out, softcap=softcap > 0)
+    assert_close_rule("lse", lse, ref_lse, low_lse, softcap=softcap > 0)
+
 
 seed, budget = int(sys.argv[1]), float(sys.argv[2])
 rng = random.Random(seed)
@@ -44,8 +83,14 @@ while time.time() - t0 < budget:
     backend = rng.choice([None, None, None, "triton"])
     cfg = dict(d=d, dv=dv, hq=hq, hkv=hkv, causal=causal, window=(left, right), softcap=softcap, sink=use_sink,
                dtype=str(dtype)[6:], varlen=varlen, det=deterministic, backend=backend)
+    paged = rng.random() < 0.15
     try:
         torch.manual_seed(rng.randrange(1 << 30))
+        if paged:
+            sink = torch.randn(hq, device="cuda") if use_sink else None
+            check_paged_prefill(rng, cfg, hq, hkv, d, dv, dtype, causal, left, right, softcap, sink, backend)
+            n += 1
+            continue
         if varlen:
             nb = rng.choice([1, 2, 3, 5])
             lens_q = [rng.choice(LENS + [0]) for _ in range(nb)]
