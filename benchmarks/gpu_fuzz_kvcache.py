@@ -10,17 +10,15 @@ under DESIGN.md's numerics rule against fp32 and input-dtype references over the
     python benchmarks/gpu_fuzz_kvcache.py SEED SECONDS      # one process; prints FAIL lines and a SUMMARY
 """
 import os
-import random
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for sub in ("tests/gpu", "tests", ""):
+for sub in ("tests/gpu", "tests", "", "benchmarks"):
     sys.path.insert(0, str(ROOT / sub))
+import fuzz_loop  # noqa: E402
 from test_inference import _make, _rotary_tables  # noqa: E402
 import test_inference_gpu  # noqa: E402
 from test_inference_gpu import _check_call  # noqa: E402
@@ -29,12 +27,10 @@ from test_inference_gpu import _check_call  # noqa: E402
 DEV = os.environ.get("FUZZ_DEVICE", "cuda")
 test_inference_gpu.DEV = DEV
 
-seed, budget = int(sys.argv[1]), float(sys.argv[2])
-rng = random.Random(seed)
 DIMS = [32, 64, 96, 128, 128, 128, 256]
-t0 = time.time()
-n = fails = 0
-while time.time() - t0 < budget:
+
+
+def one_draw(rng, cfg):
     d = rng.choice(DIMS)
     dv = d if rng.random() < 0.8 else rng.choice([x for x in DIMS if x != d])
     hkv = rng.choice([1, 2, 4, 8])
@@ -63,34 +59,29 @@ while time.time() - t0 < budget:
     interleaved = rng.random() < 0.5
     splits = rng.choice([0, 0, 0, 1, 2, 7, 32])
     int_lens = rng.random() < 0.1
-    cfg = dict(b=batch, sq=sq, hq=hq, hkv=hkv, d=d, dv=dv, capacity=capacity, page=page, new=seqlen_new,
+    cfg.update(b=batch, sq=sq, hq=hq, hkv=hkv, d=d, dv=dv, capacity=capacity, page=page, new=seqlen_new,
                rows=cache_rows, dtype=str(dtype)[6:], causal=causal, window=(left, right), softcap=softcap,
                sink=sink, rotary=(rot_dim, interleaved) if rotary else None, splits=splits, int_lens=int_lens)
-    try:
-        torch.manual_seed(rng.randrange(1 << 30))
-        q, k_cache, v_cache, lens, kw = _make(batch=batch, seqlen_q=sq, hq=hq, hkv=hkv, d=d, dv=dv,
-                                              capacity=capacity, seqlen_new=seqlen_new, page_size=page,
-                                              cache_rows=cache_rows, dtype=dtype, seed=rng.randrange(1 << 30))
-        q, k_cache, v_cache, lens = (t.to(DEV) for t in (q, k_cache, v_cache, lens))
-        kw = {key: val.to(DEV) for key, val in kw.items()}
-        call_kw = dict(causal=causal, window_size=(left, right), softcap=softcap, num_splits=splits)
-        if int_lens:
-            common = rng.randint(0, capacity - seqlen_new)
-            cfg["int_lens"] = common
-            call_kw["cache_seqlens"] = common
-        else:
-            call_kw["cache_seqlens"] = lens
-        if rotary:
-            cos, sin = _rotary_tables(capacity + sq, rot_dim)
-            call_kw.update(rotary_cos=cos.to(DEV), rotary_sin=sin.to(DEV), rotary_interleaved=interleaved)
-        if sink:
-            call_kw["learnable_sink"] = torch.randn(hq, device=DEV)
-        _check_call(q, k_cache, v_cache, kw, call_kw, dtype)
-    except Exception as exc:  # noqa: BLE001
-        fails += 1
-        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
-        print(f"FAIL seed={seed} {cfg}: {type(exc).__name__}: {msg}", flush=True)
-        if not isinstance(exc, AssertionError):
-            traceback.print_exc(limit=3)
-    n += 1
-print(f"SUMMARY seed={seed}: {n} configs, {fails} failed, {time.time() - t0:.0f} s", flush=True)
+    torch.manual_seed(rng.randrange(1 << 30))
+    q, k_cache, v_cache, lens, kw = _make(batch=batch, seqlen_q=sq, hq=hq, hkv=hkv, d=d, dv=dv,
+                                          capacity=capacity, seqlen_new=seqlen_new, page_size=page,
+                                          cache_rows=cache_rows, dtype=dtype, seed=rng.randrange(1 << 30))
+    q, k_cache, v_cache, lens = (t.to(DEV) for t in (q, k_cache, v_cache, lens))
+    kw = {key: val.to(DEV) for key, val in kw.items()}
+    call_kw = dict(causal=causal, window_size=(left, right), softcap=softcap, num_splits=splits)
+    if int_lens:
+        common = rng.randint(0, capacity - seqlen_new)
+        cfg["int_lens"] = common
+        call_kw["cache_seqlens"] = common
+    else:
+        call_kw["cache_seqlens"] = lens
+    if rotary:
+        cos, sin = _rotary_tables(capacity + sq, rot_dim)
+        call_kw.update(rotary_cos=cos.to(DEV), rotary_sin=sin.to(DEV), rotary_interleaved=interleaved)
+    if sink:
+        call_kw["learnable_sink"] = torch.randn(hq, device=DEV)
+    _check_call(q, k_cache, v_cache, kw, call_kw, dtype)
+
+
+if __name__ == "__main__":
+    fuzz_loop.run(int(sys.argv[1]), float(sys.argv[2]), one_draw)
