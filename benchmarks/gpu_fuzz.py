@@ -4,6 +4,7 @@ out, lse and every gradient (dq, dk, dv, dsink) of flash_attn_func / flash_attn_
 and seqused_k, deterministic, backend None (auto) or "triton".
 
     python benchmarks/gpu_fuzz.py SEED SECONDS          # one process; prints FAIL lines and a SUMMARY
+    python benchmarks/gpu_fuzz.py SEED SECONDS long     # lengths up to 5000: many key / query blocks a tile
     for s in $(seq 1 14); do python benchmarks/gpu_fuzz.py $s 400 & done; wait   # 14 side by side (~900 configs)
 
 About 15% of the draws are paged prefill instead (flash_attn_varlen_func with page_table over a pool of shuffled
@@ -62,6 +63,9 @@ def check_paged_prefill(rng, cfg, hq, hkv, d, dv, dtype, causal, left, right, so
 
 DIMS = [8, 16, 32, 40, 64, 72, 96, 128, 160, 192, 256]
 LENS = [1, 2, 7, 63, 64, 65, 127, 128, 129, 200, 255, 256, 257, 511, 700]
+if len(sys.argv) > 3 and sys.argv[3] == "long":
+    # Long sequences: the sm90 kernels' persistent grids, many blocks a tile, several waves of CTAs.
+    LENS = [1, 65, 700, 1023, 1500, 2049, 3000, 4096, 5000]
 
 
 def one_draw(rng, cfg):
