@@ -8,6 +8,11 @@ the append bitwise (values) or within one rounding (rotated keys) of the referen
 under DESIGN.md's numerics rule against fp32 and input-dtype references over the appended cache.
 
     python benchmarks/gpu_fuzz_kvcache.py SEED SECONDS      # one process; prints FAIL lines and a SUMMARY
+
+Session 22 (H100): 3,554 draws over three runs. Its first run found the tests' rotation model wrong for windows
+wider than the cache (fixed in tests/test_inference.py). One later failure was a rule artifact: lse of a forced
+2-split step over two lse values, one fp32 ulp off, where the rule's atol sample `(ref + 0.3 - 0.3) - ref` was 0
+for both values and the input-dtype reference's lse equals the fp32 one, so the rule asks for bitwise equality.
 """
 import os
 import sys
