@@ -20,7 +20,8 @@ back for --seconds while `nvidia-smi -lms` samples the SM clock, the board power
 
 If FlashAttention-4 leads at a higher clock and equal work per clock, the gap is power; at equal clocks and more
 work per clock, it is the kernel. `--matmul` adds a first row measured the same way: cuBLAS's bf16 8192³ product
-(torch.matmul), the card's dense-GEMM reference for "work per clock" under the same power cap. The FA4 kit must be installed for flashattn4 (benchmarks/NOTES.md, "FA4 kit").
+(torch.matmul), the card's dense-GEMM reference for "work per clock" under the same power cap. The FA4 kit must be
+installed for flashattn4 (benchmarks/NOTES.md, "FA4 kit").
 """
 import argparse
 import statistics

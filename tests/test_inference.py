@@ -35,6 +35,18 @@ def _rotate_by_hand(x, cos, sin, positions, interleaved):
     return out
 
 
+def _capacity(k_cache, kw):
+    """Keys one sequence's cache can hold: a contiguous cache's length, or the page table's pages x page size."""
+    return k_cache.shape[1] * (kw["page_table"].shape[1] if "page_table" in kw else 1)
+
+
+def _rotates_per_token(left, right, capacity):
+    """FlashAttention's rotary position of q: cache_seqlens + i when the call is local (causal is right = 0), else
+    cache_seqlens for every row; as in FlashAttention 2, a window side at least as wide as the cache's capacity
+    does not make the call local (benchmarks/gpu_fuzz_kvcache.py found this model without that rule)."""
+    return 0 <= left < capacity or 0 <= right < capacity
+
+
 def _make(batch=2, seqlen_q=1, hq=4, hkv=2, d=32, dv=None, capacity=48, seqlen_new=0, page_size=None,
           cache_rows=None, dtype=torch.float32, lens=None, seed=0):
     """Random q, cache (contiguous or paged with shuffled pages), new k/v and per-sequence cached lengths."""
@@ -108,9 +120,7 @@ def test_reference_backend_matches_naive(case):
                                        causal=causal, window_size=window, softcap=softcap, learnable_sink=sink,
                                        rotary_interleaved=interleaved, return_lse=True, backend="reference", **kw)
     sn = kw["k"].shape[1] if "k" in kw else 0
-    # FlashAttention 2: a window side at least as wide as the cache's capacity does not make the call local.
-    capacity = k_cache.shape[1] * (kw["page_table"].shape[1] if "page_table" in kw else 1)
-    per_token = causal or 0 <= window[0] < capacity or 0 <= window[1] < capacity
+    per_token = _rotates_per_token(window[0], 0 if causal else window[1], _capacity(k_cache, kw))
     for b in range(batch):
         n = int(lens[b])
         new_pos = list(range(n, n + sn))
@@ -216,17 +226,14 @@ def reference_on_cache(q, k_cache, v_cache, kw, call_kw, low_dtype):
     b, sq, hq, d = q.shape
     lens = call_kw.get("cache_seqlens")
     if lens is None:
-        lens = k_cache.shape[1] * (kw["page_table"].shape[1] if "page_table" in kw else 1)
+        lens = _capacity(k_cache, kw)
     sn = kw["k"].shape[1] if kw.get("k") is not None else 0
     lens = torch.as_tensor(lens, dtype=torch.int32, device=q.device).expand(b).contiguous()
     window = call_kw.get("window_size", (-1, -1))
     left, right = window[0], 0 if call_kw.get("causal") else window[1]
     if call_kw.get("rotary_cos") is not None:
         steps = torch.arange(sq, device=q.device)[None, :]
-        # FlashAttention 2: a window side at least as wide as the cache's capacity does not make the call local
-        # for this choice (the fuzz in benchmarks/gpu_fuzz_kvcache.py found this helper without the rule).
-        capacity = k_cache.shape[1] * (kw["page_table"].shape[1] if "page_table" in kw else 1)
-        per_token = 0 <= left < capacity or 0 <= right < capacity
+        per_token = _rotates_per_token(left, right, _capacity(k_cache, kw))
         pos = lens.long()[:, None] + (steps if per_token else 0 * steps)
         q = inference.apply_rotary(q, call_kw["rotary_cos"], call_kw["rotary_sin"], pos,
                                    call_kw.get("rotary_interleaved", True))
@@ -245,8 +252,10 @@ def reference_on_cache(q, k_cache, v_cache, kw, call_kw, low_dtype):
     return ref_o, ref_l.view(hq, b, sq).permute(1, 0, 2), low_o, low_l.view(hq, b, sq).permute(1, 0, 2)
 
 
-@pytest.mark.parametrize("name,make_kw,call_kw", [TRITON_CASES[i] for i in (1, 5, 9, 11, 18)],
-                         ids=[TRITON_CASES[i][0] for i in (1, 5, 9, 11, 18)])
+FP16_RULE_CASES = [TRITON_CASES[i] for i in (1, 5, 9, 11, 18)]
+
+
+@pytest.mark.parametrize("name,make_kw,call_kw", FP16_RULE_CASES, ids=[c[0] for c in FP16_RULE_CASES])
 def test_triton_fp16_numerics_rule(name, make_kw, call_kw):
     """fp16 kernels against the fp32 reference under DESIGN's rule, over the cache the Triton append wrote."""
     q, k_cache, v_cache, kw, call_kw, results = _run_both(make_kw, call_kw, torch.float16)
