@@ -1,10 +1,12 @@
 """One forward (or forward + backward) of a training-suite row through fa4's sm90 kernels or FlashAttention-4's
 CuTe DSL path, for Nsight Compute side by side (benchmarks/ncu_peer.sh).
 
-    python benchmarks/ncu_peer.py fa4|fa4kt|flashattn4 fwd|bwd D S causal
+    python benchmarks/ncu_peer.py fa4|fa4kt|flashattn4|cudnn fwd|bwd D S causal
 
 fa4kt: the backward on the keys-as-rows tile at D = 128 (backward.D128_CAUSAL_TILE, the causal default) whatever
 the mask, FlashAttention-4's own layout of the products (Sᵀ = K·Qᵀ, dV and dK from registers, dQ shared).
+
+cudnn: SDPA's cuDNN kernels on the bench's transposed views (the D = 256 backward's leader).
 
 bf16, B·S = 16384, H·D = 2048 as `fa4 bench`. Three calls (the first compiles); profile the last one's kernel.
 FlashAttention-4 is imported only here, as a measuring stick (never from fa4).
@@ -36,6 +38,15 @@ def main():
             bwd.backward(dout, q, k, v, out, lse, None, tile=bwd.D128_CAUSAL_TILE, **opts)
         torch.cuda.synchronize()
         return
+    elif who == "cudnn":
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=causal)
+            return out.transpose(1, 2)
     else:
         from flash_attn.cute import flash_attn_func
         fn = lambda: flash_attn_func(q, k, v, causal=causal)[0]  # noqa: E731

@@ -64,14 +64,14 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   # consumers' chain.
                   "d128-deterministic-causal": 2, "d128-chain": 2, "d128-writer-unshared": 2,
                   "d128-chain-varlen-causal": 3,
-                  # The opt-in D = 256 kernel (backward_d256.py, 2026-11-26): consumer 0 (the default partition,
-                  # at 237 of its 240 registers) keeps the window's mask bounds in local memory and reloads them
-                  # each step (L1 hits); none in the plain, causal, varlen and GQA builds.
-                  "d256-window-softcap-gqa2": 31, "d192-seqused": 2,
-                  # ... and with the second dQ half staged in the Q half (dq_in_q, session 15: the previous step's Q
-                  # slot index kept through the loop): one more value in the plain and GQA builds, 31 with a window,
-                  # softcap and GQA; the tile measured +5-12% with them.
-                  "d256-plain": 1, "d256-gqa4-fp16": 1,
+                  # The D = 256 kernel (backward_d256.py) with partial products (d256_roles off, the tile of
+                  # 2026-11-26): consumer 0 (at 237 of its 240 registers) keeps the window's mask bounds and tanh's
+                  # values in local memory and reloads them each step (L1 hits); with the second dQ half staged in
+                  # the Q half (dq_in_q) one more value in the plain build.
+                  "d256-partials": 1, "d256-partials-window-softcap-gqa2": 31,
+                  # With whole products (d256_roles, the shipped tile since 2026-11-27) consumer 0 no longer holds
+                  # a partial S and dP beside each other: 2 reloads with a window, softcap and GQA, none elsewhere.
+                  "d256-window-softcap-gqa2": 2,
                   # The three-consumer D = 64 tile (160 registers a consumer, 2026-11-26): a causal mask keeps
                   # 4 values in local memory (L1 hits, against ~600 instructions a step); dP under the softmax
                   # 13; ping_pong with varlen 18. Softcap takes the two-consumer tile (default_tile).
@@ -177,6 +177,10 @@ CASES = [
     ("d256-deterministic-causal", dict(d=256, dv=256, causal=True, deterministic=True, tile=dict(d256=True))),
     ("d256-varlen-window", dict(d=256, dv=256, varlen=True, window=(256, 0), tile=dict(d256=True))),
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
+    # The D = 256 kernel with partial products (tile.d256_roles off: the shipped tile until 2026-11-27).
+    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, d256_roles=False))),
+    ("d256-partials-window-softcap-gqa2", dict(d=256, dv=256, window=(100, 50), softcap=30.0, gqa=2,
+                                               tile=dict(d256=True, d256_roles=False))),
 ]
 
 @pytest.fixture(scope="module")
@@ -268,12 +272,13 @@ def test_d256_plan_arguments():
         for name in ("q_desc", "k_desc", "v_desc", "do_desc", "dk_desc", "dv_desc"):
             assert args[name].block_shape[-1] == 128, name
         assert args["dq_desc"].block_shape[-1] == 64
-        # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexpr (tile.dq_in_q).
+        # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexprs (tile.dq_in_q,
+        # tile.d256_roles).
         names = list(backward_d256.attn_bwd_d256_kernel.arg_names)
-        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q"]
+        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES"]
         assert list(backward_kt.attn_bwd_kt_kernel.arg_names)[:len(backward.attn_bwd_kernel.arg_names)] == list(
             backward.attn_bwd_kernel.arg_names)
-        assert cx["DQ_IN_Q"] is tile.dq_in_q
+        assert cx["DQ_IN_Q"] is tile.dq_in_q and cx["ROLES"] is tile.d256_roles
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -559,7 +564,7 @@ def test_protocol_model_catches_what_the_kernel_avoids():
                for seed in range(60))
 
 
-def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False):
+def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles=False):
     """One random interleaving of the D = 256 kernel's loader and two consumers (backward_d256.py: the Q ring of
     `stages`, the one dO stage, the hand-over tile and P / dS with part_ready / part_free / pds_ready / pds_free),
     in the kernel's order of barrier operations and with its parities. Returns None, or what went wrong.
@@ -568,7 +573,11 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False):
     mistake (to show the model catches them): "free_early", consumer 0 arrives part_free before reading the
     partials; "no_store_wait", consumer 0 arrives part_free without waiting for its dQ reduce-add to read slot 0;
     "skip", consumer 1 skips the last step; "q_early" (dq_in_q), a consumer releases its Q slot right after its
-    products, with the reduce-add from its Q half still reading it."""
+    products, with the reduce-add from its Q half still reading it.
+    roles (tile.d256_roles): consumer 0 forms S (waiting for Q only), consumer 1 dP (waiting for dO only) and hands
+    it over in slot 1, with no part_free: consumer 0 reads it before its pds_ready, which consumer 1 waits for
+    before it stages its dQ half in slot 1 or writes the next dP. Mistake "read_late": consumer 0 arrives pds_ready
+    before reading dP."""
     rng = np.random.default_rng(seed)
     q_ready = [_Bar(1) for _ in range(stages)]
     q_empty = [_Bar(2) for _ in range(stages)]
@@ -671,10 +680,71 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False):
                 errors.append("slot 1 staged while consumer 0 reads dP_1")
             st["slot1_tma"] = True
 
+    def roles_consumer0():
+        for it in range(steps):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(q_ready[idx], phase, it // stages + 1)
+            q_users[idx].add(0)
+            yield  # S over both column halves
+            if it > 0:
+                st["slot0_tma"] = False  # tma.store_wait: its own staging slot
+            yield  # P
+            yield from wait(part_ready, it & 1, it + 1)
+            if mistake == "read_late":
+                yield from wait(pds_free, (it & 1) ^ 1, it)
+                st["pds"] = it
+                pds_ready.arrive()
+            if st["hand"] != it:
+                errors.append(f"consumer 0 read the dP of step {st['hand']} at step {it}")
+            st["hand_read"] = True
+            yield  # dS
+            st["hand_read"] = False
+            if st["hand"] != it:
+                errors.append(f"consumer 0 read the dP of step {st['hand']} at step {it}")
+            if mistake != "read_late":
+                yield from wait(pds_free, (it & 1) ^ 1, it)
+                if st["pds_readers"]:
+                    errors.append("P / dS rewritten while read")
+                st["pds"] = it
+                pds_ready.arrive()
+            release_q(0, it)
+            yield from wait(do_ready, it & 1, it + 1)
+            do_users.add(0)
+            yield from products(0, it)
+            if st["slot0_tma"]:
+                errors.append("slot 0 staged while its reduce-add reads it")
+            st["slot0_tma"] = True
+        st["slot0_tma"] = False
+
+    def roles_consumer1():
+        for it in range(steps - (mistake == "skip")):
+            idx, phase = it % stages, (it // stages) & 1
+            yield from wait(do_ready, it & 1, it + 1)
+            do_users.add(1)
+            yield  # dP over both column halves
+            st["slot1_tma"] = False  # tma.store_wait: its own staging slot
+            if st["hand_read"]:
+                errors.append("hand-over slot 1 rewritten while read")
+            st["hand"] = it
+            part_ready.arrive()
+            release_q(1, it)
+            yield from wait(q_ready[idx], phase, it // stages + 1)
+            q_users[idx].add(1)
+            yield from wait(pds_ready, it & 1, it + 1)
+            yield from products(1, it)
+            pds_free.arrive()
+            if st["hand_read"]:
+                errors.append("slot 1 staged while consumer 0 reads dP")
+            st["slot1_tma"] = True
+
     bars = q_ready + q_empty + [do_ready, do_empty, part_ready, part_free, pds_ready, pds_free]
 
     def _state():
         return [(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"]))
+
+    if roles:
+        return _schedule(rng, [loader(), roles_consumer0(), roles_consumer1()], tma, lambda bar: bar.arrive(), _state,
+                         errors)
 
     return _schedule(rng, [loader(), consumer0(), consumer1()], tma, lambda bar: bar.arrive(), _state, errors)
 
@@ -738,6 +808,23 @@ def test_d256_protocol_model_catches_mistakes(dq_in_q):
     assert any("rewritten while read" in str(_d256_protocol_run(seed, 4, mistake="no_store_wait", dq_in_q=dq_in_q))
                for seed in range(40))
     assert all(_d256_protocol_run(seed, 4, mistake="skip", dq_in_q=dq_in_q) == "deadlock" for seed in range(10))
+
+
+@pytest.mark.parametrize("dq_in_q", [False, True])
+def test_d256_roles_protocol_model(dq_in_q):
+    """tile.d256_roles: consumer 0 forms S, consumer 1 dP and hands it over without part_free."""
+    for seed in range(150):
+        for steps in (0, 1, 2, 3, 5, 8):
+            assert _d256_protocol_run(seed, steps, dq_in_q=dq_in_q, roles=True) is None, (seed, steps)
+    # dP read after pds_ready: consumer 1's dQ staging in slot 1 overwrites it (the next dP cannot: its dO load
+    # waits for consumer 0's dV product).
+    assert any("slot 1 staged while consumer 0 reads dP" in str(_d256_protocol_run(seed, 4, mistake="read_late",
+                                                                                    dq_in_q=dq_in_q, roles=True))
+               for seed in range(60))
+    assert all(_d256_protocol_run(seed, 4, mistake="skip", dq_in_q=dq_in_q, roles=True) == "deadlock"
+               for seed in range(10))
+    assert any("reloaded while" in str(_d256_protocol_run(seed, 5, mistake="q_early", dq_in_q=True, roles=True))
+               for seed in range(60))
 
 
 def test_d256_protocol_model_catches_early_q_release():

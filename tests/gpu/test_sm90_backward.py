@@ -381,6 +381,15 @@ def test_d256(case, dtype, deterministic):
     _run(q, k, v, tile=_d256_tile(), deterministic=deterministic, **kw)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("case", D256_CASES, ids=[backward_case_id(c) for c in D256_CASES])
+def test_d256_partials(case, deterministic):
+    """tile.d256_roles off: each consumer forms S and dP over its own 128 columns and consumer 1 hands its partial
+    sums over (the shipped tile until 2026-11-27, kept as the A/B's other side)."""
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16 if sum(case[:3]) % 2 else torch.float16, DEV)
+    _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_roles=False), deterministic=deterministic, **kw)
+
+
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0)], ids=["full", "causal", "window"])
 def test_d256_varlen(window):
     torch.manual_seed(256 + window[0] + window[1])

@@ -1141,6 +1141,9 @@ class BwdTile:
     # waits for a reduce-add to drain within a step; the Q slot is released one step later, once that reduce-add has
     # read it.
     dq_in_q: bool = False
+    # d256: whole products instead of partial ones (backward_d256, ROLES): consumer 0 forms S over all 256 columns
+    # and consumer 1 dP, which it hands to consumer 0 in fp32 (16 KiB a step instead of S_1 and dP_1's 32 KiB).
+    d256_roles: bool = False
     # keys_as_rows: a persistent grid (one CTA an SM walking the tiles in the chunked order), each tile's first Q / dO
     # blocks loaded while the previous tile's dK and dV are stored (backward_kt._loader_persistent).
     persistent: bool = False
@@ -1200,7 +1203,12 @@ _TABLE = {
 # samples, on the path to its next hand-over). H100, 2026-11-26 (sm90_bwd_probe --dims 256 --tiles d256q, card
 # 1652824023757, TFLOP/s d256 -> d256q): S = 4096 326.5 -> 366.3, causal 304.5 -> 321.4; S = 16384 342.4 -> 381.9,
 # causal 352.6 -> 381.2 (cuDNN 368.7, 348.9, 359.9, 376.8).
-D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True)
+# Then whole products, one a consumer (d256_roles: consumer 0 forms S over all 256 columns, consumer 1 dP and hands it
+# over in fp32, 16 KiB a step instead of the two partials' 32 KiB; consumer 0's exp2 runs while consumer 1 computes
+# dP). H100, 2026-11-27 (bwd_flag_ab.py --tile-field d256_roles --rows 256:4096,256:16384 --rounds 5, card
+# 1653923015894, µs best round off -> on): S = 4096 3757 -> 3739, causal 2040 -> 1948 (+4.7%, median +2.0%);
+# S = 16384 14511 -> 14525, causal 7227 -> 6949 (+4.0%, median +2.6%).
+D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True, d256_roles=True)
 _TABLE[(256, 256)] = D256_TILE
 
 
@@ -1233,7 +1241,7 @@ def get_tile(d, dv, **overrides):
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
-    elif tile.dq_in_q:
+    elif tile.dq_in_q or tile.d256_roles:
         return None  # a D = 256 build only
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
@@ -1503,6 +1511,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["POLY"] = tile.poly
     if tile.d256:
         constexprs["DQ_IN_Q"] = tile.dq_in_q
+        constexprs["ROLES"] = tile.d256_roles
     n_kb = triton.cdiv(seqlen_k, tile.block_n)
     chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
                       deterministic or dq_chain is not None or dsink_part is not None)

@@ -1,9 +1,18 @@
 """Attention backward for Hopper (sm_90a) in Gluon at head dim D = Dv = 256 (tile width 256: D, Dv in (128, 256]).
 
-Opt-in (backward.D256_TILE, `BwdTile(d256=True)`): the host wrapper in backward.py routes a tile with d256 set to
-`attn_bwd_d256_kernel` below; the default D = 256 backward stays the portable Triton kernel until this one is
-measured on a GPU. Preprocess (Delta, lse2, sink partial sums), the ordered dQ pass (deterministic=True) and the
-dQ cast are backward.py's, unchanged.
+The shipped tile for D, Dv in (128, 256] (backward.D256_TILE, `BwdTile(d256=True)`): the host wrapper in
+backward.py routes a tile with d256 set to `attn_bwd_d256_kernel` below. Preprocess (Delta, lse2, sink partial
+sums), the ordered dQ pass (deterministic=True) and the dQ cast are backward.py's, unchanged.
+
+Two ways to form S and dP (tile.d256_roles, the constexpr ROLES):
+- ROLES (the shipped tile since 2026-11-27): whole products, one a consumer. Consumer 0 forms S over all 256
+  columns (two chained wgmma groups, Q·Kᵀ over each column half), consumer 1 dP; consumer 1 hands dP to consumer 0
+  in fp32 through slot 1 of the hand-over tile (16 KiB a step), and consumer 0 forms P and dS as below. Consumer 0's
+  exp2 runs while consumer 1 still computes and stores dP, and no partial sums are added. No part_free barrier: the
+  slot is rewritten only by consumer 1's dQ staging after pds_ready (which consumer 0 arrives after reading dP) and
+  by the next dP, whose dO load waits for consumer 0's dV product. Consumer 0 waits for dO only before dV, consumer 1
+  for Q only before dK. Measured +4-5% on the causal rows (best of 5), level on the others (NOTES, session 23).
+- Partial products (the table below; ROLES off): each consumer forms S and dP over its own 128 columns.
 
 Why a kernel of its own: at D = 256 the D <= 128 kernel's split (each consumer warpgroup owns 64 keys and all D
 columns) would hold dK and dV in 256 + 256 fp32 registers a thread. Here the head dim is split instead.
@@ -223,7 +232,7 @@ def _release_prev_q(p, bufs, it, idx):
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
+def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.constexpr):
     BM: gl.constexpr = p.BM
     N: gl.constexpr = KEYS_PER_WG
     W: gl.constexpr = HALF_C
@@ -262,69 +271,137 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr):
             p_s = bufs.pds.index(_opaque(gl.to_tensor(0)))
             ds_s = bufs.pds.index(_opaque(gl.to_tensor(1)))
             hp = it & 1  # parity of the hand-over barriers' phase `it`
-            # Partial products over this warpgroup's 128 columns.
-            mbarrier.wait(bufs.q_ready.index(idx), phase)
-            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout), use_acc=False,
-                              is_async=True)
-            mbarrier.wait(bufs.do_ready.index(0), hp)
-            dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-            if WG == 0:
-                if it > 0:
-                    # The previous step's dQ reduce-adds have read slot 0: the hand-over tile is free. (DQ_IN_Q:
-                    # the slot's reduce-add is the older of the two in flight.)
+            if ROLES:
+                # Whole products, one each: consumer 0 forms S over all 256 columns, consumer 1 dP; consumer 1
+                # hands dP (fp32) to consumer 0, which forms P and dS. Against the partial products below: half
+                # the hand-over bytes, no partial sums, and consumer 0's exp2 runs while consumer 1 still
+                # computes dP and stores it.
+                if WG == 0:
+                    mbarrier.wait(bufs.q_ready.index(idx), phase)
+                    q_o = bufs.q.index(2 * idx + 1 - wi).reshape([BM, W])
+                    k_o = bufs.k.index(1 - wi).reshape([N, W])
+                    s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                                      use_acc=False, is_async=True)
+                    s = warpgroup_mma(q_o, k_o.permute((1, 0)), s, is_async=True)
+                    if it > 0:
+                        # Slot 0 stages this consumer's first dQ half: its last reduce-add must have read it.
+                        tma.store_wait(1 if DQ_IN_Q else 0)
+                    if p.VARLEN:
+                        t_base = h * p.stride_th + q_start
+                    else:
+                        t_base = b * p.stride_tb + h * p.stride_th
+                    rows = m0 + row_ids
+                    if p.VARLEN:
+                        row_ok = rows < seq_q
+                        lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
+                        delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+                    else:
+                        lse2 = gl.load(p.lse2_ptr + t_base + rows)
+                        delta = gl.load(p.delta_ptr + t_base + rows)
+                    s = warpgroup_mma_wait(0, deps=(s, ))
+                    if p.SOFTCAP:
+                        th = tanh_approx(s * p.cap_scale)
+                        s = th * p.qk_scale
+                    else:
+                        s = s * p.qk_scale
+                    s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
+                    pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+                    mbarrier.wait(bufs.part_ready, hp)
+                    dp = bufs.hand.index(1).reshape([BM, N]).load(s_layout)
+                    ds = pr * (dp - gl.expand_dims(delta, 1))
+                    if p.SOFTCAP:
+                        ds = ds * (1.0 - th * th)
+                    mbarrier.wait(bufs.pds_free, hp ^ 1)
+                    p_s.store(pr.to(dtype))
+                    ds_s.store(ds.to(dtype))
+                    fence_async_shared()
+                    mbarrier.arrive(bufs.pds_ready)
+                    if DQ_IN_Q and p.DQ_ATOMIC:
+                        _release_prev_q(p, bufs, it, idx)
+                    mbarrier.wait(bufs.do_ready.index(0), hp)
+                else:
+                    mbarrier.wait(bufs.do_ready.index(0), hp)
+                    do_o = bufs.do.index(1 - wi).reshape([BM, W])
+                    v_o = bufs.v.index(1 - wi).reshape([N, W])
+                    dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                                       use_acc=False, is_async=True)
+                    dp = warpgroup_mma(do_o, v_o.permute((1, 0)), dp, is_async=True)
+                    dp = warpgroup_mma_wait(0, deps=(dp, ))
+                    # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it. Consumer 0
+                    # read the previous dP before its pds_ready, which this consumer waited for: no part_free.
                     tma.store_wait(1 if DQ_IN_Q else 0)
-                    mbarrier.arrive(bufs.part_free)
-                if p.VARLEN:
-                    t_base = h * p.stride_th + q_start
-                else:
-                    t_base = b * p.stride_tb + h * p.stride_th
-                rows = m0 + row_ids
-                if p.VARLEN:
-                    row_ok = rows < seq_q
-                    lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
-                    delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
-                else:
-                    # Batched: lse2 and Delta padded to whole query blocks (+inf and 0).
-                    lse2 = gl.load(p.lse2_ptr + t_base + rows)
-                    delta = gl.load(p.delta_ptr + t_base + rows)
-                s = warpgroup_mma_wait(1, deps=(s, ))
-                mbarrier.wait(bufs.part_ready, hp)
-                s = s + bufs.hand.index(0).reshape([BM, N]).load(s_layout)
-                if p.SOFTCAP:
-                    th = tanh_approx(s * p.cap_scale)
-                    s = th * p.qk_scale
-                else:
-                    s = s * p.qk_scale
-                s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
-                pr = gl.exp2(s - gl.expand_dims(lse2, 1))
-                dp = warpgroup_mma_wait(0, deps=(dp, ))
-                dp = dp + bufs.hand.index(1).reshape([BM, N]).load(s_layout)
-                ds = pr * (dp - gl.expand_dims(delta, 1))
-                if p.SOFTCAP:
-                    ds = ds * (1.0 - th * th)
-                # Consumer 1's products of the previous step have read P and dS (it arrived pds_free before
-                # part_ready: this wait does not block).
-                mbarrier.wait(bufs.pds_free, hp ^ 1)
-                p_s.store(pr.to(dtype))
-                ds_s.store(ds.to(dtype))
-                fence_async_shared()
-                mbarrier.arrive(bufs.pds_ready)
-                if DQ_IN_Q and p.DQ_ATOMIC:
-                    _release_prev_q(p, bufs, it, idx)
+                    bufs.hand.index(1).reshape([BM, N]).store(dp)
+                    fence_async_shared()
+                    mbarrier.arrive(bufs.part_ready)
+                    if DQ_IN_Q and p.DQ_ATOMIC:
+                        _release_prev_q(p, bufs, it, idx)
+                    mbarrier.wait(bufs.q_ready.index(idx), phase)
+                    mbarrier.wait(bufs.pds_ready, hp)
             else:
-                s, dp = warpgroup_mma_wait(0, deps=(s, dp))
-                # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it; slot 0 is
-                # consumer 0's (part_free).
-                tma.store_wait(1 if DQ_IN_Q else 0)
-                mbarrier.wait(bufs.part_free, hp ^ 1)
-                bufs.hand.index(0).reshape([BM, N]).store(s)
-                bufs.hand.index(1).reshape([BM, N]).store(dp)
-                fence_async_shared()
-                mbarrier.arrive(bufs.part_ready)
-                if DQ_IN_Q and p.DQ_ATOMIC:
-                    _release_prev_q(p, bufs, it, idx)
-                mbarrier.wait(bufs.pds_ready, hp)
+                # Partial products over this warpgroup's 128 columns.
+                # Partial products over this warpgroup's 128 columns.
+                mbarrier.wait(bufs.q_ready.index(idx), phase)
+                s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout), use_acc=False,
+                                  is_async=True)
+                mbarrier.wait(bufs.do_ready.index(0), hp)
+                dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
+                if WG == 0:
+                    if it > 0:
+                        # The previous step's dQ reduce-adds have read slot 0: the hand-over tile is free. (DQ_IN_Q:
+                        # the slot's reduce-add is the older of the two in flight.)
+                        tma.store_wait(1 if DQ_IN_Q else 0)
+                        mbarrier.arrive(bufs.part_free)
+                    if p.VARLEN:
+                        t_base = h * p.stride_th + q_start
+                    else:
+                        t_base = b * p.stride_tb + h * p.stride_th
+                    rows = m0 + row_ids
+                    if p.VARLEN:
+                        row_ok = rows < seq_q
+                        lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
+                        delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+                    else:
+                        # Batched: lse2 and Delta padded to whole query blocks (+inf and 0).
+                        lse2 = gl.load(p.lse2_ptr + t_base + rows)
+                        delta = gl.load(p.delta_ptr + t_base + rows)
+                    s = warpgroup_mma_wait(1, deps=(s, ))
+                    mbarrier.wait(bufs.part_ready, hp)
+                    s = s + bufs.hand.index(0).reshape([BM, N]).load(s_layout)
+                    if p.SOFTCAP:
+                        th = tanh_approx(s * p.cap_scale)
+                        s = th * p.qk_scale
+                    else:
+                        s = s * p.qk_scale
+                    s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
+                    pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+                    dp = warpgroup_mma_wait(0, deps=(dp, ))
+                    dp = dp + bufs.hand.index(1).reshape([BM, N]).load(s_layout)
+                    ds = pr * (dp - gl.expand_dims(delta, 1))
+                    if p.SOFTCAP:
+                        ds = ds * (1.0 - th * th)
+                    # Consumer 1's products of the previous step have read P and dS (it arrived pds_free before
+                    # part_ready: this wait does not block).
+                    mbarrier.wait(bufs.pds_free, hp ^ 1)
+                    p_s.store(pr.to(dtype))
+                    ds_s.store(ds.to(dtype))
+                    fence_async_shared()
+                    mbarrier.arrive(bufs.pds_ready)
+                    if DQ_IN_Q and p.DQ_ATOMIC:
+                        _release_prev_q(p, bufs, it, idx)
+                else:
+                    s, dp = warpgroup_mma_wait(0, deps=(s, dp))
+                    # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it; slot 0 is
+                    # consumer 0's (part_free).
+                    tma.store_wait(1 if DQ_IN_Q else 0)
+                    mbarrier.wait(bufs.part_free, hp ^ 1)
+                    bufs.hand.index(0).reshape([BM, N]).store(s)
+                    bufs.hand.index(1).reshape([BM, N]).store(dp)
+                    fence_async_shared()
+                    mbarrier.arrive(bufs.part_ready)
+                    if DQ_IN_Q and p.DQ_ATOMIC:
+                        _release_prev_q(p, bufs, it, idx)
+                    mbarrier.wait(bufs.pds_ready, hp)
             # dV[:, c_w] += Pᵀ·dO[:, c_w], dK[:, c_w] += dSᵀ·Q[:, c_w]: A read transposed from shared memory.
             dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
             dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
@@ -425,7 +502,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                         DQ_IN_Q: gl.constexpr = False):
+                         DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
     gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
                           or STATS_TMA),
@@ -472,6 +549,6 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q)),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
