@@ -69,9 +69,8 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   # values in local memory and reloads them each step (L1 hits); with the second dQ half staged in
                   # the Q half (dq_in_q) one more value in the plain build.
                   "d256-partials": 1, "d256-partials-window-softcap-gqa2": 31,
-                  # With whole products (d256_roles, the shipped tile since 2026-11-27) consumer 0 no longer holds
-                  # a partial S and dP beside each other: 2 reloads with a window, softcap and GQA, none elsewhere.
-                  "d256-window-softcap-gqa2": 2,
+                  # With whole products (d256_roles, the shipped tile since 2026-11-27, and P handed over before
+                  # dS, d256_early_dv) consumer 0 no longer holds a partial S and dP beside each other: no reloads.
                   # The three-consumer D = 64 tile (160 registers a consumer, 2026-11-26): a causal mask keeps
                   # 4 values in local memory (L1 hits, against ~600 instructions a step); dP under the softmax
                   # 13; ping_pong with varlen 18. Softcap takes the two-consumer tile (default_tile).
@@ -178,9 +177,10 @@ CASES = [
     ("d256-varlen-window", dict(d=256, dv=256, varlen=True, window=(256, 0), tile=dict(d256=True))),
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
     # The D = 256 kernel with partial products (tile.d256_roles off: the shipped tile until 2026-11-27).
-    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, d256_roles=False))),
+    ("d256-roles-late-dv", dict(d=256, dv=256, causal=True, tile=dict(d256=True, d256_early_dv=False))),
+    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, d256_roles=False, d256_early_dv=False))),
     ("d256-partials-window-softcap-gqa2", dict(d=256, dv=256, window=(100, 50), softcap=30.0, gqa=2,
-                                               tile=dict(d256=True, d256_roles=False))),
+                                               tile=dict(d256=True, d256_roles=False, d256_early_dv=False))),
 ]
 
 @pytest.fixture(scope="module")
@@ -275,10 +275,11 @@ def test_d256_plan_arguments():
         # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexprs (tile.dq_in_q,
         # tile.d256_roles).
         names = list(backward_d256.attn_bwd_d256_kernel.arg_names)
-        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES"]
+        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES", "EARLY_DV"]
         assert list(backward_kt.attn_bwd_kt_kernel.arg_names)[:len(backward.attn_bwd_kernel.arg_names)] == list(
             backward.attn_bwd_kernel.arg_names)
         assert cx["DQ_IN_Q"] is tile.dq_in_q and cx["ROLES"] is tile.d256_roles
+        assert cx["EARLY_DV"] is tile.d256_early_dv
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -564,7 +565,7 @@ def test_protocol_model_catches_what_the_kernel_avoids():
                for seed in range(60))
 
 
-def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles=False):
+def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles=False, early_dv=False):
     """One random interleaving of the D = 256 kernel's loader and two consumers (backward_d256.py: the Q ring of
     `stages`, the one dO stage, the hand-over tile and P / dS with part_ready / part_free / pds_ready / pds_free),
     in the kernel's order of barrier operations and with its parities. Returns None, or what went wrong.
@@ -577,7 +578,10 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
     roles (tile.d256_roles): consumer 0 forms S (waiting for Q only), consumer 1 dP (waiting for dO only) and hands
     it over in slot 1, with no part_free: consumer 0 reads it before its pds_ready, which consumer 1 waits for
     before it stages its dQ half in slot 1 or writes the next dP. Mistake "read_late": consumer 0 arrives pds_ready
-    before reading dP."""
+    before reading dP.
+    early_dv (tile.d256_early_dv, with roles): consumer 0 writes P and arrives p_ready before it waits for dP, and
+    both consumers' dV products read P and dO from then on; dS follows with pds_ready. Mistake "p_early": consumer 0
+    writes P without waiting for pds_free."""
     rng = np.random.default_rng(seed)
     q_ready = [_Bar(1) for _ in range(stages)]
     q_empty = [_Bar(2) for _ in range(stages)]
@@ -586,7 +590,9 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
     tma = []                                   # loads in flight: the barrier they complete
     q_users = [set() for _ in range(stages)]
     do_users = set()
-    st = dict(hand=None, hand_read=False, slot0_tma=False, slot1_tma=False, pds=None, pds_readers=set())
+    st = dict(hand=None, hand_read=False, slot0_tma=False, slot1_tma=False, pds=None, pds_readers=set(), p=None,
+              p_readers=set())
+    p_ready = _Bar(1)
     q_tma = [set() for _ in range(stages)]    # consumers whose reduce-add still reads their half of a Q slot
     errors = []
 
@@ -616,8 +622,11 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
     def products(w, it):
         if st["pds"] != it:
             errors.append(f"consumer {w} read P / dS of step {st['pds']} at step {it}")
+        if early_dv and st["p"] != it:
+            errors.append(f"consumer {w}'s dV read the P of step {st['p']} at step {it}")
         st["pds_readers"].add(w)
         yield  # dV, dK, dQ
+        st["p_readers"].discard(w)
         do_users.discard(w)
         do_empty.arrive()
         q_users[it % stages].discard(w)
@@ -689,6 +698,16 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
             if it > 0:
                 st["slot0_tma"] = False  # tma.store_wait: its own staging slot
             yield  # P
+            if early_dv:
+                if mistake != "p_early":
+                    yield from wait(pds_free, (it & 1) ^ 1, it)
+                if st["pds_readers"] or st["p_readers"]:
+                    errors.append("P rewritten while read")
+                st["p"] = it
+                p_ready.arrive()
+                yield from wait(do_ready, it & 1, it + 1)
+                do_users.add(0)
+                st["p_readers"].add(0)  # dV in flight
             yield from wait(part_ready, it & 1, it + 1)
             if mistake == "read_late":
                 yield from wait(pds_free, (it & 1) ^ 1, it)
@@ -702,14 +721,16 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
             if st["hand"] != it:
                 errors.append(f"consumer 0 read the dP of step {st['hand']} at step {it}")
             if mistake != "read_late":
-                yield from wait(pds_free, (it & 1) ^ 1, it)
+                if not early_dv:
+                    yield from wait(pds_free, (it & 1) ^ 1, it)
                 if st["pds_readers"]:
                     errors.append("P / dS rewritten while read")
                 st["pds"] = it
                 pds_ready.arrive()
             release_q(0, it)
-            yield from wait(do_ready, it & 1, it + 1)
-            do_users.add(0)
+            if not early_dv:
+                yield from wait(do_ready, it & 1, it + 1)
+                do_users.add(0)
             yield from products(0, it)
             if st["slot0_tma"]:
                 errors.append("slot 0 staged while its reduce-add reads it")
@@ -728,6 +749,11 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
             st["hand"] = it
             part_ready.arrive()
             release_q(1, it)
+            if early_dv:
+                yield from wait(p_ready, it & 1, it + 1)
+                if st["p"] != it:
+                    errors.append(f"consumer 1 read the P of step {st['p']} at step {it}")
+                st["p_readers"].add(1)  # dV in flight
             yield from wait(q_ready[idx], phase, it // stages + 1)
             q_users[idx].add(1)
             yield from wait(pds_ready, it & 1, it + 1)
@@ -737,10 +763,11 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
                 errors.append("slot 1 staged while consumer 0 reads dP")
             st["slot1_tma"] = True
 
-    bars = q_ready + q_empty + [do_ready, do_empty, part_ready, part_free, pds_ready, pds_free]
+    bars = q_ready + q_empty + [do_ready, do_empty, part_ready, part_free, pds_ready, pds_free, p_ready]
 
     def _state():
-        return [(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"]))
+        return [(b.pending, b.done) for b in bars], len(tma), dict(st, pds_readers=set(st["pds_readers"]),
+                                                                  p_readers=set(st["p_readers"]))
 
     if roles:
         return _schedule(rng, [loader(), roles_consumer0(), roles_consumer1()], tma, lambda bar: bar.arrive(), _state,
@@ -825,6 +852,19 @@ def test_d256_roles_protocol_model(dq_in_q):
                for seed in range(10))
     assert any("reloaded while" in str(_d256_protocol_run(seed, 5, mistake="q_early", dq_in_q=True, roles=True))
                for seed in range(60))
+
+
+@pytest.mark.parametrize("dq_in_q", [False, True])
+def test_d256_early_dv_protocol_model(dq_in_q):
+    """tile.d256_early_dv: P handed over (p_ready) before dS, both dV products issued then."""
+    for seed in range(150):
+        for steps in (0, 1, 2, 3, 5, 8):
+            assert _d256_protocol_run(seed, steps, dq_in_q=dq_in_q, roles=True, early_dv=True) is None, (seed, steps)
+    assert any("P rewritten while read" in str(_d256_protocol_run(seed, 4, mistake="p_early", dq_in_q=dq_in_q,
+                                                                  roles=True, early_dv=True))
+               for seed in range(60))
+    assert all(_d256_protocol_run(seed, 4, mistake="skip", dq_in_q=dq_in_q, roles=True, early_dv=True) == "deadlock"
+               for seed in range(10))
 
 
 def test_d256_protocol_model_catches_early_q_release():

@@ -387,7 +387,17 @@ def test_d256_partials(case, deterministic):
     """tile.d256_roles off: each consumer forms S and dP over its own 128 columns and consumer 1 hands its partial
     sums over (the shipped tile until 2026-11-27, kept as the A/B's other side)."""
     q, k, v, kw = backward_case_inputs(case, torch.bfloat16 if sum(case[:3]) % 2 else torch.float16, DEV)
-    _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_roles=False), deterministic=deterministic, **kw)
+    _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_roles=False, d256_early_dv=False),
+         deterministic=deterministic, **kw)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("case", D256_CASES, ids=[backward_case_id(c) for c in D256_CASES])
+def test_d256_roles_without_early_dv(case, deterministic):
+    """tile.d256_roles without d256_early_dv (the shipped tile for a few hours of 2026-11-27): P and dS handed over
+    together, dV issued after both."""
+    q, k, v, kw = backward_case_inputs(case, torch.float16 if sum(case[:3]) % 2 else torch.bfloat16, DEV)
+    _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_early_dv=False), deterministic=deterministic, **kw)
 
 
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0)], ids=["full", "causal", "window"])

@@ -1144,6 +1144,9 @@ class BwdTile:
     # d256: whole products instead of partial ones (backward_d256, ROLES): consumer 0 forms S over all 256 columns
     # and consumer 1 dP, which it hands to consumer 0 in fp32 (16 KiB a step instead of S_1 and dP_1's 32 KiB).
     d256_roles: bool = False
+    # d256_roles: consumer 0 stores P (and arrives p_ready) before it waits for dP, and both consumers issue their dV
+    # product then, so that dV runs under dS and dO is released (the next dO load issued) a product earlier.
+    d256_early_dv: bool = False
     # keys_as_rows: a persistent grid (one CTA an SM walking the tiles in the chunked order), each tile's first Q / dO
     # blocks loaded while the previous tile's dK and dV are stored (backward_kt._loader_persistent).
     persistent: bool = False
@@ -1208,7 +1211,12 @@ _TABLE = {
 # dP). H100, 2026-11-27 (bwd_flag_ab.py --tile-field d256_roles --rows 256:4096,256:16384 --rounds 5, card
 # 1653923015894, µs best round off -> on): S = 4096 3757 -> 3739, causal 2040 -> 1948 (+4.7%, median +2.0%);
 # S = 16384 14511 -> 14525, causal 7227 -> 6949 (+4.0%, median +2.6%).
-D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True, d256_roles=True)
+# Then P handed over before dS (d256_early_dv): both dV products run under dS and dO is released a product earlier,
+# so the next dO load (one stage) leaves the step's chain sooner. H100, 2026-11-27 (--tile-field d256_early_dv, card
+# 1653024106248, best round off -> on): S = 4096 3726 -> 3491 (+6.7%), causal 1947 -> 1887 (+3.2%); S = 16384
+# 14434 -> 13471 (+7.1%), causal 6852 -> 6483 (+5.7%); medians +3.1 to +5.5%.
+D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True, d256_roles=True,
+                    d256_early_dv=True)
 _TABLE[(256, 256)] = D256_TILE
 
 
@@ -1238,10 +1246,12 @@ def get_tile(d, dv, **overrides):
         tile = replace(tile, dq_writer=False)  # the writer issues the in-kernel reduce-adds of 2 or 3 consumers
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
+        if tile.d256_early_dv and not tile.d256_roles:
+            return None
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
-    elif tile.dq_in_q or tile.d256_roles:
+    elif tile.dq_in_q or tile.d256_roles or tile.d256_early_dv:
         return None  # a D = 256 build only
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
@@ -1512,6 +1522,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if tile.d256:
         constexprs["DQ_IN_Q"] = tile.dq_in_q
         constexprs["ROLES"] = tile.d256_roles
+        constexprs["EARLY_DV"] = tile.d256_early_dv
     n_kb = triton.cdiv(seqlen_k, tile.block_n)
     chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
                       deterministic or dq_chain is not None or dsink_part is not None)

@@ -12,6 +12,10 @@ Two ways to form S and dP (tile.d256_roles, the constexpr ROLES):
   slot is rewritten only by consumer 1's dQ staging after pds_ready (which consumer 0 arrives after reading dP) and
   by the next dP, whose dO load waits for consumer 0's dV product. Consumer 0 waits for dO only before dV, consumer 1
   for Q only before dK. Measured +4-5% on the causal rows (best of 5), level on the others (NOTES, session 23).
+  EARLY_DV (tile.d256_early_dv, on ROLES; shipped since 2026-11-27): consumer 0 stores P and arrives p_ready as
+  soon as it has P, before it waits for dP; both consumers issue their dV product then, so dV runs under dS and
+  the one dO stage is released (its next load issued) a product earlier, off the step's chain. pds_ready then
+  means dS. +3-7% on every D = 256 row over ROLES alone (NOTES, session 23).
 - Partial products (the table below; ROLES off): each consumer forms S and dP over its own 128 columns.
 
 Why a kernel of its own: at D = 256 the D <= 128 kernel's split (each consumer warpgroup owns 64 keys and all D
@@ -161,10 +165,11 @@ class D256Buffers:
     part_free: gl.shared_memory_descriptor
     pds_ready: gl.shared_memory_descriptor
     pds_free: gl.shared_memory_descriptor
+    p_ready: gl.shared_memory_descriptor    # EARLY_DV: consumer 0 -> 1, P of step it is in shared memory
 
     @gluon.constexpr_function
     def __init__(self, k, v, q, do, pds, hand, kv_ready, q_ready, q_empty, do_ready, do_empty, part_ready,
-                 part_free, pds_ready, pds_free):
+                 part_free, pds_ready, pds_free, p_ready):
         self.k = k
         self.v = v
         self.q = q
@@ -180,6 +185,7 @@ class D256Buffers:
         self.part_free = part_free
         self.pds_ready = pds_ready
         self.pds_free = pds_free
+        self.p_ready = p_ready
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def _release_prev_q(p, bufs, it, idx):
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.constexpr):
+def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.constexpr, EARLY_DV: gl.constexpr):
     BM: gl.constexpr = p.BM
     N: gl.constexpr = KEYS_PER_WG
     W: gl.constexpr = HALF_C
@@ -306,19 +312,30 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                         s = s * p.qk_scale
                     s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
                     pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+                    if EARLY_DV:
+                        # P goes out before dP is in: both consumers' dV products run under dS, and dO is
+                        # released (the next dO load issued) a dV product earlier.
+                        mbarrier.wait(bufs.pds_free, hp ^ 1)
+                        p_s.store(pr.to(dtype))
+                        fence_async_shared()
+                        mbarrier.arrive(bufs.p_ready)
+                        mbarrier.wait(bufs.do_ready.index(0), hp)
+                        dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
                     mbarrier.wait(bufs.part_ready, hp)
                     dp = bufs.hand.index(1).reshape([BM, N]).load(s_layout)
                     ds = pr * (dp - gl.expand_dims(delta, 1))
                     if p.SOFTCAP:
                         ds = ds * (1.0 - th * th)
-                    mbarrier.wait(bufs.pds_free, hp ^ 1)
-                    p_s.store(pr.to(dtype))
+                    if not EARLY_DV:
+                        mbarrier.wait(bufs.pds_free, hp ^ 1)
+                        p_s.store(pr.to(dtype))
                     ds_s.store(ds.to(dtype))
                     fence_async_shared()
                     mbarrier.arrive(bufs.pds_ready)
                     if DQ_IN_Q and p.DQ_ATOMIC:
                         _release_prev_q(p, bufs, it, idx)
-                    mbarrier.wait(bufs.do_ready.index(0), hp)
+                    if not EARLY_DV:
+                        mbarrier.wait(bufs.do_ready.index(0), hp)
                 else:
                     mbarrier.wait(bufs.do_ready.index(0), hp)
                     do_o = bufs.do.index(1 - wi).reshape([BM, W])
@@ -335,10 +352,12 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     mbarrier.arrive(bufs.part_ready)
                     if DQ_IN_Q and p.DQ_ATOMIC:
                         _release_prev_q(p, bufs, it, idx)
+                    if EARLY_DV:
+                        mbarrier.wait(bufs.p_ready, hp)
+                        dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
                     mbarrier.wait(bufs.q_ready.index(idx), phase)
                     mbarrier.wait(bufs.pds_ready, hp)
             else:
-                # Partial products over this warpgroup's 128 columns.
                 # Partial products over this warpgroup's 128 columns.
                 mbarrier.wait(bufs.q_ready.index(idx), phase)
                 s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BM, N], gl.float32, s_layout), use_acc=False,
@@ -403,14 +422,20 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                         _release_prev_q(p, bufs, it, idx)
                     mbarrier.wait(bufs.pds_ready, hp)
             # dV[:, c_w] += Pᵀ·dO[:, c_w], dK[:, c_w] += dSᵀ·Q[:, c_w]: A read transposed from shared memory.
-            dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
+            if EARLY_DV:
+                # dV was issued once P was in; dO is free once it completed.
+                dv = warpgroup_mma_wait(0, deps=(dv, ))
+                mbarrier.arrive(bufs.do_empty.index(0))
+            else:
+                dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
             dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
             if p.DQ_ATOMIC:
                 dq = warpgroup_mma(ds_s, k_s.slice(0, DQW, dim=1), gl.zeros([BM, DQW], gl.float32, dq_layout),
                                    use_acc=False, is_async=True)
-                # dO is free once dV completed: the next dO load runs under dK and dQ.
-                dv = warpgroup_mma_wait(2, deps=(dv, ))
-                mbarrier.arrive(bufs.do_empty.index(0))
+                if not EARLY_DV:
+                    # dO is free once dV completed: the next dO load runs under dK and dQ.
+                    dv = warpgroup_mma_wait(2, deps=(dv, ))
+                    mbarrier.arrive(bufs.do_empty.index(0))
                 dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
                 if not DQ_IN_Q:
                     mbarrier.arrive(bufs.q_empty.index(idx))
@@ -440,8 +465,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
                                                       dq_s)
             else:
-                dv = warpgroup_mma_wait(1, deps=(dv, ))
-                mbarrier.arrive(bufs.do_empty.index(0))
+                if not EARLY_DV:
+                    dv = warpgroup_mma_wait(1, deps=(dv, ))
+                    mbarrier.arrive(bufs.do_empty.index(0))
                 dk = warpgroup_mma_wait(0, deps=(dk, ))
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 if WG == 1:
@@ -502,12 +528,14 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                         DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False):
+                         DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False,
+                         EARLY_DV: gl.constexpr = False):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
     gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
                           or STATS_TMA),
                      "not built at D = 256")
     gl.static_assert(BM == 64, "D = 256: BM = 64")
+    gl.static_assert(ROLES or not EARLY_DV, "EARLY_DV is built on ROLES")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
@@ -525,6 +553,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
     part_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     pds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
@@ -535,6 +564,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
     mbarrier.init(part_free, count=1)
     mbarrier.init(pds_ready, count=1)
     mbarrier.init(pds_free, count=1)
+    mbarrier.init(p_ready, count=1)
 
     p = BwdProblem(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr, dv_ptr,
                    lse2_ptr, delta_ptr,
@@ -548,7 +578,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
-                       do_empty, part_ready, part_free, pds_ready, pds_free)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES)),
+                       do_empty, part_ready, part_free, pds_ready, pds_free, p_ready)
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES, EARLY_DV)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES, EARLY_DV)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
