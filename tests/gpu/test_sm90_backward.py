@@ -400,6 +400,22 @@ def test_d256_roles_without_early_dv(case, deterministic):
     _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_early_dv=False), deterministic=deterministic, **kw)
 
 
+D256_VARIANTS = {"stats-ahead": dict(d256_stats_ahead=True), "c1-slot": dict(d256_c1_slot=True),
+                  "both": dict(d256_stats_ahead=True, d256_c1_slot=True)}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("case", D256_CASES, ids=[backward_case_id(c) for c in D256_CASES])
+@pytest.mark.parametrize("variant", list(D256_VARIANTS))
+def test_d256_variant(variant, case, deterministic):
+    """The D = 256 tile's switches: lse2 / Delta loaded a step ahead, consumer 1's own second staging slot."""
+    if variant != "both" and D256_CASES.index(case) % 4:
+        pytest.skip("single switches on every fourth case; both together on all")
+    q, k, v, kw = backward_case_inputs(case, torch.float16 if sum(case[:3]) % 2 else torch.bfloat16, DEV)
+    tile = _bwd().get_tile(256, 256, d256=True, **D256_VARIANTS[variant])
+    _run(q, k, v, tile=tile, deterministic=deterministic, **kw)
+
+
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (200, 0)], ids=["full", "causal", "window"])
 def test_d256_varlen(window):
     torch.manual_seed(256 + window[0] + window[1])

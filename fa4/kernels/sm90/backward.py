@@ -1147,6 +1147,13 @@ class BwdTile:
     # d256_roles: consumer 0 stores P (and arrives p_ready) before it waits for dP, and both consumers issue their dV
     # product then, so that dV runs under dS and dO is released (the next dO load issued) a product earlier.
     d256_early_dv: bool = False
+    # d256_roles: consumer 0 loads lse2 and Delta one step ahead into registers (their L2 round trip had waited
+    # under S: ~15% of consumer 0's stall samples in Nsight Compute, session 23).
+    d256_stats_ahead: bool = False
+    # d256_roles with dq_in_q: consumer 1 stages its second dQ half in a third fp32 slot instead of its Q half, so it
+    # releases its Q half with its dK product and no longer waits at the next step for that reduce-add to drain (~15%
+    # of consumer 1's stall samples, session 23). 16 KiB more shared memory (224 KiB).
+    d256_c1_slot: bool = False
     # keys_as_rows: a persistent grid (one CTA an SM walking the tiles in the chunked order), each tile's first Q / dO
     # blocks loaded while the previous tile's dK and dV are stored (backward_kt._loader_persistent).
     persistent: bool = False
@@ -1246,12 +1253,14 @@ def get_tile(d, dv, **overrides):
         tile = replace(tile, dq_writer=False)  # the writer issues the in-kernel reduce-adds of 2 or 3 consumers
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
-        if tile.d256_early_dv and not tile.d256_roles:
+        if (tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_c1_slot) and not tile.d256_roles:
+            return None
+        if tile.d256_c1_slot and not tile.dq_in_q:
             return None
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
-    elif tile.dq_in_q or tile.d256_roles or tile.d256_early_dv:
+    elif tile.dq_in_q or tile.d256_roles or tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_c1_slot:
         return None  # a D = 256 build only
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
@@ -1523,6 +1532,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["DQ_IN_Q"] = tile.dq_in_q
         constexprs["ROLES"] = tile.d256_roles
         constexprs["EARLY_DV"] = tile.d256_early_dv
+        constexprs["STATS_AHEAD"] = tile.d256_stats_ahead
+        constexprs["C1_SLOT"] = tile.d256_c1_slot
     n_kb = triton.cdiv(seqlen_k, tile.block_n)
     chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
                       deterministic or dq_chain is not None or dsink_part is not None)

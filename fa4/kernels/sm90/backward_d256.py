@@ -137,7 +137,7 @@ def smem_bytes(tile, elem=2):
     q = tile.stages * bm * 256 * elem
     do = bm * 256 * elem
     pds = 2 * bm * WG_KEYS * elem
-    hand = 2 * bm * DQ_COLS * 4
+    hand = (3 if tile.d256_c1_slot else 2) * bm * DQ_COLS * 4
     return kv + q + do + pds + hand + configs.SMEM_RESERVE
 
 
@@ -238,7 +238,27 @@ def _release_prev_q(p, bufs, it, idx):
 
 
 @gluon.jit
-def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.constexpr, EARLY_DV: gl.constexpr):
+def _stats(p, b, h, m0, q_start, row_ids, seq_q):
+    """lse2 and Delta of the query block at row m0 of head h, rows in the S accumulator's row layout."""
+    if p.VARLEN:
+        t_base = h * p.stride_th + q_start
+    else:
+        t_base = b * p.stride_tb + h * p.stride_th
+    rows = m0 + row_ids
+    if p.VARLEN:
+        row_ok = rows < seq_q
+        lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
+        delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+    else:
+        # Batched: lse2 and Delta padded to whole query blocks (+inf and 0).
+        lse2 = gl.load(p.lse2_ptr + t_base + rows)
+        delta = gl.load(p.delta_ptr + t_base + rows)
+    return lse2, delta
+
+
+@gluon.jit
+def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.constexpr, EARLY_DV: gl.constexpr,
+              STATS_AHEAD: gl.constexpr, C1_SLOT: gl.constexpr):
     BM: gl.constexpr = p.BM
     N: gl.constexpr = KEYS_PER_WG
     W: gl.constexpr = HALF_C
@@ -260,10 +280,14 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
         dv = gl.zeros([N, W], gl.float32, acc_layout)
         if WG == 0:
             row_ids = _opaque(gl.arange(0, BM, row_s))
+        n_m = m_hi - m_lo
+        if WG == 0 and STATS_AHEAD:
+            # lse2 and Delta one step ahead in registers: their L2 round trip no longer waits under S.
+            _, h_n, m0_n = _step_block(p, 0, n_m, m_lo, hk)
+            lse2_n, delta_n = _stats(p, b, h_n, m0_n, q_start, row_ids, seq_q)
         mbarrier.wait(bufs.kv_ready, 0)
         idx = 0
         phase = 0
-        n_m = m_hi - m_lo
         for it in range(p.group * n_m):
             g, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             q_s = bufs.q.index(2 * idx + WG).reshape([BM, W])
@@ -292,18 +316,14 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     if it > 0:
                         # Slot 0 stages this consumer's first dQ half: its last reduce-add must have read it.
                         tma.store_wait(1 if DQ_IN_Q else 0)
-                    if p.VARLEN:
-                        t_base = h * p.stride_th + q_start
-                    else:
-                        t_base = b * p.stride_tb + h * p.stride_th
                     rows = m0 + row_ids
-                    if p.VARLEN:
-                        row_ok = rows < seq_q
-                        lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
-                        delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
+                    if STATS_AHEAD:
+                        lse2 = lse2_n
+                        delta = delta_n
+                        _, h_n, m0_n = _step_block(p, gl.minimum(it + 1, p.group * n_m - 1), n_m, m_lo, hk)
+                        lse2_n, delta_n = _stats(p, b, h_n, m0_n, q_start, row_ids, seq_q)
                     else:
-                        lse2 = gl.load(p.lse2_ptr + t_base + rows)
-                        delta = gl.load(p.delta_ptr + t_base + rows)
+                        lse2, delta = _stats(p, b, h, m0, q_start, row_ids, seq_q)
                     s = warpgroup_mma_wait(0, deps=(s, ))
                     if p.SOFTCAP:
                         th = tanh_approx(s * p.cap_scale)
@@ -350,7 +370,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     bufs.hand.index(1).reshape([BM, N]).store(dp)
                     fence_async_shared()
                     mbarrier.arrive(bufs.part_ready)
-                    if DQ_IN_Q and p.DQ_ATOMIC:
+                    if DQ_IN_Q and p.DQ_ATOMIC and not C1_SLOT:
                         _release_prev_q(p, bufs, it, idx)
                     if EARLY_DV:
                         mbarrier.wait(bufs.p_ready, hp)
@@ -437,7 +457,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     dv = warpgroup_mma_wait(2, deps=(dv, ))
                     mbarrier.arrive(bufs.do_empty.index(0))
                 dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
-                if not DQ_IN_Q:
+                if not DQ_IN_Q or (C1_SLOT and WG == 1):
                     mbarrier.arrive(bufs.q_empty.index(idx))
                 # The second column half, under the first one's staging.
                 dq2 = warpgroup_mma(ds_s, k_s.slice(DQW, DQW, dim=1),
@@ -450,7 +470,17 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                 dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
                 if WG == 1:
                     mbarrier.arrive(bufs.pds_free)
-                if DQ_IN_Q:
+                if C1_SLOT and WG == 1:
+                    # Consumer 1's second half in a staging slot of its own (slot 2): its Q half is released with
+                    # its dK product, and slot 2's previous reduce-add (the older of the two in flight) has had a
+                    # step to drain.
+                    tma.store_wait(1)
+                    dq_s2 = bufs.hand.index(2)
+                    dq_s2.reshape([BM, DQW]).store(dq2 * p.softmax_scale)
+                    fence_async_shared()
+                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
+                                                      dq_s2)
+                elif DQ_IN_Q:
                     # This consumer's Q half (its dK product, the last reader, completed) as the second staging
                     # tile: no wait for the first half's reduce-add. Released at the next step (q_empty).
                     dq_s2 = bufs.q.index(2 * idx + wi)._reinterpret(gl.float32, dq_s.type.shape, dq_s.type.layout)
@@ -529,13 +559,15 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                          DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False,
-                         EARLY_DV: gl.constexpr = False):
+                         EARLY_DV: gl.constexpr = False, STATS_AHEAD: gl.constexpr = False,
+                         C1_SLOT: gl.constexpr = False):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
     gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
                           or STATS_TMA),
                      "not built at D = 256")
     gl.static_assert(BM == 64, "D = 256: BM = 64")
-    gl.static_assert(ROLES or not EARLY_DV, "EARLY_DV is built on ROLES")
+    gl.static_assert(ROLES or not (EARLY_DV or STATS_AHEAD or C1_SLOT), "EARLY_DV, STATS_AHEAD, C1_SLOT need ROLES")
+    gl.static_assert(DQ_IN_Q or not C1_SLOT, "C1_SLOT replaces consumer 1's staging in its Q half (DQ_IN_Q)")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
@@ -543,7 +575,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
     do_smem = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, KEYS_PER_WG], dtype)
     pds_smem = gl.allocate_shared_memory(dtype, [2, BM, KEYS_PER_WG], pds_layout)
-    hand = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
+    hand = gl.allocate_shared_memory(gl.float32, [3 if C1_SLOT else 2] + dq_desc.block_type.shape, dq_desc.layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -579,6 +611,6 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free, p_ready)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES, EARLY_DV)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES, EARLY_DV)),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD, C1_SLOT)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD, C1_SLOT)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
