@@ -70,7 +70,10 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   # the Q half (dq_in_q) one more value in the plain build.
                   "d256-partials": 1, "d256-partials-window-softcap-gqa2": 31,
                   # With whole products (d256_roles, the shipped tile since 2026-11-27, and P handed over before
-                  # dS, d256_early_dv) consumer 0 no longer holds a partial S and dP beside each other: no reloads.
+                  # dS, d256_early_dv) consumer 0 no longer holds a partial S and dP beside each other: no reloads;
+                  # with the next step's lse2 / Delta held in registers (d256_stats_ahead) one in the varlen window
+                  # build.
+                  "d256-varlen-window": 1,
                   # The three-consumer D = 64 tile (160 registers a consumer, 2026-11-26): a causal mask keeps
                   # 4 values in local memory (L1 hits, against ~600 instructions a step); dP under the softmax
                   # 13; ping_pong with varlen 18. Softcap takes the two-consumer tile (default_tile).
@@ -177,18 +180,13 @@ CASES = [
     ("d256-varlen-window", dict(d=256, dv=256, varlen=True, window=(256, 0), tile=dict(d256=True))),
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
     # The D = 256 kernel with partial products (tile.d256_roles off: the shipped tile until 2026-11-27).
-    ("d256-stats-ahead", dict(d=256, dv=256, tile=dict(d256=True, d256_stats_ahead=True))),
-    ("d256-stats-ahead-varlen-window-softcap", dict(d=256, dv=256, varlen=True, window=(100, 50), softcap=30.0,
-                                                    tile=dict(d256=True, d256_stats_ahead=True))),
-    ("d256-c1-slot", dict(d=256, dv=256, tile=dict(d256=True, d256_c1_slot=True))),
-    ("d256-c1-slot-causal-gqa2", dict(d=256, dv=256, causal=True, gqa=2, tile=dict(d256=True, d256_c1_slot=True))),
-    ("d256-c1-slot-stats-ahead-causal", dict(d=256, dv=256, causal=True,
-                                             tile=dict(d256=True, d256_c1_slot=True, d256_stats_ahead=True))),
-    ("d256-c1-slot-deterministic", dict(d=256, dv=256, deterministic=True, tile=dict(d256=True, d256_c1_slot=True))),
+    ("d256-stats-behind", dict(d=256, dv=256, tile=dict(d256=True, d256_stats_ahead=False))),
     ("d256-roles-late-dv", dict(d=256, dv=256, causal=True, tile=dict(d256=True, d256_early_dv=False))),
-    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, d256_roles=False, d256_early_dv=False))),
+    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, d256_roles=False, d256_early_dv=False,
+                                                                   d256_stats_ahead=False))),
     ("d256-partials-window-softcap-gqa2", dict(d=256, dv=256, window=(100, 50), softcap=30.0, gqa=2,
-                                               tile=dict(d256=True, d256_roles=False, d256_early_dv=False))),
+                                               tile=dict(d256=True, d256_roles=False, d256_early_dv=False,
+                                                                   d256_stats_ahead=False))),
 ]
 
 @pytest.fixture(scope="module")
@@ -283,13 +281,11 @@ def test_d256_plan_arguments():
         # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexprs (tile.dq_in_q,
         # tile.d256_roles).
         names = list(backward_d256.attn_bwd_d256_kernel.arg_names)
-        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES", "EARLY_DV", "STATS_AHEAD",
-                                                                     "C1_SLOT"]
+        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES", "EARLY_DV", "STATS_AHEAD"]
         assert list(backward_kt.attn_bwd_kt_kernel.arg_names)[:len(backward.attn_bwd_kernel.arg_names)] == list(
             backward.attn_bwd_kernel.arg_names)
         assert cx["DQ_IN_Q"] is tile.dq_in_q and cx["ROLES"] is tile.d256_roles
         assert cx["EARLY_DV"] is tile.d256_early_dv and cx["STATS_AHEAD"] is tile.d256_stats_ahead
-        assert cx["C1_SLOT"] is tile.d256_c1_slot
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
@@ -575,8 +571,7 @@ def test_protocol_model_catches_what_the_kernel_avoids():
                for seed in range(60))
 
 
-def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles=False, early_dv=False,
-                       c1_slot=False):
+def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles=False, early_dv=False):
     """One random interleaving of the D = 256 kernel's loader and two consumers (backward_d256.py: the Q ring of
     `stages`, the one dO stage, the hand-over tile and P / dS with part_ready / part_free / pds_ready / pds_free),
     in the kernel's order of barrier operations and with its parities. Returns None, or what went wrong.
@@ -592,9 +587,7 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
     before reading dP.
     early_dv (tile.d256_early_dv, with roles): consumer 0 writes P and arrives p_ready before it waits for dP, and
     both consumers' dV products read P and dO from then on; dS follows with pds_ready. Mistake "p_early": consumer 0
-    writes P without waiting for pds_free.
-    c1_slot (tile.d256_c1_slot, with dq_in_q): consumer 1 stages its second dQ half in a slot of its own, so it
-    releases its Q half with its products, as without dq_in_q; consumer 0 keeps dq_in_q."""
+    writes P without waiting for pds_free."""
     rng = np.random.default_rng(seed)
     q_ready = [_Bar(1) for _ in range(stages)]
     q_empty = [_Bar(2) for _ in range(stages)]
@@ -643,7 +636,7 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
         do_users.discard(w)
         do_empty.arrive()
         q_users[it % stages].discard(w)
-        if dq_in_q and not (c1_slot and w == 1):
+        if dq_in_q:
             q_tma[it % stages].add(w)  # the second dQ half's reduce-add reads this consumer's Q half
             if mistake == "q_early":
                 q_empty[it % stages].arrive()
@@ -653,7 +646,7 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
 
     def release_q(w, it):
         """dq_in_q, at step it > 0: tma.store_wait(0), then the previous step's Q slot released."""
-        if dq_in_q and it > 0 and not (c1_slot and w == 1):
+        if dq_in_q and it > 0:
             q_tma[(it - 1) % stages].discard(w)
             if mistake != "q_early":
                 q_empty[(it - 1) % stages].arrive()
@@ -878,17 +871,6 @@ def test_d256_early_dv_protocol_model(dq_in_q):
                for seed in range(60))
     assert all(_d256_protocol_run(seed, 4, mistake="skip", dq_in_q=dq_in_q, roles=True, early_dv=True) == "deadlock"
                for seed in range(10))
-
-
-def test_d256_c1_slot_protocol_model():
-    """tile.d256_c1_slot: consumer 1 releases its Q half with its products, consumer 0 a step later (dq_in_q)."""
-    for seed in range(150):
-        for steps in (0, 1, 2, 3, 5, 8):
-            assert _d256_protocol_run(seed, steps, dq_in_q=True, roles=True, early_dv=True, c1_slot=True) is None, (
-                seed, steps)
-    assert any("reloaded while" in str(_d256_protocol_run(seed, 5, mistake="q_early", dq_in_q=True, roles=True,
-                                                          early_dv=True, c1_slot=True))
-               for seed in range(60))
 
 
 def test_d256_protocol_model_catches_early_q_release():

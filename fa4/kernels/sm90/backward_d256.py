@@ -16,6 +16,9 @@ Two ways to form S and dP (tile.d256_roles, the constexpr ROLES):
   soon as it has P, before it waits for dP; both consumers issue their dV product then, so dV runs under dS and
   the one dO stage is released (its next load issued) a product earlier, off the step's chain. pds_ready then
   means dS. +3-7% on every D = 256 row over ROLES alone (NOTES, session 23).
+  STATS_AHEAD (tile.d256_stats_ahead, on ROLES; shipped since 2026-11-27): consumer 0 loads the next step's lse2 and
+  Delta into registers one step ahead; their L2 round trip had waited under S (Nsight Compute: the top stall of
+  consumer 0). +3% at S = 16384, level elsewhere.
 - Partial products (the table below; ROLES off): each consumer forms S and dP over its own 128 columns.
 
 Why a kernel of its own: at D = 256 the D <= 128 kernel's split (each consumer warpgroup owns 64 keys and all D
@@ -137,7 +140,7 @@ def smem_bytes(tile, elem=2):
     q = tile.stages * bm * 256 * elem
     do = bm * 256 * elem
     pds = 2 * bm * WG_KEYS * elem
-    hand = (3 if tile.d256_c1_slot else 2) * bm * DQ_COLS * 4
+    hand = 2 * bm * DQ_COLS * 4
     return kv + q + do + pds + hand + configs.SMEM_RESERVE
 
 
@@ -258,7 +261,7 @@ def _stats(p, b, h, m0, q_start, row_ids, seq_q):
 
 @gluon.jit
 def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.constexpr, EARLY_DV: gl.constexpr,
-              STATS_AHEAD: gl.constexpr, C1_SLOT: gl.constexpr):
+              STATS_AHEAD: gl.constexpr):
     BM: gl.constexpr = p.BM
     N: gl.constexpr = KEYS_PER_WG
     W: gl.constexpr = HALF_C
@@ -370,7 +373,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     bufs.hand.index(1).reshape([BM, N]).store(dp)
                     fence_async_shared()
                     mbarrier.arrive(bufs.part_ready)
-                    if DQ_IN_Q and p.DQ_ATOMIC and not C1_SLOT:
+                    if DQ_IN_Q and p.DQ_ATOMIC:
                         _release_prev_q(p, bufs, it, idx)
                     if EARLY_DV:
                         mbarrier.wait(bufs.p_ready, hp)
@@ -457,7 +460,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     dv = warpgroup_mma_wait(2, deps=(dv, ))
                     mbarrier.arrive(bufs.do_empty.index(0))
                 dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
-                if not DQ_IN_Q or (C1_SLOT and WG == 1):
+                if not DQ_IN_Q:
                     mbarrier.arrive(bufs.q_empty.index(idx))
                 # The second column half, under the first one's staging.
                 dq2 = warpgroup_mma(ds_s, k_s.slice(DQW, DQW, dim=1),
@@ -470,17 +473,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                 dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
                 if WG == 1:
                     mbarrier.arrive(bufs.pds_free)
-                if C1_SLOT and WG == 1:
-                    # Consumer 1's second half in a staging slot of its own (slot 2): its Q half is released with
-                    # its dK product, and slot 2's previous reduce-add (the older of the two in flight) has had a
-                    # step to drain.
-                    tma.store_wait(1)
-                    dq_s2 = bufs.hand.index(2)
-                    dq_s2.reshape([BM, DQW]).store(dq2 * p.softmax_scale)
-                    fence_async_shared()
-                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
-                                                      dq_s2)
-                elif DQ_IN_Q:
+                if DQ_IN_Q:
                     # This consumer's Q half (its dK product, the last reader, completed) as the second staging
                     # tile: no wait for the first half's reduce-add. Released at the next step (q_empty).
                     dq_s2 = bufs.q.index(2 * idx + wi)._reinterpret(gl.float32, dq_s.type.shape, dq_s.type.layout)
@@ -559,15 +552,13 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                          DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False,
-                         EARLY_DV: gl.constexpr = False, STATS_AHEAD: gl.constexpr = False,
-                         C1_SLOT: gl.constexpr = False):
+                         EARLY_DV: gl.constexpr = False, STATS_AHEAD: gl.constexpr = False):
     gl.static_assert(NWG == 1, "D = 256: one 64-key slab a CTA (the two consumers split the head dim)")
     gl.static_assert(not (DQ_SHARED or EARLY_DP or SINK_PDP or PING_PONG or TRACE or ORDERED_DQ != 0 or DQ_WRITER
                           or STATS_TMA),
                      "not built at D = 256")
     gl.static_assert(BM == 64, "D = 256: BM = 64")
-    gl.static_assert(ROLES or not (EARLY_DV or STATS_AHEAD or C1_SLOT), "EARLY_DV, STATS_AHEAD, C1_SLOT need ROLES")
-    gl.static_assert(DQ_IN_Q or not C1_SLOT, "C1_SLOT replaces consumer 1's staging in its Q half (DQ_IN_Q)")
+    gl.static_assert(ROLES or not (EARLY_DV or STATS_AHEAD), "EARLY_DV and STATS_AHEAD are built on ROLES")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
@@ -575,7 +566,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
     do_smem = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, KEYS_PER_WG], dtype)
     pds_smem = gl.allocate_shared_memory(dtype, [2, BM, KEYS_PER_WG], pds_layout)
-    hand = gl.allocate_shared_memory(gl.float32, [3 if C1_SLOT else 2] + dq_desc.block_type.shape, dq_desc.layout)
+    hand = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -611,6 +602,6 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free, p_ready)
-    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD, C1_SLOT)),
-                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD, C1_SLOT)),
+    gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD)),
+                        (_consumer, (p, bufs, gl.constexpr(1), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD)),
                         (_loader, (p, bufs))], [4, 1], [CONSUMER_REGS, LOADER_REGS])
