@@ -73,7 +73,7 @@ LOOP_ALLOWANCE = {"d96-window": 8, "d96-shared-dq3-window": 8,
                   # dS, d256_early_dv) consumer 0 no longer holds a partial S and dP beside each other: no reloads;
                   # with the next step's lse2 / Delta held in registers (d256_stats_ahead) one in the varlen window
                   # build.
-                  "d256-varlen-window": 1,
+                  "d256-varlen-window": 1, "d256-roles-late-dv": 1,
                   # The three-consumer D = 64 tile (160 registers a consumer, 2026-11-26): a causal mask keeps
                   # 4 values in local memory (L1 hits, against ~600 instructions a step); dP under the softmax
                   # 13; ping_pong with varlen 18. Softcap takes the two-consumer tile (default_tile).
@@ -106,6 +106,9 @@ LOOP_ALLOWANCE.update({"d128-plain": 2, "d128-gqa4-fp16": 2, "d128-shared-dq": 2
 OLD64 = dict(keys_as_rows=False, block_m=64, num_wg=3, consumer_regs=160, separate_dq=True)
 
 # (name, backward_aot.compile_config kwargs)
+# The D = 256 tile of session 22: partial S and dP products, none of session 23's switches.
+D256_PARTIALS = dict(d256_roles=False, d256_early_dv=False, d256_stats_ahead=False, d256_hand_swizzle=False)
+
 CASES = [
     ("d128-plain", dict(d=128, dv=128)),
     ("d128-causal", dict(d=128, dv=128, causal=True)),
@@ -179,14 +182,14 @@ CASES = [
     ("d256-deterministic-causal", dict(d=256, dv=256, causal=True, deterministic=True, tile=dict(d256=True))),
     ("d256-varlen-window", dict(d=256, dv=256, varlen=True, window=(256, 0), tile=dict(d256=True))),
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
-    # The D = 256 kernel with partial products (tile.d256_roles off: the shipped tile until 2026-11-27).
+    # The D = 256 tile with its session-23 switches off one by one, down to the partial products (d256_roles off, the
+    # shipped tile until 2026-11-27).
+    ("d256-hand-128b-swizzle", dict(d=256, dv=256, tile=dict(d256=True, d256_hand_swizzle=False))),
     ("d256-stats-behind", dict(d=256, dv=256, tile=dict(d256=True, d256_stats_ahead=False))),
     ("d256-roles-late-dv", dict(d=256, dv=256, causal=True, tile=dict(d256=True, d256_early_dv=False))),
-    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, d256_roles=False, d256_early_dv=False,
-                                                                   d256_stats_ahead=False))),
+    ("d256-partials", dict(d=256, dv=256, tile=dict(d256=True, **D256_PARTIALS))),
     ("d256-partials-window-softcap-gqa2", dict(d=256, dv=256, window=(100, 50), softcap=30.0, gqa=2,
-                                               tile=dict(d256=True, d256_roles=False, d256_early_dv=False,
-                                                                   d256_stats_ahead=False))),
+                                               tile=dict(d256=True, **D256_PARTIALS))),
 ]
 
 @pytest.fixture(scope="module")
@@ -281,11 +284,13 @@ def test_d256_plan_arguments():
         # attn_bwd_kernel's parameters, then the D = 256 kernel's own defaulted constexprs (tile.dq_in_q,
         # tile.d256_roles).
         names = list(backward_d256.attn_bwd_d256_kernel.arg_names)
-        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES", "EARLY_DV", "STATS_AHEAD"]
+        assert names == list(backward.attn_bwd_kernel.arg_names) + ["DQ_IN_Q", "ROLES", "EARLY_DV", "STATS_AHEAD",
+                                                                     "HAND_SWZ"]
         assert list(backward_kt.attn_bwd_kt_kernel.arg_names)[:len(backward.attn_bwd_kernel.arg_names)] == list(
             backward.attn_bwd_kernel.arg_names)
         assert cx["DQ_IN_Q"] is tile.dq_in_q and cx["ROLES"] is tile.d256_roles
         assert cx["EARLY_DV"] is tile.d256_early_dv and cx["STATS_AHEAD"] is tile.d256_stats_ahead
+        assert cx["HAND_SWZ"] is tile.d256_hand_swizzle
 
 
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")

@@ -388,7 +388,8 @@ def test_d256_partials(case, deterministic):
     sums over (the shipped tile until 2026-11-27, kept as the A/B's other side)."""
     q, k, v, kw = backward_case_inputs(case, torch.bfloat16 if sum(case[:3]) % 2 else torch.float16, DEV)
     _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_roles=False, d256_early_dv=False,
-                                       d256_stats_ahead=False), deterministic=deterministic, **kw)
+                                       d256_stats_ahead=False, d256_hand_swizzle=False),
+         deterministic=deterministic, **kw)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
@@ -400,12 +401,17 @@ def test_d256_roles_without_early_dv(case, deterministic):
     _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_early_dv=False), deterministic=deterministic, **kw)
 
 
+D256_SWITCHES = {"hand-128b-swizzle": dict(d256_hand_swizzle=False), "stats-behind": dict(d256_stats_ahead=False)}
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
-@pytest.mark.parametrize("case", D256_CASES[::3], ids=[backward_case_id(c) for c in D256_CASES[::3]])
-def test_d256_stats_behind(case, deterministic):
-    """tile.d256_stats_ahead off: lse2 and Delta loaded in their own step."""
-    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
-    _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_stats_ahead=False), deterministic=deterministic,
+@pytest.mark.parametrize("case", D256_CASES, ids=[backward_case_id(c) for c in D256_CASES])
+@pytest.mark.parametrize("switch", list(D256_SWITCHES))
+def test_d256_switch(switch, case, deterministic):
+    """The D = 256 tile with one of its later switches off: the dP hand-over in the dQ descriptor's 128-byte swizzle;
+    lse2 and Delta loaded in their own step."""
+    q, k, v, kw = backward_case_inputs(case, torch.float16 if sum(case[:3]) % 2 else torch.bfloat16, DEV)
+    _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, **D256_SWITCHES[switch]), deterministic=deterministic,
          **kw)
 
 

@@ -1150,6 +1150,8 @@ class BwdTile:
     # d256_roles: consumer 0 loads lse2 and Delta one step ahead into registers (their L2 round trip had waited
     # under S: ~15% of consumer 0's stall samples in Nsight Compute, session 23).
     d256_stats_ahead: bool = False
+    # d256_roles: the dP hand-over slot viewed with a bank-conflict-free swizzle (backward_d256._dp_slot).
+    d256_hand_swizzle: bool = False
     # keys_as_rows: a persistent grid (one CTA an SM walking the tiles in the chunked order), each tile's first Q / dO
     # blocks loaded while the previous tile's dK and dV are stored (backward_kt._loader_persistent).
     persistent: bool = False
@@ -1221,8 +1223,11 @@ _TABLE = {
 # Then lse2 and Delta loaded a step ahead (d256_stats_ahead; card 1753024032910, best of 4 off -> on): S = 4096
 # 3510 -> 3447, causal 1865 -> 1838; S = 16384 13528 -> 13120 (+3.1%, median +3.4%), causal 6515 -> 6474 (medians of
 # the other rows 0.99-1.00).
+# Then the dP hand-over viewed with a bank-conflict-free swizzle (d256_hand_swizzle; card 1652524109889, best of 4
+# off -> on, median ratio): S = 4096 3423 -> 3388 (1.004), causal 1842 -> 1784 (1.048); S = 16384 12963 -> 12907
+# (1.012), causal 6407 -> 6259 (1.022).
 D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True, d256_roles=True,
-                    d256_early_dv=True, d256_stats_ahead=True)
+                    d256_early_dv=True, d256_stats_ahead=True, d256_hand_swizzle=True)
 _TABLE[(256, 256)] = D256_TILE
 
 
@@ -1252,12 +1257,12 @@ def get_tile(d, dv, **overrides):
         tile = replace(tile, dq_writer=False)  # the writer issues the in-kernel reduce-adds of 2 or 3 consumers
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
-        if (tile.d256_early_dv or tile.d256_stats_ahead) and not tile.d256_roles:
+        if (tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_hand_swizzle) and not tile.d256_roles:
             return None
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
-    elif tile.dq_in_q or tile.d256_roles or tile.d256_early_dv or tile.d256_stats_ahead:
+    elif tile.dq_in_q or tile.d256_roles or tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_hand_swizzle:
         return None  # a D = 256 build only
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two
@@ -1530,6 +1535,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         constexprs["ROLES"] = tile.d256_roles
         constexprs["EARLY_DV"] = tile.d256_early_dv
         constexprs["STATS_AHEAD"] = tile.d256_stats_ahead
+        constexprs["HAND_SWZ"] = tile.d256_hand_swizzle
     n_kb = triton.cdiv(seqlen_k, tile.block_n)
     chunk = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right, varlen,
                       deterministic or dq_chain is not None or dsink_part is not None)
