@@ -656,6 +656,21 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
             if mistake != "q_early":
                 q_empty[(it - 1) % stages].arrive()
 
+    def publish_pds(it, wait_free=True):
+        """Consumer 0 writes P / dS (or dS alone, P written earlier) of step it and arrives pds_ready."""
+        if wait_free:
+            yield from wait(pds_free, (it & 1) ^ 1, it)
+        if st["pds_readers"]:
+            errors.append("P / dS rewritten while read")
+        st["pds"] = it
+        pds_ready.arrive()
+
+    def stage_slot0():
+        """Consumer 0's first dQ half staged in slot 0 (its last reduce-add waited for at the step's start)."""
+        if st["slot0_tma"]:
+            errors.append("slot 0 staged while its reduce-add reads it")
+        st["slot0_tma"] = True
+
     def consumer0():
         for it in range(steps):
             yield from operands(0, it)
@@ -671,16 +686,10 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
             st["hand_read"] = True
             yield  # P, dS
             st["hand_read"] = False
-            yield from wait(pds_free, (it & 1) ^ 1, it)
-            if st["pds_readers"]:
-                errors.append("P / dS rewritten while read")
-            st["pds"] = it
-            pds_ready.arrive()
+            yield from publish_pds(it)
             release_q(0, it)
             yield from products(0, it)
-            if st["slot0_tma"]:
-                errors.append("slot 0 staged while its reduce-add reads it")
-            st["slot0_tma"] = True
+            stage_slot0()
         st["slot0_tma"] = False
 
     def consumer1():
@@ -721,9 +730,7 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
                 st["p_readers"].add(0)  # dV in flight
             yield from wait(part_ready, it & 1, it + 1)
             if mistake == "read_late":
-                yield from wait(pds_free, (it & 1) ^ 1, it)
-                st["pds"] = it
-                pds_ready.arrive()
+                yield from publish_pds(it)
             if st["hand"] != it:
                 errors.append(f"consumer 0 read the dP of step {st['hand']} at step {it}")
             st["hand_read"] = True
@@ -732,20 +739,13 @@ def _d256_protocol_run(seed, steps, stages=2, mistake=None, dq_in_q=False, roles
             if st["hand"] != it:
                 errors.append(f"consumer 0 read the dP of step {st['hand']} at step {it}")
             if mistake != "read_late":
-                if not early_dv:
-                    yield from wait(pds_free, (it & 1) ^ 1, it)
-                if st["pds_readers"]:
-                    errors.append("P / dS rewritten while read")
-                st["pds"] = it
-                pds_ready.arrive()
+                yield from publish_pds(it, wait_free=not early_dv)
             release_q(0, it)
             if not early_dv:
                 yield from wait(do_ready, it & 1, it + 1)
                 do_users.add(0)
             yield from products(0, it)
-            if st["slot0_tma"]:
-                errors.append("slot 0 staged while its reduce-add reads it")
-            st["slot0_tma"] = True
+            stage_slot0()
         st["slot0_tma"] = False
 
     def roles_consumer1():
@@ -834,9 +834,7 @@ def test_dq_in_q_is_the_d256_default_only():
 
 @pytest.mark.parametrize("dq_in_q", [False, True])
 def test_d256_protocol_model(dq_in_q):
-    for seed in range(150):
-        for steps in (0, 1, 2, 3, 5, 8):
-            assert _d256_protocol_run(seed, steps, dq_in_q=dq_in_q) is None, (seed, steps)
+    _assert_d256_model_clean(dq_in_q=dq_in_q)
 
 
 @pytest.mark.parametrize("dq_in_q", [False, True])
@@ -848,12 +846,17 @@ def test_d256_protocol_model_catches_mistakes(dq_in_q):
     assert all(_d256_protocol_run(seed, 4, mistake="skip", dq_in_q=dq_in_q) == "deadlock" for seed in range(10))
 
 
+def _assert_d256_model_clean(**kw):
+    """The D = 256 barrier model under 150 random schedules and 0-8 steps: no deadlock, no buffer misuse."""
+    for seed in range(150):
+        for steps in (0, 1, 2, 3, 5, 8):
+            assert _d256_protocol_run(seed, steps, **kw) is None, (seed, steps, kw)
+
+
 @pytest.mark.parametrize("dq_in_q", [False, True])
 def test_d256_roles_protocol_model(dq_in_q):
     """tile.d256_roles: consumer 0 forms S, consumer 1 dP and hands it over without part_free."""
-    for seed in range(150):
-        for steps in (0, 1, 2, 3, 5, 8):
-            assert _d256_protocol_run(seed, steps, dq_in_q=dq_in_q, roles=True) is None, (seed, steps)
+    _assert_d256_model_clean(dq_in_q=dq_in_q, roles=True)
     # dP read after pds_ready: consumer 1's dQ staging in slot 1 overwrites it (the next dP cannot: its dO load
     # waits for consumer 0's dV product).
     assert any("slot 1 staged while consumer 0 reads dP" in str(_d256_protocol_run(seed, 4, mistake="read_late",
@@ -868,9 +871,7 @@ def test_d256_roles_protocol_model(dq_in_q):
 @pytest.mark.parametrize("dq_in_q", [False, True])
 def test_d256_early_dv_protocol_model(dq_in_q):
     """tile.d256_early_dv: P handed over (p_ready) before dS, both dV products issued then."""
-    for seed in range(150):
-        for steps in (0, 1, 2, 3, 5, 8):
-            assert _d256_protocol_run(seed, steps, dq_in_q=dq_in_q, roles=True, early_dv=True) is None, (seed, steps)
+    _assert_d256_model_clean(dq_in_q=dq_in_q, roles=True, early_dv=True)
     assert any("P rewritten while read" in str(_d256_protocol_run(seed, 4, mistake="p_early", dq_in_q=dq_in_q,
                                                                   roles=True, early_dv=True))
                for seed in range(60))

@@ -413,6 +413,20 @@ def _step_block(p, it, n_m, m_lo, hk):
 
 
 @gluon.jit
+def _probabilities(p, s, rows, kr0, m0, seq_q, seq_k, lse2):
+    """(P, th) of a step's raw scores s (queries as rows, keys from kr0): P = exp2(s·scale·log2 e − lse2) under the
+    call's softcap and mask; th = tanh(s / softcap) under a softcap (dS needs 1 − th²), else s itself (unused)."""
+    if p.SOFTCAP:
+        th = tanh_approx(s * p.cap_scale)
+        s = th * p.qk_scale
+    else:
+        th = s
+        s = s * p.qk_scale
+    s = _mask(p, s, rows, kr0, m0, seq_q, seq_k)
+    return gl.exp2(s - gl.expand_dims(lse2, 1)), th
+
+
+@gluon.jit
 def _dq_counter(p, b, h, m0, WG: gl.constexpr):
     """The chain counter of dQ[query block m0 / BM, head h of sequence b, column slice WG] (ORDERED_DQ): int32,
     [batch, query heads, query blocks of the longest sequence, NWG], zeroed by the host before the launch."""
@@ -759,13 +773,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                 s = warpgroup_mma_wait(0, deps=(s, ))
             _trace_step(p, WG, it, 2)
             # P = exp2(s·log2 e − lse2): one FFMA and one MUFU.EX2 per score.
-            if p.SOFTCAP:
-                th = tanh_approx(s * p.cap_scale)
-                s = th * p.qk_scale
-            else:
-                s = s * p.qk_scale
-            s = _mask(p, s, rows, kr0, m0, seq_q, seq_k)
-            pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+            pr, th = _probabilities(p, s, rows, kr0, m0, seq_q, seq_k, lse2)
             if p.SINK_PDP:
                 # The sink's weight exp2(sink2 − lse2_i) per row, formed here while lse2 is live anyway (and its
                 # global load under the softmax, not on the dP -> dS chain).

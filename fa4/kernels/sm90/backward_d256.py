@@ -126,9 +126,8 @@ from triton.language.core import _aggregate as aggregate
 
 from . import configs
 from .attention_fwd import _GL_DTYPES, _head_coord, _next_slot, _opaque
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _mask, _q_range, _RUNTIME_INTS, _step_block,
-                       async_reduce_add_shared_to_global)
-from .softmax import tanh_approx
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _probabilities, _q_range, _RUNTIME_INTS,
+                       _step_block, async_reduce_add_shared_to_global)
 
 HALF = 128          # head-dim columns per consumer warpgroup
 HALF_C = gl.constexpr(HALF)
@@ -343,13 +342,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     else:
                         lse2, delta = _stats(p, b, h, m0, q_start, row_ids, seq_q)
                     s = warpgroup_mma_wait(0, deps=(s, ))
-                    if p.SOFTCAP:
-                        th = tanh_approx(s * p.cap_scale)
-                        s = th * p.qk_scale
-                    else:
-                        s = s * p.qk_scale
-                    s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
-                    pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+                    pr, th = _probabilities(p, s, rows, n0, m0, seq_q, seq_k, lse2)
                     if EARLY_DV:
                         # P goes out before dP is in: both consumers' dV products run under dS, and dO is
                         # released (the next dO load issued) a dV product earlier.
@@ -409,29 +402,12 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                         # the slot's reduce-add is the older of the two in flight.)
                         tma.store_wait(1 if DQ_IN_Q else 0)
                         mbarrier.arrive(bufs.part_free)
-                    if p.VARLEN:
-                        t_base = h * p.stride_th + q_start
-                    else:
-                        t_base = b * p.stride_tb + h * p.stride_th
                     rows = m0 + row_ids
-                    if p.VARLEN:
-                        row_ok = rows < seq_q
-                        lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
-                        delta = gl.load(p.delta_ptr + t_base + rows, mask=row_ok, other=0.0)
-                    else:
-                        # Batched: lse2 and Delta padded to whole query blocks (+inf and 0).
-                        lse2 = gl.load(p.lse2_ptr + t_base + rows)
-                        delta = gl.load(p.delta_ptr + t_base + rows)
+                    lse2, delta = _stats(p, b, h, m0, q_start, row_ids, seq_q)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.wait(bufs.part_ready, hp)
                     s = s + bufs.hand.index(0).reshape([BM, N]).load(s_layout)
-                    if p.SOFTCAP:
-                        th = tanh_approx(s * p.cap_scale)
-                        s = th * p.qk_scale
-                    else:
-                        s = s * p.qk_scale
-                    s = _mask(p, s, rows, n0, m0, seq_q, seq_k)
-                    pr = gl.exp2(s - gl.expand_dims(lse2, 1))
+                    pr, th = _probabilities(p, s, rows, n0, m0, seq_q, seq_k, lse2)
                     dp = warpgroup_mma_wait(0, deps=(dp, ))
                     dp = dp + bufs.hand.index(1).reshape([BM, N]).load(s_layout)
                     ds = pr * (dp - gl.expand_dims(delta, 1))

@@ -1,0 +1,43 @@
+"""deterministic=True against the default sm90 backward on training-suite rows (B·S = 16384, H·D = 2048, bf16):
+do_bench median µs of the backend `backward` call, the two alternated over rounds in one process; prints the best
+round of each and the slowdown (issue #4 allows deterministic=True at most 15% slower than the default).
+
+    python benchmarks/det_cost.py [--rows 256:4096:0,256:4096:1,256:16384:0,256:16384:1] [--rounds 3]
+"""
+import argparse
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fa4.kernels import sm90  # noqa: E402
+from fa4.kernels.sm90 import backward as bwd  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="256:4096:0,256:4096:1,256:16384:0,256:16384:1")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "| us per backward call, default -> deterministic=True")
+    for item in args.rows.split(","):
+        d, s, causal = (int(x) for x in item.split(":"))
+        b, h = 16384 // s, 2048 // d
+        q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
+        out, lse = sm90.forward(q, k, v, **opts)
+        times = {False: [], True: []}
+        for _ in range(args.rounds):
+            for det in (False, True):
+                fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, **opts)  # noqa: E731
+                fn()
+                times[det].append(do_bench(fn, warmup=5, rep=40))
+        base, det = min(times[False]) * 1e3, min(times[True]) * 1e3
+        print(f"D={d} S={s:5d} causal={causal}: {base:8.1f} -> {det:8.1f} us ({det / base - 1:+.1%})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
