@@ -184,6 +184,12 @@ CASES = [
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
     # The D = 256 tile with its session-23 switches off one by one, down to the partial products (d256_roles off, the
     # shipped tile until 2026-11-27).
+    # The fp32 dQ staging in a 32-byte swizzle (tile.dq_swizzle32, opt-in, not yet measured).
+    ("d256-dq-swizzle32", dict(d=256, dv=256, tile=dict(d256=True, dq_swizzle32=True))),
+    ("d256-dq-swizzle32-varlen-causal-gqa2", dict(d=256, dv=256, varlen=True, causal=True, gqa=2,
+                                                  tile=dict(d256=True, dq_swizzle32=True))),
+    ("d128-dq-swizzle32", dict(d=128, dv=128, tile=dict(dq_swizzle32=True))),
+    ("d64-dq-swizzle32", dict(d=64, dv=64, tile=dict(dq_swizzle32=True))),      # keys as rows
     ("d256-hand-128b-swizzle", dict(d=256, dv=256, tile=dict(d256=True, d256_hand_swizzle=False))),
     ("d256-stats-behind", dict(d=256, dv=256, tile=dict(d256=True, d256_stats_ahead=False))),
     ("d256-roles-late-dv", dict(d=256, dv=256, causal=True, tile=dict(d256=True, d256_early_dv=False))),
