@@ -1397,7 +1397,7 @@ def _dq_descriptor(acc, rows, varlen, parts=1, swizzle=None):
     1 / parts of the (tile) head dim; the reduce-add is clipped at the tensor's bounds like a store.
     swizzle: the staging tile's swizzle width in bytes instead of the default (128). With 32, a half-warp's STS.64
     of a wgmma accumulator fragment (4 rows x 32 bytes) fills 128 contiguous bytes: no bank conflicts, against 2x
-    the wavefronts under the 128-byte swizzle (rows r and r ^ 1 meet), for 4x the TMA boxes (32-byte rows)."""
+    the wavefronts under the 128-byte swizzle (rows r and r ^ 1 meet), for 2-4x the TMA reduce-add instructions."""
     d = configs.tile_dim(acc.shape[-1]) // parts
     block = [rows, 1, d] if varlen else [1, rows, 1, d]
     if swizzle is None:
