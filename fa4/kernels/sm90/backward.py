@@ -1268,14 +1268,15 @@ def get_tile(d, dv, **overrides):
     tile = replace(tile, **overrides) if overrides else tile
     if tile.dq_writer and (tile.separate_dq or tile.num_wg < 2 or tile.d256):
         tile = replace(tile, dq_writer=False)  # the writer issues the in-kernel reduce-adds of 2 or 3 consumers
+    role_switches = tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_hand_swizzle  # built on d256_roles
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
-        if (tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_hand_swizzle) and not tile.d256_roles:
+        if role_switches and not tile.d256_roles:
             return None
         if (d, dv) != (256, 256) or (tile.num_wg != 1 or tile.block_m != 64 or tile.shared_dq or tile.early_dp
                                      or tile.sink_pdp or tile.ping_pong or tile.separate_dq):
             return None
-    elif tile.dq_in_q or tile.d256_roles or tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_hand_swizzle:
+    elif tile.dq_in_q or tile.d256_roles or role_switches:
         return None  # a D = 256 build only
     elif tile.keys_as_rows:
         # The keys-as-rows kernel: tile widths (64, 64) with 128 query rows a step or (128, 128) with 64, two

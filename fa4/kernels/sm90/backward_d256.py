@@ -195,9 +195,9 @@ class D256Buffers:
 
 @gluon.jit
 def _dp_slot(bufs, BM: gl.constexpr, N: gl.constexpr, HAND_SWZ: gl.constexpr):
-    """ROLES: slot 1 of the hand-over tile as dP's [BM, N] fp32 tile. HAND_SWZ: viewed with 32-byte vectors XORed by
-    row mod 4 instead of the dQ descriptor's 128-byte swizzle, under which the accumulator fragment's STS.64 / LDS.64
-    (rows r and r ^ 1 on the same banks) take twice the ideal wavefronts."""
+    """Slot 1 of the hand-over tile as dP's (ROLES) or dP_1's [BM, N] fp32 tile. HAND_SWZ (ROLES only): viewed with
+    32-byte vectors XORed by row mod 4 instead of the dQ descriptor's 128-byte swizzle, under which the accumulator
+    fragment's STS.64 / LDS.64 (rows r and r ^ 1 on the same banks) take twice the ideal wavefronts."""
     if HAND_SWZ:
         layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4, order=[1, 0])
         return bufs.hand.index(1)._reinterpret(gl.float32, [BM, N], layout)
@@ -255,13 +255,31 @@ def _release_prev_q(p, bufs, it, idx):
 
 
 @gluon.jit
-def _stats(p, b, h, m0, q_start, row_ids, seq_q):
-    """lse2 and Delta of the query block at row m0 of head h, rows in the S accumulator's row layout."""
+def _publish_ds(p, bufs, pr, dp, delta, th, p_s, ds_s, it, idx, hp, DQ_IN_Q: gl.constexpr, STORE_P: gl.constexpr):
+    """Consumer 0: dS = P ∘ (dP − Delta) (times 1 − th² under a softcap) into shared memory, with P unless it went out
+    earlier (STORE_P off: EARLY_DV), once consumer 1's products of the previous step have read them (pds_free); then
+    pds_ready, and with DQ_IN_Q the previous step's Q slot released."""
+    dtype: gl.constexpr = p.q_desc.dtype
+    ds = pr * (dp - gl.expand_dims(delta, 1))
+    if p.SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    if STORE_P:
+        mbarrier.wait(bufs.pds_free, hp ^ 1)
+        p_s.store(pr.to(dtype))
+    ds_s.store(ds.to(dtype))
+    fence_async_shared()
+    mbarrier.arrive(bufs.pds_ready)
+    if DQ_IN_Q and p.DQ_ATOMIC:
+        _release_prev_q(p, bufs, it, idx)
+
+
+@gluon.jit
+def _stats(p, b, h, rows, q_start, seq_q):
+    """lse2 and Delta of query rows `rows` (in the S accumulator's row layout) of head h."""
     if p.VARLEN:
         t_base = h * p.stride_th + q_start
     else:
         t_base = b * p.stride_tb + h * p.stride_th
-    rows = m0 + row_ids
     if p.VARLEN:
         row_ok = rows < seq_q
         lse2 = gl.load(p.lse2_ptr + t_base + rows, mask=row_ok, other=float("inf"))
@@ -301,7 +319,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
         if WG == 0 and STATS_AHEAD:
             # lse2 and Delta one step ahead in registers: their L2 round trip no longer waits under S.
             _, h_n, m0_n = _step_block(p, 0, n_m, m_lo, hk)
-            lse2_n, delta_n = _stats(p, b, h_n, m0_n, q_start, row_ids, seq_q)
+            lse2_n, delta_n = _stats(p, b, h_n, m0_n + row_ids, q_start, seq_q)
         mbarrier.wait(bufs.kv_ready, 0)
         idx = 0
         phase = 0
@@ -338,9 +356,9 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                         lse2 = lse2_n
                         delta = delta_n
                         _, h_n, m0_n = _step_block(p, gl.minimum(it + 1, p.group * n_m - 1), n_m, m_lo, hk)
-                        lse2_n, delta_n = _stats(p, b, h_n, m0_n, q_start, row_ids, seq_q)
+                        lse2_n, delta_n = _stats(p, b, h_n, m0_n + row_ids, q_start, seq_q)
                     else:
-                        lse2, delta = _stats(p, b, h, m0, q_start, row_ids, seq_q)
+                        lse2, delta = _stats(p, b, h, rows, q_start, seq_q)
                     s = warpgroup_mma_wait(0, deps=(s, ))
                     pr, th = _probabilities(p, s, rows, n0, m0, seq_q, seq_k, lse2)
                     if EARLY_DV:
@@ -354,17 +372,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                         dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
                     mbarrier.wait(bufs.part_ready, hp)
                     dp = _dp_slot(bufs, BM, N, HAND_SWZ).load(s_layout)
-                    ds = pr * (dp - gl.expand_dims(delta, 1))
-                    if p.SOFTCAP:
-                        ds = ds * (1.0 - th * th)
-                    if not EARLY_DV:
-                        mbarrier.wait(bufs.pds_free, hp ^ 1)
-                        p_s.store(pr.to(dtype))
-                    ds_s.store(ds.to(dtype))
-                    fence_async_shared()
-                    mbarrier.arrive(bufs.pds_ready)
-                    if DQ_IN_Q and p.DQ_ATOMIC:
-                        _release_prev_q(p, bufs, it, idx)
+                    _publish_ds(p, bufs, pr, dp, delta, th, p_s, ds_s, it, idx, hp, DQ_IN_Q, not EARLY_DV)
                     if not EARLY_DV:
                         mbarrier.wait(bufs.do_ready.index(0), hp)
                 else:
@@ -403,25 +411,16 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                         tma.store_wait(1 if DQ_IN_Q else 0)
                         mbarrier.arrive(bufs.part_free)
                     rows = m0 + row_ids
-                    lse2, delta = _stats(p, b, h, m0, q_start, row_ids, seq_q)
+                    lse2, delta = _stats(p, b, h, rows, q_start, seq_q)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.wait(bufs.part_ready, hp)
                     s = s + bufs.hand.index(0).reshape([BM, N]).load(s_layout)
                     pr, th = _probabilities(p, s, rows, n0, m0, seq_q, seq_k, lse2)
                     dp = warpgroup_mma_wait(0, deps=(dp, ))
-                    dp = dp + bufs.hand.index(1).reshape([BM, N]).load(s_layout)
-                    ds = pr * (dp - gl.expand_dims(delta, 1))
-                    if p.SOFTCAP:
-                        ds = ds * (1.0 - th * th)
+                    dp = dp + _dp_slot(bufs, BM, N, HAND_SWZ).load(s_layout)
                     # Consumer 1's products of the previous step have read P and dS (it arrived pds_free before
-                    # part_ready: this wait does not block).
-                    mbarrier.wait(bufs.pds_free, hp ^ 1)
-                    p_s.store(pr.to(dtype))
-                    ds_s.store(ds.to(dtype))
-                    fence_async_shared()
-                    mbarrier.arrive(bufs.pds_ready)
-                    if DQ_IN_Q and p.DQ_ATOMIC:
-                        _release_prev_q(p, bufs, it, idx)
+                    # part_ready: the helper's pds_free wait does not block).
+                    _publish_ds(p, bufs, pr, dp, delta, th, p_s, ds_s, it, idx, hp, DQ_IN_Q, True)
                 else:
                     s, dp = warpgroup_mma_wait(0, deps=(s, dp))
                     # Slot 1 staged this warpgroup's last dQ half: its reduce-add must have read it; slot 0 is
