@@ -2,7 +2,7 @@
 do_bench median µs of the backend `backward` call, the two alternated over rounds in one process; prints the best
 round of each and the slowdown (issue #4 allows deterministic=True at most 15% slower than the default).
 
-    python benchmarks/det_cost.py [--rows 256:4096:0,256:4096:1,256:16384:0,256:16384:1] [--rounds 3]
+    python benchmarks/det_cost.py [--rows D:S:causal,...] [--rounds 3]     (default: every training-suite row)
 """
 import argparse
 import os
@@ -16,10 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fa4.kernels import sm90  # noqa: E402
 from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 
+# The training suite (fa4/bench): D 64 / 128 / 256 at the sequence lengths it runs, causal and not.
+SUITE_ROWS = ",".join(f"{d}:{s}:{c}" for d, lengths in ((64, (4096, 16384)), (128, (1024, 4096, 16384)),
+                                                          (256, (4096, 16384))) for s in lengths for c in (0, 1))
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="256:4096:0,256:4096:1,256:16384:0,256:16384:1")
+    ap.add_argument("--rows", default=SUITE_ROWS)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "| us per backward call, default -> deterministic=True")
