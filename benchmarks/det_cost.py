@@ -25,6 +25,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=SUITE_ROWS)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--flip", default=None, help="a backward module switch (e.g. KT_DQ_CHAIN): both calls are also "
+                    "timed with it flipped, in the same rounds")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "| us per backward call, default -> deterministic=True")
     for item in args.rows.split(","):
@@ -33,14 +35,27 @@ def main():
         q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
         out, lse = sm90.forward(q, k, v, **opts)
-        times = {False: [], True: []}
+        variants = [("default", False, None), ("deterministic", True, None)]
+        if args.flip:
+            variants += [(f"default, {args.flip} flipped", False, args.flip),
+                         (f"deterministic, {args.flip} flipped", True, args.flip)]
+        times = {name: [] for name, _, _ in variants}
         for _ in range(args.rounds):
-            for det in (False, True):
-                fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, **opts)  # noqa: E731
-                fn()
-                times[det].append(do_bench(fn, warmup=5, rep=40))
-        base, det = min(times[False]) * 1e3, min(times[True]) * 1e3
-        print(f"D={d} S={s:5d} causal={causal}: {base:8.1f} -> {det:8.1f} us ({det / base - 1:+.1%})", flush=True)
+            for name, det, off in variants:
+                saved = getattr(bwd, off) if off else None
+                if off:
+                    setattr(bwd, off, not saved)
+                try:
+                    fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, deterministic=det, **opts)  # noqa: E731
+                    fn()
+                    times[name].append(do_bench(fn, warmup=5, rep=40))
+                finally:
+                    if off:
+                        setattr(bwd, off, saved)
+        best = {name: min(t) * 1e3 for name, t in times.items()}
+        base = best["default"]
+        line = " | ".join(f"{name} {t:8.1f} us ({t / base - 1:+.1%})" for name, t in best.items() if name != "default")
+        print(f"D={d} S={s:5d} causal={causal}: default {base:8.1f} us | {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1450,17 +1450,27 @@ def test_default_tile_routing(monkeypatch):
         assert bwd.default_tile(128, 128, window_right=right, sink=True) == replace(shared, sink_pdp=True)
     sink = torch.zeros(8)
     dt = bwd.default_tile
-    # (tile, deterministic, sink) -> (in-kernel ordered chain, ordered dQ pass, sink partials in the main kernel)
-    for tile, det, s, want in [(dt(128, 128, sink=True), False, sink, (False, False, True)),
-                               (dt(128, 128, sink=True, deterministic=True), True, sink, (False, True, False)),
-                               (dt(128, 128, deterministic=True), True, None, (True, False, False)),
-                               (dt(128, 128), False, None, (False, False, False)),
-                               (dt(64, 64, sink=True), False, sink, (False, True, False)),
-                               (dt(64, 64), False, None, (False, False, False)),
-                               (dt(64, 64, softcap=30.0, sink=True), False, sink, (False, True, False)),
-                               (dt(256, 256, sink=True), False, sink, (False, True, False)),
-                               (dt(256, 256), False, None, (False, False, False))]:
-        assert bwd.dq_route(tile, det, -1, s) == want, (tile, det, s is not None)
+    # (tile, deterministic, sink, window_right, seqlen_q) -> (in-kernel ordered chain, ordered dQ pass, sink
+    # partials in the main kernel)
+    for tile, det, s, right, sq, want in [
+            (dt(128, 128, sink=True), False, sink, -1, 4096, (False, False, True)),
+            (dt(128, 128, sink=True, deterministic=True), True, sink, -1, 4096, (False, True, False)),
+            (dt(128, 128, deterministic=True), True, None, -1, 1024, (True, False, False)),
+            (dt(128, 128), False, None, -1, 4096, (False, False, False)),
+            (dt(64, 64, sink=True), False, sink, -1, 4096, (False, True, False)),
+            (dt(64, 64), False, None, -1, 4096, (False, False, False)),
+            (dt(64, 64, softcap=30.0, sink=True), False, sink, -1, 4096, (False, True, False)),
+            # keys as rows, deterministic: the descending chain always, the ascending one from 8192 query rows
+            (dt(64, 64, window_right=0, deterministic=True), True, None, 0, 1024, (True, False, False)),
+            (dt(64, 64, deterministic=True), True, None, -1, 4096, (False, True, False)),
+            (dt(64, 64, deterministic=True), True, None, -1, 16384, (True, False, False)),
+            (dt(64, 64, deterministic=True), True, sink, -1, 16384, (False, True, False)),
+            # D = 256: dQ by the pass without a window (D256_PASS_FULL), by the reduce-add with one
+            (dt(256, 256, sink=True), False, sink, -1, 4096, (False, True, False)),
+            (dt(256, 256), False, None, -1, 4096, (False, True, False)),
+            (dt(256, 256), False, None, 0, 4096, (False, False, False)),
+            (dt(256, 256, deterministic=True), True, None, 0, 4096, (False, True, False))]:
+        assert bwd.dq_route(tile, det, -1, s, right, sq) == want, (tile, det, s is not None, right, sq)
     # An explicit keys-as-rows tile declines what its kernel does not build (the device checks, which a CPU tensor
     # fails first, stubbed out).
     from fa4.kernels import sm90

@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+import triton
 
 from attention_check import (assert_first_capture_creates_no_stream, backend_options, backward_case_id,
                              backward_case_inputs, check_backend_backward, reference_backward_inputs,
@@ -259,7 +260,7 @@ CHAIN_CASES = [
 def _chain_only(monkeypatch, bwd):
     """Fail if a deterministic call falls back to the ordered pass: these calls must take the chain."""
     def no_pass(*_a, **_k):
-        raise AssertionError("deterministic D = 128 took the ordered pass, not the in-kernel chain")
+        raise AssertionError("a deterministic call took the ordered pass, not the in-kernel chain")
     monkeypatch.setattr(bwd, "ordered_dq_pass", no_pass)
 
 
@@ -275,28 +276,52 @@ def _repeating(backward, times):
     return run
 
 
+# The same chain in the keys-as-rows kernel (D = 64 and D padded to 64; its writer warp, backward_kt._kt_dq_writer):
+# 128 keys a CTA and 128 query rows a step, each consumer's share 64 rows of a query block.
+KT_CHAIN_CASES = [
+    (2, 2048, 2048, 8, 2, 64, 64, -1, -1, 0.0, False, False),       # ascending, GQA
+    (2, 2048, 2048, 8, 2, 64, 64, -1, 0, 0.0, False, True),         # descending (causal), lse gradient
+    (1, 777, 1543, 8, 1, 64, 64, -1, 0, 0.0, False, True),          # Sq < Sk, MQA
+    (1, 1543, 777, 4, 2, 64, 64, -1, 0, 0.0, False, False),         # Sq > Sk: leading rows see no key
+    (1, 1500, 1500, 4, 4, 40, 40, -1, 200, 0.0, False, False),      # right window only, D padded to 64
+    (2, 1, 3001, 8, 2, 64, 64, -1, 0, 0.0, False, False),           # Sq = 1
+    (4, 4096, 4096, 16, 4, 64, 64, -1, 0, 0.0, False, False),       # 512 CTAs: ~4 waves
+]
+
+
+def _tile_dims(q, v):
+    return max(64, triton.next_power_of_2(q.shape[-1])), max(64, triton.next_power_of_2(v.shape[-1]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", CHAIN_CASES, ids=[backward_case_id(c) for c in CHAIN_CASES])
+@pytest.mark.parametrize("case", CHAIN_CASES + KT_CHAIN_CASES,
+                         ids=[backward_case_id(c) for c in CHAIN_CASES + KT_CHAIN_CASES])
 def test_dq_chain(monkeypatch, case, dtype):
     bwd = _bwd()
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
-    assert bwd.dq_chain_serves(bwd.default_tile(128, 128, kw["left"], kw["softcap"]), kw["left"], kw["sink"])
+    tile = bwd.default_tile(*_tile_dims(q, v), kw["left"], kw["softcap"], window_right=kw["right"],
+                            deterministic=True)
+    assert tile.keys_as_rows == (q.shape[-1] <= 64)
+    monkeypatch.setattr(bwd, "KT_ASC_CHAIN_MIN_ROWS", 0)  # the ascending keys-as-rows chain at these lengths too
+    assert bwd.dq_chain_serves(tile, kw["left"], kw["sink"], kw["right"], q.shape[1])
     _chain_only(monkeypatch, bwd)
     check_backend_backward(_repeating(bwd.backward, 3), q, k, v, deterministic=True, **kw)
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("seqused", [False, True], ids=["full", "seqused_k"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_dq_chain_varlen(monkeypatch, causal, seqused):
+def test_dq_chain_varlen(monkeypatch, causal, seqused, d):
     """The chain over packed sequences of different lengths (counters per sequence; key blocks past a sequence's
     end exit without releasing, and no chain waits on them)."""
     bwd = _bwd()
     torch.manual_seed(21 + causal)
     lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
-    hq, hkv, d = 4, 2, 128
+    hq, hkv = 4, 2
     q, k, v, varlen = make_inputs(None, None, None, hq, hkv, d, d, torch.bfloat16, DEV, varlen_lens=(lens_q, lens_k))
     if seqused:
         varlen["seqused_k"] = torch.tensor([300, 100, 650, 0, 999], dtype=torch.int32, device=DEV)
+    monkeypatch.setattr(bwd, "KT_ASC_CHAIN_MIN_ROWS", 0)
     _chain_only(monkeypatch, bwd)
     check_backend_backward(_repeating(bwd.backward, 3), q, k, v, right=0 if causal else -1, varlen=varlen,
                            deterministic=True)
@@ -398,6 +423,19 @@ def test_d256(case, dtype, deterministic):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+D256_FULL_CASES = [c for c in D256_CASES if c[7] < 0 and c[8] < 0]
+
+
+@pytest.mark.parametrize("case", D256_FULL_CASES, ids=[backward_case_id(c) for c in D256_FULL_CASES])
+def test_d256_reduce_add_without_window(monkeypatch, case):
+    """D = 256 calls without a window take dQ from the ordered pass (D256_PASS_FULL); the main kernel's in-kernel
+    reduce-add (what windowed calls use) on those shapes too."""
+    bwd = _bwd()
+    monkeypatch.setattr(bwd, "D256_PASS_FULL", False)
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    _run(q, k, v, tile=_d256_tile(), deterministic=False, **kw)
+
+
 @pytest.mark.parametrize("case", D256_CASES, ids=[backward_case_id(c) for c in D256_CASES])
 def test_d256_partials(case, deterministic):
     """tile.d256_roles off: each consumer forms S and dP over its own 128 columns and consumer 1 hands its partial

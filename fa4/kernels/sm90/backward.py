@@ -1635,16 +1635,38 @@ CONCURRENT_DQ = True
 # deterministic=True through the main kernel's dQ chain where dq_chain_serves; False: always the ordered pass
 # (probes flip it for A/B).
 DQ_CHAIN = True
+# The same chain in the keys-as-rows kernel (D = 64; its writer warp is backward_kt._kt_dq_writer); False: those
+# deterministic calls take the ordered pass (probes flip it for A/B).
+KT_DQ_CHAIN = True
+# ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
+# chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
+# +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
+KT_ASC_CHAIN_MIN_ROWS = 8192
 
 
-def dq_chain_serves(tile, window_left, sink):
+def dq_chain_serves(tile, window_left, sink, window_right=-1, seqlen_q=None):
     """Whether a deterministic call takes the in-kernel ordered dQ (ORDERED_DQ) instead of the ordered pass: the
-    shared-dQ tile (D = 128), no left window (the chain's bounds assume every key block's walk ends at the same
-    query block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
-    return DQ_CHAIN and tile.shared_dq and not tile.separate_dq and window_left < 0 and sink is None
+    shared-dQ tile (D = 128) or a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on
+    the CTAs' dispatch order, _cta_block; without a right window from KT_ASC_CHAIN_MIN_ROWS query rows, seqlen_q
+    None: any), no left window (the chain's bounds assume every key block's walk ends at the same query block), and
+    no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
+    if not DQ_CHAIN or tile.separate_dq or window_left >= 0 or sink is not None:
+        return False
+    if tile.keys_as_rows:
+        long_enough = window_right >= 0 or seqlen_q is None or seqlen_q >= KT_ASC_CHAIN_MIN_ROWS
+        return KT_DQ_CHAIN and not persistent_tiles(tile) and long_enough
+    return tile.shared_dq
 
 
-def dq_route(tile, deterministic, window_left, sink):
+# D = 256 calls without a window take dQ from the ordered pass beside the main kernel (built without its dQ
+# products) even when not deterministic. With the pass's 3-deep K / V ring (session 24) that measured faster than
+# the in-kernel reduce-add: S = 4096 3355 -> 3176 us, 16384 12870 -> 12512 (H100 card 1652524085928,
+# benchmarks/det_cost.py --flip D256_PASS_FULL); causal calls keep the reduce-add (the pass's staircase: +1-3%).
+# Such calls are then bitwise repeatable too. False: the in-kernel reduce-add (probes flip it for A/B).
+D256_PASS_FULL = True
+
+
+def dq_route(tile, deterministic, window_left, sink, window_right=-1, seqlen_q=None):
     """(chain, ordered_dq, sink_in_main) of a call on `tile` (sink: the tensor or None): where dQ and the sink
     gradient come from.
 
@@ -1657,8 +1679,9 @@ def dq_route(tile, deterministic, window_left, sink):
     sink_in_main: the main kernel sums Σ_j P·dP for the sink gradient itself (tile.sink_pdp, which default_tile
     sets for a sink on the queries-as-rows tiles); otherwise the preprocess's O-based partial sums give it."""
     has_sink = sink is not None
-    chain = deterministic and dq_chain_serves(tile, window_left, sink)
-    ordered_dq = (deterministic and not chain) or tile.separate_dq or (has_sink and not builds_sink_partials(tile))
+    chain = deterministic and dq_chain_serves(tile, window_left, sink, window_right, seqlen_q)
+    separate = tile.separate_dq or (D256_PASS_FULL and tile.d256 and window_left < 0 and window_right < 0)
+    ordered_dq = (deterministic and not chain) or separate or (has_sink and not builds_sink_partials(tile))
     sink_in_main = has_sink and not ordered_dq and tile.sink_pdp
     return chain, ordered_dq, sink_in_main
 
@@ -1706,7 +1729,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     dk = alloc(k.shape, dtype=k.dtype, device=device)
     dv = alloc(v.shape, dtype=v.dtype, device=device)
 
-    chain, ordered_dq, sink_in_main = dq_route(tile, deterministic, window_left, sink)
+    chain, ordered_dq, sink_in_main = dq_route(tile, deterministic, window_left, sink, window_right, seqlen_q)
 
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
     prep_sink = None if ordered_dq or sink_in_main else sink

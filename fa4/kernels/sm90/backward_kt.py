@@ -67,9 +67,9 @@ from triton.language.core import _aggregate as aggregate
 from . import configs, handout
 from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
-                       _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
-                       async_reduce_add_shared_to_global)
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _dq_chain_release,
+                       _dq_chain_wait, _dq_counter, _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS,
+                       _sequence, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -151,29 +151,81 @@ def _dq_issue(p, bufs, base, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constex
 
 @gluon.jit
 def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr,
-            DQ_ROWS: gl.constexpr, it):
+            DQ_ROWS: gl.constexpr, it, j):
     """Stage this consumer's completed dQ share (scaled) and add it to the fp32 accumulator by TMA reduce-add, once
-    the previous add has read the staging tile. `it`: the step the trace build stamps (events 8-10)."""
-    tma.store_wait(0)
+    the previous add has read the staging tile. `it`: the step the trace build stamps (events 8-10); j: the step
+    whose share this is. With the writer warp (DQ_WRITER, the ordered chain) the consumer only stages the share and
+    hands it over (dq_staged); the writer issues the add in the chain's order and frees the tile (dq_free, arrived
+    once per step: the wait for share j is the writer's release of share j - 1, and a fresh barrier passes parity 1
+    for j = 0)."""
+    if p.DQ_WRITER:
+        mbarrier.wait(bufs.dq_free.index(WG), (j & 1) ^ 1)
+    else:
+        tma.store_wait(0)
     _trace_step(p, WG, it, 8)
     dq_s = bufs.dq.index(WG)
     dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
     fence_async_shared()
     _trace_step(p, WG, it, 9)
-    if DQ_ROWS:
-        async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
+    if p.DQ_WRITER:
+        mbarrier.arrive(bufs.dq_staged.index(WG))
     else:
-        async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+        _dq_issue_add(p, dq_s, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS)
     _trace_step(p, WG, it, 10)
 
 
 @gluon.jit
-def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it, WG: gl.constexpr, QW: gl.constexpr,
-                       DQW: gl.constexpr, DQ_ROWS: gl.constexpr, dq_layout: gl.constexpr):
+def _dq_issue_add(p, dq_s, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr,
+                  DQ_ROWS: gl.constexpr):
+    """The TMA reduce-add of consumer WG's staged dQ share of query block m0, head h: its QW rows (DQ_ROWS) or its
+    DQW columns."""
+    if DQ_ROWS:
+        async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
+    else:
+        async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
+
+
+@gluon.jit
+def _kt_dq_writer(p, bufs):
+    """The writer warp of the ordered chain (ORDERED_DQ, deterministic=True; one tile a CTA): per step of the walk,
+    for each consumer w, wait until its share is staged (dq_staged[w]), wait for this key block's turn in the
+    chain of (query block, head, w), issue the reduce-add; once the TMA unit has read both tiles free them
+    (dq_free), and once the adds have completed release them to the next key block of each chain
+    (backward._dq_chain_release). The consumers stage step `it`'s shares in the order of the walk (with DQ_LAG a
+    step late, the same order), so this loop pairs with theirs step for step."""
+    NWG: gl.constexpr = p.NWG
+    BN: gl.constexpr = KEYS_PER_WG * NWG
+    BM: gl.constexpr = p.BM
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    DQ_ROWS: gl.constexpr = BM == NWG * KEYS_PER_WG
+    QW: gl.constexpr = BM // NWG if DQ_ROWS else BM
+    DQW: gl.constexpr = D if DQ_ROWS else D // NWG
+    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
+    n0 = nb * BN
+    if n0 < seq_k:
+        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+        n_m = m_hi - m_lo
+        for it in range(p.group * n_m):
+            _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
+            for w in gl.static_range(NWG):
+                mbarrier.wait(bufs.dq_staged.index(w), it & 1)
+                _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
+                _dq_issue_add(p, bufs.dq.index(w), b, h, q_start, m0, w, QW, DQW, DQ_ROWS)
+            tma.store_wait(0)
+            for w in gl.static_range(NWG):
+                mbarrier.arrive(bufs.dq_free.index(w))
+            for w in gl.static_range(NWG):
+                _dq_chain_release(_dq_counter(p, b, h, m0, w))
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it, j, WG: gl.constexpr,
+                       QW: gl.constexpr, DQW: gl.constexpr, DQ_ROWS: gl.constexpr, dq_layout: gl.constexpr):
     """The end of a step with dQ in the kernel: once the other consumer's dSᵀ is in ds.index(base + OTHER) (parity:
     that buffer's phase), issue this consumer's dQ share from ds.index(base) and ds.index(base + 1) behind the step's
     in-flight dV and dK, wait for all three, free the other's buffer and the Q / dO slot, and add the share to dQ
-    rows (h, m0). Returns dV and dK."""
+    rows (h, m0) (the share of step j; `it`: the step the trace build stamps). Returns dV and dK."""
     OTHER: gl.constexpr = (WG + 1) % p.NWG
     mbarrier.wait(bufs.ds_ready.index(base + OTHER), parity)
     dq = _dq_issue(p, bufs, base, WG, QW, DQW, DQ_ROWS, dq_layout)
@@ -183,7 +235,7 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
     mbarrier.arrive(bufs.q_empty.index(idx))
     mbarrier.arrive(bufs.do_empty.index(idx))
     _trace_step(p, WG, it, 7)
-    _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it)
+    _dq_add(p, bufs, dq, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS, it, j)
     return dv, dk
 
 
@@ -318,8 +370,8 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                 if it > 0:
                     s_prev = gstep + it - 1
                     dv_done, dk_done = _share_and_release(p, bufs, dv, dk, idx, (s_prev & 1) * NWG,
-                                                          (s_prev >> 1) & 1, b, h_prev, q_start, m0_prev, it, WG,
-                                                          QW, DQW, DQ_ROWS, dq_layout)
+                                                          (s_prev >> 1) & 1, b, h_prev, q_start, m0_prev, it,
+                                                          it - 1, WG, QW, DQW, DQ_ROWS, dq_layout)
                 else:
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
                     mbarrier.arrive(bufs.q_empty.index(idx))
@@ -329,8 +381,8 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                 h_prev = h
                 m0_prev = m0
             elif p.DQ_ATOMIC:
-                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, (gstep + it) & 1, b, h, q_start, m0, it, WG,
-                                            QW, DQW, DQ_ROWS, dq_layout)
+                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, (gstep + it) & 1, b, h, q_start, m0, it, it,
+                                            WG, QW, DQW, DQ_ROWS, dq_layout)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -349,7 +401,7 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                 dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dq = warpgroup_mma_wait(0, deps=(dq, ))
                 mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
-                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1)
+                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1, last)
         tma.store_wait(0)
         # Indices derived again (from a fresh %ctaid read, or the tile index) rather than kept live through the loop.
         if PERSIST:
@@ -537,8 +589,13 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
-    gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or ORDERED_DQ != 0 or DQ_WRITER or DQ_SHARED),
-                     "not built in the keys-as-rows kernel")
+    gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
+    # The writer warp serves the ordered chain only (deterministic=True with dQ in this kernel), one tile a CTA: the
+    # chain's deadlock freedom rests on the CTAs' dispatch order (backward._cta_block), which the persistent grid's
+    # handout does not keep.
+    gl.static_assert((ORDERED_DQ != 0) == DQ_WRITER, "keys as rows: the writer warp issues the ordered chain only")
+    gl.static_assert(not (DQ_WRITER and (PERSIST or CTA_CHUNKED or not DQ_ATOMIC)),
+                     "the ordered chain runs one tile a CTA, in _cta_block's order")
     gl.static_assert(not (PERSIST and (TRACE or CTA_CHUNKED)), "the persistent grid orders its own tiles, untraced")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
@@ -571,6 +628,16 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
     mbarrier.init(kv_ready, count=1)
+    if DQ_WRITER:
+        # The staged dQ shares handed to the writer warp and back (_dq_add, _kt_dq_writer).
+        dq_staged = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        dq_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NWG):
+            mbarrier.init(dq_staged.index(w), count=1)
+            mbarrier.init(dq_free.index(w), count=1)
+    else:
+        dq_staged = ds_ready  # placeholders, never touched
+        dq_free = ds_ready
     if PERSIST:
         # Both consumers' dK and dV stored from the K and V slots: the next tile's K and V may come.
         k_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -602,9 +669,9 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
-    # P buffer and the turn / writer / loop_done barriers are placeholders this kernel never touches.
+    # P buffer and the turn / loop_done barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
-                      q_empty, do_ready, do_empty, ds_ready, ds_ready, ds_ready, lse2_smem, delta_smem, ds_ready)
+                      q_empty, do_ready, do_empty, ds_ready, dq_staged, dq_free, lse2_smem, delta_smem, ds_ready)
     # Only the loader differs (Gluon 3.6 keeps no partition function in a variable, hence the two calls).
     if PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
@@ -613,6 +680,13 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                                          POLY, PERSIST)),
                             (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk))], [4, 1],
                            [CONSUMER_REGS, LOADER_REGS])
+    elif DQ_WRITER:
+        gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_loader, (p, bufs)), (_kt_dq_writer, (p, bufs))], [4, 1, 1],
+                           [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),

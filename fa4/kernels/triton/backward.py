@@ -557,7 +557,10 @@ _CONFIGS = {
     # D = 256: the dV pass on a 3-deep ring of its own (dv_pass), session 6 (H100, tune_backward r2, raw
     # h100-2026-11-26-tune-backward-d256-r2.log): 274 / 228 / 287 / 293 TFLOP/s against 254 / 220 / 260 / 280
     # with the dK pass's 2-deep tile, FA2 255 / 235 / 271 / 263.
-    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 2, dq_atomic=True, split_dkdv=True, dq_transposed=True,
+    # Its dQ-kernel fields serve deterministic=True only (the ordered dQ pass, also beside the Gluon D = 256 kernel):
+    # a 3-deep K / V ring there measured 849 / 2882 us against 1116 / 3762 with 2 (S = 4096 / 16384 causal, H100,
+    # session 24, benchmarks/NOTES.md).
+    ("sm90", 256): BwdConfig(32, 128, 8, 2, 128, 32, 8, 3, dq_atomic=True, split_dkdv=True, dq_transposed=True,
                              dv_pass=(32, 128, 8, 3), concurrent_dv=True),
     ("sm80", 64): BwdConfig(32, 128, 8, 3, 128, 32, 8, 3, dq_atomic=True, dq_transposed=True),
     ("sm80", 128): BwdConfig(32, 64, 4, 2, 64, 64, 4, 2, dq_atomic=False),
