@@ -1322,11 +1322,13 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         return None
     if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         tile = D64_NARROW_TILE
-    elif ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and softmax_scale != 0
-          and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
+    elif ((d, dv) == (128, 128) and window_right >= 0 and softmax_scale != 0
+          and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128
+          and (not deterministic or (KT_DQ_CHAIN and window_left < 0))):
         # Packed calls stay off the persistent grid: there ptxas reloads 28 values a step instead of 16 (the
-        # sequence bounds of each tile beside the tile loop's state), and it was not timed.
-        tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen else D128_CAUSAL_TILE
+        # sequence bounds of each tile beside the tile loop's state), and it was not timed. Deterministic calls
+        # too: their ordered dQ chain (dq_chain_serves) rests on the one-CTA-a-tile grid's dispatch order.
+        tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen or deterministic else D128_CAUSAL_TILE
     if sink and not deterministic and not tile.separate_dq and builds_sink_partials(tile):
         # The sink gradient from Σ_j P·dP in the main kernel, not from rowsum(dO·O) with the rounded O: the O-based
         # sum's error is the lowp reference's size, so the rule's max over a few heads fails now and then
