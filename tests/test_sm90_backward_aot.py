@@ -96,9 +96,6 @@ LOOP_ALLOWANCE.update({"d128-varlen-causal": 18})
 # ring slot and tile index live beside the step's): 2 more reloads a step (L1 hits), against a tile's fixed cost
 # 6.4 -> 4.8 µs and +3% on the causal S = 1024 call.
 LOOP_ALLOWANCE.update({"d128-causal": 11, "d96-window": 10})
-# Deterministic causal D = 128 and right windows take the keys-as-rows kernel's ordered chain (session 24: the writer
-# warp of backward_kt, one tile a CTA): its loop reloads what the one-CTA-a-tile keys-as-rows build does (9, L1 hits).
-LOOP_ALLOWANCE.update({"d128-chain-causal-gqa2": 9, "d96-chain-right-window": 10, "d128-chain-varlen-causal": 16})
 # The shared-dQ D = 128 consumers wait for each other's loop end before dK overwrites a K slot the other's dQ products
 # read (loop_done, session 18): ptxas then keeps one value in local memory across the masked branch of a step (a
 # partial key block only, L1 hits; the unmasked path of the loop has none). Before, 0.
@@ -187,12 +184,6 @@ CASES = [
     ("d192-seqused", dict(d=192, dv=192, seqused=True, tile=dict(d256=True))),   # D padded to the 256 tile
     # The D = 256 tile with its session-23 switches off one by one, down to the partial products (d256_roles off, the
     # shipped tile until 2026-11-27).
-    # The fp32 dQ staging in a 32-byte swizzle (tile.dq_swizzle32, opt-in, not yet measured).
-    ("d256-dq-swizzle32", dict(d=256, dv=256, tile=dict(d256=True, dq_swizzle32=True))),
-    ("d256-dq-swizzle32-varlen-causal-gqa2", dict(d=256, dv=256, varlen=True, causal=True, gqa=2,
-                                                  tile=dict(d256=True, dq_swizzle32=True))),
-    ("d128-dq-swizzle32", dict(d=128, dv=128, tile=dict(dq_swizzle32=True))),
-    ("d64-dq-swizzle32", dict(d=64, dv=64, tile=dict(dq_swizzle32=True))),      # keys as rows
     ("d256-hand-128b-swizzle", dict(d=256, dv=256, tile=dict(d256=True, d256_hand_swizzle=False))),
     ("d256-stats-behind", dict(d=256, dv=256, tile=dict(d256=True, d256_stats_ahead=False))),
     ("d256-roles-late-dv", dict(d=256, dv=256, causal=True, tile=dict(d256=True, d256_early_dv=False))),
@@ -1443,14 +1434,9 @@ def test_default_tile_routing(monkeypatch):
                                                                                           persistent=False)
     assert bwd.D128_CAUSAL_TILE.persistent and bwd.persistent_tiles(bwd.D128_CAUSAL_TILE)
     assert not bwd.persistent_tiles(bwd.default_tile(64, 64)) and not bwd.persistent_tiles(bwd.get_tile(128, 128))
-    for kw in (dict(softcap=20.0), dict(softmax_scale=0.0), dict(sink=True, deterministic=True),
-               dict(deterministic=True, window_left=64)):
+    for kw in (dict(deterministic=True), dict(softcap=20.0), dict(softmax_scale=0.0),
+               dict(sink=True, deterministic=True)):
         assert bwd.default_tile(128, 128, window_right=0, **kw) == shared, kw
-    # deterministic causal D = 128: the keys-as-rows tile off the persistent grid (its ordered chain)
-    from dataclasses import replace
-    det_kt = bwd.default_tile(128, 128, window_right=0, deterministic=True)
-    assert det_kt == replace(bwd.D128_CAUSAL_TILE, persistent=False)
-    assert bwd.dq_route(det_kt, True, -1, None, 0, 4096) == (True, False, False)
     # A sink: the queries-as-rows tiles with dQ in the kernel sum its P·dP partials (sink_pdp); the others' sink
     # calls take dQ and the sink gradient from the ordered pass (dq_route); nothing takes the O-based sum.
     from dataclasses import replace

@@ -6,7 +6,6 @@ deterministic mode repeated 100 times and compared bitwise. Skipped without an s
 This kernel had never run on a GPU when this file was written: run it under a timeout
 (`timeout 600 python -m pytest -x -q tests/gpu/test_sm90_backward.py`), since a barrier protocol bug hangs.
 """
-import dataclasses
 import functools
 
 import pytest
@@ -84,21 +83,6 @@ def test_shared_dq(case, dtype, over):
     tile = _bwd().get_tile(128, 128, shared_dq=True, **over)
     assert tile is not None
     _run(q, k, v, tile=tile, **kw)
-
-
-# tile.dq_swizzle32 (opt-in, built 2026-11-27 without a GPU): the fp32 dQ staging in a 32-byte swizzle, on the
-# shipped tile of each head dim; causal D = 128 takes the keys-as-rows tile (default_tile).
-SWIZZLE32_CASES = [c for c in MATRIX if max(c[5], c[6]) <= 128][::3]
-
-
-@pytest.mark.parametrize("case", SWIZZLE32_CASES, ids=[backward_case_id(c) for c in SWIZZLE32_CASES])
-def test_dq_swizzle32(case):
-    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
-    from fa4.kernels.sm90 import configs
-    d, dv = configs.tile_dim(case[5]), configs.tile_dim(case[6])
-    tile = _bwd().default_tile(d, dv, kw["left"], kw["softcap"], window_right=kw["right"],
-                               sink=kw["sink"] is not None)
-    _run(q, k, v, tile=dataclasses.replace(tile, dq_swizzle32=True), **kw)
 
 
 @pytest.mark.parametrize("tile", [None, dict(shared_dq=True, stages=3), dict(ping_pong=True),
@@ -301,8 +285,7 @@ def test_dq_chain(monkeypatch, case, dtype):
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = bwd.default_tile(*_tile_dims(q, v), kw["left"], kw["softcap"], window_right=kw["right"],
                             deterministic=True)
-    # Keys as rows at D <= 64, and at D = 128 with a right window (no softcap): the chain of backward_kt.
-    assert tile.keys_as_rows == (q.shape[-1] <= 64 or (kw["right"] >= 0 and kw["softcap"] == 0))
+    assert tile.keys_as_rows == (q.shape[-1] <= 64)
     monkeypatch.setattr(bwd, "KT_ASC_CHAIN_MIN_ROWS", 0)  # the ascending keys-as-rows chain at these lengths too
     assert bwd.dq_chain_serves(tile, kw["left"], kw["sink"], kw["right"], q.shape[1])
     _chain_only(monkeypatch, bwd)
@@ -456,8 +439,7 @@ def test_d256_roles_without_early_dv(case, deterministic):
     _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, d256_early_dv=False), deterministic=deterministic, **kw)
 
 
-D256_SWITCHES = {"hand-128b-swizzle": dict(d256_hand_swizzle=False), "stats-behind": dict(d256_stats_ahead=False),
-                 "dq-swizzle32": dict(dq_swizzle32=True)}
+D256_SWITCHES = {"hand-128b-swizzle": dict(d256_hand_swizzle=False), "stats-behind": dict(d256_stats_ahead=False)}
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
@@ -465,7 +447,7 @@ D256_SWITCHES = {"hand-128b-swizzle": dict(d256_hand_swizzle=False), "stats-behi
 @pytest.mark.parametrize("switch", list(D256_SWITCHES))
 def test_d256_switch(switch, case, deterministic):
     """The D = 256 tile with one of its later switches off (the dP hand-over in the dQ descriptor's 128-byte swizzle;
-    lse2 and Delta loaded in their own step), or with the opt-in 32-byte dQ staging swizzle (tile.dq_swizzle32)."""
+    lse2 and Delta loaded in their own step)."""
     q, k, v, kw = backward_case_inputs(case, torch.float16 if sum(case[:3]) % 2 else torch.bfloat16, DEV)
     _run(q, k, v, tile=_bwd().get_tile(256, 256, d256=True, **D256_SWITCHES[switch]), deterministic=deterministic,
          **kw)

@@ -1127,11 +1127,6 @@ class BwdTile:
     # or three consumers): for calls without a right window, where it measured faster; the in-kernel ordered dQ
     # of deterministic=True uses it whatever this says (launch_plan).
     dq_writer: bool = False
-    # The fp32 dQ staging tiles (and the dQ descriptor) in a 32-byte swizzle instead of 128 (_dq_descriptor): their
-    # STS.64 without bank conflicts (Nsight Compute: 2x the wavefronts under the 128-byte swizzle at D = 128, session
-    # 12, and D = 256, session 23), for more TMA reduce-add boxes. Built 2026-11-27 after the device time was spent:
-    # compiled and checked offline only, off until measured.
-    dq_swizzle32: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
     trace: bool = False
@@ -1322,13 +1317,11 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         return None
     if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         tile = D64_NARROW_TILE
-    elif ((d, dv) == (128, 128) and window_right >= 0 and softmax_scale != 0
-          and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128
-          and (not deterministic or (KT_DQ_CHAIN and window_left < 0))):
+    elif ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and softmax_scale != 0
+          and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
         # Packed calls stay off the persistent grid: there ptxas reloads 28 values a step instead of 16 (the
-        # sequence bounds of each tile beside the tile loop's state), and it was not timed. Deterministic calls
-        # too: their ordered dQ chain (dq_chain_serves) rests on the one-CTA-a-tile grid's dispatch order.
-        tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen or deterministic else D128_CAUSAL_TILE
+        # sequence bounds of each tile beside the tile loop's state), and it was not timed.
+        tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen else D128_CAUSAL_TILE
     if sink and not deterministic and not tile.separate_dq and builds_sink_partials(tile):
         # The sink gradient from Σ_j P·dP in the main kernel, not from rowsum(dO·O) with the rounded O: the O-based
         # sum's error is the lowp reference's size, so the rule's max over a few heads fails now and then
@@ -1395,27 +1388,23 @@ def _tma_ready(t):
     return t if ok else t.contiguous()
 
 
-def _dq_descriptor(acc, rows, varlen, parts=1, swizzle=None):
+def _dq_descriptor(acc, rows, varlen, parts=1):
     """TMA descriptor of the fp32 dQ accumulator (q's shape): boxes of `rows` tokens of one head and
     1 / parts of the (tile) head dim; the reduce-add is clipped at the tensor's bounds like a store.
-    swizzle: the staging tile's swizzle width in bytes instead of the default (128). With 32, a half-warp's STS.64
-    of a wgmma accumulator fragment (4 rows x 32 bytes) fills 128 contiguous bytes: no bank conflicts, against 2x
-    the wavefronts under the 128-byte swizzle (rows r and r ^ 1 meet), for 2-4x the TMA reduce-add instructions."""
+    (A 32-byte swizzle of the staging tiles removes their stores' bank conflicts but needs 2-4x the reduce-add boxes:
+    measured 3-9% slower at D <= 128 and 34% at D = 256, session 24.)"""
     d = configs.tile_dim(acc.shape[-1]) // parts
     block = [rows, 1, d] if varlen else [1, rows, 1, d]
-    if swizzle is None:
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
-    else:
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=len(block))
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
     return TensorDescriptor(acc, shape=list(acc.shape), strides=list(acc.stride()), block_shape=block,
                             layout=layout)
 
 
-def _kt_dq_descriptor(acc, tile, varlen, swizzle=None):
+def _kt_dq_descriptor(acc, tile, varlen):
     """The keys-as-rows kernel's dQ boxes: [64 rows, D] with BM = 128 (a consumer's query rows), else [BM, D / 2]."""
     if tile.block_m == 2 * WG_KEYS:
-        return _dq_descriptor(acc, WG_KEYS, varlen, 1, swizzle)
-    return _dq_descriptor(acc, tile.block_m, varlen, tile.num_wg, swizzle)
+        return _dq_descriptor(acc, WG_KEYS, varlen, 1)
+    return _dq_descriptor(acc, tile.block_m, varlen, tile.num_wg)
 
 
 # lse2 and Delta by TMA into shared memory beside Q (STATS_TMA: the D <= 128 kernel; see stats_tma_serves); False:
@@ -1489,22 +1478,21 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if dq_acc is None:  # deterministic: dQ comes from another kernel; a placeholder for the descriptor
         dq_acc = _dq_placeholder(tile, d, varlen, q.device)
     shared = tile.shared_dq and not deterministic
-    dq_swizzle = 32 if tile.dq_swizzle32 else None
     if tile.d256:
         # Head-dim halves (one per consumer) of Q, K, V, dO, dK, dV; dQ in [BM, 64] quarters.
         from .backward_d256 import descriptor as half_desc
         descs = dict(q_desc=half_desc(q, tile.block_m, varlen), k_desc=half_desc(k, WG_KEYS, varlen),
                      v_desc=half_desc(v, WG_KEYS, varlen), do_desc=half_desc(dout, tile.block_m, varlen),
                      dk_desc=half_desc(dk, WG_KEYS, varlen), dv_desc=half_desc(dv, WG_KEYS, varlen),
-                     dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, 4, swizzle=dq_swizzle))
+                     dq_desc=_dq_descriptor(dq_acc, tile.block_m, varlen, 4))
     else:
         descs = dict(
             q_desc=_descriptor(q, tile.block_m, varlen), k_desc=_descriptor(k, WG_KEYS, varlen),
             v_desc=_descriptor(v, WG_KEYS, varlen), do_desc=_descriptor(dout, tile.block_m, varlen),
             dk_desc=_descriptor(dk, WG_KEYS, varlen), dv_desc=_descriptor(dv, WG_KEYS, varlen),
             # keys_as_rows: each consumer adds 64 query rows of dQ (D = 64, BM = 128), or all rows of D / 2 columns.
-            dq_desc=_kt_dq_descriptor(dq_acc, tile, varlen, dq_swizzle) if tile.keys_as_rows else
-            _dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1, dq_swizzle))
+            dq_desc=_kt_dq_descriptor(dq_acc, tile, varlen) if tile.keys_as_rows else
+            _dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
     stats, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, stats_al, q.device)
     descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
     descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
