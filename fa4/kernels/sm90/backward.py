@@ -532,6 +532,22 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
     return _next_slot(idx, phase, p.STAGES)
 
 
+@gluon.jit
+def writer_barriers(NWG: gl.constexpr, DQ_WRITER: gl.constexpr, placeholder):
+    """(dq_staged, dq_free): the hand-over of each consumer's staged dQ share to the writer warp and back, one
+    arrival a step each (count 1); without a writer both are `placeholder`, never touched."""
+    if DQ_WRITER:
+        dq_staged = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        dq_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NWG):
+            mbarrier.init(dq_staged.index(w), count=1)
+            mbarrier.init(dq_free.index(w), count=1)
+    else:
+        dq_staged = placeholder
+        dq_free = placeholder
+    return dq_staged, dq_free
+
+
 # ---------------------------------------------------------------------------------------------------------
 # dQ writer partition (DQ_WRITER): one warp issuing the consumers' dQ reduce-adds, so that no consumer waits for
 # the TMA unit, nor, with ORDERED_DQ, for another CTA's add, unless its staging tile is still unread.
@@ -1032,15 +1048,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             mbarrier.init(turn.index(w), count=1)
     else:
         turn = ds_ready  # a placeholder, never touched: the default kernel allocates no turn barriers
-    if DQ_WRITER:
-        dq_staged = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-        dq_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-        for w in gl.static_range(NWG):
-            mbarrier.init(dq_staged.index(w), count=1)
-            mbarrier.init(dq_free.index(w), count=1)
-    else:
-        dq_staged = ds_ready  # placeholders, never touched
-        dq_free = ds_ready
+    dq_staged, dq_free = writer_barriers(NWG, DQ_WRITER, ds_ready)
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)

@@ -69,7 +69,8 @@ from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord
 from .softmax import exp2_mixed
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _dq_chain_release,
                        _dq_chain_wait, _dq_counter, _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS,
-                       _sequence, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global)
+                       _sequence, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global,
+                       writer_barriers)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -628,16 +629,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
     mbarrier.init(kv_ready, count=1)
-    if DQ_WRITER:
-        # The staged dQ shares handed to the writer warp and back (_dq_add, _kt_dq_writer).
-        dq_staged = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-        dq_free = gl.allocate_shared_memory(gl.int64, [NWG, 1], mbarrier.MBarrierLayout())
-        for w in gl.static_range(NWG):
-            mbarrier.init(dq_staged.index(w), count=1)
-            mbarrier.init(dq_free.index(w), count=1)
-    else:
-        dq_staged = ds_ready  # placeholders, never touched
-        dq_free = ds_ready
+    # The staged dQ shares handed to the writer warp and back (_dq_add, _kt_dq_writer).
+    dq_staged, dq_free = writer_barriers(NWG, DQ_WRITER, ds_ready)
     if PERSIST:
         # Both consumers' dK and dV stored from the K and V slots: the next tile's K and V may come.
         k_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
