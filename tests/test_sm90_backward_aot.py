@@ -96,6 +96,9 @@ LOOP_ALLOWANCE.update({"d128-varlen-causal": 18})
 # ring slot and tile index live beside the step's): 2 more reloads a step (L1 hits), against a tile's fixed cost
 # 6.4 -> 4.8 µs and +3% on the causal S = 1024 call.
 LOOP_ALLOWANCE.update({"d128-causal": 11, "d96-window": 10})
+# The keys-as-rows chain and writer builds (session 24): what the one-CTA-a-tile keys-as-rows builds reload (L1 hits).
+LOOP_ALLOWANCE.update({"d64-chain-causal": 8, "d64-chain-varlen-causal-gqa2": 12, "d40-chain-right-window": 8,
+                       "d64-kt-writer-causal": 4, "d128-kt-writer-causal": 9})
 # The shared-dQ D = 128 consumers wait for each other's loop end before dK overwrites a K slot the other's dQ products
 # read (loop_done, session 18): ptxas then keeps one value in local memory across the masked branch of a step (a
 # partial key block only, L1 hits; the unmasked path of the loop has none). Before, 0.
@@ -168,6 +171,18 @@ CASES = [
     ("d128-chain-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, dq_chain=True)),
     ("d128-chain-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, dq_chain=True)),
     ("d96-chain-right-window", dict(d=96, dv=96, window=(-1, 200), dq_chain=True)),
+    # The chain in the keys-as-rows kernel (session 24: deterministic D = 64 with a right window, or from 8192 query
+    # rows without one; its writer warp _kt_dq_writer), and that writer issuing the unordered adds (tile.dq_writer, a
+    # probe on the one-CTA-a-tile grid).
+    ("d64-chain-causal", dict(d=64, dv=64, causal=True, dq_chain=True)),
+    ("d64-chain", dict(d=64, dv=64, dq_chain=True)),
+    ("d64-chain-varlen-causal-gqa2", dict(d=64, dv=64, varlen=True, causal=True, gqa=2, dq_chain=True)),
+    ("d40-chain-right-window", dict(d=40, dv=40, window=(-1, 200), dq_chain=True)),
+    ("d64-kt-writer-causal", dict(d=64, dv=64, causal=True, tile=dict(dq_writer=True))),
+    ("d128-kt-writer-causal", dict(d=128, dv=128, causal=True, tile=dict(keys_as_rows=True, block_m=64, num_wg=2,
+                                                                         stages=2, consumer_regs=240, dv_early=False,
+                                                                         dq_lag=True, shared_dq=False,
+                                                                         early_dp=False, dq_writer=True))),
     # The writer warp for the unordered reduce-add: the shipped D = 128 tile (non-causal), one dQ share per
     # consumer at D = 128 and at D = 64 with two consumers (probe variants).
     ("d128-writer-unshared", dict(d=128, dv=128, tile=dict(shared_dq=False, stages=2))),

@@ -516,7 +516,9 @@ VARIANTS = {"two-consumers": dict(_QROWS, num_wg=2, consumer_regs=240, separate_
             "three-consumers": dict(_QROWS, num_wg=3, consumer_regs=160, separate_dq=True),
             "three-consumers-reduce-add": dict(_QROWS, num_wg=3, consumer_regs=160, separate_dq=False),
             "keys-as-rows-dv-early": dict(dv_early=True),
-            "keys-as-rows-no-lag-3-stages": dict(dq_lag=False, stages=3)}
+            "keys-as-rows-no-lag-3-stages": dict(dq_lag=False, stages=3),
+            # the writer warp issuing the unordered reduce-adds (tile.dq_writer, a probe since session 24)
+            "keys-as-rows-writer": dict(dq_writer=True)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -533,4 +535,20 @@ def test_d64_forms(case, dtype, variant):
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = _bwd().get_tile(td, tdv, **over)
     assert tile is not None and all(getattr(tile, f) == val for f, val in over.items())
+    _run(q, k, v, tile=tile, **kw)
+
+
+# The causal D = 128 keys-as-rows tile off the persistent grid with its writer warp issuing the unordered reduce-adds
+# (tile.dq_writer, a probe since session 24), over the matrix's D = 128 cases with a right window, no softcap and no
+# sink (whose dQ comes from the ordered pass).
+KT128_WRITER_CASES = [c for c in MATRIX if max(c[5], c[6]) == 128 and c[8] >= 0 and c[9] == 0 and not c[10]]
+
+
+@pytest.mark.parametrize("case", KT128_WRITER_CASES, ids=[backward_case_id(c) for c in KT128_WRITER_CASES])
+def test_kt128_writer(case):
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    tile = bwd.get_tile(128, 128, keys_as_rows=True, block_m=64, num_wg=2, stages=2, consumer_regs=240,
+                        dv_early=False, dq_lag=True, shared_dq=False, early_dp=False, dq_writer=True)
+    assert tile is not None and tile.dq_writer and not bwd.persistent_tiles(tile)
     _run(q, k, v, tile=tile, **kw)

@@ -1133,7 +1133,9 @@ class BwdTile:
     ping_pong: bool = False
     # The consumers hand their dQ shares to a writer warp that issues the reduce-adds (dQ in the main kernel, two
     # or three consumers): for calls without a right window, where it measured faster; the in-kernel ordered dQ
-    # of deterministic=True uses it whatever this says (launch_plan).
+    # of deterministic=True uses it whatever this says (launch_plan). On a keys-as-rows tile off the persistent
+    # grid: its writer (backward_kt._kt_dq_writer) issues the unordered adds under any mask (a probe, session 24,
+    # not measured yet: it separates the writer's own cost from the chain's waits).
     dq_writer: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
@@ -1286,7 +1288,7 @@ def get_tile(d, dv, **overrides):
         # consumers, none of the queries-as-rows kernel's variants.
         rows = {64: 2 * WG_KEYS, 128: WG_KEYS}.get(d)
         if (dv != d or rows is None or tile.num_wg != 2 or tile.block_m != rows or tile.shared_dq or tile.early_dp
-                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or tile.dq_writer):
+                or tile.sink_pdp or tile.ping_pong or tile.separate_dq or (tile.dq_writer and tile.persistent)):
             return None
     elif tile.shared_dq and (tile.num_wg != 2 or d < 128):
         return None
@@ -1546,6 +1548,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     if tile.keys_as_rows:
+        # Its writer warp: the ordered chain, or (tile.dq_writer, a probe: not measured yet) the unordered adds, any
+        # mask; one tile a CTA only.
+        constexprs["DQ_WRITER"] = not deterministic and (dq_chain is not None or
+                                                         (tile.dq_writer and not persistent_tiles(tile)))
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly

@@ -188,10 +188,10 @@ def _dq_issue_add(p, dq_s, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr
 
 @gluon.jit
 def _kt_dq_writer(p, bufs):
-    """The writer warp of the ordered chain (ORDERED_DQ, deterministic=True; one tile a CTA): per step of the walk,
-    for each consumer w, wait until its share is staged (dq_staged[w]), wait for this key block's turn in the
+    """The writer warp (one tile a CTA): per step of the walk, for each consumer w, wait until its share is staged
+    (dq_staged[w]), with the ordered chain (ORDERED_DQ, deterministic=True) wait for this key block's turn in the
     chain of (query block, head, w), issue the reduce-add; once the TMA unit has read both tiles free them
-    (dq_free), and once the adds have completed release them to the next key block of each chain
+    (dq_free), and with the chain, once the adds have completed, release them to the next key block of each chain
     (backward._dq_chain_release). The consumers stage step `it`'s shares in the order of the walk (with DQ_LAG a
     step late, the same order), so this loop pairs with theirs step for step."""
     NWG: gl.constexpr = p.NWG
@@ -210,13 +210,15 @@ def _kt_dq_writer(p, bufs):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             for w in gl.static_range(NWG):
                 mbarrier.wait(bufs.dq_staged.index(w), it & 1)
-                _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
+                if p.ORDERED_DQ != 0:
+                    _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
                 _dq_issue_add(p, bufs.dq.index(w), b, h, q_start, m0, w, QW, DQW, DQ_ROWS)
             tma.store_wait(0)
             for w in gl.static_range(NWG):
                 mbarrier.arrive(bufs.dq_free.index(w))
-            for w in gl.static_range(NWG):
-                _dq_chain_release(_dq_counter(p, b, h, m0, w))
+            if p.ORDERED_DQ != 0:
+                for w in gl.static_range(NWG):
+                    _dq_chain_release(_dq_counter(p, b, h, m0, w))
         tma.store_wait(0)
 
 
@@ -591,12 +593,12 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
-    # The writer warp serves the ordered chain only (deterministic=True with dQ in this kernel), one tile a CTA: the
-    # chain's deadlock freedom rests on the CTAs' dispatch order (backward._cta_block), which the persistent grid's
-    # handout does not keep.
-    gl.static_assert((ORDERED_DQ != 0) == DQ_WRITER, "keys as rows: the writer warp issues the ordered chain only")
-    gl.static_assert(not (DQ_WRITER and (PERSIST or CTA_CHUNKED or not DQ_ATOMIC)),
-                     "the ordered chain runs one tile a CTA, in _cta_block's order")
+    # The writer warp issues the ordered chain (deterministic=True with dQ in this kernel) or, as a probe
+    # (tile.dq_writer), the unordered adds; one tile a CTA: the chain's deadlock freedom rests on the CTAs' dispatch
+    # order (backward._cta_block), which the persistent grid's handout does not keep, and the writer walks one tile.
+    gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "keys as rows: the ordered chain is issued by the writer warp")
+    gl.static_assert(not (DQ_WRITER and (PERSIST or not DQ_ATOMIC)), "the writer warp walks one tile a CTA")
+    gl.static_assert(not (ORDERED_DQ != 0 and CTA_CHUNKED), "the ordered chain's CTAs in _cta_block's plain order")
     gl.static_assert(not (PERSIST and (TRACE or CTA_CHUNKED)), "the persistent grid orders its own tiles, untraced")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
