@@ -172,7 +172,7 @@ CASES = [
     ("d128-chain-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, dq_chain=True)),
     ("d96-chain-right-window", dict(d=96, dv=96, window=(-1, 200), dq_chain=True)),
     # The chain in the keys-as-rows kernel (session 24: deterministic D = 64 with a right window, or from 8192 query
-    # rows without one; its writer warp _kt_dq_writer), and that writer issuing the unordered adds (tile.dq_writer, a
+    # rows without one; the same writer warp, backward.dq_writer), and that writer issuing the unordered adds (tile.dq_writer, a
     # probe on the one-CTA-a-tile grid).
     ("d64-chain-causal", dict(d=64, dv=64, causal=True, dq_chain=True)),
     ("d64-chain", dict(d=64, dv=64, dq_chain=True)),

@@ -262,7 +262,7 @@ def _repeating(backward, times):
     return run
 
 
-# The same chain in the keys-as-rows kernel (D = 64 and D padded to 64; its writer warp, backward_kt._kt_dq_writer):
+# The same chain in the keys-as-rows kernel (D = 64 and D padded to 64; the same writer warp, backward.dq_writer):
 # 128 keys a CTA and 128 query rows a step, each consumer's share 64 rows of a query block.
 KT_CHAIN_CASES = [
     (2, 2048, 2048, 8, 2, 64, 64, -1, -1, 0.0, False, False),       # ascending, GQA

@@ -34,7 +34,7 @@ Launches, in order:
                              PING_PONG (tile.ping_pong, opt-in): the consumers take turns issuing their
                              wgmmas, two product groups a step (S with dP; then dV, dK, dQ), so that one
                              warpgroup's exp2 and dS run while the tensor core works on the other's group.
-     dQ writer (DQ_WRITER: 1 warp, the D = 128 tile's non-causal calls and the ordered chain; see _dq_writer)
+     dQ writer (DQ_WRITER: 1 warp, the D = 128 tile's non-causal calls and the ordered chain; see dq_writer)
                              the consumers stage their dQ shares and hand them over (dq_staged / dq_free);
                              the writer issues the reduce-adds, so no consumer waits on the TMA unit, and
                              with ORDERED_DQ it issues them in a fixed order of key blocks per (query block,
@@ -554,15 +554,34 @@ def writer_barriers(NWG: gl.constexpr, DQ_WRITER: gl.constexpr, placeholder):
 # ---------------------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _dq_writer(p, bufs):
+def dq_share_coord(p, b, h, q_start, m0, w: gl.constexpr, KEYS_AS_ROWS: gl.constexpr):
+    """TMA coordinates of consumer w's dQ share of query block m0, head h. This kernel: with DQ_SHARED its D / NWG
+    columns of the block (all the CTA's keys), else the whole block (its 64 keys). The keys-as-rows kernel
+    (backward_kt): with BM = 128 its BM / NWG query rows, all D columns; with BM = 64 all rows, its D / NWG
+    columns."""
+    D: gl.constexpr = p.q_desc.block_type.shape[-1]
+    if KEYS_AS_ROWS:
+        if p.BM == p.NWG * KEYS_PER_WG:
+            coord = _q_coord(p, b, h, q_start, m0 + w * (p.BM // p.NWG))
+        else:
+            coord = _head_coord(p, b, h, q_start, m0, w * (D // p.NWG))
+    elif p.DQ_SHARED:
+        coord = _head_coord(p, b, h, q_start, m0, w * (D // p.NWG))
+    else:
+        coord = _q_coord(p, b, h, q_start, m0)
+    return coord
+
+
+@gluon.jit
+def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
-    this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add. Then, once the TMA
-    unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have completed,
-    release them to the next key block of each chain."""
+    this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add (dq_share_coord). Then,
+    once the TMA unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have
+    completed, release them to the next key block of each chain. One tile a CTA; the consumers stage their shares
+    in the order of the walk (the keys-as-rows kernel's a step late under DQ_LAG, the same order), so this loop
+    pairs with theirs step for step."""
     NWG: gl.constexpr = p.NWG
     BN: gl.constexpr = KEYS_PER_WG * NWG
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DQW: gl.constexpr = D // NWG
     nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     if n0 < seq_k:
@@ -574,11 +593,8 @@ def _dq_writer(p, bufs):
                 mbarrier.wait(bufs.dq_staged.index(w), it & 1)
                 if p.ORDERED_DQ != 0:
                     _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
-                if p.DQ_SHARED:  # consumer w's share: all the CTA's keys, its D / NWG columns
-                    async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, w * DQW),
-                                                      bufs.dq.index(w))
-                else:  # consumer w's share: its 64 keys, all D columns
-                    async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0), bufs.dq.index(w))
+                async_reduce_add_shared_to_global(p.dq_desc, dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS),
+                                                  bufs.dq.index(w))
             tma.store_wait(0)
             for w in gl.static_range(NWG):
                 mbarrier.arrive(bufs.dq_free.index(w))
@@ -1077,13 +1093,14 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
-                                (_dq_writer, (p, bufs))], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+                                (dq_writer, (p, bufs, gl.constexpr(False)))], [4, 1, 1],
+                               [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
             gl.warp_specialize([(_loader, (p, bufs)),
                                 (_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_consumer, (p, bufs, gl.constexpr(2))),
-                                (_dq_writer, (p, bufs))], [4, 4, 4, 1],
+                                (dq_writer, (p, bufs, gl.constexpr(False)))], [4, 4, 4, 1],
                                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -1134,7 +1151,7 @@ class BwdTile:
     # The consumers hand their dQ shares to a writer warp that issues the reduce-adds (dQ in the main kernel, two
     # or three consumers): for calls without a right window, where it measured faster; the in-kernel ordered dQ
     # of deterministic=True uses it whatever this says (launch_plan). On a keys-as-rows tile off the persistent
-    # grid: its writer (backward_kt._kt_dq_writer) issues the unordered adds under any mask (a probe, session 24,
+    # grid: its writer (dq_writer) issues the unordered adds under any mask (a probe, session 24,
     # not measured yet: it separates the writer's own cost from the chain's waits).
     dq_writer: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
@@ -1542,16 +1559,14 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, TRACE=tile.trace,
         ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 else 1),
-        # The writer warp: always for the ordered chain; for the unordered reduce-add where it measured faster
-        # (tile.dq_writer: calls without a right window).
-        DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and window_right < 0)),
+        # The writer warp: always for the ordered chain; for the unordered reduce-add where tile.dq_writer asks for
+        # it: on the queries-as-rows tiles for calls without a right window (where it measured faster), on the
+        # keys-as-rows ones (a probe, not measured yet) under any mask but one tile a CTA only.
+        DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and (
+            not persistent_tiles(tile) if tile.keys_as_rows else window_right < 0))),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     if tile.keys_as_rows:
-        # Its writer warp: the ordered chain, or (tile.dq_writer, a probe: not measured yet) the unordered adds, any
-        # mask; one tile a CTA only.
-        constexprs["DQ_WRITER"] = not deterministic and (dq_chain is not None or
-                                                         (tile.dq_writer and not persistent_tiles(tile)))
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
@@ -1639,7 +1654,7 @@ CONCURRENT_DQ = True
 # deterministic=True through the main kernel's dQ chain where dq_chain_serves; False: always the ordered pass
 # (probes flip it for A/B).
 DQ_CHAIN = True
-# The same chain in the keys-as-rows kernel (D = 64; its writer warp is backward_kt._kt_dq_writer); False: those
+# The same chain in the keys-as-rows kernel (D = 64; the same writer warp, dq_writer); False: those
 # deterministic calls take the ordered pass (probes flip it for A/B).
 KT_DQ_CHAIN = True
 # ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending

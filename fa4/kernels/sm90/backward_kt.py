@@ -65,12 +65,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.language.core import _aggregate as aggregate
 
 from . import configs, handout
-from .attention_fwd import _head_coord, _kv_coord, _next_slot, _opaque, _q_coord, _visible_pairs
+from .attention_fwd import _kv_coord, _next_slot, _opaque, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _dq_chain_release,
-                       _dq_chain_wait, _dq_counter, _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS,
-                       _sequence, _step_block, _store_rows, _trace_step, async_reduce_add_shared_to_global,
-                       writer_barriers)
+from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
+                       _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
+                       async_reduce_add_shared_to_global, dq_share_coord, dq_writer, writer_barriers)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -171,55 +170,8 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
     if p.DQ_WRITER:
         mbarrier.arrive(bufs.dq_staged.index(WG))
     else:
-        _dq_issue_add(p, dq_s, b, h, q_start, m0, WG, QW, DQW, DQ_ROWS)
+        async_reduce_add_shared_to_global(p.dq_desc, dq_share_coord(p, b, h, q_start, m0, WG, True), dq_s)
     _trace_step(p, WG, it, 10)
-
-
-@gluon.jit
-def _dq_issue_add(p, dq_s, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, DQW: gl.constexpr,
-                  DQ_ROWS: gl.constexpr):
-    """The TMA reduce-add of consumer WG's staged dQ share of query block m0, head h: its QW rows (DQ_ROWS) or its
-    DQW columns."""
-    if DQ_ROWS:
-        async_reduce_add_shared_to_global(p.dq_desc, _q_coord(p, b, h, q_start, m0 + WG * QW), dq_s)
-    else:
-        async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
-
-
-@gluon.jit
-def _kt_dq_writer(p, bufs):
-    """The writer warp (one tile a CTA): per step of the walk, for each consumer w, wait until its share is staged
-    (dq_staged[w]), with the ordered chain (ORDERED_DQ, deterministic=True) wait for this key block's turn in the
-    chain of (query block, head, w), issue the reduce-add; once the TMA unit has read both tiles free them
-    (dq_free), and with the chain, once the adds have completed, release them to the next key block of each chain
-    (backward._dq_chain_release). The consumers stage step `it`'s shares in the order of the walk (with DQ_LAG a
-    step late, the same order), so this loop pairs with theirs step for step."""
-    NWG: gl.constexpr = p.NWG
-    BN: gl.constexpr = KEYS_PER_WG * NWG
-    BM: gl.constexpr = p.BM
-    D: gl.constexpr = p.q_desc.block_type.shape[-1]
-    DQ_ROWS: gl.constexpr = BM == NWG * KEYS_PER_WG
-    QW: gl.constexpr = BM // NWG if DQ_ROWS else BM
-    DQW: gl.constexpr = D if DQ_ROWS else D // NWG
-    nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
-    n0 = nb * BN
-    if n0 < seq_k:
-        m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
-        n_m = m_hi - m_lo
-        for it in range(p.group * n_m):
-            _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-            for w in gl.static_range(NWG):
-                mbarrier.wait(bufs.dq_staged.index(w), it & 1)
-                if p.ORDERED_DQ != 0:
-                    _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
-                _dq_issue_add(p, bufs.dq.index(w), b, h, q_start, m0, w, QW, DQW, DQ_ROWS)
-            tma.store_wait(0)
-            for w in gl.static_range(NWG):
-                mbarrier.arrive(bufs.dq_free.index(w))
-            if p.ORDERED_DQ != 0:
-                for w in gl.static_range(NWG):
-                    _dq_chain_release(_dq_counter(p, b, h, m0, w))
-        tma.store_wait(0)
 
 
 @gluon.jit
@@ -631,7 +583,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         mbarrier.init(ds_ready.index(w), count=1)
         mbarrier.init(ds_free.index(w), count=1)
     mbarrier.init(kv_ready, count=1)
-    # The staged dQ shares handed to the writer warp and back (_dq_add, _kt_dq_writer).
+    # The staged dQ shares handed to the writer warp and back (_dq_add, backward.dq_writer).
     dq_staged, dq_free = writer_barriers(NWG, DQ_WRITER, ds_ready)
     if PERSIST:
         # Both consumers' dK and dV stored from the K and V slots: the next tile's K and V may come.
@@ -680,7 +632,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                                          POLY, PERSIST)),
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
-                            (_loader, (p, bufs)), (_kt_dq_writer, (p, bufs))], [4, 1, 1],
+                            (_loader, (p, bufs)), (dq_writer, (p, bufs, gl.constexpr(True)))], [4, 1, 1],
                            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
