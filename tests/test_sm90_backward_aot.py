@@ -1293,6 +1293,30 @@ def test_preprocess_and_deterministic_dq(wl, wr, sink, dlse):
         assert err <= 0.1 * (low[3] - ref[3]).abs().max().item() + 1e-5, err
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
+@pytest.mark.parametrize("d, counter", [(40, True), (64, False)])
+def test_preprocess_zeroes_the_dq_accumulator(d, counter):
+    """zero=(dQ accumulator, tile counter): the preprocess zeroes every row of the (B, Sq, Hq, D) fp32 accumulator
+    (D not a power of two, Sq not a multiple of the block) and the counter's 4 int32, and still gives Delta and
+    lse2 as without it."""
+    from fa4 import reference
+    from fa4.kernels.sm90 import backward as bwd
+    torch.manual_seed(d)
+    b, sq, hq = 2, 70, 3
+    q = torch.randn(b, sq, hq, d).half()
+    out, lse = reference.forward(q.float(), q.float(), q.float(), softmax_scale=d ** -0.5, window_left=-1,
+                                 window_right=0, softcap=0.0, sink=None)
+    dout = torch.randn_like(out).half()
+    acc = torch.full((b, sq, hq, d), float("nan"))
+    ctr = torch.full((4,), 7, dtype=torch.int32) if counter else None
+    delta, lse2, _ = bwd.preprocess(dout, out.half(), lse, None, None, None, b, sq, 64, zero=(acc, ctr))
+    assert (acc == 0).all()
+    if counter:
+        assert (ctr == 0).all()
+    want_delta, want_lse2, _ = bwd.preprocess(dout, out.half(), lse, None, None, None, b, sq, 64)
+    assert torch.equal(delta, want_delta) and torch.equal(lse2, want_lse2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The main kernel's cached launch plan (backward._launch_main): a Plan built from one call's arguments must
 # give a later call with other tensors the argument list JITFunction binds for that call, with the same

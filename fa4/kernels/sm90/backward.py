@@ -1732,6 +1732,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     """`backward` for a caller that has just had unsupported_reason return None (dispatch.resolve_auto_backward)."""
     varlen = cu_seqlens_q is not None
     device = q.device
+    given = (dout, out, tile)
     dout = _tma_ready(dout)
     out = out if out.stride(-1) == 1 else out.contiguous()
     d, dvh = q.shape[-1], v.shape[-1]
@@ -1758,8 +1759,24 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         from ..triton.backward import aligned_length
         al = aligned_length(q.shape[0], batch)
         stats_al = tuple(torch.empty(q.shape[-2], al, dtype=torch.float32, device=device) for _ in range(2))
+    # The main kernel's fp32 dQ accumulator (unless dQ comes from the ordered pass) and the persistent grid's tile
+    # counter, zeroed: batched, by the preprocess kernel as it goes (no fill launches); packed, by fills.
+    tile_ctr = None
+    persistent = persistent_tiles(tile)
+    zero = None
+    if ordered_dq:
+        dq_acc = None
+        if persistent:
+            tile_ctr = torch.zeros(1, dtype=torch.int32, device=device)
+    elif not varlen:
+        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
+        tile_ctr = torch.empty(4, dtype=torch.int32, device=device) if persistent else None
+        zero = (dq_acc, tile_ctr)
+    else:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
+        tile_ctr = torch.zeros(4, dtype=torch.int32, device=device) if persistent else None
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
-                                         None if varlen else tile.block_m, aligned=stats_al)
+                                         None if varlen else tile.block_m, aligned=stats_al, zero=zero)
     main_parts = None
     if sink_in_main:
         main_parts = torch.zeros(batch * q.shape[-2], triton.cdiv(seqlen_k, tile.block_n), tile.num_wg,
@@ -1767,20 +1784,6 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
 
     # 2. Main kernel: dK, dV, and unless dQ comes from the ordered pass, dQ accumulated in fp32 by TMA
     # reduce-add (clipped at the tensor's bounds: no padding needed).
-    tile_ctr = None
-    persistent = persistent_tiles(tile)
-    if ordered_dq:
-        dq_acc = None
-        if persistent:
-            tile_ctr = torch.zeros(1, dtype=torch.int32, device=device)
-    elif persistent:
-        # The persistent grid's tile counter is zeroed with the accumulator (one fill): an int32 view of the fp32
-        # zeros past its end.
-        flat = torch.zeros(q.numel() + 4, dtype=torch.float32, device=device)
-        dq_acc = flat[:q.numel()].view(q.shape)
-        tile_ctr = flat[q.numel():].view(torch.int32)
-    else:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
     opts = dict(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, tile_ctr=tile_ctr,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
@@ -1801,7 +1804,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
             side = tb.side_stream(device)  # None during a capture that would create it: in order
             if side is not None:
                 side.wait_stream(torch.cuda.current_stream(device))
-    if not _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
+    launched = _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts)
+    if not launched:
         if not varlen:
             dk.zero_()
             dv.zero_()
@@ -1819,7 +1823,27 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         return dq, dk, dv, dsink
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
+    plain = not varlen and seqused_k is None and sink is None and not chain
+    if plain and isinstance(launched, launch.Plan) and given[0] is dout and given[1] is out and given[2] is None:
+        _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, launched, batch, seqlen_q,
+                         softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+                         softcap=softcap, deterministic=deterministic)
     return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
+
+
+def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, plan, batch, seqlen_q, *,
+                     softmax_scale, window_left, window_right, softcap, deterministic):
+    """Keep a plain-route call's decisions and launches for the next call of its signature (backward_fast)."""
+    from . import backward_fast
+    head, tail, constexprs, grid = prep_arguments(dout, out, lse, dlse, None, None, batch, seqlen_q, delta, lse2,
+                                                  zero=zero)
+    prep = launch.lookup(prep_key(q.device.index, head, tail, constexprs, grid))
+    if prep is None or prep.compiled is None:
+        return
+    key = backward_fast.signature(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap,
+                                  deterministic)
+    backward_fast.remember(key, backward_fast.Replay(tile, batch, seqlen_q, tile.block_m, persistent_tiles(tile),
+                                                     prep, plan))
 
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
@@ -1864,8 +1888,9 @@ def kernel_for(tile):
 
 
 def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
-    """Launch the main kernel (False when its grid is empty). Through the cached plan of an earlier call with
-    the same signature (the tile is part of it), else through JITFunction, keeping a plan."""
+    """Launch the main kernel: False when its grid is empty, else the launch.Plan it went through or kept (True when
+    none). Through the cached plan of an earlier call with the same signature (the tile is part of it), else
+    through JITFunction, keeping a plan."""
     varlen = opts["cu_seqlens_q"] is not None
     fast = launch.enabled(None) and launch.usable() and q.device.index == current_device() and not tile.trace
     key = None
@@ -1880,14 +1905,14 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             # Without the sink partials both sink slots hold lse2 (as launch_plan puts them).
             parts = opts["dsink_part"]
             _, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, opts["stats_al"], q.device)
-            plan.launch(q.device.index, plan.bind(dict(
+            plan.launch_tensors(q.device.index, dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 lse2_stats=lse2_src, delta_stats=delta_src,
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
                 dq_chain=next(c for c in (opts["dq_chain"], opts.get("tile_ctr"), dummy) if c is not None),
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
-                seqused=used if used is not None else dummy)))
-            return True
+                seqused=used if used is not None else dummy))
+            return plan
     grid, args, constexprs = launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile=tile, **opts)
     if not all(g > 0 for g in grid):
         return False
@@ -1895,60 +1920,99 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     with torch.cuda.device(q.device):  # Triton launches on the current device
         compiled = kernel[grid](**args, **constexprs, num_warps=4)
     if fast and compiled is not None and hasattr(compiled, "packed_metadata"):
-        launch.store(key, launch.Plan(kernel.arg_names, args, constexprs, grid, compiled,
-                                      descs=BWD_DESCS, tensors=BWD_TENSORS))
+        plan = launch.Plan(kernel.arg_names, args, constexprs, grid, compiled, descs=BWD_DESCS, tensors=BWD_TENSORS)
+        launch.store(key, plan)
+        return plan
     return True
 
 
-def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to, aligned=None):
+def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to, aligned=None, zero=None):
     """(Delta, lse2, sink partial sums) by the portable preprocess kernel, in lse's layout.
 
     pad_to (batched only): the query length is padded to a multiple of it, with lse2 = +inf and Delta = 0,
     so that P and dS of the padding are exactly 0 and the main kernel loads both without masks.
     aligned (packed only): (lse2, delta) buffers (Hq, aligned_length), which also receive the rows at each
-    sequence's aligned start (the main kernel's TMA loads, STATS_TMA)."""
-    from ..triton import backward as tb
-    varlen = cu_seqlens_q is not None
-    device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
-    if pad_to is None:
-        delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
-        lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)
-    else:
-        padded = (batch, hq, triton.cdiv(seqlen_q, pad_to) * pad_to)
-        delta = torch.zeros(padded, dtype=torch.float32, device=device)
-        lse2 = torch.full(padded, float("inf"), dtype=torch.float32, device=device)
-    dv_pad = max(triton.next_power_of_2(dvh), 16)
-    prep_m = 64 if dv_pad <= 128 else 32
-    n_prep = triton.cdiv(seqlen_q, prep_m)
-    dsink_part = (torch.zeros(batch, hq, n_prep, dtype=torch.float32, device=device) if sink is not None
-                  else delta)
-    lse2_al, delta_al = aligned if aligned is not None else (lse2, delta)
-    head = (out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-            delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, delta_al, lse2_al)
-    tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
-            *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
-            *tb._lse_strides(delta, varlen)[:2], delta_al.stride(0) if aligned is not None else 0, seqlen_q, hq, dvh)
-    constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
-                      BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None)
-    grid = (batch * hq, n_prep)
+    sequence's aligned start (the main kernel's TMA loads, STATS_TMA).
+    zero (batched): (dQ accumulator, tile counter or None) zeroed by the same kernel (prep_arguments)."""
+    device, hq = out.device, out.shape[-2]
+    delta, lse2 = stats_buffers(lse, batch, hq, seqlen_q, pad_to)
+    head, tail, constexprs, grid = prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, delta,
+                                                  lse2, aligned, zero)
+    dsink_part = head[7]
     index = device.index
     if not (device.type == "cuda" and launch.enabled(None) and hooks_idle() and index == current_device()):
+        from ..triton import backward as tb
         tb._bwd_preprocess[grid](*head, *tail, **constexprs, num_warps=4, num_stages=1)
         return delta, lse2, dsink_part
     # A direct launch once this signature has compiled: everything Triton specialises on is in the key (the
     # tail's values, the pointers' dtypes and 16-byte alignment); JITFunction's binding would cost more host
     # time than the kernel takes.
-    key = ("prep", index, grid, tail, tuple(constexprs.values()), tuple(x.dtype for x in head),
-           tuple(x.data_ptr() % 16 == 0 for x in head))
+    key = prep_key(index, head, tail, constexprs, grid)
     prep = launch.lookup(key)  # a direct_launch.Launch, kept beside the main kernel's plans
     if prep is None or prep.compiled is None:
-        prep = Launch(tb._bwd_preprocess, len(head), grid, tail, constexprs, 4, 1)
+        prep = prep_launch(head, tail, constexprs, grid)
         with torch.cuda.device(device):
             prep.jit(head, keep=True)
         launch.store(key, prep)
     else:
         prep.fast([x.data_ptr() for x in head], raw_stream(index))
     return delta, lse2, dsink_part
+
+
+def prep_key(index, head, tail, constexprs, grid):
+    """The preprocess's cached Launch's key: everything Triton specialises on (the tail's values, the pointers' dtypes
+    and 16-byte alignment) and the grid."""
+    return ("prep", index, grid, tail, tuple(constexprs.values()), tuple(x.dtype for x in head),
+            tuple(x.data_ptr() % 16 == 0 for x in head))
+
+
+def stats_buffers(lse, batch, hq, seqlen_q, pad_to):
+    """(Delta, lse2) for the preprocess to fill: lse's shape, or batched (B, Hq, Sq padded to pad_to) with the
+    padding rows at Delta = 0, lse2 = +inf."""
+    device = lse.device
+    if pad_to is None:
+        return (torch.empty(lse.shape, dtype=torch.float32, device=device),
+                torch.empty(lse.shape, dtype=torch.float32, device=device))
+    if seqlen_q % pad_to == 0:  # no padding rows: the kernel writes every row (two fill launches saved)
+        return (torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=device),
+                torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=device))
+    padded = (batch, hq, triton.cdiv(seqlen_q, pad_to) * pad_to)
+    return (torch.zeros(padded, dtype=torch.float32, device=device),
+            torch.full(padded, float("inf"), dtype=torch.float32, device=device))
+
+
+def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, delta, lse2, aligned=None, zero=None):
+    """(head, tail, constexprs, grid) of the preprocess kernel: head its 13 tensor arguments (unused slots hold
+    lse or delta; head[7] is the sink partials' buffer, allocated here when there is a sink), tail its ints.
+    zero (batched): (fp32 dQ accumulator, the persistent grid's int32 tile counter or None) for the kernel to zero."""
+    from ..triton import backward as tb
+    varlen = cu_seqlens_q is not None
+    device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
+    dv_pad = max(triton.next_power_of_2(dvh), 16)
+    prep_m = 64 if dv_pad <= 128 else 32
+    n_prep = triton.cdiv(seqlen_q, prep_m)
+    dsink_part = (torch.zeros(batch, hq, n_prep, dtype=torch.float32, device=device) if sink is not None
+                  else delta)
+    lse2_al, delta_al = aligned if aligned is not None else (lse2, delta)
+    dq_acc, counter = zero if zero is not None else (None, None)
+    head = (out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
+            delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, delta_al, lse2_al,
+            dq_acc if dq_acc is not None else delta, counter if counter is not None else delta)
+    dq_width = dq_acc.shape[-1] if dq_acc is not None else 0
+    tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
+            *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
+            *tb._lse_strides(delta, varlen)[:2], delta_al.stride(0) if aligned is not None else 0, seqlen_q, hq, dvh,
+            dq_width)
+    constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
+                      BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None, ZERO_DQ=dq_acc is not None,
+                      BLOCK_DQ=max(triton.next_power_of_2(dq_width), 16), ZERO_COUNTER=counter is not None)
+    return head, tail, constexprs, (batch * hq, n_prep)
+
+
+def prep_launch(head, tail, constexprs, grid):
+    """A direct_launch.Launch of the preprocess kernel for these arguments (compiled at its first jit)."""
+    from ..triton import backward as tb
+    return Launch(tb._bwd_preprocess, len(head), grid, tail, constexprs, 4, 1)
 
 
 def sink_gradient_from_pdp(parts, sink, lse, dlse, batch):

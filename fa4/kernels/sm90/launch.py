@@ -53,7 +53,7 @@ class Plan:
     `descs` names the TMA-descriptor parameters and the tensor each is built over, `tensors` the plain tensor
     parameters and their source; the defaults are the forward kernel's (attention_fwd.attn_fwd_kernel), the
     backward passes its own (backward.BWD_DESCS / BWD_TENSORS). `grid`: an int or a tuple of up to 3."""
-    __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata", "dynamic")
+    __slots__ = ("grid", "values", "desc_slots", "tensor_slots", "run", "function", "metadata", "dynamic", "raw")
 
     # The forward's parameters filled per call: descriptors (over which tensor) and plain tensor pointers.
     FWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("o_desc", "out"))
@@ -77,9 +77,10 @@ class Plan:
             self.values[i] = None
         grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
         self.grid = grid + (1,) * (3 - len(grid))
-        self.run = self.function = self.metadata = None
+        self.run = self.function = self.metadata = self.raw = None
         if compiled is not None:
             self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+            self.raw = RawLaunch.of(self) if self.desc_slots else None
 
     def arguments(self, q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy, sched=None):
         """The forward's full argument list (constexprs included) for these tensors."""
@@ -106,6 +107,85 @@ class Plan:
         stream = driver.active.get_current_stream(device_index)
         g0, g1, g2 = self.grid
         self.run(g0, g1, g2, stream, self.function, self.metadata, None, None, None, *vals)
+
+    def launch_tensors(self, device_index, tensors):
+        """launch(device_index, bind(tensors)), through RawLaunch where it serves (the descriptors' encoded
+        tensor maps kept per base address)."""
+        if self.raw is not None:
+            self.raw.launch(device_index, tensors)
+        else:
+            self.launch(device_index, self.bind(tensors))
+
+
+class RawLaunch:
+    """A Plan's launch straight into Triton's C launcher, with each TMA descriptor's encoded tensor map kept per
+    base address.
+
+    Triton 3.6 wraps the C launcher of a kernel with host descriptors in a Python loop that re-encodes every
+    descriptor (cuTensorMapEncodeTiled) on every call: ~50 µs of the backward's host path on the H100 machine for
+    nine descriptors (benchmarks/bwd_host_probe.py, session 25). A plan's descriptors differ between calls only in
+    their base address (shape, strides, box, swizzle and dtype are in the signature), and the caching allocator
+    hands a training loop the same addresses step after step, so the maps are kept per (parameter, address).
+    Built only where the wrapper has the 3.6 shape this reads (its closure's launcher and descriptor metadata, no
+    scratch buffers); otherwise the plan launches as before."""
+    __slots__ = ("c_launch", "function", "metadata", "grid", "flags", "template", "desc_at", "tensor_at", "maps")
+    _MAX_MAPS = 16  # per descriptor parameter: more distinct addresses than a training loop's buffers
+
+    @classmethod
+    def of(cls, plan):
+        try:
+            wrapper = plan.run.launch
+            cells = dict(zip(wrapper.__code__.co_freevars, (c.cell_contents for c in wrapper.__closure__)))
+            c_launch, desc_idx, meta = cells["launcher"], cells["tensordesc_indices"], cells["tensordesc_meta"]
+            fill = driver.active.utils.fill_tma_descriptor
+            from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+        except (AttributeError, KeyError, TypeError, ImportError):
+            return None
+        if (plan.run.global_scratch_size or plan.run.profile_scratch_size or getattr(plan.run, "num_ctas", 1) != 1
+                or any(m is None or m.get("fp4_padded") for m in meta)
+                or sorted(desc_idx) != sorted(i for i, _ in plan.desc_slots)):
+            return None
+        self = cls()
+        self.c_launch, self.function, self.metadata, self.grid = c_launch, plan.function, plan.metadata, plan.grid
+        self.flags = (plan.run.launch_cooperative_grid, plan.run.launch_pdl)
+        # The C launcher's arguments: each descriptor parameter expands to (tensor map, *shape, *strides).
+        order = {i: n for n, i in enumerate(sorted(desc_idx))}
+        template, self.desc_at, self.tensor_at, self.maps = [], [], [], []
+        sources = dict(plan.desc_slots)
+        tensor_src = dict(plan.tensor_slots)
+        for i, val in enumerate(plan.values):
+            if i in sources:
+                m = meta[order[i]]
+                shape, strides = list(val.shape), list(val.strides)
+                encode = (m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"],
+                          shape, strides, 1 if val.padding == "nan" else 0)
+                self.desc_at.append((len(template), sources[i], encode, fill))
+                self.maps.append({})
+                template.extend([None, *shape, *strides])
+            else:
+                if i in tensor_src:
+                    self.tensor_at.append((len(template), tensor_src[i]))
+                template.append(val)
+        self.template = template
+        return self
+
+    def launch(self, device_index, tensors):
+        args = list(self.template)
+        for (at, src, encode, fill), maps in zip(self.desc_at, self.maps):
+            ptr = tensors[src].data_ptr()
+            tmap = maps.get(ptr)
+            if tmap is None:
+                if len(maps) >= self._MAX_MAPS:
+                    maps.clear()
+                swizzle, elem_size, elem_type, block, shape, strides, padding = encode
+                tmap = maps[ptr] = fill(ptr, swizzle, elem_size, elem_type, block, shape, strides, padding)
+            args[at] = tmap
+        for at, src in self.tensor_at:
+            args[at] = tensors[src]
+        stream = driver.active.get_current_stream(device_index)
+        g0, g1, g2 = self.grid
+        self.c_launch(g0, g1, g2, stream, self.function, *self.flags, None, None, self.metadata, None, None, None,
+                      *args)
 
 
 def usable():

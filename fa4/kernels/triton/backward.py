@@ -125,17 +125,22 @@ def aligned_length(tokens, batch):
 
 @triton.jit
 def _bwd_preprocess(
-        O, DO, LSE, DLSE, SINK, DELTA, LSE2, DSINK_PART, CU_Q, DELTA_AL, LSE2_AL,
+        O, DO, LSE, DLSE, SINK, DELTA, LSE2, DSINK_PART, CU_Q, DELTA_AL, LSE2_AL, DQ_ACC, COUNTER,
         stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
         stride_lb, stride_lh, stride_ls, stride_dlb, stride_dlh, stride_dls, stride_tb, stride_th,
-        stride_al, seqlen_q, n_heads, head_dim_v,
+        stride_al, seqlen_q, n_heads, head_dim_v, head_dim_q,
         VARLEN_Q: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_SINK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGNED_COPY: tl.constexpr = False):
+        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGNED_COPY: tl.constexpr = False,
+        ZERO_DQ: tl.constexpr = False, BLOCK_DQ: tl.constexpr = 16, ZERO_COUNTER: tl.constexpr = False):
     """Delta, lse2 and the sink partials of one (batch, head, block of BLOCK_M query rows).
 
     ALIGNED_COPY (packed sequences): Delta and lse2 also into (Hq, stride_al) buffers where sequence b starts at
     aligned_start(cu_q[b], b), a multiple of 4 floats: the sm90 backward's loader reads its rows by TMA, whose boxes
-    must start at 16-byte aligned positions in their innermost dimension."""
+    must start at 16-byte aligned positions in their innermost dimension.
+    ZERO_DQ (batched): also zero the block's rows of the fp32 dQ accumulator DQ_ACC (B, Sq, Hq, head_dim_q),
+    contiguous, and with ZERO_COUNTER program (0, 0) the 4 int32 of COUNTER (the persistent grid's tile counter):
+    the main kernel's reduce-adds need both zeroed, and a fill kernel of their own cost a launch (host time) and a
+    pass over memory of its own."""
     # (batch, head) on axis 0: it may exceed the 65535 programs that axes 1 and 2 allow (many short sequences).
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -177,6 +182,13 @@ def _bwd_preprocess(
             al_off = h64 * stride_al + aligned_start(q_start, b).to(tl.int64) + rows
             tl.store(DELTA_AL + al_off, delta, mask=row_ok)
             tl.store(LSE2_AL + al_off, lse2, mask=row_ok)
+        if ZERO_DQ:
+            dcols = tl.arange(0, BLOCK_DQ)
+            dq_off = (((b64 * seqlen_q + rows.to(tl.int64)) * n_heads + h64) * head_dim_q)[:, None] + dcols[None, :]
+            tl.store(DQ_ACC + dq_off, tl.zeros((BLOCK_M, BLOCK_DQ), dtype=tl.float32),
+                     mask=row_ok[:, None] & (dcols < head_dim_q)[None, :])
+            if ZERO_COUNTER and pid_bh == 0 and pid_m == 0:
+                tl.store(COUNTER + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
         if HAS_SINK:
             # dsink_h = −Σ_i exp(sink_h − lse_i) Delta_i; with a sink, lse_i >= sink_h is always finite.
             sink = tl.load(SINK + h)
@@ -770,9 +782,9 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     launches.append(Launch(
         _bwd_preprocess, (batch * n_heads, n_prep),
         [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-         delta, lse2, dsink_part, cu_q, delta, lse2, *_bsh_strides(out, varlen_q), *do_s,
+         delta, lse2, dsink_part, cu_q, delta, lse2, delta, delta, *_bsh_strides(out, varlen_q), *do_s,
          *_lse_strides(lse, varlen_q), *(_lse_strides(dlse, varlen_q) if dlse is not None else (0, 0, 0)), *t_s, 0,
-         seqlen_q, n_heads, head_dim_v],
+         seqlen_q, n_heads, head_dim_v, 0],
         dict(VARLEN_Q=varlen_q, HAS_DLSE=dlse is not None, HAS_SINK=sink_in_prep, BLOCK_M=prep_m,
              BLOCK_DV=dv_pad), num_warps=4))
 

@@ -1,0 +1,104 @@
+"""The key of the sm90 backward's Replay (fa4.kernels.sm90.backward_fast.signature), on the CPU: a replayed call must
+have made every decision of the full path the same way, so the key changes with anything those decisions read
+(metadata, options, switches, a replaced function) and with nothing else (the tensors' addresses, at equal
+alignment). The replay itself runs on the GPU: tests/gpu/test_sm90_backward_replay.py."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from fa4 import dispatch, ops  # noqa: E402
+from fa4.kernels.sm90 import backward as bwd  # noqa: E402
+from fa4.kernels.sm90 import backward_fast  # noqa: E402
+
+
+def _call(b=2, s=64, h=4, d=64, dlse=False):
+    q, k, v, out, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(5))
+    lse = torch.randn(b, h, s)
+    return [dout, q, k, v, out, lse, torch.randn(b, h, s) if dlse else None, 0.125, -1, 0, 0.0, False]
+
+
+def _key(args):
+    return backward_fast.signature(*args)
+
+
+def test_same_metadata_other_addresses_same_key():
+    assert _key(_call()) == _key(_call())
+
+
+@pytest.mark.parametrize("change", ["dlse", "shape", "dtype", "stride", "alignment", "scale", "window", "softcap",
+                                    "deterministic"])
+def test_key_changes_with_what_decisions_read(change):
+    base = _call()
+    other = list(base)
+    if change == "dlse":
+        other = _call(dlse=True)
+    elif change == "shape":
+        other = _call(s=65)
+    elif change == "dtype":
+        other[1] = other[1].half()
+    elif change == "stride":
+        other[2] = other[2].transpose(1, 2).contiguous().transpose(1, 2)
+    elif change == "alignment":
+        other[3] = torch.randn(other[3].numel() + 1, dtype=torch.bfloat16)[1:].view(other[3].shape)
+    elif change == "scale":
+        other[7] = 0.25
+    elif change == "window":
+        other[8] = 128
+    elif change == "softcap":
+        other[10] = 30.0
+    elif change == "deterministic":
+        other[11] = True
+    assert _key(base) != _key(other)
+
+
+@pytest.mark.parametrize("switch", ["CTA_CHUNK", "D256_PASS_FULL", "KT_DQ_CHAIN", "STATS_TMA", "KEYS_AS_ROWS_D128"])
+def test_key_changes_with_a_module_switch(switch, monkeypatch):
+    before = _key(_call())
+    monkeypatch.setattr(bwd, switch, not getattr(bwd, switch))
+    assert _key(_call()) != before
+
+
+def test_key_changes_with_an_environment_switch(monkeypatch):
+    before = _key(_call())
+    monkeypatch.setitem(os.environ, "FA4_SM90_BWD", "0")
+    assert _key(_call()) != before
+
+
+@pytest.mark.parametrize("owner, name", [(bwd, "backward_checked"), (bwd, "default_tile"), (bwd, "dq_route"),
+                                         (dispatch, "resolve_auto_backward")])
+def test_key_changes_when_a_decision_function_is_replaced(owner, name, monkeypatch):
+    before = _key(_call())
+    monkeypatch.setattr(owner, name, lambda *a, **kw: None)
+    assert _key(_call()) != before
+
+
+def test_run_backward_takes_a_remembered_replay_only_for_its_signature(monkeypatch):
+    """ops._run_backward asks backward_fast for backend="auto" calls without varlen, seqused_k or sink, and returns
+    what the Replay gave (dsink None); any other signature goes down the full path."""
+    args = _call()
+    seen = []
+
+    class Fake:
+        def __call__(self, *tensors):
+            seen.append(len(tensors))
+            return tensors[1], tensors[2], tensors[3]
+    monkeypatch.setattr(backward_fast, "_REPLAYS", {})
+    monkeypatch.setattr(backward_fast, "current_device", lambda: None)  # CPU tensors: device index None
+    monkeypatch.setattr(backward_fast, "hooks_idle", lambda: True)
+    backward_fast.remember(_key(args), Fake())
+    dout, q, k, v, out, lse, dlse, scale, left, right, softcap, det = args
+    got = ops._run_backward(dout, q, k, v, out, lse, dlse, None, None, None, None, q.shape[1], k.shape[1], scale,
+                            left, right, softcap, det, "auto")
+    assert seen == [7] and got[0] is q and got[1] is k and got[2] is v and got[3] is None
+    full = []
+    monkeypatch.setattr(dispatch, "resolve_auto_backward", lambda *a, **kw: full.append(1) or "reference")
+    other = _call(s=65)
+    dout, q, k, v, out, lse, dlse = other[:7]
+    from fa4 import reference
+    out, lse = reference.forward(q.float(), k.float(), v.float(), softmax_scale=scale, window_right=0)
+    ops._run_backward(dout, q, k, v, out.to(q.dtype), lse, None, None, None, None, None, q.shape[1], k.shape[1],
+                      scale, -1, 0, 0.0, False, "auto")
+    assert full == [1] and seen == [7]
