@@ -10,10 +10,11 @@ time the host: session 23 found the D = 128 S = 1024 causal row host-bound so. T
     median of --reps calls;
   - the same marks with the sm90 backward's Replay switched off (the full path), and for a Function of fa4's shape
     whose backward launches nothing (the autograd engine's own cost);
+  - the forward's host time (flash_attn_func, GPU idle before it) and its do_bench µs;
   - bwd eager: do_bench µs (the bench's L2 flush) with and without the Replay, alternated;
   - the CPU ops and CUDA runtime calls of 10 backward calls under torch.profiler, by self CPU time.
 
-    python benchmarks/bwd_host_probe.py [--rows 128:1024:1,128:1024:0,64:4096:1] [--reps 30] [--no-profile]
+    python benchmarks/bwd_host_probe.py [--rows 128:1024:1,128:1024:0,64:4096:1] [--reps 30] [--no-profile] [--gc-off]
 """
 import argparse
 import os
@@ -116,6 +117,7 @@ def main():
     ap.add_argument("--rows", default="128:1024:1,128:1024:0,64:4096:1")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--gc-off", action="store_true", help="also the Replay's marks with Python's collector off")
     args = ap.parse_args()
     install()
     shipped_replay = backward_fast.replay
@@ -137,6 +139,18 @@ def main():
             backward_fast.replay = fn
             m = marks_of(bwd_call, args.reps)
             print(f"  {name:6s} " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()), flush=True)
+        backward_fast.replay = shipped_replay
+        if args.gc_off:
+            import gc
+            gc.disable()
+            m = marks_of(bwd_call, args.reps)
+            gc.enable()
+            print("  replay, garbage collector off: " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()), flush=True)
+        fwd_call = lambda: fa4.flash_attn_func(q, k, v, causal=bool(causal))  # noqa: E731
+        m = marks_of(fwd_call, args.reps)
+        ts = sorted(do_bench(fwd_call, warmup=5, rep=30) for _ in range(5))
+        print(f"  forward: host {m['return']:.0f} µs (GPU idle before it), do_bench µs min {ts[0] * 1e3:.0f} median "
+              f"{ts[2] * 1e3:.0f}", flush=True)
         m = engine_floor(q, k, v, out, lse, dout, args.reps)
         print("  engine floor (a Function launching nothing): " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()),
               flush=True)

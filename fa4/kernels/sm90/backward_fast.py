@@ -49,33 +49,55 @@ def signature(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_
 
 
 class Replay:
-    """One plain-route signature's buffers and launches (backward_checked's plain route, replayed)."""
-    __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan")
+    """One plain-route signature's buffers and launches (backward_checked's plain route, replayed).
+
+    Where the main kernel's plan launches through launch.RawLaunch (which takes raw addresses for its descriptors)
+    and the query length needs no padding rows, Delta, lse2 and the tile counter share one workspace allocation and
+    go to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
+    __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "workspace", "stats_tma")
 
     def __init__(self, tile, batch, seqlen_q, pad_to, persistent, prep, plan):
         self.tile, self.batch, self.seqlen_q, self.pad_to = tile, batch, seqlen_q, pad_to
         self.persistent, self.prep, self.plan = persistent, prep, plan
+        self.workspace = plan.raw is not None and seqlen_q % pad_to == 0
+        self.stats_tma = bwd.stats_tma_serves(tile, False)
 
     def __call__(self, dout, q, k, v, out, lse, dlse):
         device, index = q.device, q.device.index
         dk = torch.empty(k.shape, dtype=k.dtype, device=device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=device)
-        delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, self.pad_to)
-        # The accumulator and the persistent grid's tile counter, both zeroed by the preprocess.
+        # The fp32 dQ accumulator; it and the persistent grid's tile counter are zeroed by the preprocess.
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
-        ctr = torch.empty(4, dtype=torch.int32, device=device) if self.persistent else None
+        if self.workspace:
+            # [Delta | lse2 | 4 int32 of tile counter], each (B, Hq, Sq) part a multiple of 64 rows: 16-byte aligned.
+            n = self.batch * q.shape[-2] * self.seqlen_q
+            ws = torch.empty(2 * n + 4, dtype=torch.float32, device=device)
+            keep = ws
+            dp = ws.data_ptr()
+            l2p, cp = dp + 4 * n, dp + 8 * n
+            delta = lse2 = None
+        else:
+            delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, self.pad_to)
+            keep = torch.empty(4, dtype=torch.int32, device=device) if self.persistent else None
+            dp, l2p = delta.data_ptr(), lse2.data_ptr()
+            cp = keep.data_ptr() if keep is not None else dp
         # The preprocess's 13 tensor slots in prep_arguments' order (no sink, batched: unused slots hold lse / delta).
-        lp, dp, l2p = lse.data_ptr(), delta.data_ptr(), lse2.data_ptr()
+        lp = lse.data_ptr()
         self.prep.fast([out.data_ptr(), dout.data_ptr(), lp, dlse.data_ptr() if dlse is not None else lp, lp,
-                        dp, l2p, dp, lp, dp, l2p, dq_acc.data_ptr(), ctr.data_ptr() if ctr is not None else dp],
+                        dp, l2p, dp, lp, dp, l2p, dq_acc.data_ptr(), cp if self.persistent else dp],
                        raw_stream(index))
         dummy = bwd._dummy_i32(device)
-        if ctr is None:
-            ctr = dummy
-        _, lse2_src, delta_src = bwd._stats_sources(self.tile, False, lse2, delta, None, device)
+        ctr = cp if self.persistent else dummy
+        if self.workspace:
+            lse2, delta = l2p, dp
+        if self.stats_tma:
+            lse2_src, delta_src = lse2, delta
+        else:
+            lse2_src = delta_src = bwd._stats_placeholder(device, self.tile.block_m)
         self.plan.launch_tensors(index, dict(
             q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq_acc, lse2=lse2, delta=delta, lse2_stats=lse2_src,
             delta_stats=delta_src, sink=lse2, dsink=lse2, dq_chain=ctr, cu_q=dummy, cu_k=dummy, seqused=dummy))
+        del keep  # freed now: the caching allocator gives the block only to work queued after these kernels
         return dq_acc.to(q.dtype), dk, dv
 
 

@@ -170,9 +170,11 @@ class RawLaunch:
         return self
 
     def launch(self, device_index, tensors):
+        """tensors: by source name, tensors or raw device addresses (ints; the C launcher takes both)."""
         args = list(self.template)
         for (at, src, encode, fill), maps in zip(self.desc_at, self.maps):
-            ptr = tensors[src].data_ptr()
+            base = tensors[src]
+            ptr = base if isinstance(base, int) else base.data_ptr()
             tmap = maps.get(ptr)
             if tmap is None:
                 if len(maps) >= self._MAX_MAPS:
