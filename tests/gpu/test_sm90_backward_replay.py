@@ -91,3 +91,24 @@ def test_replay_through_autograd_and_switch(monkeypatch):
     for g in grads[1:]:
         for a, b_ in zip(grads[0], g):
             torch.testing.assert_close(a, b_, atol=2e-2, rtol=0)  # dQ's reduce-add order differs between calls
+
+
+# deterministic=True on the routes the Replay serves (the main kernel's ordered dQ chain: the shared-dQ D = 128 tile,
+# the keys-as-rows D = 64 tile with a right window) and two it does not (a left window, and D = 64 without a window
+# at 1024 rows: the ordered pass). The replayed call must give the full path's gradients bit for bit, dQ included.
+DET_CASES = [(2, 1024, 8, 2, 128, -1, 0, True), (2, 1024, 8, 8, 64, -1, 0, True), (1, 1000, 4, 2, 64, 200, 0, False),
+             (2, 1024, 8, 8, 64, -1, -1, False)]
+
+
+@pytest.mark.parametrize("case", DET_CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}-{c[3]}d{c[4]}w{c[5]},{c[6]}")
+def test_replay_deterministic_bitwise(case, monkeypatch):
+    b, s, hq, hkv, d, left, right, replayed = case
+    calls = _counting(monkeypatch)
+    torch.manual_seed(hash(case) % 2**31)
+    q, k, v, _ = make_inputs(b, s, s, hq, hkv, d, d, torch.bfloat16, "cuda")
+    dout = torch.randn(b, s, hq, d, dtype=torch.bfloat16, device="cuda")
+    first = check_backend_backward(_auto_backward, q, k, v, left=left, right=right, dout=dout, deterministic=True)
+    second = check_backend_backward(_auto_backward, q, k, v, left=left, right=right, dout=dout, deterministic=True)
+    assert len(calls) == (1 if replayed else 0), calls
+    for name, a, b_ in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b_), f"{name} differs between the full path and the replay"

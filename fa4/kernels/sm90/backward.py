@@ -1823,15 +1823,16 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         return dq, dk, dv, dsink
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
-    plain = not varlen and seqused_k is None and sink is None and not chain
+    plain = not varlen and seqused_k is None and sink is None
     if plain and isinstance(launched, launch.Plan) and given[0] is dout and given[1] is out and given[2] is None:
         _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, launched, batch, seqlen_q,
+                         None if opts["dq_chain"] is None else opts["dq_chain"].shape,
                          softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                          softcap=softcap, deterministic=deterministic)
     return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
 
 
-def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, plan, batch, seqlen_q, *,
+def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, plan, batch, seqlen_q, chain_shape, *,
                      softmax_scale, window_left, window_right, softcap, deterministic):
     """Keep a plain-route call's decisions and launches for the next call of its signature (backward_fast)."""
     from . import backward_fast
@@ -1843,7 +1844,7 @@ def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, pla
     key = backward_fast.signature(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap,
                                   deterministic)
     backward_fast.remember(key, backward_fast.Replay(tile, batch, seqlen_q, tile.block_m, persistent_tiles(tile),
-                                                     prep, plan))
+                                                     prep, plan, chain_shape))
 
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).

@@ -6,8 +6,10 @@ On the H100 machine's host that took ~420 µs from the autograd Function's backw
 D = 128 S = 1024 causal, against ~550 µs of GPU work: the eager backward was host-bound there
 (benchmarks/bwd_host_probe.py, NOTES session 25). Every one of those decisions is a function of the tensors'
 metadata, the call's options and the module's switches. A Replay keeps what one call on the plain route decided
-(batched, no sink, no seqused_k, dQ by the main kernel's unordered reduce-add) with its two compiled launches, under
-a key of exactly those inputs; a later call with the same key only allocates and launches.
+(batched, no sink, no seqused_k, dQ by the main kernel: its unordered reduce-add, or deterministic=True's ordered
+chain) with its two compiled launches, under a key of exactly those inputs; a later call with the same key only
+allocates and launches. Calls whose dQ comes from the ordered pass (deterministic elsewhere, D = 256 without a
+window, sinks) keep the full path.
 
 The key also holds the identity of the functions a test or probe may replace (backward_checked, dispatch's
 resolve_auto_backward, default_tile, dq_route): a replaced one is called again instead of being skipped.
@@ -54,11 +56,12 @@ class Replay:
     Where the main kernel's plan launches through launch.RawLaunch (which takes raw addresses for its descriptors)
     and the query length needs no padding rows, Delta, lse2 and the tile counter share one workspace allocation and
     go to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
-    __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "workspace", "stats_tma")
+    __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "chain_shape", "workspace",
+                 "stats_tma")
 
-    def __init__(self, tile, batch, seqlen_q, pad_to, persistent, prep, plan):
+    def __init__(self, tile, batch, seqlen_q, pad_to, persistent, prep, plan, chain_shape=None):
         self.tile, self.batch, self.seqlen_q, self.pad_to = tile, batch, seqlen_q, pad_to
-        self.persistent, self.prep, self.plan = persistent, prep, plan
+        self.persistent, self.prep, self.plan, self.chain_shape = persistent, prep, plan, chain_shape
         self.workspace = plan.raw is not None and seqlen_q % pad_to == 0
         self.stats_tma = bwd.stats_tma_serves(tile, False)
 
@@ -88,6 +91,8 @@ class Replay:
                        raw_stream(index))
         dummy = bwd._dummy_i32(device)
         ctr = cp if self.persistent else dummy
+        if self.chain_shape is not None:  # deterministic=True through the main kernel's ordered dQ chain
+            ctr = torch.zeros(self.chain_shape, dtype=torch.int32, device=device)
         if self.workspace:
             lse2, delta = l2p, dp
         if self.stats_tma:
