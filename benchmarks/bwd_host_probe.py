@@ -10,7 +10,8 @@ time the host: session 23 found the D = 128 S = 1024 causal row host-bound so. T
     median of --reps calls;
   - the same marks with the sm90 backward's Replay switched off (the full path), and for a Function of fa4's shape
     whose backward launches nothing (the autograd engine's own cost);
-  - the forward's host time (flash_attn_func, GPU idle before it) and its do_bench µs;
+  - the forward's host time (flash_attn_func, GPU idle before it) and its do_bench µs, its plan launched through
+    launch.RawLaunch and through Triton's own wrapper (bind);
   - bwd eager: do_bench µs (the bench's L2 flush) with and without the Replay, alternated;
   - the CPU ops and CUDA runtime calls of 10 backward calls under torch.profiler, by self CPU time.
 
@@ -147,10 +148,14 @@ def main():
             gc.enable()
             print("  replay, garbage collector off: " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()), flush=True)
         fwd_call = lambda: fa4.flash_attn_func(q, k, v, causal=bool(causal))  # noqa: E731
-        m = marks_of(fwd_call, args.reps)
-        ts = sorted(do_bench(fwd_call, warmup=5, rep=30) for _ in range(5))
-        print(f"  forward: host {m['return']:.0f} µs (GPU idle before it), do_bench µs min {ts[0] * 1e3:.0f} median "
-              f"{ts[2] * 1e3:.0f}", flush=True)
+        raw_launch = launch.Plan.launch_tensors
+        for name, how in (("RawLaunch", raw_launch), ("bind", lambda self, i, t: self.launch(i, self.bind(t)))):
+            launch.Plan.launch_tensors = how
+            m = marks_of(fwd_call, args.reps)
+            ts = sorted(do_bench(fwd_call, warmup=5, rep=30) for _ in range(5))
+            print(f"  forward, plan through {name}: host {m['return']:.0f} µs (GPU idle before it), do_bench µs min "
+                  f"{ts[0] * 1e3:.0f} median {ts[2] * 1e3:.0f}", flush=True)
+        launch.Plan.launch_tensors = raw_launch
         m = engine_floor(q, k, v, out, lse, dout, args.reps)
         print("  engine floor (a Function launching nothing): " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()),
               flush=True)

@@ -1232,8 +1232,8 @@ def _from_plan(key, q, k, v, sink, cu_seqlens_q, cu_k_arg, seqused_k, cu_seqlens
     if plan.dynamic:
         batch = cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]
         sched = unit_counter(q.device, batch, cu_seqlens_q, cu_seqlens_k, seqused_k)
-    plan.launch(q.device.index, plan.arguments(q, k, v, out, lse, sink, cu_seqlens_q, cu_k_arg, seqused_k,
-                                               _dummy_i32(q.device), sched))
+    plan.launch_tensors(q.device.index, plan.sources(q, k, v, out, lse, sink, cu_seqlens_q, cu_k_arg, seqused_k,
+                                                     _dummy_i32(q.device), sched))
     return out, lse
 
 

@@ -84,10 +84,15 @@ class Plan:
 
     def arguments(self, q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy, sched=None):
         """The forward's full argument list (constexprs included) for these tensors."""
-        return self.bind(dict(q=q, k=k, v=v, out=out, lse=lse, sink=sink if sink is not None else lse,
-                              cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_q is not None else dummy,
-                              seqused=seqused if seqused is not None else dummy, dummy=dummy,
-                              sched=sched if sched is not None else dummy))
+        return self.bind(self.sources(q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy, sched))
+
+    @staticmethod
+    def sources(q, k, v, out, lse, sink, cu_q, cu_k, seqused, dummy, sched=None):
+        """The forward's per-call tensors by source name (for bind or launch_tensors)."""
+        return dict(q=q, k=k, v=v, out=out, lse=lse, sink=sink if sink is not None else lse,
+                    cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_q is not None else dummy,
+                    seqused=seqused if seqused is not None else dummy, dummy=dummy,
+                    sched=sched if sched is not None else dummy)
 
     def bind(self, tensors):
         """The full argument list with the per-call tensors (by source name) put in."""
