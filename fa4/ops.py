@@ -104,11 +104,12 @@ def _run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_
         return torch.zeros_like(q, memory_format=torch.contiguous_format), \
             torch.zeros_like(k, memory_format=torch.contiguous_format), \
             torch.zeros_like(v, memory_format=torch.contiguous_format), dsink
-    if backend == "auto" and cu_seqlens_q is None and seqused_k is None and sink is None:
+    if backend == "auto" and sink is None:
         # A signature the sm90 backward served before on its plain route: its Replay (no checks, no decisions).
         replays = sys.modules.get("fa4.kernels.sm90.backward_fast")
         grads = None if replays is None else replays.replay(
-            dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap, deterministic)
+            dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale, window_left, window_right, softcap, deterministic)
         if grads is not None:
             return (*grads, None)
     if backend == "auto":  # decided here, on real tensors, outside any trace

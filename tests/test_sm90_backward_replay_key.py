@@ -14,10 +14,21 @@ from fa4.kernels.sm90 import backward as bwd  # noqa: E402
 from fa4.kernels.sm90 import backward_fast  # noqa: E402
 
 
+# signature's arguments: dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+# max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic
 def _call(b=2, s=64, h=4, d=64, dlse=False):
     q, k, v, out, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(5))
     lse = torch.randn(b, h, s)
-    return [dout, q, k, v, out, lse, torch.randn(b, h, s) if dlse else None, 0.125, -1, 0, 0.0, False]
+    return [dout, q, k, v, out, lse, torch.randn(b, h, s) if dlse else None, None, None, None, s, s, 0.125, -1, 0,
+            0.0, False]
+
+
+def _packed(lens=(30, 34), h=4, d=64, max_q=None):
+    total = sum(lens)
+    q, k, v, out, dout = (torch.randn(total, h, d, dtype=torch.bfloat16) for _ in range(5))
+    cu = torch.tensor([0, lens[0], total], dtype=torch.int32)
+    m = max(lens) if max_q is None else max_q
+    return [dout, q, k, v, out, torch.randn(h, total), None, cu, cu.clone(), None, m, m, 0.125, -1, 0, 0.0, False]
 
 
 def _key(args):
@@ -26,6 +37,24 @@ def _key(args):
 
 def test_same_metadata_other_addresses_same_key():
     assert _key(_call()) == _key(_call())
+
+
+def test_packed_same_metadata_same_key_whatever_the_offsets():
+    """The kernels read cu_seqlens; nothing is decided on their values beyond max_seqlen."""
+    assert _key(_packed((30, 34))) == _key(_packed((50, 14), max_q=34))
+
+
+@pytest.mark.parametrize("change", ["max_seqlen", "seqused_k", "cu_dtype"])
+def test_packed_key_changes(change):
+    base = _packed()
+    other = _packed()
+    if change == "max_seqlen":
+        other[10] = other[11] = 40
+    elif change == "seqused_k":
+        other[9] = torch.tensor([30, 20], dtype=torch.int32)
+    elif change == "cu_dtype":
+        other[7] = other[7].long()
+    assert _key(base) != _key(other)
 
 
 @pytest.mark.parametrize("change", ["dlse", "shape", "dtype", "stride", "alignment", "scale", "window", "softcap",
@@ -44,13 +73,13 @@ def test_key_changes_with_what_decisions_read(change):
     elif change == "alignment":
         other[3] = torch.randn(other[3].numel() + 1, dtype=torch.bfloat16)[1:].view(other[3].shape)
     elif change == "scale":
-        other[7] = 0.25
+        other[12] = 0.25
     elif change == "window":
-        other[8] = 128
+        other[13] = 128
     elif change == "softcap":
-        other[10] = 30.0
+        other[15] = 30.0
     elif change == "deterministic":
-        other[11] = True
+        other[16] = True
     assert _key(base) != _key(other)
 
 
@@ -76,8 +105,8 @@ def test_key_changes_when_a_decision_function_is_replaced(owner, name, monkeypat
 
 
 def test_run_backward_takes_a_remembered_replay_only_for_its_signature(monkeypatch):
-    """ops._run_backward asks backward_fast for backend="auto" calls without varlen, seqused_k or sink, and returns
-    what the Replay gave (dsink None); any other signature goes down the full path."""
+    """ops._run_backward asks backward_fast for backend="auto" calls without a sink and returns what the Replay
+    gave (dsink None); any other signature goes down the full path."""
     args = _call()
     seen = []
 
@@ -89,10 +118,11 @@ def test_run_backward_takes_a_remembered_replay_only_for_its_signature(monkeypat
     monkeypatch.setattr(backward_fast, "current_device", lambda: None)  # CPU tensors: device index None
     monkeypatch.setattr(backward_fast, "hooks_idle", lambda: True)
     backward_fast.remember(_key(args), Fake())
-    dout, q, k, v, out, lse, dlse, scale, left, right, softcap, det = args
+    dout, q, k, v, out, lse, dlse = args[:7]
+    scale, left, right, softcap, det = args[12:]
     got = ops._run_backward(dout, q, k, v, out, lse, dlse, None, None, None, None, q.shape[1], k.shape[1], scale,
                             left, right, softcap, det, "auto")
-    assert seen == [7] and got[0] is q and got[1] is k and got[2] is v and got[3] is None
+    assert seen == [10] and got[0] is q and got[1] is k and got[2] is v and got[3] is None
     full = []
     monkeypatch.setattr(dispatch, "resolve_auto_backward", lambda *a, **kw: full.append(1) or "reference")
     other = _call(s=65)
@@ -101,4 +131,4 @@ def test_run_backward_takes_a_remembered_replay_only_for_its_signature(monkeypat
     out, lse = reference.forward(q.float(), k.float(), v.float(), softmax_scale=scale, window_right=0)
     ops._run_backward(dout, q, k, v, out.to(q.dtype), lse, None, None, None, None, None, q.shape[1], k.shape[1],
                       scale, -1, 0, 0.0, False, "auto")
-    assert full == [1] and seen == [7]
+    assert full == [1] and seen == [10]

@@ -7,7 +7,7 @@ of the first two calls are compared bitwise (the kernel writes them in a fixed o
 import pytest
 import torch
 
-from attention_check import check_backend_backward, make_inputs
+from attention_check import check_backend_backward, cu_seqlens, make_inputs
 from fa4 import ops
 
 pytestmark = pytest.mark.skipif(
@@ -15,10 +15,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def _auto_backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_right, softcap, sink,
-                   deterministic, **_):
-    dq, dk, dv, dsink = ops._run_backward(dout, q, k, v, out, lse, dlse, sink, None, None, None, q.shape[1],
-                                          k.shape[1], softmax_scale, window_left, window_right, softcap,
-                                          deterministic, "auto")
+                   deterministic, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None,
+                   max_seqlen_k=None):
+    if cu_seqlens_q is None:
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    dq, dk, dv, dsink = ops._run_backward(dout, q, k, v, out, lse, dlse, sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                          max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                                          softcap, deterministic, "auto")
     return dq, dk, dv, dsink
 
 
@@ -112,3 +115,32 @@ def test_replay_deterministic_bitwise(case, monkeypatch):
     assert len(calls) == (1 if replayed else 0), calls
     for name, a, b_ in zip(("dq", "dk", "dv"), first, second):
         assert torch.equal(a, b_), f"{name} differs between the full path and the replay"
+
+
+# Packed sequences (the keys-as-rows D = 128 causal tile off the persistent grid, the shared-dQ tile, D = 64; one
+# sequence of a single query) and seqused_k on a batched call, whose dK / dV rows past seqused_k must come back zero
+# from the replay too (its buffers are allocated anew, over poisoned memory). Fresh inputs every call.
+VARLEN_CASES = [((300, 1, 700), (300, 1, 700), 8, 2, 128, 0, True), ((513, 64, 1000), (600, 64, 900), 4, 4, 128, -1,
+                                                                                                    False),
+                ((257, 1024), (257, 1024), 8, 8, 64, 0, True)]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"q{'-'.join(map(str, c[0]))}d{c[4]}r{c[5]}")
+def test_replay_packed(case, monkeypatch):
+    lens_q, lens_k, hq, hkv, d, right, dlse = case
+    calls = _counting(monkeypatch)
+    torch.manual_seed(sum(lens_q) + d)
+    for i in range(3):
+        q, k, v, varlen = make_inputs(0, 0, 0, hq, hkv, d, d, torch.bfloat16, "cuda", varlen_lens=(lens_q, lens_k))
+        check_backend_backward(_auto_backward, q, k, v, right=right, with_dlse=dlse, varlen=varlen)
+        assert len(calls) == i, calls
+
+
+def test_replay_seqused_k(monkeypatch):
+    calls = _counting(monkeypatch)
+    b, s, hq, hkv, d = 3, 640, 8, 2, 128
+    for i in range(3):
+        q, k, v, _ = make_inputs(b, s, s, hq, hkv, d, d, torch.bfloat16, "cuda")
+        varlen = dict(seqused_k=torch.tensor([640, 333, 1], dtype=torch.int32, device="cuda"))
+        check_backend_backward(_auto_backward, q, k, v, right=-1, varlen=varlen)
+        assert len(calls) == i, calls

@@ -1823,28 +1823,32 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         return dq, dk, dv, dsink
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
-    plain = not varlen and seqused_k is None and sink is None
-    if plain and isinstance(launched, launch.Plan) and given[0] is dout and given[1] is out and given[2] is None:
-        _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, launched, batch, seqlen_q,
+    if sink is None and isinstance(launched, launch.Plan) and given[0] is dout and given[1] is out and given[2] is None:
+        _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, tile, launched, batch, seqlen_q,
                          None if opts["dq_chain"] is None else opts["dq_chain"].shape,
-                         softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
-                         softcap=softcap, deterministic=deterministic)
+                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
+                         window_left=window_left, window_right=window_right, softcap=softcap,
+                         deterministic=deterministic)
     return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
 
 
-def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, tile, plan, batch, seqlen_q, chain_shape, *,
-                     softmax_scale, window_left, window_right, softcap, deterministic):
+def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, tile, plan, batch, seqlen_q,
+                     chain_shape, *, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     window_left, window_right, softcap, deterministic):
     """Keep a plain-route call's decisions and launches for the next call of its signature (backward_fast)."""
     from . import backward_fast
-    head, tail, constexprs, grid = prep_arguments(dout, out, lse, dlse, None, None, batch, seqlen_q, delta, lse2,
-                                                  zero=zero)
+    varlen = cu_seqlens_q is not None
+    head, tail, constexprs, grid = prep_arguments(dout, out, lse, dlse, None, cu_seqlens_q, batch, seqlen_q, delta,
+                                                  lse2, aligned=stats_al, zero=zero)
     prep = launch.lookup(prep_key(q.device.index, head, tail, constexprs, grid))
     if prep is None or prep.compiled is None:
         return
-    key = backward_fast.signature(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap,
-                                  deterministic)
-    backward_fast.remember(key, backward_fast.Replay(tile, batch, seqlen_q, tile.block_m, persistent_tiles(tile),
-                                                     prep, plan, chain_shape))
+    key = backward_fast.signature(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                  max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic)
+    backward_fast.remember(key, backward_fast.Replay(
+        tile, batch, seqlen_q, persistent_tiles(tile), prep, plan, chain_shape, varlen=varlen,
+        zero_dkdv=varlen or seqused_k is not None, stats_al_shape=None if stats_al is None else stats_al[0].shape))
 
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).

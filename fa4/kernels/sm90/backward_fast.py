@@ -6,8 +6,8 @@ On the H100 machine's host that took ~420 µs from the autograd Function's backw
 D = 128 S = 1024 causal, against ~550 µs of GPU work: the eager backward was host-bound there
 (benchmarks/bwd_host_probe.py, NOTES session 25). Every one of those decisions is a function of the tensors'
 metadata, the call's options and the module's switches. A Replay keeps what one call on the plain route decided
-(batched, no sink, no seqused_k, dQ by the main kernel: its unordered reduce-add, or deterministic=True's ordered
-chain) with its two compiled launches, under a key of exactly those inputs; a later call with the same key only
+(no sink; batched or packed, with or without seqused_k; dQ by the main kernel: its unordered reduce-add, or
+deterministic=True's ordered chain) with its two compiled launches, under a key of exactly those inputs; a later call with the same key only
 allocates and launches. Calls whose dQ comes from the ordered pass (deterministic elsewhere, D = 256 without a
 window, sinks) keep the full path.
 
@@ -30,64 +30,90 @@ _MAX_REPLAYS = 64
 def _switches():
     """The environment and module switches backward_checked's decisions read."""
     env = os.environ
-    return (env.get("FA4_SM90"), env.get("FA4_SM90_BWD"), env.get("FA4_KT_PERSISTENT"), bwd.KT_PERSISTENT,
-            bwd.CTA_CHUNK, bwd.CTA_CHUNK_BYTES, bwd.DQ_CHAIN, bwd.KT_DQ_CHAIN, bwd.KT_ASC_CHAIN_MIN_ROWS,
-            bwd.D256_PASS_FULL, bwd.STATS_TMA, bwd.KEYS_AS_ROWS_D128, bwd.KEYS_AS_ROWS_D128_PACKED,
-            id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE), id(bwd.backward_checked),
-            id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
+    return (env.get("FA4_SM90"), env.get("FA4_SM90_BWD"), env.get("FA4_KT_PERSISTENT"), env.get("FA4_BWD_CHUNK_VARLEN"),
+            bwd.KT_PERSISTENT, bwd.CTA_CHUNK, bwd.CTA_CHUNK_BYTES, bwd.DQ_CHAIN, bwd.KT_DQ_CHAIN,
+            bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.STATS_TMA, bwd.KEYS_AS_ROWS_D128,
+            bwd.KEYS_AS_ROWS_D128_PACKED, id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
+            id(bwd.backward_checked), id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
 
 
-def signature(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap, deterministic):
+def _meta(t):
+    return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0)
+
+
+def signature(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+              softmax_scale, window_left, window_right, softcap, deterministic):
     """Everything a plain-route call's decisions and launches depend on besides the tensors' addresses (their
-    16-byte alignment included)."""
+    16-byte alignment included; a packed call's offsets and seqused_k are read by the kernels, their values are
+    not decided on)."""
     return (q.device.index, q.dtype, k.dtype, v.dtype, dout.dtype, out.dtype, lse.dtype,
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), dout.shape, dout.stride(),
-            out.shape, out.stride(), lse.shape, lse.stride(),
-            None if dlse is None else (dlse.dtype, dlse.shape, dlse.stride(), dlse.data_ptr() % 16 == 0),
+            out.shape, out.stride(), lse.shape, lse.stride(), _meta(dlse),
             q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0, dout.data_ptr() % 16 == 0,
             out.data_ptr() % 16 == 0, lse.data_ptr() % 16 == 0,
-            float(softmax_scale), int(window_left), int(window_right), float(softcap), bool(deterministic),
-            _switches())
+            None if cu_seqlens_q is None else (_meta(cu_seqlens_q), _meta(cu_seqlens_k), int(max_seqlen_q),
+                                               int(max_seqlen_k)),
+            _meta(seqused_k), float(softmax_scale), int(window_left), int(window_right), float(softcap),
+            bool(deterministic), _switches())
 
 
 class Replay:
     """One plain-route signature's buffers and launches (backward_checked's plain route, replayed).
 
-    Where the main kernel's plan launches through launch.RawLaunch (which takes raw addresses for its descriptors)
-    and the query length needs no padding rows, Delta, lse2 and the tile counter share one workspace allocation and
-    go to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
-    __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "chain_shape", "workspace",
-                 "stats_tma")
+    Batched calls whose main kernel's plan launches through launch.RawLaunch (which takes raw addresses for its
+    descriptors) and whose query length needs no padding rows keep Delta, lse2 and the tile counter in one workspace
+    allocation, passed to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
+    __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "chain_shape", "varlen",
+                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma")
 
-    def __init__(self, tile, batch, seqlen_q, pad_to, persistent, prep, plan, chain_shape=None):
-        self.tile, self.batch, self.seqlen_q, self.pad_to = tile, batch, seqlen_q, pad_to
-        self.persistent, self.prep, self.plan, self.chain_shape = persistent, prep, plan, chain_shape
-        self.workspace = plan.raw is not None and seqlen_q % pad_to == 0
-        self.stats_tma = bwd.stats_tma_serves(tile, False)
+    def __init__(self, tile, batch, seqlen_q, persistent, prep, plan, chain_shape=None, *, varlen=False,
+                 zero_dkdv=False, stats_al_shape=None):
+        self.tile, self.batch, self.seqlen_q, self.persistent = tile, batch, seqlen_q, persistent
+        self.prep, self.plan, self.chain_shape = prep, plan, chain_shape
+        self.varlen, self.zero_dkdv, self.stats_al_shape = varlen, zero_dkdv, stats_al_shape
+        self.pad_to = None if varlen else tile.block_m
+        self.workspace = not varlen and plan.raw is not None and seqlen_q % tile.block_m == 0
+        self.stats_tma = bwd.stats_tma_serves(tile, varlen)
 
-    def __call__(self, dout, q, k, v, out, lse, dlse):
+    def __call__(self, dout, q, k, v, out, lse, dlse, cu_q=None, cu_k=None, seqused=None):
         device, index = q.device, q.device.index
-        dk = torch.empty(k.shape, dtype=k.dtype, device=device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=device)
-        # The fp32 dQ accumulator; it and the persistent grid's tile counter are zeroed by the preprocess.
-        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
-        if self.workspace:
-            # [Delta | lse2 | 4 int32 of tile counter], each (B, Hq, Sq) part a multiple of 64 rows: 16-byte aligned.
-            n = self.batch * q.shape[-2] * self.seqlen_q
-            ws = torch.empty(2 * n + 4, dtype=torch.float32, device=device)
-            keep = ws
-            dp = ws.data_ptr()
-            l2p, cp = dp + 4 * n, dp + 8 * n
-            delta = lse2 = None
-        else:
-            delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, self.pad_to)
-            keep = torch.empty(4, dtype=torch.int32, device=device) if self.persistent else None
+        # dK / dV rows outside every packed sequence, or past seqused_k, are never visited: zeros there.
+        alloc = torch.zeros if self.zero_dkdv else torch.empty
+        dk = alloc(k.shape, dtype=k.dtype, device=device)
+        dv = alloc(v.shape, dtype=v.dtype, device=device)
+        stats_al = None
+        if self.varlen:
+            # Packed: the accumulator and the counter zeroed by fills (rows outside every sequence included).
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
+            keep = torch.zeros(4, dtype=torch.int32, device=device) if self.persistent else None
+            delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, None)
+            if self.stats_al_shape is not None:  # (lse2, delta) copies at each sequence's aligned start
+                stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device)
+                                 for _ in range(2))
             dp, l2p = delta.data_ptr(), lse2.data_ptr()
             cp = keep.data_ptr() if keep is not None else dp
-        # The preprocess's 13 tensor slots in prep_arguments' order (no sink, batched: unused slots hold lse / delta).
+            zero_acc = zero_ctr = dp  # the preprocess's zeroing slots, unused (ZERO_DQ off)
+        else:
+            # Batched: the accumulator and the counter zeroed by the preprocess.
+            dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
+            if self.workspace:
+                # [Delta | lse2 | 4 int32 of tile counter]; each (B, Hq, Sq) part a multiple of 64 rows: aligned.
+                n = self.batch * q.shape[-2] * self.seqlen_q
+                keep = torch.empty(2 * n + 4, dtype=torch.float32, device=device)
+                dp = keep.data_ptr()
+                l2p, cp = dp + 4 * n, dp + 8 * n
+            else:
+                delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, self.pad_to)
+                keep = torch.empty(4, dtype=torch.int32, device=device) if self.persistent else None
+                dp, l2p = delta.data_ptr(), lse2.data_ptr()
+                cp = keep.data_ptr() if keep is not None else dp
+            zero_acc, zero_ctr = dq_acc.data_ptr(), (cp if self.persistent else dp)
+        # The preprocess's 13 tensor slots in prep_arguments' order (no sink: unused slots hold lse / delta).
         lp = lse.data_ptr()
         self.prep.fast([out.data_ptr(), dout.data_ptr(), lp, dlse.data_ptr() if dlse is not None else lp, lp,
-                        dp, l2p, dp, lp, dp, l2p, dq_acc.data_ptr(), cp if self.persistent else dp],
+                        dp, l2p, dp, cu_q.data_ptr() if self.varlen else lp,
+                        stats_al[1].data_ptr() if stats_al is not None else dp,
+                        stats_al[0].data_ptr() if stats_al is not None else l2p, zero_acc, zero_ctr],
                        raw_stream(index))
         dummy = bwd._dummy_i32(device)
         ctr = cp if self.persistent else dummy
@@ -96,12 +122,14 @@ class Replay:
         if self.workspace:
             lse2, delta = l2p, dp
         if self.stats_tma:
-            lse2_src, delta_src = lse2, delta
+            lse2_src, delta_src = stats_al if self.varlen else (lse2, delta)
         else:
-            lse2_src = delta_src = bwd._stats_placeholder(device, self.tile.block_m)
+            lse2_src = delta_src = bwd._stats_placeholder(device, self.tile.block_m, self.varlen)
         self.plan.launch_tensors(index, dict(
             q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq_acc, lse2=lse2, delta=delta, lse2_stats=lse2_src,
-            delta_stats=delta_src, sink=lse2, dsink=lse2, dq_chain=ctr, cu_q=dummy, cu_k=dummy, seqused=dummy))
+            delta_stats=delta_src, sink=lse2, dsink=lse2, dq_chain=ctr,
+            cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
+            seqused=seqused if seqused is not None else dummy))
         del keep  # freed now: the caching allocator gives the block only to work queued after these kernels
         return dq_acc.to(q.dtype), dk, dv
 
@@ -112,11 +140,13 @@ def remember(key, replay):
     _REPLAYS[key] = replay
 
 
-def replay(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap, deterministic):
+def replay(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+           softmax_scale, window_left, window_right, softcap, deterministic):
     """(dq, dk, dv) of a backend="auto" call through the Replay of its signature, or None (no Replay, or the fast
     launches are off: FA4_SM90_FAST=0, a launch hook, another current device)."""
-    found = _REPLAYS.get(signature(dout, q, k, v, out, lse, dlse, softmax_scale, window_left, window_right, softcap,
+    found = _REPLAYS.get(signature(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                   max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                                    deterministic))
     if found is None or not (launch.enabled(None) and hooks_idle() and q.device.index == current_device()):
         return None
-    return found(dout, q, k, v, out, lse, dlse)
+    return found(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k)
