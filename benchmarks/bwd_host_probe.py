@@ -16,6 +16,7 @@ time the host: session 23 found the D = 128 S = 1024 causal row host-bound so. T
   - the CPU ops and CUDA runtime calls of 10 backward calls under torch.profiler, by self CPU time.
 
     python benchmarks/bwd_host_probe.py [--rows 128:1024:1,128:1024:0,64:4096:1] [--reps 30] [--no-profile] [--gc-off]
+        [--engine-variants]
 """
 import argparse
 import os
@@ -106,6 +107,45 @@ class _Floor(torch.autograd.Function):
         return (*ctx.grads, *([None] * 15))
 
 
+class _FloorSavedOutputs(torch.autograd.Function):
+    """_Floor with out and lse made here and saved as outputs, as fa4's Function saves them."""
+    @staticmethod
+    def forward(ctx, q, k, v, *rest):
+        out, lse, grads = rest[-3:]
+        out, lse = out.clone(), lse.clone()
+        ctx.save_for_backward(q, k, v, out, lse, None, None, None, None)
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        MARKS.setdefault("run_backward>", time.perf_counter())
+        _ = ctx.saved_tensors
+        return (*ctx.grads, *([None] * 15))
+
+
+def engine_variants(q, k, v, out, lse, dout, causal, reps):
+    """Host marks of three stand-ins between _Floor and fa4's Function: outputs saved (_FloorSavedOutputs), and fa4's
+    own Function with its _run_backward replaced by one returning ready gradients (no kernels)."""
+    grads = tuple(torch.empty_like(t) for t in (q, k, v))
+    y, _ = _FloorSavedOutputs.apply(q, k, v, *([None] * 12), out.detach(), lse.detach(), grads)
+    rows = {"saved outputs": marks_of(lambda: torch.autograd.grad(y, (q, k, v), dout, retain_graph=True), reps)}
+    real_run = ops._run_backward
+
+    def ready(*a):
+        MARKS.setdefault("run_backward>", time.perf_counter())
+        return (*grads, None)
+    ops._run_backward = ready
+    try:
+        y2 = fa4.flash_attn_func(q, k, v, causal=bool(causal))
+        rows["fa4's Function, no kernels"] = marks_of(
+            lambda: torch.autograd.grad(y2, (q, k, v), dout, retain_graph=True), reps)
+    finally:
+        ops._run_backward = real_run
+    return rows
+
+
 def engine_floor(q, k, v, out, lse, dout, reps):
     grads = tuple(torch.empty_like(t) for t in (q, k, v))
     y, _ = _Floor.apply(q, k, v, *([None] * 12), out.detach(), lse.detach(), grads)
@@ -119,6 +159,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--gc-off", action="store_true", help="also the Replay's marks with Python's collector off")
+    ap.add_argument("--engine-variants", action="store_true", help="also stand-ins between the floor and fa4's Function")
     args = ap.parse_args()
     install()
     shipped_replay = backward_fast.replay
@@ -159,6 +200,9 @@ def main():
         m = engine_floor(q, k, v, out, lse, dout, args.reps)
         print("  engine floor (a Function launching nothing): " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()),
               flush=True)
+        if args.engine_variants:
+            for name, m in engine_variants(q, k, v, out, lse, dout, causal, args.reps).items():
+                print(f"  engine, {name}: " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()), flush=True)
         flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
         res = {name: [] for name, _ in forms}
         for _ in range(3):
