@@ -1732,8 +1732,10 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     """`backward` for a caller that has just had unsupported_reason return None (dispatch.resolve_auto_backward)."""
     varlen = cu_seqlens_q is not None
     device = q.device
-    given = (dout, out, tile)
-    dout = _tma_ready(dout)
+    ready = _tma_ready(dout)
+    # A call on the default tile whose dout and out the kernels take as they are can be replayed (backward_fast).
+    replayable = tile is None and sink is None and ready is dout and out.stride(-1) == 1
+    dout = ready
     out = out if out.stride(-1) == 1 else out.contiguous()
     d, dvh = q.shape[-1], v.shape[-1]
     if varlen:
@@ -1768,13 +1770,9 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         dq_acc = None
         if persistent:
             tile_ctr = torch.zeros(1, dtype=torch.int32, device=device)
-    elif not varlen:
-        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
-        tile_ctr = torch.empty(4, dtype=torch.int32, device=device) if persistent else None
-        zero = (dq_acc, tile_ctr)
     else:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
-        tile_ctr = torch.zeros(4, dtype=torch.int32, device=device) if persistent else None
+        dq_acc, tile_ctr = dq_accumulator(q, varlen, persistent)
+        zero = None if varlen else (dq_acc, tile_ctr)
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
                                          None if varlen else tile.block_m, aligned=stats_al, zero=zero)
     main_parts = None
@@ -1823,7 +1821,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         return dq, dk, dv, dsink
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
-    if sink is None and isinstance(launched, launch.Plan) and given[0] is dout and given[1] is out and given[2] is None:
+    if replayable and isinstance(launched, launch.Plan):
         _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, tile, launched, batch, seqlen_q,
                          None if opts["dq_chain"] is None else opts["dq_chain"].shape,
                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
@@ -1849,6 +1847,15 @@ def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al,
     backward_fast.remember(key, backward_fast.Replay(
         tile, batch, seqlen_q, persistent_tiles(tile), prep, plan, chain_shape, varlen=varlen,
         zero_dkdv=varlen or seqused_k is not None, stats_al_shape=None if stats_al is None else stats_al[0].shape))
+
+
+def dq_accumulator(q, varlen, persistent):
+    """The main kernel's fp32 dQ accumulator and the persistent grid's int32 tile counter (None off that grid):
+    batched, left for the preprocess to zero (preprocess's `zero`); packed, zeroed by fills (ZERO_DQ addresses rows
+    as b·Sq + i, and rows outside every sequence must read 0 too)."""
+    alloc = torch.zeros if varlen else torch.empty
+    acc = alloc(q.shape, dtype=torch.float32, device=q.device)
+    return acc, (alloc(4, dtype=torch.int32, device=q.device) if persistent else None)
 
 
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
@@ -1955,7 +1962,8 @@ def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to
     key = prep_key(index, head, tail, constexprs, grid)
     prep = launch.lookup(key)  # a direct_launch.Launch, kept beside the main kernel's plans
     if prep is None or prep.compiled is None:
-        prep = prep_launch(head, tail, constexprs, grid)
+        from ..triton import backward as tb
+        prep = Launch(tb._bwd_preprocess, len(head), grid, tail, constexprs, 4, 1)
         with torch.cuda.device(device):
             prep.jit(head, keep=True)
         launch.store(key, prep)
@@ -2012,12 +2020,6 @@ def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, de
                       BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None, ZERO_DQ=dq_acc is not None,
                       BLOCK_DQ=max(triton.next_power_of_2(dq_width), 16), ZERO_COUNTER=counter is not None)
     return head, tail, constexprs, (batch * hq, n_prep)
-
-
-def prep_launch(head, tail, constexprs, grid):
-    """A direct_launch.Launch of the preprocess kernel for these arguments (compiled at its first jit)."""
-    from ..triton import backward as tb
-    return Launch(tb._bwd_preprocess, len(head), grid, tail, constexprs, 4, 1)
 
 
 def sink_gradient_from_pdp(parts, sink, lse, dlse, batch):

@@ -81,33 +81,25 @@ class Replay:
         alloc = torch.zeros if self.zero_dkdv else torch.empty
         dk = alloc(k.shape, dtype=k.dtype, device=device)
         dv = alloc(v.shape, dtype=v.dtype, device=device)
-        stats_al = None
-        if self.varlen:
-            # Packed: the accumulator and the counter zeroed by fills (rows outside every sequence included).
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
-            keep = torch.zeros(4, dtype=torch.int32, device=device) if self.persistent else None
-            delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, None)
-            if self.stats_al_shape is not None:  # (lse2, delta) copies at each sequence's aligned start
-                stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device)
-                                 for _ in range(2))
+        if self.workspace:
+            dq_acc, _ = bwd.dq_accumulator(q, False, False)
+            # [Delta | lse2 | 4 int32 of tile counter]; each (B, Hq, Sq) part a multiple of 64 rows: aligned.
+            n = self.batch * q.shape[-2] * self.seqlen_q
+            keep = torch.empty(2 * n + 4, dtype=torch.float32, device=device)
+            dp = keep.data_ptr()
+            l2p, cp = dp + 4 * n, dp + 8 * n
+            delta, lse2 = dp, l2p  # both kernels take them as addresses
+        else:
+            dq_acc, keep = bwd.dq_accumulator(q, self.varlen, self.persistent)
+            delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, self.pad_to)
             dp, l2p = delta.data_ptr(), lse2.data_ptr()
             cp = keep.data_ptr() if keep is not None else dp
-            zero_acc = zero_ctr = dp  # the preprocess's zeroing slots, unused (ZERO_DQ off)
-        else:
-            # Batched: the accumulator and the counter zeroed by the preprocess.
-            dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
-            if self.workspace:
-                # [Delta | lse2 | 4 int32 of tile counter]; each (B, Hq, Sq) part a multiple of 64 rows: aligned.
-                n = self.batch * q.shape[-2] * self.seqlen_q
-                keep = torch.empty(2 * n + 4, dtype=torch.float32, device=device)
-                dp = keep.data_ptr()
-                l2p, cp = dp + 4 * n, dp + 8 * n
-            else:
-                delta, lse2 = bwd.stats_buffers(lse, self.batch, q.shape[-2], self.seqlen_q, self.pad_to)
-                keep = torch.empty(4, dtype=torch.int32, device=device) if self.persistent else None
-                dp, l2p = delta.data_ptr(), lse2.data_ptr()
-                cp = keep.data_ptr() if keep is not None else dp
-            zero_acc, zero_ctr = dq_acc.data_ptr(), (cp if self.persistent else dp)
+        stats_al = None
+        if self.stats_al_shape is not None:  # packed: (lse2, delta) copies at each sequence's aligned start
+            stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device) for _ in range(2))
+        # Batched calls have the preprocess zero the accumulator and the counter (its ZERO_DQ slots; packed: unused).
+        zero_acc = dp if self.varlen else dq_acc.data_ptr()
+        zero_ctr = cp if self.persistent and not self.varlen else dp
         # The preprocess's 13 tensor slots in prep_arguments' order (no sink: unused slots hold lse / delta).
         lp = lse.data_ptr()
         self.prep.fast([out.data_ptr(), dout.data_ptr(), lp, dlse.data_ptr() if dlse is not None else lp, lp,
@@ -119,8 +111,6 @@ class Replay:
         ctr = cp if self.persistent else dummy
         if self.chain_shape is not None:  # deterministic=True through the main kernel's ordered dQ chain
             ctr = torch.zeros(self.chain_shape, dtype=torch.int32, device=device)
-        if self.workspace:
-            lse2, delta = l2p, dp
         if self.stats_tma:
             lse2_src, delta_src = stats_al if self.varlen else (lse2, delta)
         else:

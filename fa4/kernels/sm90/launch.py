@@ -133,7 +133,8 @@ class RawLaunch:
     hands a training loop the same addresses step after step, so the maps are kept per (parameter, address).
     Built only where the wrapper has the 3.6 shape this reads (its closure's launcher and descriptor metadata, no
     scratch buffers); otherwise the plan launches as before."""
-    __slots__ = ("c_launch", "function", "metadata", "grid", "flags", "template", "desc_at", "tensor_at", "maps")
+    __slots__ = ("c_launch", "fill", "function", "metadata", "grid", "flags", "template", "desc_at", "tensor_at",
+                 "maps")
     _MAX_MAPS = 16  # per descriptor parameter: more distinct addresses than a training loop's buffers
 
     @classmethod
@@ -151,7 +152,8 @@ class RawLaunch:
                 or sorted(desc_idx) != sorted(i for i, _ in plan.desc_slots)):
             return None
         self = cls()
-        self.c_launch, self.function, self.metadata, self.grid = c_launch, plan.function, plan.metadata, plan.grid
+        self.c_launch, self.fill, self.function, self.metadata = c_launch, fill, plan.function, plan.metadata
+        self.grid = plan.grid
         self.flags = (plan.run.launch_cooperative_grid, plan.run.launch_pdl)
         # The C launcher's arguments: each descriptor parameter expands to (tensor map, *shape, *strides).
         order = {i: n for n, i in enumerate(sorted(desc_idx))}
@@ -164,7 +166,7 @@ class RawLaunch:
                 shape, strides = list(val.shape), list(val.strides)
                 encode = (m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"],
                           shape, strides, 1 if val.padding == "nan" else 0)
-                self.desc_at.append((len(template), sources[i], encode, fill))
+                self.desc_at.append((len(template), sources[i], encode))
                 self.maps.append({})
                 template.extend([None, *shape, *strides])
             else:
@@ -177,7 +179,7 @@ class RawLaunch:
     def launch(self, device_index, tensors):
         """tensors: by source name, tensors or raw device addresses (ints; the C launcher takes both)."""
         args = list(self.template)
-        for (at, src, encode, fill), maps in zip(self.desc_at, self.maps):
+        for (at, src, encode), maps in zip(self.desc_at, self.maps):
             base = tensors[src]
             ptr = base if isinstance(base, int) else base.data_ptr()
             tmap = maps.get(ptr)
@@ -185,7 +187,7 @@ class RawLaunch:
                 if len(maps) >= self._MAX_MAPS:
                     maps.clear()
                 swizzle, elem_size, elem_type, block, shape, strides, padding = encode
-                tmap = maps[ptr] = fill(ptr, swizzle, elem_size, elem_type, block, shape, strides, padding)
+                tmap = maps[ptr] = self.fill(ptr, swizzle, elem_size, elem_type, block, shape, strides, padding)
             args[at] = tmap
         for at, src in self.tensor_at:
             args[at] = tensors[src]
