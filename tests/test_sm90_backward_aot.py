@@ -99,6 +99,17 @@ LOOP_ALLOWANCE.update({"d128-causal": 11, "d96-window": 10})
 # The keys-as-rows chain and writer builds (session 24): what the one-CTA-a-tile keys-as-rows builds reload (L1 hits).
 LOOP_ALLOWANCE.update({"d64-chain-causal": 8, "d64-chain-varlen-causal-gqa2": 12, "d40-chain-right-window": 8,
                        "d64-kt-writer-causal": 4, "d128-kt-writer-causal": 9})
+# deterministic=True for batched D = 128 calls under a right window runs on the persistent keys-as-rows grid
+# (KT_PERSIST_CHAIN, session 26): the chain builds (its walk top-down, query block by query block, and the writer
+# warp) reload 6 values a step (L1 hits; the default's causal build 11), the build without dQ (the ordered pass's
+# side, DQ_CHAIN off) 5.
+LOOP_ALLOWANCE.update({"d128-chain-causal-gqa2": 6, "d96-chain-right-window": 6, "d128-deterministic-causal": 5,
+                       "d128-shared-chain-causal-gqa2": 1})
+TOTAL_ALLOWANCE.update({"d128-chain-causal-gqa2": 96, "d96-chain-right-window": 96})
+# The chain's lagged release (backward.chain_release_lag, session 26): in the packed causal build the writer warp
+# (its loader-sized register budget) keeps the previous step's coordinates in local memory, 4 accesses a step of one
+# warp (L1 hits); the consumers' loops 2 + 2 against 3 + 0 before.
+LOOP_ALLOWANCE.update({"d128-chain-varlen-causal": 8})
 # The shared-dQ D = 128 consumers wait for each other's loop end before dK overwrites a K slot the other's dQ products
 # read (loop_done, session 18): ptxas then keeps one value in local memory across the masked branch of a step (a
 # partial key block only, L1 hits; the unmasked path of the loop has none). Before, 0.
@@ -171,6 +182,10 @@ CASES = [
     ("d128-chain-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, dq_chain=True)),
     ("d128-chain-varlen-causal", dict(d=128, dv=128, varlen=True, causal=True, dq_chain=True)),
     ("d96-chain-right-window", dict(d=96, dv=96, window=(-1, 200), dq_chain=True)),
+    # ... and the shared-dQ tile's descending chain (KT_PERSIST_CHAIN off; its writer releases a step late,
+    # chain_release_lag).
+    ("d128-shared-chain-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, dq_chain=True,
+                                           tile=dict(shared_dq=True))),
     # The chain in the keys-as-rows kernel (session 24: deterministic D = 64 with a right window, or from 8192 query
     # rows without one; the same writer warp, backward.dq_writer), and that writer issuing the unordered adds (tile.dq_writer, a
     # probe on the one-CTA-a-tile grid).
@@ -402,7 +417,8 @@ def test_dq_chain_order(bm, nwg):
     it form one chain, and each one's wait count is exactly the number of chain members before it. Every member
     before it was dispatched earlier (ascending: lower block index; descending: the grid runs last block first),
     so a CTA never waits on one that may not be resident yet (no deadlock), and in the descending chain the
-    predecessor reaches m at an earlier step of its walk (no waiting in the steady state)."""
+    predecessor reaches m at an earlier step of its walk (no waiting in the steady state): BN / BM steps earlier
+    with BN >= 2·BM (the lagged release's premise, backward.chain_release_lag)."""
     bn = SLAB * nwg
     rng = np.random.default_rng(7 * bm + nwg)
     for _ in range(300):
@@ -422,6 +438,87 @@ def test_dq_chain_order(bm, nwg):
                     step = m - ranges[nb][0]
                     prev_step = m - ranges[prev][0]
                     assert prev_step <= step if wr >= 0 else prev_step == step
+                    if wr >= 0 and bn >= 2 * bm and ranges[nb][0] > 0:
+                        # backward.chain_release_lag's premise: where a walk starts past query block 0 the
+                        # predecessor is BN / BM >= 2 steps ahead, so a release a step late is still in time.
+                        assert step - prev_step == bn // bm, (seq_q, seq_k, wr, m, nb)
+
+
+def _walk_top_down(n_m, m_lo, group):
+    """backward._step_block's walk on the persistent grid's ascending chain (a right window): [(g, m)] by step,
+    query block after query block from the last one down, the group's heads at each."""
+    return [(it % group, m_lo + n_m - 1 - it // group) for it in range(group * n_m)]
+
+
+def _persistent_chain_run(seed, seq_q, seq_k, wr, group, pairs, ctas, bm=64, bn=128):
+    """The persistent keys-as-rows grid's ordered dQ (KT_PERSIST_CHAIN), one add a step: tiles in _tile_coords'
+    order for ordered calls (chunk = 1: a (sequence, kv head)'s key blocks in order), each CTA drawing its next
+    tile from the shared counter once its current one is done, walking _walk_top_down and, at each (query block,
+    head), waiting until the chain counter reads its key block (_dq_chain_wait's ascending count) before adding.
+    Random schedules. Returns (adds in order per chain, steps each tile waited) or raises on a deadlock."""
+    rng = np.random.default_rng(seed)
+    n_kb = -(-seq_k // bn)
+    tiles = [(pair, nb) for pair in range(pairs) for nb in range(n_kb)]
+    walks = {}
+    for pair, nb in tiles:
+        lo, hi = _q_range(nb * bn, bn, bm, seq_q, seq_k, -1, wr)
+        walks[(pair, nb)] = _walk_top_down(hi - lo, lo, group)
+    counters, adds, waited = {}, {}, {}
+    drawn = 0
+    state = [None] * ctas  # (tile, step) per CTA
+    done = 0
+    while done < len(tiles):
+        movable = []
+        for c in range(ctas):
+            if state[c] is None:
+                if drawn < len(tiles):
+                    movable.append(c)
+                continue
+            (pair, nb), step = state[c]
+            g, m = walks[(pair, nb)][step]
+            if counters.get((pair, g, m), 0) >= nb:
+                movable.append(c)
+            else:
+                waited[(pair, nb)] = waited.get((pair, nb), 0) + 1
+        if not movable:
+            raise AssertionError(f"deadlock: {state}")
+        c = movable[rng.integers(len(movable))]
+        if state[c] is None:
+            state[c] = (tiles[drawn], 0)
+            drawn += 1
+            if not walks[state[c][0]]:
+                state[c], done = None, done + 1
+            continue
+        (pair, nb), step = state[c]
+        g, m = walks[(pair, nb)][step]
+        assert counters.get((pair, g, m), 0) == nb, "two adds of one chain at once"
+        counters[(pair, g, m)] = nb + 1
+        adds.setdefault((pair, g, m), []).append(nb)
+        state[c] = ((pair, nb), step + 1) if step + 1 < len(walks[(pair, nb)]) else None
+        done += state[c] is None
+    return adds, walks
+
+
+@pytest.mark.parametrize("wr", [0, 0, 200, 5000])
+def test_persistent_chain_model(wr):
+    """The ascending chain on the persistent grid under a right window: no deadlock under random schedules with few
+    CTAs; every (query block, head)'s adds come in ascending key-block order and each key block that sees it adds
+    (the count _dq_chain_wait waits for is its block index); and on the top-down walk consecutive key blocks reach
+    every (query block, head) at the same step of their walks, so a tile waits only for its predecessor's add of
+    that step (bottom up, the walks of BN / BM more query blocks would put it 2·BN / BM steps behind)."""
+    rng = np.random.default_rng(wr + 11)
+    for trial in range(60):
+        seq_q, seq_k = int(rng.integers(1, 900)), int(rng.integers(1, 900))
+        if trial % 3 == 0:
+            seq_k = seq_q
+        group, pairs, ctas = int(rng.choice([1, 2, 3])), int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        adds, walks = _persistent_chain_run(trial, seq_q, seq_k, wr, group, pairs, ctas)
+        n_kb = -(-seq_k // 128)
+        for (pair, g, m), order in adds.items():
+            members = [nb for nb in range(n_kb) if (g, m) in walks[(pair, nb)]]
+            assert order == members == list(range(len(members))), (seq_q, seq_k, wr, m, order)
+            for nb in members[1:]:
+                assert walks[(pair, nb)].index((g, m)) == walks[(pair, nb - 1)].index((g, m)), (seq_q, seq_k, m, nb)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1456,7 +1553,8 @@ def test_preprocess_aligned_copies_of_packed_rows():
 
 def test_default_tile_routing(monkeypatch):
     """Which tile each kind of call gets (backward.default_tile, backward_checked): keys as rows at D = 64 and for
-    causal D = 128; the queries-as-rows tiles for a D = 64 softcap, D = 128 non-causal or deterministic calls, and
+    causal D = 128 (deterministic ones too when batched); the queries-as-rows tiles for a D = 64 softcap, D = 128
+    non-causal, packed deterministic or left-windowed deterministic calls, and
     for softmax_scale = 0 (the keys-as-rows kernel seeds its scores with −lse2 / scale); with a sink the keys-as-rows
     tiles take dQ from the ordered pass (checked in backward_checked's rule below)."""
     from fa4.kernels.sm90 import backward as bwd
@@ -1473,9 +1571,20 @@ def test_default_tile_routing(monkeypatch):
                                                                                           persistent=False)
     assert bwd.D128_CAUSAL_TILE.persistent and bwd.persistent_tiles(bwd.D128_CAUSAL_TILE)
     assert not bwd.persistent_tiles(bwd.default_tile(64, 64)) and not bwd.persistent_tiles(bwd.get_tile(128, 128))
-    for kw in (dict(deterministic=True), dict(softcap=20.0), dict(softmax_scale=0.0),
-               dict(sink=True, deterministic=True)):
+    for kw in (dict(softcap=20.0), dict(softmax_scale=0.0), dict(sink=True, deterministic=True),
+               dict(deterministic=True, varlen=True), dict(deterministic=True, window_left=100)):
         assert bwd.default_tile(128, 128, window_right=0, **kw) == shared, kw
+    # deterministic=True on batched calls under a right window from KT_PERSIST_CHAIN_MIN_ROWS query rows: the
+    # persistent grid's ascending chain (KT_PERSIST_CHAIN), else the shared-dQ tile's descending one.
+    det = bwd.default_tile(128, 128, window_right=0, deterministic=True)
+    assert det is bwd.D128_CAUSAL_TILE and bwd.dq_chain_serves(det, -1, None, 0)
+    long_rows = bwd.KT_PERSIST_CHAIN_MIN_ROWS
+    assert bwd.default_tile(128, 128, window_right=0, deterministic=True, seqlen_q=long_rows) is det
+    assert bwd.default_tile(128, 128, window_right=0, deterministic=True, seqlen_q=long_rows - 1) == shared
+    assert not bwd.dq_chain_serves(det, -1, None, -1)
+    monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", False)
+    assert bwd.default_tile(128, 128, window_right=0, deterministic=True) == shared
+    monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", True)
     # A sink: the queries-as-rows tiles with dQ in the kernel sum its P·dP partials (sink_pdp); the others' sink
     # calls take dQ and the sink gradient from the ordered pass (dq_route); nothing takes the O-based sum.
     from dataclasses import replace

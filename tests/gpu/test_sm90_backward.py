@@ -179,12 +179,15 @@ def test_seqused_k():
     _run(q, k, v, varlen=dict(seqused_k=used))
 
 
-@pytest.mark.parametrize("d,causal", [(128, True), (64, False), (64, True)])
-def test_deterministic_bitwise_100x(d, causal):
-    """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients (D = 128: the shared-dQ
-    kernel's chain; D = 64 causal: the keys-as-rows kernel's chain; D = 64 at 2048 rows without a window: the ordered
-    pass)."""
+@pytest.mark.parametrize("d,causal,persist", [(128, True, False), (128, True, True), (64, False, False),
+                                             (64, True, False)])
+def test_deterministic_bitwise_100x(monkeypatch, d, causal, persist):
+    """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients (D = 128 causal: the
+    shared-dQ tile's chain at 2048 rows, and with persist the persistent keys-as-rows grid's chain; D = 64 causal:
+    the keys-as-rows kernel's chain; D = 64 at 2048 rows without a window: the ordered pass)."""
     bwd = _bwd()
+    if persist:
+        monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN_MIN_ROWS", 0)
     torch.manual_seed(11)
     q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 2048, 8, 2, d, causal=causal, device=DEV)
     first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
@@ -283,12 +286,31 @@ def _tile_dims(q, v):
 @pytest.mark.parametrize("case", CHAIN_CASES + KT_CHAIN_CASES,
                          ids=[backward_case_id(c) for c in CHAIN_CASES + KT_CHAIN_CASES])
 def test_dq_chain(monkeypatch, case, dtype):
+    """D = 128 under a right window: the persistent keys-as-rows grid's ascending chain (KT_PERSIST_CHAIN)."""
     bwd = _bwd()
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = bwd.default_tile(*_tile_dims(q, v), kw["left"], kw["softcap"], window_right=kw["right"],
                             deterministic=True)
-    assert tile.keys_as_rows == (q.shape[-1] <= 64)
+    persistent = q.shape[-1] > 64 and kw["right"] >= 0 and kw["softcap"] == 0
+    assert tile.keys_as_rows == (q.shape[-1] <= 64 or persistent)
+    assert bwd.persistent_tiles(tile) == persistent
     monkeypatch.setattr(bwd, "KT_ASC_CHAIN_MIN_ROWS", 0)  # the ascending keys-as-rows chain at these lengths too
+    monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN_MIN_ROWS", 0)  # and the persistent grid's chain
+    assert bwd.dq_chain_serves(tile, kw["left"], kw["sink"], kw["right"], q.shape[1])
+    _chain_only(monkeypatch, bwd)
+    check_backend_backward(_repeating(bwd.backward, 3), q, k, v, deterministic=True, **kw)
+
+
+@pytest.mark.parametrize("case", [c for c in CHAIN_CASES if c[8] >= 0],
+                         ids=[backward_case_id(c) for c in CHAIN_CASES if c[8] >= 0])
+def test_dq_chain_shared_tile(monkeypatch, case):
+    """The same D = 128 right-window calls on the shared-dQ tile's descending chain (KT_PERSIST_CHAIN off)."""
+    bwd = _bwd()
+    monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", False)
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    tile = bwd.default_tile(*_tile_dims(q, v), kw["left"], kw["softcap"], window_right=kw["right"],
+                            deterministic=True)
+    assert tile.shared_dq and not tile.keys_as_rows
     assert bwd.dq_chain_serves(tile, kw["left"], kw["sink"], kw["right"], q.shape[1])
     _chain_only(monkeypatch, bwd)
     check_backend_backward(_repeating(bwd.backward, 3), q, k, v, deterministic=True, **kw)

@@ -405,10 +405,23 @@ def _q_range(p, n0, seq_q, seq_k):
 @gluon.jit
 def _step_block(p, it, n_m, m_lo, hk):
     """(g, h, m0) of loop step `it` of a CTA's walk over (query head of the GQA group, query block): the group
-    member g, its query head h and the block's first row m0. The loader and every consumer walk the same steps."""
-    g = it // n_m
+    member g, its query head h and the block's first row m0. The loader and every consumer walk the same steps:
+    head after head, each from the key block's first query block up.
+
+    The ascending chain under a right window (the persistent keys-as-rows grid's, KT_PERSIST_CHAIN) walks query
+    block after query block from the last one down, the group's heads at each: key blocks nb − 1 and nb then reach
+    every (query block, head) at the same step of their walks (both start at the last block; nb's walk only ends
+    earlier), so nb waits for its predecessor's add of the same step, which was handed out first, instead of for
+    one that comes 2·(BN / BM) steps later in the walk (bottom up, the diagonal key block would wait for its
+    predecessor's walk to get there)."""
+    if p.ORDERED_DQ == ORDERED_DQ_ASC and p.HAS_WR:
+        g = it % p.group
+        r = it // p.group
+        m0 = (m_lo + n_m - 1 - r) * p.BM
+    else:
+        g = it // n_m
+        m0 = (m_lo + it - g * n_m) * p.BM
     h = hk * p.group + g
-    m0 = (m_lo + it - g * n_m) * p.BM
     return g, h, m0
 
 
@@ -470,6 +483,17 @@ def _dq_chain_release(ctr):
     issue the adds)."""
     gl.inline_asm_elementwise(
         "{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group 0; fence.proxy.async.global; "
+        "bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
+        "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
+        "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _dq_chain_release_lagged(ctr):
+    """_dq_chain_release of the previous step's chains, issued after this step's two reduce-adds (DQ_RELEASE_LAG,
+    NWG = 2): every bulk group but the two newest completed in full, then +1 on the chain counter."""
+    gl.inline_asm_elementwise(
+        "{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group 2; fence.proxy.async.global; "
         "bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
         "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
         "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
@@ -573,35 +597,69 @@ def dq_share_coord(p, b, h, q_start, m0, w: gl.constexpr, KEYS_AS_ROWS: gl.const
 
 
 @gluon.jit
-def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr):
+def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = False):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add (dq_share_coord). Then,
     once the TMA unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have
     completed, release them to the next key block of each chain. One tile a CTA; the consumers stage their shares
     in the order of the walk (the keys-as-rows kernel's a step late under DQ_LAG, the same order), so this loop
-    pairs with theirs step for step."""
+    pairs with theirs step for step.
+
+    RELEASE_LAG (DQ_RELEASE_LAG, the chain with two consumers): a step's chains are released only once the next
+    step's adds are issued, and then only for the adds already complete (_dq_chain_release_lagged), so that the
+    writer does not wait for its own adds to land at L2 before it can take the next step's shares. The successor
+    key block of a chain waits a step longer; with the chain's total order of key blocks no wait can close a
+    cycle (a predecessor never waits for its successor), and the last step's chains are released after the loop."""
     NWG: gl.constexpr = p.NWG
+    gl.static_assert(not RELEASE_LAG or NWG == 2, "the lagged release waits for all but two bulk groups")
     BN: gl.constexpr = KEYS_PER_WG * NWG
     nb, b, hk, seq_q, seq_k, q_start, k_start = _cta_coords(p)
     n0 = nb * BN
     if n0 < seq_k:
         m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
         n_m = m_hi - m_lo
+        h_prev = 0
+        m0_prev = 0
         for it in range(p.group * n_m):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-            for w in gl.static_range(NWG):
-                mbarrier.wait(bufs.dq_staged.index(w), it & 1)
-                if p.ORDERED_DQ != 0:
-                    _dq_chain_wait(p, _dq_counter(p, b, h, m0, w), nb, m0, seq_q, seq_k)
-                async_reduce_add_shared_to_global(p.dq_desc, dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS),
-                                                  bufs.dq.index(w))
-            tma.store_wait(0)
-            for w in gl.static_range(NWG):
-                mbarrier.arrive(bufs.dq_free.index(w))
+            write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS)
             if p.ORDERED_DQ != 0:
-                for w in gl.static_range(NWG):
-                    _dq_chain_release(_dq_counter(p, b, h, m0, w))
+                if RELEASE_LAG:
+                    if it > 0:
+                        for w in gl.static_range(NWG):
+                            _dq_chain_release_lagged(_dq_counter(p, b, h_prev, m0_prev, w))
+                    h_prev = h
+                    m0_prev = m0
+                else:
+                    release_step(p, b, h, m0, 0)
+        if p.ORDERED_DQ != 0 and RELEASE_LAG:
+            if p.group * n_m > 0:
+                release_step(p, b, h_prev, m0_prev, 0)
         tma.store_wait(0)
+
+
+@gluon.jit
+def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS_ROWS: gl.constexpr):
+    """The writer's step s (the CTA's count): for each consumer w, once its share is staged (dq_staged[w], s's
+    parity) and, with ORDERED_DQ, key block nb's turn has come in the chain of (m0, h, w) (counters from
+    dq_ctr + ctr_off), the TMA reduce-add; then, once the TMA unit has read every tile, they are freed (dq_free)."""
+    NWG: gl.constexpr = p.NWG
+    for w in gl.static_range(NWG):
+        mbarrier.wait(bufs.dq_staged.index(w), s & 1)
+        if p.ORDERED_DQ != 0:
+            _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + ctr_off, nb, m0, seq_q, seq_k)
+        async_reduce_add_shared_to_global(p.dq_desc, dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS),
+                                          bufs.dq.index(w))
+    tma.store_wait(0)
+    for w in gl.static_range(NWG):
+        mbarrier.arrive(bufs.dq_free.index(w))
+
+
+@gluon.jit
+def release_step(p, b, h, m0, ctr_off):
+    """The ordered chain: every consumer's add of (m0, h) completed, then released to the next key block."""
+    for w in gl.static_range(p.NWG):
+        _dq_chain_release(_dq_counter(p, b, h, m0, w) + ctr_off)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1023,7 +1081,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False):
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
+                    DQ_RELEASE_LAG: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1093,14 +1152,14 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
-                                (dq_writer, (p, bufs, gl.constexpr(False)))], [4, 1, 1],
+                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG))], [4, 1, 1],
                                [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
             gl.warp_specialize([(_loader, (p, bufs)),
                                 (_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_consumer, (p, bufs, gl.constexpr(2))),
-                                (dq_writer, (p, bufs, gl.constexpr(False)))], [4, 4, 4, 1],
+                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG))], [4, 4, 4, 1],
                                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -1332,11 +1391,12 @@ D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, ke
 
 
 def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False,
-                 sink=False, softmax_scale=None):
+                 sink=False, softmax_scale=None, seqlen_q=None):
     """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
     Sᵀ and dPᵀ). At D = 128 causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ to the
-    ordered pass, see backward_checked). softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel,
+    ordered pass, see backward_checked); deterministic ones too where its persistent grid orders dQ
+    (KT_PERSIST_CHAIN: batched, no left window, from KT_PERSIST_CHAIN_MIN_ROWS query rows; seqlen_q None: any). softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel,
     which seeds its score accumulator with −lse2 / scale. A sink on a queries-as-rows tile with dQ in the kernel
     takes its P·dP partials (sink_pdp)."""
     tile = get_tile(d, dv)
@@ -1344,7 +1404,9 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         return None
     if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         tile = D64_NARROW_TILE
-    elif ((d, dv) == (128, 128) and window_right >= 0 and not deterministic and softmax_scale != 0
+    elif ((d, dv) == (128, 128) and window_right >= 0 and softmax_scale != 0
+          and (not deterministic or (KT_PERSIST_CHAIN and not varlen and window_left < 0
+                                     and (seqlen_q is None or seqlen_q >= KT_PERSIST_CHAIN_MIN_ROWS)))
           and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
         # Packed calls stay off the persistent grid: there ptxas reloads 28 values a step instead of 16 (the
         # sequence bounds of each tile beside the tile loop's state), and it was not timed.
@@ -1558,7 +1620,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # reloads are in tests/test_sm90_backward_aot.py's allowances).
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, TRACE=tile.trace,
-        ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 else 1),
+        # The persistent grid's chain is ascending under any right window (its walks top-down, _step_block).
+        ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 and not persistent_tiles(tile) else 1),
         # The writer warp: always for the ordered chain; for the unordered reduce-add where tile.dq_writer asks for
         # it: on the queries-as-rows tiles for calls without a right window (where it measured faster), on the
         # keys-as-rows ones (a probe, not measured yet) under any mask but one tile a CTA only.
@@ -1566,6 +1629,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             not persistent_tiles(tile) if tile.keys_as_rows else window_right < 0))),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
+    # The chain's lagged release (dq_writer; the D = 256 kernel takes the parameter and builds no chain).
+    constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
@@ -1589,9 +1654,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             constexprs["PERSIST"] = True
             constexprs["CTA_CHUNKED"] = False
             grid = (min(n_kb * batch * hkv, _sm_count(q.device)), )
-            # The tiles are handed out by this counter (ORDERED_DQ, whose counters the slot holds otherwise, is not
-            # built in the keys-as-rows kernel).
-            args["dq_ctr"] = tile_ctr if tile_ctr is not None else dummy_i32
+            # The tiles are handed out by this counter; with the ordered chain, the first slot of the chain's
+            # counters (dq_chain_counters).
+            if dq_chain is None:
+                args["dq_ctr"] = tile_ctr if tile_ctr is not None else dummy_i32
     return grid, args, constexprs
 
 
@@ -1657,23 +1723,54 @@ DQ_CHAIN = True
 # The same chain in the keys-as-rows kernel (D = 64; the same writer warp, dq_writer); False: those
 # deterministic calls take the ordered pass (probes flip it for A/B).
 KT_DQ_CHAIN = True
+# The chain on the persistent keys-as-rows grid (deterministic=True for batched D = 128 calls under a right window,
+# causal included, from KT_PERSIST_CHAIN_MIN_ROWS query rows; default_tile): ascending key blocks, each walk top-down
+# and query block by query block (backward._step_block), so that every tile waits only on tiles handed out before it.
+# H100, session 26 (det_cost.py --flip KT_PERSIST_CHAIN, det_chain_shapes.py; benchmarks/NOTES.md): over the
+# default, causal S = 16384 +3 / +7% at 64 / 16 heads (the shared-dQ tile's chain +27.5 / +12.5-13%), but S = 4096
+# +60-97% and S = 1024 +94-103% with more than one wave of tiles (S = 1024, 16 heads: +13%): the chain's tiles of a
+# head start together and each waits for its predecessor's add of the same step, a delay that grows along the chain
+# while the SM idles. False: always the shared-dQ tile's descending chain (probes flip it for A/B).
+KT_PERSIST_CHAIN = True
+KT_PERSIST_CHAIN_MIN_ROWS = 16384
 # ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
 # chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
 # +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
 KT_ASC_CHAIN_MIN_ROWS = 8192
 
 
+# The chain's writer releases a step's chains after issuing the next step's adds (dq_writer's RELEASE_LAG) where
+# chain_release_lag allows it; False: always at once, after waiting for its own adds to land (probes flip it).
+DQ_RELEASE_LAG = True
+
+
+def chain_release_lag(tile, window_right):
+    """Whether the ordered chain's writer releases each step a step late (dq_writer's RELEASE_LAG): only where every
+    predecessor in a chain reaches the query block at least two steps before its successor, so that the successor
+    still finds the release done. That is the descending chain (a right window) on a tile of BN >= 2·BM keys: the
+    shared-dQ D = 128 tile (BM = 64, BN = 128), where key block nb + 1's walk starts BN / BM query blocks after
+    nb's. Measured (H100, det_cost.py --flip DQ_RELEASE_LAG, session 26): deterministic causal D = 128 +9.4 / +12.7%
+    over the default at S = 4096 / 16384 against +11.1 / +15.6% releasing at once; where the predecessor is at
+    the same step (the ascending chain: every key block walks every query block from the first) or one step ahead
+    (the keys-as-rows D = 64 tile, BM = BN = 128) the lag made the chain 10-30% slower."""
+    return (DQ_RELEASE_LAG and window_right >= 0 and tile.num_wg == 2 and not tile.keys_as_rows
+            and tile.block_n >= 2 * tile.block_m)
+
+
 def dq_chain_serves(tile, window_left, sink, window_right=-1, seqlen_q=None):
     """Whether a deterministic call takes the in-kernel ordered dQ (ORDERED_DQ) instead of the ordered pass: the
-    shared-dQ tile (D = 128) or a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on
+    shared-dQ tile (D = 128), a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on
     the CTAs' dispatch order, _cta_block; without a right window from KT_ASC_CHAIN_MIN_ROWS query rows, seqlen_q
-    None: any), no left window (the chain's bounds assume every key block's walk ends at the same query block), and
+    None: any), or on it under a right window (KT_PERSIST_CHAIN: the ascending chain, whose predecessors are
+    handed out first), no left window (the chain's bounds assume every key block's walk ends at the same query block), and
     no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
     if not DQ_CHAIN or tile.separate_dq or window_left >= 0 or sink is not None:
         return False
     if tile.keys_as_rows:
+        if persistent_tiles(tile):
+            return KT_PERSIST_CHAIN and window_right >= 0
         long_enough = window_right >= 0 or seqlen_q is None or seqlen_q >= KT_ASC_CHAIN_MIN_ROWS
-        return KT_DQ_CHAIN and not persistent_tiles(tile) and long_enough
+        return KT_DQ_CHAIN and long_enough
     return tile.shared_dq
 
 
@@ -1706,9 +1803,16 @@ def dq_route(tile, deterministic, window_left, sink, window_right=-1, seqlen_q=N
 
 
 def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
-    """Zeroed chain counters of the in-kernel ordered dQ: one per (sequence, query head, query block, consumer)."""
-    return torch.zeros(batch, n_heads, triton.cdiv(seqlen_q, tile.block_m), tile.num_wg, dtype=torch.int32,
-                       device=device)
+    """Zeroed chain counters of the in-kernel ordered dQ: one per (sequence, query head, query block, consumer); on
+    the persistent grid (flat) behind the 4 slots of its tile counter (CHAIN_CTR_OFFSET), which they share."""
+    n = (batch, n_heads, triton.cdiv(seqlen_q, tile.block_m), tile.num_wg)
+    if persistent_tiles(tile):
+        return torch.zeros(CHAIN_CTR_OFFSET + n[0] * n[1] * n[2] * n[3], dtype=torch.int32, device=device)
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
+# Where the persistent grid's chain counters start in their buffer (the tile counter takes slot 0).
+CHAIN_CTR_OFFSET = 4
 
 
 def backward(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
@@ -1745,7 +1849,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap,
                                 window_right=window_right, deterministic=deterministic, varlen=varlen,
-                                sink=sink is not None, softmax_scale=softmax_scale)
+                                sink=sink is not None, softmax_scale=softmax_scale, seqlen_q=seqlen_q)
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
     dk = alloc(k.shape, dtype=k.dtype, device=device)
@@ -1879,7 +1983,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, persistent_tiles(tile))
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, persistent_tiles(tile), DQ_RELEASE_LAG)
 
 
 def _dq_placeholder(tile, d, varlen, device):

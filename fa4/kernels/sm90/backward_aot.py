@@ -51,7 +51,11 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    # Pointers 16-byte aligned, as a launch specialises them (torch's allocations): pointer loads and stores compile
+    # to the vectors a real launch gets (without it, to scalar accesses).
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, val in args.items() if isinstance(val, torch.Tensor)}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": 4})
 
 

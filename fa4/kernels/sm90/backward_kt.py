@@ -67,9 +67,12 @@ from triton.language.core import _aggregate as aggregate
 from . import configs, handout
 from .attention_fwd import _kv_coord, _next_slot, _opaque, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event, _loader, _mask_needed,
-                       _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows, _trace_step,
-                       async_reduce_add_shared_to_global, dq_share_coord, dq_writer, writer_barriers)
+from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event,
+                       _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows,
+                       _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_writer, release_step,
+                       write_step, writer_barriers)
+
+CHAIN_CTR = gl.constexpr(CHAIN_CTR_OFFSET)
 
 
 def smem_bytes(tile, d, dv, elem=2):
@@ -154,7 +157,7 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
             DQ_ROWS: gl.constexpr, it, j):
     """Stage this consumer's completed dQ share (scaled) and add it to the fp32 accumulator by TMA reduce-add, once
     the previous add has read the staging tile. `it`: the step the trace build stamps (events 8-10); j: the step
-    whose share this is. With the writer warp (DQ_WRITER, the ordered chain) the consumer only stages the share and
+    whose share this is, counted over the CTA's tiles (the persistent grid's writer pairs with it by parity). With the writer warp (DQ_WRITER, the ordered chain) the consumer only stages the share and
     hands it over (dq_staged); the writer issues the add in the chain's order and frees the tile (dq_free, arrived
     once per step: the wait for share j is the writer's release of share j - 1, and a fresh barrier passes parity 1
     for j = 0)."""
@@ -326,7 +329,7 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                     s_prev = gstep + it - 1
                     dv_done, dk_done = _share_and_release(p, bufs, dv, dk, idx, (s_prev & 1) * NWG,
                                                           (s_prev >> 1) & 1, b, h_prev, q_start, m0_prev, it,
-                                                          it - 1, WG, QW, DQW, DQ_ROWS, dq_layout)
+                                                          s_prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                 else:
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv, dk))
                     mbarrier.arrive(bufs.q_empty.index(idx))
@@ -336,8 +339,8 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                 h_prev = h
                 m0_prev = m0
             elif p.DQ_ATOMIC:
-                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, (gstep + it) & 1, b, h, q_start, m0, it, it,
-                                            WG, QW, DQW, DQ_ROWS, dq_layout)
+                dv, dk = _share_and_release(p, bufs, dv, dk, idx, 0, (gstep + it) & 1, b, h, q_start, m0, it,
+                                            gstep + it, WG, QW, DQW, DQ_ROWS, dq_layout)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(bufs.q_empty.index(idx))
@@ -356,7 +359,7 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                 dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
                 dq = warpgroup_mma_wait(0, deps=(dq, ))
                 mbarrier.arrive(bufs.ds_free.index(prev + OTHER))
-                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1, last)
+                _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, last + 1, s_last)
         tma.store_wait(0)
         # Indices derived again (from a fresh %ctaid read, or the tile index) rather than kept live through the loop.
         if PERSIST:
@@ -491,6 +494,35 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
         t = handout.draw(p.dq_ctr, tiles, fcount)
 
 
+@gluon.jit
+def _writer_persistent(p, bufs, tiles, n_bh, chunk):
+    """backward.dq_writer over the persistent grid's tiles (deterministic=True: the ascending chain, ORDERED_DQ = 1):
+    each tile from the handout like the consumers, its steps in their order (_step_block: top-down under a right
+    window), the staged shares paired by the CTA's step count s. A tile's chains wait only on lower key blocks of
+    the same (sequence, kv head), whose tiles have lower indices (chunk = 1 for ordered calls: _tile_coords runs
+    the key blocks of a head in order) and were handed out earlier to CTAs that work their tiles in order, so the
+    lowest unfinished tile never waits: no deadlock. Chain counters behind the tile counter (CHAIN_CTR)."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    n_tiles = _tile_count(p, n_bh)
+    gstep = gl.to_tensor(0)
+    fcount = gl.to_tensor(0)
+    t = handout.take(tiles, fcount, 1)
+    while t < n_tiles:
+        nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
+        n0 = nb * BN
+        if n0 < seq_k:
+            m_lo, m_hi = _q_range(p, n0, seq_q, seq_k)
+            n_m = m_hi - m_lo
+            for it in range(p.group * n_m):
+                _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
+                write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True)
+                release_step(p, b, h, m0, CHAIN_CTR)
+            gstep += p.group * n_m
+        fcount += 1
+        t = handout.take(tiles, fcount, 1)
+    tma.store_wait(0)
+
+
 @aggregate
 class KvHandback:
     """The persistent grid's K / V hand-back: k_free, v_free (one arrival a consumer: its dK, dV staged there and
@@ -540,7 +572,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        EARLY_DP: gl.constexpr, SINK_PDP: gl.constexpr, PING_PONG: gl.constexpr, BIG: gl.constexpr,
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                       CTA_CHUNKED: gl.constexpr = False, DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
+                       CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
@@ -549,7 +582,9 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # (tile.dq_writer), the unordered adds; one tile a CTA: the chain's deadlock freedom rests on the CTAs' dispatch
     # order (backward._cta_block), which the persistent grid's handout does not keep, and the writer walks one tile.
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "keys as rows: the ordered chain is issued by the writer warp")
-    gl.static_assert(not (DQ_WRITER and (PERSIST or not DQ_ATOMIC)), "the writer warp walks one tile a CTA")
+    gl.static_assert(DQ_ATOMIC or not DQ_WRITER, "the writer warp issues the kernel's dQ adds")
+    # On the persistent grid only the ascending chain: each tile waits on tiles handed out before it.
+    gl.static_assert(not (DQ_WRITER and PERSIST and ORDERED_DQ != 1), "the persistent grid's writer: ascending chain")
     gl.static_assert(not (ORDERED_DQ != 0 and CTA_CHUNKED), "the ordered chain's CTAs in _cta_block's plain order")
     gl.static_assert(not (PERSIST and (TRACE or CTA_CHUNKED)), "the persistent grid orders its own tiles, untraced")
     dtype: gl.constexpr = q_desc.dtype
@@ -594,7 +629,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
         mbarrier.init(v_free, count=NWG)
         mbarrier.init(v_ready, count=1)
         kv_free = KvHandback(k_free, v_free, v_ready)
-        tiles = handout.new_handout(NWG)
+        tiles = handout.new_handout(NWG + (1 if DQ_WRITER else 0))
     else:
         kv_free = KvHandback(kv_ready, kv_ready, kv_ready)  # placeholders, never touched
         tiles = handout.TileHandout(kv_ready, kv_ready, kv_ready)
@@ -619,8 +654,16 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # P buffer and the turn / loop_done barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, dq_staged, dq_free, lse2_smem, delta_smem, ds_ready)
-    # Only the loader differs (Gluon 3.6 keeps no partition function in a variable, hence the two calls).
-    if PERSIST:
+    # Only the loader and the writer differ (Gluon 3.6 keeps no partition function in a variable, hence the calls).
+    if PERSIST and DQ_WRITER:
+        gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
+                                         POLY, PERSIST)),
+                            (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk)),
+                            (_writer_persistent, (p, bufs, tiles, n_bh, chunk))], [4, 1, 1],
+                           [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+    elif PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
@@ -632,7 +675,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                                          POLY, PERSIST)),
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
-                            (_loader, (p, bufs)), (dq_writer, (p, bufs, gl.constexpr(True)))], [4, 1, 1],
+                            (_loader, (p, bufs)), (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG))], [4, 1, 1],
                            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,

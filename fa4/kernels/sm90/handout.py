@@ -53,9 +53,10 @@ def draw(counter, units, fcount):
 
 
 @gluon.jit
-def take(units, fcount):
-    """Consumer (one warpgroup): the CTA's fcount-th unit, read from its slot, which is then handed back."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+def take(units, fcount, WARPS: gl.constexpr = 4):
+    """Consumer (a warpgroup, or WARPS warps): the CTA's fcount-th unit, read from its slot, which is then handed
+    back."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     slot = fcount % 2
     mbarrier.wait(units.ready.index(slot), (fcount // 2) & 1)
     t = gl.max(units.ids.index(slot).load(layout), axis=0)
