@@ -450,20 +450,20 @@ def _walk_top_down(n_m, m_lo, group):
     return [(it % group, m_lo + n_m - 1 - it // group) for it in range(group * n_m)]
 
 
-def _persistent_chain_run(seed, seq_q, seq_k, wr, group, pairs, ctas, bm=64, bn=128):
+def _persistent_chain_run(seed, seq_q, seq_k, wr, group, pairs, ctas, chunk=1, bm=64, bn=128):
     """The persistent keys-as-rows grid's ordered dQ (KT_PERSIST_CHAIN), one add a step: tiles in _tile_coords'
-    order for ordered calls (chunk = 1: a (sequence, kv head)'s key blocks in order), each CTA drawing its next
-    tile from the shared counter once its current one is done, walking _walk_top_down and, at each (query block,
+    order (chunks of `chunk` (sequence, kv head) pairs, key block after key block within one), each CTA drawing its
+    next tile from the shared counter once its current one is done, walking _walk_top_down and, at each (query block,
     head), waiting until the chain counter reads its key block (_dq_chain_wait's ascending count) before adding.
-    Random schedules. Returns (adds in order per chain, steps each tile waited) or raises on a deadlock."""
+    Random schedules. Returns (adds in order per chain, each tile's walk) or raises on a deadlock."""
     rng = np.random.default_rng(seed)
     n_kb = -(-seq_k // bn)
-    tiles = [(pair, nb) for pair in range(pairs) for nb in range(n_kb)]
+    tiles = [(c + j, nb) for c in range(0, pairs, chunk) for nb in range(n_kb) for j in range(chunk)]
     walks = {}
     for pair, nb in tiles:
         lo, hi = _q_range(nb * bn, bn, bm, seq_q, seq_k, -1, wr)
         walks[(pair, nb)] = _walk_top_down(hi - lo, lo, group)
-    counters, adds, waited = {}, {}, {}
+    counters, adds = {}, {}
     drawn = 0
     state = [None] * ctas  # (tile, step) per CTA
     done = 0
@@ -478,8 +478,6 @@ def _persistent_chain_run(seed, seq_q, seq_k, wr, group, pairs, ctas, bm=64, bn=
             g, m = walks[(pair, nb)][step]
             if counters.get((pair, g, m), 0) >= nb:
                 movable.append(c)
-            else:
-                waited[(pair, nb)] = waited.get((pair, nb), 0) + 1
         if not movable:
             raise AssertionError(f"deadlock: {state}")
         c = movable[rng.integers(len(movable))]
@@ -511,8 +509,9 @@ def test_persistent_chain_model(wr):
         seq_q, seq_k = int(rng.integers(1, 900)), int(rng.integers(1, 900))
         if trial % 3 == 0:
             seq_k = seq_q
-        group, pairs, ctas = int(rng.choice([1, 2, 3])), int(rng.integers(1, 4)), int(rng.integers(1, 6))
-        adds, walks = _persistent_chain_run(trial, seq_q, seq_k, wr, group, pairs, ctas)
+        group, ctas, chunk = int(rng.choice([1, 2, 3])), int(rng.integers(1, 6)), int(rng.choice([1, 2, 4]))
+        pairs = chunk * int(rng.integers(1, 3))
+        adds, walks = _persistent_chain_run(trial, seq_q, seq_k, wr, group, pairs, ctas, chunk)
         n_kb = -(-seq_k // 128)
         for (pair, g, m), order in adds.items():
             members = [nb for nb in range(n_kb) if (g, m) in walks[(pair, nb)]]

@@ -1654,6 +1654,11 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             constexprs["PERSIST"] = True
             constexprs["CTA_CHUNKED"] = False
             grid = (min(n_kb * batch * hkv, _sm_count(q.device)), )
+            if dq_chain is not None:
+                # The ascending chain's tiles in the default's chunks of heads, key block after key block over a
+                # chunk: a tile's predecessor is `chunk` tiles ahead of it in the handout (KT_PERSIST_CHAIN).
+                args["chunk"] = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right,
+                                          varlen, False)
             # The tiles are handed out by this counter; with the ordered chain, the first slot of the chain's
             # counters (dq_chain_counters).
             if dq_chain is None:
@@ -1725,14 +1730,15 @@ DQ_CHAIN = True
 KT_DQ_CHAIN = True
 # The chain on the persistent keys-as-rows grid (deterministic=True for batched D = 128 calls under a right window,
 # causal included, from KT_PERSIST_CHAIN_MIN_ROWS query rows; default_tile): ascending key blocks, each walk top-down
-# and query block by query block (backward._step_block), so that every tile waits only on tiles handed out before it.
-# H100, session 26 (det_cost.py --flip KT_PERSIST_CHAIN, det_chain_shapes.py; benchmarks/NOTES.md): over the
-# default, causal S = 16384 +3 / +7% at 64 / 16 heads (the shared-dQ tile's chain +27.5 / +12.5-13%), but S = 4096
-# +60-97% and S = 1024 +94-103% with more than one wave of tiles (S = 1024, 16 heads: +13%): the chain's tiles of a
-# head start together and each waits for its predecessor's add of the same step, a delay that grows along the chain
-# while the SM idles. False: always the shared-dQ tile's descending chain (probes flip it for A/B).
+# and query block by query block (backward._step_block), so that every tile waits only on tiles handed out before it,
+# the tiles in the default's chunks of heads (cta_chunk). H100, session 26 (det_chain_shapes.py, benchmarks/NOTES.md):
+# with one head's key blocks after another the chain's tiles of a head start together and each waits for its
+# predecessor's add of the same step, a delay that grows along the chain while the SM idles (+86-99% over the default
+# at S = 1024 / 4096); in chunks of 8 heads at S = 4096 (the chunk rule's) +4.2 / +5.5% against the shared-dQ
+# tile's chain +11.4 / +12.8%; at S = 1024 (chunk 32) +9.5% against +8.3%, hence the rows threshold. False: always the
+# shared-dQ tile's descending chain (probes flip it for A/B).
 KT_PERSIST_CHAIN = True
-KT_PERSIST_CHAIN_MIN_ROWS = 16384
+KT_PERSIST_CHAIN_MIN_ROWS = 2048
 # ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
 # chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
 # +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
@@ -1983,7 +1989,8 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             launch._aligned(cu_seqlens_q), launch._aligned(cu_seqlens_k), launch._aligned(seqused_k),
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
-            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, persistent_tiles(tile), DQ_RELEASE_LAG)
+            None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
+            DQ_RELEASE_LAG)
 
 
 def _dq_placeholder(tile, d, varlen, device):

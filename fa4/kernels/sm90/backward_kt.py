@@ -499,9 +499,9 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk):
     """backward.dq_writer over the persistent grid's tiles (deterministic=True: the ascending chain, ORDERED_DQ = 1):
     each tile from the handout like the consumers, its steps in their order (_step_block: top-down under a right
     window), the staged shares paired by the CTA's step count s. A tile's chains wait only on lower key blocks of
-    the same (sequence, kv head), whose tiles have lower indices (chunk = 1 for ordered calls: _tile_coords runs
-    the key blocks of a head in order) and were handed out earlier to CTAs that work their tiles in order, so the
-    lowest unfinished tile never waits: no deadlock. Chain counters behind the tile counter (CHAIN_CTR)."""
+    the same (sequence, kv head), whose tiles have lower indices (_tile_coords runs a chunk's key blocks in order)
+    and were handed out earlier to CTAs that work their tiles in order, so the lowest unfinished tile never waits:
+    no deadlock. Chain counters behind the tile counter (CHAIN_CTR)."""
     BN: gl.constexpr = KEYS_PER_WG * p.NWG
     n_tiles = _tile_count(p, n_bh)
     gstep = gl.to_tensor(0)
