@@ -1396,8 +1396,9 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
     Sᵀ and dPᵀ). At D = 128 causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ to the
     ordered pass, see backward_checked); deterministic ones too where its persistent grid orders dQ
-    (KT_PERSIST_CHAIN: batched, no left window, from KT_PERSIST_CHAIN_MIN_ROWS query rows; seqlen_q None: any). softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel,
-    which seeds its score accumulator with −lse2 / scale. A sink on a queries-as-rows tile with dQ in the kernel
+    (KT_PERSIST_CHAIN: batched, no left window, from KT_PERSIST_CHAIN_MIN_ROWS query rows; seqlen_q None: any).
+    softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel, which seeds its score accumulator with
+    −lse2 / scale. A sink on a queries-as-rows tile with dQ in the kernel
     takes its P·dP partials (sink_pdp)."""
     tile = get_tile(d, dv)
     if tile is None:
@@ -1768,8 +1769,8 @@ def dq_chain_serves(tile, window_left, sink, window_right=-1, seqlen_q=None):
     shared-dQ tile (D = 128), a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on
     the CTAs' dispatch order, _cta_block; without a right window from KT_ASC_CHAIN_MIN_ROWS query rows, seqlen_q
     None: any), or on it under a right window (KT_PERSIST_CHAIN: the ascending chain, whose predecessors are
-    handed out first), no left window (the chain's bounds assume every key block's walk ends at the same query block), and
-    no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
+    handed out first), no left window (the chain's bounds assume every key block's walk ends at the same query
+    block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
     if not DQ_CHAIN or tile.separate_dq or window_left >= 0 or sink is not None:
         return False
     if tile.keys_as_rows:

@@ -52,9 +52,10 @@ slots the consumers hand back separately after storing dK (k_free) and then dV (
 (KvHandback.v_ready), waited for before the tile's first dPᵀ and before dV is staged. A Python model of this protocol
 runs under random schedules in tests/test_sm90_backward_aot.py.
 
-Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True and a sink (this kernel without dQ; the
-ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap (tanh's values beside Sᵀ and
-dPᵀ), the sink's P·dP partials, ping-pong, the writer warp. The trace build (tile.trace, benchmarks/bwd_trace.py)
+Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True (the ordered chain through the writer
+warp, backward.dq_writer; on the persistent grid the ascending chain, _writer_persistent, walks top-down) and a
+sink (this kernel without dQ; the ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap
+(tanh's values beside Sᵀ and dPᵀ), the sink's P·dP partials, ping-pong. The trace build (tile.trace, benchmarks/bwd_trace.py)
 stamps backward.py's events; with DQ_LAG events 6-10 of step `it` close the dQ share of step it − 1 (the last share,
 after the loop, is stamped as one step past the last).
 """
@@ -157,10 +158,10 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
             DQ_ROWS: gl.constexpr, it, j):
     """Stage this consumer's completed dQ share (scaled) and add it to the fp32 accumulator by TMA reduce-add, once
     the previous add has read the staging tile. `it`: the step the trace build stamps (events 8-10); j: the step
-    whose share this is, counted over the CTA's tiles (the persistent grid's writer pairs with it by parity). With the writer warp (DQ_WRITER, the ordered chain) the consumer only stages the share and
-    hands it over (dq_staged); the writer issues the add in the chain's order and frees the tile (dq_free, arrived
-    once per step: the wait for share j is the writer's release of share j - 1, and a fresh barrier passes parity 1
-    for j = 0)."""
+    whose share this is, counted over the CTA's tiles (the persistent grid's writer pairs with it by parity). With
+    the writer warp (DQ_WRITER, the ordered chain) the consumer only stages the share and hands it over
+    (dq_staged); the writer issues the add in the chain's order and frees the tile (dq_free, arrived once per step:
+    the wait for share j is the writer's release of share j - 1, and a fresh barrier passes parity 1 for j = 0)."""
     if p.DQ_WRITER:
         mbarrier.wait(bufs.dq_free.index(WG), (j & 1) ^ 1)
     else:
@@ -579,8 +580,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
     # The writer warp issues the ordered chain (deterministic=True with dQ in this kernel) or, as a probe
-    # (tile.dq_writer), the unordered adds; one tile a CTA: the chain's deadlock freedom rests on the CTAs' dispatch
-    # order (backward._cta_block), which the persistent grid's handout does not keep, and the writer walks one tile.
+    # (tile.dq_writer), the unordered adds. One tile a CTA, the chain's deadlock freedom rests on the CTAs' dispatch
+    # order (backward._cta_block); on the persistent grid, on the handout's index order (_writer_persistent).
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "keys as rows: the ordered chain is issued by the writer warp")
     gl.static_assert(DQ_ATOMIC or not DQ_WRITER, "the writer warp issues the kernel's dQ adds")
     # On the persistent grid only the ascending chain: each tile waits on tiles handed out before it.
@@ -675,8 +676,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                                          POLY, PERSIST)),
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
-                            (_loader, (p, bufs)), (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG))], [4, 1, 1],
-                           [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+                            (_loader, (p, bufs)), (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG))],
+                           [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
