@@ -52,9 +52,10 @@ def main():
 
 def sm90_deterministic():
     """The sm90 backward with deterministic=True under CUDA-graph capture: D = 128 takes the main kernel's ordered
-    dQ chain (its counters zeroed by a memset inside the graph, so every replay starts the chain afresh), D = 64
-    the ordered pass on the side stream. Replays must equal eager calls bitwise, twice in a row."""
-    for d, s, causal in ((128, 1024, True), (128, 4096, False), (64, 4096, True)):
+    dQ chain (its counters zeroed by a memset inside the graph, so every replay starts the chain afresh; causal from
+    2,048 rows on the persistent grid, whose tile counter shares that buffer), D = 64 the keys-as-rows chain. Replays
+    must equal eager calls bitwise, twice in a row."""
+    for d, s, causal in ((128, 1024, True), (128, 4096, True), (128, 4096, False), (64, 4096, True)):
         b, h = 16384 // s, 2048 // d
         torch.manual_seed(1)
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
