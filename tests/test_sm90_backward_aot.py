@@ -99,12 +99,12 @@ LOOP_ALLOWANCE.update({"d128-causal": 11, "d96-window": 10})
 # The keys-as-rows chain and writer builds (session 24): what the one-CTA-a-tile keys-as-rows builds reload (L1 hits).
 LOOP_ALLOWANCE.update({"d64-chain-causal": 8, "d64-chain-varlen-causal-gqa2": 12, "d40-chain-right-window": 8,
                        "d64-kt-writer-causal": 4, "d128-kt-writer-causal": 9})
-# deterministic=True for batched D = 128 calls under a right window runs on the persistent keys-as-rows grid
-# (KT_PERSIST_CHAIN, session 26): the chain builds (its walk top-down, query block by query block, and the writer
-# warp) reload 6 values a step (L1 hits; the default's causal build 11), the build without dQ (the ordered pass's
-# side, DQ_CHAIN off) 5.
+# deterministic=True for batched D = 128 calls without a left window runs on the persistent keys-as-rows grid
+# (KT_PERSIST_CHAIN, session 26): the chain builds (causal: the walk top-down, query block by query block; the
+# writer warp) reload 6 values a step, non-causal 7 (L1 hits; the default's causal build 11), the build without dQ
+# (the ordered pass's side, DQ_CHAIN off) 5.
 LOOP_ALLOWANCE.update({"d128-chain-causal-gqa2": 6, "d96-chain-right-window": 6, "d128-deterministic-causal": 5,
-                       "d128-shared-chain-causal-gqa2": 1})
+                       "d128-shared-chain-causal-gqa2": 1, "d128-chain": 7, "d128-shared-chain": 2})
 TOTAL_ALLOWANCE.update({"d128-chain-causal-gqa2": 96, "d96-chain-right-window": 96})
 # The chain's lagged release (backward.chain_release_lag, session 26): in the packed causal build the writer warp
 # (its loader-sized register budget) keeps the previous step's coordinates in local memory, 4 accesses a step of one
@@ -186,6 +186,7 @@ CASES = [
     # chain_release_lag).
     ("d128-shared-chain-causal-gqa2", dict(d=128, dv=128, causal=True, gqa=2, dq_chain=True,
                                            tile=dict(shared_dq=True))),
+    ("d128-shared-chain", dict(d=128, dv=128, dq_chain=True, tile=dict(shared_dq=True))),
     # The chain in the keys-as-rows kernel (session 24: deterministic D = 64 with a right window, or from 8192 query
     # rows without one; the same writer warp, backward.dq_writer), and that writer issuing the unordered adds (tile.dq_writer, a
     # probe on the one-CTA-a-tile grid).
@@ -1580,7 +1581,12 @@ def test_default_tile_routing(monkeypatch):
     long_rows = bwd.KT_PERSIST_CHAIN_MIN_ROWS
     assert bwd.default_tile(128, 128, window_right=0, deterministic=True, seqlen_q=long_rows) is det
     assert bwd.default_tile(128, 128, window_right=0, deterministic=True, seqlen_q=long_rows - 1) == shared
-    assert not bwd.dq_chain_serves(det, -1, None, -1)
+    # ... and without a window (KT_PERSIST_CHAIN_FULL); a left window keeps the shared-dQ tile.
+    assert bwd.default_tile(128, 128, deterministic=True) is det and bwd.dq_chain_serves(det, -1, None, -1)
+    assert bwd.default_tile(128, 128, 100, deterministic=True) == shared
+    monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN_FULL", False)
+    assert bwd.default_tile(128, 128, deterministic=True) == shared and not bwd.dq_chain_serves(det, -1, None, -1)
+    monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN_FULL", True)
     monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", False)
     assert bwd.default_tile(128, 128, window_right=0, deterministic=True) == shared
     monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", True)

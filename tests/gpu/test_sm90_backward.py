@@ -286,12 +286,13 @@ def _tile_dims(q, v):
 @pytest.mark.parametrize("case", CHAIN_CASES + KT_CHAIN_CASES,
                          ids=[backward_case_id(c) for c in CHAIN_CASES + KT_CHAIN_CASES])
 def test_dq_chain(monkeypatch, case, dtype):
-    """D = 128 under a right window: the persistent keys-as-rows grid's ascending chain (KT_PERSIST_CHAIN)."""
+    """D = 128 batched without a left window or softcap: the persistent keys-as-rows grid's ascending chain
+    (KT_PERSIST_CHAIN, KT_PERSIST_CHAIN_FULL)."""
     bwd = _bwd()
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = bwd.default_tile(*_tile_dims(q, v), kw["left"], kw["softcap"], window_right=kw["right"],
                             deterministic=True)
-    persistent = q.shape[-1] > 64 and kw["right"] >= 0 and kw["softcap"] == 0
+    persistent = q.shape[-1] > 64 and kw["left"] < 0 and kw["softcap"] == 0
     assert tile.keys_as_rows == (q.shape[-1] <= 64 or persistent)
     assert bwd.persistent_tiles(tile) == persistent
     monkeypatch.setattr(bwd, "KT_ASC_CHAIN_MIN_ROWS", 0)  # the ascending keys-as-rows chain at these lengths too
@@ -301,10 +302,10 @@ def test_dq_chain(monkeypatch, case, dtype):
     check_backend_backward(_repeating(bwd.backward, 3), q, k, v, deterministic=True, **kw)
 
 
-@pytest.mark.parametrize("case", [c for c in CHAIN_CASES if c[8] >= 0],
-                         ids=[backward_case_id(c) for c in CHAIN_CASES if c[8] >= 0])
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[backward_case_id(c) for c in CHAIN_CASES])
 def test_dq_chain_shared_tile(monkeypatch, case):
-    """The same D = 128 right-window calls on the shared-dQ tile's descending chain (KT_PERSIST_CHAIN off)."""
+    """The same D = 128 calls on the shared-dQ tile's chains (KT_PERSIST_CHAIN off): descending under a right
+    window, else ascending."""
     bwd = _bwd()
     monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", False)
     q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)

@@ -1405,7 +1405,8 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         return None
     if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         tile = D64_NARROW_TILE
-    elif ((d, dv) == (128, 128) and window_right >= 0 and softmax_scale != 0
+    elif ((d, dv) == (128, 128) and (window_right >= 0 or (deterministic and KT_PERSIST_CHAIN_FULL))
+          and softmax_scale != 0
           and (not deterministic or (KT_PERSIST_CHAIN and not varlen and window_left < 0
                                      and (seqlen_q is None or seqlen_q >= KT_PERSIST_CHAIN_MIN_ROWS)))
           and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
@@ -1625,9 +1626,9 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 and not persistent_tiles(tile) else 1),
         # The writer warp: always for the ordered chain; for the unordered reduce-add where tile.dq_writer asks for
         # it: on the queries-as-rows tiles for calls without a right window (where it measured faster), on the
-        # keys-as-rows ones (a probe, not measured yet) under any mask but one tile a CTA only.
+        # keys-as-rows ones (a probe: +3-7% slower on the one-CTA and the persistent D = 128 grids) under any mask.
         DQ_WRITER=not deterministic and (dq_chain is not None or (tile.dq_writer and (
-            not persistent_tiles(tile) if tile.keys_as_rows else window_right < 0))),
+            tile.keys_as_rows or window_right < 0))),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
     # The chain's lagged release (dq_writer; the D = 256 kernel takes the parameter and builds no chain).
@@ -1655,11 +1656,11 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             constexprs["PERSIST"] = True
             constexprs["CTA_CHUNKED"] = False
             grid = (min(n_kb * batch * hkv, _sm_count(q.device)), )
-            if dq_chain is not None:
-                # The ascending chain's tiles in the default's chunks of heads, key block after key block over a
-                # chunk: a tile's predecessor is `chunk` tiles ahead of it in the handout (KT_PERSIST_CHAIN).
-                args["chunk"] = cta_chunk(tile, batch * hkv, seqlen_q * (hq // hkv), d, window_left, window_right,
-                                          varlen, False)
+            if CTA_CHUNK and (dq_chain is not None or (window_left < 0 and window_right < 0)):
+                # The tiles in chunks of heads, key block after key block over a chunk, also without a window (where
+                # cta_chunk keeps one chunk: every walk is as long). The ascending chain's tile then finds its
+                # predecessor `chunk` tiles ahead of it in the handout (KT_PERSIST_CHAIN).
+                args["chunk"] = l2_chunk(batch * hkv, seqlen_q * (hq // hkv), d)
             # The tiles are handed out by this counter; with the ordered chain, the first slot of the chain's
             # counters (dq_chain_counters).
             if dq_chain is None:
@@ -1713,6 +1714,12 @@ def cta_chunk(tile, units, q_rows_per_unit, d, window_left, window_right, varlen
         return 1
     if varlen and os.environ.get("FA4_BWD_CHUNK_VARLEN") == "0":  # probe switch (session 20), read per call
         return 1
+    return l2_chunk(units, q_rows_per_unit, d)
+
+
+def l2_chunk(units, q_rows_per_unit, d):
+    """The largest power of two, at most 32 and dividing `units`, whose units' fp32 dQ rows fit CTA_CHUNK_BYTES
+    (cta_chunk's rule; the persistent grid's ordered chain takes it under any mask)."""
     per_unit = q_rows_per_unit * configs.tile_dim(d) * 4
     chunk = 1
     while chunk < 32 and units % (2 * chunk) == 0 and 2 * chunk * per_unit <= CTA_CHUNK_BYTES:
@@ -1740,6 +1747,12 @@ KT_DQ_CHAIN = True
 # shared-dQ tile's descending chain (probes flip it for A/B).
 KT_PERSIST_CHAIN = True
 KT_PERSIST_CHAIN_MIN_ROWS = 2048
+# ... and deterministic D = 128 calls without a window too (their default is the shared-dQ tile): H100 card
+# 1753024034002, det_cost.py --flip KT_PERSIST_CHAIN_FULL, deterministic over the default at S = 4096 / 16384
+# −2.8 / −2.1% against the shared-dQ tile's ascending chain +9.8 / +2.2%. (The same grid without the chain for the
+# default's non-causal calls, with or without the writer warp: 0.88 / 0.93-0.96 / 1.01-1.025x of the shared-dQ
+# tile at S = 1024 / 4096 / 16384: not taken.)
+KT_PERSIST_CHAIN_FULL = True
 # ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
 # chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
 # +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
@@ -1768,14 +1781,14 @@ def dq_chain_serves(tile, window_left, sink, window_right=-1, seqlen_q=None):
     """Whether a deterministic call takes the in-kernel ordered dQ (ORDERED_DQ) instead of the ordered pass: the
     shared-dQ tile (D = 128), a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on
     the CTAs' dispatch order, _cta_block; without a right window from KT_ASC_CHAIN_MIN_ROWS query rows, seqlen_q
-    None: any), or on it under a right window (KT_PERSIST_CHAIN: the ascending chain, whose predecessors are
-    handed out first), no left window (the chain's bounds assume every key block's walk ends at the same query
+    None: any), or on it under a right window or, with KT_PERSIST_CHAIN_FULL, none (KT_PERSIST_CHAIN: the ascending
+    chain, whose predecessors are handed out first), no left window (the chain's bounds assume every key block's walk ends at the same query
     block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
     if not DQ_CHAIN or tile.separate_dq or window_left >= 0 or sink is not None:
         return False
     if tile.keys_as_rows:
         if persistent_tiles(tile):
-            return KT_PERSIST_CHAIN and window_right >= 0
+            return KT_PERSIST_CHAIN and (window_right >= 0 or KT_PERSIST_CHAIN_FULL)
         long_enough = window_right >= 0 or seqlen_q is None or seqlen_q >= KT_ASC_CHAIN_MIN_ROWS
         return KT_DQ_CHAIN and long_enough
     return tile.shared_dq

@@ -517,7 +517,8 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk):
             for it in range(p.group * n_m):
                 _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
                 write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True)
-                release_step(p, b, h, m0, CHAIN_CTR)
+                if p.ORDERED_DQ != 0:
+                    release_step(p, b, h, m0, CHAIN_CTR)
             gstep += p.group * n_m
         fcount += 1
         t = handout.take(tiles, fcount, 1)
@@ -585,7 +586,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "keys as rows: the ordered chain is issued by the writer warp")
     gl.static_assert(DQ_ATOMIC or not DQ_WRITER, "the writer warp issues the kernel's dQ adds")
     # On the persistent grid only the ascending chain: each tile waits on tiles handed out before it.
-    gl.static_assert(not (DQ_WRITER and PERSIST and ORDERED_DQ != 1), "the persistent grid's writer: ascending chain")
+    gl.static_assert(not (DQ_WRITER and PERSIST and ORDERED_DQ == 2), "the persistent grid's writer: ascending chain")
+    # (Without ORDERED_DQ the persistent writer issues the unordered adds: tile.dq_writer, a probe.)
     gl.static_assert(not (ORDERED_DQ != 0 and CTA_CHUNKED), "the ordered chain's CTAs in _cta_block's plain order")
     gl.static_assert(not (PERSIST and (TRACE or CTA_CHUNKED)), "the persistent grid orders its own tiles, untraced")
     dtype: gl.constexpr = q_desc.dtype
