@@ -597,7 +597,8 @@ def dq_share_coord(p, b, h, q_start, m0, w: gl.constexpr, KEYS_AS_ROWS: gl.const
 
 
 @gluon.jit
-def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = False):
+def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = False,
+              STORE_FIRST: gl.constexpr = False):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add (dq_share_coord). Then,
     once the TMA unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have
@@ -622,7 +623,7 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
         m0_prev = 0
         for it in range(p.group * n_m):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-            write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS)
+            write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS, STORE_FIRST)
             if p.ORDERED_DQ != 0:
                 if RELEASE_LAG:
                     if it > 0:
@@ -639,17 +640,24 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
 
 
 @gluon.jit
-def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS_ROWS: gl.constexpr):
+def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS_ROWS: gl.constexpr,
+               STORE_FIRST: gl.constexpr = False):
     """The writer's step s (the CTA's count): for each consumer w, once its share is staged (dq_staged[w], s's
     parity) and, with ORDERED_DQ, key block nb's turn has come in the chain of (m0, h, w) (counters from
-    dq_ctr + ctr_off), the TMA reduce-add; then, once the TMA unit has read every tile, they are freed (dq_free)."""
+    dq_ctr + ctr_off), the TMA reduce-add; then, once the TMA unit has read every tile, they are freed (dq_free).
+    STORE_FIRST (the ascending chain over an accumulator nobody zeroed, dq_store_first): key block 0, the first
+    link of every chain, stores its share instead of adding it."""
     NWG: gl.constexpr = p.NWG
+    gl.static_assert(not STORE_FIRST or p.ORDERED_DQ == ORDERED_DQ_ASC, "store first: the ascending chain")
     for w in gl.static_range(NWG):
         mbarrier.wait(bufs.dq_staged.index(w), s & 1)
         if p.ORDERED_DQ != 0:
             _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + ctr_off, nb, m0, seq_q, seq_k)
-        async_reduce_add_shared_to_global(p.dq_desc, dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS),
-                                          bufs.dq.index(w))
+        coord = dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS)
+        if STORE_FIRST and nb == 0:
+            tma.async_copy_shared_to_global(p.dq_desc, coord, bufs.dq.index(w))
+        else:
+            async_reduce_add_shared_to_global(p.dq_desc, coord, bufs.dq.index(w))
     tma.store_wait(0)
     for w in gl.static_range(NWG):
         mbarrier.arrive(bufs.dq_free.index(w))
@@ -1082,7 +1090,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                    DQ_RELEASE_LAG: gl.constexpr = False):
+                    DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1152,14 +1160,16 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
-                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG))], [4, 1, 1],
+                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG, DQ_STORE_FIRST))],
+                               [4, 1, 1],
                                [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
             gl.warp_specialize([(_loader, (p, bufs)),
                                 (_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_consumer, (p, bufs, gl.constexpr(2))),
-                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG))], [4, 4, 4, 1],
+                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG, DQ_STORE_FIRST))],
+                               [4, 4, 4, 1],
                                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
         gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
@@ -1543,9 +1553,10 @@ def _stats_sources(tile, varlen, lse2, delta, stats_al, device):
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None,
-                tile_ctr=None):
+                tile_ctr=None, dq_store_first=False):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. tile_ctr: the zeroed int32 tile
-    counter of the persistent keys-as-rows grid (persistent_tiles). dq_acc: fp32, q's shape
+    counter of the persistent keys-as-rows grid (persistent_tiles); dq_store_first: the ordered chain's first link
+    stores into an accumulator left unzeroed (dq_store_first_serves). dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
     int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
     varlen = cu_seqlens_q is not None
@@ -1631,8 +1642,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             tile.keys_as_rows or window_right < 0))),
         STATS_TMA=stats,
         CONSUMER_REGS=tile.consumer_regs, LOADER_REGS=tile.loader_regs)
-    # The chain's lagged release (dq_writer; the D = 256 kernel takes the parameter and builds no chain).
+    # The chain's lagged release and its first link's store (dq_writer; the D = 256 kernel takes the parameters and
+    # builds no chain).
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
+    constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
@@ -1779,11 +1792,12 @@ def chain_release_lag(tile, window_right):
 
 def dq_chain_serves(tile, window_left, sink, window_right=-1, seqlen_q=None):
     """Whether a deterministic call takes the in-kernel ordered dQ (ORDERED_DQ) instead of the ordered pass: the
-    shared-dQ tile (D = 128), a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on
-    the CTAs' dispatch order, _cta_block; without a right window from KT_ASC_CHAIN_MIN_ROWS query rows, seqlen_q
-    None: any), or on it under a right window or, with KT_PERSIST_CHAIN_FULL, none (KT_PERSIST_CHAIN: the ascending
-    chain, whose predecessors are handed out first), no left window (the chain's bounds assume every key block's walk ends at the same query
-    block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics rule)."""
+    shared-dQ tile (D = 128), a keys-as-rows tile off the persistent grid (the chain's deadlock freedom rests on the
+    CTAs' dispatch order, _cta_block; without a right window from KT_ASC_CHAIN_MIN_ROWS query rows, seqlen_q None:
+    any), or on it under a right window or, with KT_PERSIST_CHAIN_FULL, none (KT_PERSIST_CHAIN: the ascending chain,
+    whose predecessors are handed out first), no left window (the chain's bounds assume every key block's walk ends
+    at the same query block), and no sink (the pass computes its gradient from Σ P·dP, far inside the numerics
+    rule)."""
     if not DQ_CHAIN or tile.separate_dq or window_left >= 0 or sink is not None:
         return False
     if tile.keys_as_rows:
@@ -1820,6 +1834,23 @@ def dq_route(tile, deterministic, window_left, sink, window_right=-1, seqlen_q=N
     ordered_dq = (deterministic and not chain) or separate or (has_sink and not builds_sink_partials(tile))
     sink_in_main = has_sink and not ordered_dq and tile.sink_pdp
     return chain, ordered_dq, sink_in_main
+
+
+# The ascending chain's first link (key block 0) stores its dQ shares, so that the preprocess need not zero the
+# accumulator (dq_store_first_serves); False: zeroed and added (probes flip it for A/B).
+DQ_STORE_FIRST = True
+
+
+def dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k):
+    """Whether a call on the ordered chain can leave the fp32 dQ accumulator unzeroed: its chain ascends (no right
+    window, or the persistent grid's) and key block 0, whose add comes first in every query block's chain, visits
+    every query row: batched (a packed accumulator has rows outside every sequence), no seqused_k (a sequence of no
+    keys has no key block 0), no left window (dq_chain_serves' rule too), and under a right window every row sees
+    key 0 (seqlen_q <= seqlen_k + window_right: the first row that sees key 0 is row 0)."""
+    ascending = window_right < 0 or persistent_tiles(tile)
+    covered = window_right < 0 or seqlen_q <= seqlen_k + window_right
+    return (DQ_STORE_FIRST and ascending and covered and not varlen and seqused_k is None and window_left < 0
+            and seqlen_k > 0)
 
 
 def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
@@ -1897,6 +1928,12 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     else:
         dq_acc, tile_ctr = dq_accumulator(q, varlen, persistent)
         zero = None if varlen else (dq_acc, tile_ctr)
+    # The ascending chain's first link stores its shares: nothing to zero (the persistent grid's tile counter is
+    # the chain counters' first slot, zeroed with them).
+    store_first = chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q,
+                                                  seqlen_k)
+    if store_first:
+        zero = None
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
                                          None if varlen else tile.block_m, aligned=stats_al, zero=zero)
     main_parts = None
@@ -1910,6 +1947,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, tile_ctr=tile_ctr,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
+                dq_store_first=store_first,
                 dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
@@ -1992,7 +2030,7 @@ BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None, stats_al=None, tile_ctr=None):
+                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -2004,7 +2042,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
-            DQ_RELEASE_LAG)
+            DQ_RELEASE_LAG, bool(dq_store_first))
 
 
 def _dq_placeholder(tile, d, varlen, device):

@@ -45,6 +45,9 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         tile=tile_obj, sink=torch.zeros(hq) if sink_partials else None,
         dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None,
         dq_chain=backward.dq_chain_counters(tile_obj, b, hq, s, "cpu") if dq_chain else None,
+        # The chain's first link stores where backward_checked would let it (an unzeroed accumulator).
+        dq_store_first=dq_chain and backward.dq_store_first_serves(tile_obj, left, right, varlen, seqused or None, s,
+                                                                   s),
         # Packed calls read lse2 / Delta by TMA from the preprocess's aligned copies (backward_checked).
         stats_al=(tuple(torch.zeros(hq, aligned_length(b * s, b)) for _ in range(2))
                   if varlen and backward.stats_tma_serves(tile_obj, varlen) else None))

@@ -53,11 +53,11 @@ slots the consumers hand back separately after storing dK (k_free) and then dV (
 runs under random schedules in tests/test_sm90_backward_aot.py.
 
 Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True (the ordered chain through the writer
-warp, backward.dq_writer; on the persistent grid the ascending chain, _writer_persistent, walks top-down) and a
-sink (this kernel without dQ; the ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap
-(tanh's values beside Sᵀ and dPᵀ), the sink's P·dP partials, ping-pong. The trace build (tile.trace, benchmarks/bwd_trace.py)
-stamps backward.py's events; with DQ_LAG events 6-10 of step `it` close the dQ share of step it − 1 (the last share,
-after the loop, is stamped as one step past the last).
+warp, backward.dq_writer; on the persistent grid the ascending chain, _writer_persistent, walks top-down) and a sink
+(this kernel without dQ; the ordered pass gives dQ and the sink gradient, backward_checked). Not built: softcap
+(tanh's values beside Sᵀ and dPᵀ), the sink's P·dP partials, ping-pong. The trace build (tile.trace,
+benchmarks/bwd_trace.py) stamps backward.py's events; with DQ_LAG events 6-10 of step `it` close the dQ share of step
+it − 1 (the last share, after the loop, is stamped as one step past the last).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -496,13 +496,13 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
 
 
 @gluon.jit
-def _writer_persistent(p, bufs, tiles, n_bh, chunk):
+def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr):
     """backward.dq_writer over the persistent grid's tiles (deterministic=True: the ascending chain, ORDERED_DQ = 1):
     each tile from the handout like the consumers, its steps in their order (_step_block: top-down under a right
     window), the staged shares paired by the CTA's step count s. A tile's chains wait only on lower key blocks of
     the same (sequence, kv head), whose tiles have lower indices (_tile_coords runs a chunk's key blocks in order)
     and were handed out earlier to CTAs that work their tiles in order, so the lowest unfinished tile never waits:
-    no deadlock. Chain counters behind the tile counter (CHAIN_CTR)."""
+    no deadlock. Chain counters behind the tile counter (CHAIN_CTR). STORE_FIRST: write_step's."""
     BN: gl.constexpr = KEYS_PER_WG * p.NWG
     n_tiles = _tile_count(p, n_bh)
     gstep = gl.to_tensor(0)
@@ -516,7 +516,7 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk):
             n_m = m_hi - m_lo
             for it in range(p.group * n_m):
                 _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-                write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True)
+                write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True, STORE_FIRST)
                 if p.ORDERED_DQ != 0:
                     release_step(p, b, h, m0, CHAIN_CTR)
             gstep += p.group * n_m
@@ -575,7 +575,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
-                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
+                       DQ_STORE_FIRST: gl.constexpr = False, DV_EARLY: gl.constexpr = True,
+                       DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
@@ -664,7 +665,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
                             (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk)),
-                            (_writer_persistent, (p, bufs, tiles, n_bh, chunk))], [4, 1, 1],
+                            (_writer_persistent, (p, bufs, tiles, n_bh, chunk, DQ_STORE_FIRST))], [4, 1, 1],
                            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     elif PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
@@ -678,7 +679,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                                          POLY, PERSIST)),
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
-                            (_loader, (p, bufs)), (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG))],
+                            (_loader, (p, bufs)),
+                            (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG, DQ_STORE_FIRST))],
                            [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
