@@ -498,6 +498,31 @@ def _persistent_chain_run(seed, seq_q, seq_k, wr, group, pairs, ctas, chunk=1, b
     return adds, walks
 
 
+def test_dq_store_first_rule(monkeypatch):
+    """backward.dq_store_first_serves: the ascending chain's first link stores into an unzeroed accumulator only where
+    key block 0 visits every query block (checked against the _q_range model) and no row lies outside it."""
+    from fa4.kernels.sm90 import backward as bwd
+    persistent, shared = bwd.D128_CAUSAL_TILE, bwd.get_tile(128, 128)
+    serves = bwd.dq_store_first_serves
+    assert serves(persistent, -1, 0, False, None, 1000, 1000) and serves(shared, -1, -1, False, None, 1000, 1000)
+    assert not serves(shared, -1, 0, False, None, 1000, 1000)            # descending: the diagonal block adds first
+    assert not serves(persistent, -1, 0, False, None, 1001, 1000)        # the first row sees no key
+    assert serves(persistent, -1, 5, False, None, 1005, 1000) and not serves(persistent, -1, 5, False, None, 1006, 1000)
+    assert not serves(persistent, -1, 0, True, None, 1000, 1000)         # packed
+    assert not serves(persistent, -1, 0, False, object(), 1000, 1000)    # seqused_k
+    assert not serves(shared, 64, -1, False, None, 1000, 1000)           # a left window
+    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", False)
+    assert not serves(shared, -1, -1, False, None, 1000, 1000)
+    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        seq_q, seq_k = int(rng.integers(1, 700)), int(rng.integers(1, 700))
+        wr = int(rng.choice([-1, 0, 3, 200]))
+        if serves(persistent, -1, wr, False, None, seq_q, seq_k):
+            lo, hi = _q_range(0, 128, 64, seq_q, seq_k, -1, wr)
+            assert (lo, hi) == (0, -(-seq_q // 64)), (seq_q, seq_k, wr)
+
+
 @pytest.mark.parametrize("wr", [0, 0, 200, 5000])
 def test_persistent_chain_model(wr):
     """The ascending chain on the persistent grid under a right window: no deadlock under random schedules with few
