@@ -286,8 +286,9 @@ def _tile_dims(q, v):
 @pytest.mark.parametrize("case", CHAIN_CASES + KT_CHAIN_CASES,
                          ids=[backward_case_id(c) for c in CHAIN_CASES + KT_CHAIN_CASES])
 def test_dq_chain(monkeypatch, case, dtype):
-    """D = 128 batched without a left window or softcap: the persistent keys-as-rows grid's ascending chain
-    (KT_PERSIST_CHAIN, KT_PERSIST_CHAIN_FULL)."""
+    """The in-kernel chain, repeated bitwise: D = 128 batched without a left window or softcap on the persistent
+    keys-as-rows grid's ascending chain (KT_PERSIST_CHAIN, KT_PERSIST_CHAIN_FULL), else on the shared-dQ tile;
+    D <= 64 on the one-CTA keys-as-rows tile."""
     bwd = _bwd()
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     tile = bwd.default_tile(*_tile_dims(q, v), kw["left"], kw["softcap"], window_right=kw["right"],

@@ -475,28 +475,22 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k):
         "=r,l,r", [ctr, before], dtype=gl.int32, is_pure=False, pack=1)
 
 
+@gluon.constexpr_function
+def _release_asm(pending):
+    """_dq_chain_release's PTX for `pending` bulk groups left in flight."""
+    return ("{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group " + str(pending) + "; "
+            "fence.proxy.async.global; bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
+            "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }")
+
+
 @gluon.jit
-def _dq_chain_release(ctr):
+def _dq_chain_release(ctr, PENDING: gl.constexpr = 0):
     """The writer warp's bulk async groups completed (the full wait: the adds performed at L2, not only their
     shared-memory source read, which is all tma.store_wait waits for), then +1 on the chain counter (relaxed, see
     _dq_chain_wait) by lane 0 once every lane of the warp has waited (whichever lane the TMA lowering elected to
-    issue the adds)."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group 0; fence.proxy.async.global; "
-        "bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
-        "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
-        "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _dq_chain_release_lagged(ctr):
-    """_dq_chain_release of the previous step's chains, issued after this step's two reduce-adds (DQ_RELEASE_LAG,
-    NWG = 2): every bulk group but the two newest completed in full, then +1 on the chain counter."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group 2; fence.proxy.async.global; "
-        "bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
-        "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
-        "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
+    issue the adds). PENDING: that many of the newest groups may still be in flight (DQ_RELEASE_LAG releases the
+    previous step's chains behind this step's adds)."""
+    gl.inline_asm_elementwise(_release_asm(PENDING), "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -607,7 +601,7 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
     pairs with theirs step for step.
 
     RELEASE_LAG (DQ_RELEASE_LAG, the chain with two consumers): a step's chains are released only once the next
-    step's adds are issued, and then only for the adds already complete (_dq_chain_release_lagged), so that the
+    step's adds are issued, and then only for the adds already complete (release_step's PENDING), so that the
     writer does not wait for its own adds to land at L2 before it can take the next step's shares. The successor
     key block of a chain waits a step longer; with the chain's total order of key blocks no wait can close a
     cycle (a predecessor never waits for its successor), and the last step's chains are released after the loop."""
@@ -626,9 +620,8 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
             write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS, STORE_FIRST)
             if p.ORDERED_DQ != 0:
                 if RELEASE_LAG:
-                    if it > 0:
-                        for w in gl.static_range(NWG):
-                            _dq_chain_release_lagged(_dq_counter(p, b, h_prev, m0_prev, w))
+                    if it > 0:  # every group but this step's NWG adds completed
+                        release_step(p, b, h_prev, m0_prev, 0, NWG)
                     h_prev = h
                     m0_prev = m0
                 else:
@@ -664,10 +657,11 @@ def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS
 
 
 @gluon.jit
-def release_step(p, b, h, m0, ctr_off):
-    """The ordered chain: every consumer's add of (m0, h) completed, then released to the next key block."""
+def release_step(p, b, h, m0, ctr_off, PENDING: gl.constexpr = 0):
+    """The ordered chain: every consumer's add of (m0, h) completed (all but the PENDING newest bulk groups), then
+    released to the next key block."""
     for w in gl.static_range(p.NWG):
-        _dq_chain_release(_dq_counter(p, b, h, m0, w) + ctr_off)
+        _dq_chain_release(_dq_counter(p, b, h, m0, w) + ctr_off, PENDING)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1219,9 +1213,9 @@ class BwdTile:
     ping_pong: bool = False
     # The consumers hand their dQ shares to a writer warp that issues the reduce-adds (dQ in the main kernel, two
     # or three consumers): for calls without a right window, where it measured faster; the in-kernel ordered dQ
-    # of deterministic=True uses it whatever this says (launch_plan). On a keys-as-rows tile off the persistent
-    # grid: its writer (dq_writer) issues the unordered adds under any mask (a probe, session 24,
-    # not measured yet: it separates the writer's own cost from the chain's waits).
+    # of deterministic=True uses it whatever this says (launch_plan). On a keys-as-rows tile: its writer issues the
+    # unordered adds under any mask (a probe, built by hand: get_tile refuses it on the persistent grid; measured
+    # 3-7% slower on the one-CTA and the persistent D = 128 grids, sessions 25-26).
     dq_writer: bool = False
     # Probe only (benchmarks/bwd_trace.py): %clock64 stamps of each consumer's steps (see _trace_step), written
     # to backward.LAST_TRACE by the CTAs of the first (batch, kv head).
@@ -1405,8 +1399,8 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
     """The shipped tile for tile widths (d, dv) and this call's features (None if there is none). At D = 64 a
     softcap takes the two-consumer tile: the keys-as-rows kernel does not build it (tanh's 64 values a thread beside
     Sᵀ and dPᵀ). At D = 128 causal calls without a sink take D128_CAUSAL_TILE (a sink would send its dQ to the
-    ordered pass, see backward_checked); deterministic ones too where its persistent grid orders dQ
-    (KT_PERSIST_CHAIN: batched, no left window, from KT_PERSIST_CHAIN_MIN_ROWS query rows; seqlen_q None: any).
+    ordered pass, see backward_checked); deterministic ones, causal or not, where its persistent grid orders dQ
+    (_persistent_chain_call).
     softmax_scale = 0 (uniform attention) keeps off the keys-as-rows kernel, which seeds its score accumulator with
     −lse2 / scale. A sink on a queries-as-rows tile with dQ in the kernel
     takes its P·dP partials (sink_pdp)."""
@@ -1415,11 +1409,10 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         return None
     if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         tile = D64_NARROW_TILE
-    elif ((d, dv) == (128, 128) and (window_right >= 0 or (deterministic and KT_PERSIST_CHAIN_FULL))
-          and softmax_scale != 0
-          and (not deterministic or (KT_PERSIST_CHAIN and not varlen and window_left < 0
-                                     and (seqlen_q is None or seqlen_q >= KT_PERSIST_CHAIN_MIN_ROWS)))
-          and (KEYS_AS_ROWS_D128_PACKED or not varlen) and softcap == 0 and not sink and KEYS_AS_ROWS_D128):
+    elif ((d, dv) == (128, 128) and softmax_scale != 0 and softcap == 0 and not sink and KEYS_AS_ROWS_D128
+          and (KEYS_AS_ROWS_D128_PACKED or not varlen)
+          and (_persistent_chain_call(window_left, window_right, varlen, seqlen_q) if deterministic
+               else window_right >= 0)):
         # Packed calls stay off the persistent grid: there ptxas reloads 28 values a step instead of 16 (the
         # sequence bounds of each tile beside the tile loop's state), and it was not timed.
         tile = replace(D128_CAUSAL_TILE, persistent=False) if varlen else D128_CAUSAL_TILE
@@ -1430,6 +1423,13 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         # other tiles' sink calls take the ordered pass, which gives the same sum (dq_route).
         tile = replace(tile, sink_pdp=True)
     return tile
+
+
+def _persistent_chain_call(window_left, window_right, varlen, seqlen_q):
+    """Whether a deterministic D = 128 call takes the persistent grid's ascending chain (KT_PERSIST_CHAIN): batched,
+    no left window, a right window or KT_PERSIST_CHAIN_FULL, and KT_PERSIST_CHAIN_MIN_ROWS query rows (None: any)."""
+    return (KT_PERSIST_CHAIN and not varlen and window_left < 0 and (window_right >= 0 or KT_PERSIST_CHAIN_FULL)
+            and (seqlen_q is None or seqlen_q >= KT_PERSIST_CHAIN_MIN_ROWS))
 
 
 def builds_sink_partials(tile):
@@ -1752,8 +1752,8 @@ KT_DQ_CHAIN = True
 # The chain on the persistent keys-as-rows grid (deterministic=True for batched D = 128 calls under a right window,
 # causal included, from KT_PERSIST_CHAIN_MIN_ROWS query rows; default_tile): ascending key blocks, each walk top-down
 # and query block by query block (backward._step_block), so that every tile waits only on tiles handed out before it,
-# the tiles in the default's chunks of heads (cta_chunk). H100, session 26 (det_chain_shapes.py, benchmarks/NOTES.md):
-# with one head's key blocks after another the chain's tiles of a head start together and each waits for its
+# the tiles in chunks of heads (l2_chunk, the default's rule). H100, session 26 (det_chain_shapes.py,
+# benchmarks/NOTES.md): with one head's key blocks after another the chain's tiles of a head start together and each waits for its
 # predecessor's add of the same step, a delay that grows along the chain while the SM idles (+86-99% over the default
 # at S = 1024 / 4096); in chunks of 8 heads at S = 4096 (the chunk rule's) +4.2 / +5.5% against the shared-dQ
 # tile's chain +11.4 / +12.8%; at S = 1024 (chunk 32) +9.5% against +8.3%, hence the rows threshold. False: always the
@@ -1917,7 +1917,11 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         al = aligned_length(q.shape[0], batch)
         stats_al = tuple(torch.empty(q.shape[-2], al, dtype=torch.float32, device=device) for _ in range(2))
     # The main kernel's fp32 dQ accumulator (unless dQ comes from the ordered pass) and the persistent grid's tile
-    # counter, zeroed: batched, by the preprocess kernel as it goes (no fill launches); packed, by fills.
+    # counter, zeroed: batched, by the preprocess kernel as it goes (no fill launches); packed, by fills. Where the
+    # ascending chain's first link stores its shares nothing needs zeroing (the persistent grid's tile counter is
+    # then the chain counters' first slot, zeroed with them).
+    store_first = chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q,
+                                                  seqlen_k)
     tile_ctr = None
     persistent = persistent_tiles(tile)
     zero = None
@@ -1927,13 +1931,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
             tile_ctr = torch.zeros(1, dtype=torch.int32, device=device)
     else:
         dq_acc, tile_ctr = dq_accumulator(q, varlen, persistent)
-        zero = None if varlen else (dq_acc, tile_ctr)
-    # The ascending chain's first link stores its shares: nothing to zero (the persistent grid's tile counter is
-    # the chain counters' first slot, zeroed with them).
-    store_first = chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q,
-                                                  seqlen_k)
-    if store_first:
-        zero = None
+        zero = None if varlen or store_first else (dq_acc, tile_ctr)
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
                                          None if varlen else tile.block_m, aligned=stats_al, zero=zero)
     main_parts = None
