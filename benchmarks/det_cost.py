@@ -3,6 +3,7 @@ do_bench median µs of the backend `backward` call, the two alternated over roun
 round of each and the slowdown (issue #4 allows deterministic=True at most 15% slower than the default).
 
     python benchmarks/det_cost.py [--rows D:S:causal,...] [--rounds 3]     (default: every training-suite row)
+    python benchmarks/det_cost.py --group 4 ...    (GQA: H / 4 kv heads)
 """
 import argparse
 import os
@@ -27,12 +28,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flip", default=None, help="a backward module switch (e.g. KT_DQ_CHAIN): both calls are also "
                     "timed with it flipped, in the same rounds")
+    ap.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "| us per backward call, default -> deterministic=True")
     for item in args.rows.split(","):
         d, s, causal = (int(x) for x in item.split(":"))
         b, h = 16384 // s, 2048 // d
-        q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(b, s, h // args.group, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
         out, lse = sm90.forward(q, k, v, **opts)
         variants = [("default", False, None), ("deterministic", True, None)]

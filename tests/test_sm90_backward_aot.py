@@ -523,6 +523,44 @@ def test_dq_store_first_rule(monkeypatch):
             assert (lo, hi) == (0, -(-seq_q // 64)), (seq_q, seq_k, wr)
 
 
+def test_chain_by_default_rule(monkeypatch):
+    """backward.chain_by_default: deterministic=False D = 128 calls take the persistent chain where it measured
+    faster (batched, no left window, from KT_PERSIST_CHAIN_MIN_ROWS rows; masked ones only up to
+    CHAIN_BY_DEFAULT_MAX_ROWS_MASKED rows), never with a sink, a softcap, a zero scale or other head dims."""
+    from fa4.kernels.sm90 import backward as bwd
+    rule = bwd.chain_by_default
+    base = dict(d=128, dv=128, window_left=-1, window_right=-1, softcap=0.0, sink=False, varlen=False,
+                seqlen_q=4096, softmax_scale=0.1)
+    assert rule(**base)
+    assert rule(**{**base, "seqlen_q": 16384}) and rule(**{**base, "d": 96, "dv": 100})
+    assert rule(**{**base, "window_right": 0, "seqlen_q": 2048}) and not rule(**{**base, "window_right": 0})
+    for change in (dict(seqlen_q=2047), dict(window_left=100, window_right=0), dict(sink=True), dict(softcap=5.0),
+                   dict(varlen=True), dict(softmax_scale=0.0), dict(d=64, dv=64), dict(d=256, dv=256)):
+        assert not rule(**{**base, **change}), change
+    monkeypatch.setattr(bwd, "CHAIN_BY_DEFAULT", False)
+    assert not rule(**base)
+
+
+def test_backward_takes_the_chain_by_default(monkeypatch):
+    """backward_checked routes a deterministic=False call that chain_by_default names as deterministic=True (the
+    default tile and dQ route asked with it), and leaves other calls alone."""
+    from fa4.kernels.sm90 import backward as bwd
+    seen = []
+
+    def stop(tile, deterministic, *args, **kw):
+        seen.append((tile, deterministic))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bwd, "dq_route", stop)
+    for s, causal, want in ((4096, False, True), (1024, False, False), (4096, True, False), (2048, True, True)):
+        q = torch.randn(1, s, 2, 128).half()
+        lse = torch.zeros(1, 2, s)
+        with pytest.raises(RuntimeError, match="stop"):
+            bwd.backward_checked(q, q, q, q, q, lse, None, softmax_scale=0.1, window_right=0 if causal else -1)
+        tile, det = seen[-1]
+        assert det == want and (not want or bwd.persistent_tiles(tile)), (s, causal)
+
+
 @pytest.mark.parametrize("wr", [0, 0, 200, 5000])
 def test_persistent_chain_model(wr):
     """The ascending chain on the persistent grid under a right window: no deadlock under random schedules with few

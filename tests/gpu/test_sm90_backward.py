@@ -578,3 +578,27 @@ def test_kt128_writer(case):
                         dv_early=False, dq_lag=True, shared_dq=False, early_dp=False, dq_writer=True)
     assert tile is not None and tile.dq_writer and not bwd.persistent_tiles(tile)
     _run(q, k, v, tile=tile, **kw)
+
+
+# deterministic=False calls that chain_by_default sends to the persistent grid's ordered chain (measured faster).
+CHAIN_DEFAULT_CASES = [
+    (1, 2048, 2048, 4, 4, 128, 128, -1, -1, 0.0, False, False),
+    (2, 2048, 2048, 8, 2, 128, 128, -1, 0, 0.0, False, True),      # GQA, causal, lse gradient
+    (1, 4096, 4096, 4, 1, 96, 96, -1, -1, 0.0, False, False),      # MQA, D padded to 128
+    (1, 2048, 2100, 4, 4, 128, 128, -1, 700, 0.0, False, False),   # a right window, Sq < Sk
+]
+
+
+@pytest.mark.parametrize("case", CHAIN_DEFAULT_CASES, ids=[backward_case_id(c) for c in CHAIN_DEFAULT_CASES])
+def test_chain_by_default(monkeypatch, case):
+    """Such a call runs the chain (its counters are made) and its gradients pass the numerics rule, bitwise equal
+    over repeats."""
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    assert bwd.chain_by_default(q.shape[-1], v.shape[-1], kw["left"], kw["right"], kw["softcap"],
+                                kw["sink"] is not None, False, q.shape[1], q.shape[-1] ** -0.5)
+    made = []
+    real = bwd.dq_chain_counters
+    monkeypatch.setattr(bwd, "dq_chain_counters", lambda *a: made.append(a) or real(*a))
+    check_backend_backward(_repeating(bwd.backward, 3), q, k, v, **kw)
+    assert len(made) == 4, made

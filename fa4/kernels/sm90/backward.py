@@ -1766,6 +1766,30 @@ KT_PERSIST_CHAIN_MIN_ROWS = 2048
 # default's non-causal calls, with or without the writer warp: 0.88 / 0.93-0.96 / 1.01-1.025x of the shared-dQ
 # tile at S = 1024 / 4096 / 16384: not taken.)
 KT_PERSIST_CHAIN_FULL = True
+# The default (deterministic=False) D = 128 calls that the same persistent chain serves faster than their own tiles
+# take it (chain_by_default): batched, no left window, no sink or softcap, from KT_PERSIST_CHAIN_MIN_ROWS query rows,
+# under a right window only up to CHAIN_BY_DEFAULT_MAX_ROWS_MASKED. H100 card 1654723038739 (det_cost.py, best of
+# 4-5 rounds, deterministic over the default; B·S = 16384, H·D = 2048): no window S = 2048 / 4096 / 8192 / 16384
+# -1.4 / -2.7 / -2.5 / -0.8% (MHA), -3.0 / -0.6 / +0.4% at S = 2048 / 4096 / 16384 with 4 query heads a kv head,
+# -5.3 / +0.5 / -4.5% with 16; causal S = 2048 / 4096 / 8192 / 16384 -4.4 / -1.6 / +3.9 / +3.8% (MHA), 2048 / 4096
+# -4.2 / +0.8% (4 a kv head), -16.3 / -13.2% (16). On card 1752624008455 (bwd_flag_ab.py --flag CHAIN_BY_DEFAULT,
+# best of 3, rows of 2048 masked rows at most then): no window S = 4096 / 16384 1.020 / 1.020x, causal S = 4096
+# 0.982x (median 0.993x), within that card's ±4% between identical builds at S = 1024: masked calls take it up to
+# 2048 rows only. The chain's first link stores (no zeroed accumulator) and a writer warp issues the adds; its
+# results are then also bitwise repeatable. False: the default's own tiles.
+CHAIN_BY_DEFAULT = True
+CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
+
+
+def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale):
+    """Whether a deterministic=False call takes deterministic=True's persistent chain (CHAIN_BY_DEFAULT): tile widths
+    (128, 128), what _persistent_chain_call serves, no sink (its gradient would take the ordered pass), no softcap
+    and a nonzero scale (the keys-as-rows tile's), and under a right window at most
+    CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows."""
+    return (CHAIN_BY_DEFAULT and (configs.tile_dim(d), configs.tile_dim(dv)) == (128, 128) and not sink
+            and softcap == 0 and softmax_scale != 0 and KEYS_AS_ROWS_D128
+            and _persistent_chain_call(window_left, window_right, varlen, seqlen_q)
+            and (window_right < 0 or seqlen_q <= CHAIN_BY_DEFAULT_MAX_ROWS_MASKED))
 # ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
 # chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
 # +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
@@ -1898,15 +1922,19 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
         seqlen_k = int(max_seqlen_k)
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    # The calls whose fastest route is deterministic=True's chain take it (chain_by_default); `deterministic` itself
+    # stays the caller's (the Replay's key).
+    ordered = deterministic or (tile is None and chain_by_default(d, dvh, window_left, window_right, softcap,
+                                                                  sink is not None, varlen, seqlen_q, softmax_scale))
     tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap,
-                                window_right=window_right, deterministic=deterministic, varlen=varlen,
+                                window_right=window_right, deterministic=ordered, varlen=varlen,
                                 sink=sink is not None, softmax_scale=softmax_scale, seqlen_q=seqlen_q)
     # dK/dV rows outside every packed sequence, or past seqused_k, are never visited.
     alloc = torch.zeros if varlen or seqused_k is not None else torch.empty
     dk = alloc(k.shape, dtype=k.dtype, device=device)
     dv = alloc(v.shape, dtype=v.dtype, device=device)
 
-    chain, ordered_dq, sink_in_main = dq_route(tile, deterministic, window_left, sink, window_right, seqlen_q)
+    chain, ordered_dq, sink_in_main = dq_route(tile, ordered, window_left, sink, window_right, seqlen_q)
 
     # 1. Preprocess (portable kernel): Delta, lse2, sink partial sums.
     prep_sink = None if ordered_dq or sink_in_main else sink
