@@ -541,6 +541,28 @@ def test_chain_by_default_rule(monkeypatch):
     assert not rule(**base)
 
 
+def test_gqa_split_rule(monkeypatch):
+    """backward.gqa_split: batched causal / right-window calls with >= GQA_SPLIT_MIN_GROUP query heads a kv head on
+    tiles of width 64 or 128 are split down to GQA_SPLIT_HEADS query heads a virtual kv head; nothing else."""
+    from fa4.kernels.sm90 import backward as bwd
+
+    def split(hq, hkv, d=128, dv=None, left=-1, right=0, varlen=False, tile=None):
+        q = torch.empty(1, 8, hq, d)
+        k = torch.empty(1, 8, hkv, d)
+        v = torch.empty(1, 8, hkv, dv or d)
+        return bwd.gqa_split(q, k, v, left, right, varlen, tile)
+
+    assert split(16, 1) == 8 and split(32, 2) == 8 and split(8, 1) == 4 and split(16, 1, d=64) == 4
+    assert split(16, 1, d=96) == 8 and split(16, 1, right=100) == 8
+    assert split(4, 1) == 1 and split(16, 16) == 1                       # small groups
+    assert split(16, 1, right=-1) == 1 and split(16, 1, left=100) == 1   # no window / a left window
+    assert split(16, 1, varlen=True) == 1 and split(16, 1, d=256) == 1 and split(16, 1, d=128, dv=64) == 1
+    assert split(16, 1, tile=bwd.D128_CAUSAL_TILE) == 1
+    assert split(24, 2) == 6 and split(12, 1, d=64) == 3 and split(10, 1, d=64) == 1   # the group's divisors
+    monkeypatch.setattr(bwd, "GQA_SPLIT", False)
+    assert split(16, 1) == 1
+
+
 def test_backward_takes_the_chain_by_default(monkeypatch):
     """backward_checked routes a deterministic=False call that chain_by_default names as deterministic=True (the
     default tile and dQ route asked with it), and leaves other calls alone."""

@@ -602,3 +602,29 @@ def test_chain_by_default(monkeypatch, case):
     monkeypatch.setattr(bwd, "dq_chain_counters", lambda *a: made.append(a) or real(*a))
     check_backend_backward(_repeating(bwd.backward, 3), q, k, v, **kw)
     assert len(made) == 4, made
+
+
+# Causal calls with large GQA groups: each kv head's group split over virtual kv heads (backward.gqa_split).
+GQA_SPLIT_CASES = [
+    (2, 1000, 1000, 16, 1, 128, 128, -1, 0, 0.0, False, True),     # MQA, odd length, lse gradient
+    (1, 777, 1543, 16, 2, 128, 128, -1, 0, 0.0, True, False),      # Sq < Sk, a sink
+    (1, 2048, 2048, 16, 2, 64, 64, -1, 0, 0.0, False, False),
+    (1, 1500, 1500, 16, 1, 96, 96, -1, 300, 0.0, False, False),    # a right window, D padded to 128
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("case", GQA_SPLIT_CASES, ids=[backward_case_id(c) for c in GQA_SPLIT_CASES])
+def test_gqa_split(monkeypatch, case, deterministic):
+    """The kernel runs on group / split query heads a kv head, and the summed dK / dV pass the numerics rule."""
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    split = bwd.gqa_split(q, k, v, kw["left"], kw["right"], False, None)
+    assert split > 1
+    heads = []
+    real = bwd._launch_main
+    monkeypatch.setattr(bwd, "_launch_main", lambda dout, q_, k_, *a, **o: heads.append(k_.shape[-2]) or
+                        real(dout, q_, k_, *a, **o))
+    backward = _repeating(bwd.backward, 2) if deterministic else bwd.backward
+    check_backend_backward(backward, q, k, v, deterministic=deterministic, **kw)
+    assert heads and all(h == k.shape[-2] * split for h in heads), heads

@@ -1781,6 +1781,35 @@ CHAIN_BY_DEFAULT = True
 CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
 
 
+# A causal (right-window) call's GQA group split over virtual kv heads (gqa_split). The keys-as-rows tiles walk
+# every query head of their kv head's group, and causal tiles differ in length, so with large groups a grid has few,
+# long tiles and its longest sets the call's time: the default causal D = 128 call with 16 query heads a kv head
+# took 1.58-1.91x the time of the same FLOPs with one (S = 1024 / 8192 / 16384; 8 a kv head: 1.17-1.45x; D = 64 S =
+# 4096: 1.44x), no window none (H100 card 1752624021168, det_cost.py --group). Emulated by repeating K and V over
+# `split` virtual heads and summing their dK / dV in fp32 (H100 card 1753024032449,
+# benchmarks/results/raw/h100-2026-11-27-s27-gqa-split-probe.log, µs, no split -> best split): D = 128 G = 16 S =
+# 1024 897 -> 600 (8 virtual heads), 8192 4686 -> 2603 (8), 16384 8683 -> 4903 (8); G = 8 S = 8192 3615 -> 2651
+# (4), 16384 5716 -> 4985 (4); D = 64 G = 16 S = 4096 2290 -> 1565 (4). The partial sums stay within the numerics
+# rule with the margin the unsplit kernel has (err / bound 0.25-0.57, unsplit 0.20-0.39; ...-gqa-split-numerics.log).
+# GQA_SPLIT_HEADS: the query heads a virtual kv head keeps, by tile width; False: no split.
+GQA_SPLIT = True
+GQA_SPLIT_HEADS = {64: 4, 128: 2}
+GQA_SPLIT_MIN_GROUP = 8
+
+
+def gqa_split(q, k, v, window_left, window_right, varlen, tile):
+    """How many virtual kv heads each kv head's query-head group is split over (1: none): batched causal or
+    right-window calls without a left window on the shipped tiles of width 64 or 128, with at least
+    GQA_SPLIT_MIN_GROUP query heads a kv head, down to GQA_SPLIT_HEADS of them (when that divides the group)."""
+    group = q.shape[-2] // k.shape[-2]
+    width = configs.tile_dim(q.shape[-1])
+    if (not GQA_SPLIT or tile is not None or varlen or window_left >= 0 or window_right < 0
+            or group < GQA_SPLIT_MIN_GROUP or width != configs.tile_dim(v.shape[-1]) or width not in GQA_SPLIT_HEADS):
+        return 1
+    keep = GQA_SPLIT_HEADS[width]
+    return group // keep if group % keep == 0 else 1
+
+
 def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale):
     """Whether a deterministic=False call takes deterministic=True's persistent chain (CHAIN_BY_DEFAULT): tile widths
     (128, 128), what _persistent_chain_call serves, no sink (its gradient would take the ordered pass), no softcap
@@ -1911,6 +1940,18 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     """`backward` for a caller that has just had unsupported_reason return None (dispatch.resolve_auto_backward)."""
     varlen = cu_seqlens_q is not None
     device = q.device
+    split = gqa_split(q, k, v, window_left, window_right, varlen, tile)
+    if split > 1:
+        # Each kv head's group split over `split` virtual kv heads (K and V repeated), their dK / dV summed in fp32.
+        kr, vr = (t.repeat_interleave(split, dim=-2) for t in (k, v))
+        dq, dk, dv, dsink = backward_checked(
+            dout, q, kr, vr, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
+            window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            page_table=page_table, deterministic=deterministic, tile=tile)
+        dk, dv = (g.unflatten(-2, (t.shape[-2], split)).sum(-2, dtype=torch.float32).to(t.dtype)
+                  for g, t in ((dk, k), (dv, v)))
+        return dq, dk, dv, dsink
     ready = _tma_ready(dout)
     # A call on the default tile whose dout and out the kernels take as they are can be replayed (backward_fast).
     replayable = tile is None and sink is None and ready is dout and out.stride(-1) == 1
