@@ -1766,8 +1766,14 @@ KT_PERSIST_CHAIN_MIN_ROWS = 2048
 # default's non-causal calls, with or without the writer warp: 0.88 / 0.93-0.96 / 1.01-1.025x of the shared-dQ
 # tile at S = 1024 / 4096 / 16384: not taken.)
 KT_PERSIST_CHAIN_FULL = True
-# The default (deterministic=False) D = 128 calls that the same persistent chain serves faster than their own tiles
-# take it (chain_by_default): batched, no left window, no sink or softcap, from KT_PERSIST_CHAIN_MIN_ROWS query rows,
+# ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
+# chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
+# +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
+KT_ASC_CHAIN_MIN_ROWS = 8192
+
+
+# The default (deterministic=False) D = 128 calls that the persistent grid's chain (KT_PERSIST_CHAIN) serves faster
+# than their own tiles take it (chain_by_default): batched, no left window, no sink or softcap, from KT_PERSIST_CHAIN_MIN_ROWS query rows,
 # under a right window only up to CHAIN_BY_DEFAULT_MAX_ROWS_MASKED. H100 card 1654723038739 (det_cost.py, best of
 # 4-5 rounds, deterministic over the default; B·S = 16384, H·D = 2048): no window S = 2048 / 4096 / 8192 / 16384
 # -1.4 / -2.7 / -2.5 / -0.8% (MHA), -3.0 / -0.6 / +0.4% at S = 2048 / 4096 / 16384 with 4 query heads a kv head,
@@ -1779,6 +1785,17 @@ KT_PERSIST_CHAIN_FULL = True
 # results are then also bitwise repeatable. False: the default's own tiles.
 CHAIN_BY_DEFAULT = True
 CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
+
+
+def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale):
+    """Whether a deterministic=False call takes deterministic=True's persistent chain (CHAIN_BY_DEFAULT): tile widths
+    (128, 128), what _persistent_chain_call serves, no sink (its gradient would take the ordered pass), no softcap
+    and a nonzero scale (the keys-as-rows tile's), and under a right window at most
+    CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows."""
+    return (CHAIN_BY_DEFAULT and (configs.tile_dim(d), configs.tile_dim(dv)) == (128, 128) and not sink
+            and softcap == 0 and softmax_scale != 0 and KEYS_AS_ROWS_D128
+            and _persistent_chain_call(window_left, window_right, varlen, seqlen_q)
+            and (window_right < 0 or seqlen_q <= CHAIN_BY_DEFAULT_MAX_ROWS_MASKED))
 
 
 # A causal (right-window) call's GQA group split over virtual kv heads (gqa_split). The keys-as-rows tiles walk
@@ -1808,21 +1825,6 @@ def gqa_split(q, k, v, window_left, window_right, varlen, tile):
         return 1
     keep = GQA_SPLIT_HEADS[width]
     return group // keep if group % keep == 0 else 1
-
-
-def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale):
-    """Whether a deterministic=False call takes deterministic=True's persistent chain (CHAIN_BY_DEFAULT): tile widths
-    (128, 128), what _persistent_chain_call serves, no sink (its gradient would take the ordered pass), no softcap
-    and a nonzero scale (the keys-as-rows tile's), and under a right window at most
-    CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows."""
-    return (CHAIN_BY_DEFAULT and (configs.tile_dim(d), configs.tile_dim(dv)) == (128, 128) and not sink
-            and softcap == 0 and softmax_scale != 0 and KEYS_AS_ROWS_D128
-            and _persistent_chain_call(window_left, window_right, varlen, seqlen_q)
-            and (window_right < 0 or seqlen_q <= CHAIN_BY_DEFAULT_MAX_ROWS_MASKED))
-# ... and, without a right window (the ascending chain), only from this many query rows on: at D = 64 the ascending
-# chain cost +16% over the default at S = 4096 (the ordered pass +8%) and +4.0 / +2.6% at 8192 / 16384 (the pass
-# +9.9 / +11.7%); the descending chain +3-4% (H100, session 24, benchmarks/det_cost.py --flip KT_DQ_CHAIN).
-KT_ASC_CHAIN_MIN_ROWS = 8192
 
 
 # The chain's writer releases a step's chains after issuing the next step's adds (dq_writer's RELEASE_LAG) where
