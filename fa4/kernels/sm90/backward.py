@@ -1808,6 +1808,9 @@ def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, se
 # 1024 897 -> 600 (8 virtual heads), 8192 4686 -> 2603 (8), 16384 8683 -> 4903 (8); G = 8 S = 8192 3615 -> 2651
 # (4), 16384 5716 -> 4985 (4); D = 64 G = 16 S = 4096 2290 -> 1565 (4). The partial sums stay within the numerics
 # rule with the margin the unsplit kernel has (err / bound 0.25-0.57, unsplit 0.20-0.39; ...-gqa-split-numerics.log).
+# Built here, H100 card 1793026049547 (det_cost.py --group G --flip GQA_SPLIT, raw ...-gqa-split-ab.log), default
+# µs unsplit -> split: G = 16 S = 1024 / 8192 / 16384 905 -> 674, 4631 -> 2508, 8869 -> 4944, D = 64 S = 4096
+# 2287 -> 1550; G = 8 820 -> 691, 3634 -> 2584, 5792 -> 5089, D = 64 1745 -> 1588.
 # GQA_SPLIT_HEADS: the query heads a virtual kv head keeps, by tile width; False: no split.
 GQA_SPLIT = True
 GQA_SPLIT_HEADS = {64: 4, 128: 2}
