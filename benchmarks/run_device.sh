@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark run: `fa4 bench` for one suite or both, results and logs under $OUT.
 #
-#   bash benchmarks/run_device.sh [training|decode|all] [more `fa4 bench` options, e.g. --quick --rows D=128]
+#   bash benchmarks/run_device.sh [training|decode|gqa|all] [more `fa4 bench` options, e.g. --quick --rows D=128]
 #
 # Writes $OUT/<suite>.json (DESIGN.md's schema), $OUT/<suite>.log (progress and table), and from --out the
 # detailed .json, the .md table and the .png plot. $OUT defaults to ./bench-out. The FlashAttention-4 peer is
@@ -13,8 +13,8 @@ which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
   all) suites="training decode" ;;
-  training|decode) suites=$which ;;
-  *) echo "usage: bash benchmarks/run_device.sh [training|decode|all] [fa4 bench options]" >&2; exit 2 ;;
+  training|decode|gqa) suites=$which ;;
+  *) echo "usage: bash benchmarks/run_device.sh [training|decode|gqa|all] [fa4 bench options]" >&2; exit 2 ;;
 esac
 
 OUT=${OUT:-$PWD/bench-out}

@@ -55,7 +55,7 @@ def test_bench_word_is_accepted(capsys):
     (["--suite", "decode", "--rows", "D=128"], "KEY one of B, L, paged"),
     (["--rows", "causal=maybe"], "true/false"),
     (["--peers", "sdpa_flash,fa3"], "unknown peer(s) fa3"),
-    (["--suite", "decode", "--fwd-only"], "training suite only"),
+    (["--suite", "decode", "--fwd-only"], "training and gqa suites only"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -83,6 +83,40 @@ def test_training_suite_matches_design():
     assert c.fwd_flops == 4 * 4 * 16 * 4096 ** 2 * 128
     assert suites.TrainingCase(D=128, S=4096, B=4, H=16, causal=True).fwd_flops * 2 == c.fwd_flops
     assert c.bwd_flops == 2.5 * c.fwd_flops
+
+
+def test_gqa_suite():
+    """fa4's gqa suite: the training suite's D = 128 rows at S = 4096 / 16384 with 16 query heads on 4, 2 or 1 kv
+    heads; FLOPs per query head as in training; its rows (and only its) carry Hkv."""
+    cases = suites.gqa_cases()
+    assert len(cases) == 12 and suites.is_training("gqa") and not suites.is_training("decode")
+    assert {c.Hkv for c in cases} == {4, 2, 1} and {(c.D, c.H) for c in cases} == {(128, 16)}
+    for c in cases:
+        assert c.B * c.S == 16384 and c.kv_heads == c.Hkv and "Hkv" in c.key() and f"Hkv={c.Hkv}" in c.label()
+        same = suites.TrainingCase(D=c.D, S=c.S, B=c.B, H=c.H, causal=c.causal)
+        assert c.fwd_flops == same.fwd_flops and "Hkv" not in same.key() and same.kv_heads == same.H
+    picked = suites.select(cases, [suites.parse_row_filter("Hkv=1,causal=1", "gqa")])
+    assert [(c.S, c.Hkv, c.causal) for c in picked] == [(4096, 1, True), (16384, 1, True)]
+    with pytest.raises(ValueError, match="Hkv"):
+        suites.parse_row_filter("Hkv=1", "training")
+
+
+def test_gqa_peers_pass_enable_gqa_only_for_gqa_shapes():
+    q, k = torch.empty(1, 8, 16, 4), torch.empty(1, 8, 2, 4)
+    assert peers._gqa_kwargs(q, k) == {"enable_gqa": True} and peers._gqa_kwargs(q, q) == {}
+
+
+def test_gqa_table_has_the_kv_heads_column():
+    rows = [dict(backend=b, D=128, S=4096, B=4, H=16, Hkv=h, causal=True, fwd_tflops=f, bwd_tflops=f / 2,
+                 fwd_extra_mib=1.0, bwd_extra_mib=2.0) for b, f in (("fa4", 600.0), ("sdpa_cudnn", 500.0))
+            for h in (4, 1)]
+    text = report.table("gqa", rows, ["fa4", "sdpa_cudnn"])
+    header = text.splitlines()[1]
+    assert "| Hkv |" in header.replace("  ", " ") or " Hkv " in header
+    assert text.count("1.20 (sdpa_cudnn)") == 4   # fwd and bwd ratio, two rows
+    doc = report.document(INFO, "gqa", 790.0, 3000.0, rows)
+    assert list(doc["rows"][0]) == ["backend", "D", "S", "B", "H", "Hkv", "causal", "fwd_tflops", "bwd_tflops",
+                                    "fwd_extra_mib", "bwd_extra_mib"]
 
 
 def test_decode_suite_matches_design():
@@ -201,6 +235,7 @@ class _FakeBackend:
         def f(q, k, v):
             if self.fail:
                 raise RuntimeError("no kernel for this shape")
+            k, v = (t.repeat_interleave(q.shape[2] // t.shape[2], 2) for t in (k, v))  # GQA rows
             out = (q * k).sum(-1, keepdim=True) * v
             if self.fail_bwd:
                 out = out.detach().requires_grad_()  # a graph that does not reach q, k, v
@@ -286,7 +321,7 @@ def _stand_in_fa4(error=1.0):
     return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
 
 
-@pytest.mark.parametrize("suite", ["training", "decode"])
+@pytest.mark.parametrize("suite", ["training", "gqa", "decode"])
 def test_cpu_mode_with_a_stand_in_fa4(monkeypatch, suite):
     monkeypatch.setattr(peers, "load_fa4", lambda: _stand_in_fa4())
     lines = []
@@ -345,6 +380,7 @@ def test_repeated_peers_run_once_and_a_peer_without_rows_keeps_its_column():
 
 SMALL_SUITES = {
     "training": lambda: [suites.TrainingCase(D=d, S=64, B=2, H=2, causal=c) for d in (32, 64) for c in (0, 1)],
+    "gqa": lambda: [suites.TrainingCase(D=64, S=64, B=2, H=4, causal=c, Hkv=h) for h in (2, 1) for c in (0, 1)],
     "decode": lambda: [suites.DecodeCase(B=b, L=128, paged=p, Hq=4, Hkv=2, D=32, page_size=32)
                        for b in (1, 2) for p in (False, True)],
 }
@@ -352,6 +388,7 @@ SMALL_SUITES = {
 
 @pytest.mark.parametrize("suite, argv", [
     ("training", ["--rows", "D=64", "--peers", "flex,flashattn4"]),
+    ("gqa", ["--rows", "Hkv=1", "--peers", "flex,flashattn4"]),
     ("decode", ["--rows", "B=1", "--peers", "sdpa_flash,flashattn4"]),
 ])
 def test_gpu_flow_end_to_end_on_the_cpu(monkeypatch, no_cuda_timing, tmp_path, suite, argv):
@@ -376,7 +413,10 @@ def test_gpu_flow_end_to_end_on_the_cpu(monkeypatch, no_cuda_timing, tmp_path, s
     doc = json.loads(json_path.read_text())
     assert doc["suite"] == suite and doc["matmul_tflops"] == 790.0
     assert {r["backend"] for r in doc["rows"]} == {"fa4", first}
-    assert len(doc["rows"]) == (4 if suite == "training" else 3)  # SDPA has no paged row: n/a, not a row
+    # training: 4 rows of D = 64 (2 backends × 2); gqa: Hkv = 1 (2 × 2); decode: SDPA has no paged row (n/a).
+    assert len(doc["rows"]) == (3 if suite == "decode" else 4)
+    if suite == "gqa":
+        assert all(r["Hkv"] == 1 for r in doc["rows"])
     written = sorted(os.listdir(tmp_path / "out"))
     stem = "nvidia-h100-80gb-hbm3-" + suite + "-2026-11-25-1750"
     assert [w for w in written if not w.endswith(".png")] == [stem + ".json", stem + ".md"]

@@ -38,12 +38,13 @@ def _randn(shape, dtype, device, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
-def check_training(api, *, B, S, H, D, causal, dtype, device, backend=None, with_backward=True, seed=0):
-    """fa4.flash_attn_func's output (and dq, dk, dv) against the reference on one shape."""
+def check_training(api, *, B, S, H, D, causal, dtype, device, backend=None, with_backward=True, seed=0, Hkv=None):
+    """fa4.flash_attn_func's output (and dq, dk, dv) against the reference on one shape (Hkv: GQA's kv heads)."""
     from fa4 import reference
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, dout = (_randn((B, S, H, D), dtype, device, gen) for _ in range(4))
-    tag = f"training D={D} S={S} B={B} H={H} {'causal' if causal else 'full'}"
+    hkv = Hkv or H
+    q, k, v, dout = (_randn((B, S, h, D), dtype, device, gen) for h in (H, hkv, hkv, H))
+    tag = f"training D={D} S={S} B={B} H={H}{f' Hkv={hkv}' if hkv != H else ''} {'causal' if causal else 'full'}"
     kw = dict(softmax_scale=D ** -0.5, window_left=-1, window_right=0 if causal else -1)
 
     qg, kg, vg = (t.clone().requires_grad_(with_backward) for t in (q, k, v))

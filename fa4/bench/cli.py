@@ -9,12 +9,12 @@ from .peers import PEER_NAMES
 
 # SDPA's efficient kernel has no GQA decode (it raises "No available kernel" on every decode row) and Flex is not
 # a decode kernel: both stay selectable with --peers but are left out of the decode suite by default.
-DEFAULT_PEERS = {"training": PEER_NAMES, "decode": ("sdpa_flash", "sdpa_cudnn", "flashattn4")}
+DEFAULT_PEERS = {"training": PEER_NAMES, "gqa": PEER_NAMES, "decode": ("sdpa_flash", "sdpa_cudnn", "flashattn4")}
 # A decode step streams the KV cache once. Cleared by do_bench's memset, L2 holds up to 50 MB of dirty lines, and
 # their write-back would be charged to the step: ~15% of the traffic of a 268 MB step, a ceiling of ~2,570 GB/s
 # for any kernel on an H100. In a model, the kernels before the attention mostly read weights, so the step meets
 # clean lines: the read flush. Training calls keep the anchors' memset.
-DEFAULT_L2_FLUSH = {"training": "memset", "decode": "read"}
+DEFAULT_L2_FLUSH = {"training": "memset", "gqa": "memset", "decode": "read"}
 
 DESCRIPTION = """\
 Benchmark fa4 against every peer importable in this process, on this card, after checking fa4's output
@@ -33,6 +33,9 @@ Suites (DESIGN.md):
   decode    one query token, Hq 32, Hkv 8, D 128, (B, L) in {(1,8192), (1,65536), (8,8192), (32,4096),
             (64,8192), (128,2048)}, contiguous and paged (page 128, pages in shuffled order). GB/s of K+V read
             per step: 2*B*L*Hkv*D*2 bytes / time.
+  gqa       fa4's own addition: the training suite's D = 128 rows at S in {4096, 16384} with H = 16 query heads
+            sharing Hkv in {4, 2, 1} kv heads, causal and not; the same FLOP counts (per query head); its rows
+            carry Hkv. Peers get K / V with Hkv heads (SDPA and Flex with enable_gqa=True).
 
 Peers: sdpa_flash, sdpa_cudnn, sdpa_efficient (torch SDPA pinned to its FLASH_ATTENTION / CUDNN_ATTENTION /
 EFFICIENT_ATTENTION kernel, q/k/v passed as .transpose(1, 2) views of (B, S, H, D) tensors; decode uses
@@ -87,16 +90,18 @@ def build_parser():
     p.add_argument("--json", metavar="PATH",
                    help="write DESIGN.md's JSON document: card, torch, triton, date, suite, matmul_tflops, "
                         "copy_gbps, rows (training: backend, D, S, B, H, causal, fwd_tflops, bwd_tflops, "
-                        "fwd_extra_mib, bwd_extra_mib; decode: backend, B, L, paged, gbps)")
+                        "fwd_extra_mib, bwd_extra_mib; gqa: the same with Hkv after H; decode: backend, B, L, paged, "
+                        "gbps)")
     p.add_argument("--peers", metavar="LIST",
                    help="comma-separated peers to run beside fa4, from: " + ", ".join(PEER_NAMES)
-                        + "; 'none' for fa4 alone (default: training all; decode sdpa_flash, sdpa_cudnn, flashattn4)")
+                        + "; 'none' for fa4 alone (default: training and gqa all; decode sdpa_flash, sdpa_cudnn, "
+                        "flashattn4)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
                    help="input dtype on the GPU (default bf16; the CPU check always uses fp16, since the "
                         "Triton 3.6 interpreter multiplies bf16 wrongly)")
     p.add_argument("--rows", metavar="FILTER", action="append", default=[],
                    help="run only the rows matching KEY=VALUE[,KEY=VALUE...]; keys for training: D, S, B, H, "
-                        "causal; for decode: B, L, paged (booleans as 1/0 or true/false). Repeat to take the "
+                        "causal; for gqa: those and Hkv; for decode: B, L, paged (booleans as 1/0 or true/false). Repeat to take the "
                         "union, e.g. --rows D=128,S=16384 --rows D=64,causal=1")
     p.add_argument("--fwd-only", action="store_true",
                    help="training: time the forward only (bwd figures are null)")
@@ -132,8 +137,8 @@ def parse_args(argv):
             parser.error(f"--peers: unknown peer(s) {', '.join(unknown)}; known: {', '.join(PEER_NAMES)}")
     if args.l2_flush is None:
         args.l2_flush = DEFAULT_L2_FLUSH[args.suite]
-    if args.fwd_only and args.suite != "training":
-        parser.error("--fwd-only applies to the training suite only")
+    if args.fwd_only and not suites.is_training(args.suite):
+        parser.error("--fwd-only applies to the training and gqa suites only")
     # Output paths are checked before anything runs: a bad one found after the suite would lose every timing.
     for flag, path, want_dir in (("--out", args.out, True), ("--json", args.json, False)):
         if path is None:

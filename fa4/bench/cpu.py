@@ -21,7 +21,7 @@ TINY_DECODE = dict(B=3, L=128, Hq=4, Hkv=2, D=64, page_size=32)
 
 def _unmeasured_rows(suite, cases):
     """Schema rows for fa4 on the selected cases with every figure null (nothing is timed without a GPU)."""
-    if suite == "training":
+    if suites.is_training(suite):
         return [dict(backend="fa4", **c.key(), fwd_tflops=None, bwd_tflops=None, fwd_extra_mib=None,
                      bwd_extra_mib=None) for c in cases]
     return [dict(backend="fa4", **c.key(), gbps=None) for c in cases]
@@ -72,9 +72,9 @@ def run_cpu(args, out=print):
         return 1
     t0 = time.perf_counter()
     try:
-        if args.suite == "training":
+        if suites.is_training(args.suite):
             checks = check_training(api, **TINY_TRAINING, dtype=torch.float16, device="cpu", backend=backend,
-                                    with_backward=not args.fwd_only)
+                                    with_backward=not args.fwd_only, Hkv=1 if args.suite == "gqa" else None)
         else:
             if not backend_kwargs(api.flash_attn_with_kvcache, backend):
                 out("note: flash_attn_with_kvcache takes no backend argument; fa4 picks its own path for "

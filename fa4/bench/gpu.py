@@ -22,10 +22,11 @@ def _log(msg):
 def correctness_checks(args, api, cases, dtype):
     """One small shape per head dim and mask of the selected training rows, or per cache layout for decode."""
     checks = []
-    if args.suite == "training":
-        for d, causal in sorted({(c.D, c.causal) for c in cases}):
+    if suites.is_training(args.suite):
+        # GQA rows: 4 query heads share one kv head in the check.
+        for d, causal, gqa in sorted({(c.D, c.causal, bool(c.Hkv)) for c in cases}):
             checks += check_training(api, B=2, S=512, H=4, D=d, causal=causal, dtype=dtype, device=DEVICE,
-                                     backend=args.backend, with_backward=not args.fwd_only)
+                                     backend=args.backend, with_backward=not args.fwd_only, Hkv=1 if gqa else None)
     else:
         for paged in sorted({c.paged for c in cases}):
             checks += check_decode(api, B=4, L=1024, Hq=suites.DECODE_HQ, Hkv=suites.DECODE_HKV,
@@ -95,7 +96,7 @@ def run_gpu(args, out=print, log=_log):
     out("peers: " + (", ".join(p.name for p in usable) or "none")
         + "".join(f"\n  not available: {name} ({why})" for name, why in missing.items()))
     backends = [fa4] + usable
-    if args.suite == "training":
+    if suites.is_training(args.suite):
         outcome = runner.run_training(cases, backends, dtype=dtype, reps=reps, fwd_only=args.fwd_only, log=log,
                                      device=DEVICE, l2_flush=args.l2_flush)
     else:

@@ -95,6 +95,11 @@ class Fa4:
         return lambda x: first(api.flash_attn_with_kvcache(x.q, x.k, x.v, cache_seqlens=x.seqlens, **kw))
 
 
+def _gqa_kwargs(q, k):
+    """enable_gqa=True where K / V have fewer heads than Q ((B, S, H, D) tensors), else nothing."""
+    return {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+
+
 class Sdpa:
     """torch's scaled_dot_product_attention pinned to one of its kernels."""
     _KERNELS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -125,7 +130,8 @@ class Sdpa:
 
     def training(self, causal):
         attend = self._call()
-        return lambda q, k, v: attend(q, k, v, is_causal=causal)
+        # GQA rows: K / V with fewer heads, natively (enable_gqa, only then: it narrows SDPA's kernel choice).
+        return lambda q, k, v: attend(q, k, v, is_causal=causal, **_gqa_kwargs(q, k))
 
     def decode(self, case):
         if case.paged:
@@ -175,7 +181,8 @@ class Flex:
 
         def attend(q, k, v):
             mask = self._causal_mask(q.shape[1], q.device) if causal else None
-            return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask).transpose(1, 2)
+            return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                        **_gqa_kwargs(q, k)).transpose(1, 2)
         return attend
 
     def decode(self, case):

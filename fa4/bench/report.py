@@ -1,7 +1,8 @@
 """Tables, the JSON document and the plot, all built from schema rows.
 
 Schema rows (DESIGN.md): training {"backend","D","S","B","H","causal","fwd_tflops","bwd_tflops",
-"fwd_extra_mib","bwd_extra_mib"}; decode {"backend","B","L","paged","gbps"}. A figure is None (JSON null) when
+"fwd_extra_mib","bwd_extra_mib"}; decode {"backend","B","L","paged","gbps"}; gqa (fa4's own suite): training's
+with "Hkv" after "H". A figure is None (JSON null) when
 that backend failed on that row; a backend absent from a row could not express it (shown as n/a).
 """
 import json
@@ -10,6 +11,8 @@ import os
 TRAINING_KEYS = ("D", "S", "B", "H", "causal")
 DECODE_KEYS = ("B", "L", "paged")
 TRAINING_FIELDS = ("backend",) + TRAINING_KEYS + ("fwd_tflops", "bwd_tflops", "fwd_extra_mib", "bwd_extra_mib")
+GQA_KEYS = ("D", "S", "B", "H", "Hkv", "causal")
+GQA_FIELDS = ("backend",) + GQA_KEYS + TRAINING_FIELDS[len(TRAINING_KEYS) + 1:]
 DECODE_FIELDS = ("backend",) + DECODE_KEYS + ("gbps",)
 DOCUMENT_FIELDS = ("card", "torch", "triton", "date", "suite", "matmul_tflops", "copy_gbps", "rows")
 
@@ -43,9 +46,9 @@ def ratio(fa4_value, peer_value):
     return fa4_value / peer_value
 
 
-def training_ratios(rows):
+def training_ratios(rows, keys=TRAINING_KEYS):
     """{case: {"fwd": (ratio, best peer), "bwd": (ratio, best peer)}}: fa4's figure over the best peer's."""
-    cases, _ = _group(rows, TRAINING_KEYS)
+    cases, _ = _group(rows, keys)
     out = {}
     for case, by_backend in cases.items():
         fa4 = by_backend.get("fa4", {})
@@ -92,20 +95,20 @@ def _markdown(header, lines):
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines])
 
 
-def training_table(rows, names=()):
-    """TFLOP/s (fwd / bwd) per backend with fa4's ratio to the best peer, then extra MiB per backend."""
-    cases, backends = _group(rows, TRAINING_KEYS, names)
-    ratios = training_ratios(rows)
+def training_table(rows, names=(), keys=TRAINING_KEYS):
+    """TFLOP/s (fwd / bwd) per backend with fa4's ratio to the best peer, then extra MiB per backend (keys:
+    GQA_KEYS for the gqa suite's rows)."""
+    cases, backends = _group(rows, keys, names)
+    ratios = training_ratios(rows, keys)
     speed, memory = [], []
     for case, by_backend in cases.items():
-        d, s, b, h, causal = case
-        lead = [d, s, b, h, "yes" if causal else "no"]
+        lead = list(case[:-1]) + ["yes" if case[-1] else "no"]
         cell = lambda name, field, spec: (  # noqa: E731
             _pair(by_backend[name], field, spec) if name in by_backend else "n/a")
         speed.append(lead + [cell(n, "tflops", ".0f") for n in backends]
                      + [_ratio_cell(ratios[case]["fwd"]), _ratio_cell(ratios[case]["bwd"])])
         memory.append(lead + [cell(n, "extra_mib", ".1f") for n in backends])
-    head = ["D", "S", "B", "H", "causal"]
+    head = list(keys)
     return ("TFLOP/s, forward / backward (higher is better)\n"
             + _markdown(head + backends + ["fa4/best fwd", "fa4/best bwd"], speed)
             + "\n\nExtra memory per call, MiB, forward / backward (beyond inputs and outputs; lower is better)\n"
@@ -128,6 +131,8 @@ def decode_table(rows, names=()):
 
 def table(suite, rows, names=()):
     """The suite's table; `names`: the run's backends, each a column even where it could express no row."""
+    if suite == "gqa":
+        return training_table(rows, names, GQA_KEYS)
     return training_table(rows, names) if suite == "training" else decode_table(rows, names)
 
 
@@ -137,7 +142,7 @@ def _rounded(row):
 
 def document(info, suite, matmul_tflops, copy_gbps, rows):
     """The `--json` object, exactly DESIGN.md's schema."""
-    fields = TRAINING_FIELDS if suite == "training" else DECODE_FIELDS
+    fields = {"training": TRAINING_FIELDS, "gqa": GQA_FIELDS}.get(suite, DECODE_FIELDS)
     doc = {
         "card": info["card"], "torch": info["torch"], "triton": info["triton"], "date": info["date"],
         "suite": suite, "matmul_tflops": None if matmul_tflops is None else round(matmul_tflops, 1),
@@ -164,11 +169,12 @@ def plot(path, suite, rows, title):
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib is not importable ({exc}); install fa4[bench]"
-    keys = TRAINING_KEYS if suite == "training" else DECODE_KEYS
+    keys = {"training": TRAINING_KEYS, "gqa": GQA_KEYS}.get(suite, DECODE_KEYS)
     cases, backends = _group(rows, keys)
-    if suite == "training":
+    if suite in ("training", "gqa"):
         panels = [("fwd_tflops", "forward TFLOP/s"), ("bwd_tflops", "backward TFLOP/s")]
-        labels = [f"D{d} S{s}\n{'causal' if c else 'full'}" for d, s, _, _, c in cases]
+        kv = (lambda c: f" kv{c[4]}") if suite == "gqa" else (lambda c: "")
+        labels = [f"D{c[0]} S{c[1]}{kv(c)}\n{'causal' if c[-1] else 'full'}" for c in cases]
     else:
         panels = [("gbps", "GB/s of K+V read")]
         labels = [f"B{b} L{l}\n{'paged' if p else 'contig'}" for b, l, p in cases]

@@ -50,8 +50,9 @@ def _reason(exc):
 
 
 def _training_row(backend, case):
-    return {"backend": backend, "D": case.D, "S": case.S, "B": case.B, "H": case.H, "causal": case.causal,
-            "fwd_tflops": None, "bwd_tflops": None, "fwd_extra_mib": None, "bwd_extra_mib": None}
+    """The schema row with null figures: the case's key (training; gqa adds Hkv), then the figures."""
+    return {"backend": backend, **case.key(), "fwd_tflops": None, "bwd_tflops": None, "fwd_extra_mib": None,
+            "bwd_extra_mib": None}
 
 
 def _fmt(value, spec, unit):
@@ -107,8 +108,9 @@ def measure_training(backend, case, inputs, reps, fwd_only, l2_flush="memset"):
 
 def _training_inputs(case, dtype, device):
     shape = (case.B, case.S, case.H, case.D)
+    kv_shape = (case.B, case.S, case.kv_heads, case.D)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in (shape, kv_shape, kv_shape))
     return q, k, v, torch.randn(shape, device=device, dtype=dtype)
 
 

@@ -2,6 +2,8 @@
 
 training: bf16, B·S = 16384 tokens, H·D = 2048, D ∈ {64, 128, 256}, S ∈ {1024 (D=128 only), 4096, 16384},
 causal and not. decode: one query token, Hq 32, Hkv 8, D 128, six (B, L) pairs, paged (page 128) and not.
+gqa (beyond DESIGN.md's two): the training suite's D = 128 rows at S = 4096 and 16384 with 16 query heads sharing
+4, 2 or 1 kv heads (groups of 4, 8, 16), causal and not; its rows carry Hkv besides the training schema.
 """
 from dataclasses import asdict, dataclass
 
@@ -19,6 +21,11 @@ class TrainingCase:
     B: int
     H: int
     causal: bool
+    Hkv: int = 0        # kv heads (GQA suite); 0: H of them, and the row has no Hkv field (training schema)
+
+    @property
+    def kv_heads(self):
+        return self.Hkv or self.H
 
     @property
     def fwd_flops(self):
@@ -32,10 +39,14 @@ class TrainingCase:
         return 2.5 * self.fwd_flops
 
     def label(self):
-        return f"D={self.D} S={self.S} B={self.B} H={self.H} {'causal' if self.causal else 'full'}"
+        kv = f" Hkv={self.Hkv}" if self.Hkv else ""
+        return f"D={self.D} S={self.S} B={self.B} H={self.H}{kv} {'causal' if self.causal else 'full'}"
 
     def key(self):
-        return asdict(self)
+        key = asdict(self)
+        if not self.Hkv:
+            del key["Hkv"]
+        return key
 
 
 @dataclass(frozen=True)
@@ -71,12 +82,25 @@ def training_cases():
     return cases
 
 
+def gqa_cases():
+    d = 128
+    return [TrainingCase(D=d, S=s, B=TRAINING_TOKENS // s, H=TRAINING_WIDTH // d, causal=causal, Hkv=hkv)
+            for s in (4096, 16384) for hkv in GQA_KV_HEADS for causal in (False, True)]
+
+
 def decode_cases():
     return [DecodeCase(B=b, L=l, paged=paged) for b, l in DECODE_SIZES for paged in (False, True)]
 
 
-SUITES = {"training": training_cases, "decode": decode_cases}
-FILTER_KEYS = {"training": ("D", "S", "B", "H", "causal"), "decode": ("B", "L", "paged")}
+GQA_KV_HEADS = (4, 2, 1)
+SUITES = {"training": training_cases, "decode": decode_cases, "gqa": gqa_cases}
+FILTER_KEYS = {"training": ("D", "S", "B", "H", "causal"), "decode": ("B", "L", "paged"),
+               "gqa": ("D", "S", "B", "H", "Hkv", "causal")}
+
+
+def is_training(suite):
+    """Whether a suite's rows are training rows (forward and backward TFLOP/s): training and gqa."""
+    return suite in ("training", "gqa")
 _TRUE, _FALSE = ("1", "true", "yes", "y", "causal", "paged"), ("0", "false", "no", "n", "full", "contiguous")
 
 

@@ -32,8 +32,8 @@ class Reps:
 
 
 # The anchors used 50/200 ms for training and 20/100 ms for decode; --quick trades precision for time.
-REPS = {"training": Reps(50, 200), "decode": Reps(20, 100)}
-QUICK_REPS = {"training": Reps(10, 40), "decode": Reps(5, 25)}
+REPS = {"training": Reps(50, 200), "gqa": Reps(50, 200), "decode": Reps(20, 100)}
+QUICK_REPS = {"training": Reps(10, 40), "gqa": Reps(10, 40), "decode": Reps(5, 25)}
 
 
 L2_FLUSHES = ("memset", "read")
