@@ -9,11 +9,15 @@ import json
 import os
 
 TRAINING_KEYS = ("D", "S", "B", "H", "causal")
-DECODE_KEYS = ("B", "L", "paged")
-TRAINING_FIELDS = ("backend",) + TRAINING_KEYS + ("fwd_tflops", "bwd_tflops", "fwd_extra_mib", "bwd_extra_mib")
 GQA_KEYS = ("D", "S", "B", "H", "Hkv", "causal")
-GQA_FIELDS = ("backend",) + GQA_KEYS + TRAINING_FIELDS[len(TRAINING_KEYS) + 1:]
+DECODE_KEYS = ("B", "L", "paged")
+TRAINING_FIGURES = ("fwd_tflops", "bwd_tflops", "fwd_extra_mib", "bwd_extra_mib")
+TRAINING_FIELDS = ("backend",) + TRAINING_KEYS + TRAINING_FIGURES
+GQA_FIELDS = ("backend",) + GQA_KEYS + TRAINING_FIGURES
 DECODE_FIELDS = ("backend",) + DECODE_KEYS + ("gbps",)
+# Each suite's row keys and schema fields, by suite name.
+ROW_KEYS = {"training": TRAINING_KEYS, "gqa": GQA_KEYS, "decode": DECODE_KEYS}
+ROW_FIELDS = {"training": TRAINING_FIELDS, "gqa": GQA_FIELDS, "decode": DECODE_FIELDS}
 DOCUMENT_FIELDS = ("card", "torch", "triton", "date", "suite", "matmul_tflops", "copy_gbps", "rows")
 
 
@@ -131,9 +135,9 @@ def decode_table(rows, names=()):
 
 def table(suite, rows, names=()):
     """The suite's table; `names`: the run's backends, each a column even where it could express no row."""
-    if suite == "gqa":
-        return training_table(rows, names, GQA_KEYS)
-    return training_table(rows, names) if suite == "training" else decode_table(rows, names)
+    if suite == "decode":
+        return decode_table(rows, names)
+    return training_table(rows, names, ROW_KEYS[suite])
 
 
 def _rounded(row):
@@ -142,7 +146,7 @@ def _rounded(row):
 
 def document(info, suite, matmul_tflops, copy_gbps, rows):
     """The `--json` object, exactly DESIGN.md's schema."""
-    fields = {"training": TRAINING_FIELDS, "gqa": GQA_FIELDS}.get(suite, DECODE_FIELDS)
+    fields = ROW_FIELDS[suite]
     doc = {
         "card": info["card"], "torch": info["torch"], "triton": info["triton"], "date": info["date"],
         "suite": suite, "matmul_tflops": None if matmul_tflops is None else round(matmul_tflops, 1),
@@ -169,9 +173,8 @@ def plot(path, suite, rows, title):
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib is not importable ({exc}); install fa4[bench]"
-    keys = {"training": TRAINING_KEYS, "gqa": GQA_KEYS}.get(suite, DECODE_KEYS)
-    cases, backends = _group(rows, keys)
-    if suite in ("training", "gqa"):
+    cases, backends = _group(rows, ROW_KEYS[suite])
+    if suite != "decode":
         panels = [("fwd_tflops", "forward TFLOP/s"), ("bwd_tflops", "backward TFLOP/s")]
         kv = (lambda c: f" kv{c[4]}") if suite == "gqa" else (lambda c: "")
         labels = [f"D{c[0]} S{c[1]}{kv(c)}\n{'causal' if c[-1] else 'full'}" for c in cases]
