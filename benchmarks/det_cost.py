@@ -4,6 +4,7 @@ round of each and the slowdown (issue #4 allows deterministic=True at most 15% s
 
     python benchmarks/det_cost.py [--rows D:S:causal,...] [--rounds 3]     (default: every training-suite row)
     python benchmarks/det_cost.py --group 4 ...    (GQA: H / 4 kv heads)
+    python benchmarks/det_cost.py --packed ...     (the same rows as packed sequences: cu_seqlens, no batch dim)
 """
 import argparse
 import os
@@ -29,14 +30,19 @@ def main():
     ap.add_argument("--flip", default=None, help="a backward module switch (e.g. KT_DQ_CHAIN): both calls are also "
                     "timed with it flipped, in the same rounds")
     ap.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
+    ap.add_argument("--packed", action="store_true", help="each row's B sequences packed (varlen call)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "| us per backward call, default -> deterministic=True")
     for item in args.rows.split(","):
         d, s, causal = (int(x) for x in item.split(":"))
         b, h = 16384 // s, 2048 // d
-        q, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        k, v = (torch.randn(b, s, h // args.group, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lead = (b * s,) if args.packed else (b, s)
+        q, dout = (torch.randn(*lead, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(*lead, h // args.group, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0, sink=None)
+        if args.packed:
+            cu = torch.arange(0, b * s + 1, s, device="cuda", dtype=torch.int32)
+            opts.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s)
         out, lse = sm90.forward(q, k, v, **opts)
         variants = [("default", False, None), ("deterministic", True, None)]
         if args.flip:

@@ -542,23 +542,32 @@ def test_chain_by_default_rule(monkeypatch):
 
 
 def test_gqa_split_rule(monkeypatch):
-    """backward.gqa_split: batched causal / right-window calls with >= GQA_SPLIT_MIN_GROUP query heads a kv head on
-    tiles of width 64 or 128 are split down to GQA_SPLIT_HEADS query heads a virtual kv head; nothing else."""
+    """backward.gqa_split: causal / right-window calls, batched or packed, with >= GQA_SPLIT_MIN_GROUP query heads a
+    kv head on the shipped tiles are split down to GQA_SPLIT_HEADS query heads a virtual kv head, unless the
+    repeated K / V would reach 2^31 elements; nothing else."""
     from fa4.kernels.sm90 import backward as bwd
 
-    def split(hq, hkv, d=128, dv=None, left=-1, right=0, varlen=False, tile=None):
-        q = torch.empty(1, 8, hq, d)
-        k = torch.empty(1, 8, hkv, d)
-        v = torch.empty(1, 8, hkv, dv or d)
-        return bwd.gqa_split(q, k, v, left, right, varlen, tile)
+    def split(hq, hkv, d=128, dv=None, left=-1, right=0, packed=False, tile=None, sk=8, det=False):
+        lead = (sk,) if packed else (1, sk)
+        q = torch.empty(*lead, hq, d)
+        # K / V as views of one row (expand), so that 2^31-element shapes cost no memory.
+        k = torch.empty(1, hkv, d).expand(*lead, hkv, d)
+        v = torch.empty(1, hkv, dv or d).expand(*lead, hkv, dv or d)
+        return bwd.gqa_split(q, k, v, left, right, tile, det)
 
     assert split(16, 1) == 8 and split(32, 2) == 8 and split(8, 1) == 4 and split(16, 1, d=64) == 4
     assert split(16, 1, d=96) == 8 and split(16, 1, right=100) == 8
-    assert split(4, 1) == 1 and split(16, 16) == 1                       # small groups
+    assert split(16, 1, packed=True) == 8 and split(16, 2, d=64, packed=True) == 2       # packed calls too
+    assert split(8, 1, d=256) == 4 and split(16, 1, d=192) == 8                         # the D = 256 tile
+    assert split(8, 1, d=256, det=True) == 1 and split(16, 1, det=True) == 8 and split(16, 1, d=64, det=True) == 4
+    assert split(4, 1) == 1 and split(16, 16) == 1 and split(4, 1, d=256) == 1           # small groups
     assert split(16, 1, right=-1) == 1 and split(16, 1, left=100) == 1   # no window / a left window
-    assert split(16, 1, varlen=True) == 1 and split(16, 1, d=256) == 1 and split(16, 1, d=128, dv=64) == 1
+    assert split(16, 1, d=128, dv=64) == 1 and split(16, 1, d=256, dv=128) == 1
     assert split(16, 1, tile=bwd.D128_CAUSAL_TILE) == 1
     assert split(24, 2) == 6 and split(12, 1, d=64) == 3 and split(10, 1, d=64) == 1   # the group's divisors
+    # Repeated K / V of 2^31 elements or more: no split (the caller's tensors were checked, not the copies).
+    assert split(16, 1, sk=2**31 // (128 * 8) - 1) == 8 and split(16, 1, sk=2**31 // (128 * 8)) == 1
+    assert split(16, 1, sk=2**31 // (128 * 8), packed=True) == 1
     monkeypatch.setattr(bwd, "GQA_SPLIT", False)
     assert split(16, 1) == 1
 

@@ -610,6 +610,8 @@ GQA_SPLIT_CASES = [
     (1, 777, 1543, 16, 2, 128, 128, -1, 0, 0.0, True, False),      # Sq < Sk, a sink
     (1, 2048, 2048, 16, 2, 64, 64, -1, 0, 0.0, False, False),
     (1, 1500, 1500, 16, 1, 96, 96, -1, 300, 0.0, False, False),    # a right window, D padded to 128
+    (1, 1100, 1100, 8, 1, 256, 256, -1, 0, 0.0, False, True),      # the D = 256 tile, MQA, lse gradient
+    (1, 900, 1300, 16, 2, 192, 192, -1, 0, 0.0, False, False),     # D = 192 on the D = 256 tile, Sq < Sk
 ]
 
 
@@ -619,12 +621,38 @@ def test_gqa_split(monkeypatch, case, deterministic):
     """The kernel runs on group / split query heads a kv head, and the summed dK / dV pass the numerics rule."""
     bwd = _bwd()
     q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
-    split = bwd.gqa_split(q, k, v, kw["left"], kw["right"], False, None)
-    assert split > 1
+    split = bwd.gqa_split(q, k, v, kw["left"], kw["right"], None, deterministic)
+    # deterministic D = 256 calls stay whole (their ordered dQ pass would read every virtual head's K / V copy).
+    assert split == 1 if deterministic and q.shape[-1] > 128 else split > 1
+    heads = _spy_main_kv_heads(monkeypatch, bwd)
+    backward = _repeating(bwd.backward, 2) if deterministic else bwd.backward
+    check_backend_backward(backward, q, k, v, deterministic=deterministic, **kw)
+    assert heads and all(h == k.shape[-2] * split for h in heads), heads
+
+
+def _spy_main_kv_heads(monkeypatch, bwd):
+    """The kv head counts of every main-kernel launch, appended as they come."""
     heads = []
     real = bwd._launch_main
     monkeypatch.setattr(bwd, "_launch_main", lambda dout, q_, k_, *a, **o: heads.append(k_.shape[-2]) or
                         real(dout, q_, k_, *a, **o))
+    return heads
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gqa_split_packed(monkeypatch, d, deterministic):
+    """The split on packed sequences of different lengths (one of a single row, Sq != Sk, seqused_k cutting one
+    short): each kv head's virtual heads are summed over the packed rows, and rows past seqused_k stay 0."""
+    bwd = _bwd()
+    torch.manual_seed(31 + d)
+    lens_q, lens_k = [300, 1, 517, 64, 1000], [300, 129, 700, 64, 999]
+    hq, hkv = 16, 2
+    q, k, v, varlen = make_inputs(None, None, None, hq, hkv, d, d, torch.bfloat16, DEV, varlen_lens=(lens_q, lens_k))
+    varlen["seqused_k"] = torch.tensor([300, 100, 650, 64, 999], dtype=torch.int32, device=DEV)
+    split = bwd.gqa_split(q, k, v, -1, 0, None, deterministic)
+    assert split == (1 if deterministic and d == 256 else hq // hkv // bwd.GQA_SPLIT_HEADS[d])
+    heads = _spy_main_kv_heads(monkeypatch, bwd)
     backward = _repeating(bwd.backward, 2) if deterministic else bwd.backward
-    check_backend_backward(backward, q, k, v, deterministic=deterministic, **kw)
-    assert heads and all(h == k.shape[-2] * split for h in heads), heads
+    check_backend_backward(backward, q, k, v, right=0, varlen=varlen, deterministic=deterministic)
+    assert heads and all(h == hkv * split for h in heads), heads

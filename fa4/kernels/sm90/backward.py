@@ -1811,23 +1811,37 @@ def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, se
 # Built here, H100 card 1793026049547 (det_cost.py --group G --flip GQA_SPLIT, raw ...-gqa-split-ab.log), default
 # µs unsplit -> split: G = 16 S = 1024 / 8192 / 16384 905 -> 674, 4631 -> 2508, 8869 -> 4944, D = 64 S = 4096
 # 2287 -> 1550; G = 8 820 -> 691, 3634 -> 2584, 5792 -> 5089, D = 64 1745 -> 1588.
+# Extended (session 28, H200 card 1653724064821, emulated as above, raw ...-s28-gqa-split-probe2.log, µs, no split
+# -> 2 query heads a virtual kv head at D >= 128, 4 at D = 64) to packed calls: D = 128 G = 8 16 x 1024 / 2 x 8192 /
+# mixed lengths (512..7168) 679 -> 590, 3615 -> 2616, 2224 -> 1851; G = 16 780 -> 575, 4693 -> 2606, 4164 -> 1807;
+# D = 64 G = 16 4 x 4096 2442 -> 1684; and to the D = 256 tile: G = 8 S = 4096 2407 -> 1676, 16384 6767 -> 6213
+# (G = 4: 1874 -> 1707 but 6138 -> 6188, so the minimum group stays 8). Built, H200 card 1653824016532
+# (det_cost.py --flip GQA_SPLIT [--packed] --group G, raw ...-s28-gqa-split-ab.log), µs unsplit -> split: packed
+# G = 16 D = 128 S = 1024 / 8192 774 -> 649, 4725 -> 2702, D = 64 S = 4096 2474 -> 1727; G = 8 672 -> 662,
+# 3703 -> 2753; D = 256 G = 8 batched S = 4096 / 16384 2376 -> 1723, 6783 -> 6117. deterministic=True at D = 256
+# is the exception, 1716 -> 1881 and 6774 -> 6810: its dQ comes from the ordered pass, which reads every virtual
+# head's K / V copy (4x the footprint in L2), so such calls are not split.
 # GQA_SPLIT_HEADS: the query heads a virtual kv head keeps, by tile width; False: no split.
 GQA_SPLIT = True
-GQA_SPLIT_HEADS = {64: 4, 128: 2}
+GQA_SPLIT_HEADS = {64: 4, 128: 2, 256: 2}
 GQA_SPLIT_MIN_GROUP = 8
 
 
-def gqa_split(q, k, v, window_left, window_right, varlen, tile):
-    """How many virtual kv heads each kv head's query-head group is split over (1: none): batched causal or
-    right-window calls without a left window on the shipped tiles of width 64 or 128, with at least
-    GQA_SPLIT_MIN_GROUP query heads a kv head, down to GQA_SPLIT_HEADS of them (when that divides the group)."""
+def gqa_split(q, k, v, window_left, window_right, tile, deterministic=False):
+    """How many virtual kv heads each kv head's query-head group is split over (1: none): causal or right-window
+    calls (batched or packed) without a left window on the shipped tiles (deterministic ones not at D = 256), with
+    at least GQA_SPLIT_MIN_GROUP query heads a kv head, down to GQA_SPLIT_HEADS of them (when that divides the
+    group), and repeated K / V that stay below the 2^31 elements the kernels' offsets take (unsupported_reason
+    checked only the caller's tensors)."""
     group = q.shape[-2] // k.shape[-2]
     width = configs.tile_dim(q.shape[-1])
-    if (not GQA_SPLIT or tile is not None or varlen or window_left >= 0 or window_right < 0
-            or group < GQA_SPLIT_MIN_GROUP or width != configs.tile_dim(v.shape[-1]) or width not in GQA_SPLIT_HEADS):
+    if (not GQA_SPLIT or tile is not None or window_left >= 0 or window_right < 0
+            or group < GQA_SPLIT_MIN_GROUP or width != configs.tile_dim(v.shape[-1]) or width not in GQA_SPLIT_HEADS
+            or (deterministic and width == 256)):
         return 1
     keep = GQA_SPLIT_HEADS[width]
-    return group // keep if group % keep == 0 else 1
+    split = group // keep if group % keep == 0 else 1
+    return split if max(k.numel(), v.numel()) * split < 2**31 else 1
 
 
 # The chain's writer releases a step's chains after issuing the next step's adds (dq_writer's RELEASE_LAG) where
@@ -1945,7 +1959,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     """`backward` for a caller that has just had unsupported_reason return None (dispatch.resolve_auto_backward)."""
     varlen = cu_seqlens_q is not None
     device = q.device
-    split = gqa_split(q, k, v, window_left, window_right, varlen, tile)
+    split = gqa_split(q, k, v, window_left, window_right, tile, deterministic)
     if split > 1:
         # Each kv head's group split over `split` virtual kv heads (K and V repeated), their dK / dV summed in fp32.
         kr, vr = (t.repeat_interleave(split, dim=-2) for t in (k, v))
