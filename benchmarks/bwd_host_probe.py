@@ -16,7 +16,7 @@ time the host: session 23 found the D = 128 S = 1024 causal row host-bound so. T
   - the CPU ops and CUDA runtime calls of 10 backward calls under torch.profiler, by self CPU time.
 
     python benchmarks/bwd_host_probe.py [--rows 128:1024:1,128:1024:0,64:4096:1] [--reps 30] [--no-profile] [--gc-off]
-        [--engine-variants]
+        [--engine-variants] [--group G]      (--group: G query heads a kv head, K / V with H / G heads)
 """
 import argparse
 import os
@@ -160,6 +160,7 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--gc-off", action="store_true", help="also the Replay's marks with Python's collector off")
     ap.add_argument("--engine-variants", action="store_true", help="also stand-ins between the floor and fa4's Function")
+    ap.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
     args = ap.parse_args()
     install()
     shipped_replay = backward_fast.replay
@@ -167,8 +168,8 @@ def main():
     for spec in args.rows.split(","):
         d, s, causal = (int(x) for x in spec.split(":"))
         b, h = 16384 // s, 2048 // d
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (torch.randn(b, s, h // (args.group if i else 1), d, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for i in range(3))
         dout = torch.randn_like(q)
         out, lse = fa4.flash_attn_func(q, k, v, causal=bool(causal), return_lse=True)
 

@@ -572,31 +572,38 @@ def test_gqa_split_rule(monkeypatch):
     assert split(16, 1) == 1
 
 
-def test_gqa_split_sums_each_kv_heads_virtual_heads(monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_gqa_split_sums_each_kv_heads_virtual_heads(monkeypatch, packed):
     """backward_checked with a split runs itself on K and V repeated per kv head (virtual head hk·split + j holds kv
     head hk) and returns, per kv head, the fp32 sum of its virtual heads' dK / dV; dQ and dsink as the inner call
-    gave them."""
+    gave them. Packed calls ((tokens, heads, D), cu_seqlens passed through) the same way."""
     from fa4.kernels.sm90 import backward as bwd
     b, s, hq, hkv, d, split = 1, 16, 16, 2, 128, 4  # G = 8, 2 query heads a virtual kv head
-    q = torch.randn(b, s, hq, d).bfloat16()
-    k, v = torch.randn(b, s, hkv, d).bfloat16(), torch.randn(b, s, hkv, d).bfloat16()
+    lead = (b * s,) if packed else (b, s)
+    q = torch.randn(*lead, hq, d).bfloat16()
+    k, v = torch.randn(*lead, hkv, d).bfloat16(), torch.randn(*lead, hkv, d).bfloat16()
+    cu = torch.tensor([0, s], dtype=torch.int32)
+    var = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s) if packed else {}
     outer = bwd.backward_checked
     seen = {}
 
     def inner(dout, q_, k_, v_, *args, **kw):
-        seen["k"], seen["v"] = k_, v_
+        seen["k"], seen["v"], seen["cu"] = k_, v_, kw.get("cu_seqlens_q")
         # Each virtual head's gradient: its index, so that the sums show which heads were added together.
-        heads = torch.arange(k_.shape[-2], dtype=torch.float32).view(1, 1, -1, 1)
+        heads = torch.arange(k_.shape[-2], dtype=torch.float32).view(-1, 1)
         return "dq", (heads + torch.zeros_like(k_, dtype=torch.float32)).bfloat16(), \
             (2 * heads + torch.zeros_like(v_, dtype=torch.float32)).bfloat16(), "dsink"
 
     monkeypatch.setattr(bwd, "backward_checked", inner)
-    dq, dk, dv, dsink = outer(q, q, k, v, q, torch.zeros(b, hq, s), None, softmax_scale=0.1, window_right=0)
-    assert torch.equal(seen["k"], k.repeat_interleave(split, dim=2)) and torch.equal(seen["v"],
-                                                                                      v.repeat_interleave(split, dim=2))
+    lse = torch.zeros(hq, b * s) if packed else torch.zeros(b, hq, s)
+    dq, dk, dv, dsink = outer(q, q, k, v, q, lse, None, softmax_scale=0.1, window_right=0, **var)
+    assert torch.equal(seen["k"], k.repeat_interleave(split, dim=-2)) and torch.equal(
+        seen["v"], v.repeat_interleave(split, dim=-2))
+    assert seen["cu"] is var.get("cu_seqlens_q")
     want = torch.tensor([sum(range(h * split, (h + 1) * split)) for h in range(hkv)], dtype=torch.float32)
     assert dq == "dq" and dsink == "dsink" and dk.dtype == k.dtype and dk.shape == k.shape
-    assert torch.equal(dk.float()[0, 0, :, 0], want) and torch.equal(dv.float()[0, 0, :, 0], 2 * want)
+    assert torch.equal(dk.float().flatten(0, -3)[0, :, 0], want) and torch.equal(dv.float().flatten(0, -3)[0, :, 0],
+                                                                                  2 * want)
 
 
 def test_backward_takes_the_chain_by_default(monkeypatch):

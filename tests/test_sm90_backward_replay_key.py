@@ -132,3 +132,54 @@ def test_run_backward_takes_a_remembered_replay_only_for_its_signature(monkeypat
     ops._run_backward(dout, q, k, v, out.to(q.dtype), lse, None, None, None, None, None, q.shape[1], k.shape[1],
                       scale, -1, 0, 0.0, False, "auto")
     assert full == [1] and seen == [10]
+
+
+def test_key_changes_with_the_gqa_split_heads(monkeypatch):
+    """GQA_SPLIT_HEADS (a dict the split reads) is part of the key too."""
+    before = _key(_call())
+    monkeypatch.setattr(bwd, "GQA_SPLIT_HEADS", {**bwd.GQA_SPLIT_HEADS, 128: 1})
+    assert _key(_call()) != before
+
+
+def _gqa_call(packed):
+    """A causal call with 8 query heads on 2 kv heads (G = 4), batched or packed, as signature's arguments."""
+    lead = (64,) if packed else (2, 32)
+    q, out, dout = (torch.randn(*lead, 8, 64, dtype=torch.bfloat16) for _ in range(3))
+    k, v = (torch.randn(*lead, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+    if packed:
+        cu = torch.tensor([0, 30, 64], dtype=torch.int32)
+        return [dout, q, k, v, out, torch.randn(8, 64), None, cu, cu.clone(), None, 34, 34, 0.125, -1, 0, 0.0, False]
+    return [dout, q, k, v, out, torch.randn(2, 8, 32), None, None, None, None, 32, 32, 0.125, -1, 0, 0.0, False]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_split_call_remembers_a_split_replay(packed, monkeypatch):
+    """remember_split files a SplitReplay under the outer (real kv heads) signature only where the inner signature
+    (K / V repeated) has a Replay; the SplitReplay repeats K / V, runs that Replay and sums each kv head's virtual
+    heads in fp32, as backward_checked's split does."""
+    monkeypatch.setattr(backward_fast, "_REPLAYS", {})
+    args = _gqa_call(packed)
+    dout, q, k, v = args[:4]
+    split = 2
+    kr, vr = bwd.repeat_kv_heads(k, split), bwd.repeat_kv_heads(v, split)
+    backward_fast.remember_split(split, dout, q, k, v, kr, vr, *args[4:])
+    assert backward_fast._REPLAYS == {}, "no inner Replay: nothing to remember"
+    seen = []
+    inner = object.__new__(backward_fast.Replay)
+    monkeypatch.setattr(backward_fast.Replay, "__call__", lambda self, *t: seen.append(t) or (
+        t[1], (torch.arange(t[2].shape[-2]).view(-1, 1) + torch.zeros_like(t[2], dtype=torch.float32)).bfloat16(),
+        (2 * torch.arange(t[3].shape[-2]).view(-1, 1) + torch.zeros_like(t[3], dtype=torch.float32)).bfloat16()))
+    backward_fast.remember(_key([dout, q, kr, vr, *args[4:]]), inner)
+    backward_fast.remember_split(split, dout, q, k, v, kr, vr, *args[4:])
+    outer = backward_fast._REPLAYS.get(_key(args))
+    assert isinstance(outer, backward_fast.SplitReplay) and outer.inner is inner and outer.split == split
+    # Fresh tensors of the same signature.
+    args2 = _gqa_call(packed)
+    dq, dk, dv = outer(*args2[:7], *args2[7:10])
+    (t,) = seen
+    assert torch.equal(t[2], args2[2].repeat_interleave(split, dim=-2)) and torch.equal(
+        t[3], args2[3].repeat_interleave(split, dim=-2)) and t[7] is args2[7]
+    want = torch.tensor([0 + 1, 2 + 3], dtype=torch.float32)  # kv head hk: virtual heads 2·hk and 2·hk + 1
+    assert dq is args2[1] and dk.shape == k.shape and dk.dtype == k.dtype
+    assert torch.equal(dk.float().flatten(0, -3)[0, :, 0], want) and torch.equal(dv.float().flatten(0, -3)[0, :, 0],
+                                                                                  2 * want)

@@ -51,6 +51,10 @@ CASES = [
     (1, 1500, 4, 4, 96, 256, 0, 0.0, False, torch.bfloat16, True),
     (1, 700, 4, 2, 256, -1, 0, 0.0, False, torch.bfloat16, True),
     (1, 700, 4, 2, 256, -1, -1, 0.0, False, torch.bfloat16, False),
+    # GQA groups of 8 and 16, causal: split over virtual kv heads (backward.gqa_split), replayed by a SplitReplay.
+    (2, 1024, 16, 2, 128, -1, 0, 0.0, False, torch.bfloat16, True),
+    (1, 777, 16, 1, 64, -1, 0, 0.0, True, torch.float16, True),
+    (1, 700, 8, 1, 256, -1, 0, 0.0, False, torch.bfloat16, True),
 ]
 
 
@@ -68,6 +72,9 @@ def test_replay_matches_full_path(case, monkeypatch):
     second = check_backend_backward(_auto_backward, q, k, v, left=left, right=right, softcap=softcap,
                                     with_dlse=dlse, dout=dout)
     assert len(calls) == (1 if replayed else 0), calls
+    if hq // hkv >= 8:  # the GQA split's calls: their signature holds a SplitReplay
+        from fa4.kernels.sm90 import backward_fast
+        assert any(isinstance(r, backward_fast.SplitReplay) for r in backward_fast._REPLAYS.values())
     if replayed and not dlse:  # check_backend_backward draws a new dlse each call
         assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2]), "dK / dV differ from the full path"
     q2, k2, v2, _ = make_inputs(b, s, s, hq, hkv, d, d, dtype, "cuda")
@@ -100,7 +107,8 @@ def test_replay_through_autograd_and_switch(monkeypatch):
 # the keys-as-rows D = 64 tile with a right window, the persistent keys-as-rows grid at 2,048 causal D = 128 rows) and two it does not (a left window, and D = 64 without a window
 # at 1024 rows: the ordered pass). The replayed call must give the full path's gradients bit for bit, dQ included.
 DET_CASES = [(2, 1024, 8, 2, 128, -1, 0, True), (2, 1024, 8, 8, 64, -1, 0, True), (1, 1000, 4, 2, 64, 200, 0, False),
-             (2, 1024, 8, 8, 64, -1, -1, False), (1, 2048, 8, 2, 128, -1, 0, True)]
+             (2, 1024, 8, 8, 64, -1, -1, False), (1, 2048, 8, 2, 128, -1, 0, True),
+             (1, 2048, 16, 2, 128, -1, 0, True)]  # split over virtual kv heads: a SplitReplay
 
 
 @pytest.mark.parametrize("case", DET_CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}-{c[3]}d{c[4]}w{c[5]},{c[6]}")
@@ -122,7 +130,8 @@ def test_replay_deterministic_bitwise(case, monkeypatch):
 # from the replay too (its buffers are allocated anew, over poisoned memory). Fresh inputs every call.
 VARLEN_CASES = [((300, 1, 700), (300, 1, 700), 8, 2, 128, 0, True), ((513, 64, 1000), (600, 64, 900), 4, 4, 128, -1,
                                                                                                     False),
-                ((257, 1024), (257, 1024), 8, 8, 64, 0, True)]
+                ((257, 1024), (257, 1024), 8, 8, 64, 0, True),
+                ((300, 1, 700), (300, 1, 700), 16, 2, 128, 0, False)]  # G = 8, split: a SplitReplay
 
 
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"q{'-'.join(map(str, c[0]))}d{c[4]}r{c[5]}")

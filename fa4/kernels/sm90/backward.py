@@ -1844,6 +1844,16 @@ def gqa_split(q, k, v, window_left, window_right, tile, deterministic=False):
     return split if max(k.numel(), v.numel()) * split < 2**31 else 1
 
 
+def repeat_kv_heads(t, split):
+    """K or V with each kv head repeated `split` times along the heads (virtual head hk·split + j holds kv head hk)."""
+    return t.repeat_interleave(split, dim=-2)
+
+
+def sum_virtual_heads(grad, t):
+    """dK or dV of t's kv heads: each one's `split` virtual heads of grad summed in fp32, cast to t's dtype."""
+    return grad.unflatten(-2, (t.shape[-2], grad.shape[-2] // t.shape[-2])).sum(-2, dtype=torch.float32).to(t.dtype)
+
+
 # The chain's writer releases a step's chains after issuing the next step's adds (dq_writer's RELEASE_LAG) where
 # chain_release_lag allows it; False: always at once, after waiting for its own adds to land (probes flip it).
 DQ_RELEASE_LAG = True
@@ -1962,15 +1972,18 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     split = gqa_split(q, k, v, window_left, window_right, tile, deterministic)
     if split > 1:
         # Each kv head's group split over `split` virtual kv heads (K and V repeated), their dK / dV summed in fp32.
-        kr, vr = (t.repeat_interleave(split, dim=-2) for t in (k, v))
+        kr, vr = repeat_kv_heads(k, split), repeat_kv_heads(v, split)
         dq, dk, dv, dsink = backward_checked(
             dout, q, kr, vr, out, lse, dlse, softmax_scale=softmax_scale, window_left=window_left,
             window_right=window_right, softcap=softcap, sink=sink, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
             page_table=page_table, deterministic=deterministic, tile=tile)
-        dk, dv = (g.unflatten(-2, (t.shape[-2], split)).sum(-2, dtype=torch.float32).to(t.dtype)
-                  for g, t in ((dk, k), (dv, v)))
-        return dq, dk, dv, dsink
+        if tile is None and sink is None:  # the inner call's Replay, if it left one, serves this signature too
+            from . import backward_fast
+            backward_fast.remember_split(split, dout, q, k, v, kr, vr, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                         seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                                         window_right, softcap, deterministic)
+        return dq, sum_virtual_heads(dk, k), sum_virtual_heads(dv, v), dsink
     ready = _tma_ready(dout)
     # A call on the default tile whose dout and out the kernels take as they are can be replayed (backward_fast).
     replayable = tile is None and sink is None and ready is dout and out.stride(-1) == 1

@@ -9,7 +9,8 @@ metadata, the call's options and the module's switches. A Replay keeps what one 
 (no sink; batched or packed, with or without seqused_k; dQ by the main kernel: its unordered reduce-add, or
 deterministic=True's ordered chain) with its two compiled launches, under a key of exactly those inputs; a later call with the same key only
 allocates and launches. Calls whose dQ comes from the ordered pass (deterministic elsewhere, D = 256 without a
-window, sinks) keep the full path.
+window, sinks) keep the full path. A call split over virtual kv heads (backward.gqa_split) replays as the split
+does: K and V repeated, the inner call's Replay, dK / dV summed (SplitReplay).
 
 The key also holds the identity of the functions a test or probe may replace (backward_checked, dispatch's
 resolve_auto_backward, default_tile, dq_route): a replaced one is called again instead of being skipped.
@@ -32,7 +33,7 @@ def _switches():
     env = os.environ
     return (env.get("FA4_SM90"), env.get("FA4_SM90_BWD"), env.get("FA4_KT_PERSISTENT"), env.get("FA4_BWD_CHUNK_VARLEN"),
             bwd.KT_PERSISTENT, bwd.CTA_CHUNK, bwd.CTA_CHUNK_BYTES, bwd.DQ_CHAIN, bwd.KT_DQ_CHAIN,
-            bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.DQ_RELEASE_LAG, bwd.DQ_STORE_FIRST, bwd.KT_PERSIST_CHAIN, bwd.KT_PERSIST_CHAIN_MIN_ROWS, bwd.KT_PERSIST_CHAIN_FULL, bwd.CHAIN_BY_DEFAULT, bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED, bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, bwd.STATS_TMA, bwd.KEYS_AS_ROWS_D128,
+            bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.DQ_RELEASE_LAG, bwd.DQ_STORE_FIRST, bwd.KT_PERSIST_CHAIN, bwd.KT_PERSIST_CHAIN_MIN_ROWS, bwd.KT_PERSIST_CHAIN_FULL, bwd.CHAIN_BY_DEFAULT, bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED, bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, tuple(bwd.GQA_SPLIT_HEADS.items()), bwd.STATS_TMA, bwd.KEYS_AS_ROWS_D128,
             bwd.KEYS_AS_ROWS_D128_PACKED, id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
             id(bwd.backward_checked), id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
 
@@ -122,6 +123,31 @@ class Replay:
             seqused=seqused if seqused is not None else dummy))
         del keep  # freed now: the caching allocator gives the block only to work queued after these kernels
         return dq_acc.to(q.dtype), dk, dv
+
+
+class SplitReplay:
+    """The Replay of a call that backward_checked splits over virtual kv heads (backward.gqa_split): the same three
+    steps, K and V repeated, the inner signature's Replay on them, each kv head's dK / dV summed in fp32."""
+    __slots__ = ("split", "inner")
+
+    def __init__(self, split, inner):
+        self.split, self.inner = split, inner
+
+    def __call__(self, dout, q, k, v, out, lse, dlse, cu_q=None, cu_k=None, seqused=None):
+        kr, vr = bwd.repeat_kv_heads(k, self.split), bwd.repeat_kv_heads(v, self.split)
+        dq, dk, dv = self.inner(dout, q, kr, vr, out, lse, dlse, cu_q, cu_k, seqused)
+        return dq, bwd.sum_virtual_heads(dk, k), bwd.sum_virtual_heads(dv, v)
+
+
+def remember_split(split, dout, q, k, v, kr, vr, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                   max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic):
+    """After a split call (K / V repeated into kr / vr): a SplitReplay under the call's own signature, where the inner
+    call on kr / vr left a Replay (the same arguments otherwise, so the same decisions on every later call)."""
+    common = (out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              window_left, window_right, softcap, deterministic)
+    inner = _REPLAYS.get(signature(dout, q, kr, vr, *common))
+    if isinstance(inner, Replay):
+        remember(signature(dout, q, k, v, *common), SplitReplay(split, inner))
 
 
 def remember(key, replay):
