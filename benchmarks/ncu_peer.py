@@ -1,7 +1,9 @@
 """One forward (or forward + backward) of a training-suite row through fa4's sm90 kernels or FlashAttention-4's
 CuTe DSL path, for Nsight Compute side by side (benchmarks/ncu_peer.sh).
 
-    python benchmarks/ncu_peer.py fa4|fa4kt|flashattn4|cudnn fwd|bwd D S causal
+    python benchmarks/ncu_peer.py fa4|fa4kt|flashattn4|cudnn fwd|bwd D S causal [group]
+
+group: query heads per kv head (GQA; K and V with H / group heads; cudnn gets enable_gqa).
 
 fa4kt: the backward on the keys-as-rows tile at D = 128 (backward.D128_CAUSAL_TILE, the causal default) whatever
 the mask, FlashAttention-4's own layout of the products (Sᵀ = K·Qᵀ, dV and dK from registers, dQ shared).
@@ -21,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main():
     who, what, d, s, causal = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5]))
+    group = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     b, h = 16384 // s, 2048 // d
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=what == "bwd")
-               for _ in range(3))
+    q, k, v = (torch.randn(b, s, h // (group if i else 1), d, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=what == "bwd") for i in range(3))
     if who == "fa4":
         import fa4
         fn = lambda: fa4.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
@@ -45,7 +48,7 @@ def main():
         def fn():
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     is_causal=causal)
+                                                     is_causal=causal, enable_gqa=group > 1)
             return out.transpose(1, 2)
     else:
         from flash_attn.cute import flash_attn_func
