@@ -1850,7 +1850,8 @@ def repeat_kv_heads(t, split):
 
 
 def sum_virtual_heads(grad, t):
-    """dK or dV of t's kv heads: each one's `split` virtual heads of grad summed in fp32, cast to t's dtype."""
+    """dK or dV of t's kv heads: each one's virtual heads of grad (grad's heads / t's heads of them, consecutive)
+    summed in fp32, cast to t's dtype."""
     return grad.unflatten(-2, (t.shape[-2], grad.shape[-2] // t.shape[-2])).sum(-2, dtype=torch.float32).to(t.dtype)
 
 
