@@ -9,6 +9,9 @@ alternated over several rounds in one process; the best round of each side is co
 set False, then True. --causal-only / --full-only: only the causal / non-causal rows. Each row prints the ratio of
 the best rounds and of the medians (alternated rounds: a slow spell of the card hits both sides).
 
+--window L: a left window of L keys on every row (window_left = L; the D = 256 kernel's dQ reduce-add runs in the
+main kernel only under a window). --deterministic: deterministic=True calls.
+
 --varlen: the same tokens as packed sequences (flash_attn_varlen_func's layout): B sequences of S tokens, of
 lengths S − 64·(i mod 4) so that they do not all end on a block boundary.
 
@@ -31,6 +34,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", default="128:1024,128:4096,128:16384,64:4096")
     ap.add_argument("--varlen", action="store_true")
+    ap.add_argument("--window", type=int, default=-1)
+    ap.add_argument("--deterministic", action="store_true")
     args = ap.parse_args()
     from fa4.kernels import sm90
     import dataclasses
@@ -46,8 +51,8 @@ def main():
         flops = 2.5 * 4 * b * h * s * s * d
         for causal in ((True, ) if args.causal_only else (False, ) if args.full_only else (False, True)):
             torch.manual_seed(0)
-            opts = dict(softmax_scale=d ** -0.5, window_left=-1, window_right=0 if causal else -1, softcap=0.0,
-                        sink=None)
+            opts = dict(softmax_scale=d ** -0.5, window_left=args.window, window_right=0 if causal else -1,
+                        softcap=0.0, sink=None)
             if args.varlen:
                 lens = [s - 64 * (i % 4) for i in range(b)]
                 cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
@@ -67,8 +72,10 @@ def main():
                         setattr(bwd, args.flag, on)
                     else:
                         base = bwd.default_tile(d, d, opts["window_left"], window_right=opts["window_right"],
-                                                varlen=args.varlen)
+                                                varlen=args.varlen, deterministic=args.deterministic)
                         extra = dict(tile=dataclasses.replace(base, **{args.tile_field: on}))
+                    if args.deterministic:
+                        extra["deterministic"] = True
                     fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, **opts, **extra)  # noqa: E731
                     grads[on] = fn()
                     times[on].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
@@ -79,7 +86,7 @@ def main():
             off, on = min(times[False]), min(times[True])
             med = statistics.median(times[False]) / statistics.median(times[True])
             tf = flops / (2 if causal else 1) / 1e6
-            print(f"D={d:3d} S={s:5d} causal={int(causal)}{' varlen' if args.varlen else ''}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x, median {med:.3f}x; "
+            print(f"D={d:3d} S={s:5d} causal={int(causal)}{' varlen' if args.varlen else ''}{f' window={args.window}' if args.window >= 0 else ''}{' det' if args.deterministic else ''}: {off:8.1f} -> {on:8.1f} us ({off / on:.3f}x, median {med:.3f}x; "
                   f"{tf / off:5.0f} -> {tf / on:5.0f} TFLOP/s) dk,dv bitwise {'equal' if same else 'DIFFER'}; "
                   f"rounds {[round(t, 1) for t in times[False]]} / {[round(t, 1) for t in times[True]]}", flush=True)
 

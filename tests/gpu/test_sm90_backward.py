@@ -656,3 +656,28 @@ def test_gqa_split_packed(monkeypatch, d, deterministic):
     backward = _repeating(bwd.backward, 2) if deterministic else bwd.backward
     check_backend_backward(backward, q, k, v, right=0, varlen=varlen, deterministic=deterministic)
     assert heads and all(h == hkv * split for h in heads), heads
+
+
+# The fp32 dQ staging stores without bank conflicts (tile.dq_spread, dq_staging.py): the same bytes through a
+# permuted view, so any error in the view's layout shows as wrong dQ. Every kernel that stages dQ: the keys-as-rows
+# tiles (D = 64, causal D = 128 on the persistent grid), the shared-dQ tile (D = 128 without a mask) and the D = 256
+# kernel (its in-kernel reduce-add under a window; the ordered chain's staging with deterministic=True).
+SPREAD_CASES = [c for c in MATRIX if c[9] == 0] + [c for c in D256_CASES if c[7] >= 0 or c[8] >= 0][:3]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("case", SPREAD_CASES, ids=[backward_case_id(c) for c in SPREAD_CASES])
+def test_dq_spread(case, deterministic):
+    from dataclasses import replace
+    from fa4.kernels.sm90 import configs
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    td, tdv = configs.tile_dim(case[5]), configs.tile_dim(case[6])
+    if max(td, tdv) == 256:
+        tile = _d256_tile()
+    else:
+        tile = bwd.default_tile(td, tdv, kw["left"], kw["softcap"], window_right=kw["right"],
+                                deterministic=deterministic, sink=kw["sink"] is not None,
+                                softmax_scale=q.shape[-1] ** -0.5, seqlen_q=q.shape[1])
+    tile = replace(tile, dq_spread=True)
+    _run(q, k, v, tile=tile, deterministic=deterministic, **kw)

@@ -116,6 +116,7 @@ from fa4.kernels.direct_launch import Launch, current_device, hooks_idle, raw_st
 from . import configs, launch
 from .attention_fwd import (_descriptor, _dummy_i32, _head_coord, _kv_coord, _next_slot, _opaque, _q_coord,
                             _visible)
+from .dq_staging import store_dq_staging
 from .softmax import tanh_approx
 
 LOG2E = 1.4426950408889634
@@ -204,6 +205,7 @@ class BwdProblem:
     DQ_WRITER: gl.constexpr
     STATS_TMA: gl.constexpr
     CTA_CHUNKED: gl.constexpr
+    DQ_SPREAD: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -212,7 +214,7 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False, DQ_SPREAD=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -269,6 +271,7 @@ class BwdProblem:
         self.ORDERED_DQ = gl.constexpr(ORDERED_DQ)
         self.DQ_WRITER = gl.constexpr(DQ_WRITER)
         self.CTA_CHUNKED = gl.constexpr(CTA_CHUNKED)
+        self.DQ_SPREAD = gl.constexpr(DQ_SPREAD)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
 
 
@@ -950,14 +953,14 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     # staged share once it has freed the previous one (a fresh barrier passes parity 1).
                     mbarrier.wait(bufs.dq_free.index(WG), (it & 1) ^ 1)
                     _trace_step(p, WG, it, 8)
-                    dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                    store_dq_staging(dq_s.reshape([BM, DQW]), dq * p.softmax_scale, p.DQ_SPREAD)
                     fence_async_shared()
                     _trace_step(p, WG, it, 9)
                     mbarrier.arrive(bufs.dq_staged.index(WG))
                 else:
                     tma.store_wait(0)
                     _trace_step(p, WG, it, 8)
-                    dq_s.reshape([BM, DQW]).store(dq * p.softmax_scale)
+                    store_dq_staging(dq_s.reshape([BM, DQW]), dq * p.softmax_scale, p.DQ_SPREAD)
                     fence_async_shared()
                     _trace_step(p, WG, it, 9)
                     async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
@@ -1084,7 +1087,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     TRACE: gl.constexpr,
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
-                    DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False):
+                    DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False,
+                    DQ_SPREAD: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1143,7 +1147,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem, loop_done)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1253,6 +1257,11 @@ class BwdTile:
     # keys_as_rows: a persistent grid (one CTA an SM walking the tiles in the chunked order), each tile's first Q / dO
     # blocks loaded while the previous tile's dK and dV are stored (backward_kt._loader_persistent).
     persistent: bool = False
+    # The fp32 dQ staging stores without shared-memory bank conflicts (dq_staging.store_dq_staging: odd rows write
+    # their columns XOR 16 in each instruction, through a permuted view of the same tile). On by default at D <= 128
+    # (H100 card 1752624012160, session 29, det_cost.py --flip DQ_SPREAD, default calls off -> on: D = 64 S = 4096
+    # 5.9% / 3.9% faster, D = 128 S = 4096 6.3% / 1.1%, other rows level; benchmarks/NOTES.md); not on D256_TILE.
+    dq_spread: bool = True
 
     @property
     def block_n(self):
@@ -1325,7 +1334,10 @@ _TABLE = {
 # off -> on, median ratio): S = 4096 3423 -> 3388 (1.004), causal 1842 -> 1784 (1.048); S = 16384 12963 -> 12907
 # (1.012), causal 6407 -> 6259 (1.022).
 D256_TILE = BwdTile(block_m=64, num_wg=1, stages=2, consumer_regs=240, d256=True, dq_in_q=True, d256_roles=True,
-                    d256_early_dv=True, d256_stats_ahead=True, d256_hand_swizzle=True)
+                    d256_early_dv=True, d256_stats_ahead=True, d256_hand_swizzle=True,
+                    # Level with the conflict-free dQ staging (0.995-0.998x under a window, where its main kernel
+                    # stages dQ; H100 card 1752624012160, session 29): the plain store stays.
+                    dq_spread=False)
 _TABLE[(256, 256)] = D256_TILE
 
 
@@ -1353,6 +1365,10 @@ def get_tile(d, dv, **overrides):
     tile = replace(tile, **overrides) if overrides else tile
     if tile.dq_writer and (tile.separate_dq or tile.num_wg < 2 or tile.d256):
         tile = replace(tile, dq_writer=False)  # the writer issues the in-kernel reduce-adds of 2 or 3 consumers
+    if tile.ping_pong and tile.dq_spread:
+        # A probe variant measured (and left off) before the spread store: kept as measured (with the spread store its
+        # packed causal build reloads 19 values a step in the loop instead of 14).
+        tile = replace(tile, dq_spread=False)
     role_switches = tile.d256_early_dv or tile.d256_stats_ahead or tile.d256_hand_swizzle  # built on d256_roles
     if tile.d256:
         # The D = 256 kernel: tile widths (256, 256) only, without the D <= 128 kernel's variants.
@@ -1437,6 +1453,9 @@ def builds_sink_partials(tile):
     the keys-as-rows and D = 256 kernels do not build them."""
     return not (tile.keys_as_rows or tile.d256)
 
+
+# tile.dq_spread as the tiles set it; False: off on every tile (probes flip it for A/B: det_cost.py --flip).
+DQ_SPREAD = True
 
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
@@ -1646,6 +1665,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     # builds no chain).
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
+    constexprs["DQ_SPREAD"] = tile.dq_spread and DQ_SPREAD
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag

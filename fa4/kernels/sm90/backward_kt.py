@@ -66,6 +66,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.language.core import _aggregate as aggregate
 
 from . import configs, handout
+from .dq_staging import store_dq_staging
 from .attention_fwd import _kv_coord, _next_slot, _opaque, _visible_pairs
 from .softmax import exp2_mixed
 from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event,
@@ -168,7 +169,7 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
         tma.store_wait(0)
     _trace_step(p, WG, it, 8)
     dq_s = bufs.dq.index(WG)
-    dq_s.reshape([QW, DQW]).store(dq * p.softmax_scale)
+    store_dq_staging(dq_s.reshape([QW, DQW]), dq * p.softmax_scale, p.DQ_SPREAD)
     fence_async_shared()
     _trace_step(p, WG, it, 9)
     if p.DQ_WRITER:
@@ -575,8 +576,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        TRACE: gl.constexpr, ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
-                       DQ_STORE_FIRST: gl.constexpr = False, DV_EARLY: gl.constexpr = True,
-                       DQ_LAG: gl.constexpr = False,
+                       DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
+                       DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
@@ -653,7 +654,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
     # P buffer and the turn / loop_done barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
