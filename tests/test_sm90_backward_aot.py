@@ -1761,3 +1761,33 @@ def test_default_tile_routing(monkeypatch):
     assert bwd.unsupported_reason(q, q, q, tile=kt) is None
     assert "softcap" in bwd.unsupported_reason(q, q, q, tile=kt, softcap=30.0)
     assert "softmax_scale" in bwd.unsupported_reason(q, q, q, tile=kt, softmax_scale=0.0)
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+def test_dq_spread_forms():
+    """The conflict-free dQ staging store (tile.dq_spread) where it measured faster: every D <= 128 tile, batched or
+    packed, except packed calls on the D = 64 keys-as-rows tile; never on the D = 256 tile or the ping-pong probes;
+    the launch plan passes the decision as DQ_SPREAD, and backward.DQ_SPREAD = False turns it off everywhere."""
+    from fa4.kernels.sm90 import aot, backward
+    for d, causal in ((64, False), (64, True), (128, False), (128, True)):
+        tile = backward.default_tile(d, d, window_right=0 if causal else -1)
+        assert tile.dq_spread and backward.dq_spread_serves(tile, False)
+        assert backward.dq_spread_serves(tile, True) is (d == 128), (d, causal)
+    assert not backward.D256_TILE.dq_spread
+    assert not backward.get_tile(128, 128, ping_pong=True).dq_spread
+    for varlen in (False, True):
+        q, k, v, cu = aot.sample_inputs(64, 64, torch.bfloat16, varlen=varlen, gqa=1)
+        b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
+        lse = torch.zeros((q.shape[-2], b * s) if varlen else (b, q.shape[-2], s))
+        _, _, cx = backward.launch_plan(
+            torch.zeros_like(q), q, k, v, torch.zeros(q.shape), torch.zeros_like(k), torch.zeros_like(v), lse, lse,
+            softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+            max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None,
+            tile=backward.default_tile(64, 64, varlen=varlen))
+        assert cx["DQ_SPREAD"] is (not varlen)
+    saved = backward.DQ_SPREAD
+    try:
+        backward.DQ_SPREAD = False
+        assert not backward.dq_spread_serves(backward.default_tile(128, 128), False)
+    finally:
+        backward.DQ_SPREAD = saved

@@ -1457,6 +1457,14 @@ def builds_sink_partials(tile):
 # tile.dq_spread as the tiles set it; False: off on every tile (probes flip it for A/B: det_cost.py --flip).
 DQ_SPREAD = True
 
+
+def dq_spread_serves(tile, varlen):
+    """Whether the launch stages dQ with dq_staging's conflict-free store: the tile asks for it (DQ_SPREAD on), except
+    packed calls on the D = 64 keys-as-rows tile (128 query rows a step), the one form measured slower with it:
+    1.5-2.3% on two H100 cards (1753024037357, 1651326129666; the same cards' batched D = 64 calls 1.9-3.1% faster;
+    bwd_flag_ab.py --tile-field dq_spread [--varlen], session 29). Packed D = 128 calls gain (1.9-4.8%)."""
+    return bool(tile.dq_spread and DQ_SPREAD and not (varlen and tile.keys_as_rows and tile.block_m == 2 * WG_KEYS))
+
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
 # ... and for packed causal D = 128 calls too. H100, 2026-11-26 (bwd_flag_ab.py --flag KEYS_AS_ROWS_D128_PACKED
@@ -1665,7 +1673,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     # builds no chain).
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
-    constexprs["DQ_SPREAD"] = tile.dq_spread and DQ_SPREAD
+    constexprs["DQ_SPREAD"] = dq_spread_serves(tile, varlen)
     if tile.keys_as_rows:
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
