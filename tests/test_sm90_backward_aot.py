@@ -296,6 +296,19 @@ def test_d256_tile():
     assert backward.kernel_for(backward.get_tile(128, 128)) is backward.attn_bwd_kernel
 
 
+def _sample_plan(d, tile, varlen, gqa=1, window_right=-1):
+    """(q, k, v, grid, args, constexprs) of backward.launch_plan for small CPU inputs of head dim d (aot's samples)."""
+    from fa4.kernels.sm90 import aot, backward
+    q, k, v, cu = aot.sample_inputs(d, d, torch.bfloat16, varlen=varlen, gqa=gqa)
+    b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
+    lse = torch.zeros((q.shape[-2], b * s) if varlen else (b, q.shape[-2], s))
+    grid, args, cx = backward.launch_plan(
+        torch.zeros_like(q), q, k, v, torch.zeros(q.shape), torch.zeros_like(k), torch.zeros_like(v), lse, lse,
+        softmax_scale=0.1, window_left=-1, window_right=window_right, softcap=0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+        max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, tile=tile)
+    return q, k, v, grid, args, cx
+
+
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
 def test_d256_plan_arguments():
     """The D = 256 tile's launch plan: head-dim halves as TMA boxes, dQ in quarters, one 64-key slab a CTA, the
@@ -303,13 +316,8 @@ def test_d256_plan_arguments():
     from fa4.kernels.sm90 import aot, backward, backward_d256, backward_kt
     tile = backward.D256_TILE
     for varlen in (False, True):
-        q, k, v, cu = aot.sample_inputs(256, 256, torch.bfloat16, varlen=varlen, gqa=2)
+        q, k, v, grid, args, cx = _sample_plan(256, tile, varlen, gqa=2, window_right=0)
         b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
-        lse = torch.zeros((q.shape[-2], b * s) if varlen else (b, q.shape[-2], s))
-        grid, args, cx = backward.launch_plan(
-            torch.zeros_like(q), q, k, v, torch.zeros(q.shape), torch.zeros_like(k), torch.zeros_like(v), lse, lse,
-            softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
-            max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None, tile=tile)
         chunk = backward.cta_chunk(tile, b * k.shape[-2], s * q.shape[-2] // k.shape[-2], 256, -1, 0, varlen, False)
         want = (chunk, s // 64, b * k.shape[-2] // chunk) if cx["CTA_CHUNKED"] else (s // 64, b * k.shape[-2])
         assert cx["CTA_CHUNKED"] == (chunk > 1) and grid == want and cx["NWG"] == 1 and cx["BM"] == 64
@@ -1768,7 +1776,7 @@ def test_dq_spread_forms():
     """The conflict-free dQ staging store (tile.dq_spread) where it measured faster: every D <= 128 tile, batched or
     packed, except packed calls on the D = 64 keys-as-rows tile; never on the D = 256 tile or the ping-pong probes;
     the launch plan passes the decision as DQ_SPREAD, and backward.DQ_SPREAD = False turns it off everywhere."""
-    from fa4.kernels.sm90 import aot, backward
+    from fa4.kernels.sm90 import backward
     for d, causal in ((64, False), (64, True), (128, False), (128, True)):
         tile = backward.default_tile(d, d, window_right=0 if causal else -1)
         assert tile.dq_spread and backward.dq_spread_serves(tile, False)
@@ -1776,14 +1784,7 @@ def test_dq_spread_forms():
     assert not backward.D256_TILE.dq_spread
     assert not backward.get_tile(128, 128, ping_pong=True).dq_spread
     for varlen in (False, True):
-        q, k, v, cu = aot.sample_inputs(64, 64, torch.bfloat16, varlen=varlen, gqa=1)
-        b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
-        lse = torch.zeros((q.shape[-2], b * s) if varlen else (b, q.shape[-2], s))
-        _, _, cx = backward.launch_plan(
-            torch.zeros_like(q), q, k, v, torch.zeros(q.shape), torch.zeros_like(k), torch.zeros_like(v), lse, lse,
-            softmax_scale=0.1, window_left=-1, window_right=-1, softcap=0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
-            max_seqlen_q=s if varlen else None, max_seqlen_k=s if varlen else None,
-            tile=backward.default_tile(64, 64, varlen=varlen))
+        cx = _sample_plan(64, backward.default_tile(64, 64, varlen=varlen), varlen)[-1]
         assert cx["DQ_SPREAD"] is (not varlen)
     saved = backward.DQ_SPREAD
     try:
