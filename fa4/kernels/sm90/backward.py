@@ -1261,6 +1261,7 @@ class BwdTile:
     # their columns XOR 16 in each instruction, through a permuted view of the same tile). On by default at D <= 128
     # (H100 card 1752624012160, session 29, det_cost.py --flip DQ_SPREAD, default calls off -> on: D = 64 S = 4096
     # 5.9% / 3.9% faster, D = 128 S = 4096 6.3% / 1.1%, other rows level; benchmarks/NOTES.md); not on D256_TILE.
+    # The launch decides with dq_spread_serves (packed D = 64 calls keep the plain store).
     dq_spread: bool = True
 
     @property
@@ -1464,6 +1465,7 @@ def dq_spread_serves(tile, varlen):
     1.5-2.3% on two H100 cards (1753024037357, 1651326129666; the same cards' batched D = 64 calls 1.9-3.1% faster;
     bwd_flag_ab.py --tile-field dq_spread [--varlen], session 29). Packed D = 128 calls gain (1.9-4.8%)."""
     return bool(tile.dq_spread and DQ_SPREAD and not (varlen and tile.keys_as_rows and tile.block_m == 2 * WG_KEYS))
+
 
 # D128_CAUSAL_TILE for causal D = 128 calls (default_tile); False: the shared-dQ tile (probes flip it for A/B).
 KEYS_AS_ROWS_D128 = True
