@@ -1786,9 +1786,15 @@ def test_dq_spread_forms():
     for varlen in (False, True):
         cx = _sample_plan(64, backward.default_tile(64, 64, varlen=varlen), varlen)[-1]
         assert cx["DQ_SPREAD"] is (not varlen)
+    # The switch is part of the launch plan's signature, so a probe that flips it gets the other build.
+    t, tile = _bwd_case(3, 128, False, False)
+    sig = dict(softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+               seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, deterministic=False)
+    before = backward.plan_signature(t["dout"], t["q"], t["k"], t["v"], tile, **sig)
     saved = backward.DQ_SPREAD
     try:
         backward.DQ_SPREAD = False
         assert not backward.dq_spread_serves(backward.default_tile(128, 128), False)
+        assert backward.plan_signature(t["dout"], t["q"], t["k"], t["v"], tile, **sig) != before
     finally:
         backward.DQ_SPREAD = saved

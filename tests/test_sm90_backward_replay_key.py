@@ -83,7 +83,8 @@ def test_key_changes_with_what_decisions_read(change):
     assert _key(base) != _key(other)
 
 
-@pytest.mark.parametrize("switch", ["CTA_CHUNK", "D256_PASS_FULL", "KT_DQ_CHAIN", "STATS_TMA", "KEYS_AS_ROWS_D128"])
+@pytest.mark.parametrize("switch", ["CTA_CHUNK", "D256_PASS_FULL", "KT_DQ_CHAIN", "STATS_TMA", "KEYS_AS_ROWS_D128",
+                                    "DQ_SPREAD"])
 def test_key_changes_with_a_module_switch(switch, monkeypatch):
     before = _key(_call())
     monkeypatch.setattr(bwd, switch, not getattr(bwd, switch))

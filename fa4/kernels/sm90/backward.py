@@ -1259,9 +1259,10 @@ class BwdTile:
     persistent: bool = False
     # The fp32 dQ staging stores without shared-memory bank conflicts (dq_staging.store_dq_staging: odd rows write
     # their columns XOR 16 in each instruction, through a permuted view of the same tile). On by default at D <= 128
-    # (H100 card 1752624012160, session 29, det_cost.py --flip DQ_SPREAD, default calls off -> on: D = 64 S = 4096
-    # 5.9% / 3.9% faster, D = 128 S = 4096 6.3% / 1.1%, other rows level; benchmarks/NOTES.md); not on D256_TILE.
-    # The launch decides with dq_spread_serves (packed D = 64 calls keep the plain store).
+    # (H100 cards 1752624012160, 1651326129666, session 29, bwd_flag_ab.py --tile-field dq_spread, off -> on: batched
+    # D = 64 1.02-1.07x, the shared-dQ D = 128 tile 1.00-1.03x, the persistent causal D = 128 tile 0.94-1.01x;
+    # benchmarks/NOTES.md); not on D256_TILE. The launch decides with dq_spread_serves (packed D = 64 calls keep the
+    # plain store).
     dq_spread: bool = True
 
     @property
@@ -2172,7 +2173,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
-            DQ_RELEASE_LAG, bool(dq_store_first))
+            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD)
 
 
 def _dq_placeholder(tile, d, varlen, device):
