@@ -8,15 +8,15 @@ that backend failed on that row; a backend absent from a row could not express i
 import json
 import os
 
-TRAINING_KEYS = ("D", "S", "B", "H", "causal")
-GQA_KEYS = ("D", "S", "B", "H", "Hkv", "causal")
-DECODE_KEYS = ("B", "L", "paged")
+from .suites import FILTER_KEYS
+
+# A row's key fields are the suite's case fields, the ones --rows filters on.
+TRAINING_KEYS, GQA_KEYS, DECODE_KEYS = FILTER_KEYS["training"], FILTER_KEYS["gqa"], FILTER_KEYS["decode"]
 TRAINING_FIGURES = ("fwd_tflops", "bwd_tflops", "fwd_extra_mib", "bwd_extra_mib")
 TRAINING_FIELDS = ("backend",) + TRAINING_KEYS + TRAINING_FIGURES
 GQA_FIELDS = ("backend",) + GQA_KEYS + TRAINING_FIGURES
 DECODE_FIELDS = ("backend",) + DECODE_KEYS + ("gbps",)
-# Each suite's row keys and schema fields, by suite name.
-ROW_KEYS = {"training": TRAINING_KEYS, "gqa": GQA_KEYS, "decode": DECODE_KEYS}
+# Each suite's schema fields, by suite name (its row keys: FILTER_KEYS).
 ROW_FIELDS = {"training": TRAINING_FIELDS, "gqa": GQA_FIELDS, "decode": DECODE_FIELDS}
 DOCUMENT_FIELDS = ("card", "torch", "triton", "date", "suite", "matmul_tflops", "copy_gbps", "rows")
 
@@ -137,7 +137,7 @@ def table(suite, rows, names=()):
     """The suite's table; `names`: the run's backends, each a column even where it could express no row."""
     if suite == "decode":
         return decode_table(rows, names)
-    return training_table(rows, names, ROW_KEYS[suite])
+    return training_table(rows, names, FILTER_KEYS[suite])
 
 
 def _rounded(row):
@@ -173,7 +173,7 @@ def plot(path, suite, rows, title):
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib is not importable ({exc}); install fa4[bench]"
-    cases, backends = _group(rows, ROW_KEYS[suite])
+    cases, backends = _group(rows, FILTER_KEYS[suite])
     if suite != "decode":
         panels = [("fwd_tflops", "forward TFLOP/s"), ("bwd_tflops", "backward TFLOP/s")]
         kv = (lambda c: f" kv{c[4]}") if suite == "gqa" else (lambda c: "")

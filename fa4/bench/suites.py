@@ -101,6 +101,8 @@ FILTER_KEYS = {"training": ("D", "S", "B", "H", "causal"), "decode": ("B", "L", 
 def is_training(suite):
     """Whether a suite's rows are training rows (forward and backward TFLOP/s): training and gqa."""
     return suite in ("training", "gqa")
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "y", "causal", "paged"), ("0", "false", "no", "n", "full", "contiguous")
 
 
