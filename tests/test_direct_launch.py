@@ -50,3 +50,28 @@ def test_launch_grid_always_has_three_dims():
     for grid, want in (((5,), (5, 1, 1)), ((4, 7), (4, 7, 1)), ((2, 3, 4), (2, 3, 4))):
         launch = direct_launch.Launch(_k, 1, grid, (9,), {"BLOCK": 16}, 4, 1)
         assert launch.grid == want
+
+
+def test_clustered_launch_divides_axis_0_and_sets_the_cluster():
+    """A Launch with cluster=n hands Triton's launcher grid[0] / n and the metadata (num_warps, n, shared): the
+    launcher then launches n · (grid[0] / n) CTAs in clusters of n along axis 0, so the kernel's program ids
+    are those of the unclustered grid."""
+    import triton.language as tl
+
+    @triton.jit
+    def _k(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    launch = direct_launch.Launch(_k, 1, (12, 1, 3), (9,), {"BLOCK": 16}, 4, 1, cluster=4)
+    calls = []
+    launch.compiled = (lambda *a: calls.append(a), "function0", launch.with_cluster((4, 1, 70000)))
+    launch.fast((1234,), 77)
+    (call,) = calls
+    assert call[:6] == (3, 1, 3, 77, "function0", (4, 4, 70000))
+    assert call[9:] == (1234, 9, 16)
+    with pytest.raises(RuntimeError, match="num_ctas"):
+        launch.with_cluster((4, 2, 70000))
+    with pytest.raises(RuntimeError, match="multiple of the cluster"):
+        direct_launch.Launch(_k, 1, (10,), (9,), {"BLOCK": 16}, 4, 1, cluster=4)
+    plain = direct_launch.Launch(_k, 1, (10,), (9,), {"BLOCK": 16}, 4, 1)
+    assert plain.with_cluster((4, 1, 5)) == (4, 1, 5)

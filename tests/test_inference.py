@@ -498,8 +498,9 @@ def _binding_report():
     backend = make_backend(GPUTarget("cuda", 90, 32))
     problems = []
     dt = torch.bfloat16
-    for paged, splits, new, rotary, lse in [(16, 3, 2, True, True), (None, 1, 1, False, False),
-                                            (128, 4, 0, False, True), (None, 1, 0, True, False)]:
+    for paged, splits, new, rotary, lse, clustered in [
+            (16, 3, 2, True, True, False), (None, 1, 1, False, False, False), (128, 4, 0, False, True, False),
+            (None, 1, 0, True, False, False), (16, 3, 2, True, True, True), (128, 4, 0, False, True, True)]:
         batch, cap, hkv, d = 2, 256, 2, 128
         q = torch.zeros(batch, max(new, 1), 8, d, dtype=dt)
         if paged:
@@ -510,10 +511,14 @@ def _binding_report():
         k = torch.zeros(batch, new, hkv, d, dtype=dt) if new else None
         cos = torch.zeros(cap + 4, 32) if rotary else None
         lens, out = torch.zeros(batch, dtype=torch.int32), torch.zeros_like(q)
-        step = decode.Step(q, k_cache, k_cache, out, want_lse=lse, k=k, v=k, cache_seqlens=lens, cache_batch_idx=None,
-                           page_table=table, rotary_cos=cos, rotary_sin=cos, rotary_interleaved=True,
-                           rotary_per_token=True, softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0,
-                           sink=None, num_splits=splits, config=decode.Config(64, 4, 3))
+        build = (_clustered if clustered else lambda fn, *a: fn(*a))
+        step = build(lambda: decode.Step(
+            q, k_cache, k_cache, out, want_lse=lse, k=k, v=k, cache_seqlens=lens, cache_batch_idx=None,
+            page_table=table, rotary_cos=cos, rotary_sin=cos, rotary_interleaved=True, rotary_per_token=True,
+            softmax_scale=0.1, window_left=-1, window_right=0, softcap=0.0, sink=None, num_splits=splits,
+            config=decode.Config(64, 4, 3)))
+        if clustered and (step.cluster != splits or step.combine is not None):
+            problems.append(f"clustered step: cluster {step.cluster}, combine {step.combine}")
         part = torch.zeros(16, dtype=torch.float32)
         lse_t = torch.zeros(batch, 8, q.shape[1]) if lse else None
         heads = {step.append: lambda n: (k, k, k_cache, k_cache, lens, None, table, cos, cos, n),
@@ -926,6 +931,76 @@ def test_decode_kernel_compiles_for_sm90(case, aot_reports):
         # (griddepcontrol.launch_dependents), and the combine, a programmatic dependent launch, waits for it.
         assert rep["launch_dependents"] >= 1 and rep["combine_waits"] >= 1, rep
         assert rep["combine_launch_pdl"], rep
+
+
+def _clustered(fn, *args):
+    """fn(*args) with decode.cluster_size granting every split count (a CPU Step never clusters by itself)."""
+    from fa4.kernels.triton import decode
+    real = decode.cluster_size
+    decode.cluster_size = lambda device, num_splits, head_dv: num_splits if num_splits > 1 else 0
+    try:
+        return fn(*args)
+    finally:
+        decode.cluster_size = real
+
+
+def _aot_cluster_report(paged, splits):
+    """The decode kernel compiled for sm_90 as a clustered split step launches it: its cluster barrier (PTX and
+    SASS), spills, and whether every load of the merge comes after the barrier's wait and bypasses L1."""
+    import re
+
+    from fa4.kernels.triton import decode
+    cfg = decode.Config(*decode_config_h100("split"))
+    step, args, merge_args = _clustered(_sample_step, paged, splits, cfg)
+    kernel, sass, res = _compile_sm90(decode._decode_kernel, args, step.attend.constexprs,
+                                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    lines = sass.splitlines()
+    wait = [i for i, line in enumerate(lines) if "UCGABAR_WAIT" in line]
+    arrive = [i for i, line in enumerate(lines) if "UCGABAR_ARV" in line]
+    after = [line for line in lines[wait[-1]:] if re.search(r"\bLDG\b", line)] if wait else []
+    return dict(local=int(re.search(r"LOCAL:(\d+)", res).group(1)),
+                ptx_arrive=kernel.asm["ptx"].count("barrier.cluster.arrive.release"),
+                ptx_wait=kernel.asm["ptx"].count("barrier.cluster.wait.acquire"),
+                sass_arrive=len(arrive), sass_wait=len(wait),
+                loads_after=len(after), loads_after_l1=sum(".STRONG.GPU" not in line for line in after),
+                membar_before=bool(arrive) and any("MEMBAR" in line
+                                                   for line in lines[max(0, arrive[0] - 24):arrive[0]]),
+                combine=merge_args is not None, grid=list(step.attend.grid), cluster=step.attend.cluster,
+                constexprs={k: step.attend.constexprs[k] for k in ("CLUSTER", "BLOCK_SPLITS", "MERGE_COLS")})
+
+
+@pytest.mark.parametrize("paged,splits", [(128, 2), (None, 5), (16, 8)])
+def test_clustered_decode_kernel_compiles_for_sm90(paged, splits):
+    """A split step merged in a cluster: one cluster-wide barrier (release before, acquire after, a GPU-scope
+    MEMBAR so the partial stores are visible), the merge's loads all after its wait and from L2 (.cg), no spills,
+    no combine launch, and clusters of `splits` consecutive CTAs along grid axis 0."""
+    rep = _in_subprocess(f"t._aot_cluster_report({paged!r}, {splits})")
+    assert rep["local"] == 0, rep
+    assert rep["ptx_arrive"] == rep["ptx_wait"] == 1 and rep["sass_arrive"] == rep["sass_wait"] == 1, rep
+    assert rep["membar_before"], rep
+    assert rep["loads_after"] >= 2 and rep["loads_after_l1"] == 0, rep
+    assert not rep["combine"] and rep["cluster"] == splits, rep
+    assert rep["grid"] == [2 * 8 * splits, 1, 1], rep  # _sample_step: B 2, Hkv 8, one row block
+    cx = rep["constexprs"]
+    assert cx["CLUSTER"] == splits and cx["BLOCK_SPLITS"] >= splits
+    # The first 2^floor(log2 splits) CTAs cover all 128 columns.
+    assert cx["MERGE_COLS"] * (1 << (splits.bit_length() - 1)) == 128
+
+
+def test_cluster_size_rule(monkeypatch):
+    """Which split steps merge in a cluster: CUDA sm_90+ only, 2 to MAX_CLUSTER (8) splits, >= 4 merged columns a
+    CTA, the switch on; everything else (CPU, sm_80, one split, 16 splits) keeps the combine."""
+    from fa4.kernels.triton import decode
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert [decode.cluster_size(cuda, n, 128) for n in (1, 2, 3, 5, 8, 9, 16)] == [0, 2, 3, 5, 8, 0, 0]
+    assert decode.cluster_size(cpu, 4, 128) == 0
+    assert decode.cluster_size(cuda, 8, 32) == 8 and decode.cluster_size(cuda, 8, 16) == 0  # 16 / 8 = 2 columns
+    monkeypatch.setattr(decode, "CLUSTER_MERGE", False)
+    assert decode.cluster_size(cuda, 4, 128) == 0
+    monkeypatch.setattr(decode, "CLUSTER_MERGE", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert decode.cluster_size(cuda, 4, 128) == 0
 
 
 def decode_config_h100(regime):

@@ -60,9 +60,9 @@ class Launch:
     bytes; Step checks every call) and the per-call ints are not specialised (do_not_specialize).
     """
     __slots__ = ("fn", "n_head", "grid", "tail", "tail_all", "constexprs", "num_warps", "num_stages", "options",
-                 "compiled")
+                 "compiled", "cluster")
 
-    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages, launch_pdl=False):
+    def __init__(self, fn, n_head, grid, tail, constexprs, num_warps, num_stages, launch_pdl=False, cluster=1):
         # The compiled launcher takes all three grid dimensions; JITFunction accepts 1-D and 2-D grids.
         grid = tuple(grid) + (1,) * (3 - len(grid))
         self.fn, self.n_head, self.grid, self.tail, self.constexprs = fn, n_head, grid, tuple(tail), constexprs
@@ -72,6 +72,13 @@ class Launch:
         # kernel's metadata, so the fast path launches it the same way. Passed only when on: the interpreter and
         # older Tritons do not know the option.
         self.options = dict(launch_pdl=True) if launch_pdl else {}
+        # Thread-block clusters of `cluster` consecutive CTAs along grid axis 0 (sm_90+; grid[0] a multiple of it).
+        # Triton's launcher sets the cluster dimension from the launch metadata's num_ctas and multiplies axis 0 by
+        # it; a kernel compiled with num_ctas = 1 keeps its own program ids, so the kernel is compiled as usual and
+        # launched with (num_warps, cluster, shared) as its metadata (see with_cluster).
+        self.cluster = cluster
+        if cluster > 1 and grid[0] % cluster:
+            raise RuntimeError(f"grid axis 0 ({grid[0]}) is not a multiple of the cluster size {cluster}")
         names = param_names(fn)[n_head:]
         if len(names) != len(self.tail) + len(constexprs):
             raise RuntimeError(f"{names[0]}...: {len(names)} parameters after the head, got {len(self.tail)} values "
@@ -88,13 +95,39 @@ class Launch:
 
     def jit(self, head, keep):
         """Launch through JITFunction (head holds tensors); keep the compiled kernel when `keep`."""
-        ret = self.fn[self.grid](*head, *self.tail, **self.constexprs, num_warps=self.num_warps,
-                                 num_stages=self.num_stages, **self.options)
+        if self.cluster > 1:
+            ret = self._jit_cluster(head)
+        else:
+            ret = self.fn[self.grid](*head, *self.tail, **self.constexprs, num_warps=self.num_warps,
+                                     num_stages=self.num_stages, **self.options)
         if keep and self.compiled is None and isinstance(ret, _CompiledKernel):
-            self.compiled = (ret.run, ret.function, ret.packed_metadata)
+            self.compiled = (ret.run, ret.function, self.with_cluster(ret.packed_metadata))
+
+    def _jit_cluster(self, head):
+        """JITFunction compiles (warmup: binding, specialisation and the cache as for any launch) and the
+        compiled kernel is launched in clusters; launch hooks are not called for it."""
+        ret = self.fn.warmup(*head, *self.tail, grid=self.grid, **self.constexprs, num_warps=self.num_warps,
+                             num_stages=self.num_stages, **self.options)
+        if hasattr(ret, "result"):
+            ret = ret.result()
+        index = current_device()
+        grid = self.grid
+        ret.run(grid[0] // self.cluster, grid[1], grid[2], raw_stream(index), ret.function,
+                self.with_cluster(ret.packed_metadata), None, None, None, *head, *self.tail_all)
+        return ret
+
+    def with_cluster(self, metadata):
+        """The launch metadata (num_warps, num_ctas, shared) with num_ctas = the cluster size."""
+        if self.cluster == 1:
+            return metadata
+        num_warps, num_ctas, shared = metadata
+        if num_ctas != 1:
+            raise RuntimeError(f"a kernel compiled with num_ctas = {num_ctas} cannot be launched in clusters")
+        return (num_warps, self.cluster, shared)
 
     def fast(self, head, stream):
         """Launch the kept kernel on `stream` (head holds raw pointers / None and the per-call ints)."""
         run, function, metadata = self.compiled
         grid = self.grid
-        run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *head, *self.tail_all)
+        run(grid[0] // self.cluster, grid[1], grid[2], stream, function, metadata, None, None, None, *head,
+            *self.tail_all)

@@ -195,6 +195,83 @@ def test_cuda_graph_capture_and_replay(batch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The splits merged in a thread-block cluster (decode.CLUSTER_MERGE) against the combine's merge
+# ---------------------------------------------------------------------------------------------------------------
+
+# (name, _make kwargs, call kwargs): cluster sizes 2 to 8 (what the Step takes), non-power-of-two counts, sink,
+# softcap, several row blocks (chunked prefill: grid axis 2), Dv = 64 / 96 (padded columns) / 256, fp16 and bf16.
+CLUSTER_CASES = [
+    ("splits2-decode", dict(batch=3, hq=32, hkv=8, d=128, capacity=4096, page_size=128, seqlen_new=1),
+     dict(num_splits=2)),
+    ("splits3-sink-lse", dict(batch=2, hq=8, hkv=2, d=128, capacity=1500, seqlen_new=1), dict(num_splits=3, sink=True)),
+    ("splits5-softcap-paged16", dict(batch=2, hq=16, hkv=4, d=128, capacity=2000, page_size=16, seqlen_new=1),
+     dict(num_splits=5, softcap=20.0)),
+    ("splits7-d96", dict(batch=2, hq=4, hkv=4, d=96, capacity=3000, seqlen_new=2), dict(num_splits=7, causal=True)),
+    ("splits8-dv64", dict(batch=2, hq=16, hkv=4, d=128, dv=64, capacity=4000, seqlen_new=1), dict(num_splits=8)),
+    ("splits8-d256-sink", dict(batch=2, hq=8, hkv=1, d=256, capacity=5000, seqlen_new=1),
+     dict(num_splits=8, sink=True)),
+    ("splits4-chunked-prefill", dict(batch=2, hq=32, hkv=8, d=128, capacity=2048, page_size=64, seqlen_q=40,
+                                     seqlen_new=40), dict(num_splits=4, causal=True)),
+    ("splits6-empty-splits", dict(batch=3, hq=32, hkv=8, d=128, capacity=600, seqlen_new=1),
+     dict(num_splits=6, window_size=(100, 0))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,make_kw,call_kw", CLUSTER_CASES, ids=[m[0] for m in CLUSTER_CASES])
+def test_cluster_merge(name, make_kw, call_kw, dtype, monkeypatch):
+    """Out and lse under the numerics rule with the splits merged in a cluster, a spy proving that the step ran
+    clustered with no combine, and the result equal (to fp32 rounding of the merge order) to the combine's."""
+    from fa4.kernels.triton import decode
+    if not decode.cluster_size(torch.device(DEV), call_kw["num_splits"], make_kw.get("dv", make_kw["d"])):
+        pytest.skip("this GPU / Triton has no cluster merge")
+    call_kw = dict(call_kw)
+    q, k_cache, v_cache, lens, kw = _make(dtype=dtype, seed=case_seed(name), **make_kw)
+    q, k_cache, v_cache, lens = _to(DEV, q, k_cache, v_cache, lens)
+    kw = {key: val.to(DEV) for key, val in kw.items()}
+    call_kw["cache_seqlens"] = lens
+    if call_kw.pop("sink", False):
+        call_kw["learnable_sink"] = torch.randn(q.shape[2], device=DEV)
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+    built = []
+    real_init = decode.Step.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        built.append(self)
+
+    monkeypatch.setattr(decode.Step, "__init__", spy)
+    inference._steps.clear()
+    _check_call(q, k_cache, v_cache, kw, call_kw, dtype)
+    assert built and built[-1].cluster == call_kw["num_splits"] and built[-1].combine is None
+    # The same call again takes the direct (kept) launch: still right.
+    k_cache.copy_(kc0)
+    v_cache.copy_(vc0)
+    _check_call(q, k_cache, v_cache, kw, call_kw, dtype)
+    clustered = kvcache(q, kc0.clone(), vc0.clone(), return_lse=True, **kw, **call_kw)
+    monkeypatch.setattr(decode, "CLUSTER_MERGE", False)
+    inference._steps.clear()
+    combined = kvcache(q, kc0.clone(), vc0.clone(), return_lse=True, **kw, **call_kw)
+    inference._steps.clear()
+    assert built[-1].cluster == 0 and built[-1].combine is not None
+    torch.testing.assert_close(clustered[0], combined[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(clustered[1], combined[1], atol=1e-5, rtol=1e-5)
+
+
+def test_sixteen_splits_keep_the_combine():
+    """B = 1 on the suite's shape takes 16 splits on an H100: more than a portable cluster, so the PDL combine
+    merges them (16-CTA clusters measured slower, decode.MAX_CLUSTER)."""
+    from fa4.kernels.triton import decode
+    q, k, v, lens, kw = _suite_inputs(1, 8192, True)
+    inference._steps.clear()
+    out = kvcache(q, k, v, cache_seqlens=lens, num_splits=16, **kw)
+    _, step = next(reversed(inference._steps.values()))
+    assert step.num_splits == 16 and step.cluster == 0 and step.combine is not None
+    ref_o, _, low_o, _ = reference_on_cache(q, k, v, kw, dict(cache_seqlens=lens), torch.bfloat16)
+    assert_close_rule("out", out.reshape(ref_o.shape), ref_o, low_o)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The host path: direct launches of the compiled kernels once a signature has run
 # ---------------------------------------------------------------------------------------------------------------
 

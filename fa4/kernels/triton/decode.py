@@ -48,6 +48,56 @@ def _tile_pages(pt_row, start_n, end, offs_n, page_size, PAGE_ALIGNED: tl.conste
     return page
 
 
+@triton.jit
+def _cluster_sync(token):
+    """Every thread of every CTA in this thread-block cluster arrives, then waits for all of them (sm_90). The
+    arrive releases and the wait acquires at cluster scope, so the partial results each CTA stored before it are
+    visible to every CTA of the cluster after it. `token` (a value computed before the barrier) keeps the
+    compiler from moving the asm; the returned 0 is added to what follows for the same reason."""
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, 0;",
+        "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _merge_in_cluster(OutPartial, LsePartial, Out, Lse, Sink, split, b, tok, head, row_ok, batch, seqlen_q,
+                      num_heads, stride_ob, stride_os, stride_oh,
+                      HEAD_DV: tl.constexpr, CLUSTER: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                      MERGE_COLS: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """The combine's merge (combine.py) done by the split programs themselves, right after a cluster barrier: the
+    CLUSTER CTAs of one (sequence, kv head, row block) are the splits, and CTA `split` merges columns
+    [split · MERGE_COLS, (split + 1) · MERGE_COLS) of every row from all splits' partials (L2, read past L1).
+    lse = log(Σ_s exp(lse_s) [+ exp(sink)]),  out = Σ_s exp(lse_s − lse) o_s, around the largest term."""
+    sp = tl.arange(0, BLOCK_SPLITS)
+    prow = ((sp[:, None] * batch + b).to(tl.int64) * seqlen_q + tok[None, :]) * num_heads + head[None, :]
+    ok = (sp[:, None] < CLUSTER) & row_ok[None, :]
+    lse_s = tl.load(LsePartial + prow, mask=ok, other=float("-inf"), cache_modifier=".cg")  # (splits, rows)
+    m = tl.max(lse_s, 0)
+    if HAS_SINK:
+        sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32)
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(lse_s - m[None, :]), 0)
+    if HAS_SINK:
+        total += tl.exp(sink - m)
+    lse = tl.where(total > 0.0, m + tl.log(total), float("-inf"))
+    lse_sub = tl.where(total > 0.0, lse, 0.0)
+    live = lse_s > float("-inf")
+    w = tl.where(live, tl.exp(lse_s - lse_sub[None, :]), 0.0)
+    cols = split * MERGE_COLS + tl.arange(0, MERGE_COLS)
+    col_ok = cols < HEAD_DV
+    o = tl.load(OutPartial + prow[:, :, None] * HEAD_DV + cols[None, None, :],
+                mask=live[:, :, None] & col_ok[None, None, :], other=0.0, cache_modifier=".cg")
+    out = tl.sum(w[:, :, None] * o, 0)  # (rows, MERGE_COLS)
+    o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
+    tl.store(Out + o_rows[:, None] + cols[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    if WRITE_LSE:
+        if split == 0:
+            # lse is contiguous (B, Hq, Sq).
+            tl.store(Lse + (b.to(tl.int64) * num_heads + head) * seqlen_q + tok, lse, mask=row_ok)
+
+
 # Sizes that change from call to call without changing the code: no recompilation for their value (Triton would
 # otherwise specialise ints equal to 1 or divisible by 16). Absent optional tensors are passed as None (a constexpr
 # for Triton): their code is never generated. seqlen_fixed follows the pointers so that a launch's per-call values
@@ -70,15 +120,23 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    PAGE_ALIGNED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
                    ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_TOKEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, PDL_PRIMARY: tl.constexpr, TILE_BASE: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, PDL_PRIMARY: tl.constexpr, TILE_BASE: tl.constexpr,
+                   CLUSTER: tl.constexpr = 0, BLOCK_SPLITS: tl.constexpr = 1, MERGE_COLS: tl.constexpr = 1):
     if PDL_PRIMARY:
         # The combine is launched as a programmatic dependent: let it become resident now (it waits for this
         # kernel's end with griddepcontrol.wait), so its launch latency hides under the key loop.
         tl_cuda.gdc_launch_dependents()
-    # Grid: axis 0 = (sequence, kv head), axis 1 = split of the key range, axis 2 = block of packed rows.
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
+    # Grid: axis 0 = (sequence, kv head), axis 1 = split of the key range, axis 2 = block of packed rows. Merged in
+    # a cluster (CLUSTER splits), axis 0 = (sequence, kv head) · CLUSTER + split instead: consecutive CTAs along
+    # axis 0 form one cluster.
+    if CLUSTER:
+        pid_bh = tl.program_id(0) // CLUSTER
+        split = tl.program_id(0) % CLUSTER
+        num_splits = CLUSTER
+    else:
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        num_splits = tl.num_programs(1)
     pid_m = tl.program_id(2)
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
@@ -209,6 +267,11 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         prow = ((split * batch + b).to(tl.int64) * seqlen_q + tok) * (num_heads_kv * group) + head
         tl.store(LsePartial + prow, lse, mask=row_ok)
         tl.store(OutPartial + prow[:, None] * HEAD_DV + offs_dv[None, :], out, mask=o_mask)
+        if CLUSTER:
+            zero = _cluster_sync(split)
+            _merge_in_cluster(OutPartial, LsePartial, Out, Lse, Sink, split + zero, b, tok, head, row_ok, batch,
+                              seqlen_q, num_heads_kv * group, stride_ob, stride_os, stride_oh,
+                              HEAD_DV, CLUSTER, BLOCK_SPLITS, MERGE_COLS, HAS_SINK, WRITE_LSE)
     else:
         o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
         tl.store(Out + o_rows[:, None] + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
@@ -275,10 +338,28 @@ def block_m_for(rows):
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
-# Switches kept for A/B runs (benchmarks/tune_decode.py --sections 6): per-tile base addressing of K/V, and the
-# combine launched as a programmatic dependent of the split kernel.
+# Switches kept for A/B runs (benchmarks/tune_decode.py --sections 6): per-tile base addressing of K/V, the
+# combine launched as a programmatic dependent of the split kernel, and the splits merged in a thread-block
+# cluster instead of by the combine (CLUSTER_MERGE, up to MAX_CLUSTER splits).
+# MAX_CLUSTER = 8, the portable size. H100 2026-11-27 (card 1752624010195, tune_decode --sections 6, read flush):
+# B = 8 L = 8192, 2 splits, paged 2780 -> 2823 GB/s, contiguous 2850 -> 2889; but 16 splits (B = 1) in clusters of
+# 16 (non-portable) fell 2772 -> 2605 at L = 65536: the 16-CTA clusters stack CTAs on shared SMs, and with one CTA
+# an SM forced only 7 such clusters fit the card (cuOccupancyMaxActiveClusters), so the eighth waits a wave.
 TILE_BASE = True
 PDL = True
+CLUSTER_MERGE = True
+MAX_CLUSTER = 8
+
+
+def cluster_size(device, num_splits, head_dv):
+    """Splits of a step merged in a cluster (0: the combine merges them): sm_90+ under the Triton release whose
+    launcher this was tested with (3.6: launch metadata (num_warps, num_ctas, shared), cluster from num_ctas), at
+    most MAX_CLUSTER splits, and at least 4 merged columns a CTA."""
+    if not (CLUSTER_MERGE and device.type == "cuda" and 1 < num_splits <= min(MAX_CLUSTER, 8)
+            and padded_dim(head_dv) >> (num_splits.bit_length() - 1) >= 4
+            and triton.__version__.startswith("3.6")):
+        return 0
+    return num_splits if torch.cuda.get_device_capability(device)[0] >= 9 else 0
 
 
 def tile_offsets_fit_int32(block_n, row_strides, head_dims):
@@ -371,6 +452,8 @@ class Step:
 
         self.attend = self.combine = None
         self.split = False
+        self.cluster = 0
+        self.num_splits = num_splits
         rows = seqlen_q * group
         if batch * rows * num_heads_kv:
             cfg = config or default_config(q.device, q.dtype, head_d, head_dv)
@@ -380,7 +463,13 @@ class Step:
             # The combine as a programmatic dependent launch of the split kernel (sm_90+; griddepcontrol).
             pdl = (split and PDL and q.device.type == "cuda" and _pdl_supported()
                    and torch.cuda.get_device_capability(q.device)[0] >= 9)
-            grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
+            cluster = cluster_size(q.device, num_splits, head_dv) if split else 0
+            self.cluster = cluster
+            if cluster:
+                grid = (batch * num_heads_kv * num_splits, 1, -(-rows // block_m))
+                pdl = False
+            else:
+                grid = (batch * num_heads_kv, num_splits, -(-rows // block_m))
             has_softcap = softcap > 0.0
             tail = (q.stride(0), q.stride(1), q.stride(2),
                     k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -402,13 +491,20 @@ class Step:
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,
                 TILE_BASE=TILE_BASE and tile_offsets_fit_int32(
                     cfg.block_n, (k_cache.stride(1), v_cache.stride(1)), (padded_dim(head_d), padded_dim(head_dv))))
-            self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages)
+            # The merge: CTA r of a cluster takes columns [r · MERGE_COLS, (r + 1) · MERGE_COLS), a power of two
+            # wide, so that the first 2^floor(log2 CLUSTER) CTAs cover every column (the rest merge none).
+            block_splits = 1 << (cluster - 1).bit_length() if cluster else 1
+            constexprs.update(CLUSTER=cluster, BLOCK_SPLITS=block_splits,
+                              MERGE_COLS=padded_dim(head_dv) >> (cluster.bit_length() - 1) if cluster else 1)
+            self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages,
+                                 cluster=max(cluster, 1))
             if split:
                 # Partials (num_splits, B, Sq, Hq, Dv) and (num_splits, B, Sq, Hq), contiguous, in one buffer.
                 part_rows = num_splits * batch * seqlen_q * num_heads
                 self.ws_numel = part_rows * (head_dv + 1)
                 self.ws_lse_offset = part_rows * head_dv  # elements; x 4 bytes keeps 16-byte alignment (Dv % 8 = 0)
                 row = num_heads * head_dv
+            if split and not cluster:
                 self.combine = Launch(combine._combine_kernel, 5, *combine.combine_launch(
                     num_splits=num_splits, batch=batch, seqlen=seqlen_q, num_heads=num_heads, head_dv=head_dv,
                     partial_strides=(batch * seqlen_q * row, seqlen_q * row, row, head_dv),
