@@ -16,6 +16,7 @@ from attention_check import (assert_first_capture_creates_no_stream, backend_opt
                              backward_case_inputs, check_backend_backward, reference_backward_inputs,
                              dsink_error_ratios, make_inputs)
 from fa4 import reference
+from fa4.kernels.sm90.configs import tile_dim as configs_tile_dim
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
@@ -681,3 +682,36 @@ def test_dq_spread(case, deterministic):
                                 softmax_scale=q.shape[-1] ** -0.5, seqlen_q=q.shape[1])
     tile = replace(tile, dq_spread=True)
     _run(q, k, v, tile=tile, deterministic=deterministic, **kw)
+
+
+# lse2 and Delta as a K extension of Sᵀ and dPᵀ (tile.stats_ext, the D = 64 default for batched bf16 calls): the
+# preprocess's [hi, mid, lo] parts (padding rows included), the extension wgmmas, under the numerics rule; a spy
+# proves the kernel built STATS_EXT, and the same case with the extension off agrees.
+EXT_CASES = [c for c in MATRIX if configs_tile_dim(c[5]) == 64 == configs_tile_dim(c[6]) and c[9] == 0.0]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("case", EXT_CASES, ids=[backward_case_id(c) for c in EXT_CASES])
+def test_stats_ext(case, deterministic, monkeypatch):
+    from dataclasses import replace
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
+    tile = bwd.default_tile(64, 64, kw["left"], kw["softcap"], window_right=kw["right"], deterministic=deterministic,
+                            sink=kw["sink"] is not None, softmax_scale=q.shape[-1] ** -0.5, seqlen_q=q.shape[1])
+    if not tile.keys_as_rows:
+        pytest.skip("not a keys-as-rows tile")
+    built = []
+    real = bwd.launch_plan
+
+    def spy(*a, **k):
+        grid, args, constexprs = real(*a, **k)
+        built.append(constexprs.get("STATS_EXT"))
+        return grid, args, constexprs
+
+    monkeypatch.setattr(bwd, "launch_plan", spy)
+    monkeypatch.setattr(bwd.launch, "lookup", lambda key: None)  # build every plan: the spy sees each launch
+    _run(q, k, v, tile=replace(tile, stats_ext=True), deterministic=deterministic, **kw)
+    assert built and all(built), built
+    built.clear()
+    _run(q, k, v, tile=replace(tile, stats_ext=False), deterministic=deterministic, **kw)
+    assert built and not any(built), built

@@ -206,6 +206,7 @@ class BwdProblem:
     STATS_TMA: gl.constexpr
     CTA_CHUNKED: gl.constexpr
     DQ_SPREAD: gl.constexpr
+    STATS_EXT: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -214,7 +215,8 @@ class BwdProblem:
                  stride_dvs, stride_dvh, stride_tb, stride_th, d, dv, seqlen_q, seqlen_k, num_kv_heads, group,
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
-                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False, DQ_SPREAD=False):
+                 TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False, DQ_SPREAD=False,
+                 STATS_EXT=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -273,6 +275,7 @@ class BwdProblem:
         self.CTA_CHUNKED = gl.constexpr(CTA_CHUNKED)
         self.DQ_SPREAD = gl.constexpr(DQ_SPREAD)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
+        self.STATS_EXT = gl.constexpr(STATS_EXT)
 
 
 @aggregate
@@ -534,7 +537,10 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
         # benchmarks/NOTES.md session 12).
         mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
                         + p.delta_desc.block_type.nbytes)
-        if p.VARLEN:
+        if p.STATS_EXT:
+            # (B, Hq, padded Sq, 16) 16-bit K extensions of the statistics (keys-as-rows, batched: stats_ext).
+            stats_coord = [b, h, row, 0]
+        elif p.VARLEN:
             # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats (triton
             # backward.aligned_start); rows past the sequence are masked by the consumers.
             stats_coord = [h, (q_start + 3 * b + 3) // 4 * 4 + row]
@@ -1264,6 +1270,11 @@ class BwdTile:
     # benchmarks/NOTES.md); not on D256_TILE. The launch decides with dq_spread_serves (packed D = 64 calls keep the
     # plain store).
     dq_spread: bool = True
+    # keys_as_rows, batched 16-bit calls: lse2 and Delta enter Sᵀ and dPᵀ as a 16-wide extension of the contraction
+    # (stats_ext_parts) instead of seeding the accumulators from shared memory: no per-column statistics loads (32
+    # values a thread each; ~17% of the D = 64 step's shared-memory wavefronts), one more m64nBMk16 wgmma for each
+    # of the two products. A probe (stats_ext_serves).
+    stats_ext: bool = False
 
     @property
     def block_n(self):
@@ -1294,8 +1305,11 @@ _TABLE = {
     # 461 -> 476. Then each step's dQ share issued a step late (dq_lag: two dSᵀ buffers a consumer, which leaves room
     # for two stages only), so the consumers need not meet at every step; two runs, two cards, TFLOP/s three stages
     # -> lag: 464 -> 456, 399 -> 415, 488 -> 504, 469 -> 494; 461 -> 462, 399 -> 433, 492 -> 503, 473 -> 505.
+    # Then lse2 and Delta as a K extension of Sᵀ and dPᵀ (stats_ext: no per-column statistics loads, one more k16
+    # wgmma a product; H100 card 1752624020562, bwd_flag_ab.py --tile-field stats_ext with the extensions made by
+    # torch ops, off -> on, best of 3: S = 4096 1.018x, causal 1.031x; S = 16384 1.057x, causal 1.037x).
     (64, 64): BwdTile(block_m=128, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
-                      dq_lag=True),
+                      dq_lag=True, stats_ext=True),
     # D = 128: dQ shared over the consumers and a third Q / dO stage in the staging memory that frees. H100,
     # 2026-11-25 (sm90_bwd_probe --tiles shared,shared3, TFLOP/s one share per consumer / shared / shared + 3
     # stages): S = 1024 327 / 348 / 349, causal 233 / 269 / 268; S = 4096 415 / 454 / 461, causal 377 / 419 /
@@ -1550,6 +1564,56 @@ def stats_tma_serves(tile, varlen):
     return STATS_TMA and not tile.d256
 
 
+# tile.stats_ext as the tiles set it; False: off on every tile (probes flip it for A/B: det_cost.py --flip).
+STATS_EXT = True
+
+
+def stats_ext_serves(tile, varlen, dtype):
+    """Whether the keys-as-rows kernel takes lse2 and Delta as K extensions of Sᵀ and dPᵀ (tile.stats_ext): batched
+    bf16 calls with the statistics by TMA. (fp16's narrower exponent range would not hold every −lse2 / scale2
+    part; packed calls mask columns past each sequence, which the extension cannot express.)"""
+    return bool(STATS_EXT and tile.stats_ext and tile.keys_as_rows and not varlen and stats_tma_serves(tile, varlen)
+                and dtype == torch.bfloat16)
+
+
+def stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap):
+    """(lse2 extension, Delta extension, −1 / scale2) for the preprocess to fill when the call takes the
+    statistics as K extensions (stats_ext_serves), else None: (B, Hq, Sq padded to the tile's rows, 16) each."""
+    if not stats_ext_serves(tile, varlen, q.dtype):
+        return None
+    rows = triton.cdiv(seqlen_q, tile.block_m) * tile.block_m
+    shape = (batch, q.shape[-2], rows, STATS_EXT_WIDTH)
+    qk_scale = (softcap if softcap > 0 else softmax_scale) * LOG2E
+    return (torch.empty(shape, dtype=q.dtype, device=q.device), torch.empty(shape, dtype=q.dtype, device=q.device),
+            -1.0 / qk_scale)
+
+
+STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit product
+
+
+def stats_ext_parts(x, dtype):
+    """x (fp32, any shape) as (..., 16) `dtype` columns [hi, mid, lo, 0, ...] with hi + mid + lo = x to fp32
+    precision (three 8-bit mantissas: 24 bits), so that ones · parts = x inside a 16-bit wgmma's fp32
+    accumulation. A non-finite x is carried whole by hi (mid = lo = 0)."""
+    finite = torch.isfinite(x)
+    hi = x.to(dtype)
+    rest = torch.where(finite, x - hi.float(), 0.0)
+    mid = rest.to(dtype)
+    lo = (rest - mid.float()).to(dtype)
+    parts = torch.zeros(*x.shape, STATS_EXT_WIDTH, dtype=dtype, device=x.device)
+    parts[..., 0] = hi
+    parts[..., 1] = mid
+    parts[..., 2] = lo
+    return parts
+
+
+def _stats_ext_descriptor(t, rows):
+    """TMA descriptor of a (B, Hq, padded Sq, 16) extension: boxes of `rows` query rows, all 16 columns."""
+    block = [1, 1, rows, STATS_EXT_WIDTH]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, layout=layout)
+
+
 def _stats_descriptor(t, rows):
     """TMA descriptor of lse2 or Delta ((B, Hq, padded Sq), or packed (Hq, aligned length), fp32): boxes of `rows`
     consecutive query rows."""
@@ -1583,12 +1647,14 @@ def _stats_sources(tile, varlen, lse2, delta, stats_al, device):
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None,
-                tile_ctr=None, dq_store_first=False):
+                tile_ctr=None, dq_store_first=False, stats_ext=None):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. tile_ctr: the zeroed int32 tile
     counter of the persistent keys-as-rows grid (persistent_tiles); dq_store_first: the ordered chain's first link
     stores into an accumulator left unzeroed (dq_store_first_serves). dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
-    int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add."""
+    int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add.
+    stats_ext: the preprocess's K extensions of lse2 and Delta (stats_ext_buffers); None where the call takes them
+    (stats_ext_serves) makes them here with torch (ahead-of-time compiles, tests)."""
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
     tile = tile or default_tile(d, dvw, window_left, softcap, window_right=window_right, deterministic=deterministic,
@@ -1626,8 +1692,18 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
             dq_desc=_kt_dq_descriptor(dq_acc, tile, varlen) if tile.keys_as_rows else
             _dq_descriptor(dq_acc, tile.block_m, varlen, tile.num_wg if shared else 1))
     stats, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, stats_al, q.device)
-    descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
-    descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
+    ext_on = stats and stats_ext_serves(tile, varlen, q.dtype)
+    if ext_on:
+        # Sᵀ acc = K·Qᵀ + ones·parts(−lse2 / scale2) and dPᵀ acc = V·dOᵀ + ones·parts(−Delta): the seeds the kernel
+        # otherwise loads per column (backward_kt), carried by the contraction.
+        if stats_ext is None:
+            qk_scale = (softcap if softcap > 0 else softmax_scale) * LOG2E
+            stats_ext = (stats_ext_parts(lse2 * (-1.0 / qk_scale), q.dtype), stats_ext_parts(-delta, q.dtype))
+        descs["lse2_desc"] = _stats_ext_descriptor(stats_ext[0], tile.block_m)
+        descs["delta_desc"] = _stats_ext_descriptor(stats_ext[1], tile.block_m)
+    else:
+        descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
+        descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
     args = dict(
         **descs,
         dk_ptr=dk, dv_ptr=dv, lse2_ptr=lse2, delta_ptr=delta,
@@ -1678,6 +1754,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
     constexprs["DQ_SPREAD"] = dq_spread_serves(tile, varlen)
     if tile.keys_as_rows:
+        constexprs["STATS_EXT"] = ext_on
         constexprs["DV_EARLY"] = tile.dv_early
         constexprs["DQ_LAG"] = tile.dq_lag
         constexprs["POLY"] = tile.poly
@@ -2065,8 +2142,10 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     else:
         dq_acc, tile_ctr = dq_accumulator(q, varlen, persistent)
         zero = None if varlen or store_first else (dq_acc, tile_ctr)
+    # The keys-as-rows kernel's statistics as K extensions (stats_ext_serves), filled by the preprocess too.
+    ext = stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap)
     delta, lse2, dsink_part = preprocess(dout, out, lse, dlse, prep_sink, cu_seqlens_q, batch, seqlen_q,
-                                         None if varlen else tile.block_m, aligned=stats_al, zero=zero)
+                                         None if varlen else tile.block_m, aligned=stats_al, zero=zero, ext=ext)
     main_parts = None
     if sink_in_main:
         main_parts = torch.zeros(batch * q.shape[-2], triton.cdiv(seqlen_k, tile.block_n), tile.num_wg,
@@ -2078,7 +2157,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, tile_ctr=tile_ctr,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
-                dq_store_first=store_first,
+                dq_store_first=store_first, stats_ext=None if ext is None else ext[:2],
                 dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
@@ -2115,7 +2194,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     if sink_in_main:
         return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
     if replayable and isinstance(launched, launch.Plan):
-        _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, tile, launched, batch, seqlen_q,
+        _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, ext, tile, launched, batch,
+                         seqlen_q,
                          None if opts["dq_chain"] is None else opts["dq_chain"].shape,
                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
@@ -2124,14 +2204,14 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
 
 
-def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, tile, plan, batch, seqlen_q,
+def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, ext, tile, plan, batch, seqlen_q,
                      chain_shape, *, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                      window_left, window_right, softcap, deterministic):
     """Keep a plain-route call's decisions and launches for the next call of its signature (backward_fast)."""
     from . import backward_fast
     varlen = cu_seqlens_q is not None
     head, tail, constexprs, grid = prep_arguments(dout, out, lse, dlse, None, cu_seqlens_q, batch, seqlen_q, delta,
-                                                  lse2, aligned=stats_al, zero=zero)
+                                                  lse2, aligned=stats_al, zero=zero, ext=ext)
     prep = launch.lookup(prep_key(q.device.index, head, tail, constexprs, grid))
     if prep is None or prep.compiled is None:
         return
@@ -2139,7 +2219,8 @@ def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al,
                                   max_seqlen_k, softmax_scale, window_left, window_right, softcap, deterministic)
     backward_fast.remember(key, backward_fast.Replay(
         tile, batch, seqlen_q, persistent_tiles(tile), prep, plan, chain_shape, varlen=varlen,
-        zero_dkdv=varlen or seqused_k is not None, stats_al_shape=None if stats_al is None else stats_al[0].shape))
+        zero_dkdv=varlen or seqused_k is not None, stats_al_shape=None if stats_al is None else stats_al[0].shape,
+        stats_ext_shape=None if ext is None else ext[0].shape))
 
 
 def dq_accumulator(q, varlen, persistent):
@@ -2161,7 +2242,7 @@ BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False):
+                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False, stats_ext=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -2173,7 +2254,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
-            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD)
+            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT)
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -2211,6 +2292,8 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             # Without the sink partials both sink slots hold lse2 (as launch_plan puts them).
             parts = opts["dsink_part"]
             _, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, opts["stats_al"], q.device)
+            if opts.get("stats_ext") is not None:
+                lse2_src, delta_src = opts["stats_ext"]
             plan.launch_tensors(q.device.index, dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 lse2_stats=lse2_src, delta_stats=delta_src,
@@ -2232,18 +2315,20 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     return True
 
 
-def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to, aligned=None, zero=None):
+def preprocess(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, pad_to, aligned=None, zero=None,
+               ext=None):
     """(Delta, lse2, sink partial sums) by the portable preprocess kernel, in lse's layout.
 
     pad_to (batched only): the query length is padded to a multiple of it, with lse2 = +inf and Delta = 0,
     so that P and dS of the padding are exactly 0 and the main kernel loads both without masks.
     aligned (packed only): (lse2, delta) buffers (Hq, aligned_length), which also receive the rows at each
     sequence's aligned start (the main kernel's TMA loads, STATS_TMA).
-    zero (batched): (dQ accumulator, tile counter or None) zeroed by the same kernel (prep_arguments)."""
+    zero (batched): (dQ accumulator, tile counter or None) zeroed by the same kernel (prep_arguments).
+    ext (batched): the statistics' K extensions to fill as well (prep_arguments)."""
     device, hq = out.device, out.shape[-2]
     delta, lse2 = stats_buffers(lse, batch, hq, seqlen_q, pad_to)
     head, tail, constexprs, grid = prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, delta,
-                                                  lse2, aligned, zero)
+                                                  lse2, aligned, zero, ext)
     dsink_part = head[7]
     index = device.index
     if not (device.type == "cuda" and launch.enabled(None) and hooks_idle() and index == current_device()):
@@ -2288,31 +2373,37 @@ def stats_buffers(lse, batch, hq, seqlen_q, pad_to):
             torch.full(padded, float("inf"), dtype=torch.float32, device=device))
 
 
-def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, delta, lse2, aligned=None, zero=None):
-    """(head, tail, constexprs, grid) of the preprocess kernel: head its 13 tensor arguments (unused slots hold
+def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, delta, lse2, aligned=None, zero=None,
+                   ext=None):
+    """(head, tail, constexprs, grid) of the preprocess kernel: head its 15 tensor arguments (unused slots hold
     lse or delta; head[7] is the sink partials' buffer, allocated here when there is a sink), tail its ints.
-    zero (batched): (fp32 dQ accumulator, the persistent grid's int32 tile counter or None) for the kernel to zero."""
+    zero (batched): (fp32 dQ accumulator, the persistent grid's int32 tile counter or None) for the kernel to zero.
+    ext (batched): (lse2 extension, Delta extension, −1 / scale2), the (B, Hq, padded Sq, 16) 16-bit K extensions
+    of the keys-as-rows kernel (stats_ext_serves), written by the same kernel over every padded row."""
     from ..triton import backward as tb
     varlen = cu_seqlens_q is not None
     device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
     dv_pad = max(triton.next_power_of_2(dvh), 16)
     prep_m = 64 if dv_pad <= 128 else 32
-    n_prep = triton.cdiv(seqlen_q, prep_m)
+    ext_rows = ext[0].shape[-2] if ext is not None else 0
+    n_prep = triton.cdiv(max(seqlen_q, ext_rows), prep_m)
     dsink_part = (torch.zeros(batch, hq, n_prep, dtype=torch.float32, device=device) if sink is not None
                   else delta)
     lse2_al, delta_al = aligned if aligned is not None else (lse2, delta)
     dq_acc, counter = zero if zero is not None else (None, None)
     head = (out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
             delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, delta_al, lse2_al,
-            dq_acc if dq_acc is not None else delta, counter if counter is not None else delta)
+            dq_acc if dq_acc is not None else delta, counter if counter is not None else delta,
+            ext[0] if ext is not None else lse2, ext[1] if ext is not None else delta)
     dq_width = dq_acc.shape[-1] if dq_acc is not None else 0
     tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
             *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
             *tb._lse_strides(delta, varlen)[:2], delta_al.stride(0) if aligned is not None else 0, seqlen_q, hq, dvh,
-            dq_width)
+            dq_width, ext_rows, float(ext[2]) if ext is not None else 1.0)
     constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
                       BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None, ZERO_DQ=dq_acc is not None,
-                      BLOCK_DQ=max(triton.next_power_of_2(dq_width), 16), ZERO_COUNTER=counter is not None)
+                      BLOCK_DQ=max(triton.next_power_of_2(dq_width), 16), ZERO_COUNTER=counter is not None,
+                      STATS_EXT=ext is not None)
     return head, tail, constexprs, (batch * hq, n_prep)
 
 

@@ -34,7 +34,8 @@ def _switches():
     return (env.get("FA4_SM90"), env.get("FA4_SM90_BWD"), env.get("FA4_KT_PERSISTENT"), env.get("FA4_BWD_CHUNK_VARLEN"),
             bwd.KT_PERSISTENT, bwd.CTA_CHUNK, bwd.CTA_CHUNK_BYTES, bwd.DQ_CHAIN, bwd.KT_DQ_CHAIN,
             bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.DQ_RELEASE_LAG, bwd.DQ_STORE_FIRST, bwd.DQ_SPREAD, bwd.KT_PERSIST_CHAIN, bwd.KT_PERSIST_CHAIN_MIN_ROWS, bwd.KT_PERSIST_CHAIN_FULL, bwd.CHAIN_BY_DEFAULT, bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED, bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, tuple(bwd.GQA_SPLIT_HEADS.items()), bwd.STATS_TMA, bwd.KEYS_AS_ROWS_D128,
-            bwd.KEYS_AS_ROWS_D128_PACKED, id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
+            bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT,
+            id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
             id(bwd.backward_checked), id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
 
 
@@ -65,16 +66,17 @@ class Replay:
     descriptors) and whose query length needs no padding rows keep Delta, lse2 and the tile counter in one workspace
     allocation, passed to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
     __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "chain_shape", "varlen",
-                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma")
+                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma", "stats_ext_shape")
 
     def __init__(self, tile, batch, seqlen_q, persistent, prep, plan, chain_shape=None, *, varlen=False,
-                 zero_dkdv=False, stats_al_shape=None):
+                 zero_dkdv=False, stats_al_shape=None, stats_ext_shape=None):
         self.tile, self.batch, self.seqlen_q, self.persistent = tile, batch, seqlen_q, persistent
         self.prep, self.plan, self.chain_shape = prep, plan, chain_shape
         self.varlen, self.zero_dkdv, self.stats_al_shape = varlen, zero_dkdv, stats_al_shape
         self.pad_to = None if varlen else tile.block_m
         self.workspace = not varlen and plan.raw is not None and seqlen_q % tile.block_m == 0
         self.stats_tma = bwd.stats_tma_serves(tile, varlen)
+        self.stats_ext_shape = stats_ext_shape  # the statistics' K extensions (bwd.stats_ext_buffers)
 
     def __call__(self, dout, q, k, v, out, lse, dlse, cu_q=None, cu_k=None, seqused=None):
         device, index = q.device, q.device.index
@@ -98,21 +100,27 @@ class Replay:
         stats_al = None
         if self.stats_al_shape is not None:  # packed: (lse2, delta) copies at each sequence's aligned start
             stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device) for _ in range(2))
+        ext = None
+        if self.stats_ext_shape is not None:  # filled by the preprocess (its STATS_EXT slots)
+            ext = tuple(torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device) for _ in range(2))
         # Batched calls have the preprocess zero the accumulator and the counter (its ZERO_DQ slots; packed: unused).
         zero_acc = dp if self.varlen else dq_acc.data_ptr()
         zero_ctr = cp if self.persistent and not self.varlen else dp
-        # The preprocess's 13 tensor slots in prep_arguments' order (no sink: unused slots hold lse / delta).
+        # The preprocess's 15 tensor slots in prep_arguments' order (no sink: unused slots hold lse / delta).
         lp = lse.data_ptr()
         self.prep.fast([out.data_ptr(), dout.data_ptr(), lp, dlse.data_ptr() if dlse is not None else lp, lp,
                         dp, l2p, dp, cu_q.data_ptr() if self.varlen else lp,
                         stats_al[1].data_ptr() if stats_al is not None else dp,
-                        stats_al[0].data_ptr() if stats_al is not None else l2p, zero_acc, zero_ctr],
+                        stats_al[0].data_ptr() if stats_al is not None else l2p, zero_acc, zero_ctr,
+                        ext[0].data_ptr() if ext is not None else l2p, ext[1].data_ptr() if ext is not None else dp],
                        raw_stream(index))
         dummy = bwd._dummy_i32(device)
         ctr = cp if self.persistent else dummy
         if self.chain_shape is not None:  # deterministic=True through the main kernel's ordered dQ chain
             ctr = torch.zeros(self.chain_shape, dtype=torch.int32, device=device)
-        if self.stats_tma:
+        if ext is not None:
+            lse2_src, delta_src = ext
+        elif self.stats_tma:
             lse2_src, delta_src = stats_al if self.varlen else (lse2, delta)
         else:
             lse2_src = delta_src = bwd._stats_placeholder(device, self.tile.block_m, self.varlen)

@@ -81,7 +81,9 @@ def smem_bytes(tile, d, dv, elem=2):
     """Shared memory of attn_bwd_kt_kernel: resident K, V; the Q / dO ring with each block's lse2 and Delta; both
     consumers' dSᵀ; their fp32 dQ staging tiles ([64 rows, D] or [BM, D / 2] each: BM·D / 2 either way)."""
     kv = tile.block_n * (d + dv) * elem
-    qdo = tile.stages * tile.block_m * ((d + dv) * elem + 2 * 4)
+    # Per query row: Q and dO, and lse2 and Delta (fp32), or their 16-wide 16-bit K extensions (tile.stats_ext).
+    stats = 2 * 16 * elem if tile.stats_ext else 2 * 4
+    qdo = tile.stages * tile.block_m * ((d + dv) * elem + stats)
     ds = (2 if tile.dq_lag else 1) * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4
     return kv + qdo + ds + dq + configs.SMEM_RESERVE
@@ -235,6 +237,16 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DQW, 16])
     col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+    # STATS_EXT: the A operand [64 keys, 16] of the extension products, ones in columns 0-2 (hi, mid, lo), from
+    # registers (4 a thread, set once).
+    EXT: gl.constexpr = 16
+    ext_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
+    if p.STATS_EXT:
+        ext_cols = gl.arange(0, EXT, gl.SliceLayout(0, ext_layout))
+        ones = gl.where(gl.expand_dims(ext_cols, 0) < 3, 1.0, 0.0) + gl.zeros([N, EXT], gl.float32, ext_layout)
+        ones = ones.to(dtype)
+    else:
+        ones = 0
 
     n0 = nb * BN
     kr0 = n0 + WG * N
@@ -276,13 +288,25 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
             #   dPᵀ acc = V·dOᵀ − Delta.
             # Both are set before either product is issued: a register written between asynchronous wgmmas of one
             # warpgroup makes ptxas serialise them.
-            lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
-            delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
-            # Each accumulator register gets its own definition here (_distinct): the two rows of a column share
-            # one value, and LLVM would otherwise copy it into the second register right before the wgmma.
-            st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
-            dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
-            st = warpgroup_mma(k_s, q_s.permute((1, 0)), st, is_async=True)
+            if p.STATS_EXT:
+                # The seeds as a 16-wide extension of the contraction (backward.stats_ext_parts): ones[:, :3] times
+                # the block's [hi, mid, lo] parts of −lse2 / scale2 (and of −Delta) add them in the wgmma.
+                ext_l = bufs.lse2.index(idx).reshape([BM, EXT]).permute((1, 0))
+                ext_d = bufs.delta.index(idx).reshape([BM, EXT]).permute((1, 0))
+                st = warpgroup_mma(ones, ext_l, gl.zeros([N, BM], gl.float32, st_layout), use_acc=False,
+                                   is_async=True)
+                st = warpgroup_mma(k_s, q_s.permute((1, 0)), st, is_async=True)
+                dpt = warpgroup_mma(ones, ext_d, gl.zeros([N, BM], gl.float32, st_layout), use_acc=False,
+                                    is_async=True)
+            else:
+                lse2 = _column_stats(p, bufs, idx, t_base, cols, col_ok, 0, col_s)
+                delta = _column_stats(p, bufs, idx, t_base, cols, col_ok, 1, col_s)
+                # Each accumulator register gets its own definition here (_distinct): the two rows of a column
+                # share one value, and LLVM would otherwise copy it into the second register right before the
+                # wgmma.
+                st = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(lse2 * inv_scale2, 0))
+                dpt = _distinct(gl.zeros([N, BM], gl.float32, st_layout) - gl.expand_dims(delta, 0))
+                st = warpgroup_mma(k_s, q_s.permute((1, 0)), st, is_async=True)
             if PERSIST:
                 # The tile's V comes behind its K (kv_ready): the first Sᵀ is issued before V is waited for.
                 if it == 0:
@@ -578,7 +602,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
                        DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
-                       POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, n_bh=1, chunk=1):
+                       POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, STATS_EXT: gl.constexpr = False,
+                       n_bh=1, chunk=1):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
@@ -607,8 +632,11 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     else:
         dq_smem = ds_smem  # a placeholder, never touched
     if STATS_TMA:
-        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse2_desc.block_type.shape, lse2_desc.layout)
-        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+        # fp32 statistics, or with STATS_EXT their 16-bit K extensions ([1, 1, BM, 16] boxes).
+        lse2_smem = gl.allocate_shared_memory(lse2_desc.dtype, [STAGES] + lse2_desc.block_type.shape,
+                                              lse2_desc.layout)
+        delta_smem = gl.allocate_shared_memory(delta_desc.dtype, [STAGES] + delta_desc.block_type.shape,
+                                               delta_desc.layout)
     else:
         lse2_smem = q_smem  # placeholders, never touched
         delta_smem = q_smem
@@ -654,7 +682,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD,
+                   STATS_EXT)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
     # P buffer and the turn / loop_done barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
