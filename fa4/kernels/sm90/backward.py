@@ -1422,8 +1422,10 @@ D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, sep
 # at 16 steps a tile 657 -> 618 µs; bwd_flag_ab.py --tile-field persistent --causal-only, 7 rounds, H100 card
 # 1752824029436): the causal call at S = 1024 594 -> 579 µs (+2.6%, every round), 4096 1453 -> 1415 (+2.6%), 16384
 # -0.3%.
+# Then lse2 and Delta as K extensions (stats_ext, session 30; the ones operand in shared memory at BM = 64): Nsight
+# Compute, the main kernel causal S = 16384 7.54M -> 7.25M cycles, S = 4096 2.07M -> 2.00M (H100 card 1752624013931).
 D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
-                           dq_lag=True, persistent=True)
+                           dq_lag=True, persistent=True, stats_ext=True)
 
 
 def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False,

@@ -78,15 +78,17 @@ CHAIN_CTR = gl.constexpr(CHAIN_CTR_OFFSET)
 
 
 def smem_bytes(tile, d, dv, elem=2):
-    """Shared memory of attn_bwd_kt_kernel: resident K, V; the Q / dO ring with each block's lse2 and Delta; both
-    consumers' dSᵀ; their fp32 dQ staging tiles ([64 rows, D] or [BM, D / 2] each: BM·D / 2 either way)."""
+    """Shared memory of attn_bwd_kt_kernel: resident K, V; the Q / dO ring with each block's lse2 and Delta (or their
+    K extensions); both consumers' dSᵀ; their fp32 dQ staging tiles ([64 rows, D] or [BM, D / 2] each: BM·D / 2 either
+    way); at BM = 64 with the extensions, each consumer's ones tile."""
     kv = tile.block_n * (d + dv) * elem
     # Per query row: Q and dO, and lse2 and Delta (fp32), or their 16-wide 16-bit K extensions (tile.stats_ext).
     stats = 2 * 16 * elem if tile.stats_ext else 2 * 4
     qdo = tile.stages * tile.block_m * ((d + dv) * elem + stats)
+    ones = tile.num_wg * WG_KEYS * 16 * elem if tile.stats_ext and tile.block_m == WG_KEYS else 0
     ds = (2 if tile.dq_lag else 1) * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4
-    return kv + qdo + ds + dq + configs.SMEM_RESERVE
+    return kv + qdo + ds + dq + ones + configs.SMEM_RESERVE
 
 
 @gluon.jit
@@ -239,14 +241,19 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
     col_s: gl.constexpr = gl.SliceLayout(0, st_layout)
     # STATS_EXT: the A operand [64 keys, 16] of the extension products, ones in columns 0-2 (hi, mid, lo), from
     # registers (4 a thread, set once).
+    # STATS_EXT: the A operand [64 keys, 16] of the extension products, ones in columns 0-2 (hi, mid, lo). BM = 128
+    # (D = 64): from registers (4 a thread, set once); BM = 64 (D = 128), whose loop is short of registers: this
+    # consumer's tile in shared memory (_consumer). Nsight Compute, H100 card 1752624013931, main-kernel cycles
+    # registers / shared: D = 64 S = 4096 causal 2.279M / 2.321M, S = 16384 15.86M / 16.00M; D = 128 S = 16384 causal
+    # 7.40M / 7.25M (7.54M without the extension).
     EXT: gl.constexpr = 16
-    ext_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
-    if p.STATS_EXT:
+    if p.STATS_EXT and BM != N:
+        ext_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
         ext_cols = gl.arange(0, EXT, gl.SliceLayout(0, ext_layout))
-        ones = gl.where(gl.expand_dims(ext_cols, 0) < 3, 1.0, 0.0) + gl.zeros([N, EXT], gl.float32, ext_layout)
-        ones = ones.to(dtype)
+        ones = (gl.where(gl.expand_dims(ext_cols, 0) < 3, 1.0, 0.0)
+                + gl.zeros([N, EXT], gl.float32, ext_layout)).to(dtype)
     else:
-        ones = 0
+        ones = bufs.p.index(WG)
 
     n0 = nb * BN
     kr0 = n0 + WG * N
@@ -466,6 +473,14 @@ def _tile_coords(p, t, n_bh, chunk):
 @gluon.jit
 def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: gl.constexpr,
               DQ_LAG: gl.constexpr, POLY: gl.constexpr, PERSIST: gl.constexpr):
+    if p.STATS_EXT and p.BM == KEYS_PER_WG:
+        # The A operand of the statistics' extension products at BM = 64 (_kt_tile): [64 keys, 16], ones in
+        # columns 0-2 (hi, mid, lo), written once into this consumer's slot of the P buffer (otherwise unused).
+        fill: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+        cols = gl.arange(0, 16, gl.SliceLayout(0, fill))
+        ones = gl.where(gl.expand_dims(cols, 0) < 3, 1.0, 0.0) + gl.zeros([KEYS_PER_WG, 16], gl.float32, fill)
+        bufs.p.index(WG).store(ones.to(p.q_desc.dtype))
+        fence_async_shared()
     if PERSIST:
         # The tiles the loader draws from the global counter, until one past the last.
         n_tiles = _tile_count(p, n_bh)
@@ -627,6 +642,13 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # late (DQ_LAG).
     DS_BUFS: gl.constexpr = 2 * NWG if DQ_LAG else NWG
     ds_smem = gl.allocate_shared_memory(dtype, [DS_BUFS, KEYS_PER_WG, BM], ds_layout)
+    if STATS_EXT and BM == KEYS_PER_WG:
+        # Each consumer's ones tile, the A operand of its statistics' extension products at BM = 64 (in BwdBuffers'
+        # P slot; _kt_tile).
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS_PER_WG, 16], dtype)
+        ones_smem = gl.allocate_shared_memory(dtype, [NWG, KEYS_PER_WG, 16], ones_layout)
+    else:
+        ones_smem = ds_smem  # a placeholder, never touched
     if DQ_ATOMIC:
         dq_smem = gl.allocate_shared_memory(gl.float32, [NWG] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -686,7 +708,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    STATS_EXT)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
     # P buffer and the turn / loop_done barriers are placeholders this kernel never touches.
-    bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ds_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
+    bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ones_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, ds_ready, dq_staged, dq_free, lse2_smem, delta_smem, ds_ready)
     # Only the loader and the writer differ (Gluon 3.6 keeps no partition function in a variable, hence the calls).
     if PERSIST and DQ_WRITER:
