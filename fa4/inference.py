@@ -487,7 +487,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                _signature(cache_batch_idx), _signature(page_table), _signature(learnable_sink), _signature(out),
                softmax_scale, type(softmax_scale), causal, type(causal), window_size,
                type(window_size[0]), type(window_size[1]), softcap, type(softcap), rotary_interleaved,
-               type(rotary_interleaved), num_splits, type(num_splits), return_lse, type(return_lse), backend)
+               type(rotary_interleaved), num_splits, type(num_splits), return_lse, type(return_lse), backend,
+               _decode_switches())
         known = _steps.get(key)
     except Exception:  # an argument that is not what it should be: the full checks name it
         key = known = None
@@ -604,6 +605,20 @@ def forward_splitkv(q, k, v, *, softmax_scale, window_left, window_right, softca
                                        window_size=(window_left, window_right), softcap=softcap,
                                        learnable_sink=sink, return_lse=True)
     return out, lse
+
+
+_decode_module = None
+
+
+def _decode_switches():
+    """decode.py's module switches that a Step's launches depend on (A/B probes flip them): part of the Step key, so
+    that a flipped switch builds new launches instead of replaying the old ones."""
+    global _decode_module
+    if _decode_module is None:
+        from .kernels.triton import decode
+        _decode_module = decode
+    d = _decode_module
+    return d.TILE_BASE, d.PDL, d.CLUSTER_MERGE, d.MAX_CLUSTER
 
 
 # Steps of the call signatures seen (Triton backend), oldest first: signature -> (_Call, decode.Step).

@@ -987,6 +987,26 @@ def test_clustered_decode_kernel_compiles_for_sm90(paged, splits):
     assert cx["MERGE_COLS"] * (1 << (splits.bit_length() - 1)) == 128
 
 
+def test_decode_switches_are_in_the_step_key(monkeypatch):
+    """Flipping one of decode.py's A/B switches (CLUSTER_MERGE, PDL, TILE_BASE, MAX_CLUSTER) between two calls of one
+    signature builds a new Step rather than replaying the launches the old setting built."""
+    from fa4.kernels.triton import decode
+    q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=64, seqlen_new=0)
+    inference._steps.clear()
+    inference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    assert len(inference._steps) == 1
+    inference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    assert len(inference._steps) == 1
+    for name, value in (("CLUSTER_MERGE", not decode.CLUSTER_MERGE), ("PDL", not decode.PDL),
+                        ("TILE_BASE", not decode.TILE_BASE), ("MAX_CLUSTER", 4)):
+        before = len(inference._steps)
+        with monkeypatch.context() as m:
+            m.setattr(decode, name, value)
+            inference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+        assert len(inference._steps) == before + 1, name
+    inference._steps.clear()
+
+
 def test_cluster_size_rule(monkeypatch):
     """Which split steps merge in a cluster: CUDA sm_90+ only, 2 to MAX_CLUSTER (8) splits, >= 4 merged columns a
     CTA, the switch on; everything else (CPU, sm_80, one split, 16 splits) keeps the combine."""

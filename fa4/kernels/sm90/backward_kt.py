@@ -33,6 +33,19 @@ then Pᵀ and dSᵀ in 16 bits (32 + 32) as the A operands, and the dQ share (32
 Delta are 32 values a thread each (32 query columns): the accumulators start at −lse2 / scale2 and −Delta instead,
 so neither is live at the register peak (see the loop).
 
+The statistics as a K extension (STATS_EXT, tile.stats_ext: batched bf16 calls, the default on both tiles). Loading
+those seeds cost each warp 64 shared-memory wavefronts a step (one per value a lane needs: no layout of the
+accumulator lets lanes share them), ~17% of the D = 64 step's. Instead the preprocess writes, per query row, the
+[hi, mid, lo] bf16 parts of −lse2 / scale2 and of −Delta (backward.stats_ext_parts: they sum to the fp32 value) as
+16 extra contraction columns; the loader brings them in by TMA where the fp32 statistics went, and
+
+    Sᵀ acc = ones·parts(−lse2 / scale2)ᵀ + K·Qᵀ,    dPᵀ acc = ones·parts(−Delta)ᵀ + V·dOᵀ
+
+with ones [64 keys, 16] = 1 in columns 0-2: one more m64nBMk16 wgmma a product, and no statistics in registers at
+all. The ones operand comes from registers at BM = 128 and from a shared tile at BM = 64 (the D = 128 loop is short
+of registers). Nsight Compute (H100): 4-5% fewer main-kernel cycles at D = 64, 3.5-4.3% on the D = 128 causal and
+chain rows at S = 16384 (benchmarks/NOTES.md, session 30).
+
 Barriers: backward.py's loader protocol (kv_ready, q_ready / q_empty, do_ready / do_empty, lse2 and Delta on Q's
 barrier), and the dS hand-over of its DQ_SHARED tile (ds_ready[b]: buffer b holds its owner's dSᵀ; ds_free[b]: the
 other consumer's dQ product reading buffer b completed). Without DQ_LAG each consumer has one buffer and both use the
