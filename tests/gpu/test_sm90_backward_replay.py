@@ -55,6 +55,11 @@ CASES = [
     (2, 1024, 16, 2, 128, -1, 0, 0.0, False, torch.bfloat16, True),
     (1, 777, 16, 1, 64, -1, 0, 0.0, True, torch.float16, True),
     (1, 700, 8, 1, 256, -1, 0, 0.0, False, torch.bfloat16, True),
+    # bf16 at D = 64: the statistics' K extensions (backward.stats_ext_serves) allocated by the Replay, with padding rows
+    # and with the one-allocation workspace (S a multiple of the tile's rows). Added in session 30 after its device
+    # time was spent: first run in the next verify_device.sh.
+    (2, 777, 4, 4, 64, -1, 0, 0.0, False, torch.bfloat16, True),
+    (2, 1024, 4, 2, 64, -1, -1, 0.0, True, torch.bfloat16, True),
 ]
 
 
