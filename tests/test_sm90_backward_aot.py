@@ -123,11 +123,12 @@ LOOP_ALLOWANCE.update({"d128-chain": 8, "d128-chain-causal-gqa2": 10, "d96-chain
 # causal build reloads fewer values (11 -> 5); the windowed one 3 more (6 -> 9, its mask bounds; L1 hits), against
 # +2-8% measured on the D = 64 rows.
 LOOP_ALLOWANCE.update({"d64-window-gqa2": 9})
-# On the D = 128 keys-as-rows tile (its ones operand in shared memory): causal 11 -> 18, a window 10 -> 14, the
-# persistent chain 8 -> 16 reloads a step (L1 hits), against 3.5-3.8% fewer main-kernel cycles measured on the causal
-# rows (Nsight Compute, benchmarks/NOTES.md session 30).
-LOOP_ALLOWANCE.update({"d128-causal": 18, "d96-window": 14, "d128-chain": 16})
-TOTAL_ALLOWANCE.update({"d128-causal": 80, "d128-chain": 80})
+# On the D = 128 keys-as-rows tile (its ones operand in shared memory): the persistent chain 8 -> 16 reloads a step
+# (L1 hits), against 4.3% fewer main-kernel cycles measured at S = 16384 (Nsight Compute, benchmarks/NOTES.md session
+# 30). The causal and windowed builds stay at their earlier 10-11 once the step's query columns, which only the
+# statistics' loads use, are not made with the extensions.
+LOOP_ALLOWANCE.update({"d128-chain": 16})
+TOTAL_ALLOWANCE.update({"d128-chain": 80})
 
 # The three-consumer D = 64 tile (queries as rows, dQ by the ordered pass) shipped before keys_as_rows: the base of
 # the D = 64 probe variants below.
