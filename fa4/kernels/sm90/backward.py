@@ -1578,6 +1578,12 @@ def stats_ext_serves(tile, varlen, dtype):
                 and dtype == torch.bfloat16)
 
 
+def qk_scale2(softmax_scale, softcap):
+    """The kernels' base-2 logit scale: s2 = qk·scale·log2 e, or with softcap c the factor c·log2 e of
+    c·log2 e·tanh(qk·scale / c) (the kernel argument qk_scale)."""
+    return (softcap if softcap > 0 else softmax_scale) * LOG2E
+
+
 def stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap):
     """(lse2 extension, Delta extension, −1 / scale2) for the preprocess to fill when the call takes the
     statistics as K extensions (stats_ext_serves), else None: (B, Hq, Sq padded to the tile's rows, 16) each."""
@@ -1585,9 +1591,8 @@ def stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap):
         return None
     rows = triton.cdiv(seqlen_q, tile.block_m) * tile.block_m
     shape = (batch, q.shape[-2], rows, STATS_EXT_WIDTH)
-    qk_scale = (softcap if softcap > 0 else softmax_scale) * LOG2E
     return (torch.empty(shape, dtype=q.dtype, device=q.device), torch.empty(shape, dtype=q.dtype, device=q.device),
-            -1.0 / qk_scale)
+            -1.0 / qk_scale2(softmax_scale, softcap))
 
 
 STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit product
@@ -1699,8 +1704,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # Sᵀ acc = K·Qᵀ + ones·parts(−lse2 / scale2) and dPᵀ acc = V·dOᵀ + ones·parts(−Delta): the seeds the kernel
         # otherwise loads per column (backward_kt), carried by the contraction.
         if stats_ext is None:
-            qk_scale = (softcap if softcap > 0 else softmax_scale) * LOG2E
-            stats_ext = (stats_ext_parts(lse2 * (-1.0 / qk_scale), q.dtype), stats_ext_parts(-delta, q.dtype))
+            stats_ext = (stats_ext_parts(lse2 * (-1.0 / qk_scale2(softmax_scale, softcap)), q.dtype),
+                         stats_ext_parts(-delta, q.dtype))
         descs["lse2_desc"] = _stats_ext_descriptor(stats_ext[0], tile.block_m)
         descs["delta_desc"] = _stats_ext_descriptor(stats_ext[1], tile.block_m)
     else:
@@ -1718,7 +1723,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         stride_tb=stride_t[0], stride_th=stride_t[1], d=q.shape[-1], dv=v.shape[-1],
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, num_kv_heads=hkv, group=hq // hkv,
         # Base-2 logits: s2 = qk·scale·log2 e, or with softcap c: (c·log2 e)·tanh(qk·scale / c).
-        qk_scale=(softcap if soft else softmax_scale) * LOG2E,
+        qk_scale=qk_scale2(softmax_scale, softcap),
         cap_scale=softmax_scale / softcap if soft else 1.0,
         softmax_scale=softmax_scale, window_left=window_left, window_right=window_right)
     big = max(t.numel() for t in (q, k, v, dk, dv, dq_acc)) >= 2**31

@@ -124,7 +124,7 @@ def aligned_length(tokens, batch):
 
 
 @triton.jit
-def _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, lse2, delta, ext_rows, ext_scale, BLOCK_M: tl.constexpr):
+def _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, lse2, delta, ext_rows, ext_scale):
     """Rows `rows` (< ext_rows) of the (B·Hq, ext_rows, 16) K extensions of the sm90 keys-as-rows backward
     (backward.stats_ext_parts): [hi, mid, lo, 0 ...] of x = lse2 · ext_scale (= −lse2 / scale2) and of x = −Delta,
     in the extensions' 16-bit dtype, hi + mid + lo = x to fp32 precision; a non-finite x whole in hi."""
@@ -227,12 +227,12 @@ def _bwd_preprocess(
             tl.store(DSINK_PART + pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m, part)
         if STATS_EXT:
             _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, tl.where(row_ok, lse2, float("inf")),
-                             tl.where(row_ok, delta, 0.0), ext_rows, ext_scale, BLOCK_M)
+                             tl.where(row_ok, delta, 0.0), ext_rows, ext_scale)
     elif STATS_EXT:
         # A block of padding rows only (the grid covers ext_rows): P = 0 and dS = 0 there.
         rows = start_m + tl.arange(0, BLOCK_M)
         _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, tl.zeros([BLOCK_M], tl.float32) + float("inf"),
-                         tl.zeros([BLOCK_M], tl.float32), ext_rows, ext_scale, BLOCK_M)
+                         tl.zeros([BLOCK_M], tl.float32), ext_rows, ext_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
