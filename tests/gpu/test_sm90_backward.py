@@ -181,14 +181,17 @@ def test_seqused_k():
 
 
 @pytest.mark.parametrize("d,causal,persist", [(128, True, False), (128, True, True), (64, False, False),
-                                             (64, True, False)])
+                                             (64, False, True), (64, True, False)])
 def test_deterministic_bitwise_100x(monkeypatch, d, causal, persist):
     """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients (D = 128 causal: the
     shared-dQ tile's chain at 2048 rows, and with persist the persistent keys-as-rows grid's chain; D = 64 causal:
-    the keys-as-rows kernel's chain; D = 64 at 2048 rows without a window: the ordered pass)."""
+    the keys-as-rows kernel's chain; D = 64 at 2048 rows without a window: with persist the persistent grid's chain
+    (D64_PERSIST_DET, shipped), without it the ordered pass)."""
     bwd = _bwd()
-    if persist:
+    if persist and d == 128:
         monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN_MIN_ROWS", 0)
+    if d == 64 and not causal:
+        monkeypatch.setattr(bwd, "D64_PERSIST_DET", persist)
     torch.manual_seed(11)
     q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 2048, 8, 2, d, causal=causal, device=DEV)
     first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
@@ -545,7 +548,11 @@ VARIANTS = {"two-consumers": dict(_QROWS, num_wg=2, consumer_regs=240, separate_
             "keys-as-rows-dv-early": dict(dv_early=True),
             "keys-as-rows-no-lag-3-stages": dict(dq_lag=False, stages=3),
             # the writer warp issuing the unordered reduce-adds (tile.dq_writer, a probe since session 24)
-            "keys-as-rows-writer": dict(dq_writer=True)}
+            "keys-as-rows-writer": dict(dq_writer=True),
+            # on the persistent grid (what batched causal calls and short deterministic ones take since session 31,
+            # backward.D64_PERSIST_CAUSAL / D64_PERSIST_DET) and off it (packed calls, the non-causal default)
+            "keys-as-rows-persistent": dict(persistent=True),
+            "keys-as-rows-one-cta-a-tile": dict(persistent=False)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -109,10 +109,11 @@ def test_replay_through_autograd_and_switch(monkeypatch):
 
 
 # deterministic=True on the routes the Replay serves (the main kernel's ordered dQ chain: the shared-dQ D = 128 tile,
-# the keys-as-rows D = 64 tile with a right window, the persistent keys-as-rows grid at 2,048 causal D = 128 rows) and two it does not (a left window, and D = 64 without a window
-# at 1024 rows: the ordered pass). The replayed call must give the full path's gradients bit for bit, dQ included.
+# the keys-as-rows D = 64 tile with a right window, the persistent keys-as-rows grid at 2,048 causal D = 128 rows and
+# at 1,024 D = 64 rows without a window, backward.D64_PERSIST_DET) and one it does not (a left window: the ordered
+# pass). The replayed call must give the full path's gradients bit for bit, dQ included.
 DET_CASES = [(2, 1024, 8, 2, 128, -1, 0, True), (2, 1024, 8, 8, 64, -1, 0, True), (1, 1000, 4, 2, 64, 200, 0, False),
-             (2, 1024, 8, 8, 64, -1, -1, False), (1, 2048, 8, 2, 128, -1, 0, True),
+             (2, 1024, 8, 8, 64, -1, -1, True), (1, 2048, 8, 2, 128, -1, 0, True),
              (1, 2048, 16, 2, 128, -1, 0, True)]  # split over virtual kv heads: a SplitReplay
 
 

@@ -1443,6 +1443,9 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         return None
     if (d, dv) == (64, 64) and (softcap > 0 or softmax_scale == 0):
         tile = D64_NARROW_TILE
+    elif (d, dv) == (64, 64) and _d64_persistent_call(window_left, window_right, deterministic, varlen, sink,
+                                                      seqlen_q):
+        tile = replace(tile, persistent=True)
     elif ((d, dv) == (128, 128) and softmax_scale != 0 and softcap == 0 and not sink and KEYS_AS_ROWS_D128
           and (KEYS_AS_ROWS_D128_PACKED or not varlen)
           and (_persistent_chain_call(window_left, window_right, varlen, seqlen_q) if deterministic
@@ -1457,6 +1460,33 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
         # other tiles' sink calls take the ordered pass, which gives the same sum (dq_route).
         tile = replace(tile, sink_pdp=True)
     return tile
+
+
+# D = 64 calls on the persistent keys-as-rows grid (the (64, 64) tile with persistent=True). Off it, deterministic=True
+# without a window below KT_ASC_CHAIN_MIN_ROWS query rows took the ordered pass, whose cost grew as the default got
+# faster (+15.8% at S = 4096 on H100 card 1752624017822, over the 15% the issue allows). The persistent grid's
+# ascending chain (its predecessors handed out first; its first link stores, so nothing is zeroed) instead, H100
+# card 1753024033427, two runs (det_cost.py --flip KT_PERSISTENT, best of 3, deterministic over the default):
+# S = 1024 / 2048 / 4096 / 8192: ordered pass +3.4 / +6.6 / +10.4 (+18.0) / +1.4% (the ascending chain off the grid
+# at 8192), persistent chain -7.4 / -3.7 / +1.1 (+4.9) / -1.3%. At 16384 the ascending chain off the grid stays
+# (-3.3% against -0.2%), and causal calls keep their descending chain (S = 4096 +1.4 / +2.2%, 16384 +6.7 / +13.1%).
+D64_PERSIST_DET = True
+# ... and the default's causal calls (batched, no left window, no sink): bwd_flag_ab.py --flag KT_PERSISTENT
+# --rounds 5 (H100 card 1753024033427), best round off -> on: S = 2048 / 4096 / 8192 / 16384 1.021 / 1.020 / 1.033 /
+# 1.015x (medians 1.038 / 1.027 / 1.025 / 1.007x); non-causal 0.941 / 0.960 / 0.991 / 1.007x stays off.
+D64_PERSIST_CAUSAL = True
+
+
+def _d64_persistent_call(window_left, window_right, deterministic, varlen, sink, seqlen_q):
+    """Whether a D = 64 call on the keys-as-rows tile runs on the persistent grid (D64_PERSIST_DET,
+    D64_PERSIST_CAUSAL): batched, no left window, no sink; deterministic ones without a right window below
+    KT_ASC_CHAIN_MIN_ROWS query rows (seqlen_q None: not), default ones under a right window."""
+    if varlen or window_left >= 0 or sink:
+        return False
+    if deterministic:
+        return (D64_PERSIST_DET and KT_PERSIST_CHAIN and KT_PERSIST_CHAIN_FULL and window_right < 0
+                and seqlen_q is not None and seqlen_q < KT_ASC_CHAIN_MIN_ROWS)
+    return D64_PERSIST_CAUSAL and window_right >= 0
 
 
 def _persistent_chain_call(window_left, window_right, varlen, seqlen_q):
