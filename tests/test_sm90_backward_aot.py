@@ -568,6 +568,17 @@ def test_chain_by_default_rule(monkeypatch):
         assert not rule(**{**base, **change}), change
     monkeypatch.setattr(bwd, "CHAIN_BY_DEFAULT", False)
     assert not rule(**base)
+    # D = 64 (CHAIN_BY_DEFAULT_D64): calls without a window up to CHAIN_BY_DEFAULT_D64_MAX_ROWS query rows.
+    d64 = {**base, "d": 64, "dv": 64, "seqlen_q": bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS}
+    assert rule(**d64) and rule(**{**d64, "seqlen_q": 1, "d": 40, "dv": 24})
+    for change in (dict(seqlen_q=d64["seqlen_q"] + 1), dict(window_right=0, seqlen_q=1024), dict(window_left=100),
+                   dict(sink=True), dict(softcap=5.0), dict(varlen=True), dict(softmax_scale=0.0)):
+        assert not rule(**{**d64, **change}), change
+    monkeypatch.setattr(bwd, "D64_PERSIST_DET", False)  # no persistent grid for it: no chain by default
+    assert not rule(**d64)
+    monkeypatch.setattr(bwd, "D64_PERSIST_DET", True)
+    monkeypatch.setattr(bwd, "CHAIN_BY_DEFAULT_D64", False)
+    assert not rule(**d64)
 
 
 def test_gqa_split_rule(monkeypatch):
@@ -646,8 +657,10 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(bwd, "dq_route", stop)
-    for s, causal, want in ((4096, False, True), (1024, False, False), (4096, True, False), (2048, True, True)):
-        q = torch.randn(1, s, 2, 128).half()
+    for s, causal, want, d in ((4096, False, True, 128), (1024, False, False, 128), (4096, True, False, 128),
+                               (2048, True, True, 128), (1024, False, True, 64), (2048, False, False, 64),
+                               (1024, True, False, 64)):
+        q = torch.randn(1, s, 2, d).half()
         lse = torch.zeros(1, 2, s)
         with pytest.raises(RuntimeError, match="stop"):
             bwd.backward_checked(q, q, q, q, q, lse, None, softmax_scale=0.1, window_right=0 if causal else -1)

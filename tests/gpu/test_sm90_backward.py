@@ -594,6 +594,8 @@ CHAIN_DEFAULT_CASES = [
     (2, 2048, 2048, 8, 2, 128, 128, -1, 0, 0.0, False, True),      # GQA, causal, lse gradient
     (1, 4096, 4096, 4, 1, 96, 96, -1, -1, 0.0, False, False),      # MQA, D padded to 128
     (1, 2048, 2100, 4, 4, 128, 128, -1, 700, 0.0, False, False),   # a right window, Sq < Sk
+    (2, 1000, 1000, 8, 2, 64, 64, -1, -1, 0.0, False, True),       # D = 64 (CHAIN_BY_DEFAULT_D64), GQA, odd length
+    (1, 1024, 700, 4, 4, 40, 40, -1, -1, 0.0, False, False),       # D padded to 64, Sq > Sk
 ]
 
 

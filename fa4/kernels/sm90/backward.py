@@ -1930,14 +1930,29 @@ KT_ASC_CHAIN_MIN_ROWS = 8192
 # results are then also bitwise repeatable. False: the default's own tiles.
 CHAIN_BY_DEFAULT = True
 CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
+# The same at D = 64 (the persistent grid's chain of D64_PERSIST_DET) for calls without a window: deterministic over
+# the default, H100 cards 1753024033427 / 1752624024775 (det_cost.py, best of 3): S = 1024 -7.4 / -9.6%, 2048
+# -3.7 / -3.9%, 4096 +1.1 / -0.4% (level: not taken). Then on card 1653823054563 (bwd_flag_ab.py --flag
+# CHAIN_BY_DEFAULT_D64 --rounds 5, off -> on): S = 512 / 1024 / 2048 1.149 / 1.085 / 0.949x (medians 1.148 / 1.049 /
+# 0.948x), so up to 1024 rows. (With 4 query heads a kv head, det_cost.py --group 4 on that card: 1.10 / 1.11 /
+# 1.07x, so GQA calls of 2048 rows would gain too: not yet taken, one card.)
+CHAIN_BY_DEFAULT_D64 = True
+CHAIN_BY_DEFAULT_D64_MAX_ROWS = 1024
 
 
 def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale):
     """Whether a deterministic=False call takes deterministic=True's persistent chain (CHAIN_BY_DEFAULT): tile widths
     (128, 128), what _persistent_chain_call serves, no sink (its gradient would take the ordered pass), no softcap
     and a nonzero scale (the keys-as-rows tile's), and under a right window at most
-    CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows."""
-    return (CHAIN_BY_DEFAULT and (configs.tile_dim(d), configs.tile_dim(dv)) == (128, 128) and not sink
+    CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows; tile widths (64, 64) (CHAIN_BY_DEFAULT_D64): the same, without a
+    window, up to CHAIN_BY_DEFAULT_D64_MAX_ROWS query rows, where _d64_persistent_call puts deterministic calls on
+    the persistent grid."""
+    widths = (configs.tile_dim(d), configs.tile_dim(dv))
+    if widths == (64, 64):
+        return (CHAIN_BY_DEFAULT_D64 and not sink and softcap == 0 and softmax_scale != 0 and window_right < 0
+                and seqlen_q <= CHAIN_BY_DEFAULT_D64_MAX_ROWS
+                and _d64_persistent_call(window_left, window_right, True, varlen, sink, seqlen_q))
+    return (CHAIN_BY_DEFAULT and widths == (128, 128) and not sink
             and softcap == 0 and softmax_scale != 0 and KEYS_AS_ROWS_D128
             and _persistent_chain_call(window_left, window_right, varlen, seqlen_q)
             and (window_right < 0 or seqlen_q <= CHAIN_BY_DEFAULT_MAX_ROWS_MASKED))
