@@ -1601,6 +1601,16 @@ def test_stats_ext_parts_sum_to_the_value():
     err = ((total - x).abs() / x.abs().clamp_min(1e-30))[finite & (x != 0)]
     assert err.max().item() <= 2 ** -22, err.max().item()
     assert (parts[x == 0] == 0).all()
+    # The one extension tensor: lse2's parts in columns 0-2, Delta's from STATS_EXT_DELTA_COL, zeros elsewhere.
+    col = bwd.STATS_EXT_DELTA_COL
+    assert col >= 3 and col + 3 <= 16
+    shifted = bwd.stats_ext_parts(x, torch.bfloat16, col)
+    assert torch.equal(shifted[:, col:col + 3], parts[:, :3]) and (shifted[:, :col] == 0).all()
+    assert (shifted[:, col + 3:] == 0).all()
+    lse2, delta = torch.randn(50) * 20, torch.randn(50)
+    both = bwd.stats_ext_combined(lse2, delta, -0.5, torch.bfloat16)
+    assert torch.equal(both[:, :3], bwd.stats_ext_parts(lse2 * -0.5, torch.bfloat16)[:, :3])
+    assert torch.equal(both[:, col:col + 3], bwd.stats_ext_parts(-delta, torch.bfloat16)[:, :3])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
@@ -1621,20 +1631,21 @@ def test_preprocess_writes_the_stats_extensions(sq):
     tile = bwd.get_tile(64, 64)
     assert tile.stats_ext
     rows = -(-sq // tile.block_m) * tile.block_m
-    poisoned = [torch.full((b, hq, rows, 16), float("nan")).bfloat16() for _ in range(2)]
-    ext = (*poisoned, -1.0 / (scale * bwd.LOG2E))
+    # One tensor for both extensions, as stats_ext_buffers makes it.
+    poisoned = torch.full((b, hq, rows, 16), float("nan")).bfloat16()
+    ext = (poisoned, poisoned, -1.0 / (scale * bwd.LOG2E))
     delta, lse2, _ = bwd.preprocess(dout, out.bfloat16(), lse, None, None, None, b, sq, tile.block_m, ext=ext)
     want_delta, want_lse2, _ = bwd.preprocess(dout, out.bfloat16(), lse, None, None, None, b, sq, tile.block_m)
     assert torch.equal(delta, want_delta) and torch.equal(lse2, want_lse2)
-    for parts, x in ((ext[0], lse2 * ext[2]), (ext[1], -delta)):
+    col = bwd.STATS_EXT_DELTA_COL
+    assert (poisoned[..., col + 3:] == 0).all() and (poisoned[..., 3:col] == 0).all()
+    for first, x in ((0, lse2 * ext[2]), (col, -delta)):
         # The cast's rounding may differ from torch's (the interpreter's): the parts' sum is what the kernel uses.
-        assert (parts[..., 3:] == 0).all()
-        total = parts[..., :3].float().sum(-1)
+        total = poisoned[..., first:first + 3].float().sum(-1)
         finite = torch.isfinite(x)
         assert torch.equal(total[~finite], x[~finite])
         assert ((total - x).abs() <= 2 ** -21 * x.abs())[finite].all(), (total - x).abs().max()
-    assert (ext[0][:, :, sq:, 0] == -float("inf")).all() and (ext[0][:, :, sq:, 1:] == 0).all()
-    assert (ext[1][:, :, sq:] == 0).all()
+    assert (poisoned[:, :, sq:, 0] == -float("inf")).all() and (poisoned[:, :, sq:, 1:] == 0).all()
 
 
 def test_stats_ext_serves_only_batched_bf16_keys_as_rows(monkeypatch):

@@ -538,7 +538,8 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
         mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes + p.lse2_desc.block_type.nbytes
                         + p.delta_desc.block_type.nbytes)
         if p.STATS_EXT:
-            # (B, Hq, padded Sq, 16) 16-bit K extensions of the statistics (keys-as-rows, batched: stats_ext).
+            # The (B, Hq, padded Sq, 16) 16-bit K extension of the statistics (keys-as-rows, batched: stats_ext):
+            # lse2's parts in columns 0-2, Delta's box from column 8 (STATS_EXT_DELTA_COL) on.
             stats_coord = [b, h, row, 0]
         elif p.VARLEN:
             # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats (triton
@@ -547,6 +548,8 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
         else:
             stats_coord = [b, h, row]
         tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx), bufs.lse2.index(idx))
+        if p.STATS_EXT:
+            stats_coord = [b, h, row, 8]  # STATS_EXT_DELTA_COL: the box's columns 8-15 lie past the tensor (zeros)
         tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx), bufs.delta.index(idx))
     else:
         mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
@@ -1616,32 +1619,46 @@ def qk_scale2(softmax_scale, softcap):
 
 def stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap):
     """(lse2 extension, Delta extension, −1 / scale2) for the preprocess to fill when the call takes the
-    statistics as K extensions (stats_ext_serves), else None: (B, Hq, Sq padded to the tile's rows, 16) each."""
+    statistics as K extensions (stats_ext_serves), else None. The two extensions are one (B, Hq, Sq padded to the
+    tile's rows, 16) tensor (stats_ext_combined's layout), named twice: the loader reads Delta's box from column
+    STATS_EXT_DELTA_COL on."""
     if not stats_ext_serves(tile, varlen, q.dtype):
         return None
     rows = triton.cdiv(seqlen_q, tile.block_m) * tile.block_m
-    shape = (batch, q.shape[-2], rows, STATS_EXT_WIDTH)
-    return (torch.empty(shape, dtype=q.dtype, device=q.device), torch.empty(shape, dtype=q.dtype, device=q.device),
-            -1.0 / qk_scale2(softmax_scale, softcap))
+    ext = torch.empty((batch, q.shape[-2], rows, STATS_EXT_WIDTH), dtype=q.dtype, device=q.device)
+    return ext, ext, -1.0 / qk_scale2(softmax_scale, softcap)
 
 
 STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit product
+# Where Delta's parts start in the one extension tensor (lse2's take columns 0-2). The loader's Delta box starts at
+# this column, so the box holds [Delta's parts, zeros ...] (columns past 15 come zero-filled by TMA) and both
+# extension products use the same ones operand (ones in columns 0-2). A box's start in the innermost dimension must
+# be 16-byte aligned: column 3 faulted (illegal instruction, H100, session 31), so column 8. One tensor of 32 bytes a query row instead of
+# two halves the extensions' memory (session 31: the D = 64 suite rows' backward took 160 MiB beyond its inputs and
+# outputs with two, against cuDNN's 130).
+STATS_EXT_DELTA_COL = 8
 
 
-def stats_ext_parts(x, dtype):
-    """x (fp32, any shape) as (..., 16) `dtype` columns [hi, mid, lo, 0, ...] with hi + mid + lo = x to fp32
-    precision (three 8-bit mantissas: 24 bits), so that ones · parts = x inside a 16-bit wgmma's fp32
-    accumulation. A non-finite x is carried whole by hi (mid = lo = 0)."""
+def stats_ext_parts(x, dtype, col=0):
+    """x (fp32, any shape) as (..., 16) `dtype` columns, [hi, mid, lo] in columns col to col + 2 and zeros elsewhere,
+    with hi + mid + lo = x to fp32 precision (three 8-bit mantissas: 24 bits), so that ones · parts = x inside a
+    16-bit wgmma's fp32 accumulation. A non-finite x is carried whole by hi (mid = lo = 0)."""
     finite = torch.isfinite(x)
     hi = x.to(dtype)
     rest = torch.where(finite, x - hi.float(), 0.0)
     mid = rest.to(dtype)
     lo = (rest - mid.float()).to(dtype)
     parts = torch.zeros(*x.shape, STATS_EXT_WIDTH, dtype=dtype, device=x.device)
-    parts[..., 0] = hi
-    parts[..., 1] = mid
-    parts[..., 2] = lo
+    parts[..., col] = hi
+    parts[..., col + 1] = mid
+    parts[..., col + 2] = lo
     return parts
+
+
+def stats_ext_combined(lse2, delta, ext_scale, dtype):
+    """The one K extension tensor the preprocess writes (torch form, for ahead-of-time compiles and tests): the parts
+    of lse2 · ext_scale (= −lse2 / scale2) in columns 0-2 and of −Delta from STATS_EXT_DELTA_COL."""
+    return stats_ext_parts(lse2 * ext_scale, dtype) + stats_ext_parts(-delta, dtype, STATS_EXT_DELTA_COL)
 
 
 def _stats_ext_descriptor(t, rows):
@@ -1734,8 +1751,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # Sᵀ acc = K·Qᵀ + ones·parts(−lse2 / scale2) and dPᵀ acc = V·dOᵀ + ones·parts(−Delta): the seeds the kernel
         # otherwise loads per column (backward_kt), carried by the contraction.
         if stats_ext is None:
-            stats_ext = (stats_ext_parts(lse2 * (-1.0 / qk_scale2(softmax_scale, softcap)), q.dtype),
-                         stats_ext_parts(-delta, q.dtype))
+            combined = stats_ext_combined(lse2, delta, -1.0 / qk_scale2(softmax_scale, softcap), q.dtype)
+            stats_ext = (combined, combined)
         descs["lse2_desc"] = _stats_ext_descriptor(stats_ext[0], tile.block_m)
         descs["delta_desc"] = _stats_ext_descriptor(stats_ext[1], tile.block_m)
     else:
@@ -2427,11 +2444,12 @@ def stats_buffers(lse, batch, hq, seqlen_q, pad_to):
 
 def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, delta, lse2, aligned=None, zero=None,
                    ext=None):
-    """(head, tail, constexprs, grid) of the preprocess kernel: head its 15 tensor arguments (unused slots hold
+    """(head, tail, constexprs, grid) of the preprocess kernel: head its 14 tensor arguments (unused slots hold
     lse or delta; head[7] is the sink partials' buffer, allocated here when there is a sink), tail its ints.
     zero (batched): (fp32 dQ accumulator, the persistent grid's int32 tile counter or None) for the kernel to zero.
-    ext (batched): (lse2 extension, Delta extension, −1 / scale2), the (B, Hq, padded Sq, 16) 16-bit K extensions
-    of the keys-as-rows kernel (stats_ext_serves), written by the same kernel over every padded row."""
+    ext (batched): (lse2 extension, Delta extension, −1 / scale2) as stats_ext_buffers makes it (one tensor named
+    twice), the (B, Hq, padded Sq, 16) 16-bit K extension of the keys-as-rows kernel (stats_ext_serves), written by
+    the same kernel over every padded row."""
     from ..triton import backward as tb
     varlen = cu_seqlens_q is not None
     device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
@@ -2446,7 +2464,7 @@ def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, de
     head = (out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
             delta, lse2, dsink_part, cu_seqlens_q if varlen else lse, delta_al, lse2_al,
             dq_acc if dq_acc is not None else delta, counter if counter is not None else delta,
-            ext[0] if ext is not None else lse2, ext[1] if ext is not None else delta)
+            ext[0] if ext is not None else lse2)
     dq_width = dq_acc.shape[-1] if dq_acc is not None else 0
     tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
             *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),

@@ -102,17 +102,18 @@ class Replay:
             stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device) for _ in range(2))
         ext = None
         if self.stats_ext_shape is not None:  # filled by the preprocess (its STATS_EXT slots)
-            ext = tuple(torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device) for _ in range(2))
+            one = torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device)  # both extensions (stats_ext_buffers)
+            ext = (one, one)
         # Batched calls have the preprocess zero the accumulator and the counter (its ZERO_DQ slots; packed: unused).
         zero_acc = dp if self.varlen else dq_acc.data_ptr()
         zero_ctr = cp if self.persistent and not self.varlen else dp
-        # The preprocess's 15 tensor slots in prep_arguments' order (no sink: unused slots hold lse / delta).
+        # The preprocess's 14 tensor slots in prep_arguments' order (no sink: unused slots hold lse / delta).
         lp = lse.data_ptr()
         self.prep.fast([out.data_ptr(), dout.data_ptr(), lp, dlse.data_ptr() if dlse is not None else lp, lp,
                         dp, l2p, dp, cu_q.data_ptr() if self.varlen else lp,
                         stats_al[1].data_ptr() if stats_al is not None else dp,
                         stats_al[0].data_ptr() if stats_al is not None else l2p, zero_acc, zero_ctr,
-                        ext[0].data_ptr() if ext is not None else l2p, ext[1].data_ptr() if ext is not None else dp],
+                        ext[0].data_ptr() if ext is not None else l2p],
                        raw_stream(index))
         dummy = bwd._dummy_i32(device)
         ctr = cp if self.persistent else dummy

@@ -124,34 +124,37 @@ def aligned_length(tokens, batch):
 
 
 @triton.jit
-def _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, lse2, delta, ext_rows, ext_scale):
-    """Rows `rows` (< ext_rows) of the (B·Hq, ext_rows, 16) K extensions of the sm90 keys-as-rows backward
-    (backward.stats_ext_parts): [hi, mid, lo, 0 ...] of x = lse2 · ext_scale (= −lse2 / scale2) and of x = −Delta,
-    in the extensions' 16-bit dtype, hi + mid + lo = x to fp32 precision; a non-finite x whole in hi."""
-    cols = tl.arange(0, 16)
-    off = (pid_bh.to(tl.int64) * ext_rows + rows)[:, None] * 16 + cols[None, :]
-    mask = (rows < ext_rows)[:, None] & (cols[None, :] < 16)
-    for which in tl.static_range(2):
-        if which == 0:
-            x = lse2 * ext_scale
-            ptr = LSE2_EXT
-        else:
-            x = -delta
-            ptr = DELTA_EXT
-        hi = x.to(ptr.dtype.element_ty)
-        rest = tl.where(tl.abs(x) == float("inf"), 0.0, x - hi.to(tl.float32))  # ±inf: all in hi
-        mid = rest.to(ptr.dtype.element_ty)
-        lo = (rest - mid.to(tl.float32)).to(ptr.dtype.element_ty)
-        part = tl.where(cols[None, :] == 0, hi.to(tl.float32)[:, None],
-                        tl.where(cols[None, :] == 1, mid.to(tl.float32)[:, None],
-                                 tl.where(cols[None, :] == 2, lo.to(tl.float32)[:, None], 0.0)))
-        tl.store(ptr + off, part.to(ptr.dtype.element_ty), mask=mask)
+def _ext_parts(x, dtype):
+    """[hi, mid, lo] of x in `dtype` (as fp32 values): hi + mid + lo = x to fp32 precision; a non-finite x whole in
+    hi (backward.stats_ext_parts)."""
+    hi = x.to(dtype)
+    rest = tl.where(tl.abs(x) == float("inf"), 0.0, x - hi.to(tl.float32))  # ±inf: all in hi
+    mid = rest.to(dtype)
+    lo = (rest - mid.to(tl.float32)).to(dtype)
+    return hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
+
+
+@triton.jit
+def _store_stats_ext(EXT, pid_bh, rows, lse2, delta, ext_rows, ext_scale):
+    """Rows `rows` (< ext_rows) of the (B·Hq, ext_rows, 16) K extension of the sm90 keys-as-rows backward
+    (backward.stats_ext_parts): the [hi, mid, lo] parts of x = lse2 · ext_scale (= −lse2 / scale2) in columns 0-2,
+    those of x = −Delta in columns 8-10 (backward.STATS_EXT_DELTA_COL), zeros elsewhere, in the extension's 16-bit
+    dtype."""
+    cols = tl.arange(0, 16)[None, :]
+    off = (pid_bh.to(tl.int64) * ext_rows + rows)[:, None] * 16 + cols
+    mask = (rows < ext_rows)[:, None] & (cols < 16)
+    l_hi, l_mid, l_lo = _ext_parts(lse2 * ext_scale, EXT.dtype.element_ty)
+    d_hi, d_mid, d_lo = _ext_parts(-delta, EXT.dtype.element_ty)
+    part = tl.where(cols == 0, l_hi[:, None], tl.where(cols == 1, l_mid[:, None], tl.where(
+        cols == 2, l_lo[:, None], tl.where(cols == 8, d_hi[:, None], tl.where(
+            cols == 9, d_mid[:, None], tl.where(cols == 10, d_lo[:, None], 0.0))))))
+    tl.store(EXT + off, part.to(EXT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd_preprocess(
         O, DO, LSE, DLSE, SINK, DELTA, LSE2, DSINK_PART, CU_Q, DELTA_AL, LSE2_AL, DQ_ACC, COUNTER,
-        LSE2_EXT, DELTA_EXT,
+        STATS_EXT_BUF,
         stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
         stride_lb, stride_lh, stride_ls, stride_dlb, stride_dlh, stride_dls, stride_tb, stride_th,
         stride_al, seqlen_q, n_heads, head_dim_v, head_dim_q, ext_rows, ext_scale,
@@ -168,7 +171,7 @@ def _bwd_preprocess(
     contiguous, and with ZERO_COUNTER program (0, 0) the 4 int32 of COUNTER (the persistent grid's tile counter):
     the main kernel's reduce-adds need both zeroed, and a fill kernel of their own cost a launch (host time) and a
     pass over memory of its own.
-    STATS_EXT (batched): also the statistics' 16-bit K extensions LSE2_EXT, DELTA_EXT (B·Hq, ext_rows, 16) for the
+    STATS_EXT (batched): also the statistics' 16-bit K extension STATS_EXT_BUF (B·Hq, ext_rows, 16) for the
     sm90 keys-as-rows kernel (backward.stats_ext_serves), padding rows up to ext_rows included (lse2 = +inf,
     Delta = 0): the grid then covers ext_rows."""
     # (batch, head) on axis 0: it may exceed the 65535 programs that axes 1 and 2 allow (many short sequences).
@@ -226,12 +229,12 @@ def _bwd_preprocess(
             part = tl.sum(tl.where(row_ok, w, 0.0), axis=0)
             tl.store(DSINK_PART + pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m, part)
         if STATS_EXT:
-            _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, tl.where(row_ok, lse2, float("inf")),
+            _store_stats_ext(STATS_EXT_BUF, pid_bh, rows, tl.where(row_ok, lse2, float("inf")),
                              tl.where(row_ok, delta, 0.0), ext_rows, ext_scale)
     elif STATS_EXT:
         # A block of padding rows only (the grid covers ext_rows): P = 0 and dS = 0 there.
         rows = start_m + tl.arange(0, BLOCK_M)
-        _store_stats_ext(LSE2_EXT, DELTA_EXT, pid_bh, rows, tl.zeros([BLOCK_M], tl.float32) + float("inf"),
+        _store_stats_ext(STATS_EXT_BUF, pid_bh, rows, tl.zeros([BLOCK_M], tl.float32) + float("inf"),
                          tl.zeros([BLOCK_M], tl.float32), ext_rows, ext_scale)
 
 
@@ -820,7 +823,7 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     launches.append(Launch(
         _bwd_preprocess, (batch * n_heads, n_prep),
         [out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-         delta, lse2, dsink_part, cu_q, delta, lse2, delta, delta, lse2, delta, *_bsh_strides(out, varlen_q), *do_s,
+         delta, lse2, dsink_part, cu_q, delta, lse2, delta, delta, lse2, *_bsh_strides(out, varlen_q), *do_s,
          *_lse_strides(lse, varlen_q), *(_lse_strides(dlse, varlen_q) if dlse is not None else (0, 0, 0)), *t_s, 0,
          seqlen_q, n_heads, head_dim_v, 0, 0, 1.0],
         dict(VARLEN_Q=varlen_q, HAS_DLSE=dlse is not None, HAS_SINK=sink_in_prep, BLOCK_M=prep_m,
