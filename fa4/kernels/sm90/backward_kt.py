@@ -36,8 +36,10 @@ so neither is live at the register peak (see the loop).
 The statistics as a K extension (STATS_EXT, tile.stats_ext: batched bf16 calls, the default on both tiles). Loading
 those seeds cost each warp 64 shared-memory wavefronts a step (one per value a lane needs: no layout of the
 accumulator lets lanes share them), ~17% of the D = 64 step's. Instead the preprocess writes, per query row, the
-[hi, mid, lo] bf16 parts of −lse2 / scale2 and of −Delta (backward.stats_ext_parts: they sum to the fp32 value) as
-16 extra contraction columns; the loader brings them in by TMA where the fp32 statistics went, and
+[hi, mid, lo] bf16 parts of −lse2 / scale2 and of −Delta (backward.stats_ext_parts: they sum to the fp32 value) in
+one 16-column row (lse2's in columns 0-2, Delta's in 8-10: backward.STATS_EXT_DELTA_COL); the loader brings in two
+16-column boxes of it by TMA where the fp32 statistics went, lse2's from column 0 and Delta's from column 8 (its
+last 8 columns lie past the tensor and arrive as zeros), so each box has its parts in columns 0-2, and
 
     Sᵀ acc = ones·parts(−lse2 / scale2)ᵀ + K·Qᵀ,    dPᵀ acc = ones·parts(−Delta)ᵀ + V·dOᵀ
 
