@@ -571,6 +571,9 @@ def test_chain_by_default_rule(monkeypatch):
     # D = 64 (CHAIN_BY_DEFAULT_D64): calls without a window up to CHAIN_BY_DEFAULT_D64_MAX_ROWS query rows.
     d64 = {**base, "d": 64, "dv": 64, "seqlen_q": bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS}
     assert rule(**d64) and rule(**{**d64, "seqlen_q": 1, "d": 40, "dv": 24})
+    gqa_rows = bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA
+    assert rule(**{**d64, "seqlen_q": gqa_rows, "group": 4}) and not rule(**{**d64, "seqlen_q": gqa_rows + 1, "group": 2})
+    assert gqa_rows == d64["seqlen_q"] or not rule(**{**d64, "seqlen_q": gqa_rows})  # GQA only
     for change in (dict(seqlen_q=d64["seqlen_q"] + 1), dict(window_right=0, seqlen_q=1024), dict(window_left=100),
                    dict(sink=True), dict(softcap=5.0), dict(varlen=True), dict(softmax_scale=0.0)):
         assert not rule(**{**d64, **change}), change
@@ -657,15 +660,19 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(bwd, "dq_route", stop)
-    for s, causal, want, d in ((4096, False, True, 128), (1024, False, False, 128), (4096, True, False, 128),
-                               (2048, True, True, 128), (1024, False, True, 64), (2048, False, False, 64),
-                               (1024, True, False, 64)):
-        q = torch.randn(1, s, 2, d).half()
-        lse = torch.zeros(1, 2, s)
+    # (rows, causal, chain expected, head dim, query heads a kv head)
+    for s, causal, want, d, group in ((4096, False, True, 128, 1), (1024, False, False, 128, 1),
+                                      (4096, True, False, 128, 1), (2048, True, True, 128, 1),
+                                      (1024, False, True, 64, 1), (2048, False, False, 64, 1),
+                                      (2048, False, True, 64, 2), (4096, False, False, 64, 4),
+                                      (1024, True, False, 64, 1)):
+        q = torch.randn(1, s, 2 * group, d).half()
+        kv = torch.randn(1, s, 2, d).half()
+        lse = torch.zeros(1, 2 * group, s)
         with pytest.raises(RuntimeError, match="stop"):
-            bwd.backward_checked(q, q, q, q, q, lse, None, softmax_scale=0.1, window_right=0 if causal else -1)
+            bwd.backward_checked(q, q, kv, kv, q, lse, None, softmax_scale=0.1, window_right=0 if causal else -1)
         tile, det = seen[-1]
-        assert det == want and (not want or bwd.persistent_tiles(tile)), (s, causal)
+        assert det == want and (not want or bwd.persistent_tiles(tile)), (s, causal, d, group)
 
 
 @pytest.mark.parametrize("wr", [0, 0, 200, 5000])

@@ -596,6 +596,7 @@ CHAIN_DEFAULT_CASES = [
     (1, 2048, 2100, 4, 4, 128, 128, -1, 700, 0.0, False, False),   # a right window, Sq < Sk
     (2, 1000, 1000, 8, 2, 64, 64, -1, -1, 0.0, False, True),       # D = 64 (CHAIN_BY_DEFAULT_D64), GQA, odd length
     (1, 1024, 700, 4, 4, 40, 40, -1, -1, 0.0, False, False),       # D padded to 64, Sq > Sk
+    (1, 2048, 2048, 8, 2, 64, 64, -1, -1, 0.0, False, False),      # D = 64 GQA up to 2048 rows
 ]
 
 
@@ -606,7 +607,8 @@ def test_chain_by_default(monkeypatch, case):
     bwd = _bwd()
     q, k, v, kw = backward_case_inputs(case, torch.bfloat16, DEV)
     assert bwd.chain_by_default(q.shape[-1], v.shape[-1], kw["left"], kw["right"], kw["softcap"],
-                                kw["sink"] is not None, False, q.shape[1], q.shape[-1] ** -0.5)
+                                kw["sink"] is not None, False, q.shape[1], q.shape[-1] ** -0.5,
+                                q.shape[-2] // k.shape[-2])
     made = []
     real = bwd.dq_chain_counters
     monkeypatch.setattr(bwd, "dq_chain_counters", lambda *a: made.append(a) or real(*a))

@@ -1951,23 +1951,26 @@ CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
 # the default, H100 cards 1753024033427 / 1752624024775 (det_cost.py, best of 3): S = 1024 -7.4 / -9.6%, 2048
 # -3.7 / -3.9%, 4096 +1.1 / -0.4% (level: not taken). Then on card 1653823054563 (bwd_flag_ab.py --flag
 # CHAIN_BY_DEFAULT_D64 --rounds 5, off -> on): S = 512 / 1024 / 2048 1.149 / 1.085 / 0.949x (medians 1.148 / 1.049 /
-# 0.948x), so up to 1024 rows. (With 4 query heads a kv head, det_cost.py --group 4 on that card: 1.10 / 1.11 /
-# 1.07x, so GQA calls of 2048 rows would gain too: not yet taken, one card.)
+# 0.948x), so up to 1024 rows without GQA. With 4 query heads a kv head (det_cost.py --group 4, chain over the
+# default's own tile) S = 512 / 1024 / 2048 1.10 / 1.11 / 1.07x on that card; on card 1652724068364 (raw
+# ...-s31-chain-by-default-d64-gqa.log) S = 1024 / 2048 / 4096: MHA 1.12 / 1.04 / 1.02x, 4 a kv head 1.07 / 1.06 /
+# 0.99x, 8 a kv head 1.05 / 1.05 / 1.00x. So GQA calls up to 2048 rows.
 CHAIN_BY_DEFAULT_D64 = True
 CHAIN_BY_DEFAULT_D64_MAX_ROWS = 1024
+CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA = 2048
 
 
-def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale):
+def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, seqlen_q, softmax_scale, group=1):
     """Whether a deterministic=False call takes deterministic=True's persistent chain (CHAIN_BY_DEFAULT): tile widths
     (128, 128), what _persistent_chain_call serves, no sink (its gradient would take the ordered pass), no softcap
     and a nonzero scale (the keys-as-rows tile's), and under a right window at most
     CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows; tile widths (64, 64) (CHAIN_BY_DEFAULT_D64): the same, without a
-    window, up to CHAIN_BY_DEFAULT_D64_MAX_ROWS query rows, where _d64_persistent_call puts deterministic calls on
-    the persistent grid."""
+    window, up to CHAIN_BY_DEFAULT_D64_MAX_ROWS query rows (with group >= 2 query heads a kv head, GQA, up to
+    CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA), where _d64_persistent_call puts deterministic calls on the persistent grid."""
     widths = (configs.tile_dim(d), configs.tile_dim(dv))
     if widths == (64, 64):
         return (CHAIN_BY_DEFAULT_D64 and not sink and softcap == 0 and softmax_scale != 0 and window_right < 0
-                and seqlen_q <= CHAIN_BY_DEFAULT_D64_MAX_ROWS
+                and seqlen_q <= (CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA if group > 1 else CHAIN_BY_DEFAULT_D64_MAX_ROWS)
                 and _d64_persistent_call(window_left, window_right, True, varlen, sink, seqlen_q))
     return (CHAIN_BY_DEFAULT and widths == (128, 128) and not sink
             and softcap == 0 and softmax_scale != 0 and KEYS_AS_ROWS_D128
@@ -2176,7 +2179,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # The calls whose fastest route is deterministic=True's chain take it (chain_by_default); `deterministic` itself
     # stays the caller's (the Replay's key).
     ordered = deterministic or (tile is None and chain_by_default(d, dvh, window_left, window_right, softcap,
-                                                                  sink is not None, varlen, seqlen_q, softmax_scale))
+                                                                  sink is not None, varlen, seqlen_q, softmax_scale,
+                                                                  q.shape[-2] // k.shape[-2]))
     tile = tile or default_tile(configs.tile_dim(d), configs.tile_dim(dvh), window_left, softcap,
                                 window_right=window_right, deterministic=ordered, varlen=varlen,
                                 sink=sink is not None, softmax_scale=softmax_scale, seqlen_q=seqlen_q)
