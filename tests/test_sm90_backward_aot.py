@@ -210,7 +210,8 @@ CASES = [
     # probe on the one-CTA-a-tile grid).
     ("d64-chain-causal", dict(d=64, dv=64, causal=True, dq_chain=True)),
     ("d64-chain", dict(d=64, dv=64, dq_chain=True)),
-    # deterministic=True without a window below KT_ASC_CHAIN_MIN_ROWS rows: the persistent grid's chain (D64_PERSIST_DET)
+    # deterministic=True without a window below KT_ASC_CHAIN_MIN_ROWS rows: the persistent grid's chain
+    # (D64_PERSIST_DET)
     ("d64-chain-persistent", dict(d=64, dv=64, dq_chain=True, tile=dict(persistent=True))),
     ("d64-chain-varlen-causal-gqa2", dict(d=64, dv=64, varlen=True, causal=True, gqa=2, dq_chain=True)),
     ("d40-chain-right-window", dict(d=40, dv=40, window=(-1, 200), dq_chain=True)),
@@ -572,7 +573,8 @@ def test_chain_by_default_rule(monkeypatch):
     d64 = {**base, "d": 64, "dv": 64, "seqlen_q": bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS}
     assert rule(**d64) and rule(**{**d64, "seqlen_q": 1, "d": 40, "dv": 24})
     gqa_rows = bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA
-    assert rule(**{**d64, "seqlen_q": gqa_rows, "group": 4}) and not rule(**{**d64, "seqlen_q": gqa_rows + 1, "group": 2})
+    assert rule(**{**d64, "seqlen_q": gqa_rows, "group": 4})
+    assert not rule(**{**d64, "seqlen_q": gqa_rows + 1, "group": 2})
     assert gqa_rows == d64["seqlen_q"] or not rule(**{**d64, "seqlen_q": gqa_rows})  # GQA only
     for change in (dict(seqlen_q=d64["seqlen_q"] + 1), dict(window_right=0, seqlen_q=1024), dict(window_left=100),
                    dict(sink=True), dict(softcap=5.0), dict(varlen=True), dict(softmax_scale=0.0)):
@@ -1833,7 +1835,8 @@ def test_default_tile_routing(monkeypatch):
     short = bwd.KT_ASC_CHAIN_MIN_ROWS - 1
     det64 = bwd.default_tile(64, 64, deterministic=True, seqlen_q=short)
     assert bwd.persistent_tiles(det64) and bwd.dq_chain_serves(det64, -1, None, -1, short)
-    for kw in (dict(window_right=0, varlen=True), dict(window_right=0, window_left=100), dict(window_right=0, sink=True),
+    for kw in (dict(window_right=0, varlen=True), dict(window_right=0, window_left=100),
+               dict(window_right=0, sink=True),
                dict(window_right=0, deterministic=True, seqlen_q=short), dict(deterministic=True),
                dict(deterministic=True, seqlen_q=short + 1), dict(deterministic=True, seqlen_q=short, varlen=True),
                dict(deterministic=True, seqlen_q=short, window_left=100)):

@@ -1476,7 +1476,9 @@ def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, determi
 D64_PERSIST_DET = True
 # ... and the default's causal calls (batched, no left window, no sink): bwd_flag_ab.py --flag KT_PERSISTENT
 # --rounds 5 (H100 card 1753024033427), best round off -> on: S = 2048 / 4096 / 8192 / 16384 1.021 / 1.020 / 1.033 /
-# 1.015x (medians 1.038 / 1.027 / 1.025 / 1.007x); non-causal 0.941 / 0.960 / 0.991 / 1.007x stays off.
+# 1.015x (medians 1.038 / 1.027 / 1.025 / 1.007x); non-causal 0.941 / 0.960 / 0.991 / 1.007x stays off. Card
+# 1752624024775 (bwd_flag_ab.py --flag D64_PERSIST_CAUSAL --causal-only --rounds 5): 1.018 / 1.005 / 0.990 / 1.015x
+# (medians 1.031 / 1.031 / 1.019 / 1.017x).
 D64_PERSIST_CAUSAL = True
 
 
@@ -1633,9 +1635,9 @@ STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit pr
 # Where Delta's parts start in the one extension tensor (lse2's take columns 0-2). The loader's Delta box starts at
 # this column, so the box holds [Delta's parts, zeros ...] (columns past 15 come zero-filled by TMA) and both
 # extension products use the same ones operand (ones in columns 0-2). A box's start in the innermost dimension must
-# be 16-byte aligned: column 3 faulted (illegal instruction, H100, session 31), so column 8. One tensor of 32 bytes a query row instead of
-# two halves the extensions' memory (session 31: the D = 64 suite rows' backward took 160 MiB beyond its inputs and
-# outputs with two, against cuDNN's 130).
+# be 16-byte aligned (benchmarks/tma_inner_offset_probe.py): column 3 faulted (illegal instruction, H100, session
+# 31), so column 8. One tensor of 32 bytes a query row instead of two halves the extensions' memory: the D = 64 suite
+# rows' backward took 160 MiB beyond its inputs and outputs with two, 144 with one (cuDNN: 130).
 STATS_EXT_DELTA_COL = 8
 
 

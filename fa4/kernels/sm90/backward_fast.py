@@ -33,8 +33,12 @@ def _switches():
     env = os.environ
     return (env.get("FA4_SM90"), env.get("FA4_SM90_BWD"), env.get("FA4_KT_PERSISTENT"), env.get("FA4_BWD_CHUNK_VARLEN"),
             bwd.KT_PERSISTENT, bwd.CTA_CHUNK, bwd.CTA_CHUNK_BYTES, bwd.DQ_CHAIN, bwd.KT_DQ_CHAIN,
-            bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.DQ_RELEASE_LAG, bwd.DQ_STORE_FIRST, bwd.DQ_SPREAD, bwd.KT_PERSIST_CHAIN, bwd.KT_PERSIST_CHAIN_MIN_ROWS, bwd.KT_PERSIST_CHAIN_FULL, bwd.D64_PERSIST_DET, bwd.D64_PERSIST_CAUSAL, bwd.CHAIN_BY_DEFAULT, bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED, bwd.CHAIN_BY_DEFAULT_D64, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA, bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, tuple(bwd.GQA_SPLIT_HEADS.items()), bwd.STATS_TMA, bwd.KEYS_AS_ROWS_D128,
-            bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT,
+            bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.DQ_RELEASE_LAG, bwd.DQ_STORE_FIRST, bwd.DQ_SPREAD,
+            bwd.KT_PERSIST_CHAIN, bwd.KT_PERSIST_CHAIN_MIN_ROWS, bwd.KT_PERSIST_CHAIN_FULL, bwd.D64_PERSIST_DET,
+            bwd.D64_PERSIST_CAUSAL, bwd.CHAIN_BY_DEFAULT, bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED,
+            bwd.CHAIN_BY_DEFAULT_D64, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA,
+            bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, tuple(bwd.GQA_SPLIT_HEADS.items()), bwd.STATS_TMA,
+            bwd.KEYS_AS_ROWS_D128, bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT,
             id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
             id(bwd.backward_checked), id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
 
@@ -102,7 +106,7 @@ class Replay:
             stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device) for _ in range(2))
         ext = None
         if self.stats_ext_shape is not None:  # filled by the preprocess (its STATS_EXT slots)
-            one = torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device)  # both extensions (stats_ext_buffers)
+            one = torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device)  # both (stats_ext_buffers)
             ext = (one, one)
         # Batched calls have the preprocess zero the accumulator and the counter (its ZERO_DQ slots; packed: unused).
         zero_acc = dp if self.varlen else dq_acc.data_ptr()
