@@ -564,6 +564,9 @@ def test_chain_by_default_rule(monkeypatch):
     assert rule(**base)
     assert rule(**{**base, "seqlen_q": 16384}) and rule(**{**base, "d": 96, "dv": 100})
     assert rule(**{**base, "window_right": 0, "seqlen_q": 2048}) and not rule(**{**base, "window_right": 0})
+    masked_rows = bwd.KT_PERSIST_CHAIN_MIN_ROWS_MASKED
+    assert rule(**{**base, "window_right": 0, "seqlen_q": masked_rows})
+    assert not rule(**{**base, "window_right": 0, "seqlen_q": masked_rows - 1})
     for change in (dict(seqlen_q=2047), dict(window_left=100, window_right=0), dict(sink=True), dict(softcap=5.0),
                    dict(varlen=True), dict(softmax_scale=0.0), dict(d=64, dv=64), dict(d=256, dv=256)):
         assert not rule(**{**base, **change}), change
@@ -664,6 +667,7 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
     monkeypatch.setattr(bwd, "dq_route", stop)
     # (rows, causal, chain expected, head dim, query heads a kv head)
     for s, causal, want, d, group in ((4096, False, True, 128, 1), (1024, False, False, 128, 1),
+                                      (1024, True, True, 128, 1), (512, True, True, 128, 1), (256, True, False, 128, 1),
                                       (4096, True, False, 128, 1), (2048, True, True, 128, 1),
                                       (1024, False, True, 64, 1), (2048, False, False, 64, 1),
                                       (2048, False, True, 64, 2), (4096, False, False, 64, 4),
@@ -1854,9 +1858,11 @@ def test_default_tile_routing(monkeypatch):
     # persistent grid's ascending chain (KT_PERSIST_CHAIN), else the shared-dQ tile's descending one.
     det = bwd.default_tile(128, 128, window_right=0, deterministic=True)
     assert det is bwd.D128_CAUSAL_TILE and bwd.dq_chain_serves(det, -1, None, 0)
-    long_rows = bwd.KT_PERSIST_CHAIN_MIN_ROWS
+    long_rows = bwd.KT_PERSIST_CHAIN_MIN_ROWS_MASKED  # under a right window
     assert bwd.default_tile(128, 128, window_right=0, deterministic=True, seqlen_q=long_rows) is det
     assert bwd.default_tile(128, 128, window_right=0, deterministic=True, seqlen_q=long_rows - 1) == shared
+    assert bwd.default_tile(128, 128, deterministic=True, seqlen_q=bwd.KT_PERSIST_CHAIN_MIN_ROWS) is det
+    assert bwd.default_tile(128, 128, deterministic=True, seqlen_q=bwd.KT_PERSIST_CHAIN_MIN_ROWS - 1) == shared
     # ... and without a window (KT_PERSIST_CHAIN_FULL); a left window keeps the shared-dQ tile.
     assert bwd.default_tile(128, 128, deterministic=True) is det and bwd.dq_chain_serves(det, -1, None, -1)
     assert bwd.default_tile(128, 128, 100, deterministic=True) == shared

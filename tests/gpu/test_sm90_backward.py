@@ -184,12 +184,12 @@ def test_seqused_k():
                                              (64, False, True), (64, True, False)])
 def test_deterministic_bitwise_100x(monkeypatch, d, causal, persist):
     """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients (D = 128 causal: the
-    shared-dQ tile's chain at 2048 rows, and with persist the persistent keys-as-rows grid's chain; D = 64 causal:
+    persistent keys-as-rows grid's chain at 2048 rows, and without persist the shared-dQ tile's chain; D = 64 causal:
     the keys-as-rows kernel's chain; D = 64 at 2048 rows without a window: with persist the persistent grid's chain
     (D64_PERSIST_DET, shipped), without it the ordered pass)."""
     bwd = _bwd()
-    if persist and d == 128:
-        monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN_MIN_ROWS", 0)
+    if d == 128:
+        monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", persist)
     if d == 64 and not causal:
         monkeypatch.setattr(bwd, "D64_PERSIST_DET", persist)
     torch.manual_seed(11)

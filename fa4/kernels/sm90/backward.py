@@ -1496,9 +1496,11 @@ def _d64_persistent_call(window_left, window_right, deterministic, varlen, sink,
 
 def _persistent_chain_call(window_left, window_right, varlen, seqlen_q):
     """Whether a deterministic D = 128 call takes the persistent grid's ascending chain (KT_PERSIST_CHAIN): batched,
-    no left window, a right window or KT_PERSIST_CHAIN_FULL, and KT_PERSIST_CHAIN_MIN_ROWS query rows (None: any)."""
+    no left window, a right window or KT_PERSIST_CHAIN_FULL, and KT_PERSIST_CHAIN_MIN_ROWS query rows
+    (KT_PERSIST_CHAIN_MIN_ROWS_MASKED under a right window; None: any)."""
+    min_rows = KT_PERSIST_CHAIN_MIN_ROWS_MASKED if window_right >= 0 else KT_PERSIST_CHAIN_MIN_ROWS
     return (KT_PERSIST_CHAIN and not varlen and window_left < 0 and (window_right >= 0 or KT_PERSIST_CHAIN_FULL)
-            and (seqlen_q is None or seqlen_q >= KT_PERSIST_CHAIN_MIN_ROWS))
+            and (seqlen_q is None or seqlen_q >= min_rows))
 
 
 def builds_sink_partials(tile):
@@ -1924,6 +1926,13 @@ KT_DQ_CHAIN = True
 # shared-dQ tile's descending chain (probes flip it for A/B).
 KT_PERSIST_CHAIN = True
 KT_PERSIST_CHAIN_MIN_ROWS = 2048
+# ... under a right window (causal) from 512 rows since session 31: with the statistics' K extension the chain (which
+# CHAIN_BY_DEFAULT also gives the default's masked calls up to CHAIN_BY_DEFAULT_MAX_ROWS_MASKED rows; its first link
+# stores, so the accumulator is not zeroed) measured faster there than the causal tile's reduce-add. bwd_flag_ab.py
+# --flag CHAIN_BY_DEFAULT with this lowered, best round (median): H100 card 1753024019723, 7 rounds, causal S = 1024
+# 1.066x (1.066x), non-causal 0.945x (so that stays at 2048); card 1654723009368, 5 rounds, causal S = 512 / 1024 /
+# 1536 / 2048 1.221 / 1.062 / 1.035 / 1.043x (1.217 / 1.066 / 1.058 / 1.012x). Shorter calls were not measured.
+KT_PERSIST_CHAIN_MIN_ROWS_MASKED = 512
 # ... and deterministic D = 128 calls without a window too (their default is the shared-dQ tile): H100 card
 # 1753024034002, det_cost.py --flip KT_PERSIST_CHAIN_FULL, deterministic over the default at S = 4096 / 16384
 # −2.8 / −2.1% against the shared-dQ tile's ascending chain +9.8 / +2.2%. (The same grid without the chain for the
