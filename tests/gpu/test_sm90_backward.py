@@ -171,13 +171,17 @@ def test_writer_one_share_per_consumer(over, causal):
     _run(q, k, v, tile=tile, **kw)
 
 
-def test_seqused_k():
+# seqused_k on batched calls, D = 128 non-causal (the shared-dQ tile) and the session-31 routes: causal D = 128 from
+# 512 rows and D = 64 without a window up to 1,024 rows (the persistent grid's chain by default, its accumulator
+# zeroed since key block 0 may be missing), causal D = 64 (the persistent grid's reduce-add).
+@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, False), (64, True)])
+def test_seqused_k(d, causal):
     torch.manual_seed(7)
-    q = torch.randn(2, 600, 4, 128, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(2, 900, 4, 128, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(2, 900, 4, 128, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(2, 600, 4, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 900, 4, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 900, 4, d, device=DEV, dtype=torch.bfloat16)
     used = torch.tensor([900, 333], dtype=torch.int32, device=DEV)
-    _run(q, k, v, varlen=dict(seqused_k=used))
+    _run(q, k, v, right=0 if causal else -1, varlen=dict(seqused_k=used))
 
 
 @pytest.mark.parametrize("d,causal,persist", [(128, True, False), (128, True, True), (64, False, False),
