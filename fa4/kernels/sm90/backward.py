@@ -539,7 +539,7 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
                         + p.delta_desc.block_type.nbytes)
         if p.STATS_EXT:
             # The (B, Hq, padded Sq, 16) 16-bit K extension of the statistics (keys-as-rows, batched: stats_ext):
-            # lse2's parts in columns 0-2, Delta's box from column 8 (STATS_EXT_DELTA_COL) on.
+            # lse2's parts in columns 0-2, Delta's box from column STATS_EXT_DELTA_COL on.
             stats_coord = [b, h, row, 0]
         elif p.VARLEN:
             # The aligned copies (Hq, aligned length): sequence b starts at a multiple of 4 floats (triton
@@ -549,7 +549,8 @@ def _load_step(p, bufs, idx, phase, it, n_m, m_lo, b, hk, q_start):
             stats_coord = [b, h, row]
         tma.async_copy_global_to_shared(p.lse2_desc, stats_coord, bufs.q_ready.index(idx), bufs.lse2.index(idx))
         if p.STATS_EXT:
-            stats_coord = [b, h, row, 8]  # STATS_EXT_DELTA_COL: the box's columns 8-15 lie past the tensor (zeros)
+            # Delta's box: its columns past the tensor's last arrive as zeros.
+            stats_coord = [b, h, row, STATS_EXT_DELTA_COL_C]
         tma.async_copy_global_to_shared(p.delta_desc, stats_coord, bufs.q_ready.index(idx), bufs.delta.index(idx))
     else:
         mbarrier.expect(bufs.q_ready.index(idx), p.q_desc.block_type.nbytes)
@@ -1641,6 +1642,7 @@ STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit pr
 # 31), so column 8. One tensor of 32 bytes a query row instead of two halves the extensions' memory: the D = 64 suite
 # rows' backward took 160 MiB beyond its inputs and outputs with two, 144 with one (cuDNN: 130).
 STATS_EXT_DELTA_COL = 8
+STATS_EXT_DELTA_COL_C = gl.constexpr(STATS_EXT_DELTA_COL)  # the loader's (kernel) form
 
 
 def stats_ext_parts(x, dtype, col=0):
@@ -1980,7 +1982,8 @@ def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, se
     CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA), where _d64_persistent_call puts deterministic calls on the persistent grid."""
     widths = (configs.tile_dim(d), configs.tile_dim(dv))
     if widths == (64, 64):
-        return (CHAIN_BY_DEFAULT_D64 and not sink and softcap == 0 and softmax_scale != 0 and window_right < 0
+        # _d64_persistent_call (as for deterministic=True) rules out windows, sinks and packed calls.
+        return (CHAIN_BY_DEFAULT_D64 and softcap == 0 and softmax_scale != 0
                 and seqlen_q <= (CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA if group > 1 else CHAIN_BY_DEFAULT_D64_MAX_ROWS)
                 and _d64_persistent_call(window_left, window_right, True, varlen, sink, seqlen_q))
     return (CHAIN_BY_DEFAULT and widths == (128, 128) and not sink
@@ -2488,7 +2491,7 @@ def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, de
     constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
                       BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None, ZERO_DQ=dq_acc is not None,
                       BLOCK_DQ=max(triton.next_power_of_2(dq_width), 16), ZERO_COUNTER=counter is not None,
-                      STATS_EXT=ext is not None)
+                      STATS_EXT=ext is not None, EXT_DELTA_COL=STATS_EXT_DELTA_COL)
     return head, tail, constexprs, (batch * hq, n_prep)
 
 

@@ -135,19 +135,19 @@ def _ext_parts(x, dtype):
 
 
 @triton.jit
-def _store_stats_ext(EXT, pid_bh, rows, lse2, delta, ext_rows, ext_scale):
+def _store_stats_ext(EXT, pid_bh, rows, lse2, delta, ext_rows, ext_scale, DELTA_COL: tl.constexpr):
     """Rows `rows` (< ext_rows) of the (B·Hq, ext_rows, 16) K extension of the sm90 keys-as-rows backward
     (backward.stats_ext_parts): the [hi, mid, lo] parts of x = lse2 · ext_scale (= −lse2 / scale2) in columns 0-2,
-    those of x = −Delta in columns 8-10 (backward.STATS_EXT_DELTA_COL), zeros elsewhere, in the extension's 16-bit
-    dtype."""
+    those of x = −Delta from column DELTA_COL (backward.STATS_EXT_DELTA_COL), zeros elsewhere, in the extension's
+    16-bit dtype."""
     cols = tl.arange(0, 16)[None, :]
     off = (pid_bh.to(tl.int64) * ext_rows + rows)[:, None] * 16 + cols
     mask = (rows < ext_rows)[:, None] & (cols < 16)
     l_hi, l_mid, l_lo = _ext_parts(lse2 * ext_scale, EXT.dtype.element_ty)
     d_hi, d_mid, d_lo = _ext_parts(-delta, EXT.dtype.element_ty)
     part = tl.where(cols == 0, l_hi[:, None], tl.where(cols == 1, l_mid[:, None], tl.where(
-        cols == 2, l_lo[:, None], tl.where(cols == 8, d_hi[:, None], tl.where(
-            cols == 9, d_mid[:, None], tl.where(cols == 10, d_lo[:, None], 0.0))))))
+        cols == 2, l_lo[:, None], tl.where(cols == DELTA_COL, d_hi[:, None], tl.where(
+            cols == DELTA_COL + 1, d_mid[:, None], tl.where(cols == DELTA_COL + 2, d_lo[:, None], 0.0))))))
     tl.store(EXT + off, part.to(EXT.dtype.element_ty), mask=mask)
 
 
@@ -161,7 +161,7 @@ def _bwd_preprocess(
         VARLEN_Q: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_SINK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGNED_COPY: tl.constexpr = False,
         ZERO_DQ: tl.constexpr = False, BLOCK_DQ: tl.constexpr = 16, ZERO_COUNTER: tl.constexpr = False,
-        STATS_EXT: tl.constexpr = False):
+        STATS_EXT: tl.constexpr = False, EXT_DELTA_COL: tl.constexpr = 0):
     """Delta, lse2 and the sink partials of one (batch, head, block of BLOCK_M query rows).
 
     ALIGNED_COPY (packed sequences): Delta and lse2 also into (Hq, stride_al) buffers where sequence b starts at
@@ -171,9 +171,9 @@ def _bwd_preprocess(
     contiguous, and with ZERO_COUNTER program (0, 0) the 4 int32 of COUNTER (the persistent grid's tile counter):
     the main kernel's reduce-adds need both zeroed, and a fill kernel of their own cost a launch (host time) and a
     pass over memory of its own.
-    STATS_EXT (batched): also the statistics' 16-bit K extension STATS_EXT_BUF (B·Hq, ext_rows, 16) for the
-    sm90 keys-as-rows kernel (backward.stats_ext_serves), padding rows up to ext_rows included (lse2 = +inf,
-    Delta = 0): the grid then covers ext_rows."""
+    STATS_EXT (batched): also the statistics' 16-bit K extension STATS_EXT_BUF (B·Hq, ext_rows, 16), Delta's parts
+    from column EXT_DELTA_COL, for the sm90 keys-as-rows kernel (backward.stats_ext_serves), padding rows up to
+    ext_rows included (lse2 = +inf, Delta = 0): the grid then covers ext_rows."""
     # (batch, head) on axis 0: it may exceed the 65535 programs that axes 1 and 2 allow (many short sequences).
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -230,12 +230,12 @@ def _bwd_preprocess(
             tl.store(DSINK_PART + pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m, part)
         if STATS_EXT:
             _store_stats_ext(STATS_EXT_BUF, pid_bh, rows, tl.where(row_ok, lse2, float("inf")),
-                             tl.where(row_ok, delta, 0.0), ext_rows, ext_scale)
+                             tl.where(row_ok, delta, 0.0), ext_rows, ext_scale, EXT_DELTA_COL)
     elif STATS_EXT:
         # A block of padding rows only (the grid covers ext_rows): P = 0 and dS = 0 there.
         rows = start_m + tl.arange(0, BLOCK_M)
         _store_stats_ext(STATS_EXT_BUF, pid_bh, rows, tl.zeros([BLOCK_M], tl.float32) + float("inf"),
-                         tl.zeros([BLOCK_M], tl.float32), ext_rows, ext_scale)
+                         tl.zeros([BLOCK_M], tl.float32), ext_rows, ext_scale, EXT_DELTA_COL)
 
 
 # ----------------------------------------------------------------------------------------------------------
