@@ -81,7 +81,9 @@ def main():
                     times[on].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
             if args.flag:
                 setattr(bwd, args.flag, shipped)
-            # dK and dV do not depend on the switch's timing (each CTA owns its keys): bitwise equal.
+            # dK and dV do not depend on the switch's timing (each CTA owns its keys): bitwise equal, unless the
+            # switch changes a key block's walk order (the persistent grid's chain walks top-down, so a route onto
+            # it sums dK and dV in another order).
             same = all(torch.equal(a, b) for a, b in zip(grads[False][1:3], grads[True][1:3]))
             off, on = min(times[False]), min(times[True])
             med = statistics.median(times[False]) / statistics.median(times[True])

@@ -579,9 +579,18 @@ def test_chain_by_default_rule(monkeypatch):
     assert rule(**{**d64, "seqlen_q": gqa_rows, "group": 4})
     assert not rule(**{**d64, "seqlen_q": gqa_rows + 1, "group": 2})
     assert gqa_rows == d64["seqlen_q"] or not rule(**{**d64, "seqlen_q": gqa_rows})  # GQA only
-    for change in (dict(seqlen_q=d64["seqlen_q"] + 1), dict(window_right=0, seqlen_q=1024), dict(window_left=100),
+    for change in (dict(seqlen_q=d64["seqlen_q"] + 1), dict(window_left=100),
                    dict(sink=True), dict(softcap=5.0), dict(varlen=True), dict(softmax_scale=0.0)):
         assert not rule(**{**d64, **change}), change
+    # ... and causal ones up to D64_CAUSAL_CHAIN_MAX_ROWS (D64_CAUSAL_CHAIN), GQA or not.
+    causal_rows = bwd.D64_CAUSAL_CHAIN_MAX_ROWS
+    causal64 = {**d64, "window_right": 0, "seqlen_q": causal_rows}
+    assert rule(**causal64) and rule(**{**causal64, "group": 4}) and rule(**{**causal64, "seqlen_q": 1})
+    for change in (dict(seqlen_q=causal_rows + 1), dict(window_left=100), dict(sink=True), dict(varlen=True)):
+        assert not rule(**{**causal64, **change}), change
+    monkeypatch.setattr(bwd, "D64_CAUSAL_CHAIN", False)
+    assert not rule(**causal64) and rule(**d64)
+    monkeypatch.setattr(bwd, "D64_CAUSAL_CHAIN", True)
     monkeypatch.setattr(bwd, "D64_PERSIST_DET", False)  # no persistent grid for it: no chain by default
     assert not rule(**d64)
     monkeypatch.setattr(bwd, "D64_PERSIST_DET", True)
@@ -667,11 +676,11 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
     monkeypatch.setattr(bwd, "dq_route", stop)
     # (rows, causal, chain expected, head dim, query heads a kv head)
     for s, causal, want, d, group in ((4096, False, True, 128, 1), (1024, False, False, 128, 1),
-                                      (1024, True, True, 128, 1), (512, True, True, 128, 1), (256, True, False, 128, 1),
-                                      (4096, True, False, 128, 1), (2048, True, True, 128, 1),
+                                      (1024, True, True, 128, 1), (512, True, True, 128, 1), (128, True, True, 128, 1),
+                                      (64, True, False, 128, 1), (4096, True, False, 128, 1), (2048, True, True, 128, 1),
                                       (1024, False, True, 64, 1), (2048, False, False, 64, 1),
                                       (2048, False, True, 64, 2), (4096, False, False, 64, 4),
-                                      (1024, True, False, 64, 1)):
+                                      (1024, True, True, 64, 1), (2048, True, False, 64, 1)):
         q = torch.randn(1, s, 2 * group, d).half()
         kv = torch.randn(1, s, 2, d).half()
         lse = torch.zeros(1, 2 * group, s)
@@ -1839,9 +1848,13 @@ def test_default_tile_routing(monkeypatch):
     short = bwd.KT_ASC_CHAIN_MIN_ROWS - 1
     det64 = bwd.default_tile(64, 64, deterministic=True, seqlen_q=short)
     assert bwd.persistent_tiles(det64) and bwd.dq_chain_serves(det64, -1, None, -1, short)
+    # ... and deterministic causal ones up to D64_CAUSAL_CHAIN_MAX_ROWS_DET rows (the grid's chain again).
+    causal_det = bwd.D64_CAUSAL_CHAIN_MAX_ROWS_DET
+    det64c = bwd.default_tile(64, 64, window_right=0, deterministic=True, seqlen_q=causal_det)
+    assert bwd.persistent_tiles(det64c) and bwd.dq_chain_serves(det64c, -1, None, 0, causal_det)
     for kw in (dict(window_right=0, varlen=True), dict(window_right=0, window_left=100),
-               dict(window_right=0, sink=True),
-               dict(window_right=0, deterministic=True, seqlen_q=short), dict(deterministic=True),
+               dict(window_right=0, sink=True), dict(window_right=0, deterministic=True),
+               dict(window_right=0, deterministic=True, seqlen_q=causal_det + 1), dict(deterministic=True),
                dict(deterministic=True, seqlen_q=short + 1), dict(deterministic=True, seqlen_q=short, varlen=True),
                dict(deterministic=True, seqlen_q=short, window_left=100)):
         assert not bwd.persistent_tiles(bwd.default_tile(64, 64, **kw)), kw

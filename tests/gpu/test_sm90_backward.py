@@ -185,17 +185,18 @@ def test_seqused_k(d, causal):
 
 
 @pytest.mark.parametrize("d,causal,persist", [(128, True, False), (128, True, True), (64, False, False),
-                                             (64, False, True), (64, True, False)])
+                                             (64, False, True), (64, True, False), (64, True, True)])
 def test_deterministic_bitwise_100x(monkeypatch, d, causal, persist):
     """deterministic=True: 100 calls on the same inputs give bitwise-identical gradients (D = 128 causal: the
     persistent keys-as-rows grid's chain at 2048 rows, and without persist the shared-dQ tile's chain; D = 64 causal:
-    the keys-as-rows kernel's chain; D = 64 at 2048 rows without a window: with persist the persistent grid's chain
+    with persist the persistent grid's chain (D64_CAUSAL_CHAIN, shipped), without it the keys-as-rows kernel's
+    descending chain; D = 64 at 2048 rows without a window: with persist the persistent grid's chain
     (D64_PERSIST_DET, shipped), without it the ordered pass)."""
     bwd = _bwd()
     if d == 128:
         monkeypatch.setattr(bwd, "KT_PERSIST_CHAIN", persist)
-    if d == 64 and not causal:
-        monkeypatch.setattr(bwd, "D64_PERSIST_DET", persist)
+    if d == 64:
+        monkeypatch.setattr(bwd, "D64_CAUSAL_CHAIN" if causal else "D64_PERSIST_DET", persist)
     torch.manual_seed(11)
     q, k, v, opts, out, lse, dout = reference_backward_inputs(2, 2048, 8, 2, d, causal=causal, device=DEV)
     first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
@@ -601,6 +602,9 @@ CHAIN_DEFAULT_CASES = [
     (2, 1000, 1000, 8, 2, 64, 64, -1, -1, 0.0, False, True),       # D = 64 (CHAIN_BY_DEFAULT_D64), GQA, odd length
     (1, 1024, 700, 4, 4, 40, 40, -1, -1, 0.0, False, False),       # D padded to 64, Sq > Sk
     (1, 2048, 2048, 8, 2, 64, 64, -1, -1, 0.0, False, False),      # D = 64 GQA up to 2048 rows
+    (2, 1000, 1000, 8, 2, 64, 64, -1, 0, 0.0, False, True),        # causal D = 64 (D64_CAUSAL_CHAIN), lse gradient
+    (1, 700, 1024, 4, 4, 40, 40, -1, 0, 0.0, False, False),        # causal D padded to 64, Sq < Sk
+    (3, 200, 200, 4, 2, 128, 128, -1, 0, 0.0, False, False),       # causal D = 128 from 128 rows, GQA, odd length
 ]
 
 

@@ -1481,14 +1481,29 @@ D64_PERSIST_DET = True
 # 1752624024775 (bwd_flag_ab.py --flag D64_PERSIST_CAUSAL --causal-only --rounds 5): 1.018 / 1.005 / 0.990 / 1.015x
 # (medians 1.031 / 1.031 / 1.019 / 1.017x).
 D64_PERSIST_CAUSAL = True
+# ... and causal ones (batched, no left window, no sink) through that grid's ascending chain: deterministic calls up
+# to D64_CAUSAL_CHAIN_MAX_ROWS_DET query rows (instead of the descending chain off the grid), default ones up to
+# D64_CAUSAL_CHAIN_MAX_ROWS (chain_by_default; the chain's first link stores, so the preprocess zeroes no
+# accumulator). H100 card 1753024033491 (bwd_flag_ab.py --flag D64_CAUSAL_CHAIN --causal-only, raw
+# benchmarks/results/raw/h100-2026-11-27-s32-d64-causal-chain*.log), best round off -> on (median): default S = 512
+# / 1024 / 2048 / 4096 1.103 / 1.016 / 0.968 / 0.935x (1.103 / 1.016 / 0.976 / 0.961x); --deterministic S = 1024 /
+# 2048 / 4096 1.132 / 1.044 / 1.018x (1.126 / 1.047 / 1.022x). False: the default's reduce-add, and the descending
+# chain for deterministic calls.
+D64_CAUSAL_CHAIN = True
+D64_CAUSAL_CHAIN_MAX_ROWS = 1024
+D64_CAUSAL_CHAIN_MAX_ROWS_DET = 4096
 
 
 def _d64_persistent_call(window_left, window_right, deterministic, varlen, sink, seqlen_q):
     """Whether a D = 64 call on the keys-as-rows tile runs on the persistent grid (D64_PERSIST_DET,
-    D64_PERSIST_CAUSAL): batched, no left window, no sink; deterministic ones without a right window below
-    KT_ASC_CHAIN_MIN_ROWS query rows (seqlen_q None: not), default ones under a right window."""
+    D64_PERSIST_CAUSAL, D64_CAUSAL_CHAIN): batched, no left window, no sink; deterministic ones without a right
+    window below KT_ASC_CHAIN_MIN_ROWS query rows and under one up to D64_CAUSAL_CHAIN_MAX_ROWS_DET (seqlen_q None:
+    neither), default ones under a right window."""
     if varlen or window_left >= 0 or sink:
         return False
+    if deterministic and window_right >= 0:
+        return (D64_CAUSAL_CHAIN and D64_PERSIST_CAUSAL and KT_PERSIST_CHAIN and seqlen_q is not None
+                and seqlen_q <= D64_CAUSAL_CHAIN_MAX_ROWS_DET)
     if deterministic:
         return (D64_PERSIST_DET and KT_PERSIST_CHAIN and KT_PERSIST_CHAIN_FULL and window_right < 0
                 and seqlen_q is not None and seqlen_q < KT_ASC_CHAIN_MIN_ROWS)
@@ -1933,8 +1948,10 @@ KT_PERSIST_CHAIN_MIN_ROWS = 2048
 # stores, so the accumulator is not zeroed) measured faster there than the causal tile's reduce-add. bwd_flag_ab.py
 # --flag CHAIN_BY_DEFAULT with this lowered, best round (median): H100 card 1753024019723, 7 rounds, causal S = 1024
 # 1.066x (1.066x), non-causal 0.945x (so that stays at 2048); card 1654723009368, 5 rounds, causal S = 512 / 1024 /
-# 1536 / 2048 1.221 / 1.062 / 1.035 / 1.043x (1.217 / 1.066 / 1.058 / 1.012x). Shorter calls were not measured.
-KT_PERSIST_CHAIN_MIN_ROWS_MASKED = 512
+# 1536 / 2048 1.221 / 1.062 / 1.035 / 1.043x (1.217 / 1.066 / 1.058 / 1.012x). From 128 rows since session 32: card
+# 1753024033491, 5 rounds, causal S = 128 / 256 / 512 1.287 / 1.292 / 1.218x (medians 1.290 / 1.290 / 1.217x; raw
+# benchmarks/results/raw/h100-2026-11-27-s32-d128-causal-chain-short.log). Shorter calls were not measured.
+KT_PERSIST_CHAIN_MIN_ROWS_MASKED = 128
 # ... and deterministic D = 128 calls without a window too (their default is the shared-dQ tile): H100 card
 # 1753024034002, det_cost.py --flip KT_PERSIST_CHAIN_FULL, deterministic over the default at S = 4096 / 16384
 # −2.8 / −2.1% against the shared-dQ tile's ascending chain +9.8 / +2.2%. (The same grid without the chain for the
@@ -1979,12 +1996,16 @@ def chain_by_default(d, dv, window_left, window_right, softcap, sink, varlen, se
     and a nonzero scale (the keys-as-rows tile's), and under a right window at most
     CHAIN_BY_DEFAULT_MAX_ROWS_MASKED query rows; tile widths (64, 64) (CHAIN_BY_DEFAULT_D64): the same, without a
     window, up to CHAIN_BY_DEFAULT_D64_MAX_ROWS query rows (with group >= 2 query heads a kv head, GQA, up to
-    CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA), where _d64_persistent_call puts deterministic calls on the persistent grid."""
+    CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA), and causal ones up to D64_CAUSAL_CHAIN_MAX_ROWS, where _d64_persistent_call
+    puts deterministic calls on the persistent grid."""
     widths = (configs.tile_dim(d), configs.tile_dim(dv))
     if widths == (64, 64):
-        # _d64_persistent_call (as for deterministic=True) rules out windows, sinks and packed calls.
-        return (CHAIN_BY_DEFAULT_D64 and softcap == 0 and softmax_scale != 0
-                and seqlen_q <= (CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA if group > 1 else CHAIN_BY_DEFAULT_D64_MAX_ROWS)
+        # _d64_persistent_call (as for deterministic=True) rules out left windows, sinks and packed calls.
+        if window_right >= 0:
+            max_rows = D64_CAUSAL_CHAIN_MAX_ROWS
+        else:
+            max_rows = CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA if group > 1 else CHAIN_BY_DEFAULT_D64_MAX_ROWS
+        return (CHAIN_BY_DEFAULT_D64 and softcap == 0 and softmax_scale != 0 and seqlen_q <= max_rows
                 and _d64_persistent_call(window_left, window_right, True, varlen, sink, seqlen_q))
     return (CHAIN_BY_DEFAULT and widths == (128, 128) and not sink
             and softcap == 0 and softmax_scale != 0 and KEYS_AS_ROWS_D128
