@@ -72,7 +72,7 @@ def main():
                         setattr(bwd, args.flag, on)
                     else:
                         base = bwd.default_tile(d, d, opts["window_left"], window_right=opts["window_right"],
-                                                varlen=args.varlen, deterministic=args.deterministic)
+                                                varlen=args.varlen, deterministic=args.deterministic, seqlen_q=s)
                         extra = dict(tile=dataclasses.replace(base, **{args.tile_field: on}))
                     if args.deterministic:
                         extra["deterministic"] = True

@@ -21,6 +21,7 @@ done (with its dQ lag, the previous step's share, including the wait for the oth
 cycles of tensor work a consumer step (D = 64) are the budget there. Not yet run on a GPU (session 13).
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -38,7 +39,10 @@ VARIANTS = {"shipped": {}, "kt-no-lag": dict(dq_lag=False, stages=3),
             "wg3": dict(_QROWS64, num_wg=3, consumer_regs=160, separate_dq=True),
             "reduce-add": dict(_QROWS64, num_wg=3, consumer_regs=160, separate_dq=False),
             "wg2": dict(_QROWS64, num_wg=2, consumer_regs=240, separate_dq=True),
-            "wg2-reduce-add": dict(_QROWS64, num_wg=2, consumer_regs=240, separate_dq=False)}
+            "wg2-reduce-add": dict(_QROWS64, num_wg=2, consumer_regs=240, separate_dq=False),
+            # D = 128: the keys-as-rows tile of causal and chained calls (off the persistent grid, as trace builds are).
+            "kt128": {**dataclasses.asdict(bwd.D128_CAUSAL_TILE), "persistent": False}}
+VARIANTS["kt128"].pop("trace")
 
 
 def trace_row(d, s, causal, over):

@@ -129,6 +129,9 @@ LOOP_ALLOWANCE.update({"d64-window-gqa2": 9})
 # statistics' loads use, are not made with the extensions.
 LOOP_ALLOWANCE.update({"d128-chain": 16})
 TOTAL_ALLOWANCE.update({"d128-chain": 80})
+# The non-causal chain issues each dQ share before the step's dV and dK (backward.dq_first_serves, session 32): 16 -> 2
+# reloads a step.
+LOOP_ALLOWANCE.update({"d128-chain": 2})
 # Batched causal D = 64 runs on the persistent grid since session 31 (backward.D64_PERSIST_CAUSAL; the tile loop's
 # state beside the step's): 5 -> 13 reloads a step (L1 hits), against 1.5-3.3% faster calls measured.
 LOOP_ALLOWANCE.update({"d64-causal": 13})
@@ -598,6 +601,19 @@ def test_chain_by_default_rule(monkeypatch):
     assert not rule(**d64)
 
 
+def test_dq_first_rule():
+    """backward.dq_first_serves: the dQ share issued first (DQ_LAG = 2) on the D = 128 keys-as-rows tile's chain
+    builds without a right window only; not on the D = 64 tile, not without the chain, not under a right window."""
+    import dataclasses
+    from fa4.kernels.sm90 import backward as bwd
+    kt128 = bwd.D128_CAUSAL_TILE
+    assert kt128.dq_first and bwd.dq_first_serves(kt128, True, -1)
+    assert not bwd.dq_first_serves(kt128, False, -1) and not bwd.dq_first_serves(kt128, True, 0)
+    assert not bwd.dq_first_serves(bwd.get_tile(64, 64), True, -1)
+    assert not bwd.dq_first_serves(dataclasses.replace(kt128, dq_lag=False), True, -1)
+    assert not bwd.dq_first_serves(bwd.get_tile(128, 128), True, -1)
+
+
 def test_gqa_split_rule(monkeypatch):
     """backward.gqa_split: causal / right-window calls, batched or packed, with >= GQA_SPLIT_MIN_GROUP query heads a
     kv head on the shipped tiles are split down to GQA_SPLIT_HEADS query heads a virtual kv head, unless the
@@ -676,8 +692,9 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
     monkeypatch.setattr(bwd, "dq_route", stop)
     # (rows, causal, chain expected, head dim, query heads a kv head)
     for s, causal, want, d, group in ((4096, False, True, 128, 1), (1024, False, False, 128, 1),
-                                      (1024, True, True, 128, 1), (512, True, True, 128, 1), (128, True, True, 128, 1),
-                                      (64, True, False, 128, 1), (4096, True, False, 128, 1), (2048, True, True, 128, 1),
+                                      (1024, True, True, 128, 1), (512, True, True, 128, 1),
+                                      (128, True, True, 128, 1), (64, True, False, 128, 1),
+                                      (4096, True, False, 128, 1), (2048, True, True, 128, 1),
                                       (1024, False, True, 64, 1), (2048, False, False, 64, 1),
                                       (2048, False, True, 64, 2), (4096, False, False, 64, 4),
                                       (1024, True, True, 64, 1), (2048, True, False, 64, 1)):

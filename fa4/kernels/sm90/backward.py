@@ -1246,6 +1246,9 @@ class BwdTile:
     # keys_as_rows: each step's dQ share issued one step late (two dSᵀ buffers a consumer), so that the consumers need
     # not meet at every step's dS hand-over.
     dq_lag: bool = False
+    # keys_as_rows with dq_lag: the previous step's dQ share issued before the step's dV and dK, and staged and added
+    # while they run (DQ_LAG = 2 in the kernel).
+    dq_first: bool = False
     # keys_as_rows: this many of every 4 exponentials of P by polynomial on the FMA pipe (softmax.exp2_mixed).
     poly: int = 0
     # d256: the second dQ column half of a step staged in the consumer's own half of the step's Q buffer (free once
@@ -1429,7 +1432,7 @@ D64_NARROW_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, sep
 # Then lse2 and Delta as K extensions (stats_ext, session 30; the ones operand in shared memory at BM = 64): Nsight
 # Compute, the main kernel causal S = 16384 7.54M -> 7.25M cycles, S = 4096 2.07M -> 2.00M (H100 card 1752624013931).
 D128_CAUSAL_TILE = BwdTile(block_m=64, num_wg=2, stages=2, consumer_regs=240, keys_as_rows=True, dv_early=False,
-                           dq_lag=True, persistent=True, stats_ext=True)
+                           dq_lag=True, persistent=True, stats_ext=True, dq_first=True)
 
 
 def default_tile(d, dv, window_left=-1, softcap=0.0, *, window_right=-1, deterministic=False, varlen=False,
@@ -1527,6 +1530,19 @@ def builds_sink_partials(tile):
 
 # tile.dq_spread as the tiles set it; False: off on every tile (probes flip it for A/B: det_cost.py --flip).
 DQ_SPREAD = True
+
+
+def dq_first_serves(tile, chain, window_right):
+    """Whether the keys-as-rows kernel issues each step's (lagged) dQ share before the step's dV and dK and stages it
+    while they run (tile.dq_first, set on D128_CAUSAL_TILE; DQ_LAG = 2): in the ordered chain's builds without a
+    right window only (the non-causal deterministic calls, and the default's from KT_PERSIST_CHAIN_MIN_ROWS rows by
+    chain_by_default), where staging a share waits for the writer warp's release of the previous one.
+    bwd_flag_ab.py --tile-field dq_first --deterministic, 5 rounds, best (median) round, off -> on: H100 card
+    1793026095118, S = 4096 / 16384 1.059 / 1.019x (1.059 / 1.016x); card 1752824023442, S = 2048 / 4096 / 8192 /
+    16384 1.023 / 1.054 / 1.020 / 1.006x (1.006 / 1.039 / 1.012 / 1.024x). Level on the causal chain (0.99-1.04x,
+    medians 0.99-1.00x); slower without the chain (D = 128 causal 0.99x) and on the D = 64 tile (0.90-0.99x)
+    (benchmarks/NOTES.md, session 32)."""
+    return bool(tile.keys_as_rows and tile.dq_lag and tile.dq_first and chain and window_right < 0)
 
 
 def dq_spread_serves(tile, varlen):
@@ -1831,7 +1847,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if tile.keys_as_rows:
         constexprs["STATS_EXT"] = ext_on
         constexprs["DV_EARLY"] = tile.dv_early
-        constexprs["DQ_LAG"] = tile.dq_lag
+        dq_first = dq_first_serves(tile, dq_chain is not None, window_right)
+        constexprs["DQ_LAG"] = (2 if dq_first else 1) if tile.dq_lag else 0
         constexprs["POLY"] = tile.poly
     if tile.d256:
         constexprs["DQ_IN_Q"] = tile.dq_in_q
