@@ -29,6 +29,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--flag", help="a boolean module attribute of fa4.kernels.sm90.backward")
     ap.add_argument("--tile-field", help="a boolean field of the default BwdTile")
+    ap.add_argument("--on-value", type=int, help="--tile-field's value on the 'on' side (an int field such as poly; "
+                    "the 'off' side is the tile's own)")
     ap.add_argument("--causal-only", action="store_true")
     ap.add_argument("--full-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
@@ -73,7 +75,9 @@ def main():
                     else:
                         base = bwd.default_tile(d, d, opts["window_left"], window_right=opts["window_right"],
                                                 varlen=args.varlen, deterministic=args.deterministic, seqlen_q=s)
-                        extra = dict(tile=dataclasses.replace(base, **{args.tile_field: on}))
+                        value = (args.on_value if on else getattr(base, args.tile_field)) if args.on_value is not None \
+                            else on
+                        extra = dict(tile=dataclasses.replace(base, **{args.tile_field: value}))
                     if args.deterministic:
                         extra["deterministic"] = True
                     fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, **opts, **extra)  # noqa: E731
