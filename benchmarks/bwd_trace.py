@@ -43,6 +43,7 @@ VARIANTS = {"shipped": {}, "kt-no-lag": dict(dq_lag=False, stages=3),
             # D = 128: the keys-as-rows tile of causal and chained calls (off the persistent grid, as trace builds are).
             "kt128": {**dataclasses.asdict(bwd.D128_CAUSAL_TILE), "persistent": False}}
 VARIANTS["kt128"].pop("trace")
+VARIANTS["kt128-dv-early"] = {**VARIANTS["kt128"], "dv_early": True}
 
 
 def trace_row(d, s, causal, over):
