@@ -1666,6 +1666,9 @@ def stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap):
 
 
 STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit product
+STATS_EXT_PARTS = 3  # a statistic's 16-bit parts (hi, mid, lo: stats_ext_parts), so the ones operand's 1-columns
+STATS_EXT_WIDTH_C = gl.constexpr(STATS_EXT_WIDTH)  # the kernels' forms
+STATS_EXT_PARTS_C = gl.constexpr(STATS_EXT_PARTS)
 # Where Delta's parts start in the one extension tensor (lse2's take columns 0-2). The loader's Delta box starts at
 # this column, so the box holds [Delta's parts, zeros ...] (columns past 15 come zero-filled by TMA) and both
 # extension products use the same ones operand (ones in columns 0-2). A box's start in the innermost dimension must

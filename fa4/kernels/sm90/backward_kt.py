@@ -57,7 +57,10 @@ instead of both meeting at every step. Each hand-over barrier is arrived once pe
 once per use by the other, and a consumer rewrites a buffer only after ds_free of its previous use, so a parity wait
 is exact and the steps complete in order (the argument of backward.py's module docstring, without turns; a Python
 model of the lagged protocol runs under random schedules in tests/test_sm90_backward_aot.py). Before dK is staged in
-a consumer's K slot it waits for the other consumer's last dQ product, which reads that K.
+a consumer's K slot it waits for the other consumer's last dQ product, which reads that K. DQ_FIRST (DQ_LAG = 2,
+tile.dq_first where backward.dq_first_serves: the chain's builds without a right window) issues the lagged share
+before the step's dV and dK instead of after them, waits for it alone and stages it while they run, so the staging's
+wait for the writer warp overlaps this consumer's own products (the same waits, in another order within a step).
 
 Persistent grid (PERSIST, tile.persistent: batched causal D = 128 by default): min(tiles, SMs) CTAs; the loader draws
 tiles from a global counter (dq_ctr, zeroed with the dQ accumulator) and hands each index to the consumers through a
@@ -84,7 +87,8 @@ from . import configs, handout
 from .dq_staging import store_dq_staging
 from .attention_fwd import _kv_coord, _next_slot, _opaque, _visible_pairs
 from .softmax import exp2_mixed
-from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, WG_KEYS, BwdBuffers, BwdProblem, _cta_coords, _cta_event,
+from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, STATS_EXT_PARTS_C, STATS_EXT_WIDTH, STATS_EXT_WIDTH_C, WG_KEYS,
+                       BwdBuffers, BwdProblem, _cta_coords, _cta_event,
                        _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows,
                        _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_writer, release_step,
                        write_step, writer_barriers)
@@ -98,9 +102,9 @@ def smem_bytes(tile, d, dv, elem=2):
     way); at BM = 64 with the extensions, each consumer's ones tile."""
     kv = tile.block_n * (d + dv) * elem
     # Per query row: Q and dO, and lse2 and Delta (fp32), or their 16-wide 16-bit K extensions (tile.stats_ext).
-    stats = 2 * 16 * elem if tile.stats_ext else 2 * 4
+    stats = 2 * STATS_EXT_WIDTH * elem if tile.stats_ext else 2 * 4
     qdo = tile.stages * tile.block_m * ((d + dv) * elem + stats)
-    ones = tile.num_wg * WG_KEYS * 16 * elem if tile.stats_ext and tile.block_m == WG_KEYS else 0
+    ones = tile.num_wg * WG_KEYS * STATS_EXT_WIDTH * elem if tile.stats_ext and tile.block_m == WG_KEYS else 0
     ds = (2 if tile.dq_lag else 1) * tile.num_wg * WG_KEYS * tile.block_m * elem
     dq = tile.block_m * d * 4
     return kv + qdo + ds + dq + ones + configs.SMEM_RESERVE
@@ -279,11 +283,11 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
     # consumer's tile in shared memory (_consumer). Nsight Compute, H100 card 1752624013931, main-kernel cycles
     # registers / shared: D = 64 S = 4096 causal 2.279M / 2.321M, S = 16384 15.86M / 16.00M; D = 128 S = 16384 causal
     # 7.40M / 7.25M (7.54M without the extension).
-    EXT: gl.constexpr = 16
+    EXT: gl.constexpr = STATS_EXT_WIDTH_C
     if p.STATS_EXT and BM != N:
         ext_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
         ext_cols = gl.arange(0, EXT, gl.SliceLayout(0, ext_layout))
-        ones = (gl.where(gl.expand_dims(ext_cols, 0) < 3, 1.0, 0.0)
+        ones = (gl.where(gl.expand_dims(ext_cols, 0) < STATS_EXT_PARTS_C, 1.0, 0.0)
                 + gl.zeros([N, EXT], gl.float32, ext_layout)).to(dtype)
     else:
         ones = bufs.p.index(WG)
@@ -543,8 +547,9 @@ def _consumer(p, bufs, kv_free, tiles, n_bh, chunk, WG: gl.constexpr, DV_EARLY: 
         # The A operand of the statistics' extension products at BM = 64 (_kt_tile): [64 keys, 16], ones in
         # columns 0-2 (hi, mid, lo), written once into this consumer's slot of the P buffer (otherwise unused).
         fill: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
-        cols = gl.arange(0, 16, gl.SliceLayout(0, fill))
-        ones = gl.where(gl.expand_dims(cols, 0) < 3, 1.0, 0.0) + gl.zeros([KEYS_PER_WG, 16], gl.float32, fill)
+        cols = gl.arange(0, STATS_EXT_WIDTH_C, gl.SliceLayout(0, fill))
+        ones = (gl.where(gl.expand_dims(cols, 0) < STATS_EXT_PARTS_C, 1.0, 0.0)
+                + gl.zeros([KEYS_PER_WG, STATS_EXT_WIDTH_C], gl.float32, fill))
         bufs.p.index(WG).store(ones.to(p.q_desc.dtype))
         fence_async_shared()
     if PERSIST:
@@ -711,8 +716,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     if STATS_EXT and BM == KEYS_PER_WG:
         # Each consumer's ones tile, the A operand of its statistics' extension products at BM = 64 (in BwdBuffers'
         # P slot; _kt_tile).
-        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS_PER_WG, 16], dtype)
-        ones_smem = gl.allocate_shared_memory(dtype, [NWG, KEYS_PER_WG, 16], ones_layout)
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS_PER_WG, STATS_EXT_WIDTH_C], dtype)
+        ones_smem = gl.allocate_shared_memory(dtype, [NWG, KEYS_PER_WG, STATS_EXT_WIDTH_C], ones_layout)
     else:
         ones_smem = ds_smem  # a placeholder, never touched
     if DQ_ATOMIC:
