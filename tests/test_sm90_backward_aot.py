@@ -1672,13 +1672,13 @@ def test_preprocess_writes_the_stats_extensions(sq):
     rows = -(-sq // tile.block_m) * tile.block_m
     # One tensor for both extensions, as stats_ext_buffers makes it.
     poisoned = torch.full((b, hq, rows, 16), float("nan")).bfloat16()
-    ext = (poisoned, poisoned, -1.0 / (scale * bwd.LOG2E))
+    ext = (poisoned, -1.0 / (scale * bwd.LOG2E))
     delta, lse2, _ = bwd.preprocess(dout, out.bfloat16(), lse, None, None, None, b, sq, tile.block_m, ext=ext)
     want_delta, want_lse2, _ = bwd.preprocess(dout, out.bfloat16(), lse, None, None, None, b, sq, tile.block_m)
     assert torch.equal(delta, want_delta) and torch.equal(lse2, want_lse2)
     col = bwd.STATS_EXT_DELTA_COL
     assert (poisoned[..., col + 3:] == 0).all() and (poisoned[..., 3:col] == 0).all()
-    for first, x in ((0, lse2 * ext[2]), (col, -delta)):
+    for first, x in ((0, lse2 * ext[1]), (col, -delta)):
         # The cast's rounding may differ from torch's (the interpreter's): the parts' sum is what the kernel uses.
         total = poisoned[..., first:first + 3].float().sum(-1)
         finite = torch.isfinite(x)

@@ -1654,15 +1654,14 @@ def qk_scale2(softmax_scale, softcap):
 
 
 def stats_ext_buffers(q, tile, varlen, batch, seqlen_q, softmax_scale, softcap):
-    """(lse2 extension, Delta extension, −1 / scale2) for the preprocess to fill when the call takes the
-    statistics as K extensions (stats_ext_serves), else None. The two extensions are one (B, Hq, Sq padded to the
-    tile's rows, 16) tensor (stats_ext_combined's layout), named twice: the loader reads Delta's box from column
-    STATS_EXT_DELTA_COL on."""
+    """(extension, −1 / scale2) for the preprocess to fill when the call takes the statistics as K extensions
+    (stats_ext_serves), else None: lse2's and Delta's extensions in one (B, Hq, Sq padded to the tile's rows, 16)
+    tensor (stats_ext_combined's layout); the loader reads Delta's box from column STATS_EXT_DELTA_COL on."""
     if not stats_ext_serves(tile, varlen, q.dtype):
         return None
     rows = triton.cdiv(seqlen_q, tile.block_m) * tile.block_m
     ext = torch.empty((batch, q.shape[-2], rows, STATS_EXT_WIDTH), dtype=q.dtype, device=q.device)
-    return ext, ext, -1.0 / qk_scale2(softmax_scale, softcap)
+    return ext, -1.0 / qk_scale2(softmax_scale, softcap)
 
 
 STATS_EXT_WIDTH = 16  # the extension's columns: one wgmma K step of a 16-bit product
@@ -1747,7 +1746,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     stores into an accumulator left unzeroed (dq_store_first_serves). dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
     int32 counters of the in-kernel ordered dQ (dq_chain_counters), None for the unordered reduce-add.
-    stats_ext: the preprocess's K extensions of lse2 and Delta (stats_ext_buffers); None where the call takes them
+    stats_ext: the preprocess's K extension tensor of lse2 and Delta (stats_ext_buffers); None where the call takes it
     (stats_ext_serves) makes them here with torch (ahead-of-time compiles, tests)."""
     varlen = cu_seqlens_q is not None
     d, dvw = configs.tile_dim(q.shape[-1]), configs.tile_dim(v.shape[-1])
@@ -1791,10 +1790,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         # Sᵀ acc = K·Qᵀ + ones·parts(−lse2 / scale2) and dPᵀ acc = V·dOᵀ + ones·parts(−Delta): the seeds the kernel
         # otherwise loads per column (backward_kt), carried by the contraction.
         if stats_ext is None:
-            combined = stats_ext_combined(lse2, delta, -1.0 / qk_scale2(softmax_scale, softcap), q.dtype)
-            stats_ext = (combined, combined)
-        descs["lse2_desc"] = _stats_ext_descriptor(stats_ext[0], tile.block_m)
-        descs["delta_desc"] = _stats_ext_descriptor(stats_ext[1], tile.block_m)
+            stats_ext = stats_ext_combined(lse2, delta, -1.0 / qk_scale2(softmax_scale, softcap), q.dtype)
+        # Both boxes come from the one tensor (Delta's from column STATS_EXT_DELTA_COL, the loader's coordinate).
+        descs["lse2_desc"] = _stats_ext_descriptor(stats_ext, tile.block_m)
+        descs["delta_desc"] = _stats_ext_descriptor(stats_ext, tile.block_m)
     else:
         descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
         descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)
@@ -2285,7 +2284,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, tile_ctr=tile_ctr,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
-                dq_store_first=store_first, stats_ext=None if ext is None else ext[:2],
+                dq_store_first=store_first, stats_ext=None if ext is None else ext[0],
                 dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
@@ -2421,7 +2420,7 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
             parts = opts["dsink_part"]
             _, lse2_src, delta_src = _stats_sources(tile, varlen, lse2, delta, opts["stats_al"], q.device)
             if opts.get("stats_ext") is not None:
-                lse2_src, delta_src = opts["stats_ext"]
+                lse2_src = delta_src = opts["stats_ext"]
             plan.launch_tensors(q.device.index, dict(
                 q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq, lse2=lse2, delta=delta,
                 lse2_stats=lse2_src, delta_stats=delta_src,
@@ -2506,9 +2505,9 @@ def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, de
     """(head, tail, constexprs, grid) of the preprocess kernel: head its 14 tensor arguments (unused slots hold
     lse or delta; head[7] is the sink partials' buffer, allocated here when there is a sink), tail its ints.
     zero (batched): (fp32 dQ accumulator, the persistent grid's int32 tile counter or None) for the kernel to zero.
-    ext (batched): (lse2 extension, Delta extension, −1 / scale2) as stats_ext_buffers makes it (one tensor named
-    twice), the (B, Hq, padded Sq, 16) 16-bit K extension of the keys-as-rows kernel (stats_ext_serves), written by
-    the same kernel over every padded row."""
+    ext (batched): (extension, −1 / scale2) as stats_ext_buffers makes it, the (B, Hq, padded Sq, 16) 16-bit K
+    extension of lse2 and Delta for the keys-as-rows kernel (stats_ext_serves), written by the same kernel over every
+    padded row."""
     from ..triton import backward as tb
     varlen = cu_seqlens_q is not None
     device, hq, dvh = out.device, out.shape[-2], out.shape[-1]
@@ -2528,7 +2527,7 @@ def prep_arguments(dout, out, lse, dlse, sink, cu_seqlens_q, batch, seqlen_q, de
     tail = (*tb._bsh_strides(out, varlen), *tb._bsh_strides(dout, varlen), *tb._lse_strides(lse, varlen),
             *(tb._lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)),
             *tb._lse_strides(delta, varlen)[:2], delta_al.stride(0) if aligned is not None else 0, seqlen_q, hq, dvh,
-            dq_width, ext_rows, float(ext[2]) if ext is not None else 1.0)
+            dq_width, ext_rows, float(ext[1]) if ext is not None else 1.0)
     constexprs = dict(VARLEN_Q=varlen, HAS_DLSE=dlse is not None, HAS_SINK=sink is not None, BLOCK_M=prep_m,
                       BLOCK_DV=dv_pad, ALIGNED_COPY=aligned is not None, ZERO_DQ=dq_acc is not None,
                       BLOCK_DQ=max(triton.next_power_of_2(dq_width), 16), ZERO_COUNTER=counter is not None,

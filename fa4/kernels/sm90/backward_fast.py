@@ -106,9 +106,8 @@ class Replay:
         if self.stats_al_shape is not None:  # packed: (lse2, delta) copies at each sequence's aligned start
             stats_al = tuple(torch.empty(self.stats_al_shape, dtype=torch.float32, device=device) for _ in range(2))
         ext = None
-        if self.stats_ext_shape is not None:  # filled by the preprocess (its STATS_EXT slots)
-            one = torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device)  # both (stats_ext_buffers)
-            ext = (one, one)
+        if self.stats_ext_shape is not None:  # filled by the preprocess (its STATS_EXT slot; stats_ext_buffers)
+            ext = torch.empty(self.stats_ext_shape, dtype=q.dtype, device=device)
         # Batched calls have the preprocess zero the accumulator and the counter (its ZERO_DQ slots; packed: unused).
         zero_acc = dp if self.varlen else dq_acc.data_ptr()
         zero_ctr = cp if self.persistent and not self.varlen else dp
@@ -118,14 +117,14 @@ class Replay:
                         dp, l2p, dp, cu_q.data_ptr() if self.varlen else lp,
                         stats_al[1].data_ptr() if stats_al is not None else dp,
                         stats_al[0].data_ptr() if stats_al is not None else l2p, zero_acc, zero_ctr,
-                        ext[0].data_ptr() if ext is not None else l2p],
+                        ext.data_ptr() if ext is not None else l2p],
                        raw_stream(index))
         dummy = bwd._dummy_i32(device)
         ctr = cp if self.persistent else dummy
         if self.chain_shape is not None:  # deterministic=True through the main kernel's ordered dQ chain
             ctr = torch.zeros(self.chain_shape, dtype=torch.int32, device=device)
-        if ext is not None:
-            lse2_src, delta_src = ext
+        if ext is not None:  # both boxes from the one tensor
+            lse2_src = delta_src = ext
         elif self.stats_tma:
             lse2_src, delta_src = stats_al if self.varlen else (lse2, delta)
         else:
