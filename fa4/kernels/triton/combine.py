@@ -18,6 +18,23 @@ from triton.language.extra import cuda as tl_cuda
 
 
 @triton.jit
+def merged_lse(lse_s, sink, HAS_SINK: tl.constexpr):
+    """The merge's statistics over axis 0 of lse_s (the splits; any trailing axes are rows, and sink broadcasts
+    against them): lse = m + log(Σ_s exp(lse_s − m) [+ exp(sink − m)]) around the largest term m (0 when every term
+    is −inf, to avoid inf − inf), −inf when nothing is visible; and the shift of the weights exp(lse_s − shift):
+    lse, or 0 where it is −inf. Shared by _combine_kernel and decode's in-cluster merge."""
+    m = tl.max(lse_s, 0)
+    if HAS_SINK:
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(lse_s - tl.expand_dims(m, 0)), 0)
+    if HAS_SINK:
+        total += tl.exp(sink - m)
+    lse = tl.where(total > 0.0, m + tl.log(total), float("-inf"))
+    return lse, tl.where(total > 0.0, lse, 0.0)
+
+
+@triton.jit
 def _combine_kernel(OutPartial, LsePartial, Out, Lse, Sink,
                     num_splits, seqlen, num_heads,
                     stride_pn, stride_pb, stride_ps, stride_ph,
@@ -40,19 +57,10 @@ def _combine_kernel(OutPartial, LsePartial, Out, Lse, Sink,
     lse_row = LsePartial + b.to(tl.int64) * stride_lb + s.to(tl.int64) * stride_ls + h.to(tl.int64) * stride_lh
     o_row = OutPartial + b.to(tl.int64) * stride_pb + s.to(tl.int64) * stride_ps + h.to(tl.int64) * stride_ph
 
-    # lse = m + log Σ exp(lse_s - m), m the largest term (0 when every term is -inf, to avoid inf - inf).
     splits = tl.arange(0, BLOCK_SPLITS)
     lse_s = tl.load(lse_row + splits.to(tl.int64) * stride_ln, mask=splits < num_splits, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    if HAS_SINK:
-        sink = tl.load(Sink + h).to(tl.float32)
-        m = tl.maximum(m, sink)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp(lse_s - m), 0)
-    if HAS_SINK:
-        total += tl.exp(sink - m)
-    lse = tl.where(total > 0.0, m + tl.log(total), float("-inf"))
-    lse_sub = tl.where(total > 0.0, lse, 0.0)
+    sink = tl.load(Sink + h).to(tl.float32) if HAS_SINK else 0.0
+    lse, lse_sub = merged_lse(lse_s, sink, HAS_SINK)
 
     offs_d = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)

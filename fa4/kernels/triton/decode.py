@@ -33,6 +33,7 @@ from fa4.kernels.direct_launch import Launch
 from fa4.kernels.direct_launch import current_device as _current_device
 from fa4.kernels.direct_launch import hooks_idle as _hooks_idle
 from fa4.kernels.direct_launch import raw_stream as _raw_stream
+from fa4.kernels.triton.combine import merged_lse
 from fa4.kernels.triton.common import LOG2E, tanh_via_exp2, visible_mask
 from fa4.kernels.triton.rotary import cache_length, cache_row, rotated_rows
 
@@ -72,16 +73,8 @@ def _merge_in_cluster(OutPartial, LsePartial, Out, Lse, Sink, split, b, tok, hea
     prow = ((sp[:, None] * batch + b).to(tl.int64) * seqlen_q + tok[None, :]) * num_heads + head[None, :]
     ok = (sp[:, None] < CLUSTER) & row_ok[None, :]
     lse_s = tl.load(LsePartial + prow, mask=ok, other=float("-inf"), cache_modifier=".cg")  # (splits, rows)
-    m = tl.max(lse_s, 0)
-    if HAS_SINK:
-        sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32)
-        m = tl.maximum(m, sink)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp(lse_s - m[None, :]), 0)
-    if HAS_SINK:
-        total += tl.exp(sink - m)
-    lse = tl.where(total > 0.0, m + tl.log(total), float("-inf"))
-    lse_sub = tl.where(total > 0.0, lse, 0.0)
+    sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32) if HAS_SINK else 0.0
+    lse, lse_sub = merged_lse(lse_s, sink, HAS_SINK)
     live = lse_s > float("-inf")
     w = tl.where(live, tl.exp(lse_s - lse_sub[None, :]), 0.0)
     cols = split * MERGE_COLS + tl.arange(0, MERGE_COLS)
