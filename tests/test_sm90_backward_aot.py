@@ -1205,10 +1205,10 @@ def test_d256_protocol_model_catches_early_q_release():
                for seed in range(60))
 
 
-def _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors, free_early=False):
-    """Consumer w's dQ share of `step` in the keys-as-rows models (two consumers, two dSᵀ buffers each by step
-    parity): wait for the other's dSᵀ of that step, read both consumers' dSᵀ and both K slots until the wgmma wait,
-    then release the other's buffer (free_early: before the product completed, a mistake the models must catch)."""
+def _kt_dq_issue(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors, free_early=False):
+    """The first half of consumer w's dQ share of `step` in the keys-as-rows models (two consumers, two dSᵀ buffers
+    each by step parity): wait for the other's dSᵀ of that step, then read both consumers' dSᵀ and both K slots
+    (free_early: the other's buffer released at once, a mistake the models must catch)."""
     nwg = 2
     other = 1 - w
     base = (step & 1) * nwg
@@ -1221,40 +1221,60 @@ def _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wai
     k_readers[1].add(w)
     if free_early:
         ds_free[base + other].arrive()
-    yield  # warpgroup_mma_wait(0)
+
+
+def _kt_dq_done(w, step, ds_free, ds_readers, k_readers, free_early=False):
+    """The second half, once the share's wgmma completed: the reads end and the other's buffer is released."""
+    base = (step & 1) * 2
     for b in (base, base + 1):
         ds_readers[b].discard(w)
     k_readers[0].discard(w)
     k_readers[1].discard(w)
     if not free_early:
-        ds_free[base + other].arrive()
+        ds_free[base + 1 - w].arrive()
 
 
-def _kt_ds_hand_over(w, s, previous, ds_ready, ds_free, ds_step, ds_readers, wait, errors, dq_share):
+def _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors, free_early=False):
+    """Consumer w's dQ share of `step`: issued (_kt_dq_issue), its wgmma waited for, done (_kt_dq_done)."""
+    yield from _kt_dq_issue(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors, free_early)
+    yield  # warpgroup_mma_wait(0)
+    _kt_dq_done(w, step, ds_free, ds_readers, k_readers, free_early)
+
+
+def _kt_ds_hand_over(w, s, previous, ds_ready, ds_free, ds_step, ds_readers, wait, errors, dq_share,
+                     dq_first=None):
     """Consumer w's dSᵀ of the CTA's step s into its buffer of that step's parity (after ds_free of the buffer's
     previous use), handed over by ds_ready; then (previous: the tile's step before s exists) the dQ share of step
     s − 1, whose wgmma wait also completes dV and dK of step s; without one, that wait alone. Both keys-as-rows
-    models run their steps through it."""
+    models run their steps through it. dq_first (DQ_FIRST): (issue, done) of the share, issued before this step's
+    hand-over and completed after it, with dV and dK's wait last."""
     nwg = 2
     own = (s & 1) * nwg + w
+    if dq_first is not None and previous:
+        yield from dq_first[0](w, s - 1)
     yield from wait(ds_free[own], ((s >> 1) & 1) ^ 1, s >> 1)
     if ds_readers[own]:
         errors.append(f"dS buffer {own} rewritten while consumers {ds_readers[own]} read it")
     ds_step[own] = s
     ds_ready[own].arrive()
-    if previous:
+    if dq_first is not None and previous:
+        yield  # warpgroup_mma_wait(2): the share
+        dq_first[1](w, s - 1)
+        yield  # the share staged and added; warpgroup_mma_wait(0): dV, dK
+    elif previous:
         yield from dq_share(w, s - 1)
     else:
         yield  # warpgroup_mma_wait(0)
 
 
-def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
+def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None, dq_first=False):
     """One random interleaving of the keys-as-rows kernel with DQ_LAG (backward_kt.py): the loader's Q / dO ring, two
     consumers, two dSᵀ buffers a consumer (by step parity) with ds_ready / ds_free each, every step's dQ share issued
     at the next step (reading both consumers' dSᵀ of that step and both consumers' K), the last one after the loop,
     and the wait before dK is staged in the consumer's own K slot. The kernel's order of barrier operations and its
     parity formulas; returns None, or what went wrong. mistake: "no_k_wait" (dK staged without waiting for the
-    other consumer's last dQ), "free_early" (ds_free arrived before the dQ product completed)."""
+    other consumer's last dQ), "free_early" (ds_free arrived before the dQ product completed). dq_first: each
+    step's share issued before its hand-over (DQ_FIRST)."""
     rng = np.random.default_rng(seed)
     nwg = 2
     q_ready = [_Bar(1) for _ in range(stages)]
@@ -1274,6 +1294,12 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
         return _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors,
                             free_early=mistake == "free_early")
 
+    first = None
+    if dq_first:
+        first = (lambda w, step: _kt_dq_issue(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait,
+                                              errors, mistake == "free_early"),
+                 lambda w, step: _kt_dq_done(w, step, ds_free, ds_readers, k_readers, mistake == "free_early"))
+
     def consumer(w):
         for it in range(steps):
             idx, phase = it % stages, (it // stages) & 1
@@ -1281,7 +1307,7 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
             slot_users[idx].add(w)
             yield  # Sᵀ, dPᵀ, exp2, dS
             yield from _kt_ds_hand_over(w, it, it > 0, ds_ready, ds_free, ds_step, ds_readers, wait, errors,
-                                        dq_share)
+                                        dq_share, first)
             slot_users[idx].discard(w)
             q_empty[idx].arrive()
         last = steps - 1
@@ -1302,19 +1328,23 @@ def _kt_lag_protocol_run(seed, steps, stages=2, mistake=None):
                      _state, errors)
 
 
+@pytest.mark.parametrize("dq_first", [False, True], ids=["lag", "dq_first"])
 @pytest.mark.parametrize("stages", [2, 3])
-def test_kt_lag_protocol_model(stages):
+def test_kt_lag_protocol_model(stages, dq_first):
     for seed in range(100):
         for steps in (0, 1, 2, 3, 4, 7):
-            assert _kt_lag_protocol_run(seed, steps, stages) is None, (seed, steps)
+            assert _kt_lag_protocol_run(seed, steps, stages, dq_first=dq_first) is None, (seed, steps)
 
 
-def test_kt_lag_protocol_model_catches_mistakes():
-    assert any("while" in str(_kt_lag_protocol_run(seed, 3, mistake="no_k_wait")) for seed in range(60))
-    assert any("rewritten while" in str(_kt_lag_protocol_run(seed, 5, mistake="free_early")) for seed in range(60))
+@pytest.mark.parametrize("dq_first", [False, True], ids=["lag", "dq_first"])
+def test_kt_lag_protocol_model_catches_mistakes(dq_first):
+    assert any("while" in str(_kt_lag_protocol_run(seed, 3, mistake="no_k_wait", dq_first=dq_first))
+               for seed in range(60))
+    assert any("rewritten while" in str(_kt_lag_protocol_run(seed, 5, mistake="free_early", dq_first=dq_first))
+               for seed in range(60))
 
 
-def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
+def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None, dq_first=False):
     """The keys-as-rows kernel on the persistent grid (backward_kt.py, PERSIST), one CTA: the loader draws the tiles
     (their step counts in `tiles`, then the end) into the two-slot id ring (tile_ready / tile_free), loads each
     tile's first min(steps, stages) Q / dO blocks, then K once both consumers handed it back (k_free) and V likewise
@@ -1323,7 +1353,7 @@ def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
     stage dK (after the other consumer's last dQ product) and hand K back, then dV and V. Ring slots, phases and
     tile counts carry across tiles, as in the kernel. Returns None, or what went wrong. mistake: "no_k_free" (K
     reloaded without waiting for k_free), "v_unwaited" (V never waited for), "dv_unwaited" (dV staged without the
-    wait, which a tile without steps needs: its V may still be landing)."""
+    wait, which a tile without steps needs: its V may still be landing). dq_first: DQ_FIRST's order of a step."""
     rng = np.random.default_rng(seed)
     nwg = 2
     q_ready = [_Bar(1) for _ in range(stages)]
@@ -1388,6 +1418,12 @@ def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
     def dq_share(w, step):
         return _kt_dq_share(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait, errors)
 
+    first = None
+    if dq_first:
+        first = (lambda w, step: _kt_dq_issue(w, step, ds_ready, ds_free, ds_step, ds_readers, k_readers, wait,
+                                              errors),
+                 lambda w, step: _kt_dq_done(w, step, ds_free, ds_readers, k_readers))
+
     def consumer(w):
         ring = gstep = 0
         for f in range(end + 1):
@@ -1413,7 +1449,7 @@ def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
                     v_users.add(w)
                 yield  # Sᵀ, dPᵀ, exp2, dS
                 yield from _kt_ds_hand_over(w, gstep + it, it > 0, ds_ready, ds_free, ds_step, ds_readers, wait,
-                                            errors, dq_share)
+                                            errors, dq_share, first)
                 slot_users[idx].discard(w)
                 q_empty[idx].arrive()
                 ring += 1
@@ -1444,11 +1480,12 @@ def _kt_persistent_protocol_run(seed, tiles, stages=2, mistake=None):
     return _schedule(rng, [loader()] + [consumer(w) for w in range(nwg)], tma, land, _state, errors)
 
 
+@pytest.mark.parametrize("dq_first", [False, True], ids=["lag", "dq_first"])
 @pytest.mark.parametrize("stages", [2, 3])
-def test_kt_persistent_protocol_model(stages):
+def test_kt_persistent_protocol_model(stages, dq_first):
     for seed in range(60):
         for tiles in ([3], [0], [1, 0, 2], [4, 1, 1, 5], [2, 2, 2, 2, 2], [0, 0, 3, 0]):
-            assert _kt_persistent_protocol_run(seed, tiles, stages) is None, (seed, tiles)
+            assert _kt_persistent_protocol_run(seed, tiles, stages, dq_first=dq_first) is None, (seed, tiles)
 
 
 def test_kt_persistent_protocol_model_catches_mistakes():
