@@ -624,6 +624,44 @@ def test_chain_by_default(monkeypatch, case):
     assert len(made) == 4, made
 
 
+# Calls whose persistent chain's last links write dQ themselves (backward.DQ_CAST, dq_cast_serves: under a right
+# window), with and without deterministic=True: odd lengths (the last query block clipped by the TMA store), head
+# dims padded (its columns clipped), Sq < Sk, GQA, D = 64; and one without a right window, which casts after the
+# kernel.
+DQ_CAST_CASES = [
+    (1, 2048, 2100, 4, 4, 128, 128, -1, 700, 0.0, False, False),    # a right window, Sq < Sk
+    (3, 200, 200, 4, 2, 128, 128, -1, 0, 0.0, False, False),        # causal, GQA, odd length
+    (1, 700, 1024, 4, 4, 128, 128, -1, 0, 0.0, False, False),       # causal, Sq < Sk
+    (1, 1500, 1500, 4, 1, 96, 96, -1, 0, 0.0, False, False),        # causal, MQA, D padded to 128, odd length
+    (2, 1000, 1000, 8, 2, 64, 64, -1, 0, 0.0, False, False),        # causal D = 64, GQA
+    (1, 700, 1024, 4, 4, 40, 40, -1, 0, 0.0, False, False),         # causal, D padded to 64, Sq < Sk
+    (1, 2048, 2048, 4, 4, 128, 128, -1, -1, 0.0, False, False),     # no right window: the cast after the kernel
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", DQ_CAST_CASES, ids=[backward_case_id(c) for c in DQ_CAST_CASES])
+def test_dq_cast(monkeypatch, case, dtype, deterministic):
+    """The kernel writes dQ (dq_out given to the launch), the gradients pass the numerics rule with the allocator
+    poisoned (every row of dQ written), and they equal bitwise those of the same call with the cast after the kernel
+    (DQ_CAST off): the same fp32 sums, rounded to nearest either way."""
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device=DEV, dtype=dtype)
+    cast = []
+    real = bwd._launch_main
+    monkeypatch.setattr(bwd, "_launch_main", lambda *a, **o: cast.append(o.get("dq_out") is not None) or real(*a, **o))
+    got = check_backend_backward(bwd.backward, q, k, v, dout=dout, deterministic=deterministic, **kw)
+    assert cast == [kw["right"] >= 0], cast
+    monkeypatch.setattr(bwd, "DQ_CAST", False)
+    cast.clear()
+    after = check_backend_backward(bwd.backward, q, k, v, dout=dout, deterministic=deterministic, **kw)
+    assert cast == [False], cast
+    for name, a, b in zip(("dq", "dk", "dv"), got[:3], after[:3]):
+        assert torch.equal(a, b), f"{name} differs with the cast after the kernel"
+
+
 # Causal calls with large GQA groups: each kv head's group split over virtual kv heads (backward.gqa_split).
 GQA_SPLIT_CASES = [
     (2, 1000, 1000, 16, 1, 128, 128, -1, 0, 0.0, False, True),     # MQA, odd length, lse gradient

@@ -1623,6 +1623,49 @@ def _kt_dq_descriptor(acc, tile, varlen):
     return _dq_descriptor(acc, tile.block_m, varlen, tile.num_wg)
 
 
+def _kt_dq_out_descriptor(dq, tile, varlen):
+    """DQ_CAST: the keys-as-rows kernel's boxes of dQ itself (q's dtype), the same boxes as its accumulator's."""
+    rows = WG_KEYS if tile.block_m == 2 * WG_KEYS else tile.block_m
+    d = configs.tile_dim(dq.shape[-1]) // (1 if tile.block_m == 2 * WG_KEYS else tile.num_wg)
+    block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[dq.dtype])
+    return TensorDescriptor(dq, shape=list(dq.shape), strides=list(dq.stride()), block_shape=block, layout=layout)
+
+
+def _dq_out_placeholder(tile, d, dtype, varlen, device):
+    """A keys-as-rows launch without DQ_CAST: some tensor of q's dtype for its dQ descriptor (never touched)."""
+    key = (device.type, device.index, tile.block_m, d, dtype, varlen)
+    if key not in _DQ_OUT_PLACEHOLDERS:
+        rows = tile.block_m
+        _DQ_OUT_PLACEHOLDERS[key] = torch.zeros((rows, 1, d) if varlen else (1, rows, 1, d), dtype=dtype,
+                                                device=device)
+    return _DQ_OUT_PLACEHOLDERS[key]
+
+
+_DQ_OUT_PLACEHOLDERS = {}
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+# The persistent chain's last link of each query block writes dQ in the input dtype from the completed fp32 sum
+# (backward_kt._cast_share), instead of a cast of the whole accumulator after the kernel (~68 µs a call at the
+# training suite's sizes, 201 MB of traffic); False: the cast after the kernel (probes flip it for A/B).
+DQ_CAST = True
+
+
+def dq_cast_serves(tile, store_first, d, window_right):
+    """Whether the main kernel writes dQ itself (DQ_CAST): the keys-as-rows tiles on the persistent grid's ascending
+    chain whose first link stores (dq_store_first_serves: batched, every query row visited, so every row has a last
+    link), under a right window (causal), where the writer's 16 KiB read-back tile fits beside the kernel's shared
+    memory. Under a right window each tile closes the chains of a few query blocks; without one the last key block's
+    tile closes all of its head's, at every step, and those tiles come last in the handout: H100 card 1752824021230,
+    bwd_flag_ab.py --flag DQ_CAST (5 rounds, best): causal D = 128 S = 1024 / 2048 / 4096 / 16384 1.038 / 1.020 /
+    1.038 / 1.010x, D = 64 S = 1024 1.072x; non-causal D = 128 S = 2048 / 4096 / 16384 0.905 / 0.900 / 0.944x
+    (benchmarks/NOTES.md, session 33)."""
+    if not (DQ_CAST and store_first and window_right >= 0 and tile.keys_as_rows and persistent_tiles(tile)):
+        return False
+    from .backward_kt import cast_bytes, smem_bytes as kt_bytes
+    return kt_bytes(tile, d, d) + cast_bytes(tile, d) <= configs.SMEM_LIMIT
+
+
 # lse2 and Delta by TMA into shared memory beside Q (STATS_TMA: the D <= 128 kernel; see stats_tma_serves); False:
 # loaded by the consumers from global memory (probes flip it for A/B: benchmarks/bwd_flag_ab.py).
 STATS_TMA = True
@@ -1740,8 +1783,9 @@ def _stats_sources(tile, varlen, lse2, delta, stats_al, device):
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None,
-                tile_ctr=None, dq_store_first=False, stats_ext=None):
-    """(grid, kernel arguments by name, constexprs by name) of the main kernel. tile_ctr: the zeroed int32 tile
+                tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None):
+    """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_out: dQ in q's dtype, written by
+    the keys-as-rows kernel itself (DQ_CAST, dq_cast_serves), or None. tile_ctr: the zeroed int32 tile
     counter of the persistent keys-as-rows grid (persistent_tiles); dq_store_first: the ordered chain's first link
     stores into an accumulator left unzeroed (dq_store_first_serves). dq_acc: fp32, q's shape
     (ignored when deterministic); lse2, delta: the preprocess outputs in lse's layout; dq_chain: the zeroed
@@ -1866,6 +1910,9 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if tile.keys_as_rows:
         args["n_bh"] = batch * hkv
         args["chunk"] = chunk
+        args["dqo_desc"] = _kt_dq_out_descriptor(
+            dq_out if dq_out is not None else _dq_out_placeholder(tile, d, q.dtype, varlen, q.device), tile, varlen)
+        constexprs["DQ_CAST"] = dq_out is not None
         constexprs["PERSIST"] = False
         if persistent_tiles(tile):
             constexprs["PERSIST"] = True
@@ -2259,6 +2306,10 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # then the chain counters' first slot, zeroed with them).
     store_first = chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q,
                                                   seqlen_k)
+    # The chain's last links write dQ itself (no cast after the kernel).
+    dq_out = None
+    if dq_cast_serves(tile, store_first, d, window_right):
+        dq_out = torch.empty(q.shape, dtype=q.dtype, device=device)
     tile_ctr = None
     persistent = persistent_tiles(tile)
     zero = None
@@ -2284,7 +2335,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, tile_ctr=tile_ctr,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
-                dq_store_first=store_first, stats_ext=None if ext is None else ext[0],
+                dq_store_first=store_first, stats_ext=None if ext is None else ext[0], dq_out=dq_out,
                 dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
@@ -2327,13 +2378,14 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
                          window_left=window_left, window_right=window_right, softcap=softcap,
-                         deterministic=deterministic)
-    return dq_acc.to(q.dtype), dk, dv, sink_gradient(dsink_part, sink)
+                         deterministic=deterministic, dq_cast=dq_out is not None)
+    dq = dq_out if dq_out is not None else dq_acc.to(q.dtype)
+    return dq, dk, dv, sink_gradient(dsink_part, sink)
 
 
 def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, ext, tile, plan, batch, seqlen_q,
                      chain_shape, *, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, softcap, deterministic):
+                     window_left, window_right, softcap, deterministic, dq_cast=False):
     """Keep a plain-route call's decisions and launches for the next call of its signature (backward_fast)."""
     from . import backward_fast
     varlen = cu_seqlens_q is not None
@@ -2347,7 +2399,7 @@ def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al,
     backward_fast.remember(key, backward_fast.Replay(
         tile, batch, seqlen_q, persistent_tiles(tile), prep, plan, chain_shape, varlen=varlen,
         zero_dkdv=varlen or seqused_k is not None, stats_al_shape=None if stats_al is None else stats_al[0].shape,
-        stats_ext_shape=None if ext is None else ext[0].shape))
+        stats_ext_shape=None if ext is None else ext[0].shape, dq_cast=dq_cast))
 
 
 def dq_accumulator(q, varlen, persistent):
@@ -2362,6 +2414,8 @@ def dq_accumulator(q, varlen, persistent):
 # The main kernel's parameters filled per call, for its cached launch plans (launch.Plan).
 BWD_DESCS = (("q_desc", "q"), ("k_desc", "k"), ("v_desc", "v"), ("do_desc", "dout"), ("dk_desc", "dk"),
              ("dv_desc", "dv"), ("dq_desc", "dq"), ("lse2_desc", "lse2_stats"), ("delta_desc", "delta_stats"))
+# The keys-as-rows kernel's also: dQ itself (DQ_CAST; a placeholder otherwise).
+BWD_KT_DESCS = BWD_DESCS + (("dqo_desc", "dq_out"), )
 BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta_ptr", "delta"),
                ("sink_ptr", "sink"), ("dsink_ptr", "dsink"), ("dq_ctr", "dq_chain"), ("cu_q", "cu_q"),
                ("cu_k", "cu_k"), ("seqused", "seqused"))
@@ -2369,7 +2423,7 @@ BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False, stats_ext=None):
+                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -2381,7 +2435,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
-            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT)
+            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT, dq_out is not None)
 
 
 def _dq_placeholder(tile, d, varlen, device):
@@ -2399,6 +2453,13 @@ def kernel_for(tile):
         from .backward_kt import attn_bwd_kt_kernel
         return attn_bwd_kt_kernel
     return attn_bwd_kernel
+
+
+def _dq_out_tensor(dq_out, tile, q, varlen):
+    """The tensor behind a keys-as-rows launch's dQ descriptor: dQ itself (DQ_CAST), else the placeholder."""
+    if dq_out is not None or not tile.keys_as_rows:
+        return dq_out
+    return _dq_out_placeholder(tile, configs.tile_dim(q.shape[-1]), q.dtype, varlen, q.device)
 
 
 def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
@@ -2427,7 +2488,8 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
                 sink=opts["sink"] if parts is not None else lse2, dsink=parts if parts is not None else lse2,
                 dq_chain=next(c for c in (opts["dq_chain"], opts.get("tile_ctr"), dummy) if c is not None),
                 cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
-                seqused=used if used is not None else dummy))
+                seqused=used if used is not None else dummy, dq_out=_dq_out_tensor(opts.get("dq_out"), tile, q,
+                                                                                   varlen)))
             return plan
     grid, args, constexprs = launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile=tile, **opts)
     if not all(g > 0 for g in grid):
@@ -2436,7 +2498,8 @@ def _launch_main(dout, q, k, v, dq_acc, dk, dv, lse2, delta, tile, **opts):
     with torch.cuda.device(q.device):  # Triton launches on the current device
         compiled = kernel[grid](**args, **constexprs, num_warps=4)
     if fast and compiled is not None and hasattr(compiled, "packed_metadata"):
-        plan = launch.Plan(kernel.arg_names, args, constexprs, grid, compiled, descs=BWD_DESCS, tensors=BWD_TENSORS)
+        plan = launch.Plan(kernel.arg_names, args, constexprs, grid, compiled,
+                           descs=BWD_KT_DESCS if tile.keys_as_rows else BWD_DESCS, tensors=BWD_TENSORS)
         launch.store(key, plan)
         return plan
     return True

@@ -14,6 +14,10 @@ from ..triton.backward import aligned_length
 from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sample_inputs
 
 
+def tile_obj_dim(d):
+    return triton.next_power_of_2(max(d, 64))
+
+
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, varlen=False,
                    gqa=1, seqused=False, deterministic=False, tile=None, sink_partials=False, dq_chain=False):
     """Compile one configuration of attn_bwd_kernel for sm_90a; returns triton's CompiledKernel.
@@ -50,7 +54,11 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
                                                                    s),
         # Packed calls read lse2 / Delta by TMA from the preprocess's aligned copies (backward_checked).
         stats_al=(tuple(torch.zeros(hq, aligned_length(b * s, b)) for _ in range(2))
-                  if varlen and backward.stats_tma_serves(tile_obj, varlen) else None))
+                  if varlen and backward.stats_tma_serves(tile_obj, varlen) else None),
+        # The chain's last links write dQ itself where backward_checked would have them (DQ_CAST).
+        dq_out=torch.zeros(q.shape, dtype=dtype) if dq_chain and backward.dq_cast_serves(
+            tile_obj, backward.dq_store_first_serves(tile_obj, left, right, varlen, seqused or None, s, s),
+            tile_obj_dim(d), right) else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)

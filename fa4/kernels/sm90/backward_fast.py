@@ -39,7 +39,7 @@ def _switches():
             bwd.CHAIN_BY_DEFAULT_D64, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA,
             bwd.D64_CAUSAL_CHAIN, bwd.D64_CAUSAL_CHAIN_MAX_ROWS, bwd.D64_CAUSAL_CHAIN_MAX_ROWS_DET,
             bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, tuple(bwd.GQA_SPLIT_HEADS.items()), bwd.STATS_TMA,
-            bwd.KEYS_AS_ROWS_D128, bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT,
+            bwd.KEYS_AS_ROWS_D128, bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT, bwd.DQ_CAST,
             id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
             id(bwd.backward_checked), id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
 
@@ -71,10 +71,10 @@ class Replay:
     descriptors) and whose query length needs no padding rows keep Delta, lse2 and the tile counter in one workspace
     allocation, passed to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
     __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "chain_shape", "varlen",
-                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma", "stats_ext_shape")
+                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma", "stats_ext_shape", "dq_cast")
 
     def __init__(self, tile, batch, seqlen_q, persistent, prep, plan, chain_shape=None, *, varlen=False,
-                 zero_dkdv=False, stats_al_shape=None, stats_ext_shape=None):
+                 zero_dkdv=False, stats_al_shape=None, stats_ext_shape=None, dq_cast=False):
         self.tile, self.batch, self.seqlen_q, self.persistent = tile, batch, seqlen_q, persistent
         self.prep, self.plan, self.chain_shape = prep, plan, chain_shape
         self.varlen, self.zero_dkdv, self.stats_al_shape = varlen, zero_dkdv, stats_al_shape
@@ -82,6 +82,7 @@ class Replay:
         self.workspace = not varlen and plan.raw is not None and seqlen_q % tile.block_m == 0
         self.stats_tma = bwd.stats_tma_serves(tile, varlen)
         self.stats_ext_shape = stats_ext_shape  # the statistics' K extensions (bwd.stats_ext_buffers)
+        self.dq_cast = dq_cast  # the main kernel writes dQ itself (bwd.dq_cast_serves)
 
     def __call__(self, dout, q, k, v, out, lse, dlse, cu_q=None, cu_k=None, seqused=None):
         device, index = q.device, q.device.index
@@ -129,13 +130,15 @@ class Replay:
             lse2_src, delta_src = stats_al if self.varlen else (lse2, delta)
         else:
             lse2_src = delta_src = bwd._stats_placeholder(device, self.tile.block_m, self.varlen)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=device) if self.dq_cast else None
         self.plan.launch_tensors(index, dict(
             q=q, k=k, v=v, dout=dout, dk=dk, dv=dv, dq=dq_acc, lse2=lse2, delta=delta, lse2_stats=lse2_src,
             delta_stats=delta_src, sink=lse2, dsink=lse2, dq_chain=ctr,
             cu_q=cu_q if cu_q is not None else dummy, cu_k=cu_k if cu_k is not None else dummy,
-            seqused=seqused if seqused is not None else dummy))
+            seqused=seqused if seqused is not None else dummy,
+            dq_out=bwd._dq_out_tensor(dq, self.tile, q, self.varlen)))
         del keep  # freed now: the caching allocator gives the block only to work queued after these kernels
-        return dq_acc.to(q.dtype), dk, dv
+        return (dq if dq is not None else dq_acc.to(q.dtype)), dk, dv
 
 
 class SplitReplay:

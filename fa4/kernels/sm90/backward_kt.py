@@ -110,6 +110,12 @@ def smem_bytes(tile, d, dv, elem=2):
     return kv + qdo + ds + dq + ones + configs.SMEM_RESERVE
 
 
+def cast_bytes(tile, d):
+    """DQ_CAST's shared memory beside smem_bytes: the writer's fp32 read-back of one consumer's dQ share (the box of
+    the accumulator's descriptor, BM·D / 2 floats either way) and its barrier."""
+    return tile.block_m * d // tile.num_wg * 4 + 8
+
+
 @gluon.jit
 def _mask_t(p, s, kr0, m0, seq_q, seq_k):
     """-inf where key (row) kr0 + r is not visible to query (column) m0 + c; only in blocks that need it.
@@ -607,17 +613,66 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
 
 
 @gluon.jit
-def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr):
+def _last_link(p, m0, seq_q, seq_k):
+    """The key block whose add closes query block m0's ascending chain: the last one that sees any of its rows (the
+    bound _dq_chain_wait's descending form starts from)."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    last = (seq_k - 1) // BN
+    if p.HAS_WR:
+        x = m0 + p.BM + (seq_k - seq_q) + p.window_right
+        last = gl.minimum((x - 1) // BN, last)
+    return last
+
+
+@gluon.jit
+def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w: gl.constexpr):
+    """DQ_CAST: the fp32 sum of consumer w's share of query block m0, complete once this (last) link's add has
+    completed (release_step waited for it), read back by TMA, converted to the input dtype in place and stored into
+    dQ itself. The 16-bit tile ([R, C], 128-byte rows, swizzled) occupies the bytes of the fp32 tile's first 32
+    columns ([R, 32], 128-byte rows, the same swizzle), row for row; each chunk of 8 rows (a whole swizzle period)
+    is loaded before it is overwritten, and no later chunk reads those bytes. n_cast: the casts before (cast_ready's
+    parity). Returns n_cast + 1."""
+    R: gl.constexpr = p.dq_desc.block_type.shape[-3]
+    C: gl.constexpr = p.dq_desc.block_type.shape[-1]
+    CH: gl.constexpr = 8
+    dtype: gl.constexpr = dqo_desc.dtype
+    coord = dq_share_coord(p, b, h, q_start, m0, w, True)
+    # The previous cast's conversion read this tile through the generic proxy; the TMA load writes it.
+    fence_async_shared()
+    mbarrier.expect(cast_ready, p.dq_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(p.dq_desc, coord, cast_ready, cast_s)
+    mbarrier.wait(cast_ready, n_cast & 1)
+    acc = cast_s.reshape([R, C])
+    out = cast_s._reinterpret(dtype, dqo_desc.block_type.shape, dqo_desc.layout)
+    out2 = out.reshape([R, C])
+    # One warp: 8 rows x C columns a chunk, 8 consecutive values a lane (16 at C = 64).
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [1, 1], [1, 0])
+    for r in gl.static_range(0, R, CH):
+        x = acc.slice(r, CH, dim=0).load(layout)
+        out2.slice(r, CH, dim=0).store(x.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dqo_desc, coord, out)
+    # The next cast's load rewrites the tile: its bytes read first.
+    tma.store_wait(0)
+    return n_cast + 1
+
+
+@gluon.jit
+def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, dqo_desc, cast_s, cast_ready,
+                       DQ_CAST: gl.constexpr):
     """backward.dq_writer over the persistent grid's tiles (deterministic=True: the ascending chain, ORDERED_DQ = 1):
     each tile from the handout like the consumers, its steps in their order (_step_block: top-down under a right
     window), the staged shares paired by the CTA's step count s. A tile's chains wait only on lower key blocks of
     the same (sequence, kv head), whose tiles have lower indices (_tile_coords runs a chunk's key blocks in order)
     and were handed out earlier to CTAs that work their tiles in order, so the lowest unfinished tile never waits:
-    no deadlock. Chain counters behind the tile counter (CHAIN_CTR). STORE_FIRST: write_step's."""
+    no deadlock. Chain counters behind the tile counter (CHAIN_CTR). STORE_FIRST: write_step's. DQ_CAST: the last
+    link of each chain (_last_link) also writes dQ itself from the completed sum (_cast_share), so that no pass over
+    the fp32 accumulator follows the kernel."""
     BN: gl.constexpr = KEYS_PER_WG * p.NWG
     n_tiles = _tile_count(p, n_bh)
     gstep = gl.to_tensor(0)
     fcount = gl.to_tensor(0)
+    n_cast = gl.to_tensor(0)
     t = handout.take(tiles, fcount, 1)
     while t < n_tiles:
         nb, b, hk, seq_q, seq_k, q_start, k_start = _tile_coords(p, t, n_bh, chunk)
@@ -630,6 +685,10 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr):
                 write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True, STORE_FIRST)
                 if p.ORDERED_DQ != 0:
                     release_step(p, b, h, m0, CHAIN_CTR)
+                if DQ_CAST:
+                    if nb == _last_link(p, m0, seq_q, seq_k):
+                        for w in gl.static_range(p.NWG):
+                            n_cast = _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w)
             gstep += p.group * n_m
         fcount += 1
         t = handout.take(tiles, fcount, 1)
@@ -689,7 +748,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, STATS_EXT: gl.constexpr = False,
-                       n_bh=1, chunk=1):
+                       DQ_CAST: gl.constexpr = False, n_bh=1, chunk=1, dqo_desc=None):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
@@ -703,6 +762,10 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     # (Without ORDERED_DQ the persistent writer issues the unordered adds: tile.dq_writer, a probe.)
     gl.static_assert(not (ORDERED_DQ != 0 and CTA_CHUNKED), "the ordered chain's CTAs in _cta_block's plain order")
     gl.static_assert(not (PERSIST and (TRACE or CTA_CHUNKED)), "the persistent grid orders its own tiles, untraced")
+    # The cast needs the complete sum of a query block: the persistent grid's ascending chain, whose last link knows
+    # it is last, over an accumulator the first link stored (every row visited).
+    gl.static_assert(not DQ_CAST or (PERSIST and DQ_WRITER and ORDERED_DQ == 1 and DQ_STORE_FIRST),
+                     "dQ cast in the kernel: the persistent ascending chain with its first link storing")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -733,6 +796,14 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
     else:
         lse2_smem = q_smem  # placeholders, never touched
         delta_smem = q_smem
+    if DQ_CAST:
+        # The writer's read-back of a completed fp32 share, converted there in place (_cast_share).
+        cast_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+        cast_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(cast_ready, count=1)
+    else:
+        cast_smem = dq_smem  # placeholders, never touched
+        cast_ready = dq_smem
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -788,7 +859,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
                             (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk)),
-                            (_writer_persistent, (p, bufs, tiles, n_bh, chunk, DQ_STORE_FIRST))], [4, 1, 1],
+                            (_writer_persistent, (p, bufs, tiles, n_bh, chunk, DQ_STORE_FIRST, dqo_desc, cast_smem,
+                                                  cast_ready, DQ_CAST))], [4, 1, 1],
                            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     elif PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
