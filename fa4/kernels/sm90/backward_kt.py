@@ -88,7 +88,7 @@ from .dq_staging import store_dq_staging
 from .attention_fwd import _kv_coord, _next_slot, _opaque, _visible_pairs
 from .softmax import exp2_mixed
 from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, STATS_EXT_PARTS_C, STATS_EXT_WIDTH, STATS_EXT_WIDTH_C, WG_KEYS,
-                       BwdBuffers, BwdProblem, _cta_coords, _cta_event, _dq_chain_wait, _dq_counter,
+                       BwdBuffers, BwdProblem, _cta_coords, _cta_event,
                        _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows,
                        _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_writer, release_step,
                        write_step, writer_barriers)
@@ -625,57 +625,36 @@ def _last_link(p, m0, seq_q, seq_k):
 
 
 @gluon.jit
-def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, share, has_prev, b, h, q_start, m0, w: gl.constexpr):
-    """DQ_CAST, consumer w's share of query block m0 at its chain's last link: the fp32 sum of the links before
-    (written by them at L2, read back by TMA into cast_s; has_prev False: this link is also the first, nothing
-    before it) plus the staged share, rounded to the input dtype in place and stored into dQ itself by TMA. The
-    16-bit tile ([R, C], 128-byte rows, swizzled) occupies the bytes of the fp32 tile's first 32 columns ([R, 32],
-    128-byte rows, the same swizzle), row for row; each chunk of 8 rows (a whole swizzle period) is read before it
-    is overwritten, and no later chunk reads those bytes. n_cast: the read-backs before (cast_ready's parity).
-    Returns the read-backs so far."""
+def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w: gl.constexpr):
+    """DQ_CAST: the fp32 sum of consumer w's share of query block m0, complete once this (last) link's add has
+    completed (release_step waited for it), read back by TMA, converted to the input dtype in place and stored into
+    dQ itself. The 16-bit tile ([R, C], 128-byte rows, swizzled) occupies the bytes of the fp32 tile's first 32
+    columns ([R, 32], 128-byte rows, the same swizzle), row for row; each chunk of 8 rows (a whole swizzle period)
+    is loaded before it is overwritten, and no later chunk reads those bytes. n_cast: the casts before (cast_ready's
+    parity). Returns n_cast + 1."""
     R: gl.constexpr = p.dq_desc.block_type.shape[-3]
     C: gl.constexpr = p.dq_desc.block_type.shape[-1]
     CH: gl.constexpr = 8
     dtype: gl.constexpr = dqo_desc.dtype
     coord = dq_share_coord(p, b, h, q_start, m0, w, True)
-    if has_prev:
-        # The previous cast's conversion read and wrote this tile through the generic proxy; the TMA load writes it.
-        fence_async_shared()
-        mbarrier.expect(cast_ready, p.dq_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(p.dq_desc, coord, cast_ready, cast_s)
-        mbarrier.wait(cast_ready, n_cast & 1)
-        n_cast += 1
+    # The previous cast's conversion read this tile through the generic proxy; the TMA load writes it.
+    fence_async_shared()
+    mbarrier.expect(cast_ready, p.dq_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(p.dq_desc, coord, cast_ready, cast_s)
+    mbarrier.wait(cast_ready, n_cast & 1)
     acc = cast_s.reshape([R, C])
-    mine = share.reshape([R, C])
     out = cast_s._reinterpret(dtype, dqo_desc.block_type.shape, dqo_desc.layout)
     out2 = out.reshape([R, C])
     # One warp: 8 rows x C columns a chunk, 8 consecutive values a lane (16 at C = 64).
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [1, 1], [1, 0])
     for r in gl.static_range(0, R, CH):
-        x = mine.slice(r, CH, dim=0).load(layout)
-        if has_prev:
-            x += acc.slice(r, CH, dim=0).load(layout)
+        x = acc.slice(r, CH, dim=0).load(layout)
         out2.slice(r, CH, dim=0).store(x.to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(dqo_desc, coord, out)
-    return n_cast
-
-
-@gluon.jit
-def _write_step_cast(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, dqo_desc, cast_s, cast_ready, n_cast):
-    """backward.write_step where key block nb closes the chains of query block m0 (DQ_CAST, _last_link): each
-    consumer's share, once its turn comes, is summed with the links before it in the writer and stored into dQ
-    itself (_cast_share), instead of being added to the accumulator; its staging tile is free once read. Nothing
-    follows in these chains, so nothing is released. Returns the read-backs so far."""
-    for w in gl.static_range(p.NWG):
-        mbarrier.wait(bufs.dq_staged.index(w), s & 1)
-        _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + CHAIN_CTR, nb, m0, seq_q, seq_k)
-        n_cast = _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, bufs.dq.index(w), nb > 0, b, h, q_start, m0,
-                             w)
-        mbarrier.arrive(bufs.dq_free.index(w))
-        # The next share's read-back rewrites cast_s: this store has read it first.
-        tma.store_wait(0)
-    return n_cast
+    # The next cast's load rewrites the tile: its bytes read first.
+    tma.store_wait(0)
+    return n_cast + 1
 
 
 @gluon.jit
@@ -687,8 +666,8 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, d
     the same (sequence, kv head), whose tiles have lower indices (_tile_coords runs a chunk's key blocks in order)
     and were handed out earlier to CTAs that work their tiles in order, so the lowest unfinished tile never waits:
     no deadlock. Chain counters behind the tile counter (CHAIN_CTR). STORE_FIRST: write_step's. DQ_CAST: the last
-    link of each chain (_last_link) sums its share with the links before it and writes dQ itself
-    (_write_step_cast), so that no pass over the fp32 accumulator follows the kernel."""
+    link of each chain (_last_link) also writes dQ itself from the completed sum (_cast_share), so that no pass over
+    the fp32 accumulator follows the kernel."""
     BN: gl.constexpr = KEYS_PER_WG * p.NWG
     n_tiles = _tile_count(p, n_bh)
     gstep = gl.to_tensor(0)
@@ -703,14 +682,13 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, d
             n_m = m_hi - m_lo
             for it in range(p.group * n_m):
                 _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-                if DQ_CAST and nb == _last_link(p, m0, seq_q, seq_k):
-                    n_cast = _write_step_cast(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, dqo_desc,
-                                              cast_s, cast_ready, n_cast)
-                else:
-                    write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True,
-                               STORE_FIRST)
-                    if p.ORDERED_DQ != 0:
-                        release_step(p, b, h, m0, CHAIN_CTR)
+                write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True, STORE_FIRST)
+                if p.ORDERED_DQ != 0:
+                    release_step(p, b, h, m0, CHAIN_CTR)
+                if DQ_CAST:
+                    if nb == _last_link(p, m0, seq_q, seq_k):
+                        for w in gl.static_range(p.NWG):
+                            n_cast = _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w)
             gstep += p.group * n_m
         fcount += 1
         t = handout.take(tiles, fcount, 1)
