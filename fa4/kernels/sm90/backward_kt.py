@@ -68,7 +68,9 @@ two-slot ring (handout.py); each tile is _kt_tile's walk, with the Q / dO ring a
 across tiles by the CTA's global step count. The loader requests a tile's first Q / dO blocks before its K and V, whose
 slots the consumers hand back separately after storing dK (k_free) and then dV (v_free); V arrives on its own barrier
 (KvHandback.v_ready), waited for before the tile's first dPᵀ and before dV is staged. A Python model of this protocol
-runs under random schedules in tests/test_sm90_backward_aot.py.
+runs under random schedules in tests/test_sm90_backward_aot.py. DQ_CAST (backward.dq_cast_serves: the ascending
+chain whose first link stores, under a right window): the writer of each chain's last link (_last_link) reads the
+completed fp32 share back once its add has landed and stores dQ itself in the input dtype (_cast_share).
 
 Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True (the ordered chain through the writer
 warp, backward.dq_writer; on the persistent grid the ascending chain, _writer_persistent, walks top-down) and a sink
