@@ -1836,8 +1836,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         if stats_ext is None:
             stats_ext = stats_ext_combined(lse2, delta, -1.0 / qk_scale2(softmax_scale, softcap), q.dtype)
         # Both boxes come from the one tensor (Delta's from column STATS_EXT_DELTA_COL, the loader's coordinate).
-        descs["lse2_desc"] = _stats_ext_descriptor(stats_ext, tile.block_m)
-        descs["delta_desc"] = _stats_ext_descriptor(stats_ext, tile.block_m)
+        descs["lse2_desc"] = descs["delta_desc"] = _stats_ext_descriptor(stats_ext, tile.block_m)
     else:
         descs["lse2_desc"] = _stats_descriptor(lse2_src, tile.block_m)
         descs["delta_desc"] = _stats_descriptor(delta_src, tile.block_m)

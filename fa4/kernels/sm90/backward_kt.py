@@ -231,18 +231,27 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
 
 
 @gluon.jit
-def _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, s, it, WG: gl.constexpr, DV_EARLY: gl.constexpr,
-              dsa_layout: gl.constexpr):
-    """DQ_FIRST's middle of a step (DQ_LAG's hand-over): dV += Pᵀ·dO issued (unless DV_EARLY issued it), this
-    consumer's dSᵀ handed over in its buffer of global step s, dK += dSᵀ·Q issued. Returns dV and dK in flight."""
+def _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep, it, WG: gl.constexpr, DV_EARLY: gl.constexpr,
+              DQ_LAG: gl.constexpr, dsa_layout: gl.constexpr):
+    """The middle of a step: dV += Pᵀ·dO issued (unless DV_EARLY issued it); with dQ in the kernel this consumer's
+    dSᵀ handed over in its buffer of global step s = gstep + it (DQ_LAG: two a consumer, by step parity), once the other
+    consumer's dQ product that read it last completed (a fresh barrier passes parity 1); dK += dSᵀ·Q issued.
+    Returns dV and dK in flight."""
     NWG: gl.constexpr = p.NWG
     if not DV_EARLY:
         dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
-    own = (s & 1) * NWG + WG
-    mbarrier.wait(bufs.ds_free.index(own), ((s >> 1) & 1) ^ 1)
-    bufs.ds.index(own).store(ds16)
-    fence_async_shared()
-    mbarrier.arrive(bufs.ds_ready.index(own))
+    if p.DQ_ATOMIC:
+        # (s made here, after the dV issue: a register written before it moved ptxas's schedule of the loop.)
+        s = gstep + it
+        if DQ_LAG:
+            own = (s & 1) * NWG + WG
+            mbarrier.wait(bufs.ds_free.index(own), ((s >> 1) & 1) ^ 1)
+        else:
+            own = WG
+            mbarrier.wait(bufs.ds_free.index(own), (s & 1) ^ 1)
+        bufs.ds.index(own).store(ds16)
+        fence_async_shared()
+        mbarrier.arrive(bufs.ds_ready.index(own))
     _trace_step(p, WG, it, 5)
     dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
     return dv, dk
@@ -395,8 +404,8 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                     prev = (s_prev & 1) * NWG
                     mbarrier.wait(bufs.ds_ready.index(prev + OTHER), (s_prev >> 1) & 1)
                     dq = _dq_issue(p, bufs, prev, WG, QW, DQW, DQ_ROWS, dq_layout)
-                    dv_f, dk_f = _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep + it, it, WG, DV_EARLY,
-                                           dsa_layout)
+                    dv_f, dk_f = _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep, it, WG, DV_EARLY,
+                                           DQ_LAG, dsa_layout)
                     # Groups complete in order: all but this step's dK (and dV unless it went first) done.
                     dq = warpgroup_mma_wait(1 if DV_EARLY else 2, deps=(dq, ))
                     _trace_step(p, WG, it, 6)
@@ -405,8 +414,8 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                     _dq_add(p, bufs, dq, b, h_prev, q_start, m0_prev, WG, QW, DQW, DQ_ROWS, it, s_prev)
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv_f, dk_f))
                 else:
-                    dv_f, dk_f = _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep + it, it, WG, DV_EARLY,
-                                           dsa_layout)
+                    dv_f, dk_f = _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep, it, WG, DV_EARLY,
+                                           DQ_LAG, dsa_layout)
                     dv_done, dk_done = warpgroup_mma_wait(0, deps=(dv_f, dk_f))
                 mbarrier.arrive(bufs.q_empty.index(idx))
                 mbarrier.arrive(bufs.do_empty.index(idx))
@@ -415,23 +424,8 @@ def _kt_tile(p, bufs, kv_free, nb, b, hk, seq_q, seq_k, q_start, k_start, idx, p
                 h_prev = h
                 m0_prev = m0
             else:
-                if not DV_EARLY:
-                    dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
-                if p.DQ_ATOMIC:
-                    # dSᵀ into this consumer's buffer of the step (DQ_LAG: two a consumer, by step parity), once the
-                    # other consumer's dQ product that read it last completed (a fresh barrier passes parity 1).
-                    s = gstep + it
-                    if DQ_LAG:
-                        own = (s & 1) * NWG + WG
-                        mbarrier.wait(bufs.ds_free.index(own), ((s >> 1) & 1) ^ 1)
-                    else:
-                        own = WG
-                        mbarrier.wait(bufs.ds_free.index(own), (s & 1) ^ 1)
-                    bufs.ds.index(own).store(ds16)
-                    fence_async_shared()
-                    mbarrier.arrive(bufs.ds_ready.index(own))
-                _trace_step(p, WG, it, 5)
-                dk = warpgroup_mma(gl.convert_layout(ds16, dsa_layout), q_s, dk, is_async=True)
+                dv, dk = _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep, it, WG, DV_EARLY, DQ_LAG,
+                                   dsa_layout)
                 if p.DQ_ATOMIC and DQ_LAG:
                     # The previous step's dQ share: the consumers need each other's dSᵀ one step late only, so either
                     # may run up to a step ahead of the other instead of meeting at every step's hand-over.
