@@ -556,6 +556,61 @@ def test_dq_store_first_rule(monkeypatch):
             assert (lo, hi) == (0, -(-seq_q // 64)), (seq_q, seq_k, wr)
 
 
+def test_dq_cast_rule(monkeypatch):
+    """backward.dq_cast_serves: the kernel writes dQ itself only on the persistent keys-as-rows grid's ascending
+    chain whose first link stores (so every row has a last link), under a right window (without one the last key
+    block's tiles, handed out last, cast every step: measured 6-10% slower), where the read-back tile fits."""
+    from fa4.kernels.sm90 import backward as bwd, backward_kt, configs
+    persistent, shared = bwd.D128_CAUSAL_TILE, bwd.get_tile(128, 128)
+    d64 = bwd.get_tile(64, 64, persistent=True)
+    serves = bwd.dq_cast_serves
+    assert serves(persistent, True, 128, 0) and serves(persistent, True, 128, 700) and serves(d64, True, 64, 0)
+    assert not serves(persistent, True, 128, -1)              # no right window
+    assert not serves(persistent, False, 128, 0)              # the first link adds: rows without a last link
+    assert not serves(shared, True, 128, 0)                   # not the keys-as-rows kernel
+    assert not serves(bwd.get_tile(64, 64, persistent=False), True, 64, 0)   # one CTA a tile: no handout order
+    for tile, d in ((persistent, 128), (d64, 64)):
+        assert backward_kt.smem_bytes(tile, d, d) + backward_kt.cast_bytes(tile, d) <= configs.SMEM_LIMIT
+    monkeypatch.setattr(bwd, "DQ_CAST", False)
+    assert not serves(persistent, True, 128, 0)
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+@pytest.mark.parametrize("cast", [False, True], ids=["after-kernel", "in-kernel"])
+def test_kt_plan_dq_out(cast):
+    """The keys-as-rows launch's dQ descriptor (dqo_desc): over dQ itself with DQ_CAST (the accumulator's boxes, q's
+    dtype), else over a placeholder; a cached plan puts a later call's dQ into that slot."""
+    import torch
+    from fa4.kernels.sm90 import aot, backward, launch
+    b, s = aot.SAMPLE_BATCH, aot.SAMPLE_SEQLEN
+    tile = backward.D128_CAUSAL_TILE
+
+    def plan_args(seed):
+        t, _ = _bwd_case(seed, 128, False, False)
+        dq_out = torch.empty(t["q"].shape, dtype=t["q"].dtype) if cast else None
+        return t, dq_out, backward.launch_plan(
+            t["dout"], t["q"], t["k"], t["v"], t["dq"], t["dk"], t["dv"], t["lse2"], t["delta"], softmax_scale=0.1,
+            window_left=-1, window_right=0, softcap=0.0, tile=tile, dq_store_first=True, dq_out=dq_out,
+            dq_chain=backward.dq_chain_counters(tile, b, t["q"].shape[-2], s, "cpu"))
+
+    t1, out1, (grid, args, cx) = plan_args(1)
+    assert cx["DQ_CAST"] is cast and cx["DQ_STORE_FIRST"] and cx["PERSIST"]
+    desc, acc = args["dqo_desc"], args["dq_desc"]
+    assert desc.block_shape == acc.block_shape and desc.base.dtype == t1["q"].dtype
+    assert (desc.base is out1) if cast else (desc.base.shape != t1["q"].shape)
+    kern = backward.kernel_for(tile)
+    plan = launch.Plan(kern.arg_names, args, cx, grid, descs=backward.BWD_KT_DESCS, tensors=backward.BWD_TENSORS)
+    t2, out2, _ = plan_args(2)
+    dq_out = backward._dq_out_tensor(out2, tile, t2["q"], False)
+    vals = plan.bind(dict(q=t2["q"], k=t2["k"], v=t2["v"], dout=t2["dout"], dk=t2["dk"], dv=t2["dv"], dq=t2["dq"],
+                          lse2=t2["lse2"], delta=t2["delta"], lse2_stats=t2["lse2"], delta_stats=t2["delta"],
+                          sink=t2["lse2"], dsink=t2["lse2"], dq_chain=t2["dq_chain"], cu_q=t2["lse2"],
+                          cu_k=t2["lse2"], seqused=t2["lse2"], dq_out=dq_out))
+    bound = vals[kern.arg_names.index("dqo_desc")]
+    assert bound.base is dq_out and bound.block_shape == desc.block_shape
+    assert (dq_out is out2) if cast else dq_out.shape != t2["q"].shape
+
+
 def test_chain_by_default_rule(monkeypatch):
     """backward.chain_by_default: deterministic=False D = 128 calls take the persistent chain where it measured
     faster (batched, no left window, from KT_PERSIST_CHAIN_MIN_ROWS rows; masked ones only up to
