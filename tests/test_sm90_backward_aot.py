@@ -621,7 +621,9 @@ def test_chain_by_default_rule(monkeypatch):
                 seqlen_q=4096, softmax_scale=0.1)
     assert rule(**base)
     assert rule(**{**base, "seqlen_q": 16384}) and rule(**{**base, "d": 96, "dv": 100})
-    assert rule(**{**base, "window_right": 0, "seqlen_q": 2048}) and not rule(**{**base, "window_right": 0})
+    limit = bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED
+    assert rule(**{**base, "window_right": 0, "seqlen_q": limit})
+    assert not rule(**{**base, "window_right": 0, "seqlen_q": limit + 1})
     masked_rows = bwd.KT_PERSIST_CHAIN_MIN_ROWS_MASKED
     assert rule(**{**base, "window_right": 0, "seqlen_q": masked_rows})
     assert not rule(**{**base, "window_right": 0, "seqlen_q": masked_rows - 1})
@@ -749,7 +751,7 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
     for s, causal, want, d, group in ((4096, False, True, 128, 1), (1024, False, False, 128, 1),
                                       (1024, True, True, 128, 1), (512, True, True, 128, 1),
                                       (128, True, True, 128, 1), (64, True, False, 128, 1),
-                                      (4096, True, False, 128, 1), (2048, True, True, 128, 1),
+                                      (8192, True, False, 128, 1), (4096, True, True, 128, 1),
                                       (1024, False, True, 64, 1), (2048, False, False, 64, 1),
                                       (2048, False, True, 64, 2), (4096, False, False, 64, 4),
                                       (1024, True, True, 64, 1), (2048, True, False, 64, 1)):

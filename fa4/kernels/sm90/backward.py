@@ -2040,8 +2040,12 @@ KT_ASC_CHAIN_MIN_ROWS = 8192
 # 0.982x (median 0.993x), within that card's ±4% between identical builds at S = 1024: masked calls take it up to
 # 2048 rows only. The chain's first link stores (no zeroed accumulator) and a writer warp issues the adds; its
 # results are then also bitwise repeatable. False: the default's own tiles.
+# With DQ_CAST (session 33: the chain's last links write dQ, no cast after the kernel) up to 4096 masked rows:
+# bwd_flag_ab.py --flag CHAIN_BY_DEFAULT --causal-only with the limit patched, best (median) round, S = 4096 / 8192:
+# card 1652824192950 1.014 / 1.022x (1.031 / 1.012x), card 1652624817003 (7 rounds) 1.007 / 0.993x (1.027 /
+# 0.996x); session 32 without the cast, card 1753024036434, S = 4096 1.014x (1.009x). 8192 and up stay level.
 CHAIN_BY_DEFAULT = True
-CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
+CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 4096
 # The same at D = 64 (the persistent grid's chain of D64_PERSIST_DET) for calls without a window: deterministic over
 # the default, H100 cards 1753024033427 / 1752624024775 (det_cost.py, best of 3): S = 1024 -7.4 / -9.6%, 2048
 # -3.7 / -3.9%, 4096 +1.1 / -0.4% (level: not taken). Then on card 1653823054563 (bwd_flag_ab.py --flag
