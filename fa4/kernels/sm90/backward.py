@@ -1605,31 +1605,26 @@ def _tma_ready(t):
 
 
 def _dq_descriptor(acc, rows, varlen, parts=1):
-    """TMA descriptor of the fp32 dQ accumulator (q's shape): boxes of `rows` tokens of one head and
-    1 / parts of the (tile) head dim; the reduce-add is clipped at the tensor's bounds like a store.
+    """TMA descriptor of the fp32 dQ accumulator (q's shape; or of dQ itself, DQ_CAST): boxes of `rows` tokens of
+    one head and 1 / parts of the (tile) head dim; the reduce-add is clipped at the tensor's bounds like a store.
     (A 32-byte swizzle of the staging tiles removes their stores' bank conflicts but needs 2-4x the reduce-add boxes:
     measured 3-9% slower at D <= 128 and 34% at D = 256, session 24.)"""
     d = configs.tile_dim(acc.shape[-1]) // parts
     block = [rows, 1, d] if varlen else [1, rows, 1, d]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[acc.dtype])
     return TensorDescriptor(acc, shape=list(acc.shape), strides=list(acc.stride()), block_shape=block,
                             layout=layout)
 
 
+_GL_DTYPES = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
 def _kt_dq_descriptor(acc, tile, varlen):
-    """The keys-as-rows kernel's dQ boxes: [64 rows, D] with BM = 128 (a consumer's query rows), else [BM, D / 2]."""
+    """The keys-as-rows kernel's dQ boxes: [64 rows, D] with BM = 128 (a consumer's query rows), else [BM, D / 2];
+    over the fp32 accumulator, or over dQ itself (DQ_CAST's dqo_desc: the same boxes in q's dtype)."""
     if tile.block_m == 2 * WG_KEYS:
         return _dq_descriptor(acc, WG_KEYS, varlen, 1)
     return _dq_descriptor(acc, tile.block_m, varlen, tile.num_wg)
-
-
-def _kt_dq_out_descriptor(dq, tile, varlen):
-    """DQ_CAST: the keys-as-rows kernel's boxes of dQ itself (q's dtype), the same boxes as its accumulator's."""
-    rows = WG_KEYS if tile.block_m == 2 * WG_KEYS else tile.block_m
-    d = configs.tile_dim(dq.shape[-1]) // (1 if tile.block_m == 2 * WG_KEYS else tile.num_wg)
-    block = [rows, 1, d] if varlen else [1, rows, 1, d]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[dq.dtype])
-    return TensorDescriptor(dq, shape=list(dq.shape), strides=list(dq.stride()), block_shape=block, layout=layout)
 
 
 def _dq_out_placeholder(tile, d, dtype, varlen, device):
@@ -1643,7 +1638,6 @@ def _dq_out_placeholder(tile, d, dtype, varlen, device):
 
 
 _DQ_OUT_PLACEHOLDERS = {}
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 # The persistent chain's last link of each query block writes dQ in the input dtype from the completed fp32 sum
 # (backward_kt._cast_share), instead of a cast of the whole accumulator after the kernel (~68 µs a call at the
@@ -1657,9 +1651,9 @@ def dq_cast_serves(tile, store_first, d, window_right):
     link), under a right window (causal), where the writer's 16 KiB read-back tile fits beside the kernel's shared
     memory. Under a right window each tile closes the chains of a few query blocks; without one the last key block's
     tile closes all of its head's, at every step, and those tiles come last in the handout: H100 card 1752824021230,
-    bwd_flag_ab.py --flag DQ_CAST (5 rounds, best): causal D = 128 S = 1024 / 2048 / 4096 / 16384 1.038 / 1.020 /
-    1.038 / 1.010x, D = 64 S = 1024 1.072x; non-causal D = 128 S = 2048 / 4096 / 16384 0.905 / 0.900 / 0.944x
-    (benchmarks/NOTES.md, session 33)."""
+    bwd_flag_ab.py --flag DQ_CAST (5 rounds, best (median)): causal D = 128 S = 1024 / 2048 1.038 / 1.020x (1.034 /
+    1.028x), D = 64 S = 1024 1.072x (1.067x); non-causal D = 128 S = 2048 / 4096 / 16384 0.905 / 0.900 / 0.944x, and
+    0.95-1.00x even with the final chunk's casts left out (benchmarks/NOTES.md, session 33)."""
     if not (DQ_CAST and store_first and window_right >= 0 and tile.keys_as_rows and persistent_tiles(tile)):
         return False
     from .backward_kt import cast_bytes, smem_bytes as kt_bytes
@@ -1909,7 +1903,7 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     if tile.keys_as_rows:
         args["n_bh"] = batch * hkv
         args["chunk"] = chunk
-        args["dqo_desc"] = _kt_dq_out_descriptor(
+        args["dqo_desc"] = _kt_dq_descriptor(
             dq_out if dq_out is not None else _dq_out_placeholder(tile, d, q.dtype, varlen, q.device), tile, varlen)
         constexprs["DQ_CAST"] = dq_out is not None
         constexprs["PERSIST"] = False

@@ -14,7 +14,8 @@ from ..triton.backward import aligned_length
 from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sample_inputs
 
 
-def tile_obj_dim(d):
+def _tile_width(d):
+    """The tile's head-dim width for a head dim d (as compile_config picks the tile)."""
     return triton.next_power_of_2(max(d, 64))
 
 
@@ -58,7 +59,7 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         # The chain's last links write dQ itself where backward_checked would have them (DQ_CAST).
         dq_out=torch.zeros(q.shape, dtype=dtype) if dq_chain and backward.dq_cast_serves(
             tile_obj, backward.dq_store_first_serves(tile_obj, left, right, varlen, seqused or None, s, s),
-            tile_obj_dim(d), right) else None)
+            _tile_width(d), right) else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)

@@ -241,7 +241,6 @@ def _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep, it, WG: gl.constexp
     if not DV_EARLY:
         dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
     if p.DQ_ATOMIC:
-        # (s made here, after the dV issue: a register written before it moved ptxas's schedule of the loop.)
         s = gstep + it
         if DQ_LAG:
             own = (s & 1) * NWG + WG
