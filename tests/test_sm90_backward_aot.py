@@ -575,6 +575,43 @@ def test_dq_cast_rule(monkeypatch):
     assert not serves(persistent, True, 128, 0)
 
 
+def _last_link(m0, bm, bn, seq_q, seq_k, wr):
+    """backward_kt._last_link in Python: the last key block that sees query block m0 / bm (no left window)."""
+    last = (seq_k - 1) // bn
+    if wr >= 0:
+        last = min((m0 + bm + (seq_k - seq_q) + wr - 1) // bn, last)
+    return last
+
+
+@pytest.mark.parametrize("bm", [64, 128])
+def test_last_link_closes_every_chain(bm):
+    """DQ_CAST casts a query block's share at key block _last_link's add. Against the kernel's own walk ranges
+    (_q_range's mirror), wherever dq_store_first_serves (every row sees key 0, no left window): the key blocks that
+    visit each query block are exactly 0 .. _last_link (the ascending chain's links, so the cast comes after every
+    add), and every query block has one (no row of dQ left unwritten)."""
+    from fa4.kernels.sm90 import backward as bwd
+    bn = 2 * SLAB
+    tile = bwd.D128_CAUSAL_TILE
+    rng = np.random.default_rng(33 + bm)
+    checked = 0
+    for _ in range(300):
+        seq_q, seq_k = int(rng.integers(1, 900)), int(rng.integers(1, 900))
+        wr = int(rng.choice([-1, 0, 0, 5, 130, 700]))
+        if not bwd.dq_store_first_serves(tile, -1, wr, False, None, seq_q, seq_k):
+            continue
+        n_kb = -(-seq_k // bn)
+        visitors = [[] for _ in range(-(-seq_q // bm))]
+        for j in range(n_kb):
+            lo, hi = _q_range(j * bn, bn, bm, seq_q, seq_k, -1, wr)
+            for m in range(lo, hi):
+                visitors[m].append(j)
+        for m, keys in enumerate(visitors):
+            last = _last_link(m * bm, bm, bn, seq_q, seq_k, wr)
+            assert keys == list(range(last + 1)), (seq_q, seq_k, wr, m, keys, last)
+        checked += 1
+    assert checked > 100
+
+
 @pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
 @pytest.mark.parametrize("cast", [False, True], ids=["after-kernel", "in-kernel"])
 def test_kt_plan_dq_out(cast):
