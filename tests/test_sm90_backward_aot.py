@@ -576,7 +576,7 @@ def test_dq_cast_rule(monkeypatch):
 
 
 def _last_link(m0, bm, bn, seq_q, seq_k, wr):
-    """backward_kt._last_link in Python: the last key block that sees query block m0 / bm (no left window)."""
+    """backward.last_key_block in Python: the last key block that sees query block m0 / bm (no left window)."""
     last = (seq_k - 1) // bn
     if wr >= 0:
         last = min((m0 + bm + (seq_k - seq_q) + wr - 1) // bn, last)
@@ -585,9 +585,9 @@ def _last_link(m0, bm, bn, seq_q, seq_k, wr):
 
 @pytest.mark.parametrize("bm", [64, 128])
 def test_last_link_closes_every_chain(bm):
-    """DQ_CAST casts a query block's share at key block _last_link's add. Against the kernel's own walk ranges
+    """DQ_CAST casts a query block's share at key block last_key_block's add. Against the kernel's own walk ranges
     (_q_range's mirror), wherever dq_store_first_serves (every row sees key 0, no left window): the key blocks that
-    visit each query block are exactly 0 .. _last_link (the ascending chain's links, so the cast comes after every
+    visit each query block are exactly 0 .. last_key_block (the ascending chain's links, so the cast comes after every
     add), and every query block has one (no row of dQ left unwritten)."""
     from fa4.kernels.sm90 import backward as bwd
     bn = 2 * SLAB

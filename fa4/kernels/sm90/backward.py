@@ -454,6 +454,19 @@ def _dq_counter(p, b, h, m0, WG: gl.constexpr):
 
 
 @gluon.jit
+def last_key_block(p, m0, seq_q, seq_k):
+    """The last key block that sees any row of query block m0 (no left window): key block j sees it iff its first key
+    j·BN is below X = m0 + BM + (seq_k − seq_q) + window_right (the transpose of _q_range's lower bound) and below
+    seq_k. The descending chain starts there (_dq_chain_wait); the ascending chain closes there (DQ_CAST)."""
+    BN: gl.constexpr = KEYS_PER_WG * p.NWG
+    last = (seq_k - 1) // BN
+    if p.HAS_WR:
+        x = m0 + p.BM + (seq_k - seq_q) + p.window_right
+        last = gl.minimum((x - 1) // BN, last)
+    return last
+
+
+@gluon.jit
 def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k):
     """Spin until every key block before this one in the chain of query block m0 has released its reduce-add, then
     a proxy fence (the counter is read through the generic proxy, the reduce-add that follows goes through the
@@ -466,14 +479,11 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k):
     is issued only after the release was observed; both adds are performed at L2.
 
     ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
-    sees it. Key block j sees query block m iff its first key j·BN is below X = (m + 1)·BM + (seq_k − seq_q) +
-    window_right (the transpose of _q_range's lower bound) and below seq_k; X > nb·BN ≥ 0 here, as nb sees m."""
+    sees it (last_key_block; the descending chain runs under a right window only)."""
     if p.ORDERED_DQ == ORDERED_DQ_ASC:
         before = nb
     else:
-        BN: gl.constexpr = KEYS_PER_WG * p.NWG
-        x = m0 + p.BM + (seq_k - seq_q) + p.window_right
-        before = gl.minimum((x - 1) // BN, (seq_k - 1) // BN) - nb
+        before = last_key_block(p, m0, seq_q, seq_k) - nb
     gl.inline_asm_elementwise(
         "{ .reg .pred wait; .reg .u32 seen; "
         "DQ_CHAIN_SPIN: ld.relaxed.gpu.global.u32 seen, [$1]; setp.lt.s32 wait, seen, $2; "
@@ -1646,7 +1656,7 @@ DQ_CAST = True
 
 
 def dq_cast_serves(tile, store_first, d, window_right):
-    """Whether the main kernel writes dQ itself (DQ_CAST): the keys-as-rows tiles on the persistent grid's ascending
+    """Whether the main kernel writes dQ itself (DQ_CAST; d: the tile's head-dim width): the keys-as-rows tiles on the persistent grid's ascending
     chain whose first link stores (dq_store_first_serves: batched, every query row visited, so every row has a last
     link), under a right window (causal), where the writer's 16 KiB read-back tile fits beside the kernel's shared
     memory. Under a right window each tile closes the chains of a few query blocks; without one the last key block's
@@ -2305,7 +2315,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                                                   seqlen_k)
     # The chain's last links write dQ itself (no cast after the kernel).
     dq_out = None
-    if dq_cast_serves(tile, store_first, d, window_right):
+    if dq_cast_serves(tile, store_first, configs.tile_dim(d), window_right):
         dq_out = torch.empty(q.shape, dtype=q.dtype, device=device)
     tile_ctr = None
     persistent = persistent_tiles(tile)

@@ -69,8 +69,9 @@ across tiles by the CTA's global step count. The loader requests a tile's first 
 slots the consumers hand back separately after storing dK (k_free) and then dV (v_free); V arrives on its own barrier
 (KvHandback.v_ready), waited for before the tile's first dPᵀ and before dV is staged. A Python model of this protocol
 runs under random schedules in tests/test_sm90_backward_aot.py. DQ_CAST (backward.dq_cast_serves: the ascending
-chain whose first link stores, under a right window): the writer of each chain's last link (_last_link) reads the
-completed fp32 share back once its add has landed and stores dQ itself in the input dtype (_cast_share).
+chain whose first link stores, under a right window): the writer of each chain's last link
+(backward.last_key_block) reads the completed fp32 share back once its add has landed and stores dQ itself in the
+input dtype (_cast_share).
 
 Served: causal and window masks, GQA, varlen, seqused_k, deterministic=True (the ordered chain through the writer
 warp, backward.dq_writer; on the persistent grid the ascending chain, _writer_persistent, walks top-down) and a sink
@@ -92,8 +93,8 @@ from .softmax import exp2_mixed
 from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, STATS_EXT_PARTS_C, STATS_EXT_WIDTH, STATS_EXT_WIDTH_C, WG_KEYS,
                        BwdBuffers, BwdProblem, _cta_coords, _cta_event,
                        _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows,
-                       _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_writer, release_step,
-                       write_step, writer_barriers)
+                       _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_writer, last_key_block,
+                       release_step, write_step, writer_barriers)
 
 CHAIN_CTR = gl.constexpr(CHAIN_CTR_OFFSET)
 
@@ -234,8 +235,8 @@ def _share_and_release(p, bufs, dv, dk, idx, base, parity, b, h, q_start, m0, it
 def _dv_ds_dk(p, bufs, dv, dk, pt16, ds16, do_s, q_s, gstep, it, WG: gl.constexpr, DV_EARLY: gl.constexpr,
               DQ_LAG: gl.constexpr, dsa_layout: gl.constexpr):
     """The middle of a step: dV += Pᵀ·dO issued (unless DV_EARLY issued it); with dQ in the kernel this consumer's
-    dSᵀ handed over in its buffer of global step s = gstep + it (DQ_LAG: two a consumer, by step parity), once the other
-    consumer's dQ product that read it last completed (a fresh barrier passes parity 1); dK += dSᵀ·Q issued.
+    dSᵀ handed over in its buffer of global step s = gstep + it (DQ_LAG: two a consumer, by step parity), once the
+    other consumer's dQ product that read it last completed (a fresh barrier passes parity 1); dK += dSᵀ·Q issued.
     Returns dV and dK in flight."""
     NWG: gl.constexpr = p.NWG
     if not DV_EARLY:
@@ -608,18 +609,6 @@ def _loader_persistent(p, bufs, kv_free, tiles, n_bh, chunk):
 
 
 @gluon.jit
-def _last_link(p, m0, seq_q, seq_k):
-    """The key block whose add closes query block m0's ascending chain: the last one that sees any of its rows (the
-    bound _dq_chain_wait's descending form starts from)."""
-    BN: gl.constexpr = KEYS_PER_WG * p.NWG
-    last = (seq_k - 1) // BN
-    if p.HAS_WR:
-        x = m0 + p.BM + (seq_k - seq_q) + p.window_right
-        last = gl.minimum((x - 1) // BN, last)
-    return last
-
-
-@gluon.jit
 def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w: gl.constexpr):
     """DQ_CAST: the fp32 sum of consumer w's share of query block m0, complete once this (last) link's add has
     completed (release_step waited for it), read back by TMA, converted to the input dtype in place and stored into
@@ -661,8 +650,8 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, d
     the same (sequence, kv head), whose tiles have lower indices (_tile_coords runs a chunk's key blocks in order)
     and were handed out earlier to CTAs that work their tiles in order, so the lowest unfinished tile never waits:
     no deadlock. Chain counters behind the tile counter (CHAIN_CTR). STORE_FIRST: write_step's. DQ_CAST: the last
-    link of each chain (_last_link) also writes dQ itself from the completed sum (_cast_share), so that no pass over
-    the fp32 accumulator follows the kernel."""
+    link of each chain (backward.last_key_block) also writes dQ itself from the completed sum (_cast_share), so that
+    no pass over the fp32 accumulator follows the kernel."""
     BN: gl.constexpr = KEYS_PER_WG * p.NWG
     n_tiles = _tile_count(p, n_bh)
     gstep = gl.to_tensor(0)
@@ -681,7 +670,7 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, d
                 if p.ORDERED_DQ != 0:
                     release_step(p, b, h, m0, CHAIN_CTR)
                 if DQ_CAST:
-                    if nb == _last_link(p, m0, seq_q, seq_k):
+                    if nb == last_key_block(p, m0, seq_q, seq_k):
                         for w in gl.static_range(p.NWG):
                             n_cast = _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w)
             gstep += p.group * n_m
