@@ -535,6 +535,7 @@ def test_dq_store_first_rule(monkeypatch):
     """backward.dq_store_first_serves: the ascending chain's first link stores into an unzeroed accumulator only where
     key block 0 visits every query block (checked against the _q_range model) and no row lies outside it."""
     from fa4.kernels.sm90 import backward as bwd
+    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)  # the rule itself (the switch ships off: its race, NOTES)
     persistent, shared = bwd.D128_CAUSAL_TILE, bwd.get_tile(128, 128)
     serves = bwd.dq_store_first_serves
     assert serves(persistent, -1, 0, False, None, 1000, 1000) and serves(shared, -1, -1, False, None, 1000, 1000)
@@ -575,37 +576,6 @@ def test_dq_cast_rule(monkeypatch):
     assert not serves(persistent, True, 128, 0)
 
 
-def test_dq_first_store_rule(monkeypatch):
-    """backward.dq_first_store_serves: the default's unordered reduce-add skips the accumulator's zero fill (key block 0
-    stores first, ORDERED_DQ_FIRST) on the shared-dQ tile with its writer, without a window (key block 0 must visit
-    every query block), batched, without seqused_k; not on the keys-as-rows tiles or the D = 256 tile."""
-    from fa4.kernels.sm90 import backward as bwd
-    shared = bwd.get_tile(128, 128)
-    serves = bwd.dq_first_store_serves
-    assert serves(shared, -1, -1, False, None, 1024, 1024) and serves(shared, -1, -1, False, None, 1, 3001)
-    assert not serves(shared, -1, 0, False, None, 1024, 1024)                  # a right window
-    assert not serves(shared, 256, -1, False, None, 1024, 1024)                # a left window
-    assert not serves(shared, -1, -1, True, None, 1024, 1024)                  # packed
-    assert not serves(shared, -1, -1, False, object(), 1024, 1024)             # seqused_k
-    assert not serves(shared, -1, -1, False, None, 1024, 0)                    # no keys: no key block 0
-    from dataclasses import replace
-    assert not serves(replace(shared, dq_writer=False), -1, -1, False, None, 1024, 1024)
-    for tile in (bwd.D128_CAUSAL_TILE, bwd.get_tile(64, 64), bwd.D256_TILE):
-        assert not serves(tile, -1, -1, False, None, 1024, 1024)
-    monkeypatch.setattr(bwd, "DQ_FIRST_STORE", False)
-    assert not serves(shared, -1, -1, False, None, 1024, 1024)
-
-
-@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
-def test_first_store_build(reports):
-    """The default non-causal D = 128 build (compile_config routes as backward_checked: ORDERED_DQ_FIRST) has the
-    first link's TMA stores in its writer beside the reduce-adds: eight UTMASTG (dK and dV: four) and four UTMAREDG.
-    test_sass checks its registers and local memory like every case's."""
-    rep, log = reports["d128-plain"]
-    assert rep is not None, log
-    assert rep["utmastg"] == 8 and rep["utmaredg"] == 4, rep
-
-
 def _last_link(m0, bm, bn, seq_q, seq_k, wr):
     """backward.last_key_block in Python: the last key block that sees query block m0 / bm (no left window)."""
     last = (seq_k - 1) // bn
@@ -615,12 +585,13 @@ def _last_link(m0, bm, bn, seq_q, seq_k, wr):
 
 
 @pytest.mark.parametrize("bm", [64, 128])
-def test_last_link_closes_every_chain(bm):
+def test_last_link_closes_every_chain(bm, monkeypatch):
     """DQ_CAST casts a query block's share at key block last_key_block's add. Against the kernel's own walk ranges
     (_q_range's mirror), wherever dq_store_first_serves (every row sees key 0, no left window): the key blocks that
     visit each query block are exactly 0 .. last_key_block (the ascending chain's links, so the cast comes after every
     add), and every query block has one (no row of dQ left unwritten)."""
     from fa4.kernels.sm90 import backward as bwd
+    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)  # where DQ_CAST would serve (both ship off since session 34)
     bn = 2 * SLAB
     tile = bwd.D128_CAUSAL_TILE
     rng = np.random.default_rng(33 + bm)
