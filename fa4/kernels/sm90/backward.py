@@ -2213,10 +2213,12 @@ def dq_route(tile, deterministic, window_left, sink, window_right=-1, seqlen_q=N
 # accumulator (dq_store_first_serves); False: zeroed and added (probes flip it for A/B).
 # Off since session 34: a stress of repeated deterministic calls (H100 card 1652724066564, causal D = 128 S = 1024,
 # B 16, H 16, benchmarks/NOTES.md "the store-first race") gave results differing from the first call in 3 of 120 calls
-# with it on (up to 0.40 absolute in dQ: a lost add), 0 of 120 with it off. The successor's reduce-add can land before
-# the first link's TMA store although the store's bulk group completed (cp.async.bulk.wait_group) before the relaxed
-# release the successor saw: completion of a bulk store evidently does not order it before another SM's later
-# reduce-add. DQ_CAST (which needs every row's chain to start with a store) is then off too.
+# with it on (up to 0.40 absolute in dQ: a lost add), 0 of 120 with it off. A successor's reduce-add landed before the
+# first link's TMA store and was overwritten. The likely mechanism (not yet proven): the store's bulk group completes
+# (cp.async.bulk.wait_group), then a *relaxed* red.add releases the counter, and nothing in the memory model orders
+# the store's writes before that red.add as another SM sees them (adds after adds commute, so the chains' ordering was
+# only ever checked for repeatability). benchmarks/repeat_stress.py is the gate for a fix (release / acquire fences).
+# DQ_CAST (which needs every row's chain to start with a store) is then off too.
 DQ_STORE_FIRST = False
 
 
