@@ -557,6 +557,20 @@ def test_dq_store_first_rule(monkeypatch):
             assert (lo, hi) == (0, -(-seq_q // 64)), (seq_q, seq_k, wr)
 
 
+def test_chain_fence_ptx():
+    """CHAIN_FENCE (the store-first race's candidate fix, a probe): the chain's release puts a fence.acq_rel.gpu after
+    its proxy fence and before the relaxed add, its wait one after the spin and before the proxy fence; off, neither
+    (the shipped PTX)."""
+    from fa4.kernels.sm90 import backward as bwd
+    rel_on, rel_off = bwd._release_asm.fn(0, True), bwd._release_asm.fn(0, False)
+    wait_on, wait_off = bwd._wait_asm.fn(True), bwd._wait_asm.fn(False)
+    assert "fence.acq_rel.gpu" not in rel_off + wait_off
+    assert rel_on.index("fence.proxy.async.global") < rel_on.index("fence.acq_rel.gpu") < rel_on.index("red.relaxed")
+    assert wait_on.index("@wait bra") < wait_on.index("fence.acq_rel.gpu") < wait_on.index("fence.proxy.async")
+    assert rel_on.replace("fence.acq_rel.gpu; ", "") == rel_off and wait_on.replace("fence.acq_rel.gpu; ", "") == wait_off
+    assert bwd.CHAIN_FENCE is False  # until benchmarks/repeat_stress.py has passed with it on
+
+
 def test_dq_cast_rule(monkeypatch):
     """backward.dq_cast_serves: the kernel writes dQ itself only on the persistent keys-as-rows grid's ascending
     chain whose first link stores (so every row has a last link), under a right window (without one the last key

@@ -467,7 +467,7 @@ def last_key_block(p, m0, seq_q, seq_k):
 
 
 @gluon.jit
-def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k):
+def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = False):
     """Spin until every key block before this one in the chain of query block m0 has released its reduce-add, then
     a proxy fence (the counter is read through the generic proxy, the reduce-add that follows goes through the
     async proxy).
@@ -479,34 +479,45 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k):
     is issued only after the release was observed; both adds are performed at L2.
 
     ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
-    sees it (last_key_block; the descending chain runs under a right window only)."""
+    sees it (last_key_block; the descending chain runs under a right window only).
+
+    FENCE (CHAIN_FENCE, a probe): once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing with
+    _dq_chain_release's release fence, so that the predecessor's writes are ordered before this CTA's by the memory
+    model and not only by completion (the store-first race, DQ_STORE_FIRST)."""
     if p.ORDERED_DQ == ORDERED_DQ_ASC:
         before = nb
     else:
         before = last_key_block(p, m0, seq_q, seq_k) - nb
-    gl.inline_asm_elementwise(
-        "{ .reg .pred wait; .reg .u32 seen; "
-        "DQ_CHAIN_SPIN: ld.relaxed.gpu.global.u32 seen, [$1]; setp.lt.s32 wait, seen, $2; "
-        "@wait bra DQ_CHAIN_SPIN; fence.proxy.async.global; mov.u32 $0, seen; }",
-        "=r,l,r", [ctr, before], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(_wait_asm(FENCE), "=r,l,r", [ctr, before], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.constexpr_function
-def _release_asm(pending):
-    """_dq_chain_release's PTX for `pending` bulk groups left in flight."""
+def _wait_asm(fence):
+    """_dq_chain_wait's PTX: the relaxed spin, with fence an acquire fence after it, then the proxy fence."""
+    return ("{ .reg .pred wait; .reg .u32 seen; "
+            "DQ_CHAIN_SPIN: ld.relaxed.gpu.global.u32 seen, [$1]; setp.lt.s32 wait, seen, $2; "
+            "@wait bra DQ_CHAIN_SPIN; " + ("fence.acq_rel.gpu; " if fence else "")
+            + "fence.proxy.async.global; mov.u32 $0, seen; }")
+
+
+@gluon.constexpr_function
+def _release_asm(pending, fence=False):
+    """_dq_chain_release's PTX for `pending` bulk groups left in flight; fence: a release fence (fence.acq_rel.gpu)
+    before the relaxed add, so that the add releases the warp's completed writes (CHAIN_FENCE)."""
     return ("{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group " + str(pending) + "; "
-            "fence.proxy.async.global; bar.warp.sync -1; mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
+            "fence.proxy.async.global; bar.warp.sync -1; " + ("fence.acq_rel.gpu; " if fence else "")
+            + "mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
             "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }")
 
 
 @gluon.jit
-def _dq_chain_release(ctr, PENDING: gl.constexpr = 0):
+def _dq_chain_release(ctr, PENDING: gl.constexpr = 0, FENCE: gl.constexpr = False):
     """The writer warp's bulk async groups completed (the full wait: the adds performed at L2, not only their
     shared-memory source read, which is all tma.store_wait waits for), then +1 on the chain counter (relaxed, see
     _dq_chain_wait) by lane 0 once every lane of the warp has waited (whichever lane the TMA lowering elected to
     issue the adds). PENDING: that many of the newest groups may still be in flight (DQ_RELEASE_LAG releases the
     previous step's chains behind this step's adds)."""
-    gl.inline_asm_elementwise(_release_asm(PENDING), "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(_release_asm(PENDING, FENCE), "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -615,7 +626,7 @@ def dq_share_coord(p, b, h, q_start, m0, w: gl.constexpr, KEYS_AS_ROWS: gl.const
 
 @gluon.jit
 def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = False,
-              STORE_FIRST: gl.constexpr = False):
+              STORE_FIRST: gl.constexpr = False, FENCE: gl.constexpr = False):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add (dq_share_coord). Then,
     once the TMA unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have
@@ -640,24 +651,24 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
         m0_prev = 0
         for it in range(p.group * n_m):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-            write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS, STORE_FIRST)
+            write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS, STORE_FIRST, FENCE)
             if p.ORDERED_DQ != 0:
                 if RELEASE_LAG:
                     if it > 0:  # every group but this step's NWG adds completed
-                        release_step(p, b, h_prev, m0_prev, 0, NWG)
+                        release_step(p, b, h_prev, m0_prev, 0, NWG, FENCE)
                     h_prev = h
                     m0_prev = m0
                 else:
-                    release_step(p, b, h, m0, 0)
+                    release_step(p, b, h, m0, 0, 0, FENCE)
         if p.ORDERED_DQ != 0 and RELEASE_LAG:
             if p.group * n_m > 0:
-                release_step(p, b, h_prev, m0_prev, 0)
+                release_step(p, b, h_prev, m0_prev, 0, 0, FENCE)
         tma.store_wait(0)
 
 
 @gluon.jit
 def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS_ROWS: gl.constexpr,
-               STORE_FIRST: gl.constexpr = False):
+               STORE_FIRST: gl.constexpr = False, FENCE: gl.constexpr = False):
     """The writer's step s (the CTA's count): for each consumer w, once its share is staged (dq_staged[w], s's
     parity) and, with ORDERED_DQ, key block nb's turn has come in the chain of (m0, h, w) (counters from
     dq_ctr + ctr_off), the TMA reduce-add; then, once the TMA unit has read every tile, they are freed (dq_free).
@@ -668,7 +679,7 @@ def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS
     for w in gl.static_range(NWG):
         mbarrier.wait(bufs.dq_staged.index(w), s & 1)
         if p.ORDERED_DQ != 0:
-            _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + ctr_off, nb, m0, seq_q, seq_k)
+            _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + ctr_off, nb, m0, seq_q, seq_k, FENCE)
         coord = dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS)
         if STORE_FIRST and nb == 0:
             tma.async_copy_shared_to_global(p.dq_desc, coord, bufs.dq.index(w))
@@ -680,11 +691,11 @@ def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS
 
 
 @gluon.jit
-def release_step(p, b, h, m0, ctr_off, PENDING: gl.constexpr = 0):
+def release_step(p, b, h, m0, ctr_off, PENDING: gl.constexpr = 0, FENCE: gl.constexpr = False):
     """The ordered chain: every consumer's add of (m0, h) completed (all but the PENDING newest bulk groups), then
     released to the next key block."""
     for w in gl.static_range(p.NWG):
-        _dq_chain_release(_dq_counter(p, b, h, m0, w) + ctr_off, PENDING)
+        _dq_chain_release(_dq_counter(p, b, h, m0, w) + ctr_off, PENDING, FENCE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1108,7 +1119,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                     DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False,
-                    DQ_SPREAD: gl.constexpr = False):
+                    DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = False):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1178,7 +1189,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
             gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_loader, (p, bufs)),
-                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG, DQ_STORE_FIRST))],
+                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG, DQ_STORE_FIRST,
+                                             DQ_CHAIN_FENCE))],
                                [4, 1, 1],
                                [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:
@@ -1186,7 +1198,8 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                                 (_consumer, (p, bufs, gl.constexpr(0))),
                                 (_consumer, (p, bufs, gl.constexpr(1))),
                                 (_consumer, (p, bufs, gl.constexpr(2))),
-                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG, DQ_STORE_FIRST))],
+                                (dq_writer, (p, bufs, gl.constexpr(False), DQ_RELEASE_LAG, DQ_STORE_FIRST,
+                                             DQ_CHAIN_FENCE))],
                                [4, 4, 4, 1],
                                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     elif NWG == 1:
@@ -1895,6 +1908,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
     constexprs["DQ_SPREAD"] = dq_spread_serves(tile, varlen)
+    if not tile.d256:
+        constexprs["DQ_CHAIN_FENCE"] = CHAIN_FENCE and dq_chain is not None
     if tile.keys_as_rows:
         constexprs["STATS_EXT"] = ext_on
         constexprs["DV_EARLY"] = tile.dv_early
@@ -2220,6 +2235,10 @@ def dq_route(tile, deterministic, window_left, sink, window_right=-1, seqlen_q=N
 # only ever checked for repeatability). benchmarks/repeat_stress.py is the gate for a fix (release / acquire fences).
 # DQ_CAST (which needs every row's chain to start with a store) is then off too.
 DQ_STORE_FIRST = False
+# The chains' releases and waits fenced (fence.acq_rel.gpu after the release's proxy fence and after the wait's spin:
+# _release_asm, _wait_asm), the candidate fix of that race; a probe, off until benchmarks/repeat_stress.py --set
+# CHAIN_FENCE=1 --set DQ_STORE_FIRST=1 finds no differing result and its cost is measured (not yet run on a GPU).
+CHAIN_FENCE = False
 
 
 def dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k):
@@ -2452,7 +2471,8 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             bool(deterministic), tile, None if dsink_part is None else launch._aligned(sink),
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
-            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT, dq_out is not None)
+            DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT, dq_out is not None,
+            CHAIN_FENCE)
 
 
 def _dq_placeholder(tile, d, varlen, device):

@@ -643,7 +643,7 @@ def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w: g
 
 @gluon.jit
 def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, dqo_desc, cast_s, cast_ready,
-                       DQ_CAST: gl.constexpr):
+                       DQ_CAST: gl.constexpr, FENCE: gl.constexpr = False):
     """backward.dq_writer over the persistent grid's tiles (deterministic=True: the ascending chain, ORDERED_DQ = 1):
     each tile from the handout like the consumers, its steps in their order (_step_block: top-down under a right
     window), the staged shares paired by the CTA's step count s. A tile's chains wait only on lower key blocks of
@@ -666,9 +666,10 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, d
             n_m = m_hi - m_lo
             for it in range(p.group * n_m):
                 _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
-                write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True, STORE_FIRST)
+                write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True, STORE_FIRST,
+                           FENCE)
                 if p.ORDERED_DQ != 0:
-                    release_step(p, b, h, m0, CHAIN_CTR)
+                    release_step(p, b, h, m0, CHAIN_CTR, 0, FENCE)
                 if DQ_CAST:
                     if nb == last_key_block(p, m0, seq_q, seq_k):
                         for w in gl.static_range(p.NWG):
@@ -732,7 +733,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, STATS_EXT: gl.constexpr = False,
-                       DQ_CAST: gl.constexpr = False, n_bh=1, chunk=1, dqo_desc=None):
+                       DQ_CAST: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = False, n_bh=1, chunk=1,
+                       dqo_desc=None):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
@@ -844,7 +846,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                                          POLY, PERSIST)),
                             (_loader_persistent, (p, bufs, kv_free, tiles, n_bh, chunk)),
                             (_writer_persistent, (p, bufs, tiles, n_bh, chunk, DQ_STORE_FIRST, dqo_desc, cast_smem,
-                                                  cast_ready, DQ_CAST))], [4, 1, 1],
+                                                  cast_ready, DQ_CAST, DQ_CHAIN_FENCE))], [4, 1, 1],
                            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     elif PERSIST:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
@@ -859,7 +861,8 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                             (_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(1), DV_EARLY, DQ_LAG,
                                          POLY, PERSIST)),
                             (_loader, (p, bufs)),
-                            (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG, DQ_STORE_FIRST))],
+                            (dq_writer, (p, bufs, gl.constexpr(True), DQ_RELEASE_LAG, DQ_STORE_FIRST,
+                                         DQ_CHAIN_FENCE))],
                            [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([(_consumer, (p, bufs, kv_free, tiles, n_bh, chunk, gl.constexpr(0), DV_EARLY, DQ_LAG,
