@@ -1908,8 +1908,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
     constexprs["DQ_SPREAD"] = dq_spread_serves(tile, varlen)
-    if not tile.d256:
-        constexprs["DQ_CHAIN_FENCE"] = CHAIN_FENCE and dq_chain is not None
+    # (The D = 256 kernel takes it with the other parameters and builds no chain.)
+    constexprs["DQ_CHAIN_FENCE"] = CHAIN_FENCE and dq_chain is not None
     if tile.keys_as_rows:
         constexprs["STATS_EXT"] = ext_on
         constexprs["DV_EARLY"] = tile.dv_early

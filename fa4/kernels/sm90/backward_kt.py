@@ -731,10 +731,10 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
                        DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
+                       DQ_CHAIN_FENCE: gl.constexpr = False,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, STATS_EXT: gl.constexpr = False,
-                       DQ_CAST: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = False, n_bh=1, chunk=1,
-                       dqo_desc=None):
+                       DQ_CAST: gl.constexpr = False, n_bh=1, chunk=1, dqo_desc=None):
     gl.static_assert(NWG == 2, "keys as rows: two consumers of 64 keys")
     gl.static_assert(BM == 2 * KEYS_PER_WG or BM == KEYS_PER_WG, "keys as rows: BM = 128 or 64")
     gl.static_assert(not (SOFTCAP or SINK_PDP or PING_PONG or DQ_SHARED), "not built in the keys-as-rows kernel")
