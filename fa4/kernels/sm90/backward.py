@@ -476,7 +476,9 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = False):
     the consumers' L1-resident reloads pay for (the acquire / release build measured 5-15% slower on an H200,
     benchmarks/NOTES.md, session 8). The order of the adds rests on completion, not on the memory model's
     release-acquire: the previous add completed at L2 (wait_group 0) before its release was issued, and this add
-    is issued only after the release was observed; both adds are performed at L2.
+    is issued only after the release was observed; both adds are performed at L2. That argument failed where the
+    predecessor's write is a TMA store (DQ_STORE_FIRST, off since session 34: an add was lost in 3 of 120 repeated
+    calls); CHAIN_FENCE is the candidate fix.
 
     ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
     sees it (last_key_block; the descending chain runs under a right window only).
@@ -2065,6 +2067,8 @@ KT_ASC_CHAIN_MIN_ROWS = 8192
 # bwd_flag_ab.py --flag CHAIN_BY_DEFAULT --causal-only with the limit patched, best (median) round, S = 4096 / 8192:
 # card 1652824192950 1.014 / 1.022x (1.031 / 1.012x), card 1652624817003 (7 rounds) 1.007 / 0.993x (1.027 /
 # 0.996x); session 32 without the cast, card 1753024036434, S = 4096 1.014x (1.009x). 8192 and up stay level.
+# All of these ran with the first link's store (and the cast) on; both are off since session 34 (DQ_STORE_FIRST), so
+# the chain zeroes its accumulator like the own tiles and these limits are not re-measured.
 CHAIN_BY_DEFAULT = True
 CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 4096
 # The same at D = 64 (the persistent grid's chain of D64_PERSIST_DET) for calls without a window: deterministic over

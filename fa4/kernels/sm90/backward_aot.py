@@ -9,14 +9,9 @@ import torch
 import triton
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from . import backward
+from . import backward, configs
 from ..triton.backward import aligned_length
 from .aot import SAMPLE_BATCH, SAMPLE_KV_HEADS, SAMPLE_SEQLEN, TARGET, _sig, sample_inputs
-
-
-def _tile_width(d):
-    """The tile's head-dim width for a head dim d (as compile_config picks the tile)."""
-    return triton.next_power_of_2(max(d, 64))
 
 
 def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1), softcap=0.0, varlen=False,
@@ -32,11 +27,11 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         right = 0
     tile_obj = None
     if tile:
-        tile_obj = backward.get_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
+        tile_obj = backward.get_tile(configs.tile_dim(d), configs.tile_dim(dv),
                                      **tile)
         assert tile_obj is not None, f"no tile for ({d}, {dv}) with {tile}"
     else:
-        tile_obj = backward.default_tile(triton.next_power_of_2(max(d, 64)), triton.next_power_of_2(max(dv, 64)),
+        tile_obj = backward.default_tile(configs.tile_dim(d), configs.tile_dim(dv),
                                          left, softcap, window_right=right, deterministic=deterministic or dq_chain,
                                          varlen=varlen)
     # A separate_dq tile launches the main kernel without the dQ reduce-add, as the deterministic call does.
@@ -59,7 +54,7 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         # The chain's last links write dQ itself where backward_checked would have them (DQ_CAST).
         dq_out=torch.zeros(q.shape, dtype=dtype) if dq_chain and backward.dq_cast_serves(
             tile_obj, backward.dq_store_first_serves(tile_obj, left, right, varlen, seqused or None, s, s),
-            _tile_width(d), right) else None)
+            configs.tile_dim(d), right) else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)
