@@ -2,7 +2,8 @@
 (eager calls and CUDA-graph replays): the gate for any change to the in-kernel dQ chains' ordering (their counters,
 releases, first-link stores). A race there shows up as a rare lost or reordered add; the functional tests run each
 configuration once and on small shapes, so they pass through it (session 34: DQ_STORE_FIRST's race went through
-every GPU test file and was found by this loop, 3 results of 120 off by up to 0.40).
+every GPU test file and was found by scratch versions of this loop, 3 results of 120 off by up to 0.40; this script
+itself has not run on a GPU yet).
 
     python benchmarks/repeat_stress.py [--rows D:S:causal,...] [--calls 60] [--set DQ_STORE_FIRST=1 ...]
 
