@@ -5,6 +5,12 @@ alternated over several rounds in one process; the best round of each side is co
     python benchmarks/bwd_flag_ab.py --flag STATS_TMA [--rounds 3] [--rows 128:1024,128:4096,64:4096] [--varlen]
     python benchmarks/bwd_flag_ab.py --tile-field persistent [--causal-only] ...
 
+--on NAME=INT (repeatable): instead of --flag, the 'on' side sets each of these module switches (0 / 1 for the
+boolean ones, any level for an int one such as CHAIN_FENCE); the 'off' side is the shipped state of all of them.
+
+--set NAME=INT (repeatable): module switches set on both sides before anything else (the state the A/B starts from;
+--on's 'off' side is then this state).
+
 --tile-field NAME: instead of a module switch, a boolean field of the call's default tile (backward.default_tile)
 set False, then True. --causal-only / --full-only: only the causal / non-causal rows. Each row prints the ratio of
 the best rounds and of the medians (alternated rounds: a slow spell of the card hits both sides).
@@ -28,6 +34,9 @@ from triton.testing import do_bench
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--flag", help="a boolean module attribute of fa4.kernels.sm90.backward")
+    ap.add_argument("--on", action="append", default=[], metavar="NAME=INT",
+                    help="module switches set together on the 'on' side (instead of --flag)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=INT", help="module switches on both sides")
     ap.add_argument("--tile-field", help="a boolean field of the default BwdTile")
     ap.add_argument("--on-value", type=int, help="--tile-field's value on the 'on' side (an int field such as poly; "
                     "the 'off' side is the tile's own)")
@@ -43,10 +52,18 @@ def main():
     import dataclasses
 
     from fa4.kernels.sm90 import backward as bwd
-    assert (args.flag is None) != (args.tile_field is None), "one of --flag, --tile-field"
-    name = args.flag or f"tile.{args.tile_field}"
-    shipped = getattr(bwd, args.flag) if args.flag else None
-    print(torch.cuda.get_device_name(), f"| us per backward call (median of do_bench), {name} off -> on")
+    for item in args.set:
+        sw, lv = item.split("=")
+        setattr(bwd, sw, type(getattr(bwd, sw))(int(lv)))
+    assert sum((args.flag is not None, args.tile_field is not None, bool(args.on))) == 1, \
+        "one of --flag, --tile-field, --on"
+    switches = {args.flag: 1} if args.flag else {sw: int(lv) for sw, lv in (item.split("=") for item in args.on)}
+    shipped = {sw: getattr(bwd, sw) for sw in switches}
+    # --flag: off is 0 whatever ships; --on: off is what ships.
+    off_state = {args.flag: type(shipped[args.flag])(0)} if args.flag else dict(shipped)
+    name = "+".join(f"{sw}={lv}" for sw, lv in switches.items()) if switches else f"tile.{args.tile_field}"
+    print(torch.cuda.get_device_name(), f"| us per backward call (median of do_bench), {name} off -> on",
+          f"(from {', '.join(args.set)})" if args.set else "")
     for row in args.rows.split(","):
         d, s = (int(x) for x in row.split(":"))
         b, h = 16384 // s, 2048 // d
@@ -70,8 +87,9 @@ def main():
             for _ in range(args.rounds):
                 for on in (False, True):
                     extra = {}
-                    if args.flag:
-                        setattr(bwd, args.flag, on)
+                    if switches:
+                        for sw, level in switches.items():
+                            setattr(bwd, sw, type(shipped[sw])(level) if on else off_state[sw])
                     else:
                         base = bwd.default_tile(d, d, opts["window_left"], window_right=opts["window_right"],
                                                 varlen=args.varlen, deterministic=args.deterministic, seqlen_q=s)
@@ -83,8 +101,8 @@ def main():
                     fn = lambda: bwd.backward(dout, q, k, v, out, lse, None, **opts, **extra)  # noqa: E731
                     grads[on] = fn()
                     times[on].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
-            if args.flag:
-                setattr(bwd, args.flag, shipped)
+            for sw, level in shipped.items():
+                setattr(bwd, sw, level)
             # dK and dV do not depend on the switch's timing (each CTA owns its keys): bitwise equal, unless the
             # switch changes a key block's walk order (the persistent grid's chain walks top-down, so a route onto
             # it sums dK and dV in another order).

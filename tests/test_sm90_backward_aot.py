@@ -535,7 +535,7 @@ def test_dq_store_first_rule(monkeypatch):
     """backward.dq_store_first_serves: the ascending chain's first link stores into an unzeroed accumulator only where
     key block 0 visits every query block (checked against the _q_range model) and no row lies outside it."""
     from fa4.kernels.sm90 import backward as bwd
-    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)  # the rule itself (the switch ships off: its race, NOTES)
+    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)  # the rule itself, whatever ships
     persistent, shared = bwd.D128_CAUSAL_TILE, bwd.get_tile(128, 128)
     serves = bwd.dq_store_first_serves
     assert serves(persistent, -1, 0, False, None, 1000, 1000) and serves(shared, -1, -1, False, None, 1000, 1000)
@@ -558,17 +558,17 @@ def test_dq_store_first_rule(monkeypatch):
 
 
 def test_chain_fence_ptx():
-    """CHAIN_FENCE (the store-first race's candidate fix, a probe): the chain's release puts a fence.acq_rel.gpu after
-    its proxy fence and before the relaxed add, its wait one after the spin and before the proxy fence; off, neither
-    (the shipped PTX)."""
+    """CHAIN_FENCE (the store-first race's fix): a fenced release puts a fence.acq_rel.gpu after its proxy fence and
+    before the relaxed add; at level 2 the wait has one too, after the spin and before the proxy fence; unfenced,
+    neither. Level 3 ships with the first link's store: fenced releases there only."""
     from fa4.kernels.sm90 import backward as bwd
-    rel_on, rel_off = bwd._release_asm.fn(0, True), bwd._release_asm.fn(0, False)
-    wait_on, wait_off = bwd._wait_asm.fn(True), bwd._wait_asm.fn(False)
-    assert "fence.acq_rel.gpu" not in rel_off + wait_off
+    rel_on, rel_off = bwd._release_asm.fn(0, 1), bwd._release_asm.fn(0, 0)
+    wait_on, wait_off = bwd._wait_asm.fn(2), bwd._wait_asm.fn(0)
+    assert "fence.acq_rel.gpu" not in rel_off + wait_off + bwd._wait_asm.fn(1) + bwd._wait_asm.fn(3)
     assert rel_on.index("fence.proxy.async.global") < rel_on.index("fence.acq_rel.gpu") < rel_on.index("red.relaxed")
     assert wait_on.index("@wait bra") < wait_on.index("fence.acq_rel.gpu") < wait_on.index("fence.proxy.async")
     assert rel_on.replace("fence.acq_rel.gpu; ", "") == rel_off and wait_on.replace("fence.acq_rel.gpu; ", "") == wait_off
-    assert bwd.CHAIN_FENCE is False  # until benchmarks/repeat_stress.py has passed with it on
+    assert bwd.CHAIN_FENCE == 3 or not bwd.DQ_STORE_FIRST  # the store needs the fence (benchmarks/repeat_stress.py)
 
 
 def test_dq_cast_rule(monkeypatch):
@@ -605,7 +605,7 @@ def test_last_link_closes_every_chain(bm, monkeypatch):
     visit each query block are exactly 0 .. last_key_block (the ascending chain's links, so the cast comes after every
     add), and every query block has one (no row of dQ left unwritten)."""
     from fa4.kernels.sm90 import backward as bwd
-    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)  # where DQ_CAST would serve (both ship off since session 34)
+    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)  # where DQ_CAST would serve, whatever ships
     bn = 2 * SLAB
     tile = bwd.D128_CAUSAL_TILE
     rng = np.random.default_rng(33 + bm)
@@ -804,7 +804,8 @@ def test_backward_takes_the_chain_by_default(monkeypatch):
     for s, causal, want, d, group in ((4096, False, True, 128, 1), (1024, False, False, 128, 1),
                                       (1024, True, True, 128, 1), (512, True, True, 128, 1),
                                       (128, True, True, 128, 1), (64, True, False, 128, 1),
-                                      (8192, True, False, 128, 1), (4096, True, True, 128, 1),
+                                      (8192, True, False, 128, 1), (4096, True, False, 128, 1),
+                                      (2048, True, True, 128, 1),
                                       (1024, False, True, 64, 1), (2048, False, False, 64, 1),
                                       (2048, False, True, 64, 2), (4096, False, False, 64, 4),
                                       (1024, True, True, 64, 1), (2048, True, False, 64, 1)):

@@ -206,6 +206,24 @@ def test_deterministic_bitwise_100x(monkeypatch, d, causal, persist):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d,causal", [(128, True), (128, False), (64, True)])
+def test_deterministic_bitwise_full_card(d, causal):
+    """deterministic=True on a grid that fills the card (B 16, S 1024, H·D 2048, the shipped routes: the ascending
+    chains whose first link stores): 60 calls bitwise equal to the first. The small grids above ran through the
+    store-first race (session 34: a successor's reduce-add overtaken by the first link's TMA store, 3-8 of 150 calls
+    differing at this shape on an H100, benchmarks/repeat_stress.py); at that rate 60 calls catch it with ~90%."""
+    bwd = _bwd()
+    torch.manual_seed(12)
+    q, k, v, opts, out, lse, dout = reference_backward_inputs(16, 1024, 2048 // d, 2048 // d, d, causal=causal,
+                                                              device=DEV)
+    first = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+    differ = 0
+    for _ in range(60):
+        again = bwd.backward(dout, q, k, v, out, lse, None, deterministic=True, **opts)
+        differ += not all(torch.equal(a, b) for a, b in zip(first[:3], again[:3]))
+    assert differ == 0, f"{differ} of 60 repeated calls differ from the first"
+
+
 @pytest.mark.parametrize("d,deterministic", [(64, True), (128, True)])
 def test_concurrent_dq_pass(monkeypatch, d, deterministic):
     """The ordered dQ pass on a side stream beside the main kernel (CONCURRENT_DQ) gives bitwise the gradients of
@@ -648,12 +666,9 @@ def test_dq_cast(monkeypatch, case, dtype, deterministic):
     poisoned (every row of dQ written), and they equal bitwise those of the same call with the cast after the kernel
     (DQ_CAST off): the same fp32 sums, rounded to nearest either way."""
     bwd = _bwd()
-    # DQ_CAST needs the first link's stores, which ship off since session 34 (their race, benchmarks/NOTES.md): the
-    # shipped defaults cast after the kernel; the probe state (both on) is checked here. A rare failure of the bitwise
-    # comparison below is that race (a lost add), not the cast.
-    assert not bwd.dq_cast_serves(bwd.D128_CAUSAL_TILE, bwd.dq_store_first_serves(
-        bwd.D128_CAUSAL_TILE, -1, 0, False, None, 1024, 1024), 128, 0) or bwd.DQ_STORE_FIRST
-    monkeypatch.setattr(bwd, "DQ_STORE_FIRST", True)
+    # DQ_CAST needs the first link's stores (fenced since session 35 against their race, benchmarks/NOTES.md): the
+    # shipped state. A rare failure of the bitwise comparison below would be that race (a lost add), not the cast.
+    assert bwd.DQ_STORE_FIRST and bwd.DQ_CAST and bwd.CHAIN_FENCE
     q, k, v, kw = backward_case_inputs(case, dtype, DEV)
     dout = torch.randn(*q.shape[:-1], v.shape[-1], device=DEV, dtype=dtype)
     cast = []

@@ -467,7 +467,7 @@ def last_key_block(p, m0, seq_q, seq_k):
 
 
 @gluon.jit
-def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = False):
+def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = 0):
     """Spin until every key block before this one in the chain of query block m0 has released its reduce-add, then
     a proxy fence (the counter is read through the generic proxy, the reduce-add that follows goes through the
     async proxy).
@@ -483,7 +483,7 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = False):
     ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
     sees it (last_key_block; the descending chain runs under a right window only).
 
-    FENCE (CHAIN_FENCE, a probe): once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing with
+    FENCE (CHAIN_FENCE, a probe) 2: once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing with
     _dq_chain_release's release fence, so that the predecessor's writes are ordered before this CTA's by the memory
     model and not only by completion (the store-first race, DQ_STORE_FIRST)."""
     if p.ORDERED_DQ == ORDERED_DQ_ASC:
@@ -495,25 +495,25 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = False):
 
 @gluon.constexpr_function
 def _wait_asm(fence):
-    """_dq_chain_wait's PTX: the relaxed spin, with fence an acquire fence after it, then the proxy fence."""
+    """_dq_chain_wait's PTX: the relaxed spin, with fence == 2 an acquire fence after it, then the proxy fence."""
     return ("{ .reg .pred wait; .reg .u32 seen; "
             "DQ_CHAIN_SPIN: ld.relaxed.gpu.global.u32 seen, [$1]; setp.lt.s32 wait, seen, $2; "
-            "@wait bra DQ_CHAIN_SPIN; " + ("fence.acq_rel.gpu; " if fence else "")
+            "@wait bra DQ_CHAIN_SPIN; " + ("fence.acq_rel.gpu; " if fence == 2 else "")
             + "fence.proxy.async.global; mov.u32 $0, seen; }")
 
 
 @gluon.constexpr_function
 def _release_asm(pending, fence=False):
-    """_dq_chain_release's PTX for `pending` bulk groups left in flight; fence: a release fence (fence.acq_rel.gpu)
-    before the relaxed add, so that the add releases the warp's completed writes (CHAIN_FENCE)."""
+    """_dq_chain_release's PTX for `pending` bulk groups left in flight; fence >= 1: a release fence
+    (fence.acq_rel.gpu) before the relaxed add, so that the add releases the warp's completed writes (CHAIN_FENCE)."""
     return ("{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group " + str(pending) + "; "
-            "fence.proxy.async.global; bar.warp.sync -1; " + ("fence.acq_rel.gpu; " if fence else "")
+            "fence.proxy.async.global; bar.warp.sync -1; " + ("fence.acq_rel.gpu; " if fence >= 1 else "")
             + "mov.u32 lane, %laneid; setp.eq.u32 leader, lane, 0; "
             "@leader red.relaxed.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }")
 
 
 @gluon.jit
-def _dq_chain_release(ctr, PENDING: gl.constexpr = 0, FENCE: gl.constexpr = False):
+def _dq_chain_release(ctr, PENDING: gl.constexpr = 0, FENCE: gl.constexpr = 0):
     """The writer warp's bulk async groups completed (the full wait: the adds performed at L2, not only their
     shared-memory source read, which is all tma.store_wait waits for), then +1 on the chain counter (relaxed, see
     _dq_chain_wait) by lane 0 once every lane of the warp has waited (whichever lane the TMA lowering elected to
@@ -628,7 +628,7 @@ def dq_share_coord(p, b, h, q_start, m0, w: gl.constexpr, KEYS_AS_ROWS: gl.const
 
 @gluon.jit
 def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = False,
-              STORE_FIRST: gl.constexpr = False, FENCE: gl.constexpr = False):
+              STORE_FIRST: gl.constexpr = False, FENCE: gl.constexpr = 0):
     """Per step, for each consumer w: wait until its dQ share is staged (dq_staged[w]); with ORDERED_DQ wait for
     this key block's turn in the chain of (query block, head, w); issue the TMA reduce-add (dq_share_coord). Then,
     once the TMA unit has read every consumer's tile, free them (dq_free); with ORDERED_DQ, once the adds have
@@ -657,20 +657,20 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
             if p.ORDERED_DQ != 0:
                 if RELEASE_LAG:
                     if it > 0:  # every group but this step's NWG adds completed
-                        release_step(p, b, h_prev, m0_prev, 0, NWG, FENCE)
+                        release_step(p, b, h_prev, m0_prev, 0, NWG, FENCE, nb)
                     h_prev = h
                     m0_prev = m0
                 else:
-                    release_step(p, b, h, m0, 0, 0, FENCE)
+                    release_step(p, b, h, m0, 0, 0, FENCE, nb)
         if p.ORDERED_DQ != 0 and RELEASE_LAG:
             if p.group * n_m > 0:
-                release_step(p, b, h_prev, m0_prev, 0, 0, FENCE)
+                release_step(p, b, h_prev, m0_prev, 0, 0, FENCE, nb)
         tma.store_wait(0)
 
 
 @gluon.jit
 def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS_ROWS: gl.constexpr,
-               STORE_FIRST: gl.constexpr = False, FENCE: gl.constexpr = False):
+               STORE_FIRST: gl.constexpr = False, FENCE: gl.constexpr = 0):
     """The writer's step s (the CTA's count): for each consumer w, once its share is staged (dq_staged[w], s's
     parity) and, with ORDERED_DQ, key block nb's turn has come in the chain of (m0, h, w) (counters from
     dq_ctr + ctr_off), the TMA reduce-add; then, once the TMA unit has read every tile, they are freed (dq_free).
@@ -693,11 +693,22 @@ def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS
 
 
 @gluon.jit
-def release_step(p, b, h, m0, ctr_off, PENDING: gl.constexpr = 0, FENCE: gl.constexpr = False):
+def release_step(p, b, h, m0, ctr_off, PENDING: gl.constexpr = 0, FENCE: gl.constexpr = 0, nb=0):
     """The ordered chain: every consumer's add of (m0, h) completed (all but the PENDING newest bulk groups), then
-    released to the next key block."""
+    released to the next key block. FENCE (CHAIN_FENCE) 1 / 2: the first release of the step is fenced (its
+    wait_group covers every consumer's write, so one fence orders them all before every counter add); 3: only where
+    key block nb is 0, the link whose write is a TMA store (DQ_STORE_FIRST; adds that follow adds commute)."""
     for w in gl.static_range(p.NWG):
-        _dq_chain_release(_dq_counter(p, b, h, m0, w) + ctr_off, PENDING, FENCE)
+        ctr = _dq_counter(p, b, h, m0, w) + ctr_off
+        if w > 0 or FENCE == 0:
+            _dq_chain_release(ctr, PENDING, 0)
+        elif FENCE == 3:
+            if nb == 0:
+                _dq_chain_release(ctr, PENDING, 1)
+            else:
+                _dq_chain_release(ctr, PENDING, 0)
+        else:
+            _dq_chain_release(ctr, PENDING, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1121,7 +1132,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                     DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False,
-                    DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = False):
+                    DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = 0):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1910,8 +1921,10 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
     constexprs["DQ_SPREAD"] = dq_spread_serves(tile, varlen)
-    # (The D = 256 kernel takes it with the other parameters and builds no chain.)
-    constexprs["DQ_CHAIN_FENCE"] = CHAIN_FENCE and dq_chain is not None
+    # (The D = 256 kernel takes it with the other parameters and builds no chain.) Level 3 fences the store link
+    # only: a chain whose first link adds builds none.
+    constexprs["DQ_CHAIN_FENCE"] = (int(CHAIN_FENCE) if dq_chain is not None and (CHAIN_FENCE != 3 or dq_store_first)
+                                    else 0)
     if tile.keys_as_rows:
         constexprs["STATS_EXT"] = ext_on
         constexprs["DV_EARLY"] = tile.dv_early
@@ -2067,10 +2080,12 @@ KT_ASC_CHAIN_MIN_ROWS = 8192
 # bwd_flag_ab.py --flag CHAIN_BY_DEFAULT --causal-only with the limit patched, best (median) round, S = 4096 / 8192:
 # card 1652824192950 1.014 / 1.022x (1.031 / 1.012x), card 1652624817003 (7 rounds) 1.007 / 0.993x (1.027 /
 # 0.996x); session 32 without the cast, card 1753024036434, S = 4096 1.014x (1.009x). 8192 and up stay level.
-# All of these ran with the first link's store (and the cast) on; both are off since session 34 (DQ_STORE_FIRST), so
-# the chain zeroes its accumulator like the own tiles and these limits are not re-measured.
+# Those ran with the first link's store unfenced (its race, DQ_STORE_FIRST). With the store link's fence (session 35,
+# CHAIN_FENCE = 3), H100 card 1753024036285, --flag CHAIN_BY_DEFAULT --causal-only, 5 rounds, best (median): S = 1024
+# / 2048 / 4096 1.069 / 0.995 / 0.988x (1.065 / 1.018 / 0.984x); the 8192 row, which takes neither, 0.987 / 0.991x
+# (the run's noise). So masked calls take it up to 2048 rows (level there, and bitwise repeatable).
 CHAIN_BY_DEFAULT = True
-CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 4096
+CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 2048
 # The same at D = 64 (the persistent grid's chain of D64_PERSIST_DET) for calls without a window: deterministic over
 # the default, H100 cards 1753024033427 / 1752624024775 (det_cost.py, best of 3): S = 1024 -7.4 / -9.6%, 2048
 # -3.7 / -3.9%, 4096 +1.1 / -0.4% (level: not taken). Then on card 1653823054563 (bwd_flag_ab.py --flag
@@ -2078,7 +2093,9 @@ CHAIN_BY_DEFAULT_MAX_ROWS_MASKED = 4096
 # 0.948x), so up to 1024 rows without GQA. With 4 query heads a kv head (det_cost.py --group 4, chain over the
 # default's own tile) S = 512 / 1024 / 2048 1.10 / 1.11 / 1.07x on that card; on card 1652724068364 (raw
 # ...-s31-chain-by-default-d64-gqa.log) S = 1024 / 2048 / 4096: MHA 1.12 / 1.04 / 1.02x, 4 a kv head 1.07 / 1.06 /
-# 0.99x, 8 a kv head 1.05 / 1.05 / 1.00x. So GQA calls up to 2048 rows.
+# 0.99x, 8 a kv head 1.05 / 1.05 / 1.00x. So GQA calls up to 2048 rows. Session 35 with the store link's fence
+# (card 1753024036285, --flag CHAIN_BY_DEFAULT_D64, 5 rounds, best (median)): no window S = 512 / 1024 / 2048 1.148 /
+# 1.065 / 0.997x (1.149 / 1.037 / 0.967x); causal 1.050 / 1.061 / 0.995x (0.957 / 1.060 / 1.001x): limits kept.
 CHAIN_BY_DEFAULT_D64 = True
 CHAIN_BY_DEFAULT_D64_MAX_ROWS = 1024
 CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA = 2048
@@ -2230,19 +2247,28 @@ def dq_route(tile, deterministic, window_left, sink, window_right=-1, seqlen_q=N
 
 # The ascending chain's first link (key block 0) stores its dQ shares, so that the preprocess need not zero the
 # accumulator (dq_store_first_serves); False: zeroed and added (probes flip it for A/B).
-# Off since session 34: a stress of repeated deterministic calls (H100 card 1652724066564, causal D = 128 S = 1024,
-# B 16, H 16, benchmarks/NOTES.md "the store-first race") gave results differing from the first call in 3 of 120 calls
-# with it on (up to 0.40 absolute in dQ: a lost add), 0 of 120 with it off. A successor's reduce-add landed before the
-# first link's TMA store and was overwritten. The likely mechanism (not yet proven): the store's bulk group completes
-# (cp.async.bulk.wait_group), then a *relaxed* red.add releases the counter, and nothing in the memory model orders
-# the store's writes before that red.add as another SM sees them (adds after adds commute, so the chains' ordering was
-# only ever checked for repeatability). benchmarks/repeat_stress.py is the gate for a fix (release / acquire fences).
-# DQ_CAST (which needs every row's chain to start with a store) is then off too.
-DQ_STORE_FIRST = False
-# The chains' releases and waits fenced (fence.acq_rel.gpu after the release's proxy fence and after the wait's spin:
-# _release_asm, _wait_asm), the candidate fix of that race; a probe, off until benchmarks/repeat_stress.py --set
-# CHAIN_FENCE=1 --set DQ_STORE_FIRST=1 finds no differing result and its cost is measured (not yet run on a GPU).
-CHAIN_FENCE = False
+# The store-first race (session 34, benchmarks/NOTES.md): repeated deterministic calls (causal D = 128 S = 1024, B 16,
+# H 16) gave results differing from the first call in 3 of 120 (up to 0.40 absolute in dQ: a lost add). A
+# successor's reduce-add landed before the first link's TMA store and was overwritten: the store's bulk group had
+# completed (cp.async.bulk.wait_group) and a *relaxed* red.add released the counter, and nothing in the memory model
+# orders the store's writes before that red.add as another SM sees them (adds after adds commute, so the chains'
+# ordering had only been checked for repeatability). Off in session 34; back on in session 35 behind CHAIN_FENCE's
+# release fence on the store link (level 3): benchmarks/repeat_stress.py on H100 card 1652624019849, store on without
+# the fence 5 / 150 eager and 8 / 150 graph-replayed calls differing at D = 128 (2 / 150 at D = 64), with it 0 of 900
+# on card 1652624019849 (level 1) and 0 of 900 on card 1752624012173 (level 3; raw
+# benchmarks/results/raw/h100-2026-11-27-s35-chain-fence-stress.log, ...-s35-fence-level3-ab.log).
+DQ_STORE_FIRST = True
+# The chains' releases (1), releases and waits (2), or the store link's releases only (3) fenced (fence.acq_rel.gpu
+# after the release's proxy fence, once a step, and after the wait's spin: release_step, _release_asm, _wait_asm).
+# The release side is the one the race needs: the successor only issues a reduce-add at L2, it reads nothing of its
+# predecessor's (level 2 pairs the release with an acquire, the memory model's full recipe); and only the store needs
+# it (adds after adds commute: 0 of 120 differing with the store off). H100 card 1752624012173, bwd_flag_ab.py best
+# of 5, the fence's cost over the racy store-first chain: level 1 (every link) causal D = 128 S = 1024 / 2048 0.926 /
+# 0.911x, D = 64 S = 1024 0.919x; level 3 0.955 / 0.922 / 0.978x (level 1 with a fence per consumer's release,
+# card 1652624019849: 0.85x). Level 3 with the store over the zeroed accumulator (the session-34 state), --on
+# DQ_STORE_FIRST=1 --on CHAIN_FENCE=3: causal D = 128 S = 1024 / 2048 / 4096 1.148 / 1.052 / 1.007x, D = 64 S = 1024
+# 1.204x; deterministic non-causal D = 128 S = 1024 / 4096 1.019 / 1.006x, D = 64 S = 1024 1.077x.
+CHAIN_FENCE = 3
 
 
 def dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k):

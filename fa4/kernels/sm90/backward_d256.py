@@ -543,7 +543,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                          DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False,
-                         DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = False,
+                         DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = 0,
                          DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False,
                          EARLY_DV: gl.constexpr = False, STATS_AHEAD: gl.constexpr = False,
                          HAND_SWZ: gl.constexpr = False):

@@ -643,7 +643,7 @@ def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w: g
 
 @gluon.jit
 def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, dqo_desc, cast_s, cast_ready,
-                       DQ_CAST: gl.constexpr, FENCE: gl.constexpr = False):
+                       DQ_CAST: gl.constexpr, FENCE: gl.constexpr = 0):
     """backward.dq_writer over the persistent grid's tiles (deterministic=True: the ascending chain, ORDERED_DQ = 1):
     each tile from the handout like the consumers, its steps in their order (_step_block: top-down under a right
     window), the staged shares paired by the CTA's step count s. A tile's chains wait only on lower key blocks of
@@ -669,7 +669,7 @@ def _writer_persistent(p, bufs, tiles, n_bh, chunk, STORE_FIRST: gl.constexpr, d
                 write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, gstep + it, CHAIN_CTR, True, STORE_FIRST,
                            FENCE)
                 if p.ORDERED_DQ != 0:
-                    release_step(p, b, h, m0, CHAIN_CTR, 0, FENCE)
+                    release_step(p, b, h, m0, CHAIN_CTR, 0, FENCE, nb)
                 if DQ_CAST:
                     if nb == last_key_block(p, m0, seq_q, seq_k):
                         for w in gl.static_range(p.NWG):
@@ -731,7 +731,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
                        DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
-                       DQ_CHAIN_FENCE: gl.constexpr = False,
+                       DQ_CHAIN_FENCE: gl.constexpr = 0,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, STATS_EXT: gl.constexpr = False,
                        DQ_CAST: gl.constexpr = False, n_bh=1, chunk=1, dqo_desc=None):
