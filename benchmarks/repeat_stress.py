@@ -1,9 +1,11 @@
 """Repeat one deterministic sm90 backward call many times and count the results that differ from the first, bitwise
 (eager calls and CUDA-graph replays): the gate for any change to the in-kernel dQ chains' ordering (their counters,
 releases, first-link stores). A race there shows up as a rare lost or reordered add; the functional tests run each
-configuration once and on small shapes, so they pass through it (session 34: DQ_STORE_FIRST's race went through
-every GPU test file and was found by scratch versions of this loop, 3 results of 120 off by up to 0.40; this script
-itself has not run on a GPU yet).
+configuration once and on small shapes, so they pass through it. Session 35 (H100): the first-link store unfenced
+(--set CHAIN_FENCE=0, session 34's race) gave 5 / 150 eager and 8 / 150 replayed calls differing at causal D = 128
+S = 1024 (2 / 150 replays at D = 64, up to 0.26 in dQ; on another card the first call itself was the wrong one:
+150 / 150 differed from it); fenced, 0 of 900 (every link, card 1652624019849), 0 of 900 (the store link only, card
+1752624012173), 0 of 480 (the shipped tree, its four default rows, card 1753024036285).
 
     python benchmarks/repeat_stress.py [--rows D:S:causal,...] [--calls 60] [--set DQ_STORE_FIRST=1 ...]
 

@@ -477,13 +477,13 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = 0):
     benchmarks/NOTES.md, session 8). The order of the adds rests on completion, not on the memory model's
     release-acquire: the previous add completed at L2 (wait_group 0) before its release was issued, and this add
     is issued only after the release was observed; both adds are performed at L2. That argument failed where the
-    predecessor's write is a TMA store (DQ_STORE_FIRST, off since session 34: an add was lost in 3 of 120 repeated
-    calls); CHAIN_FENCE is the candidate fix.
+    predecessor's write is a TMA store (DQ_STORE_FIRST: an add was lost in 3-8 of 150 repeated calls, session 34);
+    the store link's release is fenced for it (CHAIN_FENCE = 3, release_step).
 
     ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
     sees it (last_key_block; the descending chain runs under a right window only).
 
-    FENCE (CHAIN_FENCE, a probe) 2: once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing with
+    FENCE (CHAIN_FENCE) 2, a probe: once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing with
     _dq_chain_release's release fence, so that the predecessor's writes are ordered before this CTA's by the memory
     model and not only by completion (the store-first race, DQ_STORE_FIRST)."""
     if p.ORDERED_DQ == ORDERED_DQ_ASC:
