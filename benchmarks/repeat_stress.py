@@ -9,6 +9,10 @@ S = 1024 (2 / 150 replays at D = 64, up to 0.26 in dQ; on another card the first
 
     python benchmarks/repeat_stress.py [--rows D:S:causal,...] [--calls 60] [--set DQ_STORE_FIRST=1 ...]
 
+--default: deterministic=False calls (unordered adds: results differ in their last bits from call to call), a call
+counted as differing where some dQ element is off the first call's by more than --tol (0.06: a lost key block's share
+is 0.1-0.4 at these sizes, the rounding noise of reordered adds a few bf16 ulps); the gate of the default route's
+first-link store (DQ_FIRST_STORE).
 --set NAME=INT: a module switch of fa4.kernels.sm90.backward (0 / 1 for the boolean ones) before every call.
 Prints, per row, the calls whose dQ (and dK / dV) differ from the first call's and the largest difference.
 """
@@ -30,13 +34,16 @@ def main():
     ap.add_argument("--rows", default="128:1024:1,128:1024:0,64:1024:1,128:4096:1")
     ap.add_argument("--calls", type=int, default=60)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=INT")
+    ap.add_argument("--default", action="store_true", help="deterministic=False calls, compared within --tol")
+    ap.add_argument("--tol", type=float, default=0.06)
     args = ap.parse_args()
     for item in args.set:
         name, value = item.split("=")
         old = getattr(bwd, name)
         setattr(bwd, name, type(old)(int(value)) if isinstance(old, (bool, int)) else int(value))
     from sm90_probe import _capture
-    print(torch.cuda.get_device_name(), "| switches:", args.set or "shipped", flush=True)
+    print(torch.cuda.get_device_name(), "| switches:", args.set or "shipped",
+          f"| deterministic=False, dQ within {args.tol}" if args.default else "| deterministic=True, bitwise", flush=True)
     for row in args.rows.split(","):
         d, s, causal = (int(x) for x in row.split(":"))
         b, h = 16384 // s, 2048 // d
@@ -45,12 +52,15 @@ def main():
         dout = torch.randn_like(q)
 
         def call():
-            out = fa4.flash_attn_func(q, k, v, causal=bool(causal), deterministic=True)
+            out = fa4.flash_attn_func(q, k, v, causal=bool(causal), deterministic=not args.default)
             return torch.autograd.grad(out, (q, k, v), dout)
         first = [t.clone() for t in call()]
 
         def differs(res):
-            return [not torch.equal(a, e) for a, e in zip(res, first)], (res[0].float() - first[0].float()).abs().max()
+            diff = (res[0].float() - first[0].float()).abs().max()
+            if args.default:  # dK and dV have no cross-CTA adds: bitwise either way
+                return [bool(diff > args.tol)] + [not torch.equal(a, e) for a, e in zip(res[1:], first[1:])], diff
+            return [not torch.equal(a, e) for a, e in zip(res, first)], diff
         eager = graph_bad = 0
         worst = torch.zeros((), device="cuda")
         for _ in range(args.calls):

@@ -590,6 +590,37 @@ def test_dq_cast_rule(monkeypatch):
     assert not serves(persistent, True, 128, 0)
 
 
+def test_dq_first_store_rule(monkeypatch):
+    """backward.dq_first_store_serves: the default's unordered reduce-add skips the accumulator's zero fill (key block 0
+    stores first, ORDERED_DQ_FIRST) on the shared-dQ tile with its writer, without a window (key block 0 must visit
+    every query block), batched, without seqused_k; not on the keys-as-rows tiles or the D = 256 tile."""
+    from fa4.kernels.sm90 import backward as bwd
+    shared = bwd.get_tile(128, 128)
+    serves = bwd.dq_first_store_serves
+    assert serves(shared, -1, -1, False, None, 1024, 1024) and serves(shared, -1, -1, False, None, 1, 3001)
+    assert not serves(shared, -1, 0, False, None, 1024, 1024)                  # a right window
+    assert not serves(shared, 256, -1, False, None, 1024, 1024)                # a left window
+    assert not serves(shared, -1, -1, True, None, 1024, 1024)                  # packed
+    assert not serves(shared, -1, -1, False, object(), 1024, 1024)             # seqused_k
+    assert not serves(shared, -1, -1, False, None, 1024, 0)                    # no keys: no key block 0
+    from dataclasses import replace
+    assert not serves(replace(shared, dq_writer=False), -1, -1, False, None, 1024, 1024)
+    for tile in (bwd.D128_CAUSAL_TILE, bwd.get_tile(64, 64), bwd.D256_TILE):
+        assert not serves(tile, -1, -1, False, None, 1024, 1024)
+    monkeypatch.setattr(bwd, "DQ_FIRST_STORE", False)
+    assert not serves(shared, -1, -1, False, None, 1024, 1024)
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+def test_first_store_build(reports):
+    """The default non-causal D = 128 build (compile_config routes as backward_checked: ORDERED_DQ_FIRST) has the
+    first link's TMA stores in its writer beside the reduce-adds: eight UTMASTG (dK and dV: four) and four UTMAREDG.
+    test_sass checks its registers and local memory like every case's."""
+    rep, log = reports["d128-plain"]
+    assert rep is not None, log
+    assert rep["utmastg"] == 8 and rep["utmaredg"] == 4, rep
+
+
 def _last_link(m0, bm, bn, seq_q, seq_k, wr):
     """backward.last_key_block in Python: the last key block that sees query block m0 / bm (no left window)."""
     last = (seq_k - 1) // bn

@@ -684,6 +684,41 @@ def test_dq_cast(monkeypatch, case, dtype, deterministic):
         assert torch.equal(a, b), f"{name} differs with the cast after the kernel"
 
 
+# The default's unordered reduce-add on the shared-dQ tile over an unzeroed accumulator, key block 0 storing its
+# shares first and the other key blocks waiting for them (backward.DQ_FIRST_STORE, dq_first_store_serves): calls
+# without a window off the chain (non-causal D = 128 below KT_PERSIST_CHAIN_MIN_ROWS, softcap or sink ones at any
+# length): odd lengths, Sq < Sk and Sq > Sk, one query row (every key block adds into one block), GQA / MQA, D padded
+# to 128, softcap and sink (the sink's P·dP partials), the lse gradient.
+FIRST_STORE_CASES = [
+    (2, 1024, 1024, 4, 4, 128, 128, -1, -1, 0.0, False, False),
+    (2, 1000, 1000, 8, 2, 128, 128, -1, -1, 0.0, False, True),     # GQA, odd length, lse gradient
+    (1, 700, 1300, 4, 1, 96, 96, -1, -1, 0.0, False, False),       # Sq < Sk, MQA, D padded to 128
+    (1, 1300, 700, 4, 4, 128, 128, -1, -1, 0.0, False, False),     # Sq > Sk
+    (2, 1, 3001, 8, 2, 128, 128, -1, -1, 0.0, False, False),       # one query row, 24 key blocks into it
+    (1, 3000, 3000, 8, 1, 128, 128, -1, -1, 50.0, True, True),     # softcap, sink, MQA, off the chain at 3000 rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", FIRST_STORE_CASES, ids=[backward_case_id(c) for c in FIRST_STORE_CASES])
+def test_dq_first_store(monkeypatch, case, dtype):
+    """Such a call launches the first-link build (counters made, no zeroed accumulator) and its gradients pass the
+    numerics rule with the allocator poisoned (a row no store reached would be NaN); with DQ_FIRST_STORE off the
+    same call zeroes the accumulator and passes too."""
+    bwd = _bwd()
+    q, k, v, kw = backward_case_inputs(case, dtype, DEV)
+    first = []
+    real = bwd._launch_main
+    monkeypatch.setattr(bwd, "_launch_main", lambda *a, **o: first.append(
+        (o.get("dq_first_only"), o.get("dq_store_first"), o.get("dq_chain") is not None)) or real(*a, **o))
+    check_backend_backward(bwd.backward, q, k, v, **kw)
+    assert first == [(True, True, True)], first
+    monkeypatch.setattr(bwd, "DQ_FIRST_STORE", False)
+    first.clear()
+    check_backend_backward(bwd.backward, q, k, v, **kw)
+    assert first == [(False, False, False)], first
+
+
 # Causal calls with large GQA groups: each kv head's group split over virtual kv heads (backward.gqa_split).
 GQA_SPLIT_CASES = [
     (2, 1000, 1000, 16, 1, 128, 128, -1, 0, 0.0, False, True),     # MQA, odd length, lse gradient

@@ -38,7 +38,9 @@ Launches, in order:
                              the consumers stage their dQ shares and hand them over (dq_staged / dq_free);
                              the writer issues the reduce-adds, so no consumer waits on the TMA unit, and
                              with ORDERED_DQ it issues them in a fixed order of key blocks per (query block,
-                             head, column slice), waiting on a counter in global memory for its turn.
+                             head, column slice), waiting on a counter in global memory for its turn;
+                             without a window the default's writers wait only for key block 0's stores
+                             (ORDERED_DQ_FIRST, DQ_FIRST_STORE), so that nothing zeroes the accumulator.
    dK and dV stay in registers, summed over the query heads of the GQA group, and are stored once.
 3. deterministic=True: dK and dV are deterministic by construction (each CTA owns its keys and walks the query
    blocks in a fixed order). dQ: at D = 128 without a left window or sink, the main kernel's ordered chain
@@ -128,6 +130,10 @@ LOG2E = 1.4426950408889634
 # (_cta_block), each CTA's predecessor reaches a query block two steps before it does.
 ORDERED_DQ_ASC = gl.constexpr(1)
 ORDERED_DQ_DESC = gl.constexpr(2)
+# FIRST: only the first link is ordered (the default's unordered reduce-add without a zeroed accumulator, DQ_FIRST_STORE):
+# key block 0 stores its shares and releases each once stored; every other key block waits for that release, then
+# adds in any order.
+ORDERED_DQ_FIRST = gl.constexpr(3)
 LOG2E_C = gl.constexpr(LOG2E)
 WG_KEYS = 64  # one m64 wgmma slab of keys per consumer warpgroup
 KEYS_PER_WG = gl.constexpr(WG_KEYS)
@@ -488,6 +494,8 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = 0):
     model and not only by completion (the store-first race, DQ_STORE_FIRST)."""
     if p.ORDERED_DQ == ORDERED_DQ_ASC:
         before = nb
+    elif p.ORDERED_DQ == ORDERED_DQ_FIRST:
+        before = gl.minimum(nb, 1)
     else:
         before = last_key_block(p, m0, seq_q, seq_k) - nb
     gl.inline_asm_elementwise(_wait_asm(FENCE), "=r,l,r", [ctr, before], dtype=gl.int32, is_pure=False, pack=1)
@@ -654,7 +662,10 @@ def dq_writer(p, bufs, KEYS_AS_ROWS: gl.constexpr, RELEASE_LAG: gl.constexpr = F
         for it in range(p.group * n_m):
             _, h, m0 = _step_block(p, it, n_m, m_lo, hk)
             write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, it, 0, KEYS_AS_ROWS, STORE_FIRST, FENCE)
-            if p.ORDERED_DQ != 0:
+            if p.ORDERED_DQ == ORDERED_DQ_FIRST:
+                if nb == 0:  # the stores released (fenced: CHAIN_FENCE); the other key blocks' adds release nothing
+                    release_step(p, b, h, m0, 0, 0, FENCE, nb)
+            elif p.ORDERED_DQ != 0:
                 if RELEASE_LAG:
                     if it > 0:  # every group but this step's NWG adds completed
                         release_step(p, b, h_prev, m0_prev, 0, NWG, FENCE, nb)
@@ -677,10 +688,16 @@ def write_step(p, bufs, nb, b, h, q_start, m0, seq_q, seq_k, s, ctr_off, KEYS_AS
     STORE_FIRST (the ascending chain over an accumulator nobody zeroed, dq_store_first): key block 0, the first
     link of every chain, stores its share instead of adding it."""
     NWG: gl.constexpr = p.NWG
-    gl.static_assert(not STORE_FIRST or p.ORDERED_DQ == ORDERED_DQ_ASC, "store first: the ascending chain")
+    gl.static_assert(not STORE_FIRST or p.ORDERED_DQ == ORDERED_DQ_ASC or p.ORDERED_DQ == ORDERED_DQ_FIRST,
+                     "store first: the ascending chain or its first link")
+    gl.static_assert(p.ORDERED_DQ != ORDERED_DQ_FIRST or (STORE_FIRST and not KEYS_AS_ROWS),
+                     "the first link alone: its stores, on the queries-as-rows kernel")
     for w in gl.static_range(NWG):
         mbarrier.wait(bufs.dq_staged.index(w), s & 1)
-        if p.ORDERED_DQ != 0:
+        if p.ORDERED_DQ == ORDERED_DQ_FIRST:
+            if nb > 0:
+                _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + ctr_off, nb, m0, seq_q, seq_k, FENCE)
+        elif p.ORDERED_DQ != 0:
             _dq_chain_wait(p, _dq_counter(p, b, h, m0, w) + ctr_off, nb, m0, seq_q, seq_k, FENCE)
         coord = dq_share_coord(p, b, h, q_start, m0, w, KEYS_AS_ROWS)
         if STORE_FIRST and nb == 0:
@@ -1815,8 +1832,9 @@ def _stats_sources(tile, varlen, lse2, delta, stats_al, device):
 def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None,
-                tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None):
-    """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_out: dQ in q's dtype, written by
+                tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None, dq_first_only=False):
+    """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_first_only: dq_chain orders only
+    the first link (ORDERED_DQ_FIRST, dq_first_store_serves), whose stores the unordered adds wait for. dq_out: dQ in q's dtype, written by
     the keys-as-rows kernel itself (DQ_CAST, dq_cast_serves), or None. tile_ctr: the zeroed int32 tile
     counter of the persistent keys-as-rows grid (persistent_tiles); dq_store_first: the ordered chain's first link
     stores into an accumulator left unzeroed (dq_store_first_serves). dq_acc: fp32, q's shape
@@ -1908,7 +1926,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
         EARLY_DP=tile.early_dp and not varlen, SINK_PDP=dsink_part is not None,
         PING_PONG=tile.ping_pong and tile.num_wg > 1, BIG=big, TRACE=tile.trace,
         # The persistent grid's chain is ascending under any right window (its walks top-down, _step_block).
-        ORDERED_DQ=0 if dq_chain is None else (2 if window_right >= 0 and not persistent_tiles(tile) else 1),
+        ORDERED_DQ=0 if dq_chain is None else (3 if dq_first_only else 2 if window_right >= 0
+                                               and not persistent_tiles(tile) else 1),
         # The writer warp: always for the ordered chain; for the unordered reduce-add where tile.dq_writer asks for
         # it: on the queries-as-rows tiles for calls without a right window (where it measured faster), on the
         # keys-as-rows ones (a probe: +3-7% slower on the one-CTA and the persistent D = 128 grids) under any mask.
@@ -2283,6 +2302,28 @@ def dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, se
             and seqlen_k > 0)
 
 
+# The default's unordered reduce-add on the shared-dQ tile without a zeroed accumulator: key block 0 stores its shares
+# and the other key blocks wait for them (ORDERED_DQ_FIRST); False: the preprocess zeroes the accumulator (probes flip
+# it for A/B). Its store link's release is fenced like the chains' (CHAIN_FENCE = 3): session 34 measured it unfenced
+# (H100 card 1753024030425, non-causal D = 128 S = 512 / 1024 1.061 / 1.029x) and reverted it for the same race. Session
+# 35, H100 card 1752624013057: benchmarks/repeat_stress.py --default, non-causal D = 128 S = 1024 / 512, fenced 0 of
+# 480 calls off by more than 0.06 (rounding noise 1e-3), unfenced 6 + 8 / 17 + 24 of 240 (up to 0.27); bwd_flag_ab.py
+# --flag DQ_FIRST_STORE --full-only, 5 rounds, best (median): S = 512 1.049x (1.050x), S = 1024 0.974x (1.007x) on a
+# noisy card (rounds 787-844 off, 808-881 on). Calls from 2048 rows take the chain by default (chain_by_default).
+DQ_FIRST_STORE = True
+
+
+def dq_first_store_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k):
+    """Whether a call whose dQ the main kernel reduce-adds in no order (not deterministic, not on a chain) leaves the
+    fp32 accumulator unzeroed, key block 0 storing its shares first (ORDERED_DQ_FIRST): the shared-dQ tile with its
+    writer warp, without a window (key block 0 visits every query block, and its CTA is dispatched before the other
+    key blocks of its head, so a wait on it cannot close a cycle), and what dq_store_first_serves asks of the first
+    link (batched, no seqused_k). Saves the preprocess's zero fill of the accumulator (a write of its whole size)."""
+    return (DQ_FIRST_STORE and tile.shared_dq and tile.dq_writer and not tile.keys_as_rows and not tile.separate_dq
+            and window_left < 0 and window_right < 0
+            and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k))
+
+
 def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
     """Zeroed chain counters of the in-kernel ordered dQ: one per (sequence, query head, query block, consumer); on
     the persistent grid (flat) behind the 4 slots of its tile counter (CHAIN_CTR_OFFSET), which they share."""
@@ -2370,8 +2411,11 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # counter, zeroed: batched, by the preprocess kernel as it goes (no fill launches); packed, by fills. Where the
     # ascending chain's first link stores its shares nothing needs zeroing (the persistent grid's tile counter is
     # then the chain counters' first slot, zeroed with them).
-    store_first = chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q,
-                                                  seqlen_k)
+    # Or, off the chain, key block 0 stores and the other key blocks' unordered adds wait for it (DQ_FIRST_STORE).
+    first_only = not chain and not ordered_dq and dq_first_store_serves(tile, window_left, window_right, varlen,
+                                                                          seqused_k, seqlen_q, seqlen_k)
+    store_first = (chain or first_only) and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k,
+                                                                  seqlen_q, seqlen_k)
     # The chain's last links write dQ itself (no cast after the kernel).
     dq_out = None
     if dq_cast_serves(tile, store_first, configs.tile_dim(d), window_right):
@@ -2402,7 +2446,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=ordered_dq,
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
                 dq_store_first=store_first, stats_ext=None if ext is None else ext[0], dq_out=dq_out,
-                dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain else None)
+                dq_first_only=first_only,
+                dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain or first_only else None)
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
     # the main kernel's tail leaves idle. The caller's stream waits for it before anything reads dQ.
@@ -2489,7 +2534,8 @@ BWD_TENSORS = (("dk_ptr", "dk"), ("dv_ptr", "dv"), ("lse2_ptr", "lse2"), ("delta
 
 def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_right, softcap, cu_seqlens_q,
                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, sink=None, dsink_part=None,
-                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None):
+                   dq_chain=None, stats_al=None, tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None,
+                   dq_first_only=False):
     """Everything besides the tensors' addresses that decides the main kernel's arguments and specialisation.
     dK, dV, the dQ accumulator, lse2 and Delta are allocated by backward_checked: their shapes and strides follow
     from q, k, v; q, k, v and dout are 16-byte aligned (unsupported_reason, _tma_ready)."""
@@ -2502,7 +2548,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
             DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT, dq_out is not None,
-            CHAIN_FENCE)
+            CHAIN_FENCE, bool(dq_first_only))
 
 
 def _dq_placeholder(tile, d, varlen, device):
