@@ -511,7 +511,7 @@ def _wait_asm(fence):
 
 
 @gluon.constexpr_function
-def _release_asm(pending, fence=False):
+def _release_asm(pending, fence=0):
     """_dq_chain_release's PTX for `pending` bulk groups left in flight; fence >= 1: a release fence
     (fence.acq_rel.gpu) before the relaxed add, so that the add releases the warp's completed writes (CHAIN_FENCE)."""
     return ("{ .reg .pred leader; .reg .u32 lane; cp.async.bulk.wait_group " + str(pending) + "; "
