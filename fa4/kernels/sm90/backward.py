@@ -130,8 +130,8 @@ LOG2E = 1.4426950408889634
 # (_cta_block), each CTA's predecessor reaches a query block two steps before it does.
 ORDERED_DQ_ASC = gl.constexpr(1)
 ORDERED_DQ_DESC = gl.constexpr(2)
-# FIRST: only the first link is ordered (the default's unordered reduce-add without a zeroed accumulator, DQ_FIRST_STORE):
-# key block 0 stores its shares and releases each once stored; every other key block waits for that release, then
+# FIRST: only the first link is ordered (the default's unordered reduce-add without a zeroed accumulator,
+# DQ_FIRST_STORE): key block 0 stores its shares and releases each once stored; every other key block waits for that release, then
 # adds in any order.
 ORDERED_DQ_FIRST = gl.constexpr(3)
 LOG2E_C = gl.constexpr(LOG2E)
@@ -489,8 +489,8 @@ def _dq_chain_wait(p, ctr, nb, m0, seq_q, seq_k, FENCE: gl.constexpr = 0):
     ASC: the key blocks before nb all see this query block (no window). DESC: those after nb up to the last that
     sees it (last_key_block; the descending chain runs under a right window only).
 
-    FENCE (CHAIN_FENCE) 2, a probe: once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing with
-    _dq_chain_release's release fence, so that the predecessor's writes are ordered before this CTA's by the memory
+    FENCE (CHAIN_FENCE) 2, a probe: once the spin has seen the release, an acquire fence (fence.acq_rel.gpu), pairing
+    with _dq_chain_release's release fence, so that the predecessor's writes are ordered before this CTA's by the memory
     model and not only by completion (the store-first race, DQ_STORE_FIRST)."""
     if p.ORDERED_DQ == ORDERED_DQ_ASC:
         before = nb
@@ -1695,14 +1695,14 @@ _DQ_OUT_PLACEHOLDERS = {}
 # The persistent chain's last link of each query block writes dQ in the input dtype from the completed fp32 sum
 # (backward_kt._cast_share), instead of a cast of the whole accumulator after the kernel (~68 µs a call at the
 # training suite's sizes, 201 MB of traffic); False: the cast after the kernel (probes flip it for A/B). It needs the
-# first link's stores (dq_cast_serves' store_first), off since session 34 (DQ_STORE_FIRST): unreachable until their
-# race is fixed.
+# first link's stores (dq_cast_serves' store_first: DQ_STORE_FIRST, whose race the store link's fence closes since
+# session 35, CHAIN_FENCE).
 DQ_CAST = True
 
 
 def dq_cast_serves(tile, store_first, d, window_right):
-    """Whether the main kernel writes dQ itself (DQ_CAST; d: the tile's head-dim width): the keys-as-rows tiles on the persistent grid's ascending
-    chain whose first link stores (dq_store_first_serves: batched, every query row visited, so every row has a last
+    """Whether the main kernel writes dQ itself (DQ_CAST; d: the tile's head-dim width): the keys-as-rows tiles on the
+    persistent grid's ascending chain whose first link stores (dq_store_first_serves: batched, every query row visited, so every row has a last
     link), under a right window (causal), where the writer's 16 KiB read-back tile fits beside the kernel's shared
     memory. Under a right window each tile closes the chains of a few query blocks; without one the last key block's
     tile closes all of its head's, at every step, and those tiles come last in the handout: H100 card 1752824021230,
@@ -1834,7 +1834,8 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
                 deterministic=False, tile=None, sink=None, dsink_part=None, dq_chain=None, stats_al=None,
                 tile_ctr=None, dq_store_first=False, stats_ext=None, dq_out=None, dq_first_only=False):
     """(grid, kernel arguments by name, constexprs by name) of the main kernel. dq_first_only: dq_chain orders only
-    the first link (ORDERED_DQ_FIRST, dq_first_store_serves), whose stores the unordered adds wait for. dq_out: dQ in q's dtype, written by
+    the first link (ORDERED_DQ_FIRST, dq_first_store_serves), whose stores the unordered adds wait for. dq_out: dQ in
+    q's dtype, written by
     the keys-as-rows kernel itself (DQ_CAST, dq_cast_serves), or None. tile_ctr: the zeroed int32 tile
     counter of the persistent keys-as-rows grid (persistent_tiles); dq_store_first: the ordered chain's first link
     stores into an accumulator left unzeroed (dq_store_first_serves). dq_acc: fp32, q's shape
@@ -2305,8 +2306,8 @@ def dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, se
 # The default's unordered reduce-add on the shared-dQ tile without a zeroed accumulator: key block 0 stores its shares
 # and the other key blocks wait for them (ORDERED_DQ_FIRST); False: the preprocess zeroes the accumulator (probes flip
 # it for A/B). Its store link's release is fenced like the chains' (CHAIN_FENCE = 3): session 34 measured it unfenced
-# (H100 card 1753024030425, non-causal D = 128 S = 512 / 1024 1.061 / 1.029x) and reverted it for the same race. Session
-# 35, H100 card 1752624013057: benchmarks/repeat_stress.py --default, non-causal D = 128 S = 1024 / 512, fenced 0 of
+# (H100 card 1753024030425, non-causal D = 128 S = 512 / 1024 1.061 / 1.029x) and reverted it for the same race.
+# Session 35, H100 card 1752624013057: benchmarks/repeat_stress.py --default, non-causal D = 128 S = 1024 / 512, fenced 0 of
 # 480 calls off by more than 0.06 (rounding noise 1e-3), unfenced 6 + 8 / 17 + 24 of 240 (up to 0.27); bwd_flag_ab.py
 # --flag DQ_FIRST_STORE --full-only, 5 rounds, best (median): S = 512 1.049x (1.050x), S = 1024 0.974x (1.007x) on a
 # noisy card (rounds 787-844 off, 808-881 on). Calls from 2048 rows take the chain by default (chain_by_default).
@@ -2414,8 +2415,9 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # Or, off the chain, key block 0 stores and the other key blocks' unordered adds wait for it (DQ_FIRST_STORE).
     first_only = not chain and not ordered_dq and dq_first_store_serves(tile, window_left, window_right, varlen,
                                                                           seqused_k, seqlen_q, seqlen_k)
-    store_first = (chain or first_only) and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k,
-                                                                  seqlen_q, seqlen_k)
+    # (first_only already asked dq_store_first_serves.)
+    store_first = first_only or (chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k,
+                                                                 seqlen_q, seqlen_k))
     # The chain's last links write dQ itself (no cast after the kernel).
     dq_out = None
     if dq_cast_serves(tile, store_first, configs.tile_dim(d), window_right):
@@ -2447,7 +2449,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                 sink=sink if sink_in_main else None, dsink_part=main_parts, stats_al=stats_al,
                 dq_store_first=store_first, stats_ext=None if ext is None else ext[0], dq_out=dq_out,
                 dq_first_only=first_only,
-                dq_chain=dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain or first_only else None)
+                dq_chain=(dq_chain_counters(tile, batch, q.shape[-2], seqlen_q, device) if chain or first_only
+                          else None))
     # The ordered dQ pass reads what the preprocess wrote and nothing the main kernel writes. Its buffers are
     # allocated and zeroed first; then a side stream forked here runs it beside the main kernel, filling the SMs
     # the main kernel's tail leaves idle. The caller's stream waits for it before anything reads dQ.

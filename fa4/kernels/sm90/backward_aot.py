@@ -36,9 +36,12 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
                                          varlen=varlen)
     # A separate_dq tile launches the main kernel without the dQ reduce-add, as the deterministic call does.
     deterministic = deterministic or tile_obj.separate_dq
-    # The default's unordered reduce-add whose first link stores (backward_checked's first_only).
+    # The default's unordered reduce-add whose first link stores (backward_checked's first_only), and the first link's
+    # store where backward_checked would let it (an unzeroed accumulator).
     first_only = not (deterministic or dq_chain) and backward.dq_first_store_serves(
         tile_obj, left, right, varlen, seqused or None, s, s)
+    store_first = first_only or (dq_chain and backward.dq_store_first_serves(tile_obj, left, right, varlen,
+                                                                             seqused or None, s, s))
     _, args, constexprs = backward.launch_plan(
         dout, q, k, v, None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
         torch.zeros_like(k), torch.zeros_like(v), lse, lse.clone(), softmax_scale=d ** -0.5, window_left=left,
@@ -48,17 +51,14 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
         tile=tile_obj, sink=torch.zeros(hq) if sink_partials else None,
         dsink_part=torch.zeros(b * hq, 8, 2) if sink_partials else None,
         dq_chain=backward.dq_chain_counters(tile_obj, b, hq, s, "cpu") if dq_chain or first_only else None,
-        # The chain's first link stores where backward_checked would let it (an unzeroed accumulator).
-        dq_store_first=(dq_chain or first_only) and backward.dq_store_first_serves(tile_obj, left, right, varlen,
-                                                                                   seqused or None, s, s),
+        dq_store_first=store_first,
         dq_first_only=first_only,
         # Packed calls read lse2 / Delta by TMA from the preprocess's aligned copies (backward_checked).
         stats_al=(tuple(torch.zeros(hq, aligned_length(b * s, b)) for _ in range(2))
                   if varlen and backward.stats_tma_serves(tile_obj, varlen) else None),
         # The chain's last links write dQ itself where backward_checked would have them (DQ_CAST).
         dq_out=torch.zeros(q.shape, dtype=dtype) if dq_chain and backward.dq_cast_serves(
-            tile_obj, backward.dq_store_first_serves(tile_obj, left, right, varlen, seqused or None, s, s),
-            configs.tile_dim(d), right) else None)
+            tile_obj, store_first, configs.tile_dim(d), right) else None)
     signature = {name: _sig(val) for name, val in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     kernel = backward.kernel_for(tile_obj)

@@ -39,7 +39,8 @@ def _switches():
             bwd.CHAIN_BY_DEFAULT_D64, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA,
             bwd.D64_CAUSAL_CHAIN, bwd.D64_CAUSAL_CHAIN_MAX_ROWS, bwd.D64_CAUSAL_CHAIN_MAX_ROWS_DET,
             bwd.GQA_SPLIT, bwd.GQA_SPLIT_MIN_GROUP, tuple(bwd.GQA_SPLIT_HEADS.items()), bwd.STATS_TMA,
-            bwd.KEYS_AS_ROWS_D128, bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT, bwd.DQ_CAST, bwd.CHAIN_FENCE, bwd.DQ_FIRST_STORE,
+            bwd.KEYS_AS_ROWS_D128, bwd.KEYS_AS_ROWS_D128_PACKED, bwd.STATS_EXT, bwd.DQ_CAST, bwd.CHAIN_FENCE,
+            bwd.DQ_FIRST_STORE,
             id(bwd.D128_CAUSAL_TILE), id(bwd.D64_NARROW_TILE), id(bwd._TABLE),
             id(bwd.backward_checked), id(bwd.default_tile), id(bwd.dq_route), id(dispatch.resolve_auto_backward))
 
