@@ -215,16 +215,24 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
                              f"page_size >= 1")
         if seqused_k is None and cu_seqlens_k is None:
             raise ValueError("seqused_k (keys per sequence) is required with page_table")
-    if not can_read_values(cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):
-        return batch
+    check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
+    return batch
+
+
+def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):
+    """check_varlen's checks of tensor values, where values can be read: at the interface on an eager call, and
+    again in the body of the fa4::attn_fwd op, which runs on real tensors also under torch.compile (where the
+    interface saw fake tensors and could not read them). An argument set that passed is remembered, so the second
+    call costs a dictionary lookup."""
+    if cu_seqlens_q is None or not can_read_values(cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):
+        return
     tensors = (cu_seqlens_q, cu_seqlens_k, seqused_k, page_table)
     key = _remembered_key(tensors, (q.shape[0], k.shape[0], k.shape[1], max_seqlen_q, max_seqlen_k))
     if key is not None and _varlen_ok.passed(key, tensors):
-        return batch
+        return
     _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
     if key is not None:
         _varlen_ok.remember(key, tensors)
-    return batch
 
 
 def _remembered_key(tensors, params):

@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from . import dispatch
+from . import checks, dispatch
 
 
 def _forward_impl(backend):
@@ -65,6 +65,10 @@ def _run_forward(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_tabl
                  softmax_scale, window_left, window_right, softcap, backend):
     """The forward on real tensors (the body of fa4::attn_fwd and of the eager autograd path)."""
     varlen = cu_seqlens_q is not None
+    # Under torch.compile the interface checked fake tensors, whose values it cannot read: the kernels would index
+    # past the packed rows with a bad cu_seqlens. Read them here, on the real tensors (remembered: eager calls that
+    # already passed the interface's read cost a lookup).
+    checks.check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
     if q.numel() == 0:
         out, lse = _new_outputs(q, v, varlen)
         return out.zero_(), lse.fill_(float("-inf"))
@@ -291,6 +295,44 @@ def _check_no_forward_ad(q, k, v, sink, backend):
                                "backend='reference'")
 
 
+class _FunctorchAttention(torch.autograd.Function):
+    """fa4::attn_fwd with its backward as an autograd.Function in the functorch form (a ctx-free forward and
+    setup_context), for torch.func.grad / vjp: torch 2.13's autograd for a custom op (register_autograd) refuses
+    functorch's grad transform, while an autograd.Function with setup_context is supported."""
+
+    @staticmethod
+    def forward(*inputs):
+        return attn_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        if not inputs[-1]:  # lse_has_grad
+            ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        # No graph of the gradients (fa4 has no double backward): without no_grad attn_bwd's own autograd wrapper
+        # would run, which the grad transform refuses as it refuses attn_fwd's.
+        with torch.no_grad():
+            return _gradients(ctx, dout, dlse, attn_bwd)
+
+
+def _under_grad_only():
+    """Whether the active functorch transforms are reverse-mode ones only (torch.func.grad, vjp): vmap and jvp keep
+    the custom op (its own rules, and the jvp error above)."""
+    from torch._C import _functorch as ft
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+    if not keys or any(key != ft.TransformType.Grad for key in keys):
+        return False
+    if len(keys) > 1:
+        # grad of grad: the inner backward's gradients would reach the outer transform as constants (a silently
+        # wrong second derivative), as they would in a double backward.
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.decode())
+    return True
+
+
 def attention(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
               softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic,
               lse_has_grad):
@@ -300,6 +342,8 @@ def attention(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, 
         _check_no_forward_ad(q, k, v, sink, backend)
     args = (q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, max_seqlen_q, max_seqlen_k,
             softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic, lse_has_grad)
+    if not torch.compiler.is_compiling() and _functorch_active() and _under_grad_only():
+        return _FunctorchAttention.apply(*args)
     if (torch.compiler.is_compiling() or _len_dispatch_stack() or _functorch_active()
             or not (_plain(q) and _plain(k) and _plain(v) and _plain(sink) and _plain(cu_seqlens_q)
                     and _plain(cu_seqlens_k) and _plain(seqused_k) and _plain(page_table))):

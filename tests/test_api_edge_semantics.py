@@ -201,3 +201,64 @@ def test_jvp_through_constant_attention_inputs():
     _, tangent = torch.func.jvp(lambda t: t.sum() * fa4.flash_attn_func(q, k, v, backend="triton").sum(), (x, ),
                                 (torch.ones(3), ))
     assert abs(tangent.item() - 3 * att.item()) < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functorch_grad_and_vjp(backend):
+    """torch.func.grad and vjp (reverse mode, what the jvp error recommends) give autograd's gradients and the naive
+    float64 ones, lse's gradient included; grad of grad raises like a double backward instead of returning a
+    second derivative without attention's term."""
+    torch.manual_seed(10)
+    q, k, v = torch.randn(1, 7, 4, 16), torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+    w = torch.randn(1, 7, 4, 16)
+
+    def loss(q, k, v):
+        out, lse = fa4.flash_attn_func(q, k, v, causal=True, return_lse=True, backend=backend)
+        return (out * w).sum() + 0.5 * lse.sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss(*leaves).backward()
+    for g, leaf in zip(got, leaves):
+        torch.testing.assert_close(g, leaf.grad, atol=0, rtol=0)
+    naive = [t.double().requires_grad_() for t in (q, k, v)]
+    s = torch.einsum("bqhd,bkhd->bhqk", naive[0], naive[1].repeat_interleave(2, 2)) * 16 ** -0.5
+    keep = torch.arange(9)[None, :] <= torch.arange(7)[:, None] + 2
+    s = s.masked_fill(~keep, float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), naive[2].repeat_interleave(2, 2))
+    ((out * w.double()).sum() + 0.5 * torch.logsumexp(s, -1).sum()).backward()
+    for g, ref in zip(got, naive):
+        assert (g.double() - ref.grad).abs().max().item() < 1e-4
+    out, pullback = torch.func.vjp(lambda x: fa4.flash_attn_func(x, k, v, backend=backend), q)
+    (gq, ) = pullback(w)
+    leaf = q.clone().requires_grad_()
+    (fa4.flash_attn_func(leaf, k, v, backend=backend) * w).sum().backward()
+    torch.testing.assert_close(gq, leaf.grad, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: loss(y, k, v))(x).square().sum())(q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_packed_call_checks_values(backend):
+    """Under torch.compile the interface sees fake tensors and cannot read cu_seqlens; the op's body reads them on
+    the real ones, so bad offsets raise the eager call's ValueError instead of indexing past the packed rows."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(9, 2, 16) for _ in range(3))
+
+    def step(q, k, v, cu_q, cu_k, m):
+        return fa4.flash_attn_varlen_func(q, k, v, cu_q, cu_k, m, m, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    good = torch.tensor([0, 4, 9], dtype=torch.int32)
+    try:
+        torch.testing.assert_close(compiled(q, k, v, good, good, 5), step(q, k, v, good, good, 5), atol=1e-6,
+                                   rtol=1e-6)
+        cases = [(good, torch.tensor([0, 4, 20], dtype=torch.int32), 5, "cu_seqlens_k\\[-1\\] = 20"),
+                 (torch.tensor([0, 6, 3], dtype=torch.int32), good, 6, "cu_seqlens_q must be non-decreasing"),
+                 (good, good, 4, "max_seqlen_q = 4")]
+        for cu_q, cu_k, m, message in cases:
+            with pytest.raises(ValueError, match=message):
+                compiled(q, k, v, cu_q, cu_k, m)
+    finally:
+        torch._dynamo.reset()
