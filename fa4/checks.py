@@ -219,20 +219,40 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     return batch
 
 
-def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table):
-    """check_varlen's checks of tensor values, where values can be read: at the interface on an eager call, and
-    again in the body of the fa4::attn_fwd op, which runs on real tensors also under torch.compile (where the
-    interface saw fake tensors and could not read them). An argument set that passed is remembered, so the second
-    call costs a dictionary lookup."""
+def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table,
+                        in_op=False):
+    """check_varlen's checks of tensor values, where values can be read: at the interface on an eager call, and in
+    the body of the fa4::attn_fwd op (in_op), which runs on real tensors also under torch.compile, where the
+    interface saw fake tensors and could not read them. An argument set that passed is remembered, so a repeated
+    set costs a dictionary lookup; the op body also skips the set the interface has just checked (inference-mode
+    tensors, which are not remembered, are then read once a call, not twice)."""
+    global _just_checked
     if cu_seqlens_q is None or not can_read_values(cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):
         return
     tensors = (cu_seqlens_q, cu_seqlens_k, seqused_k, page_table)
-    key = _remembered_key(tensors, (q.shape[0], k.shape[0], k.shape[1], max_seqlen_q, max_seqlen_k))
-    if key is not None and _varlen_ok.passed(key, tensors):
-        return
-    _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
-    if key is not None:
-        _varlen_ok.remember(key, tensors)
+    params = (q.shape[0], k.shape[0], k.shape[1], max_seqlen_q, max_seqlen_k)
+    if in_op:
+        just, _just_checked = _just_checked, None
+        if (just is not None and just[0] == params and all(ref() is t for ref, t in zip(just[1], tensors))
+                and just[2] == _versions(tensors)):
+            return
+    key = _remembered_key(tensors, params)
+    if not (key is not None and _varlen_ok.passed(key, tensors)):
+        _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
+        if key is not None:
+            _varlen_ok.remember(key, tensors)
+    if not in_op:
+        _just_checked = (params, tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors),
+                         _versions(tensors))
+
+
+# The argument set the interface checked last (params, weak references, in-place versions), for the op body's check
+# of the same call.
+_just_checked = None
+
+
+def _versions(tensors):
+    return tuple(None if t is None or t.is_inference() else t._version for t in tensors)
 
 
 def _remembered_key(tensors, params):

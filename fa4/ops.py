@@ -68,7 +68,8 @@ def _run_forward(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_tabl
     # Under torch.compile the interface checked fake tensors, whose values it cannot read: the kernels would index
     # past the packed rows with a bad cu_seqlens. Read them here, on the real tensors (remembered: eager calls that
     # already passed the interface's read cost a lookup).
-    checks.check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
+    checks.check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table,
+                               in_op=True)
     if q.numel() == 0:
         out, lse = _new_outputs(q, v, varlen)
         return out.zero_(), lse.fill_(float("-inf"))
