@@ -11,6 +11,7 @@ that builds cu_seqlens once and calls every layer with it pays one read, not one
 torch.inference_mode have no version counter; a set holding one is read on every call.
 """
 import collections
+import numbers
 import weakref
 
 import torch
@@ -132,7 +133,8 @@ def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_he
                   backends=BACKENDS):
     """Scalars and the sink; returns (window_left, window_right) as ints."""
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        # numbers.Real takes numpy's floats and ints too (np.float32 is not a float subclass); the callers convert.
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale must be a float or None; got {type(softmax_scale).__name__}")
         if not softmax_scale == softmax_scale or softmax_scale in (float("inf"), float("-inf")):
             raise ValueError(f"softmax_scale must be finite; got {softmax_scale}")
@@ -140,11 +142,11 @@ def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_he
         raise ValueError(f"window_size must be a pair (left, right); got {window_size!r}")
     left, right = (-1 if w is None else w for w in window_size)
     for side, w in (("left", left), ("right", right)):
-        if isinstance(w, bool) or not isinstance(w, int):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
             raise TypeError(f"window_size {side} must be an int (-1 = unbounded); got {w!r}")
         if w < -1:
             raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded); got {w}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float; got {type(softcap).__name__}")
     if not softcap >= 0 or softcap == float("inf"):
         raise ValueError(f"softcap must be >= 0 and finite (0 = off); got {softcap}")
@@ -191,7 +193,7 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     if seqused_k is not None:
         check_index_vector("seqused_k", seqused_k, batch, q.device)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
+        if isinstance(m, bool) or not isinstance(m, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"{name} must be an int; got {type(m).__name__}")
         if torch.compiler.is_compiling() or isinstance(m, torch.SymInt):
             # Possibly traced from a device value (torch.compile with capture_scalar_outputs, e.g. max_seqlen from

@@ -84,6 +84,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q, k, v = checks.unit_last_stride(*_autocast(q, k, v))
     checks.check_qkv(q, k, v, varlen=True, paged=page_table is not None)
     checks.check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table)
+    # Python ints for the op's schema (a numpy integer passes the check); traced SymInts stay as they are.
+    max_seqlen_q, max_seqlen_k = (m if isinstance(m, torch.SymInt) else int(m) for m in (max_seqlen_q, max_seqlen_k))
     if page_table is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("page_table: a paged KV cache is for inference; gradients through it are not supported")
     if page_table is not None and seqused_k is None:

@@ -262,3 +262,21 @@ def test_compiled_packed_call_checks_values(backend):
                 compiled(q, k, v, cu_q, cu_k, m)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalar_options(backend):
+    """numpy scalars (np.float32 is not a float subclass, np.int64 not an int one) are accepted where FlashAttention
+    takes Python numbers, with the same result as the Python numbers."""
+    import numpy as np  # the test extra installs it
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(10, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    want = fa4.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, softmax_scale=0.3, window_size=(2, 0), softcap=5.0,
+                                      backend=backend)
+    got = fa4.flash_attn_varlen_func(q, k, v, cu, cu, np.int64(6), np.int32(6), softmax_scale=np.float32(0.3),
+                                     window_size=(np.int64(2), np.int64(0)), softcap=np.float32(5.0),
+                                     backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="softmax_scale"):
+        fa4.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, softmax_scale="0.3", backend=backend)
