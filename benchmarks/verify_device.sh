@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/verify-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/card.txt" 2>&1
+nvidia-smi --query-gpu=name,serial,driver_version --format=csv,noheader > "$OUT/card.txt" 2>&1
 bash tests/gpu/run_device.sh --limit 480 --jobs 16 tests/gpu/test_api_gpu.py:3 tests/gpu/test_sm90_backward.py:6 \
   tests/gpu/test_sm90_forward.py:3 tests/gpu/test_triton_backward.py:3 tests/gpu/test_triton_forward.py:4 \
   tests/gpu/test_inference_gpu.py:2 tests/gpu/test_sm90_backward_replay.py:2 > "$OUT/tests.txt" 2>&1
