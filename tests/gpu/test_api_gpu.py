@@ -207,3 +207,41 @@ def test_strided_sink_gpu():
         got = fa4.flash_attn_func(q, k, v, learnable_sink=sinks[:, 1], causal=True, backend=backend)
         want = fa4.flash_attn_func(q, k, v, learnable_sink=sinks[:, 1].clone(), causal=True, backend=backend)
         assert torch.equal(got, want), backend
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_functorch_grad_gpu(backend):
+    """torch.func.grad through the GPU kernels (the sm90 backward with backend=None) gives autograd's gradients
+    bitwise: the same kernels, reached through ops._FunctorchAttention."""
+    torch.manual_seed(31)
+    q, k, v = (torch.randn(2, 700, 8, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.randn(2, 700, 8, 128, device=DEV, dtype=torch.bfloat16)
+
+    def loss(q, k, v):
+        return (fa4.flash_attn_func(q, k, v, causal=True, deterministic=True, backend=backend) * w).float().sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss(*leaves).backward()
+    for g, leaf in zip(got, leaves):
+        assert torch.equal(g, leaf.grad)
+
+
+def test_compiled_packed_call_checks_values_gpu():
+    """Under torch.compile the op body reads cu_seqlens on the device tensors: a cu_seqlens_k past k's rows raises
+    the eager ValueError instead of a read past the end of k."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(900, 4, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+
+    def step(q, k, v, cu_q, cu_k):
+        return fa4.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 500, 500, causal=True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    good = torch.tensor([0, 400, 900], dtype=torch.int32, device=DEV)
+    try:
+        torch.testing.assert_close(compiled(q, k, v, good, good), step(q, k, v, good, good), atol=0, rtol=0)
+        with pytest.raises(ValueError, match="cu_seqlens_k\\[-1\\] = 5000"):
+            compiled(q, k, v, good, torch.tensor([0, 400, 5000], dtype=torch.int32, device=DEV))
+    finally:
+        torch._dynamo.reset()
