@@ -89,4 +89,4 @@ def one_draw(rng, cfg):
 
 
 if __name__ == "__main__":
-    fuzz_loop.run(int(sys.argv[1]), float(sys.argv[2]), one_draw)
+    fuzz_loop.main(one_draw, "python benchmarks/gpu_fuzz_kvcache.py SEED SECONDS")

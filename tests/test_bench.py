@@ -536,3 +536,42 @@ def test_unknown_l2_flush_is_named():
     # Defaults: the anchors' memset for training, the clean read flush for decode (cli.DEFAULT_L2_FLUSH).
     assert cli.parse_args([]).l2_flush == "memset"
     assert cli.parse_args(["--suite", "decode"]).l2_flush == "read"
+
+
+def test_gpu_checks_cover_the_timed_routes(monkeypatch):
+    """The correctness checks before timing reach the kernel routes the timed rows take: a long shape (S = 4096)
+    besides the short one for every head dim and mask with a row that long, GQA checks with the row's own group,
+    and decode steps with the timed rows' split shapes (one sequence of 16,384 keys; a batch of 8)."""
+    calls = []
+    monkeypatch.setattr(gpu, "check_training", lambda api, **kw: calls.append(("training", kw)) or [])
+    monkeypatch.setattr(gpu, "check_decode", lambda api, **kw: calls.append(("decode", kw)) or [])
+    args = cli.parse_args(["--suite", "training"])
+    gpu.correctness_checks(args, None, suites.select(suites.SUITES["training"](), args.filters), torch.bfloat16)
+    shapes = {(kw["D"], kw["causal"], kw["S"], kw["H"], kw["Hkv"]) for _, kw in calls}
+    for d in (64, 128, 256):
+        for causal in (False, True):
+            assert {(d, causal, 512, 4, None), (d, causal, 4096, 4, None)} <= shapes
+    calls.clear()
+    args = cli.parse_args(["--suite", "gqa"])
+    gpu.correctness_checks(args, None, suites.select(suites.SUITES["gqa"](), args.filters), torch.bfloat16)
+    groups = {(kw["S"], kw["H"] // kw["Hkv"]) for _, kw in calls}
+    assert groups == {(s, g) for s in (512, 4096) for g in (4, 8, 16)}
+    calls.clear()
+    args = cli.parse_args(["--suite", "decode"])
+    gpu.correctness_checks(args, None, suites.select(suites.SUITES["decode"](), args.filters), torch.bfloat16)
+    assert {(kw["B"], kw["L"], kw["paged"]) for _, kw in calls} == {
+        (b, length, paged) for b, length in ((4, 1024), (1, 16384), (8, 4096)) for paged in (False, True)}
+    calls.clear()
+    args = cli.parse_args(["--suite", "training", "--rows", "S=1024"])
+    gpu.correctness_checks(args, None, suites.select(suites.SUITES["training"](), args.filters), torch.bfloat16)
+    assert {kw["S"] for _, kw in calls} == {512}  # no selected row reaches the long shape
+
+
+def test_module_entry_point_and_backend_choices():
+    """`python -m fa4.bench` is the same command as `fa4 bench`; an unknown --backend is an argument error (2)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-m", "fa4.bench", "--help"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0 and "--suite" in res.stdout, res.stderr
+    res = _run_cli("--backend", "foo")
+    assert res.returncode == 2 and "--backend" in res.stderr

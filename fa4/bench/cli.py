@@ -20,13 +20,14 @@ DESCRIPTION = """\
 Benchmark fa4 against every peer importable in this process, on this card, after checking fa4's output
 against fa4.reference. Progress goes to stderr, one line per (row, backend); the table goes to stdout.
 
-Correctness first: fa4 is checked against fa4.reference under DESIGN.md's numerics rule (max error at most
-2x that of the reference computed in the input dtype, plus rounding noise) on small shapes: training
-B=2 S=512 H=4 for each head dim and mask among the selected rows (out, and dq dk dv unless --fwd-only);
-decode B=4 L=1024 with sequences of different lengths, in each selected cache layout. If any check fails,
-nothing is timed.
+Correctness first: fa4 is checked against fa4.reference under docs/DESIGN.md's numerics rule (max error at most
+2x that of the reference computed in the input dtype, plus rounding noise): training B=2 S=512 H=4, and
+B=1 S=4096 when a selected row is that long (the long rows' kernel routes), for each head dim, mask and GQA
+group among the selected rows (GQA: the row's group on one kv head; out, and dq dk dv unless --fwd-only);
+decode B=4 L=1024 with sequences of different lengths, B=1 L=16384 and B=8 L=4096 (the timed rows' split
+shapes), in each selected cache layout. If any check fails, nothing is timed.
 
-Suites (DESIGN.md):
+Suites (docs/DESIGN.md):
   training  B*S = 16384 tokens, H*D = 2048, D in {64, 128, 256}, S in {1024 (D=128 only), 4096, 16384},
             causal and not. Forward and backward TFLOP/s: forward FLOPs = 4*B*H*S^2*D (halved when causal),
             backward = 2.5 x forward.
@@ -88,7 +89,7 @@ def build_parser():
                         "versions, per-row times in ms, failure reasons, the correctness checks), a .png "
                         "plot (grouped bars, one group per row; needs matplotlib) and a .md table")
     p.add_argument("--json", metavar="PATH",
-                   help="write DESIGN.md's JSON document: card, torch, triton, date, suite, matmul_tflops, "
+                   help="write docs/DESIGN.md's JSON document: card, torch, triton, date, suite, matmul_tflops, "
                         "copy_gbps, rows (training: backend, D, S, B, H, causal, fwd_tflops, bwd_tflops, "
                         "fwd_extra_mib, bwd_extra_mib; gqa: the same with Hkv after H; decode: backend, B, L, paged, "
                         "gbps)")
@@ -105,9 +106,10 @@ def build_parser():
                         "union, e.g. --rows D=128,S=16384 --rows D=64,causal=1")
     p.add_argument("--fwd-only", action="store_true",
                    help="training: time the forward only (bwd figures are null)")
-    p.add_argument("--backend", metavar="NAME",
+    p.add_argument("--backend", metavar="NAME", choices=("reference", "triton", "sm90"),
                    help="fa4's backend, passed through as flash_attn_func(..., backend=NAME): reference, "
-                        "triton, sm90 (default: fa4 picks; in the CPU check: triton)")
+                        "triton, sm90 (training suites only: sm90 has no KV-cache kernel) (default: fa4 picks; in "
+                        "the CPU check: triton)")
     p.add_argument("--l2-flush", choices=("memset", "read"), default=None,
                    help="how L2 is cleared before each timed call: memset (triton do_bench's 256 MB zeroing, the "
                         "anchors' method; it leaves up to the L2's size of dirty lines for the timed call to write "

@@ -19,19 +19,34 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+# The longer check's sequence length: past the backward's route switches by length (the keys-as-rows chain from
+# 2,048 rows, the causal chain's 2,048-row limit, D = 64's 1,024), so the timed rows' long routes are the ones checked.
+LONG_CHECK_S = 4096
+# Decode steps with the timed rows' split shapes: one sequence in 16 splits (the combine kernel) and a batch whose
+# few splits merge in a thread-block cluster, besides the short mixed-length batch.
+DECODE_CHECKS = ((4, 1024), (1, 16384), (8, 4096))
+
+
 def correctness_checks(args, api, cases, dtype):
-    """One small shape per head dim and mask of the selected training rows, or per cache layout for decode."""
+    """Per head dim, mask and GQA group of the selected training rows: a short shape (S = 512) and, when a selected
+    row is at least LONG_CHECK_S long, one of that length with the row's group; per cache layout for decode, the
+    shapes of DECODE_CHECKS."""
     checks = []
     if suites.is_training(args.suite):
-        # GQA rows: 4 query heads share one kv head in the check.
-        for d, causal, gqa in sorted({(c.D, c.causal, bool(c.Hkv)) for c in cases}):
-            checks += check_training(api, B=2, S=512, H=4, D=d, causal=causal, dtype=dtype, device=DEVICE,
-                                     backend=args.backend, with_backward=not args.fwd_only, Hkv=1 if gqa else None)
+        for d, causal, group in sorted({(c.D, c.causal, c.H // c.Hkv if c.Hkv else 1) for c in cases}):
+            longest = max(c.S for c in cases if (c.D, c.causal, c.H // c.Hkv if c.Hkv else 1) == (d, causal, group))
+            # GQA rows: the row's group of query heads on one kv head (H = group); the plain rows 4 heads.
+            heads, kv = (group, 1) if group > 1 else (4, None)
+            shapes = [(2, 512)] + ([(1, LONG_CHECK_S)] if longest >= LONG_CHECK_S else [])
+            for b, s in shapes:
+                checks += check_training(api, B=b, S=s, H=heads, D=d, causal=causal, dtype=dtype, device=DEVICE,
+                                         backend=args.backend, with_backward=not args.fwd_only, Hkv=kv)
     else:
         for paged in sorted({c.paged for c in cases}):
-            checks += check_decode(api, B=4, L=1024, Hq=suites.DECODE_HQ, Hkv=suites.DECODE_HKV,
-                                   D=suites.DECODE_D, page_size=suites.DECODE_PAGE, paged=paged, dtype=dtype,
-                                   device=DEVICE, backend=args.backend)
+            for b, length in DECODE_CHECKS:
+                checks += check_decode(api, B=b, L=length, Hq=suites.DECODE_HQ, Hkv=suites.DECODE_HKV,
+                                       D=suites.DECODE_D, page_size=suites.DECODE_PAGE, paged=paged, dtype=dtype,
+                                       device=DEVICE, backend=args.backend)
     return checks
 
 

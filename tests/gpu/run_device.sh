@@ -7,7 +7,8 @@
 # file.py:3 runs that file as three processes (FA4_TEST_SHARD=i/3, see tests/conftest.py); file.py:2:ping
 # runs only the tests that `pytest -k ping` selects, in two processes. Logs are packed
 # into $OUT/test-logs.tar.gz (the device tool returns at most 8 files); stdout ends with the failures and one
-# summary line per process.
+# summary line per process. Exit status: 0 when every process passed (pytest 0, or 5 for a shard that selected no
+# test), 1 otherwise (a failure, an error or a timeout), 2 without a CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 limit=540
@@ -23,7 +24,11 @@ OUT=${OUT:-$PWD/test-out}
 logs=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)
+card=$(nvidia-smi --query-gpu=name,serial,driver_version --format=csv,noheader 2>&1 | head -1)
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device: tests/gpu need one (card query: $card)" >&2
+  exit 2
+fi
 
 run_one() {  # file shard_index shard_count [k expression]
   local f=$1 i=$2 n=$3 expr=${4:-} name start rc line
@@ -32,8 +37,9 @@ run_one() {  # file shard_index shard_count [k expression]
   FA4_TEST_SHARD="$i/$n" timeout -k 10 "$limit" python3 -m pytest -q -rfE --durations=5 -p no:cacheprovider \
     ${expr:+-k "$expr"} "$f" > "$logs/$name.log" 2>&1
   rc=$?
-  line=$(grep -E "[0-9]+ (passed|failed|error)" "$logs/$name.log" | tail -1)
+  line=$(grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran" "$logs/$name.log" | tail -1)
   echo "$name rc=$rc $((SECONDS - start))s :: ${line:-no summary (timeout?)}" > "$logs/$name.summary"
+  echo "$rc" > "$logs/$name.rc"
 }
 
 for spec in "$@"; do
@@ -56,3 +62,9 @@ echo "== failures"
 grep -h -E "^(FAILED|ERROR) " "$logs"/*.log | cut -c1-400
 echo "== card: $card"
 cat "$logs"/*.summary
+status=0
+for f in "$logs"/*.rc; do
+  rc=$(cat "$f")
+  [ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
+done
+exit $status
