@@ -2147,3 +2147,58 @@ def test_dq_spread_forms():
         assert backward.plan_signature(t["dout"], t["q"], t["k"], t["v"], tile, **sig) != before
     finally:
         backward.DQ_SPREAD = saved
+
+
+_UNSCALED_CHILD = r"""
+import json, subprocess, sys, tempfile
+from fa4.kernels.sm90 import backward, backward_aot
+from fa4.kernels.sm90.aot import _tool
+backward.DQ_UNSCALED = sys.argv[1] == "1"
+for name, kw in json.loads(sys.argv[2]):
+    k = backward_aot.compile_config(**kw)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    rep = backward_aot.sass_report(k)
+    rep["fmul"] = sum(1 for line in sass.splitlines() if " FMUL " in line)
+    print("REPORT " + json.dumps([name, rep]), flush=True)
+"""
+
+
+@pytest.mark.skipif(not _HAVE_GLUON, reason="needs triton 3.6.0 with Gluon")
+def test_dq_unscaled_builds():
+    """DQ_UNSCALED (a probe, off): the consumers stage their dQ shares unscaled. Each kernel that stages them builds
+    with it (the shared-dQ tile, keys as rows with its in-kernel cast, D = 256) without new spills, one FMUL fewer per
+    staged value where no in-kernel cast takes the multiply over; and the host cast then scales in the same pass."""
+    import json
+    import subprocess
+    import sys
+    from aot_children import ROOT
+    cases = [("shared-dq", dict(d=128, dv=128)), ("kt128-causal", dict(d=128, dv=128, causal=True)),
+             ("kt128-chain-cast", dict(d=128, dv=128, causal=True, dq_chain=True)),
+             ("kt64", dict(d=64, dv=64)), ("d256", dict(d=256, dv=256, tile=dict(d256=True)))]
+    reports = {}
+    for flag in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-c", _UNSCALED_CHILD, flag, json.dumps(cases)], capture_output=True,
+                              text=True, timeout=900, cwd=ROOT, env=dict(__import__("os").environ,
+                                                                         TRITON_INTERPRET="0"))
+        got = dict(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT "))
+        assert len(got) == len(cases), (proc.stdout + proc.stderr)[-3000:]
+        reports[flag] = got
+    for name, _ in cases:
+        off, on = reports["0"][name], reports["1"][name]
+        assert on["spill_bytes"] == 0 and on["loop_ldl_stl"] <= off["loop_ldl_stl"], (name, off, on)
+        assert on["utmaredg"] == off["utmaredg"] > 0, (name, off, on)
+        if name != "kt128-chain-cast":  # there the writer's cast multiplies instead
+            assert on["fmul"] < off["fmul"], (name, off, on)
+
+
+def test_dq_from_accumulator():
+    """The host cast of the accumulator: a plain cast, or (DQ_UNSCALED's) the scale and the cast in one pass, equal to
+    rounding the fp32 product."""
+    from fa4.kernels.sm90 import backward
+    acc = torch.randn(3, 70, 4, 64)
+    assert torch.equal(backward.dq_from_accumulator(acc, torch.bfloat16, None), acc.to(torch.bfloat16))
+    for dtype in (torch.bfloat16, torch.float16):
+        got = backward.dq_from_accumulator(acc, dtype, 0.125 * 1.1)
+        assert got.dtype == dtype and torch.equal(got, (acc * (0.125 * 1.1)).to(dtype))
