@@ -33,11 +33,14 @@ def correctness_checks(args, api, cases, dtype):
     shapes of DECODE_CHECKS."""
     checks = []
     if suites.is_training(args.suite):
-        for d, causal, group in sorted({(c.D, c.causal, c.H // c.Hkv if c.Hkv else 1) for c in cases}):
-            longest = max(c.S for c in cases if (c.D, c.causal, c.H // c.Hkv if c.Hkv else 1) == (d, causal, group))
+        longest = {}  # (D, causal, GQA group) -> the longest selected row's S
+        for c in cases:
+            key = (c.D, c.causal, c.H // c.kv_heads)
+            longest[key] = max(longest.get(key, 0), c.S)
+        for (d, causal, group), s_max in sorted(longest.items()):
             # GQA rows: the row's group of query heads on one kv head (H = group); the plain rows 4 heads.
             heads, kv = (group, 1) if group > 1 else (4, None)
-            shapes = [(2, 512)] + ([(1, LONG_CHECK_S)] if longest >= LONG_CHECK_S else [])
+            shapes = [(2, 512)] + ([(1, LONG_CHECK_S)] if s_max >= LONG_CHECK_S else [])
             for b, s in shapes:
                 checks += check_training(api, B=b, S=s, H=heads, D=d, causal=causal, dtype=dtype, device=DEVICE,
                                          backend=args.backend, with_backward=not args.fwd_only, Hkv=kv)

@@ -131,8 +131,8 @@ LOG2E = 1.4426950408889634
 ORDERED_DQ_ASC = gl.constexpr(1)
 ORDERED_DQ_DESC = gl.constexpr(2)
 # FIRST: only the first link is ordered (the default's unordered reduce-add without a zeroed accumulator,
-# DQ_FIRST_STORE): key block 0 stores its shares and releases each once stored; every other key block waits for that release, then
-# adds in any order.
+# DQ_FIRST_STORE): key block 0 stores its shares and releases each once stored; every other key block waits for that
+# release, then adds in any order.
 ORDERED_DQ_FIRST = gl.constexpr(3)
 LOG2E_C = gl.constexpr(LOG2E)
 WG_KEYS = 64  # one m64 wgmma slab of keys per consumer warpgroup
@@ -1730,13 +1730,14 @@ DQ_CAST = True
 
 def dq_cast_serves(tile, store_first, d, window_right):
     """Whether the main kernel writes dQ itself (DQ_CAST; d: the tile's head-dim width): the keys-as-rows tiles on the
-    persistent grid's ascending chain whose first link stores (dq_store_first_serves: batched, every query row visited, so every row has a last
-    link), under a right window (causal), where the writer's 16 KiB read-back tile fits beside the kernel's shared
-    memory. Under a right window each tile closes the chains of a few query blocks; without one the last key block's
-    tile closes all of its head's, at every step, and those tiles come last in the handout: H100 card 1752824021230,
-    bwd_flag_ab.py --flag DQ_CAST (5 rounds, best (median)): causal D = 128 S = 1024 / 2048 1.038 / 1.020x (1.034 /
-    1.028x), D = 64 S = 1024 1.072x (1.067x); non-causal D = 128 S = 2048 / 4096 / 16384 0.905 / 0.900 / 0.944x, and
-    0.95-1.00x even with the final chunk's casts left out (benchmarks/NOTES.md, session 33)."""
+    persistent grid's ascending chain whose first link stores (dq_store_first_serves: batched, every query row
+    visited, so every row has a last link), under a right window (causal), where the writer's 16 KiB read-back tile
+    fits beside the kernel's shared memory. Under a right window each tile closes the chains of a few query blocks;
+    without one the last key block's tile closes all of its head's, at every step, and those tiles come last in the
+    handout: H100 card 1752824021230, bwd_flag_ab.py --flag DQ_CAST (5 rounds, best (median)): causal D = 128 S =
+    1024 / 2048 1.038 / 1.020x (1.034 / 1.028x), D = 64 S = 1024 1.072x (1.067x); non-causal D = 128 S = 2048 / 4096
+    / 16384 0.905 / 0.900 / 0.944x, and 0.95-1.00x even with the final chunk's casts left out (benchmarks/NOTES.md,
+    session 33)."""
     if not (DQ_CAST and store_first and window_right >= 0 and tile.keys_as_rows and persistent_tiles(tile)):
         return False
     from .backward_kt import cast_bytes, smem_bytes as kt_bytes
@@ -2336,10 +2337,11 @@ def dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, se
 # and the other key blocks wait for them (ORDERED_DQ_FIRST); False: the preprocess zeroes the accumulator (probes flip
 # it for A/B). Its store link's release is fenced like the chains' (CHAIN_FENCE = 3): session 34 measured it unfenced
 # (H100 card 1753024030425, non-causal D = 128 S = 512 / 1024 1.061 / 1.029x) and reverted it for the same race.
-# Session 35, H100 card 1752624013057: benchmarks/repeat_stress.py --default, non-causal D = 128 S = 1024 / 512, fenced 0 of
-# 480 calls off by more than 0.06 (rounding noise 1e-3), unfenced 6 + 8 / 17 + 24 of 240 (up to 0.27); bwd_flag_ab.py
-# --flag DQ_FIRST_STORE --full-only, 5 rounds, best (median): S = 512 1.049x (1.050x), S = 1024 0.974x (1.007x) on a
-# noisy card (rounds 787-844 off, 808-881 on). Calls from 2048 rows take the chain by default (chain_by_default).
+# Session 35, H100 card 1752624013057: benchmarks/repeat_stress.py --default, non-causal D = 128 S = 1024 / 512,
+# fenced 0 of 480 calls off by more than 0.06 (rounding noise 1e-3), unfenced 6 + 8 / 17 + 24 of 240 (up to 0.27);
+# bwd_flag_ab.py --flag DQ_FIRST_STORE --full-only, 5 rounds, best (median): S = 512 1.049x (1.050x), S = 1024 0.974x
+# (1.007x) on a noisy card (rounds 787-844 off, 808-881 on). Calls from 2048 rows take the chain by default
+# (chain_by_default).
 DQ_FIRST_STORE = True
 
 
@@ -2352,6 +2354,17 @@ def dq_first_store_serves(tile, window_left, window_right, varlen, seqused_k, se
     return (DQ_FIRST_STORE and tile.shared_dq and tile.dq_writer and not tile.keys_as_rows and not tile.separate_dq
             and window_left < 0 and window_right < 0
             and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k))
+
+
+def dq_store_routes(tile, chain, ordered_dq, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k):
+    """(first_only, store_first) of a call (backward_checked, and backward_aot.compile_config as it would launch):
+    first_only, the unordered reduce-add whose key block 0 stores first (dq_first_store_serves; not on a chain nor
+    through the ordered pass); store_first, whether any first link stores (that, or the chain's,
+    dq_store_first_serves), so that nothing zeroes the accumulator."""
+    where = (tile, window_left, window_right, varlen, seqused_k, seqlen_q, seqlen_k)
+    first_only = bool(not chain and not ordered_dq and dq_first_store_serves(*where))
+    # (first_only already asked dq_store_first_serves.)
+    return first_only, bool(first_only or (chain and dq_store_first_serves(*where)))
 
 
 def dq_chain_counters(tile, batch, n_heads, seqlen_q, device):
@@ -2442,11 +2455,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
     # ascending chain's first link stores its shares nothing needs zeroing (the persistent grid's tile counter is
     # then the chain counters' first slot, zeroed with them).
     # Or, off the chain, key block 0 stores and the other key blocks' unordered adds wait for it (DQ_FIRST_STORE).
-    first_only = not chain and not ordered_dq and dq_first_store_serves(tile, window_left, window_right, varlen,
-                                                                          seqused_k, seqlen_q, seqlen_k)
-    # (first_only already asked dq_store_first_serves.)
-    store_first = first_only or (chain and dq_store_first_serves(tile, window_left, window_right, varlen, seqused_k,
-                                                                 seqlen_q, seqlen_k))
+    first_only, store_first = dq_store_routes(tile, chain, ordered_dq, window_left, window_right, varlen, seqused_k,
+                                              seqlen_q, seqlen_k)
     # The chain's last links write dQ itself (no cast after the kernel).
     dq_out = None
     if dq_cast_serves(tile, store_first, configs.tile_dim(d), window_right):

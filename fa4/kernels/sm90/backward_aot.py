@@ -38,10 +38,8 @@ def compile_config(d, dv, dtype=torch.bfloat16, *, causal=False, window=(-1, -1)
     deterministic = deterministic or tile_obj.separate_dq
     # The default's unordered reduce-add whose first link stores (backward_checked's first_only), and the first link's
     # store where backward_checked would let it (an unzeroed accumulator).
-    first_only = not (deterministic or dq_chain) and backward.dq_first_store_serves(
-        tile_obj, left, right, varlen, seqused or None, s, s)
-    store_first = first_only or (dq_chain and backward.dq_store_first_serves(tile_obj, left, right, varlen,
-                                                                             seqused or None, s, s))
+    first_only, store_first = backward.dq_store_routes(tile_obj, dq_chain, deterministic, left, right, varlen,
+                                                       seqused or None, s, s)
     _, args, constexprs = backward.launch_plan(
         dout, q, k, v, None if deterministic else torch.zeros(q.shape, dtype=torch.float32),
         torch.zeros_like(k), torch.zeros_like(v), lse, lse.clone(), softmax_scale=d ** -0.5, window_left=left,
