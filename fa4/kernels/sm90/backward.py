@@ -213,7 +213,6 @@ class BwdProblem:
     CTA_CHUNKED: gl.constexpr
     DQ_SPREAD: gl.constexpr
     STATS_EXT: gl.constexpr
-    DQ_UNSCALED: gl.constexpr
 
     @gluon.constexpr_function
     def __init__(self, q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse2_desc, delta_desc, dk_ptr,
@@ -223,7 +222,7 @@ class BwdProblem:
                  qk_scale, cap_scale, softmax_scale, window_left, window_right, BM, NWG, STAGES, VARLEN,
                  HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP, SINK_PDP, PING_PONG, BIG,
                  TRACE, ORDERED_DQ=0, DQ_WRITER=False, STATS_TMA=False, CTA_CHUNKED=False, DQ_SPREAD=False,
-                 STATS_EXT=False, DQ_UNSCALED=False):
+                 STATS_EXT=False):
         self.q_desc = q_desc
         self.k_desc = k_desc
         self.v_desc = v_desc
@@ -283,7 +282,6 @@ class BwdProblem:
         self.DQ_SPREAD = gl.constexpr(DQ_SPREAD)
         self.STATS_TMA = gl.constexpr(STATS_TMA)
         self.STATS_EXT = gl.constexpr(STATS_EXT)
-        self.DQ_UNSCALED = gl.constexpr(DQ_UNSCALED)
 
 
 @aggregate
@@ -616,17 +614,6 @@ def writer_barriers(NWG: gl.constexpr, DQ_WRITER: gl.constexpr, placeholder):
 # dQ writer partition (DQ_WRITER): one warp issuing the consumers' dQ reduce-adds, so that no consumer waits for
 # the TMA unit, nor, with ORDERED_DQ, for another CTA's add, unless its staging tile is still unread.
 # ---------------------------------------------------------------------------------------------------------
-
-@gluon.jit
-def dq_share_scaled(p, dq):
-    """A consumer's dQ share as it is staged for the accumulator: times softmax_scale, or as it is under
-    DQ_UNSCALED (the scale then applied where the accumulator is read: dq_from_accumulator, _cast_share)."""
-    if p.DQ_UNSCALED:
-        out = dq
-    else:
-        out = dq * p.softmax_scale
-    return out
-
 
 @gluon.jit
 def dq_share_coord(p, b, h, q_start, m0, w: gl.constexpr, KEYS_AS_ROWS: gl.constexpr):
@@ -1027,14 +1014,14 @@ def _consumer(p, bufs, WG: gl.constexpr):
                     # staged share once it has freed the previous one (a fresh barrier passes parity 1).
                     mbarrier.wait(bufs.dq_free.index(WG), (it & 1) ^ 1)
                     _trace_step(p, WG, it, 8)
-                    store_dq_staging(dq_s.reshape([BM, DQW]), dq_share_scaled(p, dq), p.DQ_SPREAD)
+                    store_dq_staging(dq_s.reshape([BM, DQW]), dq * p.softmax_scale, p.DQ_SPREAD)
                     fence_async_shared()
                     _trace_step(p, WG, it, 9)
                     mbarrier.arrive(bufs.dq_staged.index(WG))
                 else:
                     tma.store_wait(0)
                     _trace_step(p, WG, it, 8)
-                    store_dq_staging(dq_s.reshape([BM, DQW]), dq_share_scaled(p, dq), p.DQ_SPREAD)
+                    store_dq_staging(dq_s.reshape([BM, DQW]), dq * p.softmax_scale, p.DQ_SPREAD)
                     fence_async_shared()
                     _trace_step(p, WG, it, 9)
                     async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * DQW), dq_s)
@@ -1066,7 +1053,7 @@ def _consumer(p, bufs, WG: gl.constexpr):
                         _trace_step(p, WG, it, 8)
                     else:
                         dq = warpgroup_mma_wait(0, deps=(dq, ))
-                    dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq_share_scaled(p, dq))
+                    dq_s.reshape([BM, D]).slice(part * DQW, DQW, dim=1).store(dq * p.softmax_scale)
                 fence_async_shared()
                 _trace_step(p, WG, it, 9)
                 if p.DQ_WRITER:
@@ -1162,8 +1149,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                     ORDERED_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, STATS_TMA: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                     DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False,
-                    DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = 0,
-                    DQ_UNSCALED: gl.constexpr = False):
+                    DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = 0):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [NWG] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NWG] + v_desc.block_type.shape, v_desc.layout)
@@ -1222,8 +1208,7 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, 
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD,
-                   DQ_UNSCALED=DQ_UNSCALED)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD)
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
                       q_empty, do_ready, do_empty, turn, dq_staged, dq_free, lse2_smem, delta_smem, loop_done)
     gl.static_assert(ORDERED_DQ == 0 or DQ_WRITER, "the in-kernel ordered dQ is issued by the writer warp")
@@ -1598,19 +1583,6 @@ def builds_sink_partials(tile):
 
 # tile.dq_spread as the tiles set it; False: off on every tile (probes flip it for A/B: det_cost.py --flip).
 DQ_SPREAD = True
-# The consumers stage their dQ shares unscaled and the accumulator's readers apply softmax_scale (the cast pass as one
-# torch.mul into the 16-bit dQ, DQ_CAST's in-kernel cast), as FlashAttention-4 does: 32 FMUL fewer a consumer step
-# (benchmarks/NOTES.md, session 36's SASS comparison). Off until measured (a probe for bwd_flag_ab.py --flag).
-DQ_UNSCALED = False
-
-
-def dq_from_accumulator(dq_acc, dtype, scale):
-    """dQ in the input dtype from the main kernel's fp32 accumulator: a cast, or with `scale` (the call's
-    softmax_scale, where the kernel staged its shares unscaled: DQ_UNSCALED) the product and the cast in one
-    elementwise pass."""
-    if scale is None:
-        return dq_acc.to(dtype)
-    return torch.mul(dq_acc, scale, out=torch.empty(dq_acc.shape, dtype=dtype, device=dq_acc.device))
 
 
 def dq_first_serves(tile, chain, window_right):
@@ -1970,7 +1942,6 @@ def launch_plan(dout, q, k, v, dq_acc, dk, dv, lse2, delta, *, softmax_scale, wi
     constexprs["DQ_RELEASE_LAG"] = dq_chain is not None and chain_release_lag(tile, window_right)
     constexprs["DQ_STORE_FIRST"] = dq_chain is not None and dq_store_first
     constexprs["DQ_SPREAD"] = dq_spread_serves(tile, varlen)
-    constexprs["DQ_UNSCALED"] = bool(DQ_UNSCALED)
     # (The D = 256 kernel takes it with the other parameters and builds no chain.) Level 3 fences the store link
     # only: a chain whose first link adds builds none.
     constexprs["DQ_CHAIN_FENCE"] = (int(CHAIN_FENCE) if dq_chain is not None and (CHAIN_FENCE != 3 or dq_store_first)
@@ -2511,8 +2482,7 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
             dk.zero_()
             dv.zero_()
 
-    # 3. dQ: the fp32 accumulator cast (already scaled, unless DQ_UNSCALED), or the portable dQ kernel's fixed key
-    # order.
+    # 3. dQ: the fp32 accumulator cast (already scaled), or the portable dQ kernel's fixed key order.
     if ordered_dq:
         if side is None:
             dq_pass()
@@ -2523,10 +2493,8 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
             caller.wait_stream(side)
         dq, dsink = dq_finish()
         return dq, dk, dv, dsink
-    dq_scale = softmax_scale if DQ_UNSCALED else None  # the accumulator's sums unscaled (DQ_UNSCALED)
     if sink_in_main:
-        return (dq_from_accumulator(dq_acc, q.dtype, dq_scale), dk, dv,
-                sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch))
+        return dq_acc.to(q.dtype), dk, dv, sink_gradient_from_pdp(main_parts, sink, lse, dlse, batch)
     if replayable and isinstance(launched, launch.Plan):
         _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, ext, tile, launched, batch,
                          seqlen_q,
@@ -2534,14 +2502,14 @@ def backward_checked(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_lef
                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
                          window_left=window_left, window_right=window_right, softcap=softcap,
-                         deterministic=deterministic, dq_cast=dq_out is not None, dq_scale=dq_scale)
-    dq = dq_out if dq_out is not None else dq_from_accumulator(dq_acc, q.dtype, dq_scale)
+                         deterministic=deterministic, dq_cast=dq_out is not None)
+    dq = dq_out if dq_out is not None else dq_acc.to(q.dtype)
     return dq, dk, dv, sink_gradient(dsink_part, sink)
 
 
 def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al, ext, tile, plan, batch, seqlen_q,
                      chain_shape, *, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, softcap, deterministic, dq_cast=False, dq_scale=None):
+                     window_left, window_right, softcap, deterministic, dq_cast=False):
     """Keep a plain-route call's decisions and launches for the next call of its signature (backward_fast)."""
     from . import backward_fast
     varlen = cu_seqlens_q is not None
@@ -2555,7 +2523,7 @@ def _remember_replay(dout, q, k, v, out, lse, dlse, delta, lse2, zero, stats_al,
     backward_fast.remember(key, backward_fast.Replay(
         tile, batch, seqlen_q, persistent_tiles(tile), prep, plan, chain_shape, varlen=varlen,
         zero_dkdv=varlen or seqused_k is not None, stats_al_shape=None if stats_al is None else stats_al[0].shape,
-        stats_ext_shape=None if ext is None else ext[0].shape, dq_cast=dq_cast, dq_scale=dq_scale))
+        stats_ext_shape=None if ext is None else ext[0].shape, dq_cast=dq_cast))
 
 
 def dq_accumulator(q, varlen, persistent):
@@ -2593,7 +2561,7 @@ def plan_signature(dout, q, k, v, tile, *, softmax_scale, window_left, window_ri
             dq_chain is not None, stats_tma_serves(tile, cu_seqlens_q is not None),
             None if stats_al is None else stats_al[0].shape, CTA_CHUNK, CTA_CHUNK_BYTES, persistent_tiles(tile),
             DQ_RELEASE_LAG, bool(dq_store_first), DQ_SPREAD, stats_ext is not None, STATS_EXT, dq_out is not None,
-            CHAIN_FENCE, bool(dq_first_only), DQ_UNSCALED)
+            CHAIN_FENCE, bool(dq_first_only))
 
 
 def _dq_placeholder(tile, d, varlen, device):

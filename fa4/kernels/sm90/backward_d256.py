@@ -128,7 +128,7 @@ from . import configs
 from .dq_staging import store_dq_staging
 from .attention_fwd import _GL_DTYPES, _head_coord, _next_slot, _opaque
 from .backward import (KEYS_PER_WG, WG_KEYS, BwdProblem, _cta_coords, _probabilities, _q_range, _RUNTIME_INTS,
-                       _step_block, async_reduce_add_shared_to_global, dq_share_scaled)
+                       _step_block, async_reduce_add_shared_to_global)
 
 HALF = 128          # head-dim columns per consumer warpgroup
 HALF_C = gl.constexpr(HALF)
@@ -458,7 +458,7 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                                     gl.zeros([BM, DQW], gl.float32, dq_layout), use_acc=False, is_async=True)
                 dq_s = bufs.hand.index(wi)
                 stage = dq_s.reshape([BM, DQW])
-                store_dq_staging(stage, dq_share_scaled(p, dq), p.DQ_SPREAD)
+                store_dq_staging(stage, dq * p.softmax_scale, p.DQ_SPREAD)
                 fence_async_shared()
                 async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W), dq_s)
                 dq2 = warpgroup_mma_wait(0, deps=(dq2, ))
@@ -468,13 +468,13 @@ def _consumer(p, bufs, WG: gl.constexpr, DQ_IN_Q: gl.constexpr, ROLES: gl.conste
                     # This consumer's Q half (its dK product, the last reader, completed) as the second staging
                     # tile: no wait for the first half's reduce-add. Released at the next step (q_empty).
                     dq_s2 = bufs.q.index(2 * idx + wi)._reinterpret(gl.float32, dq_s.type.shape, dq_s.type.layout)
-                    store_dq_staging(dq_s2.reshape([BM, DQW]), dq_share_scaled(p, dq2), p.DQ_SPREAD)
+                    store_dq_staging(dq_s2.reshape([BM, DQW]), dq2 * p.softmax_scale, p.DQ_SPREAD)
                     fence_async_shared()
                     async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
                                                       dq_s2)
                 else:
                     tma.store_wait(0)
-                    store_dq_staging(stage, dq_share_scaled(p, dq2), p.DQ_SPREAD)
+                    store_dq_staging(stage, dq2 * p.softmax_scale, p.DQ_SPREAD)
                     fence_async_shared()
                     async_reduce_add_shared_to_global(p.dq_desc, _head_coord(p, b, h, q_start, m0, WG * W + DQW),
                                                       dq_s)
@@ -544,7 +544,6 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                          LOADER_REGS: gl.constexpr, CTA_CHUNKED: gl.constexpr = False,
                          DQ_RELEASE_LAG: gl.constexpr = False, DQ_STORE_FIRST: gl.constexpr = False,
                          DQ_SPREAD: gl.constexpr = False, DQ_CHAIN_FENCE: gl.constexpr = 0,
-                         DQ_UNSCALED: gl.constexpr = False,
                          DQ_IN_Q: gl.constexpr = False, ROLES: gl.constexpr = False,
                          EARLY_DV: gl.constexpr = False, STATS_AHEAD: gl.constexpr = False,
                          HAND_SWZ: gl.constexpr = False):
@@ -594,8 +593,7 @@ def attn_bwd_d256_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_d
                    gl.to_tensor(qk_scale), gl.to_tensor(cap_scale), gl.to_tensor(softmax_scale),
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
-                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED, DQ_SPREAD,
-                   DQ_UNSCALED=DQ_UNSCALED)
+                   SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, False, CTA_CHUNKED, DQ_SPREAD)
     bufs = D256Buffers(k_smem, v_smem, q_smem, do_smem, pds_smem, hand, kv_ready, q_ready, q_empty, do_ready,
                        do_empty, part_ready, part_free, pds_ready, pds_free, p_ready)
     gl.warp_specialize([(_consumer, (p, bufs, gl.constexpr(0), DQ_IN_Q, ROLES, EARLY_DV, STATS_AHEAD, HAND_SWZ)),

@@ -34,7 +34,6 @@ def _switches():
     return (env.get("FA4_SM90"), env.get("FA4_SM90_BWD"), env.get("FA4_KT_PERSISTENT"), env.get("FA4_BWD_CHUNK_VARLEN"),
             bwd.KT_PERSISTENT, bwd.CTA_CHUNK, bwd.CTA_CHUNK_BYTES, bwd.DQ_CHAIN, bwd.KT_DQ_CHAIN,
             bwd.KT_ASC_CHAIN_MIN_ROWS, bwd.D256_PASS_FULL, bwd.DQ_RELEASE_LAG, bwd.DQ_STORE_FIRST, bwd.DQ_SPREAD,
-            bwd.DQ_UNSCALED,
             bwd.KT_PERSIST_CHAIN, bwd.KT_PERSIST_CHAIN_MIN_ROWS, bwd.KT_PERSIST_CHAIN_MIN_ROWS_MASKED, bwd.KT_PERSIST_CHAIN_FULL, bwd.D64_PERSIST_DET,
             bwd.D64_PERSIST_CAUSAL, bwd.CHAIN_BY_DEFAULT, bwd.CHAIN_BY_DEFAULT_MAX_ROWS_MASKED,
             bwd.CHAIN_BY_DEFAULT_D64, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS, bwd.CHAIN_BY_DEFAULT_D64_MAX_ROWS_GQA,
@@ -73,10 +72,10 @@ class Replay:
     descriptors) and whose query length needs no padding rows keep Delta, lse2 and the tile counter in one workspace
     allocation, passed to both kernels as addresses: two allocations a call fewer than backward_checked's buffers."""
     __slots__ = ("tile", "batch", "seqlen_q", "pad_to", "persistent", "prep", "plan", "chain_shape", "varlen",
-                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma", "stats_ext_shape", "dq_cast", "dq_scale")
+                 "zero_dkdv", "stats_al_shape", "workspace", "stats_tma", "stats_ext_shape", "dq_cast")
 
     def __init__(self, tile, batch, seqlen_q, persistent, prep, plan, chain_shape=None, *, varlen=False,
-                 zero_dkdv=False, stats_al_shape=None, stats_ext_shape=None, dq_cast=False, dq_scale=None):
+                 zero_dkdv=False, stats_al_shape=None, stats_ext_shape=None, dq_cast=False):
         self.tile, self.batch, self.seqlen_q, self.persistent = tile, batch, seqlen_q, persistent
         self.prep, self.plan, self.chain_shape = prep, plan, chain_shape
         self.varlen, self.zero_dkdv, self.stats_al_shape = varlen, zero_dkdv, stats_al_shape
@@ -85,7 +84,6 @@ class Replay:
         self.stats_tma = bwd.stats_tma_serves(tile, varlen)
         self.stats_ext_shape = stats_ext_shape  # the statistics' K extensions (bwd.stats_ext_buffers)
         self.dq_cast = dq_cast  # the main kernel writes dQ itself (bwd.dq_cast_serves)
-        self.dq_scale = dq_scale  # the scale the accumulator's cast applies (bwd.DQ_UNSCALED), else None
 
     def __call__(self, dout, q, k, v, out, lse, dlse, cu_q=None, cu_k=None, seqused=None):
         device, index = q.device, q.device.index
@@ -141,7 +139,7 @@ class Replay:
             seqused=seqused if seqused is not None else dummy,
             dq_out=bwd._dq_out_tensor(dq, self.tile, q, self.varlen)))
         del keep  # freed now: the caching allocator gives the block only to work queued after these kernels
-        return (dq if dq is not None else bwd.dq_from_accumulator(dq_acc, q.dtype, self.dq_scale)), dk, dv
+        return (dq if dq is not None else dq_acc.to(q.dtype)), dk, dv
 
 
 class SplitReplay:

@@ -93,8 +93,8 @@ from .softmax import exp2_mixed
 from .backward import (CHAIN_CTR_OFFSET, KEYS_PER_WG, STATS_EXT_PARTS_C, STATS_EXT_WIDTH, STATS_EXT_WIDTH_C, WG_KEYS,
                        BwdBuffers, BwdProblem, _cta_coords, _cta_event,
                        _loader, _mask_needed, _load_step, _q_range, _RUNTIME_INTS, _sequence, _step_block, _store_rows,
-                       _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_share_scaled, dq_writer,
-                       last_key_block, release_step, write_step, writer_barriers)
+                       _trace_step, async_reduce_add_shared_to_global, dq_share_coord, dq_writer, last_key_block,
+                       release_step, write_step, writer_barriers)
 
 CHAIN_CTR = gl.constexpr(CHAIN_CTR_OFFSET)
 
@@ -201,7 +201,7 @@ def _dq_add(p, bufs, dq, b, h, q_start, m0, WG: gl.constexpr, QW: gl.constexpr, 
         tma.store_wait(0)
     _trace_step(p, WG, it, 8)
     dq_s = bufs.dq.index(WG)
-    store_dq_staging(dq_s.reshape([QW, DQW]), dq_share_scaled(p, dq), p.DQ_SPREAD)
+    store_dq_staging(dq_s.reshape([QW, DQW]), dq * p.softmax_scale, p.DQ_SPREAD)
     fence_async_shared()
     _trace_step(p, WG, it, 9)
     if p.DQ_WRITER:
@@ -633,8 +633,6 @@ def _cast_share(p, dqo_desc, cast_s, cast_ready, n_cast, b, h, q_start, m0, w: g
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [1, 1], [1, 0])
     for r in gl.static_range(0, R, CH):
         x = acc.slice(r, CH, dim=0).load(layout)
-        if p.DQ_UNSCALED:  # the accumulator holds the unscaled sums (dq_share_scaled)
-            x = x * p.softmax_scale
         out2.slice(r, CH, dim=0).store(x.to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(dqo_desc, coord, out)
@@ -733,7 +731,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                        STATS_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                        CTA_CHUNKED: gl.constexpr = False, DQ_RELEASE_LAG: gl.constexpr = False,
                        DQ_STORE_FIRST: gl.constexpr = False, DQ_SPREAD: gl.constexpr = False,
-                       DQ_CHAIN_FENCE: gl.constexpr = 0, DQ_UNSCALED: gl.constexpr = False,
+                       DQ_CHAIN_FENCE: gl.constexpr = 0,
                        DV_EARLY: gl.constexpr = True, DQ_LAG: gl.constexpr = False,
                        POLY: gl.constexpr = 0, PERSIST: gl.constexpr = False, STATS_EXT: gl.constexpr = False,
                        DQ_CAST: gl.constexpr = False, n_bh=1, chunk=1, dqo_desc=None):
@@ -835,7 +833,7 @@ def attn_bwd_kt_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_des
                    gl.to_tensor(window_left), gl.to_tensor(window_right),
                    BM, NWG, STAGES, VARLEN, HAS_SEQUSED, HAS_WL, HAS_WR, SOFTCAP, DQ_ATOMIC, DQ_SHARED, EARLY_DP,
                    SINK_PDP, PING_PONG, BIG, TRACE, ORDERED_DQ, DQ_WRITER, STATS_TMA, CTA_CHUNKED, DQ_SPREAD,
-                   STATS_EXT, DQ_UNSCALED=DQ_UNSCALED)
+                   STATS_EXT)
     # backward.py's buffer set, so that its loader serves this kernel unchanged: ds holds the consumers' dSᵀ; the
     # P buffer and the turn / loop_done barriers are placeholders this kernel never touches.
     bufs = BwdBuffers(k_smem, v_smem, q_smem, do_smem, ones_smem, ds_smem, dq_smem, ds_ready, ds_free, kv_ready, q_ready,
