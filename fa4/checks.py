@@ -129,6 +129,19 @@ def check_qkv(q, k, v, *, varlen, paged=False):
             raise ValueError(f"{name}'s last dimension must be contiguous (stride 1); got stride {t.stride(-1)}")
 
 
+def window_reach(left, right, max_keys, max_queries):
+    """(left, right) with -1 for a side that no sequence can reach past: query i sees keys j in
+    [i + Sk - Sq - left, i + Sk - Sq + right], so left >= Sk - 1 excludes no key, nor does right >= Sq - 1. As in
+    FlashAttention (a side >= seqlen_k becomes -1), but from bounds on every sequence's lengths (max_keys,
+    max_queries), so that a huge side (2**31 - 1, sys.maxsize: "unbounded") never reaches the kernels' int32 (or the
+    reference's int64) index arithmetic, and a window wider than the sequences takes the unwindowed paths."""
+    if left >= max_keys:
+        left = -1
+    if right >= max_queries:
+        right = -1
+    return left, right
+
+
 def check_options(*, softmax_scale, window_size, softcap, learnable_sink, num_heads, device, backend,
                   backends=BACKENDS):
     """Scalars and the sink; returns (window_left, window_right) as ints."""

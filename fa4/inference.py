@@ -181,6 +181,8 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                                            backend=backend, backends=(None, "triton", "reference"))
     if causal:
         c.right = 0  # causal is the window (left, 0), aligned to the end of the cache
+    # A sequence holds at most the cache's capacity of keys (appending past it is an error below).
+    c.left, c.right = checks.window_reach(c.left, c.right, c.capacity, q.shape[1])
     c.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(c.head_d)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_NUM_SPLITS:
         raise ValueError(f"num_splits must be an int from 0 (the heuristic) to {MAX_NUM_SPLITS}; got {num_splits!r}")
@@ -288,9 +290,15 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
     if isinstance(cache_seqlens, torch.Tensor):
         lens = cache_seqlens.long()
         stats += [lens.min(), lens.argmin(), lens.max(), lens.argmax()]
+    appends_rows = cache_batch_idx is not None and c.seqlen_new > 0 and c.batch > 1
     if cache_batch_idx is not None:
         idx = cache_batch_idx.long()
         stats += [idx.min(), idx.argmin(), idx.max(), idx.argmax()]
+        if appends_rows:
+            # Appending, two sequences on one cache row would write the same slots (one's keys lost, racily).
+            ordered = idx.sort().values
+            repeated = ordered[1:] == ordered[:-1]
+            stats += [repeated.any(), ordered[1:][repeated.int().argmax()]]
     if page_table is not None and page_table.numel():
         # Only the entries a sequence uses must be valid: pages [0, ceil((cache_seqlens + new) / page_size)).
         if lens is None:
@@ -316,6 +324,12 @@ def _check_values(c, cache_seqlens, cache_batch_idx, page_table, rotary_cos):
         if hi >= c.cache_batch:
             raise ValueError(f"cache_batch_idx[{at_hi}] = {hi}; it must be < {c.cache_batch} (k_cache's batch "
                              f"size)")
+        if appends_rows:
+            any_repeated, value = vals[:2]
+            vals = vals[2:]
+            if any_repeated:
+                raise ValueError(f"cache_batch_idx holds {value} more than once; when k and v are appended, each "
+                                 f"sequence needs its own cache row (two would write the same slots)")
     if page_table is not None and page_table.numel():
         any_bad, first, value = vals[:3]
         if any_bad:

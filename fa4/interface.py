@@ -31,6 +31,11 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, learnabl
                                        backend=backend)
     if causal:
         right = 0  # causal is the window (left, 0), aligned bottom-right as in FlashAttention
+    # Bounds on every sequence's key and query counts: the batched shapes, or the packed totals (a paged cache:
+    # its table's pages).
+    max_keys = k.shape[1] if cu_seqlens_q is None else (
+        k.shape[0] if page_table is None else page_table.shape[1] * k.shape[1])
+    left, right = checks.window_reach(left, right, max_keys, q.shape[1] if cu_seqlens_q is None else q.shape[0])
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if scale < 0:
         # The kernels take the row max of the raw scores and scale it (max(s)·scale, folded into exp2's

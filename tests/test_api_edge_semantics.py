@@ -280,3 +280,78 @@ def test_numpy_scalar_options(backend):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="softmax_scale"):
         fa4.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, softmax_scale="0.3", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(2**31 - 1, -1), (-1, 2**31 - 1), (0, 2**63 - 1), (2**63 - 1, 2**31 - 2)])
+def test_huge_window_side_is_unbounded(backend, window):
+    """A window side wider than every sequence ("unbounded" spelled as INT_MAX or sys.maxsize, as configs do) sees
+    what -1 sees. It reached the kernels' int32 bounds (m_start + offset − left) and the reference's int64 ones, and
+    masked every key (session 37 audit). Sq ≠ Sk, batched and packed, the backward too."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 47, 2, 16, requires_grad=True)
+    k, v = (torch.randn(1, 33, 1, 16, requires_grad=True) for _ in range(2))
+    want_window = tuple(-1 if w >= 33 else w for w in window)
+    out = fa4.flash_attn_func(q, k, v, window_size=window, backend=backend)
+    want = fa4.flash_attn_func(q, k, v, window_size=want_window, backend=backend)
+    assert torch.equal(out, want)
+    dout = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        assert torch.equal(g, w)
+    cu_q, cu_k = torch.tensor([0, 20, 47], dtype=torch.int32), torch.tensor([0, 13, 33], dtype=torch.int32)
+    packed = [t[0].detach() for t in (q, k, v)]
+    out = fa4.flash_attn_varlen_func(*packed, cu_q, cu_k, 27, 20, window_size=window, backend=backend)
+    want = fa4.flash_attn_varlen_func(*packed, cu_q, cu_k, 27, 20, window_size=want_window, backend=backend)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("window", [(2**31 - 1, -1), (-1, 2**63 - 1)])
+def test_huge_window_side_is_unbounded_kvcache(window):
+    torch.manual_seed(4)
+    q = torch.randn(2, 3, 2, 16)
+    k_cache, v_cache = (torch.randn(2, 24, 1, 16) for _ in range(2))
+    lens = torch.tensor([5, 19], dtype=torch.int32)
+    out = fa4.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, window_size=window)
+    want = fa4.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, window_size=(-1, -1))
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e8, 1e12])
+def test_huge_softmax_scale_gives_finite_gradients(backend, scale):
+    """The backward recomputes P = exp2(s2 − lse2) from the forward's lse, whose ulp at |lse2| ~ 1e9 is tens of
+    units: the exponent's error overflowed exp2, and dq / dk came back NaN, dv inf (session 37 audit). P <= 1
+    holds exactly, so the kernels clamp it. The values themselves are not checked: at such a scale that exponent
+    error decides whether a row's one-hot P comes back as 1 or as 0 (README: the backward's accuracy at huge
+    scales), and NaN inputs still give NaN."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        q, k, v = (torch.randn(1, 8, 1, 16, requires_grad=True) for _ in range(3))
+        out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        for name, g in zip("qkv", grads):
+            assert torch.isfinite(g).all(), (seed, name)
+    q = q.detach().clone().requires_grad_()
+    with torch.no_grad():
+        q[0, 3, 0, 0] = float("nan")
+    out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, backend=backend)
+    assert torch.isnan(torch.autograd.grad(out.sum(), q)[0]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [0.3, 50.0, 1e5, 1e30])
+def test_softcap_any_size(backend, softcap):
+    """c·tanh(s/c) for small and huge c (huge: plain attention). The Triton kernels' tanh, 1 − 2/(exp(2x) + 1),
+    cancels for small x: at c = 1e6 the logits moved by ~0.06 and fp16 failed the numerics rule from c ≈ 1e5 (session
+    37 audit); near 0 they now take the series. fp32 against a float64 naive softmax, gradients included."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 32, 2, 32, requires_grad=True) for _ in range(3))
+    out = fa4.flash_attn_func(q, k, v, softcap=softcap, backend=backend)
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * 32 ** -0.5
+    want = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(softcap * torch.tanh(s / softcap), dim=-1), vd)
+    assert (out.double() - want).abs().max().item() < 2e-6
+    dout = torch.randn_like(out)
+    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout),
+                          torch.autograd.grad(want, (q, k, v), dout.double())):
+        assert (g.double() - w).abs().max().item() < 4e-6, name

@@ -657,6 +657,25 @@ def test_contiguous_cache_errors():
         flash_attn_with_kvcache(q, k_cache[:1], v_cache[:1], cache_seqlens=lens)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_repeated_cache_row_with_append(backend):
+    """Appending, two sequences on one cache row would write the same slots: one's new keys lost (racily on a
+    GPU). A ValueError before anything is written (session 37 audit); without new keys a shared row is legal
+    (two queries reading one cached sequence)."""
+    q, k_cache, v_cache, lens, kw = _make(batch=3, capacity=16, seqlen_new=2, cache_rows=4)
+    lens = torch.tensor([2, 5, 2], dtype=torch.int32)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    rows = torch.tensor([1, 3, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^cache_batch_idx holds 1 more than once; when k and v are appended"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=backend,
+                                **dict(kw, cache_batch_idx=rows))
+    assert torch.equal(k_cache, k0) and torch.equal(v_cache, v0)
+    q[2] = q[0]  # the same query against the same cached row: the same output
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=backend, cache_batch_idx=rows)
+    assert torch.isfinite(out).all() and torch.equal(out[0], out[2])
+    assert torch.equal(k_cache, k0)
+
+
 def test_value_checks_see_in_place_changes():
     """A page table that passed is re-read once it is modified in place (the version counter moves)."""
     q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=16, page_size=4)

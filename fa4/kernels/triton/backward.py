@@ -309,7 +309,9 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base,
     # Sᵀ and Pᵀ = exp2(S2ᵀ − lse2), keys along rows.
     qk = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     s2, t = _log2_scores(qk, score_scale, cap_scale, SOFTCAP)
-    p = tl.exp2(s2 - lse2[None, :])
+    # P <= 1 exactly, but lse2 comes back from the forward's natural-log lse with an ulp or two of |lse2| of error;
+    # at a huge softmax_scale (|lse2| ~ 1e8) that exponent error overflows exp2 and the gradients would turn inf / NaN.
+    p = tl.minimum(tl.exp2(s2 - lse2[None, :]), 1.0, propagate_nan=tl.PropagateNan.ALL)
     if MASK:
         off = seqlen_k - seqlen_q
         vis = (offs_n[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
@@ -460,7 +462,7 @@ def _dq_block(dq, pdp, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n
                    cols, seqlen_k, offs_dv, head_dim_v, MASK, not EVEN_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     s2, t = _log2_scores(qk, score_scale, cap_scale, SOFTCAP)
-    p = tl.exp2(s2 - lse2[:, None])
+    p = tl.minimum(tl.exp2(s2 - lse2[:, None]), 1.0, propagate_nan=tl.PropagateNan.ALL)  # P <= 1 (see above)
     if MASK:
         vis = visible_mask(rows + (seqlen_k - seqlen_q), cols, seqlen_k, window_left, window_right,
                            HAS_LEFT, HAS_RIGHT)
