@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, tanh_via_exp2, visible_key_range, visible_mask
+from .common import LOG2E, softcap_level, tanh_via_exp2, visible_key_range, visible_mask
 
 _LOG2E = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
 
@@ -98,7 +98,7 @@ def _log2_scores(qk, score_scale, cap_scale, SOFTCAP: tl.constexpr):
     No softcap: s2 = qk · (scale·log2 e). Softcap c: s2 = (c·log2 e) · tanh(qk · scale / c).
     """
     if SOFTCAP:
-        t = tanh_via_exp2(qk * score_scale)
+        t = tanh_via_exp2(qk * score_scale, SOFTCAP == 2)  # SOFTCAP: common.softcap_level
         s2 = t * cap_scale
     else:
         t = qk
@@ -857,7 +857,7 @@ def plan(dout, q, k, v, out, lse, dlse, *, softmax_scale, window_left, window_ri
     qkv_strides = [*_bsh_strides(q, varlen_q), *_bsh_strides(k, varlen_k), *_bsh_strides(v, varlen_k), *do_s,
                    *_bsh_strides(dq, varlen_q)]
     common = dict(GROUP=group, VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None,
-                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0,
+                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap_level(cap, q.dtype),
                   EVEN_D=d_pad == head_dim and dv_pad == head_dim_v,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad)
 
@@ -916,7 +916,8 @@ def dq_launch(dout, q, k, v, dq, lse2, delta, cfg, *, softmax_scale, window_left
          softmax_scale / cap if cap > 0 else softmax_scale * LOG2E, cap * LOG2E, softmax_scale,
          window_left, window_right],
         dict(GROUP=n_heads // k.shape[-2], VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None,
-             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=cap > 0, HAS_SINK=has_sink,
+             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap_level(cap, q.dtype),
+             HAS_SINK=has_sink,
              HAS_DLSE=has_sink and dlse is not None, EVEN_D=d_pad == q.shape[-1] and dv_pad == v.shape[-1],
              PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=d_pad, BLOCK_DV=dv_pad,
              BLOCKS_FASTEST=blocks_fastest, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2),

@@ -10,21 +10,39 @@ import triton.language as tl
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
 
+# The softcap's tanh (tanh_via_exp2): its fast form is off by ~6e-8 absolute near 0, which moves a logit c·tanh(s/c)
+# by ~c·6e-8: 6e-5 at c = 1e3, under any 16-bit rounding, but 6e-3 at c = 1e5 (fp16 then failed the numerics rule,
+# session 37's audit). Caps above PRECISE_TANH_ABOVE, and fp32 inputs, take the series near 0 instead. It costs the
+# Triton softcap kernels 5-15% (H100 card 1653923013328, D = 128 S = 4096, c = 30: forward 778-849 -> 895-907 µs,
+# forward + backward 3268-3280 -> 3679-3681 µs), so the caps models use (Gemma's 30 and 50) keep the fast form.
+PRECISE_TANH_ABOVE = 1000.0
+
+
+def softcap_level(softcap, dtype):
+    """The kernels' softcap constexpr: 0 off, 1 the fast tanh, 2 the precise one (see PRECISE_TANH_ABOVE)."""
+    import torch
+    if not softcap > 0.0:
+        return 0
+    return 2 if dtype == torch.float32 or softcap > PRECISE_TANH_ABOVE else 1
+
 
 @triton.jit
-def tanh_via_exp2(x):
-    """tanh(x) = 1 - 2 / (exp(2x) + 1), with exp(2x) = exp2(2 log2(e) x); near 0 the odd series to x⁹.
+def tanh_via_exp2(x, PRECISE: tl.constexpr = False):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1), with exp(2x) = exp2(2 log2(e) x); PRECISE: the odd series near 0.
 
     One exp2 and one reciprocal; saturates cleanly to +-1 (exp2 overflows to inf or underflows to 0). Near 0 that
-    form cancels: its error is ~6e-8 absolute (half an ulp of 1), so a softcap c = c·tanh(s/c) with s ≪ c would
-    move each logit by ~c·6e-8 (0.06 at c = 1e6; fp16's rule fails from c ≈ 1e5). For |x| < 1/4 the series
-    x − x³/3 + 2x⁵/15 − 17x⁷/315 + 62x⁹/2835 is used instead (truncation < 1e-8 relative there), so the logit error
-    stays ~1e-7·|s| whatever c. Works the same in the interpreter and on every GPU (no inline assembly).
+    form cancels: its error is ~6e-8 absolute (half an ulp of 1), which a softcap c·tanh(s/c) with s ≪ c scales
+    by c (PRECISE_TANH_ABOVE). PRECISE takes x − x³/3 + 2x⁵/15 − 17x⁷/315 + 62x⁹/2835 for |x| < 1/4 (truncation
+    < 1e-8 relative there), so that the logit error stays ~1e-7·|s| whatever c. Works the same in the interpreter
+    and on every GPU (no inline assembly).
     """
-    x2 = x * x
-    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    return tl.where(x2 < 0.0625, series, 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0))
+    fast = 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+    if PRECISE:
+        x2 = x * x
+        series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+            -0.05396825396825397 + x2 * 0.021869488536155203))))
+        fast = tl.where(x2 < 0.0625, series, fast)
+    return fast
 
 
 @triton.jit

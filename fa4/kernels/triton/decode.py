@@ -34,7 +34,7 @@ from fa4.kernels.direct_launch import current_device as _current_device
 from fa4.kernels.direct_launch import hooks_idle as _hooks_idle
 from fa4.kernels.direct_launch import raw_stream as _raw_stream
 from fa4.kernels.triton.combine import merged_lse
-from fa4.kernels.triton.common import LOG2E, tanh_via_exp2, visible_mask
+from fa4.kernels.triton.common import LOG2E, softcap_level, tanh_via_exp2, visible_mask
 from fa4.kernels.triton.rotary import cache_length, cache_row, rotated_rows
 
 
@@ -234,7 +234,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
-            qk = cap_log2 * tanh_via_exp2(qk * cap_scale)  # softcap · tanh(scale · qk / softcap) · log2 e
+            # softcap · tanh(scale · qk / softcap) · log2 e (HAS_SOFTCAP: common.softcap_level)
+            qk = cap_log2 * tanh_via_exp2(qk * cap_scale, HAS_SOFTCAP == 2)
         else:
             qk = qk * qk_scale
         qk = tl.where(visible_mask(rows_k, cols, end, window_left, window_right, HAS_LEFT, HAS_RIGHT),
@@ -478,7 +479,8 @@ class Step:
                 BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split, WRITE_LSE=want_lse,
                 HAS_SEQLENS=has_seqlens, HAS_BATCH_IDX=self.has_batch_idx, PAGED=paged,
                 PAGE_ALIGNED=paged and k_cache.shape[1] % cfg.block_n == 0,
-                HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+                HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                HAS_SOFTCAP=softcap_level(softcap, q.dtype),
                 HAS_SINK=sink is not None, ROTARY=has_rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
                 ROTARY_PER_TOKEN=bool(rotary_per_token),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL_PRIMARY=pdl,

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from fa4.kernels.triton import forward_lean
-from fa4.kernels.triton.common import LOG2E, tanh_via_exp2, visible_key_range, visible_mask
+from fa4.kernels.triton.common import (LOG2E, softcap_level, tanh_via_exp2, visible_key_range,
+                                       visible_mask)
 
 # The plain training call takes forward_lean's kernel (False: always the general kernel; probes flip it for A/B).
 USE_LEAN = True
@@ -109,7 +110,7 @@ def _scores(q, K, start_n, offs_n, offs_d, pt_row, page_size, seqlen_k, cap_scal
                    HEAD_D, BLOCK_D, MASKED, PAGED, PAGE_ALIGNED, USE_TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:
-        qk = cap_log2 * tanh_via_exp2(qk * cap_scale)
+        qk = cap_log2 * tanh_via_exp2(qk * cap_scale, HAS_SOFTCAP == 2)  # HAS_SOFTCAP: common.softcap_level
     return qk
 
 
@@ -672,7 +673,7 @@ def prepare(q, k, v, *, softmax_scale, window_left, window_right, softcap, sink,
                    BLOCK_D=_padded_dim(head_dim), BLOCK_DV=_padded_dim(head_dim_v),
                    IS_VARLEN=varlen, PAGED=paged, HAS_SEQUSED=seqused_k is not None,
                    HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                   HAS_SOFTCAP=has_softcap, HAS_SINK=sink is not None,
+                   HAS_SOFTCAP=softcap_level(softcap, q.dtype), HAS_SINK=sink is not None,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32"),
         batch=batch, num_heads=num_heads, seqlen_q=seqlen_q, page_size=page_size,
         causal=window_right == 0 and window_left < 0,
