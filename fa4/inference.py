@@ -181,8 +181,6 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                                            backend=backend, backends=(None, "triton", "reference"))
     if causal:
         c.right = 0  # causal is the window (left, 0), aligned to the end of the cache
-    # A sequence holds at most the cache's capacity of keys (appending past it is an error below).
-    c.left, c.right = checks.window_reach(c.left, c.right, c.capacity, q.shape[1])
     c.scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(c.head_d)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_NUM_SPLITS:
         raise ValueError(f"num_splits must be an int from 0 (the heuristic) to {MAX_NUM_SPLITS}; got {num_splits!r}")
@@ -194,6 +192,9 @@ def _check_static(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     # FlashAttention 2, a window side at least as wide as the cache's capacity does not make the call local for
     # this choice: q rotates as it would without that side.
     c.rotary_per_token = 0 <= c.left < c.capacity or 0 <= c.right < c.capacity
+    # The mask's window: a sequence holds at most the cache's capacity of keys (appending past it is an error
+    # below). After the rotary choice, which follows FlashAttention's rule on the window as given.
+    c.left, c.right = checks.window_reach(c.left, c.right, c.capacity, q.shape[1])
     if rotary_cos is not None:
         if k is None:
             raise ValueError("rotary_cos/rotary_sin need the new keys k and v (rotary is applied as they are "

@@ -97,6 +97,9 @@ REFERENCE_CASES = [
     dict(cache_rows=5, seqlen_new=1, softcap=5.0, sink=True),
     dict(page_size=3, seqlen_q=2, seqlen_new=2, rotary=True, interleaved=False, causal=True),
     dict(cache_rows=3, seqlen_q=2, seqlen_new=1, rotary=True, interleaved=True),
+    # A right side past every query (the mask: no window) but under the capacity (the rotary: local, per token).
+    dict(seqlen_q=3, seqlen_new=2, rotary=True, window_size=(-1, 5)),
+    dict(seqlen_q=2, seqlen_new=1, rotary=True, window_size=(2**31 - 1, -1)),
 ]
 
 
