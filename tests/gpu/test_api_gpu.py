@@ -245,3 +245,18 @@ def test_compiled_packed_call_checks_values_gpu():
             compiled(q, k, v, good, torch.tensor([0, 400, 5000], dtype=torch.int32, device=DEV))
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("window", [(2**31 - 1, 0), (2**63 - 1, 2**31 - 1), (-1, 2**31 - 1)])
+def test_huge_window_side_gpu(backend, window):
+    """A window side past every sequence is -1 (checks.window_reach): bitwise the unbounded call, gradients too
+    (it overflowed the kernels' int32 bounds before session 37)."""
+    q, k, v = (torch.randn(2, 1000, 8, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    want_window = tuple(-1 if w >= 1000 else w for w in window)
+    a = fa4.flash_attn_func(q, k, v, window_size=window, deterministic=True, backend=backend)
+    b = fa4.flash_attn_func(q, k, v, window_size=want_window, deterministic=True, backend=backend)
+    assert torch.equal(a, b)
+    dout = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), dout), torch.autograd.grad(b, (q, k, v), dout)):
+        assert torch.equal(x, y)
