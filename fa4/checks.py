@@ -47,8 +47,12 @@ def overlaps_itself(t):
 
 
 def can_read_values(*tensors):
-    """True when tensor values may be read on the host (not tracing, not capturing a CUDA graph)."""
-    if torch.compiler.is_compiling():
+    """True when tensor values may be read on the host: not compiling or tracing, not capturing a CUDA graph, no
+    fake tensor (FakeTensorMode: shapes only)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    if any(t is not None and is_fake(t) for t in tensors):
         return False
     if any(t is not None and t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
         return False

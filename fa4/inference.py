@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from . import checks, dispatch
+from . import checks, dispatch, ops
 
 CHECK_VALUES = os.environ.get("FA4_KVCACHE_VALUE_CHECKS", "1") != "0"
 
@@ -491,7 +491,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # As FlashAttention: q and the new k, v may have a strided last dimension (copied); the caches, written in
     # place, may not.
     q, k, v = checks.unit_last_stride(q, k, v)
-    if torch.compiler.is_compiling():
+    if ops.opaque_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, page_table,
+                       learnable_sink, out):
         return _traced_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             page_table, softmax_scale, causal, window_size, softcap, learnable_sink,
                             rotary_interleaved, num_splits, return_lse, out, backend)
@@ -686,8 +687,9 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     (B, S, H, D) in out_dtype (default fp32, or out's dtype when out is given), lse (B, S, H) fp32, a transposed
     view of a contiguous (B, H, S) tensor as in FlashAttention.
     """
-    if torch.compiler.is_compiling():
-        # One custom op in a compiled graph (the Triton launch and the value-dependent checks stay out of it).
+    if ops.opaque_call(out_partial, lse_partial, out):
+        # One custom op in a compiled graph, a trace or under a dispatch mode (the Triton launch and the
+        # value-dependent checks stay out of it).
         res, lse = _combine_op(out_partial, lse_partial, out, out_dtype)
         res = out if out is not None else res
         lse = lse.transpose(1, 2)

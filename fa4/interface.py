@@ -12,11 +12,13 @@ from . import checks, dispatch, ops
 
 
 def _autocast(q, k, v):
-    """Under torch.autocast, fp32 q/k/v are cast to the autocast dtype, as matmul inputs are."""
+    """Under torch.autocast, floating q/k/v are cast to the autocast dtype as matmul and SDPA inputs are: fp32, fp16
+    and bf16 alike (an fp16 tensor under bf16 autocast too); fp64 is left to the dtype check, as autocast leaves it."""
     device_type = q.device.type if isinstance(q, torch.Tensor) else "cuda"
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                                              torch.bfloat16) else t
                    for t in (q, k, v))
     return q, k, v
 

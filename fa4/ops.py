@@ -259,10 +259,23 @@ _DelayedError = torch._C._functions.DelayedError
 
 _len_dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+_tracing_state = getattr(torch._C, "_get_tracing_state", torch.jit.is_tracing)  # torch.jit.trace recording
 
 
 def _plain(t):
     return t is None or type(t) is torch.Tensor
+
+
+def opaque_call(*tensors):
+    """Whether a call must go through its custom op rather than run eagerly: under torch.compile, while
+    torch.jit.trace records (the op is one node of the trace, not the kernels' host code with its sizes frozen),
+    under a dispatch mode (FakeTensorMode included), or with a tensor subclass among the arguments."""
+    if torch.compiler.is_compiling() or _tracing_state() or _len_dispatch_stack():
+        return True
+    for t in tensors:  # a plain loop: this runs on every eager decode step
+        if t is not None and type(t) is not torch.Tensor and isinstance(t, torch.Tensor):
+            return True
+    return False
 
 
 def _under_jvp(*tensors):
@@ -299,7 +312,10 @@ def _check_no_forward_ad(q, k, v, sink, backend):
 class _FunctorchAttention(torch.autograd.Function):
     """fa4::attn_fwd with its backward as an autograd.Function in the functorch form (a ctx-free forward and
     setup_context), for torch.func.grad / vjp: torch 2.13's autograd for a custom op (register_autograd) refuses
-    functorch's grad transform, while an autograd.Function with setup_context is supported."""
+    functorch's grad transform, while an autograd.Function with setup_context is supported. Under vmap as well
+    (per-sample gradients), functorch runs forward and backward on batched tensors (generate_vmap_rule), which
+    reach the custom ops' own vmap handling."""
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(*inputs):
@@ -320,14 +336,15 @@ class _FunctorchAttention(torch.autograd.Function):
 
 
 def _under_grad_only():
-    """Whether the active functorch transforms are reverse-mode ones only (torch.func.grad, vjp): vmap and jvp keep
-    the custom op (its own rules, and the jvp error above)."""
+    """Whether a reverse-mode transform (torch.func.grad, vjp) is active, with vmaps around or inside it at most:
+    vmap alone and jvp keep the custom op (its own rules, and the jvp error above)."""
     from torch._C import _functorch as ft
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     keys = [i.key() for i in retrieve_all_functorch_interpreters()]
-    if not keys or any(key != ft.TransformType.Grad for key in keys):
+    grads = sum(key == ft.TransformType.Grad for key in keys)
+    if not grads or any(key not in (ft.TransformType.Grad, ft.TransformType.Vmap) for key in keys):
         return False
-    if len(keys) > 1:
+    if grads > 1:
         # grad of grad: the inner backward's gradients would reach the outer transform as constants (a silently
         # wrong second derivative), as they would in a double backward.
         raise RuntimeError(_NO_DOUBLE_BACKWARD.decode())
@@ -345,9 +362,7 @@ def attention(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, 
             softmax_scale, window_left, window_right, softcap, backend, bwd_backend, deterministic, lse_has_grad)
     if not torch.compiler.is_compiling() and _functorch_active() and _under_grad_only():
         return _FunctorchAttention.apply(*args)
-    if (torch.compiler.is_compiling() or _len_dispatch_stack() or _functorch_active()
-            or not (_plain(q) and _plain(k) and _plain(v) and _plain(sink) and _plain(cu_seqlens_q)
-                    and _plain(cu_seqlens_k) and _plain(seqused_k) and _plain(page_table))):
+    if _functorch_active() or opaque_call(q, k, v, sink, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table):
         return attn_fwd(*args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (sink is not None and sink.requires_grad)):

@@ -145,6 +145,43 @@ def test_autocast_casts_fp32_inputs():
     assert torch.equal(out, want)
 
 
+def test_autocast_casts_half_inputs_like_matmul():
+    """Under bf16 autocast an fp16 input is cast too, as matmul and SDPA cast it (fp16 with fp32 raised a dtype
+    mismatch, all-fp16 stayed fp16: session 37 audit); fp64 is not an autocast dtype and still raises."""
+    q, k, v = _qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fa4.flash_attn_func(q.half(), k, v)
+        halves = fa4.flash_attn_func(q.half(), k.half(), v.half())
+        assert torch.matmul(q.half(), k.float().transpose(-1, -2)).dtype == torch.bfloat16
+        with pytest.raises(TypeError):
+            fa4.flash_attn_func(q.double(), k.double(), v.double())
+    assert mixed.dtype == halves.dtype == torch.bfloat16
+    assert torch.equal(mixed, fa4.flash_attn_func(q.half().bfloat16(), k.bfloat16(), v.bfloat16()))
+
+
+def test_fake_tensor_mode_and_jit_trace():
+    """FakeTensorMode: shapes from the custom ops' fake implementations for packed, kvcache and combine calls (the
+    host value checks read .tolist() of fake tensors before session 37). torch.jit.trace records fa4::attn_fwd as
+    a node, so the trace is right at another length (it inlined the reference's host code with sizes frozen)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q, k, v = (torch.randn(9, 4, 16) for _ in range(3))
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+        assert fa4.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5).shape == (9, 4, 16)
+        out = fa4.flash_attn_with_kvcache(q[None, :1], k[None], v[None], cache_seqlens=3)
+        assert out.shape == (1, 1, 4, 16)
+        merged, lse = fa4.flash_attn_combine(torch.randn(3, 2, 1, 4, 16), torch.randn(3, 2, 1, 4))
+        assert merged.shape == (2, 1, 4, 16) and lse.shape == (2, 1, 4)
+
+    def f(q, k, v):
+        return fa4.flash_attn_func(q, k, v, causal=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(f, tuple(torch.randn(1, 16, 2, 16) for _ in range(3)), check_trace=False)
+    assert any(node.kind() == "fa4::attn_fwd" for node in traced.graph.nodes())
+    x = [torch.randn(1, 32, 2, 16) for _ in range(3)]
+    assert torch.equal(traced(*x), f(*x))
+
+
 def test_return_lse_gradient_flows():
     q, k, v = _qkv(grad=True)
     out, lse = fa4.flash_attn_func(q, k, v, return_lse=True)

@@ -260,3 +260,22 @@ def test_huge_window_side_gpu(backend, window):
     dout = torch.randn_like(a)
     for x, y in zip(torch.autograd.grad(a, (q, k, v), dout), torch.autograd.grad(b, (q, k, v), dout)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_per_sample_gradients_gpu(backend):
+    """vmap(grad(f)) through the GPU kernels (torch's per-sample loop over the custom ops): each sample's gradient
+    is its own autograd gradient, bitwise (deterministic calls, the same kernels)."""
+    torch.manual_seed(32)
+    q, k, v = (torch.randn(3, 300, 4, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+
+    def f(q, k, v):
+        out = fa4.flash_attn_func(q[None], k[None], v[None], causal=True, deterministic=True, backend=backend)
+        return out.float().sin().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    for i in range(3):
+        leaves = [t[i].clone().requires_grad_() for t in (q, k, v)]
+        f(*leaves).backward()
+        for g, leaf in zip(per_sample, leaves):
+            assert torch.equal(g[i], leaf.grad)
