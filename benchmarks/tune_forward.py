@@ -320,7 +320,7 @@ def aot_compile(cc, cfg, dtype=torch.bfloat16, d=128, dv=None, feature="plain"):
 def _table_configs(cc):
     """(head dim, feature, config) for the table's rows of this architecture, each under every feature mix
     that matches its causal flag."""
-    arch = {90: "sm90", 100: "sm90", 80: "sm80"}.get(cc, "small")
+    arch = {90: "sm90", 100: "sm100", 80: "sm80"}.get(cc, "small")
     jobs = []
     for (a, d, causal), cfg in fwd._TABLE.items():
         if a == arch:

@@ -1045,10 +1045,73 @@ def test_cluster_size_rule(monkeypatch):
     assert decode.cluster_size(cuda, 4, 128) == 0
 
 
-def decode_config_h100(regime):
-    """The bf16, D = 128 config that decode.default_config gives on a CUDA device ("split" or "wide")."""
+def _config_on(smem_optin, *args, **kwargs):
+    """decode.default_config on a CUDA device (index 0) whose blocks may opt in to smem_optin bytes."""
     from fa4.kernels.triton import decode
-    return tuple(decode.default_config(torch.device("cuda"), torch.bfloat16, 128, 128, wide=regime == "wide"))
+    saved = decode._SMEM_OPTIN.get(0)
+    decode._SMEM_OPTIN[0] = smem_optin
+    try:
+        return decode.default_config(torch.device("cuda", 0), *args, **kwargs)
+    finally:
+        if saved is None:
+            decode._SMEM_OPTIN.pop(0)
+        else:
+            decode._SMEM_OPTIN[0] = saved
+
+
+def decode_config_h100(regime):
+    """The bf16, D = 128 config that decode.default_config gives on an H100 ("split" or "wide")."""
+    return tuple(_config_on(232448, torch.bfloat16, 128, 128, wide=regime == "wide"))
+
+
+@pytest.mark.parametrize("smem_optin", [101376, 166912, 232448], ids=["sm86-89-120", "sm80", "sm90-100"])
+def test_decode_configs_fit_shared_memory(smem_optin):
+    """Every decode tile fits the device's shared memory: the wide D = 128 tile (136 KiB) would not launch on a
+    ~99 KiB consumer part (RTX 30 / 40 / 50), where it gives way to the split tile (session 37: found compiling
+    the decode kernel for sm_120). H100-class devices keep the wide tile."""
+    from fa4.kernels.triton import decode
+    for dtype in (torch.bfloat16, torch.float32):
+        for d, dv in ((64, 64), (128, 128), (256, 256), (192, 128), (96, 96)):
+            for wide in (False, True):
+                for page_size in (0, 16, 128, 256):
+                    cfg = _config_on(smem_optin, dtype, d, dv, wide=wide, page_size=page_size)
+                    elem = 4 if dtype == torch.float32 else 2
+                    assert decode.shared_bytes(cfg, d, dv, elem) <= smem_optin, (dtype, d, wide, page_size, cfg)
+    wide = _config_on(smem_optin, torch.bfloat16, 128, 128, wide=True)
+    assert tuple(wide) == ((128, 4, 3) if smem_optin > 139264 else tuple(decode._CUDA_SPLIT[128]))
+
+
+def test_decode_shared_bytes_bounds_the_compiled_kernels():
+    """decode.shared_bytes is an upper bound of what the compiled kernels take, for sm_90 and for a consumer
+    Blackwell part (sm_120), split and wide D = 128 tiles."""
+    got = _in_subprocess("[t._decode_smem(cc, r) for cc in (90, 120) for r in ('split', 'wide')]")
+    for smem, bound in got:
+        assert smem <= bound < smem + 4096, (smem, bound)
+
+
+def _decode_smem(cc, regime):
+    """(compiled shared memory, decode.shared_bytes) of the bf16 D = 128 decode kernel for compute capability cc."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton._C.libtriton import native_specialize_impl
+
+    from fa4.kernels.triton import decode
+    cfg = decode.Config(*decode_config_h100(regime))
+    step, args, _ = _sample_step(False, 16 if regime == "split" else 1, cfg)
+    fn, consts = decode._decode_kernel, dict(step.attend.constexprs)
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
+        ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            consts[name] = attr
+        elif attr == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in step.attend.constexprs})
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return kernel.metadata.shared, decode.shared_bytes(cfg, 128, 128)
 
 
 def test_tile_offsets_fall_back_to_64_bit_for_huge_row_strides():

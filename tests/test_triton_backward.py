@@ -259,7 +259,8 @@ _TUNE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cc,causal", [(90, ["0", "1"]), (80, ["1"])], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("cc,causal", [(90, ["0", "1"]), (80, ["1"]), (100, ["1"]), (120, ["1"])],
+                         ids=["sm90", "sm80", "sm100", "sm120"])
 def test_table_compiles_without_loop_spills(cc, causal):
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     cmd = [sys.executable, _TUNE, "sass", "--cc", str(cc), "--causal", *causal, "--table", "--check"]

@@ -311,19 +311,47 @@ def padded_dim(d):
     return max(16, 1 << (d - 1).bit_length())
 
 
+def shared_bytes(cfg, head_dim, head_dim_v, elem_bytes=2):
+    """Shared memory a launch of cfg takes: (stages - 1) K and V tiles in flight plus ~8 KiB (sm_90 / sm_100 / sm_120
+    compiles, D = 128: (64, 4, 3) 71,680 bytes, (128, 4, 3) 139,264)."""
+    return (cfg.num_stages - 1) * cfg.block_n * (padded_dim(head_dim) + padded_dim(head_dim_v)) * elem_bytes + 8192
+
+
+_SMEM_OPTIN = {}
+
+
+def smem_per_block(device):
+    """Shared memory a block may opt in to on this device (cached): 227 KiB on the H100 and B200, 163 KiB on the
+    A100, ~99 KiB on consumer parts (sm_86, sm_89, sm_120)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = _SMEM_OPTIN.get(index)
+    if limit is None:
+        props = torch.cuda.get_device_properties(index)
+        limit = _SMEM_OPTIN[index] = getattr(props, "shared_memory_per_block_optin", 101376)
+    return limit
+
+
 def default_config(device, dtype, head_dim, head_dim_v, wide=False, page_size=0, block_m=16):
     """Tile config of a launch; `wide` when the unsplit programs already cover the GPU. The wide tile is for
     decode's 16-row blocks only (sm_90 compile, D = 128: (128, 4, 3) takes 209 registers at 32 rows and 255 at
     64). A paged cache whose pages the wide tile does not divide takes the split tile when that one does (one
-    page per tile: no per-key gather)."""
+    page per tile: no per-key gather). A tile whose K / V ring does not fit the device's shared memory (the wide
+    tile's 136 KiB on a ~99 KiB consumer part) gives way to the split tile, then to fewer stages."""
     if device.type != "cuda":
         return _INTERPRETER
     dim = max(padded_dim(head_dim), padded_dim(head_dim_v))
     if dtype == torch.float32:
-        return _CUDA_FP32[dim]
-    cfg = (_CUDA_WIDE if wide and block_m <= 16 else _CUDA_SPLIT)[dim]
-    if page_size and page_size % cfg.block_n and page_size % _CUDA_SPLIT[dim].block_n == 0:
+        cfg = _CUDA_FP32[dim]
+    else:
+        cfg = (_CUDA_WIDE if wide and block_m <= 16 else _CUDA_SPLIT)[dim]
+        if page_size and page_size % cfg.block_n and page_size % _CUDA_SPLIT[dim].block_n == 0:
+            cfg = _CUDA_SPLIT[dim]
+    elem = 4 if dtype == torch.float32 else 2
+    limit = smem_per_block(device)
+    if shared_bytes(cfg, head_dim, head_dim_v, elem) > limit and dtype != torch.float32:
         cfg = _CUDA_SPLIT[dim]
+    while shared_bytes(cfg, head_dim, head_dim_v, elem) > limit and cfg.num_stages > 2:
+        cfg = Config(cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
     return cfg
 
 
