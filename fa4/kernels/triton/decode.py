@@ -327,7 +327,10 @@ def smem_per_block(device):
     limit = _SMEM_OPTIN.get(index)
     if limit is None:
         props = torch.cuda.get_device_properties(index)
-        limit = _SMEM_OPTIN[index] = getattr(props, "shared_memory_per_block_optin", 101376)
+        limit = getattr(props, "shared_memory_per_block_optin", None)
+        if not limit:  # a torch without the property: by compute capability
+            limit = {8: 166912 if props.minor in (0, 7) else 101376, 9: 232448, 10: 232448}.get(props.major, 101376)
+        _SMEM_OPTIN[index] = limit
     return limit
 
 
