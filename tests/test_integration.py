@@ -182,6 +182,33 @@ def test_fake_tensor_mode_and_jit_trace():
     assert torch.equal(traced(*x), f(*x))
 
 
+def test_flop_counter_counts_attention():
+    """FlopCounterMode counts fa4's ops as torch counts its fused SDPA kernels (dense: masks not subtracted),
+    forward and backward, GQA and Dv != D; packed calls sum their sequences (0 before session 37: no formula)."""
+    import torch.utils.flop_counter as fc
+    from torch.utils.flop_counter import FlopCounterMode
+    q = torch.randn(2, 12, 4, 32, requires_grad=True)
+    k = torch.randn(2, 20, 2, 32, requires_grad=True)
+    v = torch.randn(2, 20, 2, 16, requires_grad=True)
+
+    def counted(fn):
+        with FlopCounterMode(display=False) as mode:
+            fn().sum().backward()
+        return mode.get_total_flops()
+
+    ours = counted(lambda: fa4.flash_attn_func(q, k, v, causal=True))
+    # torch's formulas for its fused SDPA kernels (flash / efficient / cuDNN: the backward recomputes Q·Kᵀ); on a
+    # CPU SDPA runs the math path, whose bmms count no recompute.
+    shapes = [(2, 4, 12, 32), (2, 2, 20, 32), (2, 2, 20, 16)]
+    sdpa = fc.sdpa_flop_count(*shapes) + fc.sdpa_backward_flop_count((2, 4, 12, 16), *shapes)
+    assert ours == sdpa == 2 * 4 * 2 * 12 * 20 * (32 + 16) + 2 * 4 * 2 * 12 * 20 * (3 * 32 + 2 * 16)
+    cu_q = torch.tensor([0, 5, 12], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 20], dtype=torch.int32)
+    packed = [t[0].detach().requires_grad_() for t in (q, k, v)]
+    flops = counted(lambda: fa4.flash_attn_varlen_func(*packed, cu_q, cu_k, 7, 11))
+    assert flops == 2 * 4 * (5 * 9 + 7 * 11) * ((32 + 16) + (3 * 32 + 2 * 16))
+
+
 def test_return_lse_gradient_flows():
     q, k, v = _qkv(grad=True)
     out, lse = fa4.flash_attn_func(q, k, v, return_lse=True)
