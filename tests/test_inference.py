@@ -853,9 +853,9 @@ def _sample_step(paged, splits, config):
     return step, attend, merge
 
 
-def _compile_sm90(fn, args, constexprs, options):
-    """Compile a Triton kernel for sm_90 with the runtime's own specialisation of `args` (pointer alignment and
-    ints divisible by 16); returns (CompiledKernel, SASS text, cuobjdump -res-usage text)."""
+def _compile_sm90(fn, args, constexprs, options, cc=90):
+    """Compile a Triton kernel for sm_90 (or compute capability cc) with the runtime's own specialisation of `args`
+    (pointer alignment and ints divisible by 16); returns (CompiledKernel, SASS text, cuobjdump -res-usage text)."""
     import os
     import subprocess
     import tempfile
@@ -874,7 +874,7 @@ def _compile_sm90(fn, args, constexprs, options):
             attrs[(i,)] = [["tt.divisibility", 16]]
     signature.update({name: "constexpr" for name in constexprs})
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=all_constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -1091,26 +1091,11 @@ def test_decode_shared_bytes_bounds_the_compiled_kernels():
 
 def _decode_smem(cc, regime):
     """(compiled shared memory, decode.shared_bytes) of the bf16 D = 128 decode kernel for compute capability cc."""
-    import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton._C.libtriton import native_specialize_impl
-
     from fa4.kernels.triton import decode
     cfg = decode.Config(*decode_config_h100(regime))
     step, args, _ = _sample_step(False, 16 if regime == "split" else 1, cfg)
-    fn, consts = decode._decode_kernel, dict(step.attend.constexprs)
-    signature, attrs = {}, {}
-    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
-        ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
-        signature[name] = ty
-        if ty == "constexpr":
-            consts[name] = attr
-        elif attr == "D":
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    signature.update({name: "constexpr" for name in step.attend.constexprs})
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    kernel = _compile_sm90(decode._decode_kernel, args, step.attend.constexprs,
+                           {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, cc=cc)[0]
     return kernel.metadata.shared, decode.shared_bytes(cfg, 128, 128)
 
 
