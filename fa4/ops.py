@@ -262,10 +262,6 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 _tracing_state = getattr(torch._C, "_get_tracing_state", torch.jit.is_tracing)  # torch.jit.trace recording
 
 
-def _plain(t):
-    return t is None or type(t) is torch.Tensor
-
-
 def opaque_call(*tensors):
     """Whether a call must go through its custom op rather than run eagerly: under torch.compile, while
     torch.jit.trace records (the op is one node of the trace, not the kernels' host code with its sizes frozen),
