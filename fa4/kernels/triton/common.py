@@ -4,6 +4,7 @@ Conventions: scores live in base-2 log units (natural-log scores times log2(e)),
 softmax is one `exp2` (a single MUFU.EX2 instruction on NVIDIA GPUs). Key positions are absolute within the
 sequence; a query row i is compared with keys in "key coordinates", i + (Sk - Sq) (bottom-right alignment).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -20,7 +21,6 @@ PRECISE_TANH_ABOVE = 1000.0
 
 def softcap_level(softcap, dtype):
     """The kernels' softcap constexpr: 0 off, 1 the fast tanh, 2 the precise one (see PRECISE_TANH_ABOVE)."""
-    import torch
     if not softcap > 0.0:
         return 0
     return 2 if dtype == torch.float32 or softcap > PRECISE_TANH_ABOVE else 1

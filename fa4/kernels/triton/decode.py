@@ -326,11 +326,8 @@ def smem_per_block(device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     limit = _SMEM_OPTIN.get(index)
     if limit is None:
-        props = torch.cuda.get_device_properties(index)
-        limit = getattr(props, "shared_memory_per_block_optin", None)
-        if not limit:  # a torch without the property: by compute capability
-            limit = {8: 166912 if props.minor in (0, 7) else 101376, 9: 232448, 10: 232448}.get(props.major, 101376)
-        _SMEM_OPTIN[index] = limit
+        # (torch >= 2.6 has the property; fa4 needs 2.8.)
+        limit = _SMEM_OPTIN[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
     return limit
 
 
