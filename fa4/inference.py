@@ -634,7 +634,7 @@ def _decode_switches():
         from .kernels.triton import decode
         _decode_module = decode
     d = _decode_module
-    return d.TILE_BASE, d.PDL, d.CLUSTER_MERGE, d.MAX_CLUSTER
+    return d.TILE_BASE, d.PDL, d.CLUSTER_MERGE, d.MAX_CLUSTER, d.STRIDED_PAGED, d.STRIDED_CONTIGUOUS
 
 
 # Steps of the call signatures seen (Triton backend), oldest first: signature -> (_Call, decode.Step).

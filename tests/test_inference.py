@@ -219,6 +219,53 @@ def test_triton_matches_reference_fp32(name, make_kw, call_kw):
     torch.testing.assert_close(l_t, l_r, atol=2e-5, rtol=2e-5)
 
 
+# Split steps whose splits take several key tiles each (the interpreter's tiles are 16 keys), for both orders of
+# handing tiles out (decode.STRIDED_*: paged steps stride by default, contiguous ones take chunks).
+SPLIT_ORDER_CASES = [
+    ("contiguous", dict(batch=2, capacity=160, lens=[160, 77]), dict(num_splits=3)),
+    ("paged-16", dict(batch=2, page_size=16, capacity=160, lens=[160, 93]), dict(num_splits=3)),
+    ("paged-1-gather", dict(batch=2, page_size=1, capacity=96, lens=[96, 50]), dict(num_splits=4)),
+    ("paged-48-append", dict(batch=2, page_size=48, capacity=192, lens=[150, 61], seqlen_new=2, seqlen_q=2),
+     dict(causal=True, num_splits=3)),
+    ("window", dict(batch=2, seqlen_q=4, capacity=160, lens=[156, 120], page_size=16),
+     dict(window_size=(40, 0), num_splits=3)),
+    ("softcap-sink", dict(batch=1, page_size=16, capacity=160, lens=[160]), dict(softcap=3.0, sink=True, num_splits=5)),
+    ("empty-sequence", dict(batch=2, capacity=160, lens=[0, 150], page_size=16), dict(num_splits=3)),
+]
+
+
+@pytest.mark.parametrize("name,make_kw,call_kw", SPLIT_ORDER_CASES, ids=[c[0] for c in SPLIT_ORDER_CASES])
+@pytest.mark.parametrize("strided", [False, True])
+def test_split_orders_match_reference(name, make_kw, call_kw, strided, monkeypatch):
+    from fa4.kernels.triton import decode
+    monkeypatch.setattr(decode, "STRIDED_PAGED", strided)
+    monkeypatch.setattr(decode, "STRIDED_CONTIGUOUS", strided)
+    inference._steps.clear()  # so that the last Step cached is this call's
+    *_, results = _run_both(make_kw, call_kw, torch.float32)
+    (o_r, l_r, kc_r, vc_r), (o_t, l_t, kc_t, vc_t) = results["reference"], results["triton"]
+    _, step = next(reversed(inference._steps.values()))
+    assert step.attend.constexprs["STRIDED"] == strided and step.num_splits == call_kw["num_splits"]
+    torch.testing.assert_close(kc_t, kc_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(o_t, o_r, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(l_t, l_r, atol=2e-5, rtol=2e-5)
+
+
+def test_split_order_of_each_layout(monkeypatch):
+    """Paged split steps hand out key tiles in turn (STRIDED), contiguous ones in chunks; unsplit steps never
+    stride."""
+    from fa4.kernels.triton import decode
+    for page_size in (None, 16):
+        for splits in (1, 2):
+            q, k_cache, v_cache, lens, kw = _make(batch=1, capacity=64, page_size=page_size)
+            inference._steps.clear()
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=splits, backend="triton", **kw)
+            _, step = next(reversed(inference._steps.values()))
+            want = splits > 1 and (decode.STRIDED_PAGED if page_size else decode.STRIDED_CONTIGUOUS)
+            assert step.attend.constexprs["STRIDED"] == want, (page_size, splits)
+    assert decode.STRIDED_PAGED and not decode.STRIDED_CONTIGUOUS
+    inference._steps.clear()
+
+
 def reference_on_cache(q, k_cache, v_cache, kw, call_kw, low_dtype):
     """fp32 reference and the low-precision reference of the attention alone over an already appended cache.
 
@@ -1010,8 +1057,8 @@ def test_clustered_decode_kernel_compiles_for_sm90(paged, splits):
 
 
 def test_decode_switches_are_in_the_step_key(monkeypatch):
-    """Flipping one of decode.py's A/B switches (CLUSTER_MERGE, PDL, TILE_BASE, MAX_CLUSTER) between two calls of one
-    signature builds a new Step rather than replaying the launches the old setting built."""
+    """Flipping one of decode.py's A/B switches (CLUSTER_MERGE, PDL, TILE_BASE, MAX_CLUSTER, STRIDED_*) between two
+    calls of one signature builds a new Step rather than replaying the launches the old setting built."""
     from fa4.kernels.triton import decode
     q, k_cache, v_cache, lens, kw = _make(batch=2, capacity=64, seqlen_new=0)
     inference._steps.clear()
@@ -1020,7 +1067,9 @@ def test_decode_switches_are_in_the_step_key(monkeypatch):
     inference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
     assert len(inference._steps) == 1
     for name, value in (("CLUSTER_MERGE", not decode.CLUSTER_MERGE), ("PDL", not decode.PDL),
-                        ("TILE_BASE", not decode.TILE_BASE), ("MAX_CLUSTER", 4)):
+                        ("TILE_BASE", not decode.TILE_BASE), ("MAX_CLUSTER", 4),
+                        ("STRIDED_PAGED", not decode.STRIDED_PAGED),
+                        ("STRIDED_CONTIGUOUS", not decode.STRIDED_CONTIGUOUS)):
         before = len(inference._steps)
         with monkeypatch.context() as m:
             m.setattr(decode, name, value)

@@ -7,8 +7,10 @@ job is to keep every SM streaming K and V. Two ideas do it:
   tile (row r = token r // group, head r % group), so each K/V tile is read once for all of them. The tile is
   padded to BLOCK_M >= 16 rows, the smallest tensor-core product (tl.dot).
 - Split-KV: with few sequences and kv heads there are too few (sequence, kv head) programs to fill the GPU, so
-  each one's key range is cut into `num_splits` chunks handled by separate programs. Each writes a partial
-  result normalised by its own sum, o_s = Σ_j exp(s_j - lse_s) v_j, and its lse_s; combine.py merges them:
+  each one's key range is cut into `num_splits` parts handled by separate programs (contiguous chunks of key
+  tiles; over a paged cache the tiles are dealt out in turn, split s taking tiles s, s + num_splits, ...). Each
+  writes a partial result normalised by its own sum, o_s = Σ_j exp(s_j - lse_s) v_j, and its lse_s; combine.py
+  merges them:
   lse = log Σ_s exp(lse_s),  out = Σ_s exp(lse_s - lse) o_s.
 
 Per program, over its key tiles K_j, V_j (scores in base 2: s · scale · log2 e):
@@ -114,7 +116,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
                    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
                    ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_TOKEN: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, PDL_PRIMARY: tl.constexpr, TILE_BASE: tl.constexpr,
-                   CLUSTER: tl.constexpr = 0, BLOCK_SPLITS: tl.constexpr = 1, MERGE_COLS: tl.constexpr = 1):
+                   CLUSTER: tl.constexpr = 0, BLOCK_SPLITS: tl.constexpr = 1, MERGE_COLS: tl.constexpr = 1,
+                   STRIDED: tl.constexpr = False):
     if PDL_PRIMARY:
         # The combine is launched as a programmatic dependent: let it become resident now (it waits for this
         # kernel's end with griddepcontrol.wait), so its launch latency hides under the key loop.
@@ -146,7 +149,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
     head = h_kv * group + rows % group
     rows_k = tok + (seqlen_k - seqlen_q)  # each row's position in key coordinates (bottom-right alignment)
 
-    # Key range of this block of rows, cut at BLOCK_N multiples into num_splits chunks.
+    # Key range of this block of rows, cut at BLOCK_N multiples into num_splits parts.
     tok_first = m_start // group
     tok_last = (tl.minimum(m_start + BLOCK_M, num_rows) - 1) // group
     lo = 0
@@ -157,9 +160,17 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
         hi = tl.minimum(tok_last + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.maximum(hi, lo)
-    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
-    start = lo + split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
+    if STRIDED:
+        # Split s takes every num_splits-th tile from tile s (paged caches: see STRIDED_PAGED). Any subset of the
+        # tiles merges exactly, since each split's partial carries its own lse.
+        start = lo + split * BLOCK_N
+        end = hi
+        step = BLOCK_N * num_splits
+    else:
+        tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+        start = lo + split * tiles_per_split * BLOCK_N
+        end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
+        step = BLOCK_N
 
     # Q tile (BLOCK_M, BLOCK_D), rotated in fp32 when asked, then in the input dtype for the product.
     offs_d = tl.arange(0, BLOCK_D)
@@ -205,12 +216,12 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
     # one 64-bit base per tile plus loop-invariant 32-bit offsets: the per-key 64-bit multiplies leave the loop.
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vs + offs_dv[None, :]
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in range(start, end, step):
         cols = start_n + offs_n
         col_ok = cols < end
         if PAGED:
             page = next_page.to(tl.int64)
-            next_page = _tile_pages(pt_row, start_n + BLOCK_N, end, offs_n, page_size, PAGE_ALIGNED)
+            next_page = _tile_pages(pt_row, start_n + step, end, offs_n, page_size, PAGE_ALIGNED)
             if PAGE_ALIGNED and TILE_BASE:
                 in_page = (start_n % page_size) + tl.zeros([], dtype=tl.int64)  # first row of the tile in its page
                 k_ptrs = K + (page * stride_kb + in_page * stride_ks) + k_offs
@@ -368,6 +379,12 @@ def block_m_for(rows):
 # 16 (non-portable) fell 2772 -> 2605 at L = 65536: the 16-CTA clusters stack CTAs on shared SMs, and with one CTA
 # an SM forced only 7 such clusters fit the card (cuOccupancyMaxActiveClusters), so the eighth waits a wave.
 TILE_BASE = True
+# How a split step hands out key tiles: contiguous chunks (split s: tiles [s·T, (s+1)·T)) or strided (split s: tiles
+# s, s + S, s + 2S, ...). H100 2026-11-28 (card 1652324103299, benchmarks/decode_page_order.py --strided, read
+# flush, 7 rounds): paged (shuffled pages) B = 8 L = 8192 2814 -> 2833 GB/s, B = 1 L = 8192 1572 -> 1594,
+# B = 1 L = 65536 2750 -> 2752; contiguous 2910 -> 2899, 1626 -> 1633, 2836 -> 2814. So paged steps stride.
+STRIDED_PAGED = True
+STRIDED_CONTIGUOUS = False
 PDL = True
 CLUSTER_MERGE = True
 MAX_CLUSTER = 8
@@ -517,7 +534,8 @@ class Step:
             # The merge: CTA r of a cluster takes columns [r · MERGE_COLS, (r + 1) · MERGE_COLS), a power of two
             # wide, so that the first 2^floor(log2 CLUSTER) CTAs cover every column (the rest merge none).
             block_splits = 1 << (cluster - 1).bit_length() if cluster else 1
-            constexprs.update(CLUSTER=cluster, BLOCK_SPLITS=block_splits,
+            strided = split and (STRIDED_PAGED if paged else STRIDED_CONTIGUOUS)
+            constexprs.update(STRIDED=bool(strided), CLUSTER=cluster, BLOCK_SPLITS=block_splits,
                               MERGE_COLS=padded_dim(head_dv) >> (cluster.bit_length() - 1) if cluster else 1)
             self.attend = Launch(_decode_kernel, 14, grid, tail, constexprs, cfg.num_warps, cfg.num_stages,
                                  cluster=max(cluster, 1))
