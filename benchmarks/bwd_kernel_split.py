@@ -5,6 +5,7 @@ With --cudnn, SDPA's cuDNN backward of the same call is split the same way besid
 
     python benchmarks/bwd_kernel_split.py
     python benchmarks/bwd_kernel_split.py --rows 256:4096:0,256:16384:0,256:4096:1 --cudnn
+    . /tmp/fa4env.sh && python benchmarks/bwd_kernel_split.py --flashattn4   (FlashAttention-4 beside fa4)
 
 Each row prints the total, the main kernel's TFLOP/s on the backward's counted FLOPs (2.5 x the forward's), and
 every kernel's µs a call.
@@ -59,11 +60,23 @@ def cudnn_backward(q, k, v, dout, causal):
     return lambda: torch.autograd.grad(out, (qt, kt, vt), grad, retain_graph=True)
 
 
+def flashattn4_backward(q, k, v, dout, causal):
+    """FlashAttention-4's backward (flash_attn.cute, the FA4 kit; a measuring stick, never imported by fa4) on the
+    same tensors, forward outside the timed call."""
+    from flash_attn.cute import flash_attn_func
+    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+    out = flash_attn_func(qr, kr, vr, causal=causal)
+    out = out[0] if isinstance(out, tuple) else out
+    return lambda: torch.autograd.grad(out, (qr, kr, vr), dout, retain_graph=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=ROWS,
                     help="D:S:causal,... with B·S = 16384 and H·D = 2048 (default %(default)s)")
     ap.add_argument("--cudnn", action="store_true", help="also split SDPA's cuDNN backward of each row")
+    ap.add_argument("--flashattn4", action="store_true",
+                    help="also split FlashAttention-4's backward of each row (needs the FA4 kit)")
     args = ap.parse_args()
     for item in args.rows.split(","):
         d, s, causal = (int(x) for x in item.split(":"))
@@ -80,14 +93,17 @@ def main():
             fa4_call()
         print(f"== D={d} S={s} causal={causal}")
         report("fa4", kernel_times(fa4_call), bwd_flops)
-        if args.cudnn:
+        for name, wanted, make in (("cuDNN", args.cudnn, cudnn_backward),
+                                   ("FlashAttention-4", args.flashattn4, flashattn4_backward)):
+            if not wanted:
+                continue
             try:
-                call = cudnn_backward(q, k, v, dout, causal)
+                call = make(q, k, v, dout, causal)
                 for _ in range(3):
                     call()
-                report("cuDNN", kernel_times(call), bwd_flops)
+                report(name, kernel_times(call), bwd_flops)
             except Exception as exc:  # a peer that cannot run here is reported, not fatal
-                print(f"   cuDNN: {type(exc).__name__}: {str(exc)[:200]}")
+                print(f"   {name}: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 if __name__ == "__main__":

@@ -380,9 +380,10 @@ def block_m_for(rows):
 # an SM forced only 7 such clusters fit the card (cuOccupancyMaxActiveClusters), so the eighth waits a wave.
 TILE_BASE = True
 # How a split step hands out key tiles: contiguous chunks (split s: tiles [s·T, (s+1)·T)) or strided (split s: tiles
-# s, s + S, s + 2S, ...). H100 2026-11-28 (card 1652324103299, benchmarks/decode_page_order.py --strided, read
-# flush, 7 rounds): paged (shuffled pages) B = 8 L = 8192 2814 -> 2833 GB/s, B = 1 L = 8192 1572 -> 1594,
-# B = 1 L = 65536 2750 -> 2752; contiguous 2910 -> 2899, 1626 -> 1633, 2836 -> 2814. So paged steps stride.
+# s, s + S, s + 2S, ...). H100 2026-11-28 (`benchmarks/decode_page_order.py strided`, read flush; cards
+# 1652324103299 / 1652724067733): paged (shuffled pages) B = 8 L = 8192 2814 / 2801 -> 2833 / 2835 GB/s,
+# B = 1 L = 8192 1572 / 1596 -> 1594 / 1616, B = 1 L = 65536 2750 / 2754 -> 2752 / 2759; contiguous B = 8
+# 2910 / 2919 -> 2899 / 2910, B = 1 L = 65536 2836 / 2839 -> 2814 / 2821. So paged steps stride.
 STRIDED_PAGED = True
 STRIDED_CONTIGUOUS = False
 PDL = True
