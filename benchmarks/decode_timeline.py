@@ -81,14 +81,16 @@ def patched_decode(trace_addr, even):
             "    tl.store(_tr_b + 1, _tr_clock(_tr_dep))\n"
             "    tl.store(_tr_b + 2, _tr_smid(_tr_dep).to(tl.int64))\n"))
     if even:
-        old = ("    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)\n"
-               "    start = lo + split * tiles_per_split * BLOCK_N\n"
-               "    end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)\n")
-        new = ("    n_tiles = tl.cdiv(hi - lo, BLOCK_N)\n"
-               "    base_tiles = n_tiles // num_splits\n"
-               "    extra = n_tiles % num_splits\n"
-               "    start = lo + (split * base_tiles + tl.minimum(split, extra)) * BLOCK_N\n"
-               "    end = tl.minimum(start + (base_tiles + (split < extra).to(tl.int32)) * BLOCK_N, hi)\n")
+        # The chunked branch (contiguous caches; a paged step deals its tiles out in turn, which is already as
+        # even as tiles allow, and keeps its own branch).
+        old = ("        tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)\n"
+               "        start = lo + split * tiles_per_split * BLOCK_N\n"
+               "        end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)\n")
+        new = ("        n_tiles = tl.cdiv(hi - lo, BLOCK_N)\n"
+               "        base_tiles = n_tiles // num_splits\n"
+               "        extra = n_tiles % num_splits\n"
+               "        start = lo + (split * base_tiles + tl.minimum(split, extra)) * BLOCK_N\n"
+               "        end = tl.minimum(start + (base_tiles + (split < extra).to(tl.int32)) * BLOCK_N, hi)\n")
         if src.count(old) != 1:
             raise RuntimeError("split range code not found")
         src = src.replace(old, new)

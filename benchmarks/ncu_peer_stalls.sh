@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute, fa4's backward against FlashAttention-4's on training-suite rows: warp-stall reasons per issued
 # instruction (WarpStateStats), scheduler occupancy and the load metrics of ncu_peer.sh, the third call's main kernel.
-#   . /tmp/fa4env.sh && bash benchmarks/ncu_peer_stalls.sh ["D S causal" ...]   (default "128 16384 0" "64 4096 0";
+#   . /tmp/fa4env.sh && bash benchmarks/ncu_peer_stalls.sh ["D S causal" ...] | [D S causal]
+#   (default "128 16384 0" "64 4096 0";
 #   writes $OUT/stalls-WHO-D-S-causal.txt, prints the stall and load lines)
 # FlashAttention-4 needs the kit (../shared/anchors/fa4-kit/README.md, /tmp/fa4env.sh).
 set -uo pipefail
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 . benchmarks/ncu_common.sh
 nvidia-smi --query-gpu=name,serial --format=csv,noheader
 rows=("$@")
+# One row given as three words (ncu_peer.sh's convention: D S causal) is one row, not three.
+[ $# -eq 3 ] && [[ "$1" != *" "* ]] && rows=("$1 $2 $3")
 [ ${#rows[@]} -eq 0 ] && rows=("128 16384 0" "64 4096 0")
 for row in "${rows[@]}"; do
   set -- $row

@@ -220,7 +220,7 @@ def test_triton_matches_reference_fp32(name, make_kw, call_kw):
 
 
 # Split steps whose splits take several key tiles each (the interpreter's tiles are 16 keys), for both orders of
-# handing tiles out (decode.STRIDED_*: paged steps stride by default, contiguous ones take chunks).
+# handing tiles out (decode.STRIDED_*: chunks as shipped, tiles dealt out in turn when switched on).
 SPLIT_ORDER_CASES = [
     ("contiguous", dict(batch=2, capacity=160, lens=[160, 77]), dict(num_splits=3)),
     ("paged-16", dict(batch=2, page_size=16, capacity=160, lens=[160, 93]), dict(num_splits=3)),
@@ -231,6 +231,9 @@ SPLIT_ORDER_CASES = [
      dict(window_size=(40, 0), num_splits=3)),
     ("softcap-sink", dict(batch=1, page_size=16, capacity=160, lens=[160]), dict(softcap=3.0, sink=True, num_splits=5)),
     ("empty-sequence", dict(batch=2, capacity=160, lens=[0, 150], page_size=16), dict(num_splits=3)),
+    # 9 tokens x 8 query heads a kv head: two row blocks; the first one's causal bound ends before the cache does.
+    ("prefill-two-row-blocks", dict(batch=1, seqlen_q=9, seqlen_new=9, hq=16, hkv=2, capacity=160, lens=[140],
+                                    page_size=16), dict(causal=True, num_splits=3)),
 ]
 
 
@@ -246,23 +249,27 @@ def test_split_orders_match_reference(name, make_kw, call_kw, strided, monkeypat
     _, step = next(reversed(inference._steps.values()))
     assert step.attend.constexprs["STRIDED"] == strided and step.num_splits == call_kw["num_splits"]
     torch.testing.assert_close(kc_t, kc_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(vc_t, vc_r, atol=0, rtol=0)
     torch.testing.assert_close(o_t, o_r, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(l_t, l_r, atol=2e-5, rtol=2e-5)
 
 
-def test_split_order_of_each_layout(monkeypatch):
-    """Paged split steps hand out key tiles in turn (STRIDED), contiguous ones in chunks; unsplit steps never
-    stride."""
+@pytest.mark.parametrize("paged_on,contiguous_on", [(False, False), (True, False), (False, True)])
+def test_split_order_of_each_layout(paged_on, contiguous_on, monkeypatch):
+    """decode.STRIDED_PAGED / STRIDED_CONTIGUOUS pick the order of each layout's split steps (both chunked as
+    shipped); unsplit steps never stride."""
     from fa4.kernels.triton import decode
+    assert not decode.STRIDED_PAGED and not decode.STRIDED_CONTIGUOUS
+    monkeypatch.setattr(decode, "STRIDED_PAGED", paged_on)
+    monkeypatch.setattr(decode, "STRIDED_CONTIGUOUS", contiguous_on)
     for page_size in (None, 16):
         for splits in (1, 2):
             q, k_cache, v_cache, lens, kw = _make(batch=1, capacity=64, page_size=page_size)
             inference._steps.clear()
             flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, num_splits=splits, backend="triton", **kw)
             _, step = next(reversed(inference._steps.values()))
-            want = splits > 1 and (decode.STRIDED_PAGED if page_size else decode.STRIDED_CONTIGUOUS)
+            want = splits > 1 and (paged_on if page_size else contiguous_on)
             assert step.attend.constexprs["STRIDED"] == want, (page_size, splits)
-    assert decode.STRIDED_PAGED and not decode.STRIDED_CONTIGUOUS
     inference._steps.clear()
 
 

@@ -7,10 +7,9 @@ job is to keep every SM streaming K and V. Two ideas do it:
   tile (row r = token r // group, head r % group), so each K/V tile is read once for all of them. The tile is
   padded to BLOCK_M >= 16 rows, the smallest tensor-core product (tl.dot).
 - Split-KV: with few sequences and kv heads there are too few (sequence, kv head) programs to fill the GPU, so
-  each one's key range is cut into `num_splits` parts handled by separate programs (contiguous chunks of key
-  tiles; over a paged cache the tiles are dealt out in turn, split s taking tiles s, s + num_splits, ...). Each
-  writes a partial result normalised by its own sum, o_s = Σ_j exp(s_j - lse_s) v_j, and its lse_s; combine.py
-  merges them:
+  each one's key range is cut into `num_splits` chunks of key tiles handled by separate programs (the STRIDED
+  switch deals the tiles out in turn instead: split s takes tiles s, s + num_splits, ...). Each writes a partial
+  result normalised by its own sum, o_s = Σ_j exp(s_j - lse_s) v_j, and its lse_s; combine.py merges them:
   lse = log Σ_s exp(lse_s),  out = Σ_s exp(lse_s - lse) o_s.
 
 Per program, over its key tiles K_j, V_j (scores in base 2: s · scale · log2 e):
@@ -149,7 +148,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
     head = h_kv * group + rows % group
     rows_k = tok + (seqlen_k - seqlen_q)  # each row's position in key coordinates (bottom-right alignment)
 
-    # Key range of this block of rows, cut at BLOCK_N multiples into num_splits parts.
+    # Key range of this block of rows, cut at BLOCK_N multiples into num_splits chunks.
     tok_first = m_start // group
     tok_last = (tl.minimum(m_start + BLOCK_M, num_rows) - 1) // group
     lo = 0
@@ -161,7 +160,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Sink,
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.maximum(hi, lo)
     if STRIDED:
-        # Split s takes every num_splits-th tile from tile s (paged caches: see STRIDED_PAGED). Any subset of the
+        # Split s takes every num_splits-th tile from tile s (an A/B switch: see STRIDED_PAGED). Any subset of the
         # tiles merges exactly, since each split's partial carries its own lse.
         start = lo + split * BLOCK_N
         end = hi
@@ -379,12 +378,12 @@ def block_m_for(rows):
 # 16 (non-portable) fell 2772 -> 2605 at L = 65536: the 16-CTA clusters stack CTAs on shared SMs, and with one CTA
 # an SM forced only 7 such clusters fit the card (cuOccupancyMaxActiveClusters), so the eighth waits a wave.
 TILE_BASE = True
-# How a split step hands out key tiles: contiguous chunks (split s: tiles [s·T, (s+1)·T)) or strided (split s: tiles
-# s, s + S, s + 2S, ...). H100 2026-11-28 (`benchmarks/decode_page_order.py strided`, read flush; cards
-# 1652324103299 / 1652724067733): paged (shuffled pages) B = 8 L = 8192 2814 / 2801 -> 2833 / 2835 GB/s,
-# B = 1 L = 8192 1572 / 1596 -> 1594 / 1616, B = 1 L = 65536 2750 / 2754 -> 2752 / 2759; contiguous B = 8
-# 2910 / 2919 -> 2899 / 2910, B = 1 L = 65536 2836 / 2839 -> 2814 / 2821. So paged steps stride.
-STRIDED_PAGED = True
+# How a split step hands out key tiles (A/B switches): contiguous chunks (split s: tiles [s·T, (s+1)·T)) or strided
+# (split s: tiles s, s + S, s + 2S, ...). H100 2026-11-28 (`benchmarks/decode_page_order.py strided`, read flush),
+# paged B = 8 L = 8192 chunks -> strided: 2814 -> 2833 and 2801 -> 2835 GB/s on two cards, but 2816 -> 2795 and, over
+# four random page tables, -0.3% on a third; paged B = 1 L = 65536 +0.1%, +0.2%, -0.5%; contiguous B = 1 L = 65536
+# -0.6 to -0.8% on all three. The effect follows the card and the page table, not the order: both stay chunked.
+STRIDED_PAGED = False
 STRIDED_CONTIGUOUS = False
 PDL = True
 CLUSTER_MERGE = True
