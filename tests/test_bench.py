@@ -294,6 +294,29 @@ def test_decode_runner_not_applicable_and_failures(no_cuda_timing):
     assert res.not_applicable == ["sdpa_flash B=2 L=256 paged: SDPA has no paged KV cache"]
 
 
+def test_decode_runner_rotates_page_tables(no_cuda_timing, monkeypatch):
+    """--page-tables N: each paged row rotates over at least N caches, each with its own page table; contiguous
+    rows keep the byte-based rotation."""
+    seen = []
+    monkeypatch.setattr(runner, "bench_ms", lambda fn, reps, *flush: ([fn() for _ in range(12)], 2.0)[1])
+
+    class Recorder(_FakeBackend):
+        def decode(self, case):
+            return lambda x: seen.append((case.paged, x.page_table.flatten().tolist())) or x.q * 1
+
+    cases = [suites.DecodeCase(B=2, L=256, paged=p, Hq=4, Hkv=2, D=16, page_size=64) for p in (False, True)]
+    res = runner.run_decode(cases, [Recorder("fa4")], dtype=torch.float32, reps=Reps(1, 1), log=lambda m: None,
+                            device="cpu", page_tables=runner.MAX_ROTATION + 3)
+    rotated = {d["paged"]: d["rotated_caches"] for d in res.details}
+    assert rotated == {False: runner.rotation_count(cases[0]), True: runner.MAX_ROTATION + 3}
+    assert len({tuple(t) for paged, t in seen if paged}) == runner.MAX_ROTATION + 3  # a table per cache
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--suite", "training", "--page-tables", "2"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--suite", "decode", "--page-tables", "0"])
+    assert cli.parse_args(["--suite", "decode", "--page-tables", "4"]).page_tables == 4
+
+
 def test_decode_inputs_page_table_is_a_permutation():
     case = suites.DecodeCase(B=2, L=256, paged=True, Hq=4, Hkv=2, D=16, page_size=64)
     x = peers.make_decode_inputs(case, torch.float32, device="cpu", generator=torch.Generator().manual_seed(1))

@@ -82,7 +82,8 @@ def run_gpu(args, out=print, log=_log):
               f"fa4 backend {args.backend or 'auto'}, {info['date']}",
               f"timing: median of per-call CUDA-event times, L2 cleared before each call by "
               + ("a 256 MB memset (triton do_bench)" if args.l2_flush == "memset" else
-                 "reading a 256 MB buffer (--l2-flush read: no dirty lines for the timed call to write back)")]
+                 "reading a 256 MB buffer (--l2-flush read: no dirty lines for the timed call to write back)")
+              + (f"; paged rows rotate over {args.page_tables} random page tables" if args.page_tables > 1 else "")]
     for line in header:
         out(line)
 
@@ -119,7 +120,7 @@ def run_gpu(args, out=print, log=_log):
                                      device=DEVICE, l2_flush=args.l2_flush)
     else:
         outcome = runner.run_decode(cases, backends, dtype=dtype, reps=reps, log=log, device=DEVICE,
-                                    l2_flush=args.l2_flush)
+                                    l2_flush=args.l2_flush, page_tables=args.page_tables)
 
     table_text = report.table(args.suite, outcome.rows, [b.name for b in backends])
     if outcome.failures:
@@ -136,6 +137,7 @@ def run_gpu(args, out=print, log=_log):
     if args.out:
         details = {"machine": info, "argv": sys.argv, "dtype": args.dtype, "backend": args.backend,
                    "quick": args.quick, "reps_ms": vars(reps), "l2_flush": args.l2_flush,
+                   "page_tables": args.page_tables,
                    "checks": [vars(c) for c in checks],
                    "missing_peers": missing, "rows": outcome.details, "failures": outcome.failures,
                    "not_applicable": outcome.not_applicable}
