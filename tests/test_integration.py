@@ -264,3 +264,78 @@ def test_opcheck_combine():
     torch.library.opcheck(torch.ops.fa4.combine.default, (op, lp, None, None))
     torch.library.opcheck(torch.ops.fa4.combine.default, (op, lp, torch.empty(2, 5, 4, 16), torch.float32))
     torch.library.opcheck(torch.ops.fa4.combine.default, (op[:, 0], lp[:, 0], None, torch.bfloat16))
+
+
+def test_compile_dynamic_lengths_one_graph():
+    """torch.compile(dynamic=True, fullgraph=True): new sequence lengths reuse the graph (no recompile after the
+    first call; dynamo's analysis may restart once within it, for the scale's Python float), forward and backward
+    match eager."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda q, k, v: fa4.flash_attn_func(q, k, v, causal=True), backend=counter, dynamic=True,
+                         fullgraph=True)
+    first = None
+    for s in (37, 53, 64):
+        q, k, v = _qkv(s=s, grad=True)
+        out = step(q, k, v)
+        first = counter.frame_count if first is None else first
+        out.square().sum().backward()
+        ref_q, ref_k, ref_v = (t.detach().requires_grad_() for t in (q, k, v))
+        ref = naive_attention(ref_q, ref_k, ref_v, causal=True)[0]
+        ref.square().sum().backward()
+        assert torch.allclose(out, ref, atol=1e-5)
+        for t, r in ((q, ref_q), (k, ref_k), (v, ref_v)):
+            assert torch.allclose(t.grad, r.grad, atol=1e-4)
+    assert counter.frame_count == first
+
+
+def _graph_targets(ep):
+    return {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def test_export_attention_static_and_dynamic_lengths():
+    """torch.export of a module calling flash_attn_func and flash_attn_varlen_func: the graph holds fa4's custom ops
+    (not values traced through them), and the exported program, with a dynamic sequence dimension, matches eager at
+    a length it was not exported with."""
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fa4.flash_attn_func(q, k, v, causal=True)
+
+    q, k, v = _qkv(s=37)
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    ep = torch.export.export(Attn(), (q, k, v), dynamic_shapes=({1: seq}, {1: seq}, {1: seq}))
+    assert any(t.startswith("fa4.") for t in _graph_targets(ep)), _graph_targets(ep)
+    for s in (37, 53):
+        q, k, v = _qkv(s=s)
+        assert torch.allclose(ep.module()(q, k, v), naive_attention(q, k, v, causal=True)[0], atol=1e-5)
+
+    class Packed(torch.nn.Module):
+        def forward(self, q, k, v, cu):
+            return fa4.flash_attn_varlen_func(q, k, v, cu, cu, 20, 20, causal=True)
+
+    cu = torch.tensor([0, 10, 30, 40], dtype=torch.int32)
+    q, k, v = (torch.randn(40, h, 16) for h in (4, 2, 2))
+    ep = torch.export.export(Packed(), (q, k, v, cu))
+    want = torch.cat([naive_attention(*(t[None, a:b] for t in (q, k, v)), causal=True)[0][0]
+                      for a, b in ((0, 10), (10, 30), (30, 40))])
+    assert torch.allclose(ep.module()(q, k, v, cu), want, atol=1e-5)
+
+
+def test_export_kvcache_keeps_the_in_place_append():
+    """torch.export of a decode step with new keys: the exported program appends into the caches it is given, as
+    the eager call does, and returns the same output."""
+    class Decode(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, k, v, lens):
+            return fa4.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lens, causal=True)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 4, 32, generator=g)
+    k_cache, v_cache = (torch.randn(2, 64, 2, 32, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, 1, 2, 32, generator=g) for _ in range(2))
+    lens = torch.tensor([5, 17], dtype=torch.int32)
+    ep = torch.export.export(Decode(), (q, k_cache.clone(), v_cache.clone(), k, v, lens))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ep.module()(q, kc, vc, k, v, lens)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    ref = fa4.flash_attn_with_kvcache(q, kc_ref, vc_ref, k=k, v=v, cache_seqlens=lens, causal=True)
+    assert torch.equal(out, ref) and torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert torch.equal(kc[0, 5], k[0, 0]) and torch.equal(vc[1, 17], v[1, 0])  # the append happened
