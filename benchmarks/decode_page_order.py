@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fa4 import inference  # noqa: E402
 from fa4.kernels.direct_launch import Launch  # noqa: E402
 from fa4.kernels.triton import decode  # noqa: E402
-from tune_decode import D, gbps, make_inputs, read_flush_ms  # noqa: E402
+from tune_decode import decode_step, gbps, kernel_call, make_inputs, public_choice, read_flush_ms  # noqa: E402
 
 
 class PaddedLaunch(Launch):
@@ -52,10 +52,7 @@ def step_fn(q, k, v, lens, table, out, splits, cfg, cluster=1, pad=None, **switc
     try:
         for name, value in switches.items():
             setattr(decode, name, value)
-        step = decode.Step(q, k, v, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
-                           page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-                           rotary_per_token=False, softmax_scale=D ** -0.5, window_left=-1, window_right=-1,
-                           softcap=0.0, sink=None, num_splits=splits, config=cfg)
+        step = decode_step(q, k, v, lens, table, out, splits, cfg)
     finally:
         for name, value in saved.items():
             setattr(decode, name, value)
@@ -66,8 +63,7 @@ def step_fn(q, k, v, lens, table, out, splits, cfg, cluster=1, pad=None, **switc
         step.attend = new
         step.launches = tuple(x for x in (step.append, new, step.combine) if x is not None)
         step.ready = False
-    def call():
-        return step(q, k, v, None, None, None, None, lens, None, table, None, out, 0)
+    call = kernel_call(q, k, v, lens, table, out, splits, cfg, step)
     call.step = step
     return call
 
@@ -77,8 +73,8 @@ def public(q, k, v, lens, table):
     out = torch.empty_like(q)
     inference._steps.clear()  # so that the last Step cached is this call's
     inference.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, out=out)
-    _, step = next(reversed(inference._steps.values()))
-    return out, decode.Config(*step.config), step.num_splits
+    cfg, splits = public_choice()
+    return out, decode.Config(*cfg), splits
 
 
 def race(tag, fns, batch, length, rounds):

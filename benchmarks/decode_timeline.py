@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fa4  # noqa: E402
 from fa4.kernels.triton import combine, decode  # noqa: E402
-from tune_decode import D, HKV, HQ, gbps, make_inputs, public_choice, read_flush_ms  # noqa: E402
+from tune_decode import (HKV, HQ, decode_step, gbps, kernel_call, make_inputs, public_choice,  # noqa: E402
+                         read_flush_ms)
 
 # The helpers the patched kernels call: %globaltimer (ns) read after `dep` is available, and the SM's id.
 HELPERS = '''
@@ -129,13 +130,10 @@ def make_step(q, k, v, lens, table, out, cfg, splits, kernels=None):
     if kernels is not None:
         decode._decode_kernel, combine._combine_kernel = kernels
     try:
-        step = decode.Step(q, k, v, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
-                           page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-                           rotary_per_token=False, softmax_scale=D ** -0.5, window_left=-1, window_right=-1,
-                           softcap=0.0, sink=None, num_splits=splits, config=cfg)
+        step = decode_step(q, k, v, lens, table, out, splits, cfg)
     finally:
         decode._decode_kernel, combine._combine_kernel = saved
-    return lambda: step(q, k, v, None, None, None, None, lens, None, table, None, out, 0)
+    return kernel_call(q, k, v, lens, table, out, splits, cfg, step)
 
 
 def timeline(fn, trace, n_attn, n_comb, reps):

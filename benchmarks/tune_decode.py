@@ -84,12 +84,19 @@ def make_inputs(batch, length, paged, kv_buffer=False):
     return q, k, v, lens, table
 
 
-def kernel_call(q, k, v, lens, table, out, num_splits, cfg):
-    """One decode step with a forced config and split count, launched as the public call launches it."""
-    step = decode.Step(q, k, v, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
+def decode_step(q, k, v, lens, table, out, num_splits, cfg):
+    """The decode.Step of a suite row with a forced config and split count (decode.py's switches as they are set
+    when it is built)."""
+    return decode.Step(q, k, v, out, want_lse=False, k=None, v=None, cache_seqlens=lens, cache_batch_idx=None,
                        page_table=table, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
                        rotary_per_token=False, softmax_scale=D ** -0.5, window_left=-1, window_right=-1,
                        softcap=0.0, sink=None, num_splits=num_splits, config=cfg)
+
+
+def kernel_call(q, k, v, lens, table, out, num_splits, cfg, step=None):
+    """One decode step with a forced config and split count, launched as the public call launches it (`step`: a
+    Step built by decode_step for these tensors instead)."""
+    step = step or decode_step(q, k, v, lens, table, out, num_splits, cfg)
     return lambda: step(q, k, v, None, None, None, None, lens, None, table, None, out, 0)
 
 
